@@ -1,0 +1,686 @@
+//! Configuration: the TOML file of API.md, its defaults, and `validate()`, which
+//! reports every problem with its key path before anything binds or opens a file.
+//!
+//! Parsing rejects unknown keys (serde `deny_unknown_fields`), naming the key and
+//! the file. Validation then checks meaning (names, ranges, references between
+//! plans and meters, key material) and resolves the config into the runtime
+//! [`Catalog`] and API keys.
+
+use crate::duration::ConfigDuration;
+use crate::model::{plan::parse_limits, Aggregation, Catalog, Meter, MeterId, Plan};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The config used when no file is given: the example SaaS setup shipped in
+/// `config/meterd.toml`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/meterd.toml");
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config file {path} has {} problem(s):\n{}", problems.len(), render(problems))]
+    Invalid { path: String, problems: Vec<ConfigProblem> },
+}
+
+fn render(problems: &[ConfigProblem]) -> String {
+    problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
+}
+
+/// One problem: the key path and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    pub redis: Option<RedisConfig>,
+    pub clickhouse: Option<ClickHouseConfig>,
+    pub stripe: Option<StripeConfig>,
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    pub meters: Vec<MeterConfig>,
+    #[serde(default)]
+    pub plans: Vec<PlanConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Unique per instance sharing one Redis; generated once and kept in data_dir.
+    pub instance_id: Option<String>,
+    /// How long shutdown may take before in-flight work is abandoned.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: ConfigDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { listen: default_listen(), instance_id: None, shutdown_grace: default_shutdown_grace() }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8480".into()
+}
+fn default_shutdown_grace() -> ConfigDuration {
+    ConfigDuration::from_millis(30_000)
+}
+
+/// When a 202 is sent relative to the write-ahead log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Fsync,
+    Buffered,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+    /// How often minute aggregates go to the embedded usage store.
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: ConfigDuration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { data_dir: default_data_dir(), durability: default_durability(), flush_interval: default_flush_interval() }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_durability() -> Durability {
+    Durability::Fsync
+}
+fn default_flush_interval() -> ConfigDuration {
+    ConfigDuration::from_millis(1_000)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+    #[serde(default = "default_max_batch")]
+    pub max_batch_events: usize,
+    #[serde(default = "default_max_lateness")]
+    pub max_lateness: ConfigDuration,
+    #[serde(default = "default_dedupe_window")]
+    pub dedupe_window: ConfigDuration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_body_bytes: default_max_body(),
+            max_batch_events: default_max_batch(),
+            max_lateness: default_max_lateness(),
+            dedupe_window: default_dedupe_window(),
+        }
+    }
+}
+
+fn default_max_body() -> u64 {
+    8 * 1024 * 1024
+}
+fn default_max_batch() -> usize {
+    10_000
+}
+fn default_max_lateness() -> ConfigDuration {
+    ConfigDuration::from_millis(35 * 86_400_000)
+}
+fn default_dedupe_window() -> ConfigDuration {
+    ConfigDuration::from_millis(86_400_000)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: Option<String>,
+    pub urls: Option<Vec<String>>,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: ConfigDuration,
+}
+
+fn default_key_prefix() -> String {
+    "meterd:".into()
+}
+fn default_sync_interval() -> ConfigDuration {
+    ConfigDuration::from_millis(200)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    #[serde(default = "default_database")]
+    pub database: String,
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: ConfigDuration,
+}
+
+fn default_database() -> String {
+    "meterd".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeConfig {
+    #[serde(default = "default_api_key_env")]
+    pub api_key_env: String,
+    #[serde(default = "default_api_base")]
+    pub api_base: String,
+    #[serde(default = "default_meter_events_base")]
+    pub meter_events_base: String,
+    #[serde(default = "default_stripe_mode")]
+    pub mode: String,
+    #[serde(default = "default_stripe_period")]
+    pub period: String,
+    #[serde(default = "default_stripe_grace")]
+    pub grace: ConfigDuration,
+    #[serde(default = "default_stripe_interval")]
+    pub interval: ConfigDuration,
+    #[serde(default = "default_stripe_rps")]
+    pub max_requests_per_second: u32,
+}
+
+fn default_api_key_env() -> String {
+    "STRIPE_API_KEY".into()
+}
+fn default_api_base() -> String {
+    "https://api.stripe.com".into()
+}
+fn default_meter_events_base() -> String {
+    "https://meter-events.stripe.com".into()
+}
+fn default_stripe_mode() -> String {
+    "v1".into()
+}
+fn default_stripe_period() -> String {
+    "hour".into()
+}
+fn default_stripe_grace() -> ConfigDuration {
+    ConfigDuration::from_millis(300_000)
+}
+fn default_stripe_interval() -> ConfigDuration {
+    ConfigDuration::from_millis(30_000)
+}
+fn default_stripe_rps() -> u32 {
+    50
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` on this address instead of the API listener.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterConfig {
+    pub name: String,
+    #[serde(default = "default_aggregation")]
+    pub aggregation: String,
+    #[serde(default)]
+    pub precision: u8,
+    pub stripe_event_name: Option<String>,
+}
+
+fn default_aggregation() -> String {
+    "sum".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    pub name: String,
+    #[serde(default)]
+    pub default: bool,
+    #[serde(default)]
+    pub features: BTreeMap<String, bool>,
+    #[serde(default)]
+    pub limits: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub name: String,
+    pub key_sha256: Option<String>,
+    pub key_env: Option<String>,
+    pub scopes: Vec<String>,
+    /// Requests per second this key may make; absent = unlimited.
+    pub rate_limit_per_second: Option<u32>,
+    /// Burst above the rate; default = one second's worth.
+    pub rate_limit_burst: Option<u32>,
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Ingest,
+    Check,
+    Read,
+    Admin,
+}
+
+impl Scope {
+    fn parse(s: &str) -> Option<Scope> {
+        match s {
+            "ingest" => Some(Scope::Ingest),
+            "check" => Some(Scope::Check),
+            "read" => Some(Scope::Read),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// A validated API key: only the SHA-256 of the secret is kept.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub sha256: [u8; 32],
+    scopes: u8,
+    pub rate_per_second: Option<NonZeroU32>,
+    pub burst: Option<NonZeroU32>,
+}
+
+impl ApiKey {
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scopes & scope.bit() != 0
+    }
+}
+
+/// The config after validation: the raw sections plus what was resolved from them.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    pub raw: Config,
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub catalog: Arc<Catalog>,
+    pub keys: Vec<ApiKey>,
+    /// Where the config came from, for messages.
+    pub source: String,
+}
+
+impl Config {
+    /// Parses TOML text; `source` names the file in messages.
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: source.to_string(), message: e.to_string() })
+    }
+
+    /// Reads and parses `path`, or the embedded default when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
+        match path {
+            None => Ok((Config::parse(EMBEDDED_DEFAULT, "<embedded default>")?, "<embedded default>".to_string())),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                let source = p.display().to_string();
+                Ok((Config::parse(&text, &source)?, source))
+            }
+        }
+    }
+
+    /// Checks every rule and resolves the runtime pieces; returns every problem.
+    pub fn validate(self, source: &str) -> Result<ValidConfig, ConfigError> {
+        let mut problems = Vec::new();
+        let mut p = |key: &str, reason: String| problems.push(ConfigProblem { key: key.to_string(), reason });
+
+        let listen_text = std::env::var("METERD_LISTEN").unwrap_or_else(|_| self.server.listen.clone());
+        let listen = match listen_text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                p("server.listen", format!("{listen_text:?} is not an address like \"127.0.0.1:8480\""));
+                None
+            }
+        };
+        if let Some(id) = &self.server.instance_id {
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                p("server.instance_id", "must be 1-64 characters of [A-Za-z0-9_-]".into());
+            }
+        }
+        if self.server.shutdown_grace.0.is_zero() {
+            p("server.shutdown_grace", "must be more than zero".into());
+        }
+        if self.storage.flush_interval.0.is_zero() {
+            p("storage.flush_interval", "must be more than zero".into());
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            p("storage.data_dir", "must not be empty".into());
+        }
+        if self.ingest.max_body_bytes < 1024 {
+            p("ingest.max_body_bytes", "must be at least 1024".into());
+        }
+        if self.ingest.max_batch_events == 0 || self.ingest.max_batch_events > 1_000_000 {
+            p("ingest.max_batch_events", "must be between 1 and 1000000".into());
+        }
+        if self.ingest.max_lateness.0.is_zero() {
+            p("ingest.max_lateness", "must be more than zero".into());
+        }
+        if self.ingest.dedupe_window.0.is_zero() {
+            p("ingest.dedupe_window", "must be more than zero".into());
+        }
+        if self.redis.is_some() {
+            p("redis", "Redis is not supported by this build yet; remove [redis] to run embedded".into());
+        }
+        if self.clickhouse.is_some() {
+            p("clickhouse", "ClickHouse is not supported by this build yet; remove [clickhouse] to use the embedded store".into());
+        }
+        if self.stripe.is_some() {
+            p("stripe", "Stripe reporting is not supported by this build yet; remove [stripe]".into());
+        }
+        let metrics_listen = match self.metrics.as_ref().and_then(|m| m.listen.as_ref()) {
+            None => None,
+            Some(text) => match text.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    p("metrics.listen", format!("{text:?} is not an address like \"127.0.0.1:9480\""));
+                    None
+                }
+            },
+        };
+
+        // Meters.
+        let mut meters = Vec::new();
+        let mut seen = HashSet::new();
+        if self.meters.len() > usize::from(MeterId::MAX) {
+            p("meters", format!("at most {} meters", MeterId::MAX));
+        }
+        for (i, m) in self.meters.iter().enumerate() {
+            let at = format!("meters[{i}]");
+            if !Meter::valid_name(&m.name) {
+                p(&format!("{at}.name"), format!("{:?} must match [a-z0-9_]{{1,64}}", m.name));
+            }
+            if !seen.insert(m.name.clone()) {
+                p(&format!("{at}.name"), format!("meter {:?} is defined twice", m.name));
+            }
+            let aggregation = match m.aggregation.parse::<Aggregation>() {
+                Ok(a) => a,
+                Err(e) => {
+                    p(&format!("{at}.aggregation"), e.to_string());
+                    Aggregation::Sum
+                }
+            };
+            if m.precision > crate::model::quantity::MAX_PRECISION {
+                p(&format!("{at}.precision"), format!("must be between 0 and {}", crate::model::quantity::MAX_PRECISION));
+            }
+            if let Some(ev) = &m.stripe_event_name {
+                if ev.is_empty() || ev.len() > 100 {
+                    p(&format!("{at}.stripe_event_name"), "must be 1-100 characters".into());
+                }
+            }
+            meters.push(Meter {
+                id: MeterId::try_from(i).unwrap_or(MeterId::MAX),
+                name: m.name.clone(),
+                aggregation,
+                precision: m.precision.min(crate::model::quantity::MAX_PRECISION),
+                stripe_event_name: m.stripe_event_name.clone(),
+            });
+        }
+        let meter_by_name: HashMap<&str, &Meter> = meters.iter().map(|m| (m.name.as_str(), m)).collect();
+
+        // Plans.
+        let mut plans = Vec::new();
+        let mut plan_names = HashSet::new();
+        let mut defaults = Vec::new();
+        if self.plans.is_empty() {
+            p("plans", "at least one plan is required (exactly one with default = true)".into());
+        }
+        for (i, plan) in self.plans.iter().enumerate() {
+            let at = format!("plans[{i}]");
+            if plan.name.is_empty() || plan.name.len() > 64 {
+                p(&format!("{at}.name"), "must be 1-64 characters".into());
+            }
+            if !plan_names.insert(plan.name.clone()) {
+                p(&format!("{at}.name"), format!("plan {:?} is defined twice", plan.name));
+            }
+            if plan.default {
+                defaults.push(i);
+            }
+            let mut limits = HashMap::new();
+            for (meter_name, spec) in &plan.limits {
+                let key = format!("{at}.limits.{meter_name}");
+                let Some(meter) = meter_by_name.get(meter_name.as_str()) else {
+                    p(&key, format!("unknown meter {meter_name:?} (not in [[meters]])"));
+                    continue;
+                };
+                let json = match serde_json::to_value(spec) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        p(&key, e.to_string());
+                        continue;
+                    }
+                };
+                match parse_limits(&json, meter) {
+                    Ok(l) => {
+                        limits.insert(meter.id, Arc::from(l));
+                    }
+                    Err(ps) => {
+                        for sp in ps {
+                            p(&format!("{key}{}", sp.path), sp.reason);
+                        }
+                    }
+                }
+            }
+            plans.push(Plan { name: plan.name.clone(), features: plan.features.clone(), limits });
+        }
+        if !self.plans.is_empty() && defaults.len() != 1 {
+            p("plans", format!("exactly one plan must have default = true (found {})", defaults.len()));
+        }
+
+        // Auth keys.
+        let mut keys = Vec::new();
+        for (i, k) in self.auth.keys.iter().enumerate() {
+            let at = format!("auth.keys[{i}]");
+            let sha = match (&k.key_sha256, &k.key_env) {
+                (Some(_), Some(_)) | (None, None) => {
+                    p(&at, "give exactly one of key_sha256 or key_env".into());
+                    None
+                }
+                (Some(hex_text), None) => match hex::decode(hex_text) {
+                    Ok(bytes) if bytes.len() == 32 => {
+                        let mut out = [0u8; 32];
+                        out.copy_from_slice(&bytes);
+                        Some(out)
+                    }
+                    _ => {
+                        p(&format!("{at}.key_sha256"), "must be 64 hex characters (the SHA-256 of the key)".into());
+                        None
+                    }
+                },
+                (None, Some(var)) => match std::env::var(var) {
+                    Ok(secret) if !secret.is_empty() => Some(sha256_of(secret.as_bytes())),
+                    _ => {
+                        p(&format!("{at}.key_env"), format!("environment variable {var} is not set or empty"));
+                        None
+                    }
+                },
+            };
+            let mut scopes = 0u8;
+            if k.scopes.is_empty() {
+                p(&format!("{at}.scopes"), "must name at least one of ingest, check, read, admin".into());
+            }
+            for s in &k.scopes {
+                match Scope::parse(s) {
+                    Some(scope) => scopes |= scope.bit(),
+                    None => p(&format!("{at}.scopes"), format!("unknown scope {s:?} (expected ingest, check, read or admin)")),
+                }
+            }
+            let rate = match k.rate_limit_per_second {
+                Some(0) => {
+                    p(&format!("{at}.rate_limit_per_second"), "must be more than zero (omit it for no limit)".into());
+                    None
+                }
+                other => other.and_then(NonZeroU32::new),
+            };
+            if k.rate_limit_burst == Some(0) {
+                p(&format!("{at}.rate_limit_burst"), "must be more than zero".into());
+            }
+            if let Some(sha256) = sha {
+                keys.push(ApiKey {
+                    name: k.name.clone(),
+                    sha256,
+                    scopes,
+                    rate_per_second: rate,
+                    burst: k.rate_limit_burst.and_then(NonZeroU32::new),
+                });
+            }
+        }
+        if let Some(addr) = listen {
+            if self.auth.keys.is_empty() && !addr.ip().is_loopback() {
+                p("server.listen", format!("{addr} is not a loopback address and [[auth.keys]] is empty: add keys or listen on 127.0.0.1"));
+            }
+        }
+
+        match (problems.is_empty(), listen, defaults.first()) {
+            (true, Some(listen), Some(&default_plan)) => Ok(ValidConfig {
+                catalog: Arc::new(Catalog::new(meters, plans, default_plan)),
+                raw: self,
+                listen,
+                metrics_listen,
+                keys,
+                source: source.to_string(),
+            }),
+            _ => Err(ConfigError::Invalid { path: source.to_string(), problems }),
+        }
+    }
+}
+
+/// Loads and validates in one step.
+pub fn load_valid(path: Option<&Path>) -> Result<ValidConfig, ConfigError> {
+    let (config, source) = Config::load(path)?;
+    config.validate(&source)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text, "t.toml").and_then(|c| c.validate("t.toml")) {
+            Ok(_) => vec![],
+            Err(ConfigError::Invalid { problems, .. }) => problems.into_iter().map(|p| p.key).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        assert_eq!(problems(EMBEDDED_DEFAULT), Vec::<String>::new());
+    }
+
+    #[test]
+    fn unknown_keys_name_key_and_file() {
+        let err = problems("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n");
+        assert_eq!(err.len(), 1);
+        assert!(err[0].contains("lisen") && err[0].contains("t.toml"), "{err:?}");
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let text = r#"
+[server]
+listen = "nowhere"
+[ingest]
+max_lateness = "3 weeks"
+"#;
+        // A duration error is a parse error (it names the key).
+        let err = problems(text);
+        assert!(err[0].contains("max_lateness"), "{err:?}");
+
+        let text = r#"
+[server]
+listen = "nowhere"
+[[meters]]
+name = "Bad Name"
+aggregation = "avg"
+[[meters]]
+name = "ok"
+precision = 12
+[[plans]]
+name = "a"
+[plans.limits]
+ok = { limit = 5, window = "week" }
+ghost = { limit = 1, window = "day" }
+[[auth.keys]]
+name = "k"
+key_sha256 = "abc"
+scopes = ["ingest", "fly"]
+"#;
+        let err = problems(text);
+        for key in [
+            "server.listen",
+            "meters[0].name",
+            "meters[0].aggregation",
+            "meters[1].precision",
+            "plans[0].limits.ok.window",
+            "plans[0].limits.ghost",
+            "plans",
+            "auth.keys[0].key_sha256",
+            "auth.keys[0].scopes",
+        ] {
+            assert!(err.iter().any(|k| k == key), "missing {key} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_open_listen_without_keys() {
+        let text = "[server]\nlisten = \"0.0.0.0:8480\"\n[[plans]]\nname = \"p\"\ndefault = true\n";
+        assert_eq!(problems(text), vec!["server.listen".to_string()]);
+    }
+}
+
+/// SHA-256 of a key, as stored in `key_sha256`.
+pub fn sha256_of(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}

@@ -1,0 +1,146 @@
+//! Minute buckets: per `(customer, meter, minute, properties)` aggregates that the
+//! flusher writes to the usage store.
+//!
+//! Buckets live in an [`Epoch`]. Writers hold a read guard of the current-epoch
+//! lock (a crossbeam `ShardedLock`: a read touches only this thread's shard, so
+//! writers on different cores do not contend) for as long as they write. The
+//! flusher swaps in a fresh epoch under the write lock, which waits for in-flight
+//! writers, then drains the old epoch at leisure. The old epoch stays visible as
+//! "flushing" until the store holds it, so queries never miss usage between the
+//! swap and the store write, and the epoch's sequence number tells a query whether
+//! the store already has it.
+
+use super::hash::KeyHash;
+use super::intern::CustomerId;
+use super::window::Cell;
+use crate::model::{Aggregation, MeterId};
+use crossbeam::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
+use dashmap::DashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Event properties, sorted by key. Shared by every bucket with the same set.
+pub type Properties = Arc<[(Box<str>, Box<str>)]>;
+
+/// One bucket's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    pub customer: CustomerId,
+    pub meter: MeterId,
+    /// Minutes since the Unix epoch.
+    pub minute: i64,
+    /// Hash of the sorted properties (0 for none).
+    pub props_hash: u64,
+}
+
+/// One bucket's aggregate and the properties it was recorded with.
+#[derive(Debug, Default)]
+pub struct Bucket {
+    pub cell: Cell,
+    pub properties: OnceLock<Properties>,
+}
+
+/// A generation of buckets with its flush sequence number.
+pub struct Epoch {
+    pub seq: u64,
+    pub buckets: DashMap<BucketKey, Bucket, KeyHash>,
+}
+
+impl Epoch {
+    fn new(seq: u64) -> Epoch {
+        Epoch { seq, buckets: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64) }
+    }
+
+    /// Folds one event into its bucket.
+    pub fn fold(&self, key: BucketKey, properties: Option<&Properties>, aggregation: Aggregation, raw: i64, ts: i64) {
+        let fold = |b: &Bucket| {
+            if let Some(p) = properties {
+                let _ = b.properties.set(p.clone());
+            }
+            b.cell.fold(aggregation, raw, ts);
+        };
+        if let Some(b) = self.buckets.get(&key) {
+            return fold(&b);
+        }
+        let b = self.buckets.entry(key).or_default().downgrade();
+        fold(&b)
+    }
+}
+
+/// The current epoch and the one being flushed.
+pub struct Buckets {
+    current: ShardedLock<Arc<Epoch>>,
+    flushing: Mutex<Option<Arc<Epoch>>>,
+}
+
+impl Buckets {
+    /// Starts at flush sequence `next_seq` (one past the highest the store holds).
+    pub fn new(next_seq: u64) -> Buckets {
+        Buckets { current: ShardedLock::new(Arc::new(Epoch::new(next_seq))), flushing: Mutex::new(None) }
+    }
+
+    /// Holds off epoch swaps (and backfills) while the guard lives.
+    pub fn write_guard(&self) -> ShardedLockReadGuard<'_, Arc<Epoch>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Excludes every writer while the guard lives.
+    pub fn exclusive(&self) -> ShardedLockWriteGuard<'_, Arc<Epoch>> {
+        self.current.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The epoch waiting to be stored, if a flush is pending or was not stored yet.
+    pub fn flushing(&self) -> Option<Arc<Epoch>> {
+        self.flushing.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The epochs a query should merge with the store: the flushing one and the
+    /// current one. Taken current-first so a swap in between cannot hide one.
+    pub fn unflushed(&self) -> Vec<Arc<Epoch>> {
+        let current = self.write_guard().clone();
+        let mut out = Vec::with_capacity(2);
+        if let Some(f) = self.flushing() {
+            if f.seq != current.seq {
+                out.push(f);
+            }
+        }
+        out.push(current);
+        out
+    }
+
+    /// Returns the epoch to flush: the pending one if the last flush failed, else
+    /// the current one, swapped out for a fresh epoch. `None` when there is nothing
+    /// to flush.
+    pub fn take_for_flush(&self) -> Option<Arc<Epoch>> {
+        let mut flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pending) = flushing.as_ref() {
+            return Some(pending.clone());
+        }
+        let mut current = self.exclusive();
+        if current.buckets.is_empty() {
+            return None;
+        }
+        let next = Arc::new(Epoch::new(current.seq + 1));
+        let old = std::mem::replace(&mut *current, next);
+        *flushing = Some(old.clone());
+        Some(old)
+    }
+
+    /// Marks the flushing epoch as stored.
+    pub fn flushed(&self, seq: u64) {
+        let mut flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        if flushing.as_ref().map(|e| e.seq) == Some(seq) {
+            *flushing = None;
+        }
+    }
+
+    /// Number of buckets not yet stored.
+    pub fn pending_len(&self) -> usize {
+        self.unflushed().iter().map(|e| e.buckets.len()).sum()
+    }
+}
+
+/// Reads a bucket's value.
+pub fn bucket_value(b: &Bucket) -> (i64, i64) {
+    (b.cell.value.load(Ordering::Acquire), b.cell.ts.load(Ordering::Acquire))
+}

@@ -1,0 +1,196 @@
+//! In-memory counters: the window counters checks read and the minute buckets the
+//! flusher drains, updated together so the two never disagree.
+//!
+//! Only the window kinds some plan (or some customer's override) uses for a meter
+//! are tracked, as a per-meter bit set. Enabling a kind later seeds it for the
+//! customer that needs it (see `limits::backfill`), under the buckets' exclusive
+//! lock so no event is counted twice or missed.
+
+pub mod buckets;
+pub mod hash;
+pub mod intern;
+pub mod window;
+
+pub use buckets::{BucketKey, Buckets, Epoch, Properties};
+pub use intern::{CustomerId, Interner};
+pub use window::{CounterKey, WindowCounters};
+
+use crate::model::{Aggregation, BillingAnchor, Catalog, Meter, MeterId, WindowKind};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// One unit of usage to fold in: a validated event, or an allowed consume.
+#[derive(Debug, Clone)]
+pub struct Usage<'a> {
+    pub customer: CustomerId,
+    pub meter: &'a Meter,
+    /// Raw units (for `count` meters: one unit per event).
+    pub raw: i64,
+    /// Event time, Unix milliseconds.
+    pub ts: i64,
+    pub properties: Option<Properties>,
+    pub props_hash: u64,
+    /// The customer's billing anchor, for `billing_cycle` windows.
+    pub anchor: BillingAnchor,
+}
+
+const STRIPES: usize = 1024;
+
+/// Window counters, minute buckets and the bookkeeping that ties them together.
+pub struct Counters {
+    pub interner: Interner,
+    pub windows: WindowCounters,
+    pub buckets: Buckets,
+    /// Per meter: the bit set of window kinds tracked.
+    tracked: Vec<AtomicU8>,
+    /// Striped locks by (customer, meter): serialize multi-window consumes and
+    /// `latest` updates (value and timestamp change together). Never global.
+    stripes: Box<[Mutex<()>]>,
+}
+
+impl Counters {
+    /// Tracks every window kind the catalog's plans use; buckets start at `next_seq`.
+    pub fn new(catalog: &Catalog, next_seq: u64) -> Counters {
+        let tracked: Vec<AtomicU8> = catalog.meters().iter().map(|_| AtomicU8::new(0)).collect();
+        for plan in catalog.plans() {
+            for (meter, limits) in &plan.limits {
+                for kind in limits.iter().filter_map(|l| l.window) {
+                    if let Some(bits) = tracked.get(usize::from(*meter)) {
+                        bits.fetch_or(1 << kind.index(), Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+        Counters {
+            interner: Interner::new(),
+            windows: WindowCounters::default(),
+            buckets: Buckets::new(next_seq),
+            tracked,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Whether `kind` is tracked for `meter`.
+    pub fn is_tracked(&self, meter: MeterId, kind: WindowKind) -> bool {
+        self.tracked_bits(meter) & (1 << kind.index()) != 0
+    }
+
+    fn tracked_bits(&self, meter: MeterId) -> u8 {
+        self.tracked.get(usize::from(meter)).map(|b| b.load(Ordering::Acquire)).unwrap_or(0)
+    }
+
+    /// The tracked kinds of `meter`.
+    pub fn tracked_kinds(&self, meter: MeterId) -> impl Iterator<Item = WindowKind> {
+        let bits = self.tracked_bits(meter);
+        WindowKind::ALL.into_iter().filter(move |k| bits & (1 << k.index()) != 0)
+    }
+
+    /// Starts tracking `kind` for `meter`. Call only while holding
+    /// [`Buckets::exclusive`], after seeding the counters that need it.
+    pub fn track(&self, meter: MeterId, kind: WindowKind) {
+        if let Some(bits) = self.tracked.get(usize::from(meter)) {
+            bits.fetch_or(1 << kind.index(), Ordering::AcqRel);
+        }
+    }
+
+    /// The stripe lock of `(customer, meter)`.
+    pub fn stripe(&self, customer: CustomerId, meter: MeterId) -> MutexGuard<'_, ()> {
+        let i = (customer as usize).wrapping_mul(31).wrapping_add(usize::from(meter)) % STRIPES;
+        self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The counter key of the `kind` window containing `at_ms`.
+    pub fn key(customer: CustomerId, meter: MeterId, kind: WindowKind, at_ms: i64, anchor: BillingAnchor) -> CounterKey {
+        CounterKey { customer, meter, kind, start_ms: kind.bounds(at_ms, anchor).start_ms }
+    }
+
+    /// Folds usage into buckets and every tracked window, except `skip` (a window
+    /// a consume already added to with compare-and-swap). The caller holds
+    /// `epoch` (a [`Buckets::write_guard`]) and, for `latest`, the stripe lock.
+    pub fn fold(&self, epoch: &Epoch, usage: &Usage<'_>, skip: Option<WindowKind>) {
+        let meter = usage.meter;
+        let bucket = BucketKey {
+            customer: usage.customer,
+            meter: meter.id,
+            minute: usage.ts.div_euclid(60_000),
+            props_hash: usage.props_hash,
+        };
+        epoch.fold(bucket, usage.properties.as_ref(), meter.aggregation, usage.raw, usage.ts);
+        for kind in self.tracked_kinds(meter.id) {
+            if Some(kind) == skip {
+                continue;
+            }
+            let key = Self::key(usage.customer, meter.id, kind, usage.ts, usage.anchor);
+            self.windows.with_cell(key, |cell| cell.fold(meter.aggregation, usage.raw, usage.ts));
+        }
+    }
+
+    /// Folds a batch of usage: the ingest path.
+    pub fn apply(&self, usages: &[Usage<'_>]) {
+        let epoch = self.buckets.write_guard();
+        for usage in usages {
+            if usage.meter.aggregation == Aggregation::Latest {
+                let _stripe = self.stripe(usage.customer, usage.meter.id);
+                self.fold(&epoch, usage, None);
+            } else {
+                self.fold(&epoch, usage, None);
+            }
+        }
+    }
+}
+
+/// Shared handle.
+pub type SharedCounters = Arc<Counters>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Enforcement, Limit, LimitAmount, Plan};
+    use std::collections::HashMap;
+
+    fn catalog() -> Catalog {
+        let meter = Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None };
+        let limit = Limit { window: Some(WindowKind::Day), amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached };
+        let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, Arc::from(vec![limit]))]) };
+        Catalog::new(vec![meter], vec![plan], 0)
+    }
+
+    #[test]
+    fn folds_into_tracked_windows_and_buckets() {
+        let catalog = catalog();
+        let counters = Counters::new(&catalog, 1);
+        assert!(counters.is_tracked(0, WindowKind::Day));
+        assert!(!counters.is_tracked(0, WindowKind::Month));
+        let meter = &catalog.meters()[0];
+        let usage = |ts| Usage { customer: 7, meter, raw: 3, ts, properties: None, props_hash: 0, anchor: BillingAnchor::default() };
+        let day = 86_400_000;
+        counters.apply(&[usage(day + 5), usage(day + 60_000), usage(2 * day + 1)]);
+        let key = Counters::key(7, 0, WindowKind::Day, day + 10, BillingAnchor::default());
+        assert_eq!(counters.windows.read(&key), 6);
+        let next = Counters::key(7, 0, WindowKind::Day, 2 * day, BillingAnchor::default());
+        assert_eq!(counters.windows.read(&next), 3);
+        assert_eq!(counters.buckets.pending_len(), 3);
+        let epoch = counters.buckets.take_for_flush();
+        assert_eq!(epoch.as_ref().map(|e| e.seq), Some(1));
+        assert_eq!(counters.buckets.unflushed().len(), 2);
+        counters.buckets.flushed(1);
+        assert_eq!(counters.buckets.pending_len(), 0);
+    }
+
+    #[test]
+    fn add_within_never_exceeds_the_limit_under_a_race() {
+        let counters = Arc::new(Counters::new(&catalog(), 1));
+        let key = CounterKey { customer: 1, meter: 0, kind: WindowKind::Day, start_ms: 0 };
+        let granted: usize = (0..4)
+            .map(|_| {
+                let c = counters.clone();
+                std::thread::spawn(move || (0..10_000).filter(|_| c.windows.add_within(key, 3, 1000).is_ok()).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap_or(0))
+            .sum();
+        assert_eq!(granted, 333);
+        assert_eq!(counters.windows.read(&key), 999);
+    }
+}

@@ -1,0 +1,417 @@
+//! Plans, limits and per-customer entitlements, and the catalog that holds the
+//! configured meters and plans.
+//!
+//! A limit spec arrives as JSON-shaped data (from TOML config or an entitlements
+//! PUT): one object or an array of them. [`parse_limits`] turns it into [`Limit`]s
+//! and names every bad field, so config validation and the HTTP API report the same
+//! errors the same way.
+
+use super::meter::{Meter, MeterId};
+use super::quantity::{parse_decimal, Decimal};
+use super::window::{BillingAnchor, WindowKind};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// How much of a window a limit allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitAmount {
+    Unlimited,
+    /// Raw units (see [`super::quantity`]).
+    Finite(i64),
+}
+
+/// Where a limit is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    /// From local state, synced across instances in the background.
+    Cached,
+    /// Checked and consumed atomically in the shared store.
+    Strict,
+}
+
+impl Enforcement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Cached => "cached",
+            Enforcement::Strict => "strict",
+        }
+    }
+}
+
+/// One limit on one meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// `None` only for an unlimited limit given without a window.
+    pub window: Option<WindowKind>,
+    pub amount: LimitAmount,
+    /// A soft limit (`hard = false`) still allows, with `soft_limit_exceeded`.
+    pub hard: bool,
+    pub enforcement: Enforcement,
+}
+
+/// A problem in a limit spec: the field path below the spec, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecProblem {
+    pub path: String,
+    pub reason: String,
+}
+
+fn problem(path: impl Into<String>, reason: impl Into<String>) -> SpecProblem {
+    SpecProblem { path: path.into(), reason: reason.into() }
+}
+
+/// Parses one meter's limit spec: `{limit, window, hard, enforcement}` or an array
+/// of them. Paths in problems are relative (`""`, `"[1].window"`, `".limit"`).
+pub fn parse_limits(spec: &Value, meter: &Meter) -> Result<Vec<Limit>, Vec<SpecProblem>> {
+    let mut problems = Vec::new();
+    let mut limits = Vec::new();
+    match spec {
+        Value::Array(items) => {
+            if items.is_empty() {
+                problems.push(problem("", "must list at least one limit"));
+            }
+            for (i, item) in items.iter().enumerate() {
+                match parse_one(item, meter, &format!("[{i}]")) {
+                    Ok(l) => limits.push(l),
+                    Err(mut p) => problems.append(&mut p),
+                }
+            }
+        }
+        other => match parse_one(other, meter, "") {
+            Ok(l) => limits.push(l),
+            Err(mut p) => problems.append(&mut p),
+        },
+    }
+    let windows: Vec<_> = limits.iter().filter_map(|l| l.window).collect();
+    for (i, w) in windows.iter().enumerate() {
+        if windows[..i].contains(w) {
+            problems.push(problem("", format!("has two limits on the {w} window")));
+        }
+    }
+    if problems.is_empty() {
+        Ok(limits)
+    } else {
+        Err(problems)
+    }
+}
+
+fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecProblem>> {
+    let Value::Object(map) = item else {
+        return Err(vec![problem(at, "must be an object like {limit = 100, window = \"month\"}")]);
+    };
+    let mut problems = Vec::new();
+    for key in map.keys() {
+        if !matches!(key.as_str(), "limit" | "window" | "hard" | "enforcement") {
+            problems.push(problem(format!("{at}.{key}"), "unknown field (expected limit, window, hard, enforcement)"));
+        }
+    }
+    let amount = match map.get("limit") {
+        None => {
+            problems.push(problem(format!("{at}.limit"), "is required"));
+            None
+        }
+        Some(v) => match parse_amount(v, meter) {
+            Ok(a) => Some(a),
+            Err(reason) => {
+                problems.push(problem(format!("{at}.limit"), reason));
+                None
+            }
+        },
+    };
+    let window = match map.get("window") {
+        None => None,
+        Some(Value::String(s)) => match s.parse::<WindowKind>() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                problems.push(problem(format!("{at}.window"), e.to_string()));
+                None
+            }
+        },
+        Some(_) => {
+            problems.push(problem(format!("{at}.window"), "must be a string"));
+            None
+        }
+    };
+    if window.is_none() && !map.contains_key("window") && matches!(amount, Some(LimitAmount::Finite(_))) {
+        problems.push(problem(format!("{at}.window"), "is required for a finite limit"));
+    }
+    let hard = match map.get("hard") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            problems.push(problem(format!("{at}.hard"), "must be true or false"));
+            true
+        }
+    };
+    let enforcement = match map.get("enforcement").map(|v| v.as_str()) {
+        None | Some(Some("cached")) => Enforcement::Cached,
+        Some(Some("strict")) => Enforcement::Strict,
+        Some(_) => {
+            problems.push(problem(format!("{at}.enforcement"), "must be \"cached\" or \"strict\""));
+            Enforcement::Cached
+        }
+    };
+    match (problems.is_empty(), amount) {
+        (true, Some(amount)) => Ok(Limit { window, amount, hard, enforcement }),
+        _ => Err(problems),
+    }
+}
+
+fn parse_amount(v: &Value, meter: &Meter) -> Result<LimitAmount, String> {
+    match v {
+        Value::String(s) if s == "unlimited" => Ok(LimitAmount::Unlimited),
+        Value::Number(n) => {
+            let text = n.to_string();
+            if text == "-1" || text == "-1.0" {
+                return Ok(LimitAmount::Unlimited);
+            }
+            parse_decimal(&text, meter.precision)
+                .map(LimitAmount::Finite)
+                .map_err(|e| format!("{e} (use \"unlimited\" or -1 for no limit)"))
+        }
+        _ => Err("must be a number, \"unlimited\" or -1".to_string()),
+    }
+}
+
+/// Renders limits back to the JSON shape [`parse_limits`] reads.
+pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
+    let items: Vec<Value> = limits
+        .iter()
+        .map(|l| {
+            let mut m = serde_json::Map::new();
+            let amount = match l.amount {
+                LimitAmount::Unlimited => Value::String("unlimited".into()),
+                LimitAmount::Finite(raw) => serde_json::to_value(Decimal { raw, precision: meter.precision }).unwrap_or(Value::Null),
+            };
+            m.insert("limit".into(), amount);
+            if let Some(w) = l.window {
+                m.insert("window".into(), Value::String(w.as_str().into()));
+            }
+            m.insert("hard".into(), Value::Bool(l.hard));
+            m.insert("enforcement".into(), Value::String(l.enforcement.as_str().into()));
+            Value::Object(m)
+        })
+        .collect();
+    Value::Array(items)
+}
+
+/// A configured plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    pub features: BTreeMap<String, bool>,
+    /// Limits per meter; a meter absent here is not entitled on this plan.
+    pub limits: HashMap<MeterId, Arc<[Limit]>>,
+}
+
+/// Meters and plans from the config, indexed for lookups on the hot path.
+#[derive(Debug)]
+pub struct Catalog {
+    meters: Vec<Meter>,
+    meter_ids: HashMap<String, MeterId>,
+    plans: Vec<Arc<Plan>>,
+    plan_ids: HashMap<String, usize>,
+    default_plan: usize,
+}
+
+impl Catalog {
+    /// Builds the catalog; `plans` must hold at least one plan and `default_plan`
+    /// must index it (config validation guarantees both).
+    pub fn new(meters: Vec<Meter>, plans: Vec<Plan>, default_plan: usize) -> Catalog {
+        let meter_ids = meters.iter().map(|m| (m.name.clone(), m.id)).collect();
+        let plan_ids = plans.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        Catalog {
+            meters,
+            meter_ids,
+            plans: plans.into_iter().map(Arc::new).collect(),
+            plan_ids,
+            default_plan,
+        }
+    }
+
+    pub fn meters(&self) -> &[Meter] {
+        &self.meters
+    }
+
+    pub fn meter(&self, id: MeterId) -> Option<&Meter> {
+        self.meters.get(usize::from(id))
+    }
+
+    pub fn meter_by_name(&self, name: &str) -> Option<&Meter> {
+        self.meter_ids.get(name).and_then(|&id| self.meter(id))
+    }
+
+    pub fn plan(&self, name: &str) -> Option<&Arc<Plan>> {
+        self.plan_ids.get(name).and_then(|&i| self.plans.get(i))
+    }
+
+    pub fn plans(&self) -> &[Arc<Plan>] {
+        &self.plans
+    }
+
+    pub fn default_plan(&self) -> &Arc<Plan> {
+        &self.plans[self.default_plan]
+    }
+}
+
+/// What a PUT stores for one customer: the plan, per-meter overrides, feature
+/// flags, Stripe customer id and billing anchor. Kept as this document in the store
+/// so an application may also write it directly.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntitlementsDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(default)]
+    pub overrides: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub features: BTreeMap<String, bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe_customer_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing_anchor: Option<String>,
+}
+
+/// A customer's entitlements resolved against the catalog: what checks read.
+#[derive(Debug, Clone)]
+pub struct Entitlements {
+    pub plan: Arc<Plan>,
+    pub overrides: HashMap<MeterId, Arc<[Limit]>>,
+    /// The plan's features with the customer's flags laid over them.
+    pub features: BTreeMap<String, bool>,
+    pub stripe_customer_id: Option<String>,
+    pub billing_anchor: BillingAnchor,
+    pub billing_anchor_ms: Option<i64>,
+}
+
+impl Entitlements {
+    /// The default plan with nothing customer-specific.
+    pub fn default_for(catalog: &Catalog) -> Entitlements {
+        let plan = catalog.default_plan().clone();
+        Entitlements {
+            features: plan.features.clone(),
+            plan,
+            overrides: HashMap::new(),
+            stripe_customer_id: None,
+            billing_anchor: BillingAnchor::default(),
+            billing_anchor_ms: None,
+        }
+    }
+
+    /// The limits on `meter`: the override if any, else the plan's; `None` when the
+    /// meter is not entitled.
+    pub fn limits(&self, meter: MeterId) -> Option<&Arc<[Limit]>> {
+        self.overrides.get(&meter).or_else(|| self.plan.limits.get(&meter))
+    }
+
+    /// Resolves a stored document. Problems name the field (`plan`,
+    /// `overrides.interviews[0].window`, ...).
+    pub fn resolve(doc: &EntitlementsDoc, catalog: &Catalog) -> Result<Entitlements, Vec<SpecProblem>> {
+        let mut problems = Vec::new();
+        let plan = match &doc.plan {
+            None => Some(catalog.default_plan().clone()),
+            Some(name) => match catalog.plan(name) {
+                Some(p) => Some(p.clone()),
+                None => {
+                    problems.push(problem("plan", format!("unknown plan {name:?}")));
+                    None
+                }
+            },
+        };
+        let mut overrides = HashMap::new();
+        for (name, spec) in &doc.overrides {
+            let Some(meter) = catalog.meter_by_name(name) else {
+                problems.push(problem(format!("overrides.{name}"), format!("unknown meter {name:?}")));
+                continue;
+            };
+            match parse_limits(spec, meter) {
+                Ok(limits) => {
+                    overrides.insert(meter.id, Arc::from(limits));
+                }
+                Err(ps) => problems.extend(ps.into_iter().map(|p| SpecProblem {
+                    path: format!("overrides.{name}{}", p.path),
+                    reason: p.reason,
+                })),
+            }
+        }
+        let billing_anchor_ms = match &doc.billing_anchor {
+            None => None,
+            Some(text) => match super::window::parse_rfc3339(text) {
+                Some(ms) => Some(ms),
+                None => {
+                    problems.push(problem("billing_anchor", "must be an RFC 3339 timestamp"));
+                    None
+                }
+            },
+        };
+        if let Some(id) = &doc.stripe_customer_id {
+            if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
+                problems.push(problem("stripe_customer_id", "must be 1-255 characters without control characters"));
+            }
+        }
+        for key in doc.features.keys() {
+            if key.is_empty() || key.len() > 64 {
+                problems.push(problem(format!("features.{key}"), "feature names are 1-64 bytes"));
+            }
+        }
+        let Some(plan) = plan else {
+            return Err(problems);
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut features = plan.features.clone();
+        features.extend(doc.features.iter().map(|(k, v)| (k.clone(), *v)));
+        Ok(Entitlements {
+            plan,
+            overrides,
+            features,
+            stripe_customer_id: doc.stripe_customer_id.clone(),
+            billing_anchor: billing_anchor_ms.map(BillingAnchor::from_ms).unwrap_or_default(),
+            billing_anchor_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::meter::Aggregation;
+    use serde_json::json;
+
+    fn meter(precision: u8) -> Meter {
+        Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision, stripe_event_name: None }
+    }
+
+    #[test]
+    fn parses_single_and_multiple_limits() {
+        let one = parse_limits(&json!({"limit": 300, "window": "month"}), &meter(0));
+        assert_eq!(
+            one,
+            Ok(vec![Limit { window: Some(WindowKind::Month), amount: LimitAmount::Finite(300), hard: true, enforcement: Enforcement::Cached }])
+        );
+        let two = parse_limits(&json!([{"limit": 5, "window": "month"}, {"limit": 2.5, "window": "day", "hard": false}]), &meter(1));
+        let two = two.unwrap_or_default();
+        assert_eq!(two.len(), 2);
+        assert_eq!(two[1].amount, LimitAmount::Finite(25));
+        assert!(!two[1].hard);
+    }
+
+    #[test]
+    fn unlimited_spellings() {
+        for spec in [json!({"limit": "unlimited"}), json!({"limit": -1}), json!({"limit": -1, "window": "month"})] {
+            let limits = parse_limits(&spec, &meter(0)).unwrap_or_default();
+            assert_eq!(limits.first().map(|l| l.amount), Some(LimitAmount::Unlimited), "{spec}");
+        }
+    }
+
+    #[test]
+    fn names_every_bad_field() {
+        let err = parse_limits(&json!([{"limit": -5, "window": "week"}, {"limit": 1, "colour": "red"}, {"limit": 3}]), &meter(0));
+        let paths: Vec<String> = err.err().unwrap_or_default().into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, vec!["[0].limit", "[0].window", "[1].colour", "[1].window", "[2].window"]);
+        let dup = parse_limits(&json!([{"limit": 1, "window": "day"}, {"limit": 2, "window": "day"}]), &meter(0));
+        assert!(dup.is_err());
+    }
+}
