@@ -83,7 +83,11 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), instance_id: None, shutdown_grace: default_shutdown_grace() }
+        ServerConfig {
+            listen: default_listen(),
+            instance_id: None,
+            shutdown_grace: default_shutdown_grace(),
+        }
     }
 }
 
@@ -117,7 +121,11 @@ pub struct StorageConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: default_data_dir(), durability: default_durability(), flush_interval: default_flush_interval() }
+        StorageConfig {
+            data_dir: default_data_dir(),
+            durability: default_durability(),
+            flush_interval: default_flush_interval(),
+        }
     }
 }
 
@@ -355,15 +363,24 @@ pub struct ValidConfig {
 impl Config {
     /// Parses TOML text; `source` names the file in messages.
     pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: source.to_string(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: source.to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// Reads and parses `path`, or the embedded default when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
         match path {
-            None => Ok((Config::parse(EMBEDDED_DEFAULT, "<embedded default>")?, "<embedded default>".to_string())),
+            None => Ok((
+                Config::parse(EMBEDDED_DEFAULT, "<embedded default>")?,
+                "<embedded default>".to_string(),
+            )),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
                 let source = p.display().to_string();
                 Ok((Config::parse(&text, &source)?, source))
             }
@@ -373,13 +390,21 @@ impl Config {
     /// Checks every rule and resolves the runtime pieces; returns every problem.
     pub fn validate(self, source: &str) -> Result<ValidConfig, ConfigError> {
         let mut problems = Vec::new();
-        let mut p = |key: &str, reason: String| problems.push(ConfigProblem { key: key.to_string(), reason });
+        let mut p = |key: &str, reason: String| {
+            problems.push(ConfigProblem {
+                key: key.to_string(),
+                reason,
+            })
+        };
 
         let listen_text = std::env::var("METERD_LISTEN").unwrap_or_else(|_| self.server.listen.clone());
         let listen = match listen_text.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                p("server.listen", format!("{listen_text:?} is not an address like \"127.0.0.1:8480\""));
+                p(
+                    "server.listen",
+                    format!("{listen_text:?} is not an address like \"127.0.0.1:8480\""),
+                );
                 None
             }
         };
@@ -410,13 +435,22 @@ impl Config {
             p("ingest.dedupe_window", "must be more than zero".into());
         }
         if self.redis.is_some() {
-            p("redis", "Redis is not supported by this build yet; remove [redis] to run embedded".into());
+            p(
+                "redis",
+                "Redis is not supported by this build yet; remove [redis] to run embedded".into(),
+            );
         }
         if self.clickhouse.is_some() {
-            p("clickhouse", "ClickHouse is not supported by this build yet; remove [clickhouse] to use the embedded store".into());
+            p(
+                "clickhouse",
+                "ClickHouse is not supported by this build yet; remove [clickhouse] to use the embedded store".into(),
+            );
         }
         if self.stripe.is_some() {
-            p("stripe", "Stripe reporting is not supported by this build yet; remove [stripe]".into());
+            p(
+                "stripe",
+                "Stripe reporting is not supported by this build yet; remove [stripe]".into(),
+            );
         }
         let metrics_listen = match self.metrics.as_ref().and_then(|m| m.listen.as_ref()) {
             None => None,
@@ -451,7 +485,10 @@ impl Config {
                 }
             };
             if m.precision > crate::model::quantity::MAX_PRECISION {
-                p(&format!("{at}.precision"), format!("must be between 0 and {}", crate::model::quantity::MAX_PRECISION));
+                p(
+                    &format!("{at}.precision"),
+                    format!("must be between 0 and {}", crate::model::quantity::MAX_PRECISION),
+                );
             }
             if let Some(ev) = &m.stripe_event_name {
                 if ev.is_empty() || ev.len() > 100 {
@@ -511,10 +548,17 @@ impl Config {
                     }
                 }
             }
-            plans.push(Plan { name: plan.name.clone(), features: plan.features.clone(), limits });
+            plans.push(Plan {
+                name: plan.name.clone(),
+                features: plan.features.clone(),
+                limits,
+            });
         }
         if !self.plans.is_empty() && defaults.len() != 1 {
-            p("plans", format!("exactly one plan must have default = true (found {})", defaults.len()));
+            p(
+                "plans",
+                format!("exactly one plan must have default = true (found {})", defaults.len()),
+            );
         }
 
         // Auth keys.
@@ -533,7 +577,10 @@ impl Config {
                         Some(out)
                     }
                     _ => {
-                        p(&format!("{at}.key_sha256"), "must be 64 hex characters (the SHA-256 of the key)".into());
+                        p(
+                            &format!("{at}.key_sha256"),
+                            "must be 64 hex characters (the SHA-256 of the key)".into(),
+                        );
                         None
                     }
                 },
@@ -547,17 +594,26 @@ impl Config {
             };
             let mut scopes = 0u8;
             if k.scopes.is_empty() {
-                p(&format!("{at}.scopes"), "must name at least one of ingest, check, read, admin".into());
+                p(
+                    &format!("{at}.scopes"),
+                    "must name at least one of ingest, check, read, admin".into(),
+                );
             }
             for s in &k.scopes {
                 match Scope::parse(s) {
                     Some(scope) => scopes |= scope.bit(),
-                    None => p(&format!("{at}.scopes"), format!("unknown scope {s:?} (expected ingest, check, read or admin)")),
+                    None => p(
+                        &format!("{at}.scopes"),
+                        format!("unknown scope {s:?} (expected ingest, check, read or admin)"),
+                    ),
                 }
             }
             let rate = match k.rate_limit_per_second {
                 Some(0) => {
-                    p(&format!("{at}.rate_limit_per_second"), "must be more than zero (omit it for no limit)".into());
+                    p(
+                        &format!("{at}.rate_limit_per_second"),
+                        "must be more than zero (omit it for no limit)".into(),
+                    );
                     None
                 }
                 other => other.and_then(NonZeroU32::new),
@@ -577,7 +633,10 @@ impl Config {
         }
         if let Some(addr) = listen {
             if self.auth.keys.is_empty() && !addr.ip().is_loopback() {
-                p("server.listen", format!("{addr} is not a loopback address and [[auth.keys]] is empty: add keys or listen on 127.0.0.1"));
+                p(
+                    "server.listen",
+                    format!("{addr} is not a loopback address and [[auth.keys]] is empty: add keys or listen on 127.0.0.1"),
+                );
             }
         }
 
@@ -590,7 +649,10 @@ impl Config {
                 keys,
                 source: source.to_string(),
             }),
-            _ => Err(ConfigError::Invalid { path: source.to_string(), problems }),
+            _ => Err(ConfigError::Invalid {
+                path: source.to_string(),
+                problems,
+            }),
         }
     }
 }
@@ -599,6 +661,12 @@ impl Config {
 pub fn load_valid(path: Option<&Path>) -> Result<ValidConfig, ConfigError> {
     let (config, source) = Config::load(path)?;
     config.validate(&source)
+}
+
+/// SHA-256 of a key, as stored in `key_sha256`.
+pub fn sha256_of(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 #[cfg(test)]
@@ -677,10 +745,4 @@ scopes = ["ingest", "fly"]
         let text = "[server]\nlisten = \"0.0.0.0:8480\"\n[[plans]]\nname = \"p\"\ndefault = true\n";
         assert_eq!(problems(text), vec!["server.listen".to_string()]);
     }
-}
-
-/// SHA-256 of a key, as stored in `key_sha256`.
-pub fn sha256_of(bytes: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).into()
 }

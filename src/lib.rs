@@ -1,6 +1,21 @@
-//! meterd: a usage-metering daemon. See DESIGN.md for the architecture.
+//! meterd: a usage-metering daemon. Application servers send usage events and ask,
+//! on their request path, whether a customer may use more; meterd answers from
+//! memory, keeps exact totals, and flushes minute aggregates to a usage store.
+//! See DESIGN.md and README.md for the architecture.
 
+pub mod app;
 pub mod config;
 pub mod counters;
 pub mod duration;
+pub mod engine;
+pub mod entitlements;
+pub mod flush;
+pub mod history;
+pub mod http;
+pub mod ingest;
+pub mod limits;
 pub mod model;
+pub mod store;
+pub mod telemetry;
+
+pub use app::{AppError, AppHandle};

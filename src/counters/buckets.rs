@@ -48,7 +48,10 @@ pub struct Epoch {
 
 impl Epoch {
     fn new(seq: u64) -> Epoch {
-        Epoch { seq, buckets: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64) }
+        Epoch {
+            seq,
+            buckets: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64),
+        }
     }
 
     /// Folds one event into its bucket.
@@ -76,7 +79,10 @@ pub struct Buckets {
 impl Buckets {
     /// Starts at flush sequence `next_seq` (one past the highest the store holds).
     pub fn new(next_seq: u64) -> Buckets {
-        Buckets { current: ShardedLock::new(Arc::new(Epoch::new(next_seq))), flushing: Mutex::new(None) }
+        Buckets {
+            current: ShardedLock::new(Arc::new(Epoch::new(next_seq))),
+            flushing: Mutex::new(None),
+        }
     }
 
     /// Holds off epoch swaps (and backfills) while the guard lives.

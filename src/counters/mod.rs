@@ -54,7 +54,7 @@ impl Counters {
         let tracked: Vec<AtomicU8> = catalog.meters().iter().map(|_| AtomicU8::new(0)).collect();
         for plan in catalog.plans() {
             for (meter, limits) in &plan.limits {
-                for kind in limits.iter().filter_map(|l| l.window) {
+                for kind in limits.iter().map(|l| l.window) {
                     if let Some(bits) = tracked.get(usize::from(*meter)) {
                         bits.fetch_or(1 << kind.index(), Ordering::AcqRel);
                     }
@@ -101,7 +101,12 @@ impl Counters {
 
     /// The counter key of the `kind` window containing `at_ms`.
     pub fn key(customer: CustomerId, meter: MeterId, kind: WindowKind, at_ms: i64, anchor: BillingAnchor) -> CounterKey {
-        CounterKey { customer, meter, kind, start_ms: kind.bounds(at_ms, anchor).start_ms }
+        CounterKey {
+            customer,
+            meter,
+            kind,
+            start_ms: kind.bounds(at_ms, anchor).start_ms,
+        }
     }
 
     /// Folds usage into buckets and every tracked window, except `skip` (a window
@@ -121,7 +126,8 @@ impl Counters {
                 continue;
             }
             let key = Self::key(usage.customer, meter.id, kind, usage.ts, usage.anchor);
-            self.windows.with_cell(key, |cell| cell.fold(meter.aggregation, usage.raw, usage.ts));
+            self.windows
+                .with_cell(key, |cell| cell.fold(meter.aggregation, usage.raw, usage.ts));
         }
     }
 
@@ -149,9 +155,24 @@ mod tests {
     use std::collections::HashMap;
 
     fn catalog() -> Catalog {
-        let meter = Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None };
-        let limit = Limit { window: Some(WindowKind::Day), amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached };
-        let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, Arc::from(vec![limit]))]) };
+        let meter = Meter {
+            id: 0,
+            name: "m".into(),
+            aggregation: Aggregation::Sum,
+            precision: 0,
+            stripe_event_name: None,
+        };
+        let limit = Limit {
+            window: WindowKind::Day,
+            amount: LimitAmount::Finite(10),
+            hard: true,
+            enforcement: Enforcement::Cached,
+        };
+        let plan = Plan {
+            name: "p".into(),
+            features: Default::default(),
+            limits: HashMap::from([(0, Arc::from(vec![limit]))]),
+        };
         Catalog::new(vec![meter], vec![plan], 0)
     }
 
@@ -162,7 +183,15 @@ mod tests {
         assert!(counters.is_tracked(0, WindowKind::Day));
         assert!(!counters.is_tracked(0, WindowKind::Month));
         let meter = &catalog.meters()[0];
-        let usage = |ts| Usage { customer: 7, meter, raw: 3, ts, properties: None, props_hash: 0, anchor: BillingAnchor::default() };
+        let usage = |ts| Usage {
+            customer: 7,
+            meter,
+            raw: 3,
+            ts,
+            properties: None,
+            props_hash: 0,
+            anchor: BillingAnchor::default(),
+        };
         let day = 86_400_000;
         counters.apply(&[usage(day + 5), usage(day + 60_000), usage(2 * day + 1)]);
         let key = Counters::key(7, 0, WindowKind::Day, day + 10, BillingAnchor::default());
@@ -180,7 +209,12 @@ mod tests {
     #[test]
     fn add_within_never_exceeds_the_limit_under_a_race() {
         let counters = Arc::new(Counters::new(&catalog(), 1));
-        let key = CounterKey { customer: 1, meter: 0, kind: WindowKind::Day, start_ms: 0 };
+        let key = CounterKey {
+            customer: 1,
+            meter: 0,
+            kind: WindowKind::Day,
+            start_ms: 0,
+        };
         let granted: usize = (0..4)
             .map(|_| {
                 let c = counters.clone();

@@ -81,8 +81,6 @@ impl Meter {
 
     /// Whether `name` is a valid meter name: `[a-z0-9_]{1,64}`.
     pub fn valid_name(name: &str) -> bool {
-        !name.is_empty()
-            && name.len() <= 64
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     }
 }

@@ -42,8 +42,9 @@ impl Enforcement {
 /// One limit on one meter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {
-    /// `None` only for an unlimited limit given without a window.
-    pub window: Option<WindowKind>,
+    /// The window counted; an unlimited limit given without one counts by month
+    /// (for display: usage summaries still show the month's usage).
+    pub window: WindowKind,
     pub amount: LimitAmount,
     /// A soft limit (`hard = false`) still allows, with `soft_limit_exceeded`.
     pub hard: bool,
@@ -58,7 +59,10 @@ pub struct SpecProblem {
 }
 
 fn problem(path: impl Into<String>, reason: impl Into<String>) -> SpecProblem {
-    SpecProblem { path: path.into(), reason: reason.into() }
+    SpecProblem {
+        path: path.into(),
+        reason: reason.into(),
+    }
 }
 
 /// Parses one meter's limit spec: `{limit, window, hard, enforcement}` or an array
@@ -83,7 +87,7 @@ pub fn parse_limits(spec: &Value, meter: &Meter) -> Result<Vec<Limit>, Vec<SpecP
             Err(mut p) => problems.append(&mut p),
         },
     }
-    let windows: Vec<_> = limits.iter().filter_map(|l| l.window).collect();
+    let windows: Vec<_> = limits.iter().map(|l| l.window).collect();
     for (i, w) in windows.iter().enumerate() {
         if windows[..i].contains(w) {
             problems.push(problem("", format!("has two limits on the {w} window")));
@@ -103,7 +107,10 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
     let mut problems = Vec::new();
     for key in map.keys() {
         if !matches!(key.as_str(), "limit" | "window" | "hard" | "enforcement") {
-            problems.push(problem(format!("{at}.{key}"), "unknown field (expected limit, window, hard, enforcement)"));
+            problems.push(problem(
+                format!("{at}.{key}"),
+                "unknown field (expected limit, window, hard, enforcement)",
+            ));
         }
     }
     let amount = match map.get("limit") {
@@ -153,7 +160,12 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
         }
     };
     match (problems.is_empty(), amount) {
-        (true, Some(amount)) => Ok(Limit { window, amount, hard, enforcement }),
+        (true, Some(amount)) => Ok(Limit {
+            window: window.unwrap_or(WindowKind::Month),
+            amount,
+            hard,
+            enforcement,
+        }),
         _ => Err(problems),
     }
 }
@@ -182,12 +194,14 @@ pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
             let mut m = serde_json::Map::new();
             let amount = match l.amount {
                 LimitAmount::Unlimited => Value::String("unlimited".into()),
-                LimitAmount::Finite(raw) => serde_json::to_value(Decimal { raw, precision: meter.precision }).unwrap_or(Value::Null),
+                LimitAmount::Finite(raw) => serde_json::to_value(Decimal {
+                    raw,
+                    precision: meter.precision,
+                })
+                .unwrap_or(Value::Null),
             };
             m.insert("limit".into(), amount);
-            if let Some(w) = l.window {
-                m.insert("window".into(), Value::String(w.as_str().into()));
-            }
+            m.insert("window".into(), Value::String(l.window.as_str().into()));
             m.insert("hard".into(), Value::Bool(l.hard));
             m.insert("enforcement".into(), Value::String(l.enforcement.as_str().into()));
             Value::Object(m)
@@ -381,7 +395,13 @@ mod tests {
     use serde_json::json;
 
     fn meter(precision: u8) -> Meter {
-        Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision, stripe_event_name: None }
+        Meter {
+            id: 0,
+            name: "m".into(),
+            aggregation: Aggregation::Sum,
+            precision,
+            stripe_event_name: None,
+        }
     }
 
     #[test]
@@ -389,9 +409,17 @@ mod tests {
         let one = parse_limits(&json!({"limit": 300, "window": "month"}), &meter(0));
         assert_eq!(
             one,
-            Ok(vec![Limit { window: Some(WindowKind::Month), amount: LimitAmount::Finite(300), hard: true, enforcement: Enforcement::Cached }])
+            Ok(vec![Limit {
+                window: WindowKind::Month,
+                amount: LimitAmount::Finite(300),
+                hard: true,
+                enforcement: Enforcement::Cached
+            }])
         );
-        let two = parse_limits(&json!([{"limit": 5, "window": "month"}, {"limit": 2.5, "window": "day", "hard": false}]), &meter(1));
+        let two = parse_limits(
+            &json!([{"limit": 5, "window": "month"}, {"limit": 2.5, "window": "day", "hard": false}]),
+            &meter(1),
+        );
         let two = two.unwrap_or_default();
         assert_eq!(two.len(), 2);
         assert_eq!(two[1].amount, LimitAmount::Finite(25));
@@ -400,7 +428,11 @@ mod tests {
 
     #[test]
     fn unlimited_spellings() {
-        for spec in [json!({"limit": "unlimited"}), json!({"limit": -1}), json!({"limit": -1, "window": "month"})] {
+        for spec in [
+            json!({"limit": "unlimited"}),
+            json!({"limit": -1}),
+            json!({"limit": -1, "window": "month"}),
+        ] {
             let limits = parse_limits(&spec, &meter(0)).unwrap_or_default();
             assert_eq!(limits.first().map(|l| l.amount), Some(LimitAmount::Unlimited), "{spec}");
         }
@@ -408,7 +440,10 @@ mod tests {
 
     #[test]
     fn names_every_bad_field() {
-        let err = parse_limits(&json!([{"limit": -5, "window": "week"}, {"limit": 1, "colour": "red"}, {"limit": 3}]), &meter(0));
+        let err = parse_limits(
+            &json!([{"limit": -5, "window": "week"}, {"limit": 1, "colour": "red"}, {"limit": 3}]),
+            &meter(0),
+        );
         let paths: Vec<String> = err.err().unwrap_or_default().into_iter().map(|p| p.path).collect();
         assert_eq!(paths, vec!["[0].limit", "[0].window", "[1].colour", "[1].window", "[2].window"]);
         let dup = parse_limits(&json!([{"limit": 1, "window": "day"}, {"limit": 2, "window": "day"}]), &meter(0));

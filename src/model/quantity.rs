@@ -214,7 +214,10 @@ mod tests {
         assert_eq!(Decimal { raw: 1200, precision: 2 }.to_string(), "12");
         assert_eq!(Decimal { raw: 5, precision: 3 }.to_string(), "0.005");
         assert_eq!(Decimal { raw: -150, precision: 2 }.to_string(), "-1.5");
-        assert_eq!(serde_json::to_string(&Decimal { raw: 1050, precision: 2 }).ok(), Some("10.5".into()));
+        assert_eq!(
+            serde_json::to_string(&Decimal { raw: 1050, precision: 2 }).ok(),
+            Some("10.5".into())
+        );
     }
 
     proptest! {

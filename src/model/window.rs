@@ -70,7 +70,11 @@ impl WindowKind {
             WindowKind::BillingCycle => anchor.cycle_containing(at),
             WindowKind::Total => (0, i64::MAX),
         };
-        Window { kind: self, start_ms: start, end_ms: end }
+        Window {
+            kind: self,
+            start_ms: start,
+            end_ms: end,
+        }
     }
 }
 
@@ -128,15 +132,17 @@ impl BillingAnchor {
     /// The anchor taken from an instant: its day of month and time of day.
     pub fn from_ms(ms: i64) -> BillingAnchor {
         let at = utc(ms);
-        BillingAnchor { day: at.day(), seconds_of_day: at.num_seconds_from_midnight() }
+        BillingAnchor {
+            day: at.day(),
+            seconds_of_day: at.num_seconds_from_midnight(),
+        }
     }
 
     /// The cycle start in month `(y, m)`: the anchor day clamped to the month's end.
     fn start_in(self, y: i32, m: u32) -> i64 {
         let day = self.day.min(days_in_month(y, m));
         let date = NaiveDate::from_ymd_opt(y, m, day).unwrap_or(NaiveDate::MIN);
-        date.and_hms_opt(0, 0, 0).map(|d| d.and_utc().timestamp_millis()).unwrap_or(0)
-            + i64::from(self.seconds_of_day) * 1000
+        date.and_hms_opt(0, 0, 0).map(|d| d.and_utc().timestamp_millis()).unwrap_or(0) + i64::from(self.seconds_of_day) * 1000
     }
 
     fn cycle_containing(self, at: DateTime<Utc>) -> (i64, i64) {

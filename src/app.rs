@@ -1,0 +1,159 @@
+//! Wiring: open the stores, build the engine, bind the listeners, start the
+//! background tasks; and the shutdown sequence (stop accepting → finish in-flight
+//! requests → final flush → exit), all under one grace timeout.
+
+use crate::config::ValidConfig;
+use crate::engine::{Engine, EngineError};
+use crate::http::{self, HttpState};
+use crate::store::sqlite::SqliteStore;
+use crate::store::StoreError;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Why the app could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("final flush failed: {0}")]
+    Flush(#[from] crate::flush::FlushError),
+    #[error("shutdown did not finish within the grace period")]
+    Timeout,
+    #[error("a background task panicked: {0}")]
+    Task(String),
+}
+
+/// A running meterd.
+pub struct AppHandle {
+    /// The API address actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub engine: Arc<Engine>,
+    state: Arc<HttpState>,
+    server_stop: watch::Sender<bool>,
+    flusher_stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    metrics_server: Option<JoinHandle<()>>,
+    flusher: JoinHandle<Result<(), crate::flush::FlushError>>,
+    grace: Duration,
+}
+
+/// The instance id: configured, or generated once and kept in the data dir.
+fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError> {
+    if let Some(id) = &config.raw.server.instance_id {
+        return Ok(id.clone());
+    }
+    let path = data_dir.join("instance_id");
+    let io = |source| AppError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let id = format!("i{:x}{:x}", nanos as u64, std::process::id());
+    let tmp = data_dir.join("instance_id.tmp");
+    std::fs::write(&tmp, &id).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(id)
+}
+
+impl AppHandle {
+    /// Starts meterd with a validated config.
+    pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
+        let data_dir = config.raw.storage.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let instance_id = instance_id(&config, &data_dir)?;
+        let store = Arc::new(SqliteStore::open(&data_dir.join("meterd.sqlite"))?);
+        let engine = Arc::new(Engine::start(&config, instance_id.clone(), store.clone(), store).await?);
+        let prometheus = crate::telemetry::prometheus();
+        let state = Arc::new(HttpState {
+            engine: engine.clone(),
+            auth: http::auth::Auth::new(&config.keys),
+            max_body: config.raw.ingest.max_body_bytes,
+            prometheus,
+            shutting_down: false.into(),
+        });
+        if !state.auth.enabled() {
+            tracing::warn!(listen = %config.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
+        }
+        let listener = TcpListener::bind(config.listen).await.map_err(|source| AppError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| AppError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (server_stop, server_rx) = watch::channel(false);
+        let (flusher_stop, flusher_rx) = watch::channel(false);
+        let (metrics_addr, metrics_server) = match config.metrics_listen {
+            None => (None, None),
+            Some(maddr) => {
+                let l = TcpListener::bind(maddr)
+                    .await
+                    .map_err(|source| AppError::Bind { addr: maddr, source })?;
+                let bound = l.local_addr().map_err(|source| AppError::Bind { addr: maddr, source })?;
+                (Some(bound), Some(tokio::spawn(http::serve(l, state.clone(), server_rx.clone()))))
+            }
+        };
+        let server = tokio::spawn(http::serve(listener, state.clone(), server_rx));
+        let flusher = tokio::spawn(crate::flush::run(engine.clone(), config.raw.storage.flush_interval.0, flusher_rx));
+        tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
+        Ok(AppHandle {
+            addr,
+            metrics_addr,
+            engine,
+            state,
+            server_stop,
+            flusher_stop,
+            server,
+            metrics_server,
+            flusher,
+            grace: config.raw.server.shutdown_grace.0,
+        })
+    }
+
+    /// Graceful shutdown: stop accepting, finish in-flight requests, final flush.
+    pub async fn shutdown(self) -> Result<(), AppError> {
+        let grace = self.grace;
+        tokio::time::timeout(grace, self.shutdown_inner())
+            .await
+            .map_err(|_| AppError::Timeout)?
+    }
+
+    async fn shutdown_inner(self) -> Result<(), AppError> {
+        self.state.shutting_down.store(true, Ordering::Release);
+        let _ = self.server_stop.send(true);
+        self.server.await.map_err(|e| AppError::Task(e.to_string()))?;
+        if let Some(m) = self.metrics_server {
+            m.await.map_err(|e| AppError::Task(e.to_string()))?;
+        }
+        let _ = self.flusher_stop.send(true);
+        self.flusher.await.map_err(|e| AppError::Task(e.to_string()))??;
+        tracing::info!("meterd stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! The engine: the in-memory state every request touches (catalog, counters,
+//! entitlements cache, dedupe) and its handles to the stores. HTTP handlers and
+//! background tasks share one `Arc<Engine>`; ingest lives in `ingest::pipeline`,
+//! checks and summaries in `limits`.
+
+use crate::config::ValidConfig;
+use crate::counters::Counters;
+use crate::entitlements::{EntitlementCache, EntitlementsError};
+use crate::ingest::dedupe::{Deduper, IdHash};
+use crate::limits::CheckAnswer;
+use crate::model::{Catalog, WindowKind};
+use crate::store::{EntitlementStore, Fold, StoreError, UsageQuery, UsageStore};
+use dashmap::DashMap;
+use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
+use tokio::sync::OnceCell;
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Entitlements(#[from] EntitlementsError),
+    #[error("cannot intern customer: {0}")]
+    Intern(#[from] crate::counters::intern::InternError),
+}
+
+/// Limits the ingest path enforces, from `[ingest]`.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestLimits {
+    pub max_lateness_ms: i64,
+    pub max_batch_events: usize,
+    pub dedupe_window_ms: i64,
+}
+
+/// A consume's remembered answer, so a retry with the same id gets the same one.
+pub struct ConsumeSlot {
+    pub created_ms: i64,
+    pub answer: Arc<OnceCell<Arc<CheckAnswer>>>,
+}
+
+/// Everything in memory, shared by handlers and background tasks.
+pub struct Engine {
+    pub catalog: Arc<Catalog>,
+    pub counters: Counters,
+    pub entitlements: EntitlementCache,
+    pub deduper: Deduper,
+    pub consumes: DashMap<IdHash, ConsumeSlot, crate::counters::hash::KeyHash>,
+    pub usage_store: Arc<dyn UsageStore>,
+    pub instance_id: String,
+    pub limits: IngestLimits,
+    /// Per meter: window kinds the config's plans use (rebuilt at start). Kinds
+    /// only an override uses are seeded per customer when the override is set.
+    pub plan_kinds: Vec<AtomicU8>,
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// Builds the engine: loads entitlements, then rebuilds current-window counters
+    /// from the usage store.
+    pub async fn start(
+        config: &ValidConfig,
+        instance_id: String,
+        usage_store: Arc<dyn UsageStore>,
+        entitlement_store: Arc<dyn EntitlementStore>,
+    ) -> Result<Engine, EngineError> {
+        let catalog = config.catalog.clone();
+        let next_seq = usage_store.max_flush_seq(&instance_id).await? + 1;
+        let counters = Counters::new(&catalog, next_seq);
+        let plan_kinds = catalog
+            .meters()
+            .iter()
+            .map(|m| {
+                let bits = counters.tracked_kinds(m.id).fold(0u8, |b, k| b | (1 << k.index()));
+                AtomicU8::new(bits)
+            })
+            .collect();
+        let entitlements = EntitlementCache::load(catalog.clone(), entitlement_store, &counters.interner).await?;
+        let ingest = &config.raw.ingest;
+        let engine = Engine {
+            catalog,
+            counters,
+            entitlements,
+            deduper: Deduper::new(ingest.dedupe_window.as_millis_i64()),
+            consumes: DashMap::with_hasher(crate::counters::hash::KeyHash),
+            usage_store,
+            instance_id,
+            limits: IngestLimits {
+                max_lateness_ms: ingest.max_lateness.as_millis_i64(),
+                max_batch_events: ingest.max_batch_events,
+                dedupe_window_ms: ingest.dedupe_window.as_millis_i64(),
+            },
+            plan_kinds,
+        };
+        engine.rebuild().await?;
+        Ok(engine)
+    }
+
+    /// Seeds the current window of every tracked kind from the store. Runs before
+    /// the server accepts anything, so nothing races it.
+    async fn rebuild(&self) -> Result<(), EngineError> {
+        let now = now_ms();
+        // Override kinds first, so they are tracked and rebuilt like plan kinds.
+        for customer in 0..u32::try_from(self.counters.interner.len()).unwrap_or(u32::MAX) {
+            let ent = self.entitlements.get(Some(customer));
+            for (meter, limits) in &ent.overrides {
+                for l in limits.iter() {
+                    self.counters.track(*meter, l.window);
+                }
+            }
+        }
+        for meter in self.catalog.meters() {
+            let fold = Fold::from(meter.aggregation);
+            for kind in self.counters.tracked_kinds(meter.id).collect::<Vec<_>>() {
+                let window = kind.bounds(now, Default::default());
+                let query = UsageQuery {
+                    instance_id: self.instance_id.clone(),
+                    meter: meter.name.clone(),
+                    fold,
+                    from_ms: window.start_ms,
+                    to_ms: window.end_ms,
+                    customer: None,
+                };
+                let rows = self.usage_store.aggregate(&query).await?.data;
+                for row in rows {
+                    let customer = self.counters.interner.intern(&row.customer)?;
+                    let ent = self.entitlements.get(Some(customer));
+                    if kind == WindowKind::BillingCycle && ent.billing_anchor_ms.is_some() {
+                        continue; // Anchored customers are rebuilt one by one below.
+                    }
+                    let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
+                    self.counters.windows.set(key, row.value, row.last_ts);
+                }
+                if kind != WindowKind::BillingCycle {
+                    continue;
+                }
+                for customer in 0..u32::try_from(self.counters.interner.len()).unwrap_or(u32::MAX) {
+                    let ent = self.entitlements.get(Some(customer));
+                    if ent.billing_anchor_ms.is_none() {
+                        continue;
+                    }
+                    let Some(name) = self.counters.interner.name(customer) else {
+                        continue;
+                    };
+                    let window = kind.bounds(now, ent.billing_anchor);
+                    let query = UsageQuery {
+                        from_ms: window.start_ms,
+                        to_ms: window.end_ms,
+                        customer: Some(name.to_string()),
+                        ..query.clone()
+                    };
+                    if let Some(row) = self.usage_store.aggregate(&query).await?.data.into_iter().next() {
+                        let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
+                        self.counters.windows.set(key, row.value, row.last_ts);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,150 @@
+//! The flusher: every `flush_interval` it swaps the minute-bucket epoch and writes
+//! the old one to the usage store as one flush `(instance_id, seq)`. A failed write
+//! leaves the epoch pending and is retried with the same sequence number, which the
+//! store writes at most once. It also runs housekeeping (dedupe and counter
+//! expiry, gauges) and makes a final flush on shutdown.
+
+use crate::counters::buckets::bucket_value;
+use crate::counters::Epoch;
+use crate::engine::{now_ms, Engine};
+use crate::model::WindowKind;
+use crate::store::{FlushBatch, StoreError, UsageRow};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Why a flush did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Converts an epoch to store rows.
+fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
+    let mut rows = Vec::with_capacity(epoch.buckets.len());
+    for entry in epoch.buckets.iter() {
+        let key = entry.key();
+        let (Some(meter), Some(customer)) = (engine.catalog.meter(key.meter), engine.counters.interner.name(key.customer)) else {
+            continue;
+        };
+        let (value, last_ts) = bucket_value(entry.value());
+        let properties = entry
+            .value()
+            .properties
+            .get()
+            .map(|p| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+            .unwrap_or_default();
+        rows.push(UsageRow {
+            meter: meter.name.clone(),
+            customer: customer.to_string(),
+            minute_ms: key.minute * 60_000,
+            properties,
+            value,
+            last_ts,
+        });
+    }
+    rows
+}
+
+/// Writes the pending epoch, or swaps and writes the current one. Returns the
+/// number of rows written (0 when there was nothing to flush).
+pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
+    let Some(epoch) = engine.counters.buckets.take_for_flush() else {
+        return Ok(0);
+    };
+    let started = Instant::now();
+    let batch = FlushBatch {
+        instance_id: engine.instance_id.clone(),
+        seq: epoch.seq,
+        rows: rows_of(engine, &epoch),
+    };
+    match engine.usage_store.write_flush(&batch).await {
+        Ok(()) => {
+            engine.counters.buckets.flushed(epoch.seq);
+            crate::telemetry::flush_done(batch.rows.len(), started.elapsed().as_secs_f64());
+            tracing::debug!(seq = epoch.seq, rows = batch.rows.len(), "flushed");
+            Ok(batch.rows.len())
+        }
+        Err(e) => {
+            crate::telemetry::flush_failed();
+            Err(e.into())
+        }
+    }
+}
+
+/// Flushes until nothing is pending (the pending epoch, then the current one).
+pub async fn flush_all(engine: &Engine) -> Result<usize, FlushError> {
+    let mut total = 0;
+    for _ in 0..3 {
+        let n = flush_once(engine).await?;
+        total += n;
+        if n == 0 && engine.counters.buckets.flushing().is_none() {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// Expires what is older than anything ingest still accepts, and sets gauges.
+pub fn housekeeping(engine: &Engine) {
+    let now = now_ms();
+    engine.deduper.sweep(now);
+    engine.sweep_consumes(now);
+    let cutoff = now - engine.limits.max_lateness_ms;
+    engine.counters.windows.retain_ending_after(cutoff, |k| match k.kind {
+        WindowKind::Total => i64::MAX,
+        // A billing cycle is at most 31 days long.
+        WindowKind::BillingCycle => k.start_ms.saturating_add(31 * 86_400_000),
+        kind => kind.bounds(k.start_ms, Default::default()).end_ms,
+    });
+    housekeeping_gauges(engine);
+}
+
+/// Sets the state gauges (also refreshed on every scrape).
+pub fn housekeeping_gauges(engine: &Engine) {
+    let now = now_ms();
+    let oldest = engine
+        .counters
+        .buckets
+        .unflushed()
+        .iter()
+        .filter_map(|e| e.buckets.iter().map(|b| b.key().minute).min())
+        .min();
+    let lag = oldest.map(|m| ((now - m * 60_000) as f64 / 1000.0).max(0.0)).unwrap_or(0.0);
+    crate::telemetry::gauges(
+        engine.counters.windows.len(),
+        engine.counters.interner.len(),
+        engine.counters.buckets.pending_len(),
+        engine.deduper.len(),
+        lag,
+    );
+}
+
+/// Runs until `shutdown` turns true, then makes a final flush.
+pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::Receiver<bool>) -> Result<(), FlushError> {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures: u32 = 0;
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        ticks += 1;
+        match flush_once(&engine).await {
+            Ok(_) => failures = 0,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, failures, "flush failed; the epoch stays pending and is retried");
+            }
+        }
+        if ticks % 10 == 1 {
+            housekeeping(&engine);
+        }
+    }
+    let flushed = flush_all(&engine).await?;
+    tracing::info!(rows = flushed, "final flush done");
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Authentication and per-key rate limits.
+//!
+//! Keys are configured by their SHA-256 (or read from an env var and hashed), so
+//! the process never holds plain keys it does not need; a presented key is hashed
+//! and compared in constant time against every configured hash. With no keys
+//! configured, every request is allowed (config validation has already refused a
+//! non-loopback listen address in that case).
+
+use super::error::ApiError;
+use crate::config::{ApiKey, Scope};
+use governor::{clock::DefaultClock, state::InMemoryState, state::NotKeyed, Quota, RateLimiter};
+use hyper::HeaderMap;
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
+
+/// The configured keys and their limiters.
+pub struct Auth {
+    keys: Vec<(ApiKey, Option<Limiter>)>,
+}
+
+/// SHA-256 of a presented key.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    crate::config::sha256_of(bytes)
+}
+
+/// Compares two digests without an early exit.
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b.iter()) {
+        diff |= x ^ y;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+impl Auth {
+    pub fn new(keys: &[ApiKey]) -> Auth {
+        let keys = keys
+            .iter()
+            .map(|k| {
+                let limiter = k.rate_per_second.map(|rate| {
+                    let quota = Quota::per_second(rate).allow_burst(k.burst.unwrap_or(rate));
+                    RateLimiter::direct(quota)
+                });
+                (k.clone(), limiter)
+            })
+            .collect();
+        Auth { keys }
+    }
+
+    /// Whether any key is configured.
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// Checks the bearer key, its scope (any of `scopes`) and its rate limit.
+    pub fn authorize(&self, headers: &HeaderMap, scopes: &[Scope]) -> Result<(), ApiError> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        let header = headers
+            .get(hyper::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <key> header"))?;
+        let presented = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("Authorization header must be \"Bearer <key>\""))?;
+        let digest = sha256(presented.as_bytes());
+        // Compare against every key so timing does not reveal which one matched.
+        let mut found = None;
+        for (i, (key, _)) in self.keys.iter().enumerate() {
+            if ct_eq(&key.sha256, &digest) {
+                found = Some(i);
+            }
+        }
+        let (key, limiter) = found
+            .and_then(|i| self.keys.get(i))
+            .ok_or_else(|| ApiError::unauthorized("unknown key"))?;
+        if !scopes.iter().any(|s| key.allows(*s)) {
+            let names: Vec<&str> = scopes.iter().map(|s| scope_name(*s)).collect();
+            return Err(ApiError::forbidden(format!(
+                "key {:?} lacks the {} scope",
+                key.name,
+                names.join(" or ")
+            )));
+        }
+        if let Some(limiter) = limiter {
+            if let Err(not_until) = limiter.check() {
+                crate::telemetry::rate_limited();
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+                return Err(ApiError::rate_limited(wait.as_secs().max(1)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn scope_name(s: Scope) -> &'static str {
+    match s {
+        Scope::Ingest => "ingest",
+        Scope::Check => "check",
+        Scope::Read => "read",
+        Scope::Admin => "admin",
+    }
+}

@@ -1,0 +1,210 @@
+//! One function per route: read the request, call the engine, shape the answer.
+
+use super::body::read_limited;
+use super::error::{json, ApiError};
+use super::HttpState;
+use crate::config::Scope;
+use crate::entitlements::EntitlementsError;
+use crate::history::{Granularity, HistoryError};
+use crate::ingest::parse::ParseError;
+use crate::ingest::{BodyKind, IngestError};
+use crate::limits::CheckError;
+use crate::model::{plan::limits_to_json, window::rfc3339, EntitlementsDoc};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{header, HeaderMap, Request, Response, StatusCode};
+use serde_json::json as j;
+use std::collections::BTreeMap;
+
+type Resp = Result<Response<Full<Bytes>>, ApiError>;
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    match content_type(headers).as_deref() {
+        Some("application/json") => Ok(()),
+        other => Err(ApiError::unsupported_media_type(format!(
+            "Content-Type must be application/json (got {})",
+            other.unwrap_or("none")
+        ))),
+    }
+}
+
+pub async fn events(state: &HttpState, req: Request<Incoming>) -> Resp {
+    state.auth.authorize(req.headers(), &[Scope::Ingest])?;
+    let kind = match content_type(req.headers()).as_deref() {
+        Some("application/json") => BodyKind::Json,
+        Some("application/x-ndjson") => BodyKind::Ndjson,
+        other => {
+            return Err(ApiError::unsupported_media_type(format!(
+                "Content-Type must be application/json or application/x-ndjson (got {})",
+                other.unwrap_or("none")
+            )))
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let body = read_limited(&parts.headers, body, state.max_body).await?;
+    match state.engine.ingest(&body, kind) {
+        Ok(outcome) => Ok(json(StatusCode::ACCEPTED, &outcome)),
+        Err(IngestError::Parse(ParseError::InvalidJson(m))) => Err(ApiError::invalid_json(m)),
+        Err(IngestError::Parse(e @ ParseError::TooManyEvents { .. })) => Err(ApiError::payload_too_large(e.to_string())),
+        Err(IngestError::Parse(ParseError::Invalid { details, total })) => {
+            let events: std::collections::BTreeSet<usize> = details.iter().map(|d| d.index).collect();
+            let message = format!("{} invalid event(s), {total} problem(s); nothing was accepted", events.len());
+            Err(ApiError::invalid_event(message, serde_json::to_value(&details).unwrap_or_default()))
+        }
+        Err(IngestError::Full) => Err(ApiError::unavailable("customer table is full", 60)),
+    }
+}
+
+pub async fn check(state: &HttpState, req: Request<Incoming>) -> Resp {
+    state.auth.authorize(req.headers(), &[Scope::Check])?;
+    require_json(req.headers())?;
+    let (parts, body) = req.into_parts();
+    let body = read_limited(&parts.headers, body, 64 * 1024).await?;
+    let request = crate::limits::CheckRequest::from_json(&body).map_err(check_error)?;
+    let answer = state.engine.check(request).await.map_err(check_error)?;
+    Ok(json(StatusCode::OK, &*answer))
+}
+
+fn check_error(e: CheckError) -> ApiError {
+    match e {
+        CheckError::Invalid { field: "body", reason } => ApiError::invalid_request(reason),
+        CheckError::Invalid { field, reason } => ApiError::invalid_request(format!("{field}: {reason}")),
+        CheckError::Full => ApiError::unavailable("customer table is full", 60),
+    }
+}
+
+pub fn customer_usage(state: &HttpState, headers: &HeaderMap, customer: &str) -> Resp {
+    state.auth.authorize(headers, &[Scope::Check, Scope::Read])?;
+    valid_customer(customer)?;
+    Ok(json(StatusCode::OK, &state.engine.summary(customer)))
+}
+
+fn valid_customer(customer: &str) -> Result<(), ApiError> {
+    if customer.is_empty() || customer.len() > 256 || customer.chars().any(char::is_control) {
+        return Err(ApiError::invalid_request(
+            "customer: must be 1-256 bytes without control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn entitlements_view(state: &HttpState, customer: &str) -> serde_json::Value {
+    let engine = &state.engine;
+    let id = engine.counters.interner.lookup(customer);
+    let ent = engine.entitlements.get(id);
+    let doc = engine.entitlements.doc(id).unwrap_or_default();
+    let mut limits = BTreeMap::new();
+    for meter in engine.catalog.meters() {
+        if let Some(l) = ent.limits(meter.id) {
+            limits.insert(meter.name.clone(), limits_to_json(l, meter));
+        }
+    }
+    j!({
+        "customer": customer,
+        "plan": ent.plan.name,
+        "overrides": doc.overrides,
+        "features": ent.features,
+        "stripe_customer_id": ent.stripe_customer_id,
+        "billing_anchor": ent.billing_anchor_ms.map(rfc3339),
+        "limits": limits,
+    })
+}
+
+pub fn get_entitlements(state: &HttpState, headers: &HeaderMap, customer: &str) -> Resp {
+    state.auth.authorize(headers, &[Scope::Read, Scope::Admin])?;
+    valid_customer(customer)?;
+    Ok(json(StatusCode::OK, &entitlements_view(state, customer)))
+}
+
+pub async fn put_entitlements(state: &HttpState, req: Request<Incoming>, customer: &str) -> Resp {
+    state.auth.authorize(req.headers(), &[Scope::Admin])?;
+    require_json(req.headers())?;
+    valid_customer(customer)?;
+    let (parts, body) = req.into_parts();
+    let body = read_limited(&parts.headers, body, 1024 * 1024).await?;
+    let doc: EntitlementsDoc = serde_json::from_slice(&body).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        ApiError::invalid_request(format!("entitlements: {msg}"))
+    })?;
+    match state.engine.set_entitlements(customer, doc).await {
+        Ok(_) => Ok(json(StatusCode::OK, &entitlements_view(state, customer))),
+        Err(EntitlementsError::Invalid(problems)) => {
+            let message = problems
+                .iter()
+                .map(|p| format!("{}: {}", p.path, p.reason))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let details: Vec<_> = problems.iter().map(|p| j!({"field": p.path, "reason": p.reason})).collect();
+            Err(ApiError {
+                details: Some(j!(details)),
+                ..ApiError::invalid_request(message)
+            })
+        }
+        Err(e) => {
+            tracing::error!(error = %e, customer = %customer, "storing entitlements failed");
+            Err(ApiError::unavailable(format!("could not store entitlements: {e}"), 1))
+        }
+    }
+}
+
+pub async fn usage_history(state: &HttpState, headers: &HeaderMap, query: &BTreeMap<String, String>) -> Resp {
+    state.auth.authorize(headers, &[Scope::Read])?;
+    for key in query.keys() {
+        if !matches!(key.as_str(), "meter" | "from" | "to" | "granularity" | "customer") {
+            return Err(ApiError::invalid_request(format!("unknown query parameter {key:?}")));
+        }
+    }
+    let get = |k: &str| query.get(k).map(String::as_str);
+    let meter = get("meter").ok_or_else(|| ApiError::invalid_request("meter: is required"))?;
+    let time = |k: &'static str| -> Result<i64, ApiError> {
+        let text = get(k).ok_or_else(|| ApiError::invalid_request(format!("{k}: is required")))?;
+        crate::model::window::parse_rfc3339(text)
+            .or_else(|| text.parse::<i64>().ok())
+            .ok_or_else(|| ApiError::invalid_request(format!("{k}: must be an RFC 3339 timestamp or Unix milliseconds")))
+    };
+    let (from, to) = (time("from")?, time("to")?);
+    let granularity = match get("granularity") {
+        None => Granularity::Hour,
+        Some(g) => Granularity::parse(g).ok_or_else(|| ApiError::invalid_request("granularity: must be minute, hour or day"))?,
+    };
+    let customer = get("customer");
+    if let Some(c) = customer {
+        valid_customer(c)?;
+    }
+    match state.engine.usage_series(meter, from, to, granularity, customer).await {
+        Ok(series) => Ok(json(StatusCode::OK, &series)),
+        Err(HistoryError::Invalid { field, reason }) => Err(ApiError::invalid_request(format!("{field}: {reason}"))),
+        Err(HistoryError::Store(e)) => {
+            tracing::error!(error = %e, "usage query failed");
+            Err(ApiError::unavailable(format!("usage store: {e}"), 1))
+        }
+    }
+}
+
+pub fn metrics(state: &HttpState) -> Response<Full<Bytes>> {
+    crate::flush::housekeeping_gauges(&state.engine);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(state.prometheus.render())))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+pub fn healthz() -> Response<Full<Bytes>> {
+    json(StatusCode::OK, &j!({"status": "ok"}))
+}
+
+pub fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
+    if state.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
+        return ApiError::unavailable("shutting down", 5).response();
+    }
+    json(StatusCode::OK, &j!({"status": "ready"}))
+}

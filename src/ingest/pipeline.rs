@@ -1,0 +1,95 @@
+//! The ingest path: parse and validate a body, drop duplicates, fold the rest into
+//! the counters. Everything before the fold can refuse the batch; nothing after
+//! it can, so a batch is all-or-nothing.
+
+use super::dedupe::hash_id;
+use super::parse::{split_json, split_ndjson, validate_batch, ParseError, Rules};
+use crate::counters::Usage;
+use crate::engine::{now_ms, Engine};
+use crate::model::WindowKind;
+
+/// How the body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    Ndjson,
+}
+
+/// The `202` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct IngestOutcome {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+/// Why a batch was refused; nothing of it was recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    #[error("customer table is full")]
+    Full,
+}
+
+impl Engine {
+    /// Ingests one body.
+    pub fn ingest(&self, body: &[u8], kind: BodyKind) -> Result<IngestOutcome, IngestError> {
+        let now = now_ms();
+        let max = self.limits.max_batch_events;
+        let values = match kind {
+            BodyKind::Json => split_json(body, max)?,
+            BodyKind::Ndjson => split_ndjson(body, max)?,
+        };
+        let rules = Rules {
+            now_ms: now,
+            max_lateness_ms: self.limits.max_lateness_ms,
+            max_batch_events: max,
+        };
+        let events = match validate_batch(&values, &self.catalog, &rules) {
+            Ok(e) => e,
+            Err(e) => {
+                if let ParseError::Invalid { .. } = &e {
+                    crate::telemetry::events("rejected", values.len());
+                }
+                return Err(e.into());
+            }
+        };
+        crate::telemetry::batch_size(events.len());
+        // Intern before dedupe: interning is the last step that can fail, and a
+        // customer id assigned for a refused batch costs nothing.
+        let mut ids = Vec::with_capacity(events.len());
+        for e in &events {
+            ids.push(self.counters.interner.intern(&e.customer).map_err(|_| IngestError::Full)?);
+        }
+        let mut usages = Vec::with_capacity(events.len());
+        let mut duplicates = 0;
+        for (event, customer) in events.iter().zip(ids) {
+            if !self.deduper.insert(hash_id(&event.id), now) {
+                duplicates += 1;
+                continue;
+            }
+            let Some(meter) = self.catalog.meter(event.meter) else { continue };
+            let anchor = if self.counters.is_tracked(meter.id, WindowKind::BillingCycle) {
+                self.entitlements.get(Some(customer)).billing_anchor
+            } else {
+                Default::default()
+            };
+            usages.push(Usage {
+                customer,
+                meter,
+                raw: event.raw,
+                ts: event.ts,
+                properties: event.owned_properties(),
+                props_hash: event.props_hash(),
+                anchor,
+            });
+        }
+        self.counters.apply(&usages);
+        crate::telemetry::events("accepted", usages.len());
+        crate::telemetry::events("duplicate", duplicates);
+        Ok(IngestOutcome {
+            accepted: usages.len(),
+            duplicates,
+        })
+    }
+}

@@ -1,0 +1,98 @@
+//! Entitlement changes that need counters seeded.
+//!
+//! Window kinds used by the config's plans are tracked from start. An override may
+//! introduce a kind no plan uses (a per-day cap for one customer), and a new
+//! billing anchor moves that customer's `billing_cycle` window. Either way the
+//! customer's current window must be seeded with the usage it already holds:
+//! store rows, plus the in-memory epochs the store does not have yet. The seed is
+//! taken under the buckets' exclusive lock, so no event is folded while it is
+//! computed, and the epoch sequence numbers prove that nothing was stored between
+//! the store query and the lock (otherwise it retries).
+
+use crate::counters::{BucketKey, Counters, CustomerId};
+use crate::engine::{now_ms, Engine};
+use crate::entitlements::EntitlementsError;
+use crate::model::{Entitlements, EntitlementsDoc, Meter, WindowKind};
+use crate::store::{Fold, UsageQuery};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl Engine {
+    /// Stores a customer's entitlements and seeds any counters they newly need.
+    pub async fn set_entitlements(&self, name: &str, doc: EntitlementsDoc) -> Result<Arc<Entitlements>, EntitlementsError> {
+        let customer = self.counters.interner.intern(name)?;
+        let before = self.entitlements.get(Some(customer));
+        let after = self.entitlements.put(customer, name, doc).await?;
+        let mut seeds = Vec::new();
+        for meter in self.catalog.meters() {
+            let Some(limits) = after.limits(meter.id) else { continue };
+            for limit in limits.iter() {
+                let plan_kind = self
+                    .plan_kinds
+                    .get(usize::from(meter.id))
+                    .map(|b| b.load(Ordering::Acquire) & (1 << limit.window.index()) != 0)
+                    .unwrap_or(false);
+                let anchor_moved = limit.window == WindowKind::BillingCycle && before.billing_anchor != after.billing_anchor;
+                if !plan_kind || anchor_moved {
+                    seeds.push((meter.clone(), limit.window));
+                }
+            }
+        }
+        for (meter, kind) in seeds {
+            self.seed(customer, name, &meter, kind, &after).await?;
+        }
+        Ok(after)
+    }
+
+    /// Seeds the current `kind` window of `(customer, meter)` and tracks the kind.
+    async fn seed(
+        &self,
+        customer: CustomerId,
+        name: &str,
+        meter: &Meter,
+        kind: WindowKind,
+        ent: &Entitlements,
+    ) -> Result<(), EntitlementsError> {
+        let fold = Fold::from(meter.aggregation);
+        for _attempt in 0..10 {
+            let now = now_ms();
+            let window = kind.bounds(now, ent.billing_anchor);
+            let query = UsageQuery {
+                instance_id: self.instance_id.clone(),
+                meter: meter.name.clone(),
+                fold,
+                from_ms: window.start_ms,
+                to_ms: window.end_ms,
+                customer: Some(name.to_string()),
+            };
+            let stored = self.usage_store.aggregate(&query).await?;
+            let mut value = stored.data.first().map(|a| (a.value, a.last_ts)).unwrap_or((0, 0));
+            let current = self.counters.buckets.exclusive();
+            let flushing = self.counters.buckets.flushing();
+            let lowest = flushing.as_ref().map(|f| f.seq).unwrap_or(current.seq);
+            if lowest > stored.stored_seq + 1 {
+                // A flush landed between the query and the lock: ask again.
+                continue;
+            }
+            for epoch in flushing.iter().chain(std::iter::once(&*current)) {
+                if epoch.seq <= stored.stored_seq {
+                    continue;
+                }
+                for entry in epoch.buckets.iter() {
+                    let k: &BucketKey = entry.key();
+                    let minute_ms = k.minute * 60_000;
+                    if k.customer == customer && k.meter == meter.id && minute_ms >= window.start_ms && minute_ms < window.end_ms {
+                        value = fold.combine(value, crate::counters::buckets::bucket_value(entry.value()));
+                    }
+                }
+            }
+            let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
+            self.counters.windows.set(key, value.0, value.1);
+            self.counters.track(meter.id, kind);
+            return Ok(());
+        }
+        tracing::warn!(customer = %name, meter = %meter.name, window = %kind, "could not seed a new window counter: flushes kept landing");
+        self.counters.track(meter.id, kind);
+        Ok(())
+    }
+}

@@ -1,0 +1,345 @@
+//! Limit checks and consumes (`POST /v1/check`) and the usage summary.
+//!
+//! A plain check reads window counters and decides; it interns nothing, so
+//! checking unknown customers costs no memory. A consume decides and records in
+//! one step: with a single hard limit on a `sum`/`count` meter it adds with a
+//! compare-and-swap that refuses to pass the limit; with several limits (all must
+//! allow, atomically) or a gauge it holds the `(customer, meter)` stripe lock.
+//! Either way concurrent consumes can never together pass a hard limit, and the
+//! last unit is still granted.
+
+pub mod backfill;
+pub mod decide;
+pub mod summary;
+
+pub use decide::{decide, LimitState, Reason, Verdict};
+
+use crate::counters::{Counters, CustomerId, Usage};
+use crate::engine::{now_ms, ConsumeSlot, Engine};
+use crate::ingest::dedupe::hash_id;
+use crate::model::{window::rfc3339, Aggregation, Decimal, Entitlements, Limit, LimitAmount, Meter};
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::Arc;
+use tokio::sync::OnceCell;
+
+/// A check request that failed validation: the field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("customer table is full")]
+    Full,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> CheckError {
+    CheckError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A parsed check request.
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    pub customer: String,
+    pub meter: String,
+    pub quantity_text: Option<String>,
+    pub consume: bool,
+    pub id: Option<String>,
+}
+
+impl CheckRequest {
+    /// Reads the JSON body, naming the first bad field.
+    pub fn from_json(body: &[u8]) -> Result<CheckRequest, CheckError> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| invalid("body", format!("not valid JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(invalid("body", "must be a JSON object"));
+        };
+        for key in map.keys() {
+            if !matches!(key.as_str(), "customer" | "meter" | "quantity" | "consume" | "id") {
+                return Err(CheckError::Invalid {
+                    field: "body",
+                    reason: format!("unknown field {key:?}"),
+                });
+            }
+        }
+        let string = |field: &'static str| -> Result<Option<String>, CheckError> {
+            match map.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(invalid(field, "must be a string")),
+            }
+        };
+        let customer = string("customer")?.ok_or_else(|| invalid("customer", "is required"))?;
+        let meter = string("meter")?.ok_or_else(|| invalid("meter", "is required"))?;
+        let quantity_text = match map.get("quantity") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(_) => return Err(invalid("quantity", "must be a number")),
+        };
+        let consume = match map.get("consume") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(invalid("consume", "must be true or false")),
+        };
+        let id = string("id")?;
+        Ok(CheckRequest {
+            customer,
+            meter,
+            quantity_text,
+            consume,
+            id,
+        })
+    }
+}
+
+/// One limit in an answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LimitView {
+    pub window: &'static str,
+    pub limit: Option<Decimal>,
+    pub used: Decimal,
+    pub remaining: Option<Decimal>,
+    pub resets_at: Option<String>,
+    pub hard: bool,
+}
+
+/// The `200` body of `/v1/check`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckAnswer {
+    pub allowed: bool,
+    pub customer: String,
+    pub meter: String,
+    pub quantity: Decimal,
+    pub used: Decimal,
+    pub limit: Option<Decimal>,
+    pub remaining: Option<Decimal>,
+    pub window: Option<&'static str>,
+    pub resets_at: Option<String>,
+    pub hard: bool,
+    pub reason: Reason,
+    pub limits: Vec<LimitView>,
+}
+
+/// Renders one limit state.
+pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
+    let d = |raw| Decimal {
+        raw,
+        precision: meter.precision,
+    };
+    LimitView {
+        window: state.limit.window.as_str(),
+        limit: match state.limit.amount {
+            LimitAmount::Finite(l) => Some(d(l)),
+            LimitAmount::Unlimited => None,
+        },
+        used: d(state.used),
+        remaining: state.remaining().map(d),
+        resets_at: state.window.resets_at().map(rfc3339),
+        hard: state.limit.hard,
+    }
+}
+
+fn answer(customer: &str, meter: &Meter, quantity: i64, states: &[LimitState], verdict: Verdict) -> CheckAnswer {
+    let d = |raw| Decimal {
+        raw,
+        precision: meter.precision,
+    };
+    let limits: Vec<LimitView> = states.iter().map(|s| view(s, meter)).collect();
+    match limits.get(verdict.primary) {
+        Some(p) => CheckAnswer {
+            allowed: verdict.allowed,
+            customer: customer.to_string(),
+            meter: meter.name.clone(),
+            quantity: d(quantity),
+            used: p.used,
+            limit: p.limit,
+            remaining: p.remaining,
+            window: Some(p.window),
+            resets_at: p.resets_at.clone(),
+            hard: p.hard,
+            reason: verdict.reason,
+            limits: limits.clone(),
+        },
+        // Not entitled: nothing may be used.
+        None => CheckAnswer {
+            allowed: false,
+            customer: customer.to_string(),
+            meter: meter.name.clone(),
+            quantity: d(quantity),
+            used: d(0),
+            limit: Some(d(0)),
+            remaining: Some(d(0)),
+            window: None,
+            resets_at: None,
+            hard: true,
+            reason: Reason::NotEntitled,
+            limits,
+        },
+    }
+}
+
+impl Engine {
+    /// The state of each limit now, for a customer that may not exist yet.
+    pub fn limit_states(
+        &self,
+        customer: Option<CustomerId>,
+        meter: &Meter,
+        ent: &Entitlements,
+        limits: &[Limit],
+        now: i64,
+    ) -> Vec<LimitState> {
+        limits
+            .iter()
+            .map(|&limit| {
+                let window = limit.window.bounds(now, ent.billing_anchor);
+                let used = customer
+                    .map(|c| {
+                        let key = crate::counters::CounterKey {
+                            customer: c,
+                            meter: meter.id,
+                            kind: limit.window,
+                            start_ms: window.start_ms,
+                        };
+                        self.counters.windows.read(&key)
+                    })
+                    .unwrap_or(0);
+                LimitState { limit, window, used }
+            })
+            .collect()
+    }
+
+    /// Answers `/v1/check`.
+    pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
+        let meter = self
+            .catalog
+            .meter_by_name(&req.meter)
+            .ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
+        if req.customer.is_empty() || req.customer.len() > 256 || req.customer.chars().any(char::is_control) {
+            return Err(invalid("customer", "must be 1-256 bytes without control characters"));
+        }
+        let quantity = match &req.quantity_text {
+            None => meter.scale(),
+            Some(text) => crate::model::quantity::parse_decimal(text, meter.precision).map_err(|e| invalid("quantity", e.to_string()))?,
+        };
+        if !req.consume {
+            let customer = self.counters.interner.lookup(&req.customer);
+            let ent = self.entitlements.get(customer);
+            let states = match ent.limits(meter.id) {
+                Some(limits) => self.limit_states(customer, meter, &ent, limits, now_ms()),
+                None => Vec::new(),
+            };
+            let verdict = decide(&states, quantity);
+            crate::telemetry::decision(verdict.reason, false);
+            return Ok(Arc::new(answer(&req.customer, meter, quantity, &states, verdict)));
+        }
+        let id = match &req.id {
+            Some(id) if !id.is_empty() && id.len() <= 128 => id.clone(),
+            Some(_) => return Err(invalid("id", "must be 1-128 bytes")),
+            None => return Err(invalid("id", "is required when consume is true")),
+        };
+        let id_hash = hash_id(&id);
+        let now = now_ms();
+        let cell = {
+            let slot = self.consumes.entry(id_hash).or_insert_with(|| ConsumeSlot {
+                created_ms: now,
+                answer: Arc::new(OnceCell::new()),
+            });
+            slot.answer.clone()
+        };
+        // Exactly one caller per id decides; a retry (or a racing duplicate) gets
+        // the same answer and records nothing.
+        let answer = cell
+            .get_or_try_init(|| async { self.consume(&req.customer, meter, quantity, id_hash, now).map(Arc::new) })
+            .await?;
+        Ok(answer.clone())
+    }
+
+    fn consume(&self, name: &str, meter: &Meter, quantity: i64, id_hash: u128, now: i64) -> Result<CheckAnswer, CheckError> {
+        let customer = self.counters.interner.intern(name).map_err(|_| CheckError::Full)?;
+        let ent = self.entitlements.get(Some(customer));
+        let Some(limits) = ent.limits(meter.id).cloned() else {
+            crate::telemetry::decision(Reason::NotEntitled, true);
+            return Ok(answer(name, meter, quantity, &[], decide(&[], quantity)));
+        };
+        let cas_limit = match (&limits[..], meter.aggregation) {
+            ([only], Aggregation::Sum | Aggregation::Count) if only.hard => match only.amount {
+                LimitAmount::Finite(l) => Some((*only, l)),
+                LimitAmount::Unlimited => None,
+            },
+            _ => None,
+        };
+        let usage = |raw| Usage {
+            customer,
+            meter,
+            raw,
+            ts: now,
+            properties: None,
+            props_hash: 0,
+            anchor: ent.billing_anchor,
+        };
+        let (states, verdict) = if let Some((limit, max)) = cas_limit {
+            let epoch = self.counters.buckets.write_guard();
+            let window = limit.window.bounds(now, ent.billing_anchor);
+            let key = Counters::key(customer, meter.id, limit.window, now, ent.billing_anchor);
+            match self.counters.windows.add_within(key, quantity, max) {
+                Ok(after) => {
+                    if self.deduper.insert(id_hash, now) {
+                        self.counters.fold(&epoch, &usage(quantity), Some(limit.window));
+                    } else {
+                        // The id was already ingested as an event: count it once.
+                        self.counters
+                            .windows
+                            .with_cell(key, |c| c.value.fetch_sub(quantity, std::sync::atomic::Ordering::AcqRel));
+                    }
+                    let states = vec![LimitState {
+                        limit,
+                        window,
+                        used: after,
+                    }];
+                    let verdict = Verdict {
+                        allowed: true,
+                        reason: Reason::WithinLimit,
+                        primary: 0,
+                    };
+                    (states, verdict)
+                }
+                Err(current) => {
+                    let states = vec![LimitState {
+                        limit,
+                        window,
+                        used: current,
+                    }];
+                    (states.clone(), decide(&states, quantity))
+                }
+            }
+        } else {
+            let _stripe = self.counters.stripe(customer, meter.id);
+            let epoch = self.counters.buckets.write_guard();
+            let mut states = self.limit_states(Some(customer), meter, &ent, &limits, now);
+            let verdict = decide(&states, quantity);
+            if verdict.allowed && self.deduper.insert(id_hash, now) {
+                // Gauges record the new level; totals record the amount.
+                let raw = if meter.aggregation.is_gauge() {
+                    states.iter().map(|s| s.used).max().unwrap_or(0).saturating_add(quantity)
+                } else {
+                    quantity
+                };
+                self.counters.fold(&epoch, &usage(raw), None);
+                for s in &mut states {
+                    s.used = s.used.saturating_add(quantity);
+                }
+            }
+            (states, verdict)
+        };
+        crate::telemetry::decision(verdict.reason, true);
+        Ok(answer(name, meter, quantity, &states, verdict))
+    }
+
+    /// Forgets consume answers older than the dedupe window.
+    pub fn sweep_consumes(&self, now: i64) {
+        let cutoff = now - self.limits.dedupe_window_ms;
+        self.consumes.retain(|_, slot| slot.created_ms >= cutoff);
+    }
+}

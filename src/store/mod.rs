@@ -1,0 +1,146 @@
+//! Storage traits: where entitlements and flushed usage live. The embedded SQLite
+//! implementation serves single-instance deployments; Redis (entitlements) and
+//! ClickHouse (usage) implementations slot in behind the same traits.
+//!
+//! Usage is stored as minute rows written in *flushes*. Each flush carries the
+//! writing instance's id and a sequence number, and is written atomically and at
+//! most once: writing a flush whose `(instance_id, seq)` is already stored is a
+//! no-op. Queries report the highest sequence stored for the asking instance, so
+//! callers can merge in-memory epochs that the store does not hold yet without
+//! counting anything twice.
+
+pub mod sqlite;
+#[cfg(test)]
+pub mod suite;
+
+use crate::model::{Aggregation, EntitlementsDoc};
+use async_trait::async_trait;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("stored data is malformed: {0}")]
+    Corrupt(String),
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// One flushed aggregate: a (meter, customer, minute, properties) bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub meter: String,
+    pub customer: String,
+    /// Start of the minute, Unix milliseconds.
+    pub minute_ms: i64,
+    /// Sorted by key; empty when the events had none.
+    pub properties: Vec<(String, String)>,
+    /// Raw units at the meter's precision.
+    pub value: i64,
+    /// Timestamp of the newest event folded in (what `latest` compares).
+    pub last_ts: i64,
+}
+
+/// One flush: written all together or not at all.
+#[derive(Debug, Clone)]
+pub struct FlushBatch {
+    pub instance_id: String,
+    pub seq: u64,
+    pub rows: Vec<UsageRow>,
+}
+
+/// How rows combine: `count` meters store counts, so they fold like `sum`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    Sum,
+    Max,
+    Latest,
+}
+
+impl From<Aggregation> for Fold {
+    fn from(a: Aggregation) -> Fold {
+        match a {
+            Aggregation::Sum | Aggregation::Count => Fold::Sum,
+            Aggregation::Max => Fold::Max,
+            Aggregation::Latest => Fold::Latest,
+        }
+    }
+}
+
+impl Fold {
+    /// Combines `(value, last_ts)` pairs the way the store does.
+    pub fn combine(self, a: (i64, i64), b: (i64, i64)) -> (i64, i64) {
+        match self {
+            Fold::Sum => (a.0.saturating_add(b.0), a.1.max(b.1)),
+            Fold::Max => (a.0.max(b.0), a.1.max(b.1)),
+            Fold::Latest => {
+                if b.1 >= a.1 {
+                    b
+                } else {
+                    a
+                }
+            }
+        }
+    }
+}
+
+/// A query answer with the highest flush sequence of the asking instance that
+/// the answer includes (0 when none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored<T> {
+    pub data: T,
+    pub stored_seq: u64,
+}
+
+/// One customer's folded value over a range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aggregate {
+    pub customer: String,
+    pub value: i64,
+    pub last_ts: i64,
+}
+
+/// One point of a usage series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesPoint {
+    pub customer: String,
+    /// Start of the granularity bucket, Unix milliseconds.
+    pub start_ms: i64,
+    pub value: i64,
+    pub last_ts: i64,
+}
+
+/// A usage query: one meter over `[from_ms, to_ms)`, optionally one customer.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    pub instance_id: String,
+    pub meter: String,
+    pub fold: Fold,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub customer: Option<String>,
+}
+
+/// Where flushed usage lives.
+#[async_trait]
+pub trait UsageStore: Send + Sync + 'static {
+    /// Writes a flush atomically; a flush already stored is not written again.
+    async fn write_flush(&self, batch: &FlushBatch) -> Result<(), StoreError>;
+    /// The highest flush sequence stored for `instance_id` (0 when none).
+    async fn max_flush_seq(&self, instance_id: &str) -> Result<u64, StoreError>;
+    /// Per customer, the rows of the query folded together.
+    async fn aggregate(&self, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError>;
+    /// Per customer and `granularity_ms` bucket (aligned to the Unix epoch), the
+    /// rows folded together, ordered by customer then start; at most `limit` points.
+    async fn series(&self, query: &UsageQuery, granularity_ms: i64, limit: usize) -> Result<Stored<Vec<SeriesPoint>>, StoreError>;
+}
+
+/// Where per-customer entitlements live.
+#[async_trait]
+pub trait EntitlementStore: Send + Sync + 'static {
+    async fn get(&self, customer: &str) -> Result<Option<EntitlementsDoc>, StoreError>;
+    async fn put(&self, customer: &str, doc: &EntitlementsDoc) -> Result<(), StoreError>;
+    /// Every stored customer (embedded mode loads them all at start).
+    async fn list(&self) -> Result<Vec<(String, EntitlementsDoc)>, StoreError>;
+}

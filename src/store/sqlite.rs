@@ -1,0 +1,622 @@
+//! Embedded SQLite store: usage and entitlements in one local file.
+//!
+//! This is the store for single-instance deployments, which should not need a
+//! database server: one file next to the daemon holds the flushed minute rows
+//! (`usage_minute`), a record of every flush written (`flushes`) and the
+//! per-customer entitlement documents (`entitlements`). It implements the same
+//! [`UsageStore`] and [`EntitlementStore`] traits as the networked backends, and
+//! the shared scenarios in `super::suite` run against it.
+//!
+//! # Exactly-once flushes
+//!
+//! Every flush carries `(instance_id, seq)`. [`UsageStore::write_flush`] runs one
+//! `BEGIN IMMEDIATE` transaction that first looks the pair up in `flushes`: when
+//! it is there the flush was already stored and the call does nothing; otherwise
+//! it inserts every row and then the `flushes` record, and commits. The check and
+//! the writes are in the same transaction, so a retried flush (say the first
+//! attempt committed but its reply was lost) is never counted twice, and a failed
+//! attempt leaves neither rows nor a record, so the retry writes it in full.
+//!
+//! Queries read the rows and `MAX(flush_seq)` of the asking instance in one read
+//! transaction, so the reported `stored_seq` describes exactly the rows in the
+//! answer: the caller adds its in-memory epochs above that sequence and counts
+//! nothing twice or not at all.
+//!
+//! # Concurrency
+//!
+//! One [`rusqlite::Connection`] sits behind a mutex and every call runs on
+//! tokio's blocking pool. Flushes come once a second, so one connection is ample;
+//! WAL keeps outside readers (backups, `sqlite3` in a shell) from blocking it, and
+//! `synchronous=FULL` makes a committed flush survive power loss.
+
+use super::{Aggregate, EntitlementStore, FlushBatch, Fold, SeriesPoint, StoreError, Stored, UsageQuery, UsageStore};
+use crate::model::EntitlementsDoc;
+use async_trait::async_trait;
+use rusqlite::types::ToSql;
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// How long a statement waits for a lock held by another connection to the file.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS usage_minute (
+    meter       TEXT    NOT NULL,
+    customer    TEXT    NOT NULL,
+    minute      INTEGER NOT NULL, -- unix ms of the minute start
+    properties  TEXT    NOT NULL, -- JSON array of [k, v] pairs, '' when none
+    value       INTEGER NOT NULL,
+    last_ts     INTEGER NOT NULL,
+    instance_id TEXT    NOT NULL,
+    flush_seq   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_minute_meter_minute
+    ON usage_minute (meter, minute);
+CREATE INDEX IF NOT EXISTS usage_minute_meter_customer_minute
+    ON usage_minute (meter, customer, minute);
+CREATE TABLE IF NOT EXISTS flushes (
+    instance_id TEXT    NOT NULL,
+    flush_seq   INTEGER NOT NULL,
+    rows        INTEGER NOT NULL,
+    written_at  INTEGER NOT NULL,
+    PRIMARY KEY (instance_id, flush_seq)
+);
+CREATE TABLE IF NOT EXISTS entitlements (
+    customer   TEXT PRIMARY KEY,
+    doc        TEXT    NOT NULL, -- JSON of EntitlementsDoc
+    updated_at INTEGER NOT NULL
+);
+";
+
+/// Usage and entitlements in one SQLite file. Cloning shares the connection.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Maps a rusqlite error to [`StoreError::Io`], naming the operation.
+fn io(op: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| StoreError::Io(format!("sqlite {op}: {e}"))
+}
+
+fn seq_to_sql(seq: u64, op: &'static str) -> Result<i64, StoreError> {
+    i64::try_from(seq).map_err(|_| StoreError::Io(format!("sqlite {op}: flush seq {seq} exceeds the storable range")))
+}
+
+fn seq_from_sql(seq: i64, op: &'static str) -> Result<u64, StoreError> {
+    u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("sqlite {op}: negative flush seq {seq} stored")))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The highest stored seq of `instance_id`, 0 when none.
+fn stored_seq(conn: &Connection, instance_id: &str, op: &'static str) -> Result<u64, StoreError> {
+    let seq: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(flush_seq), 0) FROM flushes WHERE instance_id = ?1")
+        .and_then(|mut stmt| stmt.query_row([instance_id], |r| r.get(0)))
+        .map_err(io(op))?;
+    seq_from_sql(seq, op)
+}
+
+/// The select list folding `value` and `last_ts` of a group. For `Latest`, SQLite
+/// takes the bare `value` from the row that holds `MAX(last_ts)` (documented
+/// bare-column behaviour of a lone `max()` aggregate).
+fn fold_columns(fold: Fold) -> &'static str {
+    match fold {
+        Fold::Sum => "SUM(value), MAX(last_ts)",
+        Fold::Max => "MAX(value), MAX(last_ts)",
+        Fold::Latest => "value, MAX(last_ts)",
+    }
+}
+
+/// Opens a read transaction: everything read through it is one snapshot.
+fn read_tx<'c>(conn: &'c mut Connection, op: &'static str) -> Result<Transaction<'c>, StoreError> {
+    conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(io(op))
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the store file at `path` and its schema.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let ctx = |e: rusqlite::Error| StoreError::Io(format!("sqlite open {}: {e}", path.display()));
+        let conn = Connection::open(path).map_err(ctx)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(ctx)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(ctx)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Io(format!(
+                "sqlite open {}: could not enable WAL (journal_mode is {mode:?})",
+                path.display()
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL").map_err(ctx)?;
+        conn.execute_batch(SCHEMA).map_err(ctx)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The file this store was opened on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Task(format!("sqlite {op}: {e}")))?
+    }
+}
+
+fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(), StoreError> {
+    const OP: &str = "write_flush";
+    let seq = seq_to_sql(batch.seq, OP)?;
+    let rows =
+        i64::try_from(batch.rows.len()).map_err(|_| StoreError::Io(format!("sqlite {OP}: {} rows in one flush", batch.rows.len())))?;
+    // Serialize before taking the write lock.
+    let mut props = Vec::with_capacity(batch.rows.len());
+    for row in &batch.rows {
+        props.push(if row.properties.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&row.properties).map_err(|e| StoreError::Io(format!("sqlite {OP}: encoding properties: {e}")))?
+        });
+    }
+
+    // IMMEDIATE: take the write lock before the check, so nothing can store the
+    // same flush between the check and the insert.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(io(OP))?;
+    let stored = tx
+        .prepare_cached("SELECT 1 FROM flushes WHERE instance_id = ?1 AND flush_seq = ?2")
+        .and_then(|mut stmt| stmt.query_row((&batch.instance_id, seq), |_| Ok(())).optional())
+        .map_err(io(OP))?;
+    if stored.is_some() {
+        // Already stored: dropping `tx` rolls back the (empty) transaction.
+        return Ok(());
+    }
+    {
+        let mut insert = tx
+            .prepare_cached(
+                "INSERT INTO usage_minute \
+                 (meter, customer, minute, properties, value, last_ts, instance_id, flush_seq) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(io(OP))?;
+        for (row, props) in batch.rows.iter().zip(&props) {
+            insert
+                .execute((
+                    &row.meter,
+                    &row.customer,
+                    row.minute_ms,
+                    props,
+                    row.value,
+                    row.last_ts,
+                    &batch.instance_id,
+                    seq,
+                ))
+                .map_err(io(OP))?;
+        }
+    }
+    tx.prepare_cached("INSERT INTO flushes (instance_id, flush_seq, rows, written_at) VALUES (?1, ?2, ?3, ?4)")
+        .and_then(|mut stmt| stmt.execute((&batch.instance_id, seq, rows, now_ms())))
+        .map_err(io(OP))?;
+    tx.commit().map_err(io(OP))
+}
+
+fn aggregate_blocking(conn: &mut Connection, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError> {
+    const OP: &str = "aggregate";
+    let customer_clause = if query.customer.is_some() { " AND customer = ?4" } else { "" };
+    let sql = format!(
+        "SELECT customer, {} FROM usage_minute \
+         WHERE meter = ?1 AND minute >= ?2 AND minute < ?3{customer_clause} \
+         GROUP BY customer ORDER BY customer",
+        fold_columns(query.fold)
+    );
+    let params: [&dyn ToSql; 4] = [&query.meter, &query.from_ms, &query.to_ms, &query.customer];
+    let n = if query.customer.is_some() { 4 } else { 3 };
+
+    let tx = read_tx(conn, OP)?;
+    let data = {
+        let mut stmt = tx.prepare_cached(&sql).map_err(io(OP))?;
+        let rows = stmt
+            .query_map(&params[..n], |r| {
+                Ok(Aggregate {
+                    customer: r.get(0)?,
+                    value: r.get(1)?,
+                    last_ts: r.get(2)?,
+                })
+            })
+            .map_err(io(OP))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(io(OP))?
+    };
+    let stored_seq = stored_seq(&tx, &query.instance_id, OP)?;
+    tx.commit().map_err(io(OP))?;
+    Ok(Stored { data, stored_seq })
+}
+
+fn series_blocking(
+    conn: &mut Connection,
+    query: &UsageQuery,
+    granularity_ms: i64,
+    limit: usize,
+) -> Result<Stored<Vec<SeriesPoint>>, StoreError> {
+    const OP: &str = "series";
+    if granularity_ms <= 0 {
+        return Err(StoreError::Io(format!(
+            "sqlite {OP}: granularity must be positive, got {granularity_ms} ms"
+        )));
+    }
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let customer_clause = if query.customer.is_some() { " AND customer = ?6" } else { "" };
+    // minute >= 0, so integer division floors and buckets align to the epoch.
+    let sql = format!(
+        "SELECT customer, (minute / ?4) * ?4 AS start, {} FROM usage_minute \
+         WHERE meter = ?1 AND minute >= ?2 AND minute < ?3{customer_clause} \
+         GROUP BY customer, start ORDER BY customer, start LIMIT ?5",
+        fold_columns(query.fold)
+    );
+    let params: [&dyn ToSql; 6] = [&query.meter, &query.from_ms, &query.to_ms, &granularity_ms, &limit, &query.customer];
+    let n = if query.customer.is_some() { 6 } else { 5 };
+
+    let tx = read_tx(conn, OP)?;
+    let data = {
+        let mut stmt = tx.prepare_cached(&sql).map_err(io(OP))?;
+        let rows = stmt
+            .query_map(&params[..n], |r| {
+                Ok(SeriesPoint {
+                    customer: r.get(0)?,
+                    start_ms: r.get(1)?,
+                    value: r.get(2)?,
+                    last_ts: r.get(3)?,
+                })
+            })
+            .map_err(io(OP))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(io(OP))?
+    };
+    let stored_seq = stored_seq(&tx, &query.instance_id, OP)?;
+    tx.commit().map_err(io(OP))?;
+    Ok(Stored { data, stored_seq })
+}
+
+fn parse_doc(customer: &str, doc: &str) -> Result<EntitlementsDoc, StoreError> {
+    serde_json::from_str(doc)
+        .map_err(|e| StoreError::Corrupt(format!("entitlements of customer {customer:?} are not a valid document: {e}")))
+}
+
+#[async_trait]
+impl UsageStore for SqliteStore {
+    async fn write_flush(&self, batch: &FlushBatch) -> Result<(), StoreError> {
+        let batch = batch.clone();
+        self.run("write_flush", move |conn| write_flush_blocking(conn, &batch)).await
+    }
+
+    async fn max_flush_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
+        let instance_id = instance_id.to_owned();
+        self.run("max_flush_seq", move |conn| stored_seq(conn, &instance_id, "max_flush_seq"))
+            .await
+    }
+
+    async fn aggregate(&self, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError> {
+        let query = query.clone();
+        self.run("aggregate", move |conn| aggregate_blocking(conn, &query)).await
+    }
+
+    async fn series(&self, query: &UsageQuery, granularity_ms: i64, limit: usize) -> Result<Stored<Vec<SeriesPoint>>, StoreError> {
+        let query = query.clone();
+        self.run("series", move |conn| series_blocking(conn, &query, granularity_ms, limit))
+            .await
+    }
+}
+
+#[async_trait]
+impl EntitlementStore for SqliteStore {
+    async fn get(&self, customer: &str) -> Result<Option<EntitlementsDoc>, StoreError> {
+        const OP: &str = "get entitlements";
+        let customer = customer.to_owned();
+        self.run(OP, move |conn| {
+            let doc: Option<String> = conn
+                .prepare_cached("SELECT doc FROM entitlements WHERE customer = ?1")
+                .and_then(|mut stmt| stmt.query_row([&customer], |r| r.get(0)).optional())
+                .map_err(io(OP))?;
+            doc.map(|d| parse_doc(&customer, &d)).transpose()
+        })
+        .await
+    }
+
+    async fn put(&self, customer: &str, doc: &EntitlementsDoc) -> Result<(), StoreError> {
+        const OP: &str = "put entitlements";
+        let customer = customer.to_owned();
+        let doc = serde_json::to_string(doc).map_err(|e| StoreError::Io(format!("sqlite {OP}: encoding document of {customer:?}: {e}")))?;
+        self.run(OP, move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO entitlements (customer, doc, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (customer) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
+            )
+            .and_then(|mut stmt| stmt.execute((&customer, &doc, now_ms())))
+            .map_err(io(OP))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<(String, EntitlementsDoc)>, StoreError> {
+        const OP: &str = "list entitlements";
+        self.run(OP, move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT customer, doc FROM entitlements ORDER BY customer")
+                .map_err(io(OP))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(io(OP))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (customer, doc) = row.map_err(io(OP))?;
+                let doc = parse_doc(&customer, &doc)?;
+                out.push((customer, doc));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::suite;
+    use super::super::{FlushBatch, UsageQuery, UsageRow};
+    use super::*;
+
+    fn open_temp() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("meterd.db")).expect("open store");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn sum_aggregate_over_range() {
+        let (_dir, store) = open_temp();
+        suite::sum_aggregate(&store, "t1").await;
+    }
+
+    #[tokio::test]
+    async fn duplicate_flush_is_stored_once() {
+        let (_dir, store) = open_temp();
+        suite::duplicate_flush(&store, "t2").await;
+    }
+
+    #[tokio::test]
+    async fn max_and_latest_folds() {
+        let (_dir, store) = open_temp();
+        suite::max_and_latest(&store, "t3").await;
+    }
+
+    #[tokio::test]
+    async fn series_buckets_and_limit() {
+        let (_dir, store) = open_temp();
+        suite::series_granularity(&store, "t4").await;
+    }
+
+    #[tokio::test]
+    async fn entitlements_roundtrip() {
+        let (_dir, store) = open_temp();
+        suite::entitlements(&store, "t5").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_flushes_are_exact() {
+        let (_dir, store) = open_temp();
+        suite::concurrent_flushes(Arc::new(store), "t7").await;
+    }
+
+    #[tokio::test]
+    async fn all_scenarios_share_one_store() {
+        // As against a shared ClickHouse: scenarios with distinct namespaces must
+        // not see each other's data.
+        let (_dir, store) = open_temp();
+        suite::sum_aggregate(&store, "s1").await;
+        suite::duplicate_flush(&store, "s2").await;
+        suite::max_and_latest(&store, "s3").await;
+        suite::series_granularity(&store, "s4").await;
+        suite::entitlements(&store, "s5").await;
+        suite::entitlements(&store, "s6").await;
+        suite::concurrent_flushes(Arc::new(store.clone()), "s7").await;
+    }
+
+    fn batch(instance_id: &str, seq: u64, rows: Vec<UsageRow>) -> FlushBatch {
+        FlushBatch {
+            instance_id: instance_id.to_owned(),
+            seq,
+            rows,
+        }
+    }
+
+    fn row(customer: &str, minute_ms: i64, value: i64) -> UsageRow {
+        UsageRow {
+            meter: "m".to_owned(),
+            customer: customer.to_owned(),
+            minute_ms,
+            properties: vec![("region".to_owned(), "eu".to_owned())],
+            value,
+            last_ts: minute_ms + 1,
+        }
+    }
+
+    fn sum_query(instance_id: &str) -> UsageQuery {
+        UsageQuery {
+            instance_id: instance_id.to_owned(),
+            meter: "m".to_owned(),
+            fold: Fold::Sum,
+            from_ms: 0,
+            to_ms: i64::MAX,
+            customer: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn persists_across_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("meterd.db");
+        let doc = EntitlementsDoc {
+            plan: Some("pro".to_owned()),
+            ..EntitlementsDoc::default()
+        };
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            store
+                .write_flush(&batch("i", 3, vec![row("a", 60_000, 5), row("b", 0, 7)]))
+                .await
+                .expect("flush");
+            store.put("a", &doc).await.expect("put");
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        let got = store.aggregate(&sum_query("i")).await.expect("aggregate");
+        assert_eq!(
+            got,
+            Stored {
+                data: vec![
+                    Aggregate {
+                        customer: "a".to_owned(),
+                        value: 5,
+                        last_ts: 60_001
+                    },
+                    Aggregate {
+                        customer: "b".to_owned(),
+                        value: 7,
+                        last_ts: 1
+                    },
+                ],
+                stored_seq: 3,
+            }
+        );
+        assert_eq!(store.max_flush_seq("i").await.expect("max seq"), 3);
+        // The exactly-once record survives the restart too.
+        store
+            .write_flush(&batch("i", 3, vec![row("a", 60_000, 100)]))
+            .await
+            .expect("rewrite");
+        let again = store.aggregate(&sum_query("i")).await.expect("aggregate");
+        assert_eq!(again.data[0].value, 5);
+        assert_eq!(store.get("a").await.expect("get"), Some(doc));
+        // Properties were stored as a JSON array of pairs.
+        let conn = store.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let props: String = conn
+            .query_row("SELECT properties FROM usage_minute WHERE customer = 'a'", [], |r| r.get(0))
+            .expect("properties");
+        assert_eq!(props, r#"[["region","eu"]]"#);
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("journal mode");
+        assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn failed_flush_leaves_nothing() {
+        let (_dir, store) = open_temp();
+        store
+            .conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .execute_batch(
+                "CREATE TRIGGER fail_on_poison BEFORE INSERT ON usage_minute WHEN NEW.value = -999 \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned row'); END;",
+            )
+            .expect("trigger");
+        let bad = batch("i", 1, vec![row("a", 0, 10), row("b", 0, 20), row("c", 0, -999)]);
+        match store.write_flush(&bad).await {
+            Err(StoreError::Io(msg)) => assert!(msg.contains("write_flush"), "{msg}"),
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+        let got = store.aggregate(&sum_query("i")).await.expect("aggregate");
+        assert_eq!(
+            got,
+            Stored {
+                data: vec![],
+                stored_seq: 0
+            }
+        );
+        assert_eq!(store.max_flush_seq("i").await.expect("max seq"), 0);
+        // The seq was not recorded, so a retry is written in full.
+        let good = batch("i", 1, vec![row("a", 0, 10), row("b", 0, 20)]);
+        store.write_flush(&good).await.expect("retry");
+        let got = store.aggregate(&sum_query("i")).await.expect("aggregate");
+        assert_eq!(got.data.iter().map(|a| a.value).collect::<Vec<_>>(), vec![10, 20]);
+        assert_eq!(got.stored_seq, 1);
+        let conn = store.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let rows: i64 = conn
+            .query_row("SELECT rows FROM flushes WHERE instance_id = 'i' AND flush_seq = 1", [], |r| {
+                r.get(0)
+            })
+            .expect("flush record");
+        assert_eq!(rows, 2);
+    }
+
+    #[tokio::test]
+    async fn malformed_entitlements_are_corrupt() {
+        let (_dir, store) = open_temp();
+        store
+            .conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .execute(
+                "INSERT INTO entitlements (customer, doc, updated_at) VALUES ('acme', '{\"plan\": 7}', 0)",
+                [],
+            )
+            .expect("insert");
+        match store.get("acme").await {
+            Err(StoreError::Corrupt(msg)) => assert!(msg.contains("acme"), "{msg}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        match store.list().await {
+            Err(StoreError::Corrupt(msg)) => assert!(msg.contains("acme"), "{msg}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_granularity_and_seq() {
+        let (_dir, store) = open_temp();
+        assert!(matches!(store.series(&sum_query("i"), 0, 10).await, Err(StoreError::Io(_))));
+        assert!(matches!(
+            store.write_flush(&batch("i", u64::MAX, vec![])).await,
+            Err(StoreError::Io(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn recovers_from_poisoned_mutex() {
+        let (_dir, store) = open_temp();
+        let conn = Arc::clone(&store.conn);
+        let poisoned = std::thread::spawn(move || {
+            let _guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            panic!("poison the store mutex");
+        })
+        .join();
+        assert!(poisoned.is_err());
+        assert!(store.conn.is_poisoned());
+        store
+            .write_flush(&batch("i", 1, vec![row("a", 0, 4)]))
+            .await
+            .expect("flush after poison");
+        assert_eq!(store.max_flush_seq("i").await.expect("max seq"), 1);
+    }
+}

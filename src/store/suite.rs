@@ -1,0 +1,538 @@
+//! Shared store test suite: scenarios every [`UsageStore`] / [`EntitlementStore`]
+//! implementation must pass, written against the traits so each backend's tests
+//! call the same functions.
+//!
+//! Every scenario takes a namespace `ns` and prefixes its instance ids, meters and
+//! customers with it, so scenarios can share one store (a ClickHouse database,
+//! say) without seeing each other's data. Scenarios panic on failure.
+
+use super::{Aggregate, EntitlementStore, FlushBatch, Fold, SeriesPoint, Stored, UsageQuery, UsageRow, UsageStore};
+use crate::model::EntitlementsDoc;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub const MINUTE: i64 = 60_000;
+pub const HOUR: i64 = 60 * MINUTE;
+pub const DAY: i64 = 24 * HOUR;
+/// A day-aligned base time (2023-12-09T00:00:00Z).
+pub const T0: i64 = 19_700 * DAY;
+
+pub fn row(meter: &str, customer: &str, minute_ms: i64, properties: &[(&str, &str)], value: i64, last_ts: i64) -> UsageRow {
+    UsageRow {
+        meter: meter.to_owned(),
+        customer: customer.to_owned(),
+        minute_ms,
+        properties: properties.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        value,
+        last_ts,
+    }
+}
+
+pub fn flush(instance_id: &str, seq: u64, rows: Vec<UsageRow>) -> FlushBatch {
+    FlushBatch {
+        instance_id: instance_id.to_owned(),
+        seq,
+        rows,
+    }
+}
+
+pub fn query(instance_id: &str, meter: &str, fold: Fold, from_ms: i64, to_ms: i64, customer: Option<&str>) -> UsageQuery {
+    UsageQuery {
+        instance_id: instance_id.to_owned(),
+        meter: meter.to_owned(),
+        fold,
+        from_ms,
+        to_ms,
+        customer: customer.map(str::to_owned),
+    }
+}
+
+fn agg(customer: &str, value: i64, last_ts: i64) -> Aggregate {
+    Aggregate {
+        customer: customer.to_owned(),
+        value,
+        last_ts,
+    }
+}
+
+fn point(customer: &str, start_ms: i64, value: i64, last_ts: i64) -> SeriesPoint {
+    SeriesPoint {
+        customer: customer.to_owned(),
+        start_ms,
+        value,
+        last_ts,
+    }
+}
+
+async fn aggregate(store: &dyn UsageStore, q: &UsageQuery) -> Stored<Vec<Aggregate>> {
+    match store.aggregate(q).await {
+        Ok(a) => a,
+        Err(e) => panic!("aggregate {q:?} failed: {e}"),
+    }
+}
+
+async fn series(store: &dyn UsageStore, q: &UsageQuery, granularity_ms: i64, limit: usize) -> Stored<Vec<SeriesPoint>> {
+    match store.series(q, granularity_ms, limit).await {
+        Ok(s) => s,
+        Err(e) => panic!("series {q:?} at {granularity_ms} ms, limit {limit} failed: {e}"),
+    }
+}
+
+async fn write(store: &dyn UsageStore, batch: &FlushBatch) {
+    if let Err(e) = store.write_flush(batch).await {
+        panic!("write_flush {}#{} failed: {e}", batch.instance_id, batch.seq);
+    }
+}
+
+async fn max_seq(store: &dyn UsageStore, instance_id: &str) -> u64 {
+    match store.max_flush_seq(instance_id).await {
+        Ok(s) => s,
+        Err(e) => panic!("max_flush_seq {instance_id} failed: {e}"),
+    }
+}
+
+/// 1. Sum over a range: exact per-customer sums across minutes and property rows,
+///    range bounds `[from, to)`, other meters excluded, customer filter, stored_seq.
+pub async fn sum_aggregate(store: &dyn UsageStore, ns: &str) {
+    let inst = format!("{ns}-inst");
+    let meter = format!("{ns}.api_calls");
+    let other_meter = format!("{ns}.storage");
+    let (c1, c2, c3) = (format!("{ns}-c1"), format!("{ns}-c2"), format!("{ns}-c3"));
+    let rows = vec![
+        row(&meter, &c1, T0, &[], 5, T0 + 10),
+        row(&meter, &c1, T0, &[("region", "eu")], 7, T0 + 20),
+        row(&meter, &c1, T0 + MINUTE, &[("region", "eu"), ("tier", "gold")], 11, T0 + MINUTE + 5),
+        row(&meter, &c2, T0, &[("region", "us")], 3, T0 + 30),
+        // At `to`: excluded from [T0, T0 + 2m).
+        row(&meter, &c2, T0 + 2 * MINUTE, &[], 100, T0 + 2 * MINUTE + 1),
+        // Before `from`.
+        row(&meter, &c1, T0 - MINUTE, &[], 1000, T0 - MINUTE + 1),
+        // Only outside the range: must not appear at all.
+        row(&meter, &c3, T0 + 5 * MINUTE, &[], 9, T0 + 5 * MINUTE + 1),
+        // Another meter.
+        row(&other_meter, &c1, T0, &[], 50_000, T0 + 40),
+    ];
+    write(store, &flush(&inst, 7, rows)).await;
+
+    let q = query(&inst, &meter, Fold::Sum, T0, T0 + 2 * MINUTE, None);
+    assert_eq!(
+        aggregate(store, &q).await,
+        Stored {
+            data: vec![agg(&c1, 23, T0 + MINUTE + 5), agg(&c2, 3, T0 + 30)],
+            stored_seq: 7
+        },
+        "sum over [T0, T0+2m)"
+    );
+
+    let wide = query(&inst, &meter, Fold::Sum, T0 - MINUTE, T0 + 3 * MINUTE, None);
+    assert_eq!(
+        aggregate(store, &wide).await.data,
+        vec![agg(&c1, 1023, T0 + MINUTE + 5), agg(&c2, 103, T0 + 2 * MINUTE + 1)],
+        "sum over [T0-1m, T0+3m)"
+    );
+
+    let only_c2 = query(&inst, &meter, Fold::Sum, T0, T0 + 2 * MINUTE, Some(&c2));
+    assert_eq!(
+        aggregate(store, &only_c2).await,
+        Stored {
+            data: vec![agg(&c2, 3, T0 + 30)],
+            stored_seq: 7
+        },
+        "customer filter"
+    );
+
+    let c3_in_range = query(&inst, &meter, Fold::Sum, T0, T0 + 2 * MINUTE, Some(&c3));
+    assert_eq!(
+        aggregate(store, &c3_in_range).await,
+        Stored {
+            data: vec![],
+            stored_seq: 7
+        },
+        "no rows in range"
+    );
+
+    let other = query(&inst, &other_meter, Fold::Sum, T0, T0 + 2 * MINUTE, None);
+    assert_eq!(aggregate(store, &other).await.data, vec![agg(&c1, 50_000, T0 + 40)], "other meter");
+
+    // An instance that wrote nothing sees the same rows with stored_seq 0.
+    let stranger = query(&format!("{ns}-stranger"), &meter, Fold::Sum, T0, T0 + 2 * MINUTE, None);
+    assert_eq!(
+        aggregate(store, &stranger).await,
+        Stored {
+            data: vec![agg(&c1, 23, T0 + MINUTE + 5), agg(&c2, 3, T0 + 30)],
+            stored_seq: 0
+        },
+        "stored_seq of an instance without flushes"
+    );
+}
+
+/// 2. A flush is stored at most once per `(instance_id, seq)`, even when rewritten
+///    with different rows; stored_seq and max_flush_seq are per instance.
+pub async fn duplicate_flush(store: &dyn UsageStore, ns: &str) {
+    let a = format!("{ns}-a");
+    let b = format!("{ns}-b");
+    let meter = format!("{ns}.api_calls");
+    let (c1, c2) = (format!("{ns}-c1"), format!("{ns}-c2"));
+    let q = query(&a, &meter, Fold::Sum, T0, T0 + HOUR, None);
+
+    assert_eq!(max_seq(store, &a).await, 0, "nothing written yet");
+    write(store, &flush(&a, 1, vec![row(&meter, &c1, T0, &[], 10, T0 + 1)])).await;
+    // Same seq, different rows: a no-op.
+    write(
+        store,
+        &flush(
+            &a,
+            1,
+            vec![row(&meter, &c1, T0, &[], 999, T0 + 2), row(&meter, &c2, T0, &[], 5, T0 + 3)],
+        ),
+    )
+    .await;
+    assert_eq!(
+        aggregate(store, &q).await,
+        Stored {
+            data: vec![agg(&c1, 10, T0 + 1)],
+            stored_seq: 1
+        },
+        "after duplicate"
+    );
+    assert_eq!(max_seq(store, &a).await, 1);
+
+    write(store, &flush(&a, 2, vec![row(&meter, &c1, T0 + MINUTE, &[], 1, T0 + MINUTE + 1)])).await;
+    write(store, &flush(&a, 1, vec![row(&meter, &c1, T0, &[], 10, T0 + 1)])).await;
+    write(store, &flush(&a, 2, vec![row(&meter, &c1, T0 + MINUTE, &[], 1, T0 + MINUTE + 1)])).await;
+    assert_eq!(
+        aggregate(store, &q).await,
+        Stored {
+            data: vec![agg(&c1, 11, T0 + MINUTE + 1)],
+            stored_seq: 2
+        },
+        "after seq 2 and retries"
+    );
+    assert_eq!(max_seq(store, &a).await, 2);
+
+    // Another instance: its rows count, its seq is its own.
+    write(store, &flush(&b, 50, vec![row(&meter, &c1, T0, &[], 100, T0 + 4)])).await;
+    assert_eq!(
+        aggregate(store, &q).await,
+        Stored {
+            data: vec![agg(&c1, 111, T0 + MINUTE + 1)],
+            stored_seq: 2
+        },
+        "instance a after instance b's flush"
+    );
+    let qb = query(&b, &meter, Fold::Sum, T0, T0 + HOUR, None);
+    assert_eq!(aggregate(store, &qb).await.stored_seq, 50, "instance b's stored_seq");
+    assert_eq!(max_seq(store, &a).await, 2);
+    assert_eq!(max_seq(store, &b).await, 50);
+
+    // Out of order: both stored, max is the highest.
+    write(store, &flush(&a, 4, vec![row(&meter, &c2, T0, &[], 6, T0 + 5)])).await;
+    write(store, &flush(&a, 3, vec![row(&meter, &c2, T0, &[], 8, T0 + 6)])).await;
+    assert_eq!(
+        aggregate(store, &q).await,
+        Stored {
+            data: vec![agg(&c1, 111, T0 + MINUTE + 1), agg(&c2, 14, T0 + 6)],
+            stored_seq: 4
+        },
+        "after out-of-order seqs"
+    );
+    assert_eq!(max_seq(store, &a).await, 4);
+    assert_eq!(max_seq(store, &format!("{ns}-nobody")).await, 0);
+}
+
+/// 3. Max and Latest folds. Latest takes the value of the row with the greatest
+///    `last_ts`, whatever the order rows were written in.
+pub async fn max_and_latest(store: &dyn UsageStore, ns: &str) {
+    let inst = format!("{ns}-inst");
+    let meter = format!("{ns}.seats");
+    let (c1, c2) = (format!("{ns}-c1"), format!("{ns}-c2"));
+    // c1's newest row is written first, in its own earlier flush.
+    write(
+        store,
+        &flush(&inst, 1, vec![row(&meter, &c1, T0 + 2 * MINUTE, &[], 25, T0 + 2 * MINUTE + 30_000)]),
+    )
+    .await;
+    write(
+        store,
+        &flush(
+            &inst,
+            2,
+            vec![
+                row(&meter, &c1, T0, &[], 40, T0 + 50_000),
+                row(&meter, &c1, T0 + MINUTE, &[], 10, T0 + MINUTE + 10_000),
+                // Same minute, two property rows: the first written is the newest.
+                row(&meter, &c2, T0, &[("k", "a")], 3, T0 + 50_000),
+                row(&meter, &c2, T0, &[("k", "b")], 8, T0 + 10_000),
+            ],
+        ),
+    )
+    .await;
+
+    let all = |fold| query(&inst, &meter, fold, T0, T0 + HOUR, None);
+    assert_eq!(
+        aggregate(store, &all(Fold::Max)).await,
+        Stored {
+            data: vec![agg(&c1, 40, T0 + 2 * MINUTE + 30_000), agg(&c2, 8, T0 + 50_000)],
+            stored_seq: 2
+        },
+        "max"
+    );
+    assert_eq!(
+        aggregate(store, &all(Fold::Latest)).await,
+        Stored {
+            data: vec![agg(&c1, 25, T0 + 2 * MINUTE + 30_000), agg(&c2, 3, T0 + 50_000)],
+            stored_seq: 2
+        },
+        "latest"
+    );
+    assert_eq!(
+        aggregate(store, &all(Fold::Sum)).await.data,
+        vec![agg(&c1, 75, T0 + 2 * MINUTE + 30_000), agg(&c2, 11, T0 + 50_000)],
+        "sum of the same rows"
+    );
+    // The range cuts off c1's newest row: latest is then the minute-1 row.
+    let early = query(&inst, &meter, Fold::Latest, T0, T0 + 2 * MINUTE, Some(&c1));
+    assert_eq!(
+        aggregate(store, &early).await.data,
+        vec![agg(&c1, 10, T0 + MINUTE + 10_000)],
+        "latest in a cut range"
+    );
+    let early_max = query(&inst, &meter, Fold::Max, T0 + MINUTE, T0 + HOUR, Some(&c1));
+    assert_eq!(
+        aggregate(store, &early_max).await.data,
+        vec![agg(&c1, 25, T0 + 2 * MINUTE + 30_000)],
+        "max in a cut range"
+    );
+}
+
+/// 4. Series at minute, hour and day granularity: epoch-aligned bucket starts,
+///    folded values, order by customer then start, and `limit`.
+pub async fn series_granularity(store: &dyn UsageStore, ns: &str) {
+    let inst = format!("{ns}-inst");
+    let meter = format!("{ns}.api_calls");
+    let (c1, c2) = (format!("{ns}-c1"), format!("{ns}-c2"));
+    let m = |offset: i64| T0 + offset;
+    // Written out of order on purpose.
+    let rows = vec![
+        row(&meter, &c2, m(2 * HOUR + 30 * MINUTE), &[], 64, m(2 * HOUR + 30 * MINUTE) + 1000),
+        row(
+            &meter,
+            &c1,
+            m(DAY + 3 * HOUR + 7 * MINUTE),
+            &[],
+            16,
+            m(DAY + 3 * HOUR + 7 * MINUTE) + 1000,
+        ),
+        row(&meter, &c1, m(HOUR), &[], 8, m(HOUR) + 1000),
+        row(&meter, &c1, m(59 * MINUTE), &[], 4, m(59 * MINUTE) + 1000),
+        row(&meter, &c1, m(MINUTE), &[("x", "1")], 100, m(MINUTE) + 2000),
+        row(&meter, &c1, m(MINUTE), &[], 2, m(MINUTE) + 1000),
+        row(&meter, &c1, m(0), &[], 1, m(0) + 1000),
+        row(&meter, &c2, m(MINUTE), &[], 32, m(MINUTE) + 1000),
+        // Outside [T0, T0 + 2d).
+        row(&meter, &c1, m(2 * DAY), &[], 4096, m(2 * DAY) + 1000),
+    ];
+    write(store, &flush(&inst, 9, rows)).await;
+    let q = query(&inst, &meter, Fold::Sum, T0, T0 + 2 * DAY, None);
+
+    assert_eq!(
+        series(store, &q, MINUTE, 100).await,
+        Stored {
+            data: vec![
+                point(&c1, m(0), 1, m(0) + 1000),
+                point(&c1, m(MINUTE), 102, m(MINUTE) + 2000),
+                point(&c1, m(59 * MINUTE), 4, m(59 * MINUTE) + 1000),
+                point(&c1, m(HOUR), 8, m(HOUR) + 1000),
+                point(&c1, m(DAY + 3 * HOUR + 7 * MINUTE), 16, m(DAY + 3 * HOUR + 7 * MINUTE) + 1000),
+                point(&c2, m(MINUTE), 32, m(MINUTE) + 1000),
+                point(&c2, m(2 * HOUR + 30 * MINUTE), 64, m(2 * HOUR + 30 * MINUTE) + 1000),
+            ],
+            stored_seq: 9,
+        },
+        "minute series"
+    );
+
+    let hourly = vec![
+        point(&c1, m(0), 107, m(59 * MINUTE) + 1000),
+        point(&c1, m(HOUR), 8, m(HOUR) + 1000),
+        point(&c1, m(DAY + 3 * HOUR), 16, m(DAY + 3 * HOUR + 7 * MINUTE) + 1000),
+        point(&c2, m(0), 32, m(MINUTE) + 1000),
+        point(&c2, m(2 * HOUR), 64, m(2 * HOUR + 30 * MINUTE) + 1000),
+    ];
+    assert_eq!(
+        series(store, &q, HOUR, 100).await,
+        Stored {
+            data: hourly.clone(),
+            stored_seq: 9
+        },
+        "hour series"
+    );
+
+    assert_eq!(
+        series(store, &q, DAY, 100).await.data,
+        vec![
+            point(&c1, m(0), 115, m(HOUR) + 1000),
+            point(&c1, m(DAY), 16, m(DAY + 3 * HOUR + 7 * MINUTE) + 1000),
+            point(&c2, m(0), 96, m(2 * HOUR + 30 * MINUTE) + 1000),
+        ],
+        "day series"
+    );
+
+    // Limit truncates in order.
+    for limit in [0, 1, 3, 4, 5] {
+        let got = series(store, &q, HOUR, limit).await;
+        assert_eq!(got.data, hourly[..limit], "hour series, limit {limit}");
+        assert_eq!(got.stored_seq, 9);
+    }
+
+    // Buckets stay epoch-aligned when the range starts mid-bucket.
+    let mid = query(&inst, &meter, Fold::Sum, T0 + HOUR, T0 + 2 * DAY, None);
+    assert_eq!(
+        series(store, &mid, DAY, 100).await.data,
+        vec![
+            point(&c1, m(0), 8, m(HOUR) + 1000),
+            point(&c1, m(DAY), 16, m(DAY + 3 * HOUR + 7 * MINUTE) + 1000),
+            point(&c2, m(0), 64, m(2 * HOUR + 30 * MINUTE) + 1000),
+        ],
+        "day series from mid-day"
+    );
+
+    // Customer filter and other folds.
+    let only_c2 = query(&inst, &meter, Fold::Sum, T0, T0 + 2 * DAY, Some(&c2));
+    assert_eq!(series(store, &only_c2, HOUR, 100).await.data, hourly[3..], "hour series for c2");
+    let latest = query(&inst, &meter, Fold::Latest, T0, T0 + 2 * DAY, Some(&c1));
+    assert_eq!(
+        series(store, &latest, HOUR, 2).await.data,
+        vec![point(&c1, m(0), 4, m(59 * MINUTE) + 1000), point(&c1, m(HOUR), 8, m(HOUR) + 1000)],
+        "latest hour series"
+    );
+    let max = query(&inst, &meter, Fold::Max, T0, T0 + 2 * DAY, Some(&c1));
+    assert_eq!(
+        series(store, &max, DAY, 100).await.data,
+        vec![
+            point(&c1, m(0), 100, m(HOUR) + 1000),
+            point(&c1, m(DAY), 16, m(DAY + 3 * HOUR + 7 * MINUTE) + 1000),
+        ],
+        "max day series"
+    );
+}
+
+/// 5. Entitlements: missing → None, put/get round trip, put replaces, list sorted.
+pub async fn entitlements(store: &dyn EntitlementStore, ns: &str) {
+    let (a, b, c) = (format!("{ns}-a"), format!("{ns}-b"), format!("{ns}-c"));
+    let get = |customer: String| async move {
+        match store.get(&customer).await {
+            Ok(d) => d,
+            Err(e) => panic!("get {customer} failed: {e}"),
+        }
+    };
+    let put = |customer: String, doc: EntitlementsDoc| async move {
+        if let Err(e) = store.put(&customer, &doc).await {
+            panic!("put {customer} failed: {e}");
+        }
+    };
+
+    let first = EntitlementsDoc {
+        plan: Some("pro".to_owned()),
+        overrides: BTreeMap::from([(
+            "api_calls".to_owned(),
+            serde_json::json!({"limit": "1000", "window": "month", "hard": false}),
+        )]),
+        features: BTreeMap::from([("sso".to_owned(), true), ("beta".to_owned(), false)]),
+        stripe_customer_id: Some("cus_123".to_owned()),
+        billing_anchor: Some("2024-01-15".to_owned()),
+    };
+    let second = EntitlementsDoc {
+        plan: Some("enterprise".to_owned()),
+        features: BTreeMap::from([("sso".to_owned(), false)]),
+        ..EntitlementsDoc::default()
+    };
+    let third = EntitlementsDoc::default();
+
+    assert_eq!(get(b.clone()).await, None, "missing customer");
+    put(b.clone(), first.clone()).await;
+    assert_eq!(get(b.clone()).await, Some(first.clone()), "after put");
+    put(b.clone(), second.clone()).await;
+    assert_eq!(get(b.clone()).await, Some(second.clone()), "put replaces");
+    put(c.clone(), third.clone()).await;
+    put(a.clone(), first.clone()).await;
+
+    let all = match store.list().await {
+        Ok(l) => l,
+        Err(e) => panic!("list failed: {e}"),
+    };
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "list sorted by customer: {all:?}");
+    let prefix = format!("{ns}-");
+    let mine: Vec<_> = all.into_iter().filter(|(customer, _)| customer.starts_with(&prefix)).collect();
+    assert_eq!(mine, vec![(a, first), (b, second), (c, third)], "list");
+}
+
+/// 7. Concurrent writers: 8 tasks × 50 flushes with distinct seqs (each task also
+///    retries its first flush): totals exact, every seq stored once.
+pub async fn concurrent_flushes(store: Arc<dyn UsageStore>, ns: &str) {
+    const TASKS: u64 = 8;
+    const FLUSHES: u64 = 50;
+    let inst = format!("{ns}-inst");
+    let meter = format!("{ns}.api_calls");
+    let customer = |t: u64| format!("{ns}-c{}", t % 3);
+    let make = move |inst: &str, meter: &str, customer: &str, t: u64, i: u64| {
+        let seq = t * FLUSHES + i + 1;
+        let minute = T0 + i64::try_from(i % 5).unwrap_or(0) * MINUTE;
+        let value = i64::try_from(seq).unwrap_or(0);
+        flush(
+            inst,
+            seq,
+            vec![
+                row(meter, customer, minute, &[], value, minute + 1),
+                row(meter, customer, minute, &[("p", "x")], 1, minute + 2),
+            ],
+        )
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..TASKS {
+        let store = Arc::clone(&store);
+        let (inst, meter, customer) = (inst.clone(), meter.clone(), customer(t));
+        tasks.spawn(async move {
+            for i in 0..FLUSHES {
+                let batch = make(&inst, &meter, &customer, t, i);
+                store.write_flush(&batch).await.map_err(|e| format!("task {t} flush {i}: {e}"))?;
+            }
+            let retry = make(&inst, &meter, &customer, t, 0);
+            store.write_flush(&retry).await.map_err(|e| format!("task {t} retry: {e}"))
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            Err(e) => panic!("writer task failed: {e}"),
+        }
+    }
+
+    // Expected: each flush adds seq + 1 to its task's customer.
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for t in 0..TASKS {
+        for i in 0..FLUSHES {
+            let seq = i64::try_from(t * FLUSHES + i + 1).unwrap_or(0);
+            *expected.entry(customer(t)).or_default() += seq + 1;
+        }
+    }
+    let expected: Vec<Aggregate> = expected.into_iter().map(|(c, v)| agg(&c, v, T0 + 4 * MINUTE + 2)).collect();
+    let total: i64 = expected.iter().map(|a| a.value).sum();
+    assert_eq!(total, (1..=400).sum::<i64>() + 400, "reference totals");
+
+    let q = query(&inst, &meter, Fold::Sum, T0, T0 + HOUR, None);
+    assert_eq!(
+        aggregate(store.as_ref(), &q).await,
+        Stored {
+            data: expected,
+            stored_seq: TASKS * FLUSHES
+        },
+        "totals after concurrent flushes"
+    );
+    assert_eq!(max_seq(store.as_ref(), &inst).await, TASKS * FLUSHES);
+    let per_minute = series(store.as_ref(), &q, MINUTE, 1000).await;
+    assert_eq!(per_minute.data.len(), 3 * 5, "3 customers × 5 minutes");
+    assert_eq!(per_minute.data.iter().map(|p| p.value).sum::<i64>(), total, "series total");
+}

@@ -1,0 +1,128 @@
+//! Metric names, in one place, and the helpers that record them; the Prometheus
+//! exporter; tracing setup. No customer id is ever a label.
+
+use crate::limits::Reason;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const EVENTS_TOTAL: &str = "meterd_events_total";
+pub const BATCH_SIZE: &str = "meterd_ingest_batch_size";
+pub const DECISIONS_TOTAL: &str = "meterd_decisions_total";
+pub const HTTP_REQUESTS_TOTAL: &str = "meterd_http_requests_total";
+pub const HTTP_DURATION: &str = "meterd_http_request_duration_seconds";
+pub const FLUSH_DURATION: &str = "meterd_flush_duration_seconds";
+pub const FLUSH_ROWS_TOTAL: &str = "meterd_flush_rows_total";
+pub const FLUSH_ERRORS_TOTAL: &str = "meterd_flush_errors_total";
+pub const FLUSH_LAG: &str = "meterd_flush_lag_seconds";
+pub const ACTIVE_COUNTERS: &str = "meterd_active_counters";
+pub const CUSTOMERS: &str = "meterd_customers";
+pub const PENDING_BUCKETS: &str = "meterd_pending_buckets";
+pub const DEDUPE_IDS: &str = "meterd_dedupe_ids";
+pub const RATE_LIMITED_TOTAL: &str = "meterd_rate_limited_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder once per process and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new();
+            let builder = builder
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.into()),
+                        &[1.0, 10.0, 100.0, 1000.0, 10000.0],
+                    )
+                });
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(EVENTS_TOTAL, "Events received, by result (accepted, duplicate, rejected)");
+    metrics::describe_histogram!(BATCH_SIZE, "Events per accepted ingest request");
+    metrics::describe_counter!(DECISIONS_TOTAL, "Limit decisions, by reason and whether they consumed");
+    metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests, by route and status");
+    metrics::describe_histogram!(HTTP_DURATION, "HTTP request latency, by route");
+    metrics::describe_histogram!(FLUSH_DURATION, "Time to write one flush to the usage store");
+    metrics::describe_counter!(FLUSH_ROWS_TOTAL, "Minute rows written to the usage store");
+    metrics::describe_counter!(FLUSH_ERRORS_TOTAL, "Failed flush attempts (retried)");
+    metrics::describe_gauge!(FLUSH_LAG, "Age of the oldest usage not yet in the store");
+    metrics::describe_gauge!(ACTIVE_COUNTERS, "Window counters in memory");
+    metrics::describe_gauge!(CUSTOMERS, "Customers known to this instance");
+    metrics::describe_gauge!(PENDING_BUCKETS, "Minute buckets not yet in the store");
+    metrics::describe_gauge!(DEDUPE_IDS, "Event ids remembered for deduplication");
+    metrics::describe_counter!(RATE_LIMITED_TOTAL, "Requests refused by a key's rate limit");
+}
+
+pub fn events(result: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!(EVENTS_TOTAL, "result" => result).increment(n as u64);
+    }
+}
+
+pub fn batch_size(n: usize) {
+    metrics::histogram!(BATCH_SIZE).record(n as f64);
+}
+
+pub fn decision(reason: Reason, consume: bool) {
+    let reason = match reason {
+        Reason::WithinLimit => "within_limit",
+        Reason::LimitExceeded => "limit_exceeded",
+        Reason::SoftLimitExceeded => "soft_limit_exceeded",
+        Reason::Unlimited => "unlimited",
+        Reason::NotEntitled => "not_entitled",
+    };
+    metrics::counter!(DECISIONS_TOTAL, "reason" => reason, "consume" => if consume { "true" } else { "false" }).increment(1);
+}
+
+pub fn http_request(route: &'static str, status: u16, seconds: f64) {
+    metrics::counter!(HTTP_REQUESTS_TOTAL, "route" => route, "status" => status.to_string()).increment(1);
+    metrics::histogram!(HTTP_DURATION, "route" => route).record(seconds);
+}
+
+pub fn rate_limited() {
+    metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
+}
+
+pub fn flush_done(rows: usize, seconds: f64) {
+    metrics::counter!(FLUSH_ROWS_TOTAL).increment(rows as u64);
+    metrics::histogram!(FLUSH_DURATION).record(seconds);
+}
+
+pub fn flush_failed() {
+    metrics::counter!(FLUSH_ERRORS_TOTAL).increment(1);
+}
+
+pub fn gauges(active_counters: usize, customers: usize, pending_buckets: usize, dedupe_ids: usize, flush_lag_seconds: f64) {
+    metrics::gauge!(ACTIVE_COUNTERS).set(active_counters as f64);
+    metrics::gauge!(CUSTOMERS).set(customers as f64);
+    metrics::gauge!(PENDING_BUCKETS).set(pending_buckets as f64);
+    metrics::gauge!(DEDUPE_IDS).set(dedupe_ids as f64);
+    metrics::gauge!(FLUSH_LAG).set(flush_lag_seconds);
+}
+
+/// Sets up structured logs: `RUST_LOG` filters (default `info`),
+/// `METERD_LOG_FORMAT=json` switches to JSON lines.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var("METERD_LOG_FORMAT").map(|v| v == "json").unwrap_or(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
