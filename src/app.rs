@@ -144,8 +144,14 @@ impl AppHandle {
             .map_err(|_| AppError::Timeout)?
     }
 
-    async fn shutdown_inner(self) -> Result<(), AppError> {
+    /// The first step of shutdown alone: `/readyz` and new API requests answer
+    /// 503 while connections are still accepted (load balancers see it first).
+    pub fn begin_shutdown(&self) {
         self.state.shutting_down.store(true, Ordering::Release);
+    }
+
+    async fn shutdown_inner(self) -> Result<(), AppError> {
+        self.begin_shutdown();
         let _ = self.server_stop.send(true);
         self.server.await.map_err(|e| AppError::Task(e.to_string()))?;
         if let Some(m) = self.metrics_server {
