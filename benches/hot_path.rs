@@ -1,1 +1,119 @@
-fn main() {}
+//! Hot-path costs: parse + validate per event, parse + validate + count per event
+//! (the whole ingest path minus HTTP), a counter add, and a check decision on a
+//! warm key. Run with `cargo bench --bench hot_path`.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use meterd::config::Config;
+use meterd::counters::{Counters, Usage};
+use meterd::engine::{now_ms, Engine};
+use meterd::ingest::parse::{split_json, validate_batch, Rules};
+use meterd::ingest::BodyKind;
+use meterd::limits::decide::{decide, LimitState};
+use meterd::model::{BillingAnchor, Enforcement, Limit, LimitAmount, WindowKind};
+use meterd::store::sqlite::SqliteStore;
+use std::sync::Arc;
+
+const CONFIG: &str = include_str!("../config/examples/interview-platform.toml");
+
+fn batch(n: usize, seed: usize) -> String {
+    let events: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"id":"evt-{seed}-{i}","customer":"cust_{}","meter":"interview_minutes","quantity":12.5,"properties":{{"region":"eu"}}}}"#,
+                i % 5000
+            )
+        })
+        .collect();
+    format!("[{}]", events.join(","))
+}
+
+fn engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, Arc<Engine>) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let store = Arc::new(SqliteStore::open(&dir.join("bench.sqlite")).expect("store"));
+    let engine = rt
+        .block_on(Engine::start(&valid, "bench".into(), store.clone(), store))
+        .expect("engine");
+    (rt, Arc::new(engine))
+}
+
+fn parse_validate(c: &mut Criterion) {
+    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let body = batch(1000, 0);
+    let rules = Rules {
+        now_ms: now_ms(),
+        max_lateness_ms: 35 * 86_400_000,
+        max_batch_events: 10_000,
+    };
+    let mut g = c.benchmark_group("ingest");
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("parse_validate_1000", |b| {
+        b.iter(|| {
+            let values = split_json(body.as_bytes(), 10_000).expect("split");
+            validate_batch(&values, &valid.catalog, &rules).expect("valid").len()
+        })
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_rt, engine) = engine(dir.path());
+    // Fresh ids each iteration so nothing is a duplicate; bodies prepared outside
+    // the timed part.
+    let mut seed = 1;
+    g.bench_function("parse_validate_count_1000", |b| {
+        b.iter_batched(
+            || {
+                seed += 1;
+                batch(1000, seed)
+            },
+            |body| engine.ingest(body.as_bytes(), BodyKind::Json).expect("ingest"),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn counter_add(c: &mut Criterion) {
+    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let counters = Counters::new(&valid.catalog, 1);
+    let meter = valid.catalog.meter_by_name("interview_minutes").expect("meter").clone();
+    let now = now_ms();
+    let usage = Usage {
+        customer: 42,
+        meter: &meter,
+        raw: 1250,
+        ts: now,
+        properties: &[],
+        props_hash: 0,
+        anchor: BillingAnchor::default(),
+    };
+    c.bench_function("counter_add_warm", |b| b.iter(|| counters.apply(std::slice::from_ref(&usage))));
+}
+
+fn check_decision(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_rt, engine) = engine(dir.path());
+    engine.ingest(batch(10, 99).as_bytes(), BodyKind::Json).expect("warm");
+    let meter = engine.catalog.meter_by_name("interview_minutes").expect("meter").clone();
+    let interviews = engine.catalog.meter_by_name("interviews").expect("meter").clone();
+    let now = now_ms();
+    let mut g = c.benchmark_group("check");
+    g.bench_function("evaluate_warm_key", |b| b.iter(|| engine.evaluate("cust_3", &meter, 1000, now).1));
+    g.bench_function("evaluate_unknown_customer", |b| {
+        b.iter(|| engine.evaluate("nobody", &interviews, 1, now).1)
+    });
+    let limit = Limit {
+        window: WindowKind::Month,
+        amount: LimitAmount::Finite(30_000),
+        hard: true,
+        enforcement: Enforcement::Cached,
+    };
+    let states = [LimitState {
+        limit,
+        window: WindowKind::Month.bounds(now, BillingAnchor::default()),
+        used: 29_500,
+    }];
+    g.bench_function("decide_only", |b| b.iter(|| decide(std::hint::black_box(&states), 1000)));
+    g.finish();
+}
+
+criterion_group!(benches, parse_validate, counter_add, check_decision);
+criterion_main!(benches);

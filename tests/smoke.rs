@@ -9,7 +9,9 @@ use serde_json::json;
 async fn graceful_restart_keeps_totals() {
     let server = TestServer::start(INTERVIEW).await;
     let c = server.client();
-    let r = c.events(&json!({"id": uid("e"), "customer": "u_1", "meter": "interview_minutes", "quantity": 12.5})).await;
+    let r = c
+        .events(&json!({"id": uid("e"), "customer": "u_1", "meter": "interview_minutes", "quantity": 12.5}))
+        .await;
     assert_eq!(r.status, 202, "{}", r.text);
     assert_eq!(r.body, json!({"accepted": 1, "duplicates": 0}));
     let server = server.restart().await;

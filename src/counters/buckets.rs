@@ -16,6 +16,7 @@ use super::window::Cell;
 use crate::model::{Aggregation, MeterId};
 use crossbeam::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 use dashmap::DashMap;
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -55,10 +56,14 @@ impl Epoch {
     }
 
     /// Folds one event into its bucket.
-    pub fn fold(&self, key: BucketKey, properties: Option<&Properties>, aggregation: Aggregation, raw: i64, ts: i64) {
+    pub fn fold(&self, key: BucketKey, properties: &[(Cow<'_, str>, Cow<'_, str>)], aggregation: Aggregation, raw: i64, ts: i64) {
         let fold = |b: &Bucket| {
-            if let Some(p) = properties {
-                let _ = b.properties.set(p.clone());
+            if !properties.is_empty() && b.properties.get().is_none() {
+                let owned: Properties = properties
+                    .iter()
+                    .map(|(k, v)| (Box::from(k.as_ref()), Box::from(v.as_ref())))
+                    .collect();
+                let _ = b.properties.set(owned);
             }
             b.cell.fold(aggregation, raw, ts);
         };

@@ -28,7 +28,8 @@ pub struct Usage<'a> {
     pub raw: i64,
     /// Event time, Unix milliseconds.
     pub ts: i64,
-    pub properties: Option<Properties>,
+    /// Sorted by key; copied into a bucket only when the bucket is created.
+    pub properties: &'a [(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)],
     pub props_hash: u64,
     /// The customer's billing anchor, for `billing_cycle` windows.
     pub anchor: BillingAnchor,
@@ -120,7 +121,7 @@ impl Counters {
             minute: usage.ts.div_euclid(60_000),
             props_hash: usage.props_hash,
         };
-        epoch.fold(bucket, usage.properties.as_ref(), meter.aggregation, usage.raw, usage.ts);
+        epoch.fold(bucket, usage.properties, meter.aggregation, usage.raw, usage.ts);
         for kind in self.tracked_kinds(meter.id) {
             if Some(kind) == skip {
                 continue;
@@ -188,7 +189,7 @@ mod tests {
             meter,
             raw: 3,
             ts,
-            properties: None,
+            properties: &[],
             props_hash: 0,
             anchor: BillingAnchor::default(),
         };

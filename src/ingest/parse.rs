@@ -7,7 +7,6 @@
 //! fields yields three details, unknown fields are named, and strings without
 //! escapes are borrowed from the body rather than copied.
 
-use crate::counters::Properties;
 use crate::model::{quantity, window, Catalog, MeterId};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -75,19 +74,6 @@ impl Event<'_> {
             v.hash(&mut h);
         }
         h.finish() | 1
-    }
-
-    /// The properties as a shared, owned list for minute buckets.
-    pub fn owned_properties(&self) -> Option<Properties> {
-        if self.properties.is_empty() {
-            return None;
-        }
-        Some(
-            self.properties
-                .iter()
-                .map(|(k, v)| (Box::from(k.as_ref()), Box::from(v.as_ref())))
-                .collect(),
-        )
     }
 }
 

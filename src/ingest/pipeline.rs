@@ -79,7 +79,7 @@ impl Engine {
                 meter,
                 raw: event.raw,
                 ts: event.ts,
-                properties: event.owned_properties(),
+                properties: &event.properties,
                 props_hash: event.props_hash(),
                 anchor,
             });

@@ -210,6 +210,19 @@ impl Engine {
             .collect()
     }
 
+    /// A check without consume, from memory only: the state of each limit and the
+    /// verdict. Interns nothing, so unknown customers cost no memory.
+    pub fn evaluate(&self, customer: &str, meter: &Meter, quantity: i64, now: i64) -> (Vec<LimitState>, Verdict) {
+        let id = self.counters.interner.lookup(customer);
+        let ent = self.entitlements.get(id);
+        let states = match ent.limits(meter.id) {
+            Some(limits) => self.limit_states(id, meter, &ent, limits, now),
+            None => Vec::new(),
+        };
+        let verdict = decide(&states, quantity);
+        (states, verdict)
+    }
+
     /// Answers `/v1/check`.
     pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
         let meter = self
@@ -224,13 +237,7 @@ impl Engine {
             Some(text) => crate::model::quantity::parse_decimal(text, meter.precision).map_err(|e| invalid("quantity", e.to_string()))?,
         };
         if !req.consume {
-            let customer = self.counters.interner.lookup(&req.customer);
-            let ent = self.entitlements.get(customer);
-            let states = match ent.limits(meter.id) {
-                Some(limits) => self.limit_states(customer, meter, &ent, limits, now_ms()),
-                None => Vec::new(),
-            };
-            let verdict = decide(&states, quantity);
+            let (states, verdict) = self.evaluate(&req.customer, meter, quantity, now_ms());
             crate::telemetry::decision(verdict.reason, false);
             return Ok(Arc::new(answer(&req.customer, meter, quantity, &states, verdict)));
         }
@@ -275,7 +282,7 @@ impl Engine {
             meter,
             raw,
             ts: now,
-            properties: None,
+            properties: &[],
             props_hash: 0,
             anchor: ent.billing_anchor,
         };

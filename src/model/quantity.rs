@@ -92,47 +92,34 @@ pub fn parse_decimal(text: &str, precision: u8) -> Result<i64, QuantityError> {
     digits_to_raw(int_digits, frac_digits, exponent, precision)
 }
 
-/// Shifts the digit string `int.frac × 10^exponent` to `precision` places.
+/// Shifts the digit string `int.frac × 10^exponent` to `precision` places,
+/// without allocating: digits are read straight from the two slices.
 fn digits_to_raw(int: &[u8], frac: &[u8], exponent: i64, precision: u8) -> Result<i64, QuantityError> {
     // The value is digits × 10^(exponent - frac.len()); we want it × 10^precision.
     let shift = exponent - frac.len() as i64 + i64::from(precision);
-    let all = int.iter().chain(frac.iter());
-    let mut digits: Vec<u8> = Vec::with_capacity(int.len() + frac.len());
-    let mut leading = true;
-    for &d in all {
-        if leading && d == b'0' {
-            continue;
-        }
-        leading = false;
-        digits.push(d - b'0');
-    }
-    if digits.is_empty() {
+    let digits = || int.iter().chain(frac.iter()).map(|d| d - b'0').skip_while(|&d| d == 0);
+    let count = digits().count();
+    if count == 0 {
         return Ok(0);
     }
-    let mut kept: &[u8] = &digits;
+    let mut keep = count;
     if shift < 0 {
         // Drop |shift| trailing digits; they must all be zero.
         let drop = usize::try_from(-shift).unwrap_or(usize::MAX);
-        if drop >= kept.len() {
+        if drop >= count || digits().skip(count - drop).any(|d| d != 0) {
             return Err(QuantityError::TooPrecise { precision });
         }
-        let (head, tail) = kept.split_at(kept.len() - drop);
-        if tail.iter().any(|&d| d != 0) {
-            return Err(QuantityError::TooPrecise { precision });
-        }
-        kept = head;
+        keep = count - drop;
     }
     let mut value: i64 = 0;
-    for &d in kept {
+    for d in digits().take(keep) {
         value = value
             .checked_mul(10)
             .and_then(|v| v.checked_add(i64::from(d)))
             .ok_or(QuantityError::Overflow)?;
     }
-    if shift > 0 {
-        for _ in 0..shift {
-            value = value.checked_mul(10).ok_or(QuantityError::Overflow)?;
-        }
+    for _ in 0..shift.max(0) {
+        value = value.checked_mul(10).ok_or(QuantityError::Overflow)?;
     }
     Ok(value)
 }

@@ -48,7 +48,6 @@ impl WindowKind {
 
     /// The window containing `at_ms`. `anchor` matters only for `billing_cycle`.
     pub fn bounds(self, at_ms: i64, anchor: BillingAnchor) -> Window {
-        let at = utc(at_ms);
         let (start, end) = match self {
             WindowKind::Minute => {
                 let start = at_ms.div_euclid(60_000) * 60_000;
@@ -62,12 +61,9 @@ impl WindowKind {
                 let start = at_ms.div_euclid(86_400_000) * 86_400_000;
                 (start, start + 86_400_000)
             }
-            WindowKind::Month => {
-                let (y, m) = (at.year(), at.month());
-                let (ny, nm) = next_month(y, m);
-                (month_start_ms(y, m), month_start_ms(ny, nm))
-            }
-            WindowKind::BillingCycle => anchor.cycle_containing(at),
+            WindowKind::Month => month_bounds(at_ms),
+            WindowKind::BillingCycle if anchor == BillingAnchor::default() => month_bounds(at_ms),
+            WindowKind::BillingCycle => anchor.cycle_containing(utc(at_ms)),
             WindowKind::Total => (0, i64::MAX),
         };
         Window {
@@ -157,6 +153,26 @@ impl BillingAnchor {
             (self.start_in(py, pm), this)
         }
     }
+}
+
+thread_local! {
+    /// The last month computed on this thread: almost every event falls in the
+    /// current month, so calendar math runs about once a month per thread.
+    static LAST_MONTH: std::cell::Cell<(i64, i64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// `[start, end)` of the calendar month containing `at_ms`.
+fn month_bounds(at_ms: i64) -> (i64, i64) {
+    let cached = LAST_MONTH.with(|c| c.get());
+    if cached.0 <= at_ms && at_ms < cached.1 {
+        return cached;
+    }
+    let at = utc(at_ms);
+    let (y, m) = (at.year(), at.month());
+    let (ny, nm) = next_month(y, m);
+    let bounds = (month_start_ms(y, m), month_start_ms(ny, nm));
+    LAST_MONTH.with(|c| c.set(bounds));
+    bounds
 }
 
 fn utc(ms: i64) -> DateTime<Utc> {

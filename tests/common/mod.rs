@@ -48,9 +48,16 @@ impl TestServer {
 
     pub async fn start_in(toml: &str, dir: tempfile::TempDir) -> TestServer {
         let config = with_dirs(toml, dir.path());
-        let valid = Config::parse(&config, "test.toml").and_then(|c| c.validate("test.toml")).expect("valid test config");
+        let valid = Config::parse(&config, "test.toml")
+            .and_then(|c| c.validate("test.toml"))
+            .expect("valid test config");
         let app = AppHandle::start(valid).await.expect("meterd starts");
-        TestServer { addr: app.addr, app: Some(app), dir, config: toml.to_string() }
+        TestServer {
+            addr: app.addr,
+            app: Some(app),
+            dir,
+            config: toml.to_string(),
+        }
     }
 
     /// Graceful shutdown, then a fresh start on the same data dir.
@@ -73,7 +80,10 @@ impl TestServer {
     }
 
     pub fn client(&self) -> Client {
-        Client { addr: self.addr, token: None }
+        Client {
+            addr: self.addr,
+            token: None,
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -106,13 +116,18 @@ impl Resp {
 
 impl Client {
     pub fn with_token(&self, token: &str) -> Client {
-        Client { addr: self.addr, token: Some(token.to_string()) }
+        Client {
+            addr: self.addr,
+            token: Some(token.to_string()),
+        }
     }
 
     /// Sends a request with an optional content type and body.
     pub async fn send(&self, method: Method, path: &str, content_type: Option<&str>, body: impl Into<Bytes>) -> Resp {
         let stream = TcpStream::connect(self.addr).await.expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
         tokio::spawn(conn);
         let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
         if let Some(ct) = content_type {
@@ -128,7 +143,12 @@ impl Client {
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
         let text = String::from_utf8_lossy(&bytes).to_string();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Resp { status, headers, body, text }
+        Resp {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Resp {
