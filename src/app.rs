@@ -116,10 +116,18 @@ impl AppHandle {
                     .await
                     .map_err(|source| AppError::Bind { addr: maddr, source })?;
                 let bound = l.local_addr().map_err(|source| AppError::Bind { addr: maddr, source })?;
-                (Some(bound), Some(tokio::spawn(http::serve(l, state.clone(), server_rx.clone()))))
+                (
+                    Some(bound),
+                    Some(tokio::spawn(http::serve(
+                        l,
+                        state.clone(),
+                        http::Routes::OpsOnly,
+                        server_rx.clone(),
+                    ))),
+                )
             }
         };
-        let server = tokio::spawn(http::serve(listener, state.clone(), server_rx));
+        let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
         let flusher = tokio::spawn(crate::flush::run(engine.clone(), config.raw.storage.flush_interval.0, flusher_rx));
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {

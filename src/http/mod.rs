@@ -30,9 +30,19 @@ pub struct HttpState {
     pub shutting_down: AtomicBool,
 }
 
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routes {
+    /// The API and the operational routes.
+    All,
+    /// Only `/metrics`, `/healthz` and `/readyz` (the `metrics.listen` address,
+    /// which may face a scraper network and must never expose the API).
+    OpsOnly,
+}
+
 /// Accepts connections until `shutdown` turns true, then waits for every open
 /// connection to finish its in-flight request and close.
-pub async fn serve(listener: TcpListener, state: Arc<HttpState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, state: Arc<HttpState>, routes: Routes, mut shutdown: watch::Receiver<bool>) {
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -57,7 +67,11 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, mut shutdown: w
                 async move {
                     let started = Instant::now();
                     let route = router::route_name(req.uri().path());
-                    let resp = router::route(&state, req).await;
+                    let resp = if routes == Routes::OpsOnly && !matches!(route, "metrics" | "healthz" | "readyz") {
+                        error::ApiError::not_found("this listener serves only /metrics, /healthz and /readyz").response()
+                    } else {
+                        router::route(&state, req).await
+                    };
                     crate::telemetry::http_request(route, resp.status().as_u16(), started.elapsed().as_secs_f64());
                     Ok::<_, std::convert::Infallible>(resp)
                 }
