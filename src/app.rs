@@ -145,9 +145,13 @@ impl AppHandle {
     }
 
     /// Graceful shutdown: stop accepting, finish in-flight requests, final flush.
+    ///
+    /// Draining connections may take at most half the grace period; connections
+    /// still open then are cut (nothing on them was acknowledged yet). The final
+    /// flush always runs, within the rest of the grace period.
     pub async fn shutdown(self) -> Result<(), AppError> {
         let grace = self.grace;
-        tokio::time::timeout(grace, self.shutdown_inner())
+        tokio::time::timeout(grace, self.shutdown_inner(grace / 2))
             .await
             .map_err(|_| AppError::Timeout)?
     }
@@ -158,12 +162,19 @@ impl AppHandle {
         self.state.shutting_down.store(true, Ordering::Release);
     }
 
-    async fn shutdown_inner(self) -> Result<(), AppError> {
+    async fn shutdown_inner(self, drain_limit: Duration) -> Result<(), AppError> {
         self.begin_shutdown();
         let _ = self.server_stop.send(true);
-        self.server.await.map_err(|e| AppError::Task(e.to_string()))?;
-        if let Some(m) = self.metrics_server {
-            m.await.map_err(|e| AppError::Task(e.to_string()))?;
+        let mut servers = vec![self.server];
+        servers.extend(self.metrics_server);
+        for mut server in servers {
+            match tokio::time::timeout(drain_limit, &mut server).await {
+                Ok(joined) => joined.map_err(|e| AppError::Task(e.to_string()))?,
+                Err(_) => {
+                    tracing::warn!(limit = ?drain_limit, "connections still open after the drain limit; closing them");
+                    server.abort();
+                }
+            }
         }
         let _ = self.flusher_stop.send(true);
         self.flusher.await.map_err(|e| AppError::Task(e.to_string()))??;
