@@ -67,6 +67,119 @@ pub struct Config {
     pub plans: Vec<PlanConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Keys the file has that meterd does not know, found by `parse`.
+    #[serde(skip)]
+    pub unknown_keys: Vec<ConfigProblem>,
+}
+
+/// The keys each table may hold: `(key, sub-schema)`; a sub-schema applies to a
+/// table or to every table of an array. Tables whose keys are free-form (plan
+/// features and limits) have no sub-schema: their contents are checked by
+/// `validate`. Kept beside the structs above; a test checks they agree.
+#[derive(Debug)]
+struct Schema(&'static [(&'static str, Option<&'static Schema>)]);
+
+const SCHEMA: &Schema = &Schema(&[
+    (
+        "server",
+        Some(&Schema(&[("listen", None), ("instance_id", None), ("shutdown_grace", None)])),
+    ),
+    (
+        "storage",
+        Some(&Schema(&[("data_dir", None), ("durability", None), ("flush_interval", None)])),
+    ),
+    (
+        "ingest",
+        Some(&Schema(&[
+            ("max_body_bytes", None),
+            ("max_batch_events", None),
+            ("max_lateness", None),
+            ("dedupe_window", None),
+        ])),
+    ),
+    (
+        "redis",
+        Some(&Schema(&[
+            ("url", None),
+            ("urls", None),
+            ("key_prefix", None),
+            ("sync_interval", None),
+        ])),
+    ),
+    (
+        "clickhouse",
+        Some(&Schema(&[("url", None), ("database", None), ("flush_interval", None)])),
+    ),
+    (
+        "stripe",
+        Some(&Schema(&[
+            ("api_key_env", None),
+            ("api_base", None),
+            ("meter_events_base", None),
+            ("mode", None),
+            ("period", None),
+            ("grace", None),
+            ("interval", None),
+            ("max_requests_per_second", None),
+        ])),
+    ),
+    ("metrics", Some(&Schema(&[("listen", None)]))),
+    (
+        "meters",
+        Some(&Schema(&[
+            ("name", None),
+            ("aggregation", None),
+            ("precision", None),
+            ("stripe_event_name", None),
+        ])),
+    ),
+    (
+        "plans",
+        Some(&Schema(&[("name", None), ("default", None), ("features", None), ("limits", None)])),
+    ),
+    (
+        "auth",
+        Some(&Schema(&[(
+            "keys",
+            Some(&Schema(&[
+                ("name", None),
+                ("key_sha256", None),
+                ("key_env", None),
+                ("scopes", None),
+                ("rate_limit_per_second", None),
+                ("rate_limit_burst", None),
+            ])),
+        )])),
+    ),
+]);
+
+/// Removes keys not in `schema` from `table` (recursively), recording their paths.
+fn strip_unknown(table: &mut toml::Table, schema: &Schema, prefix: &str, unknown: &mut Vec<String>) {
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for key in keys {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let Some((_, sub)) = schema.0.iter().find(|(name, _)| *name == key) else {
+            unknown.push(path);
+            table.remove(&key);
+            continue;
+        };
+        let Some(sub) = sub else { continue };
+        match table.get_mut(&key) {
+            Some(toml::Value::Table(t)) => strip_unknown(t, sub, &path, unknown),
+            Some(toml::Value::Array(items)) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    if let toml::Value::Table(t) = item {
+                        strip_unknown(t, sub, &format!("{path}[{i}]"), unknown);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -362,11 +475,27 @@ pub struct ValidConfig {
 
 impl Config {
     /// Parses TOML text; `source` names the file in messages.
+    ///
+    /// Unknown keys are collected first, all of them, each named with its path;
+    /// they are then set aside so that `validate` can still report every other
+    /// problem of the file in the same run (`Config::problems` holds them).
     pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |message: String| ConfigError::Parse {
             path: source.to_string(),
-            message: e.to_string(),
-        })
+            message,
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_error(e.to_string()))?;
+        let mut unknown = Vec::new();
+        strip_unknown(&mut table, SCHEMA, "", &mut unknown);
+        let mut config: Config = table.try_into().map_err(|e: toml::de::Error| parse_error(e.to_string()))?;
+        config.unknown_keys = unknown
+            .into_iter()
+            .map(|key| ConfigProblem {
+                key,
+                reason: format!("unknown key in {source}"),
+            })
+            .collect();
+        Ok(config)
     }
 
     /// Reads and parses `path`, or the embedded default when `path` is `None`.
@@ -389,7 +518,7 @@ impl Config {
 
     /// Checks every rule and resolves the runtime pieces; returns every problem.
     pub fn validate(self, source: &str) -> Result<ValidConfig, ConfigError> {
-        let mut problems = Vec::new();
+        let mut problems = self.unknown_keys.clone();
         let mut p = |key: &str, reason: String| {
             problems.push(ConfigProblem {
                 key: key.to_string(),
@@ -687,10 +816,90 @@ mod tests {
     }
 
     #[test]
+    fn unknown_keys_are_reported_with_every_other_problem() {
+        let text = "[server]\nlisen = 3\nlisten = \"0.0.0.0:1\"\n[[meters]]\nname = \"m\"\ncolour = 1\n[[plans]]\nname = \"p\"\n";
+        let err = problems(text);
+        for key in ["server.lisen", "meters[0].colour", "server.listen", "plans"] {
+            assert!(err.iter().any(|k| k == key), "missing {key} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn schema_knows_every_field_of_the_embedded_default() {
+        let mut table: toml::Table = EMBEDDED_DEFAULT.parse().unwrap_or_default();
+        let mut unknown = Vec::new();
+        strip_unknown(&mut table, SCHEMA, "", &mut unknown);
+        assert!(unknown.is_empty(), "{unknown:?}");
+        // Every schema key deserializes: a table with all of them set parses.
+        let all = r#"
+[server]
+listen = "127.0.0.1:1"
+instance_id = "a"
+shutdown_grace = "1s"
+[storage]
+data_dir = "d"
+durability = "none"
+flush_interval = "1s"
+[ingest]
+max_body_bytes = 2048
+max_batch_events = 1
+max_lateness = "1d"
+dedupe_window = "1h"
+[redis]
+url = "redis://x"
+urls = ["redis://y"]
+key_prefix = "k"
+sync_interval = "1s"
+[clickhouse]
+url = "http://x"
+database = "d"
+flush_interval = "1s"
+[stripe]
+api_key_env = "K"
+api_base = "http://x"
+meter_events_base = "http://y"
+mode = "v1"
+period = "hour"
+grace = "1m"
+interval = "1s"
+max_requests_per_second = 1
+[metrics]
+listen = "127.0.0.1:2"
+[[meters]]
+name = "m"
+aggregation = "sum"
+precision = 0
+stripe_event_name = "m"
+[[plans]]
+name = "p"
+default = true
+features = {}
+limits = {}
+[[auth.keys]]
+name = "k"
+key_env = "X"
+scopes = ["read"]
+rate_limit_per_second = 1
+rate_limit_burst = 1
+"#;
+        let parsed = Config::parse(all, "all.toml");
+        assert!(
+            parsed.as_ref().map(|c| c.unknown_keys.is_empty()).unwrap_or(false),
+            "{:?}",
+            parsed.err()
+        );
+    }
+
+    #[test]
     fn unknown_keys_name_key_and_file() {
-        let err = problems("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n");
-        assert_eq!(err.len(), 1);
-        assert!(err[0].contains("lisen") && err[0].contains("t.toml"), "{err:?}");
+        let text = "[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n[[plans]]\nname = \"p\"\ndefault = true\n";
+        let err = Config::parse(text, "t.toml")
+            .and_then(|c| c.validate("t.toml"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("server.lisen: unknown key in t.toml"), "{err}");
+        assert!(err.contains("1 problem"), "{err}");
     }
 
     #[test]

@@ -63,8 +63,9 @@ impl Auth {
         let presented = header
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .filter(|k| !k.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization header must be \"Bearer <key>\""))?;
         let digest = sha256(presented.as_bytes());

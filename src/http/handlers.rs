@@ -54,9 +54,8 @@ pub async fn events(state: &HttpState, req: Request<Incoming>) -> Resp {
         Ok(outcome) => Ok(json(StatusCode::ACCEPTED, &outcome)),
         Err(IngestError::Parse(ParseError::InvalidJson(m))) => Err(ApiError::invalid_json(m)),
         Err(IngestError::Parse(e @ ParseError::TooManyEvents { .. })) => Err(ApiError::payload_too_large(e.to_string())),
-        Err(IngestError::Parse(ParseError::Invalid { details, total })) => {
-            let events: std::collections::BTreeSet<usize> = details.iter().map(|d| d.index).collect();
-            let message = format!("{} invalid event(s), {total} problem(s); nothing was accepted", events.len());
+        Err(IngestError::Parse(ParseError::Invalid { details, total, events })) => {
+            let message = format!("{events} invalid event(s), {total} problem(s); nothing was accepted");
             Err(ApiError::invalid_event(message, serde_json::to_value(&details).unwrap_or_default()))
         }
         Err(IngestError::Full) => Err(ApiError::unavailable("customer table is full", 60)),
@@ -77,6 +76,7 @@ fn check_error(e: CheckError) -> ApiError {
     match e {
         CheckError::Invalid { field: "body", reason } => ApiError::invalid_request(reason),
         CheckError::Invalid { field, reason } => ApiError::invalid_request(format!("{field}: {reason}")),
+        CheckError::Json(m) => ApiError::invalid_json(format!("body is not valid JSON: {m}")),
         CheckError::Full => ApiError::unavailable("customer table is full", 60),
     }
 }
@@ -130,11 +130,18 @@ pub async fn put_entitlements(state: &HttpState, req: Request<Incoming>, custome
     valid_customer(customer)?;
     let (parts, body) = req.into_parts();
     let body = read_limited(&parts.headers, body, 1024 * 1024).await?;
-    let doc: EntitlementsDoc = serde_json::from_slice(&body).map_err(|e| {
+    let bad = |e: serde_json::Error| {
         let msg = e.to_string();
         let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
         ApiError::invalid_request(format!("entitlements: {msg}"))
-    })?;
+    };
+    // Only an object: serde would also read a struct from an array (`["premium"]`).
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid_json(format!("body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid_request("entitlements: must be a JSON object"));
+    }
+    let doc: EntitlementsDoc = serde_json::from_value(value).map_err(bad)?;
     match state.engine.set_entitlements(customer, doc).await {
         Ok(_) => Ok(json(StatusCode::OK, &entitlements_view(state, customer))),
         Err(EntitlementsError::Invalid(problems)) => {

@@ -42,8 +42,8 @@ pub enum ParseError {
     InvalidJson(String),
     #[error("{count} events exceed ingest.max_batch_events ({max})")]
     TooManyEvents { count: usize, max: usize },
-    #[error("{total} invalid event field(s)")]
-    Invalid { details: Vec<Detail>, total: usize },
+    #[error("{events} invalid event(s), {total} problem(s)")]
+    Invalid { details: Vec<Detail>, total: usize, events: usize },
 }
 
 /// A validated event; strings borrow from the body where they can.
@@ -413,10 +413,12 @@ pub fn validate_batch<'a>(values: &[&'a RawValue], catalog: &Catalog, rules: &Ru
     let mut events = Vec::with_capacity(values.len());
     let mut details = Vec::new();
     let mut total = 0;
+    let mut bad_events = 0;
     for (index, raw) in values.iter().enumerate() {
         match validate_event(raw, catalog, rules) {
             Ok(e) => events.push(e),
             Err(problems) => {
+                bad_events += 1;
                 total += problems.len();
                 for (field, reason) in problems {
                     if details.len() < MAX_DETAILS {
@@ -427,7 +429,11 @@ pub fn validate_batch<'a>(values: &[&'a RawValue], catalog: &Catalog, rules: &Ru
         }
     }
     if total > 0 {
-        return Err(ParseError::Invalid { details, total });
+        return Err(ParseError::Invalid {
+            details,
+            total,
+            events: bad_events,
+        });
     }
     Ok(events)
 }

@@ -28,6 +28,8 @@ use tokio::sync::OnceCell;
 pub enum CheckError {
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("body is not valid JSON: {0}")]
+    Json(String),
     #[error("customer table is full")]
     Full,
 }
@@ -52,7 +54,7 @@ pub struct CheckRequest {
 impl CheckRequest {
     /// Reads the JSON body, naming the first bad field.
     pub fn from_json(body: &[u8]) -> Result<CheckRequest, CheckError> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| invalid("body", format!("not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| CheckError::Json(e.to_string()))?;
         let Value::Object(map) = value else {
             return Err(invalid("body", "must be a JSON object"));
         };
@@ -286,20 +288,21 @@ impl Engine {
             props_hash: 0,
             anchor: ent.billing_anchor,
         };
+        // Claim the id first: if it was already ingested as an event, that usage is
+        // counted; answer with the state as it stands and record nothing more.
+        if !self.deduper.insert(id_hash, now) {
+            let states = self.limit_states(Some(customer), meter, &ent, &limits, now);
+            let verdict = decide(&states, 0);
+            crate::telemetry::decision(verdict.reason, true);
+            return Ok(answer(name, meter, quantity, &states, verdict));
+        }
         let (states, verdict) = if let Some((limit, max)) = cas_limit {
             let epoch = self.counters.buckets.write_guard();
             let window = limit.window.bounds(now, ent.billing_anchor);
             let key = Counters::key(customer, meter.id, limit.window, now, ent.billing_anchor);
             match self.counters.windows.add_within(key, quantity, max) {
                 Ok(after) => {
-                    if self.deduper.insert(id_hash, now) {
-                        self.counters.fold(&epoch, &usage(quantity), Some(limit.window));
-                    } else {
-                        // The id was already ingested as an event: count it once.
-                        self.counters
-                            .windows
-                            .with_cell(key, |c| c.value.fetch_sub(quantity, std::sync::atomic::Ordering::AcqRel));
-                    }
+                    self.counters.fold(&epoch, &usage(quantity), Some(limit.window));
                     let states = vec![LimitState {
                         limit,
                         window,
@@ -326,7 +329,7 @@ impl Engine {
             let epoch = self.counters.buckets.write_guard();
             let mut states = self.limit_states(Some(customer), meter, &ent, &limits, now);
             let verdict = decide(&states, quantity);
-            if verdict.allowed && self.deduper.insert(id_hash, now) {
+            if verdict.allowed {
                 // Gauges record the new level; totals record the amount.
                 let raw = if meter.aggregation.is_gauge() {
                     states.iter().map(|s| s.used).max().unwrap_or(0).saturating_add(quantity)
@@ -340,6 +343,10 @@ impl Engine {
             }
             (states, verdict)
         };
+        if !verdict.allowed {
+            // Nothing was recorded under this id; an event may still use it.
+            self.deduper.remove(id_hash);
+        }
         crate::telemetry::decision(verdict.reason, true);
         Ok(answer(name, meter, quantity, &states, verdict))
     }
