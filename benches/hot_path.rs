@@ -6,7 +6,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use meterd::config::Config;
 use meterd::counters::{Counters, Usage};
 use meterd::engine::{now_ms, Engine};
-use meterd::ingest::parse::{split_json, validate_batch, Rules};
+use meterd::ingest::parse::{parse_batch, split_json, validate_batch, Rules};
 use meterd::ingest::BodyKind;
 use meterd::limits::decide::{decide, LimitState};
 use meterd::model::{BillingAnchor, Enforcement, Limit, LimitAmount, WindowKind};
@@ -48,6 +48,11 @@ fn parse_validate(c: &mut Criterion) {
     let mut g = c.benchmark_group("ingest");
     g.throughput(Throughput::Elements(1000));
     g.bench_function("parse_validate_1000", |b| {
+        b.iter(|| parse_batch(body.as_bytes(), false, &valid.catalog, &rules).expect("valid").len())
+    });
+    // The two-pass form (split, then validate each value): the comparison for the
+    // one-pass parser above.
+    g.bench_function("parse_validate_two_pass_1000", |b| {
         b.iter(|| {
             let values = split_json(body.as_bytes(), 10_000).expect("split");
             validate_batch(&values, &valid.catalog, &rules).expect("valid").len()

@@ -83,14 +83,7 @@ pub fn split_json(body: &[u8], max: usize) -> Result<Vec<&RawValue>, ParseError>
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
         let mut de = serde_json::Deserializer::from_str(text);
-        let values = de.deserialize_seq(BoundedSeq { max }).map_err(|e| {
-            if e.to_string().starts_with(TOO_MANY) {
-                let count = e.to_string()[TOO_MANY.len()..].trim().parse().unwrap_or(max + 1);
-                ParseError::TooManyEvents { count, max }
-            } else {
-                ParseError::InvalidJson(e.to_string())
-            }
-        })?;
+        let values = de.deserialize_seq(BoundedSeq { max }).map_err(|e| too_many_or_json(e, max))?;
         de.end().map_err(|e| ParseError::InvalidJson(e.to_string()))?;
         return Ok(values);
     }
@@ -158,10 +151,18 @@ struct RawFields<'a> {
     problems: Vec<(String, String)>,
 }
 
-struct FieldsVisitor;
+/// One element of a batch: an object's raw fields, or something else.
+enum Elem<'a> {
+    Object(RawFields<'a>),
+    NotObject,
+}
 
-impl<'de> Visitor<'de> for FieldsVisitor {
-    type Value = RawFields<'de>;
+/// Reads one element in the same pass that splits the batch: objects into
+/// [`RawFields`], anything else (consumed and dropped) into `NotObject`.
+struct ElemVisitor;
+
+impl<'de> Visitor<'de> for ElemVisitor {
+    type Value = Elem<'de>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an event object")
     }
@@ -186,8 +187,112 @@ impl<'de> Visitor<'de> for FieldsVisitor {
             }
             *slot = Some(value);
         }
+        Ok(Elem::Object(out))
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(Elem::NotObject)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Elem::NotObject)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Elem::NotObject)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Elem::NotObject)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Elem::NotObject)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Elem::NotObject)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Elem::NotObject)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ElemVisitor {
+    type Value = Elem<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// Collects a batch's elements in one pass, stopping past `max`.
+struct ElemSeq {
+    max: usize,
+}
+
+impl<'de> Visitor<'de> for ElemSeq {
+    type Value = Vec<Elem<'de>>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of events")
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(self.max));
+        while let Some(e) = seq.next_element_seed(ElemVisitor)? {
+            if out.len() == self.max {
+                let mut count = self.max + 1;
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    count += 1;
+                }
+                return Err(de::Error::custom(format!("{TOO_MANY}{count}")));
+            }
+            out.push(e);
+        }
         Ok(out)
     }
+}
+
+fn too_many_or_json(e: serde_json::Error, max: usize) -> ParseError {
+    let text = e.to_string();
+    match text.strip_prefix(TOO_MANY) {
+        Some(rest) => {
+            let count = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(max + 1);
+            ParseError::TooManyEvents { count, max }
+        }
+        None => ParseError::InvalidJson(text),
+    }
+}
+
+/// Parses and validates a whole body in one pass over the JSON: the ingest path.
+pub fn parse_batch<'a>(body: &'a [u8], ndjson: bool, catalog: &Catalog, rules: &Rules) -> Result<Vec<Event<'a>>, ParseError> {
+    let text = std::str::from_utf8(body).map_err(|e| ParseError::InvalidJson(format!("not UTF-8: {e}")))?;
+    let max = rules.max_batch_events;
+    let elems = if ndjson {
+        let mut out = Vec::new();
+        for (n, line) in text.split('\n').enumerate() {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() {
+                continue;
+            }
+            if out.len() == max {
+                let count = max + 1 + text.split('\n').skip(n + 1).filter(|l| !l.trim().is_empty()).count();
+                return Err(ParseError::TooManyEvents { count, max });
+            }
+            let mut de = serde_json::Deserializer::from_str(line);
+            let elem = de
+                .deserialize_any(ElemVisitor)
+                .and_then(|e| de.end().map(|()| e))
+                .map_err(|e| ParseError::InvalidJson(format!("line {}: {e}", n + 1)))?;
+            out.push(elem);
+        }
+        out
+    } else {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let elems = if text.trim_start().starts_with('[') {
+            de.deserialize_seq(ElemSeq { max }).map_err(|e| too_many_or_json(e, max))?
+        } else {
+            vec![de
+                .deserialize_any(ElemVisitor)
+                .map_err(|e| ParseError::InvalidJson(e.to_string()))?]
+        };
+        de.end().map_err(|e| ParseError::InvalidJson(e.to_string()))?;
+        elems
+    };
+    collect_valid(elems.into_iter().map(|e| validate_elem(e, catalog, rules)))
 }
 
 /// A string that borrows from the input when it has no escapes.
@@ -231,9 +336,20 @@ fn as_str(raw: &RawValue) -> Result<Cow<'_, str>, &'static str> {
 /// Validates one raw event. Problems are `(field, reason)` pairs.
 pub fn validate_event<'a>(raw: &'a RawValue, catalog: &Catalog, rules: &Rules) -> Result<Event<'a>, Vec<(String, String)>> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    let fields = match de.deserialize_map(FieldsVisitor) {
-        Ok(f) => f,
-        Err(_) => return Err(vec![(String::new(), "must be a JSON object".to_string())]),
+    match de.deserialize_any(ElemVisitor) {
+        Ok(elem) => validate_elem(elem, catalog, rules),
+        Err(_) => Err(not_an_object()),
+    }
+}
+
+fn not_an_object() -> Vec<(String, String)> {
+    vec![(String::new(), "must be a JSON object".to_string())]
+}
+
+/// Validates one element read by [`ElemVisitor`].
+fn validate_elem<'a>(elem: Elem<'a>, catalog: &Catalog, rules: &Rules) -> Result<Event<'a>, Vec<(String, String)>> {
+    let Elem::Object(fields) = elem else {
+        return Err(not_an_object());
     };
     let mut problems = fields.problems;
     let mut bad = |field: &str, reason: &str| problems.push((field.to_string(), reason.to_string()));
@@ -410,12 +526,17 @@ fn parse_properties(raw: &RawValue) -> Result<PropertyList<'_>, String> {
 
 /// Validates every event; a batch is all-or-nothing.
 pub fn validate_batch<'a>(values: &[&'a RawValue], catalog: &Catalog, rules: &Rules) -> Result<Vec<Event<'a>>, ParseError> {
-    let mut events = Vec::with_capacity(values.len());
+    collect_valid(values.iter().map(|raw| validate_event(raw, catalog, rules)))
+}
+
+/// All the events, or every problem (up to [`MAX_DETAILS`] listed).
+fn collect_valid<'a>(results: impl Iterator<Item = Result<Event<'a>, Vec<(String, String)>>>) -> Result<Vec<Event<'a>>, ParseError> {
+    let mut events = Vec::with_capacity(results.size_hint().0);
     let mut details = Vec::new();
     let mut total = 0;
     let mut bad_events = 0;
-    for (index, raw) in values.iter().enumerate() {
-        match validate_event(raw, catalog, rules) {
+    for (index, result) in results.enumerate() {
+        match result {
             Ok(e) => events.push(e),
             Err(problems) => {
                 bad_events += 1;
@@ -436,4 +557,66 @@ pub fn validate_batch<'a>(values: &[&'a RawValue], catalog: &Catalog, rules: &Ru
         });
     }
     Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn catalog() -> std::sync::Arc<Catalog> {
+        let text = include_str!("../../config/examples/interview-platform.toml");
+        match crate::config::Config::parse(text, "t").and_then(|c| c.validate("t")) {
+            Ok(v) => v.catalog,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The one-pass path used by ingest and the two-pass functions agree.
+    fn two_pass<'a>(body: &'a [u8], ndjson: bool, catalog: &Catalog, rules: &Rules) -> Result<Vec<Event<'a>>, ParseError> {
+        let values = if ndjson {
+            split_ndjson(body, rules.max_batch_events)?
+        } else {
+            split_json(body, rules.max_batch_events)?
+        };
+        validate_batch(&values, catalog, rules)
+    }
+
+    fn same(a: &Result<Vec<Event<'_>>, ParseError>, b: &Result<Vec<Event<'_>>, ParseError>) -> bool {
+        match (a, b) {
+            (Ok(x), Ok(y)) => x == y,
+            // Syntax error texts may differ in position wording; the kind must match.
+            (Err(ParseError::InvalidJson(_)), Err(ParseError::InvalidJson(_))) => true,
+            (Err(x), Err(y)) => x == y,
+            _ => false,
+        }
+    }
+
+    const FRAGMENTS: &[&str] = &[
+        r#"{"id":"a","customer":"c","meter":"interviews"}"#,
+        r#"{"id":"b","customer":"c","meter":"interview_minutes","quantity":1.25,"properties":{"k":"v"}}"#,
+        r#"{"id":"c","customer":"c\u0001","meter":"nope","quantity":-1,"colour":1}"#,
+        r#"{"id":"d","customer":"c","meter":"interviews","timestamp":"2001-01-01T00:00:00Z"}"#,
+        r#"{"id":"e","id":"f","customer":"c","meter":"interviews","properties":{"a":1}}"#,
+        r#"[1,2]"#,
+        r#""text""#,
+        r#"null"#,
+        r#"42"#,
+        r#"{"#,
+        r#"}"#,
+        r#","#,
+    ];
+
+    proptest! {
+        #[test]
+        fn one_pass_agrees_with_two_passes(picks in proptest::collection::vec(0..FRAGMENTS.len(), 0..12), array in any::<bool>(), ndjson in any::<bool>(), max in 1_usize..8) {
+            let catalog = catalog();
+            let rules = Rules { now_ms: 1_700_000_000_000, max_lateness_ms: 35 * 86_400_000, max_batch_events: max };
+            let parts: Vec<&str> = picks.iter().map(|&i| FRAGMENTS[i]).collect();
+            let body = if ndjson { parts.join("\n") } else if array { format!("[{}]", parts.join(",")) } else { parts.join("") };
+            let one = parse_batch(body.as_bytes(), ndjson, &catalog, &rules);
+            let two = two_pass(body.as_bytes(), ndjson, &catalog, &rules);
+            prop_assert!(same(&one, &two), "body {body:?}\none {one:?}\ntwo {two:?}");
+        }
+    }
 }

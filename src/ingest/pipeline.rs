@@ -3,7 +3,7 @@
 //! it can, so a batch is all-or-nothing.
 
 use super::dedupe::hash_id;
-use super::parse::{split_json, split_ndjson, validate_batch, ParseError, Rules};
+use super::parse::{parse_batch, ParseError, Rules};
 use crate::counters::Usage;
 use crate::engine::{now_ms, Engine};
 use crate::model::WindowKind;
@@ -35,21 +35,16 @@ impl Engine {
     /// Ingests one body.
     pub fn ingest(&self, body: &[u8], kind: BodyKind) -> Result<IngestOutcome, IngestError> {
         let now = now_ms();
-        let max = self.limits.max_batch_events;
-        let values = match kind {
-            BodyKind::Json => split_json(body, max)?,
-            BodyKind::Ndjson => split_ndjson(body, max)?,
-        };
         let rules = Rules {
             now_ms: now,
             max_lateness_ms: self.limits.max_lateness_ms,
-            max_batch_events: max,
+            max_batch_events: self.limits.max_batch_events,
         };
-        let events = match validate_batch(&values, &self.catalog, &rules) {
+        let events = match parse_batch(body, kind == BodyKind::Ndjson, &self.catalog, &rules) {
             Ok(e) => e,
             Err(e) => {
-                if let ParseError::Invalid { .. } = &e {
-                    crate::telemetry::events("rejected", values.len());
+                if let ParseError::Invalid { events, .. } = &e {
+                    crate::telemetry::events("rejected", *events);
                 }
                 return Err(e.into());
             }
@@ -61,10 +56,12 @@ impl Engine {
         for e in &events {
             ids.push(self.counters.interner.intern(&e.customer).map_err(|_| IngestError::Full)?);
         }
+        let hashes: Vec<_> = events.iter().map(|e| hash_id(&e.id)).collect();
+        let fresh = self.deduper.insert_batch(&hashes, now);
         let mut usages = Vec::with_capacity(events.len());
         let mut duplicates = 0;
-        for (event, customer) in events.iter().zip(ids) {
-            if !self.deduper.insert(hash_id(&event.id), now) {
+        for ((event, customer), fresh) in events.iter().zip(ids).zip(fresh) {
+            if !fresh {
                 duplicates += 1;
                 continue;
             }
