@@ -352,59 +352,32 @@ fn validate_elem<'a>(elem: Elem<'a>, catalog: &Catalog, rules: &Rules) -> Result
         return Err(not_an_object());
     };
     let mut problems = fields.problems;
+    let id = required_str(fields.id, "id", &mut problems).filter(|s| {
+        let ok = !s.is_empty() && s.len() <= 128;
+        if !ok {
+            problems.push(("id".into(), "must be 1-128 bytes".into()));
+        }
+        ok
+    });
+    let customer = required_str(fields.customer, "customer", &mut problems).filter(|s| {
+        let reason = if s.is_empty() || s.len() > 256 {
+            "must be 1-256 bytes"
+        } else if s.chars().any(char::is_control) {
+            "must not contain control characters"
+        } else {
+            return true;
+        };
+        problems.push(("customer".into(), reason.into()));
+        false
+    });
+    let meter = required_str(fields.meter, "meter", &mut problems).and_then(|name| {
+        let found = catalog.meter_by_name(&name);
+        if found.is_none() {
+            problems.push(("meter".into(), format!("unknown meter {name:?}")));
+        }
+        found
+    });
     let mut bad = |field: &str, reason: &str| problems.push((field.to_string(), reason.to_string()));
-
-    let id = match fields.id.map(as_str) {
-        None => {
-            bad("id", "is required");
-            None
-        }
-        Some(Err(r)) => {
-            bad("id", r);
-            None
-        }
-        Some(Ok(s)) if s.is_empty() || s.len() > 128 => {
-            bad("id", "must be 1-128 bytes");
-            None
-        }
-        Some(Ok(s)) => Some(s),
-    };
-    let customer = match fields.customer.map(as_str) {
-        None => {
-            bad("customer", "is required");
-            None
-        }
-        Some(Err(r)) => {
-            bad("customer", r);
-            None
-        }
-        Some(Ok(s)) if s.is_empty() || s.len() > 256 => {
-            bad("customer", "must be 1-256 bytes");
-            None
-        }
-        Some(Ok(s)) if s.chars().any(char::is_control) => {
-            bad("customer", "must not contain control characters");
-            None
-        }
-        Some(Ok(s)) => Some(s),
-    };
-    let meter = match fields.meter.map(as_str) {
-        None => {
-            bad("meter", "is required");
-            None
-        }
-        Some(Err(r)) => {
-            bad("meter", r);
-            None
-        }
-        Some(Ok(name)) => match catalog.meter_by_name(&name) {
-            Some(m) => Some(m),
-            None => {
-                bad("meter", &format!("unknown meter {name:?}"));
-                None
-            }
-        },
-    };
     let raw_units = match (meter, fields.quantity) {
         (None, _) => None,
         (Some(m), None) => Some(m.scale()),
@@ -468,6 +441,17 @@ fn validate_elem<'a>(elem: Elem<'a>, catalog: &Catalog, rules: &Rules) -> Result
         }),
         _ => Err(problems),
     }
+}
+
+/// A field that must be present and a string; records why not.
+fn required_str<'a>(raw: Option<&'a RawValue>, field: &str, problems: &mut Vec<(String, String)>) -> Option<Cow<'a, str>> {
+    let reason = match raw.map(as_str) {
+        Some(Ok(s)) => return Some(s),
+        None => "is required",
+        Some(Err(r)) => r,
+    };
+    problems.push((field.to_string(), reason.to_string()));
+    None
 }
 
 fn parse_timestamp(raw: &RawValue) -> Result<i64, &'static str> {
