@@ -226,19 +226,28 @@ pub struct Catalog {
     meter_ids: HashMap<String, MeterId>,
     plans: Vec<Arc<Plan>>,
     plan_ids: HashMap<String, usize>,
-    default_plan: usize,
+    default_plan: Arc<Plan>,
 }
 
 impl Catalog {
-    /// Builds the catalog; `plans` must hold at least one plan and `default_plan`
-    /// must index it (config validation guarantees both).
+    /// Builds the catalog. Config validation guarantees `plans[default_plan]`
+    /// exists; should it not, the first plan (or an empty plan entitling nothing)
+    /// is the default rather than a panic.
     pub fn new(meters: Vec<Meter>, plans: Vec<Plan>, default_plan: usize) -> Catalog {
         let meter_ids = meters.iter().map(|m| (m.name.clone(), m.id)).collect();
         let plan_ids = plans.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        let plans: Vec<Arc<Plan>> = plans.into_iter().map(Arc::new).collect();
+        let default_plan = plans.get(default_plan).or_else(|| plans.first()).cloned().unwrap_or_else(|| {
+            Arc::new(Plan {
+                name: "default".into(),
+                features: BTreeMap::new(),
+                limits: HashMap::new(),
+            })
+        });
         Catalog {
             meters,
             meter_ids,
-            plans: plans.into_iter().map(Arc::new).collect(),
+            plans,
             plan_ids,
             default_plan,
         }
@@ -269,7 +278,7 @@ impl Catalog {
     }
 
     pub fn default_plan(&self) -> &Arc<Plan> {
-        &self.plans[self.default_plan]
+        &self.default_plan
     }
 }
 
