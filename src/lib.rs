@@ -17,5 +17,6 @@ pub mod limits;
 pub mod model;
 pub mod store;
 pub mod telemetry;
+pub mod wal;
 
 pub use app::{AppError, AppHandle};

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{uid, Client, Resp, TestServer, INTERVIEW};
+use common::{message, now_ms, uid, Client, Resp, TestServer, INTERVIEW};
 use hyper::Method;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -42,18 +42,10 @@ fn assert_error(r: &Resp, status: u16, code: &str) {
     }
 }
 
-fn message(r: &Resp) -> String {
-    r.body["error"]["message"].as_str().unwrap_or("").to_string()
-}
-
 /// Asserts an error whose message names `needle`.
 fn assert_error_naming(r: &Resp, status: u16, code: &str, needle: &str) {
     assert_error(r, status, code);
     assert!(message(r).contains(needle), "message does not name {needle:?}: {}", r.text);
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 fn rfc3339(ms: i64) -> String {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{uid, Client, Resp, TestServer, INTERVIEW};
+use common::{message, uid, Client, Resp, TestServer, INTERVIEW};
 use serde_json::{json, Value};
 use sha2::Digest;
 use std::path::Path;
@@ -54,10 +54,6 @@ fn assert_error(r: &Resp, status: u16, code: &str) {
     let msg = r.body["error"]["message"].as_str().unwrap_or("");
     assert!(!msg.is_empty(), "{}", r.text);
     assert_eq!(r.body.as_object().map(|o| o.len()), Some(1), "{}", r.text);
-}
-
-fn message(r: &Resp) -> &str {
-    r.body["error"]["message"].as_str().unwrap_or("")
 }
 
 fn event(customer: &str) -> Value {

@@ -4,43 +4,10 @@
 mod common;
 
 use chrono::{Datelike, NaiveDate, TimeZone, Utc};
-use common::{uid, Client, TestServer, INTERVIEW};
+use common::{
+    away_from_hour_boundary, check, event, ingest, next_month_start, now_ms, put, rfc3339, uid, Client, TestServer, DAY, HOUR, INTERVIEW,
+};
 use serde_json::{json, Value};
-use std::time::Duration;
-
-const DAY: i64 = 86_400_000;
-const HOUR: i64 = 3_600_000;
-
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-fn rfc3339(ms: i64) -> String {
-    Utc.timestamp_millis_opt(ms).unwrap().format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
-fn next_month_start(ms: i64) -> i64 {
-    let at = Utc.timestamp_millis_opt(ms).unwrap();
-    let (y, m) = if at.month() == 12 {
-        (at.year() + 1, 1)
-    } else {
-        (at.year(), at.month() + 1)
-    };
-    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).unwrap().timestamp_millis()
-}
-
-/// Keeps the test away from an hour (and day) boundary so that "now" stays in one
-/// hour window for the whole test.
-async fn away_from_hour_boundary() {
-    let now = now_ms();
-    let into = now.rem_euclid(HOUR);
-    let left = HOUR - into;
-    if into < 5_000 {
-        tokio::time::sleep(Duration::from_millis((5_000 - into + 100) as u64)).await;
-    } else if left < 20_000 {
-        tokio::time::sleep(Duration::from_millis((left + 5_100) as u64)).await;
-    }
-}
 
 /// The first billing-cycle start after `now` for an anchor on `day` at
 /// `secs` seconds past midnight, clamped to each month's last day.
@@ -60,25 +27,6 @@ fn next_anchor(now: i64, day: u32, secs: i64) -> i64 {
         }
         (y, m) = (ny, nm);
     }
-}
-
-async fn ingest(c: &Client, body: Value) {
-    let r = c.events(&body).await;
-    assert_eq!(r.status, 202, "{}", r.text);
-}
-
-fn event(customer: &str, meter: &str, quantity: i64) -> Value {
-    json!({"id": uid("e"), "customer": customer, "meter": meter, "quantity": quantity})
-}
-
-async fn check(c: &Client, customer: &str, meter: &str, quantity: i64) -> Value {
-    let r = c.check(&json!({"customer": customer, "meter": meter, "quantity": quantity})).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    r.body
-}
-
-async fn put(c: &Client, customer: &str, doc: Value) -> common::Resp {
-    c.put_json(&format!("/v1/customers/{customer}/entitlements"), &doc).await
 }
 
 async fn get(c: &Client, customer: &str) -> Value {

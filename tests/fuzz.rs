@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{uid, Resp, TestServer, INTERVIEW};
+use common::{now_ms, uid, Resp, TestServer, INTERVIEW};
 use hyper::Method;
 use meterd::config::Config;
 use meterd::ingest::parse::{split_json, split_ndjson, validate_batch, ParseError, Rules};
@@ -36,10 +36,6 @@ impl Rng {
     fn pick<T: Clone>(&mut self, items: &[T]) -> T {
         items[self.below(items.len())].clone()
     }
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 const METERS: [&str; 5] = ["interview_minutes", "interviews", "detailed_analyses", "video_reviews", "nope"];

@@ -5,23 +5,14 @@
 mod common;
 
 use chrono::{Datelike, TimeZone, Utc};
-use common::{uid, Client, TestServer, INTERVIEW};
+use common::{
+    away_from_day_boundary, check, event, ingest, next_month_start, now_ms, rfc3339, uid, Client, TestServer, DAY, HOUR, INTERVIEW,
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-const DAY: i64 = 86_400_000;
-const HOUR: i64 = 3_600_000;
 const MINUTE: i64 = 60_000;
-
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-/// RFC 3339 as meterd renders it (`2026-12-01T00:00:00Z`).
-fn rfc3339(ms: i64) -> String {
-    Utc.timestamp_millis_opt(ms).unwrap().format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
 
 fn day_start(ms: i64) -> i64 {
     ms.div_euclid(DAY) * DAY
@@ -30,29 +21,6 @@ fn day_start(ms: i64) -> i64 {
 fn month_start(ms: i64) -> i64 {
     let at = Utc.timestamp_millis_opt(ms).unwrap();
     Utc.with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0).unwrap().timestamp_millis()
-}
-
-fn next_month_start(ms: i64) -> i64 {
-    let at = Utc.timestamp_millis_opt(ms).unwrap();
-    let (y, m) = if at.month() == 12 {
-        (at.year() + 1, 1)
-    } else {
-        (at.year(), at.month() + 1)
-    };
-    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).unwrap().timestamp_millis()
-}
-
-/// Keeps a test away from a UTC day (and so month) boundary, so that usage stamped
-/// "now" and the windows the checks read are the same ones throughout the test.
-async fn away_from_day_boundary() {
-    let now = now_ms();
-    let into = now - day_start(now);
-    let left = DAY - into;
-    if into < 5_000 {
-        tokio::time::sleep(Duration::from_millis((5_000 - into + 100) as u64)).await;
-    } else if left < 20_000 {
-        tokio::time::sleep(Duration::from_millis((left + 5_100) as u64)).await;
-    }
 }
 
 /// A decimal written as meterd writes it (trailing zeros trimmed), as JSON.
@@ -70,22 +38,6 @@ fn cents(raw: i64) -> Value {
     } else {
         num(&format!("{whole}.{frac:02}"))
     }
-}
-
-async fn ingest(c: &Client, body: Value) -> Value {
-    let r = c.events(&body).await;
-    assert_eq!(r.status, 202, "{}", r.text);
-    r.body
-}
-
-fn event(customer: &str, meter: &str, quantity: Value) -> Value {
-    json!({"id": uid("e"), "customer": customer, "meter": meter, "quantity": quantity})
-}
-
-async fn check(c: &Client, customer: &str, meter: &str, quantity: Value) -> Value {
-    let r = c.check(&json!({"customer": customer, "meter": meter, "quantity": quantity})).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    r.body
 }
 
 async fn consume(c: &Client, customer: &str, meter: &str, quantity: Value, id: &str) -> common::Resp {

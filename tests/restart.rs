@@ -5,41 +5,22 @@
 mod common;
 
 use chrono::{TimeZone, Utc};
-use common::{uid, Client, TestServer};
+use common::{away_from_hour_boundary, now_ms, uid, Client, TestServer, DAY, HOUR};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-const DAY: i64 = 86_400_000;
-const HOUR: i64 = 3_600_000;
-
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-/// Keeps the test away from an hour (and day, month) boundary so the windows
-/// compared before and after a restart are the same ones.
-async fn away_from_hour_boundary() {
-    let now = now_ms();
-    let into = now.rem_euclid(HOUR);
-    let left = HOUR - into;
-    if into < 5_000 {
-        tokio::time::sleep(Duration::from_millis((5_000 - into + 100) as u64)).await;
-    } else if left < 20_000 {
-        tokio::time::sleep(Duration::from_millis((left + 5_100) as u64)).await;
-    }
-}
-
+/// `common::ingest` (asserts 202), and asserts that no event was a duplicate.
 async fn ingest(c: &Client, body: Value) {
-    let r = c.events(&body).await;
-    assert_eq!(r.status, 202, "{}", r.text);
-    assert_eq!(r.body["duplicates"], json!(0), "{}", r.text);
+    let body = common::ingest(c, body).await;
+    assert_eq!(body["duplicates"], json!(0), "{body}");
 }
 
+/// `common::put`, asserting 200.
 async fn put(c: &Client, customer: &str, doc: Value) {
-    let r = c.put_json(&format!("/v1/customers/{customer}/entitlements"), &doc).await;
+    let r = common::put(c, customer, doc).await;
     assert_eq!(r.status, 200, "{}", r.text);
 }
 

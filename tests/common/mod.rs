@@ -4,13 +4,15 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
+use chrono::{Datelike, TimeZone, Utc};
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use meterd::config::Config;
 use meterd::AppHandle;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// The interview platform of the issue: starter (default) 300 min/month, 3
@@ -179,4 +181,90 @@ pub fn uid(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+// ---------------------------------------------------------------------------
+// time
+
+/// One hour in milliseconds.
+pub const HOUR: i64 = 3_600_000;
+
+/// One day in milliseconds.
+pub const DAY: i64 = 86_400_000;
+
+/// The current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// RFC 3339 as meterd renders it (`2026-12-01T00:00:00Z`).
+pub fn rfc3339(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms).unwrap().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// The start (UTC) of the calendar month after the one `ms` falls in.
+pub fn next_month_start(ms: i64) -> i64 {
+    let at = Utc.timestamp_millis_opt(ms).unwrap();
+    let (y, m) = if at.month() == 12 {
+        (at.year() + 1, 1)
+    } else {
+        (at.year(), at.month() + 1)
+    };
+    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).unwrap().timestamp_millis()
+}
+
+/// Sleeps past a multiple of `period` ms if "now" is within 5 s after or 20 s before one.
+async fn away_from_boundary(period: i64) {
+    let now = now_ms();
+    let into = now.rem_euclid(period);
+    let left = period - into;
+    if into < 5_000 {
+        tokio::time::sleep(Duration::from_millis((5_000 - into + 100) as u64)).await;
+    } else if left < 20_000 {
+        tokio::time::sleep(Duration::from_millis((left + 5_100) as u64)).await;
+    }
+}
+
+/// Keeps a test away from a UTC hour (and day, month) boundary, so "now" stays in one hour window.
+pub async fn away_from_hour_boundary() {
+    away_from_boundary(HOUR).await
+}
+
+/// Keeps a test away from a UTC day (and month) boundary, so "now" stays in one day window.
+pub async fn away_from_day_boundary() {
+    away_from_boundary(DAY).await
+}
+
+// ---------------------------------------------------------------------------
+// API calls
+
+/// The `error.message` of an error body ("" if there is none).
+pub fn message(r: &Resp) -> &str {
+    r.body["error"]["message"].as_str().unwrap_or("")
+}
+
+/// An event with a fresh id for `customer`, `meter` and `quantity`.
+pub fn event(customer: &str, meter: &str, quantity: impl Into<Value>) -> Value {
+    json!({"id": uid("e"), "customer": customer, "meter": meter, "quantity": quantity.into()})
+}
+
+/// POST /v1/events; asserts 202 and returns the body.
+pub async fn ingest(c: &Client, body: Value) -> Value {
+    let r = c.events(&body).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    r.body
+}
+
+/// POST /v1/check without consuming; asserts 200 and returns the body.
+pub async fn check(c: &Client, customer: &str, meter: &str, quantity: impl Into<Value>) -> Value {
+    let r = c
+        .check(&json!({"customer": customer, "meter": meter, "quantity": quantity.into()}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body
+}
+
+/// PUT /v1/customers/{customer}/entitlements; asserts nothing.
+pub async fn put(c: &Client, customer: &str, doc: Value) -> Resp {
+    c.put_json(&format!("/v1/customers/{customer}/entitlements"), &doc).await
 }

@@ -1,0 +1,207 @@
+//! The WAL writer thread. Requests arrive on a channel; the thread takes every
+//! request waiting (a *group*), frames the appends with consecutive sequence
+//! numbers, writes them with one `write`, makes them durable with one `fsync`
+//! (in `fsync` mode), and only then answers each caller. A failed write (a full
+//! disk) is cut back off the file so the segment never holds a half group, every
+//! caller of the group gets the error, and the sequence numbers are reused.
+
+use super::checkpoint;
+use super::record::frame;
+use super::segment;
+use super::{SeqTracker, WalError, WalStats};
+use crossbeam::channel::{Receiver, RecvTimeoutError};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Work for the writer thread.
+pub enum Command {
+    Append {
+        payload: Vec<u8>,
+        reply: oneshot::Sender<Result<u64, WalError>>,
+    },
+    Checkpoint {
+        seq: u64,
+        reply: oneshot::Sender<Result<(), WalError>>,
+    },
+}
+
+/// How the writer makes appends durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// fsync before answering.
+    Always,
+    /// Answer after the write; fsync every `interval`.
+    Interval(Duration),
+}
+
+/// The writer's state: the open segment and the next sequence number.
+pub struct Writer {
+    pub dir: PathBuf,
+    pub sync: Sync,
+    pub segment_bytes: u64,
+    pub next_seq: u64,
+    /// (first seq, path, size) of every live segment, oldest first; the last is open.
+    pub segments: Vec<(u64, PathBuf, u64)>,
+    pub file: File,
+    pub tracker: Arc<SeqTracker>,
+    pub stats: Arc<WalStats>,
+}
+
+/// Most requests taken in one group.
+const MAX_GROUP: usize = 4096;
+
+impl Writer {
+    /// Opens (or creates) the segment that starts at `first_seq` for appending.
+    pub fn open_segment(dir: &std::path::Path, first_seq: u64) -> Result<(PathBuf, File), WalError> {
+        let path = dir.join(segment::name(first_seq));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| WalError::io(&path, e))?;
+        checkpoint::sync_dir(dir).map_err(|e| WalError::io(dir, e))?;
+        Ok((path, file))
+    }
+
+    /// Runs until every sender is gone, then syncs and returns.
+    pub fn run(mut self, rx: Receiver<Command>) {
+        let mut last_sync = Instant::now();
+        let mut dirty = false;
+        let mut buf = Vec::with_capacity(1 << 20);
+        loop {
+            let first = match self.sync {
+                Sync::Always => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Sync::Interval(every) => rx.recv_timeout(every.saturating_sub(last_sync.elapsed()).max(Duration::from_millis(1))),
+            };
+            let first = match first {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut group: Vec<Command> = first.into_iter().collect();
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(c) => group.push(c),
+                    Err(_) => break,
+                }
+            }
+            let mut appends = Vec::new();
+            let mut checkpoints = Vec::new();
+            buf.clear();
+            for cmd in group {
+                match cmd {
+                    Command::Append { payload, reply } => {
+                        let seq = self.next_seq + appends.len() as u64;
+                        frame(&mut buf, seq, &payload);
+                        appends.push((seq, reply));
+                    }
+                    Command::Checkpoint { seq, reply } => checkpoints.push((seq, reply)),
+                }
+            }
+            if !appends.is_empty() {
+                match self.write_group(&buf) {
+                    Ok(()) => {
+                        self.next_seq += appends.len() as u64;
+                        dirty = self.sync != Sync::Always;
+                        let seqs: Vec<u64> = appends.iter().map(|(s, _)| *s).collect();
+                        self.tracker.acked(&seqs);
+                        for (seq, reply) in appends {
+                            let _ = reply.send(Ok(seq));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "WAL write failed; the batch is refused");
+                        for (_, reply) in appends {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+            if let Sync::Interval(every) = self.sync {
+                if dirty && last_sync.elapsed() >= every {
+                    if let Err(e) = self.file.sync_data() {
+                        tracing::error!(error = %e, "WAL fsync failed");
+                    }
+                    dirty = false;
+                    last_sync = Instant::now();
+                }
+            }
+            for (seq, reply) in checkpoints {
+                let _ = reply.send(self.checkpoint(seq));
+            }
+            if let Err(e) = self.rotate_if_full() {
+                tracing::error!(error = %e, "WAL segment rotation failed; writing on in the current segment");
+            }
+        }
+        if let Err(e) = self.file.sync_all() {
+            tracing::error!(error = %e, "final WAL fsync failed");
+        }
+    }
+
+    /// Writes a group and (in `fsync` mode) makes it durable; on failure cuts the
+    /// segment back to where the group began.
+    fn write_group(&mut self, buf: &[u8]) -> Result<(), WalError> {
+        let Some((_, path, size)) = self.segments.last().cloned() else {
+            return Err(WalError::Failed("no open segment".into()));
+        };
+        if self.stats.broken.load(Ordering::Acquire) {
+            return Err(WalError::Failed(
+                "the WAL could not recover from an earlier write error; restart meterd".into(),
+            ));
+        }
+        let result = self
+            .file
+            .write_all(buf)
+            .and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
+        match result {
+            Ok(()) => {
+                if let Some(last) = self.segments.last_mut() {
+                    last.2 += buf.len() as u64;
+                }
+                self.stats.bytes.fetch_add(buf.len() as u64, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(cut) = self.file.set_len(size).and_then(|()| self.file.sync_data()) {
+                    tracing::error!(error = %cut, path = %path.display(), "cannot cut a failed write off the WAL; refusing further writes");
+                    self.stats.broken.store(true, Ordering::Release);
+                }
+                Err(WalError::io(&path, e))
+            }
+        }
+    }
+
+    fn rotate_if_full(&mut self) -> Result<(), WalError> {
+        let full = self.segments.last().is_some_and(|(_, _, size)| *size >= self.segment_bytes);
+        if !full {
+            return Ok(());
+        }
+        self.file.sync_all().map_err(|e| WalError::io(&self.dir, e))?;
+        let (path, file) = Self::open_segment(&self.dir, self.next_seq)?;
+        self.file = file;
+        self.segments.push((self.next_seq, path, 0));
+        Ok(())
+    }
+
+    /// Records that the store holds everything up to `seq`, and deletes the
+    /// segments wholly at or below it (never the open one).
+    fn checkpoint(&mut self, seq: u64) -> Result<(), WalError> {
+        checkpoint::write(&self.dir, seq).map_err(|e| WalError::Failed(e.to_string()))?;
+        while self.segments.len() > 1 {
+            let next_first = self.segments[1].0;
+            if next_first.saturating_sub(1) > seq {
+                break;
+            }
+            let (_, path, size) = self.segments.remove(0);
+            std::fs::remove_file(&path).map_err(|e| WalError::io(&path, e))?;
+            self.stats.bytes.fetch_sub(size, Ordering::AcqRel);
+        }
+        self.stats.checkpoint.store(seq, Ordering::Release);
+        Ok(())
+    }
+}
