@@ -32,7 +32,18 @@ fn engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, Arc<Engine>) {
     let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
     let store = Arc::new(SqliteStore::open(&dir.join("bench.sqlite")).expect("store"));
     let engine = rt
-        .block_on(Engine::start(&valid, "bench".into(), store.clone(), store))
+        .block_on(Engine::start(
+            &valid,
+            "bench".into(),
+            store.clone(),
+            store,
+            // No WAL: these benches measure the in-memory path.
+            meterd::wal::WalConfig {
+                dir: dir.join("wal"),
+                sync: None,
+                segment_bytes: 1 << 26,
+            },
+        ))
         .expect("engine");
     (rt, Arc::new(engine))
 }
@@ -59,7 +70,7 @@ fn parse_validate(c: &mut Criterion) {
         })
     });
     let dir = tempfile::tempdir().expect("tmp");
-    let (_rt, engine) = engine(dir.path());
+    let (rt, engine) = engine(dir.path());
     // Fresh ids each iteration so nothing is a duplicate; bodies prepared outside
     // the timed part.
     let mut seed = 1;
@@ -69,7 +80,7 @@ fn parse_validate(c: &mut Criterion) {
                 seed += 1;
                 batch(1000, seed)
             },
-            |body| engine.ingest(body.as_bytes(), BodyKind::Json).expect("ingest"),
+            |body| rt.block_on(engine.ingest(body.as_bytes(), BodyKind::Json)).expect("ingest"),
             BatchSize::SmallInput,
         )
     });
@@ -95,8 +106,8 @@ fn counter_add(c: &mut Criterion) {
 
 fn check_decision(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tmp");
-    let (_rt, engine) = engine(dir.path());
-    engine.ingest(batch(10, 99).as_bytes(), BodyKind::Json).expect("warm");
+    let (rt, engine) = engine(dir.path());
+    rt.block_on(engine.ingest(batch(10, 99).as_bytes(), BodyKind::Json)).expect("warm");
     let meter = engine.catalog.meter_by_name("interview_minutes").expect("meter").clone();
     let interviews = engine.catalog.meter_by_name("interviews").expect("meter").clone();
     let now = now_ms();

@@ -87,7 +87,13 @@ impl AppHandle {
         })?;
         let instance_id = instance_id(&config, &data_dir)?;
         let store = Arc::new(SqliteStore::open(&data_dir.join("meterd.sqlite"))?);
-        let engine = Arc::new(Engine::start(&config, instance_id.clone(), store.clone(), store).await?);
+        let storage = &config.raw.storage;
+        let wal_config = crate::wal::WalConfig {
+            dir: data_dir.join("wal"),
+            sync: crate::wal::sync_for(storage.durability, storage.wal_sync_interval.0),
+            segment_bytes: storage.wal_segment_bytes,
+        };
+        let engine = Arc::new(Engine::start(&config, instance_id.clone(), store.clone(), store, wal_config).await?);
         let prometheus = crate::telemetry::prometheus();
         let state = Arc::new(HttpState {
             engine: engine.clone(),
@@ -178,6 +184,7 @@ impl AppHandle {
         }
         let _ = self.flusher_stop.send(true);
         self.flusher.await.map_err(|e| AppError::Task(e.to_string()))??;
+        self.engine.wal.close();
         tracing::info!("meterd stopped");
         Ok(())
     }

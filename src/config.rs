@@ -86,7 +86,14 @@ const SCHEMA: &Schema = &Schema(&[
     ),
     (
         "storage",
-        Some(&Schema(&[("data_dir", None), ("durability", None), ("flush_interval", None)])),
+        Some(&Schema(&[
+            ("data_dir", None),
+            ("durability", None),
+            ("flush_interval", None),
+            ("wal_sync_interval", None),
+            ("wal_segment_bytes", None),
+            ("max_wal_bytes", None),
+        ])),
     ),
     (
         "ingest",
@@ -230,6 +237,16 @@ pub struct StorageConfig {
     /// How often minute aggregates go to the embedded usage store.
     #[serde(default = "default_flush_interval")]
     pub flush_interval: ConfigDuration,
+    /// With `durability = "buffered"`: how often the WAL is fsynced.
+    #[serde(default = "default_wal_sync_interval")]
+    pub wal_sync_interval: ConfigDuration,
+    /// WAL segment files rotate at this size.
+    #[serde(default = "default_wal_segment_bytes")]
+    pub wal_segment_bytes: u64,
+    /// Past this much WAL not yet in the store, ingest answers 503 (the store is
+    /// behind) while checks go on.
+    #[serde(default = "default_max_wal_bytes")]
+    pub max_wal_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -238,8 +255,21 @@ impl Default for StorageConfig {
             data_dir: default_data_dir(),
             durability: default_durability(),
             flush_interval: default_flush_interval(),
+            wal_sync_interval: default_wal_sync_interval(),
+            wal_segment_bytes: default_wal_segment_bytes(),
+            max_wal_bytes: default_max_wal_bytes(),
         }
     }
+}
+
+fn default_wal_sync_interval() -> ConfigDuration {
+    ConfigDuration::from_millis(100)
+}
+fn default_wal_segment_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_max_wal_bytes() -> u64 {
+    1024 * 1024 * 1024
 }
 
 fn default_data_dir() -> PathBuf {
@@ -548,6 +578,15 @@ impl Config {
         if self.storage.flush_interval.0.is_zero() {
             p("storage.flush_interval", "must be more than zero".into());
         }
+        if self.storage.wal_sync_interval.0.is_zero() {
+            p("storage.wal_sync_interval", "must be more than zero".into());
+        }
+        if self.storage.wal_segment_bytes < 4096 {
+            p("storage.wal_segment_bytes", "must be at least 4096".into());
+        }
+        if self.storage.max_wal_bytes < self.storage.wal_segment_bytes.saturating_mul(2) {
+            p("storage.max_wal_bytes", "must be at least twice storage.wal_segment_bytes".into());
+        }
         if self.storage.data_dir.as_os_str().is_empty() {
             p("storage.data_dir", "must not be empty".into());
         }
@@ -840,6 +879,9 @@ shutdown_grace = "1s"
 data_dir = "d"
 durability = "none"
 flush_interval = "1s"
+wal_sync_interval = "10ms"
+wal_segment_bytes = 4096
+max_wal_bytes = 8192
 [ingest]
 max_body_bytes = 2048
 max_batch_events = 1

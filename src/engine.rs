@@ -5,11 +5,13 @@
 
 use crate::config::ValidConfig;
 use crate::counters::Counters;
+use crate::counters::Usage;
 use crate::entitlements::{EntitlementCache, EntitlementsError};
 use crate::ingest::dedupe::{Deduper, IdHash};
 use crate::limits::CheckAnswer;
 use crate::model::{Catalog, WindowKind};
 use crate::store::{EntitlementStore, Fold, StoreError, UsageQuery, UsageStore};
+use crate::wal::{OpenReport, Wal, WalBatch, WalConfig};
 use dashmap::DashMap;
 use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ pub enum EngineError {
     Entitlements(#[from] EntitlementsError),
     #[error("cannot intern customer: {0}")]
     Intern(#[from] crate::counters::intern::InternError),
+    #[error(transparent)]
+    Wal(#[from] crate::wal::WalError),
 }
 
 /// Limits the ingest path enforces, from `[ingest]`.
@@ -53,6 +57,15 @@ pub struct Engine {
     /// Per meter: window kinds the config's plans use (rebuilt at start). Kinds
     /// only an override uses are seeded per customer when the override is set.
     pub plan_kinds: Vec<AtomicU8>,
+    /// The write-ahead log every accepted batch and consume goes through.
+    pub wal: Wal,
+    /// Past this many WAL bytes, writes are refused with 503 (the store is behind).
+    pub max_wal_bytes: u64,
+    /// Serialize consumes of one (customer, meter) when several limits (or a
+    /// gauge) must be decided and recorded together; held across the WAL write.
+    pub consume_locks: Box<[tokio::sync::Mutex<()>]>,
+    /// What the WAL replayed at start.
+    pub wal_report: OpenReport,
 }
 
 /// Now, in Unix milliseconds.
@@ -64,13 +77,14 @@ pub fn now_ms() -> i64 {
 }
 
 impl Engine {
-    /// Builds the engine: loads entitlements, then rebuilds current-window counters
-    /// from the usage store.
+    /// Builds the engine: loads entitlements, rebuilds current-window counters from
+    /// the usage store, then replays the WAL above the store's watermark.
     pub async fn start(
         config: &ValidConfig,
         instance_id: String,
         usage_store: Arc<dyn UsageStore>,
         entitlement_store: Arc<dyn EntitlementStore>,
+        wal_config: WalConfig,
     ) -> Result<Engine, EngineError> {
         let catalog = config.catalog.clone();
         let next_seq = usage_store.max_flush_seq(&instance_id).await? + 1;
@@ -99,9 +113,83 @@ impl Engine {
                 dedupe_window_ms: ingest.dedupe_window.as_millis_i64(),
             },
             plan_kinds,
+            wal: Wal::disabled(),
+            max_wal_bytes: config.raw.storage.max_wal_bytes,
+            consume_locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
+            wal_report: OpenReport::default(),
         };
+        let mut engine = engine;
         engine.rebuild().await?;
+        let floor = engine.usage_store.max_wal_seq(&engine.instance_id).await?;
+        let started = std::time::Instant::now();
+        let (wal, report) = Wal::open(&wal_config, floor, |_, batch| engine.replay(&batch))?;
+        if report.replayed_records > 0 || report.truncated.is_some() {
+            tracing::info!(
+                records = report.replayed_records,
+                events = report.replayed_events,
+                seconds = started.elapsed().as_secs_f64(),
+                from = floor,
+                "replayed the WAL"
+            );
+        }
+        engine.wal = wal;
+        engine.wal_report = report;
         Ok(engine)
+    }
+
+    /// Folds one replayed WAL batch into the counters and the dedupe set.
+    fn replay(&self, batch: &WalBatch) {
+        let mut usages = Vec::with_capacity(batch.events.len());
+        for e in &batch.events {
+            // Ids keep deduping for the rest of their window after a restart.
+            self.deduper.insert(e.id_hash, batch.accepted_ms);
+            let Some(meter) = self.catalog.meter_by_name(&e.meter) else {
+                tracing::warn!(meter = %e.meter, "a WAL event names a meter no longer configured; skipped");
+                continue;
+            };
+            let Ok(customer) = self.counters.interner.intern(&e.customer) else {
+                continue;
+            };
+            usages.push((customer, meter, e));
+        }
+        let props: Vec<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> = usages
+            .iter()
+            .map(|(_, _, e)| e.properties.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())).collect())
+            .collect();
+        let folded: Vec<Usage<'_>> = usages
+            .iter()
+            .zip(&props)
+            .map(|((customer, meter, e), properties)| Usage {
+                customer: *customer,
+                meter,
+                raw: e.raw,
+                ts: e.ts,
+                properties,
+                props_hash: crate::ingest::parse::props_hash(properties),
+                anchor: self.entitlements.get(Some(*customer)).billing_anchor,
+            })
+            .collect();
+        self.counters.apply(&folded);
+    }
+
+    /// Whether the WAL holds more than the store may fall behind by.
+    pub fn wal_over_limit(&self) -> bool {
+        self.wal.enabled() && self.wal.bytes() > self.max_wal_bytes
+    }
+
+    /// Why writes are refused right now, if they are.
+    pub fn write_refusal(&self) -> Option<String> {
+        if self.wal.stats.broken.load(std::sync::atomic::Ordering::Acquire) {
+            return Some("the WAL could not recover from a write error; restart meterd".into());
+        }
+        if self.wal_over_limit() {
+            return Some(format!(
+                "the usage store is behind: {} bytes of WAL exceed storage.max_wal_bytes ({})",
+                self.wal.bytes(),
+                self.max_wal_bytes
+            ));
+        }
+        None
     }
 
     /// Seeds the current window of every tracked kind from the store. Runs before

@@ -50,19 +50,25 @@ fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
 /// Writes the pending epoch, or swaps and writes the current one. Returns the
 /// number of rows written (0 when there was nothing to flush).
 pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
-    let Some(epoch) = engine.counters.buckets.take_for_flush() else {
+    let Some(epoch) = engine.counters.buckets.take_for_flush(|| engine.wal.tracker.watermark()) else {
         return Ok(0);
     };
     let started = Instant::now();
     let batch = FlushBatch {
         instance_id: engine.instance_id.clone(),
         seq: epoch.seq,
+        wal_seq: epoch.wal_watermark.load(std::sync::atomic::Ordering::Acquire),
         rows: rows_of(engine, &epoch),
     };
     match engine.usage_store.write_flush(&batch).await {
         Ok(()) => {
             engine.counters.buckets.flushed(epoch.seq);
             crate::telemetry::flush_done(batch.rows.len(), started.elapsed().as_secs_f64());
+            // The store now says how far it is; the checkpoint only lets old
+            // segments go, so a failure here costs disk, not correctness.
+            if let Err(e) = engine.wal.checkpoint(batch.wal_seq).await {
+                tracing::warn!(error = %e, wal_seq = batch.wal_seq, "WAL checkpoint failed; segments are kept until the next one");
+            }
             tracing::debug!(seq = epoch.seq, rows = batch.rows.len(), "flushed");
             Ok(batch.rows.len())
         }

@@ -50,7 +50,13 @@ pub async fn events(state: &HttpState, req: Request<Incoming>) -> Resp {
     };
     let (parts, body) = req.into_parts();
     let body = read_limited(&parts.headers, body, state.max_body).await?;
-    match state.engine.ingest(&body, kind) {
+    // Spawned: once the WAL holds the batch its fold must run, even if this
+    // client disconnects and hyper drops the handler.
+    let engine = state.engine.clone();
+    let outcome = tokio::spawn(async move { engine.ingest(&body, kind).await })
+        .await
+        .map_err(|e| ApiError::unavailable(format!("ingest task failed: {e}"), 1))?;
+    match outcome {
         Ok(outcome) => Ok(json(StatusCode::ACCEPTED, &outcome)),
         Err(IngestError::Parse(ParseError::InvalidJson(m))) => Err(ApiError::invalid_json(m)),
         Err(IngestError::Parse(e @ ParseError::TooManyEvents { .. })) => Err(ApiError::payload_too_large(e.to_string())),
@@ -59,6 +65,7 @@ pub async fn events(state: &HttpState, req: Request<Incoming>) -> Resp {
             Err(ApiError::invalid_event(message, serde_json::to_value(&details).unwrap_or_default()))
         }
         Err(IngestError::Full) => Err(ApiError::unavailable("customer table is full", 60)),
+        Err(IngestError::Unavailable(reason)) => Err(ApiError::unavailable(reason, 1)),
     }
 }
 
@@ -68,7 +75,13 @@ pub async fn check(state: &HttpState, req: Request<Incoming>) -> Resp {
     let (parts, body) = req.into_parts();
     let body = read_limited(&parts.headers, body, 64 * 1024).await?;
     let request = crate::limits::CheckRequest::from_json(&body).map_err(check_error)?;
-    let answer = state.engine.check(request).await.map_err(check_error)?;
+    // A consume is spawned for the same reason as ingest: once its WAL record is
+    // written, the fold must not be cancelled by a client going away.
+    let engine = state.engine.clone();
+    let answer = tokio::spawn(async move { engine.check(request).await })
+        .await
+        .map_err(|e| ApiError::unavailable(format!("check task failed: {e}"), 1))?
+        .map_err(check_error)?;
     Ok(json(StatusCode::OK, &*answer))
 }
 
@@ -78,6 +91,7 @@ fn check_error(e: CheckError) -> ApiError {
         CheckError::Invalid { field, reason } => ApiError::invalid_request(format!("{field}: {reason}")),
         CheckError::Json(m) => ApiError::invalid_json(format!("body is not valid JSON: {m}")),
         CheckError::Full => ApiError::unavailable("customer table is full", 60),
+        CheckError::Unavailable(reason) => ApiError::unavailable(reason, 1),
     }
 }
 
@@ -212,6 +226,9 @@ pub fn healthz() -> Response<Full<Bytes>> {
 pub fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     if state.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
         return ApiError::unavailable("shutting down", 5).response();
+    }
+    if let Some(reason) = state.engine.write_refusal() {
+        return ApiError::unavailable(reason, 1).response();
     }
     json(StatusCode::OK, &j!({"status": "ready"}))
 }

@@ -65,16 +65,22 @@ pub type PropertyList<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
 impl Event<'_> {
     /// Hash of the sorted properties; 0 when there are none.
     pub fn props_hash(&self) -> u64 {
-        if self.properties.is_empty() {
-            return 0;
-        }
-        let mut h = std::hash::DefaultHasher::new();
-        for (k, v) in &self.properties {
-            k.hash(&mut h);
-            v.hash(&mut h);
-        }
-        h.finish() | 1
+        props_hash(&self.properties)
     }
+}
+
+/// Hash of sorted properties; 0 when there are none. Stable within a process
+/// (minute buckets are keyed by it), not across builds.
+pub fn props_hash(properties: &[(Cow<'_, str>, Cow<'_, str>)]) -> u64 {
+    if properties.is_empty() {
+        return 0;
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    for (k, v) in properties {
+        k.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish() | 1
 }
 
 /// Splits a JSON body (object or array) into raw values.

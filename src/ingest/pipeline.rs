@@ -7,6 +7,7 @@ use super::parse::{parse_batch, ParseError, Rules};
 use crate::counters::Usage;
 use crate::engine::{now_ms, Engine};
 use crate::model::WindowKind;
+use crate::wal::{WalBatch, WalEvent};
 
 /// How the body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,11 +30,18 @@ pub enum IngestError {
     Parse(#[from] ParseError),
     #[error("customer table is full")]
     Full,
+    /// Writes are refused for now (store behind, WAL write failed): retry later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl Engine {
-    /// Ingests one body.
-    pub fn ingest(&self, body: &[u8], kind: BodyKind) -> Result<IngestOutcome, IngestError> {
+    /// Ingests one body: answers once the accepted events are as durable as
+    /// `storage.durability` says and folded into the counters.
+    ///
+    /// Run it to completion (the HTTP handler spawns it): once the WAL has a
+    /// record, the fold must happen even if the client went away.
+    pub async fn ingest(&self, body: &[u8], kind: BodyKind) -> Result<IngestOutcome, IngestError> {
         let now = now_ms();
         let rules = Rules {
             now_ms: now,
@@ -56,11 +64,14 @@ impl Engine {
         for e in &events {
             ids.push(self.counters.interner.intern(&e.customer).map_err(|_| IngestError::Full)?);
         }
+        if let Some(reason) = self.write_refusal() {
+            return Err(IngestError::Unavailable(reason));
+        }
         let hashes: Vec<_> = events.iter().map(|e| hash_id(&e.id)).collect();
         let fresh = self.deduper.insert_batch(&hashes, now);
         let mut usages = Vec::with_capacity(events.len());
         let mut duplicates = 0;
-        for ((event, customer), fresh) in events.iter().zip(ids).zip(fresh) {
+        for ((event, customer), &fresh) in events.iter().zip(ids).zip(&fresh) {
             if !fresh {
                 duplicates += 1;
                 continue;
@@ -81,7 +92,39 @@ impl Engine {
                 anchor,
             });
         }
-        self.counters.apply(&usages);
+        if !usages.is_empty() {
+            let record = WalBatch {
+                version: crate::wal::record::FORMAT_VERSION,
+                accepted_ms: now,
+                events: usages
+                    .iter()
+                    .zip(hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h))
+                    .map(|(u, id_hash)| WalEvent {
+                        id_hash,
+                        customer: self.counters.interner.name(u.customer).map(|c| c.to_string()).unwrap_or_default(),
+                        meter: u.meter.name.clone(),
+                        raw: u.raw,
+                        ts: u.ts,
+                        properties: u.properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                    })
+                    .collect(),
+            };
+            match self.wal.append(&record).await {
+                Ok(seq) => {
+                    self.counters.apply(&usages);
+                    self.wal.tracker.folded(seq);
+                }
+                Err(e) => {
+                    // Nothing was recorded: the ids may be sent again.
+                    for (h, f) in hashes.iter().zip(&fresh) {
+                        if *f {
+                            self.deduper.remove(*h);
+                        }
+                    }
+                    return Err(IngestError::Unavailable(format!("could not write the WAL: {e}")));
+                }
+            }
+        }
         crate::telemetry::events("accepted", usages.len());
         crate::telemetry::events("duplicate", duplicates);
         Ok(IngestOutcome {

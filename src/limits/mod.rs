@@ -18,6 +18,7 @@ use crate::counters::{Counters, CustomerId, Usage};
 use crate::engine::{now_ms, ConsumeSlot, Engine};
 use crate::ingest::dedupe::hash_id;
 use crate::model::{window::rfc3339, Aggregation, Decimal, Entitlements, Limit, LimitAmount, Meter};
+use crate::wal::{WalBatch, WalEvent};
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub enum CheckError {
     Json(String),
     #[error("customer table is full")]
     Full,
+    /// Writes are refused for now (store behind, WAL write failed): retry later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> CheckError {
@@ -260,24 +264,49 @@ impl Engine {
         // Exactly one caller per id decides; a retry (or a racing duplicate) gets
         // the same answer and records nothing.
         let answer = cell
-            .get_or_try_init(|| async { self.consume(&req.customer, meter, quantity, id_hash, now).map(Arc::new) })
+            .get_or_try_init(|| async { self.consume(&req.customer, meter, quantity, id_hash, now).await.map(Arc::new) })
             .await?;
         Ok(answer.clone())
     }
 
-    fn consume(&self, name: &str, meter: &Meter, quantity: i64, id_hash: u128, now: i64) -> Result<CheckAnswer, CheckError> {
+    /// Decides and records a consume. The record goes through the WAL before the
+    /// answer, so an allowed consume survives a crash like any event.
+    async fn consume(&self, name: &str, meter: &Meter, quantity: i64, id_hash: u128, now: i64) -> Result<CheckAnswer, CheckError> {
         let customer = self.counters.interner.intern(name).map_err(|_| CheckError::Full)?;
         let ent = self.entitlements.get(Some(customer));
         let Some(limits) = ent.limits(meter.id).cloned() else {
             crate::telemetry::decision(Reason::NotEntitled, true);
             return Ok(answer(name, meter, quantity, &[], decide(&[], quantity)));
         };
+        if let Some(reason) = self.write_refusal() {
+            return Err(CheckError::Unavailable(reason));
+        }
+        // Claim the id first: if it was already ingested as an event, that usage is
+        // counted; answer with the state as it stands and record nothing more.
+        if !self.deduper.insert(id_hash, now) {
+            let states = self.limit_states(Some(customer), meter, &ent, &limits, now);
+            let verdict = decide(&states, 0);
+            crate::telemetry::decision(verdict.reason, true);
+            return Ok(answer(name, meter, quantity, &states, verdict));
+        }
         let cas_limit = match (&limits[..], meter.aggregation) {
             ([only], Aggregation::Sum | Aggregation::Count) if only.hard => match only.amount {
                 LimitAmount::Finite(l) => Some((*only, l)),
                 LimitAmount::Unlimited => None,
             },
             _ => None,
+        };
+        let record = |raw: i64| WalBatch {
+            version: crate::wal::record::FORMAT_VERSION,
+            accepted_ms: now,
+            events: vec![WalEvent {
+                id_hash,
+                customer: name.to_string(),
+                meter: meter.name.clone(),
+                raw,
+                ts: now,
+                properties: vec![],
+            }],
         };
         let usage = |raw| Usage {
             customer,
@@ -288,32 +317,44 @@ impl Engine {
             props_hash: 0,
             anchor: ent.billing_anchor,
         };
-        // Claim the id first: if it was already ingested as an event, that usage is
-        // counted; answer with the state as it stands and record nothing more.
-        if !self.deduper.insert(id_hash, now) {
-            let states = self.limit_states(Some(customer), meter, &ent, &limits, now);
-            let verdict = decide(&states, 0);
-            crate::telemetry::decision(verdict.reason, true);
-            return Ok(answer(name, meter, quantity, &states, verdict));
-        }
+        let refused = |e: crate::wal::WalError| {
+            self.deduper.remove(id_hash);
+            CheckError::Unavailable(format!("could not write the WAL: {e}"))
+        };
         let (states, verdict) = if let Some((limit, max)) = cas_limit {
-            let epoch = self.counters.buckets.write_guard();
+            // Reserve with compare-and-swap, make it durable, then fold the rest;
+            // if the WAL refuses, give the reservation back.
             let window = limit.window.bounds(now, ent.billing_anchor);
             let key = Counters::key(customer, meter.id, limit.window, now, ent.billing_anchor);
             match self.counters.windows.add_within(key, quantity, max) {
                 Ok(after) => {
-                    self.counters.fold(&epoch, &usage(quantity), Some(limit.window));
+                    let seq = match self.wal.append(&record(quantity)).await {
+                        Ok(seq) => seq,
+                        Err(e) => {
+                            self.counters
+                                .windows
+                                .with_cell(key, |c| c.value.fetch_sub(quantity, std::sync::atomic::Ordering::AcqRel));
+                            return Err(refused(e));
+                        }
+                    };
+                    {
+                        let epoch = self.counters.buckets.write_guard();
+                        self.counters.fold(&epoch, &usage(quantity), Some(limit.window));
+                    }
+                    self.wal.tracker.folded(seq);
                     let states = vec![LimitState {
                         limit,
                         window,
                         used: after,
                     }];
-                    let verdict = Verdict {
-                        allowed: true,
-                        reason: Reason::WithinLimit,
-                        primary: 0,
-                    };
-                    (states, verdict)
+                    (
+                        states,
+                        Verdict {
+                            allowed: true,
+                            reason: Reason::WithinLimit,
+                            primary: 0,
+                        },
+                    )
                 }
                 Err(current) => {
                     let states = vec![LimitState {
@@ -325,8 +366,10 @@ impl Engine {
                 }
             }
         } else {
-            let _stripe = self.counters.stripe(customer, meter.id);
-            let epoch = self.counters.buckets.write_guard();
+            // Several limits (all or nothing) or a gauge: one consume at a time per
+            // (customer, meter), held until the record is durable and folded.
+            let stripe = (customer as usize).wrapping_mul(31).wrapping_add(usize::from(meter.id)) % self.consume_locks.len();
+            let _serial = self.consume_locks[stripe].lock().await;
             let mut states = self.limit_states(Some(customer), meter, &ent, &limits, now);
             let verdict = decide(&states, quantity);
             if verdict.allowed {
@@ -336,7 +379,17 @@ impl Engine {
                 } else {
                     quantity
                 };
-                self.counters.fold(&epoch, &usage(raw), None);
+                let seq = self.wal.append(&record(raw)).await.map_err(refused)?;
+                {
+                    let epoch = self.counters.buckets.write_guard();
+                    if meter.aggregation == Aggregation::Latest {
+                        let _stripe = self.counters.stripe(customer, meter.id);
+                        self.counters.fold(&epoch, &usage(raw), None);
+                    } else {
+                        self.counters.fold(&epoch, &usage(raw), None);
+                    }
+                }
+                self.wal.tracker.folded(seq);
                 for s in &mut states {
                     s.used = s.used.saturating_add(quantity);
                 }

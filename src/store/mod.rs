@@ -47,6 +47,9 @@ pub struct UsageRow {
 pub struct FlushBatch {
     pub instance_id: String,
     pub seq: u64,
+    /// Every WAL record up to this sequence is in this flush or an earlier one;
+    /// stored with the flush, atomically, so start-up knows where replay begins.
+    pub wal_seq: u64,
     pub rows: Vec<UsageRow>,
 }
 
@@ -129,6 +132,8 @@ pub trait UsageStore: Send + Sync + 'static {
     async fn write_flush(&self, batch: &FlushBatch) -> Result<(), StoreError>;
     /// The highest flush sequence stored for `instance_id` (0 when none).
     async fn max_flush_seq(&self, instance_id: &str) -> Result<u64, StoreError>;
+    /// The highest WAL sequence the stored flushes of `instance_id` cover (0 when none).
+    async fn max_wal_seq(&self, instance_id: &str) -> Result<u64, StoreError>;
     /// Per customer, the rows of the query folded together.
     async fn aggregate(&self, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError>;
     /// Per customer and `granularity_ms` bucket (aligned to the Unix epoch), the

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS flushes (
     flush_seq   INTEGER NOT NULL,
     rows        INTEGER NOT NULL,
     written_at  INTEGER NOT NULL,
+    wal_seq     INTEGER NOT NULL DEFAULT 0, -- WAL records this flush covers, inclusive
     PRIMARY KEY (instance_id, flush_seq)
 );
 CREATE TABLE IF NOT EXISTS entitlements (
@@ -105,6 +106,15 @@ fn now_ms() -> i64 {
 fn stored_seq(conn: &Connection, instance_id: &str, op: &'static str) -> Result<u64, StoreError> {
     let seq: i64 = conn
         .prepare_cached("SELECT COALESCE(MAX(flush_seq), 0) FROM flushes WHERE instance_id = ?1")
+        .and_then(|mut stmt| stmt.query_row([instance_id], |r| r.get(0)))
+        .map_err(io(op))?;
+    seq_from_sql(seq, op)
+}
+
+/// The highest WAL sequence the stored flushes of `instance_id` cover, 0 when none.
+fn stored_wal_seq(conn: &Connection, instance_id: &str, op: &'static str) -> Result<u64, StoreError> {
+    let seq: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(wal_seq), 0) FROM flushes WHERE instance_id = ?1")
         .and_then(|mut stmt| stmt.query_row([instance_id], |r| r.get(0)))
         .map_err(io(op))?;
     seq_from_sql(seq, op)
@@ -219,8 +229,9 @@ fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(),
                 .map_err(io(OP))?;
         }
     }
-    tx.prepare_cached("INSERT INTO flushes (instance_id, flush_seq, rows, written_at) VALUES (?1, ?2, ?3, ?4)")
-        .and_then(|mut stmt| stmt.execute((&batch.instance_id, seq, rows, now_ms())))
+    let wal_seq = i64::try_from(batch.wal_seq).map_err(|_| StoreError::Io(format!("sqlite {OP}: wal seq {} too large", batch.wal_seq)))?;
+    tx.prepare_cached("INSERT INTO flushes (instance_id, flush_seq, rows, written_at, wal_seq) VALUES (?1, ?2, ?3, ?4, ?5)")
+        .and_then(|mut stmt| stmt.execute((&batch.instance_id, seq, rows, now_ms(), wal_seq)))
         .map_err(io(OP))?;
     tx.commit().map_err(io(OP))
 }
@@ -310,6 +321,12 @@ impl UsageStore for SqliteStore {
     async fn write_flush(&self, batch: &FlushBatch) -> Result<(), StoreError> {
         let batch = batch.clone();
         self.run("write_flush", move |conn| write_flush_blocking(conn, &batch)).await
+    }
+
+    async fn max_wal_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
+        let instance_id = instance_id.to_owned();
+        self.run("max_wal_seq", move |conn| stored_wal_seq(conn, &instance_id, "max_wal_seq"))
+            .await
     }
 
     async fn max_flush_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
@@ -448,6 +465,7 @@ mod tests {
         FlushBatch {
             instance_id: instance_id.to_owned(),
             seq,
+            wal_seq: 0,
             rows,
         }
     }

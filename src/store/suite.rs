@@ -32,6 +32,8 @@ pub fn flush(instance_id: &str, seq: u64, rows: Vec<UsageRow>) -> FlushBatch {
     FlushBatch {
         instance_id: instance_id.to_owned(),
         seq,
+        // A distinct watermark per flush, so tests can check which one is kept.
+        wal_seq: seq * 10,
         rows,
     }
 }
@@ -238,6 +240,17 @@ pub async fn duplicate_flush(store: &dyn UsageStore, ns: &str) {
     );
     assert_eq!(max_seq(store, &a).await, 4);
     assert_eq!(max_seq(store, &format!("{ns}-nobody")).await, 0);
+
+    // The WAL watermark stored with each flush: the highest per instance, and a
+    // duplicate flush does not replace it (`flush()` stores seq × 10).
+    let wal = |inst: String| async move { store.max_wal_seq(&inst).await.unwrap_or_else(|e| panic!("max_wal_seq: {e}")) };
+    assert_eq!(wal(a.clone()).await, 40);
+    assert_eq!(wal(b.clone()).await, 500);
+    let mut dup = flush(&a, 4, vec![]);
+    dup.wal_seq = 9_999;
+    write(store, &dup).await;
+    assert_eq!(wal(a.clone()).await, 40, "a duplicate flush keeps the stored watermark");
+    assert_eq!(wal(format!("{ns}-nobody")).await, 0);
 }
 
 /// 3. Max and Latest folds. Latest takes the value of the row with the greatest
