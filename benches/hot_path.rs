@@ -38,11 +38,7 @@ fn engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, Arc<Engine>) {
             store.clone(),
             store,
             // No WAL: these benches measure the in-memory path.
-            meterd::wal::WalConfig {
-                dir: dir.join("wal"),
-                sync: None,
-                segment_bytes: 1 << 26,
-            },
+            meterd::wal::WalConfig { dir: dir.join("wal"), sync: None, segment_bytes: 1 << 26, dedupe_window_ms: 86_400_000 },
         ))
         .expect("engine");
     (rt, Arc::new(engine))
@@ -51,11 +47,7 @@ fn engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, Arc<Engine>) {
 fn parse_validate(c: &mut Criterion) {
     let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
     let body = batch(1000, 0);
-    let rules = Rules {
-        now_ms: now_ms(),
-        max_lateness_ms: 35 * 86_400_000,
-        max_batch_events: 10_000,
-    };
+    let rules = Rules { now_ms: now_ms(), max_lateness_ms: 35 * 86_400_000, max_batch_events: 10_000 };
     let mut g = c.benchmark_group("ingest");
     g.throughput(Throughput::Elements(1000));
     g.bench_function("parse_validate_1000", |b| {
@@ -92,15 +84,7 @@ fn counter_add(c: &mut Criterion) {
     let counters = Counters::new(&valid.catalog, 1);
     let meter = valid.catalog.meter_by_name("interview_minutes").expect("meter").clone();
     let now = now_ms();
-    let usage = Usage {
-        customer: 42,
-        meter: &meter,
-        raw: 1250,
-        ts: now,
-        properties: &[],
-        props_hash: 0,
-        anchor: BillingAnchor::default(),
-    };
+    let usage = Usage { customer: 42, meter: &meter, raw: 1250, ts: now, properties: &[], props_hash: 0, anchor: BillingAnchor::default() };
     c.bench_function("counter_add_warm", |b| b.iter(|| counters.apply(std::slice::from_ref(&usage))));
 }
 
@@ -113,20 +97,9 @@ fn check_decision(c: &mut Criterion) {
     let now = now_ms();
     let mut g = c.benchmark_group("check");
     g.bench_function("evaluate_warm_key", |b| b.iter(|| engine.evaluate("cust_3", &meter, 1000, now).1));
-    g.bench_function("evaluate_unknown_customer", |b| {
-        b.iter(|| engine.evaluate("nobody", &interviews, 1, now).1)
-    });
-    let limit = Limit {
-        window: WindowKind::Month,
-        amount: LimitAmount::Finite(30_000),
-        hard: true,
-        enforcement: Enforcement::Cached,
-    };
-    let states = [LimitState {
-        limit,
-        window: WindowKind::Month.bounds(now, BillingAnchor::default()),
-        used: 29_500,
-    }];
+    g.bench_function("evaluate_unknown_customer", |b| b.iter(|| engine.evaluate("nobody", &interviews, 1, now).1));
+    let limit = Limit { window: WindowKind::Month, amount: LimitAmount::Finite(30_000), hard: true, enforcement: Enforcement::Cached };
+    let states = [LimitState { limit, window: WindowKind::Month.bounds(now, BillingAnchor::default()), used: 29_500 }];
     g.bench_function("decide_only", |b| b.iter(|| decide(std::hint::black_box(&states), 1000)));
     g.finish();
 }

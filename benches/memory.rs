@@ -37,11 +37,7 @@ fn main() {
             d.insert(hash_id(&format!("evt-{i}")), now);
         }
         let after = rss();
-        println!(
-            "| dedupe id (in-memory map) | {n} | {} | {} |",
-            after - before,
-            (after - before) / n
-        );
+        println!("| dedupe id (in-memory map) | {n} | {} | {} |", after - before, (after - before) / n);
     }
     for &n in &[100_000u32, 1_000_000] {
         let counters = Counters::new(&valid.catalog, 1);
@@ -60,15 +56,8 @@ fn main() {
         }
         let after_counters = rss();
         for c in 0..n {
-            let usage = Usage {
-                customer: c,
-                meter: &meter,
-                raw: 100,
-                ts: now,
-                properties: &[],
-                props_hash: 0,
-                anchor: BillingAnchor::default(),
-            };
+            let usage =
+                Usage { customer: c, meter: &meter, raw: 100, ts: now, properties: &[], props_hash: 0, anchor: BillingAnchor::default() };
             counters.apply(std::slice::from_ref(&usage));
         }
         let after_buckets = rss();
@@ -81,13 +70,7 @@ fn main() {
             after_intern - before_intern,
             (after_intern - before_intern) / u64::from(n)
         );
-        println!(
-            "| window counter (customer, meter, month) | {window} | {counter_bytes} | {} |",
-            counter_bytes / window.max(1)
-        );
-        println!(
-            "| minute bucket (until flushed) | {buckets} | {bucket_bytes} | {} |",
-            bucket_bytes / buckets.max(1)
-        );
+        println!("| window counter (customer, meter, month) | {window} | {counter_bytes} | {} |", counter_bytes / window.max(1));
+        println!("| minute bucket (until flushed) | {buckets} | {bucket_bytes} | {} |", bucket_bytes / buckets.max(1));
     }
 }

@@ -56,20 +56,14 @@ fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError
         return Ok(id.clone());
     }
     let path = data_dir.join("instance_id");
-    let io = |source| AppError::DataDir {
-        path: path.display().to_string(),
-        source,
-    };
+    let io = |source| AppError::DataDir { path: path.display().to_string(), source };
     match std::fs::read_to_string(&path) {
         Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let id = format!("i{:x}{:x}", nanos as u64, std::process::id());
     let tmp = data_dir.join("instance_id.tmp");
     std::fs::write(&tmp, &id).map_err(io)?;
@@ -81,10 +75,7 @@ impl AppHandle {
     /// Starts meterd with a validated config.
     pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
         let data_dir = config.raw.storage.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir {
-            path: data_dir.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
         let instance_id = instance_id(&config, &data_dir)?;
         let store = Arc::new(SqliteStore::open(&data_dir.join("meterd.sqlite"))?);
         let storage = &config.raw.storage;
@@ -92,6 +83,7 @@ impl AppHandle {
             dir: data_dir.join("wal"),
             sync: crate::wal::sync_for(storage.durability, storage.wal_sync_interval.0),
             segment_bytes: storage.wal_segment_bytes,
+            dedupe_window_ms: config.raw.ingest.dedupe_window.as_millis_i64(),
         };
         let engine = Arc::new(Engine::start(&config, instance_id.clone(), store.clone(), store, wal_config).await?);
         let prometheus = crate::telemetry::prometheus();
@@ -105,32 +97,16 @@ impl AppHandle {
         if !state.auth.enabled() {
             tracing::warn!(listen = %config.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
         }
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| AppError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        let addr = listener.local_addr().map_err(|source| AppError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let listener = TcpListener::bind(config.listen).await.map_err(|source| AppError::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| AppError::Bind { addr: config.listen, source })?;
         let (server_stop, server_rx) = watch::channel(false);
         let (flusher_stop, flusher_rx) = watch::channel(false);
         let (metrics_addr, metrics_server) = match config.metrics_listen {
             None => (None, None),
             Some(maddr) => {
-                let l = TcpListener::bind(maddr)
-                    .await
-                    .map_err(|source| AppError::Bind { addr: maddr, source })?;
+                let l = TcpListener::bind(maddr).await.map_err(|source| AppError::Bind { addr: maddr, source })?;
                 let bound = l.local_addr().map_err(|source| AppError::Bind { addr: maddr, source })?;
-                (
-                    Some(bound),
-                    Some(tokio::spawn(http::serve(
-                        l,
-                        state.clone(),
-                        http::Routes::OpsOnly,
-                        server_rx.clone(),
-                    ))),
-                )
+                (Some(bound), Some(tokio::spawn(http::serve(l, state.clone(), http::Routes::OpsOnly, server_rx.clone()))))
             }
         };
         let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
@@ -157,9 +133,7 @@ impl AppHandle {
     /// flush always runs, within the rest of the grace period.
     pub async fn shutdown(self) -> Result<(), AppError> {
         let grace = self.grace;
-        tokio::time::timeout(grace, self.shutdown_inner(grace / 2))
-            .await
-            .map_err(|_| AppError::Timeout)?
+        tokio::time::timeout(grace, self.shutdown_inner(grace / 2)).await.map_err(|_| AppError::Timeout)?
     }
 
     /// The first step of shutdown alone: `/readyz` and new API requests answer

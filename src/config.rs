@@ -80,10 +80,7 @@ pub struct Config {
 struct Schema(&'static [(&'static str, Option<&'static Schema>)]);
 
 const SCHEMA: &Schema = &Schema(&[
-    (
-        "server",
-        Some(&Schema(&[("listen", None), ("instance_id", None), ("shutdown_grace", None)])),
-    ),
+    ("server", Some(&Schema(&[("listen", None), ("instance_id", None), ("shutdown_grace", None)]))),
     (
         "storage",
         Some(&Schema(&[
@@ -95,28 +92,9 @@ const SCHEMA: &Schema = &Schema(&[
             ("max_wal_bytes", None),
         ])),
     ),
-    (
-        "ingest",
-        Some(&Schema(&[
-            ("max_body_bytes", None),
-            ("max_batch_events", None),
-            ("max_lateness", None),
-            ("dedupe_window", None),
-        ])),
-    ),
-    (
-        "redis",
-        Some(&Schema(&[
-            ("url", None),
-            ("urls", None),
-            ("key_prefix", None),
-            ("sync_interval", None),
-        ])),
-    ),
-    (
-        "clickhouse",
-        Some(&Schema(&[("url", None), ("database", None), ("flush_interval", None)])),
-    ),
+    ("ingest", Some(&Schema(&[("max_body_bytes", None), ("max_batch_events", None), ("max_lateness", None), ("dedupe_window", None)]))),
+    ("redis", Some(&Schema(&[("url", None), ("urls", None), ("key_prefix", None), ("sync_interval", None)]))),
+    ("clickhouse", Some(&Schema(&[("url", None), ("database", None), ("flush_interval", None)]))),
     (
         "stripe",
         Some(&Schema(&[
@@ -131,19 +109,8 @@ const SCHEMA: &Schema = &Schema(&[
         ])),
     ),
     ("metrics", Some(&Schema(&[("listen", None)]))),
-    (
-        "meters",
-        Some(&Schema(&[
-            ("name", None),
-            ("aggregation", None),
-            ("precision", None),
-            ("stripe_event_name", None),
-        ])),
-    ),
-    (
-        "plans",
-        Some(&Schema(&[("name", None), ("default", None), ("features", None), ("limits", None)])),
-    ),
+    ("meters", Some(&Schema(&[("name", None), ("aggregation", None), ("precision", None), ("stripe_event_name", None)]))),
+    ("plans", Some(&Schema(&[("name", None), ("default", None), ("features", None), ("limits", None)]))),
     (
         "auth",
         Some(&Schema(&[(
@@ -164,11 +131,7 @@ const SCHEMA: &Schema = &Schema(&[
 fn strip_unknown(table: &mut toml::Table, schema: &Schema, prefix: &str, unknown: &mut Vec<String>) {
     let keys: Vec<String> = table.keys().cloned().collect();
     for key in keys {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         let Some((_, sub)) = schema.0.iter().find(|(name, _)| *name == key) else {
             unknown.push(path);
             table.remove(&key);
@@ -203,11 +166,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig {
-            listen: default_listen(),
-            instance_id: None,
-            shutdown_grace: default_shutdown_grace(),
-        }
+        ServerConfig { listen: default_listen(), instance_id: None, shutdown_grace: default_shutdown_grace() }
     }
 }
 
@@ -510,36 +469,21 @@ impl Config {
     /// they are then set aside so that `validate` can still report every other
     /// problem of the file in the same run (`Config::problems` holds them).
     pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
-        let parse_error = |message: String| ConfigError::Parse {
-            path: source.to_string(),
-            message,
-        };
+        let parse_error = |message: String| ConfigError::Parse { path: source.to_string(), message };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_error(e.to_string()))?;
         let mut unknown = Vec::new();
         strip_unknown(&mut table, SCHEMA, "", &mut unknown);
         let mut config: Config = table.try_into().map_err(|e: toml::de::Error| parse_error(e.to_string()))?;
-        config.unknown_keys = unknown
-            .into_iter()
-            .map(|key| ConfigProblem {
-                key,
-                reason: format!("unknown key in {source}"),
-            })
-            .collect();
+        config.unknown_keys = unknown.into_iter().map(|key| ConfigProblem { key, reason: format!("unknown key in {source}") }).collect();
         Ok(config)
     }
 
     /// Reads and parses `path`, or the embedded default when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
         match path {
-            None => Ok((
-                Config::parse(EMBEDDED_DEFAULT, "<embedded default>")?,
-                "<embedded default>".to_string(),
-            )),
+            None => Ok((Config::parse(EMBEDDED_DEFAULT, "<embedded default>")?, "<embedded default>".to_string())),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
                 let source = p.display().to_string();
                 Ok((Config::parse(&text, &source)?, source))
             }
@@ -549,21 +493,13 @@ impl Config {
     /// Checks every rule and resolves the runtime pieces; returns every problem.
     pub fn validate(self, source: &str) -> Result<ValidConfig, ConfigError> {
         let mut problems = self.unknown_keys.clone();
-        let mut p = |key: &str, reason: String| {
-            problems.push(ConfigProblem {
-                key: key.to_string(),
-                reason,
-            })
-        };
+        let mut p = |key: &str, reason: String| problems.push(ConfigProblem { key: key.to_string(), reason });
 
         let listen_text = std::env::var("METERD_LISTEN").unwrap_or_else(|_| self.server.listen.clone());
         let listen = match listen_text.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                p(
-                    "server.listen",
-                    format!("{listen_text:?} is not an address like \"127.0.0.1:8480\""),
-                );
+                p("server.listen", format!("{listen_text:?} is not an address like \"127.0.0.1:8480\""));
                 None
             }
         };
@@ -603,22 +539,13 @@ impl Config {
             p("ingest.dedupe_window", "must be more than zero".into());
         }
         if self.redis.is_some() {
-            p(
-                "redis",
-                "Redis is not supported by this build yet; remove [redis] to run embedded".into(),
-            );
+            p("redis", "Redis is not supported by this build yet; remove [redis] to run embedded".into());
         }
         if self.clickhouse.is_some() {
-            p(
-                "clickhouse",
-                "ClickHouse is not supported by this build yet; remove [clickhouse] to use the embedded store".into(),
-            );
+            p("clickhouse", "ClickHouse is not supported by this build yet; remove [clickhouse] to use the embedded store".into());
         }
         if self.stripe.is_some() {
-            p(
-                "stripe",
-                "Stripe reporting is not supported by this build yet; remove [stripe]".into(),
-            );
+            p("stripe", "Stripe reporting is not supported by this build yet; remove [stripe]".into());
         }
         let metrics_listen = match self.metrics.as_ref().and_then(|m| m.listen.as_ref()) {
             None => None,
@@ -653,10 +580,7 @@ impl Config {
                 }
             };
             if m.precision > crate::model::quantity::MAX_PRECISION {
-                p(
-                    &format!("{at}.precision"),
-                    format!("must be between 0 and {}", crate::model::quantity::MAX_PRECISION),
-                );
+                p(&format!("{at}.precision"), format!("must be between 0 and {}", crate::model::quantity::MAX_PRECISION));
             }
             if let Some(ev) = &m.stripe_event_name {
                 if ev.is_empty() || ev.len() > 100 {
@@ -716,17 +640,10 @@ impl Config {
                     }
                 }
             }
-            plans.push(Plan {
-                name: plan.name.clone(),
-                features: plan.features.clone(),
-                limits,
-            });
+            plans.push(Plan { name: plan.name.clone(), features: plan.features.clone(), limits });
         }
         if !self.plans.is_empty() && defaults.len() != 1 {
-            p(
-                "plans",
-                format!("exactly one plan must have default = true (found {})", defaults.len()),
-            );
+            p("plans", format!("exactly one plan must have default = true (found {})", defaults.len()));
         }
 
         // Auth keys.
@@ -745,10 +662,7 @@ impl Config {
                         Some(out)
                     }
                     _ => {
-                        p(
-                            &format!("{at}.key_sha256"),
-                            "must be 64 hex characters (the SHA-256 of the key)".into(),
-                        );
+                        p(&format!("{at}.key_sha256"), "must be 64 hex characters (the SHA-256 of the key)".into());
                         None
                     }
                 },
@@ -762,26 +676,17 @@ impl Config {
             };
             let mut scopes = 0u8;
             if k.scopes.is_empty() {
-                p(
-                    &format!("{at}.scopes"),
-                    "must name at least one of ingest, check, read, admin".into(),
-                );
+                p(&format!("{at}.scopes"), "must name at least one of ingest, check, read, admin".into());
             }
             for s in &k.scopes {
                 match Scope::parse(s) {
                     Some(scope) => scopes |= scope.bit(),
-                    None => p(
-                        &format!("{at}.scopes"),
-                        format!("unknown scope {s:?} (expected ingest, check, read or admin)"),
-                    ),
+                    None => p(&format!("{at}.scopes"), format!("unknown scope {s:?} (expected ingest, check, read or admin)")),
                 }
             }
             let rate = match k.rate_limit_per_second {
                 Some(0) => {
-                    p(
-                        &format!("{at}.rate_limit_per_second"),
-                        "must be more than zero (omit it for no limit)".into(),
-                    );
+                    p(&format!("{at}.rate_limit_per_second"), "must be more than zero (omit it for no limit)".into());
                     None
                 }
                 other => other.and_then(NonZeroU32::new),
@@ -801,10 +706,7 @@ impl Config {
         }
         if let Some(addr) = listen {
             if self.auth.keys.is_empty() && !addr.ip().is_loopback() {
-                p(
-                    "server.listen",
-                    format!("{addr} is not a loopback address and [[auth.keys]] is empty: add keys or listen on 127.0.0.1"),
-                );
+                p("server.listen", format!("{addr} is not a loopback address and [[auth.keys]] is empty: add keys or listen on 127.0.0.1"));
             }
         }
 
@@ -817,10 +719,7 @@ impl Config {
                 keys,
                 source: source.to_string(),
             }),
-            _ => Err(ConfigError::Invalid {
-                path: source.to_string(),
-                problems,
-            }),
+            _ => Err(ConfigError::Invalid { path: source.to_string(), problems }),
         }
     }
 }
@@ -925,21 +824,13 @@ rate_limit_per_second = 1
 rate_limit_burst = 1
 "#;
         let parsed = Config::parse(all, "all.toml");
-        assert!(
-            parsed.as_ref().map(|c| c.unknown_keys.is_empty()).unwrap_or(false),
-            "{:?}",
-            parsed.err()
-        );
+        assert!(parsed.as_ref().map(|c| c.unknown_keys.is_empty()).unwrap_or(false), "{:?}", parsed.err());
     }
 
     #[test]
     fn unknown_keys_name_key_and_file() {
         let text = "[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n[[plans]]\nname = \"p\"\ndefault = true\n";
-        let err = Config::parse(text, "t.toml")
-            .and_then(|c| c.validate("t.toml"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = Config::parse(text, "t.toml").and_then(|c| c.validate("t.toml")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("server.lisen: unknown key in t.toml"), "{err}");
         assert!(err.contains("1 problem"), "{err}");
     }

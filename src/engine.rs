@@ -122,11 +122,19 @@ impl Engine {
         engine.rebuild().await?;
         let floor = engine.usage_store.max_wal_seq(&engine.instance_id).await?;
         let started = std::time::Instant::now();
-        let (wal, report) = Wal::open(&wal_config, floor, |_, batch| engine.replay(&batch))?;
-        if report.replayed_records > 0 || report.truncated.is_some() {
+        let (wal, report) = Wal::open(
+            &wal_config,
+            floor,
+            |id, at| {
+                engine.deduper.insert(id, at);
+            },
+            |_, batch| engine.replay(&batch),
+        )?;
+        if report.replayed_records > 0 || report.truncated.is_some() || report.ids_loaded > 0 {
             tracing::info!(
                 records = report.replayed_records,
                 events = report.replayed_events,
+                ids = report.ids_loaded,
                 seconds = started.elapsed().as_secs_f64(),
                 from = floor,
                 "replayed the WAL"
@@ -152,10 +160,8 @@ impl Engine {
             };
             usages.push((customer, meter, e));
         }
-        let props: Vec<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> = usages
-            .iter()
-            .map(|(_, _, e)| e.properties.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())).collect())
-            .collect();
+        let props: Vec<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> =
+            usages.iter().map(|(_, _, e)| e.properties.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())).collect()).collect();
         let folded: Vec<Usage<'_>> = usages
             .iter()
             .zip(&props)
@@ -239,12 +245,8 @@ impl Engine {
                         continue;
                     };
                     let window = kind.bounds(now, ent.billing_anchor);
-                    let query = UsageQuery {
-                        from_ms: window.start_ms,
-                        to_ms: window.end_ms,
-                        customer: Some(name.to_string()),
-                        ..query.clone()
-                    };
+                    let query =
+                        UsageQuery { from_ms: window.start_ms, to_ms: window.end_ms, customer: Some(name.to_string()), ..query.clone() };
                     if let Some(row) = self.usage_store.aggregate(&query).await?.data.into_iter().next() {
                         let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
                         self.counters.windows.set(key, row.value, row.last_ts);

@@ -60,9 +60,7 @@ impl EntitlementCache {
 
     /// The customer's entitlements (the default plan if none are stored).
     pub fn get(&self, customer: Option<CustomerId>) -> Arc<Entitlements> {
-        customer
-            .and_then(|id| self.entries.get(&id).map(|e| e.0.clone()))
-            .unwrap_or_else(|| self.default.clone())
+        customer.and_then(|id| self.entries.get(&id).map(|e| e.0.clone())).unwrap_or_else(|| self.default.clone())
     }
 
     /// The stored document, if any.

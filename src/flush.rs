@@ -18,6 +18,8 @@ use tokio::sync::watch;
 pub enum FlushError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot make event ids durable before the flush: {0}")]
+    Ids(#[from] crate::wal::WalError),
 }
 
 /// Converts an epoch to store rows.
@@ -29,12 +31,8 @@ fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
             continue;
         };
         let (value, last_ts) = bucket_value(entry.value());
-        let properties = entry
-            .value()
-            .properties
-            .get()
-            .map(|p| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
-            .unwrap_or_default();
+        let properties =
+            entry.value().properties.get().map(|p| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap_or_default();
         rows.push(UsageRow {
             meter: meter.name.clone(),
             customer: customer.to_string(),
@@ -60,6 +58,12 @@ pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
         wal_seq: epoch.wal_watermark.load(std::sync::atomic::Ordering::Acquire),
         rows: rows_of(engine, &epoch),
     };
+    // The flush lets WAL records go; their ids must be on disk first, so that
+    // dedupe still knows them after a restart.
+    if let Err(e) = engine.wal.sync_ids().await {
+        crate::telemetry::flush_failed();
+        return Err(e.into());
+    }
     match engine.usage_store.write_flush(&batch).await {
         Ok(()) => {
             engine.counters.buckets.flushed(epoch.seq);
@@ -110,13 +114,7 @@ pub fn housekeeping(engine: &Engine) {
 /// Sets the state gauges (also refreshed on every scrape).
 pub fn housekeeping_gauges(engine: &Engine) {
     let now = now_ms();
-    let oldest = engine
-        .counters
-        .buckets
-        .unflushed()
-        .iter()
-        .filter_map(|e| e.buckets.iter().map(|b| b.key().minute).min())
-        .min();
+    let oldest = engine.counters.buckets.unflushed().iter().filter_map(|e| e.buckets.iter().map(|b| b.key().minute).min()).min();
     let lag = oldest.map(|m| ((now - m * 60_000) as f64 / 1000.0).max(0.0)).unwrap_or(0.0);
     crate::telemetry::gauges(
         engine.counters.windows.len(),

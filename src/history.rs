@@ -83,25 +83,19 @@ impl Engine {
         granularity: Granularity,
         customer: Option<&str>,
     ) -> Result<Series, HistoryError> {
-        let meter = self.catalog.meter_by_name(meter).ok_or_else(|| HistoryError::Invalid {
-            field: "meter",
-            reason: format!("unknown meter {meter:?}"),
-        })?;
+        let meter = self
+            .catalog
+            .meter_by_name(meter)
+            .ok_or_else(|| HistoryError::Invalid { field: "meter", reason: format!("unknown meter {meter:?}") })?;
         if from_ms >= to_ms {
-            return Err(HistoryError::Invalid {
-                field: "from",
-                reason: "must be before to".into(),
-            });
+            return Err(HistoryError::Invalid { field: "from", reason: "must be before to".into() });
         }
         let g = granularity.millis();
         let from_ms = from_ms.div_euclid(g) * g;
         if (to_ms - from_ms) / g > MAX_POINTS as i64 {
             return Err(HistoryError::Invalid {
                 field: "to",
-                reason: format!(
-                    "the range spans more than {MAX_POINTS} {} buckets; use a coarser granularity",
-                    granularity.as_str()
-                ),
+                reason: format!("the range spans more than {MAX_POINTS} {} buckets; use a coarser granularity", granularity.as_str()),
             });
         }
         let fold = Fold::from(meter.aggregation);
@@ -144,9 +138,7 @@ impl Engine {
                 let Some(name) = self.counters.interner.name(k.customer) else {
                     continue;
                 };
-                let slot = points
-                    .entry((name.to_string(), minute_ms.div_euclid(g) * g))
-                    .or_insert((0, i64::MIN));
+                let slot = points.entry((name.to_string(), minute_ms.div_euclid(g) * g)).or_insert((0, i64::MIN));
                 *slot = fold.combine(*slot, bucket_value(entry.value()));
             }
         }
@@ -158,17 +150,9 @@ impl Engine {
                 customer,
                 start: rfc3339(start),
                 end: rfc3339(start + g),
-                value: Decimal {
-                    raw: value,
-                    precision: meter.precision,
-                },
+                value: Decimal { raw: value, precision: meter.precision },
             })
             .collect();
-        Ok(Series {
-            meter: meter.name.clone(),
-            granularity: granularity.as_str(),
-            data,
-            truncated,
-        })
+        Ok(Series { meter: meter.name.clone(), granularity: granularity.as_str(), data, truncated })
     }
 }

@@ -27,10 +27,7 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok(Args {
-        command: command.unwrap_or_else(|| "serve".into()),
-        config,
-    })
+    Ok(Args { command: command.unwrap_or_else(|| "serve".into()), config })
 }
 
 fn main() -> ExitCode {
@@ -79,10 +76,7 @@ fn main() -> ExitCode {
 fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // Validate before anything binds or opens a file.
     let config = config::load_valid(config_path.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async move {
         let app = meterd::AppHandle::start(config).await?;
         shutdown_signal().await;

@@ -19,20 +19,11 @@ fn assert_error(r: &Resp, status: u16, code: &str) {
     assert_eq!(r.status.as_u16(), status, "wrong status: {}", r.text);
     let ct = r.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
     assert!(ct.starts_with("application/json"), "content-type {ct:?}: {}", r.text);
-    let top = r
-        .body
-        .as_object()
-        .unwrap_or_else(|| panic!("body is not a JSON object: {:?}", r.text));
+    let top = r.body.as_object().unwrap_or_else(|| panic!("body is not a JSON object: {:?}", r.text));
     assert_eq!(top.keys().collect::<Vec<_>>(), vec!["error"], "{}", r.text);
-    let err = r.body["error"]
-        .as_object()
-        .unwrap_or_else(|| panic!("error is not an object: {}", r.text));
+    let err = r.body["error"].as_object().unwrap_or_else(|| panic!("error is not an object: {}", r.text));
     for k in err.keys() {
-        assert!(
-            matches!(k.as_str(), "code" | "message" | "details"),
-            "unexpected key {k:?}: {}",
-            r.text
-        );
+        assert!(matches!(k.as_str(), "code" | "message" | "details"), "unexpected key {k:?}: {}", r.text);
     }
     assert_eq!(err.get("code").and_then(Value::as_str), Some(code), "{}", r.text);
     let message = err.get("message").and_then(Value::as_str).unwrap_or("");
@@ -49,9 +40,7 @@ fn assert_error_naming(r: &Resp, status: u16, code: &str, needle: &str) {
 }
 
 fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .expect("valid ts")
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    chrono::DateTime::from_timestamp_millis(ms).expect("valid ts").to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 fn ev(customer: &str, quantity: Value) -> Value {
@@ -63,10 +52,7 @@ async fn used(c: &Client, customer: &str, meter: &str) -> f64 {
     let r = c.get(&format!("/v1/customers/{customer}/usage")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let rows = r.body["meters"].as_array().unwrap_or_else(|| panic!("no meters: {}", r.text));
-    let row = rows
-        .iter()
-        .find(|row| row["meter"] == meter)
-        .unwrap_or_else(|| panic!("no row for {meter}: {}", r.text));
+    let row = rows.iter().find(|row| row["meter"] == meter).unwrap_or_else(|| panic!("no row for {meter}: {}", r.text));
     row["used"].as_f64().unwrap_or_else(|| panic!("used is not a number: {}", r.text))
 }
 
@@ -77,9 +63,7 @@ async fn post_raw(c: &Client, ct: Option<&str>, body: impl Into<bytes::Bytes>) -
 /// `(index, field)` pairs of an invalid_event answer, checking each detail's shape.
 fn detail_pairs(r: &Resp) -> Vec<(u64, String, String)> {
     assert_error(r, 400, "invalid_event");
-    let details = r.body["error"]["details"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no details: {}", r.text));
+    let details = r.body["error"]["details"].as_array().unwrap_or_else(|| panic!("no details: {}", r.text));
     details
         .iter()
         .map(|d| {
@@ -89,19 +73,13 @@ fn detail_pairs(r: &Resp) -> Vec<(u64, String, String)> {
             assert_eq!(keys, vec!["field", "index", "reason"], "detail shape: {d}");
             let reason = d["reason"].as_str().expect("reason is a string").to_string();
             assert!(!reason.is_empty(), "empty reason: {d}");
-            (
-                d["index"].as_u64().expect("index is an integer"),
-                d["field"].as_str().expect("field is a string").to_string(),
-                reason,
-            )
+            (d["index"].as_u64().expect("index is an integer"), d["field"].as_str().expect("field is a string").to_string(), reason)
         })
         .collect()
 }
 
 fn has(pairs: &[(u64, String, String)], index: u64, field: &str, reason_part: &str) -> bool {
-    pairs
-        .iter()
-        .any(|(i, f, r)| *i == index && f == field && r.to_lowercase().contains(&reason_part.to_lowercase()))
+    pairs.iter().any(|(i, f, r)| *i == index && f == field && r.to_lowercase().contains(&reason_part.to_lowercase()))
 }
 
 fn limited_config() -> String {
@@ -115,15 +93,9 @@ fn limited_config() -> String {
 async fn invalid_json_bodies() {
     let server = TestServer::start(INTERVIEW).await;
     let c = server.client();
-    for body in [
-        &b"{"[..],
-        b"[{\"id\": \"a\", ",
-        b"not json",
-        b"",
-        b"{\"id\": \"a\"} {\"id\": \"b\"}",
-        b"[1, 2,]",
-        b"{\"id\": \"\xff\xfe\"}",
-    ] {
+    for body in
+        [&b"{"[..], b"[{\"id\": \"a\", ", b"not json", b"", b"{\"id\": \"a\"} {\"id\": \"b\"}", b"[1, 2,]", b"{\"id\": \"\xff\xfe\"}"]
+    {
         let r = post_raw(&c, Some("application/json"), body.to_vec()).await;
         assert_error(&r, 400, "invalid_json");
     }
@@ -218,11 +190,7 @@ async fn invalid_events_list_every_bad_event() {
         (9, "quantity", "negative"),
         (9, "id", "128"),
     ] {
-        assert!(
-            has(&pairs, index, field, reason),
-            "missing ({index}, {field}, ~{reason}) in {}",
-            r.text
-        );
+        assert!(has(&pairs, index, field, reason), "missing ({index}, {field}, ~{reason}) in {}", r.text);
     }
     // A batch with problems is refused whole.
     assert_eq!(used(&c, "ie_b", "interview_minutes").await, 0.0);
@@ -233,9 +201,7 @@ async fn invalid_events_list_every_bad_event() {
 async fn invalid_event_details_are_capped_at_100() {
     let server = TestServer::start(INTERVIEW).await;
     let c = server.client();
-    let batch: Vec<Value> = (0..150)
-        .map(|_| json!({"id": uid("cap"), "customer": "cap", "meter": "no_such_meter"}))
-        .collect();
+    let batch: Vec<Value> = (0..150).map(|_| json!({"id": uid("cap"), "customer": "cap", "meter": "no_such_meter"})).collect();
     let r = c.events(&Value::Array(batch)).await;
     let pairs = detail_pairs(&r);
     assert_eq!(pairs.len(), 100, "{}", r.text);
@@ -291,15 +257,9 @@ async fn invalid_check_requests() {
         (json!({"meter": "interviews"}), "customer"),
         (json!({"customer": "u", "meter": "no_such_meter"}), "meter"),
         (json!({"customer": "u"}), "meter"),
-        (
-            json!({"customer": "u", "meter": "interview_minutes", "quantity": "ten"}),
-            "quantity",
-        ),
+        (json!({"customer": "u", "meter": "interview_minutes", "quantity": "ten"}), "quantity"),
         (json!({"customer": "u", "meter": "interview_minutes", "quantity": -2}), "quantity"),
-        (
-            json!({"customer": "u", "meter": "interview_minutes", "quantity": 1.001}),
-            "quantity",
-        ),
+        (json!({"customer": "u", "meter": "interview_minutes", "quantity": 1.001}), "quantity"),
         (json!({"customer": "u", "meter": "interviews", "consume": true}), "id"),
         (json!({"customer": "u", "meter": "interviews", "bogus_field": 1}), "bogus_field"),
         (json!({"customer": "u", "meter": "interviews", "consume": "yes"}), "consume"),
@@ -328,18 +288,9 @@ async fn invalid_entitlements_requests() {
     let path = "/v1/customers/ent_1/entitlements";
     for (body, needles) in [
         (json!({"plan": "gold"}), vec!["plan", "gold"]),
-        (
-            json!({"overrides": {"no_such_meter": {"limit": 1, "window": "day"}}}),
-            vec!["overrides.no_such_meter"],
-        ),
-        (
-            json!({"overrides": {"interviews": [{"limit": 10, "window": "fortnight"}]}}),
-            vec!["overrides.interviews", "window"],
-        ),
-        (
-            json!({"overrides": {"interviews": {"limit": 10, "window": "week"}}}),
-            vec!["overrides.interviews", "window"],
-        ),
+        (json!({"overrides": {"no_such_meter": {"limit": 1, "window": "day"}}}), vec!["overrides.no_such_meter"]),
+        (json!({"overrides": {"interviews": [{"limit": 10, "window": "fortnight"}]}}), vec!["overrides.interviews", "window"]),
+        (json!({"overrides": {"interviews": {"limit": 10, "window": "week"}}}), vec!["overrides.interviews", "window"]),
         (json!({"plan": "premium", "billing_anchor": "soon"}), vec!["billing_anchor"]),
         (json!({"plan": "premium", "bogus_field": 1}), vec!["bogus_field"]),
     ] {
@@ -353,12 +304,7 @@ async fn invalid_entitlements_requests() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["plan"], "starter", "{}", r.text);
     // And a correct PUT works.
-    let r = c
-        .put_json(
-            path,
-            &json!({"plan": "premium", "overrides": {"interviews": [{"limit": 10, "window": "day"}]}}),
-        )
-        .await;
+    let r = c.put_json(path, &json!({"plan": "premium", "overrides": {"interviews": [{"limit": 10, "window": "day"}]}})).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["plan"], "premium", "{}", r.text);
     server.stop().await;
@@ -397,9 +343,7 @@ async fn invalid_usage_queries() {
         }
     }
     // A correct query answers.
-    let r = c
-        .get(&format!("/v1/usage?meter=interviews&from={from}&to={to}&granularity=minute"))
-        .await;
+    let r = c.get(&format!("/v1/usage?meter=interviews&from={from}&to={to}&granularity=minute")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["meter"], "interviews", "{}", r.text);
     assert!(r.body["data"].is_array(), "{}", r.text);
@@ -469,11 +413,7 @@ async fn payload_too_large_by_bytes_and_by_events() {
     assert_eq!(used(&c, "big", "interviews").await, 0.0);
 
     // (b) More events than max_batch_events (10), small enough in bytes.
-    let small = |n: usize| -> Vec<Value> {
-        (0..n)
-            .map(|_| json!({"id": uid("n"), "customer": "n", "meter": "interviews"}))
-            .collect()
-    };
+    let small = |n: usize| -> Vec<Value> { (0..n).map(|_| json!({"id": uid("n"), "customer": "n", "meter": "interviews"})).collect() };
     let eleven = small(11);
     let body = Value::Array(eleven.clone()).to_string();
     assert!(body.len() <= 2048, "test body must be under the byte limit ({})", body.len());
@@ -564,19 +504,12 @@ async fn chunked_body_over_the_limit_is_refused_without_buffering() {
             }
         }
     }
-    let (status, head, body) = parsed.unwrap_or_else(|| {
-        panic!(
-            "no complete response after {written} body bytes: {:?}",
-            String::from_utf8_lossy(&response)
-        )
-    });
+    let (status, head, body) =
+        parsed.unwrap_or_else(|| panic!("no complete response after {written} body bytes: {:?}", String::from_utf8_lossy(&response)));
     assert_eq!(status, 413, "{head}\n{body}");
     assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    assert!(
-        written < 16 * limit,
-        "the server answered only after {written} bytes (limit {limit}): it buffered the body"
-    );
+    assert!(written < 16 * limit, "the server answered only after {written} bytes (limit {limit}): it buffered the body");
     drop(stream);
 
     let r = server.client().get("/healthz").await;
@@ -598,12 +531,7 @@ async fn unsupported_media_types() {
     let check = json!({"customer": "media", "meter": "interviews"}).to_string();
     for path in ["/v1/events", "/v1/check"] {
         let body = if path == "/v1/events" { &event } else { &check };
-        for ct in [
-            Some("text/plain"),
-            None,
-            Some("application/x-www-form-urlencoded"),
-            Some("application/xml"),
-        ] {
+        for ct in [Some("text/plain"), None, Some("application/x-www-form-urlencoded"), Some("application/xml")] {
             let r = c.send(Method::POST, path, ct, body.clone()).await;
             assert_error(&r, 415, "unsupported_media_type");
         }
@@ -631,19 +559,11 @@ async fn unavailable_while_shutting_down() {
 
     let r = c.events(&ev("sd", json!(1))).await;
     assert_error(&r, 503, "unavailable");
-    let retry = r
-        .headers
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let retry = r.headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     assert!(retry.is_some_and(|s| s >= 1), "Retry-After: {:?}", r.headers.get("retry-after"));
     let r = c.check(&json!({"customer": "sd", "meter": "interviews"})).await;
     assert_error(&r, 503, "unavailable");
-    let retry = r
-        .headers
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let retry = r.headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     assert!(retry.is_some_and(|s| s >= 1), "Retry-After: {:?}", r.headers.get("retry-after"));
     let r = c.get("/readyz").await;
     assert_error(&r, 503, "unavailable");
@@ -701,9 +621,7 @@ async fn accepted_shapes_and_duplicates() {
     assert_eq!(used(&c, cust, "interview_minutes").await, 91.0);
 
     // quantity defaults to 1; integer Unix-ms timestamps; charset parameter.
-    let r = c
-        .events(&json!({"id": uid("q"), "customer": "defaults", "meter": "interview_minutes", "timestamp": now_ms() - 1000}))
-        .await;
+    let r = c.events(&json!({"id": uid("q"), "customer": "defaults", "meter": "interview_minutes", "timestamp": now_ms() - 1000})).await;
     assert_eq!(r.status, 202, "{}", r.text);
     assert_eq!(used(&c, "defaults", "interview_minutes").await, 1.0);
     let body = json!({"id": uid("q"), "customer": "defaults", "meter": "interviews"}).to_string();
@@ -715,9 +633,7 @@ async fn accepted_shapes_and_duplicates() {
     assert_eq!(r.status, 202, "{}", r.text);
     assert_eq!(used(&c, "defaults", "interviews").await, 2.0);
     // A count meter ignores the quantity.
-    let r = c
-        .events(&json!({"id": uid("q"), "customer": "defaults", "meter": "interviews", "quantity": 7}))
-        .await;
+    let r = c.events(&json!({"id": uid("q"), "customer": "defaults", "meter": "interviews", "quantity": 7})).await;
     assert_eq!(r.status, 202, "{}", r.text);
     assert_eq!(used(&c, "defaults", "interviews").await, 3.0);
     server.stop().await;

@@ -31,19 +31,14 @@ fn keyed_config(env_var: Option<&str>) -> String {
         ("admin-only", ADMIN, r#"["admin"]"#),
         ("all", ALL, r#"["ingest", "check", "read", "admin"]"#),
     ] {
-        text.push_str(&format!(
-            "\n[[auth.keys]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\nscopes = {scopes}\n",
-            sha_hex(key)
-        ));
+        text.push_str(&format!("\n[[auth.keys]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\nscopes = {scopes}\n", sha_hex(key)));
     }
     text.push_str(&format!(
         "\n[[auth.keys]]\nname = \"limited\"\nkey_sha256 = \"{}\"\nscopes = [\"check\"]\nrate_limit_per_second = 1\nrate_limit_burst = 2\n",
         sha_hex(LIMITED)
     ));
     if let Some(var) = env_var {
-        text.push_str(&format!(
-            "\n[[auth.keys]]\nname = \"from-env\"\nkey_env = \"{var}\"\nscopes = [\"ingest\", \"read\"]\n"
-        ));
+        text.push_str(&format!("\n[[auth.keys]]\nname = \"from-env\"\nkey_env = \"{var}\"\nscopes = [\"ingest\", \"read\"]\n"));
     }
     text
 }
@@ -78,11 +73,7 @@ async fn call_all(c: &Client) -> Vec<(&'static str, Resp)> {
         ("check", c.check(&check_body("auth_all")).await),
         ("customer_usage", c.get("/v1/customers/auth_all/usage").await),
         ("get_entitlements", c.get("/v1/customers/auth_all/entitlements").await),
-        (
-            "put_entitlements",
-            c.put_json("/v1/customers/auth_all/entitlements", &json!({"plan": "professional"}))
-                .await,
-        ),
+        ("put_entitlements", c.put_json("/v1/customers/auth_all/entitlements", &json!({"plan": "professional"})).await),
         ("usage", c.get(&usage_query()).await),
     ]
 }
@@ -113,9 +104,7 @@ async fn missing_or_unknown_keys_are_unauthorized() {
     // Nothing was recorded by the refused requests.
     let r = plain.with_token(READ).get("/v1/customers/auth_401/usage").await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let interviews = r.body["meters"]
-        .as_array()
-        .and_then(|rows| rows.iter().find(|row| row["meter"] == "interviews").cloned());
+    let interviews = r.body["meters"].as_array().and_then(|rows| rows.iter().find(|row| row["meter"] == "interviews").cloned());
     assert_eq!(interviews.and_then(|row| row["used"].as_f64()), Some(0.0), "{}", r.text);
     // Ops routes need no key.
     for path in ["/healthz", "/readyz", "/metrics"] {
@@ -129,9 +118,7 @@ async fn missing_or_unknown_keys_are_unauthorized() {
 async fn send_with_header(c: &Client, path: &str, authorization: &str, body: &Value) -> Resp {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::net::TcpStream::connect(c.addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .expect("handshake");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
     tokio::spawn(conn);
     let req = hyper::Request::builder()
         .method("POST")
@@ -145,12 +132,7 @@ async fn send_with_header(c: &Client, path: &str, authorization: &str, body: &Va
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    Resp {
-        status,
-        headers,
-        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        text: String::from_utf8_lossy(&bytes).to_string(),
-    }
+    Resp { status, headers, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null), text: String::from_utf8_lossy(&bytes).to_string() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,27 +163,17 @@ async fn scopes_allow_and_forbid() {
                     "put_entitlements" => "admin",
                     _ => "read",
                 };
-                assert!(
-                    message(r).contains(needed),
-                    "{key} on {route}: message should name {needed:?}: {}",
-                    r.text
-                );
+                assert!(message(r).contains(needed), "{key} on {route}: message should name {needed:?}: {}", r.text);
             }
         }
     }
     // A forbidden PUT changed nothing; an allowed one did.
-    let r = c
-        .with_token(CHECK)
-        .put_json("/v1/customers/auth_scope/entitlements", &json!({"plan": "premium"}))
-        .await;
+    let r = c.with_token(CHECK).put_json("/v1/customers/auth_scope/entitlements", &json!({"plan": "premium"})).await;
     assert_error(&r, 403, "forbidden");
     assert!(message(&r).contains("admin"), "{}", r.text);
     let r = c.with_token(READ).get("/v1/customers/auth_scope/entitlements").await;
     assert_eq!(r.body["plan"], "starter", "{}", r.text);
-    let r = c
-        .with_token(ADMIN)
-        .put_json("/v1/customers/auth_scope/entitlements", &json!({"plan": "premium"}))
-        .await;
+    let r = c.with_token(ADMIN).put_json("/v1/customers/auth_scope/entitlements", &json!({"plan": "premium"})).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let r = c.with_token(READ).get("/v1/customers/auth_scope/entitlements").await;
     assert_eq!(r.body["plan"], "premium", "{}", r.text);
@@ -251,11 +223,7 @@ async fn rate_limit_per_key() {
     }
     let r = limited.check(&check_body("auth_rl")).await;
     assert_error(&r, 429, "rate_limited");
-    let retry = r
-        .headers
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let retry = r.headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     assert!(retry.is_some_and(|s| s >= 1), "Retry-After: {:?}", r.headers.get("retry-after"));
     // Another key is unaffected.
     for _ in 0..5 {
@@ -332,13 +300,7 @@ default = true
     let path = write_config(dir.path(), "open.toml", open);
     let (code, text) = check_config(&path);
     assert_eq!(code, 2, "{text}");
-    for key in [
-        "server.listen",
-        "plans",
-        "plans[0].limits.minutes.window",
-        "plans[0].limits.ghost",
-        "meters[1].name",
-    ] {
+    for key in ["server.listen", "plans", "plans[0].limits.minutes.window", "plans[0].limits.ghost", "meters[1].name"] {
         assert!(text.contains(key), "missing {key} in:\n{text}");
     }
     assert!(text.contains("open.toml"), "the file is named:\n{text}");

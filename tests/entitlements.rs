@@ -17,11 +17,7 @@ fn next_anchor(now: i64, day: u32, secs: i64) -> i64 {
     loop {
         let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
         let days_in_month = (NaiveDate::from_ymd_opt(ny, nm, 1).unwrap() - NaiveDate::from_ymd_opt(y, m, 1).unwrap()).num_days() as u32;
-        let start = Utc
-            .with_ymd_and_hms(y, m, day.min(days_in_month), 0, 0, 0)
-            .unwrap()
-            .timestamp_millis()
-            + secs * 1000;
+        let start = Utc.with_ymd_and_hms(y, m, day.min(days_in_month), 0, 0, 0).unwrap().timestamp_millis() + secs * 1000;
         if start > now {
             return start;
         }
@@ -108,12 +104,7 @@ async fn put_returns_the_resolved_view_and_takes_effect_at_once() {
 
     // Premium: unlimited limits render as "unlimited"; an empty document is the default plan.
     let r = put(&c, "ent2", json!({"plan": "premium"})).await;
-    assert_eq!(
-        r.body["limits"]["interview_minutes"],
-        limit(json!("unlimited"), "month"),
-        "{}",
-        r.text
-    );
+    assert_eq!(r.body["limits"]["interview_minutes"], limit(json!("unlimited"), "month"), "{}", r.text);
     assert_eq!(r.body["features"], json!({"advanced_analytics": true}));
     let r = put(&c, "ent2", json!({})).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -126,15 +117,7 @@ async fn override_replaces_the_plan_limits_for_that_meter() {
     away_from_hour_boundary().await;
     let server = TestServer::start(INTERVIEW).await;
     let c = server.client();
-    ingest(
-        &c,
-        json!([
-            event("ov1", "interviews", 1),
-            event("ov1", "interviews", 1),
-            event("ov1", "interviews", 1)
-        ]),
-    )
-    .await;
+    ingest(&c, json!([event("ov1", "interviews", 1), event("ov1", "interviews", 1), event("ov1", "interviews", 1)])).await;
     assert_eq!(check(&c, "ov1", "interviews", 1).await["allowed"], json!(false));
 
     let r = put(&c, "ov1", json!({"overrides": {"interviews": {"limit": 10, "window": "day"}}})).await;
@@ -147,9 +130,7 @@ async fn override_replaces_the_plan_limits_for_that_meter() {
     assert_eq!(a["used"], json!(3));
     assert_eq!(a["limit"], json!(10));
     assert_eq!(a["remaining"], json!(7));
-    let r = c
-        .check(&json!({"customer": "ov1", "meter": "interviews", "quantity": 1, "consume": true, "id": "ov1-4th"}))
-        .await;
+    let r = c.check(&json!({"customer": "ov1", "meter": "interviews", "quantity": 1, "consume": true, "id": "ov1-4th"})).await;
     assert_eq!(r.body["allowed"], json!(true), "{}", r.text);
     assert_eq!(r.body["used"], json!(4));
 
@@ -192,19 +173,10 @@ async fn override_with_a_new_window_kind_counts_earlier_usage() {
     // h1: all in memory, plus one interview in the previous hour (not counted).
     ingest(
         &c,
-        json!([
-            event("h1", "interviews", 1),
-            event("h1", "interviews", 1),
-            event("h1", "interviews", 1),
-            event("h1", "interviews", 1)
-        ]),
+        json!([event("h1", "interviews", 1), event("h1", "interviews", 1), event("h1", "interviews", 1), event("h1", "interviews", 1)]),
     )
     .await;
-    ingest(
-        &c,
-        json!({"id": uid("e"), "customer": "h1", "meter": "interviews", "timestamp": hour_start - 60_000}),
-    )
-    .await;
+    ingest(&c, json!({"id": uid("e"), "customer": "h1", "meter": "interviews", "timestamp": hour_start - 60_000})).await;
     // h2: partly stored, partly in memory.
     ingest(&c, json!([event("h2", "interviews", 1), event("h2", "interviews", 1)])).await;
     flush().await;
@@ -241,9 +213,7 @@ async fn override_with_a_new_window_kind_counts_earlier_usage() {
     let a = check(&c, "h1", "interviews", 1).await;
     assert_eq!(a["used"], json!(5), "{a}");
     assert_eq!(a["allowed"], json!(false), "{a}");
-    let r = c
-        .check(&json!({"customer": "h2", "meter": "interviews", "consume": true, "id": "h2-c1"}))
-        .await;
+    let r = c.check(&json!({"customer": "h2", "meter": "interviews", "consume": true, "id": "h2-c1"})).await;
     assert_eq!(r.body["used"], json!(4), "{}", r.text);
     flush().await;
     assert_eq!(check(&c, "h2", "interviews", 1).await["used"], json!(4));
@@ -287,11 +257,7 @@ async fn billing_anchor_sets_the_cycle() {
     // yesterday, so only today's usage is in it.
     let three_days_ago = now - 3 * DAY;
     ingest(&c, json!(event("b1", "tokens", 30))).await;
-    ingest(
-        &c,
-        json!({"id": uid("e"), "customer": "b1", "meter": "tokens", "quantity": 20, "timestamp": three_days_ago}),
-    )
-    .await;
+    ingest(&c, json!({"id": uid("e"), "customer": "b1", "meter": "tokens", "quantity": 20, "timestamp": three_days_ago})).await;
     let this_month = {
         let at = Utc.timestamp_millis_opt(now).unwrap();
         Utc.with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0).unwrap().timestamp_millis()
@@ -342,18 +308,9 @@ async fn bad_put_is_refused_and_changes_nothing() {
 
     let cases = [
         (json!({"plan": "gold"}), "plan"),
-        (
-            json!({"plan": "starter", "overrides": {"nope": {"limit": 1, "window": "day"}}}),
-            "overrides.nope",
-        ),
-        (
-            json!({"plan": "starter", "overrides": {"interviews": {"limit": 5, "window": "week"}}}),
-            "overrides.interviews.window",
-        ),
-        (
-            json!({"plan": "starter", "overrides": {"interviews": {"limit": 5}}}),
-            "overrides.interviews.window",
-        ),
+        (json!({"plan": "starter", "overrides": {"nope": {"limit": 1, "window": "day"}}}), "overrides.nope"),
+        (json!({"plan": "starter", "overrides": {"interviews": {"limit": 5, "window": "week"}}}), "overrides.interviews.window"),
+        (json!({"plan": "starter", "overrides": {"interviews": {"limit": 5}}}), "overrides.interviews.window"),
         (
             json!({"plan": "starter", "overrides": {"interview_minutes": {"limit": 1.234, "window": "day"}}}),
             "overrides.interview_minutes.limit",
@@ -373,14 +330,7 @@ async fn bad_put_is_refused_and_changes_nothing() {
         assert_eq!(get(&c, "bad1").await, before, "{doc} changed the entitlements");
     }
     // Not JSON at all.
-    let r = c
-        .send(
-            hyper::Method::PUT,
-            "/v1/customers/bad1/entitlements",
-            Some("application/json"),
-            "{plan: starter",
-        )
-        .await;
+    let r = c.send(hyper::Method::PUT, "/v1/customers/bad1/entitlements", Some("application/json"), "{plan: starter").await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.code(), "invalid_json", "{}", r.text);
     assert_eq!(get(&c, "bad1").await, before);
@@ -395,10 +345,8 @@ async fn bad_put_is_refused_and_changes_nothing() {
     // Every problem is named at once.
     let r = put(&c, "bad1", json!({"plan": "gold", "billing_anchor": "x", "overrides": {"nope": 1}})).await;
     assert_eq!(r.status, 400, "{}", r.text);
-    let fields: Vec<&str> = r.body["error"]["details"]
-        .as_array()
-        .map(|d| d.iter().filter_map(|p| p["field"].as_str()).collect())
-        .unwrap_or_default();
+    let fields: Vec<&str> =
+        r.body["error"]["details"].as_array().map(|d| d.iter().filter_map(|p| p["field"].as_str()).collect()).unwrap_or_default();
     assert_eq!(fields.len(), 3, "{}", r.text);
     assert_eq!(get(&c, "bad1").await, before);
     server.stop().await;

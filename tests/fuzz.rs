@@ -60,16 +60,7 @@ fn random_event(rng: &mut Rng, n: u64, clean: bool) -> Value {
         return e;
     }
     if rng.chance(2) {
-        let q = rng.pick::<Value>(&[
-            json!(1),
-            json!(0),
-            json!(2.5),
-            json!(0.01),
-            json!(12.345),
-            json!(-1),
-            json!(1e300),
-            json!("1"),
-        ]);
+        let q = rng.pick::<Value>(&[json!(1), json!(0), json!(2.5), json!(0.01), json!(12.345), json!(-1), json!(1e300), json!("1")]);
         e["quantity"] = q;
     }
     if rng.chance(3) {
@@ -97,9 +88,7 @@ fn random_event(rng: &mut Rng, n: u64, clean: bool) -> Value {
 
 fn random_batch(rng: &mut Rng, n: u64) -> Vec<Value> {
     let clean = rng.chance(2);
-    (0..1 + rng.below(8))
-        .map(|i| random_event(rng, n * 100 + i as u64, clean))
-        .collect()
+    (0..1 + rng.below(8)).map(|i| random_event(rng, n * 100 + i as u64, clean)).collect()
 }
 
 /// Serializes a batch as JSON (object or array) or NDJSON.
@@ -127,36 +116,19 @@ fn special(rng: &mut Rng) -> Vec<u8> {
         2 => format!("[{}1{}]", "{\"a\":".repeat(depth.min(5000)), "}".repeat(depth.min(5000))).into_bytes(),
         3 => br#"{"id":"a","id":"b","customer":"c","meter":"interviews"}"#.to_vec(),
         4 => br#"{"id":"a","customer":"c","meter":"interviews","properties":{"k":"1","k":"2"}}"#.to_vec(),
-        5 => format!(
-            r#"{{"id":"{}","customer":"c","meter":"interview_minutes","quantity":{}}}"#,
-            uid("h"),
-            "9".repeat(1 + rng.below(5000))
-        )
-        .into_bytes(),
-        6 => format!(
-            r#"{{"id":"{}","customer":"c","meter":"interview_minutes","quantity":1e{}}}"#,
-            uid("h"),
-            rng.next()
-        )
-        .into_bytes(),
-        7 => format!(
-            r#"{{"id":"{}","customer":"c","meter":"interview_minutes","timestamp":{}}}"#,
-            uid("h"),
-            "9".repeat(40)
-        )
-        .into_bytes(),
+        5 => {
+            format!(r#"{{"id":"{}","customer":"c","meter":"interview_minutes","quantity":{}}}"#, uid("h"), "9".repeat(1 + rng.below(5000)))
+                .into_bytes()
+        }
+        6 => format!(r#"{{"id":"{}","customer":"c","meter":"interview_minutes","quantity":1e{}}}"#, uid("h"), rng.next()).into_bytes(),
+        7 => format!(r#"{{"id":"{}","customer":"c","meter":"interview_minutes","timestamp":{}}}"#, uid("h"), "9".repeat(40)).into_bytes(),
         8 => br#"{"id":"\u0000\ud800","customer":"\ud83d\ude00","meter":"interviews"}"#.to_vec(),
         9 => br#"{"id":"\uZZZZ","customer":"c","meter":"interviews"}"#.to_vec(),
         10 => b"{\"id\":\"\xff\xfe\",\"customer\":\"c\",\"meter\":\"interviews\"}".to_vec(),
         11 => b"\xef\xbb\xbf{\"id\":\"bom\",\"customer\":\"c\",\"meter\":\"interviews\"}".to_vec(),
         12 => format!(r#"{{"id":"{}","customer":"c\u0007","meter":"int\u0065rviews"}}"#, uid("h")).into_bytes(),
         13 => format!("[{}]", vec!["{}"; 1 + rng.below(200)].join(",")).into_bytes(),
-        14 => format!(
-            r#"{{"id":"{}","customer":"c","meter":"interviews","properties":{}}}"#,
-            uid("h"),
-            "[".repeat(depth)
-        )
-        .into_bytes(),
+        14 => format!(r#"{{"id":"{}","customer":"c","meter":"interviews","properties":{}}}"#, uid("h"), "[".repeat(depth)).into_bytes(),
         _ => b"null".to_vec(),
     }
 }
@@ -182,16 +154,8 @@ fn mutate(rng: &mut Rng, mut body: Vec<u8>) -> Vec<u8> {
                 body.drain(at..end);
             }
             5 => {
-                let s: &[u8] = rng.pick(&[
-                    &b"\\u0000"[..],
-                    b"\\ud800",
-                    b"\xc3\x28",
-                    b"\xf0\x9f\x98\x80",
-                    b"1e999",
-                    b"-0",
-                    b"NaN",
-                    b"\"id\":\"x\",",
-                ]);
+                let s: &[u8] =
+                    rng.pick(&[&b"\\u0000"[..], b"\\ud800", b"\xc3\x28", b"\xf0\x9f\x98\x80", b"1e999", b"-0", b"NaN", b"\"id\":\"x\","]);
                 body.splice(at..at, s.iter().copied());
             }
             _ => {
@@ -206,41 +170,22 @@ fn mutate(rng: &mut Rng, mut body: Vec<u8>) -> Vec<u8> {
 fn assert_well_formed(r: &Resp, what: &str) {
     match r.status.as_u16() {
         202 => {
-            let o = r
-                .body
-                .as_object()
-                .unwrap_or_else(|| panic!("{what}: 202 without an object: {}", r.text));
+            let o = r.body.as_object().unwrap_or_else(|| panic!("{what}: 202 without an object: {}", r.text));
             assert_eq!(o.len(), 2, "{what}: {}", r.text);
             assert!(r.body["accepted"].is_u64() && r.body["duplicates"].is_u64(), "{what}: {}", r.text);
         }
         400 | 413 => {
-            let o = r
-                .body
-                .as_object()
-                .unwrap_or_else(|| panic!("{what}: error body is not JSON: {:?}", r.text));
+            let o = r.body.as_object().unwrap_or_else(|| panic!("{what}: error body is not JSON: {:?}", r.text));
             assert_eq!(o.len(), 1, "{what}: {}", r.text);
             let code = r.code();
-            let expected: &[&str] = if r.status == 400 {
-                &["invalid_json", "invalid_event"]
-            } else {
-                &["payload_too_large"]
-            };
+            let expected: &[&str] = if r.status == 400 { &["invalid_json", "invalid_event"] } else { &["payload_too_large"] };
             assert!(expected.contains(&code), "{what}: code {code:?} for {}: {}", r.status, r.text);
-            assert!(
-                r.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
-                "{what}: {}",
-                r.text
-            );
+            assert!(r.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {}", r.text);
             if code == "invalid_event" {
-                let details = r.body["error"]["details"]
-                    .as_array()
-                    .unwrap_or_else(|| panic!("{what}: {}", r.text));
+                let details = r.body["error"]["details"].as_array().unwrap_or_else(|| panic!("{what}: {}", r.text));
                 assert!(!details.is_empty() && details.len() <= 100, "{what}: {}", r.text);
                 for d in details {
-                    assert!(
-                        d["index"].is_u64() && d["field"].is_string() && d["reason"].is_string(),
-                        "{what}: {d}"
-                    );
+                    assert!(d["index"].is_u64() && d["field"].is_string() && d["reason"].is_string(), "{what}: {d}");
                 }
             }
         }
@@ -262,9 +207,7 @@ async fn random_bodies_never_break_the_server() {
             1 | 2 => special(&mut rng),
             3 => {
                 // Over the limits: many events, or many bytes.
-                let batch: Vec<Value> = (0..51 + rng.below(20))
-                    .map(|i| random_event(&mut rng, n * 100 + i as u64, true))
-                    .collect();
+                let batch: Vec<Value> = (0..51 + rng.below(20)).map(|i| random_event(&mut rng, n * 100 + i as u64, true)).collect();
                 let mut b = serialize(&mut rng, &batch, ndjson);
                 if rng.chance(2) {
                     b.resize(b.len() + 70_000, b' ');
@@ -283,10 +226,7 @@ async fn random_bodies_never_break_the_server() {
         };
         let ct = if ndjson { "application/x-ndjson" } else { "application/json" };
         let r = c.send(Method::POST, "/v1/events", Some(ct), body.clone()).await;
-        assert_well_formed(
-            &r,
-            &format!("request {n} ({ct}, {:?})", String::from_utf8_lossy(&body[..body.len().min(200)])),
-        );
+        assert_well_formed(&r, &format!("request {n} ({ct}, {:?})", String::from_utf8_lossy(&body[..body.len().min(200)])));
         *statuses.entry(r.status.as_u16()).or_insert(0usize) += 1;
     }
     eprintln!("fuzz statuses: {statuses:?}");
@@ -300,9 +240,7 @@ async fn random_bodies_never_break_the_server() {
     assert_eq!(r.status, 200, "{}", r.text);
     let r = c.get("/readyz").await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let r = c
-        .events(&json!({"id": uid("after"), "customer": "fz_after", "meter": "interview_minutes", "quantity": 4.25}))
-        .await;
+    let r = c.events(&json!({"id": uid("after"), "customer": "fz_after", "meter": "interview_minutes", "quantity": 4.25})).await;
     assert_eq!(r.status, 202, "{}", r.text);
     assert_eq!(r.body, json!({"accepted": 1, "duplicates": 0}));
     let r = c.get("/v1/customers/fz_after/usage").await;
@@ -318,19 +256,12 @@ async fn random_bodies_never_break_the_server() {
 // the parser on arbitrary bytes
 
 fn catalog() -> std::sync::Arc<meterd::model::Catalog> {
-    Config::parse(INTERVIEW, "t")
-        .and_then(|c| c.validate("t"))
-        .expect("valid config")
-        .catalog
+    Config::parse(INTERVIEW, "t").and_then(|c| c.validate("t")).expect("valid config").catalog
 }
 
 /// Runs both splitters and, on success, validation; checks the error invariants.
 fn parse_everything(catalog: &meterd::model::Catalog, bytes: &[u8]) {
-    let rules = Rules {
-        now_ms: now_ms(),
-        max_lateness_ms: 35 * 86_400_000,
-        max_batch_events: 20,
-    };
+    let rules = Rules { now_ms: now_ms(), max_lateness_ms: 35 * 86_400_000, max_batch_events: 20 };
     for split in [split_json, split_ndjson] {
         match split(bytes, rules.max_batch_events) {
             Ok(values) => {
@@ -383,23 +314,12 @@ fn jsonish() -> impl Strategy<Value = String> {
 fn event_text() -> impl Strategy<Value = String> {
     (
         (0usize..131).prop_map(|n| "i".repeat(n)),
-        prop_oneof![
-            Just("c".to_string()),
-            Just(String::new()),
-            Just("a\u{1}b".to_string()),
-            Just("c".repeat(257))
-        ],
+        prop_oneof![Just("c".to_string()), Just(String::new()), Just("a\u{1}b".to_string()), Just("c".repeat(257))],
         prop_oneof![Just("interview_minutes"), Just("interviews"), Just("nope")],
         "-?[0-9]{1,20}(\\.[0-9]{1,12})?([eE][-+]?[0-9]{1,3})?",
-        prop_oneof![
-            Just("\"2024-01-01T00:00:00Z\"".to_string()),
-            "-?[0-9]{1,20}",
-            "\"[0-9T:Z.+\\-]{0,30}\"",
-        ],
+        prop_oneof![Just("\"2024-01-01T00:00:00Z\"".to_string()), "-?[0-9]{1,20}", "\"[0-9T:Z.+\\-]{0,30}\"",],
         (0usize..40, 0usize..70, 0usize..260).prop_map(|(n, k, v)| {
-            (0..n)
-                .map(|i| (format!("{i}{}", "k".repeat(k)), "v".repeat(v)))
-                .collect::<std::collections::BTreeMap<_, _>>()
+            (0..n).map(|i| (format!("{i}{}", "k".repeat(k)), "v".repeat(v))).collect::<std::collections::BTreeMap<_, _>>()
         }),
     )
         .prop_map(|(id, customer, meter, quantity, ts, props)| {

@@ -41,9 +41,7 @@ fn cents(raw: i64) -> Value {
 }
 
 async fn consume(c: &Client, customer: &str, meter: &str, quantity: Value, id: &str) -> common::Resp {
-    let r = c
-        .check(&json!({"customer": customer, "meter": meter, "quantity": quantity, "consume": true, "id": id}))
-        .await;
+    let r = c.check(&json!({"customer": customer, "meter": meter, "quantity": quantity, "consume": true, "id": id})).await;
     assert_eq!(r.status, 200, "{}", r.text);
     r
 }
@@ -110,11 +108,7 @@ async fn interview_platform_limits() {
     assert_eq!(row(&summary(&c, cust).await, "interview_minutes", "month")["used"], json!(295));
 
     // Three interviews today: the fourth is refused until the next UTC midnight.
-    let body = json!([
-        event(cust, "interviews", json!(1)),
-        event(cust, "interviews", json!(1)),
-        event(cust, "interviews", json!(1))
-    ]);
+    let body = json!([event(cust, "interviews", json!(1)), event(cust, "interviews", json!(1)), event(cust, "interviews", json!(1))]);
     ingest(&c, body).await;
     let midnight = rfc3339(day_start(now_ms()) + DAY);
     let answer = check(&c, cust, "interviews", json!(1)).await;
@@ -135,18 +129,9 @@ async fn interview_platform_limits() {
 
     // Premium: unlimited minutes, whatever the usage.
     let prem = "cand_premium";
-    let r = c
-        .put_json(&format!("/v1/customers/{prem}/entitlements"), &json!({"plan": "premium"}))
-        .await;
+    let r = c.put_json(&format!("/v1/customers/{prem}/entitlements"), &json!({"plan": "premium"})).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    ingest(
-        &c,
-        json!([
-            event(prem, "interview_minutes", num("150.25")),
-            event(prem, "interview_minutes", json!(400))
-        ]),
-    )
-    .await;
+    ingest(&c, json!([event(prem, "interview_minutes", num("150.25")), event(prem, "interview_minutes", json!(400))])).await;
     let answer = check(&c, prem, "interview_minutes", json!(1000)).await;
     assert_eq!(answer["allowed"], json!(true), "{answer}");
     assert_eq!(answer["reason"], "unlimited");
@@ -201,11 +186,7 @@ async fn consume_records_once_and_is_idempotent() {
     assert_eq!(last.body["remaining"], json!(0));
 
     // A consume's id sent later as an event is a duplicate.
-    let r = ingest(
-        &c,
-        json!({"id": "consume-a", "customer": cust, "meter": "interview_minutes", "quantity": 1}),
-    )
-    .await;
+    let r = ingest(&c, json!({"id": "consume-a", "customer": cust, "meter": "interview_minutes", "quantity": 1})).await;
     assert_eq!(r, json!({"accepted": 0, "duplicates": 1}));
     let s = summary(&c, cust).await;
     assert_eq!(row(&s, "interview_minutes", "month")["used"], json!(300));
@@ -214,10 +195,7 @@ async fn consume_records_once_and_is_idempotent() {
 
     // The history agrees, before and after a flush.
     let from = day_start(now_ms());
-    let q = format!(
-        "meter=interview_minutes&customer={cust}&from={from}&to={}&granularity=day",
-        from + DAY
-    );
+    let q = format!("meter=interview_minutes&customer={cust}&from={from}&to={}&granularity=day", from + DAY);
     let expected = json!([{"customer": cust, "start": rfc3339(from), "end": rfc3339(from + DAY), "value": 300}]);
     assert_eq!(usage(&c, &q).await["data"], expected);
     meterd::flush::flush_all(&server.app().engine).await.expect("flush");
@@ -237,11 +215,7 @@ async fn consume_records_once_and_is_idempotent() {
     // An id already ingested as an event is counted once when consumed later
     // (a sum meter and a count meter).
     for (customer, meter, window) in [("dup1", "interview_minutes", "month"), ("dup2", "interviews", "day")] {
-        ingest(
-            &c,
-            json!({"id": format!("{customer}-x"), "customer": customer, "meter": meter, "quantity": 1}),
-        )
-        .await;
+        ingest(&c, json!({"id": format!("{customer}-x"), "customer": customer, "meter": meter, "quantity": 1})).await;
         let r = consume(&c, customer, meter, json!(1), &format!("{customer}-x")).await;
         assert_eq!(r.body["allowed"], json!(true), "{}", r.text);
         // The answer reports the usage as it stands: the event's, not twice.
@@ -375,10 +349,7 @@ async fn several_limits_on_one_meter() {
     assert_eq!(a["used"], json!(2));
     assert_eq!(a["resets_at"], json!(month_end));
     assert_eq!(a["limits"].as_array().map(Vec::len), Some(2));
-    assert_eq!(
-        a["limits"][1],
-        json!({"window": "day", "limit": 10, "used": 2, "remaining": 8, "resets_at": day_end, "hard": true})
-    );
+    assert_eq!(a["limits"][1], json!({"window": "day", "limit": 10, "used": 2, "remaining": 8, "resets_at": day_end, "hard": true}));
     server.stop().await;
 }
 
@@ -455,11 +426,7 @@ async fn gauges_latest_and_max() {
     let a = check(&c, "g1", "storage_gb", json!(0)).await;
     assert_eq!(a["used"], num("2.5"), "{a}");
     // A newer, smaller reading replaces it (a gauge, not a max).
-    ingest(
-        &c,
-        json!({"id": uid("g"), "customer": "g1", "meter": "storage_gb", "quantity": 1.125, "timestamp": now}),
-    )
-    .await;
+    ingest(&c, json!({"id": uid("g"), "customer": "g1", "meter": "storage_gb", "quantity": 1.125, "timestamp": now})).await;
     let a = check(&c, "g1", "storage_gb", json!(0)).await;
     assert_eq!(a["used"], num("1.125"), "{a}");
     assert_eq!(row(&summary(&c, "g1").await, "storage_gb", "month")["used"], num("1.125"));
@@ -469,15 +436,7 @@ async fn gauges_latest_and_max() {
     assert_eq!(usage(&c, &q).await["data"][0]["value"], num("1.125"));
 
     // max keeps the largest.
-    ingest(
-        &c,
-        json!([
-            event("g2", "seats", json!(3)),
-            event("g2", "seats", json!(5)),
-            event("g2", "seats", json!(4))
-        ]),
-    )
-    .await;
+    ingest(&c, json!([event("g2", "seats", json!(3)), event("g2", "seats", json!(5)), event("g2", "seats", json!(4))])).await;
     let a = check(&c, "g2", "seats", json!(1)).await;
     assert_eq!(a["used"], json!(5), "{a}");
     assert_eq!(a["allowed"], json!(false), "{a}");
@@ -494,15 +453,8 @@ async fn gauges_latest_and_max() {
     assert_eq!(row(&summary(&c, "g3").await, "seats", "month")["used"], json!(4));
 
     // count ignores the quantity of events.
-    ingest(
-        &c,
-        json!([
-            event("g4", "interviews", json!(7)),
-            event("g4", "interviews", json!(0)),
-            event("g4", "interviews", num("2.5"))
-        ]),
-    )
-    .await;
+    ingest(&c, json!([event("g4", "interviews", json!(7)), event("g4", "interviews", json!(0)), event("g4", "interviews", num("2.5"))]))
+        .await;
     let a = check(&c, "g4", "interviews", json!(1)).await;
     assert_eq!(a["used"], json!(3), "{a}");
     server.stop().await;
@@ -536,9 +488,7 @@ async fn race(c: &Client, customer: &str, meter: &str, quantity: i64, tasks: usi
                 let mut granted = Vec::new();
                 for i in 0..per_task {
                     let id = format!("{meter}-{t}-{i}");
-                    let r = c
-                        .check(&json!({"customer": customer, "meter": meter, "quantity": quantity, "consume": true, "id": id}))
-                        .await;
+                    let r = c.check(&json!({"customer": customer, "meter": meter, "quantity": quantity, "consume": true, "id": id})).await;
                     assert_eq!(r.status, 200, "{}", r.text);
                     match r.body["allowed"].as_bool() {
                         Some(true) => granted.push(r.body["used"].as_i64().expect("used")),
@@ -617,20 +567,12 @@ async fn late_events_land_in_past_windows() {
     let long_ago = today - 33 * DAY + 6 * HOUR; // within the default 35 days of lateness
 
     ingest(&c, json!(event("late1", "calls", json!(5)))).await;
-    ingest(
-        &c,
-        json!({"id": uid("late"), "customer": "late1", "meter": "calls", "quantity": 7, "timestamp": rfc3339(yesterday_noon)}),
-    )
-    .await;
-    ingest(
-        &c,
-        json!({"id": uid("late"), "customer": "late1", "meter": "calls", "quantity": 11, "timestamp": long_ago}),
-    )
-    .await;
-    // Older than max_lateness: refused.
-    let r = c
-        .events(&json!({"id": uid("late"), "customer": "late1", "meter": "calls", "quantity": 13, "timestamp": today - 40 * DAY}))
+    ingest(&c, json!({"id": uid("late"), "customer": "late1", "meter": "calls", "quantity": 7, "timestamp": rfc3339(yesterday_noon)}))
         .await;
+    ingest(&c, json!({"id": uid("late"), "customer": "late1", "meter": "calls", "quantity": 11, "timestamp": long_ago})).await;
+    // Older than max_lateness: refused.
+    let r =
+        c.events(&json!({"id": uid("late"), "customer": "late1", "meter": "calls", "quantity": 13, "timestamp": today - 40 * DAY})).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.code(), "invalid_event");
 
@@ -651,11 +593,7 @@ async fn late_events_land_in_past_windows() {
     assert_eq!(row(&s, "calls", "day")["used"], json!(5), "{s}");
     assert_eq!(row(&s, "calls", "month")["used"], json!(month_used), "{s}");
 
-    let q = format!(
-        "meter=calls&customer=late1&from={}&to={}&granularity=day",
-        rfc3339(yesterday),
-        rfc3339(today + DAY)
-    );
+    let q = format!("meter=calls&customer=late1&from={}&to={}&granularity=day", rfc3339(yesterday), rfc3339(today + DAY));
     let expected = json!([
         {"customer": "late1", "start": rfc3339(yesterday), "end": rfc3339(today), "value": 7},
         {"customer": "late1", "start": rfc3339(today), "end": rfc3339(today + DAY), "value": 5},
@@ -663,11 +601,7 @@ async fn late_events_land_in_past_windows() {
     assert_eq!(usage(&c, &q).await["data"], expected);
     meterd::flush::flush_all(&server.app().engine).await.expect("flush");
     assert_eq!(usage(&c, &q).await["data"], expected);
-    let q = format!(
-        "meter=calls&customer=late1&from={}&to={}&granularity=day",
-        today - 35 * DAY,
-        today + DAY
-    );
+    let q = format!("meter=calls&customer=late1&from={}&to={}&granularity=day", today - 35 * DAY, today + DAY);
     let data = usage(&c, &q).await["data"].clone();
     let values: Vec<&Value> = data.as_array().unwrap().iter().map(|p| &p["value"]).collect();
     assert_eq!(values, vec![&json!(11), &json!(7), &json!(5)], "{data}");
@@ -684,19 +618,8 @@ async fn customer_usage_summary() {
     away_from_day_boundary().await;
     let server = TestServer::start(INTERVIEW).await;
     let c = server.client();
-    ingest(
-        &c,
-        json!([
-            event("sum1", "interview_minutes", num("290.5")),
-            event("sum1", "interview_minutes", num("4.5"))
-        ]),
-    )
-    .await;
-    ingest(
-        &c,
-        json!([event("sum1", "interviews", json!(1)), event("sum1", "detailed_analyses", json!(1))]),
-    )
-    .await;
+    ingest(&c, json!([event("sum1", "interview_minutes", num("290.5")), event("sum1", "interview_minutes", num("4.5"))])).await;
+    ingest(&c, json!([event("sum1", "interviews", json!(1)), event("sum1", "detailed_analyses", json!(1))])).await;
     let now = now_ms();
     let (month_end, day_end) = (rfc3339(next_month_start(now)), rfc3339(day_start(now) + DAY));
     assert_eq!(
@@ -754,9 +677,7 @@ fn expected_series(events: &[(&str, i64, i64)], granularity: i64, from: i64, to:
         if *ts < from || *ts >= to {
             continue;
         }
-        *points
-            .entry((customer.to_string(), ts.div_euclid(granularity) * granularity))
-            .or_default() += raw;
+        *points.entry((customer.to_string(), ts.div_euclid(granularity) * granularity)).or_default() += raw;
     }
     Value::Array(
         points
@@ -826,11 +747,7 @@ async fn usage_history_series_merge_store_and_memory() {
                 assert_eq!(all["granularity"], name);
                 let lo = from.div_euclid(g) * g;
                 assert_eq!(all["data"], expected_series(&events, g, lo, to), "all customers by {name}");
-                let one = usage(
-                    &c,
-                    &format!("meter=interview_minutes&customer=hist_a&from={from}&to={to}&granularity={name}"),
-                )
-                .await;
+                let one = usage(&c, &format!("meter=interview_minutes&customer=hist_a&from={from}&to={to}&granularity={name}")).await;
                 let mine: Vec<_> = events.iter().copied().filter(|e| e.0 == "hist_a").collect();
                 assert_eq!(one["data"], expected_series(&mine, g, lo, to), "hist_a by {name}");
             }
@@ -845,30 +762,15 @@ async fn usage_history_series_merge_store_and_memory() {
     assert!(meterd::flush::flush_all(&engine).await.expect("flush") > 0);
     verify(events.clone()).await;
     // Partly stored, partly in memory, in the same buckets.
-    let more = vec![
-        ("hist_a", h + 20_000, 5),
-        ("hist_b", h + 30 * MINUTE + 1, 7),
-        ("hist_c", h + HOUR, 99),
-    ];
+    let more = vec![("hist_a", h + 20_000, 5), ("hist_b", h + 30 * MINUTE + 1, 7), ("hist_c", h + HOUR, 99)];
     send(more.clone()).await;
     events.extend(more);
     verify(events.clone()).await;
     meterd::flush::flush_all(&engine).await.expect("flush");
     verify(events.clone()).await;
     // A sub-range: from is rounded down to the bucket, to is exclusive.
-    let r = usage(
-        &c,
-        &format!(
-            "meter=interview_minutes&customer=hist_a&from={}&to={}&granularity=minute",
-            h + 30_000,
-            h + MINUTE
-        ),
-    )
-    .await;
-    assert_eq!(
-        r["data"],
-        json!([{"customer": "hist_a", "start": rfc3339(h), "end": rfc3339(h + MINUTE), "value": cents(380)}])
-    );
+    let r = usage(&c, &format!("meter=interview_minutes&customer=hist_a&from={}&to={}&granularity=minute", h + 30_000, h + MINUTE)).await;
+    assert_eq!(r["data"], json!([{"customer": "hist_a", "start": rfc3339(h), "end": rfc3339(h + MINUTE), "value": cents(380)}]));
     server.stop().await;
 }
 

@@ -94,14 +94,8 @@ fn ev(customer: &str, meter: &str, quantity: Value, ts: Option<i64>, props: Opti
 async fn snapshot(c: &Client, from: i64, to: i64) -> Value {
     let mut out = serde_json::Map::new();
     for customer in CUSTOMERS {
-        out.insert(
-            format!("usage {customer}"),
-            get_ok(c, &format!("/v1/customers/{customer}/usage")).await,
-        );
-        out.insert(
-            format!("entitlements {customer}"),
-            get_ok(c, &format!("/v1/customers/{customer}/entitlements")).await,
-        );
+        out.insert(format!("usage {customer}"), get_ok(c, &format!("/v1/customers/{customer}/usage")).await);
+        out.insert(format!("entitlements {customer}"), get_ok(c, &format!("/v1/customers/{customer}/entitlements")).await);
         for meter in METERS {
             let r = c.check(&json!({"customer": customer, "meter": meter, "quantity": 0})).await;
             assert_eq!(r.status, 200, "{}", r.text);
@@ -138,12 +132,7 @@ async fn graceful_restart_keeps_usage_and_entitlements() {
     let hour_start = now.div_euclid(HOUR) * HOUR;
 
     // Entitlements first (so anchored and overridden windows are tracked).
-    put(
-        &c,
-        "r3",
-        json!({"plan": "premium", "features": {"beta": true}, "stripe_customer_id": "cus_r3"}),
-    )
-    .await;
+    put(&c, "r3", json!({"plan": "premium", "features": {"beta": true}, "stripe_customer_id": "cus_r3"})).await;
     let yesterday = Utc.timestamp_millis_opt(today - DAY).unwrap();
     let anchor = format!("{}T00:00:00Z", yesterday.format("%Y-%m-%d"));
     put(&c, "r4", json!({"billing_anchor": anchor})).await;
@@ -188,9 +177,8 @@ async fn graceful_restart_keeps_usage_and_entitlements() {
         ]),
     )
     .await;
-    let consumed = c
-        .check(&json!({"customer": "r1", "meter": "interview_minutes", "quantity": 0.5, "consume": true, "id": "r1-consume"}))
-        .await;
+    let consumed =
+        c.check(&json!({"customer": "r1", "meter": "interview_minutes", "quantity": 0.5, "consume": true, "id": "r1-consume"})).await;
     assert_eq!(consumed.body["allowed"], json!(true), "{}", consumed.text);
 
     let (from, to) = (today - 5 * DAY, now + HOUR);
@@ -225,14 +213,7 @@ async fn graceful_restart_keeps_usage_and_entitlements() {
     .await;
     // Gauges keep their reading's time: an older reading or a smaller maximum
     // sent after the restart changes nothing.
-    ingest(
-        &c,
-        json!([
-            ev("r1", "storage_gb", json!(8), Some(now - 1_500), None),
-            ev("r1", "seats", json!(1), None, None),
-        ]),
-    )
-    .await;
+    ingest(&c, json!([ev("r1", "storage_gb", json!(8), Some(now - 1_500), None), ev("r1", "seats", json!(1), None, None),])).await;
     let more = snapshot(&c, from, to).await;
     assert_eq!(used(&more, "r1", "storage_gb", "month"), json!(1.75));
     assert_eq!(used(&more, "r1", "seats", "total"), json!(4));
@@ -271,11 +252,7 @@ impl Proc {
     }
 
     fn sigterm(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("run kill");
         assert!(status.success());
     }
 }
@@ -291,22 +268,14 @@ impl Drop for Proc {
 
 fn meterd_command(config: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meterd"));
-    cmd.arg("--config")
-        .arg(config)
-        .env_remove("METERD_LISTEN")
-        .env_remove("METERD_CONFIG")
-        .stdin(Stdio::null());
+    cmd.arg("--config").arg(config).env_remove("METERD_LISTEN").env_remove("METERD_CONFIG").stdin(Stdio::null());
     cmd
 }
 
 fn spawn(config: &Path, log: PathBuf) -> Proc {
     let out = std::fs::File::create(&log).expect("log file");
     let err = out.try_clone().expect("log file");
-    let child = meterd_command(config)
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .expect("spawn meterd");
+    let child = meterd_command(config).stdout(Stdio::from(out)).stderr(Stdio::from(err)).spawn().expect("spawn meterd");
     Proc { child, log }
 }
 
@@ -333,10 +302,7 @@ async fn wait_healthy(p: &mut Proc, addr: SocketAddr) {
 }
 
 fn process_config(port: u16, data_dir: &Path) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[storage]\ndata_dir = {:?}\n{CONFIG}",
-        data_dir.display().to_string()
-    )
+    format!("[server]\nlisten = \"127.0.0.1:{port}\"\n\n[storage]\ndata_dir = {:?}\n{CONFIG}", data_dir.display().to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,16 +414,8 @@ default = true
         let status = p.wait_exit(Duration::from_secs(20)).await;
         let stderr = p.log();
         assert_eq!(status.code(), Some(2), "check-config={check_only}; stderr:\n{stderr}");
-        for needle in [
-            "meters[0].aggregation",
-            "plans[0].limits.hours",
-            "unknown meter \"hours\"",
-            "exactly one plan",
-        ] {
-            assert!(
-                stderr.contains(needle),
-                "check-config={check_only}: {needle:?} missing from:\n{stderr}"
-            );
+        for needle in ["meters[0].aggregation", "plans[0].limits.hours", "unknown meter \"hours\"", "exactly one plan"] {
+            assert!(stderr.contains(needle), "check-config={check_only}: {needle:?} missing from:\n{stderr}");
         }
         assert!(stderr.contains(&config.display().to_string()), "names the file:\n{stderr}");
         assert!(!stderr.contains("bind"), "tried to bind:\n{stderr}");

@@ -9,9 +9,7 @@ use serde_json::json;
 async fn graceful_restart_keeps_totals() {
     let server = TestServer::start(INTERVIEW).await;
     let c = server.client();
-    let r = c
-        .events(&json!({"id": uid("e"), "customer": "u_1", "meter": "interview_minutes", "quantity": 12.5}))
-        .await;
+    let r = c.events(&json!({"id": uid("e"), "customer": "u_1", "meter": "interview_minutes", "quantity": 12.5})).await;
     assert_eq!(r.status, 202, "{}", r.text);
     assert_eq!(r.body, json!({"accepted": 1, "duplicates": 0}));
     let server = server.restart().await;
@@ -46,9 +44,7 @@ async fn stuck_client_does_not_block_the_final_flush() {
     let config = format!("{}\n", INTERVIEW.replace("[server]\n", "[server]\nshutdown_grace = \"2s\"\n"));
     let server = TestServer::start(&config).await;
     let c = server.client();
-    let r = c
-        .events(&json!({"id": uid("e"), "customer": "u_stuck", "meter": "interview_minutes", "quantity": 7}))
-        .await;
+    let r = c.events(&json!({"id": uid("e"), "customer": "u_stuck", "meter": "interview_minutes", "quantity": 7})).await;
     assert_eq!(r.status, 202);
     // Half a request: the server waits for the rest of the body.
     let mut stuck = tokio::net::TcpStream::connect(server.addr).await.expect("connect");

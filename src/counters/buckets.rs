@@ -63,10 +63,7 @@ impl Epoch {
     pub fn fold(&self, key: BucketKey, properties: &[(Cow<'_, str>, Cow<'_, str>)], aggregation: Aggregation, raw: i64, ts: i64) {
         let fold = |b: &Bucket| {
             if !properties.is_empty() && b.properties.get().is_none() {
-                let owned: Properties = properties
-                    .iter()
-                    .map(|(k, v)| (Box::from(k.as_ref()), Box::from(v.as_ref())))
-                    .collect();
+                let owned: Properties = properties.iter().map(|(k, v)| (Box::from(k.as_ref()), Box::from(v.as_ref()))).collect();
                 let _ = b.properties.set(owned);
             }
             b.cell.fold(aggregation, raw, ts);
@@ -88,10 +85,7 @@ pub struct Buckets {
 impl Buckets {
     /// Starts at flush sequence `next_seq` (one past the highest the store holds).
     pub fn new(next_seq: u64) -> Buckets {
-        Buckets {
-            current: ShardedLock::new(Arc::new(Epoch::new(next_seq))),
-            flushing: Mutex::new(None),
-        }
+        Buckets { current: ShardedLock::new(Arc::new(Epoch::new(next_seq))), flushing: Mutex::new(None) }
     }
 
     /// Holds off epoch swaps (and backfills) while the guard lives.

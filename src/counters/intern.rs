@@ -80,11 +80,7 @@ mod tests {
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let i = interner.clone();
-                std::thread::spawn(move || {
-                    (0..1000)
-                        .map(|n| i.intern(&format!("c{n}")).unwrap_or(u32::MAX))
-                        .collect::<Vec<_>>()
-                })
+                std::thread::spawn(move || (0..1000).map(|n| i.intern(&format!("c{n}")).unwrap_or(u32::MAX)).collect::<Vec<_>>())
             })
             .collect();
         let results: Vec<Vec<u32>> = handles.into_iter().map(|h| h.join().unwrap_or_default()).collect();

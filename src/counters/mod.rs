@@ -102,12 +102,7 @@ impl Counters {
 
     /// The counter key of the `kind` window containing `at_ms`.
     pub fn key(customer: CustomerId, meter: MeterId, kind: WindowKind, at_ms: i64, anchor: BillingAnchor) -> CounterKey {
-        CounterKey {
-            customer,
-            meter,
-            kind,
-            start_ms: kind.bounds(at_ms, anchor).start_ms,
-        }
+        CounterKey { customer, meter, kind, start_ms: kind.bounds(at_ms, anchor).start_ms }
     }
 
     /// Folds usage into buckets and every tracked window, except `skip` (a window
@@ -115,20 +110,15 @@ impl Counters {
     /// `epoch` (a [`Buckets::write_guard`]) and, for `latest`, the stripe lock.
     pub fn fold(&self, epoch: &Epoch, usage: &Usage<'_>, skip: Option<WindowKind>) {
         let meter = usage.meter;
-        let bucket = BucketKey {
-            customer: usage.customer,
-            meter: meter.id,
-            minute: usage.ts.div_euclid(60_000),
-            props_hash: usage.props_hash,
-        };
+        let bucket =
+            BucketKey { customer: usage.customer, meter: meter.id, minute: usage.ts.div_euclid(60_000), props_hash: usage.props_hash };
         epoch.fold(bucket, usage.properties, meter.aggregation, usage.raw, usage.ts);
         for kind in self.tracked_kinds(meter.id) {
             if Some(kind) == skip {
                 continue;
             }
             let key = Self::key(usage.customer, meter.id, kind, usage.ts, usage.anchor);
-            self.windows
-                .with_cell(key, |cell| cell.fold(meter.aggregation, usage.raw, usage.ts));
+            self.windows.with_cell(key, |cell| cell.fold(meter.aggregation, usage.raw, usage.ts));
         }
     }
 
@@ -156,24 +146,9 @@ mod tests {
     use std::collections::HashMap;
 
     fn catalog() -> Catalog {
-        let meter = Meter {
-            id: 0,
-            name: "m".into(),
-            aggregation: Aggregation::Sum,
-            precision: 0,
-            stripe_event_name: None,
-        };
-        let limit = Limit {
-            window: WindowKind::Day,
-            amount: LimitAmount::Finite(10),
-            hard: true,
-            enforcement: Enforcement::Cached,
-        };
-        let plan = Plan {
-            name: "p".into(),
-            features: Default::default(),
-            limits: HashMap::from([(0, Arc::from(vec![limit]))]),
-        };
+        let meter = Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None };
+        let limit = Limit { window: WindowKind::Day, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached };
+        let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, Arc::from(vec![limit]))]) };
         Catalog::new(vec![meter], vec![plan], 0)
     }
 
@@ -184,15 +159,7 @@ mod tests {
         assert!(counters.is_tracked(0, WindowKind::Day));
         assert!(!counters.is_tracked(0, WindowKind::Month));
         let meter = &catalog.meters()[0];
-        let usage = |ts| Usage {
-            customer: 7,
-            meter,
-            raw: 3,
-            ts,
-            properties: &[],
-            props_hash: 0,
-            anchor: BillingAnchor::default(),
-        };
+        let usage = |ts| Usage { customer: 7, meter, raw: 3, ts, properties: &[], props_hash: 0, anchor: BillingAnchor::default() };
         let day = 86_400_000;
         counters.apply(&[usage(day + 5), usage(day + 60_000), usage(2 * day + 1)]);
         let key = Counters::key(7, 0, WindowKind::Day, day + 10, BillingAnchor::default());
@@ -210,12 +177,7 @@ mod tests {
     #[test]
     fn add_within_never_exceeds_the_limit_under_a_race() {
         let counters = Arc::new(Counters::new(&catalog(), 1));
-        let key = CounterKey {
-            customer: 1,
-            meter: 0,
-            kind: WindowKind::Day,
-            start_ms: 0,
-        };
+        let key = CounterKey { customer: 1, meter: 0, kind: WindowKind::Day, start_ms: 0 };
         let granted: usize = (0..4)
             .map(|_| {
                 let c = counters.clone();

@@ -58,9 +58,7 @@ pub struct WindowCounters {
 
 impl Default for WindowCounters {
     fn default() -> Self {
-        WindowCounters {
-            map: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64),
-        }
+        WindowCounters { map: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64) }
     }
 }
 

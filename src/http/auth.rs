@@ -76,16 +76,10 @@ impl Auth {
                 found = Some(i);
             }
         }
-        let (key, limiter) = found
-            .and_then(|i| self.keys.get(i))
-            .ok_or_else(|| ApiError::unauthorized("unknown key"))?;
+        let (key, limiter) = found.and_then(|i| self.keys.get(i)).ok_or_else(|| ApiError::unauthorized("unknown key"))?;
         if !scopes.iter().any(|s| key.allows(*s)) {
             let names: Vec<&str> = scopes.iter().map(|s| scope_name(*s)).collect();
-            return Err(ApiError::forbidden(format!(
-                "key {:?} lacks the {} scope",
-                key.name,
-                names.join(" or ")
-            )));
+            return Err(ApiError::forbidden(format!("key {:?} lacks the {} scope", key.name, names.join(" or "))));
         }
         if let Some(limiter) = limiter {
             if let Err(not_until) = limiter.check() {

@@ -11,10 +11,7 @@ use hyper::HeaderMap;
 /// Reads the whole body, refusing it with 413 past `max` bytes.
 pub async fn read_limited(headers: &HeaderMap, mut body: Incoming, max: u64) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::payload_too_large(format!("body is larger than ingest.max_body_bytes ({max} bytes)"));
-    let declared = headers
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max) {
         return Err(too_large());
     }

@@ -19,22 +19,13 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            details: None,
-            retry_after: None,
-        }
+        ApiError { status, code, message: message.into(), details: None, retry_after: None }
     }
     pub fn invalid_json(m: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", m)
     }
     pub fn invalid_event(m: impl Into<String>, details: serde_json::Value) -> ApiError {
-        ApiError {
-            details: Some(details),
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_event", m)
-        }
+        ApiError { details: Some(details), ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_event", m) }
     }
     pub fn invalid_request(m: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m)
@@ -64,10 +55,7 @@ impl ApiError {
         }
     }
     pub fn unavailable(m: impl Into<String>, retry_after: u64) -> ApiError {
-        ApiError {
-            retry_after: Some(retry_after),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
-        }
+        ApiError { retry_after: Some(retry_after), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m) }
     }
 
     /// The HTTP response.
@@ -83,23 +71,13 @@ impl ApiError {
             #[serde(skip_serializing_if = "Option::is_none")]
             details: Option<&'a serde_json::Value>,
         }
-        let body = serde_json::to_vec(&Body {
-            error: Inner {
-                code: self.code,
-                message: &self.message,
-                details: self.details.as_ref(),
-            },
-        })
-        .unwrap_or_default();
-        let mut builder = Response::builder()
-            .status(self.status)
-            .header(header::CONTENT_TYPE, "application/json");
+        let body = serde_json::to_vec(&Body { error: Inner { code: self.code, message: &self.message, details: self.details.as_ref() } })
+            .unwrap_or_default();
+        let mut builder = Response::builder().status(self.status).header(header::CONTENT_TYPE, "application/json");
         if let Some(secs) = self.retry_after {
             builder = builder.header(header::RETRY_AFTER, secs.to_string());
         }
-        builder
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        builder.body(Full::new(Bytes::from(body))).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
     }
 }
 

@@ -20,19 +20,13 @@ use std::collections::BTreeMap;
 type Resp = Result<Response<Full<Bytes>>, ApiError>;
 
 fn content_type(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     match content_type(headers).as_deref() {
         Some("application/json") => Ok(()),
-        other => Err(ApiError::unsupported_media_type(format!(
-            "Content-Type must be application/json (got {})",
-            other.unwrap_or("none")
-        ))),
+        other => Err(ApiError::unsupported_media_type(format!("Content-Type must be application/json (got {})", other.unwrap_or("none")))),
     }
 }
 
@@ -103,9 +97,7 @@ pub fn customer_usage(state: &HttpState, headers: &HeaderMap, customer: &str) ->
 
 fn valid_customer(customer: &str) -> Result<(), ApiError> {
     if customer.is_empty() || customer.len() > 256 || customer.chars().any(char::is_control) {
-        return Err(ApiError::invalid_request(
-            "customer: must be 1-256 bytes without control characters",
-        ));
+        return Err(ApiError::invalid_request("customer: must be 1-256 bytes without control characters"));
     }
     Ok(())
 }
@@ -159,16 +151,9 @@ pub async fn put_entitlements(state: &HttpState, req: Request<Incoming>, custome
     match state.engine.set_entitlements(customer, doc).await {
         Ok(_) => Ok(json(StatusCode::OK, &entitlements_view(state, customer))),
         Err(EntitlementsError::Invalid(problems)) => {
-            let message = problems
-                .iter()
-                .map(|p| format!("{}: {}", p.path, p.reason))
-                .collect::<Vec<_>>()
-                .join("; ");
+            let message = problems.iter().map(|p| format!("{}: {}", p.path, p.reason)).collect::<Vec<_>>().join("; ");
             let details: Vec<_> = problems.iter().map(|p| j!({"field": p.path, "reason": p.reason})).collect();
-            Err(ApiError {
-                details: Some(j!(details)),
-                ..ApiError::invalid_request(message)
-            })
+            Err(ApiError { details: Some(j!(details)), ..ApiError::invalid_request(message) })
         }
         Err(e) => {
             tracing::error!(error = %e, customer = %customer, "storing entitlements failed");

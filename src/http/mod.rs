@@ -76,9 +76,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, routes: Routes,
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
-            let conn = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
+            let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {

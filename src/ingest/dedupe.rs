@@ -252,12 +252,7 @@ impl Deduper {
             if shard.slots.iter().all(|&s| s == 0 || !self.expired(slot_minute(s), now_minute)) {
                 continue;
             }
-            let live: Vec<u128> = shard
-                .slots
-                .iter()
-                .copied()
-                .filter(|&s| s != 0 && !self.expired(slot_minute(s), now_minute))
-                .collect();
+            let live: Vec<u128> = shard.slots.iter().copied().filter(|&s| s != 0 && !self.expired(slot_minute(s), now_minute)).collect();
             let mut cap = MIN_CAPACITY;
             while live.len() * 2 >= cap {
                 cap *= 2;

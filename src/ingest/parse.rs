@@ -291,9 +291,7 @@ pub fn parse_batch<'a>(body: &'a [u8], ndjson: bool, catalog: &Catalog, rules: &
         let elems = if text.trim_start().starts_with('[') {
             de.deserialize_seq(ElemSeq { max }).map_err(|e| too_many_or_json(e, max))?
         } else {
-            vec![de
-                .deserialize_any(ElemVisitor)
-                .map_err(|e| ParseError::InvalidJson(e.to_string()))?]
+            vec![de.deserialize_any(ElemVisitor).map_err(|e| ParseError::InvalidJson(e.to_string()))?]
         };
         de.end().map_err(|e| ParseError::InvalidJson(e.to_string()))?;
         elems
@@ -389,11 +387,7 @@ fn validate_elem<'a>(elem: Elem<'a>, catalog: &Catalog, rules: &Rules) -> Result
         (Some(m), None) => Some(m.scale()),
         (Some(m), Some(q)) => {
             let text = q.get();
-            let precision = if m.aggregation == crate::model::Aggregation::Count {
-                quantity::MAX_PRECISION
-            } else {
-                m.precision
-            };
+            let precision = if m.aggregation == crate::model::Aggregation::Count { quantity::MAX_PRECISION } else { m.precision };
             match quantity::parse_decimal(text, precision) {
                 Ok(_) if m.aggregation == crate::model::Aggregation::Count => Some(m.scale()),
                 Ok(v) => Some(v),
@@ -437,14 +431,9 @@ fn validate_elem<'a>(elem: Elem<'a>, catalog: &Catalog, rules: &Rules) -> Result
         },
     };
     match (id, customer, meter, raw_units, ts, properties) {
-        (Some(id), Some(customer), Some(meter), Some(raw), Some(ts), Some(properties)) if problems.is_empty() => Ok(Event {
-            id,
-            customer,
-            meter: meter.id,
-            raw,
-            ts,
-            properties,
-        }),
+        (Some(id), Some(customer), Some(meter), Some(raw), Some(ts), Some(properties)) if problems.is_empty() => {
+            Ok(Event { id, customer, meter: meter.id, raw, ts, properties })
+        }
         _ => Err(problems),
     }
 }
@@ -466,8 +455,7 @@ fn parse_timestamp(raw: &RawValue) -> Result<i64, &'static str> {
         let s = as_str(raw)?;
         return window::parse_rfc3339(&s).ok_or("must be an RFC 3339 timestamp or integer Unix milliseconds");
     }
-    text.parse::<i64>()
-        .map_err(|_| "must be an RFC 3339 timestamp or integer Unix milliseconds")
+    text.parse::<i64>().map_err(|_| "must be an RFC 3339 timestamp or integer Unix milliseconds")
 }
 
 fn parse_properties(raw: &RawValue) -> Result<PropertyList<'_>, String> {
@@ -540,11 +528,7 @@ fn collect_valid<'a>(results: impl Iterator<Item = Result<Event<'a>, Vec<(String
         }
     }
     if total > 0 {
-        return Err(ParseError::Invalid {
-            details,
-            total,
-            events: bad_events,
-        });
+        return Err(ParseError::Invalid { details, total, events: bad_events });
     }
     Ok(events)
 }
@@ -564,11 +548,7 @@ mod tests {
 
     /// The one-pass path used by ingest and the two-pass functions agree.
     fn two_pass<'a>(body: &'a [u8], ndjson: bool, catalog: &Catalog, rules: &Rules) -> Result<Vec<Event<'a>>, ParseError> {
-        let values = if ndjson {
-            split_ndjson(body, rules.max_batch_events)?
-        } else {
-            split_json(body, rules.max_batch_events)?
-        };
+        let values = if ndjson { split_ndjson(body, rules.max_batch_events)? } else { split_json(body, rules.max_batch_events)? };
         validate_batch(&values, catalog, rules)
     }
 

@@ -43,11 +43,7 @@ impl Engine {
     /// record, the fold must happen even if the client went away.
     pub async fn ingest(&self, body: &[u8], kind: BodyKind) -> Result<IngestOutcome, IngestError> {
         let now = now_ms();
-        let rules = Rules {
-            now_ms: now,
-            max_lateness_ms: self.limits.max_lateness_ms,
-            max_batch_events: self.limits.max_batch_events,
-        };
+        let rules = Rules { now_ms: now, max_lateness_ms: self.limits.max_lateness_ms, max_batch_events: self.limits.max_batch_events };
         let events = match parse_batch(body, kind == BodyKind::Ndjson, &self.catalog, &rules) {
             Ok(e) => e,
             Err(e) => {
@@ -127,9 +123,6 @@ impl Engine {
         }
         crate::telemetry::events("accepted", usages.len());
         crate::telemetry::events("duplicate", duplicates);
-        Ok(IngestOutcome {
-            accepted: usages.len(),
-            duplicates,
-        })
+        Ok(IngestOutcome { accepted: usages.len(), duplicates })
     }
 }

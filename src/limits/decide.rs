@@ -57,49 +57,24 @@ pub struct Verdict {
 /// limit with the least headroom; otherwise the first (unlimited) one.
 pub fn decide(states: &[LimitState], quantity: i64) -> Verdict {
     if states.is_empty() {
-        return Verdict {
-            allowed: false,
-            reason: Reason::NotEntitled,
-            primary: 0,
-        };
+        return Verdict { allowed: false, reason: Reason::NotEntitled, primary: 0 };
     }
     let headroom = |s: &LimitState| match s.limit.amount {
         LimitAmount::Unlimited => i128::MAX,
         LimitAmount::Finite(l) => i128::from(l) - i128::from(s.used) - i128::from(quantity),
     };
     let least = |pred: &dyn Fn(&LimitState) -> bool| {
-        states
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| pred(s))
-            .min_by_key(|(_, s)| headroom(s))
-            .map(|(i, _)| i)
+        states.iter().enumerate().filter(|(_, s)| pred(s)).min_by_key(|(_, s)| headroom(s)).map(|(i, _)| i)
     };
     if let Some(i) = least(&|s: &LimitState| s.limit.hard && s.exceeded_by(quantity)) {
-        return Verdict {
-            allowed: false,
-            reason: Reason::LimitExceeded,
-            primary: i,
-        };
+        return Verdict { allowed: false, reason: Reason::LimitExceeded, primary: i };
     }
     if let Some(i) = least(&|s: &LimitState| !s.limit.hard && s.exceeded_by(quantity)) {
-        return Verdict {
-            allowed: true,
-            reason: Reason::SoftLimitExceeded,
-            primary: i,
-        };
+        return Verdict { allowed: true, reason: Reason::SoftLimitExceeded, primary: i };
     }
     match least(&|s: &LimitState| matches!(s.limit.amount, LimitAmount::Finite(_))) {
-        Some(i) => Verdict {
-            allowed: true,
-            reason: Reason::WithinLimit,
-            primary: i,
-        },
-        None => Verdict {
-            allowed: true,
-            reason: Reason::Unlimited,
-            primary: 0,
-        },
+        Some(i) => Verdict { allowed: true, reason: Reason::WithinLimit, primary: i },
+        None => Verdict { allowed: true, reason: Reason::Unlimited, primary: 0 },
     }
 }
 
@@ -110,12 +85,7 @@ mod tests {
 
     fn state(kind: WindowKind, amount: LimitAmount, hard: bool, used: i64) -> LimitState {
         LimitState {
-            limit: Limit {
-                window: kind,
-                amount,
-                hard,
-                enforcement: Enforcement::Cached,
-            },
+            limit: Limit { window: kind, amount, hard, enforcement: Enforcement::Cached },
             window: kind.bounds(0, BillingAnchor::default()),
             used,
         }
@@ -124,69 +94,24 @@ mod tests {
     #[test]
     fn interview_minutes() {
         let s = [state(WindowKind::Month, LimitAmount::Finite(300), true, 295)];
-        assert_eq!(
-            decide(&s, 10),
-            Verdict {
-                allowed: false,
-                reason: Reason::LimitExceeded,
-                primary: 0
-            }
-        );
-        assert_eq!(
-            decide(&s, 5),
-            Verdict {
-                allowed: true,
-                reason: Reason::WithinLimit,
-                primary: 0
-            }
-        );
+        assert_eq!(decide(&s, 10), Verdict { allowed: false, reason: Reason::LimitExceeded, primary: 0 });
+        assert_eq!(decide(&s, 5), Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 });
         assert_eq!(s[0].remaining(), Some(5));
     }
 
     #[test]
     fn all_limits_must_allow_and_primary_is_most_constraining() {
-        let s = [
-            state(WindowKind::Month, LimitAmount::Finite(5), true, 1),
-            state(WindowKind::Day, LimitAmount::Finite(2), true, 1),
-        ];
-        assert_eq!(
-            decide(&s, 1),
-            Verdict {
-                allowed: true,
-                reason: Reason::WithinLimit,
-                primary: 1
-            }
-        );
-        assert_eq!(
-            decide(&s, 2),
-            Verdict {
-                allowed: false,
-                reason: Reason::LimitExceeded,
-                primary: 1
-            }
-        );
+        let s = [state(WindowKind::Month, LimitAmount::Finite(5), true, 1), state(WindowKind::Day, LimitAmount::Finite(2), true, 1)];
+        assert_eq!(decide(&s, 1), Verdict { allowed: true, reason: Reason::WithinLimit, primary: 1 });
+        assert_eq!(decide(&s, 2), Verdict { allowed: false, reason: Reason::LimitExceeded, primary: 1 });
     }
 
     #[test]
     fn soft_and_unlimited() {
         let soft = [state(WindowKind::Month, LimitAmount::Finite(10), false, 10)];
-        assert_eq!(
-            decide(&soft, 1),
-            Verdict {
-                allowed: true,
-                reason: Reason::SoftLimitExceeded,
-                primary: 0
-            }
-        );
+        assert_eq!(decide(&soft, 1), Verdict { allowed: true, reason: Reason::SoftLimitExceeded, primary: 0 });
         let unl = [state(WindowKind::Month, LimitAmount::Unlimited, true, 1_000_000)];
-        assert_eq!(
-            decide(&unl, 1),
-            Verdict {
-                allowed: true,
-                reason: Reason::Unlimited,
-                primary: 0
-            }
-        );
+        assert_eq!(decide(&unl, 1), Verdict { allowed: true, reason: Reason::Unlimited, primary: 0 });
         assert_eq!(decide(&[], 1).reason, Reason::NotEntitled);
     }
 }

@@ -39,10 +39,7 @@ pub enum CheckError {
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> CheckError {
-    CheckError::Invalid {
-        field,
-        reason: reason.into(),
-    }
+    CheckError::Invalid { field, reason: reason.into() }
 }
 
 /// A parsed check request.
@@ -64,10 +61,7 @@ impl CheckRequest {
         };
         for key in map.keys() {
             if !matches!(key.as_str(), "customer" | "meter" | "quantity" | "consume" | "id") {
-                return Err(CheckError::Invalid {
-                    field: "body",
-                    reason: format!("unknown field {key:?}"),
-                });
+                return Err(CheckError::Invalid { field: "body", reason: format!("unknown field {key:?}") });
             }
         }
         let string = |field: &'static str| -> Result<Option<String>, CheckError> {
@@ -90,13 +84,7 @@ impl CheckRequest {
             Some(_) => return Err(invalid("consume", "must be true or false")),
         };
         let id = string("id")?;
-        Ok(CheckRequest {
-            customer,
-            meter,
-            quantity_text,
-            consume,
-            id,
-        })
+        Ok(CheckRequest { customer, meter, quantity_text, consume, id })
     }
 }
 
@@ -130,10 +118,7 @@ pub struct CheckAnswer {
 
 /// Renders one limit state.
 pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
-    let d = |raw| Decimal {
-        raw,
-        precision: meter.precision,
-    };
+    let d = |raw| Decimal { raw, precision: meter.precision };
     LimitView {
         window: state.limit.window.as_str(),
         limit: match state.limit.amount {
@@ -148,10 +133,7 @@ pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
 }
 
 fn answer(customer: &str, meter: &Meter, quantity: i64, states: &[LimitState], verdict: Verdict) -> CheckAnswer {
-    let d = |raw| Decimal {
-        raw,
-        precision: meter.precision,
-    };
+    let d = |raw| Decimal { raw, precision: meter.precision };
     let limits: Vec<LimitView> = states.iter().map(|s| view(s, meter)).collect();
     match limits.get(verdict.primary) {
         Some(p) => CheckAnswer {
@@ -202,12 +184,8 @@ impl Engine {
                 let window = limit.window.bounds(now, ent.billing_anchor);
                 let used = customer
                     .map(|c| {
-                        let key = crate::counters::CounterKey {
-                            customer: c,
-                            meter: meter.id,
-                            kind: limit.window,
-                            start_ms: window.start_ms,
-                        };
+                        let key =
+                            crate::counters::CounterKey { customer: c, meter: meter.id, kind: limit.window, start_ms: window.start_ms };
                         self.counters.windows.read(&key)
                     })
                     .unwrap_or(0);
@@ -231,10 +209,7 @@ impl Engine {
 
     /// Answers `/v1/check`.
     pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
-        let meter = self
-            .catalog
-            .meter_by_name(&req.meter)
-            .ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
+        let meter = self.catalog.meter_by_name(&req.meter).ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
         if req.customer.is_empty() || req.customer.len() > 256 || req.customer.chars().any(char::is_control) {
             return Err(invalid("customer", "must be 1-256 bytes without control characters"));
         }
@@ -255,17 +230,13 @@ impl Engine {
         let id_hash = hash_id(&id);
         let now = now_ms();
         let cell = {
-            let slot = self.consumes.entry(id_hash).or_insert_with(|| ConsumeSlot {
-                created_ms: now,
-                answer: Arc::new(OnceCell::new()),
-            });
+            let slot = self.consumes.entry(id_hash).or_insert_with(|| ConsumeSlot { created_ms: now, answer: Arc::new(OnceCell::new()) });
             slot.answer.clone()
         };
         // Exactly one caller per id decides; a retry (or a racing duplicate) gets
         // the same answer and records nothing.
-        let answer = cell
-            .get_or_try_init(|| async { self.consume(&req.customer, meter, quantity, id_hash, now).await.map(Arc::new) })
-            .await?;
+        let answer =
+            cell.get_or_try_init(|| async { self.consume(&req.customer, meter, quantity, id_hash, now).await.map(Arc::new) }).await?;
         Ok(answer.clone())
     }
 
@@ -299,24 +270,9 @@ impl Engine {
         let record = |raw: i64| WalBatch {
             version: crate::wal::record::FORMAT_VERSION,
             accepted_ms: now,
-            events: vec![WalEvent {
-                id_hash,
-                customer: name.to_string(),
-                meter: meter.name.clone(),
-                raw,
-                ts: now,
-                properties: vec![],
-            }],
+            events: vec![WalEvent { id_hash, customer: name.to_string(), meter: meter.name.clone(), raw, ts: now, properties: vec![] }],
         };
-        let usage = |raw| Usage {
-            customer,
-            meter,
-            raw,
-            ts: now,
-            properties: &[],
-            props_hash: 0,
-            anchor: ent.billing_anchor,
-        };
+        let usage = |raw| Usage { customer, meter, raw, ts: now, properties: &[], props_hash: 0, anchor: ent.billing_anchor };
         let refused = |e: crate::wal::WalError| {
             self.deduper.remove(id_hash);
             CheckError::Unavailable(format!("could not write the WAL: {e}"))
@@ -331,9 +287,7 @@ impl Engine {
                     let seq = match self.wal.append(&record(quantity)).await {
                         Ok(seq) => seq,
                         Err(e) => {
-                            self.counters
-                                .windows
-                                .with_cell(key, |c| c.value.fetch_sub(quantity, std::sync::atomic::Ordering::AcqRel));
+                            self.counters.windows.with_cell(key, |c| c.value.fetch_sub(quantity, std::sync::atomic::Ordering::AcqRel));
                             return Err(refused(e));
                         }
                     };
@@ -342,26 +296,11 @@ impl Engine {
                         self.counters.fold(&epoch, &usage(quantity), Some(limit.window));
                     }
                     self.wal.tracker.folded(seq);
-                    let states = vec![LimitState {
-                        limit,
-                        window,
-                        used: after,
-                    }];
-                    (
-                        states,
-                        Verdict {
-                            allowed: true,
-                            reason: Reason::WithinLimit,
-                            primary: 0,
-                        },
-                    )
+                    let states = vec![LimitState { limit, window, used: after }];
+                    (states, Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 })
                 }
                 Err(current) => {
-                    let states = vec![LimitState {
-                        limit,
-                        window,
-                        used: current,
-                    }];
+                    let states = vec![LimitState { limit, window, used: current }];
                     (states.clone(), decide(&states, quantity))
                 }
             }

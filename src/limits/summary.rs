@@ -63,11 +63,6 @@ impl Engine {
                 });
             }
         }
-        UsageSummary {
-            customer: customer.to_string(),
-            plan: ent.plan.name.clone(),
-            meters: rows,
-            features: ent.features.clone(),
-        }
+        UsageSummary { customer: customer.to_string(), plan: ent.plan.name.clone(), meters: rows, features: ent.features.clone() }
     }
 }

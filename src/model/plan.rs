@@ -59,10 +59,7 @@ pub struct SpecProblem {
 }
 
 fn problem(path: impl Into<String>, reason: impl Into<String>) -> SpecProblem {
-    SpecProblem {
-        path: path.into(),
-        reason: reason.into(),
-    }
+    SpecProblem { path: path.into(), reason: reason.into() }
 }
 
 /// Parses one meter's limit spec: `{limit, window, hard, enforcement}` or an array
@@ -107,10 +104,7 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
     let mut problems = Vec::new();
     for key in map.keys() {
         if !matches!(key.as_str(), "limit" | "window" | "hard" | "enforcement") {
-            problems.push(problem(
-                format!("{at}.{key}"),
-                "unknown field (expected limit, window, hard, enforcement)",
-            ));
+            problems.push(problem(format!("{at}.{key}"), "unknown field (expected limit, window, hard, enforcement)"));
         }
     }
     let amount = match map.get("limit") {
@@ -160,12 +154,7 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
         }
     };
     match (problems.is_empty(), amount) {
-        (true, Some(amount)) => Ok(Limit {
-            window: window.unwrap_or(WindowKind::Month),
-            amount,
-            hard,
-            enforcement,
-        }),
+        (true, Some(amount)) => Ok(Limit { window: window.unwrap_or(WindowKind::Month), amount, hard, enforcement }),
         _ => Err(problems),
     }
 }
@@ -194,11 +183,7 @@ pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
             let mut m = serde_json::Map::new();
             let amount = match l.amount {
                 LimitAmount::Unlimited => Value::String("unlimited".into()),
-                LimitAmount::Finite(raw) => serde_json::to_value(Decimal {
-                    raw,
-                    precision: meter.precision,
-                })
-                .unwrap_or(Value::Null),
+                LimitAmount::Finite(raw) => serde_json::to_value(Decimal { raw, precision: meter.precision }).unwrap_or(Value::Null),
             };
             m.insert("limit".into(), amount);
             m.insert("window".into(), Value::String(l.window.as_str().into()));
@@ -237,20 +222,12 @@ impl Catalog {
         let meter_ids = meters.iter().map(|m| (m.name.clone(), m.id)).collect();
         let plan_ids = plans.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
         let plans: Vec<Arc<Plan>> = plans.into_iter().map(Arc::new).collect();
-        let default_plan = plans.get(default_plan).or_else(|| plans.first()).cloned().unwrap_or_else(|| {
-            Arc::new(Plan {
-                name: "default".into(),
-                features: BTreeMap::new(),
-                limits: HashMap::new(),
-            })
-        });
-        Catalog {
-            meters,
-            meter_ids,
-            plans,
-            plan_ids,
-            default_plan,
-        }
+        let default_plan = plans
+            .get(default_plan)
+            .or_else(|| plans.first())
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Plan { name: "default".into(), features: BTreeMap::new(), limits: HashMap::new() }));
+        Catalog { meters, meter_ids, plans, plan_ids, default_plan }
     }
 
     pub fn meters(&self) -> &[Meter] {
@@ -356,10 +333,9 @@ impl Entitlements {
                 Ok(limits) => {
                     overrides.insert(meter.id, Arc::from(limits));
                 }
-                Err(ps) => problems.extend(ps.into_iter().map(|p| SpecProblem {
-                    path: format!("overrides.{name}{}", p.path),
-                    reason: p.reason,
-                })),
+                Err(ps) => {
+                    problems.extend(ps.into_iter().map(|p| SpecProblem { path: format!("overrides.{name}{}", p.path), reason: p.reason }))
+                }
             }
         }
         let billing_anchor_ms = match &doc.billing_anchor {
@@ -408,13 +384,7 @@ mod tests {
     use serde_json::json;
 
     fn meter(precision: u8) -> Meter {
-        Meter {
-            id: 0,
-            name: "m".into(),
-            aggregation: Aggregation::Sum,
-            precision,
-            stripe_event_name: None,
-        }
+        Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision, stripe_event_name: None }
     }
 
     #[test]
@@ -422,17 +392,9 @@ mod tests {
         let one = parse_limits(&json!({"limit": 300, "window": "month"}), &meter(0));
         assert_eq!(
             one,
-            Ok(vec![Limit {
-                window: WindowKind::Month,
-                amount: LimitAmount::Finite(300),
-                hard: true,
-                enforcement: Enforcement::Cached
-            }])
+            Ok(vec![Limit { window: WindowKind::Month, amount: LimitAmount::Finite(300), hard: true, enforcement: Enforcement::Cached }])
         );
-        let two = parse_limits(
-            &json!([{"limit": 5, "window": "month"}, {"limit": 2.5, "window": "day", "hard": false}]),
-            &meter(1),
-        );
+        let two = parse_limits(&json!([{"limit": 5, "window": "month"}, {"limit": 2.5, "window": "day", "hard": false}]), &meter(1));
         let two = two.unwrap_or_default();
         assert_eq!(two.len(), 2);
         assert_eq!(two[1].amount, LimitAmount::Finite(25));
@@ -441,11 +403,7 @@ mod tests {
 
     #[test]
     fn unlimited_spellings() {
-        for spec in [
-            json!({"limit": "unlimited"}),
-            json!({"limit": -1}),
-            json!({"limit": -1, "window": "month"}),
-        ] {
+        for spec in [json!({"limit": "unlimited"}), json!({"limit": -1}), json!({"limit": -1, "window": "month"})] {
             let limits = parse_limits(&spec, &meter(0)).unwrap_or_default();
             assert_eq!(limits.first().map(|l| l.amount), Some(LimitAmount::Unlimited), "{spec}");
         }
@@ -453,10 +411,7 @@ mod tests {
 
     #[test]
     fn names_every_bad_field() {
-        let err = parse_limits(
-            &json!([{"limit": -5, "window": "week"}, {"limit": 1, "colour": "red"}, {"limit": 3}]),
-            &meter(0),
-        );
+        let err = parse_limits(&json!([{"limit": -5, "window": "week"}, {"limit": 1, "colour": "red"}, {"limit": 3}]), &meter(0));
         let paths: Vec<String> = err.err().unwrap_or_default().into_iter().map(|p| p.path).collect();
         assert_eq!(paths, vec!["[0].limit", "[0].window", "[1].colour", "[1].window", "[2].window"]);
         let dup = parse_limits(&json!([{"limit": 1, "window": "day"}, {"limit": 2, "window": "day"}]), &meter(0));

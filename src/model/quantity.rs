@@ -113,10 +113,7 @@ fn digits_to_raw(int: &[u8], frac: &[u8], exponent: i64, precision: u8) -> Resul
     }
     let mut value: i64 = 0;
     for d in digits().take(keep) {
-        value = value
-            .checked_mul(10)
-            .and_then(|v| v.checked_add(i64::from(d)))
-            .ok_or(QuantityError::Overflow)?;
+        value = value.checked_mul(10).and_then(|v| v.checked_add(i64::from(d))).ok_or(QuantityError::Overflow)?;
     }
     for _ in 0..shift.max(0) {
         value = value.checked_mul(10).ok_or(QuantityError::Overflow)?;
@@ -201,10 +198,7 @@ mod tests {
         assert_eq!(Decimal { raw: 1200, precision: 2 }.to_string(), "12");
         assert_eq!(Decimal { raw: 5, precision: 3 }.to_string(), "0.005");
         assert_eq!(Decimal { raw: -150, precision: 2 }.to_string(), "-1.5");
-        assert_eq!(
-            serde_json::to_string(&Decimal { raw: 1050, precision: 2 }).ok(),
-            Some("10.5".into())
-        );
+        assert_eq!(serde_json::to_string(&Decimal { raw: 1050, precision: 2 }).ok(), Some("10.5".into()));
     }
 
     proptest! {

@@ -21,14 +21,8 @@ pub enum WindowKind {
 }
 
 impl WindowKind {
-    pub const ALL: [WindowKind; 6] = [
-        WindowKind::Minute,
-        WindowKind::Hour,
-        WindowKind::Day,
-        WindowKind::Month,
-        WindowKind::BillingCycle,
-        WindowKind::Total,
-    ];
+    pub const ALL: [WindowKind; 6] =
+        [WindowKind::Minute, WindowKind::Hour, WindowKind::Day, WindowKind::Month, WindowKind::BillingCycle, WindowKind::Total];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -66,11 +60,7 @@ impl WindowKind {
             WindowKind::BillingCycle => anchor.cycle_containing(utc(at_ms)),
             WindowKind::Total => (0, i64::MAX),
         };
-        Window {
-            kind: self,
-            start_ms: start,
-            end_ms: end,
-        }
+        Window { kind: self, start_ms: start, end_ms: end }
     }
 }
 
@@ -88,10 +78,7 @@ pub struct UnknownWindow(pub String);
 impl FromStr for WindowKind {
     type Err = UnknownWindow;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        WindowKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| UnknownWindow(s.to_string()))
+        WindowKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| UnknownWindow(s.to_string()))
     }
 }
 
@@ -128,10 +115,7 @@ impl BillingAnchor {
     /// The anchor taken from an instant: its day of month and time of day.
     pub fn from_ms(ms: i64) -> BillingAnchor {
         let at = utc(ms);
-        BillingAnchor {
-            day: at.day(),
-            seconds_of_day: at.num_seconds_from_midnight(),
-        }
+        BillingAnchor { day: at.day(), seconds_of_day: at.num_seconds_from_midnight() }
     }
 
     /// The cycle start in month `(y, m)`: the anchor day clamped to the month's end.
@@ -196,10 +180,7 @@ fn prev_month(y: i32, m: u32) -> (i32, u32) {
 }
 
 fn month_start_ms(y: i32, m: u32) -> i64 {
-    NaiveDate::from_ymd_opt(y, m, 1)
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|d| d.and_utc().timestamp_millis())
-        .unwrap_or(0)
+    NaiveDate::from_ymd_opt(y, m, 1).and_then(|d| d.and_hms_opt(0, 0, 0)).map(|d| d.and_utc().timestamp_millis()).unwrap_or(0)
 }
 
 fn days_in_month(y: i32, m: u32) -> u32 {

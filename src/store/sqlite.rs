@@ -142,21 +142,13 @@ impl SqliteStore {
         let ctx = |e: rusqlite::Error| StoreError::Io(format!("sqlite open {}: {e}", path.display()));
         let conn = Connection::open(path).map_err(ctx)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(ctx)?;
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-            .map_err(ctx)?;
+        let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(ctx)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Io(format!(
-                "sqlite open {}: could not enable WAL (journal_mode is {mode:?})",
-                path.display()
-            )));
+            return Err(StoreError::Io(format!("sqlite open {}: could not enable WAL (journal_mode is {mode:?})", path.display())));
         }
         conn.pragma_update(None, "synchronous", "FULL").map_err(ctx)?;
         conn.execute_batch(SCHEMA).map_err(ctx)?;
-        Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
-            path: path.to_path_buf(),
-        })
+        Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf() })
     }
 
     /// The file this store was opened on.
@@ -216,16 +208,7 @@ fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(),
             .map_err(io(OP))?;
         for (row, props) in batch.rows.iter().zip(&props) {
             insert
-                .execute((
-                    &row.meter,
-                    &row.customer,
-                    row.minute_ms,
-                    props,
-                    row.value,
-                    row.last_ts,
-                    &batch.instance_id,
-                    seq,
-                ))
+                .execute((&row.meter, &row.customer, row.minute_ms, props, row.value, row.last_ts, &batch.instance_id, seq))
                 .map_err(io(OP))?;
         }
     }
@@ -252,13 +235,7 @@ fn aggregate_blocking(conn: &mut Connection, query: &UsageQuery) -> Result<Store
     let data = {
         let mut stmt = tx.prepare_cached(&sql).map_err(io(OP))?;
         let rows = stmt
-            .query_map(&params[..n], |r| {
-                Ok(Aggregate {
-                    customer: r.get(0)?,
-                    value: r.get(1)?,
-                    last_ts: r.get(2)?,
-                })
-            })
+            .query_map(&params[..n], |r| Ok(Aggregate { customer: r.get(0)?, value: r.get(1)?, last_ts: r.get(2)? }))
             .map_err(io(OP))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(io(OP))?
     };
@@ -275,9 +252,7 @@ fn series_blocking(
 ) -> Result<Stored<Vec<SeriesPoint>>, StoreError> {
     const OP: &str = "series";
     if granularity_ms <= 0 {
-        return Err(StoreError::Io(format!(
-            "sqlite {OP}: granularity must be positive, got {granularity_ms} ms"
-        )));
+        return Err(StoreError::Io(format!("sqlite {OP}: granularity must be positive, got {granularity_ms} ms")));
     }
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let customer_clause = if query.customer.is_some() { " AND customer = ?6" } else { "" };
@@ -295,14 +270,7 @@ fn series_blocking(
     let data = {
         let mut stmt = tx.prepare_cached(&sql).map_err(io(OP))?;
         let rows = stmt
-            .query_map(&params[..n], |r| {
-                Ok(SeriesPoint {
-                    customer: r.get(0)?,
-                    start_ms: r.get(1)?,
-                    value: r.get(2)?,
-                    last_ts: r.get(3)?,
-                })
-            })
+            .query_map(&params[..n], |r| Ok(SeriesPoint { customer: r.get(0)?, start_ms: r.get(1)?, value: r.get(2)?, last_ts: r.get(3)? }))
             .map_err(io(OP))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(io(OP))?
     };
@@ -325,14 +293,12 @@ impl UsageStore for SqliteStore {
 
     async fn max_wal_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
         let instance_id = instance_id.to_owned();
-        self.run("max_wal_seq", move |conn| stored_wal_seq(conn, &instance_id, "max_wal_seq"))
-            .await
+        self.run("max_wal_seq", move |conn| stored_wal_seq(conn, &instance_id, "max_wal_seq")).await
     }
 
     async fn max_flush_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
         let instance_id = instance_id.to_owned();
-        self.run("max_flush_seq", move |conn| stored_seq(conn, &instance_id, "max_flush_seq"))
-            .await
+        self.run("max_flush_seq", move |conn| stored_seq(conn, &instance_id, "max_flush_seq")).await
     }
 
     async fn aggregate(&self, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError> {
@@ -342,8 +308,7 @@ impl UsageStore for SqliteStore {
 
     async fn series(&self, query: &UsageQuery, granularity_ms: i64, limit: usize) -> Result<Stored<Vec<SeriesPoint>>, StoreError> {
         let query = query.clone();
-        self.run("series", move |conn| series_blocking(conn, &query, granularity_ms, limit))
-            .await
+        self.run("series", move |conn| series_blocking(conn, &query, granularity_ms, limit)).await
     }
 }
 
@@ -381,12 +346,8 @@ impl EntitlementStore for SqliteStore {
     async fn list(&self) -> Result<Vec<(String, EntitlementsDoc)>, StoreError> {
         const OP: &str = "list entitlements";
         self.run(OP, move |conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT customer, doc FROM entitlements ORDER BY customer")
-                .map_err(io(OP))?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-                .map_err(io(OP))?;
+            let mut stmt = conn.prepare_cached("SELECT customer, doc FROM entitlements ORDER BY customer").map_err(io(OP))?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(io(OP))?;
             let mut out = Vec::new();
             for row in rows {
                 let (customer, doc) = row.map_err(io(OP))?;
@@ -462,12 +423,7 @@ mod tests {
     }
 
     fn batch(instance_id: &str, seq: u64, rows: Vec<UsageRow>) -> FlushBatch {
-        FlushBatch {
-            instance_id: instance_id.to_owned(),
-            seq,
-            wal_seq: 0,
-            rows,
-        }
+        FlushBatch { instance_id: instance_id.to_owned(), seq, wal_seq: 0, rows }
     }
 
     fn row(customer: &str, minute_ms: i64, value: i64) -> UsageRow {
@@ -496,16 +452,10 @@ mod tests {
     async fn persists_across_reopen() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("meterd.db");
-        let doc = EntitlementsDoc {
-            plan: Some("pro".to_owned()),
-            ..EntitlementsDoc::default()
-        };
+        let doc = EntitlementsDoc { plan: Some("pro".to_owned()), ..EntitlementsDoc::default() };
         {
             let store = SqliteStore::open(&path).expect("open");
-            store
-                .write_flush(&batch("i", 3, vec![row("a", 60_000, 5), row("b", 0, 7)]))
-                .await
-                .expect("flush");
+            store.write_flush(&batch("i", 3, vec![row("a", 60_000, 5), row("b", 0, 7)])).await.expect("flush");
             store.put("a", &doc).await.expect("put");
         }
         let store = SqliteStore::open(&path).expect("reopen");
@@ -514,34 +464,22 @@ mod tests {
             got,
             Stored {
                 data: vec![
-                    Aggregate {
-                        customer: "a".to_owned(),
-                        value: 5,
-                        last_ts: 60_001
-                    },
-                    Aggregate {
-                        customer: "b".to_owned(),
-                        value: 7,
-                        last_ts: 1
-                    },
+                    Aggregate { customer: "a".to_owned(), value: 5, last_ts: 60_001 },
+                    Aggregate { customer: "b".to_owned(), value: 7, last_ts: 1 },
                 ],
                 stored_seq: 3,
             }
         );
         assert_eq!(store.max_flush_seq("i").await.expect("max seq"), 3);
         // The exactly-once record survives the restart too.
-        store
-            .write_flush(&batch("i", 3, vec![row("a", 60_000, 100)]))
-            .await
-            .expect("rewrite");
+        store.write_flush(&batch("i", 3, vec![row("a", 60_000, 100)])).await.expect("rewrite");
         let again = store.aggregate(&sum_query("i")).await.expect("aggregate");
         assert_eq!(again.data[0].value, 5);
         assert_eq!(store.get("a").await.expect("get"), Some(doc));
         // Properties were stored as a JSON array of pairs.
         let conn = store.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let props: String = conn
-            .query_row("SELECT properties FROM usage_minute WHERE customer = 'a'", [], |r| r.get(0))
-            .expect("properties");
+        let props: String =
+            conn.query_row("SELECT properties FROM usage_minute WHERE customer = 'a'", [], |r| r.get(0)).expect("properties");
         assert_eq!(props, r#"[["region","eu"]]"#);
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("journal mode");
         assert_eq!(mode, "wal");
@@ -565,13 +503,7 @@ mod tests {
             other => panic!("expected an I/O error, got {other:?}"),
         }
         let got = store.aggregate(&sum_query("i")).await.expect("aggregate");
-        assert_eq!(
-            got,
-            Stored {
-                data: vec![],
-                stored_seq: 0
-            }
-        );
+        assert_eq!(got, Stored { data: vec![], stored_seq: 0 });
         assert_eq!(store.max_flush_seq("i").await.expect("max seq"), 0);
         // The seq was not recorded, so a retry is written in full.
         let good = batch("i", 1, vec![row("a", 0, 10), row("b", 0, 20)]);
@@ -580,11 +512,8 @@ mod tests {
         assert_eq!(got.data.iter().map(|a| a.value).collect::<Vec<_>>(), vec![10, 20]);
         assert_eq!(got.stored_seq, 1);
         let conn = store.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let rows: i64 = conn
-            .query_row("SELECT rows FROM flushes WHERE instance_id = 'i' AND flush_seq = 1", [], |r| {
-                r.get(0)
-            })
-            .expect("flush record");
+        let rows: i64 =
+            conn.query_row("SELECT rows FROM flushes WHERE instance_id = 'i' AND flush_seq = 1", [], |r| r.get(0)).expect("flush record");
         assert_eq!(rows, 2);
     }
 
@@ -595,10 +524,7 @@ mod tests {
             .conn
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .execute(
-                "INSERT INTO entitlements (customer, doc, updated_at) VALUES ('acme', '{\"plan\": 7}', 0)",
-                [],
-            )
+            .execute("INSERT INTO entitlements (customer, doc, updated_at) VALUES ('acme', '{\"plan\": 7}', 0)", [])
             .expect("insert");
         match store.get("acme").await {
             Err(StoreError::Corrupt(msg)) => assert!(msg.contains("acme"), "{msg}"),
@@ -614,10 +540,7 @@ mod tests {
     async fn rejects_bad_granularity_and_seq() {
         let (_dir, store) = open_temp();
         assert!(matches!(store.series(&sum_query("i"), 0, 10).await, Err(StoreError::Io(_))));
-        assert!(matches!(
-            store.write_flush(&batch("i", u64::MAX, vec![])).await,
-            Err(StoreError::Io(_))
-        ));
+        assert!(matches!(store.write_flush(&batch("i", u64::MAX, vec![])).await, Err(StoreError::Io(_))));
     }
 
     #[tokio::test]
@@ -631,10 +554,7 @@ mod tests {
         .join();
         assert!(poisoned.is_err());
         assert!(store.conn.is_poisoned());
-        store
-            .write_flush(&batch("i", 1, vec![row("a", 0, 4)]))
-            .await
-            .expect("flush after poison");
+        store.write_flush(&batch("i", 1, vec![row("a", 0, 4)])).await.expect("flush after poison");
         assert_eq!(store.max_flush_seq("i").await.expect("max seq"), 1);
     }
 }

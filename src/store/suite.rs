@@ -39,31 +39,15 @@ pub fn flush(instance_id: &str, seq: u64, rows: Vec<UsageRow>) -> FlushBatch {
 }
 
 pub fn query(instance_id: &str, meter: &str, fold: Fold, from_ms: i64, to_ms: i64, customer: Option<&str>) -> UsageQuery {
-    UsageQuery {
-        instance_id: instance_id.to_owned(),
-        meter: meter.to_owned(),
-        fold,
-        from_ms,
-        to_ms,
-        customer: customer.map(str::to_owned),
-    }
+    UsageQuery { instance_id: instance_id.to_owned(), meter: meter.to_owned(), fold, from_ms, to_ms, customer: customer.map(str::to_owned) }
 }
 
 fn agg(customer: &str, value: i64, last_ts: i64) -> Aggregate {
-    Aggregate {
-        customer: customer.to_owned(),
-        value,
-        last_ts,
-    }
+    Aggregate { customer: customer.to_owned(), value, last_ts }
 }
 
 fn point(customer: &str, start_ms: i64, value: i64, last_ts: i64) -> SeriesPoint {
-    SeriesPoint {
-        customer: customer.to_owned(),
-        start_ms,
-        value,
-        last_ts,
-    }
+    SeriesPoint { customer: customer.to_owned(), start_ms, value, last_ts }
 }
 
 async fn aggregate(store: &dyn UsageStore, q: &UsageQuery) -> Stored<Vec<Aggregate>> {
@@ -119,10 +103,7 @@ pub async fn sum_aggregate(store: &dyn UsageStore, ns: &str) {
     let q = query(&inst, &meter, Fold::Sum, T0, T0 + 2 * MINUTE, None);
     assert_eq!(
         aggregate(store, &q).await,
-        Stored {
-            data: vec![agg(&c1, 23, T0 + MINUTE + 5), agg(&c2, 3, T0 + 30)],
-            stored_seq: 7
-        },
+        Stored { data: vec![agg(&c1, 23, T0 + MINUTE + 5), agg(&c2, 3, T0 + 30)], stored_seq: 7 },
         "sum over [T0, T0+2m)"
     );
 
@@ -134,24 +115,10 @@ pub async fn sum_aggregate(store: &dyn UsageStore, ns: &str) {
     );
 
     let only_c2 = query(&inst, &meter, Fold::Sum, T0, T0 + 2 * MINUTE, Some(&c2));
-    assert_eq!(
-        aggregate(store, &only_c2).await,
-        Stored {
-            data: vec![agg(&c2, 3, T0 + 30)],
-            stored_seq: 7
-        },
-        "customer filter"
-    );
+    assert_eq!(aggregate(store, &only_c2).await, Stored { data: vec![agg(&c2, 3, T0 + 30)], stored_seq: 7 }, "customer filter");
 
     let c3_in_range = query(&inst, &meter, Fold::Sum, T0, T0 + 2 * MINUTE, Some(&c3));
-    assert_eq!(
-        aggregate(store, &c3_in_range).await,
-        Stored {
-            data: vec![],
-            stored_seq: 7
-        },
-        "no rows in range"
-    );
+    assert_eq!(aggregate(store, &c3_in_range).await, Stored { data: vec![], stored_seq: 7 }, "no rows in range");
 
     let other = query(&inst, &other_meter, Fold::Sum, T0, T0 + 2 * MINUTE, None);
     assert_eq!(aggregate(store, &other).await.data, vec![agg(&c1, 50_000, T0 + 40)], "other meter");
@@ -160,10 +127,7 @@ pub async fn sum_aggregate(store: &dyn UsageStore, ns: &str) {
     let stranger = query(&format!("{ns}-stranger"), &meter, Fold::Sum, T0, T0 + 2 * MINUTE, None);
     assert_eq!(
         aggregate(store, &stranger).await,
-        Stored {
-            data: vec![agg(&c1, 23, T0 + MINUTE + 5), agg(&c2, 3, T0 + 30)],
-            stored_seq: 0
-        },
+        Stored { data: vec![agg(&c1, 23, T0 + MINUTE + 5), agg(&c2, 3, T0 + 30)], stored_seq: 0 },
         "stored_seq of an instance without flushes"
     );
 }
@@ -180,46 +144,21 @@ pub async fn duplicate_flush(store: &dyn UsageStore, ns: &str) {
     assert_eq!(max_seq(store, &a).await, 0, "nothing written yet");
     write(store, &flush(&a, 1, vec![row(&meter, &c1, T0, &[], 10, T0 + 1)])).await;
     // Same seq, different rows: a no-op.
-    write(
-        store,
-        &flush(
-            &a,
-            1,
-            vec![row(&meter, &c1, T0, &[], 999, T0 + 2), row(&meter, &c2, T0, &[], 5, T0 + 3)],
-        ),
-    )
-    .await;
-    assert_eq!(
-        aggregate(store, &q).await,
-        Stored {
-            data: vec![agg(&c1, 10, T0 + 1)],
-            stored_seq: 1
-        },
-        "after duplicate"
-    );
+    write(store, &flush(&a, 1, vec![row(&meter, &c1, T0, &[], 999, T0 + 2), row(&meter, &c2, T0, &[], 5, T0 + 3)])).await;
+    assert_eq!(aggregate(store, &q).await, Stored { data: vec![agg(&c1, 10, T0 + 1)], stored_seq: 1 }, "after duplicate");
     assert_eq!(max_seq(store, &a).await, 1);
 
     write(store, &flush(&a, 2, vec![row(&meter, &c1, T0 + MINUTE, &[], 1, T0 + MINUTE + 1)])).await;
     write(store, &flush(&a, 1, vec![row(&meter, &c1, T0, &[], 10, T0 + 1)])).await;
     write(store, &flush(&a, 2, vec![row(&meter, &c1, T0 + MINUTE, &[], 1, T0 + MINUTE + 1)])).await;
-    assert_eq!(
-        aggregate(store, &q).await,
-        Stored {
-            data: vec![agg(&c1, 11, T0 + MINUTE + 1)],
-            stored_seq: 2
-        },
-        "after seq 2 and retries"
-    );
+    assert_eq!(aggregate(store, &q).await, Stored { data: vec![agg(&c1, 11, T0 + MINUTE + 1)], stored_seq: 2 }, "after seq 2 and retries");
     assert_eq!(max_seq(store, &a).await, 2);
 
     // Another instance: its rows count, its seq is its own.
     write(store, &flush(&b, 50, vec![row(&meter, &c1, T0, &[], 100, T0 + 4)])).await;
     assert_eq!(
         aggregate(store, &q).await,
-        Stored {
-            data: vec![agg(&c1, 111, T0 + MINUTE + 1)],
-            stored_seq: 2
-        },
+        Stored { data: vec![agg(&c1, 111, T0 + MINUTE + 1)], stored_seq: 2 },
         "instance a after instance b's flush"
     );
     let qb = query(&b, &meter, Fold::Sum, T0, T0 + HOUR, None);
@@ -232,10 +171,7 @@ pub async fn duplicate_flush(store: &dyn UsageStore, ns: &str) {
     write(store, &flush(&a, 3, vec![row(&meter, &c2, T0, &[], 8, T0 + 6)])).await;
     assert_eq!(
         aggregate(store, &q).await,
-        Stored {
-            data: vec![agg(&c1, 111, T0 + MINUTE + 1), agg(&c2, 14, T0 + 6)],
-            stored_seq: 4
-        },
+        Stored { data: vec![agg(&c1, 111, T0 + MINUTE + 1), agg(&c2, 14, T0 + 6)], stored_seq: 4 },
         "after out-of-order seqs"
     );
     assert_eq!(max_seq(store, &a).await, 4);
@@ -260,11 +196,7 @@ pub async fn max_and_latest(store: &dyn UsageStore, ns: &str) {
     let meter = format!("{ns}.seats");
     let (c1, c2) = (format!("{ns}-c1"), format!("{ns}-c2"));
     // c1's newest row is written first, in its own earlier flush.
-    write(
-        store,
-        &flush(&inst, 1, vec![row(&meter, &c1, T0 + 2 * MINUTE, &[], 25, T0 + 2 * MINUTE + 30_000)]),
-    )
-    .await;
+    write(store, &flush(&inst, 1, vec![row(&meter, &c1, T0 + 2 * MINUTE, &[], 25, T0 + 2 * MINUTE + 30_000)])).await;
     write(
         store,
         &flush(
@@ -284,18 +216,12 @@ pub async fn max_and_latest(store: &dyn UsageStore, ns: &str) {
     let all = |fold| query(&inst, &meter, fold, T0, T0 + HOUR, None);
     assert_eq!(
         aggregate(store, &all(Fold::Max)).await,
-        Stored {
-            data: vec![agg(&c1, 40, T0 + 2 * MINUTE + 30_000), agg(&c2, 8, T0 + 50_000)],
-            stored_seq: 2
-        },
+        Stored { data: vec![agg(&c1, 40, T0 + 2 * MINUTE + 30_000), agg(&c2, 8, T0 + 50_000)], stored_seq: 2 },
         "max"
     );
     assert_eq!(
         aggregate(store, &all(Fold::Latest)).await,
-        Stored {
-            data: vec![agg(&c1, 25, T0 + 2 * MINUTE + 30_000), agg(&c2, 3, T0 + 50_000)],
-            stored_seq: 2
-        },
+        Stored { data: vec![agg(&c1, 25, T0 + 2 * MINUTE + 30_000), agg(&c2, 3, T0 + 50_000)], stored_seq: 2 },
         "latest"
     );
     assert_eq!(
@@ -305,17 +231,9 @@ pub async fn max_and_latest(store: &dyn UsageStore, ns: &str) {
     );
     // The range cuts off c1's newest row: latest is then the minute-1 row.
     let early = query(&inst, &meter, Fold::Latest, T0, T0 + 2 * MINUTE, Some(&c1));
-    assert_eq!(
-        aggregate(store, &early).await.data,
-        vec![agg(&c1, 10, T0 + MINUTE + 10_000)],
-        "latest in a cut range"
-    );
+    assert_eq!(aggregate(store, &early).await.data, vec![agg(&c1, 10, T0 + MINUTE + 10_000)], "latest in a cut range");
     let early_max = query(&inst, &meter, Fold::Max, T0 + MINUTE, T0 + HOUR, Some(&c1));
-    assert_eq!(
-        aggregate(store, &early_max).await.data,
-        vec![agg(&c1, 25, T0 + 2 * MINUTE + 30_000)],
-        "max in a cut range"
-    );
+    assert_eq!(aggregate(store, &early_max).await.data, vec![agg(&c1, 25, T0 + 2 * MINUTE + 30_000)], "max in a cut range");
 }
 
 /// 4. Series at minute, hour and day granularity: epoch-aligned bucket starts,
@@ -328,14 +246,7 @@ pub async fn series_granularity(store: &dyn UsageStore, ns: &str) {
     // Written out of order on purpose.
     let rows = vec![
         row(&meter, &c2, m(2 * HOUR + 30 * MINUTE), &[], 64, m(2 * HOUR + 30 * MINUTE) + 1000),
-        row(
-            &meter,
-            &c1,
-            m(DAY + 3 * HOUR + 7 * MINUTE),
-            &[],
-            16,
-            m(DAY + 3 * HOUR + 7 * MINUTE) + 1000,
-        ),
+        row(&meter, &c1, m(DAY + 3 * HOUR + 7 * MINUTE), &[], 16, m(DAY + 3 * HOUR + 7 * MINUTE) + 1000),
         row(&meter, &c1, m(HOUR), &[], 8, m(HOUR) + 1000),
         row(&meter, &c1, m(59 * MINUTE), &[], 4, m(59 * MINUTE) + 1000),
         row(&meter, &c1, m(MINUTE), &[("x", "1")], 100, m(MINUTE) + 2000),
@@ -372,14 +283,7 @@ pub async fn series_granularity(store: &dyn UsageStore, ns: &str) {
         point(&c2, m(0), 32, m(MINUTE) + 1000),
         point(&c2, m(2 * HOUR), 64, m(2 * HOUR + 30 * MINUTE) + 1000),
     ];
-    assert_eq!(
-        series(store, &q, HOUR, 100).await,
-        Stored {
-            data: hourly.clone(),
-            stored_seq: 9
-        },
-        "hour series"
-    );
+    assert_eq!(series(store, &q, HOUR, 100).await, Stored { data: hourly.clone(), stored_seq: 9 }, "hour series");
 
     assert_eq!(
         series(store, &q, DAY, 100).await.data,
@@ -422,10 +326,7 @@ pub async fn series_granularity(store: &dyn UsageStore, ns: &str) {
     let max = query(&inst, &meter, Fold::Max, T0, T0 + 2 * DAY, Some(&c1));
     assert_eq!(
         series(store, &max, DAY, 100).await.data,
-        vec![
-            point(&c1, m(0), 100, m(HOUR) + 1000),
-            point(&c1, m(DAY), 16, m(DAY + 3 * HOUR + 7 * MINUTE) + 1000),
-        ],
+        vec![point(&c1, m(0), 100, m(HOUR) + 1000), point(&c1, m(DAY), 16, m(DAY + 3 * HOUR + 7 * MINUTE) + 1000),],
         "max day series"
     );
 }
@@ -447,10 +348,7 @@ pub async fn entitlements(store: &dyn EntitlementStore, ns: &str) {
 
     let first = EntitlementsDoc {
         plan: Some("pro".to_owned()),
-        overrides: BTreeMap::from([(
-            "api_calls".to_owned(),
-            serde_json::json!({"limit": "1000", "window": "month", "hard": false}),
-        )]),
+        overrides: BTreeMap::from([("api_calls".to_owned(), serde_json::json!({"limit": "1000", "window": "month", "hard": false}))]),
         features: BTreeMap::from([("sso".to_owned(), true), ("beta".to_owned(), false)]),
         stripe_customer_id: Some("cus_123".to_owned()),
         billing_anchor: Some("2024-01-15".to_owned()),
@@ -495,10 +393,7 @@ pub async fn concurrent_flushes(store: Arc<dyn UsageStore>, ns: &str) {
         flush(
             inst,
             seq,
-            vec![
-                row(meter, customer, minute, &[], value, minute + 1),
-                row(meter, customer, minute, &[("p", "x")], 1, minute + 2),
-            ],
+            vec![row(meter, customer, minute, &[], value, minute + 1), row(meter, customer, minute, &[("p", "x")], 1, minute + 2)],
         )
     };
 
@@ -538,10 +433,7 @@ pub async fn concurrent_flushes(store: Arc<dyn UsageStore>, ns: &str) {
     let q = query(&inst, &meter, Fold::Sum, T0, T0 + HOUR, None);
     assert_eq!(
         aggregate(store.as_ref(), &q).await,
-        Stored {
-            data: expected,
-            stored_seq: TASKS * FLUSHES
-        },
+        Stored { data: expected, stored_seq: TASKS * FLUSHES },
         "totals after concurrent flushes"
     );
     assert_eq!(max_seq(store.as_ref(), &inst).await, TASKS * FLUSHES);

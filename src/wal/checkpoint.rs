@@ -25,16 +25,9 @@ pub fn read(dir: &Path) -> Result<u64, CheckpointError> {
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(source) => {
-            return Err(CheckpointError::Io {
-                path: path.display().to_string(),
-                source,
-            })
-        }
+        Err(source) => return Err(CheckpointError::Io { path: path.display().to_string(), source }),
     };
-    let damaged = || CheckpointError::Damaged {
-        path: path.display().to_string(),
-    };
+    let damaged = || CheckpointError::Damaged { path: path.display().to_string() };
     if bytes.len() != 12 {
         return Err(damaged());
     }
@@ -52,10 +45,7 @@ pub fn read(dir: &Path) -> Result<u64, CheckpointError> {
 pub fn write(dir: &Path, seq: u64) -> Result<(), CheckpointError> {
     let path = dir.join(FILE);
     let tmp = dir.join("checkpoint.tmp");
-    let io = |source| CheckpointError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io = |source| CheckpointError::Io { path: path.display().to_string(), source };
     let mut bytes = seq.to_le_bytes().to_vec();
     bytes.extend_from_slice(&crc32c::crc32c(&seq.to_le_bytes()).to_le_bytes());
     let mut file = std::fs::File::create(&tmp).map_err(io)?;

@@ -30,6 +30,7 @@
 //! deal with it by hand.
 
 pub mod checkpoint;
+pub mod ids;
 pub mod record;
 pub mod segment;
 pub mod writer;
@@ -60,11 +61,7 @@ pub enum WalError {
 
 impl WalError {
     fn io(path: &Path, e: std::io::Error) -> WalError {
-        WalError::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-            no_space: e.raw_os_error() == Some(28),
-        }
+        WalError::Io { path: path.display().to_string(), message: e.to_string(), no_space: e.raw_os_error() == Some(28) }
     }
 }
 
@@ -94,12 +91,7 @@ struct TrackerState {
 impl SeqTracker {
     /// Starts above `seq` (everything up to it is folded or stored).
     pub fn starting_at(seq: u64) -> SeqTracker {
-        SeqTracker {
-            inner: Mutex::new(TrackerState {
-                unfolded: BTreeSet::new(),
-                max_acked: seq,
-            }),
-        }
+        SeqTracker { inner: Mutex::new(TrackerState { unfolded: BTreeSet::new(), max_acked: seq }) }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, TrackerState> {
@@ -139,6 +131,8 @@ pub struct WalConfig {
     /// `None` disables the WAL (`durability = "none"`).
     pub sync: Option<Sync>,
     pub segment_bytes: u64,
+    /// Ids are kept on disk this long (`ingest.dedupe_window`).
+    pub dedupe_window_ms: i64,
 }
 
 /// What opening the WAL found.
@@ -150,6 +144,8 @@ pub struct OpenReport {
     /// (file, offset) of a torn tail that was cut off.
     pub truncated: Option<(String, u64)>,
     pub last_seq: u64,
+    /// Ids loaded from the id files.
+    pub ids_loaded: u64,
 }
 
 /// A handle on the WAL.
@@ -162,22 +158,28 @@ pub struct Wal {
 }
 
 impl Wal {
-    /// Opens the WAL in `config.dir`: cuts a torn tail, replays every record above
+    /// Opens the WAL in `config.dir`: loads the ids accepted within the dedupe
+    /// window through `id`, cuts a torn tail, replays every record above
     /// `max(floor, checkpoint file)` through `replay` in sequence order, then
-    /// starts the writer. A disabled WAL replays nothing.
-    pub fn open(config: &WalConfig, floor: u64, mut replay: impl FnMut(u64, WalBatch)) -> Result<(Wal, OpenReport), WalError> {
+    /// starts the writer. A disabled WAL loads and replays nothing.
+    pub fn open(
+        config: &WalConfig,
+        floor: u64,
+        id: impl FnMut(u128, i64),
+        mut replay: impl FnMut(u64, WalBatch),
+    ) -> Result<(Wal, OpenReport), WalError> {
         let Some(sync) = config.sync else {
             return Ok((Wal::disabled(), OpenReport::default()));
         };
         let dir = &config.dir;
         std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, e))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let ids_dir = dir.join("ids");
+        let ids_loaded = ids::load(&ids_dir, now, config.dedupe_window_ms, id).map_err(|e| WalError::Failed(e.to_string()))?;
+        let id_log = ids::IdLog::new(ids_dir, config.dedupe_window_ms).map_err(|e| WalError::Failed(e.to_string()))?;
         let from = checkpoint::read(dir).map_err(|e| WalError::Failed(e.to_string()))?.max(floor);
         let found = segment::list(dir).map_err(|e| WalError::Segment(Arc::new(e)))?;
-        let mut report = OpenReport {
-            segments: found.len(),
-            last_seq: from,
-            ..OpenReport::default()
-        };
+        let mut report = OpenReport { segments: found.len(), last_seq: from, ids_loaded, ..OpenReport::default() };
         let stats = Arc::new(WalStats::default());
         let mut segments = Vec::new();
         let count = found.len();
@@ -186,13 +188,8 @@ impl Wal {
             let scan = segment::scan(&path, is_last).map_err(|e| WalError::Segment(Arc::new(e)))?;
             if let Some((offset, reason)) = &scan.torn_at {
                 tracing::warn!(file = %path.display(), offset, reason = %reason, "WAL ends in a torn record (a crash mid-write); cutting it off");
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| WalError::io(&path, e))?;
-                file.set_len(scan.valid_len)
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| WalError::io(&path, e))?;
+                let file = std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| WalError::io(&path, e))?;
+                file.set_len(scan.valid_len).and_then(|()| file.sync_all()).map_err(|e| WalError::io(&path, e))?;
                 report.truncated = Some((path.display().to_string(), *offset));
             }
             for record in scan.records {
@@ -219,10 +216,7 @@ impl Wal {
         }
         let next_seq = report.last_seq + 1;
         let file = match segments.last() {
-            Some((_, path, _)) => std::fs::OpenOptions::new()
-                .append(true)
-                .open(path)
-                .map_err(|e| WalError::io(path, e))?,
+            Some((_, path, _)) => std::fs::OpenOptions::new().append(true).open(path).map_err(|e| WalError::io(path, e))?,
             None => {
                 let (path, file) = Writer::open_segment(dir, next_seq)?;
                 segments.push((next_seq, path, 0));
@@ -240,22 +234,15 @@ impl Wal {
             file,
             tracker: tracker.clone(),
             stats: stats.clone(),
+            ids: id_log,
+            ids_failed: false,
         };
         let (tx, rx) = crossbeam::channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("meterd-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| WalError::Failed(format!("cannot start the WAL writer: {e}")))?;
-        Ok((
-            Wal {
-                tx: Mutex::new(Some(tx)),
-                thread: Mutex::new(Some(thread)),
-                tracker,
-                stats,
-                enabled: true,
-            },
-            report,
-        ))
+        Ok((Wal { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), tracker, stats, enabled: true }, report))
     }
 
     /// A WAL that writes nothing (`durability = "none"`).
@@ -284,11 +271,21 @@ impl Wal {
             return Ok(0);
         }
         let payload = record::encode(batch).map_err(|e| WalError::Failed(e.to_string()))?.to_vec();
+        let ids = batch.events.iter().map(|e| e.id_hash).collect();
         let (reply, rx) = oneshot::channel();
-        self.sender()
-            .ok_or(WalError::Stopped)?
-            .send(Command::Append { payload, reply })
-            .map_err(|_| WalError::Stopped)?;
+        let command = Command::Append { payload, ids, accepted_ms: batch.accepted_ms, reply };
+        self.sender().ok_or(WalError::Stopped)?.send(command).map_err(|_| WalError::Stopped)?;
+        rx.await.map_err(|_| WalError::Stopped)?
+    }
+
+    /// Makes the ids of every record written so far durable; call before the
+    /// store takes a flush that lets records leave the WAL.
+    pub async fn sync_ids(&self) -> Result<(), WalError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.sender().ok_or(WalError::Stopped)?.send(Command::SyncIds { reply }).map_err(|_| WalError::Stopped)?;
         rx.await.map_err(|_| WalError::Stopped)?
     }
 
@@ -298,10 +295,7 @@ impl Wal {
             return Ok(());
         }
         let (reply, rx) = oneshot::channel();
-        self.sender()
-            .ok_or(WalError::Stopped)?
-            .send(Command::Checkpoint { seq, reply })
-            .map_err(|_| WalError::Stopped)?;
+        self.sender().ok_or(WalError::Stopped)?.send(Command::Checkpoint { seq, reply }).map_err(|_| WalError::Stopped)?;
         rx.await.map_err(|_| WalError::Stopped)?
     }
 
@@ -358,20 +352,14 @@ mod tests {
     }
 
     fn config(dir: &Path, segment_bytes: u64) -> WalConfig {
-        WalConfig {
-            dir: dir.to_path_buf(),
-            sync: Some(Sync::Always),
-            segment_bytes,
-        }
+        WalConfig { dir: dir.to_path_buf(), sync: Some(Sync::Always), segment_bytes, dedupe_window_ms: 86_400_000 }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_replay_checkpoint_and_rotate() {
         let Ok(tmp) = tempfile::tempdir() else { return };
         let cfg = config(tmp.path(), 300);
-        let (wal, report) = Wal::open(&cfg, 0, |_, _| {})
-            .map_err(|e| e.to_string())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (wal, report) = Wal::open(&cfg, 0, |_, _| {}, |_, _| {}).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(report.last_seq, 0);
         // Concurrent appends get distinct, consecutive sequence numbers.
         let wal = Arc::new(wal);
@@ -401,14 +389,14 @@ mod tests {
         drop(wal);
         // Replay starts above the checkpoint, in order.
         let mut replayed = Vec::new();
-        let (wal, report) = Wal::open(&cfg, 0, |seq, b| replayed.push((seq, b.events.len()))).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, report) = Wal::open(&cfg, 0, |_, _| {}, |seq, b| replayed.push((seq, b.events.len()))).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(replayed.iter().map(|r| r.0).collect::<Vec<_>>(), (23..=30).collect::<Vec<u64>>());
         assert_eq!(report.replayed_events, 16);
         // A floor from the store above the checkpoint wins.
         wal.close();
         drop(wal);
         let mut n = 0;
-        let (wal, _) = Wal::open(&cfg, 26, |_, _| n += 1).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, 26, |_, _| {}, |_, _| n += 1).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(n, 4);
         assert_eq!(wal.append(&batch(1, 99)).await.ok(), Some(31));
     }
@@ -417,7 +405,7 @@ mod tests {
     async fn torn_tail_is_cut_and_corruption_stops() {
         let Ok(tmp) = tempfile::tempdir() else { return };
         let cfg = config(tmp.path(), 1 << 20);
-        let (wal, _) = Wal::open(&cfg, 0, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, 0, |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..5 {
             let _ = wal.append(&batch(3, t)).await;
         }
@@ -427,14 +415,11 @@ mod tests {
         let path = segs[0].1.clone();
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         // Tear the last record.
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap_or_else(|e| panic!("{e}"));
         let _ = f.set_len(len - 7);
         drop(f);
         let mut seqs = Vec::new();
-        let (wal, report) = Wal::open(&cfg, 0, |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, report) = Wal::open(&cfg, 0, |_, _| {}, |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(seqs, vec![1, 2, 3, 4]);
         assert!(report.truncated.is_some());
         // The next append reuses the torn record's sequence number.
@@ -445,7 +430,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap_or_default();
         bytes[20] ^= 0x01;
         let _ = std::fs::write(&path, &bytes);
-        let err = Wal::open(&cfg, 0, |_, _| {}).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Wal::open(&cfg, 0, |_, _| {}, |_, _| {}).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("corrupt at byte offset 0"), "{err}");
     }
 }

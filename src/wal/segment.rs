@@ -41,10 +41,7 @@ pub fn name(first_seq: u64) -> String {
 
 /// Segments in `dir`, sorted by first sequence number.
 pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SegmentError> {
-    let io = |source| SegmentError::Io {
-        path: dir.display().to_string(),
-        source,
-    };
+    let io = |source| SegmentError::Io { path: dir.display().to_string(), source };
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
@@ -63,10 +60,7 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SegmentError> {
 /// Reads every record of a segment. `is_last` says whether a bad end may be a
 /// torn tail (only the newest segment can be mid-write during a crash).
 pub fn scan(path: &Path, is_last: bool) -> Result<SegmentScan, SegmentError> {
-    let bytes = std::fs::read(path).map_err(|source| SegmentError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| SegmentError::Io { path: path.display().to_string(), source })?;
     scan_bytes(&bytes, path, is_last)
 }
 
@@ -82,11 +76,7 @@ pub fn scan_bytes(bytes: &[u8], path: &Path, is_last: bool) -> Result<SegmentSca
                 Some(want) if seq != want => Some(bad(format!("sequence {seq} where {want} was expected"))),
                 _ => {
                     let start = at + HEADER_LEN;
-                    scan.records.push(RawRecord {
-                        seq,
-                        offset: at as u64,
-                        payload: bytes[start..start + payload_len].to_vec(),
-                    });
+                    scan.records.push(RawRecord { seq, offset: at as u64, payload: bytes[start..start + payload_len].to_vec() });
                     expected_seq = seq.checked_add(1);
                     at = start + payload_len;
                     scan.valid_len = at as u64;
@@ -100,11 +90,7 @@ pub fn scan_bytes(bytes: &[u8], path: &Path, is_last: bool) -> Result<SegmentSca
             scan.torn_at = Some((offset, reason));
             return Ok(scan);
         }
-        return Err(SegmentError::Corrupt {
-            path: path.display().to_string(),
-            offset,
-            reason,
-        });
+        return Err(SegmentError::Corrupt { path: path.display().to_string(), offset, reason });
     }
     Ok(scan)
 }
@@ -128,9 +114,7 @@ fn torn_tail(bytes: &[u8], at: usize) -> bool {
 
 /// Parses the record at `at`: its sequence number and payload length.
 fn parse_at(bytes: &[u8], at: usize) -> Result<(u64, usize), String> {
-    let header = bytes
-        .get(at..at + HEADER_LEN)
-        .ok_or_else(|| format!("incomplete header ({} bytes)", bytes.len() - at))?;
+    let header = bytes.get(at..at + HEADER_LEN).ok_or_else(|| format!("incomplete header ({} bytes)", bytes.len() - at))?;
     let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     let len = word(0) as usize;
     let crc = word(4);
@@ -140,9 +124,7 @@ fn parse_at(bytes: &[u8], at: usize) -> Result<(u64, usize), String> {
     if len == 0 || len > MAX_PAYLOAD {
         return Err(format!("impossible record length {len}"));
     }
-    let payload = bytes
-        .get(at + HEADER_LEN..at + HEADER_LEN + len)
-        .ok_or_else(|| format!("incomplete record ({len} bytes announced)"))?;
+    let payload = bytes.get(at + HEADER_LEN..at + HEADER_LEN + len).ok_or_else(|| format!("incomplete record ({len} bytes announced)"))?;
     if checksum(seq, payload) != crc {
         return Err("checksum mismatch".to_string());
     }
@@ -178,10 +160,7 @@ mod tests {
     fn flipped_bit_in_the_middle_is_corruption() {
         let mut bytes = segment(5);
         bytes[HEADER_LEN + 3] ^= 0x10;
-        let err = scan_bytes(&bytes, Path::new("seg"), true)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = scan_bytes(&bytes, Path::new("seg"), true).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("corrupt at byte offset 0") && err.contains("checksum"), "{err}");
         // Not the last segment: a torn end is corruption too.
         let mut tail = segment(5);

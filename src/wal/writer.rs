@@ -6,6 +6,7 @@
 //! caller of the group gets the error, and the sequence numbers are reused.
 
 use super::checkpoint;
+use super::ids::IdLog;
 use super::record::frame;
 use super::segment;
 use super::{SeqTracker, WalError, WalStats};
@@ -22,10 +23,16 @@ use tokio::sync::oneshot;
 pub enum Command {
     Append {
         payload: Vec<u8>,
+        ids: Vec<u128>,
+        accepted_ms: i64,
         reply: oneshot::Sender<Result<u64, WalError>>,
     },
     Checkpoint {
         seq: u64,
+        reply: oneshot::Sender<Result<(), WalError>>,
+    },
+    /// Make the id files durable (before the store takes a flush).
+    SyncIds {
         reply: oneshot::Sender<Result<(), WalError>>,
     },
 }
@@ -50,6 +57,11 @@ pub struct Writer {
     pub file: File,
     pub tracker: Arc<SeqTracker>,
     pub stats: Arc<WalStats>,
+    /// Ids of written records, for deduplication across restarts.
+    pub ids: IdLog,
+    /// Set when an id append failed: syncing ids then fails, so no flush lets a
+    /// record leave the WAL before its ids are safe (replay restores them).
+    pub ids_failed: bool,
 }
 
 /// Most requests taken in one group.
@@ -59,11 +71,7 @@ impl Writer {
     /// Opens (or creates) the segment that starts at `first_seq` for appending.
     pub fn open_segment(dir: &std::path::Path, first_seq: u64) -> Result<(PathBuf, File), WalError> {
         let path = dir.join(segment::name(first_seq));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| WalError::io(&path, e))?;
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| WalError::io(&path, e))?;
         checkpoint::sync_dir(dir).map_err(|e| WalError::io(dir, e))?;
         Ok((path, file))
     }
@@ -92,20 +100,30 @@ impl Writer {
             }
             let mut appends = Vec::new();
             let mut checkpoints = Vec::new();
+            let mut id_syncs = Vec::new();
+            let mut ids = Vec::new();
             buf.clear();
             for cmd in group {
                 match cmd {
-                    Command::Append { payload, reply } => {
+                    Command::Append { payload, ids: batch_ids, accepted_ms, reply } => {
                         let seq = self.next_seq + appends.len() as u64;
                         frame(&mut buf, seq, &payload);
                         appends.push((seq, reply));
+                        ids.push((batch_ids, accepted_ms));
                     }
                     Command::Checkpoint { seq, reply } => checkpoints.push((seq, reply)),
+                    Command::SyncIds { reply } => id_syncs.push(reply),
                 }
             }
             if !appends.is_empty() {
                 match self.write_group(&buf) {
                     Ok(()) => {
+                        for (batch_ids, accepted_ms) in &ids {
+                            if let Err(e) = self.ids.append(batch_ids, *accepted_ms) {
+                                tracing::error!(error = %e, "cannot record event ids; flushes wait until a restart replays them");
+                                self.ids_failed = true;
+                            }
+                        }
                         self.next_seq += appends.len() as u64;
                         dirty = self.sync != Sync::Always;
                         let seqs: Vec<u64> = appends.iter().map(|(s, _)| *s).collect();
@@ -131,6 +149,14 @@ impl Writer {
                     last_sync = Instant::now();
                 }
             }
+            for reply in id_syncs {
+                let result = if self.ids_failed {
+                    Err(WalError::Failed("event ids could not be recorded; restart meterd to recover them from the WAL".into()))
+                } else {
+                    self.ids.sync().map_err(|e| WalError::Failed(e.to_string()))
+                };
+                let _ = reply.send(result);
+            }
             for (seq, reply) in checkpoints {
                 let _ = reply.send(self.checkpoint(seq));
             }
@@ -141,6 +167,9 @@ impl Writer {
         if let Err(e) = self.file.sync_all() {
             tracing::error!(error = %e, "final WAL fsync failed");
         }
+        if let Err(e) = self.ids.sync() {
+            tracing::error!(error = %e, "final id file fsync failed");
+        }
     }
 
     /// Writes a group and (in `fsync` mode) makes it durable; on failure cuts the
@@ -150,14 +179,9 @@ impl Writer {
             return Err(WalError::Failed("no open segment".into()));
         };
         if self.stats.broken.load(Ordering::Acquire) {
-            return Err(WalError::Failed(
-                "the WAL could not recover from an earlier write error; restart meterd".into(),
-            ));
+            return Err(WalError::Failed("the WAL could not recover from an earlier write error; restart meterd".into()));
         }
-        let result = self
-            .file
-            .write_all(buf)
-            .and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
+        let result = self.file.write_all(buf).and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
         match result {
             Ok(()) => {
                 if let Some(last) = self.segments.last_mut() {
@@ -202,6 +226,10 @@ impl Writer {
             self.stats.bytes.fetch_sub(size, Ordering::AcqRel);
         }
         self.stats.checkpoint.store(seq, Ordering::Release);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        if let Err(e) = self.ids.expire(now) {
+            tracing::warn!(error = %e, "cannot delete expired id files");
+        }
         Ok(())
     }
 }

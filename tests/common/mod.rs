@@ -50,16 +50,9 @@ impl TestServer {
 
     pub async fn start_in(toml: &str, dir: tempfile::TempDir) -> TestServer {
         let config = with_dirs(toml, dir.path());
-        let valid = Config::parse(&config, "test.toml")
-            .and_then(|c| c.validate("test.toml"))
-            .expect("valid test config");
+        let valid = Config::parse(&config, "test.toml").and_then(|c| c.validate("test.toml")).expect("valid test config");
         let app = AppHandle::start(valid).await.expect("meterd starts");
-        TestServer {
-            addr: app.addr,
-            app: Some(app),
-            dir,
-            config: toml.to_string(),
-        }
+        TestServer { addr: app.addr, app: Some(app), dir, config: toml.to_string() }
     }
 
     /// Graceful shutdown, then a fresh start on the same data dir.
@@ -82,10 +75,7 @@ impl TestServer {
     }
 
     pub fn client(&self) -> Client {
-        Client {
-            addr: self.addr,
-            token: None,
-        }
+        Client { addr: self.addr, token: None }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -118,18 +108,13 @@ impl Resp {
 
 impl Client {
     pub fn with_token(&self, token: &str) -> Client {
-        Client {
-            addr: self.addr,
-            token: Some(token.to_string()),
-        }
+        Client { addr: self.addr, token: Some(token.to_string()) }
     }
 
     /// Sends a request with an optional content type and body.
     pub async fn send(&self, method: Method, path: &str, content_type: Option<&str>, body: impl Into<Bytes>) -> Resp {
         let stream = TcpStream::connect(self.addr).await.expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("handshake");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
         tokio::spawn(conn);
         let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
         if let Some(ct) = content_type {
@@ -145,12 +130,7 @@ impl Client {
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
         let text = String::from_utf8_lossy(&bytes).to_string();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Resp {
-            status,
-            headers,
-            body,
-            text,
-        }
+        Resp { status, headers, body, text }
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Resp {
@@ -205,11 +185,7 @@ pub fn rfc3339(ms: i64) -> String {
 /// The start (UTC) of the calendar month after the one `ms` falls in.
 pub fn next_month_start(ms: i64) -> i64 {
     let at = Utc.timestamp_millis_opt(ms).unwrap();
-    let (y, m) = if at.month() == 12 {
-        (at.year() + 1, 1)
-    } else {
-        (at.year(), at.month() + 1)
-    };
+    let (y, m) = if at.month() == 12 { (at.year() + 1, 1) } else { (at.year(), at.month() + 1) };
     Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).unwrap().timestamp_millis()
 }
 
@@ -257,9 +233,7 @@ pub async fn ingest(c: &Client, body: Value) -> Value {
 
 /// POST /v1/check without consuming; asserts 200 and returns the body.
 pub async fn check(c: &Client, customer: &str, meter: &str, quantity: impl Into<Value>) -> Value {
-    let r = c
-        .check(&json!({"customer": customer, "meter": meter, "quantity": quantity.into()}))
-        .await;
+    let r = c.check(&json!({"customer": customer, "meter": meter, "quantity": quantity.into()})).await;
     assert_eq!(r.status, 200, "{}", r.text);
     r.body
 }

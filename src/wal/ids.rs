@@ -1,0 +1,168 @@
+//! Id files: the ids of accepted events, so deduplication survives restarts for
+//! the whole `dedupe_window`, not just for the records the WAL still replays.
+//!
+//! The WAL writer appends each record's id hashes to `ids/{hour_start_ms}.ids`
+//! (20 bytes an entry: the 128-bit hash and the acceptance minute) when it writes
+//! the record, without an fsync of its own. Before the usage store takes a flush
+//! (after which the record may leave the WAL), the flusher has the writer fsync
+//! the id files, so every id whose record is gone from the WAL is on disk. On
+//! start, files younger than the window are loaded. Files older than the window
+//! (plus an hour) are deleted. A torn last entry (a crash mid-append) is ignored.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Bytes per entry.
+pub const ENTRY: usize = 20;
+const HOUR_MS: i64 = 3_600_000;
+
+/// Why an id file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IdsError {
+    #[error("id file {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> IdsError + '_ {
+    move |source| IdsError::Io { path: path.display().to_string(), source }
+}
+
+/// The appender the WAL writer owns.
+pub struct IdLog {
+    dir: PathBuf,
+    open: Option<(i64, File)>,
+    /// Files written since the last sync.
+    dirty: Vec<i64>,
+    window_ms: i64,
+}
+
+impl IdLog {
+    pub fn new(dir: PathBuf, window_ms: i64) -> Result<IdLog, IdsError> {
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(IdLog { dir, open: None, dirty: Vec::new(), window_ms })
+    }
+
+    fn path(&self, hour: i64) -> PathBuf {
+        self.dir.join(format!("{hour}.ids"))
+    }
+
+    /// Appends ids accepted at `accepted_ms` (no fsync).
+    pub fn append(&mut self, ids: &[u128], accepted_ms: i64) -> Result<(), IdsError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let hour = accepted_ms.div_euclid(HOUR_MS) * HOUR_MS;
+        if self.open.as_ref().map(|(h, _)| *h) != Some(hour) {
+            let path = self.path(hour);
+            let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+            self.open = Some((hour, file));
+        }
+        let minute = u32::try_from(accepted_ms.div_euclid(60_000)).unwrap_or(u32::MAX);
+        let mut buf = Vec::with_capacity(ids.len() * ENTRY);
+        for id in ids {
+            buf.extend_from_slice(&id.to_le_bytes());
+            buf.extend_from_slice(&minute.to_le_bytes());
+        }
+        let path = self.path(hour);
+        if let Some((_, file)) = self.open.as_mut() {
+            file.write_all(&buf).map_err(io(&path))?;
+        }
+        if !self.dirty.contains(&hour) {
+            self.dirty.push(hour);
+        }
+        Ok(())
+    }
+
+    /// Makes every id appended so far durable.
+    pub fn sync(&mut self) -> Result<(), IdsError> {
+        for hour in std::mem::take(&mut self.dirty) {
+            let path = self.path(hour);
+            match &self.open {
+                Some((h, file)) if *h == hour => file.sync_data().map_err(io(&path))?,
+                _ => File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes files wholly older than the window (and an hour of slack).
+    pub fn expire(&mut self, now_ms: i64) -> Result<(), IdsError> {
+        let cutoff = now_ms - self.window_ms - HOUR_MS;
+        for (hour, path) in list(&self.dir)? {
+            if hour + HOUR_MS < cutoff && self.open.as_ref().map(|(h, _)| *h) != Some(hour) {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Id files in `dir`, by hour.
+fn list(dir: &Path) -> Result<Vec<(i64, PathBuf)>, IdsError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name();
+        if let Some(hour) = name.to_str().and_then(|n| n.strip_suffix(".ids")).and_then(|h| h.parse::<i64>().ok()) {
+            out.push((hour, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Calls `each(id, accepted_ms)` for every id accepted within `window_ms` of
+/// `now_ms`; returns how many were read.
+pub fn load(dir: &Path, now_ms: i64, window_ms: i64, mut each: impl FnMut(u128, i64)) -> Result<u64, IdsError> {
+    let mut n = 0;
+    for (hour, path) in list(dir)? {
+        if hour + HOUR_MS < now_ms - window_ms {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        for entry in bytes.chunks_exact(ENTRY) {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&entry[..16]);
+            let mut minute = [0u8; 4];
+            minute.copy_from_slice(&entry[16..]);
+            each(u128::from_le_bytes(id), i64::from(u32::from_le_bytes(minute)) * 60_000);
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_loads_and_expires() {
+        let Ok(tmp) = tempfile::tempdir() else { return };
+        let dir = tmp.path().join("ids");
+        let day = 86_400_000;
+        let Ok(mut log) = IdLog::new(dir.clone(), day) else { return };
+        let t0 = 100 * day;
+        assert!(log.append(&[1, 2, 3], t0).is_ok());
+        assert!(log.append(&[4], t0 + 2 * HOUR_MS).is_ok());
+        assert!(log.sync().is_ok());
+        let mut seen = Vec::new();
+        let n = load(&dir, t0 + 3 * HOUR_MS, day, |id, at| seen.push((id, at))).unwrap_or(0);
+        assert_eq!(n, 4);
+        assert_eq!(seen[0], (1, t0));
+        assert_eq!(seen[3], (4, t0 + 2 * HOUR_MS));
+        // A torn last entry is ignored.
+        let _ = OpenOptions::new().append(true).open(dir.join(format!("{}.ids", t0 + 2 * HOUR_MS))).and_then(|mut f| f.write_all(&[9; 7]));
+        assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 4);
+        // Past the window, loading skips and expiry deletes the old file.
+        assert_eq!(load(&dir, t0 + 3 * day, day, |_, _| {}).unwrap_or(99), 0);
+        assert!(log.expire(t0 + 3 * day).is_ok());
+        assert_eq!(list(&dir).map(|l| l.len()).unwrap_or(99), 1, "only the open file is kept");
+    }
+}
