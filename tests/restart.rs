@@ -5,12 +5,13 @@
 mod common;
 
 use chrono::{TimeZone, Utc};
+use common::process::{free_port, meterd_command, spawn, wait_healthy, Proc};
 use common::{away_from_hour_boundary, now_ms, uid, Client, TestServer, DAY, HOUR};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
 
 /// `common::ingest` (asserts 202), and asserts that no event was a duplicate.
 async fn ingest(c: &Client, body: Value) {
@@ -229,78 +230,6 @@ async fn graceful_restart_keeps_usage_and_entitlements() {
 }
 
 /// Kills the child when dropped, so a failing test leaves no process behind.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits up to `limit` for the process to exit.
-    async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "meterd did not exit; log:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("run kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn meterd_command(config: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meterd"));
-    cmd.arg("--config").arg(config).env_remove("METERD_LISTEN").env_remove("METERD_CONFIG").stdin(Stdio::null());
-    cmd
-}
-
-fn spawn(config: &Path, log: PathBuf) -> Proc {
-    let out = std::fs::File::create(&log).expect("log file");
-    let err = out.try_clone().expect("log file");
-    let child = meterd_command(config).stdout(Stdio::from(out)).stderr(Stdio::from(err)).spawn().expect("spawn meterd");
-    Proc { child, log }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-async fn wait_healthy(p: &mut Proc, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = p.child.try_wait().expect("try_wait") {
-            panic!("meterd exited early with {status}; log:\n{}", p.log());
-        }
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            let r = Client { addr, token: None }.get("/healthz").await;
-            if r.status == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "meterd never became healthy; log:\n{}", p.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn process_config(port: u16, data_dir: &Path) -> String {
     format!("[server]\nlisten = \"127.0.0.1:{port}\"\n\n[storage]\ndata_dir = {:?}\n{CONFIG}", data_dir.display().to_string())
 }

@@ -124,6 +124,13 @@ impl Counters {
 
     /// Folds a batch of usage: the ingest path.
     pub fn apply(&self, usages: &[Usage<'_>]) {
+        self.apply_then(usages, || {});
+    }
+
+    /// Folds a batch, then runs `done` before letting an epoch swap happen: the
+    /// WAL marks the batch folded there, so the swapped epoch's watermark never
+    /// excludes a batch the epoch already holds.
+    pub fn apply_then(&self, usages: &[Usage<'_>], done: impl FnOnce()) {
         let epoch = self.buckets.write_guard();
         for usage in usages {
             if usage.meter.aggregation == Aggregation::Latest {
@@ -133,6 +140,8 @@ impl Counters {
                 self.fold(&epoch, usage, None);
             }
         }
+        done();
+        drop(epoch);
     }
 }
 

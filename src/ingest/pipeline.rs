@@ -106,10 +106,7 @@ impl Engine {
                     .collect(),
             };
             match self.wal.append(&record).await {
-                Ok(seq) => {
-                    self.counters.apply(&usages);
-                    self.wal.tracker.folded(seq);
-                }
+                Ok(seq) => self.counters.apply_then(&usages, || self.wal.tracker.folded(seq)),
                 Err(e) => {
                     // Nothing was recorded: the ids may be sent again.
                     for (h, f) in hashes.iter().zip(&fresh) {

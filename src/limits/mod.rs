@@ -292,10 +292,11 @@ impl Engine {
                         }
                     };
                     {
+                        // Folded and marked under one guard (see `Counters::apply_then`).
                         let epoch = self.counters.buckets.write_guard();
                         self.counters.fold(&epoch, &usage(quantity), Some(limit.window));
+                        self.wal.tracker.folded(seq);
                     }
-                    self.wal.tracker.folded(seq);
                     let states = vec![LimitState { limit, window, used: after }];
                     (states, Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 })
                 }
@@ -327,8 +328,8 @@ impl Engine {
                     } else {
                         self.counters.fold(&epoch, &usage(raw), None);
                     }
+                    self.wal.tracker.folded(seq);
                 }
-                self.wal.tracker.folded(seq);
                 for s in &mut states {
                     s.used = s.used.saturating_add(quantity);
                 }

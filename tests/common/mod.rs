@@ -3,6 +3,8 @@
 //! client over real TCP connections.
 #![allow(dead_code)]
 
+pub mod process;
+
 use bytes::Bytes;
 use chrono::{Datelike, TimeZone, Utc};
 use http_body_util::{BodyExt, Full};

@@ -1,0 +1,86 @@
+//! Running the real `meterd` binary: spawn with a config, wait until healthy,
+//! SIGTERM or SIGKILL it, read its log. Processes are killed when dropped, so a
+//! failing test leaves none behind.
+
+use super::Client;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A meterd process, killed on drop if still running.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "meterd did not exit; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("run kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The meterd binary with `--config`, free of the caller's METERD_* overrides.
+pub fn meterd_command(config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meterd"));
+    cmd.arg("--config").arg(config).env_remove("METERD_LISTEN").env_remove("METERD_CONFIG").stdin(Stdio::null());
+    cmd
+}
+
+/// Starts meterd, logging to `log`.
+pub fn spawn(config: &Path, log: PathBuf) -> Proc {
+    let out = std::fs::File::create(&log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let child = meterd_command(config).stdout(Stdio::from(out)).stderr(Stdio::from(err)).spawn().expect("spawn meterd");
+    Proc { child, log }
+}
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Waits until `/healthz` answers (panics with the log if the process dies).
+pub async fn wait_healthy(p: &mut Proc, addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = p.child.try_wait().expect("try_wait") {
+            panic!("meterd exited early with {status}; log:\n{}", p.log());
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            let r = Client { addr, token: None }.get("/healthz").await;
+            if r.status == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "meterd never became healthy; log:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
