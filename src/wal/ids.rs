@@ -28,10 +28,18 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> IdsError + '_ {
     move |source| IdsError::Io { path: path.display().to_string(), source }
 }
 
+/// Where an id file stood before an append, to cut a refused group back off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    hour: i64,
+    len: u64,
+}
+
 /// The appender the WAL writer owns.
 pub struct IdLog {
     dir: PathBuf,
-    open: Option<(i64, File)>,
+    /// The open hour file and its length.
+    open: Option<(i64, File, u64)>,
     /// Files written since the last sync.
     dirty: Vec<i64>,
     window_ms: i64,
@@ -47,16 +55,21 @@ impl IdLog {
         self.dir.join(format!("{hour}.ids"))
     }
 
-    /// Appends ids accepted at `accepted_ms` (no fsync).
-    pub fn append(&mut self, ids: &[u128], accepted_ms: i64) -> Result<(), IdsError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
+    /// Appends ids accepted at `accepted_ms` (no fsync); returns where the file
+    /// stood before, for [`IdLog::rollback`].
+    pub fn append(&mut self, ids: &[u128], accepted_ms: i64) -> Result<Mark, IdsError> {
         let hour = accepted_ms.div_euclid(HOUR_MS) * HOUR_MS;
-        if self.open.as_ref().map(|(h, _)| *h) != Some(hour) {
+        if self.open.as_ref().map(|(h, _, _)| *h) != Some(hour) {
             let path = self.path(hour);
             let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
-            self.open = Some((hour, file));
+            // A crash mid-append may have left a partial entry: cut it, or every
+            // later entry would be read misaligned.
+            let len = file.metadata().map_err(io(&path))?.len();
+            let whole = len - len % ENTRY as u64;
+            if whole != len {
+                file.set_len(whole).map_err(io(&path))?;
+            }
+            self.open = Some((hour, file, whole));
         }
         let minute = u32::try_from(accepted_ms.div_euclid(60_000)).unwrap_or(u32::MAX);
         let mut buf = Vec::with_capacity(ids.len() * ENTRY);
@@ -65,13 +78,32 @@ impl IdLog {
             buf.extend_from_slice(&minute.to_le_bytes());
         }
         let path = self.path(hour);
-        if let Some((_, file)) = self.open.as_mut() {
-            file.write_all(&buf).map_err(io(&path))?;
+        let Some((_, file, len)) = self.open.as_mut() else {
+            return Err(IdsError::Io { path: path.display().to_string(), source: std::io::Error::other("no open id file") });
+        };
+        let mark = Mark { hour, len: *len };
+        if let Err(e) = file.write_all(&buf) {
+            let _ = file.set_len(mark.len);
+            return Err(io(&path)(e));
         }
+        *len += buf.len() as u64;
         if !self.dirty.contains(&hour) {
             self.dirty.push(hour);
         }
-        Ok(())
+        Ok(mark)
+    }
+
+    /// Cuts the ids appended since `mark` back off (their group was refused).
+    pub fn rollback(&mut self, mark: Mark) -> Result<(), IdsError> {
+        let path = self.path(mark.hour);
+        match self.open.as_mut() {
+            Some((hour, file, len)) if *hour == mark.hour => {
+                file.set_len(mark.len).map_err(io(&path))?;
+                *len = mark.len;
+                Ok(())
+            }
+            _ => OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(mark.len)).map_err(io(&path)),
+        }
     }
 
     /// Makes every id appended so far durable.
@@ -79,7 +111,7 @@ impl IdLog {
         for hour in std::mem::take(&mut self.dirty) {
             let path = self.path(hour);
             match &self.open {
-                Some((h, file)) if *h == hour => file.sync_data().map_err(io(&path))?,
+                Some((h, file, _)) if *h == hour => file.sync_data().map_err(io(&path))?,
                 _ => File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?,
             }
         }
@@ -90,7 +122,7 @@ impl IdLog {
     pub fn expire(&mut self, now_ms: i64) -> Result<(), IdsError> {
         let cutoff = now_ms - self.window_ms - HOUR_MS;
         for (hour, path) in list(&self.dir)? {
-            if hour + HOUR_MS < cutoff && self.open.as_ref().map(|(h, _)| *h) != Some(hour) {
+            if hour + HOUR_MS < cutoff && self.open.as_ref().map(|(h, _, _)| *h) != Some(hour) {
                 std::fs::remove_file(&path).map_err(io(&path))?;
             }
         }
@@ -157,9 +189,21 @@ mod tests {
         assert_eq!(n, 4);
         assert_eq!(seen[0], (1, t0));
         assert_eq!(seen[3], (4, t0 + 2 * HOUR_MS));
-        // A torn last entry is ignored.
-        let _ = OpenOptions::new().append(true).open(dir.join(format!("{}.ids", t0 + 2 * HOUR_MS))).and_then(|mut f| f.write_all(&[9; 7]));
+        // A torn last entry is ignored, and cut when the file is appended to again.
+        drop(log);
+        let torn = dir.join(format!("{}.ids", t0 + 2 * HOUR_MS));
+        let _ = OpenOptions::new().append(true).open(&torn).and_then(|mut f| f.write_all(&[9; 7]));
         assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 4);
+        let Ok(mut log) = IdLog::new(dir.clone(), day) else { return };
+        let mark = log.append(&[5], t0 + 2 * HOUR_MS);
+        let mut seen = Vec::new();
+        let _ = load(&dir, t0, day, |id, _| seen.push(id));
+        assert_eq!(seen, vec![1, 2, 3, 4, 5], "the new entry is aligned");
+        // A rollback removes what a refused group appended.
+        let Ok(mark2) = log.append(&[6, 7], t0 + 2 * HOUR_MS) else { return };
+        assert!(log.rollback(mark2).is_ok());
+        assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 5);
+        assert!(mark.is_ok());
         // Past the window, loading skips and expiry deletes the old file.
         assert_eq!(load(&dir, t0 + 3 * day, day, |_, _| {}).unwrap_or(99), 0);
         assert!(log.expire(t0 + 3 * day).is_ok());

@@ -235,7 +235,6 @@ impl Wal {
             tracker: tracker.clone(),
             stats: stats.clone(),
             ids: id_log,
-            ids_failed: false,
         };
         let (tx, rx) = crossbeam::channel::unbounded();
         let thread = std::thread::Builder::new()

@@ -59,9 +59,6 @@ pub struct Writer {
     pub stats: Arc<WalStats>,
     /// Ids of written records, for deduplication across restarts.
     pub ids: IdLog,
-    /// Set when an id append failed: syncing ids then fails, so no flush lets a
-    /// record leave the WAL before its ids are safe (replay restores them).
-    pub ids_failed: bool,
 }
 
 /// Most requests taken in one group.
@@ -116,14 +113,8 @@ impl Writer {
                 }
             }
             if !appends.is_empty() {
-                match self.write_group(&buf) {
+                match self.write_group(&buf, &ids) {
                     Ok(()) => {
-                        for (batch_ids, accepted_ms) in &ids {
-                            if let Err(e) = self.ids.append(batch_ids, *accepted_ms) {
-                                tracing::error!(error = %e, "cannot record event ids; flushes wait until a restart replays them");
-                                self.ids_failed = true;
-                            }
-                        }
                         self.next_seq += appends.len() as u64;
                         dirty = self.sync != Sync::Always;
                         let seqs: Vec<u64> = appends.iter().map(|(s, _)| *s).collect();
@@ -150,12 +141,7 @@ impl Writer {
                 }
             }
             for reply in id_syncs {
-                let result = if self.ids_failed {
-                    Err(WalError::Failed("event ids could not be recorded; restart meterd to recover them from the WAL".into()))
-                } else {
-                    self.ids.sync().map_err(|e| WalError::Failed(e.to_string()))
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.ids.sync().map_err(|e| WalError::Failed(e.to_string())));
             }
             for (seq, reply) in checkpoints {
                 let _ = reply.send(self.checkpoint(seq));
@@ -172,14 +158,26 @@ impl Writer {
         }
     }
 
-    /// Writes a group and (in `fsync` mode) makes it durable; on failure cuts the
-    /// segment back to where the group began.
-    fn write_group(&mut self, buf: &[u8]) -> Result<(), WalError> {
+    /// Writes a group's ids, then its records, and (in `fsync` mode) makes the
+    /// records durable. If anything fails, both are cut back to where the group
+    /// began: a refused batch leaves no record to replay and no id that would
+    /// make the client's retry look like a duplicate after a restart.
+    fn write_group(&mut self, buf: &[u8], ids: &[(Vec<u128>, i64)]) -> Result<(), WalError> {
         let Some((_, path, size)) = self.segments.last().cloned() else {
             return Err(WalError::Failed("no open segment".into()));
         };
         if self.stats.broken.load(Ordering::Acquire) {
             return Err(WalError::Failed("the WAL could not recover from an earlier write error; restart meterd".into()));
+        }
+        let mut marks = Vec::new();
+        for (batch_ids, accepted_ms) in ids {
+            match self.ids.append(batch_ids, *accepted_ms) {
+                Ok(mark) => marks.push(mark),
+                Err(e) => {
+                    self.rollback_ids(&marks);
+                    return Err(WalError::Failed(format!("cannot record event ids: {e}")));
+                }
+            }
         }
         let result = self.file.write_all(buf).and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
         match result {
@@ -195,7 +193,18 @@ impl Writer {
                     tracing::error!(error = %cut, path = %path.display(), "cannot cut a failed write off the WAL; refusing further writes");
                     self.stats.broken.store(true, Ordering::Release);
                 }
+                self.rollback_ids(&marks);
                 Err(WalError::io(&path, e))
+            }
+        }
+    }
+
+    /// Cuts a refused group's ids back off, newest first.
+    fn rollback_ids(&mut self, marks: &[super::ids::Mark]) {
+        for mark in marks.iter().rev() {
+            if let Err(e) = self.ids.rollback(*mark) {
+                tracing::error!(error = %e, "cannot cut refused ids off an id file; refusing further writes");
+                self.stats.broken.store(true, Ordering::Release);
             }
         }
     }

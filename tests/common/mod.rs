@@ -3,6 +3,7 @@
 //! client over real TCP connections.
 #![allow(dead_code)]
 
+pub mod mount;
 pub mod process;
 
 use bytes::Bytes;
