@@ -7,7 +7,7 @@ use meterd::config::{self, ConfigError};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: meterd [serve] [--config FILE]\n       meterd check-config [--config FILE]\n\nThe config file may also be given as METERD_CONFIG; without one, the built-in defaults (config/meterd.toml) are used.";
+const USAGE: &str = "usage: meterd [serve] [--config FILE]\n       meterd check-config [--config FILE]\n       meterd wal verify|repair [--config FILE]   (with meterd stopped)\n\nThe config file may also be given as METERD_CONFIG; without one, the built-in defaults (config/meterd.toml) are used.";
 
 struct Args {
     command: String,
@@ -24,6 +24,13 @@ fn parse_args() -> Result<Args, String> {
             s if s.starts_with("--config=") => config = Some(PathBuf::from(&s["--config=".len()..])),
             "-h" | "--help" | "help" => return Err(String::new()),
             "serve" | "check-config" if command.is_none() => command = Some(arg),
+            "wal" if command.is_none() => {
+                let sub = args.next().ok_or("wal needs verify or repair")?;
+                if sub != "verify" && sub != "repair" {
+                    return Err(format!("unknown wal command {sub:?} (verify or repair)"));
+                }
+                command = Some(format!("wal-{sub}"));
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -42,6 +49,7 @@ fn main() -> ExitCode {
         }
     };
     match args.command.as_str() {
+        "wal-verify" | "wal-repair" => wal_command(&args.command, args.config),
         "check-config" => match config::load_valid(args.config.as_deref()) {
             Ok(c) => {
                 println!(
@@ -69,6 +77,33 @@ fn main() -> ExitCode {
                     ExitCode::from(if invalid_config { 2 } else { 1 })
                 }
             }
+        }
+    }
+}
+
+/// `meterd wal verify|repair`: exit 0 when the WAL is (now) usable, 1 when
+/// verify found damage, 2 on a bad config or an I/O error.
+fn wal_command(command: &str, config_path: Option<PathBuf>) -> ExitCode {
+    let config = match config::load_valid(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let dir = config.raw.storage.data_dir.join("wal");
+    let mut out = String::new();
+    let result = if command == "wal-verify" {
+        meterd::wal::repair::verify(&dir, &mut out).map(|healthy| if healthy { 0 } else { 1 })
+    } else {
+        meterd::wal::repair::repair(&dir, &mut out).map(|()| 0)
+    };
+    print!("{out}");
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("meterd: {e}");
+            ExitCode::from(2)
         }
     }
 }

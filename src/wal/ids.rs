@@ -2,7 +2,9 @@
 //! the whole `dedupe_window`, not just for the records the WAL still replays.
 //!
 //! The WAL writer appends each record's id hashes to `ids/{hour_start_ms}.ids`
-//! (20 bytes an entry: the 128-bit hash and the acceptance minute) when it writes
+//! (28 bytes an entry: the 128-bit hash, the acceptance minute, and the WAL
+//! sequence of the record, so a repair can forget the ids of records it had to
+//! drop) when it writes
 //! the record, without an fsync of its own. Before the usage store takes a flush
 //! (after which the record may leave the WAL), the flusher has the writer fsync
 //! the id files, so every id whose record is gone from the WAL is on disk. On
@@ -14,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Bytes per entry.
-pub const ENTRY: usize = 20;
+pub const ENTRY: usize = 28;
 const HOUR_MS: i64 = 3_600_000;
 
 /// Why an id file could not be used.
@@ -57,7 +59,7 @@ impl IdLog {
 
     /// Appends ids accepted at `accepted_ms` (no fsync); returns where the file
     /// stood before, for [`IdLog::rollback`].
-    pub fn append(&mut self, ids: &[u128], accepted_ms: i64) -> Result<Mark, IdsError> {
+    pub fn append(&mut self, ids: &[u128], accepted_ms: i64, seq: u64) -> Result<Mark, IdsError> {
         let hour = accepted_ms.div_euclid(HOUR_MS) * HOUR_MS;
         if self.open.as_ref().map(|(h, _, _)| *h) != Some(hour) {
             let path = self.path(hour);
@@ -76,6 +78,7 @@ impl IdLog {
         for id in ids {
             buf.extend_from_slice(&id.to_le_bytes());
             buf.extend_from_slice(&minute.to_le_bytes());
+            buf.extend_from_slice(&seq.to_le_bytes());
         }
         let path = self.path(hour);
         let Some((_, file, len)) = self.open.as_mut() else {
@@ -149,6 +152,17 @@ fn list(dir: &Path) -> Result<Vec<(i64, PathBuf)>, IdsError> {
     Ok(out)
 }
 
+/// One entry: (id, accepted_ms, seq).
+fn entry(bytes: &[u8]) -> (u128, i64, u64) {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&bytes[..16]);
+    let mut minute = [0u8; 4];
+    minute.copy_from_slice(&bytes[16..20]);
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&bytes[20..28]);
+    (u128::from_le_bytes(id), i64::from(u32::from_le_bytes(minute)) * 60_000, u64::from_le_bytes(seq))
+}
+
 /// Calls `each(id, accepted_ms)` for every id accepted within `window_ms` of
 /// `now_ms`; returns how many were read.
 pub fn load(dir: &Path, now_ms: i64, window_ms: i64, mut each: impl FnMut(u128, i64)) -> Result<u64, IdsError> {
@@ -158,16 +172,39 @@ pub fn load(dir: &Path, now_ms: i64, window_ms: i64, mut each: impl FnMut(u128, 
             continue;
         }
         let bytes = std::fs::read(&path).map_err(io(&path))?;
-        for entry in bytes.chunks_exact(ENTRY) {
-            let mut id = [0u8; 16];
-            id.copy_from_slice(&entry[..16]);
-            let mut minute = [0u8; 4];
-            minute.copy_from_slice(&entry[16..]);
-            each(u128::from_le_bytes(id), i64::from(u32::from_le_bytes(minute)) * 60_000);
+        for chunk in bytes.chunks_exact(ENTRY) {
+            let (id, at, _) = entry(chunk);
+            each(id, at);
             n += 1;
         }
     }
     Ok(n)
+}
+
+/// Removes the ids of records whose sequence lies in one of `ranges`
+/// (inclusive): those records were lost, so their events may be sent again.
+/// Returns how many ids were forgotten.
+pub fn forget(dir: &Path, ranges: &[(u64, u64)]) -> Result<u64, IdsError> {
+    let mut forgotten = 0;
+    for (_, path) in list(dir)? {
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let mut kept = Vec::with_capacity(bytes.len());
+        for chunk in bytes.chunks_exact(ENTRY) {
+            let (_, _, seq) = entry(chunk);
+            if ranges.iter().any(|&(a, b)| a <= seq && seq <= b) {
+                forgotten += 1;
+            } else {
+                kept.extend_from_slice(chunk);
+            }
+        }
+        if kept.len() != bytes.len() {
+            let tmp = path.with_extension("tmp");
+            let mut f = File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(&kept).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        }
+    }
+    Ok(forgotten)
 }
 
 #[cfg(test)]
@@ -181,8 +218,8 @@ mod tests {
         let day = 86_400_000;
         let Ok(mut log) = IdLog::new(dir.clone(), day) else { return };
         let t0 = 100 * day;
-        assert!(log.append(&[1, 2, 3], t0).is_ok());
-        assert!(log.append(&[4], t0 + 2 * HOUR_MS).is_ok());
+        assert!(log.append(&[1, 2, 3], t0, 1).is_ok());
+        assert!(log.append(&[4], t0 + 2 * HOUR_MS, 2).is_ok());
         assert!(log.sync().is_ok());
         let mut seen = Vec::new();
         let n = load(&dir, t0 + 3 * HOUR_MS, day, |id, at| seen.push((id, at))).unwrap_or(0);
@@ -195,12 +232,12 @@ mod tests {
         let _ = OpenOptions::new().append(true).open(&torn).and_then(|mut f| f.write_all(&[9; 7]));
         assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 4);
         let Ok(mut log) = IdLog::new(dir.clone(), day) else { return };
-        let mark = log.append(&[5], t0 + 2 * HOUR_MS);
+        let mark = log.append(&[5], t0 + 2 * HOUR_MS, 3);
         let mut seen = Vec::new();
         let _ = load(&dir, t0, day, |id, _| seen.push(id));
         assert_eq!(seen, vec![1, 2, 3, 4, 5], "the new entry is aligned");
         // A rollback removes what a refused group appended.
-        let Ok(mark2) = log.append(&[6, 7], t0 + 2 * HOUR_MS) else { return };
+        let Ok(mark2) = log.append(&[6, 7], t0 + 2 * HOUR_MS, 4) else { return };
         assert!(log.rollback(mark2).is_ok());
         assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 5);
         assert!(mark.is_ok());
@@ -208,5 +245,11 @@ mod tests {
         assert_eq!(load(&dir, t0 + 3 * day, day, |_, _| {}).unwrap_or(99), 0);
         assert!(log.expire(t0 + 3 * day).is_ok());
         assert_eq!(list(&dir).map(|l| l.len()).unwrap_or(99), 1, "only the open file is kept");
+        // Forgetting the ids of records 2..=3 (a repair dropped them).
+        drop(log);
+        assert_eq!(forget(&dir, &[(2, 3)]).unwrap_or(0), 2);
+        let mut left = Vec::new();
+        let _ = load(&dir, t0, day, |id, _| left.push(id));
+        assert!(left.is_empty(), "ids 4 and 5 (records 2, 3) forgotten: {left:?}");
     }
 }

@@ -32,6 +32,7 @@
 pub mod checkpoint;
 pub mod ids;
 pub mod record;
+pub mod repair;
 pub mod segment;
 pub mod writer;
 
@@ -179,6 +180,7 @@ impl Wal {
         let id_log = ids::IdLog::new(ids_dir, config.dedupe_window_ms).map_err(|e| WalError::Failed(e.to_string()))?;
         let from = checkpoint::read(dir).map_err(|e| WalError::Failed(e.to_string()))?.max(floor);
         let found = segment::list(dir).map_err(|e| WalError::Segment(Arc::new(e)))?;
+        let dropped = repair::dropped_ranges(dir);
         let mut report = OpenReport { segments: found.len(), last_seq: from, ids_loaded, ..OpenReport::default() };
         let stats = Arc::new(WalStats::default());
         let mut segments = Vec::new();
@@ -196,9 +198,10 @@ impl Wal {
                 if record.seq <= from {
                     continue;
                 }
-                if record.seq != report.last_seq + 1 {
+                let gap_was_repaired = dropped.iter().any(|&(a, b)| a == report.last_seq + 1 && b + 1 == record.seq);
+                if record.seq != report.last_seq + 1 && !gap_was_repaired {
                     return Err(WalError::Failed(format!(
-                        "WAL {} skips from sequence {} to {}: records are missing",
+                        "WAL {} skips from sequence {} to {}: records are missing (run `meterd wal verify`)",
                         path.display(),
                         report.last_seq,
                         record.seq

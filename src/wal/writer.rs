@@ -106,7 +106,7 @@ impl Writer {
                         let seq = self.next_seq + appends.len() as u64;
                         frame(&mut buf, seq, &payload);
                         appends.push((seq, reply));
-                        ids.push((batch_ids, accepted_ms));
+                        ids.push((batch_ids, accepted_ms, seq));
                     }
                     Command::Checkpoint { seq, reply } => checkpoints.push((seq, reply)),
                     Command::SyncIds { reply } => id_syncs.push(reply),
@@ -162,7 +162,7 @@ impl Writer {
     /// records durable. If anything fails, both are cut back to where the group
     /// began: a refused batch leaves no record to replay and no id that would
     /// make the client's retry look like a duplicate after a restart.
-    fn write_group(&mut self, buf: &[u8], ids: &[(Vec<u128>, i64)]) -> Result<(), WalError> {
+    fn write_group(&mut self, buf: &[u8], ids: &[(Vec<u128>, i64, u64)]) -> Result<(), WalError> {
         let Some((_, path, size)) = self.segments.last().cloned() else {
             return Err(WalError::Failed("no open segment".into()));
         };
@@ -170,8 +170,8 @@ impl Writer {
             return Err(WalError::Failed("the WAL could not recover from an earlier write error; restart meterd".into()));
         }
         let mut marks = Vec::new();
-        for (batch_ids, accepted_ms) in ids {
-            match self.ids.append(batch_ids, *accepted_ms) {
+        for (batch_ids, accepted_ms, seq) in ids {
+            match self.ids.append(batch_ids, *accepted_ms, *seq) {
                 Ok(mark) => marks.push(mark),
                 Err(e) => {
                     self.rollback_ids(&marks);
