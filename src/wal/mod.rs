@@ -176,12 +176,10 @@ impl Wal {
         std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, e))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
         let ids_dir = dir.join("ids");
-        let ids_loaded = ids::load(&ids_dir, now, config.dedupe_window_ms, id).map_err(|e| WalError::Failed(e.to_string()))?;
-        let id_log = ids::IdLog::new(ids_dir, config.dedupe_window_ms).map_err(|e| WalError::Failed(e.to_string()))?;
         let from = checkpoint::read(dir).map_err(|e| WalError::Failed(e.to_string()))?.max(floor);
         let found = segment::list(dir).map_err(|e| WalError::Segment(Arc::new(e)))?;
         let dropped = repair::dropped_ranges(dir);
-        let mut report = OpenReport { segments: found.len(), last_seq: from, ids_loaded, ..OpenReport::default() };
+        let mut report = OpenReport { segments: found.len(), last_seq: from, ..OpenReport::default() };
         let stats = Arc::new(WalStats::default());
         let mut segments = Vec::new();
         let count = found.len();
@@ -218,6 +216,15 @@ impl Wal {
             segments.push((first, path, scan.valid_len));
         }
         let next_seq = report.last_seq + 1;
+        // Ids whose record never became durable (a crash between the two writes,
+        // or a power loss that kept the id file's pages but not the segment's)
+        // would turn a retry of a lost batch into a "duplicate": forget them.
+        let phantoms = ids::forget(&ids_dir, &[(next_seq, u64::MAX)]).map_err(|e| WalError::Failed(e.to_string()))?;
+        if phantoms > 0 {
+            tracing::warn!(ids = phantoms, "forgot event ids whose WAL records were never written");
+        }
+        report.ids_loaded = ids::load(&ids_dir, now, config.dedupe_window_ms, id).map_err(|e| WalError::Failed(e.to_string()))?;
+        let id_log = ids::IdLog::new(ids_dir, config.dedupe_window_ms).map_err(|e| WalError::Failed(e.to_string()))?;
         let file = match segments.last() {
             Some((_, path, _)) => std::fs::OpenOptions::new().append(true).open(path).map_err(|e| WalError::io(path, e))?,
             None => {
@@ -339,10 +346,11 @@ mod tests {
     fn batch(n: usize, tag: i64) -> WalBatch {
         WalBatch {
             version: record::FORMAT_VERSION,
-            accepted_ms: tag,
+            // Now, so the id files are within the dedupe window.
+            accepted_ms: crate::engine::now_ms() + tag,
             events: (0..n)
                 .map(|i| WalEvent {
-                    id_hash: i as u128,
+                    id_hash: ((tag as u128) << 8) | i as u128,
                     customer: format!("c{i}"),
                     meter: "m".into(),
                     raw: tag,
@@ -421,9 +429,14 @@ mod tests {
         let _ = f.set_len(len - 7);
         drop(f);
         let mut seqs = Vec::new();
-        let (wal, report) = Wal::open(&cfg, 0, |_, _| {}, |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
+        let mut ids = Vec::new();
+        let (wal, report) = Wal::open(&cfg, 0, |id, _| ids.push(id), |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(seqs, vec![1, 2, 3, 4]);
         assert!(report.truncated.is_some());
+        // The torn record's ids (batch tag 4) are forgotten: a retry of it counts.
+        ids.sort();
+        let expected: Vec<u128> = (0..4u128).flat_map(|t| (0..3u128).map(move |i| (t << 8) | i)).collect();
+        assert_eq!(ids, expected);
         // The next append reuses the torn record's sequence number.
         assert_eq!(wal.append(&batch(1, 9)).await.ok(), Some(5));
         wal.close();

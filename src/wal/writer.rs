@@ -158,10 +158,11 @@ impl Writer {
         }
     }
 
-    /// Writes a group's ids, then its records, and (in `fsync` mode) makes the
-    /// records durable. If anything fails, both are cut back to where the group
-    /// began: a refused batch leaves no record to replay and no id that would
-    /// make the client's retry look like a duplicate after a restart.
+    /// Writes a group's records and (in `fsync` mode) makes them durable, then
+    /// appends their ids. Records first: an id on disk whose record is not would
+    /// make a client's retry of a lost batch look like a duplicate (and `open`
+    /// forgets ids past the last durable record for the same reason). If anything
+    /// fails, both are cut back to where the group began.
     fn write_group(&mut self, buf: &[u8], ids: &[(Vec<u128>, i64, u64)]) -> Result<(), WalError> {
         let Some((_, path, size)) = self.segments.last().cloned() else {
             return Err(WalError::Failed("no open segment".into()));
@@ -169,17 +170,18 @@ impl Writer {
         if self.stats.broken.load(Ordering::Acquire) {
             return Err(WalError::Failed("the WAL could not recover from an earlier write error; restart meterd".into()));
         }
+        let written = self.file.write_all(buf).and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
         let mut marks = Vec::new();
-        for (batch_ids, accepted_ms, seq) in ids {
-            match self.ids.append(batch_ids, *accepted_ms, *seq) {
-                Ok(mark) => marks.push(mark),
-                Err(e) => {
-                    self.rollback_ids(&marks);
-                    return Err(WalError::Failed(format!("cannot record event ids: {e}")));
-                }
+        let result = written.map_err(|e| WalError::io(&path, e)).and_then(|()| {
+            for (batch_ids, accepted_ms, seq) in ids {
+                let mark = self
+                    .ids
+                    .append(batch_ids, *accepted_ms, *seq)
+                    .map_err(|e| WalError::Failed(format!("cannot record event ids: {e}")))?;
+                marks.push(mark);
             }
-        }
-        let result = self.file.write_all(buf).and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
+            Ok(())
+        });
         match result {
             Ok(()) => {
                 if let Some(last) = self.segments.last_mut() {
@@ -189,12 +191,12 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
+                self.rollback_ids(&marks);
                 if let Err(cut) = self.file.set_len(size).and_then(|()| self.file.sync_data()) {
                     tracing::error!(error = %cut, path = %path.display(), "cannot cut a failed write off the WAL; refusing further writes");
                     self.stats.broken.store(true, Ordering::Release);
                 }
-                self.rollback_ids(&marks);
-                Err(WalError::io(&path, e))
+                Err(e)
             }
         }
     }
