@@ -202,3 +202,52 @@ async fn sigkill_under_load_loses_nothing_and_counts_nothing_twice() {
     let status = p.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "exit status {status}; log:\n{}", p.log());
 }
+
+/// An allowed consume is logged like an event: after SIGKILL it is still
+/// counted, and retrying it with the same id records nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_consume_survives_sigkill() {
+    away_from_day_boundary().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let path = dir.path().join("meterd.toml");
+    // No flush for an hour: the consumes live only in the WAL when killed.
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\ndata_dir = {:?}\nflush_interval = \"1h\"\n\
+         [[meters]]\nname = \"minutes\"\n[[meters]]\nname = \"runs\"\naggregation = \"count\"\n\
+         [[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\nminutes = {{ limit = 10, window = \"month\" }}\n\
+         runs = [ {{ limit = 5, window = \"month\" }}, {{ limit = 2, window = \"day\" }} ]\n",
+        dir.path().join("data").display().to_string()
+    );
+    std::fs::write(&path, text).expect("config");
+    let c = Client { addr, token: None };
+    let consume = |meter: &str, q: u64, id: &str| json!({"customer": "u", "meter": meter, "quantity": q, "consume": true, "id": id});
+    let mut p = spawn(&path, dir.path().join("run1.log"));
+    wait_healthy(&mut p, addr).await;
+    // The single-limit (compare-and-swap) path and the several-limits path.
+    let r = c.check(&consume("minutes", 7, "m1")).await;
+    assert_eq!(r.body["allowed"], json!(true), "{}", r.text);
+    let r = c.check(&consume("runs", 1, "r1")).await;
+    assert_eq!(r.body["allowed"], json!(true), "{}", r.text);
+    p.child.kill().expect("SIGKILL");
+    let _ = p.child.wait();
+
+    let mut p = spawn(&path, dir.path().join("run2.log"));
+    wait_healthy(&mut p, addr).await;
+    let used = |b: &Value, i: usize| b["meters"][i]["used"].clone();
+    let summary = c.get("/v1/customers/u/usage").await.body;
+    assert_eq!(used(&summary, 0), json!(7), "{summary}");
+    assert_eq!(used(&summary, 1), json!(1), "{summary}");
+    // Retries with the same ids record nothing more.
+    assert_eq!(c.check(&consume("minutes", 7, "m1")).await.status, 200);
+    assert_eq!(c.check(&consume("runs", 1, "r1")).await.status, 200);
+    let summary = c.get("/v1/customers/u/usage").await.body;
+    assert_eq!(used(&summary, 0), json!(7), "{summary}");
+    assert_eq!(used(&summary, 1), json!(1), "{summary}");
+    // And the limit still holds: 3 more minutes fit, 4 do not.
+    assert_eq!(c.check(&consume("minutes", 4, "m2")).await.body["allowed"], json!(false));
+    assert_eq!(c.check(&consume("minutes", 3, "m3")).await.body["allowed"], json!(true));
+    p.sigterm();
+    assert!(p.wait_exit(Duration::from_secs(20)).await.success());
+}
