@@ -86,7 +86,7 @@ async fn throughput(addr: std::net::SocketAddr, size: usize, workers: usize, sec
 }
 
 fn replay_bench(rt: &tokio::runtime::Runtime) {
-    use meterd::wal::{Wal, WalBatch, WalConfig, WalEvent};
+    use meterd::wal::{Wal, WalConfig};
     let dir = tempfile::tempdir().expect("tmp");
     let valid = config(dir.path(), "buffered");
     let wal_config = |sync| WalConfig { dir: dir.path().join("wal"), sync, segment_bytes: 64 << 20, dedupe_window_ms: 3_600_000 };
@@ -101,17 +101,12 @@ fn replay_bench(rt: &tokio::runtime::Runtime) {
         .expect("open");
         let now = meterd::engine::now_ms();
         for b in 0..total_events / 1000 {
-            let events = (0..1000u64)
-                .map(|i| WalEvent {
-                    id_hash: u128::from(b * 1000 + i) << 32 | 7,
-                    customer: format!("c{}", i % 1000),
-                    meter: "tokens".into(),
-                    raw: 3,
-                    ts: now,
-                    properties: vec![],
-                })
-                .collect();
-            wal.append(&WalBatch { version: meterd::wal::record::FORMAT_VERSION, accepted_ms: now, events }).await.expect("append");
+            let mut builder = meterd::wal::record::BatchBuilder::new(now, 1000);
+            for i in 0..1000u64 {
+                let c = (i % 1000) as u32;
+                builder.push(u128::from(b * 1000 + i) << 32 | 7, c, || format!("c{c}"), 0, "tokens", 3, now, vec![]);
+            }
+            wal.append(&builder.finish()).await.expect("append");
         }
         wal.close();
     });

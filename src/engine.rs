@@ -147,15 +147,18 @@ impl Engine {
 
     /// Folds one replayed WAL batch into the counters and the dedupe set.
     fn replay(&self, batch: &WalBatch) {
+        // Names are stored once per batch: resolve each once.
+        let meters: Vec<Option<&crate::model::Meter>> = batch.meters.iter().map(|m| self.catalog.meter_by_name(m)).collect();
+        let customers: Vec<Option<u32>> = batch.customers.iter().map(|c| self.counters.interner.intern(c).ok()).collect();
         let mut usages = Vec::with_capacity(batch.events.len());
         for e in &batch.events {
             // Ids keep deduping for the rest of their window after a restart.
             self.deduper.insert(e.id_hash, batch.accepted_ms);
-            let Some(meter) = self.catalog.meter_by_name(&e.meter) else {
-                tracing::warn!(meter = %e.meter, "a WAL event names a meter no longer configured; skipped");
+            let Some(meter) = meters.get(usize::from(e.meter)).copied().flatten() else {
+                tracing::warn!(meter = %batch.meter(e), "a WAL event names a meter no longer configured; skipped");
                 continue;
             };
-            let Ok(customer) = self.counters.interner.intern(&e.customer) else {
+            let Some(customer) = customers.get(e.customer as usize).copied().flatten() else {
                 continue;
             };
             usages.push((customer, meter, e));

@@ -7,7 +7,7 @@ use super::parse::{parse_batch, ParseError, Rules};
 use crate::counters::Usage;
 use crate::engine::{now_ms, Engine};
 use crate::model::WindowKind;
-use crate::wal::{WalBatch, WalEvent};
+use crate::wal::record::BatchBuilder;
 
 /// How the body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,22 +89,14 @@ impl Engine {
             });
         }
         if !usages.is_empty() {
-            let record = WalBatch {
-                version: crate::wal::record::FORMAT_VERSION,
-                accepted_ms: now,
-                events: usages
-                    .iter()
-                    .zip(hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h))
-                    .map(|(u, id_hash)| WalEvent {
-                        id_hash,
-                        customer: self.counters.interner.name(u.customer).map(|c| c.to_string()).unwrap_or_default(),
-                        meter: u.meter.name.clone(),
-                        raw: u.raw,
-                        ts: u.ts,
-                        properties: u.properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-                    })
-                    .collect(),
-            };
+            let mut builder = BatchBuilder::new(now, usages.len());
+            let fresh_hashes = hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h);
+            for (u, id_hash) in usages.iter().zip(fresh_hashes) {
+                let name = || self.counters.interner.name(u.customer).map(|c| c.to_string()).unwrap_or_default();
+                let properties = u.properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                builder.push(id_hash, u.customer, name, u.meter.id, &u.meter.name, u.raw, u.ts, properties);
+            }
+            let record = builder.finish();
             match self.wal.append(&record).await {
                 Ok(seq) => self.counters.apply_then(&usages, || self.wal.tracker.folded(seq)),
                 Err(e) => {

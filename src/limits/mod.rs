@@ -18,7 +18,7 @@ use crate::counters::{Counters, CustomerId, Usage};
 use crate::engine::{now_ms, ConsumeSlot, Engine};
 use crate::ingest::dedupe::hash_id;
 use crate::model::{window::rfc3339, Aggregation, Decimal, Entitlements, Limit, LimitAmount, Meter};
-use crate::wal::{WalBatch, WalEvent};
+use crate::wal::record::BatchBuilder;
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -267,10 +267,10 @@ impl Engine {
             },
             _ => None,
         };
-        let record = |raw: i64| WalBatch {
-            version: crate::wal::record::FORMAT_VERSION,
-            accepted_ms: now,
-            events: vec![WalEvent { id_hash, customer: name.to_string(), meter: meter.name.clone(), raw, ts: now, properties: vec![] }],
+        let record = |raw: i64| {
+            let mut b = BatchBuilder::new(now, 1);
+            b.push(id_hash, customer, || name.to_string(), meter.id, &meter.name, raw, now, vec![]);
+            b.finish()
         };
         let usage = |raw| Usage { customer, meter, raw, ts: now, properties: &[], props_hash: 0, anchor: ent.billing_anchor };
         let refused = |e: crate::wal::WalError| {

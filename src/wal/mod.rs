@@ -344,21 +344,12 @@ mod tests {
     use super::*;
 
     fn batch(n: usize, tag: i64) -> WalBatch {
-        WalBatch {
-            version: record::FORMAT_VERSION,
-            // Now, so the id files are within the dedupe window.
-            accepted_ms: crate::engine::now_ms() + tag,
-            events: (0..n)
-                .map(|i| WalEvent {
-                    id_hash: ((tag as u128) << 8) | i as u128,
-                    customer: format!("c{i}"),
-                    meter: "m".into(),
-                    raw: tag,
-                    ts: tag,
-                    properties: vec![],
-                })
-                .collect(),
+        // Now, so the id files are within the dedupe window.
+        let mut b = record::BatchBuilder::new(crate::engine::now_ms() + tag, n);
+        for i in 0..n {
+            b.push(((tag as u128) << 8) | i as u128, i as u32, || format!("c{i}"), 0, "m", tag, tag, vec![]);
         }
+        b.finish()
     }
 
     fn config(dir: &Path, segment_bytes: u64) -> WalConfig {

@@ -32,13 +32,18 @@ pub enum RecordError {
     Version(u16),
 }
 
-/// One accepted batch of usage (events, or one allowed consume).
+/// One accepted batch of usage (events, or one allowed consume). Customer and
+/// meter names are stored once per batch and referred to by index: the synced
+/// bytes per event are what bounds `fsync` ingest.
 /// DO NOT REORDER FIELDS (see the module doc).
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalBatch {
     pub version: u16,
     /// When meterd accepted the batch, Unix milliseconds (dedupe ages from it).
     pub accepted_ms: i64,
+    pub customers: Vec<String>,
+    /// Meter names, not indexes into the config: those change when it does.
+    pub meters: Vec<String>,
     pub events: Vec<WalEvent>,
 }
 
@@ -47,14 +52,80 @@ pub struct WalBatch {
 pub struct WalEvent {
     /// The id's 128-bit hash (the id itself is not needed again).
     pub id_hash: u128,
-    pub customer: String,
-    /// The meter's name, not its index: indexes change when the config does.
-    pub meter: String,
+    /// Index into the batch's `customers`.
+    pub customer: u32,
+    /// Index into the batch's `meters`.
+    pub meter: u16,
     /// Raw units at the meter's precision when accepted.
     pub raw: i64,
     pub ts: i64,
     /// Sorted by key.
     pub properties: Vec<(String, String)>,
+}
+
+impl WalBatch {
+    /// The customer name of an event (empty if the index is out of range, which
+    /// a decoded, checksummed record never has).
+    pub fn customer(&self, e: &WalEvent) -> &str {
+        self.customers.get(e.customer as usize).map(String::as_str).unwrap_or("")
+    }
+
+    /// The meter name of an event.
+    pub fn meter(&self, e: &WalEvent) -> &str {
+        self.meters.get(usize::from(e.meter)).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Builds a [`WalBatch`], storing each customer and meter name once.
+pub struct BatchBuilder {
+    batch: WalBatch,
+    customers: std::collections::HashMap<u32, u32>,
+    meters: std::collections::HashMap<u16, u16>,
+}
+
+impl BatchBuilder {
+    pub fn new(accepted_ms: i64, capacity: usize) -> BatchBuilder {
+        BatchBuilder {
+            batch: WalBatch {
+                version: FORMAT_VERSION,
+                accepted_ms,
+                customers: Vec::new(),
+                meters: Vec::new(),
+                events: Vec::with_capacity(capacity),
+            },
+            customers: std::collections::HashMap::new(),
+            meters: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Adds an event; `customer_key`/`meter_key` identify the names (interned ids).
+    #[allow(clippy::too_many_arguments)]
+    pub fn push(
+        &mut self,
+        id_hash: u128,
+        customer_key: u32,
+        customer: impl FnOnce() -> String,
+        meter_key: u16,
+        meter: &str,
+        raw: i64,
+        ts: i64,
+        properties: Vec<(String, String)>,
+    ) {
+        let b = &mut self.batch;
+        let c = *self.customers.entry(customer_key).or_insert_with(|| {
+            b.customers.push(customer());
+            u32::try_from(b.customers.len() - 1).unwrap_or(u32::MAX)
+        });
+        let m = *self.meters.entry(meter_key).or_insert_with(|| {
+            b.meters.push(meter.to_string());
+            u16::try_from(b.meters.len() - 1).unwrap_or(u16::MAX)
+        });
+        b.events.push(WalEvent { id_hash, customer: c, meter: m, raw, ts, properties });
+    }
+
+    pub fn finish(self) -> WalBatch {
+        self.batch
+    }
 }
 
 /// Encodes a batch's payload.
@@ -93,25 +164,29 @@ mod tests {
     use super::*;
 
     pub fn sample(n: usize) -> WalBatch {
-        WalBatch {
-            version: FORMAT_VERSION,
-            accepted_ms: 1_700_000_000_000,
-            events: (0..n)
-                .map(|i| WalEvent {
-                    id_hash: u128::MAX - i as u128,
-                    customer: format!("cust-{i}"),
-                    meter: "interview_minutes".into(),
-                    raw: 1250 + i as i64,
-                    ts: 1_700_000_000_000 + i as i64,
-                    properties: vec![("region".into(), "eu".into())],
-                })
-                .collect(),
+        let mut b = BatchBuilder::new(1_700_000_000_000, n);
+        for i in 0..n {
+            let c = (i % 3) as u32;
+            b.push(
+                u128::MAX - i as u128,
+                c,
+                || format!("cust-{c}"),
+                0,
+                "interview_minutes",
+                1250 + i as i64,
+                1_700_000_000_000 + i as i64,
+                vec![("region".into(), "eu".into())],
+            );
         }
+        b.finish()
     }
 
     #[test]
-    fn round_trips() {
-        let batch = sample(3);
+    fn round_trips_with_names_stored_once() {
+        let batch = sample(7);
+        assert_eq!(batch.customers, vec!["cust-0", "cust-1", "cust-2"]);
+        assert_eq!(batch.meters, vec!["interview_minutes"]);
+        assert_eq!(batch.customer(&batch.events[4]), "cust-1");
         let bytes = encode(&batch).map(|b| b.to_vec()).unwrap_or_default();
         assert_eq!(decode(&bytes).ok(), Some(batch));
     }
