@@ -116,6 +116,11 @@ pub fn housekeeping_gauges(engine: &Engine) {
     let now = now_ms();
     let oldest = engine.counters.buckets.unflushed().iter().filter_map(|e| e.buckets.iter().map(|b| b.key().minute).min()).min();
     let lag = oldest.map(|m| ((now - m * 60_000) as f64 / 1000.0).max(0.0)).unwrap_or(0.0);
+    crate::telemetry::wal(
+        engine.wal.bytes(),
+        engine.wal.stats.checkpoint.load(std::sync::atomic::Ordering::Acquire),
+        engine.write_refusal().is_some(),
+    );
     crate::telemetry::gauges(
         engine.counters.windows.len(),
         engine.counters.interner.len(),

@@ -19,6 +19,9 @@ pub const CUSTOMERS: &str = "meterd_customers";
 pub const PENDING_BUCKETS: &str = "meterd_pending_buckets";
 pub const DEDUPE_IDS: &str = "meterd_dedupe_ids";
 pub const RATE_LIMITED_TOTAL: &str = "meterd_rate_limited_total";
+pub const WAL_BYTES: &str = "meterd_wal_bytes";
+pub const WAL_CHECKPOINT: &str = "meterd_wal_checkpoint";
+pub const WRITES_REFUSED: &str = "meterd_writes_refused";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -67,6 +70,9 @@ fn describe() {
     metrics::describe_gauge!(PENDING_BUCKETS, "Minute buckets not yet in the store");
     metrics::describe_gauge!(DEDUPE_IDS, "Event ids remembered for deduplication");
     metrics::describe_counter!(RATE_LIMITED_TOTAL, "Requests refused by a key's rate limit");
+    metrics::describe_gauge!(WAL_BYTES, "Bytes in live WAL segments (not yet checkpointed)");
+    metrics::describe_gauge!(WAL_CHECKPOINT, "Highest WAL sequence the usage store holds");
+    metrics::describe_gauge!(WRITES_REFUSED, "1 while ingest and consumes are refused (store behind or WAL broken)");
 }
 
 pub fn events(result: &'static str, n: usize) {
@@ -114,6 +120,12 @@ pub fn gauges(active_counters: usize, customers: usize, pending_buckets: usize, 
     metrics::gauge!(PENDING_BUCKETS).set(pending_buckets as f64);
     metrics::gauge!(DEDUPE_IDS).set(dedupe_ids as f64);
     metrics::gauge!(FLUSH_LAG).set(flush_lag_seconds);
+}
+
+pub fn wal(bytes: u64, checkpoint: u64, refusing: bool) {
+    metrics::gauge!(WAL_BYTES).set(bytes as f64);
+    metrics::gauge!(WAL_CHECKPOINT).set(checkpoint as f64);
+    metrics::gauge!(WRITES_REFUSED).set(if refusing { 1.0 } else { 0.0 });
 }
 
 /// Sets up structured logs: `RUST_LOG` filters (default `info`),

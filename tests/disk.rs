@@ -136,6 +136,7 @@ async fn failing_store_fills_the_wal_then_503_then_drains() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(errors >= 1.0, "no flush error was recorded:\n{metrics}");
+    assert!(metrics.lines().any(|l| l == "meterd_writes_refused 1"), "refusal not shown in metrics:\n{metrics}");
     // Checks keep answering from memory, with every accepted event counted.
     let r = c.check(&json!({"customer": "c", "meter": "tokens", "quantity": 1})).await;
     assert_eq!(r.status, 200);
