@@ -88,7 +88,10 @@ impl Engine {
                 anchor,
             });
         }
-        if !usages.is_empty() {
+        if !usages.is_empty() && !self.wal.enabled() {
+            // `durability = "none"`: nothing to log.
+            self.counters.apply(&usages);
+        } else if !usages.is_empty() {
             let mut builder = BatchBuilder::new(now, usages.len());
             let fresh_hashes = hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h);
             for (u, id_hash) in usages.iter().zip(fresh_hashes) {
