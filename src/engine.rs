@@ -218,14 +218,7 @@ impl Engine {
             let fold = Fold::from(meter.aggregation);
             for kind in self.counters.tracked_kinds(meter.id).collect::<Vec<_>>() {
                 let window = kind.bounds(now, Default::default());
-                let query = UsageQuery {
-                    instance_id: self.instance_id.clone(),
-                    meter: meter.name.clone(),
-                    fold,
-                    from_ms: window.start_ms,
-                    to_ms: window.end_ms,
-                    customer: None,
-                };
+                let query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, None);
                 let rows = self.usage_store.aggregate(&query).await?.data;
                 for row in rows {
                     let customer = self.counters.interner.intern(&row.customer)?;
@@ -248,8 +241,7 @@ impl Engine {
                         continue;
                     };
                     let window = kind.bounds(now, ent.billing_anchor);
-                    let query =
-                        UsageQuery { from_ms: window.start_ms, to_ms: window.end_ms, customer: Some(name.to_string()), ..query.clone() };
+                    let query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, Some(&name));
                     if let Some(row) = self.usage_store.aggregate(&query).await?.data.into_iter().next() {
                         let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
                         self.counters.windows.set(key, row.value, row.last_ts);

@@ -89,7 +89,8 @@ pub fn split_json(body: &[u8], max: usize) -> Result<Vec<&RawValue>, ParseError>
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
         let mut de = serde_json::Deserializer::from_str(text);
-        let values = de.deserialize_seq(BoundedSeq { max }).map_err(|e| too_many_or_json(e, max))?;
+        let values =
+            de.deserialize_seq(Bounded { max, seed: std::marker::PhantomData::<&RawValue> }).map_err(|e| too_many_or_json(e, max))?;
         de.end().map_err(|e| ParseError::InvalidJson(e.to_string()))?;
         return Ok(values);
     }
@@ -118,19 +119,21 @@ pub fn split_ndjson(body: &[u8], max: usize) -> Result<Vec<&RawValue>, ParseErro
 
 const TOO_MANY: &str = "too many events: ";
 
-/// Collects array elements as raw values, stopping past `max`.
-struct BoundedSeq {
+/// Collects array elements with `seed`, stopping past `max` (the error carries
+/// the full count, for the 413 message).
+struct Bounded<S> {
     max: usize,
+    seed: S,
 }
 
-impl<'de> Visitor<'de> for BoundedSeq {
-    type Value = Vec<&'de RawValue>;
+impl<'de, S: de::DeserializeSeed<'de> + Copy> Visitor<'de> for Bounded<S> {
+    type Value = Vec<S::Value>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an array of events")
     }
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(self.max));
-        while let Some(v) = seq.next_element::<&'de RawValue>()? {
+        while let Some(v) = seq.next_element_seed(self.seed)? {
             if out.len() == self.max {
                 let mut count = self.max + 1;
                 while seq.next_element::<de::IgnoredAny>()?.is_some() {
@@ -165,6 +168,7 @@ enum Elem<'a> {
 
 /// Reads one element in the same pass that splits the batch: objects into
 /// [`RawFields`], anything else (consumed and dropped) into `NotObject`.
+#[derive(Clone, Copy)]
 struct ElemVisitor;
 
 impl<'de> Visitor<'de> for ElemVisitor {
@@ -226,32 +230,6 @@ impl<'de> serde::de::DeserializeSeed<'de> for ElemVisitor {
     }
 }
 
-/// Collects a batch's elements in one pass, stopping past `max`.
-struct ElemSeq {
-    max: usize,
-}
-
-impl<'de> Visitor<'de> for ElemSeq {
-    type Value = Vec<Elem<'de>>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an array of events")
-    }
-    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(self.max));
-        while let Some(e) = seq.next_element_seed(ElemVisitor)? {
-            if out.len() == self.max {
-                let mut count = self.max + 1;
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {
-                    count += 1;
-                }
-                return Err(de::Error::custom(format!("{TOO_MANY}{count}")));
-            }
-            out.push(e);
-        }
-        Ok(out)
-    }
-}
-
 fn too_many_or_json(e: serde_json::Error, max: usize) -> ParseError {
     let text = e.to_string();
     match text.strip_prefix(TOO_MANY) {
@@ -289,7 +267,7 @@ pub fn parse_batch<'a>(body: &'a [u8], ndjson: bool, catalog: &Catalog, rules: &
     } else {
         let mut de = serde_json::Deserializer::from_str(text);
         let elems = if text.trim_start().starts_with('[') {
-            de.deserialize_seq(ElemSeq { max }).map_err(|e| too_many_or_json(e, max))?
+            de.deserialize_seq(Bounded { max, seed: ElemVisitor }).map_err(|e| too_many_or_json(e, max))?
         } else {
             vec![de.deserialize_any(ElemVisitor).map_err(|e| ParseError::InvalidJson(e.to_string()))?]
         };

@@ -57,14 +57,7 @@ impl Engine {
         for _attempt in 0..10 {
             let now = now_ms();
             let window = kind.bounds(now, ent.billing_anchor);
-            let query = UsageQuery {
-                instance_id: self.instance_id.clone(),
-                meter: meter.name.clone(),
-                fold,
-                from_ms: window.start_ms,
-                to_ms: window.end_ms,
-                customer: Some(name.to_string()),
-            };
+            let query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, Some(name));
             let stored = self.usage_store.aggregate(&query).await?;
             let mut value = stored.data.first().map(|a| (a.value, a.last_ts)).unwrap_or((0, 0));
             let current = self.counters.buckets.exclusive();

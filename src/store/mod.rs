@@ -125,6 +125,20 @@ pub struct UsageQuery {
     pub customer: Option<String>,
 }
 
+impl UsageQuery {
+    /// One meter over one window, for this instance, optionally one customer.
+    pub fn for_window(instance_id: &str, meter: &str, fold: Fold, window: &crate::model::Window, customer: Option<&str>) -> UsageQuery {
+        UsageQuery {
+            instance_id: instance_id.to_string(),
+            meter: meter.to_string(),
+            fold,
+            from_ms: window.start_ms,
+            to_ms: window.end_ms,
+            customer: customer.map(str::to_string),
+        }
+    }
+}
+
 /// Where flushed usage lives.
 #[async_trait]
 pub trait UsageStore: Send + Sync + 'static {
