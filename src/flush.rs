@@ -130,15 +130,28 @@ pub fn housekeeping_gauges(engine: &Engine) {
     );
 }
 
-/// Runs until `shutdown` turns true, then makes a final flush.
+/// How long to wait before the next attempt after `failures` failed ones in a
+/// row: exponential from `interval`, capped at 30 s, with ±25 % jitter so that
+/// instances recovering together do not retry in lockstep.
+pub fn backoff(interval: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return interval;
+    }
+    let base = interval.saturating_mul(1u32 << failures.min(16)).min(Duration::from_secs(30)).max(interval);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    // A cheap, good-enough spread: the clock's nanoseconds, mixed.
+    let spread = (u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % 501; // 0..=500 ‰
+    base.mul_f64(0.75 + spread as f64 / 1000.0)
+}
+
+/// Runs until `shutdown` turns true, then makes a final flush. A failed flush
+/// keeps its epoch pending and is retried with [`backoff`].
 pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::Receiver<bool>) -> Result<(), FlushError> {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures: u32 = 0;
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
-            _ = ticker.tick() => {}
+            _ = tokio::time::sleep(backoff(interval, failures)) => {}
             _ = shutdown.changed() => break,
         }
         ticks += 1;
@@ -146,7 +159,7 @@ pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::R
             Ok(_) => failures = 0,
             Err(e) => {
                 failures = failures.saturating_add(1);
-                tracing::warn!(error = %e, failures, "flush failed; the epoch stays pending and is retried");
+                tracing::warn!(error = %e, failures, retry_in = ?backoff(interval, failures), "flush failed; the epoch stays pending and is retried");
             }
         }
         if ticks % 10 == 1 {
@@ -156,4 +169,20 @@ pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::R
     let flushed = flush_all(&engine).await?;
     tracing::info!(rows = flushed, "final flush done");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let i = Duration::from_secs(1);
+        assert_eq!(backoff(i, 0), i);
+        for failures in 1..40 {
+            let d = backoff(i, failures);
+            let base = (1u64 << failures.min(16)).min(30) as f64;
+            assert!(d.as_secs_f64() >= base * 0.75 - 1e-9 && d.as_secs_f64() <= base * 1.25 + 1e-9, "{failures}: {d:?}");
+        }
+    }
 }
