@@ -77,7 +77,21 @@ impl AppHandle {
         let data_dir = config.raw.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
         let instance_id = instance_id(&config, &data_dir)?;
-        let store = Arc::new(SqliteStore::open(&data_dir.join("meterd.sqlite"))?);
+        // Entitlements stay embedded until Redis; usage goes to ClickHouse when
+        // configured, else to the same SQLite file.
+        let sqlite = Arc::new(SqliteStore::open(&data_dir.join("meterd.sqlite"))?);
+        let (usage_store, flush_interval): (Arc<dyn crate::store::UsageStore>, Duration) = match &config.raw.clickhouse {
+            Some(ch) => {
+                let store = crate::store::clickhouse::ClickHouseStore::connect(&ch.url, &ch.database).await?;
+                tracing::info!(url = %ch.url, database = %ch.database, "usage store: ClickHouse");
+                tracing::warn!(
+                    "the ClickHouse usage store is experimental: on ClickHouse 18.16 a flush of more than ~1,500 rows \
+                     whose connection is cut mid-request can be stored in part (see README)"
+                );
+                (Arc::new(store), ch.flush_interval.0)
+            }
+            None => (sqlite.clone(), config.raw.storage.flush_interval.0),
+        };
         let storage = &config.raw.storage;
         let wal_config = crate::wal::WalConfig {
             dir: data_dir.join("wal"),
@@ -85,7 +99,7 @@ impl AppHandle {
             segment_bytes: storage.wal_segment_bytes,
             dedupe_window_ms: config.raw.ingest.dedupe_window.as_millis_i64(),
         };
-        let engine = Arc::new(Engine::start(&config, instance_id.clone(), store.clone(), store, wal_config).await?);
+        let engine = Arc::new(Engine::start(&config, instance_id.clone(), usage_store, sqlite, wal_config).await?);
         let prometheus = crate::telemetry::prometheus();
         let state = Arc::new(HttpState {
             engine: engine.clone(),
@@ -110,7 +124,7 @@ impl AppHandle {
             }
         };
         let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
-        let flusher = tokio::spawn(crate::flush::run(engine.clone(), config.raw.storage.flush_interval.0, flusher_rx));
+        let flusher = tokio::spawn(crate::flush::run(engine.clone(), flush_interval, flusher_rx));
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {
             addr,

@@ -541,8 +541,16 @@ impl Config {
         if self.redis.is_some() {
             p("redis", "Redis is not supported by this build yet; remove [redis] to run embedded".into());
         }
-        if self.clickhouse.is_some() {
-            p("clickhouse", "ClickHouse is not supported by this build yet; remove [clickhouse] to use the embedded store".into());
+        if let Some(ch) = &self.clickhouse {
+            if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
+                p("clickhouse.url", format!("{:?} must be an http:// or https:// URL (the HTTP interface, port 8123 by default)", ch.url));
+            }
+            if ch.database.is_empty() || ch.database.len() > 64 || !ch.database.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                p("clickhouse.database", "must be 1-64 characters of [A-Za-z0-9_]".into());
+            }
+            if ch.flush_interval.0.is_zero() {
+                p("clickhouse.flush_interval", "must be more than zero".into());
+            }
         }
         if self.stripe.is_some() {
             p("stripe", "Stripe reporting is not supported by this build yet; remove [stripe]".into());

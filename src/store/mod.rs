@@ -9,6 +9,7 @@
 //! callers can merge in-memory epochs that the store does not hold yet without
 //! counting anything twice.
 
+pub mod clickhouse;
 pub mod sqlite;
 #[cfg(test)]
 pub mod suite;

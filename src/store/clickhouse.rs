@@ -1,0 +1,752 @@
+//! ClickHouse usage store: flushed minute rows in a table analysts query directly.
+//!
+//! Deployments with more than one instance, or whose analysts want SQL over the
+//! usage, keep it in ClickHouse instead of the embedded SQLite file. This module
+//! implements [`UsageStore`] over ClickHouse's HTTP interface (the official
+//! `clickhouse` crate, RowBinary) and creates
+//! `{database}.usage_minute` when it is missing: the public schema of
+//! `shared/API.md`. Entitlements are not kept here (Redis or SQLite keep them).
+//! The shared scenarios of `super::suite` run against a real server.
+//!
+//! # Compatibility
+//!
+//! Written for, and tested against, ClickHouse 18.16 (Debian's package), so it
+//! uses nothing newer: no `Nullable`, no `DateTime64`, no query parameters, no
+//! transactions, no lightweight deletes. That server answers `compress=1` queries
+//! with an empty body (and logs a Poco assertion), so answers come uncompressed;
+//! insert bodies are LZ4-compressed (`decompress=1` works). Version 0.13 of the
+//! crate is used: it is the newest within our `rust-version`, and it does not
+//! validate row types
+//! against the server's schema (which needs `RowBinaryWithNamesAndTypes`, absent
+//! from 18.16), so [`ClickHouseStore::connect`] checks the columns itself: a
+//! RowBinary type mismatch would otherwise be misread silently.
+//!
+//! # Exactly-once flushes without transactions
+//!
+//! ClickHouse has no transactions, but one `INSERT` of fewer than
+//! `max_insert_block_size` rows into a MergeTree table *partition* becomes one
+//! data part, which is committed whole or not at all. So:
+//!
+//! * the table has **no `PARTITION BY`** (one partition): an `INSERT` spanning two
+//!   months would otherwise become one part per month, committed one by one, and a
+//!   failure between them would store part of a flush (checked on 18.16: a block
+//!   with rows in two months makes two parts);
+//! * every row carries its flush's `instance_id`, `flush_seq` and `wal_seq`;
+//! * [`UsageStore::write_flush`] first looks for the flush's first row (by the
+//!   primary key `(meter, customer, minute)` plus `instance_id` and `flush_seq`,
+//!   so it reads a granule, not the table): since a flush is stored whole or not
+//!   at all, finding it means the flush is stored (a retry after an ambiguous
+//!   failure) and nothing is written; otherwise all rows go in one `INSERT` (at
+//!   most [`MAX_FLUSH_ROWS`], well below `max_insert_block_size`, which the insert
+//!   also sets explicitly so a server profile cannot lower it). Larger batches are
+//!   refused rather than split, since a split flush could be half stored; the
+//!   flusher never builds one that large. An empty flush writes nothing (there is
+//!   no row to carry its sequence), so it does not advance
+//!   [`UsageStore::max_flush_seq`] or [`UsageStore::max_wal_seq`]: harmless, as it
+//!   held no usage (the WAL records it covers made no rows, so replaying them
+//!   after a restart adds none).
+//! * The check and the insert run under one in-process lock and in a spawned
+//!   task: a caller that gives up (a timeout dropping the future, or the 60 s
+//!   this module waits at most) neither cuts the request body short nor lets its
+//!   retry check before the first insert is over. The check and the insert also
+//!   carry the query id `meterd-flush:{db}:{instance}:{seq}`: ClickHouse
+//!   refuses a second query with the id of a running one, so a retry (from this
+//!   process or a restarted one) fails instead of duplicating while an earlier
+//!   attempt is still being executed by the server.
+//!
+//! Known limit, measured on 18.16: the server takes a request body that ends early
+//! (client killed, connection cut) as complete. A flush whose RowBinary is under
+//! ~256 KiB (roughly 1,500 rows) is sent as one LZ4 frame with a checksum, so a
+//! cut body is rejected; a larger one is streamed as several frames and a cut
+//! exactly between two frames would commit a prefix of the flush, which the
+//! retry then takes for stored. Newer servers reject an incomplete body. Hence
+//! no client-side timeout ever aborts an insert body, and it is streamed from a
+//! task that outlives its caller; only the process dying mid-body (or the runtime
+//! shutting down under an insert still running) can cut one.
+//!
+//! # Consistent reads
+//!
+//! There are no read snapshots either, so `stored_seq` cannot be read "with" the
+//! rows. Instead each query first reads `S`, the highest `flush_seq` of the
+//! asking instance, and then reads the rows with
+//! `(instance_id != asking OR flush_seq <= S)`. A flush of the asking instance
+//! stored between the two reads is left out of the answer, so the caller, which
+//! adds its in-memory epochs above `S`, counts it exactly once; without the filter
+//! it would appear both in the rows and in the caller's epoch. Other instances'
+//! rows are not filtered: the caller has no epochs of theirs.
+//!
+//! `max(flush_seq)` of an instance is not in the primary key, so each query (and
+//! [`UsageStore::max_flush_seq`], [`UsageStore::max_wal_seq`]) scans those two
+//! columns of the whole table: cheap for millions of rows, worth a small
+//! per-flush table once the table holds billions.
+
+use super::{Aggregate, FlushBatch, Fold, SeriesPoint, StoreError, Stored, UsageQuery, UsageRow, UsageStore};
+use ::clickhouse::{Client, Compression, Row};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// The table meterd writes, in the configured database.
+pub const TABLE: &str = "usage_minute";
+
+/// The most rows one flush may have: one `INSERT` must stay one block (one part).
+pub const MAX_FLUSH_ROWS: usize = 500_000;
+
+/// Sent with every insert, so a lower server-side default cannot split a flush.
+const MAX_INSERT_BLOCK_SIZE: usize = 1_048_576;
+
+/// How long one request may take before the call fails (and the flusher retries).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `usage_minute`. `value` holds raw units at the meter's precision (an integer:
+/// a precision-2 meter stores 1.25 as 125). `properties` is the same JSON text as
+/// in the SQLite store: an array of `[key, value]` pairs, `''` when none.
+/// `DateTime('UTC')` displays in UTC whatever the server's time zone.
+const CREATE_TABLE: &str = "(
+    meter       String,
+    customer    String,
+    minute      DateTime('UTC'),
+    properties  String,
+    value       Int64,
+    last_ts     Int64,
+    instance_id String,
+    flush_seq   UInt64,
+    wal_seq     UInt64
+) ENGINE = MergeTree() ORDER BY (meter, customer, minute)";
+
+/// Every column meterd reads or writes, with its type (`minute`: any `DateTime`).
+const COLUMNS: [(&str, &str); 9] = [
+    ("meter", "String"),
+    ("customer", "String"),
+    ("minute", "DateTime"),
+    ("properties", "String"),
+    ("value", "Int64"),
+    ("last_ts", "Int64"),
+    ("instance_id", "String"),
+    ("flush_seq", "UInt64"),
+    ("wal_seq", "UInt64"),
+];
+
+/// Flushed usage in ClickHouse. Cloning shares the HTTP pool and the write lock.
+#[derive(Clone)]
+pub struct ClickHouseStore {
+    /// Queries: uncompressed answers (see "Compatibility").
+    client: Client,
+    /// Inserts: LZ4-compressed bodies.
+    insert_client: Client,
+    database: String,
+    /// `` `database`.usage_minute ``
+    table: String,
+    /// Held from the exactly-once check to the end of the insert.
+    write_lock: Arc<Mutex<()>>,
+}
+
+impl fmt::Debug for ClickHouseStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClickHouseStore").field("table", &self.table).finish_non_exhaustive()
+    }
+}
+
+/// One row as inserted (RowBinary, in `COLUMNS` order).
+#[derive(Debug, Row, Serialize)]
+struct MinuteRow {
+    meter: String,
+    customer: String,
+    /// Unix seconds: RowBinary's `DateTime`.
+    minute: u32,
+    properties: String,
+    value: i64,
+    last_ts: i64,
+    instance_id: String,
+    flush_seq: u64,
+    wal_seq: u64,
+}
+
+#[derive(Row, Deserialize)]
+struct AggregateRow {
+    customer: String,
+    value: i64,
+    last_ts: i64,
+}
+
+#[derive(Row, Deserialize)]
+struct PointRow {
+    customer: String,
+    start_ms: i64,
+    value: i64,
+    last_ts: i64,
+}
+
+#[derive(Row, Deserialize)]
+struct ColumnRow {
+    name: String,
+    ty: String,
+}
+
+/// Maps a client error to [`StoreError::Io`], naming the operation.
+fn io(op: &'static str) -> impl Fn(::clickhouse::error::Error) -> StoreError {
+    move |e| StoreError::Io(format!("clickhouse {op}: {e}"))
+}
+
+/// Runs one request with [`REQUEST_TIMEOUT`].
+async fn timed<T>(op: &'static str, fut: impl Future<Output = Result<T, ::clickhouse::error::Error>>) -> Result<T, StoreError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(result) => result.map_err(io(op)),
+        Err(_) => Err(StoreError::Io(format!("clickhouse {op}: no answer within {REQUEST_TIMEOUT:?}"))),
+    }
+}
+
+/// Database names are put into SQL text, so only plain identifiers are accepted.
+fn check_database_name(database: &str) -> Result<(), StoreError> {
+    let mut chars = database.chars();
+    let plain = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && database.len() <= 64;
+    if plain {
+        Ok(())
+    } else {
+        Err(StoreError::Io(format!("clickhouse connect: database name {database:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}")))
+    }
+}
+
+/// Ceiling of `a / b` for `b > 0`.
+fn ceil_div(a: i64, b: i64) -> i64 {
+    a.div_euclid(b) + i64::from(a.rem_euclid(b) != 0)
+}
+
+/// The `minute` values (Unix seconds, inclusive) of `[from_ms, to_ms)`, or `None`
+/// when no `DateTime` lies in it.
+fn minute_range(from_ms: i64, to_ms: i64) -> Option<(u32, u32)> {
+    // minute_s * 1000 >= from_ms  <=>  minute_s >= ceil(from_ms / 1000)
+    // minute_s * 1000 <  to_ms    <=>  minute_s <= ceil(to_ms / 1000) - 1
+    let lo = ceil_div(from_ms, 1000).max(0);
+    let hi = (ceil_div(to_ms, 1000) - 1).min(i64::from(u32::MAX));
+    if hi < lo {
+        return None;
+    }
+    Some((u32::try_from(lo).ok()?, u32::try_from(hi).ok()?))
+}
+
+/// The select list folding `value` and `last_ts` of a group.
+fn fold_columns(fold: Fold) -> &'static str {
+    match fold {
+        Fold::Sum => "sum(value), max(last_ts)",
+        Fold::Max => "max(value), max(last_ts)",
+        // The value of the row with the greatest last_ts; on a tie the greatest
+        // value, so the answer does not depend on the order parts are read in.
+        Fold::Latest => "argMax(value, tuple(last_ts, value)), max(last_ts)",
+    }
+}
+
+fn encode_row(batch: &FlushBatch, row: &UsageRow) -> Result<MinuteRow, StoreError> {
+    const OP: &str = "write_flush";
+    let minute = if row.minute_ms % 1000 == 0 { u32::try_from(row.minute_ms / 1000).ok() } else { None };
+    let Some(minute) = minute else {
+        return Err(StoreError::Io(format!(
+            "clickhouse {OP}: minute {} ms is not a storable DateTime (whole seconds, 1970..2106)",
+            row.minute_ms
+        )));
+    };
+    let properties = if row.properties.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&row.properties).map_err(|e| StoreError::Io(format!("clickhouse {OP}: encoding properties: {e}")))?
+    };
+    Ok(MinuteRow {
+        meter: row.meter.clone(),
+        customer: row.customer.clone(),
+        minute,
+        properties,
+        value: row.value,
+        last_ts: row.last_ts,
+        instance_id: batch.instance_id.clone(),
+        flush_seq: batch.seq,
+        wal_seq: batch.wal_seq,
+    })
+}
+
+impl ClickHouseStore {
+    /// Connects to the HTTP interface at `url` (`http://host:8123`) and creates
+    /// `database` and its `usage_minute` table when missing. An existing table
+    /// must have meterd's columns with their types (extra columns are fine).
+    pub async fn connect(url: &str, database: &str) -> Result<ClickHouseStore, StoreError> {
+        const OP: &str = "connect";
+        check_database_name(database)?;
+        let client = Client::default().with_url(url).with_compression(Compression::None);
+        let insert_client = client.clone().with_compression(Compression::Lz4);
+        let table = format!("`{database}`.{TABLE}");
+        timed(OP, client.query(&format!("CREATE DATABASE IF NOT EXISTS `{database}`")).execute()).await?;
+        timed(OP, client.query(&format!("CREATE TABLE IF NOT EXISTS {table} {CREATE_TABLE}")).execute()).await?;
+        let store = ClickHouseStore { client, insert_client, database: database.to_owned(), table, write_lock: Arc::new(Mutex::new(())) };
+        store.check_schema().await?;
+        Ok(store)
+    }
+
+    /// The database this store writes to.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Fails unless the table has every column meterd uses, with its type.
+    async fn check_schema(&self) -> Result<(), StoreError> {
+        const OP: &str = "connect";
+        let query = self
+            .client
+            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+            .bind(self.database.as_str())
+            .bind(TABLE);
+        let columns: Vec<ColumnRow> = timed(OP, query.fetch_all()).await?;
+        for (name, want) in COLUMNS {
+            let Some(col) = columns.iter().find(|c| c.name == name) else {
+                return Err(StoreError::Io(format!("clickhouse {OP}: {} has no column {name} ({want})", self.table)));
+            };
+            let fits = if want == "DateTime" { col.ty == "DateTime" || col.ty.starts_with("DateTime(") } else { col.ty == want };
+            if !fits {
+                return Err(StoreError::Io(format!("clickhouse {OP}: column {name} of {} is {}, expected {want}", self.table, col.ty)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest `column` (`flush_seq` or `wal_seq`) of `instance_id`, 0 when none.
+    async fn max_of(&self, column: &str, instance_id: &str, op: &'static str) -> Result<u64, StoreError> {
+        let sql = format!("SELECT max({column}) FROM {} WHERE instance_id = ?", self.table);
+        let rows: Vec<u64> = timed(op, self.client.query(&sql).bind(instance_id).fetch_all()).await?;
+        Ok(rows.first().copied().unwrap_or(0))
+    }
+
+    /// `SELECT {select} ... WHERE <the query's rows> {tail}`, leaving out the
+    /// asking instance's rows above `stored_seq` (see the module docs).
+    fn rows_query(&self, select: &str, tail: &str, q: &UsageQuery, (lo, hi): (u32, u32), stored_seq: u64) -> ::clickhouse::query::Query {
+        let customer_clause = if q.customer.is_some() { " AND customer = ?" } else { "" };
+        let sql = format!(
+            "SELECT {select} FROM {} \
+             WHERE meter = ? AND minute >= toDateTime(?) AND minute <= toDateTime(?){customer_clause} \
+             AND (instance_id != ? OR flush_seq <= ?) {tail}",
+            self.table
+        );
+        let mut query = self.client.query(&sql).bind(q.meter.as_str()).bind(lo).bind(hi);
+        if let Some(customer) = &q.customer {
+            query = query.bind(customer.as_str());
+        }
+        query.bind(q.instance_id.as_str()).bind(stored_seq)
+    }
+}
+
+#[async_trait]
+impl UsageStore for ClickHouseStore {
+    async fn write_flush(&self, batch: &FlushBatch) -> Result<(), StoreError> {
+        const OP: &str = "write_flush";
+        if batch.rows.is_empty() {
+            return Ok(());
+        }
+        if batch.rows.len() > MAX_FLUSH_ROWS {
+            return Err(StoreError::Io(format!(
+                "clickhouse {OP}: flush {}#{} has {} rows, more than the {MAX_FLUSH_ROWS} one INSERT stores atomically",
+                batch.instance_id,
+                batch.seq,
+                batch.rows.len()
+            )));
+        }
+        let rows = batch.rows.iter().map(|row| encode_row(batch, row)).collect::<Result<Vec<_>, _>>()?;
+        let query_id = format!("meterd-flush:{}:{}:{}", self.database, batch.instance_id, batch.seq);
+        // The flush is stored whole or not at all, so looking for its first row
+        // tells whether it is stored, and that lookup uses the primary key
+        // instead of scanning the table.
+        let Some(first) = rows.first() else { return Ok(()) };
+        let check_sql = format!(
+            "SELECT count() FROM {} WHERE meter = ? AND customer = ? AND minute = toDateTime(?) AND instance_id = ? AND flush_seq = ?",
+            self.table
+        );
+        let check = self
+            .client
+            .query(&check_sql)
+            .bind(first.meter.as_str())
+            .bind(first.customer.as_str())
+            .bind(first.minute)
+            .bind(first.instance_id.as_str())
+            .bind(first.flush_seq)
+            .with_option("query_id", query_id.as_str());
+        let insert = self
+            .insert_client
+            .insert::<MinuteRow>(&self.table)
+            .map_err(io(OP))?
+            .with_option("query_id", query_id)
+            .with_option("max_insert_block_size", MAX_INSERT_BLOCK_SIZE.to_string());
+        // No client-side timeouts on the insert: one that fires aborts the request
+        // body, and 18.16 would store the part already sent (see the module docs).
+        // The caller's wait is bounded below instead; the attempt goes on.
+
+        let Ok(guard) = tokio::time::timeout(REQUEST_TIMEOUT, Arc::clone(&self.write_lock).lock_owned()).await else {
+            return Err(StoreError::Io(format!("clickhouse {OP}: an earlier flush is still being written after {REQUEST_TIMEOUT:?}")));
+        };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            // fetch_all reads the answer to its end, so the check is over on the
+            // server (and its query id free again) before the insert starts.
+            let stored: Vec<u64> = timed(OP, check.fetch_all()).await?;
+            if stored.first().copied().unwrap_or(0) > 0 {
+                return Ok(());
+            }
+            let mut insert = insert;
+            for row in &rows {
+                insert.write(row).await.map_err(io(OP))?;
+            }
+            insert.end().await.map_err(io(OP))
+        });
+        match tokio::time::timeout(REQUEST_TIMEOUT, task).await {
+            Ok(joined) => joined.map_err(|e| StoreError::Task(format!("clickhouse {OP}: {e}")))?,
+            // Dropping the handle detaches the task: the insert runs to its end,
+            // and the retry (which waits for the lock) then finds it stored.
+            Err(_) => Err(StoreError::Io(format!(
+                "clickhouse {OP}: flush {}#{} not acknowledged within {REQUEST_TIMEOUT:?}; it is still being written",
+                batch.instance_id, batch.seq
+            ))),
+        }
+    }
+
+    async fn max_flush_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
+        self.max_of("flush_seq", instance_id, "max_flush_seq").await
+    }
+
+    async fn max_wal_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
+        self.max_of("wal_seq", instance_id, "max_wal_seq").await
+    }
+
+    async fn aggregate(&self, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError> {
+        const OP: &str = "aggregate";
+        // Before the rows: see "Consistent reads" in the module docs.
+        let stored_seq = self.max_of("flush_seq", &query.instance_id, OP).await?;
+        let Some(range) = minute_range(query.from_ms, query.to_ms) else {
+            return Ok(Stored { data: Vec::new(), stored_seq });
+        };
+        let select = format!("customer, {}", fold_columns(query.fold));
+        let rows: Vec<AggregateRow> =
+            timed(OP, self.rows_query(&select, "GROUP BY customer ORDER BY customer", query, range, stored_seq).fetch_all()).await?;
+        let data = rows.into_iter().map(|r| Aggregate { customer: r.customer, value: r.value, last_ts: r.last_ts }).collect();
+        Ok(Stored { data, stored_seq })
+    }
+
+    async fn series(&self, query: &UsageQuery, granularity_ms: i64, limit: usize) -> Result<Stored<Vec<SeriesPoint>>, StoreError> {
+        const OP: &str = "series";
+        if granularity_ms <= 0 {
+            return Err(StoreError::Io(format!("clickhouse {OP}: granularity must be positive, got {granularity_ms} ms")));
+        }
+        let stored_seq = self.max_of("flush_seq", &query.instance_id, OP).await?;
+        let Some(range) = minute_range(query.from_ms, query.to_ms) else {
+            return Ok(Stored { data: Vec::new(), stored_seq });
+        };
+        // minute >= 0, so intDiv floors and buckets align to the epoch. The
+        // granularity and limit are integers, formatted in rather than bound.
+        let select = format!(
+            "customer, toInt64(intDiv(toInt64(toUInt32(minute)) * 1000, {granularity_ms}) * {granularity_ms}) AS bucket_start, {}",
+            fold_columns(query.fold)
+        );
+        let tail = format!("GROUP BY customer, bucket_start ORDER BY customer, bucket_start LIMIT {limit}");
+        let rows: Vec<PointRow> = timed(OP, self.rows_query(&select, &tail, query, range, stored_seq).fetch_all()).await?;
+        let data = rows
+            .into_iter()
+            .map(|r| SeriesPoint { customer: r.customer, start_ms: r.start_ms, value: r.value, last_ts: r.last_ts })
+            .collect();
+        Ok(Stored { data, stored_seq })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::suite::{self, flush, query, row, MINUTE, T0};
+    use super::*;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// The server `scripts/test` started, or `None` (the test is skipped).
+    fn server_url() -> Option<String> {
+        match std::env::var("METERD_TEST_CLICKHOUSE_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                println!("SKIPPED: METERD_TEST_CLICKHOUSE_URL not set");
+                None
+            }
+        }
+    }
+
+    /// A database name no other test or run uses.
+    fn unique_database(tag: &str) -> String {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        format!("meterd_test_{}_{nanos}_{tag}", std::process::id())
+    }
+
+    async fn open(url: &str, tag: &str) -> ClickHouseStore {
+        let database = unique_database(tag);
+        match ClickHouseStore::connect(url, &database).await {
+            Ok(store) => store,
+            Err(e) => panic!("connect to {url}, database {database}: {e}"),
+        }
+    }
+
+    async fn sql(store: &ClickHouseStore, sql: &str) {
+        if let Err(e) = store.client.query(sql).execute().await {
+            panic!("{sql}: {e}");
+        }
+    }
+
+    async fn drop_database(store: &ClickHouseStore) {
+        sql(store, &format!("DROP DATABASE IF EXISTS `{}`", store.database)).await;
+    }
+
+    async fn scalar(store: &ClickHouseStore, sql: &str) -> u64 {
+        match store.client.query(sql).fetch_all::<u64>().await {
+            Ok(rows) => rows.first().copied().unwrap_or_else(|| panic!("{sql}: no row")),
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    }
+
+    async fn rows_of(store: &ClickHouseStore, instance_id: &str, seq: u64) -> u64 {
+        scalar(store, &format!("SELECT count() FROM {} WHERE instance_id = '{instance_id}' AND flush_seq = {seq}", store.table)).await
+    }
+
+    #[tokio::test]
+    async fn sum_aggregate_over_range() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "sum").await;
+        suite::sum_aggregate(&store, "t1").await;
+        drop_database(&store).await;
+    }
+
+    #[tokio::test]
+    async fn duplicate_flush_is_stored_once() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "dup").await;
+        suite::duplicate_flush(&store, "t2").await;
+        drop_database(&store).await;
+    }
+
+    #[tokio::test]
+    async fn max_and_latest_folds() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "folds").await;
+        suite::max_and_latest(&store, "t3").await;
+        drop_database(&store).await;
+    }
+
+    #[tokio::test]
+    async fn series_buckets_and_limit() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "series").await;
+        suite::series_granularity(&store, "t4").await;
+        drop_database(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_flushes_are_exact() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "concurrent").await;
+        suite::concurrent_flushes(Arc::new(store.clone()), "t7").await;
+        drop_database(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn all_scenarios_share_one_database() {
+        // Scenarios with distinct namespaces must not see each other's data.
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "shared").await;
+        suite::sum_aggregate(&store, "s1").await;
+        suite::duplicate_flush(&store, "s2").await;
+        suite::max_and_latest(&store, "s3").await;
+        suite::series_granularity(&store, "s4").await;
+        suite::concurrent_flushes(Arc::new(store.clone()), "s7").await;
+        // A second store on the same database (a restarted instance) sees it all.
+        let again = match ClickHouseStore::connect(&url, &store.database).await {
+            Ok(s) => s,
+            Err(e) => panic!("reconnect: {e}"),
+        };
+        suite::sum_aggregate(&again, "s8").await;
+        assert_eq!(again.max_flush_seq("s2-a").await.expect("max seq"), 4);
+        drop_database(&store).await;
+    }
+
+    #[tokio::test]
+    async fn retried_flush_is_stored_once() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "retry").await;
+        let meter = "r.api_calls";
+        let batch =
+            flush("r-inst", 1, vec![row(meter, "r-c1", T0, &[("region", "eu")], 5, T0 + 1), row(meter, "r-c2", T0, &[], 7, T0 + 2)]);
+        store.write_flush(&batch).await.expect("first attempt");
+        // The reply was lost, say: the flusher writes the same flush again.
+        store.write_flush(&batch).await.expect("retry");
+        assert_eq!(rows_of(&store, "r-inst", 1).await, 2, "rows stored once");
+
+        // An attempt abandoned by its caller (a timeout dropping the future) still
+        // runs to its end; the retry then finds it stored.
+        let second = flush("r-inst", 2, vec![row(meter, "r-c1", T0 + MINUTE, &[], 11, T0 + MINUTE + 1)]);
+        let abandoned = tokio::time::timeout(Duration::ZERO, store.write_flush(&second)).await;
+        assert!(abandoned.is_err(), "the first attempt should be cut off");
+        store.write_flush(&second).await.expect("retry after abandon");
+        store.write_flush(&second).await.expect("retry again");
+        assert_eq!(rows_of(&store, "r-inst", 2).await, 1, "abandoned + retried flush stored once");
+
+        let q = query("r-inst", meter, Fold::Sum, T0, T0 + 2 * MINUTE, None);
+        let got = store.aggregate(&q).await.expect("aggregate");
+        assert_eq!(
+            got,
+            Stored {
+                data: vec![
+                    Aggregate { customer: "r-c1".to_owned(), value: 16, last_ts: T0 + MINUTE + 1 },
+                    Aggregate { customer: "r-c2".to_owned(), value: 7, last_ts: T0 + 2 },
+                ],
+                stored_seq: 2,
+            }
+        );
+        assert_eq!(store.max_wal_seq("r-inst").await.expect("wal seq"), 20);
+
+        // Properties are stored as the SQLite store stores them.
+        let props = match store
+            .client
+            .query(&format!("SELECT properties FROM {} WHERE customer = ? ORDER BY minute", store.table))
+            .bind("r-c1")
+            .fetch_all::<String>()
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => panic!("properties: {e}"),
+        };
+        assert_eq!(props, vec![r#"[["region","eu"]]"#.to_owned(), String::new()]);
+        drop_database(&store).await;
+    }
+
+    #[tokio::test]
+    async fn schema_has_contract_columns() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "schema").await;
+        let columns = match store
+            .client
+            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+            .bind(store.database.as_str())
+            .bind(TABLE)
+            .fetch_all::<ColumnRow>()
+            .await
+        {
+            // 18.16 has no `position` column; sort to compare.
+            Ok(c) => {
+                let mut c = c.into_iter().map(|c| (c.name, c.ty)).collect::<Vec<_>>();
+                c.sort();
+                c
+            }
+            Err(e) => panic!("system.columns: {e}"),
+        };
+        let mut expected: Vec<(String, String)> = [
+            ("meter", "String"),
+            ("customer", "String"),
+            ("minute", "DateTime('UTC')"),
+            ("properties", "String"),
+            ("value", "Int64"),
+            ("last_ts", "Int64"),
+            ("instance_id", "String"),
+            ("flush_seq", "UInt64"),
+            ("wal_seq", "UInt64"),
+        ]
+        .iter()
+        .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+        .collect();
+        expected.sort();
+        assert_eq!(columns, expected);
+        let engine = match store
+            .client
+            .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
+            .bind(store.database.as_str())
+            .bind(TABLE)
+            .fetch_all::<String>()
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => panic!("system.tables: {e}"),
+        };
+        assert_eq!(engine, vec!["MergeTree".to_owned()]);
+
+        // A flush spanning a month boundary is one part: committed whole.
+        let jan31 = 19_753 * suite::DAY + 23 * suite::HOUR + 59 * MINUTE; // 2024-01-31T23:59Z
+        let batch =
+            flush("p-inst", 1, vec![row("p.m", "p-c", jan31, &[], 1, jan31), row("p.m", "p-c", jan31 + MINUTE, &[], 2, jan31 + MINUTE)]);
+        store.write_flush(&batch).await.expect("flush across months");
+        let parts = scalar(
+            &store,
+            &format!("SELECT count() FROM system.parts WHERE database = '{}' AND table = '{TABLE}' AND active", store.database),
+        )
+        .await;
+        assert_eq!(parts, 1, "one INSERT, one part");
+
+        // Connecting again keeps the table; the values are the analysts' sum.
+        let again = ClickHouseStore::connect(&url, &store.database).await.expect("reconnect");
+        let total = scalar(&again, &format!("SELECT toUInt64(sum(value)) FROM {} WHERE meter = 'p.m'", again.table)).await;
+        assert_eq!(total, 3);
+        drop_database(&store).await;
+    }
+
+    #[tokio::test]
+    async fn rejects_wrong_schema_and_bad_names() {
+        let Some(url) = server_url() else { return };
+        assert!(matches!(ClickHouseStore::connect(&url, "bad-name; DROP").await, Err(StoreError::Io(_))));
+        assert!(matches!(ClickHouseStore::connect(&url, "").await, Err(StoreError::Io(_))));
+        let store = open(&url, "wrong").await;
+        let other = unique_database("wrong2");
+        sql(&store, &format!("CREATE DATABASE `{other}`")).await;
+        // As an analyst might have made it: value Float64.
+        let columns = "meter String, customer String, minute DateTime, properties String, value Float64, \
+                       last_ts Int64, instance_id String, flush_seq UInt64, wal_seq UInt64";
+        sql(&store, &format!("CREATE TABLE `{other}`.{TABLE} ({columns}) ENGINE = MergeTree() ORDER BY meter")).await;
+        match ClickHouseStore::connect(&url, &other).await {
+            Err(StoreError::Io(msg)) => assert!(msg.contains("value") && msg.contains("Float64"), "{msg}"),
+            other => panic!("expected a schema error, got {other:?}"),
+        }
+        sql(&store, &format!("DROP DATABASE `{other}`")).await;
+        drop_database(&store).await;
+    }
+
+    #[tokio::test]
+    async fn rejects_unstorable_batches() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "reject").await;
+        let q = query("x-inst", "x.m", Fold::Sum, 0, i64::MAX, None);
+        assert!(matches!(store.series(&q, 0, 10).await, Err(StoreError::Io(_))));
+        // Not whole seconds, before 1970, after 2106: nothing is written.
+        for minute_ms in [T0 + 1, -MINUTE, (i64::from(u32::MAX) + 1) * 1000] {
+            let bad = flush("x-inst", 1, vec![row("x.m", "x-c", T0, &[], 1, T0), row("x.m", "x-c", minute_ms, &[], 1, T0)]);
+            assert!(matches!(store.write_flush(&bad).await, Err(StoreError::Io(_))), "minute {minute_ms}");
+        }
+        let huge = flush("x-inst", 1, vec![row("x.m", "x-c", T0, &[], 1, T0); MAX_FLUSH_ROWS + 1]);
+        match store.write_flush(&huge).await {
+            Err(StoreError::Io(msg)) => assert!(msg.contains("rows"), "{msg}"),
+            other => panic!("expected a size error, got {other:?}"),
+        }
+        // An empty flush writes nothing.
+        store.write_flush(&flush("x-inst", 2, vec![])).await.expect("empty flush");
+        assert_eq!(store.max_flush_seq("x-inst").await.expect("max seq"), 0);
+        assert_eq!(store.aggregate(&q).await.expect("aggregate"), Stored { data: vec![], stored_seq: 0 });
+        // Ranges outside what DateTime holds are empty, not errors.
+        let early = query("x-inst", "x.m", Fold::Sum, i64::MIN, 0, None);
+        assert_eq!(store.aggregate(&early).await.expect("aggregate"), Stored { data: vec![], stored_seq: 0 });
+        drop_database(&store).await;
+    }
+
+    #[test]
+    fn minute_ranges() {
+        assert_eq!(minute_range(0, 60_000), Some((0, 59)));
+        assert_eq!(
+            minute_range(T0, T0 + MINUTE),
+            Some((u32::try_from(T0 / 1000).unwrap_or(0), u32::try_from(T0 / 1000 + 59).unwrap_or(0)))
+        );
+        assert_eq!(minute_range(1, 1001), Some((1, 1)));
+        assert_eq!(minute_range(-5_000, 1), Some((0, 0)));
+        assert_eq!(minute_range(0, 0), None);
+        assert_eq!(minute_range(i64::MIN, 0), None);
+        assert_eq!(minute_range(0, i64::MAX), Some((0, u32::MAX)));
+        assert_eq!(minute_range(i64::MAX - 1, i64::MAX), None);
+        assert_eq!(ceil_div(-1, 1000), 0);
+        assert_eq!(ceil_div(-1000, 1000), -1);
+        assert_eq!(ceil_div(1001, 1000), 2);
+    }
+}

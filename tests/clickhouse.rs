@@ -1,0 +1,177 @@
+//! meterd with a real ClickHouse (18.16 in CI, started by `scripts/test`):
+//! exact sums after 100k events, and an ambiguous failure (the INSERT reaches
+//! ClickHouse, the connection is cut before the answer) never double counts.
+//! Skipped (with a message) when `METERD_TEST_CLICKHOUSE_URL` is not set.
+
+mod common;
+
+use common::{away_from_day_boundary, TestServer};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn clickhouse_url() -> Option<String> {
+    let url = std::env::var("METERD_TEST_CLICKHOUSE_URL").ok();
+    if url.is_none() {
+        eprintln!("SKIPPED: METERD_TEST_CLICKHOUSE_URL not set (scripts/test sets it)");
+    }
+    url
+}
+
+fn unique_db() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("meterd_it_{}_{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+fn config(url: &str, db: &str) -> String {
+    format!(
+        "[clickhouse]\nurl = \"{url}\"\ndatabase = \"{db}\"\nflush_interval = \"200ms\"\n\
+         [[meters]]\nname = \"tokens\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\ntokens = {{ limit = \"unlimited\", window = \"month\" }}\n"
+    )
+}
+
+/// Runs a query over ClickHouse's HTTP interface; returns the body.
+async fn query(url: &str, sql: &str) -> String {
+    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.expect("connect clickhouse");
+    // HTTP/1.0: a plain body, no chunked encoding to undo.
+    let req = format!("POST / HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{sql}", sql.len());
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.expect("read");
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    // Chunked answers: keep the digits line.
+    body.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect::<Vec<_>>().join("\n")
+}
+
+async fn ch_sum(url: &str, db: &str) -> u64 {
+    let text = query(url, &format!("SELECT sum(value) FROM {db}.usage_minute WHERE meter = 'tokens'")).await;
+    text.lines().filter_map(|l| l.trim().parse::<u64>().ok()).next().unwrap_or(u64::MAX)
+}
+
+fn batch(tag: usize, n: usize) -> (Value, u64) {
+    let events: Vec<Value> = (0..n)
+        .map(|i| json!({"id": format!("{tag}-{i}"), "customer": format!("c{}", i % 97), "meter": "tokens", "quantity": 1 + (i % 5)}))
+        .collect();
+    let total = (0..n).map(|i| 1 + (i % 5) as u64).sum();
+    (Value::Array(events), total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_thousand_events_sum_exactly_in_clickhouse() {
+    let Some(url) = clickhouse_url() else { return };
+    away_from_day_boundary().await;
+    let db = unique_db();
+    let server = TestServer::start(&config(&url, &db)).await;
+    let c = server.client();
+    let mut expected = 0;
+    for b in 0..100 {
+        let (body, total) = batch(b, 1000);
+        let r = c.events(&body).await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        expected += total;
+    }
+    meterd::flush::flush_all(&server.app().engine).await.expect("flush");
+    assert_eq!(ch_sum(&url, &db).await, expected, "sum(value) in ClickHouse");
+    // /v1/usage reads ClickHouse (merged with anything unflushed: nothing now).
+    let now = chrono::Utc::now();
+    let from = (now - chrono::Duration::days(1)).format("%Y-%m-%dT00:00:00Z");
+    let to = (now + chrono::Duration::days(1)).format("%Y-%m-%dT00:00:00Z");
+    let r = c.get(&format!("/v1/usage?meter=tokens&from={from}&to={to}&granularity=day")).await;
+    let total: u64 = r.body["data"].as_array().map(|d| d.iter().filter_map(|p| p["value"].as_u64()).sum()).unwrap_or(0);
+    assert_eq!(total, expected, "{}", r.text);
+    // A restart rebuilds the month counters from ClickHouse.
+    let server = server.restart().await;
+    let r = server.client().get("/v1/customers/c0/usage").await;
+    let c0: u64 = (0..100).flat_map(|_| (0..1000).filter(|i| i % 97 == 0).map(|i| 1 + (i % 5) as u64)).sum();
+    assert_eq!(r.body["meters"][0]["used"], json!(c0), "{}", r.text);
+    server.stop().await;
+    let _ = query(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
+}
+
+/// A TCP proxy to ClickHouse that, while armed, forwards a request containing
+/// `INSERT`, waits until ClickHouse starts answering (so the insert happened),
+/// and then cuts both connections without passing the answer on.
+async fn cutting_proxy(upstream: String, armed: Arc<AtomicBool>, cuts: Arc<AtomicU64>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else { return };
+            let upstream = upstream.clone();
+            let (armed, cuts) = (armed.clone(), cuts.clone());
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut back = vec![0u8; 64 * 1024];
+                loop {
+                    tokio::select! {
+                        n = client.read(&mut buf) => {
+                            let Ok(n) = n else { return };
+                            if n == 0 { return; }
+                            seen.extend_from_slice(&buf[..n]);
+                            if server.write_all(&buf[..n]).await.is_err() { return; }
+                            let insert = seen.windows(6).any(|w| w.eq_ignore_ascii_case(b"INSERT"));
+                            if insert && armed.load(Ordering::SeqCst) {
+                                // Let the whole request through, wait for the answer to start, drop it.
+                                let mut answer = [0u8; 1];
+                                loop {
+                                    tokio::select! {
+                                        n = client.read(&mut buf) => match n {
+                                            Ok(n) if n > 0 => { let _ = server.write_all(&buf[..n]).await; }
+                                            _ => return,
+                                        },
+                                        r = server.read(&mut answer) => {
+                                            let _ = r;
+                                            armed.store(false, Ordering::SeqCst);
+                                            cuts.fetch_add(1, Ordering::SeqCst);
+                                            return; // both sockets dropped: the answer never arrives
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        n = server.read(&mut back) => {
+                            let Ok(n) = n else { return };
+                            if n == 0 { return; }
+                            if client.write_all(&back[..n]).await.is_err() { return; }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_whose_answer_is_lost_is_not_stored_twice() {
+    let Some(url) = clickhouse_url() else { return };
+    away_from_day_boundary().await;
+    let db = unique_db();
+    let armed = Arc::new(AtomicBool::new(false));
+    let cuts = Arc::new(AtomicU64::new(0));
+    let upstream = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let proxy = cutting_proxy(upstream, armed.clone(), cuts.clone()).await;
+    let server = TestServer::start(&config(&format!("http://{proxy}"), &db)).await;
+    let c = server.client();
+    let (body, expected) = batch(1, 500);
+    assert_eq!(c.events(&body).await.status, 202);
+    armed.store(true, Ordering::SeqCst);
+    // The flush's INSERT lands, its answer is cut: the flush fails, ambiguously.
+    let first = meterd::flush::flush_once(&server.app().engine).await;
+    assert!(first.is_err(), "the cut flush should have failed: {first:?}");
+    assert_eq!(cuts.load(Ordering::SeqCst), 1, "the proxy cut one INSERT");
+    assert_eq!(ch_sum(&url, &db).await, expected, "the INSERT did reach ClickHouse");
+    // The retry asks whether the flush is stored and does not send it again.
+    meterd::flush::flush_all(&server.app().engine).await.expect("retry");
+    assert_eq!(ch_sum(&url, &db).await, expected, "stored once");
+    let (body2, expected2) = batch(2, 300);
+    assert_eq!(c.events(&body2).await.status, 202);
+    meterd::flush::flush_all(&server.app().engine).await.expect("flush");
+    assert_eq!(ch_sum(&url, &db).await, expected + expected2);
+    server.stop().await;
+    let _ = query(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
+}
