@@ -84,10 +84,6 @@ impl AppHandle {
             Some(ch) => {
                 let store = crate::store::clickhouse::ClickHouseStore::connect(&ch.url, &ch.database).await?;
                 tracing::info!(url = %ch.url, database = %ch.database, "usage store: ClickHouse");
-                tracing::warn!(
-                    "the ClickHouse usage store is experimental: on ClickHouse 18.16 a flush of more than ~1,500 rows \
-                     whose connection is cut mid-request can be stored in part (see README)"
-                );
                 (Arc::new(store), ch.flush_interval.0)
             }
             None => (sqlite.clone(), config.raw.storage.flush_interval.0),

@@ -87,6 +87,10 @@ impl Engine {
         wal_config: WalConfig,
     ) -> Result<Engine, EngineError> {
         let catalog = config.catalog.clone();
+        let removed = usage_store.recover(&instance_id).await?;
+        if removed > 0 {
+            tracing::warn!(flushes = removed, "removed flushes the usage store held in part; the WAL replays their usage");
+        }
         let next_seq = usage_store.max_flush_seq(&instance_id).await? + 1;
         let counters = Counters::new(&catalog, next_seq);
         let plan_kinds = catalog

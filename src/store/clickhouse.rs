@@ -32,11 +32,9 @@
 //!   failure between them would store part of a flush (checked on 18.16: a block
 //!   with rows in two months makes two parts);
 //! * every row carries its flush's `instance_id`, `flush_seq` and `wal_seq`;
-//! * [`UsageStore::write_flush`] first looks for the flush's first row (by the
-//!   primary key `(meter, customer, minute)` plus `instance_id` and `flush_seq`,
-//!   so it reads a granule, not the table): since a flush is stored whole or not
-//!   at all, finding it means the flush is stored (a retry after an ambiguous
-//!   failure) and nothing is written; otherwise all rows go in one `INSERT` (at
+//! * [`UsageStore::write_flush`] first counts the flush's stored rows (see
+//!   "Partial flushes" below): a retry after an ambiguous failure finds the flush
+//!   stored and writes nothing; otherwise the rows go in one `INSERT` (at
 //!   most [`MAX_FLUSH_ROWS`], well below `max_insert_block_size`, which the insert
 //!   also sets explicitly so a server profile cannot lower it). Larger batches are
 //!   refused rather than split, since a split flush could be half stored; the
@@ -54,16 +52,27 @@
 //!   process or a restarted one) fails instead of duplicating while an earlier
 //!   attempt is still being executed by the server.
 //!
-//! Known limit, measured on 18.16: the server takes a request body that ends early
-//! (client killed, connection cut) as complete. A flush whose RowBinary is under
-//! ~256 KiB (roughly 1,500 rows) is sent as one LZ4 frame with a checksum, so a
-//! cut body is rejected; a larger one is streamed as several frames and a cut
-//! exactly between two frames would commit a prefix of the flush, which the
-//! retry then takes for stored. Newer servers reject an incomplete body. Hence
-//! no client-side timeout ever aborts an insert body, and it is streamed from a
-//! task that outlives its caller; only the process dying mid-body (or the runtime
-//! shutting down under an insert still running) can cut one.
+//! Partial flushes. Measured on 18.16: the server takes a request body that ends
+//! early (client killed, connection cut) as complete. A flush under ~256 KiB
+//! (roughly 1,500 rows) is one checksummed LZ4 frame, so a cut body is rejected;
+//! a larger one is several frames, and a cut between two commits a prefix. So
+//! every row also carries `flush_rows`, the size of its flush, and a flush counts
+//! as stored only when that many of its rows are:
 //!
+//! * [`UsageStore::write_flush`] counts the flush's stored rows: all there, it is
+//!   a no-op; none, it sends them all; some, it sends only the missing ones;
+//! * [`UsageStore::max_flush_seq`], [`UsageStore::max_wal_seq`] and the
+//!   `stored_seq` of queries count complete flushes only, so a partial flush's
+//!   WAL records are replayed after a crash;
+//! * [`UsageStore::recover`] (at start, before the replay) deletes partial
+//!   flushes of the instance (`ALTER TABLE … DELETE`, waited for), so the replay
+//!   stores their usage exactly once.
+//!
+//! Remaining window: if an earlier attempt's insert is still running on the server
+//! when a retry counts the rows, the retry may send rows the earlier one is about
+//! to commit. The shared query id makes the server refuse the retry while the
+//! earlier query runs, which closes most of it.
+
 //! # Consistent reads
 //!
 //! There are no read snapshots either, so `stored_seq` cannot be read "with" the
@@ -115,11 +124,12 @@ const CREATE_TABLE: &str = "(
     last_ts     Int64,
     instance_id String,
     flush_seq   UInt64,
-    wal_seq     UInt64
+    wal_seq     UInt64,
+    flush_rows  UInt32
 ) ENGINE = MergeTree() ORDER BY (meter, customer, minute)";
 
 /// Every column meterd reads or writes, with its type (`minute`: any `DateTime`).
-const COLUMNS: [(&str, &str); 9] = [
+const COLUMNS: [(&str, &str); 10] = [
     ("meter", "String"),
     ("customer", "String"),
     ("minute", "DateTime"),
@@ -129,6 +139,7 @@ const COLUMNS: [(&str, &str); 9] = [
     ("instance_id", "String"),
     ("flush_seq", "UInt64"),
     ("wal_seq", "UInt64"),
+    ("flush_rows", "UInt32"),
 ];
 
 /// Flushed usage in ClickHouse. Cloning shares the HTTP pool and the write lock.
@@ -164,6 +175,17 @@ struct MinuteRow {
     instance_id: String,
     flush_seq: u64,
     wal_seq: u64,
+    /// Rows in the whole flush: a flush is stored once this many rows of it are.
+    flush_rows: u32,
+}
+
+/// The key of a stored row within its flush.
+#[derive(Row, Deserialize, PartialEq, Eq, Hash)]
+struct KeyRow {
+    meter: String,
+    customer: String,
+    minute: u32,
+    properties: String,
 }
 
 #[derive(Row, Deserialize)]
@@ -266,6 +288,7 @@ fn encode_row(batch: &FlushBatch, row: &UsageRow) -> Result<MinuteRow, StoreErro
         instance_id: batch.instance_id.clone(),
         flush_seq: batch.seq,
         wal_seq: batch.wal_seq,
+        flush_rows: u32::try_from(batch.rows.len()).unwrap_or(u32::MAX),
     })
 }
 
@@ -312,9 +335,15 @@ impl ClickHouseStore {
         Ok(())
     }
 
-    /// The highest `column` (`flush_seq` or `wal_seq`) of `instance_id`, 0 when none.
+    /// The highest `column` (`flush_seq` or `wal_seq`) of the *complete* flushes
+    /// of `instance_id` (all `flush_rows` rows stored), 0 when none. A flush cut
+    /// short mid-body is not counted: its rows are re-sent or removed.
     async fn max_of(&self, column: &str, instance_id: &str, op: &'static str) -> Result<u64, StoreError> {
-        let sql = format!("SELECT max({column}) FROM {} WHERE instance_id = ?", self.table);
+        let sql = format!(
+            "SELECT max(s) FROM (SELECT any({column}) AS s FROM {} WHERE instance_id = ? \
+             GROUP BY flush_seq HAVING count() >= any(flush_rows))",
+            self.table
+        );
         let rows: Vec<u64> = timed(op, self.client.query(&sql).bind(instance_id).fetch_all()).await?;
         Ok(rows.first().copied().unwrap_or(0))
     }
@@ -354,23 +383,17 @@ impl UsageStore for ClickHouseStore {
         }
         let rows = batch.rows.iter().map(|row| encode_row(batch, row)).collect::<Result<Vec<_>, _>>()?;
         let query_id = format!("meterd-flush:{}:{}:{}", self.database, batch.instance_id, batch.seq);
-        // The flush is stored whole or not at all, so looking for its first row
-        // tells whether it is stored, and that lookup uses the primary key
-        // instead of scanning the table.
-        let Some(first) = rows.first() else { return Ok(()) };
-        let check_sql = format!(
-            "SELECT count() FROM {} WHERE meter = ? AND customer = ? AND minute = toDateTime(?) AND instance_id = ? AND flush_seq = ?",
+        // How much of this flush is stored: all of it (a retry after an ambiguous
+        // failure: nothing to do), none (send it all), or a part (a body cut
+        // mid-stream, which 18.16 keeps: send only the missing rows).
+        let count_sql = format!("SELECT count(), any(flush_rows) FROM {} WHERE instance_id = ? AND flush_seq = ?", self.table);
+        let check =
+            self.client.query(&count_sql).bind(batch.instance_id.as_str()).bind(batch.seq).with_option("query_id", query_id.as_str());
+        let keys_sql = format!(
+            "SELECT meter, customer, toUInt32(minute) AS minute, properties FROM {} WHERE instance_id = ? AND flush_seq = ?",
             self.table
         );
-        let check = self
-            .client
-            .query(&check_sql)
-            .bind(first.meter.as_str())
-            .bind(first.customer.as_str())
-            .bind(first.minute)
-            .bind(first.instance_id.as_str())
-            .bind(first.flush_seq)
-            .with_option("query_id", query_id.as_str());
+        let keys = self.client.query(&keys_sql).bind(batch.instance_id.as_str()).bind(batch.seq);
         let insert = self
             .insert_client
             .insert::<MinuteRow>(&self.table)
@@ -388,13 +411,34 @@ impl UsageStore for ClickHouseStore {
             let _guard = guard;
             // fetch_all reads the answer to its end, so the check is over on the
             // server (and its query id free again) before the insert starts.
-            let stored: Vec<u64> = timed(OP, check.fetch_all()).await?;
-            if stored.first().copied().unwrap_or(0) > 0 {
+            // Complete means as many rows as the *stored* attempt announced: a
+            // flush id is written once, whatever a later call holds.
+            let counts: Vec<(u64, u32)> = timed(OP, check.fetch_all()).await?;
+            let (stored, announced) = counts.first().copied().unwrap_or((0, 0));
+            if stored > 0 && stored >= u64::from(announced) {
                 return Ok(());
+            }
+            let present: std::collections::HashSet<KeyRow> =
+                if stored == 0 { Default::default() } else { timed(OP, keys.fetch_all::<KeyRow>()).await?.into_iter().collect() };
+            if stored > 0 {
+                tracing::warn!(
+                    flush_seq = rows[0].flush_seq,
+                    stored,
+                    total = rows.len(),
+                    "a flush was stored in part; sending the missing rows"
+                );
             }
             let mut insert = insert;
             for row in &rows {
-                insert.write(row).await.map_err(io(OP))?;
+                let key = KeyRow {
+                    meter: row.meter.clone(),
+                    customer: row.customer.clone(),
+                    minute: row.minute,
+                    properties: row.properties.clone(),
+                };
+                if !present.contains(&key) {
+                    insert.write(row).await.map_err(io(OP))?;
+                }
             }
             insert.end().await.map_err(io(OP))
         });
@@ -406,6 +450,37 @@ impl UsageStore for ClickHouseStore {
                 "clickhouse {OP}: flush {}#{} not acknowledged within {REQUEST_TIMEOUT:?}; it is still being written",
                 batch.instance_id, batch.seq
             ))),
+        }
+    }
+
+    async fn recover(&self, instance_id: &str) -> Result<u64, StoreError> {
+        const OP: &str = "recover";
+        // Flushes of this instance stored in part (a body cut mid-stream, then the
+        // process died): remove them, so that the WAL replay, which starts above
+        // the complete flushes, stores their usage once.
+        let sql = format!("SELECT flush_seq FROM {} WHERE instance_id = ? GROUP BY flush_seq HAVING count() < any(flush_rows)", self.table);
+        let partial: Vec<u64> = timed(OP, self.client.query(&sql).bind(instance_id).fetch_all()).await?;
+        if partial.is_empty() {
+            return Ok(0);
+        }
+        let list = partial.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+        tracing::warn!(flushes = %list, "removing flushes stored in part before the WAL replays them");
+        let delete = format!("ALTER TABLE {} DELETE WHERE instance_id = ? AND flush_seq IN ({list})", self.table);
+        timed(OP, self.client.query(&delete).bind(instance_id).execute()).await?;
+        // Mutations run in the background: wait until this one is done.
+        let pending = "SELECT count() FROM system.mutations WHERE database = ? AND table = ? AND is_done = 0";
+        let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            let left: Vec<u64> = timed(OP, self.client.query(pending).bind(self.database.as_str()).bind(TABLE).fetch_all()).await?;
+            if left.first().copied().unwrap_or(0) == 0 {
+                return Ok(partial.len() as u64);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(StoreError::Io(format!(
+                    "clickhouse {OP}: deleting partial flushes {list} did not finish in {REQUEST_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -506,6 +581,57 @@ mod tests {
 
     async fn rows_of(store: &ClickHouseStore, instance_id: &str, seq: u64) -> u64 {
         scalar(store, &format!("SELECT count() FROM {} WHERE instance_id = '{instance_id}' AND flush_seq = {seq}", store.table)).await
+    }
+
+    /// Stores only the first `keep` rows of `batch`, as a body cut mid-stream
+    /// leaves them on 18.16.
+    async fn store_part(store: &ClickHouseStore, batch: &FlushBatch, keep: usize) {
+        let mut insert = store.insert_client.insert::<MinuteRow>(&store.table).unwrap_or_else(|e| panic!("insert: {e}"));
+        for r in batch.rows.iter().take(keep) {
+            let row = encode_row(batch, r).unwrap_or_else(|e| panic!("encode: {e}"));
+            insert.write(&row).await.unwrap_or_else(|e| panic!("write: {e}"));
+        }
+        insert.end().await.unwrap_or_else(|e| panic!("end: {e}"));
+    }
+
+    fn five_rows(inst: &str, seq: u64) -> FlushBatch {
+        flush(inst, seq, (0..5).map(|i| row("p.m", &format!("p-c{i}"), T0 + i * MINUTE, &[], 10 + i, T0)).collect())
+    }
+
+    #[tokio::test]
+    async fn partial_flush_is_completed_by_the_retry() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "partial").await;
+        let batch = five_rows("p-inst", 1);
+        store_part(&store, &batch, 2).await;
+        // A flush stored in part is not stored: it does not count as the highest.
+        assert_eq!(store.max_flush_seq("p-inst").await.ok(), Some(0));
+        assert_eq!(store.max_wal_seq("p-inst").await.ok(), Some(0));
+        // The retry sends only the three missing rows.
+        store.write_flush(&batch).await.unwrap_or_else(|e| panic!("retry: {e}"));
+        assert_eq!(rows_of(&store, "p-inst", 1).await, 5);
+        let total = scalar(&store, &format!("SELECT sum(value) FROM {} WHERE instance_id = 'p-inst'", store.table)).await;
+        assert_eq!(total, 10 + 11 + 12 + 13 + 14);
+        assert_eq!(store.max_flush_seq("p-inst").await.ok(), Some(1));
+        assert_eq!(store.max_wal_seq("p-inst").await.ok(), Some(10));
+        drop_database(&store).await;
+    }
+
+    #[tokio::test]
+    async fn recover_removes_partial_flushes() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "recover").await;
+        store.write_flush(&five_rows("r-inst", 1)).await.unwrap_or_else(|e| panic!("flush 1: {e}"));
+        store_part(&store, &five_rows("r-inst", 2), 3).await;
+        store_part(&store, &five_rows("other", 7), 1).await;
+        assert_eq!(store.max_flush_seq("r-inst").await.ok(), Some(1));
+        assert_eq!(store.max_wal_seq("r-inst").await.ok(), Some(10), "the replay floor ignores the partial flush");
+        assert_eq!(store.recover("r-inst").await.ok(), Some(1));
+        assert_eq!(rows_of(&store, "r-inst", 2).await, 0, "the partial flush is gone");
+        assert_eq!(rows_of(&store, "r-inst", 1).await, 5, "the complete one stays");
+        assert_eq!(rows_of(&store, "other", 7).await, 1, "another instance's rows are its own business");
+        assert_eq!(store.recover("r-inst").await.ok(), Some(0));
+        drop_database(&store).await;
     }
 
     #[tokio::test]
@@ -648,6 +774,7 @@ mod tests {
             ("instance_id", "String"),
             ("flush_seq", "UInt64"),
             ("wal_seq", "UInt64"),
+            ("flush_rows", "UInt32"),
         ]
         .iter()
         .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))

@@ -145,6 +145,12 @@ impl UsageQuery {
 pub trait UsageStore: Send + Sync + 'static {
     /// Writes a flush atomically; a flush already stored is not written again.
     async fn write_flush(&self, batch: &FlushBatch) -> Result<(), StoreError>;
+    /// Repairs what a crash may have left before the WAL replays (flushes stored
+    /// in part); returns how many were removed. Stores with atomic writes have
+    /// nothing to do.
+    async fn recover(&self, _instance_id: &str) -> Result<u64, StoreError> {
+        Ok(0)
+    }
     /// The highest flush sequence stored for `instance_id` (0 when none).
     async fn max_flush_seq(&self, instance_id: &str) -> Result<u64, StoreError>;
     /// The highest WAL sequence the stored flushes of `instance_id` cover (0 when none).
