@@ -3,6 +3,8 @@
 //! background tasks share one `Arc<Engine>`; ingest lives in `ingest::pipeline`,
 //! checks and summaries in `limits`.
 
+/// Re-exported: callers have long found the clock here.
+pub use crate::clock::now_ms;
 use crate::config::ValidConfig;
 use crate::counters::Counters;
 use crate::counters::Usage;
@@ -66,14 +68,6 @@ pub struct Engine {
     pub consume_locks: Box<[tokio::sync::Mutex<()>]>,
     /// What the WAL replayed at start.
     pub wal_report: OpenReport,
-}
-
-/// Now, in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl Engine {

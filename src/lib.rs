@@ -4,6 +4,7 @@
 //! See DESIGN.md and README.md for the architecture.
 
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod counters;
 pub mod duration;

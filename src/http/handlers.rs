@@ -70,12 +70,17 @@ pub async fn check(state: &HttpState, req: Request<Incoming>) -> Resp {
     let body = read_limited(&parts.headers, body, 64 * 1024).await?;
     let request = crate::limits::CheckRequest::from_json(&body).map_err(check_error)?;
     // A consume is spawned for the same reason as ingest: once its WAL record is
-    // written, the fold must not be cancelled by a client going away.
-    let engine = state.engine.clone();
-    let answer = tokio::spawn(async move { engine.check(request).await })
-        .await
-        .map_err(|e| ApiError::unavailable(format!("check task failed: {e}"), 1))?
-        .map_err(check_error)?;
+    // written, the fold must not be cancelled by a client going away. A plain
+    // check writes nothing and runs inline.
+    let answer = if request.consume {
+        let engine = state.engine.clone();
+        tokio::spawn(async move { engine.check(request).await })
+            .await
+            .map_err(|e| ApiError::unavailable(format!("check task failed: {e}"), 1))?
+    } else {
+        state.engine.check(request).await
+    }
+    .map_err(check_error)?;
     Ok(json(StatusCode::OK, &*answer))
 }
 

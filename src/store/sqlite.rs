@@ -30,6 +30,7 @@
 //! `synchronous=FULL` makes a committed flush survive power loss.
 
 use super::{Aggregate, EntitlementStore, FlushBatch, Fold, SeriesPoint, StoreError, Stored, UsageQuery, UsageStore};
+use crate::clock::now_ms;
 use crate::model::EntitlementsDoc;
 use async_trait::async_trait;
 use rusqlite::types::ToSql;
@@ -96,10 +97,6 @@ fn seq_to_sql(seq: u64, op: &'static str) -> Result<i64, StoreError> {
 
 fn seq_from_sql(seq: i64, op: &'static str) -> Result<u64, StoreError> {
     u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("sqlite {op}: negative flush seq {seq} stored")))
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// The highest stored seq of `instance_id`, 0 when none.

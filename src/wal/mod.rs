@@ -174,7 +174,7 @@ impl Wal {
         };
         let dir = &config.dir;
         std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, e))?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let now = crate::clock::now_ms();
         let ids_dir = dir.join("ids");
         let from = checkpoint::read(dir).map_err(|e| WalError::Failed(e.to_string()))?.max(floor);
         let found = segment::list(dir).map_err(|e| WalError::Segment(Arc::new(e)))?;

@@ -237,7 +237,7 @@ impl Writer {
             self.stats.bytes.fetch_sub(size, Ordering::AcqRel);
         }
         self.stats.checkpoint.store(seq, Ordering::Release);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let now = crate::clock::now_ms();
         if let Err(e) = self.ids.expire(now) {
             tracing::warn!(error = %e, "cannot delete expired id files");
         }
