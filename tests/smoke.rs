@@ -64,3 +64,25 @@ async fn stuck_client_does_not_block_the_final_flush() {
     assert!(matches!(read, Ok(Ok(0))), "{read:?} {:?}", String::from_utf8_lossy(&buf));
     server.stop().await;
 }
+
+/// API.md: the config file may be named by METERD_CONFIG, and METERD_LISTEN
+/// overrides `server.listen` (seen here through validation, which refuses a
+/// non-loopback address when no keys are configured).
+#[test]
+fn config_and_listen_come_from_the_environment() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/interview-platform.toml");
+    let run = |listen: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"));
+        cmd.arg("check-config").env("METERD_CONFIG", config).env_remove("METERD_LISTEN");
+        if let Some(l) = listen {
+            cmd.env("METERD_LISTEN", l);
+        }
+        cmd.output().expect("run meterd")
+    };
+    let ok = run(None);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("interview-platform.toml"));
+    let open = run(Some("0.0.0.0:8480"));
+    assert_eq!(open.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&open.stderr).contains("server.listen"), "{}", String::from_utf8_lossy(&open.stderr));
+}
