@@ -94,7 +94,7 @@ fn replay_bench(rt: &tokio::runtime::Runtime) {
     rt.block_on(async {
         let (wal, _) = Wal::open(
             &wal_config(meterd::wal::sync_for(meterd::config::Durability::Buffered, Duration::from_millis(100))),
-            0,
+            &meterd::wal::WalMark::default(),
             |_, _| {},
             |_, _| {},
         )

@@ -118,11 +118,11 @@ impl Engine {
         };
         let mut engine = engine;
         engine.rebuild().await?;
-        let floor = engine.usage_store.max_wal_seq(&engine.instance_id).await?;
+        let floor = engine.usage_store.wal_mark(&engine.instance_id).await?;
         let started = std::time::Instant::now();
         let (wal, report) = Wal::open(
             &wal_config,
-            floor,
+            &floor,
             |id, at| {
                 engine.deduper.insert(id, at);
             },
@@ -134,7 +134,7 @@ impl Engine {
                 events = report.replayed_events,
                 ids = report.ids_loaded,
                 seconds = started.elapsed().as_secs_f64(),
-                from = floor,
+                from = floor.upto,
                 "replayed the WAL"
             );
         }

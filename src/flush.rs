@@ -48,14 +48,16 @@ fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
 /// Writes the pending epoch, or swaps and writes the current one. Returns the
 /// number of rows written (0 when there was nothing to flush).
 pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
-    let Some(epoch) = engine.counters.buckets.take_for_flush(|| engine.wal.tracker.watermark()) else {
+    let Some(epoch) = engine.counters.buckets.take_for_flush(|| engine.wal.tracker.mark()) else {
         return Ok(0);
     };
     let started = Instant::now();
+    let mark = epoch.wal_mark.get().cloned().unwrap_or_default();
     let batch = FlushBatch {
         instance_id: engine.instance_id.clone(),
         seq: epoch.seq,
-        wal_seq: epoch.wal_watermark.load(std::sync::atomic::Ordering::Acquire),
+        wal_seq: mark.upto,
+        wal_extras: mark.extras,
         rows: rows_of(engine, &epoch),
     };
     // The flush lets WAL records go; their ids must be on disk first, so that

@@ -44,19 +44,15 @@ pub struct Bucket {
 /// A generation of buckets with its flush sequence number.
 pub struct Epoch {
     pub seq: u64,
-    /// Every WAL record up to this sequence is folded into this epoch or an older
-    /// one; set when the epoch is swapped out (see `wal`'s module doc).
-    pub wal_watermark: std::sync::atomic::AtomicU64,
+    /// The WAL records folded into this epoch or an older one; set when the epoch
+    /// is swapped out (see `wal`'s module doc).
+    pub wal_mark: std::sync::OnceLock<crate::wal::WalMark>,
     pub buckets: DashMap<BucketKey, Bucket, KeyHash>,
 }
 
 impl Epoch {
     fn new(seq: u64) -> Epoch {
-        Epoch {
-            seq,
-            wal_watermark: std::sync::atomic::AtomicU64::new(0),
-            buckets: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64),
-        }
+        Epoch { seq, wal_mark: std::sync::OnceLock::new(), buckets: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64) }
     }
 
     /// Folds one event into its bucket.
@@ -121,7 +117,7 @@ impl Buckets {
     /// the current one, swapped out for a fresh epoch. `None` when there is nothing
     /// to flush. `watermark` is asked under the exclusive lock (no fold in flight)
     /// and stored in the swapped epoch.
-    pub fn take_for_flush(&self, watermark: impl FnOnce() -> u64) -> Option<Arc<Epoch>> {
+    pub fn take_for_flush(&self, watermark: impl FnOnce() -> crate::wal::WalMark) -> Option<Arc<Epoch>> {
         let mut flushing = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pending) = flushing.as_ref() {
             return Some(pending.clone());
@@ -131,7 +127,7 @@ impl Buckets {
             return None;
         }
         let next = Arc::new(Epoch::new(current.seq + 1));
-        current.wal_watermark.store(watermark(), Ordering::Release);
+        let _ = current.wal_mark.set(watermark());
         let old = std::mem::replace(&mut *current, next);
         *flushing = Some(old.clone());
         Some(old)

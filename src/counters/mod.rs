@@ -176,7 +176,7 @@ mod tests {
         let next = Counters::key(7, 0, WindowKind::Day, 2 * day, BillingAnchor::default());
         assert_eq!(counters.windows.read(&next), 3);
         assert_eq!(counters.buckets.pending_len(), 3);
-        let epoch = counters.buckets.take_for_flush(|| 0);
+        let epoch = counters.buckets.take_for_flush(crate::wal::WalMark::default);
         assert_eq!(epoch.as_ref().map(|e| e.seq), Some(1));
         assert_eq!(counters.buckets.unflushed().len(), 2);
         counters.buckets.flushed(1);

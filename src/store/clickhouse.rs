@@ -40,7 +40,7 @@
 //!   refused rather than split, since a split flush could be half stored; the
 //!   flusher never builds one that large. An empty flush writes nothing (there is
 //!   no row to carry its sequence), so it does not advance
-//!   [`UsageStore::max_flush_seq`] or [`UsageStore::max_wal_seq`]: harmless, as it
+//!   [`UsageStore::max_flush_seq`] or [`UsageStore::wal_mark`]: harmless, as it
 //!   held no usage (the WAL records it covers made no rows, so replaying them
 //!   after a restart adds none).
 //! * The check and the insert run under one in-process lock and in a spawned
@@ -61,7 +61,7 @@
 //!
 //! * [`UsageStore::write_flush`] counts the flush's stored rows: all there, it is
 //!   a no-op; none, it sends them all; some, it sends only the missing ones;
-//! * [`UsageStore::max_flush_seq`], [`UsageStore::max_wal_seq`] and the
+//! * [`UsageStore::max_flush_seq`], [`UsageStore::wal_mark`] and the
 //!   `stored_seq` of queries count complete flushes only, so a partial flush's
 //!   WAL records are replayed after a crash;
 //! * [`UsageStore::recover`] (at start, before the replay) deletes partial
@@ -85,11 +85,12 @@
 //! rows are not filtered: the caller has no epochs of theirs.
 //!
 //! `max(flush_seq)` of an instance is not in the primary key, so each query (and
-//! [`UsageStore::max_flush_seq`], [`UsageStore::max_wal_seq`]) scans those two
+//! [`UsageStore::max_flush_seq`], [`UsageStore::wal_mark`]) scans those two
 //! columns of the whole table: cheap for millions of rows, worth a small
 //! per-flush table once the table holds billions.
 
 use super::{Aggregate, FlushBatch, Fold, SeriesPoint, StoreError, Stored, UsageQuery, UsageRow, UsageStore};
+use crate::wal::WalMark;
 use ::clickhouse::{Client, Compression, Row};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -125,11 +126,12 @@ const CREATE_TABLE: &str = "(
     instance_id String,
     flush_seq   UInt64,
     wal_seq     UInt64,
+    wal_extras  String,
     flush_rows  UInt32
 ) ENGINE = MergeTree() ORDER BY (meter, customer, minute)";
 
 /// Every column meterd reads or writes, with its type (`minute`: any `DateTime`).
-const COLUMNS: [(&str, &str); 10] = [
+const COLUMNS: [(&str, &str); 11] = [
     ("meter", "String"),
     ("customer", "String"),
     ("minute", "DateTime"),
@@ -139,8 +141,12 @@ const COLUMNS: [(&str, &str); 10] = [
     ("instance_id", "String"),
     ("flush_seq", "UInt64"),
     ("wal_seq", "UInt64"),
+    ("wal_extras", "String"),
     ("flush_rows", "UInt32"),
 ];
+
+/// Columns later versions added: created on a table made by an earlier one.
+const ADDED_COLUMNS: [(&str, &str); 1] = [("wal_extras", "String AFTER wal_seq")];
 
 /// Flushed usage in ClickHouse. Cloning shares the HTTP pool and the write lock.
 #[derive(Clone)]
@@ -175,6 +181,8 @@ struct MinuteRow {
     instance_id: String,
     flush_seq: u64,
     wal_seq: u64,
+    /// WAL ranges above `wal_seq` the flush covers ([`WalMark::extras_text`]).
+    wal_extras: String,
     /// Rows in the whole flush: a flush is stored once this many rows of it are.
     flush_rows: u32,
 }
@@ -186,6 +194,14 @@ struct KeyRow {
     customer: String,
     minute: u32,
     properties: String,
+}
+
+#[derive(Row, Deserialize)]
+struct MarkRow {
+    #[allow(dead_code)] // Selected to order by; only the mark is used.
+    flush_seq: u64,
+    upto: u64,
+    extras: String,
 }
 
 #[derive(Row, Deserialize)]
@@ -288,6 +304,7 @@ fn encode_row(batch: &FlushBatch, row: &UsageRow) -> Result<MinuteRow, StoreErro
         instance_id: batch.instance_id.clone(),
         flush_seq: batch.seq,
         wal_seq: batch.wal_seq,
+        wal_extras: WalMark { upto: batch.wal_seq, extras: batch.wal_extras.clone() }.extras_text(),
         flush_rows: u32::try_from(batch.rows.len()).unwrap_or(u32::MAX),
     })
 }
@@ -322,7 +339,15 @@ impl ClickHouseStore {
             .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
             .bind(self.database.as_str())
             .bind(TABLE);
-        let columns: Vec<ColumnRow> = timed(OP, query.fetch_all()).await?;
+        let mut columns: Vec<ColumnRow> = timed(OP, query.fetch_all()).await?;
+        for (name, ddl) in ADDED_COLUMNS {
+            if !columns.iter().any(|c| c.name == name) {
+                tracing::info!(table = %self.table, column = name, "adding a column this version needs");
+                timed(OP, self.client.query(&format!("ALTER TABLE {} ADD COLUMN {name} {ddl}", self.table)).execute()).await?;
+                let ty = ddl.split_whitespace().next().unwrap_or_default().to_string();
+                columns.push(ColumnRow { name: name.to_string(), ty });
+            }
+        }
         for (name, want) in COLUMNS {
             let Some(col) = columns.iter().find(|c| c.name == name) else {
                 return Err(StoreError::Io(format!("clickhouse {OP}: {} has no column {name} ({want})", self.table)));
@@ -488,8 +513,19 @@ impl UsageStore for ClickHouseStore {
         self.max_of("flush_seq", instance_id, "max_flush_seq").await
     }
 
-    async fn max_wal_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
-        self.max_of("wal_seq", instance_id, "max_wal_seq").await
+    async fn wal_mark(&self, instance_id: &str) -> Result<WalMark, StoreError> {
+        const OP: &str = "wal_mark";
+        let sql = format!(
+            "SELECT flush_seq, any(wal_seq) AS upto, any(wal_extras) AS extras FROM {} WHERE instance_id = ? \
+             GROUP BY flush_seq HAVING count() >= any(flush_rows) ORDER BY flush_seq DESC LIMIT 1",
+            self.table
+        );
+        let rows: Vec<MarkRow> = timed(OP, self.client.query(&sql).bind(instance_id).fetch_all()).await?;
+        let Some(latest) = rows.into_iter().next() else {
+            return Ok(WalMark::default());
+        };
+        let extras = WalMark::parse_extras(&latest.extras).map_err(|e| StoreError::Corrupt(format!("clickhouse {OP}: {e}")))?;
+        Ok(WalMark { upto: latest.upto, extras })
     }
 
     async fn aggregate(&self, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError> {
@@ -606,14 +642,14 @@ mod tests {
         store_part(&store, &batch, 2).await;
         // A flush stored in part is not stored: it does not count as the highest.
         assert_eq!(store.max_flush_seq("p-inst").await.ok(), Some(0));
-        assert_eq!(store.max_wal_seq("p-inst").await.ok(), Some(0));
+        assert_eq!(store.wal_mark("p-inst").await.ok().map(|m| m.upto), Some(0));
         // The retry sends only the three missing rows.
         store.write_flush(&batch).await.unwrap_or_else(|e| panic!("retry: {e}"));
         assert_eq!(rows_of(&store, "p-inst", 1).await, 5);
         let total = scalar(&store, &format!("SELECT sum(value) FROM {} WHERE instance_id = 'p-inst'", store.table)).await;
         assert_eq!(total, 10 + 11 + 12 + 13 + 14);
         assert_eq!(store.max_flush_seq("p-inst").await.ok(), Some(1));
-        assert_eq!(store.max_wal_seq("p-inst").await.ok(), Some(10));
+        assert_eq!(store.wal_mark("p-inst").await.ok().map(|m| m.upto), Some(10));
         drop_database(&store).await;
     }
 
@@ -625,7 +661,7 @@ mod tests {
         store_part(&store, &five_rows("r-inst", 2), 3).await;
         store_part(&store, &five_rows("other", 7), 1).await;
         assert_eq!(store.max_flush_seq("r-inst").await.ok(), Some(1));
-        assert_eq!(store.max_wal_seq("r-inst").await.ok(), Some(10), "the replay floor ignores the partial flush");
+        assert_eq!(store.wal_mark("r-inst").await.ok().map(|m| m.upto), Some(10), "the replay floor ignores the partial flush");
         assert_eq!(store.recover("r-inst").await.ok(), Some(1));
         assert_eq!(rows_of(&store, "r-inst", 2).await, 0, "the partial flush is gone");
         assert_eq!(rows_of(&store, "r-inst", 1).await, 5, "the complete one stays");
@@ -727,7 +763,7 @@ mod tests {
                 stored_seq: 2,
             }
         );
-        assert_eq!(store.max_wal_seq("r-inst").await.expect("wal seq"), 20);
+        assert_eq!(store.wal_mark("r-inst").await.expect("wal seq").upto, 20);
 
         // Properties are stored as the SQLite store stores them.
         let props = match store
@@ -774,6 +810,7 @@ mod tests {
             ("instance_id", "String"),
             ("flush_seq", "UInt64"),
             ("wal_seq", "UInt64"),
+            ("wal_extras", "String"),
             ("flush_rows", "UInt32"),
         ]
         .iter()

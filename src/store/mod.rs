@@ -51,6 +51,9 @@ pub struct FlushBatch {
     /// Every WAL record up to this sequence is in this flush or an earlier one;
     /// stored with the flush, atomically, so start-up knows where replay begins.
     pub wal_seq: u64,
+    /// WAL records above `wal_seq` that are in this flush or an earlier one
+    /// (see [`crate::wal::WalMark`]).
+    pub wal_extras: Vec<(u64, u64)>,
     pub rows: Vec<UsageRow>,
 }
 
@@ -153,8 +156,9 @@ pub trait UsageStore: Send + Sync + 'static {
     }
     /// The highest flush sequence stored for `instance_id` (0 when none).
     async fn max_flush_seq(&self, instance_id: &str) -> Result<u64, StoreError>;
-    /// The highest WAL sequence the stored flushes of `instance_id` cover (0 when none).
-    async fn max_wal_seq(&self, instance_id: &str) -> Result<u64, StoreError>;
+    /// The WAL records the stored flushes of `instance_id` cover: the mark of its
+    /// latest complete flush (nothing when none).
+    async fn wal_mark(&self, instance_id: &str) -> Result<crate::wal::WalMark, StoreError>;
     /// Per customer, the rows of the query folded together.
     async fn aggregate(&self, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError>;
     /// Per customer and `granularity_ms` bucket (aligned to the Unix epoch), the

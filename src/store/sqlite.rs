@@ -32,6 +32,7 @@
 use super::{Aggregate, EntitlementStore, FlushBatch, Fold, SeriesPoint, StoreError, Stored, UsageQuery, UsageStore};
 use crate::clock::now_ms;
 use crate::model::EntitlementsDoc;
+use crate::wal::WalMark;
 use async_trait::async_trait;
 use rusqlite::types::ToSql;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS flushes (
     rows        INTEGER NOT NULL,
     written_at  INTEGER NOT NULL,
     wal_seq     INTEGER NOT NULL DEFAULT 0, -- WAL records this flush covers, inclusive
+    wal_extras  TEXT    NOT NULL DEFAULT '', -- and these ranges above wal_seq (WalMark)
     PRIMARY KEY (instance_id, flush_seq)
 );
 CREATE TABLE IF NOT EXISTS entitlements (
@@ -108,13 +110,29 @@ fn stored_seq(conn: &Connection, instance_id: &str, op: &'static str) -> Result<
     seq_from_sql(seq, op)
 }
 
-/// The highest WAL sequence the stored flushes of `instance_id` cover, 0 when none.
-fn stored_wal_seq(conn: &Connection, instance_id: &str, op: &'static str) -> Result<u64, StoreError> {
-    let seq: i64 = conn
-        .prepare_cached("SELECT COALESCE(MAX(wal_seq), 0) FROM flushes WHERE instance_id = ?1")
-        .and_then(|mut stmt| stmt.query_row([instance_id], |r| r.get(0)))
+/// The WAL records the latest stored flush of `instance_id` covers.
+fn stored_wal_mark(conn: &Connection, instance_id: &str, op: &'static str) -> Result<WalMark, StoreError> {
+    let latest: Option<(i64, String)> = conn
+        .prepare_cached("SELECT wal_seq, wal_extras FROM flushes WHERE instance_id = ?1 ORDER BY flush_seq DESC LIMIT 1")
+        .and_then(|mut stmt| stmt.query_row([instance_id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
         .map_err(io(op))?;
-    seq_from_sql(seq, op)
+    let Some((upto, extras)) = latest else {
+        return Ok(WalMark::default());
+    };
+    let extras = WalMark::parse_extras(&extras).map_err(|e| StoreError::Corrupt(format!("sqlite {op}: {e}")))?;
+    Ok(WalMark { upto: seq_from_sql(upto, op)?, extras })
+}
+
+/// Adds columns that later versions brought to a store file made by an earlier one.
+fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let has_extras: bool = conn
+        .prepare("SELECT COUNT(*) FROM pragma_table_info('flushes') WHERE name = 'wal_extras'")?
+        .query_row([], |r| r.get::<_, i64>(0))?
+        > 0;
+    if !has_extras {
+        conn.execute_batch("ALTER TABLE flushes ADD COLUMN wal_extras TEXT NOT NULL DEFAULT ''")?;
+    }
+    Ok(())
 }
 
 /// The select list folding `value` and `last_ts` of a group. For `Latest`, SQLite
@@ -145,6 +163,7 @@ impl SqliteStore {
         }
         conn.pragma_update(None, "synchronous", "FULL").map_err(ctx)?;
         conn.execute_batch(SCHEMA).map_err(ctx)?;
+        migrate(&conn).map_err(ctx)?;
         Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf() })
     }
 
@@ -210,9 +229,12 @@ fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(),
         }
     }
     let wal_seq = i64::try_from(batch.wal_seq).map_err(|_| StoreError::Io(format!("sqlite {OP}: wal seq {} too large", batch.wal_seq)))?;
-    tx.prepare_cached("INSERT INTO flushes (instance_id, flush_seq, rows, written_at, wal_seq) VALUES (?1, ?2, ?3, ?4, ?5)")
-        .and_then(|mut stmt| stmt.execute((&batch.instance_id, seq, rows, now_ms(), wal_seq)))
-        .map_err(io(OP))?;
+    let extras = WalMark { upto: batch.wal_seq, extras: batch.wal_extras.clone() }.extras_text();
+    tx.prepare_cached(
+        "INSERT INTO flushes (instance_id, flush_seq, rows, written_at, wal_seq, wal_extras) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut stmt| stmt.execute((&batch.instance_id, seq, rows, now_ms(), wal_seq, extras)))
+    .map_err(io(OP))?;
     tx.commit().map_err(io(OP))
 }
 
@@ -288,9 +310,9 @@ impl UsageStore for SqliteStore {
         self.run("write_flush", move |conn| write_flush_blocking(conn, &batch)).await
     }
 
-    async fn max_wal_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
+    async fn wal_mark(&self, instance_id: &str) -> Result<WalMark, StoreError> {
         let instance_id = instance_id.to_owned();
-        self.run("max_wal_seq", move |conn| stored_wal_seq(conn, &instance_id, "max_wal_seq")).await
+        self.run("wal_mark", move |conn| stored_wal_mark(conn, &instance_id, "wal_mark")).await
     }
 
     async fn max_flush_seq(&self, instance_id: &str) -> Result<u64, StoreError> {
@@ -420,7 +442,7 @@ mod tests {
     }
 
     fn batch(instance_id: &str, seq: u64, rows: Vec<UsageRow>) -> FlushBatch {
-        FlushBatch { instance_id: instance_id.to_owned(), seq, wal_seq: 0, rows }
+        FlushBatch { instance_id: instance_id.to_owned(), seq, wal_seq: 0, wal_extras: Vec::new(), rows }
     }
 
     fn row(customer: &str, minute_ms: i64, value: i64) -> UsageRow {

@@ -34,6 +34,7 @@ pub fn flush(instance_id: &str, seq: u64, rows: Vec<UsageRow>) -> FlushBatch {
         seq,
         // A distinct watermark per flush, so tests can check which one is kept.
         wal_seq: seq * 10,
+        wal_extras: vec![(seq * 10 + 2, seq * 10 + 3)],
         rows,
     }
 }
@@ -177,16 +178,18 @@ pub async fn duplicate_flush(store: &dyn UsageStore, ns: &str) {
     assert_eq!(max_seq(store, &a).await, 4);
     assert_eq!(max_seq(store, &format!("{ns}-nobody")).await, 0);
 
-    // The WAL watermark stored with each flush: the highest per instance, and a
-    // duplicate flush does not replace it (`flush()` stores seq × 10).
-    let wal = |inst: String| async move { store.max_wal_seq(&inst).await.unwrap_or_else(|e| panic!("max_wal_seq: {e}")) };
-    assert_eq!(wal(a.clone()).await, 40);
-    assert_eq!(wal(b.clone()).await, 500);
-    let mut dup = flush(&a, 4, vec![]);
+    // The WAL mark stored with each flush: the latest flush's per instance, and
+    // a duplicate flush does not replace it (`flush()` stores seq × 10 and the
+    // extras seq × 10 + 2 ..= seq × 10 + 3).
+    let wal = |inst: String| async move { store.wal_mark(&inst).await.unwrap_or_else(|e| panic!("wal_mark: {e}")) };
+    let mark = |upto: u64| crate::wal::WalMark { upto, extras: vec![(upto + 2, upto + 3)] };
+    assert_eq!(wal(a.clone()).await, mark(40));
+    assert_eq!(wal(b.clone()).await, mark(500));
+    let mut dup = flush(&a, 4, vec![row(&meter, &c2, T0, &[], 6, T0 + 5)]);
     dup.wal_seq = 9_999;
     write(store, &dup).await;
-    assert_eq!(wal(a.clone()).await, 40, "a duplicate flush keeps the stored watermark");
-    assert_eq!(wal(format!("{ns}-nobody")).await, 0);
+    assert_eq!(wal(a.clone()).await, mark(40), "a duplicate flush keeps the stored mark");
+    assert_eq!(wal(format!("{ns}-nobody")).await, crate::wal::WalMark::default());
 }
 
 /// 3. Max and Latest folds. Latest takes the value of the row with the greatest

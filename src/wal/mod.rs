@@ -18,11 +18,13 @@
 //! [`SeqTracker`] knows which durable batches are not folded yet. When the flusher
 //! swaps the bucket epoch it holds the epoch's exclusive lock, so no fold is in
 //! flight, and every sequence below the lowest unfolded one is in the swapped
-//! epoch or an older one: that is the epoch's watermark. The store writes the
-//! watermark in the same transaction as the epoch's rows, so the store itself
-//! says how far it is; start-up replays every record above the larger of the
-//! store's watermark and the checkpoint file. Nothing is counted twice, and
-//! nothing acknowledged is missed.
+//! epoch or an older one: that is the epoch's watermark. Records above it that
+//! were folded out of order (a group commit wakes its writers in any order) are
+//! named too, as the mark's extras (`mark.rs`). The store writes the mark in the
+//! same transaction as the epoch's rows, so the store itself says how far it is;
+//! start-up replays every record above the larger of the store's watermark and
+//! the checkpoint file, except the extras. Nothing is counted twice, and nothing
+//! acknowledged is missed.
 //!
 //! **Damage.** The newest segment may end in a torn record (a crash mid-write):
 //! it is cut off with a warning naming the file and offset. A bad record anywhere
@@ -31,11 +33,13 @@
 
 pub mod checkpoint;
 pub mod ids;
+pub mod mark;
 pub mod record;
 pub mod repair;
 pub mod segment;
 pub mod writer;
 
+pub use mark::WalMark;
 pub use record::{WalBatch, WalEvent};
 
 use crossbeam::channel::Sender;
@@ -114,14 +118,21 @@ impl SeqTracker {
         self.state().unfolded.remove(&seq);
     }
 
-    /// Every sequence at or below this is folded. Call under the epoch's
-    /// exclusive lock for the answer to describe that epoch.
+    /// Every sequence at or below this is folded.
     pub fn watermark(&self) -> u64 {
         let s = self.state();
         match s.unfolded.first() {
             Some(&lowest) => lowest - 1,
             None => s.max_acked,
         }
+    }
+
+    /// Exactly which sequences are folded: the watermark plus the records folded
+    /// above it. Call under the epoch's exclusive lock for the answer to describe
+    /// that epoch.
+    pub fn mark(&self) -> WalMark {
+        let s = self.state();
+        WalMark::of(s.max_acked, s.unfolded.iter().copied())
     }
 }
 
@@ -161,11 +172,12 @@ pub struct Wal {
 impl Wal {
     /// Opens the WAL in `config.dir`: loads the ids accepted within the dedupe
     /// window through `id`, cuts a torn tail, replays every record above
-    /// `max(floor, checkpoint file)` through `replay` in sequence order, then
-    /// starts the writer. A disabled WAL loads and replays nothing.
+    /// `max(floor, checkpoint file)` through `replay` in sequence order (except
+    /// the floor's extras, which the store holds already), then starts the
+    /// writer. A disabled WAL loads and replays nothing.
     pub fn open(
         config: &WalConfig,
-        floor: u64,
+        floor: &WalMark,
         id: impl FnMut(u128, i64),
         mut replay: impl FnMut(u64, WalBatch),
     ) -> Result<(Wal, OpenReport), WalError> {
@@ -176,7 +188,11 @@ impl Wal {
         std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, e))?;
         let now = crate::clock::now_ms();
         let ids_dir = dir.join("ids");
-        let from = checkpoint::read(dir).map_err(|e| WalError::Failed(e.to_string()))?.max(floor);
+        let checkpointed = checkpoint::read(dir).map_err(|e| WalError::Failed(e.to_string()))?;
+        // The store's mark wins unless the checkpoint is ahead of it (a store
+        // rebuilt from elsewhere): then only the checkpoint is known.
+        let floor = if checkpointed > floor.upto { WalMark::upto(checkpointed) } else { floor.clone() };
+        let from = floor.upto;
         let found = segment::list(dir).map_err(|e| WalError::Segment(Arc::new(e)))?;
         let dropped = repair::dropped_ranges(dir);
         let mut report = OpenReport { segments: found.len(), last_seq: from, ..OpenReport::default() };
@@ -207,9 +223,12 @@ impl Wal {
                 }
                 let batch = record::decode(&record.payload)
                     .map_err(|e| WalError::Failed(format!("WAL {} at byte offset {}: {e}", path.display(), record.offset)))?;
+                report.last_seq = record.seq;
+                if floor.covers(record.seq) {
+                    continue; // Folded above the store's watermark and stored with it.
+                }
                 report.replayed_records += 1;
                 report.replayed_events += batch.events.len() as u64;
-                report.last_seq = record.seq;
                 replay(record.seq, batch);
             }
             stats.bytes.fetch_add(scan.valid_len, Ordering::AcqRel);
@@ -360,7 +379,8 @@ mod tests {
     async fn appends_replay_checkpoint_and_rotate() {
         let Ok(tmp) = tempfile::tempdir() else { return };
         let cfg = config(tmp.path(), 300);
-        let (wal, report) = Wal::open(&cfg, 0, |_, _| {}, |_, _| {}).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, report) =
+            Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(report.last_seq, 0);
         // Concurrent appends get distinct, consecutive sequence numbers.
         let wal = Arc::new(wal);
@@ -390,23 +410,33 @@ mod tests {
         drop(wal);
         // Replay starts above the checkpoint, in order.
         let mut replayed = Vec::new();
-        let (wal, report) = Wal::open(&cfg, 0, |_, _| {}, |seq, b| replayed.push((seq, b.events.len()))).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |seq, b| replayed.push((seq, b.events.len())))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(replayed.iter().map(|r| r.0).collect::<Vec<_>>(), (23..=30).collect::<Vec<u64>>());
         assert_eq!(report.replayed_events, 16);
         // A floor from the store above the checkpoint wins.
         wal.close();
         drop(wal);
         let mut n = 0;
-        let (wal, _) = Wal::open(&cfg, 26, |_, _| {}, |_, _| n += 1).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::upto(26), |_, _| {}, |_, _| n += 1).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(n, 4);
         assert_eq!(wal.append(&batch(1, 99)).await.ok(), Some(31));
+        wal.close();
+        drop(wal);
+        // Records the store holds above its watermark (its mark's extras) are skipped.
+        let mut seqs = Vec::new();
+        let floor = WalMark { upto: 24, extras: vec![(26, 27), (30, 30)] };
+        let (wal, report) = Wal::open(&cfg, &floor, |_, _| {}, |seq, _| seqs.push(seq)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(seqs, vec![25, 28, 29, 31]);
+        assert_eq!(report.last_seq, 31);
+        assert_eq!(wal.append(&batch(1, 99)).await.ok(), Some(32));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn torn_tail_is_cut_and_corruption_stops() {
         let Ok(tmp) = tempfile::tempdir() else { return };
         let cfg = config(tmp.path(), 1 << 20);
-        let (wal, _) = Wal::open(&cfg, 0, |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..5 {
             let _ = wal.append(&batch(3, t)).await;
         }
@@ -421,7 +451,8 @@ mod tests {
         drop(f);
         let mut seqs = Vec::new();
         let mut ids = Vec::new();
-        let (wal, report) = Wal::open(&cfg, 0, |id, _| ids.push(id), |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, report) =
+            Wal::open(&cfg, &WalMark::default(), |id, _| ids.push(id), |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(seqs, vec![1, 2, 3, 4]);
         assert!(report.truncated.is_some());
         // The torn record's ids (batch tag 4) are forgotten: a retry of it counts.
@@ -436,7 +467,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap_or_default();
         bytes[20] ^= 0x01;
         let _ = std::fs::write(&path, &bytes);
-        let err = Wal::open(&cfg, 0, |_, _| {}, |_, _| {}).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("corrupt at byte offset 0"), "{err}");
     }
 }
