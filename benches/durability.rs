@@ -119,6 +119,7 @@ fn replay_bench(rt: &tokio::runtime::Runtime) {
             store.clone(),
             store,
             wal_config(meterd::wal::sync_for(meterd::config::Durability::Fsync, Duration::from_millis(100))),
+            None,
         ))
         .expect("start");
     let secs = started.elapsed().as_secs_f64();

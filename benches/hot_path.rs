@@ -39,6 +39,7 @@ fn engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, Arc<Engine>) {
             store,
             // No WAL: these benches measure the in-memory path.
             meterd::wal::WalConfig { dir: dir.join("wal"), sync: None, segment_bytes: 1 << 26, dedupe_window_ms: 86_400_000 },
+            None,
         ))
         .expect("engine");
     (rt, Arc::new(engine))

@@ -33,6 +33,8 @@ pub enum AppError {
     Timeout,
     #[error("a background task panicked: {0}")]
     Task(String),
+    #[error("cannot reach redis at start (entitlements live there): {0}")]
+    Redis(#[from] crate::redis_link::RedisError),
 }
 
 /// A running meterd.
@@ -47,6 +49,10 @@ pub struct AppHandle {
     server: JoinHandle<()>,
     metrics_server: Option<JoinHandle<()>>,
     flusher: JoinHandle<Result<(), crate::flush::FlushError>>,
+    /// Redis tasks (entitlement listener, counter syncer): stopped after the
+    /// final flush, so the syncer's last push includes everything.
+    redis_stop: watch::Sender<bool>,
+    redis_tasks: Vec<JoinHandle<()>>,
     grace: Duration,
 }
 
@@ -77,8 +83,8 @@ impl AppHandle {
         let data_dir = config.raw.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
         let instance_id = instance_id(&config, &data_dir)?;
-        // Entitlements stay embedded until Redis; usage goes to ClickHouse when
-        // configured, else to the same SQLite file.
+        // Entitlements live in Redis when configured, else in SQLite; usage goes
+        // to ClickHouse when configured, else to the same SQLite file.
         let sqlite = Arc::new(SqliteStore::open(&data_dir.join("meterd.sqlite"))?);
         let (usage_store, flush_interval): (Arc<dyn crate::store::UsageStore>, Duration) = match &config.raw.clickhouse {
             Some(ch) => {
@@ -95,7 +101,20 @@ impl AppHandle {
             segment_bytes: storage.wal_segment_bytes,
             dedupe_window_ms: config.raw.ingest.dedupe_window.as_millis_i64(),
         };
-        let engine = Arc::new(Engine::start(&config, instance_id.clone(), usage_store, sqlite, wal_config).await?);
+        let redis = match &config.raw.redis {
+            Some(rc) => {
+                let redis = crate::redis_link::Redis::connect(&rc.all_urls(), &rc.key_prefix, rc.timeout.0).await?;
+                tracing::info!(urls = ?rc.all_urls(), prefix = %rc.key_prefix, "entitlements and global counters: Redis");
+                Some(redis)
+            }
+            None => None,
+        };
+        let entitlement_store: Arc<dyn crate::store::EntitlementStore> = match &redis {
+            Some(r) => Arc::new(crate::store::redis::RedisEntitlementStore::new(r.clone())),
+            None => sqlite.clone(),
+        };
+        let engine =
+            Arc::new(Engine::start(&config, instance_id.clone(), usage_store, entitlement_store, wal_config, redis.clone()).await?);
         let prometheus = crate::telemetry::prometheus();
         let state = Arc::new(HttpState {
             engine: engine.clone(),
@@ -121,6 +140,19 @@ impl AppHandle {
         };
         let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
         let flusher = tokio::spawn(crate::flush::run(engine.clone(), flush_interval, flusher_rx));
+        let (redis_stop, redis_rx) = watch::channel(false);
+        let mut redis_tasks = Vec::new();
+        if let (Some(redis), Some(rc)) = (&redis, &config.raw.redis) {
+            redis_tasks.push(tokio::spawn(crate::sync::entitlements::run(
+                engine.clone(),
+                redis.clone(),
+                rc.entitlements_ttl.0,
+                redis_rx.clone(),
+            )));
+            if let Some(sync) = &engine.counter_sync {
+                redis_tasks.push(tokio::spawn(crate::sync::counters::run(engine.clone(), sync.clone(), rc.sync_interval.0, redis_rx)));
+            }
+        }
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {
             addr,
@@ -132,6 +164,8 @@ impl AppHandle {
             server,
             metrics_server,
             flusher,
+            redis_stop,
+            redis_tasks,
             grace: config.raw.server.shutdown_grace.0,
         })
     }
@@ -168,6 +202,10 @@ impl AppHandle {
         }
         let _ = self.flusher_stop.send(true);
         self.flusher.await.map_err(|e| AppError::Task(e.to_string()))??;
+        let _ = self.redis_stop.send(true);
+        for task in self.redis_tasks {
+            task.await.map_err(|e| AppError::Task(e.to_string()))?;
+        }
         self.engine.wal.close();
         tracing::info!("meterd stopped");
         Ok(())

@@ -93,7 +93,18 @@ const SCHEMA: &Schema = &Schema(&[
         ])),
     ),
     ("ingest", Some(&Schema(&[("max_body_bytes", None), ("max_batch_events", None), ("max_lateness", None), ("dedupe_window", None)]))),
-    ("redis", Some(&Schema(&[("url", None), ("urls", None), ("key_prefix", None), ("sync_interval", None)]))),
+    (
+        "redis",
+        Some(&Schema(&[
+            ("url", None),
+            ("urls", None),
+            ("key_prefix", None),
+            ("sync_interval", None),
+            ("timeout", None),
+            ("entitlements_ttl", None),
+            ("strict_when_unavailable", None),
+        ])),
+    ),
     ("clickhouse", Some(&Schema(&[("url", None), ("database", None), ("flush_interval", None)]))),
     (
         "stripe",
@@ -287,6 +298,34 @@ pub struct RedisConfig {
     pub key_prefix: String,
     #[serde(default = "default_sync_interval")]
     pub sync_interval: ConfigDuration,
+    /// How long one Redis call may take before it counts as a failure.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: ConfigDuration,
+    /// Cached entitlements are re-read this often (pub/sub invalidation is the
+    /// fast path; this is the safety net for a missed message).
+    #[serde(default = "default_entitlements_ttl")]
+    pub entitlements_ttl: ConfigDuration,
+    /// `strict` limits while Redis is unreachable: `deny` (reason `unavailable`)
+    /// or `allow` (decided from local state).
+    #[serde(default = "default_strict_when_unavailable")]
+    pub strict_when_unavailable: String,
+}
+
+fn default_redis_timeout() -> ConfigDuration {
+    ConfigDuration::from_millis(1000)
+}
+fn default_entitlements_ttl() -> ConfigDuration {
+    ConfigDuration::from_millis(60_000)
+}
+fn default_strict_when_unavailable() -> String {
+    "deny".into()
+}
+
+impl RedisConfig {
+    /// The configured server urls (one, or a cluster's seeds).
+    pub fn all_urls(&self) -> Vec<String> {
+        self.url.iter().chain(self.urls.iter().flatten()).cloned().collect()
+    }
 }
 
 fn default_key_prefix() -> String {
@@ -538,8 +577,34 @@ impl Config {
         if self.ingest.dedupe_window.0.is_zero() {
             p("ingest.dedupe_window", "must be more than zero".into());
         }
-        if self.redis.is_some() {
-            p("redis", "Redis is not supported by this build yet; remove [redis] to run embedded".into());
+        if let Some(redis) = &self.redis {
+            match (&redis.url, &redis.urls) {
+                (None, None) => p("redis", "needs url (one server) or urls (a cluster's nodes)".into()),
+                (Some(_), Some(_)) => p("redis.urls", "give either url or urls, not both".into()),
+                (None, Some(urls)) if urls.is_empty() => p("redis.urls", "must list at least one node".into()),
+                _ => {}
+            }
+            for (i, url) in redis.all_urls().iter().enumerate() {
+                let at = if redis.url.is_some() { "redis.url".to_string() } else { format!("redis.urls[{i}]") };
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    p(&at, format!("{url:?} must be a redis:// or rediss:// URL"));
+                }
+            }
+            if redis.key_prefix.len() > 64 || redis.key_prefix.contains(['{', '}']) {
+                p("redis.key_prefix", "must be at most 64 characters without { or } (they are hash tags)".into());
+            }
+            if redis.sync_interval.0 < std::time::Duration::from_millis(10) {
+                p("redis.sync_interval", "must be at least 10ms".into());
+            }
+            if redis.timeout.0.is_zero() {
+                p("redis.timeout", "must be more than zero".into());
+            }
+            if redis.entitlements_ttl.0 < std::time::Duration::from_secs(1) {
+                p("redis.entitlements_ttl", "must be at least 1s".into());
+            }
+            if !matches!(redis.strict_when_unavailable.as_str(), "deny" | "allow") {
+                p("redis.strict_when_unavailable", format!("{:?} must be \"deny\" or \"allow\"", redis.strict_when_unavailable));
+            }
         }
         if let Some(ch) = &self.clickhouse {
             if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
@@ -799,6 +864,9 @@ url = "redis://x"
 urls = ["redis://y"]
 key_prefix = "k"
 sync_interval = "1s"
+timeout = "1s"
+entitlements_ttl = "1m"
+strict_when_unavailable = "allow"
 [clickhouse]
 url = "http://x"
 database = "d"
@@ -833,6 +901,23 @@ rate_limit_burst = 1
 "#;
         let parsed = Config::parse(all, "all.toml");
         assert!(parsed.as_ref().map(|c| c.unknown_keys.is_empty()).unwrap_or(false), "{:?}", parsed.err());
+    }
+
+    #[test]
+    fn redis_settings_are_checked() {
+        let base = "[[plans]]\nname = \"p\"\ndefault = true\n";
+        let ok = format!("[redis]\nurl = \"redis://127.0.0.1:6379/0\"\n{base}");
+        assert!(Config::parse(&ok, "r.toml").and_then(|c| c.validate("r.toml")).is_ok());
+        let cluster = format!("[redis]\nurls = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\n{base}");
+        assert!(Config::parse(&cluster, "r.toml").and_then(|c| c.validate("r.toml")).is_ok());
+        let bad = format!(
+            "[redis]\nurl = \"http://x\"\nurls = [\"redis://y\"]\nkey_prefix = \"{{x}}\"\nsync_interval = \"1ms\"\nstrict_when_unavailable = \"maybe\"\n{base}"
+        );
+        let err = problems(&bad).join("\n");
+        for field in ["redis.urls", "redis.url", "redis.key_prefix", "redis.sync_interval", "redis.strict_when_unavailable"] {
+            assert!(err.contains(field), "{field} missing from {err}");
+        }
+        assert_eq!(problems(&format!("[redis]\n{base}")), vec!["redis".to_string()]);
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub struct Engine {
     pub consume_locks: Box<[tokio::sync::Mutex<()>]>,
     /// What the WAL replayed at start.
     pub wal_report: OpenReport,
+    /// Redis, when instances share entitlements and totals.
+    pub redis: Option<crate::redis_link::Redis>,
+    /// The global-counter syncer's state (with Redis).
+    pub counter_sync: Option<Arc<crate::sync::counters::CounterSync>>,
+    /// `strict` limits while Redis is unreachable: allow (decide locally) or deny.
+    pub strict_open_when_down: bool,
 }
 
 impl Engine {
@@ -79,6 +85,7 @@ impl Engine {
         usage_store: Arc<dyn UsageStore>,
         entitlement_store: Arc<dyn EntitlementStore>,
         wal_config: WalConfig,
+        redis: Option<crate::redis_link::Redis>,
     ) -> Result<Engine, EngineError> {
         let catalog = config.catalog.clone();
         let removed = usage_store.recover(&instance_id).await?;
@@ -87,6 +94,10 @@ impl Engine {
         }
         let next_seq = usage_store.max_flush_seq(&instance_id).await? + 1;
         let counters = Counters::new(&catalog, next_seq);
+        if config.raw.redis.is_some() {
+            // Totals are shared: each instance counts its own usage locally.
+            counters.windows.set_shared();
+        }
         let plan_kinds = catalog
             .meters()
             .iter()
@@ -97,6 +108,7 @@ impl Engine {
             .collect();
         let entitlements = EntitlementCache::load(catalog.clone(), entitlement_store, &counters.interner).await?;
         let ingest = &config.raw.ingest;
+        let instance_id_for_sync = instance_id.clone();
         let engine = Engine {
             catalog,
             counters,
@@ -115,6 +127,9 @@ impl Engine {
             max_wal_bytes: config.raw.storage.max_wal_bytes,
             consume_locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
             wal_report: OpenReport::default(),
+            counter_sync: redis.as_ref().map(|r| Arc::new(crate::sync::counters::CounterSync::new(r.clone(), &instance_id_for_sync))),
+            redis,
+            strict_open_when_down: config.raw.redis.as_ref().map(|r| r.strict_when_unavailable == "allow").unwrap_or(false),
         };
         let mut engine = engine;
         engine.rebuild().await?;
@@ -216,7 +231,8 @@ impl Engine {
             let fold = Fold::from(meter.aggregation);
             for kind in self.counters.tracked_kinds(meter.id).collect::<Vec<_>>() {
                 let window = kind.bounds(now, Default::default());
-                let query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, None);
+                let mut query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, None);
+                query.own_only = self.counters.windows.is_shared();
                 let rows = self.usage_store.aggregate(&query).await?.data;
                 for row in rows {
                     let customer = self.counters.interner.intern(&row.customer)?;
@@ -239,7 +255,8 @@ impl Engine {
                         continue;
                     };
                     let window = kind.bounds(now, ent.billing_anchor);
-                    let query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, Some(&name));
+                    let mut query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, Some(&name));
+                    query.own_only = self.counters.windows.is_shared();
                     if let Some(row) = self.usage_store.aggregate(&query).await?.data.into_iter().next() {
                         let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
                         self.counters.windows.set(key, row.value, row.last_ts);

@@ -1,8 +1,10 @@
 //! The in-process entitlements cache: resolved [`Entitlements`] per customer, as an
 //! `Arc` snapshot so a check reads them without locks or copies.
 //!
-//! In embedded mode every stored document is loaded at start, so a customer absent
-//! from the cache simply has the default plan and a check never waits on the store.
+//! Every stored document is loaded at start (from SQLite, or from Redis's index
+//! of customers), so a customer absent from the cache simply has the default plan
+//! and a check never waits on the store. With Redis, changes made on other
+//! instances arrive by pub/sub and a periodic reload (`sync::entitlements`).
 
 use crate::counters::{CustomerId, Interner};
 use crate::model::{Catalog, Entitlements, EntitlementsDoc, SpecProblem};
@@ -70,10 +72,32 @@ impl EntitlementCache {
 
     /// Validates, stores, then caches a document; returns the resolved view.
     pub async fn put(&self, customer: CustomerId, name: &str, doc: EntitlementsDoc) -> Result<Arc<Entitlements>, EntitlementsError> {
-        let resolved = Arc::new(Entitlements::resolve(&doc, &self.catalog).map_err(EntitlementsError::Invalid)?);
+        Entitlements::resolve(&doc, &self.catalog).map_err(EntitlementsError::Invalid)?;
         self.store.put(name, &doc).await?;
+        self.install(customer, doc)
+    }
+
+    /// Caches a document read from the store (another instance wrote it).
+    pub fn install(&self, customer: CustomerId, doc: EntitlementsDoc) -> Result<Arc<Entitlements>, EntitlementsError> {
+        let resolved = Arc::new(Entitlements::resolve(&doc, &self.catalog).map_err(EntitlementsError::Invalid)?);
         self.entries.insert(customer, (resolved.clone(), doc));
         Ok(resolved)
+    }
+
+    /// Forgets a customer's document (deleted from the store): the default plan applies.
+    pub fn remove(&self, customer: CustomerId) -> Arc<Entitlements> {
+        self.entries.remove(&customer);
+        self.default.clone()
+    }
+
+    /// The customers with a cached document.
+    pub fn customers(&self) -> Vec<CustomerId> {
+        self.entries.iter().map(|e| *e.key()).collect()
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<dyn EntitlementStore> {
+        &self.store
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {

@@ -106,6 +106,7 @@ impl Engine {
             from_ms,
             to_ms,
             customer: customer.map(str::to_string),
+            own_only: false,
         };
         let customer_id = customer.map(|c| self.counters.interner.lookup(c));
         // Epochs are taken before the store answers: an epoch stored meanwhile is

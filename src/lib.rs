@@ -16,7 +16,9 @@ pub mod http;
 pub mod ingest;
 pub mod limits;
 pub mod model;
+pub mod redis_link;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 pub mod wal;
 

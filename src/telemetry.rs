@@ -22,6 +22,13 @@ pub const RATE_LIMITED_TOTAL: &str = "meterd_rate_limited_total";
 pub const WAL_BYTES: &str = "meterd_wal_bytes";
 pub const WAL_CHECKPOINT: &str = "meterd_wal_checkpoint";
 pub const WRITES_REFUSED: &str = "meterd_writes_refused";
+pub const REDIS_UP: &str = "meterd_redis_up";
+pub const REDIS_SYNC_DURATION: &str = "meterd_redis_sync_duration_seconds";
+pub const REDIS_SYNC_KEYS_TOTAL: &str = "meterd_redis_sync_keys_total";
+pub const REDIS_SYNC_ERRORS_TOTAL: &str = "meterd_redis_sync_errors_total";
+pub const REDIS_PENDING_KEYS: &str = "meterd_redis_pending_keys";
+pub const REDIS_PENDING_UNITS: &str = "meterd_redis_pending_units";
+pub const ENTITLEMENT_RELOADS_TOTAL: &str = "meterd_entitlement_reloads_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -92,6 +99,7 @@ pub fn decision(reason: Reason, consume: bool) {
         Reason::SoftLimitExceeded => "soft_limit_exceeded",
         Reason::Unlimited => "unlimited",
         Reason::NotEntitled => "not_entitled",
+        Reason::Unavailable => "unavailable",
     };
     metrics::counter!(DECISIONS_TOTAL, "reason" => reason, "consume" => if consume { "true" } else { "false" }).increment(1);
 }
@@ -126,6 +134,31 @@ pub fn wal(bytes: u64, checkpoint: u64, refusing: bool) {
     metrics::gauge!(WAL_BYTES).set(bytes as f64);
     metrics::gauge!(WAL_CHECKPOINT).set(checkpoint as f64);
     metrics::gauge!(WRITES_REFUSED).set(if refusing { 1.0 } else { 0.0 });
+}
+
+pub fn redis_up(up: bool) {
+    metrics::gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// One sync round: keys pushed, how long it took, or that it failed.
+pub fn redis_sync(keys: usize, seconds: f64, ok: bool) {
+    if ok {
+        metrics::counter!(REDIS_SYNC_KEYS_TOTAL).increment(keys as u64);
+        metrics::histogram!(REDIS_SYNC_DURATION).record(seconds);
+    } else {
+        metrics::counter!(REDIS_SYNC_ERRORS_TOTAL).increment(1);
+    }
+}
+
+/// Usage not yet in Redis: window counters with unsynced units, and the units.
+pub fn redis_pending(keys: usize, units: i64) {
+    metrics::gauge!(REDIS_PENDING_KEYS).set(keys as f64);
+    metrics::gauge!(REDIS_PENDING_UNITS).set(units as f64);
+}
+
+/// Entitlements re-read from Redis: `trigger` is `message` or `ttl`.
+pub fn entitlement_reload(trigger: &'static str, n: usize) {
+    metrics::counter!(ENTITLEMENT_RELOADS_TOTAL, "trigger" => trigger).increment(n as u64);
 }
 
 /// Sets up structured logs: `RUST_LOG` filters (default `info`),

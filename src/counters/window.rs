@@ -6,7 +6,7 @@ use super::hash::KeyHash;
 use super::intern::CustomerId;
 use crate::model::{Aggregation, MeterId, WindowKind};
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 /// One window counter's key: 16 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,10 +19,26 @@ pub struct CounterKey {
 
 /// One window's value. `ts` is the timestamp of the event that set a `latest`
 /// value (unused by the other aggregations).
+///
+/// With Redis, `value` stays this instance's own usage; `others` is the usage of
+/// the other instances as of the last sync, and `pushed` is how much of `value`
+/// Redis holds. A check reads `value + others`.
 #[derive(Debug, Default)]
 pub struct Cell {
     pub value: AtomicI64,
     pub ts: AtomicI64,
+    pub others: AtomicI64,
+    pub pushed: AtomicI64,
+    /// Read by a check since the last sync: the syncer fetches its total even
+    /// if this instance added nothing.
+    pub watched: AtomicBool,
+}
+
+impl Cell {
+    /// What a check sees: this instance's usage plus the others' last synced.
+    pub fn used(&self) -> i64 {
+        self.value.load(Ordering::Acquire).saturating_add(self.others.load(Ordering::Acquire))
+    }
 }
 
 impl Cell {
@@ -54,18 +70,51 @@ impl Cell {
 /// All window counters, sharded.
 pub struct WindowCounters {
     map: DashMap<CounterKey, Cell, KeyHash>,
+    /// Instances share totals through Redis: reads mark cells for the syncer.
+    shared: AtomicBool,
 }
 
 impl Default for WindowCounters {
     fn default() -> Self {
-        WindowCounters { map: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64) }
+        WindowCounters { map: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64), shared: AtomicBool::new(false) }
     }
 }
 
 impl WindowCounters {
-    /// The value of one window, 0 if it has no usage.
+    /// Turns on cross-instance totals: reads create and mark cells so the syncer
+    /// keeps their totals fresh.
+    pub fn set_shared(&self) {
+        self.shared.store(true, Ordering::Release);
+    }
+
+    /// Whether totals are shared through Redis.
+    pub fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::Acquire)
+    }
+
+    /// The usage of one window (all instances' when shared), 0 if none.
     pub fn read(&self, key: &CounterKey) -> i64 {
-        self.map.get(key).map(|c| c.value.load(Ordering::Acquire)).unwrap_or(0)
+        if self.is_shared() {
+            return self.with_cell(*key, |c| {
+                if !c.watched.load(Ordering::Relaxed) {
+                    c.watched.store(true, Ordering::Relaxed);
+                }
+                c.used()
+            });
+        }
+        self.map.get(key).map(|c| c.used()).unwrap_or(0)
+    }
+
+    /// Visits every cell (the syncer's scan).
+    pub fn for_each(&self, mut f: impl FnMut(&CounterKey, &Cell)) {
+        for entry in self.map.iter() {
+            f(entry.key(), entry.value());
+        }
+    }
+
+    /// Runs `f` on the key's cell if it exists.
+    pub fn get<R>(&self, key: &CounterKey, f: impl FnOnce(&Cell) -> R) -> Option<R> {
+        self.map.get(key).map(|c| f(&c))
     }
 
     /// Runs `f` on the key's cell, creating it first if needed.
@@ -77,18 +126,20 @@ impl WindowCounters {
         f(&cell)
     }
 
-    /// Adds to a `sum`/`count` window only if the result stays within `limit`
-    /// (compare-and-swap); returns the value after, or the value that refused.
+    /// Adds to a `sum`/`count` window only if the usage (others' included)
+    /// stays within `limit` (compare-and-swap); returns the usage after, or the
+    /// usage that refused.
     pub fn add_within(&self, key: CounterKey, raw: i64, limit: i64) -> Result<i64, i64> {
         self.with_cell(key, |cell| {
+            let others = cell.others.load(Ordering::Acquire);
             let mut current = cell.value.load(Ordering::Acquire);
             loop {
                 let next = match current.checked_add(raw) {
-                    Some(n) if n <= limit => n,
-                    _ => return Err(current),
+                    Some(n) if n.saturating_add(others) <= limit => n,
+                    _ => return Err(current.saturating_add(others)),
                 };
                 match cell.value.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return Ok(next),
+                    Ok(_) => return Ok(next.saturating_add(others)),
                     Err(actual) => current = actual,
                 }
             }

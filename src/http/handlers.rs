@@ -220,5 +220,12 @@ pub fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     if let Some(reason) = state.engine.write_refusal() {
         return ApiError::unavailable(reason, 1).response();
     }
-    json(StatusCode::OK, &j!({"status": "ready"}))
+    match &state.engine.redis {
+        // Checks and ingest go on from local state; say so.
+        Some(redis) if !redis.is_up() => json(
+            StatusCode::OK,
+            &j!({"status": "degraded", "reason": "redis is unreachable: limits are decided from local state and usage is pushed when it returns"}),
+        ),
+        _ => json(StatusCode::OK, &j!({"status": "ready"})),
+    }
 }

@@ -64,7 +64,19 @@ impl Engine {
             return Err(IngestError::Unavailable(reason));
         }
         let hashes: Vec<_> = events.iter().map(|e| hash_id(&e.id)).collect();
-        let fresh = self.deduper.insert_batch(&hashes, now);
+        let mut fresh = self.deduper.insert_batch(&hashes, now);
+        let mut claimed = Vec::new();
+        if let Some(redis) = &self.redis {
+            // New here: ask the other instances too (see `shared_dedupe`).
+            let local: Vec<usize> = (0..hashes.len()).filter(|&i| fresh[i]).collect();
+            let ids: Vec<u128> = local.iter().map(|&i| hashes[i]).collect();
+            if let Ok(new) = super::shared_dedupe::claim(redis, &self.instance_id, &ids, self.limits.dedupe_window_ms).await {
+                for (&i, new) in local.iter().zip(new) {
+                    fresh[i] = new;
+                }
+                claimed = ids;
+            }
+        }
         let mut usages = Vec::with_capacity(events.len());
         let mut duplicates = 0;
         for ((event, customer), &fresh) in events.iter().zip(ids).zip(&fresh) {
@@ -108,6 +120,9 @@ impl Engine {
                         if *f {
                             self.deduper.remove(*h);
                         }
+                    }
+                    if let Some(redis) = &self.redis {
+                        super::shared_dedupe::release(redis, &claimed).await;
                     }
                     return Err(IngestError::Unavailable(format!("could not write the WAL: {e}")));
                 }

@@ -23,6 +23,35 @@ impl Engine {
         let customer = self.counters.interner.intern(name)?;
         let before = self.entitlements.get(Some(customer));
         let after = self.entitlements.put(customer, name, doc).await?;
+        self.seed_changed(customer, name, &before, &after).await?;
+        Ok(after)
+    }
+
+    /// Applies a customer's entitlements as the store now has them (`None`:
+    /// deleted), after another instance changed them. Returns whether the cache
+    /// changed.
+    pub async fn refresh_entitlements(&self, name: &str, doc: Option<EntitlementsDoc>) -> Result<bool, EntitlementsError> {
+        let customer = self.counters.interner.intern(name)?;
+        if self.entitlements.doc(Some(customer)) == doc {
+            return Ok(false);
+        }
+        let before = self.entitlements.get(Some(customer));
+        let after = match doc {
+            Some(doc) => self.entitlements.install(customer, doc)?,
+            None => self.entitlements.remove(customer),
+        };
+        self.seed_changed(customer, name, &before, &after).await?;
+        Ok(true)
+    }
+
+    /// Seeds the windows `after` needs that `before` did not have.
+    async fn seed_changed(
+        &self,
+        customer: CustomerId,
+        name: &str,
+        before: &Entitlements,
+        after: &Entitlements,
+    ) -> Result<(), EntitlementsError> {
         let mut seeds = Vec::new();
         for meter in self.catalog.meters() {
             let Some(limits) = after.limits(meter.id) else { continue };
@@ -39,9 +68,9 @@ impl Engine {
             }
         }
         for (meter, kind) in seeds {
-            self.seed(customer, name, &meter, kind, &after).await?;
+            self.seed(customer, name, &meter, kind, after).await?;
         }
-        Ok(after)
+        Ok(())
     }
 
     /// Seeds the current `kind` window of `(customer, meter)` and tracks the kind.
@@ -57,7 +86,8 @@ impl Engine {
         for _attempt in 0..10 {
             let now = now_ms();
             let window = kind.bounds(now, ent.billing_anchor);
-            let query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, Some(name));
+            let mut query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, Some(name));
+            query.own_only = self.counters.windows.is_shared();
             let stored = self.usage_store.aggregate(&query).await?;
             let mut value = stored.data.first().map(|a| (a.value, a.last_ts)).unwrap_or((0, 0));
             let current = self.counters.buckets.exclusive();

@@ -40,6 +40,8 @@ pub enum Reason {
     SoftLimitExceeded,
     Unlimited,
     NotEntitled,
+    /// A `strict` limit could not be decided: Redis is unreachable (fail-closed).
+    Unavailable,
 }
 
 /// The outcome over all of a meter's limits.

@@ -10,6 +10,7 @@
 
 pub mod backfill;
 pub mod decide;
+pub mod strict;
 pub mod summary;
 
 pub use decide::{decide, LimitState, Reason, Verdict};
@@ -195,9 +196,15 @@ impl Engine {
     }
 
     /// A check without consume, from memory only: the state of each limit and the
-    /// verdict. Interns nothing, so unknown customers cost no memory.
+    /// verdict. Embedded, it interns nothing, so unknown customers cost no memory.
     pub fn evaluate(&self, customer: &str, meter: &Meter, quantity: i64, now: i64) -> (Vec<LimitState>, Verdict) {
-        let id = self.counters.interner.lookup(customer);
+        let id = if self.counters.windows.is_shared() {
+            // Other instances may hold this customer's usage: track it so the
+            // syncer fetches its totals.
+            self.counters.interner.intern(customer).ok()
+        } else {
+            self.counters.interner.lookup(customer)
+        };
         let ent = self.entitlements.get(id);
         let states = match ent.limits(meter.id) {
             Some(limits) => self.limit_states(id, meter, &ent, limits, now),
@@ -260,7 +267,26 @@ impl Engine {
             crate::telemetry::decision(verdict.reason, true);
             return Ok(answer(name, meter, quantity, &states, verdict));
         }
-        let cas_limit = match (&limits[..], meter.aggregation) {
+        if let (true, Some(redis)) = (strict::applies(self, meter, &limits), &self.redis) {
+            return self.consume_strict(redis, name, customer, meter, &ent, &limits, quantity, id_hash, now).await;
+        }
+        self.consume_local(name, customer, meter, &ent, &limits, quantity, id_hash, now).await
+    }
+
+    /// Decides a consume from local state and records it; the id is claimed.
+    #[allow(clippy::too_many_arguments)]
+    async fn consume_local(
+        &self,
+        name: &str,
+        customer: CustomerId,
+        meter: &Meter,
+        ent: &Entitlements,
+        limits: &[Limit],
+        quantity: i64,
+        id_hash: u128,
+        now: i64,
+    ) -> Result<CheckAnswer, CheckError> {
+        let cas_limit = match (limits, meter.aggregation) {
             ([only], Aggregation::Sum | Aggregation::Count) if only.hard => match only.amount {
                 LimitAmount::Finite(l) => Some((*only, l)),
                 LimitAmount::Unlimited => None,
@@ -310,7 +336,7 @@ impl Engine {
             // (customer, meter), held until the record is durable and folded.
             let stripe = (customer as usize).wrapping_mul(31).wrapping_add(usize::from(meter.id)) % self.consume_locks.len();
             let _serial = self.consume_locks[stripe].lock().await;
-            let mut states = self.limit_states(Some(customer), meter, &ent, &limits, now);
+            let mut states = self.limit_states(Some(customer), meter, ent, limits, now);
             let verdict = decide(&states, quantity);
             if verdict.allowed {
                 // Gauges record the new level; totals record the amount.

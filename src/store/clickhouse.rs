@@ -377,15 +377,19 @@ impl ClickHouseStore {
     /// asking instance's rows above `stored_seq` (see the module docs).
     fn rows_query(&self, select: &str, tail: &str, q: &UsageQuery, (lo, hi): (u32, u32), stored_seq: u64) -> ::clickhouse::query::Query {
         let customer_clause = if q.customer.is_some() { " AND customer = ?" } else { "" };
+        let own_clause = if q.own_only { " AND instance_id = ?" } else { "" };
         let sql = format!(
             "SELECT {select} FROM {} \
-             WHERE meter = ? AND minute >= toDateTime(?) AND minute <= toDateTime(?){customer_clause} \
+             WHERE meter = ? AND minute >= toDateTime(?) AND minute <= toDateTime(?){customer_clause}{own_clause} \
              AND (instance_id != ? OR flush_seq <= ?) {tail}",
             self.table
         );
         let mut query = self.client.query(&sql).bind(q.meter.as_str()).bind(lo).bind(hi);
         if let Some(customer) = &q.customer {
             query = query.bind(customer.as_str());
+        }
+        if q.own_only {
+            query = query.bind(q.instance_id.as_str());
         }
         query.bind(q.instance_id.as_str()).bind(stored_seq)
     }

@@ -10,6 +10,7 @@
 //! counting anything twice.
 
 pub mod clickhouse;
+pub mod redis;
 pub mod sqlite;
 #[cfg(test)]
 pub mod suite;
@@ -127,6 +128,9 @@ pub struct UsageQuery {
     pub from_ms: i64,
     pub to_ms: i64,
     pub customer: Option<String>,
+    /// Only the asking instance's own rows (a store shared by instances that
+    /// share totals through Redis: each counts its own usage).
+    pub own_only: bool,
 }
 
 impl UsageQuery {
@@ -139,6 +143,7 @@ impl UsageQuery {
             from_ms: window.start_ms,
             to_ms: window.end_ms,
             customer: customer.map(str::to_string),
+            own_only: false,
         }
     }
 }

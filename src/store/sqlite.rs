@@ -240,15 +240,16 @@ fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(),
 
 fn aggregate_blocking(conn: &mut Connection, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError> {
     const OP: &str = "aggregate";
-    let customer_clause = if query.customer.is_some() { " AND customer = ?4" } else { "" };
+    let customer_clause = if query.customer.is_some() { " AND customer = ?4" } else { " AND ?4 IS NULL" };
+    let own_clause = if query.own_only { " AND instance_id = ?5" } else { "" };
     let sql = format!(
         "SELECT customer, {} FROM usage_minute \
-         WHERE meter = ?1 AND minute >= ?2 AND minute < ?3{customer_clause} \
+         WHERE meter = ?1 AND minute >= ?2 AND minute < ?3{customer_clause}{own_clause} \
          GROUP BY customer ORDER BY customer",
         fold_columns(query.fold)
     );
-    let params: [&dyn ToSql; 4] = [&query.meter, &query.from_ms, &query.to_ms, &query.customer];
-    let n = if query.customer.is_some() { 4 } else { 3 };
+    let params: [&dyn ToSql; 5] = [&query.meter, &query.from_ms, &query.to_ms, &query.customer, &query.instance_id];
+    let n = if query.own_only { 5 } else { 4 };
 
     let tx = read_tx(conn, OP)?;
     let data = {
@@ -464,6 +465,7 @@ mod tests {
             from_ms: 0,
             to_ms: i64::MAX,
             customer: None,
+            own_only: false,
         }
     }
 

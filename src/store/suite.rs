@@ -40,7 +40,15 @@ pub fn flush(instance_id: &str, seq: u64, rows: Vec<UsageRow>) -> FlushBatch {
 }
 
 pub fn query(instance_id: &str, meter: &str, fold: Fold, from_ms: i64, to_ms: i64, customer: Option<&str>) -> UsageQuery {
-    UsageQuery { instance_id: instance_id.to_owned(), meter: meter.to_owned(), fold, from_ms, to_ms, customer: customer.map(str::to_owned) }
+    UsageQuery {
+        instance_id: instance_id.to_owned(),
+        meter: meter.to_owned(),
+        fold,
+        from_ms,
+        to_ms,
+        customer: customer.map(str::to_owned),
+        own_only: false,
+    }
 }
 
 fn agg(customer: &str, value: i64, last_ts: i64) -> Aggregate {

@@ -5,6 +5,7 @@
 
 pub mod mount;
 pub mod process;
+pub mod redis_server;
 
 use bytes::Bytes;
 use chrono::{Datelike, TimeZone, Utc};

@@ -1,0 +1,188 @@
+//! `enforcement = "strict"` limits with Redis: the check and the consume happen
+//! in one Lua script on the customer's window keys, so instances together never
+//! pass the limit (a cached limit may overshoot by one sync interval's usage
+//! elsewhere). Costs one round trip on the request path, by design.
+//!
+//! The script first raises this instance's part of each window to its local
+//! usage (as the syncer would), so usage not yet synced counts too; then checks
+//! every strict limit and, if all allow, adds the quantity to the total and to
+//! this instance's part. The local fold that follows makes the local usage equal
+//! that part, so the next sync adds nothing (see `sync::counters`).
+
+use super::{answer, decide, CheckAnswer, CheckError, LimitState, Reason, Verdict};
+use crate::counters::{Counters, CustomerId, Usage};
+use crate::engine::Engine;
+use crate::model::{Enforcement, Entitlements, Limit, LimitAmount, Meter};
+use crate::redis_link::{Keys, Redis};
+use crate::wal::record::BatchBuilder;
+use std::sync::atomic::Ordering;
+
+/// ARGV: field, quantity, then per key (limit or -1, local usage, expire-at or
+/// 0). Returns {1, total-before...} when allowed (and applied), or {0, index,
+/// total} for the first limit that refuses.
+const STRICT_SCRIPT: &str = r"
+local field = ARGV[1]
+local q = tonumber(ARGV[2])
+local before = {}
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[3 * i])
+  local v = tonumber(ARGV[3 * i + 1])
+  local old = tonumber(redis.call('HGET', key, field) or '0')
+  local t = tonumber(redis.call('HGET', key, 't') or '0')
+  if v > old then t = t + (v - old) end
+  before[i] = t
+  if limit >= 0 and t + q > limit then return {0, i, t} end
+end
+local out = {1}
+for i, key in ipairs(KEYS) do
+  local v = tonumber(ARGV[3 * i + 1])
+  local exp = tonumber(ARGV[3 * i + 2])
+  local old = tonumber(redis.call('HGET', key, field) or '0')
+  if v > old then
+    redis.call('HINCRBY', key, 't', v - old)
+    old = v
+  end
+  redis.call('HSET', key, field, old + q)
+  redis.call('HINCRBY', key, 't', q)
+  if exp > 0 then redis.call('PEXPIREAT', key, exp) end
+  out[i + 1] = before[i]
+end
+return out
+";
+
+/// Gives back a consume whose WAL write failed after the script applied it.
+const GIVE_BACK_SCRIPT: &str = r"
+for i, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, ARGV[1], -tonumber(ARGV[2]))
+  redis.call('HINCRBY', key, 't', -tonumber(ARGV[2]))
+end
+return 1
+";
+
+static STRICT: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(STRICT_SCRIPT));
+static GIVE_BACK: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(GIVE_BACK_SCRIPT));
+
+/// Whether a consume of `meter` on these limits goes through Redis.
+pub fn applies(engine: &Engine, meter: &Meter, limits: &[Limit]) -> bool {
+    engine.redis.is_some()
+        && !meter.aggregation.is_gauge()
+        && meter.aggregation != crate::model::Aggregation::Max
+        && limits.iter().any(|l| l.enforcement == Enforcement::Strict && l.hard)
+}
+
+impl Engine {
+    /// A consume with at least one strict limit. The caller holds the
+    /// `(customer, meter)` consume lock and has claimed the id locally.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn consume_strict(
+        &self,
+        redis: &Redis,
+        name: &str,
+        customer: CustomerId,
+        meter: &Meter,
+        ent: &Entitlements,
+        limits: &[Limit],
+        quantity: i64,
+        id_hash: u128,
+        now: i64,
+    ) -> Result<CheckAnswer, CheckError> {
+        let mut states = self.limit_states(Some(customer), meter, ent, limits, now);
+        // Cached limits decide locally first: no round trip when they refuse.
+        let cached: Vec<LimitState> = states.iter().copied().filter(|s| s.limit.enforcement != Enforcement::Strict).collect();
+        if !cached.is_empty() && !decide(&cached, quantity).allowed {
+            return Ok(self.refuse(name, meter, quantity, &states, id_hash));
+        }
+        let strict: Vec<usize> = (0..states.len()).filter(|&i| states[i].limit.enforcement == Enforcement::Strict).collect();
+        let keys: Vec<crate::counters::CounterKey> =
+            strict.iter().map(|&i| Counters::key(customer, meter.id, states[i].limit.window, now, ent.billing_anchor)).collect();
+        let mut invocation = STRICT.prepare_invoke();
+        invocation.arg(Keys::instance_field(&self.instance_id)).arg(quantity);
+        for (&i, key) in strict.iter().zip(&keys) {
+            let limit = match states[i].limit.amount {
+                LimitAmount::Finite(l) => l,
+                LimitAmount::Unlimited => -1,
+            };
+            let own = self.counters.windows.get(key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
+            let expire = crate::sync::counters::expire_at(key);
+            invocation.key(redis.keys.window(name, &meter.name, key.kind, key.start_ms)).arg(limit).arg(own).arg(expire);
+        }
+        let mut conn = redis.conn();
+        let answer_: Result<Vec<i64>, _> = redis.call("strict consume", invocation.invoke_async(&mut conn)).await;
+        let reply = match answer_ {
+            Ok(r) => r,
+            Err(e) if self.strict_open_when_down => {
+                tracing::debug!(error = %e, "strict limit decided locally: redis is unreachable (strict_when_unavailable = allow)");
+                return self.consume_local(name, customer, meter, ent, limits, quantity, id_hash, now).await;
+            }
+            Err(_) => {
+                let verdict = Verdict { allowed: false, reason: Reason::Unavailable, primary: strict.first().copied().unwrap_or(0) };
+                self.deduper.remove(id_hash);
+                crate::telemetry::decision(verdict.reason, true);
+                return Ok(answer(name, meter, quantity, &states, verdict));
+            }
+        };
+        match reply.first() {
+            Some(1) if reply.len() == strict.len() + 1 => {
+                for (n, &i) in strict.iter().enumerate() {
+                    states[i].used = reply[n + 1];
+                }
+            }
+            Some(0) if reply.len() == 3 => {
+                let (index, total) = (usize::try_from(reply[1] - 1).unwrap_or(0), reply[2]);
+                if let Some(&i) = strict.get(index) {
+                    states[i].used = total;
+                }
+                return Ok(self.refuse(name, meter, quantity, &states, id_hash));
+            }
+            _ => return Err(CheckError::Unavailable(format!("redis strict script answered {reply:?}"))),
+        }
+        let verdict = decide(&states, quantity);
+        let mut b = BatchBuilder::new(now, 1);
+        b.push(id_hash, customer, || name.to_string(), meter.id, &meter.name, quantity, now, vec![]);
+        let seq = match self.wal.append(&b.finish()).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                let mut give_back = GIVE_BACK.prepare_invoke();
+                give_back.arg(Keys::instance_field(&self.instance_id)).arg(quantity);
+                for key in &keys {
+                    give_back.key(redis.keys.window(name, &meter.name, key.kind, key.start_ms));
+                }
+                if let Err(e) = redis.call("strict give back", give_back.invoke_async::<i64>(&mut conn)).await {
+                    tracing::warn!(error = %e, customer = %name, "a strict consume could not be given back in redis after the WAL refused it");
+                }
+                self.deduper.remove(id_hash);
+                return Err(CheckError::Unavailable(format!("could not write the WAL: {e}")));
+            }
+        };
+        {
+            let usage = Usage { customer, meter, raw: quantity, ts: now, properties: &[], props_hash: 0, anchor: ent.billing_anchor };
+            let epoch = self.counters.buckets.write_guard();
+            self.counters.fold(&epoch, &usage, None);
+            self.wal.tracker.folded(seq);
+        }
+        for (n, (&i, key)) in strict.iter().zip(&keys).enumerate() {
+            let total_before = reply[n + 1];
+            self.counters.windows.get(key, |c| {
+                let own = c.value.load(Ordering::Acquire);
+                c.pushed.fetch_max(own, Ordering::AcqRel);
+                c.others.store(total_before.saturating_add(quantity).saturating_sub(own).max(0), Ordering::Release);
+            });
+            states[i].used = states[i].used.saturating_add(quantity);
+        }
+        for (i, s) in states.iter_mut().enumerate() {
+            if !strict.contains(&i) {
+                s.used = s.used.saturating_add(quantity);
+            }
+        }
+        crate::telemetry::decision(verdict.reason, true);
+        Ok(answer(name, meter, quantity, &states, verdict))
+    }
+
+    /// A refused consume: nothing recorded, the id released.
+    fn refuse(&self, name: &str, meter: &Meter, quantity: i64, states: &[LimitState], id_hash: u128) -> CheckAnswer {
+        let verdict = decide(states, quantity);
+        self.deduper.remove(id_hash);
+        crate::telemetry::decision(verdict.reason, true);
+        answer(name, meter, quantity, states, verdict)
+    }
+}

@@ -1,0 +1,69 @@
+//! Redis key names, built in one place so the layout in `redis`'s module doc
+//! (and the README) is the only layout there is.
+
+use crate::model::WindowKind;
+
+/// Builds keys under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys { prefix: prefix.to_string() }
+    }
+
+    /// `P{C}:ent`: a customer's entitlements hash.
+    pub fn entitlements(&self, customer: &str) -> String {
+        format!("{}{{{customer}}}:ent", self.prefix)
+    }
+
+    /// `P{index}:customers`: the set of customers with stored entitlements.
+    pub fn entitlements_index(&self) -> String {
+        format!("{}{{index}}:customers", self.prefix)
+    }
+
+    /// The customer id inside an entitlements key, if it is one.
+    pub fn customer_of(&self, key: &str) -> Option<String> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('{')?;
+        let customer = rest.strip_suffix("}:ent")?;
+        Some(customer.to_string())
+    }
+
+    /// `P{C}:w:<meter>:<window>:<start_ms>`: one window's totals.
+    pub fn window(&self, customer: &str, meter: &str, kind: WindowKind, start_ms: i64) -> String {
+        format!("{}{{{customer}}}:w:{meter}:{}:{start_ms}", self.prefix, kind.as_str())
+    }
+
+    /// `Pid:<hex>`: an event id claimed by some instance.
+    pub fn event_id(&self, id_hash: u128) -> String {
+        format!("{}id:{id_hash:032x}", self.prefix)
+    }
+
+    /// The channel entitlement changes are announced on.
+    pub fn entitlements_channel(&self) -> String {
+        format!("{}entitlements", self.prefix)
+    }
+
+    /// An instance's field in a window hash.
+    pub fn instance_field(instance_id: &str) -> String {
+        format!("i:{instance_id}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn customer_keys_share_a_hash_tag() {
+        let keys = Keys::new("m:");
+        assert_eq!(keys.entitlements("u_42"), "m:{u_42}:ent");
+        assert_eq!(keys.window("u_42", "calls", WindowKind::Day, 86_400_000), "m:{u_42}:w:calls:day:86400000");
+        assert_eq!(keys.customer_of("m:{u_42}:ent").as_deref(), Some("u_42"));
+        assert_eq!(keys.customer_of("m:{u_42}:w:calls:day:0"), None);
+        assert_eq!(keys.customer_of("other:{u_42}:ent"), None);
+        assert_eq!(keys.event_id(255), "m:id:000000000000000000000000000000ff");
+    }
+}

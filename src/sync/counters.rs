@@ -1,0 +1,248 @@
+//! Global window counters: every `redis.sync_interval` this instance pushes its
+//! own usage of each changed (or recently checked) `sum`/`count` window to Redis
+//! and reads back the total over all instances.
+//!
+//! **Exactly once without a delta log.** A window hash holds, per instance, that
+//! instance's *whole* usage of the window (`i:<instance>`), and the total `t`. A
+//! push sends the absolute value; the script raises the instance's part to it and
+//! adds only the difference to `t`. Pushing the same value twice adds nothing, so
+//! a WAL replay after a crash (which rebuilds the instance's exact own usage from
+//! its store rows and its WAL) can never add a delta twice: the per-key part *is*
+//! the instance's watermark. A part never goes down, so a push that raced a
+//! strict consume (which raises the part itself) cannot undo it.
+//!
+//! **Redis down.** Nothing is queued: the pending usage is `value - pushed` of
+//! cells that exist anyway, so memory does not grow while Redis is away. When it
+//! returns, the next round pushes. If Redis lost its data (restarted empty), a
+//! part comes back lower than what this instance pushed before; the next round
+//! then pushes every cell, rebuilding the totals from every instance's state.
+//!
+//! `max` and `latest` windows are not shared (documented in the README).
+
+use crate::counters::window::Cell;
+use crate::counters::{CounterKey, CustomerId};
+use crate::engine::{now_ms, Engine};
+use crate::model::{Aggregation, WindowKind};
+use crate::redis_link::{Keys, Redis, RedisError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Keys per script call on a single server (a cluster calls once per customer).
+const KEYS_PER_CALL: usize = 256;
+/// Script calls in flight at once.
+const CALLS_IN_FLIGHT: usize = 16;
+/// Window keys expire this long after their window ends.
+const EXPIRY_GRACE_MS: i64 = 3_600_000;
+
+/// Raises this instance's part of each window to the pushed value, adds the
+/// difference to the total, sets the expiry; returns per key the total and the
+/// part as it was before. ARGV: field, then per key (value, expire-at ms or 0).
+const SYNC_SCRIPT: &str = r"
+local field = ARGV[1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = tonumber(ARGV[2 * i])
+  local exp = tonumber(ARGV[2 * i + 1])
+  local old = tonumber(redis.call('HGET', key, field) or '0')
+  if v > old then
+    redis.call('HSET', key, field, v)
+    redis.call('HINCRBY', key, 't', v - old)
+  end
+  if exp > 0 then redis.call('PEXPIREAT', key, exp) end
+  out[2 * i - 1] = tonumber(redis.call('HGET', key, 't') or '0')
+  out[2 * i] = old
+end
+return out
+";
+
+/// Why a sync round failed (the next round retries).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    #[error("sync task failed: {0}")]
+    Task(String),
+}
+
+/// The syncer's state kept between rounds.
+pub struct CounterSync {
+    redis: Redis,
+    script: ::redis::Script,
+    field: String,
+    /// Set when Redis turned out to have lost pushed parts: push every cell.
+    resync_all: AtomicBool,
+}
+
+/// One key to push.
+struct Push {
+    key: CounterKey,
+    redis_key: String,
+    value: i64,
+    expire_at: i64,
+}
+
+/// The end of a window, for the key's expiry (0: never expires).
+pub fn expire_at(key: &CounterKey) -> i64 {
+    match key.kind {
+        WindowKind::Total => 0,
+        WindowKind::BillingCycle => key.start_ms.saturating_add(31 * 86_400_000 + EXPIRY_GRACE_MS),
+        kind => kind.bounds(key.start_ms, Default::default()).end_ms.saturating_add(EXPIRY_GRACE_MS),
+    }
+}
+
+impl CounterSync {
+    pub fn new(redis: Redis, instance_id: &str) -> CounterSync {
+        CounterSync {
+            redis,
+            script: ::redis::Script::new(SYNC_SCRIPT),
+            field: Keys::instance_field(instance_id),
+            resync_all: AtomicBool::new(true),
+        }
+    }
+
+    /// The Redis handle.
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// Picks the cells to push: changed since the last push, checked since the
+    /// last round, or all of them after a restart or a Redis data loss.
+    fn collect(&self, engine: &Engine, all: bool) -> (HashMap<CustomerId, Vec<Push>>, usize, i64) {
+        let mut by_customer: HashMap<CustomerId, Vec<Push>> = HashMap::new();
+        let (mut pending_keys, mut pending_units) = (0usize, 0i64);
+        let names: Vec<Option<(&str, Aggregation)>> =
+            engine.catalog.meters().iter().map(|m| Some((m.name.as_str(), m.aggregation))).collect();
+        let now = now_ms();
+        engine.counters.windows.for_each(|key, cell: &Cell| {
+            let Some(Some((meter, aggregation))) = names.get(usize::from(key.meter)) else { return };
+            if !matches!(aggregation, Aggregation::Sum | Aggregation::Count) {
+                return;
+            }
+            let expires = expire_at(key);
+            if expires != 0 && expires < now {
+                return;
+            }
+            let value = cell.value.load(Ordering::Acquire);
+            let pushed = cell.pushed.load(Ordering::Acquire);
+            let watched = cell.watched.swap(false, Ordering::AcqRel);
+            if value > pushed {
+                pending_keys += 1;
+                pending_units = pending_units.saturating_add(value - pushed);
+            }
+            if !(all || watched || value > pushed) {
+                return;
+            }
+            let Some(customer) = engine.counters.interner.name(key.customer) else { return };
+            by_customer.entry(key.customer).or_default().push(Push {
+                key: *key,
+                redis_key: self.redis.keys.window(&customer, meter, key.kind, key.start_ms),
+                value,
+                expire_at: expires,
+            });
+        });
+        (by_customer, pending_keys, pending_units)
+    }
+
+    /// One round: push, read totals back, update the cells. Returns keys pushed.
+    pub async fn sync_once(self: &Arc<Self>, engine: &Arc<Engine>) -> Result<usize, SyncError> {
+        let all = self.resync_all.swap(false, Ordering::AcqRel);
+        let (by_customer, pending_keys, pending_units) = self.collect(engine, all);
+        crate::telemetry::redis_pending(pending_keys, pending_units);
+        let calls: Vec<Vec<Push>> = if matches!(self.redis.conn(), crate::redis_link::Conn::Cluster(_)) {
+            by_customer.into_values().collect()
+        } else {
+            let flat: Vec<Push> = by_customer.into_values().flatten().collect();
+            let mut calls = Vec::with_capacity(flat.len() / KEYS_PER_CALL + 1);
+            let mut it = flat.into_iter().peekable();
+            while it.peek().is_some() {
+                calls.push(it.by_ref().take(KEYS_PER_CALL).collect());
+            }
+            calls
+        };
+        let keys: usize = calls.iter().map(Vec::len).sum();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut calls = calls.into_iter();
+        let mut failure = None;
+        loop {
+            while tasks.len() < CALLS_IN_FLIGHT {
+                let Some(call) = calls.next() else { break };
+                let this = self.clone();
+                let engine = engine.clone();
+                tasks.spawn(async move { this.push(&engine, call).await });
+            }
+            let Some(joined) = tasks.join_next().await else { break };
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(SyncError::from(e)),
+                Err(e) => failure = Some(SyncError::Task(e.to_string())),
+            }
+        }
+        match failure {
+            Some(e) => {
+                // Whatever was not pushed stays pending; after an outage Redis may
+                // also have lost data, so the next success pushes everything.
+                self.resync_all.store(true, Ordering::Release);
+                Err(e)
+            }
+            None => Ok(keys),
+        }
+    }
+
+    /// One script call; applies its answer to the cells.
+    async fn push(&self, engine: &Engine, call: Vec<Push>) -> Result<(), RedisError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(&self.field);
+        for p in &call {
+            invocation.key(&p.redis_key).arg(p.value).arg(p.expire_at);
+        }
+        let mut conn = self.redis.conn();
+        let answer: Vec<i64> = self.redis.call("sync counters", invocation.invoke_async(&mut conn)).await?;
+        if answer.len() != call.len() * 2 {
+            return Err(RedisError::Unexpected(format!("sync script returned {} values for {} keys", answer.len(), call.len())));
+        }
+        for (p, pair) in call.iter().zip(answer.chunks(2)) {
+            let (total, old) = (pair[0], pair[1]);
+            let part = old.max(p.value);
+            engine.counters.windows.get(&p.key, |cell| {
+                if old < cell.pushed.load(Ordering::Acquire) {
+                    // Redis forgot some of what we pushed: rebuild every key.
+                    self.resync_all.store(true, Ordering::Release);
+                }
+                cell.pushed.store(part, Ordering::Release);
+                cell.others.store(total.saturating_sub(part).max(0), Ordering::Release);
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Pushes every `interval` until shutdown, then once more.
+pub async fn run(engine: Arc<Engine>, sync: Arc<CounterSync>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(crate::flush::backoff(interval, failures)) => {}
+            _ = shutdown.changed() => break,
+        }
+        let started = Instant::now();
+        match sync.sync_once(&engine).await {
+            Ok(keys) => {
+                failures = 0;
+                crate::telemetry::redis_sync(keys, started.elapsed().as_secs_f64(), true);
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                crate::telemetry::redis_sync(0, 0.0, false);
+                if failures == 1 || failures.is_multiple_of(50) {
+                    tracing::warn!(error = %e, failures, "pushing counters to redis failed; usage stays pending and is pushed when it returns");
+                }
+            }
+        }
+    }
+    if let Err(e) = sync.sync_once(&engine).await {
+        tracing::warn!(error = %e, "final counter push to redis failed; the usage is pushed from the WAL and store at the next start");
+    }
+}

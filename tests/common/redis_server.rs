@@ -1,0 +1,143 @@
+//! Throwaway `redis-server` processes for the tests that need to stop, restart
+//! or cluster Redis (the shared one from `scripts/test` must not be disturbed).
+//! The binary comes from `METERD_TEST_REDIS_SERVER_BIN` (set by `scripts/test`);
+//! without it the tests print SKIPPED and pass.
+
+use super::process::free_port;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One redis-server without persistence: a restart comes back empty.
+pub struct RedisServer {
+    pub port: u16,
+    bin: PathBuf,
+    dir: PathBuf,
+    child: Option<Child>,
+    cluster: bool,
+}
+
+/// The redis-server binary, if the harness gave one.
+pub fn binary() -> Option<PathBuf> {
+    match std::env::var("METERD_TEST_REDIS_SERVER_BIN") {
+        Ok(b) if !b.is_empty() => Some(PathBuf::from(b)),
+        _ => {
+            eprintln!("SKIPPED: METERD_TEST_REDIS_SERVER_BIN is not set (run through scripts/test)");
+            None
+        }
+    }
+}
+
+impl RedisServer {
+    /// Starts a server on a free port with its files under a temp dir.
+    pub async fn start(cluster: bool) -> Option<RedisServer> {
+        let bin = binary()?;
+        let dir = tempfile::tempdir().expect("temp dir").keep();
+        let mut server = RedisServer { port: free_port(), bin, dir, child: None, cluster };
+        server.spawn().await;
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--dir")
+            .arg(&self.dir);
+        if self.cluster {
+            cmd.arg("--cluster-enabled").arg("yes").arg("--cluster-config-file").arg(self.dir.join(format!("nodes-{}.conf", self.port)));
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start on {}", self.port);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the server (SIGKILL: nothing is saved).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub async fn restart_empty(&mut self) {
+        self.stop();
+        if self.cluster {
+            let _ = std::fs::remove_file(self.dir.join(format!("nodes-{}.conf", self.port)));
+        }
+        self.spawn().await;
+    }
+
+    /// A plain connection for the test's own reads.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(self.url()).expect("client");
+        client.get_multiplexed_async_connection().await.expect("connect to test redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A 3-master Redis Cluster on free ports (no replicas).
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> Option<RedisCluster> {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(RedisServer::start(true).await?);
+        }
+        let cli = nodes[0].bin.with_file_name("redis-cli");
+        let mut cmd = Command::new(&cli);
+        cmd.arg("--cluster").arg("create");
+        for n in &nodes {
+            cmd.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = cmd.arg("--cluster-replicas").arg("0").arg("--cluster-yes").output().expect("run redis-cli --cluster create");
+        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        // Wait until every node agrees that all slots are served.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            loop {
+                let info = Command::new(&cli).arg("-p").arg(n.port.to_string()).arg("cluster").arg("info").output().expect("cluster info");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Some(RedisCluster { nodes })
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+    }
+
+    /// A cluster connection for the test's own reads.
+    pub async fn conn(&self) -> redis::cluster_async::ClusterConnection {
+        let client = redis::cluster::ClusterClient::new(self.urls()).expect("cluster client");
+        client.get_async_connection().await.expect("connect to test cluster")
+    }
+}

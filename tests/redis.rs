@@ -1,0 +1,385 @@
+//! Several meterd instances sharing one real Redis (a private `redis-server` per
+//! test, so a test may stop it or restart it empty): entitlement propagation,
+//! exact global totals, cross-instance dedupe, strict limits that never
+//! overshoot, the cached-limit overshoot against its bound, Redis down and back
+//! empty, and SIGKILL of an instance with no double count.
+
+mod common;
+
+use common::process::{free_port, spawn, wait_healthy};
+use common::redis_server::RedisServer;
+use common::{check, event, ingest, put, uid, TestServer};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const PLANS: &str = r#"
+[[meters]]
+name = "calls"
+aggregation = "sum"
+
+[[meters]]
+name = "gpu"
+aggregation = "sum"
+
+[[plans]]
+name = "base"
+default = true
+[plans.limits]
+calls = { limit = 1000000, window = "month" }
+gpu = { limit = 100, window = "month", enforcement = "strict" }
+
+[[plans]]
+name = "small"
+[plans.limits]
+calls = { limit = 60, window = "month" }
+gpu = { limit = 100, window = "month", enforcement = "strict" }
+"#;
+
+fn config(redis_url: &str, instance: &str, sync: &str) -> String {
+    format!(
+        "[server]\ninstance_id = \"{instance}\"\n[storage]\ndurability = \"fsync\"\nflush_interval = \"200ms\"\n\
+         [redis]\nurl = \"{redis_url}\"\nsync_interval = \"{sync}\"\ntimeout = \"300ms\"\nentitlements_ttl = \"2s\"\n{PLANS}"
+    )
+}
+
+async fn instances(redis: &RedisServer, n: usize, sync: &str) -> Vec<TestServer> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(TestServer::start(&config(&redis.url(), &format!("inst{i}"), sync)).await);
+    }
+    out
+}
+
+/// `used` of a check on each instance.
+async fn used_everywhere(servers: &[TestServer], customer: &str, meter: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for s in servers {
+        out.push(check(&s.client(), customer, meter, 0).await["used"].as_i64().unwrap_or(-1));
+    }
+    out
+}
+
+/// Polls until every instance reports `want` (or the deadline passes).
+async fn wait_used(servers: &[TestServer], customer: &str, meter: &str, want: i64, limit: Duration) -> Vec<i64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let used = used_everywhere(servers, customer, meter).await;
+        if used.iter().all(|&u| u == want) || Instant::now() > deadline {
+            return used;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The window total Redis holds for a customer's month window of `meter`.
+async fn redis_total(redis: &RedisServer, customer: &str, meter: &str) -> i64 {
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("meterd:{{{customer}}}:w:{meter}:month:*")).query_async(&mut conn).await.expect("keys");
+    let mut total = 0;
+    for k in keys {
+        let t: Option<i64> = redis::cmd("HGET").arg(&k).arg("t").query_async(&mut conn).await.expect("hget");
+        total += t.unwrap_or(0);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plan_change_on_one_instance_is_seen_by_all_within_a_second() {
+    let Some(redis) = RedisServer::start(false).await else { return };
+    let servers = instances(&redis, 3, "50ms").await;
+    let customer = uid("plan");
+    assert_eq!(check(&servers[1].client(), &customer, "calls", 0).await["limit"], json!(1000000));
+    let started = Instant::now();
+    let r = put(&servers[0].client(), &customer, json!({"plan": "small"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut seen = vec![None; 3];
+    while seen.iter().any(Option::is_none) && started.elapsed() < Duration::from_secs(5) {
+        for (i, s) in servers.iter().enumerate() {
+            if seen[i].is_none() && check(&s.client(), &customer, "calls", 0).await["limit"] == json!(60) {
+                seen[i] = Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("plan change seen after {seen:?}");
+    for (i, t) in seen.iter().enumerate() {
+        let t = t.unwrap_or_else(|| panic!("instance {i} never saw the plan change"));
+        assert!(t < Duration::from_secs(1), "instance {i} saw the change after {t:?}");
+    }
+    // An instance started later loads it from Redis.
+    let late = TestServer::start(&config(&redis.url(), "late", "50ms")).await;
+    assert_eq!(check(&late.client(), &customer, "calls", 0).await["limit"], json!(60));
+    assert_eq!(late.client().get(&format!("/v1/customers/{customer}/entitlements")).await.body["plan"], json!("small"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn totals_agree_across_instances_and_ids_dedupe_across_them() {
+    let Some(redis) = RedisServer::start(false).await else { return };
+    let servers = instances(&redis, 3, "50ms").await;
+    let customer = uid("tot");
+    let mut tasks = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        let c = s.client();
+        let customer = customer.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..20 {
+                let batch: Vec<Value> = (0..10).map(|k| event(&customer, "calls", 1 + ((i + round + k) % 3))).collect();
+                ingest(&c, Value::Array(batch)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let expected: i64 =
+        (0..3usize).map(|i| (0..20usize).map(|r| (0..10usize).map(|k| 1 + ((i + r + k) % 3) as i64).sum::<i64>()).sum::<i64>()).sum();
+    let used = wait_used(&servers, &customer, "calls", expected, Duration::from_secs(5)).await;
+    assert_eq!(used, vec![expected; 3], "every instance reports the global total");
+    assert_eq!(redis_total(&redis, &customer, "calls").await, expected);
+
+    // The same event id sent to two instances counts once.
+    let e = event(&customer, "calls", 7);
+    assert_eq!(ingest(&servers[0].client(), e.clone()).await["accepted"], json!(1));
+    let again = ingest(&servers[1].client(), e.clone()).await;
+    assert_eq!((again["accepted"].clone(), again["duplicates"].clone()), (json!(0), json!(1)), "{again}");
+    assert_eq!(ingest(&servers[2].client(), e).await["duplicates"], json!(1));
+    let used = wait_used(&servers, &customer, "calls", expected + 7, Duration::from_secs(5)).await;
+    assert_eq!(used, vec![expected + 7; 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_limits_never_overshoot_and_cached_overshoot_stays_within_its_bound() {
+    let Some(redis) = RedisServer::start(false).await else { return };
+    let servers = instances(&redis, 3, "100ms").await;
+    // Strict: 100 units a month, 3 instances × 4 tasks × 20 consumes of 1.
+    let customer = uid("strict");
+    let mut tasks = Vec::new();
+    for s in &servers {
+        for _ in 0..4 {
+            let c = s.client();
+            let customer = customer.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut granted = 0;
+                for _ in 0..20 {
+                    let r = c.check(&json!({"customer": customer, "meter": "gpu", "quantity": 1, "consume": true, "id": uid("c")})).await;
+                    assert_eq!(r.status, 200, "{}", r.text);
+                    if r.body["allowed"] == json!(true) {
+                        granted += 1;
+                    } else {
+                        assert_eq!(r.body["reason"], json!("limit_exceeded"), "{}", r.text);
+                    }
+                }
+                granted
+            }));
+        }
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.expect("consumer");
+    }
+    assert_eq!(granted, 100, "strict: exactly the limit is granted across instances");
+    assert_eq!(redis_total(&redis, &customer, "gpu").await, 100);
+    assert_eq!(wait_used(&servers, &customer, "gpu", 100, Duration::from_secs(5)).await, vec![100; 3]);
+
+    // Cached: 60 a month on the small plan; every instance consumes as fast as
+    // it can. The documented bound: each instance may pass what the others
+    // accepted within one sync interval, so at most 60 + (instances - 1) ×
+    // (what one instance grants in an interval). With consumes of 1 unit, one
+    // instance can never pass 60 on its own, so the total is below 3 × 60.
+    let customer = uid("cached");
+    assert_eq!(put(&servers[0].client(), &customer, json!({"plan": "small"})).await.status, 200);
+    wait_limit(&servers, &customer, 60).await;
+    let mut tasks = Vec::new();
+    for s in &servers {
+        let c = s.client();
+        let customer = customer.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut granted = 0;
+            for _ in 0..80 {
+                let r = c.check(&json!({"customer": customer, "meter": "calls", "quantity": 1, "consume": true, "id": uid("c")})).await;
+                if r.body["allowed"] == json!(true) {
+                    granted += 1;
+                }
+            }
+            granted
+        }));
+    }
+    let mut per_instance = Vec::new();
+    for t in tasks {
+        per_instance.push(t.await.expect("consumer"));
+    }
+    let total: i64 = per_instance.iter().sum();
+    eprintln!("cached limit 60: granted {total} ({per_instance:?})");
+    assert!(total >= 60, "the limit itself is always reachable: {per_instance:?}");
+    assert!(per_instance.iter().all(|&g| g <= 60), "no instance passes the limit on its own: {per_instance:?}");
+    assert!(total <= 3 * 60, "overshoot beyond the bound: {per_instance:?}");
+    // Once synced, every instance refuses and agrees on the total.
+    assert_eq!(wait_used(&servers, &customer, "calls", total, Duration::from_secs(5)).await, vec![total; 3]);
+    for s in &servers {
+        let r = s.client().check(&json!({"customer": customer, "meter": "calls", "quantity": 1, "consume": true, "id": uid("c")})).await;
+        assert_eq!(r.body["allowed"], json!(false), "{}", r.text);
+    }
+}
+
+async fn wait_limit(servers: &[TestServer], customer: &str, limit: i64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for s in servers {
+        while check(&s.client(), customer, "calls", 0).await["limit"] != json!(limit) {
+            assert!(Instant::now() < deadline, "plan change not seen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_keeps_ingest_going_and_an_empty_redis_gets_every_total_back() {
+    let Some(mut redis) = RedisServer::start(false).await else { return };
+    let servers = instances(&redis, 2, "50ms").await;
+    let customer = uid("down");
+    ingest(&servers[0].client(), Value::Array((0..10).map(|_| event(&customer, "calls", 2)).collect())).await;
+    ingest(&servers[1].client(), Value::Array((0..10).map(|_| event(&customer, "calls", 3)).collect())).await;
+    assert_eq!(wait_used(&servers, &customer, "calls", 50, Duration::from_secs(5)).await, vec![50, 50]);
+
+    redis.stop();
+    // Ingest and cached checks go on; strict consumes fail closed.
+    for _ in 0..5 {
+        ingest(&servers[0].client(), Value::Array((0..10).map(|_| event(&customer, "calls", 1)).collect())).await;
+        ingest(&servers[1].client(), Value::Array((0..10).map(|_| event(&customer, "calls", 1)).collect())).await;
+    }
+    let c = check(&servers[0].client(), &customer, "calls", 1).await;
+    assert_eq!(c["allowed"], json!(true), "{c}");
+    let strict =
+        servers[0].client().check(&json!({"customer": customer, "meter": "gpu", "quantity": 1, "consume": true, "id": uid("s")})).await;
+    assert_eq!((strict.body["allowed"].clone(), strict.body["reason"].clone()), (json!(false), json!("unavailable")), "{}", strict.text);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready = servers[1].client().get("/readyz").await;
+        assert_eq!(ready.status, 200);
+        if ready.body["status"] == json!("degraded") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz never said degraded: {}", ready.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // (The gauge itself is process-wide, shared by the in-process instances of
+    // every test running now: only its presence is checked here.)
+    let metrics = servers[1].client().get("/metrics").await.text;
+    assert!(metrics.contains("meterd_redis_up"), "{metrics}");
+
+    // Back, but empty: the totals are rebuilt from each instance's own usage.
+    redis.restart_empty().await;
+    let used = wait_used(&servers, &customer, "calls", 150, Duration::from_secs(15)).await;
+    assert_eq!(used, vec![150, 150]);
+    assert_eq!(redis_total(&redis, &customer, "calls").await, 150);
+    assert_eq!(servers[0].client().get("/readyz").await.body["status"], json!("ready"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_of_an_instance_never_counts_its_usage_twice() {
+    let Some(redis) = RedisServer::start(false).await else { return };
+    let other = TestServer::start(&config(&redis.url(), "other", "50ms")).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let text =
+        format!(
+            "{}\n",
+            config(&redis.url(), "victim", "50ms")
+                .replacen("[server]\n", &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"), 1)
+                .replacen("[storage]\n", &format!("[storage]\ndata_dir = \"{}\"\n", dir.path().join("data").display()), 1)
+        );
+    let path = dir.path().join("meterd.toml");
+    std::fs::write(&path, text).expect("config");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let customer = uid("kill");
+    let mut expected = 0;
+    for round in 0..3 {
+        let mut proc = spawn(&path, dir.path().join(format!("log{round}")));
+        wait_healthy(&mut proc, addr).await;
+        let c = common::Client { addr, token: None };
+        for _ in 0..10 {
+            ingest(&c, Value::Array((0..50).map(|_| event(&customer, "calls", 1)).collect())).await;
+            expected += 50;
+        }
+        // Some rounds die before their usage is synced, some after.
+        if round == 1 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let _ = proc.child.kill();
+        let _ = proc.child.wait();
+    }
+    let mut proc = spawn(&path, dir.path().join("log-final"));
+    wait_healthy(&mut proc, addr).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_total(&redis, &customer, "calls").await != expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(redis_total(&redis, &customer, "calls").await, expected, "the restarted instance's replay adds nothing twice");
+    assert_eq!(wait_used(std::slice::from_ref(&other), &customer, "calls", expected, Duration::from_secs(5)).await, vec![expected]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_three_master_cluster_shares_entitlements_totals_strict_limits_and_ids() {
+    let Some(cluster) = common::redis_server::RedisCluster::start().await else { return };
+    let urls = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+    let cfg = |instance: &str| {
+        format!(
+            "[server]\ninstance_id = \"{instance}\"\n[storage]\ndurability = \"fsync\"\n\
+             [redis]\nurls = [{urls}]\nsync_interval = \"50ms\"\ntimeout = \"500ms\"\n{PLANS}"
+        )
+    };
+    let servers = vec![TestServer::start(&cfg("c0")).await, TestServer::start(&cfg("c1")).await];
+    // Customers spread over the three masters' slots.
+    let customers: Vec<String> = (0..6).map(|i| uid(&format!("cl{i}"))).collect();
+    for c in &customers {
+        assert_eq!(put(&servers[0].client(), c, json!({"plan": "small"})).await.status, 200);
+    }
+    wait_limit(&servers[1..], &customers[5], 60).await;
+    for (i, c) in customers.iter().enumerate() {
+        ingest(&servers[i % 2].client(), Value::Array((0..5).map(|_| event(c, "calls", 2)).collect())).await;
+        ingest(&servers[(i + 1) % 2].client(), Value::Array((0..5).map(|_| event(c, "calls", 1)).collect())).await;
+    }
+    for c in &customers {
+        assert_eq!(wait_used(&servers, c, "calls", 15, Duration::from_secs(5)).await, vec![15, 15], "{c}");
+    }
+    let mut conn = cluster.conn().await;
+    let key_slots: Vec<i64> = {
+        let mut slots = Vec::new();
+        for c in &customers {
+            let slot: i64 =
+                redis::cmd("CLUSTER").arg("KEYSLOT").arg(format!("meterd:{{{c}}}:ent")).query_async(&mut conn).await.expect("keyslot");
+            slots.push(slot);
+        }
+        slots
+    };
+    assert!(key_slots.iter().any(|&s| s < 5461) && key_slots.iter().any(|&s| s > 10922), "customers span the masters: {key_slots:?}");
+    // Strict across the cluster: exactly the limit.
+    let customer = &customers[0];
+    let mut tasks = Vec::new();
+    for s in &servers {
+        for _ in 0..3 {
+            let c = s.client();
+            let customer = customer.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut granted = 0;
+                for _ in 0..25 {
+                    let r = c.check(&json!({"customer": customer, "meter": "gpu", "quantity": 1, "consume": true, "id": uid("c")})).await;
+                    if r.body["allowed"] == json!(true) {
+                        granted += 1;
+                    }
+                }
+                granted
+            }));
+        }
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.expect("consumer");
+    }
+    assert_eq!(granted, 100);
+    // One id, two instances: counted once.
+    let e = event(&customers[1], "calls", 5);
+    assert_eq!(ingest(&servers[0].client(), e.clone()).await["accepted"], json!(1));
+    assert_eq!(ingest(&servers[1].client(), e).await["duplicates"], json!(1));
+    assert_eq!(wait_used(&servers, &customers[1], "calls", 20, Duration::from_secs(5)).await, vec![20, 20]);
+}
