@@ -143,12 +143,7 @@ impl AppHandle {
         let (redis_stop, redis_rx) = watch::channel(false);
         let mut redis_tasks = Vec::new();
         if let (Some(redis), Some(rc)) = (&redis, &config.raw.redis) {
-            redis_tasks.push(tokio::spawn(crate::sync::entitlements::run(
-                engine.clone(),
-                redis.clone(),
-                rc.entitlements_ttl.0,
-                redis_rx.clone(),
-            )));
+            redis_tasks.push(tokio::spawn(crate::sync::entitlements::run(engine.clone(), redis.clone(), redis_rx.clone())));
             if let Some(sync) = &engine.counter_sync {
                 redis_tasks.push(tokio::spawn(crate::sync::counters::run(engine.clone(), sync.clone(), rc.sync_interval.0, redis_rx)));
             }

@@ -74,6 +74,8 @@ pub struct Engine {
     pub counter_sync: Option<Arc<crate::sync::counters::CounterSync>>,
     /// `strict` limits while Redis is unreachable: allow (decide locally) or deny.
     pub strict_open_when_down: bool,
+    /// `redis.entitlements_ttl` in milliseconds.
+    pub redis_ttl_ms: i64,
 }
 
 impl Engine {
@@ -106,7 +108,8 @@ impl Engine {
                 AtomicU8::new(bits)
             })
             .collect();
-        let entitlements = EntitlementCache::load(catalog.clone(), entitlement_store, &counters.interner).await?;
+        let lazy_ttl = config.raw.redis.as_ref().map(|r| r.entitlements_ttl.0);
+        let entitlements = EntitlementCache::load(catalog.clone(), entitlement_store, &counters.interner, lazy_ttl).await?;
         let ingest = &config.raw.ingest;
         let instance_id_for_sync = instance_id.clone();
         let engine = Engine {
@@ -130,6 +133,7 @@ impl Engine {
             counter_sync: redis.as_ref().map(|r| Arc::new(crate::sync::counters::CounterSync::new(r.clone(), &instance_id_for_sync))),
             redis,
             strict_open_when_down: config.raw.redis.as_ref().map(|r| r.strict_when_unavailable == "allow").unwrap_or(false),
+            redis_ttl_ms: config.raw.redis.as_ref().map(|r| r.entitlements_ttl.as_millis_i64()).unwrap_or(i64::MAX),
         };
         let mut engine = engine;
         engine.rebuild().await?;

@@ -29,22 +29,56 @@ pub struct EntitlementCache {
     store: Arc<dyn EntitlementStore>,
     entries: DashMap<CustomerId, (Arc<Entitlements>, EntitlementsDoc), crate::counters::hash::KeyHash>,
     default: Arc<Entitlements>,
+    /// Loaded on first sight (Redis) instead of all at start: when each customer
+    /// was last read, and the loads in flight (one per customer, however many
+    /// requests wait for it).
+    lazy: Option<Lazy>,
+}
+
+/// The state of on-demand loading.
+pub struct Lazy {
+    pub ttl_ms: i64,
+    fetched: DashMap<CustomerId, i64, crate::counters::hash::KeyHash>,
+    loading: DashMap<CustomerId, Arc<tokio::sync::OnceCell<()>>, crate::counters::hash::KeyHash>,
+}
+
+/// Whether a customer's cached entitlements may be used as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Loaded within the TTL (or embedded: everything is loaded).
+    Fresh,
+    /// Loaded, but longer ago than the TTL: use it, refresh in the background.
+    Stale,
+    /// Never loaded on this instance.
+    Missing,
 }
 
 impl EntitlementCache {
     /// Loads every stored document. Documents that no longer resolve (a plan or
     /// meter removed from the config) are logged and fall back to the default plan.
+    ///
+    /// With `lazy_ttl` nothing is read now: customers are loaded on first sight
+    /// and re-read when older than the TTL (see `sync::customer`).
     pub async fn load(
         catalog: Arc<Catalog>,
         store: Arc<dyn EntitlementStore>,
         interner: &Interner,
+        lazy_ttl: Option<std::time::Duration>,
     ) -> Result<EntitlementCache, EntitlementsError> {
         let cache = EntitlementCache {
             default: Arc::new(Entitlements::default_for(&catalog)),
             catalog,
             store,
             entries: DashMap::with_hasher(crate::counters::hash::KeyHash),
+            lazy: lazy_ttl.map(|ttl| Lazy {
+                ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+                fetched: DashMap::with_hasher(crate::counters::hash::KeyHash),
+                loading: DashMap::with_hasher(crate::counters::hash::KeyHash),
+            }),
         };
+        if cache.lazy.is_some() {
+            return Ok(cache);
+        }
         for (customer, doc) in cache.store.list().await? {
             match Entitlements::resolve(&doc, &cache.catalog) {
                 Ok(e) => {
@@ -93,6 +127,48 @@ impl EntitlementCache {
     /// The customers with a cached document.
     pub fn customers(&self) -> Vec<CustomerId> {
         self.entries.iter().map(|e| *e.key()).collect()
+    }
+
+    /// How usable the cached entry of `customer` is at `now`.
+    pub fn freshness(&self, customer: CustomerId, now: i64) -> Freshness {
+        let Some(lazy) = &self.lazy else { return Freshness::Fresh };
+        match lazy.fetched.get(&customer).map(|t| *t) {
+            None => Freshness::Missing,
+            Some(t) if now.saturating_sub(t) < lazy.ttl_ms => Freshness::Fresh,
+            Some(_) => Freshness::Stale,
+        }
+    }
+
+    /// Records that `customer` was read from the store at `at`.
+    pub fn mark_fetched(&self, customer: CustomerId, at: i64) {
+        if let Some(lazy) = &self.lazy {
+            lazy.fetched.insert(customer, at);
+        }
+    }
+
+    /// Makes every loaded customer stale (messages may have been missed).
+    pub fn expire_all(&self) {
+        if let Some(lazy) = &self.lazy {
+            lazy.fetched.alter_all(|_, _| i64::MIN);
+        }
+    }
+
+    /// The load in flight for `customer`, started by whoever asks first.
+    pub fn loading(&self, customer: CustomerId) -> Option<Arc<tokio::sync::OnceCell<()>>> {
+        let lazy = self.lazy.as_ref()?;
+        Some(lazy.loading.entry(customer).or_insert_with(|| Arc::new(tokio::sync::OnceCell::new())).clone())
+    }
+
+    /// The load of `customer` finished: the next stale read starts a new one.
+    pub fn loaded(&self, customer: CustomerId) {
+        if let Some(lazy) = &self.lazy {
+            lazy.loading.remove(&customer);
+        }
+    }
+
+    /// Whether customers are loaded on demand.
+    pub fn is_lazy(&self) -> bool {
+        self.lazy.is_some()
     }
 
     /// The store behind the cache.

@@ -329,8 +329,23 @@ async fn a_three_master_cluster_shares_entitlements_totals_strict_limits_and_ids
         )
     };
     let servers = vec![TestServer::start(&cfg("c0")).await, TestServer::start(&cfg("c1")).await];
-    // Customers spread over the three masters' slots.
-    let customers: Vec<String> = (0..6).map(|i| uid(&format!("cl{i}"))).collect();
+    // Customers spread over the three masters' slots: two in each third.
+    let mut conn = cluster.conn().await;
+    let mut per_range: [Vec<String>; 3] = Default::default();
+    for i in 0..1000 {
+        let c = uid(&format!("cl{i}"));
+        let slot: i64 =
+            redis::cmd("CLUSTER").arg("KEYSLOT").arg(format!("meterd:{{{c}}}:ent")).query_async(&mut conn).await.expect("keyslot");
+        let range = &mut per_range[usize::try_from(slot * 3 / 16384).expect("slot")];
+        if range.len() < 2 {
+            range.push(c);
+        }
+        if per_range.iter().all(|r| r.len() == 2) {
+            break;
+        }
+    }
+    let customers: Vec<String> = per_range.concat();
+    assert_eq!(customers.len(), 6, "customers in every third of the slots");
     for c in &customers {
         assert_eq!(put(&servers[0].client(), c, json!({"plan": "small"})).await.status, 200);
     }
@@ -342,17 +357,6 @@ async fn a_three_master_cluster_shares_entitlements_totals_strict_limits_and_ids
     for c in &customers {
         assert_eq!(wait_used(&servers, c, "calls", 15, Duration::from_secs(5)).await, vec![15, 15], "{c}");
     }
-    let mut conn = cluster.conn().await;
-    let key_slots: Vec<i64> = {
-        let mut slots = Vec::new();
-        for c in &customers {
-            let slot: i64 =
-                redis::cmd("CLUSTER").arg("KEYSLOT").arg(format!("meterd:{{{c}}}:ent")).query_async(&mut conn).await.expect("keyslot");
-            slots.push(slot);
-        }
-        slots
-    };
-    assert!(key_slots.iter().any(|&s| s < 5461) && key_slots.iter().any(|&s| s > 10922), "customers span the masters: {key_slots:?}");
     // Strict across the cluster: exactly the limit.
     let customer = &customers[0];
     let mut tasks = Vec::new();
@@ -382,4 +386,64 @@ async fn a_three_master_cluster_shares_entitlements_totals_strict_limits_and_ids
     assert_eq!(ingest(&servers[0].client(), e.clone()).await["accepted"], json!(1));
     assert_eq!(ingest(&servers[1].client(), e).await["duplicates"], json!(1));
     assert_eq!(wait_used(&servers, &customers[1], "calls", 20, Duration::from_secs(5)).await, vec![20, 20]);
+}
+
+/// Calls of one command recorded by Redis (scripts' inner calls included).
+async fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let mut conn = redis.conn().await;
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.expect("info");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_customer_is_loaded_once_for_many_concurrent_misses_and_cached_checks_stay_local() {
+    let Some(redis) = RedisServer::start(false).await else { return };
+    // No sync round during the test: every Redis call counted is a load.
+    let server = TestServer::start(&config(&redis.url(), "solo", "60s")).await;
+    let customer = uid("miss");
+    // An application writes entitlements directly, as the README documents.
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("meterd:{{{customer}}}:ent"))
+        .arg("doc")
+        .arg(r#"{"plan": "small"}"#)
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    let _: () = redis::cmd("SADD").arg("meterd:{index}:customers").arg(&customer).query_async(&mut conn).await.expect("sadd");
+    let before = command_calls(&redis, "hget").await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let c = server.client();
+        let customer = customer.clone();
+        tasks.push(tokio::spawn(async move { check(&c, &customer, "calls", 1).await["limit"].clone() }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("check"), json!(60), "every concurrent first check sees the stored plan");
+    }
+    assert_eq!(command_calls(&redis, "hget").await - before, 1, "50 concurrent misses, one load");
+    // Cached: no Redis command at all for further checks.
+    let (hget, hmget) = (command_calls(&redis, "hget").await, command_calls(&redis, "hmget").await);
+    for _ in 0..100 {
+        assert_eq!(check(&server.client(), &customer, "calls", 1).await["allowed"], json!(true));
+    }
+    assert_eq!((command_calls(&redis, "hget").await, command_calls(&redis, "hmget").await), (hget, hmget));
+    // A direct change announced on the channel is applied.
+    let _: () = redis::cmd("HSET")
+        .arg(format!("meterd:{{{customer}}}:ent"))
+        .arg("doc")
+        .arg(r#"{"plan": "base"}"#)
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    let _: () = redis::cmd("PUBLISH").arg("meterd:entitlements").arg(&customer).query_async(&mut conn).await.expect("publish");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while check(&server.client(), &customer, "calls", 0).await["limit"] != json!(1000000) {
+        assert!(Instant::now() < deadline, "a published change was not applied within 1 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -55,12 +55,12 @@ pub async fn route(state: &HttpState, req: Request<Incoming>) -> Response<Full<B
         }
         (["v1", "usage"], _) => return not_allowed("GET"),
         (["v1", "customers", customer, "usage"], &Method::GET) => match decode(customer) {
-            Ok(c) => handlers::customer_usage(state, req.headers(), &c),
+            Ok(c) => handlers::customer_usage(state, req.headers(), &c).await,
             Err(e) => Err(e),
         },
         (["v1", "customers", _, "usage"], _) => return not_allowed("GET"),
         (["v1", "customers", customer, "entitlements"], m) if m == Method::GET || m == Method::PUT => match decode(customer) {
-            Ok(c) if m == Method::GET => handlers::get_entitlements(state, req.headers(), &c),
+            Ok(c) if m == Method::GET => handlers::get_entitlements(state, req.headers(), &c).await,
             Ok(c) => handlers::put_entitlements(state, req, &c).await,
             Err(e) => Err(e),
         },

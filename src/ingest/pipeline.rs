@@ -63,6 +63,14 @@ impl Engine {
         if let Some(reason) = self.write_refusal() {
             return Err(IngestError::Unavailable(reason));
         }
+        if self.redis.is_some() && self.catalog.meters().iter().any(|m| self.counters.is_tracked(m.id, WindowKind::BillingCycle)) {
+            // Billing cycles follow each customer's anchor: load customers never
+            // seen here first (concurrently, one round trip each).
+            let mut names: Vec<&str> = events.iter().map(|e| e.customer.as_ref()).collect();
+            names.sort_unstable();
+            names.dedup();
+            futures_util::future::join_all(names.into_iter().map(|n| self.ensure_loaded(n))).await;
+        }
         let hashes: Vec<_> = events.iter().map(|e| hash_id(&e.id)).collect();
         let mut fresh = self.deduper.insert_batch(&hashes, now);
         let mut claimed = Vec::new();

@@ -23,6 +23,7 @@ impl Engine {
         let customer = self.counters.interner.intern(name)?;
         let before = self.entitlements.get(Some(customer));
         let after = self.entitlements.put(customer, name, doc).await?;
+        self.entitlements.mark_fetched(customer, now_ms());
         self.seed_changed(customer, name, &before, &after).await?;
         Ok(after)
     }

@@ -38,21 +38,28 @@ const CALLS_IN_FLIGHT: usize = 16;
 const EXPIRY_GRACE_MS: i64 = 3_600_000;
 
 /// Raises this instance's part of each window to the pushed value, adds the
-/// difference to the total, sets the expiry; returns per key the total and the
-/// part as it was before. ARGV: field, then per key (value, expire-at ms or 0).
+/// difference to the total, sets the expiry when the part is new; returns per
+/// key the total and the part as it was before. ARGV: field, then per key
+/// (value, expire-at ms or 0). Three commands per changed key, two per
+/// unchanged one.
 const SYNC_SCRIPT: &str = r"
 local field = ARGV[1]
 local out = {}
 for i, key in ipairs(KEYS) do
   local v = tonumber(ARGV[2 * i])
-  local exp = tonumber(ARGV[2 * i + 1])
   local old = tonumber(redis.call('HGET', key, field) or '0')
+  local t
   if v > old then
     redis.call('HSET', key, field, v)
-    redis.call('HINCRBY', key, 't', v - old)
+    t = redis.call('HINCRBY', key, 't', v - old)
+    if old == 0 then
+      local exp = tonumber(ARGV[2 * i + 1])
+      if exp > 0 then redis.call('PEXPIREAT', key, exp) end
+    end
+  else
+    t = tonumber(redis.call('HGET', key, 't') or '0')
   end
-  if exp > 0 then redis.call('PEXPIREAT', key, exp) end
-  out[2 * i - 1] = tonumber(redis.call('HGET', key, 't') or '0')
+  out[2 * i - 1] = t
   out[2 * i] = old
 end
 return out

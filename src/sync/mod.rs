@@ -1,5 +1,7 @@
-//! Background tasks that keep instances in step through Redis: entitlement
-//! changes (`entitlements`) and global window counters (`counters`).
+//! Keeping instances in step through Redis: entitlement changes
+//! (`entitlements`), global window counters (`counters`), and loading a
+//! customer on first sight (`customer`).
 
 pub mod counters;
+pub mod customer;
 pub mod entitlements;
