@@ -233,20 +233,33 @@ async fn wait_limit(servers: &[TestServer], customer: &str, limit: i64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redis_down_keeps_ingest_going_and_an_empty_redis_gets_every_total_back() {
+async fn redis_stopped_and_restarted_empty_mid_load_loses_nothing() {
     let Some(mut redis) = RedisServer::start(false).await else { return };
     let servers = instances(&redis, 2, "50ms").await;
     let customer = uid("down");
-    ingest(&servers[0].client(), Value::Array((0..10).map(|_| event(&customer, "calls", 2)).collect())).await;
-    ingest(&servers[1].client(), Value::Array((0..10).map(|_| event(&customer, "calls", 3)).collect())).await;
-    assert_eq!(wait_used(&servers, &customer, "calls", 50, Duration::from_secs(5)).await, vec![50, 50]);
-
-    redis.stop();
-    // Ingest and cached checks go on; strict consumes fail closed.
-    for _ in 0..5 {
-        ingest(&servers[0].client(), Value::Array((0..10).map(|_| event(&customer, "calls", 1)).collect())).await;
-        ingest(&servers[1].client(), Value::Array((0..10).map(|_| event(&customer, "calls", 1)).collect())).await;
+    // Writers on both instances run through the whole outage; every 202 counts.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for s in &servers {
+        let (c, customer, stop) = (s.client(), customer.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = 0i64;
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                n += 1;
+                let q = 1 + n % 3;
+                let r = c.events(&Value::Array((0..10).map(|_| event(&customer, "calls", q)).collect())).await;
+                assert_eq!(r.status, 202, "ingest must go on while redis is away: {}", r.text);
+                acked += 10 * q;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            acked
+        }));
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Cached checks go on; strict consumes fail closed (the default).
     let c = check(&servers[0].client(), &customer, "calls", 1).await;
     assert_eq!(c["allowed"], json!(true), "{c}");
     let strict =
@@ -255,24 +268,52 @@ async fn redis_down_keeps_ingest_going_and_an_empty_redis_gets_every_total_back(
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let ready = servers[1].client().get("/readyz").await;
-        assert_eq!(ready.status, 200);
+        assert_eq!(ready.status, 200, "readiness stays up without redis");
         if ready.body["status"] == json!("degraded") {
             break;
         }
         assert!(Instant::now() < deadline, "readyz never said degraded: {}", ready.text);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // (The gauge itself is process-wide, shared by the in-process instances of
-    // every test running now: only its presence is checked here.)
+    // (The gauge is process-wide, shared by the in-process instances of every
+    // test running now: only its presence is checked here.)
     let metrics = servers[1].client().get("/metrics").await.text;
-    assert!(metrics.contains("meterd_redis_up"), "{metrics}");
+    assert!(metrics.contains("meterd_redis_up") && metrics.contains("meterd_redis_pending_units"), "{metrics}");
 
-    // Back, but empty: the totals are rebuilt from each instance's own usage.
+    // Back, but empty, while the writers go on: the totals are rebuilt from
+    // each instance's own usage.
     redis.restart_empty().await;
-    let used = wait_used(&servers, &customer, "calls", 150, Duration::from_secs(15)).await;
-    assert_eq!(used, vec![150, 150]);
-    assert_eq!(redis_total(&redis, &customer, "calls").await, 150);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let mut expected = 0;
+    for w in writers {
+        expected += w.await.expect("writer");
+    }
+    let used = wait_used(&servers, &customer, "calls", expected, Duration::from_secs(15)).await;
+    assert_eq!(used, vec![expected, expected]);
+    assert_eq!(redis_total(&redis, &customer, "calls").await, expected);
     assert_eq!(servers[0].client().get("/readyz").await.body["status"], json!("ready"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_limits_may_fail_open_while_redis_is_down() {
+    let Some(mut redis) = RedisServer::start(false).await else { return };
+    let text = config(&redis.url(), "open", "50ms").replace("entitlements_ttl", "strict_when_unavailable = \"allow\"\nentitlements_ttl");
+    let server = TestServer::start(&text).await;
+    let customer = uid("open");
+    let consume = |id: String| json!({"customer": customer, "meter": "gpu", "quantity": 1, "consume": true, "id": id});
+    assert_eq!(server.client().check(&consume(uid("o"))).await.body["allowed"], json!(true));
+    redis.stop();
+    let r = server.client().check(&consume(uid("o"))).await;
+    assert_eq!((r.body["allowed"].clone(), r.body["reason"].clone()), (json!(true), json!("within_limit")), "{}", r.text);
+    assert_eq!(check(&server.client(), &customer, "gpu", 0).await["used"], json!(2), "decided and recorded locally");
+    // When redis returns (empty), the local usage is pushed.
+    redis.restart_empty().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_total(&redis, &customer, "gpu").await != 2 {
+        assert!(Instant::now() < deadline, "usage consumed while redis was down never reached it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
