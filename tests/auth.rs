@@ -263,7 +263,7 @@ fn write_config(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 #[test]
 fn check_config_accepts_the_shipped_configs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for file in ["config/meterd.toml", "config/examples/interview-platform.toml"] {
+    for file in ["config/meterd.toml", "config/examples/interview-platform.toml", "config/examples/several-instances.toml"] {
         let (code, text) = check_config(&root.join(file));
         assert_eq!(code, 0, "{file}: {text}");
     }
