@@ -5,24 +5,12 @@
 
 mod common;
 
+use common::ch::{clickhouse_url, query, unique_db};
 use common::{away_from_day_boundary, TestServer};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn clickhouse_url() -> Option<String> {
-    let url = std::env::var("METERD_TEST_CLICKHOUSE_URL").ok();
-    if url.is_none() {
-        eprintln!("SKIPPED: METERD_TEST_CLICKHOUSE_URL not set (scripts/test sets it)");
-    }
-    url
-}
-
-fn unique_db() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("meterd_it_{}_{}", std::process::id(), nanos % 1_000_000_000)
-}
 
 fn config(url: &str, db: &str) -> String {
     format!(
@@ -31,23 +19,8 @@ fn config(url: &str, db: &str) -> String {
     )
 }
 
-/// Runs a query over ClickHouse's HTTP interface; returns the body.
-async fn query(url: &str, sql: &str) -> String {
-    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
-    let mut stream = tokio::net::TcpStream::connect(&addr).await.expect("connect clickhouse");
-    // HTTP/1.0: a plain body, no chunked encoding to undo.
-    let req = format!("POST / HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{sql}", sql.len());
-    stream.write_all(req.as_bytes()).await.expect("write");
-    let mut out = String::new();
-    stream.read_to_string(&mut out).await.expect("read");
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    // Chunked answers: keep the digits line.
-    body.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect::<Vec<_>>().join("\n")
-}
-
 async fn ch_sum(url: &str, db: &str) -> u64 {
-    let text = query(url, &format!("SELECT sum(value) FROM {db}.usage_minute WHERE meter = 'tokens'")).await;
-    text.lines().filter_map(|l| l.trim().parse::<u64>().ok()).next().unwrap_or(u64::MAX)
+    common::ch::sum(url, db, "tokens").await
 }
 
 fn batch(tag: usize, n: usize) -> (Value, u64) {

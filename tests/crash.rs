@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::load::{try_send, Rng};
 use common::process::{free_port, spawn, wait_healthy, Proc};
 use common::{away_from_day_boundary, Client};
 use serde_json::{json, Value};
@@ -27,20 +28,6 @@ default = true
 [plans.limits]
 tokens = { limit = "unlimited", window = "month" }
 "#;
-
-/// A tiny deterministic PRNG (xorshift64*), so a failing round can be replayed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// One batch: its body and the total quantity it carries.
 #[derive(Clone)]
@@ -82,23 +69,6 @@ async fn load(c: Client, ledger: Arc<Mutex<Ledger>>, next_id: Arc<AtomicU64>, se
             }
         }
     }
-}
-
-/// Posts a batch; `None` when the connection failed (the server died).
-async fn try_send(c: &Client, body: &Value) -> Option<u16> {
-    use http_body_util::{BodyExt, Full};
-    let stream = tokio::net::TcpStream::connect(c.addr).await.ok()?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
-    tokio::spawn(conn);
-    let req = hyper::Request::post("/v1/events")
-        .header("host", "x")
-        .header("content-type", "application/json")
-        .body(Full::new(bytes::Bytes::from(body.to_string())))
-        .ok()?;
-    let resp = sender.send_request(req).await.ok()?;
-    let status = resp.status().as_u16();
-    resp.into_body().collect().await.ok()?;
-    Some(status)
 }
 
 /// The store's total over all customers, from `/v1/usage` (store + unflushed).

@@ -415,7 +415,8 @@ impl UsageStore for ClickHouseStore {
         // How much of this flush is stored: all of it (a retry after an ambiguous
         // failure: nothing to do), none (send it all), or a part (a body cut
         // mid-stream, which 18.16 keeps: send only the missing rows).
-        let count_sql = format!("SELECT count(), any(flush_rows) FROM {} WHERE instance_id = ? AND flush_seq = ?", self.table);
+        let count_sql =
+            format!("SELECT count(), any(flush_rows), any(wal_seq) FROM {} WHERE instance_id = ? AND flush_seq = ?", self.table);
         let check =
             self.client.query(&count_sql).bind(batch.instance_id.as_str()).bind(batch.seq).with_option("query_id", query_id.as_str());
         let keys_sql = format!(
@@ -436,14 +437,22 @@ impl UsageStore for ClickHouseStore {
         let Ok(guard) = tokio::time::timeout(REQUEST_TIMEOUT, Arc::clone(&self.write_lock).lock_owned()).await else {
             return Err(StoreError::Io(format!("clickhouse {OP}: an earlier flush is still being written after {REQUEST_TIMEOUT:?}")));
         };
+        let (batch_wal, flush_name) = (batch.wal_seq, format!("{}#{}", batch.instance_id, batch.seq));
         let task = tokio::spawn(async move {
             let _guard = guard;
             // fetch_all reads the answer to its end, so the check is over on the
             // server (and its query id free again) before the insert starts.
             // Complete means as many rows as the *stored* attempt announced: a
             // flush id is written once, whatever a later call holds.
-            let counts: Vec<(u64, u32)> = timed(OP, check.fetch_all()).await?;
-            let (stored, announced) = counts.first().copied().unwrap_or((0, 0));
+            let counts: Vec<(u64, u32, u64)> = timed(OP, check.fetch_all()).await?;
+            let (stored, announced, stored_wal) = counts.first().copied().unwrap_or((0, 0, 0));
+            if stored > 0 && stored_wal != batch_wal {
+                // Another flush under this number: never take it for this one.
+                return Err(StoreError::Corrupt(format!(
+                    "clickhouse {OP}: flush {flush_name} is already stored with a different WAL watermark \
+                     ({stored_wal}, this one {batch_wal}); refusing to mix them"
+                )));
+            }
             if stored > 0 && stored >= u64::from(announced) {
                 return Ok(());
             }
@@ -484,6 +493,27 @@ impl UsageStore for ClickHouseStore {
 
     async fn recover(&self, instance_id: &str) -> Result<u64, StoreError> {
         const OP: &str = "recover";
+        // A flush sent by this instance before it was killed may still be
+        // running on the server (the body arrived, the part is not committed
+        // yet). Wait for it: otherwise it could commit after the sequence
+        // numbers and the replay floor below were read, and a new flush under
+        // the same number would look "already stored".
+        let running = "SELECT count() FROM system.processes WHERE startsWith(query_id, ?)";
+        let prefix = format!("meterd-flush:{}:{instance_id}:", self.database);
+        let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            let left: Vec<u64> = timed(OP, self.client.query(running).bind(prefix.as_str()).fetch_all()).await?;
+            if left.first().copied().unwrap_or(0) == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(StoreError::Io(format!(
+                    "clickhouse {OP}: flushes of an earlier run of this instance were still running after {REQUEST_TIMEOUT:?}"
+                )));
+            }
+            tracing::info!(running = left.first().copied().unwrap_or(0), "waiting for flushes of the previous run to finish on ClickHouse");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         // Flushes of this instance stored in part (a body cut mid-stream, then the
         // process died): remove them, so that the WAL replay, which starts above
         // the complete flushes, stores their usage once.

@@ -206,11 +206,18 @@ fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(),
     // IMMEDIATE: take the write lock before the check, so nothing can store the
     // same flush between the check and the insert.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(io(OP))?;
-    let stored = tx
-        .prepare_cached("SELECT 1 FROM flushes WHERE instance_id = ?1 AND flush_seq = ?2")
-        .and_then(|mut stmt| stmt.query_row((&batch.instance_id, seq), |_| Ok(())).optional())
+    let stored: Option<i64> = tx
+        .prepare_cached("SELECT wal_seq FROM flushes WHERE instance_id = ?1 AND flush_seq = ?2")
+        .and_then(|mut stmt| stmt.query_row((&batch.instance_id, seq), |r| r.get(0)).optional())
         .map_err(io(OP))?;
-    if stored.is_some() {
+    if let Some(stored_wal) = stored {
+        if u64::try_from(stored_wal).ok() != Some(batch.wal_seq) {
+            // Another flush under this number: never take it for this one.
+            return Err(StoreError::Corrupt(format!(
+                "sqlite {OP}: flush {}#{} is already stored with a different WAL watermark ({stored_wal}, this one {})",
+                batch.instance_id, batch.seq, batch.wal_seq
+            )));
+        }
         // Already stored: dropping `tx` rolls back the (empty) transaction.
         return Ok(());
     }

@@ -6,7 +6,7 @@
 //! customers with it, so scenarios can share one store (a ClickHouse database,
 //! say) without seeing each other's data. Scenarios panic on failure.
 
-use super::{Aggregate, EntitlementStore, FlushBatch, Fold, SeriesPoint, Stored, UsageQuery, UsageRow, UsageStore};
+use super::{Aggregate, EntitlementStore, FlushBatch, Fold, SeriesPoint, StoreError, Stored, UsageQuery, UsageRow, UsageStore};
 use crate::model::EntitlementsDoc;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -193,10 +193,15 @@ pub async fn duplicate_flush(store: &dyn UsageStore, ns: &str) {
     let mark = |upto: u64| crate::wal::WalMark { upto, extras: vec![(upto + 2, upto + 3)] };
     assert_eq!(wal(a.clone()).await, mark(40));
     assert_eq!(wal(b.clone()).await, mark(500));
-    let mut dup = flush(&a, 4, vec![row(&meter, &c2, T0, &[], 6, T0 + 5)]);
-    dup.wal_seq = 9_999;
+    let dup = flush(&a, 4, vec![row(&meter, &c2, T0, &[], 6, T0 + 5)]);
     write(store, &dup).await;
     assert_eq!(wal(a.clone()).await, mark(40), "a duplicate flush keeps the stored mark");
+    // Another flush under a stored number (a different watermark) is refused,
+    // never taken for the stored one.
+    let mut other = flush(&a, 4, vec![row(&meter, &c2, T0, &[], 6, T0 + 5)]);
+    other.wal_seq = 9_999;
+    assert!(matches!(store.write_flush(&other).await, Err(StoreError::Corrupt(_))));
+    assert_eq!(wal(a.clone()).await, mark(40));
     assert_eq!(wal(format!("{ns}-nobody")).await, crate::wal::WalMark::default());
 }
 

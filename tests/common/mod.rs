@@ -3,6 +3,8 @@
 //! client over real TCP connections.
 #![allow(dead_code)]
 
+pub mod ch;
+pub mod load;
 pub mod mount;
 pub mod process;
 pub mod redis_server;

@@ -1,0 +1,158 @@
+//! ClickHouse for the tests: the shared server `scripts/test` started
+//! (`METERD_TEST_CLICKHOUSE_URL`), plain HTTP queries against it, and private
+//! `clickhouse-server` processes (`METERD_TEST_CLICKHOUSE_SERVER_BIN`) for the
+//! tests that kill and restart the server. Without the variables the tests print
+//! SKIPPED and pass.
+
+use super::process::free_port;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The shared server's URL, if the harness started one.
+pub fn clickhouse_url() -> Option<String> {
+    let url = std::env::var("METERD_TEST_CLICKHOUSE_URL").ok().filter(|u| !u.is_empty());
+    if url.is_none() {
+        eprintln!("SKIPPED: METERD_TEST_CLICKHOUSE_URL not set (scripts/test sets it)");
+    }
+    url
+}
+
+/// A database name no other test uses.
+pub fn unique_db() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("meterd_it_{}_{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// Runs a query over ClickHouse's HTTP interface; returns the body's lines.
+pub async fn query(url: &str, sql: &str) -> String {
+    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.expect("connect clickhouse");
+    // HTTP/1.0: a plain body, no chunked encoding to undo.
+    let req = format!("POST / HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{sql}", sql.len());
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.expect("read");
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    body.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect::<Vec<_>>().join("\n")
+}
+
+/// `sum(value)` of a meter in `db.usage_minute` (`u64::MAX` if unreadable).
+pub async fn sum(url: &str, db: &str, meter: &str) -> u64 {
+    let text = query(url, &format!("SELECT sum(value) FROM {db}.usage_minute WHERE meter = '{meter}'")).await;
+    text.lines().filter_map(|l| l.trim().parse::<u64>().ok()).next().unwrap_or(u64::MAX)
+}
+
+/// A private clickhouse-server with its state in a temp dir (kept across restarts).
+pub struct ClickHouseServer {
+    pub http_port: u16,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl ClickHouseServer {
+    pub async fn start() -> Option<ClickHouseServer> {
+        let bin = match std::env::var("METERD_TEST_CLICKHOUSE_SERVER_BIN") {
+            Ok(b) if !b.is_empty() => PathBuf::from(b),
+            _ => {
+                eprintln!("SKIPPED: METERD_TEST_CLICKHOUSE_SERVER_BIN not set (scripts/test sets it)");
+                return None;
+            }
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let http_port = free_port();
+        write_config(dir.path(), http_port, free_port(), free_port());
+        let mut server = ClickHouseServer { http_port, bin, dir, child: None };
+        server.spawn().await;
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("log/stdout.log")).expect("log");
+        let child = Command::new(&self.bin)
+            .arg(format!("--config-file={}", self.dir.path().join("config.xml").display()))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn clickhouse-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await.is_ok() && query(&self.url(), "SELECT 1").await == "1" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "clickhouse-server did not start on {}", self.http_port);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: the server stops at once, mid-whatever.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on its data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for ClickHouseServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn write_config(dir: &Path, http: u16, tcp: u16, interserver: u16) {
+    for sub in ["data/tmp", "data/user_files", "data/format_schemas", "log"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
+    }
+    let d = dir.display();
+    let config = format!(
+        r#"<?xml version="1.0"?>
+<yandex>
+    <logger><level>warning</level><log>{d}/log/clickhouse-server.log</log><errorlog>{d}/log/clickhouse-server.err.log</errorlog><size>10M</size><count>1</count></logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>{http}</http_port>
+    <tcp_port>{tcp}</tcp_port>
+    <interserver_http_port>{interserver}</interserver_http_port>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <max_connections>256</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <uncompressed_cache_size>67108864</uncompressed_cache_size>
+    <mark_cache_size>67108864</mark_cache_size>
+    <path>{d}/data/</path>
+    <tmp_path>{d}/data/tmp/</tmp_path>
+    <user_files_path>{d}/data/user_files/</user_files_path>
+    <format_schema_path>{d}/data/format_schemas/</format_schema_path>
+    <users_config>{d}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mlock_executable>false</mlock_executable>
+</yandex>
+"#
+    );
+    std::fs::write(dir.join("config.xml"), config).expect("config.xml");
+    let users = r#"<?xml version="1.0"?>
+<yandex>
+    <profiles><default><max_memory_usage>1000000000</max_memory_usage></default></profiles>
+    <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+    <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
+</yandex>
+"#;
+    std::fs::write(dir.join("users.xml"), users).expect("users.xml");
+}
