@@ -76,6 +76,8 @@ pub struct Engine {
     pub strict_open_when_down: bool,
     /// `redis.entitlements_ttl` in milliseconds.
     pub redis_ttl_ms: i64,
+    /// Where rows the usage store refuses are set aside (`data_dir/rejected`).
+    pub rejected_dir: std::path::PathBuf,
 }
 
 impl Engine {
@@ -133,6 +135,7 @@ impl Engine {
             counter_sync: redis.as_ref().map(|r| Arc::new(crate::sync::counters::CounterSync::new(r.clone(), &instance_id_for_sync))),
             redis,
             strict_open_when_down: config.raw.redis.as_ref().map(|r| r.strict_when_unavailable == "allow").unwrap_or(false),
+            rejected_dir: config.raw.storage.data_dir.join("rejected"),
             redis_ttl_ms: config.raw.redis.as_ref().map(|r| r.entitlements_ttl.as_millis_i64()).unwrap_or(i64::MAX),
         };
         let mut engine = engine;

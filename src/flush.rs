@@ -20,6 +20,8 @@ pub enum FlushError {
     Store(#[from] StoreError),
     #[error("cannot make event ids durable before the flush: {0}")]
     Ids(#[from] crate::wal::WalError),
+    #[error(transparent)]
+    Rejected(#[from] crate::rejected::RejectedError),
 }
 
 /// Converts an epoch to store rows.
@@ -53,13 +55,15 @@ pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
     };
     let started = Instant::now();
     let mark = epoch.wal_mark.get().cloned().unwrap_or_default();
-    let batch = FlushBatch {
-        instance_id: engine.instance_id.clone(),
-        seq: epoch.seq,
-        wal_seq: mark.upto,
-        wal_extras: mark.extras,
-        rows: rows_of(engine, &epoch),
-    };
+    // Rows the store can never hold are set aside, not retried forever.
+    let (rows, unstorable): (Vec<UsageRow>, Vec<UsageRow>) =
+        rows_of(engine, &epoch).into_iter().partition(|r| engine.usage_store.unstorable(r).is_none());
+    if !unstorable.is_empty() {
+        let reasons: Vec<String> = unstorable.iter().map(|r| engine.usage_store.unstorable(r).unwrap_or_default()).collect();
+        let listed: Vec<(&UsageRow, &str)> = unstorable.iter().zip(reasons.iter().map(String::as_str)).collect();
+        set_aside(engine, epoch.seq, &listed)?;
+    }
+    let batch = FlushBatch { instance_id: engine.instance_id.clone(), seq: epoch.seq, wal_seq: mark.upto, wal_extras: mark.extras, rows };
     // The flush lets WAL records go; their ids must be on disk first, so that
     // dedupe still knows them after a restart.
     if let Err(e) = engine.wal.sync_ids().await {
@@ -78,11 +82,37 @@ pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
             tracing::debug!(seq = epoch.seq, rows = batch.rows.len(), "flushed");
             Ok(batch.rows.len())
         }
+        Err(StoreError::Rejected(reason)) => {
+            // The store refuses the flush as a whole: keep it on disk and go on,
+            // so the WAL does not grow behind it forever.
+            crate::telemetry::flush_failed();
+            let listed: Vec<(&UsageRow, &str)> = batch.rows.iter().map(|r| (r, reason.as_str())).collect();
+            set_aside(engine, epoch.seq, &listed)?;
+            engine.counters.buckets.flushed(epoch.seq);
+            if let Err(e) = engine.wal.checkpoint(batch.wal_seq).await {
+                tracing::warn!(error = %e, wal_seq = batch.wal_seq, "WAL checkpoint failed; segments are kept until the next one");
+            }
+            Ok(0)
+        }
         Err(e) => {
             crate::telemetry::flush_failed();
             Err(e.into())
         }
     }
+}
+
+/// Sets rows aside in `data_dir/rejected` and says so.
+fn set_aside(engine: &Engine, seq: u64, rows: &[(&UsageRow, &str)]) -> Result<(), FlushError> {
+    let path = crate::rejected::set_aside(&engine.rejected_dir, &engine.instance_id, seq, rows)?;
+    crate::telemetry::flush_rejected(rows.len());
+    tracing::error!(
+        rows = rows.len(),
+        flush_seq = seq,
+        file = %path.display(),
+        reason = rows.first().map(|r| r.1).unwrap_or_default(),
+        "the usage store refuses these rows; they are set aside for a human and not retried"
+    );
+    Ok(())
 }
 
 /// Flushes until nothing is pending (the pending epoch, then the current one).

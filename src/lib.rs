@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod limits;
 pub mod model;
 pub mod redis_link;
+pub mod rejected;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

@@ -13,6 +13,7 @@ pub const HTTP_DURATION: &str = "meterd_http_request_duration_seconds";
 pub const FLUSH_DURATION: &str = "meterd_flush_duration_seconds";
 pub const FLUSH_ROWS_TOTAL: &str = "meterd_flush_rows_total";
 pub const FLUSH_ERRORS_TOTAL: &str = "meterd_flush_errors_total";
+pub const FLUSH_REJECTED_ROWS_TOTAL: &str = "meterd_flush_rejected_rows_total";
 pub const FLUSH_LAG: &str = "meterd_flush_lag_seconds";
 pub const ACTIVE_COUNTERS: &str = "meterd_active_counters";
 pub const CUSTOMERS: &str = "meterd_customers";
@@ -116,6 +117,11 @@ pub fn rate_limited() {
 pub fn flush_done(rows: usize, seconds: f64) {
     metrics::counter!(FLUSH_ROWS_TOTAL).increment(rows as u64);
     metrics::histogram!(FLUSH_DURATION).record(seconds);
+}
+
+/// Rows the usage store refused, set aside in `data_dir/rejected`.
+pub fn flush_rejected(rows: usize) {
+    metrics::counter!(FLUSH_REJECTED_ROWS_TOTAL).increment(rows as u64);
 }
 
 pub fn flush_failed() {

@@ -148,3 +148,42 @@ async fn an_insert_whose_answer_is_lost_is_not_stored_twice() {
     server.stop().await;
     let _ = query(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
 }
+
+/// A row ClickHouse can never hold (a minute past 2106, which `DateTime`
+/// cannot store; ingest refuses such timestamps, so it is folded in directly
+/// here) is set aside on disk and reported, and the rest of the flush is stored:
+/// one bad row never blocks the flusher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstorable_row_is_set_aside_and_the_rest_is_stored() {
+    let Some(url) = clickhouse_url() else { return };
+    away_from_day_boundary().await;
+    let db = unique_db();
+    let server = TestServer::start(&config(&url, &db)).await;
+    let engine = &server.app().engine;
+    let meter = engine.catalog.meter_by_name("tokens").expect("meter");
+    let customer = engine.counters.interner.intern("far-future").expect("intern");
+    let year_2200 = 7_258_118_400_000;
+    engine.counters.apply(&[meterd::counters::Usage {
+        customer,
+        meter,
+        raw: 5,
+        ts: year_2200,
+        properties: &[],
+        props_hash: 0,
+        anchor: Default::default(),
+    }]);
+    let (body, total) = batch(7, 10);
+    assert_eq!(server.client().events(&body).await.status, 202);
+    meterd::flush::flush_all(engine).await.expect("the flush goes through");
+    assert_eq!(ch_sum(&url, &db).await, total, "the storable rows are stored");
+    let rejected: Vec<_> = std::fs::read_dir(server.data_dir().join("rejected")).expect("rejected dir").flatten().collect();
+    assert_eq!(rejected.len(), 1, "one file for the flush");
+    let text = std::fs::read_to_string(rejected[0].path()).expect("read");
+    assert_eq!(text.lines().count(), 1);
+    assert!(text.contains("far-future") && text.contains("DateTime"), "{text}");
+    let metrics = server.client().get("/metrics").await.text;
+    assert!(metrics.lines().any(|l| l.starts_with("meterd_flush_rejected_rows_total") && !l.ends_with(" 0")), "{metrics}");
+    // Nothing is pending: the next flush has nothing to retry.
+    assert!(engine.counters.buckets.flushing().is_none());
+    let _ = query(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
+}

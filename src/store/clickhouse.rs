@@ -227,7 +227,30 @@ struct ColumnRow {
 
 /// Maps a client error to [`StoreError::Io`], naming the operation.
 fn io(op: &'static str) -> impl Fn(::clickhouse::error::Error) -> StoreError {
-    move |e| StoreError::Io(format!("clickhouse {op}: {e}"))
+    move |e| classify(op, e)
+}
+
+/// Server exception codes that mean "this data is bad", not "try again":
+/// CANNOT_PARSE_TEXT (6), CANNOT_PARSE_INPUT_ASSERTION_FAILED (27), TYPE_MISMATCH
+/// (53), ARGUMENT_OUT_OF_BOUND (69), CANNOT_CONVERT_TYPE (70), INCORRECT_DATA
+/// (117), VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE (321). Everything else (network,
+/// timeouts, overload, a server restarting) is retried.
+const POISON_CODES: [u32; 7] = [6, 27, 53, 69, 70, 117, 321];
+
+/// Tells data the server refuses from failures worth retrying.
+fn classify(op: &'static str, e: ::clickhouse::error::Error) -> StoreError {
+    if let ::clickhouse::error::Error::BadResponse(message) = &e {
+        if exception_code(message).is_some_and(|code| POISON_CODES.contains(&code)) {
+            return StoreError::Rejected(format!("clickhouse {op}: {message}"));
+        }
+    }
+    StoreError::Io(format!("clickhouse {op}: {e}"))
+}
+
+/// The `Code: N` of a ClickHouse exception text.
+fn exception_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + 6..];
+    rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
 }
 
 /// Runs one request with [`REQUEST_TIMEOUT`].
@@ -284,7 +307,7 @@ fn encode_row(batch: &FlushBatch, row: &UsageRow) -> Result<MinuteRow, StoreErro
     const OP: &str = "write_flush";
     let minute = if row.minute_ms % 1000 == 0 { u32::try_from(row.minute_ms / 1000).ok() } else { None };
     let Some(minute) = minute else {
-        return Err(StoreError::Io(format!(
+        return Err(StoreError::Rejected(format!(
             "clickhouse {OP}: minute {} ms is not a storable DateTime (whole seconds, 1970..2106)",
             row.minute_ms
         )));
@@ -547,6 +570,11 @@ impl UsageStore for ClickHouseStore {
         self.max_of("flush_seq", instance_id, "max_flush_seq").await
     }
 
+    fn unstorable(&self, row: &UsageRow) -> Option<String> {
+        let fits = row.minute_ms % 1000 == 0 && u32::try_from(row.minute_ms / 1000).is_ok();
+        (!fits).then(|| format!("minute {} ms is not a storable DateTime (whole seconds, 1970..2106)", row.minute_ms))
+    }
+
     async fn wal_mark(&self, instance_id: &str) -> Result<WalMark, StoreError> {
         const OP: &str = "wal_mark";
         let sql = format!(
@@ -605,6 +633,18 @@ impl UsageStore for ClickHouseStore {
 mod tests {
     use super::super::suite::{self, flush, query, row, MINUTE, T0};
     use super::*;
+
+    #[test]
+    fn data_errors_are_poison_and_the_rest_is_retried() {
+        let bad = ::clickhouse::error::Error::BadResponse("Code: 53, e.displayText() = DB::Exception: Type mismatch".into());
+        assert!(matches!(classify("t", bad), StoreError::Rejected(_)));
+        let busy =
+            ::clickhouse::error::Error::BadResponse("Code: 202, e.displayText() = DB::Exception: Too many simultaneous queries".into());
+        assert!(matches!(classify("t", busy), StoreError::Io(_)));
+        assert!(matches!(classify("t", ::clickhouse::error::Error::TimedOut), StoreError::Io(_)));
+        assert_eq!(exception_code("Code: 321, e.displayText()"), Some(321));
+        assert_eq!(exception_code("no code here"), None);
+    }
     use std::time::{SystemTime, UNIX_EPOCH};
 
     /// The server `scripts/test` started, or `None` (the test is skipped).
@@ -913,7 +953,8 @@ mod tests {
         // Not whole seconds, before 1970, after 2106: nothing is written.
         for minute_ms in [T0 + 1, -MINUTE, (i64::from(u32::MAX) + 1) * 1000] {
             let bad = flush("x-inst", 1, vec![row("x.m", "x-c", T0, &[], 1, T0), row("x.m", "x-c", minute_ms, &[], 1, T0)]);
-            assert!(matches!(store.write_flush(&bad).await, Err(StoreError::Io(_))), "minute {minute_ms}");
+            assert!(store.unstorable(&bad.rows[1]).is_some() && store.unstorable(&bad.rows[0]).is_none(), "minute {minute_ms}");
+            assert!(matches!(store.write_flush(&bad).await, Err(StoreError::Rejected(_))), "minute {minute_ms}");
         }
         let huge = flush("x-inst", 1, vec![row("x.m", "x-c", T0, &[], 1, T0); MAX_FLUSH_ROWS + 1]);
         match store.write_flush(&huge).await {

@@ -27,6 +27,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store task failed: {0}")]
     Task(String),
+    /// The store refuses this data itself (not a transient failure): retrying
+    /// the same rows cannot help, so the flusher sets them aside.
+    #[error("the store refuses the data: {0}")]
+    Rejected(String),
 }
 
 /// One flushed aggregate: a (meter, customer, minute, properties) bucket.
@@ -153,6 +157,11 @@ impl UsageQuery {
 pub trait UsageStore: Send + Sync + 'static {
     /// Writes a flush atomically; a flush already stored is not written again.
     async fn write_flush(&self, batch: &FlushBatch) -> Result<(), StoreError>;
+    /// Why this store can never hold `row` (checked before a flush, so one bad
+    /// row is set aside instead of blocking every flush), or `None`.
+    fn unstorable(&self, _row: &UsageRow) -> Option<String> {
+        None
+    }
     /// Repairs what a crash may have left before the WAL replays (flushes stored
     /// in part); returns how many were removed. Stores with atomic writes have
     /// nothing to do.
