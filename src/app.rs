@@ -33,6 +33,8 @@ pub enum AppError {
     Timeout,
     #[error("a background task panicked: {0}")]
     Task(String),
+    #[error("Stripe reporter: {0}")]
+    Stripe(String),
 }
 
 /// A running meterd.
@@ -47,6 +49,8 @@ pub struct AppHandle {
     server: JoinHandle<()>,
     metrics_server: Option<JoinHandle<()>>,
     flusher: JoinHandle<Result<(), crate::flush::FlushError>>,
+    /// The Stripe reporter, when `[stripe]` is configured.
+    reporter: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     grace: Duration,
 }
 
@@ -71,6 +75,43 @@ fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError
     Ok(id)
 }
 
+/// Builds the Stripe reporter (not yet running) and its status board. The lease
+/// is Redis's when `[redis]` is configured (one reporter across instances), else
+/// local (embedded mode: this instance always reports).
+fn stripe_reporter(
+    config: &ValidConfig,
+    settings: &crate::config::StripeSettings,
+    engine: &Arc<Engine>,
+    ledger: Arc<dyn crate::store::LedgerStore>,
+    instance_id: &str,
+) -> Result<(Arc<crate::report::StatusBoard>, crate::report::Reporter), AppError> {
+    use crate::report::{Lease, LocalLease, RedisLease, Reporter, StatusBoard, StripeClient};
+    let lease_ttl = (settings.interval * 3).max(Duration::from_secs(10));
+    let redis_url = config.raw.redis.as_ref().and_then(|r| r.url.clone().or_else(|| r.urls.as_ref().and_then(|u| u.first().cloned())));
+    let lease: Arc<dyn Lease> = match (&config.raw.redis, redis_url) {
+        (Some(redis), Some(url)) => {
+            Arc::new(RedisLease::new(&url, &redis.key_prefix, instance_id, lease_ttl).map_err(|e| AppError::Stripe(e.to_string()))?)
+        }
+        _ => Arc::new(LocalLease),
+    };
+    let client = StripeClient::new(settings).map_err(|e| AppError::Stripe(e.to_string()))?;
+    let mode = match settings.mode {
+        crate::config::StripeMode::V1 => "v1",
+        crate::config::StripeMode::V2 => "v2",
+    };
+    let board = Arc::new(StatusBoard::new(mode, settings.period.as_str(), lease.kind()));
+    tracing::info!(
+        mode,
+        period = settings.period.as_str(),
+        api_base = %settings.api_base,
+        api_key_env = %settings.api_key_env,
+        lease = lease.kind(),
+        "Stripe reporting enabled"
+    );
+    let reporter = Reporter::new(engine.clone(), ledger, lease, client, settings.clone(), board.clone(), lease_ttl);
+    Ok((board, reporter))
+}
+
 impl AppHandle {
     /// Starts meterd with a validated config.
     pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
@@ -80,13 +121,15 @@ impl AppHandle {
         // Entitlements stay embedded until Redis; usage goes to ClickHouse when
         // configured, else to the same SQLite file.
         let sqlite = Arc::new(SqliteStore::open(&data_dir.join("meterd.sqlite"))?);
-        let (usage_store, flush_interval): (Arc<dyn crate::store::UsageStore>, Duration) = match &config.raw.clickhouse {
+        // The Stripe ledger lives in the same store as the usage it reports.
+        type Stores = (Arc<dyn crate::store::UsageStore>, Arc<dyn crate::store::LedgerStore>, Duration);
+        let (usage_store, ledger_store, flush_interval): Stores = match &config.raw.clickhouse {
             Some(ch) => {
-                let store = crate::store::clickhouse::ClickHouseStore::connect(&ch.url, &ch.database).await?;
+                let store = Arc::new(crate::store::clickhouse::ClickHouseStore::connect(&ch.url, &ch.database).await?);
                 tracing::info!(url = %ch.url, database = %ch.database, "usage store: ClickHouse");
-                (Arc::new(store), ch.flush_interval.0)
+                (store.clone(), store, ch.flush_interval.0)
             }
-            None => (sqlite.clone(), config.raw.storage.flush_interval.0),
+            None => (sqlite.clone(), sqlite.clone(), config.raw.storage.flush_interval.0),
         };
         let storage = &config.raw.storage;
         let wal_config = crate::wal::WalConfig {
@@ -97,12 +140,17 @@ impl AppHandle {
         };
         let engine = Arc::new(Engine::start(&config, instance_id.clone(), usage_store, sqlite, wal_config).await?);
         let prometheus = crate::telemetry::prometheus();
+        let stripe = match &config.stripe {
+            None => None,
+            Some(settings) => Some(stripe_reporter(&config, settings, &engine, ledger_store, &instance_id)?),
+        };
         let state = Arc::new(HttpState {
             engine: engine.clone(),
             auth: http::auth::Auth::new(&config.keys),
             max_body: config.raw.ingest.max_body_bytes,
             prometheus,
             shutting_down: false.into(),
+            stripe: stripe.as_ref().map(|(board, _)| board.clone()),
         });
         if !state.auth.enabled() {
             tracing::warn!(listen = %config.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
@@ -121,6 +169,10 @@ impl AppHandle {
         };
         let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
         let flusher = tokio::spawn(crate::flush::run(engine.clone(), flush_interval, flusher_rx));
+        let reporter = stripe.map(|(_, reporter)| {
+            let (stop, stop_rx) = watch::channel(false);
+            (stop, tokio::spawn(reporter.run(stop_rx)))
+        });
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {
             addr,
@@ -132,6 +184,7 @@ impl AppHandle {
             server,
             metrics_server,
             flusher,
+            reporter,
             grace: config.raw.server.shutdown_grace.0,
         })
     }
@@ -165,6 +218,10 @@ impl AppHandle {
                     server.abort();
                 }
             }
+        }
+        if let Some((stop, reporter)) = self.reporter {
+            let _ = stop.send(true);
+            reporter.await.map_err(|e| AppError::Task(e.to_string()))?;
         }
         let _ = self.flusher_stop.send(true);
         self.flusher.await.map_err(|e| AppError::Task(e.to_string()))??;

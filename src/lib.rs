@@ -16,6 +16,7 @@ pub mod http;
 pub mod ingest;
 pub mod limits;
 pub mod model;
+pub mod report;
 pub mod store;
 pub mod telemetry;
 pub mod wal;
