@@ -95,7 +95,6 @@ impl Reporter {
         let interval = self.settings.interval;
         let mut failures: u32 = 0;
         let mut first = true;
-        crate::telemetry::stripe_unauthorized(false);
         loop {
             let wait = if first { Duration::ZERO } else { crate::flush::backoff(interval, failures) };
             first = false;

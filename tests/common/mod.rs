@@ -5,6 +5,7 @@
 
 pub mod mount;
 pub mod process;
+pub mod stripe_fake;
 
 use bytes::Bytes;
 use chrono::{Datelike, TimeZone, Utc};
