@@ -138,7 +138,10 @@ async fn wait_status_settled(c: &Client) -> Value {
     loop {
         let s = status(c).await;
         let settled = s["meters"].as_array().is_some_and(|ms| {
-            !ms.is_empty() && ms.iter().all(|m| m["pending"] == 0 && m["stored"] == m["reported"].as_i64().unwrap_or(-1) + m["failed"].as_i64().unwrap_or(0))
+            !ms.is_empty()
+                && ms
+                    .iter()
+                    .all(|m| m["pending"] == 0 && m["stored"] == m["reported"].as_i64().unwrap_or(-1) + m["failed"].as_i64().unwrap_or(0))
         });
         if settled || Instant::now() > deadline {
             return s;
@@ -182,11 +185,8 @@ async fn v1_totals_exact_after_faults_late_usage_and_a_decrease() {
         events.push(ev(&format!("a1-{k}"), "c1", "api_calls", json!(1), t));
     }
     ingest(&c, events).await;
-    let mut expected = BTreeMap::from([
-        (key("tokens", "cus_1"), want_tokens_c1),
-        (key("tokens", "cus_2"), 35),
-        (key("interview_minutes", "cus_1"), 10),
-    ]);
+    let mut expected =
+        BTreeMap::from([(key("tokens", "cus_1"), want_tokens_c1), (key("tokens", "cus_2"), 35), (key("interview_minutes", "cus_1"), 10)]);
     wait_totals(&fake, &expected).await;
     {
         let s = fake.lock();
@@ -234,7 +234,12 @@ async fn v1_totals_exact_after_faults_late_usage_and_a_decrease() {
     assert_eq!(meter_status(&s, "seats")["reported"], 4, "{s}");
     assert!(!s.to_string().contains(GOOD_KEY));
     let metrics = c.get("/metrics").await.text;
-    for name in ["meterd_stripe_events_sent_total", "meterd_stripe_duplicates_total", "meterd_stripe_events_cancelled_total", "meterd_stripe_lag_seconds"] {
+    for name in [
+        "meterd_stripe_events_sent_total",
+        "meterd_stripe_duplicates_total",
+        "meterd_stripe_events_cancelled_total",
+        "meterd_stripe_lag_seconds",
+    ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
     server.stop().await;
@@ -263,13 +268,14 @@ async fn v2_totals_exact_in_batches_of_100_across_session_expiry_and_faults() {
     ingest(&c, events).await;
     let expected = BTreeMap::from([(key("tokens", "cus_1"), want1), (key("tokens", "cus_2"), want2)]);
     wait_totals(&fake, &expected).await;
-    let s = fake.lock();
-    assert!(s.violations.is_empty(), "{:?}", s.violations);
-    assert_eq!(s.events.len(), 260, "one event per customer and minute");
-    assert_eq!(s.max_batch, 100, "batches are filled up to Stripe's cap and never above");
-    assert!(s.stream_requests >= 3, "{} stream requests", s.stream_requests);
-    assert!(s.sessions_opened >= 2, "a new session after expiry ({} opened)", s.sessions_opened);
-    drop(s);
+    {
+        let s = fake.lock();
+        assert!(s.violations.is_empty(), "{:?}", s.violations);
+        assert_eq!(s.events.len(), 260, "one event per customer and minute");
+        assert_eq!(s.max_batch, 100, "batches are filled up to Stripe's cap and never above");
+        assert!(s.stream_requests >= 3, "{} stream requests", s.stream_requests);
+        assert!(s.sessions_opened >= 2, "a new session after expiry ({} opened)", s.sessions_opened);
+    }
     let st = wait_status_settled(&c).await;
     assert_eq!(meter_status(&st, "tokens")["reported"], want1 + want2, "{st}");
     server.stop().await;
@@ -316,7 +322,8 @@ async fn periods_older_than_stripe_accepts_are_recorded_failed_not_sent() {
     let c = server.client();
     link(&c, "c1", "cus_1").await;
     let old = minute_ago(36 * 24 * 60);
-    ingest(&c, vec![ev("old-1", "c1", "tokens", json!(9), old + 1_000), ev("new-1", "c1", "tokens", json!(3), minute_ago(2) + 1_000)]).await;
+    ingest(&c, vec![ev("old-1", "c1", "tokens", json!(9), old + 1_000), ev("new-1", "c1", "tokens", json!(3), minute_ago(2) + 1_000)])
+        .await;
     wait_totals(&fake, &BTreeMap::from([(key("tokens", "cus_1"), 3)])).await;
     let s = wait_status_settled(&c).await;
     let tokens = meter_status(&s, "tokens");
@@ -335,7 +342,8 @@ fn spawn_meterd(dir: &std::path::Path, config_text: &str, port: u16, tag: &str) 
     let log = dir.join(format!("meterd-{tag}.log"));
     let out = std::fs::File::create(&log).expect("log file");
     let err = out.try_clone().expect("log file");
-    let child = meterd_command(&path).env(GOOD_ENV, GOOD_KEY).stdout(Stdio::from(out)).stderr(Stdio::from(err)).spawn().expect("spawn meterd");
+    let child =
+        meterd_command(&path).env(GOOD_ENV, GOOD_KEY).stdout(Stdio::from(out)).stderr(Stdio::from(err)).spawn().expect("spawn meterd");
     Proc { child, log }
 }
 
@@ -368,8 +376,12 @@ async fn sigkill_mid_report(mode: &str) {
     ingest(&c, events).await;
     let threshold = if mode == "v1" { 40 } else { 100 };
     wait_until(|| fake.lock().events.len() >= threshold).await;
+    // Hold the next answer: the kill lands after Stripe took a request and
+    // before meterd heard back (so before its ledger row was written).
+    fake.lock().delay = Duration::from_secs(30);
+    wait_until(|| fake.lock().held >= 1).await;
     let before = fake.lock().events.len();
-    assert!(before >= threshold && before < 300, "the kill must land mid-report ({before} of 300 events at Stripe)");
+    assert!(fake.lock().held >= 1 && before < 300, "the kill must land mid-report ({before} of 300 events at Stripe)");
     let _ = p.child.kill();
     let _ = p.child.wait();
 
@@ -377,10 +389,12 @@ async fn sigkill_mid_report(mode: &str) {
     let mut p = spawn_meterd(dir.path(), &text, port, "2");
     wait_healthy(&mut p, addr).await;
     wait_totals(&fake, &want).await;
-    let s = fake.lock();
-    assert!(s.violations.is_empty(), "{:?}", s.violations);
-    assert_eq!(s.events.len(), 300, "each customer-minute once");
-    drop(s);
+    {
+        let s = fake.lock();
+        assert!(s.violations.is_empty(), "{:?}", s.violations);
+        assert_eq!(s.events.len(), 300, "each customer-minute once");
+        assert!(s.duplicates >= 1, "the restarted reporter resent what was in flight at the kill, and Stripe knew it");
+    }
     let st = wait_status_settled(&c).await;
     assert_eq!(meter_status(&st, "tokens")["reported"], want.values().sum::<i64>(), "{st}");
     p.sigterm();

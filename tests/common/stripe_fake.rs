@@ -45,8 +45,10 @@ pub struct FakeState {
     pub events: BTreeMap<String, FakeEvent>,
     pub cancelled: HashSet<String>,
     pub faults: VecDeque<Fault>,
-    /// Applied to every request.
+    /// Every answer waits this long after its request was processed.
     pub delay: Duration,
+    /// Requests processed and then held for a second or more (answer pending).
+    pub held: u64,
     pub violations: Vec<String>,
     pub duplicates: u64,
     pub unauthorized: u64,
@@ -90,9 +92,8 @@ impl StripeFake {
                 let state = shared.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
                 });
             }
         });
@@ -173,7 +174,13 @@ fn timestamp_ok(ts: i64) -> bool {
 }
 
 /// Validates one event; `Err` names the problem.
-fn validate(event_name: Option<&str>, customer: Option<&str>, value: Option<&str>, identifier: Option<&str>, ts: Option<i64>) -> Result<FakeEvent, String> {
+fn validate(
+    event_name: Option<&str>,
+    customer: Option<&str>,
+    value: Option<&str>,
+    identifier: Option<&str>,
+    ts: Option<i64>,
+) -> Result<FakeEvent, String> {
     let event_name = event_name.filter(|e| !e.is_empty() && e.len() <= 100).ok_or("event_name missing or too long")?;
     let customer = customer.filter(|c| c.starts_with("cus_")).ok_or("payload[stripe_customer_id] missing or malformed")?;
     let value = value.and_then(whole_number).ok_or("payload[value] is not a whole number")?;
@@ -197,18 +204,26 @@ fn bearer(req_headers: &hyper::HeaderMap) -> Option<String> {
 async fn handle(state: Arc<Mutex<FakeState>>, req: Request<Incoming>) -> Answer {
     let (parts, body) = req.into_parts();
     let body = body.collect().await?.to_bytes();
-    let (fault, delay) = {
+    let fault = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         s.requests += 1;
-        (s.faults.pop_front(), s.delay)
+        s.faults.pop_front()
     };
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
     if let Some(Fault::Status(status)) = fault {
         return Ok(respond(status, json!({"error": {"type": "api_error", "message": "injected"}}), None));
     }
     let answer = process(&state, &parts, &body);
+    // Processed, answer not yet given: the ambiguous window a crash can hit.
+    let delay = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.delay >= Duration::from_secs(1) {
+            s.held += 1;
+        }
+        s.delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     match fault {
         Some(Fault::CloseAfterProcessing) => Err("closing after processing (injected)".into()),
         Some(Fault::Slow(d)) => {
@@ -336,10 +351,11 @@ fn process(state: &Arc<Mutex<FakeState>>, parts: &hyper::http::request::Parts, b
             s.max_batch = s.max_batch.max(parsed.len());
             for (id, ev) in parsed {
                 // v2 validates asynchronously: a repeated identifier is dropped.
-                if s.events.contains_key(&id) {
-                    s.duplicates += 1;
-                } else {
-                    s.events.insert(id, ev);
+                match s.events.entry(id) {
+                    std::collections::btree_map::Entry::Occupied(_) => s.duplicates += 1,
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(ev);
+                    }
                 }
             }
             s.stream_requests += 1;
