@@ -132,18 +132,21 @@ fn meter_status<'a>(status: &'a Value, meter: &str) -> &'a Value {
     status["meters"].as_array().and_then(|m| m.iter().find(|m| m["meter"] == meter)).unwrap_or(&Value::Null)
 }
 
-/// Waits until the status shows every Stripe meter fully reported.
-async fn wait_status_settled(c: &Client) -> Value {
+/// Waits until the status shows `meter` with `stored` units and every Stripe
+/// meter fully reported (a status from a run before the usage was stored would
+/// also look settled: hence `stored`).
+async fn wait_status_settled(c: &Client, meter: &str, stored: i64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = status(c).await;
         let settled = s["meters"].as_array().is_some_and(|ms| {
             !ms.is_empty()
-                && ms
-                    .iter()
-                    .all(|m| m["pending"] == 0 && m["stored"] == m["reported"].as_i64().unwrap_or(-1) + m["failed"].as_i64().unwrap_or(0))
+                && ms.iter().all(|m| {
+                    m["pending"] == 0
+                        && m["stored"].as_i64() == Some(m["reported"].as_i64().unwrap_or(-1) + m["failed"].as_i64().unwrap_or(0))
+                })
         });
-        if settled || Instant::now() > deadline {
+        if (settled && meter_status(&s, meter)["stored"] == stored) || Instant::now() > deadline {
             return s;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -223,7 +226,7 @@ async fn v1_totals_exact_after_faults_late_usage_and_a_decrease() {
     assert_eq!(fake.lock().cancelled.len(), 1, "the first seats event was cancelled");
 
     // The status shows everything reported; c3's usage as unmapped.
-    let s = wait_status_settled(&c).await;
+    let s = wait_status_settled(&c, "tokens", want_tokens_c1 + 5 + 35).await;
     assert_eq!(s["state"], "reporting", "{s}");
     let tokens = meter_status(&s, "tokens");
     assert_eq!(tokens["stored"], want_tokens_c1 + 5 + 35, "{s}");
@@ -276,7 +279,7 @@ async fn v2_totals_exact_in_batches_of_100_across_session_expiry_and_faults() {
         assert!(s.stream_requests >= 3, "{} stream requests", s.stream_requests);
         assert!(s.sessions_opened >= 2, "a new session after expiry ({} opened)", s.sessions_opened);
     }
-    let st = wait_status_settled(&c).await;
+    let st = wait_status_settled(&c, "tokens", want1 + want2).await;
     assert_eq!(meter_status(&st, "tokens")["reported"], want1 + want2, "{st}");
     server.stop().await;
 }
@@ -325,7 +328,7 @@ async fn periods_older_than_stripe_accepts_are_recorded_failed_not_sent() {
     ingest(&c, vec![ev("old-1", "c1", "tokens", json!(9), old + 1_000), ev("new-1", "c1", "tokens", json!(3), minute_ago(2) + 1_000)])
         .await;
     wait_totals(&fake, &BTreeMap::from([(key("tokens", "cus_1"), 3)])).await;
-    let s = wait_status_settled(&c).await;
+    let s = wait_status_settled(&c, "tokens", 12).await;
     let tokens = meter_status(&s, "tokens");
     assert_eq!((tokens["failed"].as_i64(), tokens["reported"].as_i64(), tokens["pending"].as_i64()), (Some(9), Some(3), Some(0)), "{s}");
     assert!(fake.lock().violations.is_empty(), "nothing outside Stripe's window was sent: {:?}", fake.lock().violations);
@@ -352,8 +355,11 @@ fn spawn_meterd(dir: &std::path::Path, config_text: &str, port: u16, tag: &str) 
 async fn sigkill_mid_report(mode: &str) {
     keys();
     let fake = StripeFake::start(GOOD_KEY).await;
-    // Slow enough that the kill lands mid-report.
-    fake.lock().delay = Duration::from_millis(if mode == "v1" { 15 } else { 300 });
+    // Once `threshold` events are in, Stripe holds every answer: the kill lands
+    // after Stripe took a request and before meterd heard back (so before its
+    // ledger row was written).
+    let threshold = if mode == "v1" { 40 } else { 100 };
+    fake.lock().hold_from_events = Some(threshold);
     fake.fault(&[Fault::CloseAfterProcessing]);
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
@@ -374,18 +380,13 @@ async fn sigkill_mid_report(mode: &str) {
         }
     }
     ingest(&c, events).await;
-    let threshold = if mode == "v1" { 40 } else { 100 };
-    wait_until(|| fake.lock().events.len() >= threshold).await;
-    // Hold the next answer: the kill lands after Stripe took a request and
-    // before meterd heard back (so before its ledger row was written).
-    fake.lock().delay = Duration::from_secs(30);
     wait_until(|| fake.lock().held >= 1).await;
     let before = fake.lock().events.len();
     assert!(fake.lock().held >= 1 && before < 300, "the kill must land mid-report ({before} of 300 events at Stripe)");
     let _ = p.child.kill();
     let _ = p.child.wait();
 
-    fake.lock().delay = Duration::ZERO;
+    fake.lock().hold_from_events = None;
     let mut p = spawn_meterd(dir.path(), &text, port, "2");
     wait_healthy(&mut p, addr).await;
     wait_totals(&fake, &want).await;
@@ -395,7 +396,7 @@ async fn sigkill_mid_report(mode: &str) {
         assert_eq!(s.events.len(), 300, "each customer-minute once");
         assert!(s.duplicates >= 1, "the restarted reporter resent what was in flight at the kill, and Stripe knew it");
     }
-    let st = wait_status_settled(&c).await;
+    let st = wait_status_settled(&c, "tokens", want.values().sum::<i64>()).await;
     assert_eq!(meter_status(&st, "tokens")["reported"], want.values().sum::<i64>(), "{st}");
     p.sigterm();
     p.wait_exit(Duration::from_secs(20)).await;
@@ -412,4 +413,27 @@ async fn v1_sigkill_mid_report_totals_exact_after_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_sigkill_mid_report_totals_exact_after_restart() {
     sigkill_mid_report("v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_needs_the_admin_scope_and_says_when_reporting_is_off() {
+    keys();
+    let fake = StripeFake::start(GOOD_KEY).await;
+    let auth = format!(
+        "[[auth.keys]]\nname = \"admin\"\nkey_sha256 = \"{}\"\nscopes = [\"admin\"]\n[[auth.keys]]\nname = \"reader\"\nkey_sha256 = \"{}\"\nscopes = [\"read\", \"ingest\", \"check\"]\n",
+        hex::encode(meterd::config::sha256_of(b"admin-secret")),
+        hex::encode(meterd::config::sha256_of(b"reader-secret")),
+    );
+    let server = TestServer::start(&format!("{}{auth}", config(&fake, "v1", GOOD_ENV, ""))).await;
+    let c = server.client();
+    assert_eq!(c.get("/v1/stripe/status").await.status, 401);
+    assert_eq!(c.with_token("reader-secret").get("/v1/stripe/status").await.status, 403);
+    let r = c.with_token("admin-secret").get("/v1/stripe/status").await;
+    assert_eq!((r.status.as_u16(), r.body["enabled"].clone(), r.body["mode"].clone()), (200, json!(true), json!("v1")), "{}", r.text);
+    server.stop().await;
+
+    let plain = "[[meters]]\nname = \"tokens\"\n[[plans]]\nname = \"p\"\ndefault = true\n";
+    let server = TestServer::start(plain).await;
+    assert_eq!(status(&server.client()).await, json!({"enabled": false}));
+    server.stop().await;
 }

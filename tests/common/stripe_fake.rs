@@ -49,6 +49,9 @@ pub struct FakeState {
     pub delay: Duration,
     /// Requests processed and then held for a second or more (answer pending).
     pub held: u64,
+    /// Once this many events are held, every answer is held for 30 s after its
+    /// request was processed (where a crash makes the ambiguous case).
+    pub hold_from_events: Option<usize>,
     pub violations: Vec<String>,
     pub duplicates: u64,
     pub unauthorized: u64,
@@ -216,10 +219,11 @@ async fn handle(state: Arc<Mutex<FakeState>>, req: Request<Incoming>) -> Answer 
     // Processed, answer not yet given: the ambiguous window a crash can hit.
     let delay = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-        if s.delay >= Duration::from_secs(1) {
+        let delay = if s.hold_from_events.is_some_and(|n| s.events.len() >= n) { Duration::from_secs(30) } else { s.delay };
+        if delay >= Duration::from_secs(1) {
             s.held += 1;
         }
-        s.delay
+        delay
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
