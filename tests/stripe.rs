@@ -156,6 +156,8 @@ async fn wait_status_settled(c: &Client, meter: &str, stored: i64) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_totals_exact_after_faults_late_usage_and_a_decrease() {
     keys();
+    // One base minute per test: events keep their minute whatever the clock does.
+    let base = minute_ago(0);
     let fake = StripeFake::start(GOOD_KEY).await;
     // Each fault hits one request; the ambiguous ones (processed, answer lost or
     // late) make the retry meet Stripe's "already exists".
@@ -175,7 +177,7 @@ async fn v1_totals_exact_after_faults_late_usage_and_a_decrease() {
     let mut events = Vec::new();
     let mut want_tokens_c1 = 0;
     for k in 2..=6 {
-        let t = minute_ago(k) + 1_000;
+        let t = base - k * MINUTE + 1_000;
         events.push(ev(&format!("t1-{k}"), "c1", "tokens", json!(k * 10 + 1), t));
         want_tokens_c1 += k * 10 + 1;
         events.push(ev(&format!("t2-{k}"), "c2", "tokens", json!(7), t));
@@ -201,7 +203,7 @@ async fn v1_totals_exact_after_faults_late_usage_and_a_decrease() {
     }
 
     // Late usage for a reported minute: a new delta with the next identifier.
-    let late_minute = minute_ago(3);
+    let late_minute = base - 3 * MINUTE;
     ingest(&c, vec![ev("late-1", "c1", "tokens", json!(5), late_minute + 30_000)]).await;
     *expected.entry(key("tokens", "cus_1")).or_insert(0) += 5;
     wait_totals(&fake, &expected).await;
@@ -216,7 +218,7 @@ async fn v1_totals_exact_after_faults_late_usage_and_a_decrease() {
     assert_eq!(deltas.len(), 2, "the late usage went as its own event: {deltas:?}");
 
     // A gauge going down in a reported minute: cancelled and sent again.
-    let g = minute_ago(4);
+    let g = base - 4 * MINUTE;
     ingest(&c, vec![ev("seat-1", "c1", "seats", json!(10), g + 1_000)]).await;
     expected.insert(key("seats", "cus_1"), 10);
     wait_totals(&fake, &expected).await;
@@ -251,6 +253,8 @@ async fn v1_totals_exact_after_faults_late_usage_and_a_decrease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_totals_exact_in_batches_of_100_across_session_expiry_and_faults() {
     keys();
+    // One base minute per test: events keep their minute whatever the clock does.
+    let base = minute_ago(0);
     let fake = StripeFake::start(GOOD_KEY).await;
     fake.lock().expire_sessions_after = Some(1);
     fake.fault(&[Fault::Status(500), Fault::CloseAfterProcessing, Fault::Status(429), Fault::Slow(Duration::from_millis(1500))]);
@@ -261,7 +265,7 @@ async fn v2_totals_exact_in_batches_of_100_across_session_expiry_and_faults() {
     let mut events = Vec::new();
     let (mut want1, mut want2) = (0, 0);
     for k in 2..=131 {
-        let t = minute_ago(k) + 500;
+        let t = base - k * MINUTE + 500;
         events.push(ev(&format!("v2a-{k}"), "c1", "tokens", json!(k), t));
         events.push(ev(&format!("v2b-{k}"), "c2", "tokens", json!(1), t));
         events.push(ev(&format!("v2c-{k}"), "nobody", "tokens", json!(1000), t));
@@ -287,11 +291,13 @@ async fn v2_totals_exact_in_batches_of_100_across_session_expiry_and_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_key_stops_the_reporter_while_ingest_and_checks_go_on() {
     keys();
+    // One base minute per test: events keep their minute whatever the clock does.
+    let base = minute_ago(0);
     let fake = StripeFake::start(GOOD_KEY).await;
     let server = TestServer::start(&config(&fake, "v1", BAD_ENV, "")).await;
     let c = server.client();
     link(&c, "c1", "cus_1").await;
-    ingest(&c, vec![ev("bk-1", "c1", "tokens", json!(3), minute_ago(2))]).await;
+    ingest(&c, vec![ev("bk-1", "c1", "tokens", json!(3), base - 2 * MINUTE)]).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut s = status(&c).await;
     while s["state"] != "stopped_unauthorized" && Instant::now() < deadline {
@@ -320,13 +326,18 @@ async fn bad_key_stops_the_reporter_while_ingest_and_checks_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periods_older_than_stripe_accepts_are_recorded_failed_not_sent() {
     keys();
+    // One base minute per test: events keep their minute whatever the clock does.
+    let base = minute_ago(0);
     let fake = StripeFake::start(GOOD_KEY).await;
     let server = TestServer::start(&config(&fake, "v1", GOOD_ENV, "[ingest]\nmax_lateness = \"40d\"")).await;
     let c = server.client();
     link(&c, "c1", "cus_1").await;
-    let old = minute_ago(36 * 24 * 60);
-    ingest(&c, vec![ev("old-1", "c1", "tokens", json!(9), old + 1_000), ev("new-1", "c1", "tokens", json!(3), minute_ago(2) + 1_000)])
-        .await;
+    let old = base - 36 * 24 * 60 * MINUTE;
+    ingest(
+        &c,
+        vec![ev("old-1", "c1", "tokens", json!(9), old + 1_000), ev("new-1", "c1", "tokens", json!(3), (base - 2 * MINUTE) + 1_000)],
+    )
+    .await;
     wait_totals(&fake, &BTreeMap::from([(key("tokens", "cus_1"), 3)])).await;
     let s = wait_status_settled(&c, "tokens", 12).await;
     let tokens = meter_status(&s, "tokens");
@@ -354,6 +365,8 @@ fn spawn_meterd(dir: &std::path::Path, config_text: &str, port: u16, tag: &str) 
 /// totals: nothing lost, nothing twice.
 async fn sigkill_mid_report(mode: &str) {
     keys();
+    // One base minute per test: events keep their minute whatever the clock does.
+    let base = minute_ago(0);
     let fake = StripeFake::start(GOOD_KEY).await;
     // Once `threshold` events are in, Stripe holds every answer: the kill lands
     // after Stripe took a request and before meterd heard back (so before its
@@ -373,7 +386,7 @@ async fn sigkill_mid_report(mode: &str) {
     let mut events = Vec::new();
     let mut want = BTreeMap::new();
     for k in 2..=151 {
-        let t = minute_ago(k) + 2_000;
+        let t = base - k * MINUTE + 2_000;
         for (customer, sid, q) in [("c1", "cus_1", k), ("c2", "cus_2", 2)] {
             events.push(ev(&format!("k-{customer}-{k}"), customer, "tokens", json!(q), t));
             *want.entry(key("tokens", sid)).or_insert(0) += q;
@@ -435,5 +448,31 @@ async fn status_needs_the_admin_scope_and_says_when_reporting_is_off() {
     let plain = "[[meters]]\nname = \"tokens\"\n[[plans]]\nname = \"p\"\ndefault = true\n";
     let server = TestServer::start(plain).await;
     assert_eq!(status(&server.client()).await, json!({"enabled": false}));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_usage_between_a_lost_answer_and_the_resend_is_not_lost() {
+    keys();
+    // One base minute per test: events keep their minute whatever the clock does.
+    let base = minute_ago(0);
+    let fake = StripeFake::start(GOOD_KEY).await;
+    // Stripe takes the first event but the answer is lost, and the next four
+    // attempts fail: the run gives up with the outcome unknown.
+    fake.fault(&[Fault::CloseAfterProcessing, Fault::Status(500), Fault::Status(500), Fault::Status(500), Fault::Status(500)]);
+    let server = TestServer::start(&config(&fake, "v1", GOOD_ENV, "")).await;
+    let c = server.client();
+    link(&c, "c1", "cus_1").await;
+    let t = base - 3 * MINUTE;
+    ingest(&c, vec![ev("lost-1", "c1", "tokens", json!(10), t + 1_000)]).await;
+    wait_until(|| fake.lock().events.len() == 1).await;
+    // Late usage for the same minute arrives before the resend.
+    ingest(&c, vec![ev("lost-2", "c1", "tokens", json!(4), t + 2_000)]).await;
+    wait_totals(&fake, &BTreeMap::from([(key("tokens", "cus_1"), 14)])).await;
+    let values: Vec<i64> = fake.lock().events.values().map(|e| e.value).collect();
+    assert_eq!(values.len(), 2, "the lost event was resent as it was, the late usage went as its own delta: {values:?}");
+    assert!(fake.lock().duplicates >= 1, "the resend met Stripe's duplicate answer");
+    let s = wait_status_settled(&c, "tokens", 14).await;
+    assert_eq!(meter_status(&s, "tokens")["reported"], 14, "{s}");
     server.stop().await;
 }

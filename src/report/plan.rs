@@ -16,6 +16,13 @@
 //!   otherwise the excess is *overreported*: surfaced (metric, log, status) for a
 //!   human, since Stripe cannot take it back.
 //!
+//! Every event is written to the ledger as `pending` (identifier and value)
+//! before it is sent, and confirmed (`sent` or `failed`) after. A pending event
+//! without a confirmation (the answer was lost, meterd crashed) is resent with
+//! the *same* value before anything new is planned for its period: a recomputed
+//! value under the same identifier would be dropped by Stripe as a duplicate and
+//! the ledger would then disagree with Stripe.
+//!
 //! Customers without a `stripe_customer_id` are never sent; their units show as
 //! `unmapped` in the status.
 
@@ -95,11 +102,57 @@ pub struct MeterSummary {
 /// What one meter needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeterPlan {
+    /// Pending events whose outcome is unknown: resend exactly as recorded.
+    pub resends: Vec<Delta>,
     pub sends: Vec<Delta>,
     pub too_old: Vec<Delta>,
     pub cancels: Vec<Cancel>,
     pub overreports: Vec<Overreport>,
     pub summary: MeterSummary,
+}
+
+/// What became of one identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Recorded as pending, no answer recorded: may or may not be at Stripe.
+    InFlight,
+    Sent,
+    Failed,
+}
+
+/// One identifier's event: its value (from its first record) and outcome.
+struct Event<'a> {
+    row: &'a LedgerRow,
+    value: i64,
+    outcome: Outcome,
+    /// When Stripe took it (the `sent` row), for the cancel window.
+    sent_at_ms: i64,
+}
+
+/// The events of one (customer, period), from its ledger rows (cancellations aside).
+fn events_of<'a>(rows: &[&'a LedgerRow]) -> Vec<Event<'a>> {
+    let mut by_id: BTreeMap<&str, Event<'a>> = BTreeMap::new();
+    for r in rows.iter().copied() {
+        if r.kind == LedgerKind::Cancelled {
+            continue;
+        }
+        let e =
+            by_id.entry(r.identifier.as_str()).or_insert(Event { row: r, value: r.value, outcome: Outcome::InFlight, sent_at_ms: r.at_ms });
+        // The pending record carries the value that was sent; keep it.
+        if r.kind == LedgerKind::Pending {
+            e.row = r;
+            e.value = r.value;
+        }
+        match r.kind {
+            LedgerKind::Sent => {
+                e.outcome = Outcome::Sent;
+                e.sent_at_ms = r.at_ms;
+            }
+            LedgerKind::Failed => e.outcome = Outcome::Failed,
+            LedgerKind::Pending | LedgerKind::Cancelled => {}
+        }
+    }
+    by_id.into_values().collect()
 }
 
 /// Per (customer, period): the stored raw total and the ledger rows.
@@ -131,21 +184,37 @@ pub fn plan_meter(
     let scale = scale.max(1);
     for ((customer, period_start_ms), slot) in slots {
         let target = slot.raw.max(0).div_euclid(scale);
-        let accounted: i64 = slot.rows.iter().map(|r| r.value).sum();
-        let failed: i64 = slot.rows.iter().filter(|r| r.kind == LedgerKind::Failed).map(|r| r.value).sum();
+        let events = events_of(&slot.rows);
+        let cancelled: i64 = slot.rows.iter().filter(|r| r.kind == LedgerKind::Cancelled).map(|r| r.value).sum();
+        let accounted: i64 = events.iter().map(|e| e.value).sum::<i64>() + cancelled;
+        let failed: i64 = events.iter().filter(|e| e.outcome == Outcome::Failed).map(|e| e.value).sum();
+        let in_flight: Vec<&Event<'_>> = events.iter().filter(|e| e.outcome == Outcome::InFlight).collect();
         let next_n = slot.rows.iter().map(|r| r.n.saturating_add(1)).max().unwrap_or(0);
-        let sid = stripe_id(customer);
         let s = &mut plan.summary;
-        let Some(sid) = sid else {
+        s.reported += accounted - failed - in_flight.iter().map(|e| e.value).sum::<i64>();
+        s.failed += failed;
+        let Some(sid) = stripe_id(customer) else {
             // Never reported; anything in the ledger stays as it was.
             s.unmapped += target;
-            s.reported += accounted - failed;
-            s.failed += failed;
             continue;
         };
         s.stored += target;
-        s.reported += accounted - failed;
-        s.failed += failed;
+        if !in_flight.is_empty() {
+            // Settle what may already be at Stripe before planning anything new.
+            for e in in_flight {
+                s.pending += e.value;
+                plan.resends.push(Delta {
+                    customer: customer.to_string(),
+                    stripe_customer_id: e.row.stripe_customer_id.clone(),
+                    period_start_ms,
+                    n: e.row.n,
+                    identifier: e.row.identifier.clone(),
+                    value: e.value,
+                });
+            }
+            s.oldest_pending_ms = Some(s.oldest_pending_ms.map_or(period_start_ms, |o| o.min(period_start_ms)));
+            continue;
+        }
         let delta = target - accounted;
         if delta > 0 {
             let d = Delta {
@@ -164,20 +233,20 @@ pub fn plan_meter(
                 plan.sends.push(d);
             }
         } else if delta < 0 {
-            let cancelled: HashSet<&str> =
+            let cancelled_ids: HashSet<&str> =
                 slot.rows.iter().filter(|r| r.kind == LedgerKind::Cancelled).map(|r| r.identifier.as_str()).collect();
-            let outstanding: Vec<&&LedgerRow> =
-                slot.rows.iter().filter(|r| r.kind == LedgerKind::Sent && !cancelled.contains(r.identifier.as_str())).collect();
-            let cancellable = !outstanding.is_empty() && outstanding.iter().all(|r| r.at_ms >= now_ms - CANCEL_WINDOW_MS);
+            let outstanding: Vec<&Event<'_>> =
+                events.iter().filter(|e| e.outcome == Outcome::Sent && !cancelled_ids.contains(e.row.identifier.as_str())).collect();
+            let cancellable = !outstanding.is_empty() && outstanding.iter().all(|e| e.sent_at_ms >= now_ms - CANCEL_WINDOW_MS);
             if cancellable {
                 s.oldest_pending_ms = Some(s.oldest_pending_ms.map_or(period_start_ms, |o| o.min(period_start_ms)));
-                plan.cancels.extend(outstanding.into_iter().map(|r| Cancel {
+                plan.cancels.extend(outstanding.into_iter().map(|e| Cancel {
                     customer: customer.to_string(),
-                    stripe_customer_id: r.stripe_customer_id.clone(),
+                    stripe_customer_id: e.row.stripe_customer_id.clone(),
                     period_start_ms,
-                    n: r.n,
-                    identifier: r.identifier.clone(),
-                    value: r.value,
+                    n: e.row.n,
+                    identifier: e.row.identifier.clone(),
+                    value: e.value,
                 }));
             } else {
                 s.overreported += -delta;
@@ -272,6 +341,24 @@ mod tests {
         let again = plan_meter("m", 1, &[point("a", old, 5)], &[failed], &ids, NOW);
         assert!(again.sends.is_empty() && again.too_old.is_empty(), "not retried forever");
         assert_eq!((again.summary.failed, again.summary.reported), (5, 0));
+    }
+
+    #[test]
+    fn an_unconfirmed_event_is_resent_as_recorded_before_anything_new() {
+        let t = NOW - 10 * P;
+        let pending = LedgerRow { kind: LedgerKind::Pending, ..sent("a", t, 0, 10, NOW - P) };
+        // Late usage arrived meanwhile (14 stored): still resend 10, not 14.
+        let plan = plan_meter("m", 1, &[point("a", t, 14)], std::slice::from_ref(&pending), &ids, NOW);
+        assert!(plan.sends.is_empty());
+        assert_eq!(plan.resends.len(), 1);
+        assert_eq!((plan.resends[0].identifier.as_str(), plan.resends[0].value), (pending.identifier.as_str(), 10));
+        assert_eq!((plan.summary.pending, plan.summary.reported), (10, 0));
+        // Confirmed: the late 4 go as the next delta.
+        let confirmed = sent("a", t, 0, 10, NOW);
+        let next = plan_meter("m", 1, &[point("a", t, 14)], &[pending, confirmed], &ids, NOW);
+        assert!(next.resends.is_empty());
+        assert_eq!(next.sends.iter().map(|d| (d.n, d.value)).collect::<Vec<_>>(), vec![(1, 4)]);
+        assert_eq!(next.summary.reported, 10);
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! plans each Stripe meter over the closed periods still within reach, sends the
 //! deltas, and writes the ledger after each success.
 //!
-//! Order of a send: request to Stripe, then the ledger row. A crash between the
-//! two leaves the delta unrecorded; the next run sends it again with the same
-//! identifier and Stripe answers "already exists" (v1) or drops it (v2), which
-//! the ledger then records. So Stripe's totals equal the stored totals after any
-//! crash or retry, as long as the resend comes within Stripe's 24 h identifier
-//! memory (the reporter retries every interval, so it does).
+//! Order of a send: a `pending` ledger row (identifier and value), the request
+//! to Stripe, then a `sent` row. A crash or a lost answer between the two leaves
+//! the event pending; the next run resends it with the same identifier *and the
+//! same value* before planning anything new for its period, and Stripe answers
+//! "already exists" (v1) or drops it (v2), which the ledger then confirms. So
+//! Stripe's totals equal the stored totals after any crash or retry, as long as
+//! the resend comes within Stripe's 24 h identifier memory (the reporter retries
+//! every interval, so it does).
 
 use super::client::{ClientError, Delivery, MeterEvent, Session, StripeClient, MAX_STREAM_EVENTS};
 use super::lease::{Lease, LeaseError};
@@ -194,7 +196,7 @@ impl Reporter {
             let event_name = meter.stripe_event_name.clone().unwrap_or_default();
             let mut plan = self.plan(meter, from, to, now).await?;
             if let Some(fence) = fence {
-                let acted = !(plan.sends.is_empty() && plan.too_old.is_empty() && plan.cancels.is_empty());
+                let acted = !(plan.sends.is_empty() && plan.resends.is_empty() && plan.too_old.is_empty() && plan.cancels.is_empty());
                 self.execute(&meter.name, &event_name, &plan, fence).await?;
                 if acted {
                     plan = self.plan(meter, from, to, now_ms()).await?;
@@ -320,15 +322,29 @@ impl Reporter {
                 Err(e) => return Err(e.into()),
             }
         }
-        match self.settings.mode {
-            StripeMode::V1 => self.send_v1(&meter, event_name, &plan.sends, fence).await,
-            StripeMode::V2 => self.send_v2(&meter, event_name, &plan.sends, fence).await,
+        // Unconfirmed events first, exactly as recorded; then new ones, each
+        // recorded as pending before it is sent.
+        for (deltas, new) in [(&plan.resends, false), (&plan.sends, true)] {
+            match self.settings.mode {
+                StripeMode::V1 => self.send_v1(&meter, event_name, deltas, fence, new).await?,
+                StripeMode::V2 => self.send_v2(&meter, event_name, deltas, fence, new).await?,
+            }
         }
+        Ok(())
     }
 
-    async fn send_v1(&mut self, meter: &str, event_name: &str, sends: &[Delta], fence: u64) -> Result<(), ReportError> {
+    /// Records events as pending before their first send.
+    async fn record_pending(&self, meter: &str, deltas: &[Delta], fence: u64) -> Result<(), ReportError> {
+        let rows: Vec<LedgerRow> = deltas.iter().map(|d| self.row(meter, d, LedgerKind::Pending, fence)).collect();
+        Ok(self.ledger.append_ledger(&rows, fence).await?)
+    }
+
+    async fn send_v1(&mut self, meter: &str, event_name: &str, sends: &[Delta], fence: u64, new: bool) -> Result<(), ReportError> {
         for d in sends {
             self.keep_lease(fence).await?;
+            if new {
+                self.record_pending(meter, std::slice::from_ref(d), fence).await?;
+            }
             match self.client.send_v1(&Self::event(event_name, d)).await {
                 Ok(delivery) => {
                     self.ledger.append_ledger(&[self.row(meter, d, LedgerKind::Sent, fence)], fence).await?;
@@ -370,9 +386,12 @@ impl Reporter {
         }
     }
 
-    async fn send_v2(&mut self, meter: &str, event_name: &str, sends: &[Delta], fence: u64) -> Result<(), ReportError> {
+    async fn send_v2(&mut self, meter: &str, event_name: &str, sends: &[Delta], fence: u64, new: bool) -> Result<(), ReportError> {
         for chunk in sends.chunks(MAX_STREAM_EVENTS) {
             self.keep_lease(fence).await?;
+            if new {
+                self.record_pending(meter, chunk, fence).await?;
+            }
             let events: Vec<MeterEvent> = chunk.iter().map(|d| Self::event(event_name, d)).collect();
             match self.stream(&events).await {
                 Ok(()) => {

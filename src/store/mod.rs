@@ -180,6 +180,10 @@ pub trait EntitlementStore: Send + Sync + 'static {
 /// What a Stripe ledger row records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LedgerKind {
+    /// A meter event about to be sent, written *before* the request: if the
+    /// answer is lost, the event is resent with exactly this identifier and value
+    /// (never a recomputed one), so what Stripe holds is what the ledger says.
+    Pending,
     /// A meter event Stripe accepted (or already had: a duplicate identifier).
     Sent,
     /// A sent event cancelled through a meter event adjustment; `value` is minus
@@ -193,6 +197,7 @@ pub enum LedgerKind {
 impl LedgerKind {
     pub fn as_str(self) -> &'static str {
         match self {
+            LedgerKind::Pending => "pending",
             LedgerKind::Sent => "sent",
             LedgerKind::Cancelled => "cancelled",
             LedgerKind::Failed => "failed",
@@ -201,6 +206,7 @@ impl LedgerKind {
 
     pub fn parse(text: &str) -> Option<LedgerKind> {
         match text {
+            "pending" => Some(LedgerKind::Pending),
             "sent" => Some(LedgerKind::Sent),
             "cancelled" => Some(LedgerKind::Cancelled),
             "failed" => Some(LedgerKind::Failed),
