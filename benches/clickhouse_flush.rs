@@ -59,7 +59,11 @@ fn main() {
                 per_second.push(size as f64 / started.elapsed().as_secs_f64());
             }
             per_second.sort_by(f64::total_cmp);
-            println!("| one flush of {size} rows (median of 3) | {:.0} rows/s ({:.1} ms) |", per_second[1], size as f64 / per_second[1] * 1e3);
+            println!(
+                "| one flush of {size} rows (median of 3) | {:.0} rows/s ({:.1} ms) |",
+                per_second[1],
+                size as f64 / per_second[1] * 1e3
+            );
         }
     });
 
@@ -84,7 +88,12 @@ fn main() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let body: Vec<String> = (0..1000)
-                        .map(|i| format!(r#"{{"id":"w{w}-{n}-{i}","customer":"c{}","meter":"tokens","quantity":3}}"#, (n as usize * 7 + i) % 10_000))
+                        .map(|i| {
+                            format!(
+                                r#"{{"id":"w{w}-{n}-{i}","customer":"c{}","meter":"tokens","quantity":3}}"#,
+                                (n as usize * 7 + i) % 10_000
+                            )
+                        })
                         .collect();
                     engine.ingest(format!("[{}]", body.join(",")).as_bytes(), meterd::ingest::BodyKind::Json).await.expect("ingest");
                     events.fetch_add(1000, Ordering::Relaxed);

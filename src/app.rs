@@ -35,6 +35,8 @@ pub enum AppError {
     Task(String),
     #[error("cannot reach redis at start (entitlements live there): {0}")]
     Redis(#[from] crate::redis_link::RedisError),
+    #[error("Stripe reporter: {0}")]
+    Stripe(String),
 }
 
 /// A running meterd.
@@ -53,6 +55,8 @@ pub struct AppHandle {
     /// final flush, so the syncer's last push includes everything.
     redis_stop: watch::Sender<bool>,
     redis_tasks: Vec<JoinHandle<()>>,
+    /// The Stripe reporter, when `[stripe]` is configured.
+    reporter: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     grace: Duration,
 }
 
@@ -77,6 +81,40 @@ fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError
     Ok(id)
 }
 
+/// Builds the Stripe reporter (not yet running) and its status board. The lease
+/// is Redis's when `[redis]` is configured (one reporter across instances), else
+/// local (embedded mode: this instance always reports).
+fn stripe_reporter(
+    config: &ValidConfig,
+    settings: &crate::config::StripeSettings,
+    engine: &Arc<Engine>,
+    ledger: Arc<dyn crate::store::LedgerStore>,
+    instance_id: &str,
+) -> Result<(Arc<crate::report::StatusBoard>, crate::report::Reporter), AppError> {
+    use crate::report::{Lease, LocalLease, RedisLease, Reporter, StatusBoard, StripeClient};
+    let lease_ttl = (settings.interval * 3).max(Duration::from_secs(10));
+    let lease: Arc<dyn Lease> = match (&config.raw.redis, &engine.redis) {
+        (Some(rc), Some(redis)) => Arc::new(RedisLease::on(redis.conn(), &rc.key_prefix, instance_id, lease_ttl)),
+        _ => Arc::new(LocalLease),
+    };
+    let client = StripeClient::new(settings).map_err(|e| AppError::Stripe(e.to_string()))?;
+    let mode = match settings.mode {
+        crate::config::StripeMode::V1 => "v1",
+        crate::config::StripeMode::V2 => "v2",
+    };
+    let board = Arc::new(StatusBoard::new(mode, settings.period.as_str(), lease.kind()));
+    tracing::info!(
+        mode,
+        period = settings.period.as_str(),
+        api_base = %settings.api_base,
+        api_key_env = %settings.api_key_env,
+        lease = lease.kind(),
+        "Stripe reporting enabled"
+    );
+    let reporter = Reporter::new(engine.clone(), ledger, lease, client, settings.clone(), board.clone(), lease_ttl);
+    Ok((board, reporter))
+}
+
 impl AppHandle {
     /// Starts meterd with a validated config.
     pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
@@ -86,13 +124,15 @@ impl AppHandle {
         // Entitlements live in Redis when configured, else in SQLite; usage goes
         // to ClickHouse when configured, else to the same SQLite file.
         let sqlite = Arc::new(SqliteStore::open(&data_dir.join("meterd.sqlite"))?);
-        let (usage_store, flush_interval): (Arc<dyn crate::store::UsageStore>, Duration) = match &config.raw.clickhouse {
+        // The Stripe ledger lives in the same store as the usage it reports.
+        type Stores = (Arc<dyn crate::store::UsageStore>, Arc<dyn crate::store::LedgerStore>, Duration);
+        let (usage_store, ledger_store, flush_interval): Stores = match &config.raw.clickhouse {
             Some(ch) => {
-                let store = crate::store::clickhouse::ClickHouseStore::connect(&ch.url, &ch.database).await?;
+                let store = Arc::new(crate::store::clickhouse::ClickHouseStore::connect(&ch.url, &ch.database).await?);
                 tracing::info!(url = %ch.url, database = %ch.database, "usage store: ClickHouse");
-                (Arc::new(store), ch.flush_interval.0)
+                (store.clone(), store, ch.flush_interval.0)
             }
-            None => (sqlite.clone(), config.raw.storage.flush_interval.0),
+            None => (sqlite.clone(), sqlite.clone(), config.raw.storage.flush_interval.0),
         };
         let storage = &config.raw.storage;
         let wal_config = crate::wal::WalConfig {
@@ -116,12 +156,17 @@ impl AppHandle {
         let engine =
             Arc::new(Engine::start(&config, instance_id.clone(), usage_store, entitlement_store, wal_config, redis.clone()).await?);
         let prometheus = crate::telemetry::prometheus();
+        let stripe = match &config.stripe {
+            None => None,
+            Some(settings) => Some(stripe_reporter(&config, settings, &engine, ledger_store, &instance_id)?),
+        };
         let state = Arc::new(HttpState {
             engine: engine.clone(),
             auth: http::auth::Auth::new(&config.keys),
             max_body: config.raw.ingest.max_body_bytes,
             prometheus,
             shutting_down: false.into(),
+            stripe: stripe.as_ref().map(|(board, _)| board.clone()),
         });
         if !state.auth.enabled() {
             tracing::warn!(listen = %config.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
@@ -148,6 +193,10 @@ impl AppHandle {
                 redis_tasks.push(tokio::spawn(crate::sync::counters::run(engine.clone(), sync.clone(), rc.sync_interval.0, redis_rx)));
             }
         }
+        let reporter = stripe.map(|(_, reporter)| {
+            let (stop, stop_rx) = watch::channel(false);
+            (stop, tokio::spawn(reporter.run(stop_rx)))
+        });
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {
             addr,
@@ -161,6 +210,7 @@ impl AppHandle {
             flusher,
             redis_stop,
             redis_tasks,
+            reporter,
             grace: config.raw.server.shutdown_grace.0,
         })
     }
@@ -194,6 +244,10 @@ impl AppHandle {
                     server.abort();
                 }
             }
+        }
+        if let Some((stop, reporter)) = self.reporter {
+            let _ = stop.send(true);
+            reporter.await.map_err(|e| AppError::Task(e.to_string()))?;
         }
         let _ = self.flusher_stop.send(true);
         self.flusher.await.map_err(|e| AppError::Task(e.to_string()))??;

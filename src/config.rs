@@ -117,6 +117,7 @@ const SCHEMA: &Schema = &Schema(&[
             ("grace", None),
             ("interval", None),
             ("max_requests_per_second", None),
+            ("request_timeout", None),
         ])),
     ),
     ("metrics", Some(&Schema(&[("listen", None)]))),
@@ -368,6 +369,86 @@ pub struct StripeConfig {
     pub interval: ConfigDuration,
     #[serde(default = "default_stripe_rps")]
     pub max_requests_per_second: u32,
+    /// How long one request to Stripe may take before it counts as failed (and is
+    /// retried with the same identifier).
+    #[serde(default = "default_stripe_request_timeout")]
+    pub request_timeout: ConfigDuration,
+}
+
+/// How meter events are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeMode {
+    /// `POST /v1/billing/meter_events`, one form-encoded event per request.
+    V1,
+    /// A meter event session and the v2 stream, up to 100 events per request.
+    V2,
+}
+
+/// The granularity of reported totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripePeriod {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl StripePeriod {
+    /// The period's length in milliseconds (periods are aligned to the Unix epoch, UTC).
+    pub fn ms(self) -> i64 {
+        match self {
+            StripePeriod::Minute => 60_000,
+            StripePeriod::Hour => 3_600_000,
+            StripePeriod::Day => 86_400_000,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StripePeriod::Minute => "minute",
+            StripePeriod::Hour => "hour",
+            StripePeriod::Day => "day",
+        }
+    }
+}
+
+/// The Stripe secret key. It is read from the environment variable the config
+/// names and is never printed: `Debug` shows `***`, and there is no `Display`.
+#[derive(Clone)]
+pub struct SecretKey(String);
+
+impl SecretKey {
+    pub fn new(key: String) -> SecretKey {
+        SecretKey(key)
+    }
+
+    /// The key itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKey(***)")
+    }
+}
+
+/// `[stripe]` after validation.
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    /// The variable the key came from (safe to print).
+    pub api_key_env: String,
+    pub api_key: SecretKey,
+    /// Without a trailing slash.
+    pub api_base: String,
+    /// Without a trailing slash.
+    pub meter_events_base: String,
+    pub mode: StripeMode,
+    pub period: StripePeriod,
+    pub grace: std::time::Duration,
+    pub interval: std::time::Duration,
+    pub max_requests_per_second: NonZeroU32,
+    pub request_timeout: std::time::Duration,
 }
 
 fn default_api_key_env() -> String {
@@ -393,6 +474,82 @@ fn default_stripe_interval() -> ConfigDuration {
 }
 fn default_stripe_rps() -> u32 {
     50
+}
+fn default_stripe_request_timeout() -> ConfigDuration {
+    ConfigDuration::from_millis(10_000)
+}
+
+/// Whether `url` is an `http://` or `https://` base URL hyper can parse.
+fn valid_base_url(url: &str) -> bool {
+    (url.starts_with("http://") || url.starts_with("https://")) && url.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some())
+}
+
+/// Validates `[stripe]`; the key is read from its variable here and named only by
+/// the variable in problems.
+fn stripe_settings(s: &StripeConfig, p: &mut impl FnMut(&str, String)) -> Option<StripeSettings> {
+    let mode = match s.mode.as_str() {
+        "v1" => Some(StripeMode::V1),
+        "v2" => Some(StripeMode::V2),
+        other => {
+            p("stripe.mode", format!("{other:?} must be v1 or v2"));
+            None
+        }
+    };
+    let period = match s.period.as_str() {
+        "minute" => Some(StripePeriod::Minute),
+        "hour" => Some(StripePeriod::Hour),
+        "day" => Some(StripePeriod::Day),
+        other => {
+            p("stripe.period", format!("{other:?} must be minute, hour or day"));
+            None
+        }
+    };
+    let env_name_ok = !s.api_key_env.is_empty() && s.api_key_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let key = if !env_name_ok {
+        p("stripe.api_key_env", format!("{:?} must be the name of an environment variable ([A-Za-z0-9_]+)", s.api_key_env));
+        None
+    } else {
+        match std::env::var(&s.api_key_env) {
+            Ok(key) if !key.trim().is_empty() => Some(SecretKey::new(key.trim().to_string())),
+            _ => {
+                p(
+                    "stripe.api_key_env",
+                    format!("environment variable {} is not set or empty (it must hold the Stripe secret key)", s.api_key_env),
+                );
+                None
+            }
+        }
+    };
+    for (name, url) in [("stripe.api_base", &s.api_base), ("stripe.meter_events_base", &s.meter_events_base)] {
+        if !valid_base_url(url) {
+            p(name, format!("{url:?} must be an http:// or https:// URL"));
+        }
+    }
+    if s.interval.0.is_zero() {
+        p("stripe.interval", "must be more than zero".into());
+    }
+    if s.request_timeout.0.is_zero() {
+        p("stripe.request_timeout", "must be more than zero".into());
+    }
+    if s.grace.0 > std::time::Duration::from_secs(7 * 86_400) {
+        p("stripe.grace", "must be at most 7d (Stripe accepts events for 35 days)".into());
+    }
+    let rps = NonZeroU32::new(s.max_requests_per_second);
+    if rps.is_none() || s.max_requests_per_second > 10_000 {
+        p("stripe.max_requests_per_second", "must be between 1 and 10000".into());
+    }
+    Some(StripeSettings {
+        api_key_env: s.api_key_env.clone(),
+        api_key: key?,
+        api_base: s.api_base.trim_end_matches('/').to_string(),
+        meter_events_base: s.meter_events_base.trim_end_matches('/').to_string(),
+        mode: mode?,
+        period: period?,
+        grace: s.grace.0,
+        interval: s.interval.0,
+        max_requests_per_second: rps?,
+        request_timeout: s.request_timeout.0,
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -497,6 +654,8 @@ pub struct ValidConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub catalog: Arc<Catalog>,
     pub keys: Vec<ApiKey>,
+    /// `[stripe]`, resolved (with the secret key), when reporting is configured.
+    pub stripe: Option<StripeSettings>,
     /// Where the config came from, for messages.
     pub source: String,
 }
@@ -617,9 +776,7 @@ impl Config {
                 p("clickhouse.flush_interval", "must be more than zero".into());
             }
         }
-        if self.stripe.is_some() {
-            p("stripe", "Stripe reporting is not supported by this build yet; remove [stripe]".into());
-        }
+        let stripe = self.stripe.as_ref().and_then(|s| stripe_settings(s, &mut p));
         let metrics_listen = match self.metrics.as_ref().and_then(|m| m.listen.as_ref()) {
             None => None,
             Some(text) => match text.parse::<SocketAddr>() {
@@ -790,6 +947,7 @@ impl Config {
                 listen,
                 metrics_listen,
                 keys,
+                stripe,
                 source: source.to_string(),
             }),
             _ => Err(ConfigError::Invalid { path: source.to_string(), problems }),
@@ -880,6 +1038,7 @@ period = "hour"
 grace = "1m"
 interval = "1s"
 max_requests_per_second = 1
+request_timeout = "1s"
 [metrics]
 listen = "127.0.0.1:2"
 [[meters]]
@@ -973,6 +1132,44 @@ scopes = ["ingest", "fly"]
         ] {
             assert!(err.iter().any(|k| k == key), "missing {key} in {err:?}");
         }
+    }
+
+    const PLAN: &str = "[[plans]]\nname = \"p\"\ndefault = true\n";
+
+    #[test]
+    fn stripe_is_validated_and_the_key_comes_from_the_environment() {
+        std::env::set_var("METERD_TEST_STRIPE_KEY_OK", "sk_test_value_never_shown");
+        let good =
+            format!("[stripe]\napi_key_env = \"METERD_TEST_STRIPE_KEY_OK\"\nmode = \"v2\"\nperiod = \"minute\"\ngrace = \"0s\"\n{PLAN}");
+        let valid = Config::parse(&good, "t.toml").and_then(|c| c.validate("t.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let stripe = valid.stripe.as_ref().unwrap_or_else(|| panic!("stripe settings"));
+        assert_eq!(
+            (stripe.mode, stripe.period, stripe.api_key.expose()),
+            (StripeMode::V2, StripePeriod::Minute, "sk_test_value_never_shown")
+        );
+        assert_eq!(stripe.api_base, "https://api.stripe.com");
+        let debug = format!("{valid:?}");
+        assert!(!debug.contains("sk_test_value_never_shown") && debug.contains("***"), "the key leaks through Debug");
+
+        let bad = format!(
+            "[stripe]\napi_key_env = \"METERD_TEST_STRIPE_KEY_UNSET\"\nmode = \"v3\"\nperiod = \"week\"\napi_base = \"ftp://x\"\ninterval = \"0s\"\nmax_requests_per_second = 0\n{PLAN}"
+        );
+        let err = problems(&bad);
+        for key in
+            ["stripe.api_key_env", "stripe.mode", "stripe.period", "stripe.api_base", "stripe.interval", "stripe.max_requests_per_second"]
+        {
+            assert!(err.iter().any(|k| k == key), "missing {key} in {err:?}");
+        }
+        let bad_name = format!("[stripe]\napi_key_env = \"NOT A NAME\"\n{PLAN}");
+        assert_eq!(problems(&bad_name), vec!["stripe.api_key_env".to_string()]);
+    }
+
+    #[test]
+    fn stripe_key_value_is_never_in_a_message() {
+        std::env::set_var("METERD_TEST_STRIPE_KEY_MSG", "sk_live_do_not_print");
+        let text = format!("[stripe]\napi_key_env = \"METERD_TEST_STRIPE_KEY_MSG\"\nmode = \"v9\"\n{PLAN}");
+        let err = Config::parse(&text, "t.toml").and_then(|c| c.validate("t.toml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("stripe.mode") && !err.contains("sk_live_do_not_print"), "{err}");
     }
 
     #[test]

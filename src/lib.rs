@@ -18,6 +18,7 @@ pub mod limits;
 pub mod model;
 pub mod redis_link;
 pub mod rejected;
+pub mod report;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

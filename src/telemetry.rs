@@ -30,6 +30,17 @@ pub const REDIS_SYNC_ERRORS_TOTAL: &str = "meterd_redis_sync_errors_total";
 pub const REDIS_PENDING_KEYS: &str = "meterd_redis_pending_keys";
 pub const REDIS_PENDING_UNITS: &str = "meterd_redis_pending_units";
 pub const ENTITLEMENT_RELOADS_TOTAL: &str = "meterd_entitlement_reloads_total";
+pub const STRIPE_SENT_TOTAL: &str = "meterd_stripe_events_sent_total";
+pub const STRIPE_DUPLICATES_TOTAL: &str = "meterd_stripe_duplicates_total";
+pub const STRIPE_FAILED_TOTAL: &str = "meterd_stripe_events_failed_total";
+pub const STRIPE_CANCELLED_TOTAL: &str = "meterd_stripe_events_cancelled_total";
+pub const STRIPE_RETRIES_TOTAL: &str = "meterd_stripe_retries_total";
+pub const STRIPE_RUN_ERRORS_TOTAL: &str = "meterd_stripe_run_errors_total";
+pub const STRIPE_OVERREPORTS_TOTAL: &str = "meterd_stripe_overreports_total";
+pub const STRIPE_LAG: &str = "meterd_stripe_lag_seconds";
+pub const STRIPE_OVERREPORTED: &str = "meterd_stripe_overreported_units";
+pub const STRIPE_UNAUTHORIZED: &str = "meterd_stripe_unauthorized";
+pub const STRIPE_LEADER: &str = "meterd_stripe_leader";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -81,6 +92,23 @@ fn describe() {
     metrics::describe_gauge!(WAL_BYTES, "Bytes in live WAL segments (not yet checkpointed)");
     metrics::describe_gauge!(WAL_CHECKPOINT, "Highest WAL sequence the usage store holds");
     metrics::describe_gauge!(WRITES_REFUSED, "1 while ingest and consumes are refused (store behind or WAL broken)");
+    metrics::describe_counter!(STRIPE_SENT_TOTAL, "Meter events Stripe took (including identifiers it already had)");
+    metrics::describe_counter!(
+        STRIPE_DUPLICATES_TOTAL,
+        "Meter events Stripe answered as already existing (an earlier attempt got through)"
+    );
+    metrics::describe_counter!(
+        STRIPE_FAILED_TOTAL,
+        "Deltas recorded as failed and not retried, by reason (too_old, rejected, cancel_rejected)"
+    );
+    metrics::describe_counter!(STRIPE_CANCELLED_TOTAL, "Meter events cancelled after a decrease");
+    metrics::describe_counter!(STRIPE_RETRIES_TOTAL, "Stripe requests retried (429, 5xx, timeouts, cut connections)");
+    metrics::describe_counter!(STRIPE_RUN_ERRORS_TOTAL, "Reporter runs that failed and were retried");
+    metrics::describe_counter!(STRIPE_OVERREPORTS_TOTAL, "Periods found reported above their stored total, too old to cancel");
+    metrics::describe_gauge!(STRIPE_LAG, "Age of the oldest closed period with usage not yet reported to Stripe");
+    metrics::describe_gauge!(STRIPE_OVERREPORTED, "Units Stripe holds above the stored totals that cannot be cancelled");
+    metrics::describe_gauge!(STRIPE_UNAUTHORIZED, "1 when Stripe refused the API key and the reporter stopped");
+    metrics::describe_gauge!(STRIPE_LEADER, "1 while this instance holds the reporter lease");
 }
 
 pub fn events(result: &'static str, n: usize) {
@@ -165,6 +193,46 @@ pub fn redis_pending(keys: usize, units: i64) {
 /// Entitlements re-read from Redis: `trigger` is `message` or `ttl`.
 pub fn entitlement_reload(trigger: &'static str, n: usize) {
     metrics::counter!(ENTITLEMENT_RELOADS_TOTAL, "trigger" => trigger).increment(n as u64);
+}
+
+pub fn stripe_sent(n: usize, duplicate: bool) {
+    metrics::counter!(STRIPE_SENT_TOTAL).increment(n as u64);
+    if duplicate {
+        metrics::counter!(STRIPE_DUPLICATES_TOTAL).increment(n as u64);
+    }
+}
+
+pub fn stripe_failed(reason: &'static str, n: usize) {
+    metrics::counter!(STRIPE_FAILED_TOTAL, "reason" => reason).increment(n as u64);
+}
+
+pub fn stripe_cancelled() {
+    metrics::counter!(STRIPE_CANCELLED_TOTAL).increment(1);
+}
+
+pub fn stripe_retry() {
+    metrics::counter!(STRIPE_RETRIES_TOTAL).increment(1);
+}
+
+pub fn stripe_run_failed() {
+    metrics::counter!(STRIPE_RUN_ERRORS_TOTAL).increment(1);
+}
+
+pub fn stripe_overreport() {
+    metrics::counter!(STRIPE_OVERREPORTS_TOTAL).increment(1);
+}
+
+pub fn stripe_gauges(lag_seconds: f64, overreported_units: i64) {
+    metrics::gauge!(STRIPE_LAG).set(lag_seconds);
+    metrics::gauge!(STRIPE_OVERREPORTED).set(overreported_units as f64);
+}
+
+pub fn stripe_unauthorized(stopped: bool) {
+    metrics::gauge!(STRIPE_UNAUTHORIZED).set(if stopped { 1.0 } else { 0.0 });
+}
+
+pub fn stripe_leader(leader: bool) {
+    metrics::gauge!(STRIPE_LEADER).set(if leader { 1.0 } else { 0.0 });
 }
 
 /// Sets up structured logs: `RUST_LOG` filters (default `info`),

@@ -209,6 +209,16 @@ pub async fn usage_history(state: &HttpState, headers: &HeaderMap, query: &BTree
     }
 }
 
+/// `GET /v1/stripe/status` (admin): the reporter's state and, per Stripe meter,
+/// stored vs reported totals over the periods it still looks at.
+pub fn stripe_status(state: &HttpState, headers: &HeaderMap) -> Resp {
+    state.auth.authorize(headers, &[Scope::Admin])?;
+    Ok(match &state.stripe {
+        Some(board) => json(StatusCode::OK, &board.to_json()),
+        None => json(StatusCode::OK, &j!({"enabled": false})),
+    })
+}
+
 pub fn metrics(state: &HttpState) -> Response<Full<Bytes>> {
     crate::flush::housekeeping_gauges(&state.engine);
     Response::builder()

@@ -28,6 +28,8 @@ pub struct HttpState {
     pub prometheus: PrometheusHandle,
     /// Set when shutdown begins: `/readyz` turns 503 and new API requests too.
     pub shutting_down: AtomicBool,
+    /// The Stripe reporter's status, when `[stripe]` is configured.
+    pub stripe: Option<Arc<crate::report::StatusBoard>>,
 }
 
 /// Which routes a listener serves.

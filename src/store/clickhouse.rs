@@ -89,7 +89,9 @@
 //! columns of the whole table: cheap for millions of rows, worth a small
 //! per-flush table once the table holds billions.
 
-use super::{Aggregate, FlushBatch, Fold, SeriesPoint, StoreError, Stored, UsageQuery, UsageRow, UsageStore};
+use super::{
+    Aggregate, FlushBatch, Fold, LedgerKind, LedgerRow, LedgerStore, SeriesPoint, StoreError, Stored, UsageQuery, UsageRow, UsageStore,
+};
 use crate::wal::WalMark;
 use ::clickhouse::{Client, Compression, Row};
 use async_trait::async_trait;
@@ -129,6 +131,24 @@ const CREATE_TABLE: &str = "(
     wal_extras  String,
     flush_rows  UInt32
 ) ENGINE = MergeTree() ORDER BY (meter, customer, minute)";
+
+/// The Stripe reporter's ledger (see [`LedgerStore`]). There are no unique keys
+/// in ClickHouse, so a retried append may store a row twice: reads collapse rows
+/// by `(identifier, kind)`, which makes the duplicate harmless.
+pub const LEDGER_TABLE: &str = "stripe_ledger";
+
+const CREATE_LEDGER: &str = "(
+    meter              String,
+    customer           String,
+    period_start       Int64,
+    n                  UInt32,
+    identifier         String,
+    kind               String,
+    value              Int64,
+    stripe_customer_id String,
+    at                 Int64,
+    fence              UInt64
+) ENGINE = MergeTree() ORDER BY (meter, period_start, customer, n)";
 
 /// Every column meterd reads or writes, with its type (`minute`: any `DateTime`).
 const COLUMNS: [(&str, &str); 11] = [
@@ -217,6 +237,21 @@ struct PointRow {
     start_ms: i64,
     value: i64,
     last_ts: i64,
+}
+
+/// One ledger row, as stored and read (RowBinary, in `CREATE_LEDGER` order).
+#[derive(Debug, Row, Serialize, Deserialize)]
+struct LedgerRecord {
+    meter: String,
+    customer: String,
+    period_start: i64,
+    n: u32,
+    identifier: String,
+    kind: String,
+    value: i64,
+    stripe_customer_id: String,
+    at: i64,
+    fence: u64,
 }
 
 #[derive(Row, Deserialize)]
@@ -344,6 +379,7 @@ impl ClickHouseStore {
         let table = format!("`{database}`.{TABLE}");
         timed(OP, client.query(&format!("CREATE DATABASE IF NOT EXISTS `{database}`")).execute()).await?;
         timed(OP, client.query(&format!("CREATE TABLE IF NOT EXISTS {table} {CREATE_TABLE}")).execute()).await?;
+        timed(OP, client.query(&format!("CREATE TABLE IF NOT EXISTS `{database}`.{LEDGER_TABLE} {CREATE_LEDGER}")).execute()).await?;
         let store = ClickHouseStore { client, insert_client, database: database.to_owned(), table, write_lock: Arc::new(Mutex::new(())) };
         store.check_schema().await?;
         Ok(store)
@@ -629,6 +665,74 @@ impl UsageStore for ClickHouseStore {
     }
 }
 
+#[async_trait]
+impl LedgerStore for ClickHouseStore {
+    async fn append_ledger(&self, rows: &[LedgerRow], fence: u64) -> Result<(), StoreError> {
+        const OP: &str = "append_ledger";
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let table = format!("`{}`.{LEDGER_TABLE}", self.database);
+        // No transactions: the check and the insert are two requests. A holder
+        // superseded between them may still write once; its rows carry its fence.
+        if fence > 0 {
+            let stored: Vec<u64> = timed(OP, self.client.query(&format!("SELECT max(fence) FROM {table}")).fetch_all()).await?;
+            let stored = stored.first().copied().unwrap_or(0);
+            if stored > fence {
+                return Err(StoreError::Fenced(format!("the ledger holds fence {stored}, newer than this writer's {fence}")));
+            }
+        }
+        let mut insert = self.insert_client.insert::<LedgerRecord>(&table).map_err(io(OP))?;
+        for r in rows {
+            let record = LedgerRecord {
+                meter: r.meter.clone(),
+                customer: r.customer.clone(),
+                period_start: r.period_start_ms,
+                n: r.n,
+                identifier: r.identifier.clone(),
+                kind: r.kind.as_str().to_owned(),
+                value: r.value,
+                stripe_customer_id: r.stripe_customer_id.clone(),
+                at: r.at_ms,
+                fence: r.fence,
+            };
+            insert.write(&record).await.map_err(io(OP))?;
+        }
+        timed(OP, insert.end()).await
+    }
+
+    async fn ledger_rows(&self, meter: &str, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
+        const OP: &str = "ledger_rows";
+        // Collapse rows a retried append stored twice; the first write's time counts.
+        let sql = format!(
+            "SELECT meter, customer, period_start, n, identifier, kind, any(value), any(stripe_customer_id), min(at), max(fence) \
+             FROM `{}`.{LEDGER_TABLE} WHERE meter = ? AND period_start >= ? AND period_start < ? \
+             GROUP BY meter, customer, period_start, n, identifier, kind ORDER BY customer, period_start, n, kind",
+            self.database
+        );
+        let records: Vec<LedgerRecord> = timed(OP, self.client.query(&sql).bind(meter).bind(from_ms).bind(to_ms).fetch_all()).await?;
+        records
+            .into_iter()
+            .map(|r| {
+                let kind = LedgerKind::parse(&r.kind)
+                    .ok_or_else(|| StoreError::Corrupt(format!("clickhouse {OP}: unknown ledger kind {:?}", r.kind)))?;
+                Ok(LedgerRow {
+                    meter: r.meter,
+                    customer: r.customer,
+                    period_start_ms: r.period_start,
+                    n: r.n,
+                    identifier: r.identifier,
+                    kind,
+                    value: r.value,
+                    stripe_customer_id: r.stripe_customer_id,
+                    at_ms: r.at,
+                    fence: r.fence,
+                })
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::suite::{self, flush, query, row, MINUTE, T0};
@@ -773,6 +877,18 @@ mod tests {
         let Some(url) = server_url() else { return };
         let store = open(&url, "series").await;
         suite::series_granularity(&store, "t4").await;
+        drop_database(&store).await;
+    }
+
+    #[tokio::test]
+    async fn stripe_ledger() {
+        let Some(url) = server_url() else { return };
+        let store = open(&url, "ledger").await;
+        suite::ledger(&store, "t6").await;
+        // A retried append stored twice (no unique keys here) reads as one row.
+        let rows = store.ledger_rows("t6.tokens", T0, T0 + suite::HOUR).await.unwrap_or_else(|e| panic!("{e}"));
+        store.append_ledger(&rows, 0).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.ledger_rows("t6.tokens", T0, T0 + suite::HOUR).await.ok(), Some(rows));
         drop_database(&store).await;
     }
 

@@ -8,6 +8,9 @@
 //! no-op. Queries report the highest sequence stored for the asking instance, so
 //! callers can merge in-memory epochs that the store does not hold yet without
 //! counting anything twice.
+//!
+//! The Stripe reporter's ledger ([`LedgerStore`]) lives beside the usage it
+//! reports, in the same backend, so "stored" and "reported" are read from one place.
 
 pub mod clickhouse;
 pub mod redis;
@@ -31,6 +34,9 @@ pub enum StoreError {
     /// the same rows cannot help, so the flusher sets them aside.
     #[error("the store refuses the data: {0}")]
     Rejected(String),
+    /// A ledger write by a lease holder that has been superseded.
+    #[error("fenced off: {0}")]
+    Fenced(String),
 }
 
 /// One flushed aggregate: a (meter, customer, minute, properties) bucket.
@@ -187,4 +193,77 @@ pub trait EntitlementStore: Send + Sync + 'static {
     async fn put(&self, customer: &str, doc: &EntitlementsDoc) -> Result<(), StoreError>;
     /// Every stored customer (embedded mode loads them all at start).
     async fn list(&self) -> Result<Vec<(String, EntitlementsDoc)>, StoreError>;
+}
+
+/// What a Stripe ledger row records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LedgerKind {
+    /// A meter event about to be sent, written *before* the request: if the
+    /// answer is lost, the event is resent with exactly this identifier and value
+    /// (never a recomputed one), so what Stripe holds is what the ledger says.
+    Pending,
+    /// A meter event Stripe accepted (or already had: a duplicate identifier).
+    Sent,
+    /// A sent event cancelled through a meter event adjustment; `value` is minus
+    /// the cancelled event's value, `identifier` the cancelled event's.
+    Cancelled,
+    /// A delta Stripe will not take (a period older than it accepts, or a request
+    /// it refuses as invalid): recorded so it is not retried forever; never sent.
+    Failed,
+}
+
+impl LedgerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerKind::Pending => "pending",
+            LedgerKind::Sent => "sent",
+            LedgerKind::Cancelled => "cancelled",
+            LedgerKind::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<LedgerKind> {
+        match text {
+            "pending" => Some(LedgerKind::Pending),
+            "sent" => Some(LedgerKind::Sent),
+            "cancelled" => Some(LedgerKind::Cancelled),
+            "failed" => Some(LedgerKind::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One row of the Stripe ledger: a delta of one (meter, customer, period).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub meter: String,
+    pub customer: String,
+    /// Start of the reporting period, Unix milliseconds.
+    pub period_start_ms: i64,
+    /// The delta's number within its period (0, 1, ...): part of the identifier.
+    pub n: u32,
+    /// The meter event identifier sent to Stripe.
+    pub identifier: String,
+    pub kind: LedgerKind,
+    /// Whole units (negative for a cancellation).
+    pub value: i64,
+    pub stripe_customer_id: String,
+    /// When the row was written, Unix milliseconds (for `Sent`: when Stripe took it,
+    /// which decides whether it can still be cancelled).
+    pub at_ms: i64,
+    /// The writer's lease fencing token (0: unfenced, the embedded single reporter).
+    pub fence: u64,
+}
+
+/// Where the Stripe reporter records what it sent.
+#[async_trait]
+pub trait LedgerStore: Send + Sync + 'static {
+    /// Appends `rows`; a row whose `(identifier, kind)` is already stored is not
+    /// stored again (so a retried append after an ambiguous failure is harmless).
+    /// With `fence > 0`, fails with [`StoreError::Fenced`] when a row with a higher
+    /// fence is stored: a newer lease holder has taken over.
+    async fn append_ledger(&self, rows: &[LedgerRow], fence: u64) -> Result<(), StoreError>;
+    /// The rows of `meter` whose period starts in `[from_ms, to_ms)`, ordered by
+    /// customer, period, n, kind.
+    async fn ledger_rows(&self, meter: &str, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError>;
 }

@@ -29,7 +29,10 @@
 //! WAL keeps outside readers (backups, `sqlite3` in a shell) from blocking it, and
 //! `synchronous=FULL` makes a committed flush survive power loss.
 
-use super::{Aggregate, EntitlementStore, FlushBatch, Fold, SeriesPoint, StoreError, Stored, UsageQuery, UsageStore};
+use super::{
+    Aggregate, EntitlementStore, FlushBatch, Fold, LedgerKind, LedgerRow, LedgerStore, SeriesPoint, StoreError, Stored, UsageQuery,
+    UsageStore,
+};
 use crate::clock::now_ms;
 use crate::model::EntitlementsDoc;
 use crate::wal::WalMark;
@@ -68,6 +71,21 @@ CREATE TABLE IF NOT EXISTS flushes (
     wal_extras  TEXT    NOT NULL DEFAULT '', -- and these ranges above wal_seq (WalMark)
     PRIMARY KEY (instance_id, flush_seq)
 );
+CREATE TABLE IF NOT EXISTS stripe_ledger (
+    meter              TEXT    NOT NULL,
+    customer           TEXT    NOT NULL,
+    period_start       INTEGER NOT NULL, -- unix ms
+    n                  INTEGER NOT NULL,
+    identifier         TEXT    NOT NULL,
+    kind               TEXT    NOT NULL, -- sent | cancelled | failed
+    value              INTEGER NOT NULL, -- whole units
+    stripe_customer_id TEXT    NOT NULL,
+    at                 INTEGER NOT NULL, -- unix ms
+    fence              INTEGER NOT NULL,
+    PRIMARY KEY (identifier, kind)
+);
+CREATE INDEX IF NOT EXISTS stripe_ledger_meter_period
+    ON stripe_ledger (meter, period_start);
 CREATE TABLE IF NOT EXISTS entitlements (
     customer   TEXT PRIMARY KEY,
     doc        TEXT    NOT NULL, -- JSON of EntitlementsDoc
@@ -339,6 +357,92 @@ impl UsageStore for SqliteStore {
     }
 }
 
+fn append_ledger_blocking(conn: &mut Connection, rows: &[LedgerRow], fence: u64) -> Result<(), StoreError> {
+    const OP: &str = "append_ledger";
+    let fence_sql = seq_to_sql(fence, OP)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(io(OP))?;
+    if fence > 0 {
+        let stored: i64 = tx.query_row("SELECT COALESCE(MAX(fence), 0) FROM stripe_ledger", [], |r| r.get(0)).map_err(io(OP))?;
+        if stored > fence_sql {
+            return Err(StoreError::Fenced(format!("the ledger holds fence {stored}, newer than this writer's {fence}")));
+        }
+    }
+    {
+        let mut insert = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO stripe_ledger \
+                 (meter, customer, period_start, n, identifier, kind, value, stripe_customer_id, at, fence) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .map_err(io(OP))?;
+        for r in rows {
+            insert
+                .execute((
+                    &r.meter,
+                    &r.customer,
+                    r.period_start_ms,
+                    i64::from(r.n),
+                    &r.identifier,
+                    r.kind.as_str(),
+                    r.value,
+                    &r.stripe_customer_id,
+                    r.at_ms,
+                    seq_to_sql(r.fence, OP)?,
+                ))
+                .map_err(io(OP))?;
+        }
+    }
+    tx.commit().map_err(io(OP))
+}
+
+fn ledger_rows_blocking(conn: &mut Connection, meter: &str, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
+    const OP: &str = "ledger_rows";
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT meter, customer, period_start, n, identifier, kind, value, stripe_customer_id, at, fence FROM stripe_ledger \
+             WHERE meter = ?1 AND period_start >= ?2 AND period_start < ?3 ORDER BY customer, period_start, n, kind",
+        )
+        .map_err(io(OP))?;
+    type Raw = (String, String, i64, i64, String, String, i64, String, i64, i64);
+    let rows = stmt
+        .query_map((meter, from_ms, to_ms), |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+        })
+        .map_err(io(OP))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (meter, customer, period_start_ms, n, identifier, kind, value, stripe_customer_id, at_ms, fence): Raw = row.map_err(io(OP))?;
+        let kind = LedgerKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("sqlite {OP}: unknown ledger kind {kind:?}")))?;
+        let n = u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("sqlite {OP}: ledger n {n} out of range")))?;
+        out.push(LedgerRow {
+            meter,
+            customer,
+            period_start_ms,
+            n,
+            identifier,
+            kind,
+            value,
+            stripe_customer_id,
+            at_ms,
+            fence: seq_from_sql(fence, OP)?,
+        });
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl LedgerStore for SqliteStore {
+    async fn append_ledger(&self, rows: &[LedgerRow], fence: u64) -> Result<(), StoreError> {
+        let rows = rows.to_vec();
+        self.run("append_ledger", move |conn| append_ledger_blocking(conn, &rows, fence)).await
+    }
+
+    async fn ledger_rows(&self, meter: &str, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
+        let meter = meter.to_owned();
+        self.run("ledger_rows", move |conn| ledger_rows_blocking(conn, &meter, from_ms, to_ms)).await
+    }
+}
+
 #[async_trait]
 impl EntitlementStore for SqliteStore {
     async fn get(&self, customer: &str) -> Result<Option<EntitlementsDoc>, StoreError> {
@@ -421,6 +525,13 @@ mod tests {
     async fn series_buckets_and_limit() {
         let (_dir, store) = open_temp();
         suite::series_granularity(&store, "t4").await;
+    }
+
+    #[tokio::test]
+    async fn stripe_ledger() {
+        let (_dir, store) = open_temp();
+        suite::ledger(&store, "t6").await;
+        suite::ledger(&store, "t6b").await;
     }
 
     #[tokio::test]

@@ -6,7 +6,10 @@
 //! customers with it, so scenarios can share one store (a ClickHouse database,
 //! say) without seeing each other's data. Scenarios panic on failure.
 
-use super::{Aggregate, EntitlementStore, FlushBatch, Fold, SeriesPoint, StoreError, Stored, UsageQuery, UsageRow, UsageStore};
+use super::{
+    Aggregate, EntitlementStore, FlushBatch, Fold, LedgerKind, LedgerRow, LedgerStore, SeriesPoint, StoreError, Stored, UsageQuery,
+    UsageRow, UsageStore,
+};
 use crate::model::EntitlementsDoc;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -456,4 +459,89 @@ pub async fn concurrent_flushes(store: Arc<dyn UsageStore>, ns: &str) {
     let per_minute = series(store.as_ref(), &q, MINUTE, 1000).await;
     assert_eq!(per_minute.data.len(), 3 * 5, "3 customers × 5 minutes");
     assert_eq!(per_minute.data.iter().map(|p| p.value).sum::<i64>(), total, "series total");
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ledger_row(
+    meter: &str,
+    customer: &str,
+    period_start_ms: i64,
+    n: u32,
+    kind: LedgerKind,
+    value: i64,
+    at_ms: i64,
+    fence: u64,
+) -> LedgerRow {
+    LedgerRow {
+        meter: meter.to_owned(),
+        customer: customer.to_owned(),
+        period_start_ms,
+        n,
+        identifier: format!("{meter}:{customer}:{period_start_ms}:{n}"),
+        kind,
+        value,
+        stripe_customer_id: format!("cus_{customer}"),
+        at_ms,
+        fence,
+    }
+}
+
+async fn append(store: &dyn LedgerStore, rows: &[LedgerRow], fence: u64) -> Result<(), StoreError> {
+    store.append_ledger(rows, fence).await
+}
+
+async fn ledger_rows(store: &dyn LedgerStore, meter: &str, from_ms: i64, to_ms: i64) -> Vec<LedgerRow> {
+    match store.ledger_rows(meter, from_ms, to_ms).await {
+        Ok(r) => r,
+        Err(e) => panic!("ledger_rows {meter} failed: {e}"),
+    }
+}
+
+/// 6. The Stripe ledger: rows round-trip in order, `[from, to)` by period start,
+///    an `(identifier, kind)` is stored once, kinds are kept apart, a writer with
+///    an older fence is refused and fence 0 is unfenced.
+pub async fn ledger(store: &dyn LedgerStore, ns: &str) {
+    let meter = format!("{ns}.tokens");
+    let other = format!("{ns}.other");
+    let (c1, c2) = (format!("{ns}-c1"), format!("{ns}-c2"));
+    // Fences are global to the ledger: start above anything an earlier scenario wrote.
+    let base = u64::try_from(crate::clock::now_ms()).unwrap_or(1) * 10;
+    let sent0 = ledger_row(&meter, &c1, T0, 0, LedgerKind::Sent, 5, T0 + 1, base + 1);
+    let sent1 = ledger_row(&meter, &c1, T0, 1, LedgerKind::Sent, 2, T0 + 2, base + 1);
+    let cancel0 = LedgerRow { kind: LedgerKind::Cancelled, value: -5, at_ms: T0 + 3, fence: base + 2, ..sent0.clone() };
+    let failed = ledger_row(&meter, &c2, T0 + HOUR, 0, LedgerKind::Failed, 9, T0 + 4, base + 1);
+    let later = ledger_row(&meter, &c1, T0 + 2 * HOUR, 0, LedgerKind::Sent, 1, T0 + 5, base + 1);
+    let elsewhere = ledger_row(&other, &c1, T0, 0, LedgerKind::Sent, 100, T0 + 6, base + 1);
+
+    assert!(ledger_rows(store, &meter, T0, T0 + DAY).await.is_empty(), "empty ledger");
+    append(store, &[later.clone(), sent1.clone(), failed.clone(), elsewhere.clone()], base + 1).await.unwrap_or_else(|e| panic!("{e}"));
+    append(store, std::slice::from_ref(&sent0), base + 1).await.unwrap_or_else(|e| panic!("{e}"));
+    // A retry of the same rows (even with another time and value) changes nothing.
+    let retry = LedgerRow { at_ms: T0 + 99, ..sent0.clone() };
+    append(store, &[retry, sent1.clone()], base + 1).await.unwrap_or_else(|e| panic!("{e}"));
+    // The same identifier with another kind is another row.
+    append(store, std::slice::from_ref(&cancel0), base + 2).await.unwrap_or_else(|e| panic!("{e}"));
+
+    assert_eq!(
+        ledger_rows(store, &meter, T0, T0 + DAY).await,
+        vec![cancel0.clone(), sent0.clone(), sent1.clone(), later.clone(), failed.clone()],
+        "all rows, ordered by customer, period, n, kind"
+    );
+    assert_eq!(ledger_rows(store, &meter, T0, T0 + HOUR).await, vec![cancel0.clone(), sent0.clone(), sent1.clone()], "[T0, T0+1h)");
+    assert_eq!(ledger_rows(store, &meter, T0 + HOUR, T0 + 2 * HOUR).await, vec![failed.clone()], "[T0+1h, T0+2h)");
+    assert_eq!(ledger_rows(store, &other, T0, T0 + DAY).await, vec![elsewhere], "other meter");
+
+    // A superseded holder (older fence) is refused and writes nothing.
+    let stale = ledger_row(&meter, &c2, T0 + 3 * HOUR, 0, LedgerKind::Sent, 7, T0 + 7, base + 1);
+    match append(store, std::slice::from_ref(&stale), base + 1).await {
+        Err(StoreError::Fenced(_)) => {}
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert!(ledger_rows(store, &meter, T0 + 3 * HOUR, T0 + 4 * HOUR).await.is_empty(), "a fenced write stores nothing");
+    // The current holder and an unfenced writer are not.
+    append(store, std::slice::from_ref(&stale), base + 2).await.unwrap_or_else(|e| panic!("{e}"));
+    let unfenced = ledger_row(&meter, &c2, T0 + 3 * HOUR, 1, LedgerKind::Sent, 1, T0 + 8, 0);
+    append(store, std::slice::from_ref(&unfenced), 0).await.unwrap_or_else(|e| panic!("{e}"));
+    let got = ledger_rows(store, &meter, T0 + 3 * HOUR, T0 + 4 * HOUR).await;
+    assert_eq!(got.iter().map(|r| (r.n, r.value)).collect::<Vec<_>>(), vec![(0, 7), (1, 1)], "fenced holder and unfenced writer");
 }
