@@ -222,10 +222,17 @@ pub fn bar(results: &[RunResult], batch: usize, check_rate: f64) -> Vec<BarLine>
         measured: p99.map(|s| format!("{:.0} µs ({:.0}–{:.0})", s.median, s.min, s.max)).unwrap_or_else(|| "–".into()),
         met: p99.map(|s| s.median <= 1000.0),
     });
-    for key in [&batch_key, &single_key] {
-        let x = median_throughput(&map, key, "meterd").zip(median_throughput(&map, key, "postgres")).map(|(m, p)| m / p.max(1e-9));
+    // The PostgreSQL design is called once per event (ingest-single); a batch
+    // as one transaction of pipelined calls is shown too, as the kindest case.
+    let m_single = median_throughput(&map, &single_key, "meterd");
+    for (meterd, pg_key, what) in [
+        (m_batch, &single_key, "meterd batched ÷ PostgreSQL design called per event, events/s"),
+        (m_batch, &batch_key, "meterd batched ÷ PostgreSQL, batch as one transaction, events/s"),
+        (m_single, &single_key, "meterd single-event ÷ PostgreSQL called per event, events/s"),
+    ] {
+        let x = meterd.zip(median_throughput(&map, pg_key, "postgres")).map(|(m, p)| m / p.max(1e-9));
         lines.push(BarLine {
-            what: format!("{}: meterd ÷ PostgreSQL design, events/s", key.0),
+            what: what.into(),
             needed: "≥ 100×".into(),
             measured: x.map(|v| format!("{v:.0}×")).unwrap_or_else(|| "–".into()),
             met: x.map(|v| v >= 100.0),
@@ -315,8 +322,8 @@ mod tests {
         assert_eq!(b[1].met, Some(true));
         assert_eq!(b[2].met, Some(false)); // 70 %
         assert_eq!(b[3].met, Some(true)); // median p99 950 µs
-        assert_eq!(b[4].measured, "130×");
-        assert_eq!(b[5].met, None); // no postgres single run
+        assert_eq!(b[4].met, None); // no postgres single run
+        assert_eq!(b[5].measured, "130×");
         let ratios = ratios_table(&rs);
         assert!(ratios.contains("| ingest-batch-1000 | 2.60 M events/s | 0.65× | 130.00× | – |"), "{ratios}");
         let table = results_table(&rs);
