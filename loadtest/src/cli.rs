@@ -27,6 +27,7 @@ SCENARIO: ingest-single | ingest-batch [--size N] | check | check-consume | mixe
   --meter NAME        meter name                                     (default tokens)
   --limit L           monthly limit for the postgres/redis designs   (default 1000000000000)
   --seed N            workload seed                                  (default 1)
+  --server-pid PID    report this process's CPU time per event/request over the window
   --label TEXT        copied into the result (e.g. the repetition)
   --json              print the result as one JSON line on stdout (default: a table)
   --quiet             no progress line
@@ -53,6 +54,7 @@ pub struct RunArgs {
     pub limit: i64,
     pub seed: u64,
     pub label: String,
+    pub server_pid: Option<u32>,
     pub json: bool,
     pub quiet: bool,
 }
@@ -123,6 +125,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
         limit: 1_000_000_000_000,
         seed: 1,
         label: String::new(),
+        server_pid: None,
         json: false,
         quiet: false,
     };
@@ -155,6 +158,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             "--limit" => r.limit = value(&a, args.next())?,
             "--seed" => r.seed = value(&a, args.next())?,
             "--label" => r.label = value(&a, args.next())?,
+            "--server-pid" => r.server_pid = Some(value(&a, args.next())?),
             "--json" => r.json = true,
             "--quiet" => r.quiet = true,
             other => return Err(CliError(format!("unknown option {other}"))),

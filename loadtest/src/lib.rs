@@ -10,6 +10,7 @@ pub mod cli;
 pub mod dist;
 pub mod http;
 pub mod pg;
+pub mod procstat;
 pub mod redis_target;
 pub mod rng;
 pub mod runner;

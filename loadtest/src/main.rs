@@ -71,6 +71,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         warmup: Duration::from_secs_f64(args.warmup),
         duration: Duration::from_secs_f64(args.duration.max(0.001)),
         mode: args.rate.map_or(Mode::Closed, |rate| Mode::Open { rate }),
+        server_pid: args.server_pid,
         progress: (!args.quiet).then(|| Duration::from_secs(if args.duration >= 30.0 { 5 } else { 1 })),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
@@ -102,6 +103,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         label: args.label.clone(),
         loadavg: stats::loadavg(),
         first_error: measured.first_error,
+        server_cpu_us_per_op: measured.server_cpu_seconds.map(|cpu| {
+            let ops = if scenario.name().starts_with("ingest") { measured.events } else { measured.requests };
+            cpu * 1e6 / ops.max(1) as f64
+        }),
     };
     if let Some(e) = &result.first_error {
         eprintln!("meterd-loadtest: {} errors; first: {e}", result.errors);

@@ -31,6 +31,8 @@ pub struct RunConfig {
     pub mode: Mode,
     /// Print a progress line to stderr this often (None: quiet).
     pub progress: Option<Duration>,
+    /// A server process whose CPU time over the measured window is reported.
+    pub server_pid: Option<u32>,
 }
 
 /// What the measured window saw.
@@ -44,6 +46,8 @@ pub struct Measured {
     pub histogram: Histogram<u64>,
     pub max_pacer_lag: Option<Duration>,
     pub first_error: Option<String>,
+    /// CPU seconds `server_pid` used during the measured window.
+    pub server_cpu_seconds: Option<f64>,
 }
 
 /// The open-loop schedule: request `k` is due at `start + k / rate`.
@@ -142,6 +146,17 @@ pub async fn run(prepared: Arc<Prepared>, events_of: Arc<Vec<u64>>, config: &Run
         })
     });
 
+    // The server's CPU time at the window's start and end.
+    let server_cpu = config.server_pid.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(window.from.into()).await;
+            let before = crate::procstat::cpu_seconds(pid);
+            tokio::time::sleep_until(window.to.into()).await;
+            let after = crate::procstat::cpu_seconds(pid);
+            before.zip(after).map(|(b, a)| a - b)
+        })
+    });
+
     let mut tasks = Vec::with_capacity(connections);
     let mut pacer = None;
     match config.mode {
@@ -182,6 +197,10 @@ pub async fn run(prepared: Arc<Prepared>, events_of: Arc<Vec<u64>>, config: &Run
         p.abort();
     }
     let max_pacer_lag = pacer.and_then(|p| p.join().ok());
+    let server_cpu_seconds = match server_cpu {
+        Some(t) => t.await.ok().flatten(),
+        None => None,
+    };
     Ok(Measured {
         requests: total.requests,
         events: total.events,
@@ -191,6 +210,7 @@ pub async fn run(prepared: Arc<Prepared>, events_of: Arc<Vec<u64>>, config: &Run
         histogram: total.histogram,
         max_pacer_lag,
         first_error: total.first_error,
+        server_cpu_seconds,
     })
 }
 

@@ -78,6 +78,10 @@ pub struct RunResult {
     /// `/proc/loadavg`'s first three fields at the end of the run.
     pub loadavg: String,
     pub first_error: Option<String>,
+    /// `--server-pid`: the server's CPU time (user + system) over the measured
+    /// window, in µs per event for ingest scenarios and per request otherwise.
+    #[serde(default)]
+    pub server_cpu_us_per_op: Option<f64>,
 }
 
 /// The machine's load averages, or "" where /proc is missing.

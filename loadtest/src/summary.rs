@@ -77,6 +77,11 @@ impl Group<'_> {
     }
 }
 
+/// Median server CPU per event or request, over the runs that measured it.
+fn cpu_per_op(g: &Group<'_>) -> Option<f64> {
+    spread(&g.runs.iter().filter_map(|r| r.server_cpu_us_per_op).collect::<Vec<_>>()).map(|s| s.median)
+}
+
 const TARGET_ORDER: [&str; 4] = ["meterd", "ceiling", "postgres", "redis"];
 
 fn target_rank(t: &str) -> usize {
@@ -110,7 +115,7 @@ fn median_p99(map: &BTreeMap<(Key, String), Group<'_>>, key: &Key, target: &str)
 pub fn results_table(results: &[RunResult]) -> String {
     let (order, map) = groups(results);
     let mut out = String::from(
-        "| scenario | mode | target | runs | requests/s median (min–max) | events/s median (min–max) | p50 µs | p99 µs (min–max) | p99.9 µs | errors | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | mode | target | runs | requests/s median (min–max) | events/s median (min–max) | p50 µs | p99 µs (min–max) | p99.9 µs | server CPU µs/op | errors | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for key in &order {
         let mut targets: Vec<&String> = map.keys().filter(|(k, _)| k == key).map(|(_, t)| t).collect();
@@ -127,9 +132,10 @@ pub fn results_table(results: &[RunResult]) -> String {
                 continue;
             };
             let errors: u64 = g.runs.iter().map(|r| r.errors + r.unsent).sum();
+            let cpu = cpu_per_op(g).map_or("–".to_string(), |c| format!("{c:.2}"));
             let load = g.runs.last().map(|r| r.loadavg.clone()).unwrap_or_default();
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} ({:.0}–{:.0}) | {:.0} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} ({:.0}–{:.0}) | {:.0} | {} | {} | {} |\n",
                 key.0,
                 key.1,
                 t,
@@ -141,6 +147,7 @@ pub fn results_table(results: &[RunResult]) -> String {
                 p99.min,
                 p99.max,
                 p999.median,
+                cpu,
                 errors,
                 load
             ));
@@ -152,7 +159,9 @@ pub fn results_table(results: &[RunResult]) -> String {
 /// meterd's throughput divided by each baseline's, per closed-loop scenario.
 pub fn ratios_table(results: &[RunResult]) -> String {
     let (order, map) = groups(results);
-    let mut out = String::from("| scenario | meterd | meterd ÷ ceiling | meterd ÷ postgres | meterd ÷ redis |\n|---|---|---|---|---|\n");
+    let mut out = String::from(
+        "| scenario | meterd | meterd ÷ ceiling | meterd ÷ postgres | meterd ÷ redis | server CPU per op, meterd ÷ ceiling |\n|---|---|---|---|---|---|\n",
+    );
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
         _ => "–".to_string(),
@@ -160,14 +169,16 @@ pub fn ratios_table(results: &[RunResult]) -> String {
     for key in order.iter().filter(|k| k.1 == "closed") {
         let m = median_throughput(&map, key, "meterd");
         let Some(mv) = m else { continue };
+        let cpu = |t: &str| map.get(&(key.clone(), t.to_string())).and_then(cpu_per_op);
         out.push_str(&format!(
-            "| {} | {} {} | {} | {} | {} |\n",
+            "| {} | {} {} | {} | {} | {} | {} |\n",
             key.0,
             human(mv),
             if is_ingest(&key.0) { "events/s" } else { "req/s" },
             ratio(m, median_throughput(&map, key, "ceiling")),
             ratio(m, median_throughput(&map, key, "postgres")),
             ratio(m, median_throughput(&map, key, "redis")),
+            ratio(cpu("meterd"), cpu("ceiling")),
         ));
     }
     out
@@ -290,6 +301,7 @@ mod tests {
             label: String::new(),
             loadavg: String::new(),
             first_error: None,
+            server_cpu_us_per_op: None,
         }
     }
 
@@ -325,9 +337,24 @@ mod tests {
         assert_eq!(b[4].met, None); // no postgres single run
         assert_eq!(b[5].measured, "130×");
         let ratios = ratios_table(&rs);
-        assert!(ratios.contains("| ingest-batch-1000 | 2.60 M events/s | 0.65× | 130.00× | – |"), "{ratios}");
+        assert!(ratios.contains("| ingest-batch-1000 | 2.60 M events/s | 0.65× | 130.00× | – | – |"), "{ratios}");
         let table = results_table(&rs);
         assert!(table.contains("**2.60 M** (2.40 M–2.70 M)"), "{table}");
+    }
+
+    #[test]
+    fn cpu_per_op_ratio_uses_medians_of_runs_that_measured_it() {
+        let mut rs = Vec::new();
+        for (m, c) in [(Some(1.0), Some(0.25)), (Some(1.2), Some(0.3)), (None, Some(0.2))] {
+            let mut a = run("meterd", "ingest-single", None, 10.0, 10.0, 1.0);
+            a.server_cpu_us_per_op = m;
+            let mut b = run("ceiling", "ingest-single", None, 20.0, 20.0, 1.0);
+            b.server_cpu_us_per_op = c;
+            rs.extend([a, b]);
+        }
+        // meterd: median of 1.0 and 1.2 = 1.1; ceiling: median of 0.2, 0.25, 0.3 = 0.25.
+        assert!(ratios_table(&rs).contains("| 0.50× | – | – | 4.40× |"), "{}", ratios_table(&rs));
+        assert!(results_table(&rs).contains("| 1.10 |"));
     }
 
     #[test]
