@@ -521,3 +521,33 @@ async fn two_instances_one_reporter_and_a_takeover() {
     assert_eq!(status(&other.client()).await["state"], json!("reporting"));
     let _ = common::ch::query(&ch_url, &format!("DROP DATABASE IF EXISTS {db}")).await;
 }
+
+/// `max_requests_per_second` holds: 12 events (12 v1 requests) at 5/s cannot
+/// all go out within a second: after the burst of 5, one every 200 ms. (A
+/// slower machine only spreads them more; this can only fail if the limiter
+/// lets requests through faster.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_stay_under_max_requests_per_second() {
+    keys();
+    let fake = StripeFake::start(GOOD_KEY).await;
+    let text = config(&fake, "v1", GOOD_ENV, "").replace("max_requests_per_second = 2000", "max_requests_per_second = 5");
+    let server = TestServer::start(&text).await;
+    let base = minute_ago(1);
+    let mut expected = BTreeMap::new();
+    for i in 0..12 {
+        let customer = format!("rate-{i}");
+        link(&server.client(), &customer, &format!("cus_rate_{i}")).await;
+        ingest(&server.client(), vec![ev(&format!("r{i}"), &customer, "tokens", json!(1), base + i)]).await;
+        expected.insert(key("tokens", &format!("cus_rate_{i}")), 1);
+    }
+    wait_totals(&fake, &expected).await;
+    let s = fake.lock();
+    let times = &s.request_times;
+    assert!(times.len() >= 12, "{} requests", times.len());
+    for (i, t) in times.iter().enumerate() {
+        let in_window = times[i..].iter().take_while(|u| u.duration_since(*t) < Duration::from_secs(1)).count();
+        assert!(in_window <= 10, "{in_window} requests within one second (limit 5/s, burst 5)");
+    }
+    let span = times[times.len() - 1].duration_since(times[0]);
+    assert!(span >= Duration::from_millis(1200), "12 requests at 5/s took only {span:?}");
+}

@@ -86,6 +86,9 @@ impl Engine {
             }
         }
         let mut usages = Vec::with_capacity(events.len());
+        // The customer names the WAL stores, taken from the body (not from the
+        // interner, whose shared lock and refcounts cost more than the copy).
+        let mut names: Vec<&str> = Vec::with_capacity(events.len());
         let mut duplicates = 0;
         for ((event, customer), &fresh) in events.iter().zip(ids).zip(&fresh) {
             if !fresh {
@@ -93,6 +96,7 @@ impl Engine {
                 continue;
             }
             let Some(meter) = self.catalog.meter(event.meter) else { continue };
+            names.push(&event.customer);
             let anchor = if self.counters.is_tracked(meter.id, WindowKind::BillingCycle) {
                 self.entitlements.get(Some(customer)).billing_anchor
             } else {
@@ -114,8 +118,8 @@ impl Engine {
         } else if !usages.is_empty() {
             let mut builder = BatchBuilder::new(now, usages.len());
             let fresh_hashes = hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h);
-            for (u, id_hash) in usages.iter().zip(fresh_hashes) {
-                let name = || self.counters.interner.name(u.customer).map(|c| c.to_string()).unwrap_or_default();
+            for ((u, id_hash), name) in usages.iter().zip(fresh_hashes).zip(&names) {
+                let name = || name.to_string();
                 let properties = u.properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
                 builder.push(id_hash, u.customer, name, u.meter.id, &u.meter.name, u.raw, u.ts, properties);
             }

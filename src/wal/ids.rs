@@ -30,6 +30,17 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> IdsError + '_ {
     move |source| IdsError::Io { path: path.display().to_string(), source }
 }
 
+/// One entry per id: hash, acceptance minute, record sequence (little-endian).
+fn encode(buf: &mut Vec<u8>, ids: &[u128], accepted_ms: i64, seq: u64) {
+    let minute = u32::try_from(accepted_ms.div_euclid(60_000)).unwrap_or(u32::MAX);
+    buf.reserve(ids.len() * ENTRY);
+    for id in ids {
+        buf.extend_from_slice(&id.to_le_bytes());
+        buf.extend_from_slice(&minute.to_le_bytes());
+        buf.extend_from_slice(&seq.to_le_bytes());
+    }
+}
+
 /// Where an id file stood before an append, to cut a refused group back off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mark {
@@ -60,7 +71,34 @@ impl IdLog {
     /// Appends ids accepted at `accepted_ms` (no fsync); returns where the file
     /// stood before, for [`IdLog::rollback`].
     pub fn append(&mut self, ids: &[u128], accepted_ms: i64, seq: u64) -> Result<Mark, IdsError> {
-        let hour = accepted_ms.div_euclid(HOUR_MS) * HOUR_MS;
+        let mut buf = Vec::with_capacity(ids.len() * ENTRY);
+        encode(&mut buf, ids, accepted_ms, seq);
+        self.write(accepted_ms.div_euclid(HOUR_MS) * HOUR_MS, &buf)
+    }
+
+    /// Appends the ids of a group of records `(ids, accepted_ms, seq)` with one
+    /// write per hour file (one, unless the group spans an hour's end), pushing
+    /// a mark per write onto `marks`; on an error, `marks` holds those of the
+    /// writes that succeeded, for [`IdLog::rollback`].
+    pub fn append_group(&mut self, records: &[(Vec<u128>, i64, u64)], marks: &mut Vec<Mark>) -> Result<(), IdsError> {
+        let hour_of = |ms: i64| ms.div_euclid(HOUR_MS) * HOUR_MS;
+        let mut buf = Vec::new();
+        let mut start = 0;
+        while start < records.len() {
+            let hour = hour_of(records[start].1);
+            let end = records[start..].iter().position(|r| hour_of(r.1) != hour).map_or(records.len(), |n| start + n);
+            buf.clear();
+            for (ids, accepted_ms, seq) in &records[start..end] {
+                encode(&mut buf, ids, *accepted_ms, *seq);
+            }
+            marks.push(self.write(hour, &buf)?);
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Appends encoded entries to the file of `hour` (opening it if needed).
+    fn write(&mut self, hour: i64, buf: &[u8]) -> Result<Mark, IdsError> {
         if self.open.as_ref().map(|(h, _, _)| *h) != Some(hour) {
             let path = self.path(hour);
             let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
@@ -73,20 +111,14 @@ impl IdLog {
             }
             self.open = Some((hour, file, whole));
         }
-        let minute = u32::try_from(accepted_ms.div_euclid(60_000)).unwrap_or(u32::MAX);
-        let mut buf = Vec::with_capacity(ids.len() * ENTRY);
-        for id in ids {
-            buf.extend_from_slice(&id.to_le_bytes());
-            buf.extend_from_slice(&minute.to_le_bytes());
-            buf.extend_from_slice(&seq.to_le_bytes());
-        }
-        let path = self.path(hour);
         let Some((_, file, len)) = self.open.as_mut() else {
+            let path = self.path(hour);
             return Err(IdsError::Io { path: path.display().to_string(), source: std::io::Error::other("no open id file") });
         };
         let mark = Mark { hour, len: *len };
-        if let Err(e) = file.write_all(&buf) {
+        if let Err(e) = file.write_all(buf) {
             let _ = file.set_len(mark.len);
+            let path = self.path(hour);
             return Err(io(&path)(e));
         }
         *len += buf.len() as u64;
@@ -251,5 +283,29 @@ mod tests {
         let mut left = Vec::new();
         let _ = load(&dir, t0, day, |id, _| left.push(id));
         assert!(left.is_empty(), "ids 4 and 5 (records 2, 3) forgotten: {left:?}");
+    }
+
+    #[test]
+    fn a_group_is_one_write_per_hour_and_rolls_back_whole() {
+        let Ok(tmp) = tempfile::tempdir() else { return };
+        let dir = tmp.path().join("ids");
+        let day = 86_400_000;
+        let Ok(mut log) = IdLog::new(dir.clone(), day) else { return };
+        let t0 = 100 * day + HOUR_MS - 1;
+        // Three records, the last past the hour's end: two writes, two marks.
+        let group = vec![(vec![1, 2], t0, 1), (vec![3], t0, 2), (vec![4, 5], t0 + 1, 3)];
+        let mut marks = Vec::new();
+        assert!(log.append_group(&group, &mut marks).is_ok());
+        assert_eq!(marks.len(), 2);
+        let mut seen = Vec::new();
+        let _ = load(&dir, t0 + 1, day, |id, at| seen.push((id, at)));
+        seen.sort();
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!((seen[0].1, seen[3].1), (t0 + 1 - 60_000, t0 + 1), "entries keep their own minute");
+        // Rolling both marks back (newest first) removes the group.
+        for m in marks.iter().rev() {
+            assert!(log.rollback(*m).is_ok());
+        }
+        assert_eq!(load(&dir, t0 + 1, day, |_, _| {}).unwrap_or(99), 0);
     }
 }

@@ -11,8 +11,10 @@
 //! structs**: old segments must stay readable. Add a field only by bumping
 //! [`FORMAT_VERSION`] and teaching [`decode`] both layouts.
 
+use crate::counters::hash::KeyHash;
 use rkyv::rancor::Error as RkyvError;
 use rkyv::util::AlignedVec;
+use std::collections::HashMap;
 
 /// The payload format written by this build.
 pub const FORMAT_VERSION: u16 = 1;
@@ -79,8 +81,9 @@ impl WalBatch {
 /// Builds a [`WalBatch`], storing each customer and meter name once.
 pub struct BatchBuilder {
     batch: WalBatch,
-    customers: std::collections::HashMap<u32, u32>,
-    meters: std::collections::HashMap<u16, u16>,
+    /// Interned ids are small integers, not outside strings: a fast hasher is safe.
+    customers: HashMap<u32, u32, KeyHash>,
+    meters: HashMap<u16, u16, KeyHash>,
 }
 
 impl BatchBuilder {
@@ -93,8 +96,8 @@ impl BatchBuilder {
                 meters: Vec::new(),
                 events: Vec::with_capacity(capacity),
             },
-            customers: std::collections::HashMap::new(),
-            meters: std::collections::HashMap::new(),
+            customers: HashMap::with_capacity_and_hasher(capacity.min(4096), KeyHash),
+            meters: HashMap::with_hasher(KeyHash),
         }
     }
 

@@ -172,16 +172,10 @@ impl Writer {
         }
         let written = self.file.write_all(buf).and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
         let mut marks = Vec::new();
-        let result = written.map_err(|e| WalError::io(&path, e)).and_then(|()| {
-            for (batch_ids, accepted_ms, seq) in ids {
-                let mark = self
-                    .ids
-                    .append(batch_ids, *accepted_ms, *seq)
-                    .map_err(|e| WalError::Failed(format!("cannot record event ids: {e}")))?;
-                marks.push(mark);
-            }
-            Ok(())
-        });
+        // One write for the whole group's ids (not one per record).
+        let result = written
+            .map_err(|e| WalError::io(&path, e))
+            .and_then(|()| self.ids.append_group(ids, &mut marks).map_err(|e| WalError::Failed(format!("cannot record event ids: {e}"))));
         match result {
             Ok(()) => {
                 if let Some(last) = self.segments.last_mut() {

@@ -56,6 +56,8 @@ pub struct FakeState {
     pub duplicates: u64,
     pub unauthorized: u64,
     pub requests: u64,
+    /// When each request arrived.
+    pub request_times: Vec<std::time::Instant>,
     pub sessions: HashMap<String, bool>,
     pub sessions_opened: u64,
     pub stream_requests: u64,
@@ -210,6 +212,7 @@ async fn handle(state: Arc<Mutex<FakeState>>, req: Request<Incoming>) -> Answer 
     let fault = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         s.requests += 1;
+        s.request_times.push(std::time::Instant::now());
         s.faults.pop_front()
     };
     if let Some(Fault::Status(status)) = fault {

@@ -1,0 +1,197 @@
+//! Command-line parsing for `meterd-loadtest` (hand-written: a handful of
+//! flags, and errors that name the flag).
+
+use crate::target::TargetKind;
+use std::net::SocketAddr;
+
+pub const USAGE: &str = "\
+usage: meterd-loadtest SCENARIO [OPTIONS]
+       meterd-loadtest summarize [--bar-batch N] [--bar-check-rate R] FILE...
+
+SCENARIO: ingest-single | ingest-batch [--size N] | check | check-consume | mixed [--check-percent P]
+
+  --target T          meterd | ceiling | postgres | redis            (default meterd)
+  --addr HOST:PORT    meterd or ceiling address                      (default 127.0.0.1:8480)
+  --pg CONNSTR        tokio-postgres connection string               (default host=127.0.0.1 port=5432 user=postgres dbname=postgres)
+  --redis URL         Redis URL                                      (default redis://127.0.0.1:6379/0)
+  --size N            events per batch for ingest-batch               (default 1000)
+  --check-percent P   share of checks in mixed                       (default 80)
+  --connections C     concurrent keep-alive connections              (default 64)
+  --duration SECS     measured time                                  (default 10)
+  --warmup SECS       unmeasured time before it                      (default 2)
+  --rate R            open loop at R requests/s (latency from the intended send time);
+                      without it: closed loop, maximum throughput
+  --dist D            uniform | zipf                                 (default uniform)
+  --customers N       distinct customers                             (default 10000)
+  --zipf-s S          zipf exponent                                  (default 1.0)
+  --meter NAME        meter name                                     (default tokens)
+  --limit L           monthly limit for the postgres/redis designs   (default 1000000000000)
+  --seed N            workload seed                                  (default 1)
+  --server-pid PID    report this process's CPU time per event/request over the window
+  --label TEXT        copied into the result (e.g. the repetition)
+  --json              print the result as one JSON line on stdout (default: a table)
+  --quiet             no progress line
+";
+
+/// A load run's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunArgs {
+    pub scenario: String,
+    pub target: TargetKind,
+    pub addr: SocketAddr,
+    pub pg: String,
+    pub redis: String,
+    pub size: usize,
+    pub check_percent: u32,
+    pub connections: usize,
+    pub duration: f64,
+    pub warmup: f64,
+    pub rate: Option<f64>,
+    pub dist: String,
+    pub customers: u64,
+    pub zipf_s: f64,
+    pub meter: String,
+    pub limit: i64,
+    pub seed: u64,
+    pub label: String,
+    pub server_pid: Option<u32>,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Run(Box<RunArgs>),
+    Summarize { files: Vec<String>, bar_batch: usize, bar_check_rate: f64 },
+    Help,
+}
+
+/// A bad command line; the message names the flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, CliError> {
+    let v = v.ok_or_else(|| CliError(format!("{flag} needs a value")))?;
+    v.parse().map_err(|_| CliError(format!("{flag}: invalid value {v:?}")))
+}
+
+fn positive(flag: &str, x: f64) -> Result<f64, CliError> {
+    if x.is_finite() && x >= 0.0 {
+        Ok(x)
+    } else {
+        Err(CliError(format!("{flag} must be a non-negative number")))
+    }
+}
+
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError> {
+    let mut args = args.into_iter();
+    let Some(first) = args.next() else { return Ok(Command::Help) };
+    match first.as_str() {
+        "-h" | "--help" | "help" => return Ok(Command::Help),
+        "summarize" => {
+            let (mut files, mut bar_batch, mut bar_check_rate) = (Vec::new(), 1000usize, 20_000f64);
+            while let Some(a) = args.next() {
+                match a.as_str() {
+                    "--bar-batch" => bar_batch = value(&a, args.next())?,
+                    "--bar-check-rate" => bar_check_rate = value(&a, args.next())?,
+                    f if f.starts_with("--") => return Err(CliError(format!("unknown option {f}"))),
+                    _ => files.push(a),
+                }
+            }
+            if files.is_empty() {
+                return Err(CliError("summarize needs at least one file".into()));
+            }
+            return Ok(Command::Summarize { files, bar_batch, bar_check_rate });
+        }
+        _ => {}
+    }
+    let mut r = RunArgs {
+        scenario: first,
+        target: TargetKind::Meterd,
+        addr: SocketAddr::from(([127, 0, 0, 1], 8480)),
+        pg: "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into(),
+        redis: "redis://127.0.0.1:6379/0".into(),
+        size: 1000,
+        check_percent: 80,
+        connections: 64,
+        duration: 10.0,
+        warmup: 2.0,
+        rate: None,
+        dist: "uniform".into(),
+        customers: 10_000,
+        zipf_s: 1.0,
+        meter: "tokens".into(),
+        limit: 1_000_000_000_000,
+        seed: 1,
+        label: String::new(),
+        server_pid: None,
+        json: false,
+        quiet: false,
+    };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--target" => {
+                let t: String = value(&a, args.next())?;
+                r.target = TargetKind::parse(&t)
+                    .ok_or_else(|| CliError(format!("--target: unknown target {t:?} (meterd, ceiling, postgres, redis)")))?;
+            }
+            "--addr" => r.addr = value(&a, args.next())?,
+            "--pg" => r.pg = value(&a, args.next())?,
+            "--redis" => r.redis = value(&a, args.next())?,
+            "--size" => r.size = value(&a, args.next())?,
+            "--check-percent" => r.check_percent = value(&a, args.next())?,
+            "--connections" => r.connections = value(&a, args.next())?,
+            "--duration" => r.duration = positive(&a, value(&a, args.next())?)?,
+            "--warmup" => r.warmup = positive(&a, value(&a, args.next())?)?,
+            "--rate" => {
+                let rate = positive(&a, value(&a, args.next())?)?;
+                if rate == 0.0 {
+                    return Err(CliError("--rate must be > 0".into()));
+                }
+                r.rate = Some(rate);
+            }
+            "--dist" => r.dist = value(&a, args.next())?,
+            "--customers" => r.customers = value(&a, args.next())?,
+            "--zipf-s" => r.zipf_s = value(&a, args.next())?,
+            "--meter" => r.meter = value(&a, args.next())?,
+            "--limit" => r.limit = value(&a, args.next())?,
+            "--seed" => r.seed = value(&a, args.next())?,
+            "--label" => r.label = value(&a, args.next())?,
+            "--server-pid" => r.server_pid = Some(value(&a, args.next())?),
+            "--json" => r.json = true,
+            "--quiet" => r.quiet = true,
+            other => return Err(CliError(format!("unknown option {other}"))),
+        }
+    }
+    if r.connections == 0 {
+        return Err(CliError("--connections must be at least 1".into()));
+    }
+    Ok(Command::Run(Box::new(r)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn run_flags_are_read() {
+        let Command::Run(r) = parse(args("ingest-batch --size 500 --target postgres --rate 2000 --duration 1.5 --json")).unwrap() else {
+            panic!("not a run")
+        };
+        assert_eq!((r.size, r.target, r.rate, r.duration, r.json), (500, TargetKind::Postgres, Some(2000.0), 1.5, true));
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        assert_eq!(parse(args("check --rate -1")).unwrap_err().0, "--rate must be a non-negative number");
+        assert_eq!(parse(args("check --connections x")).unwrap_err().0, "--connections: invalid value \"x\"");
+        assert!(parse(args("check --target mysql")).unwrap_err().0.contains("unknown target"));
+        assert!(parse(args("check --size")).unwrap_err().0.contains("needs a value"));
+        assert!(parse(args("summarize")).is_err());
+    }
+}
