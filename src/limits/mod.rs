@@ -89,6 +89,19 @@ impl CheckRequest {
     }
 }
 
+/// A consume being decided: who, what, how much, under which id, when.
+#[derive(Clone, Copy)]
+pub(crate) struct Consume<'a> {
+    pub name: &'a str,
+    pub customer: CustomerId,
+    pub meter: &'a Meter,
+    pub ent: &'a Entitlements,
+    pub limits: &'a [Limit],
+    pub quantity: i64,
+    pub id_hash: u128,
+    pub now: i64,
+}
+
 /// One limit in an answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LimitView {
@@ -267,25 +280,16 @@ impl Engine {
             crate::telemetry::decision(verdict.reason, true);
             return Ok(answer(name, meter, quantity, &states, verdict));
         }
+        let c = Consume { name, customer, meter, ent: &ent, limits: &limits, quantity, id_hash, now };
         if let (true, Some(redis)) = (strict::applies(self, meter, &limits), &self.redis) {
-            return self.consume_strict(redis, name, customer, meter, &ent, &limits, quantity, id_hash, now).await;
+            return self.consume_strict(redis, &c).await;
         }
-        self.consume_local(name, customer, meter, &ent, &limits, quantity, id_hash, now).await
+        self.consume_local(&c).await
     }
 
     /// Decides a consume from local state and records it; the id is claimed.
-    #[allow(clippy::too_many_arguments)]
-    async fn consume_local(
-        &self,
-        name: &str,
-        customer: CustomerId,
-        meter: &Meter,
-        ent: &Entitlements,
-        limits: &[Limit],
-        quantity: i64,
-        id_hash: u128,
-        now: i64,
-    ) -> Result<CheckAnswer, CheckError> {
+    async fn consume_local(&self, c: &Consume<'_>) -> Result<CheckAnswer, CheckError> {
+        let Consume { name, customer, meter, ent, limits, quantity, id_hash, now } = *c;
         let cas_limit = match (limits, meter.aggregation) {
             ([only], Aggregation::Sum | Aggregation::Count) if only.hard => match only.amount {
                 LimitAmount::Finite(l) => Some((*only, l)),

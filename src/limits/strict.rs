@@ -9,10 +9,10 @@
 //! this instance's part. The local fold that follows makes the local usage equal
 //! that part, so the next sync adds nothing (see `sync::counters`).
 
-use super::{answer, decide, CheckAnswer, CheckError, LimitState, Reason, Verdict};
-use crate::counters::{Counters, CustomerId, Usage};
+use super::{answer, decide, CheckAnswer, CheckError, Consume, LimitState, Reason, Verdict};
+use crate::counters::{Counters, Usage};
 use crate::engine::Engine;
-use crate::model::{Enforcement, Entitlements, Limit, LimitAmount, Meter};
+use crate::model::{Enforcement, Limit, LimitAmount, Meter};
 use crate::redis_link::{Keys, Redis};
 use crate::wal::record::BatchBuilder;
 use std::sync::atomic::Ordering;
@@ -73,19 +73,8 @@ pub fn applies(engine: &Engine, meter: &Meter, limits: &[Limit]) -> bool {
 impl Engine {
     /// A consume with at least one strict limit. The caller holds the
     /// `(customer, meter)` consume lock and has claimed the id locally.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn consume_strict(
-        &self,
-        redis: &Redis,
-        name: &str,
-        customer: CustomerId,
-        meter: &Meter,
-        ent: &Entitlements,
-        limits: &[Limit],
-        quantity: i64,
-        id_hash: u128,
-        now: i64,
-    ) -> Result<CheckAnswer, CheckError> {
+    pub(super) async fn consume_strict(&self, redis: &Redis, c: &Consume<'_>) -> Result<CheckAnswer, CheckError> {
+        let Consume { name, customer, meter, ent, limits, quantity, id_hash, now } = *c;
         let mut states = self.limit_states(Some(customer), meter, ent, limits, now);
         // Cached limits decide locally first: no round trip when they refuse.
         let cached: Vec<LimitState> = states.iter().copied().filter(|s| s.limit.enforcement != Enforcement::Strict).collect();
@@ -112,7 +101,7 @@ impl Engine {
             Ok(r) => r,
             Err(e) if self.strict_open_when_down => {
                 tracing::debug!(error = %e, "strict limit decided locally: redis is unreachable (strict_when_unavailable = allow)");
-                return self.consume_local(name, customer, meter, ent, limits, quantity, id_hash, now).await;
+                return self.consume_local(c).await;
             }
             Err(_) => {
                 let verdict = Verdict { allowed: false, reason: Reason::Unavailable, primary: strict.first().copied().unwrap_or(0) };
