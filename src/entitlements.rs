@@ -124,11 +124,6 @@ impl EntitlementCache {
         self.default.clone()
     }
 
-    /// The customers with a cached document.
-    pub fn customers(&self) -> Vec<CustomerId> {
-        self.entries.iter().map(|e| *e.key()).collect()
-    }
-
     /// How usable the cached entry of `customer` is at `now`.
     pub fn freshness(&self, customer: CustomerId, now: i64) -> Freshness {
         let Some(lazy) = &self.lazy else { return Freshness::Fresh };
@@ -164,16 +159,6 @@ impl EntitlementCache {
         if let Some(lazy) = &self.lazy {
             lazy.loading.remove(&customer);
         }
-    }
-
-    /// Whether customers are loaded on demand.
-    pub fn is_lazy(&self) -> bool {
-        self.lazy.is_some()
-    }
-
-    /// The store behind the cache.
-    pub fn store(&self) -> &Arc<dyn EntitlementStore> {
-        &self.store
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {

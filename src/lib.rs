@@ -4,6 +4,7 @@
 //! See DESIGN.md and README.md for the architecture.
 
 pub mod app;
+pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod counters;

@@ -269,7 +269,7 @@ impl StripeClient {
             };
             match result {
                 Err(e) if e.retryable() && attempt < MAX_ATTEMPTS => {
-                    let wait = crate::flush::backoff(Duration::from_millis(100), attempt).min(Duration::from_secs(5));
+                    let wait = crate::backoff::backoff(Duration::from_millis(100), attempt).min(Duration::from_secs(5));
                     crate::telemetry::stripe_retry();
                     tracing::warn!(error = %e, attempt, retry_in = ?wait, "Stripe request failed; retrying");
                     tokio::time::sleep(wait).await;

@@ -98,7 +98,7 @@ impl Reporter {
         let mut failures: u32 = 0;
         let mut first = true;
         loop {
-            let wait = if first { Duration::ZERO } else { crate::flush::backoff(interval, failures) };
+            let wait = if first { Duration::ZERO } else { crate::backoff::backoff(interval, failures) };
             first = false;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -134,7 +134,7 @@ impl Reporter {
                         self.fence = None;
                         crate::telemetry::stripe_leader(false);
                     }
-                    tracing::warn!(error = %e, failures, retry_in = ?crate::flush::backoff(interval, failures), "Stripe report run failed; retrying");
+                    tracing::warn!(error = %e, failures, retry_in = ?crate::backoff::backoff(interval, failures), "Stripe report run failed; retrying");
                     self.status.set_error(Some(e.to_string()));
                 }
             }

@@ -110,11 +110,6 @@ impl CounterSync {
         }
     }
 
-    /// The Redis handle.
-    pub fn redis(&self) -> &Redis {
-        &self.redis
-    }
-
     /// Picks the cells to push: changed since the last push, checked since the
     /// last round, or all of them after a restart or a Redis data loss.
     fn collect(&self, engine: &Engine, all: bool) -> (HashMap<CustomerId, Vec<Push>>, usize, i64) {
@@ -231,7 +226,7 @@ pub async fn run(engine: Arc<Engine>, sync: Arc<CounterSync>, interval: Duration
     let mut failures = 0u32;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(crate::flush::backoff(interval, failures)) => {}
+            _ = tokio::time::sleep(crate::backoff::backoff(interval, failures)) => {}
             _ = shutdown.changed() => break,
         }
         let started = Instant::now();

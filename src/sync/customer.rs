@@ -69,13 +69,9 @@ impl Engine {
             }
             Err(e) => {
                 tracing::warn!(customer = %name, error = %e, "could not load a customer from redis; using what is cached (or the default plan) for now");
-                self.entitlements.mark_fetched(id, now - self.entitlements_ttl_ms() + RETRY_AFTER_FAILURE_MS);
+                self.entitlements.mark_fetched(id, now - self.redis_ttl_ms + RETRY_AFTER_FAILURE_MS);
             }
         }
-    }
-
-    fn entitlements_ttl_ms(&self) -> i64 {
-        self.redis_ttl_ms
     }
 
     async fn read_customer(&self, redis: &Redis, id: CustomerId, name: &str, now: i64) -> Result<(), RedisError> {

@@ -63,7 +63,7 @@ pub async fn run(engine: Arc<Engine>, redis: Redis, mut shutdown: watch::Receive
                     };
                     tracing::warn!(error = %reason, "cannot subscribe to entitlement changes; retrying");
                 }
-                if wait(&mut shutdown, crate::flush::backoff(Duration::from_millis(200), failures)).await {
+                if wait(&mut shutdown, crate::backoff::backoff(Duration::from_millis(200), failures)).await {
                     return;
                 }
                 continue;

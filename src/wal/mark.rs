@@ -33,11 +33,6 @@ impl WalMark {
         seq <= self.upto || self.extras.iter().any(|&(a, b)| a <= seq && seq <= b)
     }
 
-    /// The highest record covered.
-    pub fn max(&self) -> u64 {
-        self.extras.last().map_or(self.upto, |&(_, b)| b.max(self.upto))
-    }
-
     /// The extras as text, `"a-b,c-d"` (empty when none): how stores keep them.
     pub fn extras_text(&self) -> String {
         self.extras.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>().join(",")

@@ -118,15 +118,6 @@ impl SeqTracker {
         self.state().unfolded.remove(&seq);
     }
 
-    /// Every sequence at or below this is folded.
-    pub fn watermark(&self) -> u64 {
-        let s = self.state();
-        match s.unfolded.first() {
-            Some(&lowest) => lowest - 1,
-            None => s.max_acked,
-        }
-    }
-
     /// Exactly which sequences are folded: the watermark plus the records folded
     /// above it. Call under the epoch's exclusive lock for the answer to describe
     /// that epoch.
