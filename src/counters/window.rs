@@ -17,16 +17,21 @@ pub struct CounterKey {
     pub start_ms: i64,
 }
 
-/// One window's value. `ts` is the timestamp of the event that set a `latest`
-/// value (unused by the other aggregations).
-///
-/// With Redis, `value` stays this instance's own usage; `others` is the usage of
-/// the other instances as of the last sync, and `pushed` is how much of `value`
-/// Redis holds. A check reads `value + others`.
+/// One value: a window's or a minute bucket's. `ts` is the timestamp of the
+/// event that set a `latest` value (unused by the other aggregations).
 #[derive(Debug, Default)]
 pub struct Cell {
     pub value: AtomicI64,
     pub ts: AtomicI64,
+}
+
+/// A window counter: its [`Cell`] plus what sharing totals through Redis needs
+/// (minute buckets do without). `value` stays this instance's own usage;
+/// `others` is the usage of the other instances as of the last sync, and
+/// `pushed` is how much of `value` Redis holds. A check reads `value + others`.
+#[derive(Debug, Default)]
+pub struct WindowCell {
+    pub cell: Cell,
     pub others: AtomicI64,
     pub pushed: AtomicI64,
     /// Read by a check since the last sync: the syncer fetches its total even
@@ -34,7 +39,14 @@ pub struct Cell {
     pub watched: AtomicBool,
 }
 
-impl Cell {
+impl std::ops::Deref for WindowCell {
+    type Target = Cell;
+    fn deref(&self) -> &Cell {
+        &self.cell
+    }
+}
+
+impl WindowCell {
     /// What a check sees: this instance's usage plus the others' last synced.
     pub fn used(&self) -> i64 {
         self.value.load(Ordering::Acquire).saturating_add(self.others.load(Ordering::Acquire))
@@ -69,7 +81,7 @@ impl Cell {
 
 /// All window counters, sharded.
 pub struct WindowCounters {
-    map: DashMap<CounterKey, Cell, KeyHash>,
+    map: DashMap<CounterKey, WindowCell, KeyHash>,
     /// Instances share totals through Redis: reads mark cells for the syncer.
     shared: AtomicBool,
 }
@@ -106,19 +118,19 @@ impl WindowCounters {
     }
 
     /// Visits every cell (the syncer's scan).
-    pub fn for_each(&self, mut f: impl FnMut(&CounterKey, &Cell)) {
+    pub fn for_each(&self, mut f: impl FnMut(&CounterKey, &WindowCell)) {
         for entry in self.map.iter() {
             f(entry.key(), entry.value());
         }
     }
 
     /// Runs `f` on the key's cell if it exists.
-    pub fn get<R>(&self, key: &CounterKey, f: impl FnOnce(&Cell) -> R) -> Option<R> {
+    pub fn get<R>(&self, key: &CounterKey, f: impl FnOnce(&WindowCell) -> R) -> Option<R> {
         self.map.get(key).map(|c| f(&c))
     }
 
     /// Runs `f` on the key's cell, creating it first if needed.
-    pub fn with_cell<R>(&self, key: CounterKey, f: impl FnOnce(&Cell) -> R) -> R {
+    pub fn with_cell<R>(&self, key: CounterKey, f: impl FnOnce(&WindowCell) -> R) -> R {
         if let Some(cell) = self.map.get(&key) {
             return f(&cell);
         }

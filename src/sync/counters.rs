@@ -19,7 +19,7 @@
 //!
 //! `max` and `latest` windows are not shared (documented in the README).
 
-use crate::counters::window::Cell;
+use crate::counters::window::WindowCell;
 use crate::counters::{CounterKey, CustomerId};
 use crate::engine::{now_ms, Engine};
 use crate::model::{Aggregation, WindowKind};
@@ -118,7 +118,7 @@ impl CounterSync {
         let names: Vec<Option<(&str, Aggregation)>> =
             engine.catalog.meters().iter().map(|m| Some((m.name.as_str(), m.aggregation))).collect();
         let now = now_ms();
-        engine.counters.windows.for_each(|key, cell: &Cell| {
+        engine.counters.windows.for_each(|key, cell: &WindowCell| {
             let Some(Some((meter, aggregation))) = names.get(usize::from(key.meter)) else { return };
             if !matches!(aggregation, Aggregation::Sum | Aggregation::Count) {
                 return;
