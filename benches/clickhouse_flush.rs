@@ -9,7 +9,7 @@
 
 use meterd::config::Config;
 use meterd::store::clickhouse::ClickHouseStore;
-use meterd::store::{FlushBatch, UsageRow, UsageStore};
+use meterd::store::{FlushBatch, Fold, UsageQuery, UsageRow, UsageStore};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,6 +71,63 @@ fn main() {
                 per_second[1],
                 size as f64 / per_second[1] * 1e3
             );
+        }
+    });
+
+    // History queries (what `/v1/usage` asks the store) over 5.76M stored rows:
+    // 1,000 customers with a row every minute for 4 days, in 58 flushes of
+    // 100k rows. Do they need rollups? Median of 5 runs of each query.
+    rt.block_on(async {
+        let history = format!("{db}_history");
+        let store = ClickHouseStore::connect(&url, &history).await.expect("connect");
+        let (customers, minutes) = (1_000usize, 4 * 1_440i64);
+        let start = (meterd::engine::now_ms() / 86_400_000 - 4) * 86_400_000;
+        let all: Vec<UsageRow> = (0..minutes)
+            .flat_map(|m| {
+                (0..customers).map(move |c| UsageRow {
+                    meter: "tokens".into(),
+                    customer: format!("c{c}"),
+                    minute_ms: start + m * 60_000,
+                    properties: vec![],
+                    value: 1 + (c as i64 % 7),
+                    last_ts: start + m * 60_000 + 1,
+                })
+            })
+            .collect();
+        let loading = Instant::now();
+        for (i, chunk) in all.chunks(100_000).enumerate() {
+            let seq = i as u64 + 1;
+            let batch = FlushBatch { instance_id: "bench".into(), seq, wal_seq: seq, wal_extras: vec![], rows: chunk.to_vec() };
+            store.write_flush(&batch).await.expect("flush");
+        }
+        println!("| history: loading {} rows in flushes of 100k | {:.1} s |", all.len(), loading.elapsed().as_secs_f64());
+        let end = start + minutes * 60_000;
+        let query = |customer: Option<&str>| UsageQuery {
+            instance_id: "bench".into(),
+            meter: "tokens".into(),
+            fold: Fold::Sum,
+            from_ms: start,
+            to_ms: end,
+            customer: customer.map(str::to_string),
+            own_only: false,
+        };
+        let cases: [(&str, Option<&str>, i64); 4] = [
+            ("one customer, 4 days by hour", Some("c7"), 3_600_000),
+            ("one customer, 4 days by minute", Some("c7"), 60_000),
+            ("all 1,000 customers, 4 days by day", None, 86_400_000),
+            ("all 1,000 customers, 4 days by hour", None, 3_600_000),
+        ];
+        for (name, customer, granularity) in cases {
+            let mut times = Vec::new();
+            let mut points = 0;
+            for _ in 0..5 {
+                let started = Instant::now();
+                let got = store.series(&query(customer), granularity, 100_000).await.expect("series");
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+                points = got.data.len();
+            }
+            times.sort_by(f64::total_cmp);
+            println!("| history: {name} ({points} points) | {:.1} ms (min {:.1}, max {:.1}) |", times[2], times[0], times[4]);
         }
     });
 

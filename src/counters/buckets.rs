@@ -51,8 +51,11 @@ pub struct Epoch {
 }
 
 impl Epoch {
-    fn new(seq: u64) -> Epoch {
-        Epoch { seq, wal_mark: std::sync::OnceLock::new(), buckets: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64) }
+    /// An empty epoch sized for `capacity` buckets: the previous epoch's count,
+    /// so a steady load does not grow (rehash) the table every flush interval.
+    fn new(seq: u64, capacity: usize) -> Epoch {
+        let buckets = DashMap::with_capacity_and_hasher_and_shard_amount(capacity.max(1024), KeyHash, 64);
+        Epoch { seq, wal_mark: std::sync::OnceLock::new(), buckets }
     }
 
     /// Folds one event into its bucket.
@@ -81,7 +84,7 @@ pub struct Buckets {
 impl Buckets {
     /// Starts at flush sequence `next_seq` (one past the highest the store holds).
     pub fn new(next_seq: u64) -> Buckets {
-        Buckets { current: ShardedLock::new(Arc::new(Epoch::new(next_seq))), flushing: Mutex::new(None) }
+        Buckets { current: ShardedLock::new(Arc::new(Epoch::new(next_seq, 0))), flushing: Mutex::new(None) }
     }
 
     /// Holds off epoch swaps (and backfills) while the guard lives.
@@ -126,7 +129,7 @@ impl Buckets {
         if current.buckets.is_empty() {
             return None;
         }
-        let next = Arc::new(Epoch::new(current.seq + 1));
+        let next = Arc::new(Epoch::new(current.seq + 1, current.buckets.len()));
         let _ = current.wal_mark.set(watermark());
         let old = std::mem::replace(&mut *current, next);
         *flushing = Some(old.clone());

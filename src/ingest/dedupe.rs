@@ -1,6 +1,6 @@
 //! Event-id deduplication within `ingest.dedupe_window`.
 //!
-//! Ids are kept as 128-bit hashes (two keyed SipHash-1-3 passes), not strings, so
+//! Ids are kept as 128-bit hashes (xxh3-128), not strings, so
 //! an entry has a fixed size whatever the id's length. The set is a sharded,
 //! flat, open-addressing table of `u128` slots: the top 96 bits of the hash as a
 //! fingerprint and the acceptance minute in the low 32 bits. One probe is usually
@@ -9,31 +9,28 @@
 //! duplicate needs two ids to share 96 bits: at 100M live ids the chance is about
 //! 10^-13. Entries older than the window are swept by the maintenance task.
 
-use std::hash::{Hash, Hasher};
+use super::slots::Slots;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// A 128-bit id hash.
 pub type IdHash = u128;
 
-/// Hashes an event id.
+/// Hashes an event id: one xxh3-128 pass (fixed seed: the hash is stored in
+/// the WAL and the id files, so it must not change between runs).
 pub fn hash_id(id: &str) -> IdHash {
-    let mut a = std::hash::DefaultHasher::new();
-    0x6d65_7465_7264_u64.hash(&mut a);
-    id.hash(&mut a);
-    let mut b = std::hash::DefaultHasher::new();
-    0x6465_6475_7065_u64.hash(&mut b);
-    id.hash(&mut b);
-    (u128::from(a.finish()) << 64) | u128::from(b.finish())
+    xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), 0x6d65_7465_7264)
 }
 
-const SHARDS: usize = 256;
+/// Few enough that a shard of a large table is several MiB (on huge pages, see
+/// `slots`), many enough that two cores rarely want the same lock.
+const SHARDS: usize = 64;
 const MIN_CAPACITY: usize = 1024;
 
 /// One shard: a power-of-two array of slots, 0 = empty, at most half full.
 #[derive(Default)]
 struct Shard {
-    slots: Vec<u128>,
+    slots: Slots,
     len: usize,
 }
 
@@ -81,9 +78,9 @@ impl Shard {
 
     fn grow(&mut self) {
         let cap = (self.slots.len() * 2).max(MIN_CAPACITY);
-        let old = std::mem::replace(&mut self.slots, vec![0; cap]);
+        let old = std::mem::replace(&mut self.slots, Slots::zeroed(cap));
         self.len = 0;
-        for s in old.into_iter().filter(|&s| s != 0) {
+        for s in old.iter().copied().filter(|&s| s != 0) {
             self.put_slot(s);
         }
     }
@@ -257,7 +254,7 @@ impl Deduper {
             while live.len() * 2 >= cap {
                 cap *= 2;
             }
-            shard.slots = vec![0; cap];
+            shard.slots = Slots::zeroed(cap);
             shard.len = 0;
             for s in live {
                 shard.put_slot(s);

@@ -84,10 +84,14 @@
 //! it would appear both in the rows and in the caller's epoch. Other instances'
 //! rows are not filtered: the caller has no epochs of theirs.
 //!
-//! `max(flush_seq)` of an instance is not in the primary key, so each query (and
-//! [`UsageStore::max_flush_seq`], [`UsageStore::wal_mark`]) scans those two
-//! columns of the whole table: cheap for millions of rows, worth a small
-//! per-flush table once the table holds billions.
+//! `max(flush_seq)` of an instance is not in the primary key, so asking it scans
+//! those two columns of the whole table (75 ms of a 75 ms history query at 5.8M
+//! rows, BENCHMARKS.md). Queries therefore ask it once per instance and process,
+//! and from then on use what this process has seen complete: every flush
+//! `write_flush` finds or makes complete raises it. That value is never above
+//! the truth, and a lower `S` is still a correct split (the caller merges its
+//! epochs above `S`, which are only dropped after `write_flush` returned).
+//! [`UsageStore::max_flush_seq`] and [`UsageStore::wal_mark`] still scan.
 
 use super::{
     Aggregate, FlushBatch, Fold, LedgerKind, LedgerRow, LedgerStore, SeriesPoint, StoreError, Stored, UsageQuery, UsageRow, UsageStore,
@@ -180,6 +184,8 @@ pub struct ClickHouseStore {
     table: String,
     /// Held from the exactly-once check to the end of the insert.
     write_lock: Arc<Mutex<()>>,
+    /// Per instance: the highest flush seen complete (see "Consistent reads").
+    complete: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 impl fmt::Debug for ClickHouseStore {
@@ -380,7 +386,14 @@ impl ClickHouseStore {
         timed(OP, client.query(&format!("CREATE DATABASE IF NOT EXISTS `{database}`")).execute()).await?;
         timed(OP, client.query(&format!("CREATE TABLE IF NOT EXISTS {table} {CREATE_TABLE}")).execute()).await?;
         timed(OP, client.query(&format!("CREATE TABLE IF NOT EXISTS `{database}`.{LEDGER_TABLE} {CREATE_LEDGER}")).execute()).await?;
-        let store = ClickHouseStore { client, insert_client, database: database.to_owned(), table, write_lock: Arc::new(Mutex::new(())) };
+        let store = ClickHouseStore {
+            client,
+            insert_client,
+            database: database.to_owned(),
+            table,
+            write_lock: Arc::new(Mutex::new(())),
+            complete: Default::default(),
+        };
         store.check_schema().await?;
         Ok(store)
     }
@@ -430,6 +443,74 @@ impl ClickHouseStore {
         );
         let rows: Vec<u64> = timed(op, self.client.query(&sql).bind(instance_id).fetch_all()).await?;
         Ok(rows.first().copied().unwrap_or(0))
+    }
+
+    /// The body of [`UsageStore::write_flush`], run under the write lock.
+    async fn write_rows(
+        check: ::clickhouse::query::Query,
+        keys: ::clickhouse::query::Query,
+        insert: ::clickhouse::insert::Insert<MinuteRow>,
+        rows: Vec<MinuteRow>,
+        batch_wal: u64,
+        flush_name: &str,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "write_flush";
+        // fetch_all reads the answer to its end, so the check is over on the
+        // server (and its query id free again) before the insert starts.
+        // Complete means as many rows as the *stored* attempt announced: a
+        // flush id is written once, whatever a later call holds.
+        let counts: Vec<(u64, u32, u64)> = timed(OP, check.fetch_all()).await?;
+        let (stored, announced, stored_wal) = counts.first().copied().unwrap_or((0, 0, 0));
+        if stored > 0 && stored_wal != batch_wal {
+            // Another flush under this number: never take it for this one.
+            return Err(StoreError::Corrupt(format!(
+                "clickhouse {OP}: flush {flush_name} is already stored with a different WAL watermark \
+                 ({stored_wal}, this one {batch_wal}); refusing to mix them"
+            )));
+        }
+        if stored > 0 && stored >= u64::from(announced) {
+            return Ok(());
+        }
+        let present: std::collections::HashSet<KeyRow> =
+            if stored == 0 { Default::default() } else { timed(OP, keys.fetch_all::<KeyRow>()).await?.into_iter().collect() };
+        if stored > 0 {
+            tracing::warn!(
+                flush_seq = rows[0].flush_seq,
+                stored,
+                total = rows.len(),
+                "a flush was stored in part; sending the missing rows"
+            );
+        }
+        let mut insert = insert;
+        for row in &rows {
+            let key =
+                KeyRow { meter: row.meter.clone(), customer: row.customer.clone(), minute: row.minute, properties: row.properties.clone() };
+            if !present.contains(&key) {
+                insert.write(row).await.map_err(io(OP))?;
+            }
+        }
+        insert.end().await.map_err(io(OP))
+    }
+
+    /// Records that flush `seq` of `instance_id` is complete in the table.
+    fn saw_complete(complete: &std::sync::Mutex<std::collections::HashMap<String, u64>>, instance_id: &str, seq: u64) {
+        let mut map = complete.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(instance_id) {
+            Some(known) => *known = (*known).max(seq),
+            None => {
+                map.insert(instance_id.to_string(), seq);
+            }
+        }
+    }
+
+    /// `S` for a consistent read (see "Consistent reads"): from memory once known.
+    async fn stored_seq(&self, instance_id: &str, op: &'static str) -> Result<u64, StoreError> {
+        if let Some(&known) = self.complete.lock().unwrap_or_else(|p| p.into_inner()).get(instance_id) {
+            return Ok(known);
+        }
+        let scanned = self.max_of("flush_seq", instance_id, op).await?;
+        Self::saw_complete(&self.complete, instance_id, scanned);
+        Ok(scanned)
     }
 
     /// `SELECT {select} ... WHERE <the query's rows> {tail}`, leaving out the
@@ -497,47 +578,14 @@ impl UsageStore for ClickHouseStore {
             return Err(StoreError::Io(format!("clickhouse {OP}: an earlier flush is still being written after {REQUEST_TIMEOUT:?}")));
         };
         let (batch_wal, flush_name) = (batch.wal_seq, format!("{}#{}", batch.instance_id, batch.seq));
+        let (complete, instance, seq) = (self.complete.clone(), batch.instance_id.clone(), batch.seq);
         let task = tokio::spawn(async move {
             let _guard = guard;
-            // fetch_all reads the answer to its end, so the check is over on the
-            // server (and its query id free again) before the insert starts.
-            // Complete means as many rows as the *stored* attempt announced: a
-            // flush id is written once, whatever a later call holds.
-            let counts: Vec<(u64, u32, u64)> = timed(OP, check.fetch_all()).await?;
-            let (stored, announced, stored_wal) = counts.first().copied().unwrap_or((0, 0, 0));
-            if stored > 0 && stored_wal != batch_wal {
-                // Another flush under this number: never take it for this one.
-                return Err(StoreError::Corrupt(format!(
-                    "clickhouse {OP}: flush {flush_name} is already stored with a different WAL watermark \
-                     ({stored_wal}, this one {batch_wal}); refusing to mix them"
-                )));
+            let result = Self::write_rows(check, keys, insert, rows, batch_wal, &flush_name).await;
+            if result.is_ok() {
+                Self::saw_complete(&complete, &instance, seq);
             }
-            if stored > 0 && stored >= u64::from(announced) {
-                return Ok(());
-            }
-            let present: std::collections::HashSet<KeyRow> =
-                if stored == 0 { Default::default() } else { timed(OP, keys.fetch_all::<KeyRow>()).await?.into_iter().collect() };
-            if stored > 0 {
-                tracing::warn!(
-                    flush_seq = rows[0].flush_seq,
-                    stored,
-                    total = rows.len(),
-                    "a flush was stored in part; sending the missing rows"
-                );
-            }
-            let mut insert = insert;
-            for row in &rows {
-                let key = KeyRow {
-                    meter: row.meter.clone(),
-                    customer: row.customer.clone(),
-                    minute: row.minute,
-                    properties: row.properties.clone(),
-                };
-                if !present.contains(&key) {
-                    insert.write(row).await.map_err(io(OP))?;
-                }
-            }
-            insert.end().await.map_err(io(OP))
+            result
         });
         match tokio::time::timeout(REQUEST_TIMEOUT, task).await {
             Ok(joined) => joined.map_err(|e| StoreError::Task(format!("clickhouse {OP}: {e}")))?,
@@ -629,7 +677,7 @@ impl UsageStore for ClickHouseStore {
     async fn aggregate(&self, query: &UsageQuery) -> Result<Stored<Vec<Aggregate>>, StoreError> {
         const OP: &str = "aggregate";
         // Before the rows: see "Consistent reads" in the module docs.
-        let stored_seq = self.max_of("flush_seq", &query.instance_id, OP).await?;
+        let stored_seq = self.stored_seq(&query.instance_id, OP).await?;
         let Some(range) = minute_range(query.from_ms, query.to_ms) else {
             return Ok(Stored { data: Vec::new(), stored_seq });
         };
@@ -645,7 +693,7 @@ impl UsageStore for ClickHouseStore {
         if granularity_ms <= 0 {
             return Err(StoreError::Io(format!("clickhouse {OP}: granularity must be positive, got {granularity_ms} ms")));
         }
-        let stored_seq = self.max_of("flush_seq", &query.instance_id, OP).await?;
+        let stored_seq = self.stored_seq(&query.instance_id, OP).await?;
         let Some(range) = minute_range(query.from_ms, query.to_ms) else {
             return Ok(Stored { data: Vec::new(), stored_seq });
         };

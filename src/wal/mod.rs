@@ -289,7 +289,7 @@ impl Wal {
         if !self.enabled {
             return Ok(0);
         }
-        let payload = record::encode(batch).map_err(|e| WalError::Failed(e.to_string()))?.to_vec();
+        let payload = record::encode(batch).map_err(|e| WalError::Failed(e.to_string()))?;
         let ids = batch.events.iter().map(|e| e.id_hash).collect();
         let (reply, rx) = oneshot::channel();
         let command = Command::Append { payload, ids, accepted_ms: batch.accepted_ms, reply };

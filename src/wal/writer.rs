@@ -22,7 +22,8 @@ use tokio::sync::oneshot;
 /// Work for the writer thread.
 pub enum Command {
     Append {
-        payload: Vec<u8>,
+        /// The encoded batch, as rkyv made it (no copy into a `Vec`).
+        payload: rkyv::util::AlignedVec,
         ids: Vec<u128>,
         accepted_ms: i64,
         reply: oneshot::Sender<Result<u64, WalError>>,
