@@ -140,6 +140,7 @@ impl AppHandle {
             sync: crate::wal::sync_for(storage.durability, storage.wal_sync_interval.0),
             segment_bytes: storage.wal_segment_bytes,
             dedupe_window_ms: config.raw.ingest.dedupe_window.as_millis_i64(),
+            hold: None,
         };
         let redis = match &config.raw.redis {
             Some(rc) => {
