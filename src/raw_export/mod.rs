@@ -239,7 +239,14 @@ impl Exporter {
                 let precision = precision(catalog, unknown, batch.meter(event));
                 rows.push(RawEventRow::of(&instance_id, *seq, idx(e), batch, event, precision));
             }
-            if rows.len() < keys.len() {
+            if rows.is_empty() {
+                tracing::warn!(
+                    first_seq,
+                    last_seq,
+                    rows = keys.len(),
+                    "raw-events export: an earlier attempt stored this chunk; nothing to send"
+                );
+            } else if rows.len() < keys.len() {
                 tracing::warn!(
                     first_seq,
                     last_seq,
