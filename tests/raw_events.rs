@@ -485,3 +485,30 @@ async fn segments_wait_for_the_export_while_flushes_go_on() {
     server.stop().await;
     drop_db(&url, &db).await;
 }
+
+/// `raw_events` holding WAL numbers of this instance beyond its WAL's end (a
+/// data directory replaced or repaired under the same instance id, after the
+/// export got further than the usage store) would make new events look
+/// stored: meterd refuses to start and says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_events_ahead_of_the_wal_stops_the_start() {
+    let Some(url) = clickhouse_url() else { return };
+    let db = unique_db();
+    let text = format!("[server]\ninstance_id = \"replaced\"\n{}", config(&url, &db, "100ms"));
+    let server = TestServer::start(&text).await; // creates the tables
+    server.stop().await;
+    let insert = format!(
+        "INSERT INTO {db}.raw_events (instance_id, wal_seq, idx, id_hash, customer, meter, raw, precision, value, ts, ts_ms, \
+         accepted, accepted_ms, properties) VALUES ('replaced', 5, 0, '', 'c', 'tokens', 1, 0, 1, now(), 0, now(), 0, '{{}}')"
+    );
+    assert_eq!(query(&url, &insert).await, "");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let valid = meterd::config::Config::parse(&common::with_dirs(&text, dir.path()), "t").and_then(|c| c.validate("t")).expect("config");
+    let err = meterd::AppHandle::start(valid).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err.contains("raw_events already holds WAL record 5 of instance replaced, but the WAL here ends at 0")
+            && err.contains("server.instance_id"),
+        "{err}"
+    );
+    drop_db(&url, &db).await;
+}
