@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::ch::{clickhouse_url, cutting_proxy, query, unique_db, ClickHouseServer};
+use common::ch::{clickhouse_url, cutting_proxy, holding_proxy, query, unique_db, ClickHouseServer};
 use common::load::{try_send, Rng};
 use common::process::{free_port, spawn, wait_healthy};
 use common::{away_from_day_boundary, now_ms, Client, TestServer};
@@ -510,5 +510,40 @@ async fn raw_events_ahead_of_the_wal_stops_the_start() {
             && err.contains("server.instance_id"),
         "{err}"
     );
+    drop_db(&url, &db).await;
+}
+
+/// ClickHouse takes the export's INSERT and never answers (the usage store is
+/// fine): shutdown still ends, within its grace period, and the next start
+/// exports the held events once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_while_clickhouse_holds_an_export_insert() {
+    let Some(url) = clickhouse_url() else { return };
+    away_from_day_boundary().await;
+    let db = unique_db();
+    let held = Arc::new(AtomicU64::new(0));
+    let upstream = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let proxy = holding_proxy(upstream, "raw_events", held.clone()).await;
+    let grace = "[server]\nshutdown_grace = \"6s\"\n";
+    let mut server = TestServer::start(&format!("{grace}{}", config(&format!("http://{proxy}"), &db, "100ms"))).await;
+    let (body, ids) = batch("held", 100, &mut Rng(21));
+    assert_eq!(server.client().events(&body).await.status, 202);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held.load(Ordering::SeqCst) > 0, "the export's INSERT is held");
+    // The graceful shutdown does not wait for the answer that never comes.
+    let app = server.app.take().expect("running");
+    app.shutdown().await.expect("shutdown within the grace period");
+    assert_eq!(rows(&url, &db).await, 0, "nothing reached the table");
+    let usage = query(&url, &format!("SELECT sum(value) > 0 FROM {db}.usage_minute")).await;
+    assert_eq!(usage, "1", "the usage store was written all along");
+    // Next start, straight to ClickHouse: the held events are exported, once.
+    let server = TestServer::start_in(&format!("{grace}{}", config(&url, &db, "100ms")), server.dir).await;
+    assert_eq!(wait_rows(&url, &db, 100, Duration::from_secs(60)).await, 100);
+    assert_eq!(uniqueness(&url, &db).await, "100\t100\t100");
+    assert_eq!(stored_hashes(&url, &db).await, ids.iter().map(|id| id_hex(id)).collect::<HashSet<_>>());
+    server.stop().await;
     drop_db(&url, &db).await;
 }

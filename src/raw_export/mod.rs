@@ -53,8 +53,9 @@
 //! It wakes every `clickhouse.flush_interval`, exports everything durable, and
 //! on failure retries with [`backoff`]; ingest is unaffected, and the held WAL
 //! counts toward `storage.max_wal_bytes` like a lagging usage store. On
-//! shutdown it makes a final pass, bounded in time (what it cannot send stays
-//! in the WAL for the next start).
+//! shutdown it stops waiting on ClickHouse at once (a hanging server must not
+//! eat the grace period) and makes a final pass, bounded in time (what it
+//! cannot send stays in the WAL for the next start).
 
 pub mod chunk;
 pub mod watermark;
@@ -95,6 +96,9 @@ pub enum ExportError {
     AheadOfWal { instance_id: String, stored: u64, wal_end: u64 },
     #[error("raw-events export task failed: {0}")]
     Task(String),
+    /// Shutdown began while a pass waited on ClickHouse.
+    #[error("the raw-events export pass was stopped by shutdown")]
+    Stopped,
 }
 
 /// The export's state: the records read and not yet stored, and how far the
@@ -157,7 +161,9 @@ impl Exporter {
     }
 
     /// Exports every durable record not stored yet, chunk by chunk; returns
-    /// the rows sent. Stops between chunks once `stop` says so.
+    /// the rows sent. Once `stop` says so, it stops between chunks, and a wait
+    /// on ClickHouse ends at once with [`ExportError::Stopped`] (an INSERT cut
+    /// short that way is handled like any failed one).
     pub async fn export_available(&mut self, stop: Option<&watch::Receiver<bool>>) -> Result<usize, ExportError> {
         let mut rows = 0;
         loop {
@@ -169,7 +175,7 @@ impl Exporter {
             if self.waiting.is_empty() {
                 return Ok(rows);
             }
-            rows += self.send_chunk().await?;
+            rows += self.send_chunk(stop).await?;
         }
     }
 
@@ -215,7 +221,7 @@ impl Exporter {
 
     /// Sends the next chunk (only its missing rows, when an earlier attempt
     /// may have stored some) and drops the records it completes.
-    async fn send_chunk(&mut self) -> Result<usize, ExportError> {
+    async fn send_chunk(&mut self, stop: Option<&watch::Receiver<bool>>) -> Result<usize, ExportError> {
         let counts: Vec<usize> = self.waiting.iter().map(|(_, b)| b.events.len()).collect();
         let start = Pos { record: 0, event: self.start };
         let end = chunk::end(&counts, start, self.max_rows);
@@ -226,7 +232,7 @@ impl Exporter {
             let instance_id = self.engine.instance_id.clone();
             let query_id = self.table.query_id(&instance_id, first_seq, first_idx);
             let stored = if first_seq <= self.suspect_upto {
-                self.table.stored(&instance_id, first_seq, last_seq, &query_id).await?
+                or_stop(stop, self.table.stored(&instance_id, first_seq, last_seq, &query_id)).await?
             } else {
                 HashSet::new()
             };
@@ -256,11 +262,12 @@ impl Exporter {
                 );
             }
             if !rows.is_empty() {
-                if let Err(e) = self.table.insert(&rows, &query_id).await {
-                    // It may have stored any part of the chunk: ask next time.
-                    self.suspect_upto = self.suspect_upto.max(last_seq);
-                    return Err(e.into());
-                }
+                // Until it is acknowledged, the INSERT may store any part of
+                // the chunk (also if this future is dropped): ask next time.
+                let before = self.suspect_upto;
+                self.suspect_upto = before.max(last_seq);
+                or_stop(stop, self.table.insert(&rows, &query_id)).await?;
+                self.suspect_upto = before;
             }
             sent = rows.len();
             crate::telemetry::raw_export_rows(sent);
@@ -302,6 +309,22 @@ impl Exporter {
     }
 }
 
+/// Runs a ClickHouse call, or gives up on it once `stop` turns true.
+async fn or_stop<T>(
+    stop: Option<&watch::Receiver<bool>>,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, ExportError> {
+    let Some(stop) = stop else {
+        return Ok(call.await?);
+    };
+    let mut stop = stop.clone();
+    tokio::select! {
+        result = call => Ok(result?),
+        // A dropped sender counts as a stop too.
+        _ = stop.wait_for(|stopping| *stopping) => Err(ExportError::Stopped),
+    }
+}
+
 /// A meter's precision, for a row's `value` (`None`: no longer configured;
 /// warned about once per meter).
 fn precision(catalog: &crate::model::Catalog, unknown: &mut HashSet<String>, meter: &str) -> Option<u8> {
@@ -329,6 +352,7 @@ pub async fn run(mut exporter: Exporter, interval: Duration, mut shutdown: watch
         }
         match exporter.export_available(Some(&shutdown)).await {
             Ok(_) => failures = 0,
+            Err(ExportError::Stopped) => break,
             Err(e) => {
                 failures = failures.saturating_add(1);
                 crate::telemetry::raw_export_failed();

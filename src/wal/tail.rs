@@ -79,8 +79,19 @@ impl Tail {
 
     /// Reads the records above the last one returned and at or below `upto`,
     /// in order, stopping once `max_events` events were read (at least one
-    /// record is returned when there is one, whatever its size).
+    /// record is returned when there is one, whatever its size). After an
+    /// error nothing counts as read: the next call starts where this one did.
     pub fn read(&mut self, upto: u64, max_events: usize) -> Result<TailRead, TailError> {
+        let last = self.last;
+        let read = self.read_inner(upto, max_events);
+        if read.is_err() {
+            self.last = last;
+            self.at = None;
+        }
+        read
+    }
+
+    fn read_inner(&mut self, upto: u64, max_events: usize) -> Result<TailRead, TailError> {
         let mut out = TailRead::default();
         if self.last >= upto {
             return Ok(out);
@@ -281,5 +292,11 @@ mod tests {
             Err(TailError::Damaged { reason, .. }) => assert!(reason.contains("checksum"), "{reason}"),
             other => panic!("expected damage, got {other:?}"),
         }
+        // Records 1 and 2 were read before the damage, but nothing counts as
+        // read after an error: once repaired, the next read starts at 1 again.
+        assert_eq!(tail.last(), 0);
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, &bytes).expect("repair");
+        assert_eq!(seqs(&tail.read(100, usize::MAX).expect("read")), vec![1, 2, 3, 4, 5]);
     }
 }

@@ -104,6 +104,48 @@ pub async fn cutting_proxy(upstream: String, table: &'static str, armed: Arc<Ato
     addr
 }
 
+/// A TCP proxy to ClickHouse that forwards everything except requests with
+/// `INSERT` and `table` in them: those it holds, unanswered and not passed on,
+/// until the client gives up (a server that hangs on one table). `held` counts them.
+pub async fn holding_proxy(upstream: String, table: &'static str, held: Arc<AtomicU64>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else { return };
+            let (upstream, held) = (upstream.clone(), held.clone());
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                let (mut buf, mut back) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+                let mut seen = Vec::new();
+                loop {
+                    tokio::select! {
+                        n = client.read(&mut buf) => {
+                            let Ok(n) = n else { return };
+                            if n == 0 { return; }
+                            seen.extend_from_slice(&buf[..n]);
+                            let has = |needle: &[u8]| seen.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
+                            if has(b"INSERT") && has(table.as_bytes()) {
+                                held.fetch_add(1, Ordering::SeqCst);
+                                // Swallow the rest until the client hangs up.
+                                while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+                                return;
+                            }
+                            if server.write_all(&buf[..n]).await.is_err() { return; }
+                        }
+                        n = server.read(&mut back) => {
+                            let Ok(n) = n else { return };
+                            if n == 0 { return; }
+                            if client.write_all(&back[..n]).await.is_err() { return; }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// A private clickhouse-server with its state in a temp dir (kept across restarts).
 pub struct ClickHouseServer {
     pub http_port: u16,
