@@ -38,7 +38,7 @@ fn engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, Arc<Engine>) {
             store.clone(),
             store,
             // No WAL: these benches measure the in-memory path.
-            meterd::wal::WalConfig { dir: dir.join("wal"), sync: None, segment_bytes: 1 << 26, dedupe_window_ms: 86_400_000 },
+            meterd::wal::WalConfig { dir: dir.join("wal"), sync: None, segment_bytes: 1 << 26, dedupe_window_ms: 86_400_000, hold: None },
             None,
         ))
         .expect("engine");

@@ -1,6 +1,7 @@
 //! Wiring: open the stores, build the engine, bind the listeners, start the
 //! background tasks; and the shutdown sequence (stop accepting → finish in-flight
-//! requests → final flush → exit), all under one grace timeout.
+//! requests → final flush → final raw-events export → exit), all under one grace
+//! timeout.
 
 use crate::config::ValidConfig;
 use crate::engine::{Engine, EngineError};
@@ -37,6 +38,8 @@ pub enum AppError {
     Redis(#[from] crate::redis_link::RedisError),
     #[error("Stripe reporter: {0}")]
     Stripe(String),
+    #[error(transparent)]
+    RawExport(#[from] crate::raw_export::ExportError),
 }
 
 /// A running meterd.
@@ -57,6 +60,8 @@ pub struct AppHandle {
     redis_tasks: Vec<JoinHandle<()>>,
     /// The Stripe reporter, when `[stripe]` is configured.
     reporter: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// The raw-events export, with `clickhouse.raw_events = true`.
+    raw_export: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     grace: Duration,
 }
 
@@ -134,12 +139,24 @@ impl AppHandle {
             }
             None => (sqlite.clone(), sqlite.clone(), config.raw.storage.flush_interval.0),
         };
+        // The raw-events export reads the WAL: its segments are kept until it
+        // has them (from the watermark on; everything when there is none).
+        let wal_dir = data_dir.join("wal");
+        let raw_events = match &config.raw.clickhouse {
+            Some(ch) if ch.raw_events => {
+                let table = crate::store::raw_events::RawEventsTable::connect(&ch.url, &ch.database).await?;
+                let from = crate::raw_export::watermark::read(&wal_dir).map_err(crate::raw_export::ExportError::from)?;
+                Some((table, from.unwrap_or(0)))
+            }
+            _ => None,
+        };
         let storage = &config.raw.storage;
         let wal_config = crate::wal::WalConfig {
-            dir: data_dir.join("wal"),
+            dir: wal_dir.clone(),
             sync: crate::wal::sync_for(storage.durability, storage.wal_sync_interval.0),
             segment_bytes: storage.wal_segment_bytes,
             dedupe_window_ms: config.raw.ingest.dedupe_window.as_millis_i64(),
+            hold: raw_events.as_ref().map(|(_, from)| *from),
         };
         let redis = match &config.raw.redis {
             Some(rc) => {
@@ -155,6 +172,13 @@ impl AppHandle {
         };
         let engine =
             Arc::new(Engine::start(&config, instance_id.clone(), usage_store, entitlement_store, wal_config, redis.clone()).await?);
+        let exporter = match raw_events {
+            Some((table, _)) => {
+                let max_rows = crate::raw_export::MAX_CHUNK_ROWS;
+                Some(crate::raw_export::Exporter::start(engine.clone(), table, &wal_dir, max_rows).await?)
+            }
+            None => None,
+        };
         let prometheus = crate::telemetry::prometheus();
         let stripe = match &config.stripe {
             None => None,
@@ -185,6 +209,12 @@ impl AppHandle {
         };
         let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
         let flusher = tokio::spawn(crate::flush::run(engine.clone(), flush_interval, flusher_rx));
+        let grace = config.raw.server.shutdown_grace.0;
+        let raw_export = exporter.map(|exporter| {
+            tracing::info!(table = crate::store::raw_events::TABLE, "raw-events export enabled");
+            let (stop, stop_rx) = watch::channel(false);
+            (stop, tokio::spawn(crate::raw_export::run(exporter, flush_interval, stop_rx, grace / 4)))
+        });
         let (redis_stop, redis_rx) = watch::channel(false);
         let mut redis_tasks = Vec::new();
         if let (Some(redis), Some(rc)) = (&redis, &config.raw.redis) {
@@ -211,7 +241,8 @@ impl AppHandle {
             redis_stop,
             redis_tasks,
             reporter,
-            grace: config.raw.server.shutdown_grace.0,
+            raw_export,
+            grace,
         })
     }
 
@@ -251,6 +282,11 @@ impl AppHandle {
         }
         let _ = self.flusher_stop.send(true);
         self.flusher.await.map_err(|e| AppError::Task(e.to_string()))??;
+        if let Some((stop, exporter)) = self.raw_export {
+            // After the final flush: ingest has stopped, the WAL holds everything.
+            let _ = stop.send(true);
+            exporter.await.map_err(|e| AppError::Task(e.to_string()))?;
+        }
         let _ = self.redis_stop.send(true);
         for task in self.redis_tasks {
             task.await.map_err(|e| AppError::Task(e.to_string()))?;

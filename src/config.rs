@@ -105,7 +105,7 @@ const SCHEMA: &Schema = &Schema(&[
             ("strict_when_unavailable", None),
         ])),
     ),
-    ("clickhouse", Some(&Schema(&[("url", None), ("database", None), ("flush_interval", None)]))),
+    ("clickhouse", Some(&Schema(&[("url", None), ("database", None), ("flush_interval", None), ("raw_events", None)]))),
     (
         "stripe",
         Some(&Schema(&[
@@ -344,6 +344,10 @@ pub struct ClickHouseConfig {
     pub database: String,
     #[serde(default = "default_flush_interval")]
     pub flush_interval: ConfigDuration,
+    /// Also copy every accepted event, as accepted, to `{database}.raw_events`
+    /// (audit and backfill), exported from the WAL by `crate::raw_export`.
+    #[serde(default)]
+    pub raw_events: bool,
 }
 
 fn default_database() -> String {
@@ -775,6 +779,14 @@ impl Config {
             if ch.flush_interval.0.is_zero() {
                 p("clickhouse.flush_interval", "must be more than zero".into());
             }
+            if ch.raw_events && self.storage.durability == Durability::None {
+                p(
+                    "clickhouse.raw_events",
+                    "needs the WAL, which storage.durability = \"none\" turns off: the raw events are exported from it \
+                     (use \"fsync\" or \"buffered\", or set raw_events = false)"
+                        .into(),
+                );
+            }
         }
         let stripe = self.stripe.as_ref().and_then(|s| stripe_settings(s, &mut p));
         let metrics_listen = match self.metrics.as_ref().and_then(|m| m.listen.as_ref()) {
@@ -1029,6 +1041,7 @@ strict_when_unavailable = "allow"
 url = "http://x"
 database = "d"
 flush_interval = "1s"
+raw_events = true
 [stripe]
 api_key_env = "K"
 api_base = "http://x"
@@ -1170,6 +1183,22 @@ scopes = ["ingest", "fly"]
         let text = format!("[stripe]\napi_key_env = \"METERD_TEST_STRIPE_KEY_MSG\"\nmode = \"v9\"\n{PLAN}");
         let err = Config::parse(&text, "t.toml").and_then(|c| c.validate("t.toml")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("stripe.mode") && !err.contains("sk_live_do_not_print"), "{err}");
+    }
+
+    #[test]
+    fn raw_events_need_the_wal() {
+        let ch = "[clickhouse]\nurl = \"http://127.0.0.1:8123\"\nraw_events = true\n";
+        let valid = Config::parse(&format!("{ch}{PLAN}"), "t.toml").and_then(|c| c.validate("t.toml"));
+        assert!(valid.as_ref().is_ok_and(|v| v.raw.clickhouse.as_ref().is_some_and(|c| c.raw_events)), "{:?}", valid.err());
+        let buffered = format!("[storage]\ndurability = \"buffered\"\n{ch}{PLAN}");
+        assert_eq!(problems(&buffered), Vec::<String>::new());
+        let none = format!("[storage]\ndurability = \"none\"\n{ch}{PLAN}");
+        assert_eq!(problems(&none), vec!["clickhouse.raw_events".to_string()]);
+        let err = Config::parse(&none, "t.toml").and_then(|c| c.validate("t.toml")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("clickhouse.raw_events") && err.contains("durability"), "{err}");
+        // Off by default.
+        let off = Config::parse(&format!("[clickhouse]\nurl = \"http://x\"\n{PLAN}"), "t.toml").and_then(|c| c.validate("t.toml"));
+        assert!(off.is_ok_and(|v| v.raw.clickhouse.is_some_and(|c| !c.raw_events)));
     }
 
     #[test]

@@ -212,11 +212,10 @@ impl Engine {
             return Some("the WAL could not recover from a write error; restart meterd".into());
         }
         if self.wal_over_limit() {
-            return Some(format!(
-                "the usage store is behind: {} bytes of WAL exceed storage.max_wal_bytes ({})",
-                self.wal.bytes(),
-                self.max_wal_bytes
-            ));
+            use std::sync::atomic::Ordering::Acquire;
+            let (checkpoint, hold) = (self.wal.stats.checkpoint.load(Acquire), self.wal.stats.hold.load(Acquire));
+            let behind = if hold < checkpoint { "the raw-events export is behind" } else { "the usage store is behind" };
+            return Some(format!("{behind}: {} bytes of WAL exceed storage.max_wal_bytes ({})", self.wal.bytes(), self.max_wal_bytes));
         }
         None
     }

@@ -17,6 +17,7 @@ pub mod http;
 pub mod ingest;
 pub mod limits;
 pub mod model;
+pub mod raw_export;
 pub mod redis_link;
 pub mod rejected;
 pub mod report;

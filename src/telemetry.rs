@@ -41,6 +41,12 @@ pub const STRIPE_LAG: &str = "meterd_stripe_lag_seconds";
 pub const STRIPE_OVERREPORTED: &str = "meterd_stripe_overreported_units";
 pub const STRIPE_UNAUTHORIZED: &str = "meterd_stripe_unauthorized";
 pub const STRIPE_LEADER: &str = "meterd_stripe_leader";
+pub const RAW_EXPORT_ROWS_TOTAL: &str = "meterd_raw_export_rows_total";
+pub const RAW_EXPORT_ERRORS_TOTAL: &str = "meterd_raw_export_errors_total";
+pub const RAW_EXPORT_MISSING_TOTAL: &str = "meterd_raw_export_missing_records_total";
+pub const RAW_EXPORT_WATERMARK: &str = "meterd_raw_export_watermark";
+pub const RAW_EXPORT_LAG_RECORDS: &str = "meterd_raw_export_lag_records";
+pub const RAW_EXPORT_LAG: &str = "meterd_raw_export_lag_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -109,6 +115,15 @@ fn describe() {
     metrics::describe_gauge!(STRIPE_OVERREPORTED, "Units Stripe holds above the stored totals that cannot be cancelled");
     metrics::describe_gauge!(STRIPE_UNAUTHORIZED, "1 when Stripe refused the API key and the reporter stopped");
     metrics::describe_gauge!(STRIPE_LEADER, "1 while this instance holds the reporter lease");
+    metrics::describe_counter!(RAW_EXPORT_ROWS_TOTAL, "Events inserted into raw_events");
+    metrics::describe_counter!(RAW_EXPORT_ERRORS_TOTAL, "Failed raw-events export passes (retried)");
+    metrics::describe_counter!(
+        RAW_EXPORT_MISSING_TOTAL,
+        "WAL records the raw-events export found gone (deleted while raw_events was off, or dropped by a repair)"
+    );
+    metrics::describe_gauge!(RAW_EXPORT_WATERMARK, "Highest WAL sequence whose events are all in raw_events");
+    metrics::describe_gauge!(RAW_EXPORT_LAG_RECORDS, "Durable WAL records not yet in raw_events");
+    metrics::describe_gauge!(RAW_EXPORT_LAG, "Age of the oldest accepted event not yet in raw_events");
 }
 
 pub fn events(result: &'static str, n: usize) {
@@ -233,6 +248,32 @@ pub fn stripe_unauthorized(stopped: bool) {
 
 pub fn stripe_leader(leader: bool) {
     metrics::gauge!(STRIPE_LEADER).set(if leader { 1.0 } else { 0.0 });
+}
+
+/// Events the raw-events export stored.
+pub fn raw_export_rows(n: usize) {
+    if n > 0 {
+        metrics::counter!(RAW_EXPORT_ROWS_TOTAL).increment(n as u64);
+    }
+}
+
+pub fn raw_export_failed() {
+    metrics::counter!(RAW_EXPORT_ERRORS_TOTAL).increment(1);
+}
+
+/// WAL records the export found gone.
+pub fn raw_export_missing(records: u64) {
+    metrics::counter!(RAW_EXPORT_MISSING_TOTAL).increment(records);
+}
+
+/// The export's watermark and lag; `lag_seconds` is `None` when unknown (the
+/// gauge then keeps its last value).
+pub fn raw_export_gauges(watermark: u64, lag_records: u64, lag_seconds: Option<f64>) {
+    metrics::gauge!(RAW_EXPORT_WATERMARK).set(watermark as f64);
+    metrics::gauge!(RAW_EXPORT_LAG_RECORDS).set(lag_records as f64);
+    if let Some(seconds) = lag_seconds {
+        metrics::gauge!(RAW_EXPORT_LAG).set(seconds);
+    }
 }
 
 /// Sets up structured logs: `RUST_LOG` filters (default `info`),

@@ -5,12 +5,11 @@
 
 mod common;
 
-use common::ch::{clickhouse_url, query, unique_db};
+use common::ch::{clickhouse_url, cutting_proxy, query, unique_db};
 use common::{away_from_day_boundary, TestServer};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config(url: &str, db: &str) -> String {
     format!(
@@ -63,62 +62,6 @@ async fn hundred_thousand_events_sum_exactly_in_clickhouse() {
     let _ = query(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
 }
 
-/// A TCP proxy to ClickHouse that, while armed, forwards a request containing
-/// `INSERT`, waits until ClickHouse starts answering (so the insert happened),
-/// and then cuts both connections without passing the answer on.
-async fn cutting_proxy(upstream: String, armed: Arc<AtomicBool>, cuts: Arc<AtomicU64>) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut client, _)) = listener.accept().await else { return };
-            let upstream = upstream.clone();
-            let (armed, cuts) = (armed.clone(), cuts.clone());
-            tokio::spawn(async move {
-                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                let mut seen = Vec::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut back = vec![0u8; 64 * 1024];
-                loop {
-                    tokio::select! {
-                        n = client.read(&mut buf) => {
-                            let Ok(n) = n else { return };
-                            if n == 0 { return; }
-                            seen.extend_from_slice(&buf[..n]);
-                            if server.write_all(&buf[..n]).await.is_err() { return; }
-                            let insert = seen.windows(6).any(|w| w.eq_ignore_ascii_case(b"INSERT"));
-                            if insert && armed.load(Ordering::SeqCst) {
-                                // Let the whole request through, wait for the answer to start, drop it.
-                                let mut answer = [0u8; 1];
-                                loop {
-                                    tokio::select! {
-                                        n = client.read(&mut buf) => match n {
-                                            Ok(n) if n > 0 => { let _ = server.write_all(&buf[..n]).await; }
-                                            _ => return,
-                                        },
-                                        r = server.read(&mut answer) => {
-                                            let _ = r;
-                                            armed.store(false, Ordering::SeqCst);
-                                            cuts.fetch_add(1, Ordering::SeqCst);
-                                            return; // both sockets dropped: the answer never arrives
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        n = server.read(&mut back) => {
-                            let Ok(n) = n else { return };
-                            if n == 0 { return; }
-                            if client.write_all(&back[..n]).await.is_err() { return; }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_whose_answer_is_lost_is_not_stored_twice() {
     let Some(url) = clickhouse_url() else { return };
@@ -127,7 +70,7 @@ async fn an_insert_whose_answer_is_lost_is_not_stored_twice() {
     let armed = Arc::new(AtomicBool::new(false));
     let cuts = Arc::new(AtomicU64::new(0));
     let upstream = url.trim_start_matches("http://").trim_end_matches('/').to_string();
-    let proxy = cutting_proxy(upstream, armed.clone(), cuts.clone()).await;
+    let proxy = cutting_proxy(upstream, "usage_minute", armed.clone(), cuts.clone()).await;
     let server = TestServer::start(&config(&format!("http://{proxy}"), &db)).await;
     let c = server.client();
     let (body, expected) = batch(1, 500);

@@ -116,7 +116,7 @@ pub const MAX_FLUSH_ROWS: usize = 500_000;
 const MAX_INSERT_BLOCK_SIZE: usize = 1_048_576;
 
 /// How long one request may take before the call fails (and the flusher retries).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `usage_minute`. `value` holds raw units at the meter's precision (an integer:
 /// a precision-2 meter stores 1.25 as 125). `properties` is the same JSON text as
@@ -261,13 +261,13 @@ struct LedgerRecord {
 }
 
 #[derive(Row, Deserialize)]
-struct ColumnRow {
-    name: String,
-    ty: String,
+pub(super) struct ColumnRow {
+    pub(super) name: String,
+    pub(super) ty: String,
 }
 
 /// Maps a client error to [`StoreError::Io`], naming the operation.
-fn io(op: &'static str) -> impl Fn(::clickhouse::error::Error) -> StoreError {
+pub(super) fn io(op: &'static str) -> impl Fn(::clickhouse::error::Error) -> StoreError {
     move |e| classify(op, e)
 }
 
@@ -295,7 +295,7 @@ fn exception_code(message: &str) -> Option<u32> {
 }
 
 /// Runs one request with [`REQUEST_TIMEOUT`].
-async fn timed<T>(op: &'static str, fut: impl Future<Output = Result<T, ::clickhouse::error::Error>>) -> Result<T, StoreError> {
+pub(super) async fn timed<T>(op: &'static str, fut: impl Future<Output = Result<T, ::clickhouse::error::Error>>) -> Result<T, StoreError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
         Ok(result) => result.map_err(io(op)),
         Err(_) => Err(StoreError::Io(format!("clickhouse {op}: no answer within {REQUEST_TIMEOUT:?}"))),
@@ -303,7 +303,7 @@ async fn timed<T>(op: &'static str, fut: impl Future<Output = Result<T, ::clickh
 }
 
 /// Database names are put into SQL text, so only plain identifiers are accepted.
-fn check_database_name(database: &str) -> Result<(), StoreError> {
+pub(super) fn check_database_name(database: &str) -> Result<(), StoreError> {
     let mut chars = database.chars();
     let plain = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -313,6 +313,23 @@ fn check_database_name(database: &str) -> Result<(), StoreError> {
     } else {
         Err(StoreError::Io(format!("clickhouse connect: database name {database:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}")))
     }
+}
+
+/// Fails unless `columns` (of `table`, from `system.columns`) has every column
+/// of `want` with its type (`DateTime`: with or without a time zone). The crate
+/// does not check RowBinary types against the server's, so a mismatch would
+/// otherwise be misread silently.
+pub(super) fn check_columns(table: &str, columns: &[ColumnRow], want: &[(&str, &str)]) -> Result<(), StoreError> {
+    for &(name, ty) in want {
+        let Some(col) = columns.iter().find(|c| c.name == name) else {
+            return Err(StoreError::Io(format!("clickhouse connect: {table} has no column {name} ({ty})")));
+        };
+        let fits = if ty == "DateTime" { col.ty == "DateTime" || col.ty.starts_with("DateTime(") } else { col.ty == ty };
+        if !fits {
+            return Err(StoreError::Io(format!("clickhouse connect: column {name} of {table} is {}, expected {ty}", col.ty)));
+        }
+    }
+    Ok(())
 }
 
 /// Ceiling of `a / b` for `b > 0`.
@@ -420,16 +437,7 @@ impl ClickHouseStore {
                 columns.push(ColumnRow { name: name.to_string(), ty });
             }
         }
-        for (name, want) in COLUMNS {
-            let Some(col) = columns.iter().find(|c| c.name == name) else {
-                return Err(StoreError::Io(format!("clickhouse {OP}: {} has no column {name} ({want})", self.table)));
-            };
-            let fits = if want == "DateTime" { col.ty == "DateTime" || col.ty.starts_with("DateTime(") } else { col.ty == want };
-            if !fits {
-                return Err(StoreError::Io(format!("clickhouse {OP}: column {name} of {} is {}, expected {want}", self.table, col.ty)));
-            }
-        }
-        Ok(())
+        check_columns(&self.table, &columns, &COLUMNS)
     }
 
     /// The highest `column` (`flush_seq` or `wal_seq`) of the *complete* flushes
@@ -782,7 +790,7 @@ impl LedgerStore for ClickHouseStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::suite::{self, flush, query, row, MINUTE, T0};
     use super::*;
 
@@ -800,7 +808,7 @@ mod tests {
     use std::time::{SystemTime, UNIX_EPOCH};
 
     /// The server `scripts/test` started, or `None` (the test is skipped).
-    fn server_url() -> Option<String> {
+    pub(in crate::store) fn server_url() -> Option<String> {
         match std::env::var("METERD_TEST_CLICKHOUSE_URL") {
             Ok(url) if !url.is_empty() => Some(url),
             _ => {
@@ -811,7 +819,7 @@ mod tests {
     }
 
     /// A database name no other test or run uses.
-    fn unique_database(tag: &str) -> String {
+    pub(in crate::store) fn unique_database(tag: &str) -> String {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         format!("meterd_test_{}_{nanos}_{tag}", std::process::id())
     }

@@ -13,6 +13,7 @@
 //! reports, in the same backend, so "stored" and "reported" are read from one place.
 
 pub mod clickhouse;
+pub mod raw_events;
 pub mod redis;
 pub mod sqlite;
 #[cfg(test)]

@@ -21,10 +21,17 @@ const FILE: &str = "checkpoint";
 
 /// Reads the checkpoint; 0 when there is none.
 pub fn read(dir: &Path) -> Result<u64, CheckpointError> {
-    let path = dir.join(FILE);
+    Ok(read_file(dir, FILE)?.unwrap_or(0))
+}
+
+/// Reads a sequence number kept in `dir/name` the way the checkpoint is kept
+/// (other watermarks, such as the raw-events export's, use the same format);
+/// `None` when the file does not exist.
+pub fn read_file(dir: &Path, name: &str) -> Result<Option<u64>, CheckpointError> {
+    let path = dir.join(name);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(CheckpointError::Io { path: path.display().to_string(), source }),
     };
     let damaged = || CheckpointError::Damaged { path: path.display().to_string() };
@@ -38,13 +45,18 @@ pub fn read(dir: &Path) -> Result<u64, CheckpointError> {
     if crc32c::crc32c(&seq) != u32::from_le_bytes(crc) {
         return Err(damaged());
     }
-    Ok(u64::from_le_bytes(seq))
+    Ok(Some(u64::from_le_bytes(seq)))
 }
 
 /// Writes the checkpoint atomically.
 pub fn write(dir: &Path, seq: u64) -> Result<(), CheckpointError> {
-    let path = dir.join(FILE);
-    let tmp = dir.join("checkpoint.tmp");
+    write_file(dir, FILE, seq)
+}
+
+/// Writes `seq` to `dir/name` atomically (see [`read_file`]).
+pub fn write_file(dir: &Path, name: &str, seq: u64) -> Result<(), CheckpointError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
     let io = |source| CheckpointError::Io { path: path.display().to_string(), source };
     let mut bytes = seq.to_le_bytes().to_vec();
     bytes.extend_from_slice(&crc32c::crc32c(&seq.to_le_bytes()).to_le_bytes());

@@ -12,6 +12,13 @@
 //! Records live in segment files (`segment.rs`) that rotate by size. After the
 //! usage store holds everything up to a sequence number, a checkpoint
 //! (`checkpoint.rs`) records it and the segments wholly below it are deleted.
+//! With the raw-events export on (`clickhouse.raw_events`), the export holds
+//! segments too: a segment goes only once it is wholly at or below both the
+//! checkpoint and the export's watermark ([`Wal::release`]). The export reads
+//! records from the segment files (`tail.rs`), and only those at or below
+//! [`Wal::durable_seq`]: a record that is written but not yet fsynced
+//! (`buffered`) could still vanish in a power loss, and its sequence number
+//! would then be reused.
 //!
 //! **Which sequence does a flush cover?** Batches are folded into the counters
 //! after their record is durable, in whatever order their callers wake up. The
@@ -37,6 +44,7 @@ pub mod mark;
 pub mod record;
 pub mod repair;
 pub mod segment;
+pub mod tail;
 pub mod writer;
 
 pub use mark::WalMark;
@@ -71,7 +79,7 @@ impl WalError {
 }
 
 /// Shared counters about the WAL, for backpressure, `/readyz` and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WalStats {
     /// Bytes in live segments.
     pub bytes: AtomicU64,
@@ -79,6 +87,24 @@ pub struct WalStats {
     pub checkpoint: AtomicU64,
     /// Set when a failed write could not be cut off: appends are refused.
     pub broken: AtomicBool,
+    /// The highest sequence on disk for good (fsynced): what may be copied
+    /// elsewhere without risk that a crash takes it back.
+    pub durable: AtomicU64,
+    /// Segments holding a record above this are kept whatever the checkpoint
+    /// says (the raw-events export has not taken them yet); `u64::MAX`: no hold.
+    pub hold: AtomicU64,
+}
+
+impl Default for WalStats {
+    fn default() -> WalStats {
+        WalStats {
+            bytes: AtomicU64::new(0),
+            checkpoint: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
+            durable: AtomicU64::new(0),
+            hold: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 /// Durable batches not yet folded into the counters (see the module doc).
@@ -136,6 +162,10 @@ pub struct WalConfig {
     pub segment_bytes: u64,
     /// Ids are kept on disk this long (`ingest.dedupe_window`).
     pub dedupe_window_ms: i64,
+    /// `Some(seq)`: something downstream (the raw-events export) has taken the
+    /// records up to `seq` only; segments holding later ones are kept, whatever
+    /// the checkpoint, until [`Wal::release`] moves it on. `None`: no hold.
+    pub hold: Option<u64>,
 }
 
 /// What opening the WAL found.
@@ -188,6 +218,9 @@ impl Wal {
         let dropped = repair::dropped_ranges(dir);
         let mut report = OpenReport { segments: found.len(), last_seq: from, ..OpenReport::default() };
         let stats = Arc::new(WalStats::default());
+        stats.hold.store(config.hold.unwrap_or(u64::MAX), Ordering::Release);
+        // The highest record the segments hold (not the floor, which may be above it).
+        let mut newest_record = 0;
         let mut segments = Vec::new();
         let count = found.len();
         for (i, (first, path)) in found.into_iter().enumerate() {
@@ -200,6 +233,7 @@ impl Wal {
                 report.truncated = Some((path.display().to_string(), *offset));
             }
             for record in scan.records {
+                newest_record = newest_record.max(record.seq);
                 if record.seq <= from {
                     continue;
                 }
@@ -236,7 +270,14 @@ impl Wal {
         report.ids_loaded = ids::load(&ids_dir, now, config.dedupe_window_ms, id).map_err(|e| WalError::Failed(e.to_string()))?;
         let id_log = ids::IdLog::new(ids_dir, config.dedupe_window_ms).map_err(|e| WalError::Failed(e.to_string()))?;
         let file = match segments.last() {
-            Some((_, path, _)) => std::fs::OpenOptions::new().append(true).open(path).map_err(|e| WalError::io(path, e))?,
+            Some((_, path, _)) => {
+                let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| WalError::io(path, e))?;
+                // With `buffered`, a killed process leaves its last writes in
+                // the page cache only: make them durable before anything
+                // (the raw-events export) treats them as such.
+                file.sync_all().map_err(|e| WalError::io(path, e))?;
+                file
+            }
             None => {
                 let (path, file) = Writer::open_segment(dir, next_seq)?;
                 segments.push((next_seq, path, 0));
@@ -244,6 +285,7 @@ impl Wal {
             }
         };
         stats.checkpoint.store(from, Ordering::Release);
+        stats.durable.store(newest_record, Ordering::Release);
         let tracker = Arc::new(SeqTracker::starting_at(report.last_seq));
         let writer = Writer {
             dir: dir.clone(),
@@ -318,6 +360,24 @@ impl Wal {
         rx.await.map_err(|_| WalError::Stopped)?
     }
 
+    /// Records that the raw-events export holds everything up to `seq` (its
+    /// watermark file says so): segments wholly at or below both `seq` and the
+    /// checkpoint are deleted. Only called when [`WalConfig::hold`] was set.
+    pub async fn release(&self, seq: u64) -> Result<(), WalError> {
+        if !self.enabled || seq <= self.stats.hold.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.sender().ok_or(WalError::Stopped)?.send(Command::Release { seq, reply }).map_err(|_| WalError::Stopped)?;
+        rx.await.map_err(|_| WalError::Stopped)?
+    }
+
+    /// The highest sequence that is on disk for good (fsynced); records above
+    /// it may still be lost to a power cut (`buffered`) and their numbers reused.
+    pub fn durable_seq(&self) -> u64 {
+        self.stats.durable.load(Ordering::Acquire)
+    }
+
     /// Stops the writer after it has written and synced everything queued.
     pub fn close(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -363,7 +423,7 @@ mod tests {
     }
 
     fn config(dir: &Path, segment_bytes: u64) -> WalConfig {
-        WalConfig { dir: dir.to_path_buf(), sync: Some(Sync::Always), segment_bytes, dedupe_window_ms: 86_400_000 }
+        WalConfig { dir: dir.to_path_buf(), sync: Some(Sync::Always), segment_bytes, dedupe_window_ms: 86_400_000, hold: None }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,6 +481,52 @@ mod tests {
         assert_eq!(seqs, vec![25, 28, 29, 31]);
         assert_eq!(report.last_seq, 31);
         assert_eq!(wal.append(&batch(1, 99)).await.ok(), Some(32));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segments_are_kept_until_both_checkpoint_and_hold_pass_them() {
+        let Ok(tmp) = tempfile::tempdir() else { return };
+        let cfg = WalConfig { hold: Some(0), ..config(tmp.path(), 300) };
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        for t in 0..30 {
+            assert_eq!(wal.append(&batch(2, t)).await.ok(), Some(t as u64 + 1));
+        }
+        assert_eq!(wal.durable_seq(), 30, "fsync mode: every acknowledged record is durable");
+        let all = segment::list(tmp.path()).unwrap_or_default();
+        assert!(all.len() > 3, "small segments rotate: {all:?}");
+        // The store has everything, the export nothing yet: every segment stays.
+        assert!(wal.checkpoint(30).await.is_ok());
+        // (A segment may have rotated in since: the writer rotates after answering.)
+        let after: Vec<_> = segment::list(tmp.path()).unwrap_or_default().into_iter().take(all.len()).collect();
+        assert_eq!(after, all, "held for the export");
+        // The export moves on: segments wholly at or below it go.
+        assert!(wal.release(12).await.is_ok());
+        let live = segment::list(tmp.path()).unwrap_or_default();
+        assert!(live.len() < all.len(), "released segments are deleted");
+        assert!(live[0].0 <= 13 && live[0].0 > 1, "the segment holding 13 is kept: {live:?}");
+        // The export ahead of the checkpoint: the checkpoint decides.
+        assert!(wal.release(30).await.is_ok());
+        let live = segment::list(tmp.path()).unwrap_or_default();
+        assert_eq!(live.len(), 1, "only the open segment is left: {live:?}");
+        wal.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn buffered_records_are_durable_only_once_synced() {
+        let Ok(tmp) = tempfile::tempdir() else { return };
+        let cfg = WalConfig { sync: Some(Sync::Interval(Duration::from_secs(3600))), ..config(tmp.path(), 1 << 20) };
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        for t in 0..5 {
+            assert_eq!(wal.append(&batch(1, t)).await.ok(), Some(t as u64 + 1));
+        }
+        assert_eq!(wal.durable_seq(), 0, "written, not fsynced: could still vanish in a power cut");
+        let stats = wal.stats.clone();
+        wal.close();
+        assert_eq!(stats.durable.load(Ordering::Acquire), 5, "the final fsync makes them durable");
+        drop(wal);
+        // Opening syncs what it finds: it is durable from the start.
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(wal.durable_seq(), 5);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,11 @@ pub enum Command {
     SyncIds {
         reply: oneshot::Sender<Result<(), WalError>>,
     },
+    /// The raw-events export holds everything up to `seq`: move the hold on.
+    Release {
+        seq: u64,
+        reply: oneshot::Sender<Result<(), WalError>>,
+    },
 }
 
 /// How the writer makes appends durable.
@@ -99,6 +104,7 @@ impl Writer {
             let mut appends = Vec::new();
             let mut checkpoints = Vec::new();
             let mut id_syncs = Vec::new();
+            let mut releases = Vec::new();
             let mut ids = Vec::new();
             buf.clear();
             for cmd in group {
@@ -111,6 +117,7 @@ impl Writer {
                     }
                     Command::Checkpoint { seq, reply } => checkpoints.push((seq, reply)),
                     Command::SyncIds { reply } => id_syncs.push(reply),
+                    Command::Release { seq, reply } => releases.push((seq, reply)),
                 }
             }
             if !appends.is_empty() {
@@ -119,6 +126,9 @@ impl Writer {
                         self.next_seq += appends.len() as u64;
                         dirty = self.sync != Sync::Always;
                         let seqs: Vec<u64> = appends.iter().map(|(s, _)| *s).collect();
+                        if self.sync == Sync::Always {
+                            self.stats.durable.store(self.next_seq - 1, Ordering::Release);
+                        }
                         self.tracker.acked(&seqs);
                         for (seq, reply) in appends {
                             let _ = reply.send(Ok(seq));
@@ -134,8 +144,9 @@ impl Writer {
             }
             if let Sync::Interval(every) = self.sync {
                 if dirty && last_sync.elapsed() >= every {
-                    if let Err(e) = self.file.sync_data() {
-                        tracing::error!(error = %e, "WAL fsync failed");
+                    match self.file.sync_data() {
+                        Ok(()) => self.stats.durable.store(self.next_seq - 1, Ordering::Release),
+                        Err(e) => tracing::error!(error = %e, "WAL fsync failed"),
                     }
                     dirty = false;
                     last_sync = Instant::now();
@@ -147,12 +158,17 @@ impl Writer {
             for (seq, reply) in checkpoints {
                 let _ = reply.send(self.checkpoint(seq));
             }
+            for (seq, reply) in releases {
+                self.stats.hold.fetch_max(seq, Ordering::AcqRel);
+                let _ = reply.send(self.prune());
+            }
             if let Err(e) = self.rotate_if_full() {
                 tracing::error!(error = %e, "WAL segment rotation failed; writing on in the current segment");
             }
         }
-        if let Err(e) = self.file.sync_all() {
-            tracing::error!(error = %e, "final WAL fsync failed");
+        match self.file.sync_all() {
+            Ok(()) => self.stats.durable.store(self.next_seq - 1, Ordering::Release),
+            Err(e) => tracing::error!(error = %e, "final WAL fsync failed"),
         }
         if let Err(e) = self.ids.sync() {
             tracing::error!(error = %e, "final id file fsync failed");
@@ -212,6 +228,7 @@ impl Writer {
             return Ok(());
         }
         self.file.sync_all().map_err(|e| WalError::io(&self.dir, e))?;
+        self.stats.durable.store(self.next_seq - 1, Ordering::Release);
         let (path, file) = Self::open_segment(&self.dir, self.next_seq)?;
         self.file = file;
         self.segments.push((self.next_seq, path, 0));
@@ -219,22 +236,31 @@ impl Writer {
     }
 
     /// Records that the store holds everything up to `seq`, and deletes the
-    /// segments wholly at or below it (never the open one).
+    /// segments nothing needs any more (see [`Writer::prune`]).
     fn checkpoint(&mut self, seq: u64) -> Result<(), WalError> {
         checkpoint::write(&self.dir, seq).map_err(|e| WalError::Failed(e.to_string()))?;
+        self.stats.checkpoint.store(seq, Ordering::Release);
+        self.prune()?;
+        let now = crate::clock::now_ms();
+        if let Err(e) = self.ids.expire(now) {
+            tracing::warn!(error = %e, "cannot delete expired id files");
+        }
+        Ok(())
+    }
+
+    /// Deletes the segments wholly at or below both the checkpoint (the store
+    /// holds them) and the hold (the raw-events export has them), never the
+    /// open one.
+    fn prune(&mut self) -> Result<(), WalError> {
+        let upto = self.stats.checkpoint.load(Ordering::Acquire).min(self.stats.hold.load(Ordering::Acquire));
         while self.segments.len() > 1 {
             let next_first = self.segments[1].0;
-            if next_first.saturating_sub(1) > seq {
+            if next_first.saturating_sub(1) > upto {
                 break;
             }
             let (_, path, size) = self.segments.remove(0);
             std::fs::remove_file(&path).map_err(|e| WalError::io(&path, e))?;
             self.stats.bytes.fetch_sub(size, Ordering::AcqRel);
-        }
-        self.stats.checkpoint.store(seq, Ordering::Release);
-        let now = crate::clock::now_ms();
-        if let Err(e) = self.ids.expire(now) {
-            tracing::warn!(error = %e, "cannot delete expired id files");
         }
         Ok(())
     }
