@@ -1,6 +1,6 @@
 //! Hot-path costs: parse + validate per event, parse + validate + count per event
 //! (the whole ingest path minus HTTP), a counter add, and a check decision on a
-//! warm key. Run with `cargo bench --bench hot_path`.
+//! warm key, the dedupe table's growth. Run with `cargo bench --bench hot_path`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use meterd::config::Config;
@@ -105,5 +105,32 @@ fn check_decision(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse_validate, counter_add, check_decision);
+/// The dedupe table from empty to 4M ids in batches of 1000 (what a fresh
+/// instance under load does): the probes' cache misses plus every growth step,
+/// and the page faults of the memory each step takes. Per-id cost in the output.
+fn dedupe_growth(c: &mut Criterion) {
+    use meterd::ingest::dedupe::{hash_id, Deduper};
+    const IDS: usize = 4_000_000;
+    let ids: Vec<_> = (0..IDS).map(|i| hash_id(&format!("evt-{i}"))).collect();
+    let mut g = c.benchmark_group("dedupe");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(IDS as u64));
+    g.bench_function("grow_to_4m_in_batches_of_1000", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let d = Deduper::new(3_600_000);
+                let started = std::time::Instant::now();
+                for chunk in ids.chunks(1000) {
+                    std::hint::black_box(d.insert_batch(chunk, 0));
+                }
+                total += started.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parse_validate, counter_add, check_decision, dedupe_growth);
 criterion_main!(benches);
