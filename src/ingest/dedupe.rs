@@ -9,7 +9,6 @@
 //! duplicate needs two ids to share 96 bits: at 100M live ids the chance is about
 //! 10^-13. Entries older than the window are swept by the maintenance task.
 
-use super::slots::Slots;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -22,15 +21,13 @@ pub fn hash_id(id: &str) -> IdHash {
     xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), 0x6d65_7465_7264)
 }
 
-/// Few enough that a shard of a large table is several MiB (on huge pages, see
-/// `slots`), many enough that two cores rarely want the same lock.
-const SHARDS: usize = 64;
+const SHARDS: usize = 256;
 const MIN_CAPACITY: usize = 1024;
 
 /// One shard: a power-of-two array of slots, 0 = empty, at most half full.
 #[derive(Default)]
 struct Shard {
-    slots: Slots,
+    slots: Vec<u128>,
     len: usize,
 }
 
@@ -78,9 +75,9 @@ impl Shard {
 
     fn grow(&mut self) {
         let cap = (self.slots.len() * 2).max(MIN_CAPACITY);
-        let old = std::mem::replace(&mut self.slots, Slots::zeroed(cap));
+        let old = std::mem::replace(&mut self.slots, vec![0; cap]);
         self.len = 0;
-        for s in old.iter().copied().filter(|&s| s != 0) {
+        for s in old.into_iter().filter(|&s| s != 0) {
             self.put_slot(s);
         }
     }
@@ -254,7 +251,7 @@ impl Deduper {
             while live.len() * 2 >= cap {
                 cap *= 2;
             }
-            shard.slots = Slots::zeroed(cap);
+            shard.slots = vec![0; cap];
             shard.len = 0;
             for s in live {
                 shard.put_slot(s);

@@ -4,6 +4,5 @@ pub mod dedupe;
 pub mod parse;
 pub mod pipeline;
 pub mod shared_dedupe;
-pub mod slots;
 
 pub use pipeline::{BodyKind, IngestError, IngestOutcome};
