@@ -46,104 +46,95 @@ pub async fn sum(url: &str, db: &str, meter: &str) -> u64 {
     text.lines().filter_map(|l| l.trim().parse::<u64>().ok()).next().unwrap_or(u64::MAX)
 }
 
+/// What a test proxy does with a request that has `INSERT` and its table in it.
+#[derive(Clone)]
+enum OnInsert {
+    /// While armed: pass it on, wait until ClickHouse starts answering (so the
+    /// insert happened), then cut both connections without passing the answer
+    /// on; disarm and count the cut.
+    Cut { armed: Arc<AtomicBool>, cuts: Arc<AtomicU64> },
+    /// Hold it, unanswered and not passed on, until the client gives up; count it.
+    Hold { held: Arc<AtomicU64> },
+}
+
 /// A TCP proxy to ClickHouse that, while armed, forwards a request containing
 /// `INSERT` and `table` (in the URL's query), waits until ClickHouse starts
 /// answering (so the insert happened), and then cuts both connections without
 /// passing the answer on.
 pub async fn cutting_proxy(upstream: String, table: &'static str, armed: Arc<AtomicBool>, cuts: Arc<AtomicU64>) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut client, _)) = listener.accept().await else { return };
-            let upstream = upstream.clone();
-            let (armed, cuts) = (armed.clone(), cuts.clone());
-            tokio::spawn(async move {
-                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                let mut seen = Vec::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut back = vec![0u8; 64 * 1024];
-                loop {
-                    tokio::select! {
-                        n = client.read(&mut buf) => {
-                            let Ok(n) = n else { return };
-                            if n == 0 { return; }
-                            seen.extend_from_slice(&buf[..n]);
-                            if server.write_all(&buf[..n]).await.is_err() { return; }
-                            let has = |needle: &[u8]| seen.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
-                            let insert = has(b"INSERT") && has(table.as_bytes());
-                            if insert && armed.load(Ordering::SeqCst) {
-                                // Let the whole request through, wait for the answer to start, drop it.
-                                let mut answer = [0u8; 1];
-                                loop {
-                                    tokio::select! {
-                                        n = client.read(&mut buf) => match n {
-                                            Ok(n) if n > 0 => { let _ = server.write_all(&buf[..n]).await; }
-                                            _ => return,
-                                        },
-                                        r = server.read(&mut answer) => {
-                                            let _ = r;
-                                            armed.store(false, Ordering::SeqCst);
-                                            cuts.fetch_add(1, Ordering::SeqCst);
-                                            return; // both sockets dropped: the answer never arrives
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        n = server.read(&mut back) => {
-                            let Ok(n) = n else { return };
-                            if n == 0 { return; }
-                            if client.write_all(&back[..n]).await.is_err() { return; }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
+    proxy(upstream, table, OnInsert::Cut { armed, cuts }).await
 }
 
 /// A TCP proxy to ClickHouse that forwards everything except requests with
 /// `INSERT` and `table` in them: those it holds, unanswered and not passed on,
 /// until the client gives up (a server that hangs on one table). `held` counts them.
 pub async fn holding_proxy(upstream: String, table: &'static str, held: Arc<AtomicU64>) -> std::net::SocketAddr {
+    proxy(upstream, table, OnInsert::Hold { held }).await
+}
+
+async fn proxy(upstream: String, table: &'static str, on_insert: OnInsert) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut client, _)) = listener.accept().await else { return };
-            let (upstream, held) = (upstream.clone(), held.clone());
-            tokio::spawn(async move {
-                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                let (mut buf, mut back) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
-                let mut seen = Vec::new();
-                loop {
-                    tokio::select! {
-                        n = client.read(&mut buf) => {
-                            let Ok(n) = n else { return };
-                            if n == 0 { return; }
-                            seen.extend_from_slice(&buf[..n]);
-                            let has = |needle: &[u8]| seen.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
-                            if has(b"INSERT") && has(table.as_bytes()) {
-                                held.fetch_add(1, Ordering::SeqCst);
-                                // Swallow the rest until the client hangs up.
-                                while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
-                                return;
-                            }
-                            if server.write_all(&buf[..n]).await.is_err() { return; }
-                        }
-                        n = server.read(&mut back) => {
-                            let Ok(n) = n else { return };
-                            if n == 0 { return; }
-                            if client.write_all(&back[..n]).await.is_err() { return; }
-                        }
-                    }
-                }
-            });
+            let Ok((client, _)) = listener.accept().await else { return };
+            tokio::spawn(relay(client, upstream.clone(), table, on_insert.clone()));
         }
     });
     addr
+}
+
+/// Relays one connection both ways, applying `on_insert` to the table's inserts.
+async fn relay(mut client: tokio::net::TcpStream, upstream: String, table: &'static str, on_insert: OnInsert) {
+    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+    let (mut buf, mut back) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let mut seen = Vec::new();
+    loop {
+        tokio::select! {
+            n = client.read(&mut buf) => {
+                let Ok(n) = n else { return };
+                if n == 0 { return; }
+                seen.extend_from_slice(&buf[..n]);
+                let has = |needle: &[u8]| seen.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
+                let insert = has(b"INSERT") && has(table.as_bytes());
+                match &on_insert {
+                    OnInsert::Hold { held } if insert => {
+                        held.fetch_add(1, Ordering::SeqCst);
+                        // Swallow the rest until the client hangs up.
+                        while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+                        return;
+                    }
+                    OnInsert::Cut { armed, cuts } if insert && armed.load(Ordering::SeqCst) => {
+                        if server.write_all(&buf[..n]).await.is_err() { return; }
+                        // Let the whole request through, wait for the answer to start, drop it.
+                        let mut answer = [0u8; 1];
+                        loop {
+                            tokio::select! {
+                                n = client.read(&mut buf) => match n {
+                                    Ok(n) if n > 0 => { let _ = server.write_all(&buf[..n]).await; }
+                                    _ => return,
+                                },
+                                r = server.read(&mut answer) => {
+                                    let _ = r;
+                                    armed.store(false, Ordering::SeqCst);
+                                    cuts.fetch_add(1, Ordering::SeqCst);
+                                    return; // both sockets dropped: the answer never arrives
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        if server.write_all(&buf[..n]).await.is_err() { return; }
+                    }
+                }
+            }
+            n = server.read(&mut back) => {
+                let Ok(n) = n else { return };
+                if n == 0 { return; }
+                if client.write_all(&back[..n]).await.is_err() { return; }
+            }
+        }
+    }
 }
 
 /// A private clickhouse-server with its state in a temp dir (kept across restarts).
