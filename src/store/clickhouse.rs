@@ -303,7 +303,7 @@ pub(super) async fn timed<T>(op: &'static str, fut: impl Future<Output = Result<
 }
 
 /// Database names are put into SQL text, so only plain identifiers are accepted.
-pub(super) fn check_database_name(database: &str) -> Result<(), StoreError> {
+fn check_database_name(database: &str) -> Result<(), StoreError> {
     let mut chars = database.chars();
     let plain = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -313,6 +313,20 @@ pub(super) fn check_database_name(database: &str) -> Result<(), StoreError> {
     } else {
         Err(StoreError::Io(format!("clickhouse connect: database name {database:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}")))
     }
+}
+
+/// Checks the database name, then creates the database and `name` (defined by
+/// `create`) when missing. Returns the query client (uncompressed answers, see
+/// "Compatibility"), the insert client (LZ4 bodies) and the quoted table name.
+pub(super) async fn open_table(url: &str, database: &str, name: &str, create: &str) -> Result<(Client, Client, String), StoreError> {
+    const OP: &str = "connect";
+    check_database_name(database)?;
+    let client = Client::default().with_url(url).with_compression(Compression::None);
+    let insert_client = client.clone().with_compression(Compression::Lz4);
+    let table = format!("`{database}`.{name}");
+    timed(OP, client.query(&format!("CREATE DATABASE IF NOT EXISTS `{database}`")).execute()).await?;
+    timed(OP, client.query(&format!("CREATE TABLE IF NOT EXISTS {table} {create}")).execute()).await?;
+    Ok((client, insert_client, table))
 }
 
 /// Fails unless `columns` (of `table`, from `system.columns`) has every column
@@ -396,12 +410,7 @@ impl ClickHouseStore {
     /// must have meterd's columns with their types (extra columns are fine).
     pub async fn connect(url: &str, database: &str) -> Result<ClickHouseStore, StoreError> {
         const OP: &str = "connect";
-        check_database_name(database)?;
-        let client = Client::default().with_url(url).with_compression(Compression::None);
-        let insert_client = client.clone().with_compression(Compression::Lz4);
-        let table = format!("`{database}`.{TABLE}");
-        timed(OP, client.query(&format!("CREATE DATABASE IF NOT EXISTS `{database}`")).execute()).await?;
-        timed(OP, client.query(&format!("CREATE TABLE IF NOT EXISTS {table} {CREATE_TABLE}")).execute()).await?;
+        let (client, insert_client, table) = open_table(url, database, TABLE, CREATE_TABLE).await?;
         timed(OP, client.query(&format!("CREATE TABLE IF NOT EXISTS `{database}`.{LEDGER_TABLE} {CREATE_LEDGER}")).execute()).await?;
         let store = ClickHouseStore {
             client,

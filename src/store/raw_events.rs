@@ -18,10 +18,10 @@
 //! as 32 lowercase hex digits. `meterd::ingest::dedupe::hash_id` computes it
 //! from an id.
 
-use super::clickhouse::{check_columns, check_database_name, io, timed, ColumnRow, REQUEST_TIMEOUT};
+use super::clickhouse::{check_columns, io, open_table, timed, ColumnRow, REQUEST_TIMEOUT};
 use super::StoreError;
 use crate::wal::{WalBatch, WalEvent};
-use ::clickhouse::{Client, Compression, Row};
+use ::clickhouse::{Client, Row};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::fmt;
@@ -159,12 +159,7 @@ impl RawEventsTable {
     /// columns with their types (extra columns are fine).
     pub async fn connect(url: &str, database: &str) -> Result<RawEventsTable, StoreError> {
         const OP: &str = "connect";
-        check_database_name(database)?;
-        let client = Client::default().with_url(url).with_compression(Compression::None);
-        let insert_client = client.clone().with_compression(Compression::Lz4);
-        let table = format!("`{database}`.{TABLE}");
-        timed(OP, client.query(&format!("CREATE DATABASE IF NOT EXISTS `{database}`")).execute()).await?;
-        timed(OP, client.query(&format!("CREATE TABLE IF NOT EXISTS {table} {CREATE}")).execute()).await?;
+        let (client, insert_client, table) = open_table(url, database, TABLE, CREATE).await?;
         let query = client.query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?").bind(database).bind(TABLE);
         let columns: Vec<ColumnRow> = timed(OP, query.fetch_all()).await?;
         check_columns(&table, &columns, &COLUMNS)?;
