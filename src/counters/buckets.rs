@@ -125,11 +125,18 @@ impl Buckets {
         if let Some(pending) = flushing.as_ref() {
             return Some(pending.clone());
         }
-        let mut current = self.exclusive();
-        if current.buckets.is_empty() {
+        // The next epoch is allocated before the exclusive lock, which stops
+        // every writer: only this function swaps epochs (under `flushing`), so
+        // the sequence number read here is still current below.
+        let (seq, len) = {
+            let current = self.write_guard();
+            (current.seq, current.buckets.len())
+        };
+        if len == 0 {
             return None;
         }
-        let next = Arc::new(Epoch::new(current.seq + 1, current.buckets.len()));
+        let next = Arc::new(Epoch::new(seq + 1, len));
+        let mut current = self.exclusive();
         let _ = current.wal_mark.set(watermark());
         let old = std::mem::replace(&mut *current, next);
         *flushing = Some(old.clone());
