@@ -28,14 +28,13 @@ pub enum FlushError {
 /// Converts an epoch to store rows.
 fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
     let mut rows = Vec::with_capacity(epoch.buckets.len());
-    for entry in epoch.buckets.iter() {
-        let key = entry.key();
+    epoch.buckets.for_each(|key, bucket| {
         let (Some(meter), Some(customer)) = (engine.catalog.meter(key.meter), engine.counters.interner.name(key.customer)) else {
-            continue;
+            return;
         };
-        let (value, last_ts) = bucket_value(entry.value());
+        let (value, last_ts) = bucket_value(bucket);
         let properties =
-            entry.value().properties.get().map(|p| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap_or_default();
+            bucket.properties.get().map(|p| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap_or_default();
         rows.push(UsageRow {
             meter: meter.name.clone(),
             customer: customer.to_string(),
@@ -44,7 +43,7 @@ fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
             value,
             last_ts,
         });
-    }
+    });
     rows
 }
 
@@ -147,7 +146,10 @@ pub fn housekeeping(engine: &Engine) {
 /// Sets the state gauges (also refreshed on every scrape).
 pub fn housekeeping_gauges(engine: &Engine) {
     let now = now_ms();
-    let oldest = engine.counters.buckets.unflushed().iter().filter_map(|e| e.buckets.iter().map(|b| b.key().minute).min()).min();
+    let mut oldest: Option<i64> = None;
+    for epoch in engine.counters.buckets.unflushed() {
+        epoch.buckets.for_each(|k, _| oldest = Some(oldest.map_or(k.minute, |o| o.min(k.minute))));
+    }
     let lag = oldest.map(|m| ((now - m * 60_000) as f64 / 1000.0).max(0.0)).unwrap_or(0.0);
     crate::telemetry::wal(
         engine.wal.bytes(),

@@ -122,26 +122,25 @@ impl Engine {
             if epoch.seq <= stored.stored_seq {
                 continue;
             }
-            for entry in epoch.buckets.iter() {
-                let k = entry.key();
+            epoch.buckets.for_each(|k, bucket| {
                 if k.meter != meter.id {
-                    continue;
+                    return;
                 }
                 if let Some(want) = customer_id {
                     if want != Some(k.customer) {
-                        continue;
+                        return;
                     }
                 }
                 let minute_ms = k.minute * 60_000;
                 if minute_ms < from_ms || minute_ms >= to_ms {
-                    continue;
+                    return;
                 }
                 let Some(name) = self.counters.interner.name(k.customer) else {
-                    continue;
+                    return;
                 };
                 let slot = points.entry((name.to_string(), minute_ms.div_euclid(g) * g)).or_insert((0, i64::MIN));
-                *slot = fold.combine(*slot, bucket_value(entry.value()));
-            }
+                *slot = fold.combine(*slot, bucket_value(bucket));
+            });
         }
         let truncated = points.len() > MAX_POINTS;
         let data = points

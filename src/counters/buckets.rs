@@ -10,12 +10,12 @@
 //! swap and the store write, and the epoch's sequence number tells a query whether
 //! the store already has it.
 
+use super::flat::{FlatKey, FlatMap};
 use super::hash::KeyHash;
 use super::intern::CustomerId;
 use super::window::Cell;
 use crate::model::{Aggregation, MeterId};
 use crossbeam::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
-use dashmap::DashMap;
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -34,6 +34,16 @@ pub struct BucketKey {
     pub props_hash: u64,
 }
 
+/// As for window counters: no real key has meter `MeterId::MAX`.
+impl FlatKey for BucketKey {
+    fn vacant() -> BucketKey {
+        BucketKey { customer: 0, meter: MeterId::MAX, minute: 0, props_hash: 0 }
+    }
+    fn is_vacant(&self) -> bool {
+        self.meter == MeterId::MAX
+    }
+}
+
 /// One bucket's aggregate and the properties it was recorded with.
 #[derive(Debug, Default)]
 pub struct Bucket {
@@ -47,19 +57,32 @@ pub struct Epoch {
     /// The WAL records folded into this epoch or an older one; set when the epoch
     /// is swapped out (see `wal`'s module doc).
     pub wal_mark: std::sync::OnceLock<crate::wal::WalMark>,
-    pub buckets: DashMap<BucketKey, Bucket, KeyHash>,
+    pub buckets: FlatMap<BucketKey, Bucket, KeyHash>,
 }
 
 impl Epoch {
     /// An empty epoch sized for `capacity` buckets: the previous epoch's count,
     /// so a steady load does not grow (rehash) the table every flush interval.
     fn new(seq: u64, capacity: usize) -> Epoch {
-        let buckets = DashMap::with_capacity_and_hasher_and_shard_amount(capacity.max(1024), KeyHash, 64);
+        let buckets = FlatMap::with_capacity_and_hasher(capacity.max(1024), KeyHash);
         Epoch { seq, wal_mark: std::sync::OnceLock::new(), buckets }
     }
 
     /// Folds one event into its bucket.
     pub fn fold(&self, key: BucketKey, properties: &[(Cow<'_, str>, Cow<'_, str>)], aggregation: Aggregation, raw: i64, ts: i64) {
+        self.fold_hashed(self.buckets.hash(&key), key, properties, aggregation, raw, ts);
+    }
+
+    /// [`Epoch::fold`] with the key's hash already computed by `buckets.hash`.
+    pub fn fold_hashed(
+        &self,
+        hash: u64,
+        key: BucketKey,
+        properties: &[(Cow<'_, str>, Cow<'_, str>)],
+        aggregation: Aggregation,
+        raw: i64,
+        ts: i64,
+    ) {
         let fold = |b: &Bucket| {
             if !properties.is_empty() && b.properties.get().is_none() {
                 let owned: Properties = properties.iter().map(|(k, v)| (Box::from(k.as_ref()), Box::from(v.as_ref()))).collect();
@@ -67,11 +90,7 @@ impl Epoch {
             }
             b.cell.fold(aggregation, raw, ts);
         };
-        if let Some(b) = self.buckets.get(&key) {
-            return fold(&b);
-        }
-        let b = self.buckets.entry(key).or_default().downgrade();
-        fold(&b)
+        self.buckets.with_hashed(hash, key, fold)
     }
 }
 

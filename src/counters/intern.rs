@@ -1,7 +1,7 @@
 //! Customer interning: the outside world names customers with strings up to 256
 //! bytes; counters key them by a dense `u32` so keys stay 16 bytes and hash fast.
 
-use dashmap::DashMap;
+use super::flat::{FlatKey, FlatMap};
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
@@ -24,8 +24,22 @@ const INLINE: usize = 30;
 /// a pointer to a string elsewhere in memory (a cache miss per event).
 #[derive(Clone)]
 enum Name {
-    Inline { len: u8, bytes: [u8; INLINE] },
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE],
+    },
     Heap(Arc<str>),
+    /// An empty slot of the map (never compared: the map checks first).
+    Vacant,
+}
+
+impl FlatKey for Name {
+    fn vacant() -> Name {
+        Name::Vacant
+    }
+    fn is_vacant(&self) -> bool {
+        matches!(self, Name::Vacant)
+    }
 }
 
 impl Name {
@@ -45,6 +59,7 @@ impl Name {
             // bytes from a `str`, so they are whole UTF-8.
             Name::Inline { len, bytes } => unsafe { std::str::from_utf8_unchecked(&bytes[..usize::from(*len)]) },
             Name::Heap(s) => s,
+            Name::Vacant => "",
         }
     }
 }
@@ -71,43 +86,69 @@ impl PartialEq for Name {
 impl Eq for Name {}
 
 /// Two-way map between customer strings and ids. Ids are never reused.
-#[derive(Default)]
 pub struct Interner {
     /// String → id. The strings come from outside, so the hasher is seeded at
     /// random per process (foldhash, as hashbrown does), which is several times
     /// cheaper than SipHash on the ingest path.
-    forward: DashMap<Name, CustomerId, foldhash::fast::RandomState>,
+    forward: FlatMap<Name, CustomerId, foldhash::fast::RandomState>,
     /// Id → string, appended under the write lock when a customer is first seen
     /// (rare); read by the flusher and usage queries, never by checks.
     reverse: RwLock<Vec<Arc<str>>>,
 }
 
+impl Default for Interner {
+    fn default() -> Interner {
+        Interner::new()
+    }
+}
+
+/// How many names ahead [`Interner::intern_batch`] prefetches.
+const PREFETCH_AHEAD: usize = 8;
+
 impl Interner {
     pub fn new() -> Interner {
-        Interner::default()
+        Interner { forward: FlatMap::with_capacity_and_hasher(1024, foldhash::fast::RandomState::default()), reverse: RwLock::default() }
     }
 
     /// The id of `name`, if it was ever seen.
     pub fn lookup(&self, name: &str) -> Option<CustomerId> {
-        self.forward.get(name).map(|r| *r)
+        self.forward.get(name, |id| *id)
     }
 
     /// The id of `name`, assigning the next one on first sight.
     pub fn intern(&self, name: &str) -> Result<CustomerId, InternError> {
-        if let Some(id) = self.forward.get(name) {
-            return Ok(*id);
+        self.intern_hashed(self.forward.hash(name), name)
+    }
+
+    fn intern_hashed(&self, hash: u64, name: &str) -> Result<CustomerId, InternError> {
+        if let Some(id) = self.forward.get_hashed(hash, name, |id| *id) {
+            return Ok(id);
         }
-        let entry = self.forward.entry(Name::new(name));
-        if let dashmap::Entry::Occupied(o) = &entry {
-            return Ok(*o.get());
+        let assign = || {
+            // Shard write lock held: no one else can assign an id to this name meanwhile.
+            let mut reverse = self.reverse.write().unwrap_or_else(|p| p.into_inner());
+            let id = CustomerId::try_from(reverse.len()).map_err(|_| InternError::Exhausted)?;
+            reverse.push(Arc::from(name));
+            Ok(id)
+        };
+        self.forward.get_or_try_insert(hash, Name::new(name), assign, |id| *id)
+    }
+
+    /// [`Interner::intern`] for a batch, with the map's cache misses overlapped:
+    /// each name's slot is prefetched a few names before it is looked up.
+    pub fn intern_batch<'a>(&self, names: impl ExactSizeIterator<Item = &'a str> + Clone) -> Result<Vec<CustomerId>, InternError> {
+        let hashes: Vec<u64> = names.clone().map(|n| self.forward.hash(n)).collect();
+        for &h in hashes.iter().take(PREFETCH_AHEAD) {
+            self.forward.prefetch(h);
         }
-        // Shard lock held: no one else can assign an id to this name meanwhile.
-        let mut reverse = self.reverse.write().unwrap_or_else(|p| p.into_inner());
-        let id = CustomerId::try_from(reverse.len()).map_err(|_| InternError::Exhausted)?;
-        reverse.push(Arc::from(name));
-        drop(reverse);
-        entry.or_insert(id);
-        Ok(id)
+        let mut ids = Vec::with_capacity(hashes.len());
+        for (k, name) in names.enumerate() {
+            if let Some(&ahead) = hashes.get(k + PREFETCH_AHEAD) {
+                self.forward.prefetch(ahead);
+            }
+            ids.push(self.intern_hashed(hashes[k], name)?);
+        }
+        Ok(ids)
     }
 
     /// The string of `id`.

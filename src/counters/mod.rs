@@ -7,6 +7,7 @@
 //! lock so no event is counted twice or missed.
 
 pub mod buckets;
+pub mod flat;
 pub mod hash;
 pub mod intern;
 pub mod window;
@@ -110,9 +111,7 @@ impl Counters {
     /// `epoch` (a [`Buckets::write_guard`]) and, for `latest`, the stripe lock.
     pub fn fold(&self, epoch: &Epoch, usage: &Usage<'_>, skip: Option<WindowKind>) {
         let meter = usage.meter;
-        let bucket =
-            BucketKey { customer: usage.customer, meter: meter.id, minute: usage.ts.div_euclid(60_000), props_hash: usage.props_hash };
-        epoch.fold(bucket, usage.properties, meter.aggregation, usage.raw, usage.ts);
+        epoch.fold(Self::bucket_key(usage), usage.properties, meter.aggregation, usage.raw, usage.ts);
         for kind in self.tracked_kinds(meter.id) {
             if Some(kind) == skip {
                 continue;
@@ -132,18 +131,65 @@ impl Counters {
     /// excludes a batch the epoch already holds.
     pub fn apply_then(&self, usages: &[Usage<'_>], done: impl FnOnce()) {
         let epoch = self.buckets.write_guard();
-        for usage in usages {
-            if usage.meter.aggregation == Aggregation::Latest {
-                let _stripe = self.stripe(usage.customer, usage.meter.id);
-                self.fold(&epoch, usage, None);
-            } else {
+        if usages.len() <= PREFETCH_AHEAD {
+            // Too few to overlap anything: skip the key vectors' allocations.
+            for usage in usages {
+                let _stripe = (usage.meter.aggregation == Aggregation::Latest).then(|| self.stripe(usage.customer, usage.meter.id));
                 self.fold(&epoch, usage, None);
             }
+            done();
+            return;
+        }
+        // Every key and its hash first (under the guard: the tracked kinds cannot
+        // change meanwhile), so that each slot can be prefetched a few usages
+        // before it is folded: the maps are far larger than the caches once the
+        // dedupe table is, and each lookup was one serialized cache miss.
+        let mut buckets = Vec::with_capacity(usages.len());
+        let mut windows = Vec::with_capacity(usages.len());
+        let mut ends = Vec::with_capacity(usages.len());
+        for usage in usages {
+            let key = Self::bucket_key(usage);
+            buckets.push((key, epoch.buckets.hash(&key)));
+            for kind in self.tracked_kinds(usage.meter.id) {
+                let key = Self::key(usage.customer, usage.meter.id, kind, usage.ts, usage.anchor);
+                windows.push((key, self.windows.hash(&key)));
+            }
+            ends.push(windows.len());
+        }
+        let prefetch = |i: usize| {
+            if let Some((_, hash)) = buckets.get(i) {
+                epoch.buckets.prefetch(*hash);
+                let start = if i == 0 { 0 } else { ends[i - 1] };
+                for (_, hash) in &windows[start..ends[i]] {
+                    self.windows.prefetch(*hash);
+                }
+            }
+        };
+        for i in 0..PREFETCH_AHEAD {
+            prefetch(i);
+        }
+        let mut start = 0;
+        for (i, usage) in usages.iter().enumerate() {
+            prefetch(i + PREFETCH_AHEAD);
+            let _stripe = (usage.meter.aggregation == Aggregation::Latest).then(|| self.stripe(usage.customer, usage.meter.id));
+            let (key, hash) = buckets[i];
+            epoch.fold_hashed(hash, key, usage.properties, usage.meter.aggregation, usage.raw, usage.ts);
+            for &(key, hash) in &windows[start..ends[i]] {
+                self.windows.with_cell_hashed(hash, key, |cell| cell.fold(usage.meter.aggregation, usage.raw, usage.ts));
+            }
+            start = ends[i];
         }
         done();
         drop(epoch);
     }
+
+    fn bucket_key(usage: &Usage<'_>) -> BucketKey {
+        BucketKey { customer: usage.customer, meter: usage.meter.id, minute: usage.ts.div_euclid(60_000), props_hash: usage.props_hash }
+    }
 }
+
+/// How many usages ahead a batch prefetches its map slots.
+const PREFETCH_AHEAD: usize = 8;
 
 /// Shared handle.
 pub type SharedCounters = Arc<Counters>;
@@ -155,9 +201,16 @@ mod tests {
     use std::collections::HashMap;
 
     fn catalog() -> Catalog {
+        catalog_with(&[WindowKind::Day])
+    }
+
+    fn catalog_with(windows: &[WindowKind]) -> Catalog {
         let meter = Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None };
-        let limit = Limit { window: WindowKind::Day, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached };
-        let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, Arc::from(vec![limit]))]) };
+        let limits: Vec<Limit> = windows
+            .iter()
+            .map(|&window| Limit { window, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached })
+            .collect();
+        let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, Arc::from(limits))]) };
         Catalog::new(vec![meter], vec![plan], 0)
     }
 
@@ -181,6 +234,51 @@ mod tests {
         assert_eq!(counters.buckets.unflushed().len(), 2);
         counters.buckets.flushed(1);
         assert_eq!(counters.buckets.pending_len(), 0);
+    }
+
+    /// A batch takes the prefetching path; folding it must equal folding its
+    /// usages one at a time (the short path), for every window and bucket.
+    #[test]
+    fn a_batch_folds_like_its_usages_one_by_one() {
+        let catalog = catalog_with(&[WindowKind::Day, WindowKind::Month]);
+        let meter = &catalog.meters()[0];
+        let day = 86_400_000;
+        let usages: Vec<Usage> = (0..500_u32)
+            .map(|i| Usage {
+                customer: i % 37,
+                meter,
+                raw: i64::from(i % 5) + 1,
+                ts: i64::from(i % 3) * day + i64::from(i) * 1000,
+                properties: &[],
+                props_hash: u64::from(i % 2),
+                anchor: BillingAnchor::default(),
+            })
+            .collect();
+        let batched = Counters::new(&catalog, 1);
+        let single = Counters::new(&catalog, 1);
+        batched.apply(&usages);
+        for u in &usages {
+            single.apply(std::slice::from_ref(u));
+        }
+        let windows = |c: &Counters| {
+            let mut all = Vec::new();
+            c.windows.for_each(|k, cell| all.push((*k, cell.used())));
+            all.sort_by_key(|(k, _)| (k.customer, k.kind.index(), k.start_ms));
+            all
+        };
+        let buckets = |c: &Counters| {
+            let mut all = Vec::new();
+            c.buckets.write_guard().buckets.for_each(|k, b| all.push((k.customer, k.minute, k.props_hash, buckets::bucket_value(b))));
+            all.sort();
+            all
+        };
+        assert_eq!(windows(&batched), windows(&single));
+        assert_eq!(buckets(&batched), buckets(&single));
+        assert!(windows(&batched).iter().any(|(k, _)| k.kind == WindowKind::Month));
+        assert_eq!(
+            windows(&batched).iter().filter(|(k, _)| k.kind == WindowKind::Day).map(|(_, v)| v).sum::<i64>(),
+            usages.iter().map(|u| u.raw).sum::<i64>()
+        );
     }
 
     #[test]

@@ -2,10 +2,10 @@
 //! start)`. These are what limit checks read, so a read is one sharded-map lookup
 //! and an atomic load; adds are atomic too.
 
+use super::flat::{FlatKey, FlatMap};
 use super::hash::KeyHash;
 use super::intern::CustomerId;
 use crate::model::{Aggregation, MeterId, WindowKind};
-use dashmap::DashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 /// One window counter's key: 16 bytes.
@@ -15,6 +15,17 @@ pub struct CounterKey {
     pub meter: MeterId,
     pub kind: WindowKind,
     pub start_ms: i64,
+}
+
+/// Meter ids are below the catalog's size, which config caps under
+/// `MeterId::MAX`: no real key has that meter.
+impl FlatKey for CounterKey {
+    fn vacant() -> CounterKey {
+        CounterKey { customer: 0, meter: MeterId::MAX, kind: WindowKind::Total, start_ms: 0 }
+    }
+    fn is_vacant(&self) -> bool {
+        self.meter == MeterId::MAX
+    }
 }
 
 /// One value: a window's or a minute bucket's. `ts` is the timestamp of the
@@ -81,14 +92,14 @@ impl Cell {
 
 /// All window counters, sharded.
 pub struct WindowCounters {
-    map: DashMap<CounterKey, WindowCell, KeyHash>,
+    map: FlatMap<CounterKey, WindowCell, KeyHash>,
     /// Instances share totals through Redis: reads mark cells for the syncer.
     shared: AtomicBool,
 }
 
 impl Default for WindowCounters {
     fn default() -> Self {
-        WindowCounters { map: DashMap::with_capacity_and_hasher_and_shard_amount(1024, KeyHash, 64), shared: AtomicBool::new(false) }
+        WindowCounters { map: FlatMap::with_capacity_and_hasher(1024, KeyHash), shared: AtomicBool::new(false) }
     }
 }
 
@@ -114,28 +125,38 @@ impl WindowCounters {
                 c.used()
             });
         }
-        self.map.get(key).map(|c| c.used()).unwrap_or(0)
+        self.map.get(key, |c| c.used()).unwrap_or(0)
     }
 
     /// Visits every cell (the syncer's scan).
-    pub fn for_each(&self, mut f: impl FnMut(&CounterKey, &WindowCell)) {
-        for entry in self.map.iter() {
-            f(entry.key(), entry.value());
-        }
+    pub fn for_each(&self, f: impl FnMut(&CounterKey, &WindowCell)) {
+        self.map.for_each(f);
     }
 
     /// Runs `f` on the key's cell if it exists.
     pub fn get<R>(&self, key: &CounterKey, f: impl FnOnce(&WindowCell) -> R) -> Option<R> {
-        self.map.get(key).map(|c| f(&c))
+        self.map.get(key, f)
     }
 
     /// Runs `f` on the key's cell, creating it first if needed.
     pub fn with_cell<R>(&self, key: CounterKey, f: impl FnOnce(&WindowCell) -> R) -> R {
-        if let Some(cell) = self.map.get(&key) {
-            return f(&cell);
-        }
-        let cell = self.map.entry(key).or_default().downgrade();
-        f(&cell)
+        self.map.with(key, f)
+    }
+
+    /// The hash the map files `key` under (for the two calls below).
+    pub fn hash(&self, key: &CounterKey) -> u64 {
+        self.map.hash(key)
+    }
+
+    /// Starts loading the cell of the key with this hash into the cache (a
+    /// batch, a few keys ahead).
+    pub fn prefetch(&self, hash: u64) {
+        self.map.prefetch(hash);
+    }
+
+    /// [`WindowCounters::with_cell`] with the key's hash already computed.
+    pub fn with_cell_hashed<R>(&self, hash: u64, key: CounterKey, f: impl FnOnce(&WindowCell) -> R) -> R {
+        self.map.with_hashed(hash, key, f)
     }
 
     /// Adds to a `sum`/`count` window only if the usage (others' included)

@@ -56,10 +56,7 @@ impl Engine {
         crate::telemetry::batch_size(events.len());
         // Intern before dedupe: interning is the last step that can fail, and a
         // customer id assigned for a refused batch costs nothing.
-        let mut ids = Vec::with_capacity(events.len());
-        for e in &events {
-            ids.push(self.counters.interner.intern(&e.customer).map_err(|_| IngestError::Full)?);
-        }
+        let ids = self.counters.interner.intern_batch(events.iter().map(|e| e.customer.as_ref())).map_err(|_| IngestError::Full)?;
         if let Some(reason) = self.write_refusal() {
             return Err(IngestError::Unavailable(reason));
         }

@@ -102,13 +102,12 @@ impl Engine {
                 if epoch.seq <= stored.stored_seq {
                     continue;
                 }
-                for entry in epoch.buckets.iter() {
-                    let k: &BucketKey = entry.key();
+                epoch.buckets.for_each(|k: &BucketKey, bucket| {
                     let minute_ms = k.minute * 60_000;
                     if k.customer == customer && k.meter == meter.id && minute_ms >= window.start_ms && minute_ms < window.end_ms {
-                        value = fold.combine(value, crate::counters::buckets::bucket_value(entry.value()));
+                        value = fold.combine(value, crate::counters::buckets::bucket_value(bucket));
                     }
-                }
+                });
             }
             let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
             self.counters.windows.set(key, value.0, value.1);
