@@ -7,12 +7,6 @@ use meterd::config::{self, ConfigError};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc malloc: buffers are allocated on tokio workers and
-/// freed on the WAL thread, which glibc's per-thread arenas handle slowly
-/// (measured in BENCHMARKS.md, "Third pass").
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const USAGE: &str = "usage: meterd [serve] [--config FILE]\n       meterd check-config [--config FILE]\n       meterd wal verify|repair [--config FILE]   (with meterd stopped)\n\nThe config file may also be given as METERD_CONFIG; without one, the built-in defaults (config/meterd.toml) are used.";
 
 struct Args {
