@@ -1,6 +1,6 @@
 //! Hot-path costs: parse + validate per event, parse + validate + count per event
-//! (the whole ingest path minus HTTP), a counter add, and a check decision on a
-//! warm key, the dedupe table's growth. Run with `cargo bench --bench hot_path`.
+//! (the whole ingest path minus HTTP), a counter add, a batch of counter folds
+//! over 1M customers, a check decision on a warm key, the dedupe table's growth. Run with `cargo bench --bench hot_path`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use meterd::config::Config;
@@ -89,6 +89,45 @@ fn counter_add(c: &mut Criterion) {
     c.bench_function("counter_add_warm", |b| b.iter(|| counters.apply(std::slice::from_ref(&usage))));
 }
 
+/// Folding a batch of 1000 usages spread over 1M customers (counters far larger
+/// than the caches, as under load): the batch path, which prefetches each
+/// usage's slots a few usages ahead, against folding the same usages one call
+/// each (no prefetch), in the same run. Per-usage cost in the output.
+fn counter_batch(c: &mut Criterion) {
+    const CUSTOMERS: u32 = 1_000_000;
+    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let counters = Counters::new(&valid.catalog, 1);
+    let meter = valid.catalog.meter_by_name("interview_minutes").expect("meter").clone();
+    let now = now_ms();
+    let usage =
+        |customer| Usage { customer, meter: &meter, raw: 1250, ts: now, properties: &[], props_hash: 0, anchor: BillingAnchor::default() };
+    let all: Vec<Usage> = (0..CUSTOMERS).map(usage).collect();
+    for chunk in all.chunks(1000) {
+        counters.apply(chunk);
+    }
+    // A fixed pseudo-random walk over the customers, in batches of 1000.
+    let batches: Vec<Vec<Usage>> =
+        (0..64_u32).map(|b| (0..1000_u32).map(|i| usage((b * 1000 + i).wrapping_mul(2_654_435_761) % CUSTOMERS)).collect()).collect();
+    let mut g = c.benchmark_group("counters");
+    g.throughput(Throughput::Elements(1000));
+    let mut next = 0;
+    g.bench_function("fold_batch_1000_of_1m_customers", |b| {
+        b.iter(|| {
+            next = (next + 1) % batches.len();
+            counters.apply(&batches[next]);
+        })
+    });
+    g.bench_function("fold_1000_one_by_one_of_1m_customers", |b| {
+        b.iter(|| {
+            next = (next + 1) % batches.len();
+            for u in &batches[next] {
+                counters.apply(std::slice::from_ref(u));
+            }
+        })
+    });
+    g.finish();
+}
+
 fn check_decision(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tmp");
     let (rt, engine) = engine(dir.path());
@@ -132,5 +171,5 @@ fn dedupe_growth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse_validate, counter_add, check_decision, dedupe_growth);
+criterion_group!(benches, parse_validate, counter_add, counter_batch, check_decision, dedupe_growth);
 criterion_main!(benches);
