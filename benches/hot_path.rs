@@ -128,6 +128,32 @@ fn counter_batch(c: &mut Criterion) {
     g.finish();
 }
 
+/// The WAL record of a batch of 1000 events with 1000 distinct customers, as
+/// the ingest path makes it (builder, rkyv encoding, framing with its CRC):
+/// what `durability = "buffered"` or `"fsync"` adds per event before the
+/// writer thread's `write`. Per-event cost in the output.
+fn wal_record(c: &mut Criterion) {
+    use meterd::wal::record::{encode, frame, BatchBuilder};
+    let names: Vec<String> = (0..1000).map(|i| format!("cust_{i:06}")).collect();
+    let now = now_ms();
+    let mut g = c.benchmark_group("wal");
+    g.throughput(Throughput::Elements(1000));
+    let mut out = Vec::with_capacity(1 << 20);
+    g.bench_function("build_encode_frame_1000", |b| {
+        b.iter(|| {
+            let mut builder = BatchBuilder::new(now, names.len());
+            for (i, name) in names.iter().enumerate() {
+                builder.push(i as u128, i as u32, || name.clone(), 0, "interview_minutes", 1250, now, Vec::new());
+            }
+            let payload = encode(&builder.finish()).expect("encode");
+            out.clear();
+            frame(&mut out, 1, &payload);
+            std::hint::black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
 fn check_decision(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tmp");
     let (rt, engine) = engine(dir.path());
@@ -171,5 +197,5 @@ fn dedupe_growth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse_validate, counter_add, counter_batch, check_decision, dedupe_growth);
+criterion_group!(benches, parse_validate, counter_add, counter_batch, wal_record, check_decision, dedupe_growth);
 criterion_main!(benches);

@@ -16,7 +16,8 @@ impl BuildHasher for KeyHash {
 }
 
 /// Folds each written word in with a multiply and rotate (FxHash-style), with a
-/// final avalanche so dashmap's shard bits (taken from the top) are well mixed.
+/// final avalanche so the shard bits (dashmap and `flat` take them from the top)
+/// are well mixed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KeyHasher(u64);
 
