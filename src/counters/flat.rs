@@ -67,6 +67,11 @@ impl<K: FlatKey, V: Default> Table<K, V> {
         }
     }
 
+    /// How many entries `keep` keeps.
+    fn kept(&self, keep: &mut dyn FnMut(&K, &V) -> bool) -> usize {
+        self.slots.iter().filter(|(k, v)| !k.is_vacant() && keep(k, v)).count()
+    }
+
     fn full_after_one_more(&self) -> bool {
         (self.len + 1) * 4 > self.slots.len() * 3
     }
@@ -246,11 +251,18 @@ impl<K: FlatKey, V: Default, S: BuildHasher> FlatMap<K, V, S> {
     }
 
     /// Drops the entries `keep` refuses. A shard with nothing to drop is only
-    /// read; one with something is rebuilt, right-sized, under its write lock.
+    /// read (lookups go on meanwhile); one with something is rebuilt,
+    /// right-sized, under its write lock. `keep` may be asked twice per entry.
     pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
         for shard in 0..SHARDS {
+            {
+                let table = self.read(shard);
+                if table.kept(&mut keep) == table.len {
+                    continue;
+                }
+            }
             let mut table = self.write(shard);
-            let kept = table.slots.iter().filter(|(k, v)| !k.is_vacant() && keep(k, v)).count();
+            let kept = table.kept(&mut keep);
             if kept == table.len {
                 continue;
             }
