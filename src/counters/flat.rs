@@ -388,6 +388,51 @@ mod tests {
         assert_eq!(total, 80_000);
     }
 
+    /// Retains that drop odd keys race with writers adding to even keys, readers
+    /// and scans: no even key loses an add, no odd key survives the last retain,
+    /// and nothing deadlocks.
+    #[test]
+    fn retain_racing_writers_and_readers_loses_no_kept_entry() {
+        let map = Arc::new(FlatMap::<Key, AtomicU64, KeyHash>::with_capacity_and_hasher(0, KeyHash));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                let map = map.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        for k in 0..2_000 {
+                            map.with(Key(k), |v| v.fetch_add(1, Ordering::Relaxed));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let sweeper = {
+            let (map, stop) = (map.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut sweeps = 0;
+                while !stop.load(Ordering::Acquire) || sweeps == 0 {
+                    map.retain(|k, _| k.0 % 2 == 0);
+                    let mut seen = 0;
+                    map.for_each(|_, _| seen += 1);
+                    assert!(seen <= 2_000);
+                    sweeps += 1;
+                }
+                sweeps
+            })
+        };
+        for h in writers {
+            assert!(h.join().is_ok());
+        }
+        stop.store(true, Ordering::Release);
+        assert!(sweeper.join().is_ok_and(|n| n > 0));
+        map.retain(|k, _| k.0 % 2 == 0);
+        assert_eq!(map.len(), 1_000);
+        for k in (0..2_000).step_by(2) {
+            assert_eq!(map.get(&Key(k), |v| v.load(Ordering::Relaxed)), Some(40), "key {k}");
+        }
+    }
+
     #[test]
     fn a_failed_insert_inserts_nothing() {
         let map = FlatMap::<Key, AtomicU64, KeyHash>::with_capacity_and_hasher(0, KeyHash);
