@@ -137,6 +137,10 @@ impl Interner {
     /// [`Interner::intern`] for a batch, with the map's cache misses overlapped:
     /// each name's slot is prefetched a few names before it is looked up.
     pub fn intern_batch<'a>(&self, names: impl ExactSizeIterator<Item = &'a str> + Clone) -> Result<Vec<CustomerId>, InternError> {
+        if names.len() <= PREFETCH_AHEAD {
+            // Too few to overlap anything: skip the hash vector's allocation.
+            return names.map(|n| self.intern(n)).collect();
+        }
         let hashes: Vec<u64> = names.clone().map(|n| self.forward.hash(n)).collect();
         for &h in hashes.iter().take(PREFETCH_AHEAD) {
             self.forward.prefetch(h);
@@ -184,6 +188,22 @@ mod tests {
         }
         assert_eq!(interner.len(), 4);
         assert_eq!(interner.lookup(&"x".repeat(INLINE)), None);
+    }
+
+    /// Batches long enough to take the prefetching path give the ids one-by-one
+    /// interning gives, for names new and seen, short and long.
+    #[test]
+    fn a_batch_interns_like_its_names_one_by_one() {
+        let names: Vec<String> =
+            (0..300).map(|i| if i % 7 == 0 { format!("{}-{i}", "y".repeat(INLINE)) } else { format!("c{}", i % 120) }).collect();
+        let (batched, single) = (Interner::new(), Interner::new());
+        for chunk in names.chunks(100) {
+            let ids = batched.intern_batch(chunk.iter().map(String::as_str)).unwrap_or_default();
+            let want: Vec<CustomerId> = chunk.iter().map(|n| single.intern(n).unwrap_or(u32::MAX)).collect();
+            assert_eq!(ids, want);
+        }
+        assert_eq!(batched.len(), single.len());
+        assert_eq!(batched.len(), 120 + 43);
     }
 
     #[test]
