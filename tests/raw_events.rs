@@ -93,15 +93,21 @@ async fn wait_watermark(wal: &Path, seq: u64) -> u64 {
     watermark(wal)
 }
 
+/// The ClickHouse server's URL and a fresh database name, away from a day's
+/// end (`None`: no server configured, the test is skipped).
+async fn clickhouse_db() -> Option<(String, String)> {
+    let url = clickhouse_url()?;
+    away_from_day_boundary().await;
+    Some((url, unique_db()))
+}
+
 async fn drop_db(url: &str, db: &str) {
     let _ = query(url, &format!("DROP DATABASE IF EXISTS {db}")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_event_is_in_raw_events_once_with_its_fields() {
-    let Some(url) = clickhouse_url() else { return };
-    away_from_day_boundary().await;
-    let db = unique_db();
+    let Some((url, db)) = clickhouse_db().await else { return };
     let server = TestServer::start(&config(&url, &db, "100ms")).await;
     let c = server.client();
     let t0 = now_ms() - 60_000;
@@ -189,9 +195,7 @@ async fn every_accepted_event_is_in_raw_events_once_with_its_fields() {
 /// 18.16 keeps a body cut mid-stream): the next run sends only the missing rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_stored_in_part_by_a_killed_run_is_completed_not_repeated() {
-    let Some(url) = clickhouse_url() else { return };
-    away_from_day_boundary().await;
-    let db = unique_db();
+    let Some((url, db)) = clickhouse_db().await else { return };
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
@@ -249,9 +253,7 @@ async fn a_chunk_stored_in_part_by_a_killed_run_is_completed_not_repeated() {
 /// landed, so before sending the chunk again it asks, and sends nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_insert_whose_answer_is_lost_is_not_sent_twice() {
-    let Some(url) = clickhouse_url() else { return };
-    away_from_day_boundary().await;
-    let db = unique_db();
+    let Some((url, db)) = clickhouse_db().await else { return };
     let (armed, cuts) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
     let upstream = url.trim_start_matches("http://").trim_end_matches('/').to_string();
     let proxy = cutting_proxy(upstream, "raw_events", armed.clone(), cuts.clone()).await;
@@ -306,9 +308,7 @@ async fn load(c: Client, ledger: Arc<Mutex<Ledger>>, tag: String, seed: u64) {
 /// exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_exporting_keeps_every_acknowledged_event_once() {
-    let Some(url) = clickhouse_url() else { return };
-    away_from_day_boundary().await;
-    let db = unique_db();
+    let Some((url, db)) = clickhouse_db().await else { return };
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
@@ -442,9 +442,7 @@ async fn export_catches_up_after_a_clickhouse_outage_and_the_wal_keeps_what_it_n
 /// export resumes where it stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_wait_for_the_export_while_flushes_go_on() {
-    let Some(url) = clickhouse_url() else { return };
-    away_from_day_boundary().await;
-    let db = unique_db();
+    let Some((url, db)) = clickhouse_db().await else { return };
     let text = format!("[storage]\nwal_segment_bytes = 4096\n{}", config(&url, &db, "50ms"));
     let server = TestServer::start(&text).await;
     let (c, wal) = (server.client(), server.data_dir().join("wal"));
@@ -518,9 +516,7 @@ async fn raw_events_ahead_of_the_wal_stops_the_start() {
 /// exports the held events once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_while_clickhouse_holds_an_export_insert() {
-    let Some(url) = clickhouse_url() else { return };
-    away_from_day_boundary().await;
-    let db = unique_db();
+    let Some((url, db)) = clickhouse_db().await else { return };
     let held = Arc::new(AtomicU64::new(0));
     let upstream = url.trim_start_matches("http://").trim_end_matches('/').to_string();
     let proxy = holding_proxy(upstream, "raw_events", held.clone()).await;

@@ -321,8 +321,17 @@ impl Wal {
         self.enabled
     }
 
-    fn sender(&self) -> Option<Sender<Command>> {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Sends the writer the command built around a reply channel, and waits for
+    /// the answer. The sender is used under its lock rather than cloned out of
+    /// it (sending on the unbounded channel never blocks): no reference-count
+    /// traffic per request.
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Command) -> Result<T, WalError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            tx.as_ref().ok_or(WalError::Stopped)?.send(command(reply)).map_err(|_| WalError::Stopped)?;
+        }
+        rx.await.map_err(|_| WalError::Stopped)?
     }
 
     /// Appends a batch; resolves once it is as durable as configured. A disabled
@@ -333,10 +342,7 @@ impl Wal {
         }
         let payload = record::encode(batch).map_err(|e| WalError::Failed(e.to_string()))?;
         let ids = batch.events.iter().map(|e| e.id_hash).collect();
-        let (reply, rx) = oneshot::channel();
-        let command = Command::Append { payload, ids, accepted_ms: batch.accepted_ms, reply };
-        self.sender().ok_or(WalError::Stopped)?.send(command).map_err(|_| WalError::Stopped)?;
-        rx.await.map_err(|_| WalError::Stopped)?
+        self.ask(|reply| Command::Append { payload, ids, accepted_ms: batch.accepted_ms, reply }).await
     }
 
     /// Makes the ids of every record written so far durable; call before the
@@ -345,9 +351,7 @@ impl Wal {
         if !self.enabled {
             return Ok(());
         }
-        let (reply, rx) = oneshot::channel();
-        self.sender().ok_or(WalError::Stopped)?.send(Command::SyncIds { reply }).map_err(|_| WalError::Stopped)?;
-        rx.await.map_err(|_| WalError::Stopped)?
+        self.ask(|reply| Command::SyncIds { reply }).await
     }
 
     /// Records that the store holds everything up to `seq`; deletes old segments.
@@ -355,9 +359,7 @@ impl Wal {
         if !self.enabled || seq <= self.stats.checkpoint.load(Ordering::Acquire) {
             return Ok(());
         }
-        let (reply, rx) = oneshot::channel();
-        self.sender().ok_or(WalError::Stopped)?.send(Command::Checkpoint { seq, reply }).map_err(|_| WalError::Stopped)?;
-        rx.await.map_err(|_| WalError::Stopped)?
+        self.ask(|reply| Command::Checkpoint { seq, reply }).await
     }
 
     /// Records that the raw-events export holds everything up to `seq` (its
@@ -367,9 +369,7 @@ impl Wal {
         if !self.enabled || seq <= self.stats.hold.load(Ordering::Acquire) {
             return Ok(());
         }
-        let (reply, rx) = oneshot::channel();
-        self.sender().ok_or(WalError::Stopped)?.send(Command::Release { seq, reply }).map_err(|_| WalError::Stopped)?;
-        rx.await.map_err(|_| WalError::Stopped)?
+        self.ask(|reply| Command::Release { seq, reply }).await
     }
 
     /// The highest sequence that is on disk for good (fsynced); records above
