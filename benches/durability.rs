@@ -102,12 +102,12 @@ fn replay_bench(rt: &tokio::runtime::Runtime) {
         .expect("open");
         let now = meterd::engine::now_ms();
         for b in 0..total_events / 1000 {
-            let mut builder = meterd::wal::record::BatchBuilder::new(now, 1000);
+            let mut builder = meterd::wal::RecordBuilder::new(now, 1000);
             for i in 0..1000u64 {
                 let c = (i % 1000) as u32;
-                builder.push(u128::from(b * 1000 + i) << 32 | 7, c, || format!("c{c}"), 0, "tokens", 3, now, vec![]);
+                builder.push::<&str, &str>(u128::from(b * 1000 + i) << 32 | 7, c, &format!("c{c}"), 0, "tokens", 3, now, &[]);
             }
-            wal.append(&builder.finish()).await.expect("append");
+            wal.append(builder).await.expect("append");
         }
         wal.close();
     });

@@ -133,7 +133,7 @@ fn counter_batch(c: &mut Criterion) {
 /// what `durability = "buffered"` or `"fsync"` adds per event before the
 /// writer thread's `write`. Per-event cost in the output.
 fn wal_record(c: &mut Criterion) {
-    use meterd::wal::record::{encode, frame, BatchBuilder};
+    use meterd::wal::record::{frame, RecordBuilder};
     let names: Vec<String> = (0..1000).map(|i| format!("cust_{i:06}")).collect();
     let now = now_ms();
     let mut g = c.benchmark_group("wal");
@@ -141,13 +141,13 @@ fn wal_record(c: &mut Criterion) {
     let mut out = Vec::with_capacity(1 << 20);
     g.bench_function("build_encode_frame_1000", |b| {
         b.iter(|| {
-            let mut builder = BatchBuilder::new(now, names.len());
+            let mut builder = RecordBuilder::new(now, names.len());
             for (i, name) in names.iter().enumerate() {
-                builder.push(i as u128, i as u32, || name.clone(), 0, "interview_minutes", 1250, now, Vec::new());
+                builder.push::<&str, &str>(i as u128, i as u32, name, 0, "interview_minutes", 1250, now, &[]);
             }
-            let payload = encode(&builder.finish()).expect("encode");
+            let record = builder.finish().expect("encode");
             out.clear();
-            frame(&mut out, 1, &payload);
+            frame(&mut out, 1, &record.payload);
             std::hint::black_box(out.len())
         })
     });

@@ -7,7 +7,7 @@ use super::parse::{parse_batch, ParseError, Rules};
 use crate::counters::Usage;
 use crate::engine::{now_ms, Engine};
 use crate::model::WindowKind;
-use crate::wal::record::BatchBuilder;
+use crate::wal::RecordBuilder;
 
 /// How the body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,15 +113,12 @@ impl Engine {
             // `durability = "none"`: nothing to log.
             self.counters.apply(&usages);
         } else if !usages.is_empty() {
-            let mut builder = BatchBuilder::new(now, usages.len());
+            let mut builder = RecordBuilder::new(now, usages.len());
             let fresh_hashes = hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h);
             for ((u, id_hash), name) in usages.iter().zip(fresh_hashes).zip(&names) {
-                let name = || name.to_string();
-                let properties = u.properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-                builder.push(id_hash, u.customer, name, u.meter.id, &u.meter.name, u.raw, u.ts, properties);
+                builder.push(id_hash, u.customer, name, u.meter.id, &u.meter.name, u.raw, u.ts, u.properties);
             }
-            let record = builder.finish();
-            match self.wal.append(&record).await {
+            match self.wal.append(builder).await {
                 Ok(seq) => self.counters.apply_then(&usages, || self.wal.tracker.folded(seq)),
                 Err(e) => {
                     // Nothing was recorded: the ids may be sent again.

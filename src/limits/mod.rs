@@ -19,7 +19,7 @@ use crate::counters::{Counters, CustomerId, Usage};
 use crate::engine::{now_ms, ConsumeSlot, Engine};
 use crate::ingest::dedupe::hash_id;
 use crate::model::{window::rfc3339, Aggregation, Decimal, Entitlements, Limit, LimitAmount, Meter};
-use crate::wal::record::BatchBuilder;
+use crate::wal::RecordBuilder;
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -298,9 +298,9 @@ impl Engine {
             _ => None,
         };
         let record = |raw: i64| {
-            let mut b = BatchBuilder::new(now, 1);
-            b.push(id_hash, customer, || name.to_string(), meter.id, &meter.name, raw, now, vec![]);
-            b.finish()
+            let mut b = RecordBuilder::new(now, 1);
+            b.push::<&str, &str>(id_hash, customer, name, meter.id, &meter.name, raw, now, &[]);
+            b
         };
         let usage = |raw| Usage { customer, meter, raw, ts: now, properties: &[], props_hash: 0, anchor: ent.billing_anchor };
         let refused = |e: crate::wal::WalError| {
@@ -314,7 +314,7 @@ impl Engine {
             let key = Counters::key(customer, meter.id, limit.window, now, ent.billing_anchor);
             match self.counters.windows.add_within(key, quantity, max) {
                 Ok(after) => {
-                    let seq = match self.wal.append(&record(quantity)).await {
+                    let seq = match self.wal.append(record(quantity)).await {
                         Ok(seq) => seq,
                         Err(e) => {
                             self.counters.windows.with_cell(key, |c| c.value.fetch_sub(quantity, std::sync::atomic::Ordering::AcqRel));
@@ -349,7 +349,7 @@ impl Engine {
                 } else {
                     quantity
                 };
-                let seq = self.wal.append(&record(raw)).await.map_err(refused)?;
+                let seq = self.wal.append(record(raw)).await.map_err(refused)?;
                 {
                     let epoch = self.counters.buckets.write_guard();
                     if meter.aggregation == Aggregation::Latest {

@@ -14,7 +14,7 @@ use crate::counters::{Counters, Usage};
 use crate::engine::Engine;
 use crate::model::{Enforcement, Limit, LimitAmount, Meter};
 use crate::redis_link::{Keys, Redis};
-use crate::wal::record::BatchBuilder;
+use crate::wal::RecordBuilder;
 use std::sync::atomic::Ordering;
 
 /// ARGV: field, quantity, then per key (limit or -1, local usage, expire-at or
@@ -126,9 +126,9 @@ impl Engine {
             _ => return Err(CheckError::Unavailable(format!("redis strict script answered {reply:?}"))),
         }
         let verdict = decide(&states, quantity);
-        let mut b = BatchBuilder::new(now, 1);
-        b.push(id_hash, customer, || name.to_string(), meter.id, &meter.name, quantity, now, vec![]);
-        let seq = match self.wal.append(&b.finish()).await {
+        let mut b = RecordBuilder::new(now, 1);
+        b.push::<&str, &str>(id_hash, customer, name, meter.id, &meter.name, quantity, now, &[]);
+        let seq = match self.wal.append(b).await {
             Ok(seq) => seq,
             Err(e) => {
                 let mut give_back = GIVE_BACK.prepare_invoke();

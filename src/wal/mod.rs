@@ -48,7 +48,7 @@ pub mod tail;
 pub mod writer;
 
 pub use mark::WalMark;
-pub use record::{WalBatch, WalEvent};
+pub use record::{Record, RecordBuilder, WalBatch, WalEvent};
 
 use crossbeam::channel::Sender;
 use std::collections::BTreeSet;
@@ -336,13 +336,12 @@ impl Wal {
 
     /// Appends a batch; resolves once it is as durable as configured. A disabled
     /// WAL answers 0 at once.
-    pub async fn append(&self, batch: &WalBatch) -> Result<u64, WalError> {
+    pub async fn append(&self, record: RecordBuilder) -> Result<u64, WalError> {
         if !self.enabled {
             return Ok(0);
         }
-        let payload = record::encode(batch).map_err(|e| WalError::Failed(e.to_string()))?;
-        let ids = batch.events.iter().map(|e| e.id_hash).collect();
-        self.ask(|reply| Command::Append { payload, ids, accepted_ms: batch.accepted_ms, reply }).await
+        let Record { payload, ids, accepted_ms } = record.finish().map_err(|e| WalError::Failed(e.to_string()))?;
+        self.ask(|reply| Command::Append { payload, ids, accepted_ms, reply }).await
     }
 
     /// Makes the ids of every record written so far durable; call before the
@@ -422,6 +421,10 @@ mod tests {
         b.finish()
     }
 
+    fn record(n: usize, tag: i64) -> RecordBuilder {
+        RecordBuilder::of(&batch(n, tag))
+    }
+
     fn config(dir: &Path, segment_bytes: u64) -> WalConfig {
         WalConfig { dir: dir.to_path_buf(), sync: Some(Sync::Always), segment_bytes, dedupe_window_ms: 86_400_000, hold: None }
     }
@@ -438,7 +441,7 @@ mod tests {
         let mut handles = Vec::new();
         for t in 0..20 {
             let wal = wal.clone();
-            handles.push(tokio::spawn(async move { wal.append(&batch(2, t)).await.ok() }));
+            handles.push(tokio::spawn(async move { wal.append(record(2, t)).await.ok() }));
         }
         let mut seqs = Vec::new();
         for h in handles {
@@ -448,7 +451,7 @@ mod tests {
         assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
         // More appends in separate groups, so the small segments rotate.
         for t in 20..30 {
-            assert_eq!(wal.append(&batch(2, t)).await.ok(), Some(t as u64 + 1));
+            assert_eq!(wal.append(record(2, t)).await.ok(), Some(t as u64 + 1));
         }
         // The concurrent appends may share one group and one segment (1..=20 at
         // most); a checkpoint at 22 frees that segment whatever the grouping.
@@ -471,7 +474,7 @@ mod tests {
         let mut n = 0;
         let (wal, _) = Wal::open(&cfg, &WalMark::upto(26), |_, _| {}, |_, _| n += 1).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(n, 4);
-        assert_eq!(wal.append(&batch(1, 99)).await.ok(), Some(31));
+        assert_eq!(wal.append(record(1, 99)).await.ok(), Some(31));
         wal.close();
         drop(wal);
         // Records the store holds above its watermark (its mark's extras) are skipped.
@@ -480,7 +483,7 @@ mod tests {
         let (wal, report) = Wal::open(&cfg, &floor, |_, _| {}, |seq, _| seqs.push(seq)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(seqs, vec![25, 28, 29, 31]);
         assert_eq!(report.last_seq, 31);
-        assert_eq!(wal.append(&batch(1, 99)).await.ok(), Some(32));
+        assert_eq!(wal.append(record(1, 99)).await.ok(), Some(32));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,7 +492,7 @@ mod tests {
         let cfg = WalConfig { hold: Some(0), ..config(tmp.path(), 300) };
         let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..30 {
-            assert_eq!(wal.append(&batch(2, t)).await.ok(), Some(t as u64 + 1));
+            assert_eq!(wal.append(record(2, t)).await.ok(), Some(t as u64 + 1));
         }
         assert_eq!(wal.durable_seq(), 30, "fsync mode: every acknowledged record is durable");
         let all = segment::list(tmp.path()).unwrap_or_default();
@@ -517,7 +520,7 @@ mod tests {
         let cfg = WalConfig { sync: Some(Sync::Interval(Duration::from_secs(3600))), ..config(tmp.path(), 1 << 20) };
         let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..5 {
-            assert_eq!(wal.append(&batch(1, t)).await.ok(), Some(t as u64 + 1));
+            assert_eq!(wal.append(record(1, t)).await.ok(), Some(t as u64 + 1));
         }
         assert_eq!(wal.durable_seq(), 0, "written, not fsynced: could still vanish in a power cut");
         let stats = wal.stats.clone();
@@ -535,7 +538,7 @@ mod tests {
         let cfg = config(tmp.path(), 1 << 20);
         let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..5 {
-            let _ = wal.append(&batch(3, t)).await;
+            let _ = wal.append(record(3, t)).await;
         }
         wal.close();
         drop(wal);
@@ -557,7 +560,7 @@ mod tests {
         let expected: Vec<u128> = (0..4u128).flat_map(|t| (0..3u128).map(move |i| (t << 8) | i)).collect();
         assert_eq!(ids, expected);
         // The next append reuses the torn record's sequence number.
-        assert_eq!(wal.append(&batch(1, 9)).await.ok(), Some(5));
+        assert_eq!(wal.append(record(1, 9)).await.ok(), Some(5));
         wal.close();
         drop(wal);
         // Flip a bit in the first record: the start stops with a clear error.
