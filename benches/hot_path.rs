@@ -128,6 +128,50 @@ fn counter_batch(c: &mut Criterion) {
     g.finish();
 }
 
+/// Two threads folding batches of 1000 usages over the same 10,000 customers
+/// at once, as two tokio workers do under batched ingest: the batch path (one
+/// lock per shard a batch touches) against one call per usage (one lock per
+/// key, each lock word pulled from the other core), in the same run. Per-usage
+/// cost in the output (wall time, both threads together).
+fn counter_batch_two_threads(c: &mut Criterion) {
+    const CUSTOMERS: u32 = 10_000;
+    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let counters = Counters::new(&valid.catalog, 1);
+    let meter = valid.catalog.meter_by_name("interview_minutes").expect("meter").clone();
+    let now = now_ms();
+    let usage =
+        |customer| Usage { customer, meter: &meter, raw: 1250, ts: now, properties: &[], props_hash: 0, anchor: BillingAnchor::default() };
+    let batches: Vec<Vec<Usage>> =
+        (0..64_u32).map(|b| (0..1000_u32).map(|i| usage((b * 1000 + i).wrapping_mul(2_654_435_761) % CUSTOMERS)).collect()).collect();
+    for batch in &batches {
+        counters.apply(batch);
+    }
+    let run = |iters: u64, one_by_one: bool| {
+        let started = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..2_usize {
+                let (counters, batches) = (&counters, &batches);
+                s.spawn(move || {
+                    for i in 0..iters as usize {
+                        let batch = &batches[(i * 2 + t) % batches.len()];
+                        if one_by_one {
+                            batch.iter().for_each(|u| counters.apply(std::slice::from_ref(u)));
+                        } else {
+                            counters.apply(batch);
+                        }
+                    }
+                });
+            }
+        });
+        started.elapsed()
+    };
+    let mut g = c.benchmark_group("counters");
+    g.throughput(Throughput::Elements(2000));
+    g.bench_function("fold_batch_1000_two_threads_10k_customers", |b| b.iter_custom(|iters| run(iters, false)));
+    g.bench_function("fold_1000_one_by_one_two_threads_10k_customers", |b| b.iter_custom(|iters| run(iters, true)));
+    g.finish();
+}
+
 /// The WAL record of a batch of 1000 events with 1000 distinct customers, as
 /// the ingest path makes it (builder, rkyv encoding, framing with its CRC):
 /// what `durability = "buffered"` or `"fsync"` adds per event before the
@@ -197,5 +241,5 @@ fn dedupe_growth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse_validate, counter_add, counter_batch, wal_record, check_decision, dedupe_growth);
+criterion_group!(benches, parse_validate, counter_add, counter_batch, counter_batch_two_threads, wal_record, check_decision, dedupe_growth);
 criterion_main!(benches);

@@ -70,27 +70,18 @@ impl Epoch {
 
     /// Folds one event into its bucket.
     pub fn fold(&self, key: BucketKey, properties: &[(Cow<'_, str>, Cow<'_, str>)], aggregation: Aggregation, raw: i64, ts: i64) {
-        self.fold_hashed(self.buckets.hash(&key), key, properties, aggregation, raw, ts);
+        self.buckets.with(key, |b| b.fold(properties, aggregation, raw, ts))
     }
+}
 
-    /// [`Epoch::fold`] with the key's hash already computed by `buckets.hash`.
-    pub fn fold_hashed(
-        &self,
-        hash: u64,
-        key: BucketKey,
-        properties: &[(Cow<'_, str>, Cow<'_, str>)],
-        aggregation: Aggregation,
-        raw: i64,
-        ts: i64,
-    ) {
-        let fold = |b: &Bucket| {
-            if !properties.is_empty() && b.properties.get().is_none() {
-                let owned: Properties = properties.iter().map(|(k, v)| (Box::from(k.as_ref()), Box::from(v.as_ref()))).collect();
-                let _ = b.properties.set(owned);
-            }
-            b.cell.fold(aggregation, raw, ts);
-        };
-        self.buckets.with_hashed(hash, key, fold)
+impl Bucket {
+    /// Folds one event in; the first event with properties leaves a copy of them.
+    pub fn fold(&self, properties: &[(Cow<'_, str>, Cow<'_, str>)], aggregation: Aggregation, raw: i64, ts: i64) {
+        if !properties.is_empty() && self.properties.get().is_none() {
+            let owned: Properties = properties.iter().map(|(k, v)| (Box::from(k.as_ref()), Box::from(v.as_ref()))).collect();
+            let _ = self.properties.set(owned);
+        }
+        self.cell.fold(aggregation, raw, ts);
     }
 }
 

@@ -141,44 +141,38 @@ impl Counters {
             return;
         }
         // Every key and its hash first (under the guard: the tracked kinds cannot
-        // change meanwhile), so that each slot can be prefetched a few usages
-        // before it is folded: the maps are far larger than the caches once the
-        // dedupe table is, and each lookup was one serialized cache miss.
+        // change meanwhile); then each map visits its keys shard by shard, one
+        // lock per shard, prefetching slots ahead (the maps are far larger than
+        // the caches once the dedupe table is, and each lookup was one
+        // serialized cache miss). `latest` usages keep the one-at-a-time path:
+        // their stripe lock comes before a map's lock, as everywhere else.
         let mut buckets = Vec::with_capacity(usages.len());
+        let mut bucket_of = Vec::with_capacity(usages.len());
         let mut windows = Vec::with_capacity(usages.len());
-        let mut ends = Vec::with_capacity(usages.len());
-        for usage in usages {
+        let mut window_of = Vec::with_capacity(usages.len());
+        for (u, usage) in usages.iter().enumerate() {
+            if usage.meter.aggregation == Aggregation::Latest {
+                let _stripe = self.stripe(usage.customer, usage.meter.id);
+                self.fold(&epoch, usage, None);
+                continue;
+            }
             let key = Self::bucket_key(usage);
             buckets.push((key, epoch.buckets.hash(&key)));
+            bucket_of.push(u);
             for kind in self.tracked_kinds(usage.meter.id) {
                 let key = Self::key(usage.customer, usage.meter.id, kind, usage.ts, usage.anchor);
                 windows.push((key, self.windows.hash(&key)));
+                window_of.push(u);
             }
-            ends.push(windows.len());
         }
-        let prefetch = |i: usize| {
-            if let Some((_, hash)) = buckets.get(i) {
-                epoch.buckets.prefetch(*hash);
-                let start = if i == 0 { 0 } else { ends[i - 1] };
-                for (_, hash) in &windows[start..ends[i]] {
-                    self.windows.prefetch(*hash);
-                }
-            }
-        };
-        for i in 0..PREFETCH_AHEAD {
-            prefetch(i);
-        }
-        let mut start = 0;
-        for (i, usage) in usages.iter().enumerate() {
-            prefetch(i + PREFETCH_AHEAD);
-            let _stripe = (usage.meter.aggregation == Aggregation::Latest).then(|| self.stripe(usage.customer, usage.meter.id));
-            let (key, hash) = buckets[i];
-            epoch.fold_hashed(hash, key, usage.properties, usage.meter.aggregation, usage.raw, usage.ts);
-            for &(key, hash) in &windows[start..ends[i]] {
-                self.windows.with_cell_hashed(hash, key, |cell| cell.fold(usage.meter.aggregation, usage.raw, usage.ts));
-            }
-            start = ends[i];
-        }
+        epoch.buckets.with_each_hashed(&buckets, |i, bucket| {
+            let u = &usages[bucket_of[i]];
+            bucket.fold(u.properties, u.meter.aggregation, u.raw, u.ts);
+        });
+        self.windows.with_each_cell_hashed(&windows, |i, cell| {
+            let u = &usages[window_of[i]];
+            cell.fold(u.meter.aggregation, u.raw, u.ts);
+        });
         done();
         drop(epoch);
     }

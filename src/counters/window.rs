@@ -143,20 +143,16 @@ impl WindowCounters {
         self.map.with(key, f)
     }
 
-    /// The hash the map files `key` under (for the two calls below).
+    /// The hash the map files `key` under (for the batch call below).
     pub fn hash(&self, key: &CounterKey) -> u64 {
         self.map.hash(key)
     }
 
-    /// Starts loading the cell of the key with this hash into the cache (a
-    /// batch, a few keys ahead).
-    pub fn prefetch(&self, hash: u64) {
-        self.map.prefetch(hash);
-    }
-
-    /// [`WindowCounters::with_cell`] with the key's hash already computed.
-    pub fn with_cell_hashed<R>(&self, hash: u64, key: CounterKey, f: impl FnOnce(&WindowCell) -> R) -> R {
-        self.map.with_hashed(hash, key, f)
+    /// [`WindowCounters::with_cell`] for a batch of keys with their hashes:
+    /// `f(i, cell)` for every `keys[i]`, shard by shard (see
+    /// [`FlatMap::with_each_hashed`](super::flat::FlatMap::with_each_hashed)).
+    pub fn with_each_cell_hashed(&self, keys: &[(CounterKey, u64)], f: impl FnMut(usize, &WindowCell)) {
+        self.map.with_each_hashed(keys, f)
     }
 
     /// Adds to a `sum`/`count` window only if the usage (others' included)
