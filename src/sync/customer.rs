@@ -41,7 +41,7 @@ impl Engine {
             Freshness::Stale => Some(true),
             Freshness::Missing => {
                 let load = self.entitlements.loading(id)?;
-                load.get_or_init(|| self.load_customer(redis, id, name)).await;
+                load.get_or_init(|| self.load_unless_done(redis, id, name, Freshness::Missing)).await;
                 self.entitlements.loaded(id);
                 Some(false)
             }
@@ -55,8 +55,18 @@ impl Engine {
         if load.initialized() {
             return;
         }
-        load.get_or_init(|| self.load_customer(redis, id, name)).await;
+        load.get_or_init(|| self.load_unless_done(redis, id, name, Freshness::Stale)).await;
         self.entitlements.loaded(id);
+    }
+
+    /// Loads the customer if it is still as `seen`. A load that finished
+    /// between the caller's look and its taking the load cell has dropped
+    /// that cell already, so the caller got a new one: without this second
+    /// look it would read Redis again.
+    async fn load_unless_done(&self, redis: &Redis, id: CustomerId, name: &str, seen: Freshness) {
+        if self.entitlements.freshness(id, now_ms()) == seen {
+            self.load_customer(redis, id, name).await;
+        }
     }
 
     /// One pipelined read of the customer's entitlements and window totals.
