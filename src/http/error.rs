@@ -73,7 +73,8 @@ impl ApiError {
         }
         let body = serde_json::to_vec(&Body { error: Inner { code: self.code, message: &self.message, details: self.details.as_ref() } })
             .unwrap_or_default();
-        let mut builder = Response::builder().status(self.status).header(header::CONTENT_TYPE, "application/json");
+        let mut builder =
+            Response::builder().status(self.status).header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after {
             builder = builder.header(header::RETRY_AFTER, secs.to_string());
         }
@@ -86,7 +87,7 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>
     match serde_json::to_vec(value) {
         Ok(body) => Response::builder()
             .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
         Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).response(),

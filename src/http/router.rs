@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 
 /// A route's name, for metrics labels (never a customer id).
 pub fn route_name(path: &str) -> &'static str {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match segments.as_slice() {
+    match segments(path).as_slice() {
         ["v1", "events"] => "events",
         ["v1", "check"] => "check",
         ["v1", "usage"] => "usage_history",
@@ -26,6 +25,38 @@ pub fn route_name(path: &str) -> &'static str {
     }
 }
 
+/// Most segments any route has.
+const MAX_SEGMENTS: usize = 4;
+
+/// A path's `/`-separated segments, without allocating (every request is
+/// routed, and named for the metrics, through this).
+struct Segments<'a> {
+    parts: [&'a str; MAX_SEGMENTS],
+    /// How many; `MAX_SEGMENTS + 1` when there are more (no route matches).
+    len: usize,
+}
+
+impl<'a> Segments<'a> {
+    /// The segments, or an empty slice (which no route matches) if there are
+    /// too many.
+    fn as_slice(&self) -> &[&'a str] {
+        self.parts.get(..self.len).unwrap_or(&[])
+    }
+}
+
+fn segments(path: &str) -> Segments<'_> {
+    let mut parts = [""; MAX_SEGMENTS];
+    let mut len = 0;
+    for part in path.trim_start_matches('/').split('/') {
+        if len == MAX_SEGMENTS {
+            return Segments { parts, len: MAX_SEGMENTS + 1 };
+        }
+        parts[len] = part;
+        len += 1;
+    }
+    Segments { parts, len }
+}
+
 fn not_allowed(allow: &str) -> Response<Full<Bytes>> {
     let mut r = ApiError::method_not_allowed(format!("this route allows {allow}")).response();
     if let Ok(v) = header::HeaderValue::from_str(allow) {
@@ -36,10 +67,12 @@ fn not_allowed(allow: &str) -> Response<Full<Bytes>> {
 
 /// Dispatches one request.
 pub async fn route(state: &HttpState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let path = req.uri().path().to_string();
+    // The URI is shared, not copied: `req` moves into the handler below.
+    let uri = req.uri().clone();
+    let path = uri.path();
     let method = req.method().clone();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    if state.shutting_down.load(std::sync::atomic::Ordering::Acquire) && segments.first() == Some(&"v1") {
+    let segments = segments(path);
+    if state.shutting_down.load(std::sync::atomic::Ordering::Acquire) && segments.as_slice().first() == Some(&"v1") {
         return ApiError::unavailable("shutting down", 5).response();
     }
     let result = match (segments.as_slice(), &method) {
@@ -112,4 +145,28 @@ fn parse_query(query: &str) -> Result<BTreeMap<String, String>, ApiError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_named_by_their_segments_only() {
+        let cases = [
+            ("/v1/events", "events"),
+            ("/v1/customers/a%2Fb/usage", "customer_usage"),
+            ("/v1/customers/c/entitlements", "entitlements"),
+            ("/v1/customers/c/usage/more", "unknown"),
+            ("/v1/customers/c/usage/more/and/more", "unknown"),
+            ("/v1/events/", "unknown"),
+            ("/", "unknown"),
+            ("", "unknown"),
+            ("/healthz", "healthz"),
+            ("//healthz", "healthz"),
+        ];
+        for (path, name) in cases {
+            assert_eq!(route_name(path), name, "{path}");
+        }
+    }
 }
