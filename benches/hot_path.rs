@@ -9,7 +9,7 @@ use meterd::engine::{now_ms, Engine};
 use meterd::ingest::parse::{parse_batch, split_json, validate_batch, Rules};
 use meterd::ingest::BodyKind;
 use meterd::limits::decide::{decide, LimitState};
-use meterd::model::{BillingAnchor, Enforcement, Limit, LimitAmount, WindowKind};
+use meterd::model::{BillingAnchor, Enforcement, Limit, LimitAmount, Meter, WindowKind};
 use meterd::store::sqlite::SqliteStore;
 use std::sync::Arc;
 
@@ -81,33 +81,44 @@ fn parse_validate(c: &mut Criterion) {
 }
 
 fn counter_add(c: &mut Criterion) {
-    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
-    let counters = Counters::new(&valid.catalog, 1);
-    let meter = valid.catalog.meter_by_name("interview_minutes").expect("meter").clone();
-    let now = now_ms();
-    let usage = Usage { customer: 42, meter: &meter, raw: 1250, ts: now, properties: &[], props_hash: 0, anchor: BillingAnchor::default() };
+    let (counters, meter) = counters_and_meter();
+    let usage = usage_of(&meter, 42, now_ms());
     c.bench_function("counter_add_warm", |b| b.iter(|| counters.apply(std::slice::from_ref(&usage))));
 }
 
+/// Counters for the example config, and its `interview_minutes` meter.
+fn counters_and_meter() -> (Counters, Meter) {
+    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let meter = valid.catalog.meter_by_name("interview_minutes").expect("meter").clone();
+    (Counters::new(&valid.catalog, 1), meter)
+}
+
+/// One usage of `meter` by `customer` at `ts`.
+fn usage_of(meter: &Meter, customer: u32, ts: i64) -> Usage<'_> {
+    Usage { customer, meter, raw: 1250, ts, properties: &[], props_hash: 0, anchor: BillingAnchor::default() }
+}
+
+/// 64 batches of 1000 usages at `ts`: a fixed pseudo-random walk over `customers`.
+fn usage_batches(meter: &Meter, customers: u32, ts: i64) -> Vec<Vec<Usage<'_>>> {
+    (0..64_u32)
+        .map(|b| (0..1000_u32).map(|i| usage_of(meter, (b * 1000 + i).wrapping_mul(2_654_435_761) % customers, ts)).collect())
+        .collect()
+}
+
 /// Folding a batch of 1000 usages spread over 1M customers (counters far larger
-/// than the caches, as under load): the batch path, which prefetches each
-/// usage's slots a few usages ahead, against folding the same usages one call
-/// each (no prefetch), in the same run. Per-usage cost in the output.
+/// than the caches, as under load): the batch path, which visits each map shard
+/// by shard and prefetches slots a few usages ahead, against folding the same
+/// usages one call each (no prefetch), in the same run. Per-usage cost in the
+/// output.
 fn counter_batch(c: &mut Criterion) {
     const CUSTOMERS: u32 = 1_000_000;
-    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
-    let counters = Counters::new(&valid.catalog, 1);
-    let meter = valid.catalog.meter_by_name("interview_minutes").expect("meter").clone();
+    let (counters, meter) = counters_and_meter();
     let now = now_ms();
-    let usage =
-        |customer| Usage { customer, meter: &meter, raw: 1250, ts: now, properties: &[], props_hash: 0, anchor: BillingAnchor::default() };
-    let all: Vec<Usage> = (0..CUSTOMERS).map(usage).collect();
+    let all: Vec<Usage> = (0..CUSTOMERS).map(|c| usage_of(&meter, c, now)).collect();
     for chunk in all.chunks(1000) {
         counters.apply(chunk);
     }
-    // A fixed pseudo-random walk over the customers, in batches of 1000.
-    let batches: Vec<Vec<Usage>> =
-        (0..64_u32).map(|b| (0..1000_u32).map(|i| usage((b * 1000 + i).wrapping_mul(2_654_435_761) % CUSTOMERS)).collect()).collect();
+    let batches = usage_batches(&meter, CUSTOMERS, now);
     let mut g = c.benchmark_group("counters");
     g.throughput(Throughput::Elements(1000));
     let mut next = 0;
@@ -134,15 +145,8 @@ fn counter_batch(c: &mut Criterion) {
 /// key, each lock word pulled from the other core), in the same run. Per-usage
 /// cost in the output (wall time, both threads together).
 fn counter_batch_two_threads(c: &mut Criterion) {
-    const CUSTOMERS: u32 = 10_000;
-    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
-    let counters = Counters::new(&valid.catalog, 1);
-    let meter = valid.catalog.meter_by_name("interview_minutes").expect("meter").clone();
-    let now = now_ms();
-    let usage =
-        |customer| Usage { customer, meter: &meter, raw: 1250, ts: now, properties: &[], props_hash: 0, anchor: BillingAnchor::default() };
-    let batches: Vec<Vec<Usage>> =
-        (0..64_u32).map(|b| (0..1000_u32).map(|i| usage((b * 1000 + i).wrapping_mul(2_654_435_761) % CUSTOMERS)).collect()).collect();
+    let (counters, meter) = counters_and_meter();
+    let batches = usage_batches(&meter, 10_000, now_ms());
     for batch in &batches {
         counters.apply(batch);
     }
