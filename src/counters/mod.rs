@@ -131,7 +131,7 @@ impl Counters {
     /// excludes a batch the epoch already holds.
     pub fn apply_then(&self, usages: &[Usage<'_>], done: impl FnOnce()) {
         let epoch = self.buckets.write_guard();
-        if usages.len() <= PREFETCH_AHEAD {
+        if usages.len() <= SMALL_BATCH {
             // Too few to overlap anything: skip the key vectors' allocations.
             for usage in usages {
                 let _stripe = (usage.meter.aggregation == Aggregation::Latest).then(|| self.stripe(usage.customer, usage.meter.id));
@@ -182,8 +182,9 @@ impl Counters {
     }
 }
 
-/// How many usages ahead a batch prefetches its map slots.
-const PREFETCH_AHEAD: usize = 8;
+/// Batches up to this size fold one usage at a time: too few keys to overlap
+/// their cache misses, and the key vectors would cost more than they save.
+const SMALL_BATCH: usize = 8;
 
 /// Shared handle.
 pub type SharedCounters = Arc<Counters>;

@@ -155,8 +155,9 @@ pub struct RecordBuilder {
 }
 
 impl RecordBuilder {
-    /// A builder holding a decoded batch's events (tests, tools; the ingest
-    /// path pushes its events directly).
+    /// A builder holding a decoded batch's events (tests; the ingest path
+    /// pushes its events directly).
+    #[cfg(test)]
     pub fn of(batch: &WalBatch) -> RecordBuilder {
         let mut b = RecordBuilder::new(batch.accepted_ms, batch.events.len());
         for e in &batch.events {
@@ -250,14 +251,16 @@ fn index(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Builds a decoded [`WalBatch`] by hand, for tests and tools that need one
-/// without a round trip through the format.
+/// Builds a decoded [`WalBatch`] by hand, for tests that need one without a
+/// round trip through the format.
+#[cfg(test)]
 pub struct BatchBuilder {
     batch: WalBatch,
     customers: HashMap<u32, u32, KeyHash>,
     meters: HashMap<u16, u16, KeyHash>,
 }
 
+#[cfg(test)]
 impl BatchBuilder {
     pub fn new(accepted_ms: i64, capacity: usize) -> BatchBuilder {
         BatchBuilder {
@@ -304,6 +307,7 @@ impl BatchBuilder {
 }
 
 /// Encodes a batch's payload (in the current format).
+#[cfg(test)]
 pub fn encode(batch: &WalBatch) -> Result<AlignedVec, RecordError> {
     RecordBuilder::of(batch).finish().map(|r| r.payload)
 }
