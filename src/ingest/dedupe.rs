@@ -323,6 +323,32 @@ mod tests {
     }
 
     #[test]
+    fn racing_batches_admit_each_id_once() {
+        let d = std::sync::Arc::new(Deduper::new(60 * MIN));
+        let admitted: usize = (0..4_u64)
+            .map(|t| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    // Overlapping ranges, each batch with an id given twice.
+                    (0..40_u64)
+                        .map(|b| {
+                            let mut ids: Vec<IdHash> = (0..500).map(|i| hash_id(&format!("id-{}", t * 5_000 + b * 500 + i))).collect();
+                            ids.push(ids[7]);
+                            d.insert_batch(&ids, 0).iter().filter(|&&f| f).count()
+                        })
+                        .sum::<usize>()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap_or(0))
+            .sum();
+        // Thread t covers ids t*5000 .. t*5000+20000: 35,000 distinct in all.
+        assert_eq!(admitted, 35_000);
+        assert_eq!(d.len(), 35_000);
+    }
+
+    #[test]
     fn racing_inserts_admit_each_id_once() {
         let d = std::sync::Arc::new(Deduper::new(60 * MIN));
         let admitted: usize = (0..4)
