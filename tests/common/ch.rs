@@ -179,7 +179,7 @@ impl ClickHouseServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await.is_ok() && query(&self.url(), "SELECT 1").await == "1" {
+            if super::connect_listening(("127.0.0.1", self.http_port)).await.is_some() && query(&self.url(), "SELECT 1").await == "1" {
                 return;
             }
             assert!(Instant::now() < deadline, "clickhouse-server did not start on {}", self.http_port);

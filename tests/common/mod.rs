@@ -97,6 +97,15 @@ pub struct Client {
     pub token: Option<String>,
 }
 
+/// A connection to `addr` if a server listens there. Connecting to a loopback
+/// port nobody listens on can still succeed when Linux picks that same port as
+/// the source (TCP simultaneous open: the socket connects to itself), which
+/// would make a server look up before it is; such a connection is refused too.
+pub async fn connect_listening(addr: impl tokio::net::ToSocketAddrs) -> Option<TcpStream> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    (stream.local_addr().ok()? != stream.peer_addr().ok()?).then_some(stream)
+}
+
 /// A response: status, headers, and the body parsed as JSON (Null if not JSON).
 #[derive(Debug)]
 pub struct Resp {

@@ -2,7 +2,6 @@
 //! SIGTERM or SIGKILL it, read its log. Processes are killed when dropped, so a
 //! failing test leaves none behind.
 
-use super::Client;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -74,13 +73,20 @@ pub async fn wait_healthy(p: &mut Proc, addr: SocketAddr) {
         if let Some(status) = p.child.try_wait().expect("try_wait") {
             panic!("meterd exited early with {status}; log:\n{}", p.log());
         }
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            let r = Client { addr, token: None }.get("/healthz").await;
-            if r.status == 200 {
-                return;
-            }
+        if healthz_ok(addr).await {
+            return;
         }
         assert!(Instant::now() < deadline, "meterd never became healthy; log:\n{}", p.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whether `/healthz` at `addr` answers 200; any failure on the way is a no.
+async fn healthz_ok(addr: SocketAddr) -> bool {
+    use http_body_util::Full;
+    let Some(stream) = super::connect_listening(addr).await else { return false };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await else { return false };
+    tokio::spawn(conn);
+    let Ok(req) = hyper::Request::get("/healthz").header("host", "localhost").body(Full::new(bytes::Bytes::new())) else { return false };
+    matches!(tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await, Ok(Ok(r)) if r.status() == 200)
 }

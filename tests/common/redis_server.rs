@@ -60,7 +60,7 @@ impl RedisServer {
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn redis-server");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+        while super::connect_listening(("127.0.0.1", self.port)).await.is_none() {
             assert!(Instant::now() < deadline, "redis-server did not start on {}", self.port);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
