@@ -401,12 +401,17 @@ mod tests {
             }
         }
         prop_assert_eq!(map.len(), model.len());
-        let mut seen = HashMap::new();
-        map.for_each(|k, v| {
-            seen.insert(k.0, v.load(Ordering::Relaxed));
-        });
-        prop_assert_eq!(seen, model);
+        prop_assert_eq!(contents(map), model);
         Ok(())
+    }
+
+    /// Every entry, as a `HashMap`.
+    fn contents<S: BuildHasher>(map: &FlatMap<Key, AtomicU64, S>) -> HashMap<u64, u64> {
+        let mut all = HashMap::new();
+        map.for_each(|k, v| {
+            all.insert(k.0, v.load(Ordering::Relaxed));
+        });
+        all
     }
 
     proptest! {
@@ -440,14 +445,7 @@ mod tests {
                 single.with(Key(k), |v| v.fetch_add(k + 1, Ordering::Relaxed));
             }
         }
-        let (mut a, mut b) = (HashMap::new(), HashMap::new());
-        batched.for_each(|k, v| {
-            a.insert(k.0, v.load(Ordering::Relaxed));
-        });
-        single.for_each(|k, v| {
-            b.insert(k.0, v.load(Ordering::Relaxed));
-        });
-        prop_assert_eq!(a, b);
+        prop_assert_eq!(contents(&batched), contents(&single));
         Ok(())
     }
 

@@ -199,14 +199,15 @@ mod tests {
         catalog_with(&[WindowKind::Day])
     }
 
+    /// Meter 0 `m` (sum) and meter 1 `l` (latest), both limited in `windows`.
     fn catalog_with(windows: &[WindowKind]) -> Catalog {
-        let meter = Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None };
-        let limits: Vec<Limit> = windows
+        let meter = |id, name: &str, aggregation| Meter { id, name: name.into(), aggregation, precision: 0, stripe_event_name: None };
+        let limits: Arc<[Limit]> = windows
             .iter()
             .map(|&window| Limit { window, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached })
             .collect();
-        let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, Arc::from(limits))]) };
-        Catalog::new(vec![meter], vec![plan], 0)
+        let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, limits.clone()), (1, limits)]) };
+        Catalog::new(vec![meter(0, "m", Aggregation::Sum), meter(1, "l", Aggregation::Latest)], vec![plan], 0)
     }
 
     #[test]
@@ -231,17 +232,18 @@ mod tests {
         assert_eq!(counters.buckets.pending_len(), 0);
     }
 
-    /// A batch takes the prefetching path; folding it must equal folding its
-    /// usages one at a time (the short path), for every window and bucket.
+    /// A batch takes the shard-by-shard path (its `latest` usages the
+    /// one-at-a-time one); folding it must equal folding its usages one at a
+    /// time (the short path), for every window and bucket.
     #[test]
     fn a_batch_folds_like_its_usages_one_by_one() {
         let catalog = catalog_with(&[WindowKind::Day, WindowKind::Month]);
-        let meter = &catalog.meters()[0];
+        let (sum, latest) = (&catalog.meters()[0], &catalog.meters()[1]);
         let day = 86_400_000;
         let usages: Vec<Usage> = (0..500_u32)
             .map(|i| Usage {
                 customer: i % 37,
-                meter,
+                meter: if i % 4 == 0 { latest } else { sum },
                 raw: i64::from(i % 5) + 1,
                 ts: i64::from(i % 3) * day + i64::from(i) * 1000,
                 properties: &[],
@@ -258,21 +260,25 @@ mod tests {
         let windows = |c: &Counters| {
             let mut all = Vec::new();
             c.windows.for_each(|k, cell| all.push((*k, cell.used())));
-            all.sort_by_key(|(k, _)| (k.customer, k.kind.index(), k.start_ms));
+            all.sort_by_key(|(k, _)| (k.customer, k.meter, k.kind.index(), k.start_ms));
             all
         };
         let buckets = |c: &Counters| {
             let mut all = Vec::new();
-            c.buckets.write_guard().buckets.for_each(|k, b| all.push((k.customer, k.minute, k.props_hash, buckets::bucket_value(b))));
+            c.buckets
+                .write_guard()
+                .buckets
+                .for_each(|k, b| all.push((k.customer, k.meter, k.minute, k.props_hash, buckets::bucket_value(b))));
             all.sort();
             all
         };
         assert_eq!(windows(&batched), windows(&single));
         assert_eq!(buckets(&batched), buckets(&single));
         assert!(windows(&batched).iter().any(|(k, _)| k.kind == WindowKind::Month));
+        assert!(windows(&batched).iter().any(|(k, _)| k.meter == 1));
         assert_eq!(
-            windows(&batched).iter().filter(|(k, _)| k.kind == WindowKind::Day).map(|(_, v)| v).sum::<i64>(),
-            usages.iter().map(|u| u.raw).sum::<i64>()
+            windows(&batched).iter().filter(|(k, _)| k.kind == WindowKind::Day && k.meter == 0).map(|(_, v)| v).sum::<i64>(),
+            usages.iter().filter(|u| u.meter.id == 0).map(|u| u.raw).sum::<i64>()
         );
     }
 

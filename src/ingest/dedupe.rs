@@ -322,27 +322,30 @@ mod tests {
         assert_eq!(single.iter().filter(|&&f| f).count(), 3000);
     }
 
+    /// Runs `admit` on four threads at once over one table; the table and the
+    /// number of ids the threads were told are fresh.
+    fn race(admit: impl Fn(&Deduper, u64) -> usize + Sync) -> (Deduper, usize) {
+        let d = Deduper::new(60 * MIN);
+        let admitted = std::thread::scope(|s| {
+            let (d, admit) = (&d, &admit);
+            let handles: Vec<_> = (0..4_u64).map(|t| s.spawn(move || admit(d, t))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        });
+        (d, admitted)
+    }
+
     #[test]
     fn racing_batches_admit_each_id_once() {
-        let d = std::sync::Arc::new(Deduper::new(60 * MIN));
-        let admitted: usize = (0..4_u64)
-            .map(|t| {
-                let d = d.clone();
-                std::thread::spawn(move || {
-                    // Overlapping ranges, each batch with an id given twice.
-                    (0..40_u64)
-                        .map(|b| {
-                            let mut ids: Vec<IdHash> = (0..500).map(|i| hash_id(&format!("id-{}", t * 5_000 + b * 500 + i))).collect();
-                            ids.push(ids[7]);
-                            d.insert_batch(&ids, 0).iter().filter(|&&f| f).count()
-                        })
-                        .sum::<usize>()
+        let (d, admitted) = race(|d, t| {
+            // Overlapping ranges, each batch with an id given twice.
+            (0..40_u64)
+                .map(|b| {
+                    let mut ids: Vec<IdHash> = (0..500).map(|i| hash_id(&format!("id-{}", t * 5_000 + b * 500 + i))).collect();
+                    ids.push(ids[7]);
+                    d.insert_batch(&ids, 0).iter().filter(|&&f| f).count()
                 })
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|h| h.join().unwrap_or(0))
-            .sum();
+                .sum()
+        });
         // Thread t covers ids t*5000 .. t*5000+20000: 35,000 distinct in all.
         assert_eq!(admitted, 35_000);
         assert_eq!(d.len(), 35_000);
@@ -350,16 +353,7 @@ mod tests {
 
     #[test]
     fn racing_inserts_admit_each_id_once() {
-        let d = std::sync::Arc::new(Deduper::new(60 * MIN));
-        let admitted: usize = (0..4)
-            .map(|_| {
-                let d = d.clone();
-                std::thread::spawn(move || (0..50_000).filter(|i| d.insert(hash_id(&format!("id-{i}")), 0)).count())
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|h| h.join().unwrap_or(0))
-            .sum();
+        let (d, admitted) = race(|d, _| (0..50_000).filter(|i| d.insert(hash_id(&format!("id-{i}")), 0)).count());
         assert_eq!(admitted, 50_000);
         assert_eq!(d.len(), 50_000);
     }

@@ -127,10 +127,18 @@ impl Client {
         Client { addr: self.addr, token: Some(token.to_string()) }
     }
 
-    /// Sends a request with an optional content type and body.
+    /// Sends a request with an optional content type and body; panics, naming
+    /// the step, if the exchange fails.
     pub async fn send(&self, method: Method, path: &str, content_type: Option<&str>, body: impl Into<Bytes>) -> Resp {
-        let stream = TcpStream::connect(self.addr).await.expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
+        self.try_send(method, path, content_type, body).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Client::send`], with a failed exchange (no server yet, a cut
+    /// connection) an error instead of a panic.
+    pub async fn try_send(&self, method: Method, path: &str, content_type: Option<&str>, body: impl Into<Bytes>) -> Result<Resp, String> {
+        let stream = connect_listening(self.addr).await.ok_or_else(|| format!("connect: nothing listens on {}", self.addr))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
         let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
         if let Some(ct) = content_type {
@@ -139,14 +147,14 @@ impl Client {
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let req = req.body(Full::new(body.into())).expect("request");
-        let resp = sender.send_request(req).await.expect("response");
+        let req = req.body(Full::new(body.into())).map_err(|e| format!("request: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("response: {e}"))?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let bytes = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
         let text = String::from_utf8_lossy(&bytes).to_string();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Resp { status, headers, body, text }
+        Ok(Resp { status, headers, body, text })
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Resp {

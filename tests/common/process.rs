@@ -2,6 +2,7 @@
 //! SIGTERM or SIGKILL it, read its log. Processes are killed when dropped, so a
 //! failing test leaves none behind.
 
+use super::Client;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -83,10 +84,7 @@ pub async fn wait_healthy(p: &mut Proc, addr: SocketAddr) {
 
 /// Whether `/healthz` at `addr` answers 200; any failure on the way is a no.
 async fn healthz_ok(addr: SocketAddr) -> bool {
-    use http_body_util::Full;
-    let Some(stream) = super::connect_listening(addr).await else { return false };
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await else { return false };
-    tokio::spawn(conn);
-    let Ok(req) = hyper::Request::get("/healthz").header("host", "localhost").body(Full::new(bytes::Bytes::new())) else { return false };
-    matches!(tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await, Ok(Ok(r)) if r.status() == 200)
+    let client = Client { addr, token: None };
+    let asked = client.try_send(hyper::Method::GET, "/healthz", None, bytes::Bytes::new());
+    matches!(tokio::time::timeout(Duration::from_secs(5), asked).await, Ok(Ok(r)) if r.status == 200)
 }
