@@ -67,7 +67,7 @@ pub struct AppHandle {
 
 /// The instance id: configured, or generated once and kept in the data dir.
 fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError> {
-    if let Some(id) = &config.raw.server.instance_id {
+    if let Some(id) = &config.server.instance_id {
         return Ok(id.clone());
     }
     let path = data_dir.join("instance_id");
@@ -98,15 +98,12 @@ fn stripe_reporter(
 ) -> Result<(Arc<crate::report::StatusBoard>, crate::report::Reporter), AppError> {
     use crate::report::{Lease, LocalLease, RedisLease, Reporter, StatusBoard, StripeClient};
     let lease_ttl = (settings.interval * 3).max(Duration::from_secs(10));
-    let lease: Arc<dyn Lease> = match (&config.raw.redis, &engine.redis) {
+    let lease: Arc<dyn Lease> = match (&config.redis, &engine.redis) {
         (Some(rc), Some(redis)) => Arc::new(RedisLease::on(redis.conn(), &rc.key_prefix, instance_id, lease_ttl)),
         _ => Arc::new(LocalLease),
     };
     let client = StripeClient::new(settings).map_err(|e| AppError::Stripe(e.to_string()))?;
-    let mode = match settings.mode {
-        crate::config::StripeMode::V1 => "v1",
-        crate::config::StripeMode::V2 => "v2",
-    };
+    let mode = settings.mode.as_str();
     let board = Arc::new(StatusBoard::new(mode, settings.period.as_str(), lease.kind()));
     tracing::info!(
         mode,
@@ -123,7 +120,7 @@ fn stripe_reporter(
 impl AppHandle {
     /// Starts meterd with a validated config.
     pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
-        let data_dir = config.raw.storage.data_dir.clone();
+        let data_dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
         let instance_id = instance_id(&config, &data_dir)?;
         // Entitlements live in Redis when configured, else in SQLite; usage goes
@@ -131,18 +128,18 @@ impl AppHandle {
         let sqlite = Arc::new(SqliteStore::open(&data_dir.join("meterd.sqlite"))?);
         // The Stripe ledger lives in the same store as the usage it reports.
         type Stores = (Arc<dyn crate::store::UsageStore>, Arc<dyn crate::store::LedgerStore>, Duration);
-        let (usage_store, ledger_store, flush_interval): Stores = match &config.raw.clickhouse {
+        let (usage_store, ledger_store, flush_interval): Stores = match &config.clickhouse {
             Some(ch) => {
                 let store = Arc::new(crate::store::clickhouse::ClickHouseStore::connect(&ch.url, &ch.database).await?);
                 tracing::info!(url = %ch.url, database = %ch.database, "usage store: ClickHouse");
-                (store.clone(), store, ch.flush_interval.0)
+                (store.clone(), store, ch.flush_interval)
             }
-            None => (sqlite.clone(), sqlite.clone(), config.raw.storage.flush_interval.0),
+            None => (sqlite.clone(), sqlite.clone(), config.storage.flush_interval),
         };
         // The raw-events export reads the WAL: its segments are kept until it
         // has them (from the watermark on; everything when there is none).
         let wal_dir = data_dir.join("wal");
-        let raw_events = match &config.raw.clickhouse {
+        let raw_events = match &config.clickhouse {
             Some(ch) if ch.raw_events => {
                 let table = crate::store::raw_events::RawEventsTable::connect(&ch.url, &ch.database).await?;
                 let from = crate::raw_export::watermark::read(&wal_dir).map_err(crate::raw_export::ExportError::from)?;
@@ -150,18 +147,18 @@ impl AppHandle {
             }
             _ => None,
         };
-        let storage = &config.raw.storage;
+        let storage = &config.storage;
         let wal_config = crate::wal::WalConfig {
             dir: wal_dir.clone(),
-            sync: crate::wal::sync_for(storage.durability, storage.wal_sync_interval.0),
+            sync: crate::wal::sync_for(storage.durability, storage.wal_sync_interval),
             segment_bytes: storage.wal_segment_bytes,
-            dedupe_window_ms: config.raw.ingest.dedupe_window.as_millis_i64(),
+            dedupe_window_ms: crate::duration::millis_i64(config.ingest.dedupe_window),
             hold: raw_events.as_ref().map(|(_, from)| *from),
         };
-        let redis = match &config.raw.redis {
+        let redis = match &config.redis {
             Some(rc) => {
-                let redis = crate::redis_link::Redis::connect(&rc.all_urls(), &rc.key_prefix, rc.timeout.0).await?;
-                tracing::info!(urls = ?rc.all_urls(), prefix = %rc.key_prefix, "entitlements and global counters: Redis");
+                let redis = crate::redis_link::Redis::connect(&rc.urls, &rc.key_prefix, rc.timeout).await?;
+                tracing::info!(urls = ?rc.urls, prefix = %rc.key_prefix, "entitlements and global counters: Redis");
                 Some(redis)
             }
             None => None,
@@ -187,16 +184,17 @@ impl AppHandle {
         let state = Arc::new(HttpState {
             engine: engine.clone(),
             auth: http::auth::Auth::new(&config.keys),
-            max_body: config.raw.ingest.max_body_bytes,
+            max_body: config.ingest.max_body_bytes,
             prometheus,
             shutting_down: false.into(),
             stripe: stripe.as_ref().map(|(board, _)| board.clone()),
         });
         if !state.auth.enabled() {
-            tracing::warn!(listen = %config.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
+            tracing::warn!(listen = %config.server.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
         }
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| AppError::Bind { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| AppError::Bind { addr: config.listen, source })?;
+        let listener =
+            TcpListener::bind(config.server.listen).await.map_err(|source| AppError::Bind { addr: config.server.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| AppError::Bind { addr: config.server.listen, source })?;
         let (server_stop, server_rx) = watch::channel(false);
         let (flusher_stop, flusher_rx) = watch::channel(false);
         let (metrics_addr, metrics_server) = match config.metrics_listen {
@@ -209,7 +207,7 @@ impl AppHandle {
         };
         let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
         let flusher = tokio::spawn(crate::flush::run(engine.clone(), flush_interval, flusher_rx));
-        let grace = config.raw.server.shutdown_grace.0;
+        let grace = config.server.shutdown_grace;
         let raw_export = exporter.map(|exporter| {
             tracing::info!(table = crate::store::raw_events::TABLE, "raw-events export enabled");
             let (stop, stop_rx) = watch::channel(false);
@@ -217,10 +215,10 @@ impl AppHandle {
         });
         let (redis_stop, redis_rx) = watch::channel(false);
         let mut redis_tasks = Vec::new();
-        if let (Some(redis), Some(rc)) = (&redis, &config.raw.redis) {
+        if let (Some(redis), Some(rc)) = (&redis, &config.redis) {
             redis_tasks.push(tokio::spawn(crate::sync::entitlements::run(engine.clone(), redis.clone(), redis_rx.clone())));
             if let Some(sync) = &engine.counter_sync {
-                redis_tasks.push(tokio::spawn(crate::sync::counters::run(engine.clone(), sync.clone(), rc.sync_interval.0, redis_rx)));
+                redis_tasks.push(tokio::spawn(crate::sync::counters::run(engine.clone(), sync.clone(), rc.sync_interval, redis_rx)));
             }
         }
         let reporter = stripe.map(|(_, reporter)| {

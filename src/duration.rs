@@ -1,5 +1,6 @@
 //! Durations written as strings in the config: `"200ms"`, `"1s"`, `"5m"`, `"24h"`,
-//! `"35d"`. One unit per value keeps them unambiguous.
+//! `"35d"`. One unit per value keeps them unambiguous. A leaf: used by the config
+//! layer, depends on nothing of meterd.
 
 use std::time::Duration;
 
@@ -25,25 +26,20 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
     n.checked_mul(ms_per_unit).map(Duration::from_millis).ok_or_else(err)
 }
 
-/// A config duration: deserializes from the string form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConfigDuration(pub Duration);
-
-impl<'de> serde::Deserialize<'de> for ConfigDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).map(ConfigDuration).map_err(serde::de::Error::custom)
-    }
+/// Writes `d` in the largest unit that keeps it whole (`"90s"`, `"5m"`, `"1500ms"`).
+pub fn format(d: Duration) -> String {
+    let ms = d.as_millis();
+    let (n, unit) = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")]
+        .into_iter()
+        .find(|&(per, _)| ms >= per && ms % per == 0)
+        .map(|(per, unit)| (ms / per, unit))
+        .unwrap_or((ms, "ms"));
+    format!("{n}{unit}")
 }
 
-impl ConfigDuration {
-    pub fn from_millis(ms: u64) -> ConfigDuration {
-        ConfigDuration(Duration::from_millis(ms))
-    }
-
-    pub fn as_millis_i64(&self) -> i64 {
-        i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
-    }
+/// `d` in whole milliseconds, saturating (the engine keeps times as i64 ms).
+pub fn millis_i64(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -60,5 +56,15 @@ mod tests {
         for bad in ["", "5", "ms", "5 m", "1.5s", "5w", "-1s", "99999999999999999999d"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn formats_in_the_largest_whole_unit_and_parses_back() {
+        for (ms, text) in [(0, "0ms"), (10, "10ms"), (1_500, "1500ms"), (90_000, "90s"), (300_000, "5m"), (86_400_000, "1d")] {
+            assert_eq!(format(Duration::from_millis(ms)), text);
+            assert_eq!(parse(text), Ok(Duration::from_millis(ms)));
+        }
+        assert_eq!(millis_i64(Duration::MAX), i64::MAX);
+        assert_eq!(millis_i64(Duration::from_secs(2)), 2_000);
     }
 }

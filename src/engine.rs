@@ -5,9 +5,10 @@
 
 /// Re-exported: callers have long found the clock here.
 pub use crate::clock::now_ms;
-use crate::config::ValidConfig;
+use crate::config::{StrictWhenUnavailable, ValidConfig};
 use crate::counters::Counters;
 use crate::counters::Usage;
+use crate::duration::millis_i64;
 use crate::entitlements::{EntitlementCache, EntitlementsError};
 use crate::ingest::dedupe::{Deduper, IdHash};
 use crate::limits::CheckAnswer;
@@ -98,7 +99,7 @@ impl Engine {
         }
         let next_seq = usage_store.max_flush_seq(&instance_id).await? + 1;
         let counters = Counters::new(&catalog, next_seq);
-        if config.raw.redis.is_some() {
+        if config.redis.is_some() {
             // Totals are shared: each instance counts its own usage locally.
             counters.windows.set_shared();
         }
@@ -110,33 +111,33 @@ impl Engine {
                 AtomicU8::new(bits)
             })
             .collect();
-        let lazy_ttl = config.raw.redis.as_ref().map(|r| r.entitlements_ttl.0);
+        let lazy_ttl = config.redis.as_ref().map(|r| r.entitlements_ttl);
         let entitlements = EntitlementCache::load(catalog.clone(), entitlement_store, &counters.interner, lazy_ttl).await?;
-        let ingest = &config.raw.ingest;
+        let ingest = &config.ingest;
         let instance_id_for_sync = instance_id.clone();
         let engine = Engine {
             catalog,
             counters,
             entitlements,
-            deduper: Deduper::new(ingest.dedupe_window.as_millis_i64()),
+            deduper: Deduper::new(millis_i64(ingest.dedupe_window)),
             consumes: DashMap::with_hasher(crate::counters::hash::KeyHash),
             usage_store,
             instance_id,
             limits: IngestLimits {
-                max_lateness_ms: ingest.max_lateness.as_millis_i64(),
+                max_lateness_ms: millis_i64(ingest.max_lateness),
                 max_batch_events: ingest.max_batch_events,
-                dedupe_window_ms: ingest.dedupe_window.as_millis_i64(),
+                dedupe_window_ms: millis_i64(ingest.dedupe_window),
             },
             plan_kinds,
             wal: Wal::disabled(),
-            max_wal_bytes: config.raw.storage.max_wal_bytes,
+            max_wal_bytes: config.storage.max_wal_bytes,
             consume_locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
             wal_report: OpenReport::default(),
             counter_sync: redis.as_ref().map(|r| Arc::new(crate::sync::counters::CounterSync::new(r.clone(), &instance_id_for_sync))),
             redis,
-            strict_open_when_down: config.raw.redis.as_ref().map(|r| r.strict_when_unavailable == "allow").unwrap_or(false),
-            rejected_dir: config.raw.storage.data_dir.join("rejected"),
-            redis_ttl_ms: config.raw.redis.as_ref().map(|r| r.entitlements_ttl.as_millis_i64()).unwrap_or(i64::MAX),
+            strict_open_when_down: config.redis.as_ref().is_some_and(|r| r.strict_when_unavailable == StrictWhenUnavailable::Allow),
+            rejected_dir: config.storage.data_dir.join("rejected"),
+            redis_ttl_ms: config.redis.as_ref().map(|r| millis_i64(r.entitlements_ttl)).unwrap_or(i64::MAX),
         };
         let mut engine = engine;
         engine.rebuild().await?;

@@ -1,102 +1,96 @@
-//! The `meterd` command: `meterd [serve] [--config FILE]` runs the daemon;
-//! `meterd check-config [--config FILE]` validates a config and exits 0, or prints
-//! every problem and exits 2.
+//! The `meterd` command (clap): `meterd [serve]` runs the daemon; `check-config`
+//! validates a config and exits 0, or prints every problem once and exits 2;
+//! `wal verify|repair` inspects or repairs the write-ahead log of a stopped meterd.
+//! `--config FILE` (or `METERD_CONFIG`) names the config for every subcommand.
 
 use anyhow::Context;
-use meterd::config::{self, ConfigError};
+use clap::{Parser, Subcommand};
+use meterd::config::{self, ValidConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: meterd [serve] [--config FILE]\n       meterd check-config [--config FILE]\n       meterd wal verify|repair [--config FILE]   (with meterd stopped)\n\nThe config file may also be given as METERD_CONFIG; without one, the built-in defaults (config/meterd.toml) are used.";
-
-struct Args {
-    command: String,
+/// Usage-metering daemon: ingest usage events, answer limit checks from memory,
+/// keep exact totals.
+#[derive(Debug, Parser)]
+#[command(
+    name = "meterd",
+    version,
+    after_help = "Environment:\n  METERD_CONFIG      the config file (like --config)\n  METERD_LISTEN      overrides server.listen\n  \
+                  METERD_LOG_FORMAT  \"json\" for JSON logs (default: text, coloured only on a terminal)\n  \
+                  RUST_LOG           log filter (default: info)"
+)]
+struct Cli {
+    /// The config file (TOML). Without one, the built-in defaults (config/meterd.toml).
+    #[arg(long, short, global = true, env = "METERD_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut command = None;
-    let mut config = std::env::var_os("METERD_CONFIG").map(PathBuf::from);
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => config = Some(args.next().map(PathBuf::from).ok_or("--config needs a file")?),
-            s if s.starts_with("--config=") => config = Some(PathBuf::from(&s["--config=".len()..])),
-            "-h" | "--help" | "help" => return Err(String::new()),
-            "serve" | "check-config" if command.is_none() => command = Some(arg),
-            "wal" if command.is_none() => {
-                let sub = args.next().ok_or("wal needs verify or repair")?;
-                if sub != "verify" && sub != "repair" {
-                    return Err(format!("unknown wal command {sub:?} (verify or repair)"));
-                }
-                command = Some(format!("wal-{sub}"));
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(Args { command: command.unwrap_or_else(|| "serve".into()), config })
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (the default when no subcommand is given).
+    Serve,
+    /// Validate the config: exit 0, or print every problem (with its key path) and exit 2.
+    CheckConfig,
+    /// Check or repair the write-ahead log; run it with meterd stopped.
+    Wal {
+        #[command(subcommand)]
+        action: WalAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+enum WalAction {
+    /// Read every segment: exit 0 when the WAL is intact, 1 when it is damaged, 2 on errors.
+    Verify,
+    /// Rewrite damaged segments with their intact records; lists what was dropped.
+    Repair,
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("meterd: {msg}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match args.command.as_str() {
-        "wal-verify" | "wal-repair" => wal_command(&args.command, args.config),
-        "check-config" => match config::load_valid(args.config.as_deref()) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} meters, {} plans, {} keys)",
-                    c.source,
-                    c.catalog.meters().len(),
-                    c.catalog.plans().len(),
-                    c.keys.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
-        _ => {
-            meterd::telemetry::init_tracing();
-            match serve(args.config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "meterd failed");
-                    eprintln!("meterd: {e:#}");
-                    let invalid_config = e.downcast_ref::<ConfigError>().is_some();
-                    ExitCode::from(if invalid_config { 2 } else { 1 })
-                }
-            }
-        }
-    }
-}
-
-/// `meterd wal verify|repair`: exit 0 when the WAL is (now) usable, 1 when
-/// verify found damage, 2 on a bad config or an I/O error.
-fn wal_command(command: &str, config_path: Option<PathBuf>) -> ExitCode {
-    let config = match config::load_valid(config_path.as_deref()) {
+    let cli = Cli::parse();
+    // Every subcommand needs a valid config; an invalid one is printed once, here.
+    let config = match config::load_valid(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
-    let dir = config.raw.storage.data_dir.join("wal");
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            meterd::telemetry::init_tracing();
+            match serve(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "meterd failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig => {
+            println!(
+                "{}: ok ({} meters, {} plans, {} keys)",
+                config.source,
+                config.catalog.meters().len(),
+                config.catalog.plans().len(),
+                config.keys.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Wal { action } => wal_command(action, &config),
+    }
+}
+
+/// `meterd wal verify|repair`: exit 0 when the WAL is (now) usable, 1 when
+/// verify found damage, 2 on an I/O error.
+fn wal_command(action: WalAction, config: &ValidConfig) -> ExitCode {
+    let dir = config.storage.data_dir.join("wal");
     let mut out = String::new();
-    let result = if command == "wal-verify" {
-        meterd::wal::repair::verify(&dir, &mut out).map(|healthy| if healthy { 0 } else { 1 })
-    } else {
-        meterd::wal::repair::repair(&dir, &mut out).map(|()| 0)
+    let result = match action {
+        WalAction::Verify => meterd::wal::repair::verify(&dir, &mut out).map(|healthy| if healthy { 0 } else { 1 }),
+        WalAction::Repair => meterd::wal::repair::repair(&dir, &mut out).map(|()| 0),
     };
     print!("{out}");
     match result {
@@ -108,9 +102,7 @@ fn wal_command(command: &str, config_path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    // Validate before anything binds or opens a file.
-    let config = config::load_valid(config_path.as_deref())?;
+fn serve(config: ValidConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async move {
         let app = meterd::AppHandle::start(config).await?;
@@ -141,5 +133,29 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_is_the_default_and_the_config_is_global() {
+        let cli = Cli::try_parse_from(["meterd", "--config", "a.toml"]).map_err(|e| e.to_string());
+        assert!(matches!(&cli, Ok(Cli { command: None, config: Some(p) }) if p == &PathBuf::from("a.toml")), "{cli:?}");
+        let cli = Cli::try_parse_from(["meterd", "wal", "verify", "-c", "b.toml"]).map_err(|e| e.to_string());
+        assert!(
+            matches!(&cli, Ok(Cli { command: Some(Command::Wal { action: WalAction::Verify }), config: Some(p) }) if p == &PathBuf::from("b.toml")),
+            "{cli:?}"
+        );
+        assert!(Cli::try_parse_from(["meterd", "wal", "fix"]).is_err());
+        assert!(Cli::try_parse_from(["meterd", "serve", "extra"]).is_err());
     }
 }

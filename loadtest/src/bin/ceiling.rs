@@ -98,8 +98,8 @@ fn main() -> anyhow::Result<()> {
     let listen = listen.unwrap_or(valid.listen);
     let state = Arc::new(State {
         catalog: valid.catalog.clone(),
-        max_lateness_ms: valid.raw.ingest.max_lateness.0.as_millis() as i64,
-        max_batch_events: valid.raw.ingest.max_batch_events,
+        max_lateness_ms: meterd::duration::millis_i64(valid.ingest.max_lateness),
+        max_batch_events: valid.ingest.max_batch_events,
         total: AtomicI64::new(0),
         limit: i64::MAX,
     });

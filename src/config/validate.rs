@@ -1,0 +1,495 @@
+//! Validation: checks the meaning of every value of a raw [`Config`] and resolves
+//! it into [`ValidConfig`], collecting every problem with its key path instead of
+//! stopping at the first. A bad value is reported and replaced by its default so
+//! that the checks that depend on it (cross-field rules) still run.
+
+use super::raw::{self, Config};
+use super::schema::{element_paths, segment};
+use super::settings::*;
+use super::{ConfigError, ConfigProblem, Overrides, LISTEN_VAR};
+use crate::duration;
+use crate::model::{plan::parse_limits, Aggregation, Catalog, Meter, MeterId, Plan};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+const fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+/// Collects problems; its readers return the default after reporting a bad value.
+struct Checker {
+    problems: Vec<ConfigProblem>,
+}
+
+impl Checker {
+    fn add(&mut self, key: &str, reason: impl Into<String>) {
+        self.problems.push(ConfigProblem { key: key.to_string(), reason: reason.into() });
+    }
+
+    /// A duration of at least `min` (which is at least 1ms: zero is never allowed).
+    fn duration(&mut self, key: &str, value: &Option<String>, default: Duration, min: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match duration::parse(text) {
+            Ok(d) if d >= min.max(millis(1)) => d,
+            Ok(_) if min <= millis(1) => {
+                self.add(key, "must be more than zero");
+                default
+            }
+            Ok(_) => {
+                self.add(key, format!("must be at least {}", duration::format(min)));
+                default
+            }
+            Err(e) => {
+                self.add(key, e.to_string());
+                default
+            }
+        }
+    }
+
+    /// An integer in `min..=max`.
+    fn int(&mut self, key: &str, value: Option<i64>, default: u64, min: u64, max: u64) -> u64 {
+        let Some(n) = value else { return default };
+        match u64::try_from(n) {
+            Ok(n) if (min..=max).contains(&n) => n,
+            _ if max == u64::MAX => {
+                self.add(key, format!("must be at least {min}"));
+                default
+            }
+            _ => {
+                self.add(key, format!("must be between {min} and {max}"));
+                default
+            }
+        }
+    }
+
+    /// One of `options`, by name.
+    fn choice<T: Copy>(&mut self, key: &str, value: &Option<String>, default: T, options: &[(&str, T)]) -> T {
+        let Some(text) = value else { return default };
+        match options.iter().find(|(name, _)| name == text) {
+            Some(&(_, v)) => v,
+            None => {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.add(key, format!("{text:?} must be one of {}", names.join(", ")));
+                default
+            }
+        }
+    }
+
+    fn address(&mut self, key: &str, text: &str, example: &str, note: &str) -> Option<SocketAddr> {
+        match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.add(key, format!("{text:?} is not an address like \"{example}\"{note}"));
+                None
+            }
+        }
+    }
+}
+
+/// Checks every rule and resolves the settings; returns every problem.
+pub(super) fn validate(raw: Config, source: &str, overrides: &Overrides) -> Result<ValidConfig, ConfigError> {
+    let mut c = Checker { problems: raw.problems.clone() };
+    let server = server(&mut c, &raw.server, overrides);
+    let storage = storage(&mut c, &raw.storage);
+    let ingest = ingest(&mut c, &raw.ingest);
+    let redis = raw.redis.as_ref().map(|r| redis(&mut c, r));
+    let clickhouse = raw.clickhouse.as_ref().map(|ch| clickhouse(&mut c, ch, storage.durability));
+    let stripe = raw.stripe.as_ref().and_then(|s| stripe(&mut c, s));
+    let metrics_listen =
+        raw.metrics.as_ref().and_then(|m| m.listen.as_ref()).and_then(|text| c.address("metrics.listen", text, "127.0.0.1:9480", ""));
+    let meters = meters(&mut c, &raw.meters);
+    let (plans, default_plan) = plans(&mut c, &raw.plans, &meters);
+    let keys = keys(&mut c, &raw.auth.keys);
+    if let Some((listen, key)) = &server {
+        if raw.auth.keys.is_empty() && !listen.listen.ip().is_loopback() {
+            c.add(key, format!("{} is not a loopback address and [[auth.keys]] is empty: add keys or listen on 127.0.0.1", listen.listen));
+        }
+    }
+    match (c.problems.is_empty(), server, default_plan) {
+        (true, Some((server, _)), Some(default_plan)) => Ok(ValidConfig {
+            server,
+            storage,
+            ingest,
+            redis,
+            clickhouse,
+            stripe,
+            metrics_listen,
+            catalog: Arc::new(Catalog::new(meters, plans, default_plan)),
+            keys,
+            source: source.to_string(),
+        }),
+        _ => Err(ConfigError::Invalid { path: source.to_string(), problems: c.problems }),
+    }
+}
+
+/// `[server]`, with the key the listen address came from (`server.listen` or
+/// `METERD_LISTEN`), to blame it in later problems. `None` when the address is bad.
+fn server(c: &mut Checker, s: &raw::Server, overrides: &Overrides) -> Option<(ServerSettings, &'static str)> {
+    let (listen_key, listen_text, note) = match &overrides.listen {
+        Some(text) => (LISTEN_VAR, text.as_str(), " (METERD_LISTEN overrides server.listen)"),
+        None => ("server.listen", s.listen.as_deref().unwrap_or("127.0.0.1:8480"), ""),
+    };
+    let listen = c.address(listen_key, listen_text, "127.0.0.1:8480", note);
+    if let Some(id) = &s.instance_id {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            c.add("server.instance_id", "must be 1-64 characters of [A-Za-z0-9_-]");
+        }
+    }
+    let settings = ServerSettings {
+        listen: listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+        instance_id: s.instance_id.clone(),
+        shutdown_grace: c.duration("server.shutdown_grace", &s.shutdown_grace, secs(30), Duration::ZERO),
+        header_read_timeout: c.duration("server.header_read_timeout", &s.header_read_timeout, secs(10), Duration::ZERO),
+        body_read_timeout: c.duration("server.body_read_timeout", &s.body_read_timeout, secs(30), Duration::ZERO),
+        idle_timeout: c.duration("server.idle_timeout", &s.idle_timeout, secs(60), Duration::ZERO),
+        max_connections: c.int("server.max_connections", s.max_connections, 10_000, 1, 1_000_000) as usize,
+    };
+    listen.map(|_| (settings, listen_key))
+}
+
+fn storage(c: &mut Checker, s: &raw::Storage) -> StorageSettings {
+    let data_dir = PathBuf::from(s.data_dir.as_deref().unwrap_or("./data"));
+    if data_dir.as_os_str().is_empty() {
+        c.add("storage.data_dir", "must not be empty");
+    }
+    let durability = c.choice(
+        "storage.durability",
+        &s.durability,
+        Durability::Fsync,
+        &[("fsync", Durability::Fsync), ("buffered", Durability::Buffered), ("none", Durability::None)],
+    );
+    let wal_segment_bytes = c.int("storage.wal_segment_bytes", s.wal_segment_bytes, 64 << 20, 4096, u64::MAX);
+    let max_wal_bytes = c.int("storage.max_wal_bytes", s.max_wal_bytes, 1 << 30, 0, u64::MAX);
+    if max_wal_bytes < wal_segment_bytes.saturating_mul(2) {
+        c.add("storage.max_wal_bytes", "must be at least twice storage.wal_segment_bytes");
+    }
+    StorageSettings {
+        data_dir,
+        durability,
+        flush_interval: c.duration("storage.flush_interval", &s.flush_interval, secs(1), Duration::ZERO),
+        wal_sync_interval: c.duration("storage.wal_sync_interval", &s.wal_sync_interval, millis(100), Duration::ZERO),
+        wal_segment_bytes,
+        max_wal_bytes,
+    }
+}
+
+fn ingest(c: &mut Checker, s: &raw::Ingest) -> IngestSettings {
+    IngestSettings {
+        max_body_bytes: c.int("ingest.max_body_bytes", s.max_body_bytes, 8 << 20, 1024, u64::MAX),
+        max_batch_events: c.int("ingest.max_batch_events", s.max_batch_events, 10_000, 1, 1_000_000) as usize,
+        max_lateness: c.duration("ingest.max_lateness", &s.max_lateness, secs(35 * 86_400), Duration::ZERO),
+        dedupe_window: c.duration("ingest.dedupe_window", &s.dedupe_window, secs(86_400), Duration::ZERO),
+    }
+}
+
+fn redis(c: &mut Checker, r: &raw::Redis) -> RedisSettings {
+    match (&r.url, &r.urls) {
+        (None, None) => c.add("redis", "needs url (one server) or urls (a cluster's nodes)"),
+        (Some(_), Some(_)) => c.add("redis.urls", "give either url or urls, not both"),
+        (None, Some(urls)) if urls.is_empty() => c.add("redis.urls", "must list at least one node"),
+        _ => {}
+    }
+    let urls: Vec<String> = r.url.iter().chain(r.urls.iter().flatten()).cloned().collect();
+    for (i, url) in urls.iter().enumerate() {
+        let at =
+            if r.url.is_some() && i == 0 { "redis.url".to_string() } else { format!("redis.urls[{}]", i - usize::from(r.url.is_some())) };
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            c.add(&at, format!("{url:?} must be a redis:// or rediss:// URL"));
+        }
+    }
+    let key_prefix = r.key_prefix.clone().unwrap_or_else(|| "meterd:".into());
+    if key_prefix.len() > 64 || key_prefix.contains(['{', '}']) {
+        c.add("redis.key_prefix", "must be at most 64 characters without { or } (they are hash tags)");
+    }
+    RedisSettings {
+        urls,
+        key_prefix,
+        sync_interval: c.duration("redis.sync_interval", &r.sync_interval, millis(200), millis(10)),
+        timeout: c.duration("redis.timeout", &r.timeout, secs(1), Duration::ZERO),
+        entitlements_ttl: c.duration("redis.entitlements_ttl", &r.entitlements_ttl, secs(60), secs(1)),
+        strict_when_unavailable: c.choice(
+            "redis.strict_when_unavailable",
+            &r.strict_when_unavailable,
+            StrictWhenUnavailable::Deny,
+            &[("deny", StrictWhenUnavailable::Deny), ("allow", StrictWhenUnavailable::Allow)],
+        ),
+    }
+}
+
+fn clickhouse(c: &mut Checker, ch: &raw::ClickHouse, durability: Durability) -> ClickHouseSettings {
+    let url = match &ch.url {
+        None => {
+            c.add("clickhouse.url", "is required (the HTTP interface, e.g. \"http://127.0.0.1:8123\")");
+            String::new()
+        }
+        Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+            c.add("clickhouse.url", format!("{url:?} must be an http:// or https:// URL (the HTTP interface, port 8123 by default)"));
+            url.clone()
+        }
+        Some(url) => url.clone(),
+    };
+    let database = ch.database.clone().unwrap_or_else(|| "meterd".into());
+    if database.is_empty() || database.len() > 64 || !database.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        c.add("clickhouse.database", "must be 1-64 characters of [A-Za-z0-9_]");
+    }
+    let raw_events = ch.raw_events.unwrap_or(false);
+    if raw_events && durability == Durability::None {
+        c.add(
+            "clickhouse.raw_events",
+            "needs the WAL, which storage.durability = \"none\" turns off: the raw events are exported from it \
+             (use \"fsync\" or \"buffered\", or set raw_events = false)",
+        );
+    }
+    ClickHouseSettings {
+        url,
+        database,
+        flush_interval: c.duration("clickhouse.flush_interval", &ch.flush_interval, secs(1), Duration::ZERO),
+        raw_events,
+    }
+}
+
+/// Whether `url` is an `http://` or `https://` base URL hyper can parse.
+fn valid_base_url(url: &str) -> bool {
+    (url.starts_with("http://") || url.starts_with("https://")) && url.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some())
+}
+
+/// `[stripe]`; the key is read from its variable here and named only by the
+/// variable in problems.
+fn stripe(c: &mut Checker, s: &raw::Stripe) -> Option<StripeSettings> {
+    let mode = c.choice("stripe.mode", &s.mode, StripeMode::V1, &[("v1", StripeMode::V1), ("v2", StripeMode::V2)]);
+    let period = c.choice(
+        "stripe.period",
+        &s.period,
+        StripePeriod::Hour,
+        &[("minute", StripePeriod::Minute), ("hour", StripePeriod::Hour), ("day", StripePeriod::Day)],
+    );
+    let api_key_env = s.api_key_env.clone().unwrap_or_else(|| "STRIPE_API_KEY".into());
+    let env_name_ok = !api_key_env.is_empty() && api_key_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let key = if !env_name_ok {
+        c.add("stripe.api_key_env", format!("{api_key_env:?} must be the name of an environment variable ([A-Za-z0-9_]+)"));
+        None
+    } else {
+        match std::env::var(&api_key_env) {
+            Ok(key) if !key.trim().is_empty() => Some(SecretKey::new(key.trim().to_string())),
+            _ => {
+                c.add(
+                    "stripe.api_key_env",
+                    format!("environment variable {api_key_env} is not set or empty (it must hold the Stripe secret key)"),
+                );
+                None
+            }
+        }
+    };
+    let api_base = s.api_base.clone().unwrap_or_else(|| "https://api.stripe.com".into());
+    let meter_events_base = s.meter_events_base.clone().unwrap_or_else(|| "https://meter-events.stripe.com".into());
+    for (name, url) in [("stripe.api_base", &api_base), ("stripe.meter_events_base", &meter_events_base)] {
+        if !valid_base_url(url) {
+            c.add(name, format!("{url:?} must be an http:// or https:// URL"));
+        }
+    }
+    let grace = match &s.grace {
+        None => secs(300),
+        Some(text) => match duration::parse(text) {
+            Ok(d) if d <= secs(7 * 86_400) => d,
+            Ok(_) => {
+                c.add("stripe.grace", "must be at most 7d (Stripe accepts events for 35 days)");
+                secs(300)
+            }
+            Err(e) => {
+                c.add("stripe.grace", e.to_string());
+                secs(300)
+            }
+        },
+    };
+    let interval = c.duration("stripe.interval", &s.interval, secs(30), Duration::ZERO);
+    let request_timeout = c.duration("stripe.request_timeout", &s.request_timeout, secs(10), Duration::ZERO);
+    let rps = c.int("stripe.max_requests_per_second", s.max_requests_per_second, 50, 1, 10_000);
+    Some(StripeSettings {
+        api_key_env,
+        api_key: key?,
+        api_base: api_base.trim_end_matches('/').to_string(),
+        meter_events_base: meter_events_base.trim_end_matches('/').to_string(),
+        mode,
+        period,
+        grace,
+        interval,
+        max_requests_per_second: NonZeroU32::new(u32::try_from(rps).ok()?)?,
+        request_timeout,
+    })
+}
+
+fn meters(c: &mut Checker, raw: &[raw::Meter]) -> Vec<Meter> {
+    let max_precision = crate::model::quantity::MAX_PRECISION;
+    if raw.len() > usize::from(MeterId::MAX) {
+        c.add("meters", format!("at most {} meters", MeterId::MAX));
+    }
+    let paths = element_paths("meters", &raw.iter().map(|m| m.name.as_deref()).collect::<Vec<_>>());
+    let mut seen = HashSet::new();
+    let mut meters = Vec::new();
+    for (i, (m, at)) in raw.iter().zip(paths).enumerate() {
+        let name = m.name.clone().unwrap_or_default();
+        if m.name.is_none() {
+            c.add(&format!("{at}.name"), "is required");
+        } else if !Meter::valid_name(&name) {
+            c.add(&format!("{at}.name"), format!("{name:?} must match [a-z0-9_]{{1,64}}"));
+        }
+        if m.name.is_some() && !seen.insert(name.clone()) {
+            c.add(&format!("{at}.name"), format!("meter {name:?} is defined twice"));
+        }
+        let aggregation = match m.aggregation.as_deref().unwrap_or("sum").parse::<Aggregation>() {
+            Ok(a) => a,
+            Err(e) => {
+                c.add(&format!("{at}.aggregation"), e.to_string());
+                Aggregation::Sum
+            }
+        };
+        let precision = c.int(&format!("{at}.precision"), m.precision, 0, 0, u64::from(max_precision));
+        if let Some(ev) = &m.stripe_event_name {
+            if ev.is_empty() || ev.len() > 100 {
+                c.add(&format!("{at}.stripe_event_name"), "must be 1-100 characters");
+            }
+        }
+        meters.push(Meter {
+            id: MeterId::try_from(i).unwrap_or(MeterId::MAX),
+            name,
+            aggregation,
+            precision: u8::try_from(precision).unwrap_or(max_precision),
+            stripe_event_name: m.stripe_event_name.clone(),
+        });
+    }
+    meters
+}
+
+/// The plans, and the index of the default one when there is exactly one.
+fn plans(c: &mut Checker, raw: &[raw::Plan], meters: &[Meter]) -> (Vec<Plan>, Option<usize>) {
+    let meter_by_name: HashMap<&str, &Meter> = meters.iter().map(|m| (m.name.as_str(), m)).collect();
+    if raw.is_empty() {
+        c.add("plans", "at least one plan is required (exactly one with default = true)");
+    }
+    let paths = element_paths("plans", &raw.iter().map(|p| p.name.as_deref()).collect::<Vec<_>>());
+    let mut plans = Vec::new();
+    let mut names = HashSet::new();
+    let mut defaults = Vec::new();
+    for (i, (plan, at)) in raw.iter().zip(paths).enumerate() {
+        let name = plan.name.clone().unwrap_or_default();
+        if plan.name.is_none() {
+            c.add(&format!("{at}.name"), "is required");
+        } else if name.is_empty() || name.len() > 64 {
+            c.add(&format!("{at}.name"), "must be 1-64 characters");
+        }
+        if plan.name.is_some() && !names.insert(name.clone()) {
+            c.add(&format!("{at}.name"), format!("plan {name:?} is defined twice"));
+        }
+        if plan.default == Some(true) {
+            defaults.push(i);
+        }
+        let mut limits = HashMap::new();
+        for (meter_name, spec) in &plan.limits {
+            let key = format!("{at}.limits.{}", segment(meter_name));
+            let Some(meter) = meter_by_name.get(meter_name.as_str()) else {
+                c.add(&key, format!("unknown meter {meter_name:?} (not in [[meters]])"));
+                continue;
+            };
+            let json = match serde_json::to_value(spec) {
+                Ok(v) => v,
+                Err(e) => {
+                    c.add(&key, e.to_string());
+                    continue;
+                }
+            };
+            match parse_limits(&json, meter) {
+                Ok(l) => {
+                    limits.insert(meter.id, Arc::from(l));
+                }
+                Err(problems) => {
+                    for sp in problems {
+                        c.add(&format!("{key}{}", sp.path), sp.reason);
+                    }
+                }
+            }
+        }
+        plans.push(Plan { name, features: plan.features.clone(), limits });
+    }
+    if !raw.is_empty() && defaults.len() != 1 {
+        c.add("plans", format!("exactly one plan must have default = true (found {})", defaults.len()));
+    }
+    let default_plan = if defaults.len() == 1 { defaults.first().copied() } else { None };
+    (plans, default_plan)
+}
+
+fn keys(c: &mut Checker, raw: &[raw::Key]) -> Vec<ApiKey> {
+    let paths = element_paths("auth.keys", &raw.iter().map(|k| k.name.as_deref()).collect::<Vec<_>>());
+    let mut keys = Vec::new();
+    for (k, at) in raw.iter().zip(paths) {
+        if k.name.as_deref().is_none_or(str::is_empty) {
+            c.add(&format!("{at}.name"), "is required (it names the key in logs)");
+        }
+        let sha = match (&k.key_sha256, &k.key_env) {
+            (Some(_), Some(_)) | (None, None) => {
+                c.add(&at, "give exactly one of key_sha256 or key_env");
+                None
+            }
+            (Some(hex_text), None) => match hex::decode(hex_text) {
+                Ok(bytes) if bytes.len() == 32 => {
+                    let mut out = [0u8; 32];
+                    out.copy_from_slice(&bytes);
+                    Some(out)
+                }
+                _ => {
+                    c.add(&format!("{at}.key_sha256"), "must be 64 hex characters (the SHA-256 of the key)");
+                    None
+                }
+            },
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(secret) if !secret.is_empty() => Some(sha256_of(secret.as_bytes())),
+                _ => {
+                    c.add(&format!("{at}.key_env"), format!("environment variable {var} is not set or empty"));
+                    None
+                }
+            },
+        };
+        let scopes_key = format!("{at}.scopes");
+        let scope_names = k.scopes.as_deref().unwrap_or_default();
+        if scope_names.is_empty() {
+            c.add(&scopes_key, "must name at least one of ingest, check, read, admin");
+        }
+        let mut scopes = 0u8;
+        for s in scope_names {
+            match Scope::parse(s) {
+                Some(scope) => scopes |= scope.bit(),
+                None => c.add(&scopes_key, format!("unknown scope {s:?} (expected ingest, check, read or admin)")),
+            }
+        }
+        let rate = match k.rate_limit_per_second {
+            None => None,
+            Some(n) => {
+                let rate = u32::try_from(n).ok().and_then(NonZeroU32::new);
+                if rate.is_none() {
+                    c.add(&format!("{at}.rate_limit_per_second"), "must be between 1 and 4294967295 (omit it for no limit)");
+                }
+                rate
+            }
+        };
+        let burst = match k.rate_limit_burst {
+            None => None,
+            Some(n) => {
+                let burst = u32::try_from(n).ok().and_then(NonZeroU32::new);
+                if burst.is_none() {
+                    c.add(&format!("{at}.rate_limit_burst"), "must be between 1 and 4294967295");
+                }
+                burst
+            }
+        };
+        if let Some(sha256) = sha {
+            keys.push(ApiKey { name: k.name.clone().unwrap_or_default(), sha256, scopes, rate_per_second: rate, burst });
+        }
+    }
+    keys
+}
