@@ -300,7 +300,7 @@ default = true
     let path = write_config(dir.path(), "open.toml", open);
     let (code, text) = check_config(&path);
     assert_eq!(code, 2, "{text}");
-    for key in ["server.listen", "plans", "plans[0].limits.minutes.window", "plans[0].limits.ghost", "meters[1].name"] {
+    for key in ["server.listen", "plans", "plans.a.limits.minutes.window", "plans.a.limits.ghost", "meters.\"Bad Name\".name"] {
         assert!(text.contains(key), "missing {key} in:\n{text}");
     }
     assert!(text.contains("open.toml"), "the file is named:\n{text}");
@@ -335,15 +335,15 @@ rate_limit_per_second = 0
     let (code, text) = check_config(&path);
     assert_eq!(code, 2, "{text}");
     for key in [
-        "meters[0].precision",
+        "meters.minutes.precision",
         "plans",
-        "auth.keys[0].key_sha256",
-        "auth.keys[0].scopes",
+        "auth.keys.short.key_sha256",
+        "auth.keys.short.scopes",
         "fly",
-        "auth.keys[1]",
-        "auth.keys[1].scopes",
-        "auth.keys[2].key_env",
-        "auth.keys[2].rate_limit_per_second",
+        "auth.keys.both",
+        "auth.keys.both.scopes",
+        "auth.keys.limited.key_env",
+        "auth.keys.limited.rate_limit_per_second",
     ] {
         assert!(text.contains(key), "missing {key} in:\n{text}");
     }

@@ -343,7 +343,7 @@ default = true
         let status = p.wait_exit(Duration::from_secs(20)).await;
         let stderr = p.log();
         assert_eq!(status.code(), Some(2), "check-config={check_only}; stderr:\n{stderr}");
-        for needle in ["meters[0].aggregation", "plans[0].limits.hours", "unknown meter \"hours\"", "exactly one plan"] {
+        for needle in ["meters.minutes.aggregation", "plans.a.limits.hours", "unknown meter \"hours\"", "exactly one plan"] {
             assert!(stderr.contains(needle), "check-config={check_only}: {needle:?} missing from:\n{stderr}");
         }
         assert!(stderr.contains(&config.display().to_string()), "names the file:\n{stderr}");

@@ -116,3 +116,6 @@ pub fn load_valid(path: Option<&Path>) -> Result<ValidConfig, ConfigError> {
     let (config, source) = Config::load(path)?;
     config.validate(&source)
 }
+
+#[cfg(test)]
+mod tests;
