@@ -31,7 +31,7 @@ pub fn format(d: Duration) -> String {
     let ms = d.as_millis();
     let (n, unit) = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")]
         .into_iter()
-        .find(|&(per, _)| ms >= per && ms % per == 0)
+        .find(|&(per, _)| ms >= per && ms.is_multiple_of(per))
         .map(|(per, unit)| (ms / per, unit))
         .unwrap_or((ms, "ms"));
     format!("{n}{unit}")

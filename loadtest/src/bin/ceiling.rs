@@ -95,7 +95,7 @@ fn parse_args() -> anyhow::Result<(std::path::PathBuf, Option<SocketAddr>)> {
 fn main() -> anyhow::Result<()> {
     let (config_path, listen) = parse_args()?;
     let valid = meterd::config::load_valid(Some(&config_path)).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let listen = listen.unwrap_or(valid.listen);
+    let listen = listen.unwrap_or(valid.server.listen);
     let state = Arc::new(State {
         catalog: valid.catalog.clone(),
         max_lateness_ms: meterd::duration::millis_i64(valid.ingest.max_lateness),
