@@ -125,7 +125,12 @@ pub(super) fn validate(raw: Config, source: &str, overrides: &Overrides) -> Resu
             keys,
             source: source.to_string(),
         }),
-        _ => Err(ConfigError::Invalid { path: source.to_string(), problems: c.problems }),
+        _ => {
+            // Grouped by key (the walk and the checks find them in different orders).
+            let mut problems = c.problems;
+            problems.sort_by(|a, b| a.key.cmp(&b.key));
+            Err(ConfigError::Invalid { path: source.to_string(), problems })
+        }
     }
 }
 
