@@ -161,7 +161,7 @@ fn server_settings_have_defaults_and_are_checked() {
     let bad = format!(
         "[server]\nheader_read_timeout = \"0s\"\nbody_read_timeout = \"soon\"\nidle_timeout = \"0ms\"\nmax_connections = 0\n{PLAN}"
     );
-    assert_eq!(keys(&bad), ["server.header_read_timeout", "server.body_read_timeout", "server.idle_timeout", "server.max_connections"]);
+    assert_eq!(keys(&bad), ["server.body_read_timeout", "server.header_read_timeout", "server.idle_timeout", "server.max_connections"]);
 }
 
 #[test]
