@@ -14,6 +14,8 @@ use toml::Value;
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Kind {
     Str,
+    /// A string such as `"5s"` (its content is checked by `validate`).
+    Dur,
     Int,
     Bool,
     /// An array of strings.
@@ -31,6 +33,7 @@ impl Kind {
     fn expected(self) -> &'static str {
         match self {
             Kind::Str => "a string",
+            Kind::Dur => "a duration string such as \"5s\" or \"200ms\"",
             Kind::Int => "an integer",
             Kind::Bool => "true or false",
             Kind::Strs => "an array of strings",
@@ -42,7 +45,7 @@ impl Kind {
 
 pub(super) type Field = (&'static str, Kind);
 
-use Kind::{Bool, Bools, Int, Map, Str, Strs, Table, Tables};
+use Kind::{Bool, Bools, Dur, Int, Map, Str, Strs, Table, Tables};
 
 pub(super) const ROOT: &[Field] = &[
     (
@@ -50,10 +53,10 @@ pub(super) const ROOT: &[Field] = &[
         Table(&[
             ("listen", Str),
             ("instance_id", Str),
-            ("shutdown_grace", Str),
-            ("header_read_timeout", Str),
-            ("body_read_timeout", Str),
-            ("idle_timeout", Str),
+            ("shutdown_grace", Dur),
+            ("header_read_timeout", Dur),
+            ("body_read_timeout", Dur),
+            ("idle_timeout", Dur),
             ("max_connections", Int),
         ]),
     ),
@@ -62,26 +65,26 @@ pub(super) const ROOT: &[Field] = &[
         Table(&[
             ("data_dir", Str),
             ("durability", Str),
-            ("flush_interval", Str),
-            ("wal_sync_interval", Str),
+            ("flush_interval", Dur),
+            ("wal_sync_interval", Dur),
             ("wal_segment_bytes", Int),
             ("max_wal_bytes", Int),
         ]),
     ),
-    ("ingest", Table(&[("max_body_bytes", Int), ("max_batch_events", Int), ("max_lateness", Str), ("dedupe_window", Str)])),
+    ("ingest", Table(&[("max_body_bytes", Int), ("max_batch_events", Int), ("max_lateness", Dur), ("dedupe_window", Dur)])),
     (
         "redis",
         Table(&[
             ("url", Str),
             ("urls", Strs),
             ("key_prefix", Str),
-            ("sync_interval", Str),
-            ("timeout", Str),
-            ("entitlements_ttl", Str),
+            ("sync_interval", Dur),
+            ("timeout", Dur),
+            ("entitlements_ttl", Dur),
             ("strict_when_unavailable", Str),
         ]),
     ),
-    ("clickhouse", Table(&[("url", Str), ("database", Str), ("flush_interval", Str), ("raw_events", Bool)])),
+    ("clickhouse", Table(&[("url", Str), ("database", Str), ("flush_interval", Dur), ("raw_events", Bool)])),
     (
         "stripe",
         Table(&[
@@ -90,10 +93,10 @@ pub(super) const ROOT: &[Field] = &[
             ("meter_events_base", Str),
             ("mode", Str),
             ("period", Str),
-            ("grace", Str),
-            ("interval", Str),
+            ("grace", Dur),
+            ("interval", Dur),
             ("max_requests_per_second", Int),
-            ("request_timeout", Str),
+            ("request_timeout", Dur),
         ]),
     ),
     ("metrics", Table(&[("listen", Str)])),
@@ -136,7 +139,7 @@ pub(super) fn check(table: &mut toml::Table, fields: &[Field], prefix: &str, sou
 /// Whether `value` fits `kind` (after removing what does not fit inside it).
 fn check_value(value: &mut Value, kind: Kind, path: &str, source: &str, problems: &mut Vec<ConfigProblem>) -> bool {
     match (kind, value) {
-        (Str, Value::String(_)) | (Int, Value::Integer(_)) | (Bool, Value::Boolean(_)) | (Map, Value::Table(_)) => true,
+        (Str | Dur, Value::String(_)) | (Int, Value::Integer(_)) | (Bool, Value::Boolean(_)) | (Map, Value::Table(_)) => true,
         (Strs, Value::Array(items)) => {
             let mut ok = true;
             for (i, item) in items.iter().enumerate() {

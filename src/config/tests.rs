@@ -59,7 +59,7 @@ fn a_bad_duration_hides_no_unknown_key() {
 
 #[test]
 fn values_of_the_wrong_type_are_reported_with_the_rest() {
-    let text = "[server]\nlisten = 8480\nmax_connections = \"many\"\n[storage]\ndurability = \"sometimes\"\nwal_segment_bytes = 100\n\
+    let text = "[server]\nlisten = 8480\nmax_connections = \"many\"\nidle_timeout = 60\n[storage]\ndurability = \"sometimes\"\nwal_segment_bytes = 100\n\
                 [redis]\nurls = [\"redis://a\", 7]\n[[meters]]\nname = \"m\"\nprecision = 1.5\n[[plans]]\nname = \"p\"\ndefault = \"yes\"\n\
                 features = { sso = 1, audit = true }\n";
     let found = problems(text);
@@ -67,6 +67,7 @@ fn values_of_the_wrong_type_are_reported_with_the_rest() {
     for key in [
         "server.listen",
         "server.max_connections",
+        "server.idle_timeout",
         "storage.durability",
         "storage.wal_segment_bytes",
         "redis.urls[1]",
@@ -79,6 +80,7 @@ fn values_of_the_wrong_type_are_reported_with_the_rest() {
     }
     let reason = |key: &str| found.iter().find(|p| p.key == key).map(|p| p.reason.clone()).unwrap_or_default();
     assert_eq!(reason("server.listen"), "must be a string, not an integer 8480");
+    assert_eq!(reason("server.idle_timeout"), "must be a duration string such as \"5s\" or \"200ms\", not an integer 60");
     assert_eq!(reason("storage.durability"), "\"sometimes\" must be one of fsync, buffered, none");
     assert_eq!(reason("storage.wal_segment_bytes"), "must be at least 4096");
 }
