@@ -103,3 +103,30 @@ fn shipped_configs_pass_check_config() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("<embedded default>: ok"), "{}", text(&out.stdout));
 }
+
+/// Logs written to a file (not a terminal) carry no ANSI colour codes.
+#[test]
+fn logs_to_a_file_have_no_colour() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("meterd.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_remove("METERD_CONFIG")
+        .env_remove("METERD_LOG_FORMAT")
+        .env("METERD_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn meterd");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut text = String::new();
+    while std::time::Instant::now() < deadline && !text.contains("meterd listening") {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("meterd listening"), "meterd did not start:\n{text}");
+    assert!(!text.contains('\u{1b}'), "escape codes in a log file:\n{text:?}");
+}

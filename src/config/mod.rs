@@ -15,7 +15,7 @@
 //!
 //! This layer depends on `model` and `duration` only.
 
-mod raw;
+pub mod raw;
 mod schema;
 mod settings;
 mod validate;
