@@ -1,4 +1,4 @@
-//! Configuration: the TOML file of API.md, its defaults, and `validate()`, which
+//! Configuration: the TOML file of docs/api.md, its defaults, and `validate()`, which
 //! reports every problem with its key path before anything binds or opens a file.
 //!
 //! Parsing rejects unknown keys (serde `deny_unknown_fields`), naming the key and
