@@ -70,6 +70,7 @@ FULL = {
     "clickhouse": {"url": "http://clickhouse:8123"},
     "stripe": {"enabled": True, "apiKeySecret": {"name": "stripe", "key": "sk"}},
     "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "prometheusRule": {"enabled": True},
     "storage": {"storageClassName": "fast-ssd", "size": "50Gi"},
     "server": {"shutdownGraceSeconds": 120},
     "extraEnv": [{"name": "RUST_LOG", "value": "info"}],
@@ -160,8 +161,8 @@ class Defaults(unittest.TestCase):
             self.assertGreaterEqual(len(value), 32, "a generated key is long")
         self.assertNotIn(b"", [base64.b64decode(v) for v in secret["data"].values()])
 
-    def test_no_service_monitor_unless_asked(self):
-        self.assertFalse([d for d in self.docs if d["kind"] == "ServiceMonitor"])
+    def test_no_service_monitor_nor_rules_unless_asked(self):
+        self.assertFalse([d for d in self.docs if d["kind"] in ("ServiceMonitor", "PrometheusRule")])
 
 
 class InstanceId(unittest.TestCase):
@@ -272,6 +273,12 @@ class ServiceMonitorTest(unittest.TestCase):
         self.assertEqual(ep["path"], "/metrics")
         self.assertIn({"action": "replace", "targetLabel": "job", "replacement": "meterd"}, ep["relabelings"])
         self.assertEqual(sm["spec"]["namespaceSelector"]["matchNames"], [NS])
+
+    def test_prometheus_rule_is_the_alerts_file(self):
+        rule = one(render(FULL), "PrometheusRule")
+        alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+        self.assertEqual(rule["spec"], alerts)
+        self.assertGreaterEqual(len(rule["spec"]["groups"][0]["rules"]), 10)
 
 
 if __name__ == "__main__":
