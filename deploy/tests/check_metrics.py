@@ -136,6 +136,8 @@ def main(argv=None) -> int:
                 unknown.append((f, name, " ".join(expr.split())))
     for name in sorted(pending_used):
         print(f"check_metrics: warning: {name} is not in {args.telemetry} yet (PENDING list)", file=sys.stderr)
+    for name in sorted(PENDING & exported):
+        print(f"check_metrics: note: {name} is exported now: delete it from PENDING", file=sys.stderr)
     for f, name, expr in unknown:
         print(f"{f}: unknown metric {name} in: {expr}", file=sys.stderr)
     if unknown:
