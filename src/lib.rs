@@ -1,7 +1,7 @@
 //! meterd: a usage-metering daemon. Application servers send usage events and ask,
 //! on their request path, whether a customer may use more; meterd answers from
 //! memory, keeps exact totals, and flushes minute aggregates to a usage store.
-//! See DESIGN.md and README.md for the architecture.
+//! See docs/architecture.md for the architecture and docs/api.md for the contract.
 
 pub mod app;
 pub mod backoff;

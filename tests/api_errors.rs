@@ -1,4 +1,4 @@
-//! Every error of API.md's error table, with its status, code and JSON body shape;
+//! Every error of docs/api.md's error table, with its status, code and JSON body shape;
 //! batch atomicity; and the success shapes of `POST /v1/events`.
 
 mod common;

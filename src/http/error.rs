@@ -1,5 +1,5 @@
 //! API errors and their JSON bodies: `{"error": {"code", "message", "details"}}`,
-//! with the status codes of API.md.
+//! with the status codes of docs/api.md.
 
 use bytes::Bytes;
 use http_body_util::Full;

@@ -1,5 +1,5 @@
 //! Redis key names, built in one place so the layout in `redis`'s module doc
-//! (and the README) is the only layout there is.
+//! (and docs/operations.md) is the only layout there is.
 
 use crate::model::WindowKind;
 

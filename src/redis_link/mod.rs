@@ -4,7 +4,7 @@
 //! dedupe, an entitlement miss) go through one [`Redis`] handle, which also keeps
 //! the "is Redis reachable" state that `/readyz` and a gauge report.
 //!
-//! **Key layout** (documented in the README so an application may write
+//! **Key layout** (documented in docs/operations.md so an application may write
 //! entitlements directly). `P` is `redis.key_prefix`; `{C}` is the customer id
 //! as a hash tag, so all of one customer's keys live in one cluster slot:
 //!

@@ -5,7 +5,7 @@
 //! implements [`UsageStore`] over ClickHouse's HTTP interface (the official
 //! `clickhouse` crate, RowBinary) and creates
 //! `{database}.usage_minute` when it is missing: the public schema of
-//! `shared/API.md`. Entitlements are not kept here (Redis or SQLite keep them).
+//! docs/api.md ("ClickHouse tables"). Entitlements are not kept here (Redis or SQLite keep them).
 //! The shared scenarios of `super::suite` run against a real server.
 //!
 //! # Compatibility

@@ -17,7 +17,7 @@
 //! part comes back lower than what this instance pushed before; the next round
 //! then pushes every cell, rebuilding the totals from every instance's state.
 //!
-//! `max` and `latest` windows are not shared (documented in the README).
+//! `max` and `latest` windows are not shared (documented in docs/operations.md).
 
 use crate::counters::window::WindowCell;
 use crate::counters::{CounterKey, CustomerId};
