@@ -94,8 +94,8 @@ impl Checker {
 }
 
 /// Checks every rule and resolves the settings; returns every problem.
-pub(super) fn validate(raw: Config, source: &str, overrides: &Overrides) -> Result<ValidConfig, ConfigError> {
-    let mut c = Checker { problems: raw.problems.clone() };
+pub(super) fn validate(mut raw: Config, source: &str, overrides: &Overrides) -> Result<ValidConfig, ConfigError> {
+    let mut c = Checker { problems: std::mem::take(&mut raw.problems) };
     let server = server(&mut c, &raw.server, overrides);
     let storage = storage(&mut c, &raw.storage);
     let ingest = ingest(&mut c, &raw.ingest);
