@@ -61,6 +61,7 @@ pub fn services_required() -> bool {
 
 /// `what` is missing (`how` says how to provide it): panics under the switch,
 /// otherwise prints the SKIPPED note and returns the proof.
+#[track_caller]
 pub fn missing(what: impl Display, how: impl Display) -> Skipped {
     if services_required() {
         panic!("{SWITCH} is set but {what}: {how}");
@@ -70,6 +71,7 @@ pub fn missing(what: impl Display, how: impl Display) -> Skipped {
 }
 
 /// The non-empty value of environment variable `var`, which `scripts/test` sets.
+#[track_caller]
 pub fn env(var: &str) -> Need<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Ok(v),
@@ -78,21 +80,25 @@ pub fn env(var: &str) -> Need<String> {
 }
 
 /// The shared Redis server `scripts/test` started (`METERD_TEST_REDIS_URL`).
+#[track_caller]
 pub fn redis_url() -> Need<String> {
     env("METERD_TEST_REDIS_URL")
 }
 
 /// The `redis-server` binary for tests that start their own (`METERD_TEST_REDIS_SERVER_BIN`).
+#[track_caller]
 pub fn redis_server_bin() -> Need<PathBuf> {
     env("METERD_TEST_REDIS_SERVER_BIN").map(PathBuf::from)
 }
 
 /// The shared ClickHouse server `scripts/test` started (`METERD_TEST_CLICKHOUSE_URL`).
+#[track_caller]
 pub fn clickhouse_url() -> Need<String> {
     env("METERD_TEST_CLICKHOUSE_URL")
 }
 
 /// The `clickhouse-server` binary for tests that start their own (`METERD_TEST_CLICKHOUSE_SERVER_BIN`).
+#[track_caller]
 pub fn clickhouse_server_bin() -> Need<PathBuf> {
     env("METERD_TEST_CLICKHOUSE_SERVER_BIN").map(PathBuf::from)
 }
