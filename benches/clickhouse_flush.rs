@@ -5,7 +5,8 @@
 //!
 //! Needs a ClickHouse: run through the test harness, which starts one:
 //! `METERD_TEST_CMD='cargo bench --bench clickhouse_flush' scripts/test`.
-//! Without `METERD_TEST_CLICKHOUSE_URL` it prints a notice and measures nothing.
+//! Without `METERD_TEST_CLICKHOUSE_URL` it prints a notice and measures nothing
+//! (or fails under `METERD_TEST_REQUIRE_SERVICES`: tests/common/require.rs).
 
 use meterd::config::Config;
 use meterd::store::clickhouse::ClickHouseStore;
@@ -13,6 +14,9 @@ use meterd::store::{FlushBatch, Fold, UsageQuery, UsageRow, UsageStore};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "../tests/common/require.rs"]
+mod require;
 
 fn rows(n: usize, minute_ms: i64) -> Vec<UsageRow> {
     (0..n)
@@ -44,10 +48,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return; // `cargo test --all-targets` builds benches; this one only runs with --bench.
     }
-    let Ok(url) = std::env::var("METERD_TEST_CLICKHOUSE_URL") else {
-        eprintln!("METERD_TEST_CLICKHOUSE_URL is not set: run through scripts/test (see the module doc); nothing measured");
-        return;
-    };
+    let url = require::need!(require::clickhouse_url());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let db = format!("meterd_bench_{}", std::process::id());
     println!("| measurement | figure |");

@@ -1,8 +1,10 @@
 //! What Redis costs: a check on a cached customer with Redis configured against
 //! the embedded one (both from memory: they should be equal), a strict consume
 //! (one Lua round trip), and a sync round at 100k active window counters (every
-//! counter changed, and none changed). Starts its own `redis-server` from PATH
-//! on a free port; prints a notice and measures nothing without one.
+//! counter changed, and none changed). Starts its own `redis-server`
+//! (`METERD_TEST_REDIS_SERVER_BIN`, else from PATH) on a free port; without one
+//! it prints a notice and measures nothing, or fails under
+//! `METERD_TEST_REQUIRE_SERVICES` (tests/common/require.rs).
 //! Run with `cargo bench --bench redis`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
@@ -14,6 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+#[path = "../tests/common/require.rs"]
+mod require;
 
 const PLANS: &str = r#"
 [[meters]]
@@ -39,21 +44,25 @@ impl Drop for RedisProc {
     }
 }
 
-fn start_redis() -> Option<(RedisProc, u16)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-    let child = Command::new("redis-server")
+fn start_redis() -> require::Need<(RedisProc, u16)> {
+    let bin = std::env::var_os("METERD_TEST_REDIS_SERVER_BIN").filter(|b| !b.is_empty()).unwrap_or_else(|| "redis-server".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let child = match Command::new(&bin)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .ok()?;
+    {
+        Ok(child) => RedisProc(child),
+        Err(e) => return Err(require::missing(format!("cannot start {}: {e}", bin.display()), "install redis-server")),
+    };
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some((RedisProc(child), port));
+            return Ok((child, port));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    None
+    panic!("{} did not listen on {port} within 2 s", bin.display());
 }
 
 fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, redis_port: Option<u16>) -> Arc<Engine> {
@@ -81,10 +90,7 @@ fn request(customer: &str, meter: &str, consume: bool, id: Option<String>) -> Ch
 }
 
 fn benches(c: &mut Criterion) {
-    let Some((_redis, port)) = start_redis() else {
-        eprintln!("redis-server not found on PATH: nothing measured");
-        return;
-    };
+    let (_redis, port) = require::need!(start_redis());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dirs = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
     let embedded = engine(&rt, dirs.0.path(), None);

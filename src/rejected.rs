@@ -48,7 +48,7 @@ mod tests {
 
     #[test]
     fn writes_one_line_per_row_and_rewrites_on_retry() {
-        let Ok(dir) = tempfile::tempdir() else { return };
+        let dir = tempfile::tempdir().expect("temp dir");
         let row = UsageRow { meter: "m".into(), customer: "c".into(), minute_ms: 60_000, properties: vec![], value: 5, last_ts: 61_000 };
         let path = set_aside(dir.path(), "i", 7, &[(&row, "bad"), (&row, "worse")]).unwrap_or_else(|e| panic!("{e}"));
         let text = std::fs::read_to_string(&path).unwrap_or_default();

@@ -1,11 +1,13 @@
 //! meterd with a real ClickHouse (18.16 in CI, started by `scripts/test`):
 //! exact sums after 100k events, and an ambiguous failure (the INSERT reaches
 //! ClickHouse, the connection is cut before the answer) never double counts.
-//! Skipped (with a message) when `METERD_TEST_CLICKHOUSE_URL` is not set.
+//! Without `METERD_TEST_CLICKHOUSE_URL` skipped with a note, or failed under
+//! `METERD_TEST_REQUIRE_SERVICES` (see `common::require`).
 
 mod common;
 
-use common::ch::{clickhouse_url, cutting_proxy, query, unique_db};
+use common::ch::{cutting_proxy, query, unique_db};
+use common::require::{clickhouse_url, need};
 use common::{away_from_day_boundary, TestServer};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,7 +34,7 @@ fn batch(tag: usize, n: usize) -> (Value, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_thousand_events_sum_exactly_in_clickhouse() {
-    let Some(url) = clickhouse_url() else { return };
+    let url = need!(clickhouse_url());
     away_from_day_boundary().await;
     let db = unique_db();
     let server = TestServer::start(&config(&url, &db)).await;
@@ -64,7 +66,7 @@ async fn hundred_thousand_events_sum_exactly_in_clickhouse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_whose_answer_is_lost_is_not_stored_twice() {
-    let Some(url) = clickhouse_url() else { return };
+    let url = need!(clickhouse_url());
     away_from_day_boundary().await;
     let db = unique_db();
     let armed = Arc::new(AtomicBool::new(false));
@@ -98,7 +100,7 @@ async fn an_insert_whose_answer_is_lost_is_not_stored_twice() {
 /// one bad row never blocks the flusher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unstorable_row_is_set_aside_and_the_rest_is_stored() {
-    let Some(url) = clickhouse_url() else { return };
+    let url = need!(clickhouse_url());
     away_from_day_boundary().await;
     let db = unique_db();
     let server = TestServer::start(&config(&url, &db)).await;

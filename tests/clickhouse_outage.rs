@@ -2,13 +2,15 @@
 //! restarted while meterd ingests (nothing acknowledged is lost, ingest and
 //! checks never stop, the flusher catches up), and meterd itself SIGKILLed
 //! again and again while it flushes to ClickHouse every 20 ms (nothing counted
-//! twice). Skipped when `scripts/test` did not provide ClickHouse.
+//! twice). Without the ClickHouse of `scripts/test` skipped with a note, or
+//! failed under `METERD_TEST_REQUIRE_SERVICES` (see `common::require`).
 
 mod common;
 
 use common::ch::{self, ClickHouseServer};
 use common::load::{try_send, Rng};
 use common::process::{free_port, spawn, wait_healthy};
+use common::require::{self, need};
 use common::{away_from_day_boundary, Client, TestServer};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,7 +45,7 @@ async fn wait_sum(url: &str, db: &str, want: u64, limit: Duration) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_killed_and_restarted_mid_load_loses_nothing() {
-    let Some(mut clickhouse) = ClickHouseServer::start().await else { return };
+    let mut clickhouse = need!(ClickHouseServer::start().await);
     away_from_day_boundary().await;
     let db = ch::unique_db();
     let config = format!(
@@ -122,7 +124,7 @@ async fn load(c: Client, ledger: Arc<Mutex<Ledger>>, tag: String, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_flushing_to_clickhouse_counts_nothing_twice() {
-    let Some(url) = ch::clickhouse_url() else { return };
+    let url = need!(require::clickhouse_url());
     away_from_day_boundary().await;
     let db = ch::unique_db();
     let dir = tempfile::tempdir().expect("temp dir");

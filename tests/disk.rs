@@ -7,6 +7,7 @@
 mod common;
 
 use common::mount::Tmpfs;
+use common::require::need;
 use common::{away_from_day_boundary, TestServer};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -44,7 +45,7 @@ async fn stored_total(server: &TestServer) -> u64 {
 async fn full_disk_under_the_wal_refuses_with_503_and_loses_nothing() {
     away_from_day_boundary().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let Some(wal_fs) = Tmpfs::mount(&dir.path().join("wal"), "1m", false) else { return };
+    let wal_fs = need!(Tmpfs::mount(&dir.path().join("wal"), "1m", false));
     let config = format!("[storage]\ndurability = \"fsync\"\nflush_interval = \"100ms\"\nwal_segment_bytes = 65536\n{METERS}");
     let server = TestServer::start_in(&config, dir).await;
     let c = server.client();
@@ -93,8 +94,8 @@ async fn failing_store_fills_the_wal_then_503_then_drains() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     // The store's file system is small; the WAL has its own, roomier one.
-    let Some(store_fs) = Tmpfs::mount(&data, "2m", false) else { return };
-    let Some(wal_fs) = Tmpfs::mount(&data.join("wal"), "8m", false) else { return };
+    let store_fs = need!(Tmpfs::mount(&data, "2m", false));
+    let wal_fs = need!(Tmpfs::mount(&data.join("wal"), "8m", false));
     let config = format!(
         "[storage]\ndata_dir = {:?}\ndurability = \"fsync\"\nflush_interval = \"100ms\"\nwal_segment_bytes = 16384\nmax_wal_bytes = 65536\n{METERS}",
         data.display().to_string()
@@ -193,7 +194,7 @@ async fn unusable_data_dir_stops_the_start_with_a_clear_error() {
 
     // A read-only file system.
     let ro = dir.path().join("ro");
-    let Some(_fs) = Tmpfs::mount(&ro, "64k", true) else { return };
+    let _fs = need!(Tmpfs::mount(&ro, "64k", true));
     let text = format!("[storage]\ndata_dir = {:?}\n{METERS}", ro.display().to_string());
     let valid = meterd::config::Config::parse(&text, "t").and_then(|c| c.validate("t")).expect("config");
     let err = meterd::AppHandle::start(valid).await.err().map(|e| e.to_string()).unwrap_or_default();

@@ -2,14 +2,16 @@
 //! `scripts/test`): every acknowledged event lands in `raw_events` exactly once,
 //! with its fields, through graceful restarts, SIGKILLs mid-export, a chunk an
 //! earlier run stored in part, an INSERT whose answer is lost, and ClickHouse
-//! outages (during which the WAL keeps what the export still needs). Skipped
-//! (with a message) when `scripts/test` did not provide ClickHouse.
+//! outages (during which the WAL keeps what the export still needs). Without
+//! the ClickHouse of `scripts/test` skipped with a note, or failed under
+//! `METERD_TEST_REQUIRE_SERVICES` (see `common::require`).
 
 mod common;
 
-use common::ch::{clickhouse_url, cutting_proxy, holding_proxy, query, unique_db, ClickHouseServer};
+use common::ch::{cutting_proxy, holding_proxy, query, unique_db, ClickHouseServer};
 use common::load::{try_send, Rng};
 use common::process::{free_port, spawn, wait_healthy};
+use common::require::{clickhouse_url, need, Need};
 use common::{away_from_day_boundary, now_ms, Client, TestServer};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -94,11 +96,11 @@ async fn wait_watermark(wal: &Path, seq: u64) -> u64 {
 }
 
 /// The ClickHouse server's URL and a fresh database name, away from a day's
-/// end (`None`: no server configured, the test is skipped).
-async fn clickhouse_db() -> Option<(String, String)> {
+/// end (see `require::clickhouse_url` for a missing server).
+async fn clickhouse_db() -> Need<(String, String)> {
     let url = clickhouse_url()?;
     away_from_day_boundary().await;
-    Some((url, unique_db()))
+    Ok((url, unique_db()))
 }
 
 async fn drop_db(url: &str, db: &str) {
@@ -107,7 +109,7 @@ async fn drop_db(url: &str, db: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_event_is_in_raw_events_once_with_its_fields() {
-    let Some((url, db)) = clickhouse_db().await else { return };
+    let (url, db) = need!(clickhouse_db().await);
     let server = TestServer::start(&config(&url, &db, "100ms")).await;
     let c = server.client();
     let t0 = now_ms() - 60_000;
@@ -195,7 +197,7 @@ async fn every_accepted_event_is_in_raw_events_once_with_its_fields() {
 /// 18.16 keeps a body cut mid-stream): the next run sends only the missing rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_stored_in_part_by_a_killed_run_is_completed_not_repeated() {
-    let Some((url, db)) = clickhouse_db().await else { return };
+    let (url, db) = need!(clickhouse_db().await);
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
@@ -253,7 +255,7 @@ async fn a_chunk_stored_in_part_by_a_killed_run_is_completed_not_repeated() {
 /// landed, so before sending the chunk again it asks, and sends nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_insert_whose_answer_is_lost_is_not_sent_twice() {
-    let Some((url, db)) = clickhouse_db().await else { return };
+    let (url, db) = need!(clickhouse_db().await);
     let (armed, cuts) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
     let upstream = url.trim_start_matches("http://").trim_end_matches('/').to_string();
     let proxy = cutting_proxy(upstream, "raw_events", armed.clone(), cuts.clone()).await;
@@ -308,7 +310,7 @@ async fn load(c: Client, ledger: Arc<Mutex<Ledger>>, tag: String, seed: u64) {
 /// exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_exporting_keeps_every_acknowledged_event_once() {
-    let Some((url, db)) = clickhouse_db().await else { return };
+    let (url, db) = need!(clickhouse_db().await);
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
@@ -394,7 +396,7 @@ async fn sigkill_while_exporting_keeps_every_acknowledged_event_once() {
 /// catches up, once, and the segments go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_catches_up_after_a_clickhouse_outage_and_the_wal_keeps_what_it_needs() {
-    let Some(mut clickhouse) = ClickHouseServer::start().await else { return };
+    let mut clickhouse = need!(ClickHouseServer::start().await);
     away_from_day_boundary().await;
     let db = unique_db();
     let text = format!("[storage]\nwal_segment_bytes = 4096\n{}", config(&clickhouse.url(), &db, "100ms"));
@@ -442,7 +444,7 @@ async fn export_catches_up_after_a_clickhouse_outage_and_the_wal_keeps_what_it_n
 /// export resumes where it stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_wait_for_the_export_while_flushes_go_on() {
-    let Some((url, db)) = clickhouse_db().await else { return };
+    let (url, db) = need!(clickhouse_db().await);
     let text = format!("[storage]\nwal_segment_bytes = 4096\n{}", config(&url, &db, "50ms"));
     let server = TestServer::start(&text).await;
     let (c, wal) = (server.client(), server.data_dir().join("wal"));
@@ -490,7 +492,7 @@ async fn segments_wait_for_the_export_while_flushes_go_on() {
 /// stored: meterd refuses to start and says what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_events_ahead_of_the_wal_stops_the_start() {
-    let Some(url) = clickhouse_url() else { return };
+    let url = need!(clickhouse_url());
     let db = unique_db();
     let text = format!("[server]\ninstance_id = \"replaced\"\n{}", config(&url, &db, "100ms"));
     let server = TestServer::start(&text).await; // creates the tables
@@ -516,7 +518,7 @@ async fn raw_events_ahead_of_the_wal_stops_the_start() {
 /// exports the held events once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_while_clickhouse_holds_an_export_insert() {
-    let Some((url, db)) = clickhouse_db().await else { return };
+    let (url, db) = need!(clickhouse_db().await);
     let held = Arc::new(AtomicU64::new(0));
     let upstream = url.trim_start_matches("http://").trim_end_matches('/').to_string();
     let proxy = holding_proxy(upstream, "raw_events", held.clone()).await;

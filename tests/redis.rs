@@ -8,6 +8,7 @@ mod common;
 
 use common::process::{free_port, spawn, wait_healthy};
 use common::redis_server::RedisServer;
+use common::require::need;
 use common::{check, event, ingest, put, uid, TestServer};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -86,7 +87,7 @@ async fn redis_total(redis: &RedisServer, customer: &str, meter: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plan_change_on_one_instance_is_seen_by_all_within_a_second() {
-    let Some(redis) = RedisServer::start(false).await else { return };
+    let redis = need!(RedisServer::start(false).await);
     let servers = instances(&redis, 3, "50ms").await;
     let customer = uid("plan");
     assert_eq!(check(&servers[1].client(), &customer, "calls", 0).await["limit"], json!(1000000));
@@ -115,7 +116,7 @@ async fn plan_change_on_one_instance_is_seen_by_all_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn totals_agree_across_instances_and_ids_dedupe_across_them() {
-    let Some(redis) = RedisServer::start(false).await else { return };
+    let redis = need!(RedisServer::start(false).await);
     let servers = instances(&redis, 3, "50ms").await;
     let customer = uid("tot");
     let mut tasks = Vec::new();
@@ -150,7 +151,7 @@ async fn totals_agree_across_instances_and_ids_dedupe_across_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strict_limits_never_overshoot_and_cached_overshoot_stays_within_its_bound() {
-    let Some(redis) = RedisServer::start(false).await else { return };
+    let redis = need!(RedisServer::start(false).await);
     let servers = instances(&redis, 3, "100ms").await;
     // Strict: 100 units a month, 3 instances × 4 tasks × 20 consumes of 1.
     let customer = uid("strict");
@@ -234,7 +235,7 @@ async fn wait_limit(servers: &[TestServer], customer: &str, limit: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_stopped_and_restarted_empty_mid_load_loses_nothing() {
-    let Some(mut redis) = RedisServer::start(false).await else { return };
+    let mut redis = need!(RedisServer::start(false).await);
     let servers = instances(&redis, 2, "50ms").await;
     let customer = uid("down");
     // Writers on both instances run through the whole outage; every 202 counts.
@@ -297,7 +298,7 @@ async fn redis_stopped_and_restarted_empty_mid_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strict_limits_may_fail_open_while_redis_is_down() {
-    let Some(mut redis) = RedisServer::start(false).await else { return };
+    let mut redis = need!(RedisServer::start(false).await);
     let text = config(&redis.url(), "open", "50ms").replace("entitlements_ttl", "strict_when_unavailable = \"allow\"\nentitlements_ttl");
     let server = TestServer::start(&text).await;
     let customer = uid("open");
@@ -318,7 +319,7 @@ async fn strict_limits_may_fail_open_while_redis_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_an_instance_never_counts_its_usage_twice() {
-    let Some(redis) = RedisServer::start(false).await else { return };
+    let redis = need!(RedisServer::start(false).await);
     let other = TestServer::start(&config(&redis.url(), "other", "50ms")).await;
     let dir = tempfile::tempdir().expect("dir");
     let port = free_port();
@@ -361,7 +362,7 @@ async fn sigkill_of_an_instance_never_counts_its_usage_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_three_master_cluster_shares_entitlements_totals_strict_limits_and_ids() {
-    let Some(cluster) = common::redis_server::RedisCluster::start().await else { return };
+    let cluster = need!(common::redis_server::RedisCluster::start().await);
     let urls = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
     let cfg = |instance: &str| {
         format!(
@@ -442,7 +443,7 @@ async fn command_calls(redis: &RedisServer, command: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_customer_is_loaded_once_for_many_concurrent_misses_and_cached_checks_stay_local() {
-    let Some(redis) = RedisServer::start(false).await else { return };
+    let redis = need!(RedisServer::start(false).await);
     // No sync round during the test: every Redis call counted is a load.
     let server = TestServer::start(&config(&redis.url(), "solo", "60s")).await;
     let customer = uid("miss");

@@ -12,6 +12,7 @@
 mod common;
 
 use common::process::{free_port, meterd_command, wait_healthy, Proc};
+use common::require::{self, need};
 use common::stripe_fake::{Fault, StripeFake};
 use common::{now_ms, Client, TestServer};
 use serde_json::{json, Value};
@@ -484,8 +485,8 @@ async fn late_usage_between_a_lost_answer_and_the_resend_is_not_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_one_reporter_and_a_takeover() {
     keys();
-    let Some(redis) = common::redis_server::RedisServer::start(false).await else { return };
-    let Some(ch_url) = common::ch::clickhouse_url() else { return };
+    let redis = need!(common::redis_server::RedisServer::start(false).await);
+    let ch_url = need!(require::clickhouse_url());
     let db = common::ch::unique_db();
     let fake = StripeFake::start(GOOD_KEY).await;
     let extra = |instance: &str| {

@@ -191,17 +191,7 @@ impl Lease for RedisLease {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The server `scripts/test` started, or `None` (the test is skipped).
-    fn redis_url() -> Option<String> {
-        match std::env::var("METERD_TEST_REDIS_URL") {
-            Ok(url) if !url.is_empty() => Some(url),
-            _ => {
-                println!("SKIPPED: METERD_TEST_REDIS_URL not set");
-                None
-            }
-        }
-    }
+    use crate::store::suite::require::{need, redis_url};
 
     fn prefix(tag: &str) -> String {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
@@ -222,7 +212,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_leases_compete_and_only_one_holds() {
-        let Some(url) = redis_url() else { return };
+        let url = need!(redis_url());
         let p = prefix("compete");
         let a = lease(&url, &p, "a", 30_000);
         let b = lease(&url, &p, "b", 30_000);
@@ -245,7 +235,7 @@ mod tests {
 
     #[tokio::test]
     async fn expiry_hands_the_lease_over_with_a_greater_token() {
-        let Some(url) = redis_url() else { return };
+        let url = need!(redis_url());
         let p = prefix("expiry");
         let a = lease(&url, &p, "a", 200);
         let b = lease(&url, &p, "b", 200);

@@ -800,6 +800,7 @@ impl LedgerStore for ClickHouseStore {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use super::super::suite::require::{self, need, Need};
     use super::super::suite::{self, flush, query, row, MINUTE, T0};
     use super::*;
 
@@ -816,17 +817,6 @@ pub(super) mod tests {
     }
     use std::time::{SystemTime, UNIX_EPOCH};
 
-    /// The server `scripts/test` started, or `None` (the test is skipped).
-    pub(in crate::store) fn server_url() -> Option<String> {
-        match std::env::var("METERD_TEST_CLICKHOUSE_URL") {
-            Ok(url) if !url.is_empty() => Some(url),
-            _ => {
-                println!("SKIPPED: METERD_TEST_CLICKHOUSE_URL not set");
-                None
-            }
-        }
-    }
-
     /// A database name no other test or run uses.
     pub(in crate::store) fn unique_database(tag: &str) -> String {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
@@ -840,6 +830,28 @@ pub(super) mod tests {
             Err(e) => panic!("connect to {url}, database {database}: {e}"),
         }
     }
+
+    /// A store on a database of its own, dropped when the test is done.
+    struct Database(ClickHouseStore);
+
+    impl suite::Fixture for Database {
+        type Store = ClickHouseStore;
+
+        fn store(&self) -> &ClickHouseStore {
+            &self.0
+        }
+
+        async fn finish(self) {
+            drop_database(&self.0).await;
+        }
+    }
+
+    async fn open_database(tag: &str) -> Need<Database> {
+        let url = require::clickhouse_url()?;
+        Ok(Database(open(&url, tag).await))
+    }
+
+    suite::store_suite!(open_database; usage, ledger);
 
     async fn sql(store: &ClickHouseStore, sql: &str) {
         if let Err(e) = store.client.query(sql).execute().await {
@@ -879,7 +891,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn partial_flush_is_completed_by_the_retry() {
-        let Some(url) = server_url() else { return };
+        let url = need!(require::clickhouse_url());
         let store = open(&url, "partial").await;
         let batch = five_rows("p-inst", 1);
         store_part(&store, &batch, 2).await;
@@ -898,7 +910,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn recover_removes_partial_flushes() {
-        let Some(url) = server_url() else { return };
+        let url = need!(require::clickhouse_url());
         let store = open(&url, "recover").await;
         store.write_flush(&five_rows("r-inst", 1)).await.unwrap_or_else(|e| panic!("flush 1: {e}"));
         store_part(&store, &five_rows("r-inst", 2), 3).await;
@@ -914,40 +926,8 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    async fn sum_aggregate_over_range() {
-        let Some(url) = server_url() else { return };
-        let store = open(&url, "sum").await;
-        suite::sum_aggregate(&store, "t1").await;
-        drop_database(&store).await;
-    }
-
-    #[tokio::test]
-    async fn duplicate_flush_is_stored_once() {
-        let Some(url) = server_url() else { return };
-        let store = open(&url, "dup").await;
-        suite::duplicate_flush(&store, "t2").await;
-        drop_database(&store).await;
-    }
-
-    #[tokio::test]
-    async fn max_and_latest_folds() {
-        let Some(url) = server_url() else { return };
-        let store = open(&url, "folds").await;
-        suite::max_and_latest(&store, "t3").await;
-        drop_database(&store).await;
-    }
-
-    #[tokio::test]
-    async fn series_buckets_and_limit() {
-        let Some(url) = server_url() else { return };
-        let store = open(&url, "series").await;
-        suite::series_granularity(&store, "t4").await;
-        drop_database(&store).await;
-    }
-
-    #[tokio::test]
-    async fn stripe_ledger() {
-        let Some(url) = server_url() else { return };
+    async fn a_ledger_append_stored_twice_reads_as_one() {
+        let url = need!(require::clickhouse_url());
         let store = open(&url, "ledger").await;
         suite::ledger(&store, "t6").await;
         // A retried append stored twice (no unique keys here) reads as one row.
@@ -957,37 +937,24 @@ pub(super) mod tests {
         drop_database(&store).await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_flushes_are_exact() {
-        let Some(url) = server_url() else { return };
-        let store = open(&url, "concurrent").await;
-        suite::concurrent_flushes(Arc::new(store.clone()), "t7").await;
-        drop_database(&store).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn all_scenarios_share_one_database() {
-        // Scenarios with distinct namespaces must not see each other's data.
-        let Some(url) = server_url() else { return };
-        let store = open(&url, "shared").await;
-        suite::sum_aggregate(&store, "s1").await;
+    #[tokio::test]
+    async fn a_restarted_instance_sees_the_database() {
+        let url = need!(require::clickhouse_url());
+        let store = open(&url, "restart").await;
         suite::duplicate_flush(&store, "s2").await;
-        suite::max_and_latest(&store, "s3").await;
-        suite::series_granularity(&store, "s4").await;
-        suite::concurrent_flushes(Arc::new(store.clone()), "s7").await;
         // A second store on the same database (a restarted instance) sees it all.
         let again = match ClickHouseStore::connect(&url, &store.database).await {
             Ok(s) => s,
             Err(e) => panic!("reconnect: {e}"),
         };
-        suite::sum_aggregate(&again, "s8").await;
         assert_eq!(again.max_flush_seq("s2-a").await.expect("max seq"), 4);
+        suite::sum_aggregate(&again, "s8").await;
         drop_database(&store).await;
     }
 
     #[tokio::test]
     async fn retried_flush_is_stored_once() {
-        let Some(url) = server_url() else { return };
+        let url = need!(require::clickhouse_url());
         let store = open(&url, "retry").await;
         let meter = "r.api_calls";
         let batch =
@@ -1037,7 +1004,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn schema_has_contract_columns() {
-        let Some(url) = server_url() else { return };
+        let url = need!(require::clickhouse_url());
         let store = open(&url, "schema").await;
         let columns = match store
             .client
@@ -1107,7 +1074,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn rejects_wrong_schema_and_bad_names() {
-        let Some(url) = server_url() else { return };
+        let url = need!(require::clickhouse_url());
         assert!(matches!(ClickHouseStore::connect(&url, "bad-name; DROP").await, Err(StoreError::Io(_))));
         assert!(matches!(ClickHouseStore::connect(&url, "").await, Err(StoreError::Io(_))));
         let store = open(&url, "wrong").await;
@@ -1127,7 +1094,7 @@ pub(super) mod tests {
 
     #[tokio::test]
     async fn rejects_unstorable_batches() {
-        let Some(url) = server_url() else { return };
+        let url = need!(require::clickhouse_url());
         let store = open(&url, "reject").await;
         let q = query("x-inst", "x.m", Fold::Sum, 0, i64::MAX, None);
         assert!(matches!(store.series(&q, 0, 10).await, Err(StoreError::Io(_))));

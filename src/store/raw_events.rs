@@ -308,10 +308,11 @@ mod tests {
     }
 }
 
-/// Against the ClickHouse server `scripts/test` starts (skipped without it).
+/// Against the ClickHouse server `scripts/test` starts (see `suite::require`).
 #[cfg(test)]
 mod server_tests {
-    use super::super::clickhouse::tests::{server_url, unique_database};
+    use super::super::clickhouse::tests::unique_database;
+    use super::super::suite::require::{self, need};
     use super::*;
     use crate::wal::record::BatchBuilder;
 
@@ -336,7 +337,7 @@ mod server_tests {
 
     #[tokio::test]
     async fn creates_the_table_and_reads_back_keys() {
-        let Some(url) = server_url() else { return };
+        let url = need!(require::clickhouse_url());
         let db = unique_database("raw");
         let table = RawEventsTable::connect(&url, &db).await.unwrap_or_else(|e| panic!("connect: {e}"));
         // Connecting again keeps the table (and checks it).
@@ -370,7 +371,7 @@ mod server_tests {
 
     #[tokio::test]
     async fn refuses_a_table_with_other_types() {
-        let Some(url) = server_url() else { return };
+        let url = need!(require::clickhouse_url());
         let db = unique_database("rawwrong");
         let table = RawEventsTable::connect(&url, &db).await.unwrap_or_else(|e| panic!("connect: {e}"));
         let other = unique_database("rawwrong2");

@@ -89,3 +89,33 @@ impl EntitlementStore for RedisEntitlementStore {
         Ok(all)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::suite::{self, require, Fixture};
+    use super::*;
+    use std::time::Duration;
+
+    /// A store on the Redis of `scripts/test`, under a key prefix of its own.
+    struct Prefixed(RedisEntitlementStore);
+
+    impl Fixture for Prefixed {
+        type Store = RedisEntitlementStore;
+
+        fn store(&self) -> &RedisEntitlementStore {
+            &self.0
+        }
+    }
+
+    async fn open(tag: &str) -> require::Need<Prefixed> {
+        let url = require::redis_url()?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let prefix = format!("meterd-test:{}:{nanos}:{tag}:", std::process::id());
+        match Redis::connect(std::slice::from_ref(&url), &prefix, Duration::from_secs(5)).await {
+            Ok(redis) => Ok(Prefixed(RedisEntitlementStore::new(redis))),
+            Err(e) => panic!("connect to {url}: {e}"),
+        }
+    }
+
+    suite::store_suite!(open; entitlements);
+}

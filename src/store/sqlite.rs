@@ -503,62 +503,26 @@ mod tests {
         (dir, store)
     }
 
-    #[tokio::test]
-    async fn sum_aggregate_over_range() {
-        let (_dir, store) = open_temp();
-        suite::sum_aggregate(&store, "t1").await;
+    /// A store in a temp dir, removed with it.
+    struct Temp {
+        _dir: tempfile::TempDir,
+        store: SqliteStore,
     }
 
-    #[tokio::test]
-    async fn duplicate_flush_is_stored_once() {
-        let (_dir, store) = open_temp();
-        suite::duplicate_flush(&store, "t2").await;
+    impl suite::Fixture for Temp {
+        type Store = SqliteStore;
+
+        fn store(&self) -> &SqliteStore {
+            &self.store
+        }
     }
 
-    #[tokio::test]
-    async fn max_and_latest_folds() {
-        let (_dir, store) = open_temp();
-        suite::max_and_latest(&store, "t3").await;
+    async fn open(_tag: &str) -> suite::require::Need<Temp> {
+        let (dir, store) = open_temp();
+        Ok(Temp { _dir: dir, store })
     }
 
-    #[tokio::test]
-    async fn series_buckets_and_limit() {
-        let (_dir, store) = open_temp();
-        suite::series_granularity(&store, "t4").await;
-    }
-
-    #[tokio::test]
-    async fn stripe_ledger() {
-        let (_dir, store) = open_temp();
-        suite::ledger(&store, "t6").await;
-        suite::ledger(&store, "t6b").await;
-    }
-
-    #[tokio::test]
-    async fn entitlements_roundtrip() {
-        let (_dir, store) = open_temp();
-        suite::entitlements(&store, "t5").await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_flushes_are_exact() {
-        let (_dir, store) = open_temp();
-        suite::concurrent_flushes(Arc::new(store), "t7").await;
-    }
-
-    #[tokio::test]
-    async fn all_scenarios_share_one_store() {
-        // As against a shared ClickHouse: scenarios with distinct namespaces must
-        // not see each other's data.
-        let (_dir, store) = open_temp();
-        suite::sum_aggregate(&store, "s1").await;
-        suite::duplicate_flush(&store, "s2").await;
-        suite::max_and_latest(&store, "s3").await;
-        suite::series_granularity(&store, "s4").await;
-        suite::entitlements(&store, "s5").await;
-        suite::entitlements(&store, "s6").await;
-        suite::concurrent_flushes(Arc::new(store.clone()), "s7").await;
-    }
+    suite::store_suite!(open; usage, ledger, entitlements);
 
     fn batch(instance_id: &str, seq: u64, rows: Vec<UsageRow>) -> FlushBatch {
         FlushBatch { instance_id: instance_id.to_owned(), seq, wal_seq: 0, wal_extras: Vec::new(), rows }

@@ -5,6 +5,11 @@
 //! Every scenario takes a namespace `ns` and prefixes its instance ids, meters and
 //! customers with it, so scenarios can share one store (a ClickHouse database,
 //! say) without seeing each other's data. Scenarios panic on failure.
+//!
+//! [`store_suite!`] instantiates every scenario for one backend, so a scenario
+//! added here runs against SQLite, ClickHouse and Redis alike; [`require`] decides
+//! what a test does when its server is missing (skip, or fail under
+//! `METERD_TEST_REQUIRE_SERVICES`).
 
 use super::{
     Aggregate, EntitlementStore, FlushBatch, Fold, LedgerKind, LedgerRow, LedgerStore, SeriesPoint, StoreError, Stored, UsageQuery,
@@ -13,6 +18,86 @@ use super::{
 use crate::model::EntitlementsDoc;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// The integration tests' service helper, the same file (see its doc).
+#[path = "../../tests/common/require.rs"]
+pub mod require;
+
+/// A backend under test, opened by the function [`store_suite!`] is given.
+#[allow(async_fn_in_trait)]
+pub trait Fixture {
+    type Store: Clone + 'static;
+
+    fn store(&self) -> &Self::Store;
+
+    /// Cleans up after the test (a ClickHouse database is dropped).
+    async fn finish(self)
+    where
+        Self: Sized,
+    {
+    }
+}
+
+/// `store_suite!(open; usage, ledger, entitlements)` in a backend's test module:
+/// a module `scenarios` with a `#[tokio::test]` for every scenario of each trait
+/// named (`scenarios::usage::sum_aggregate`, …), and `scenarios::share_one_store`,
+/// which runs them all on one store, each in a namespace of its own (the ledger
+/// and entitlement scenarios twice).
+///
+/// `open` is a function of that test module, `async fn open(tag: &str) ->
+/// Need<F>` with `F: Fixture` whose store implements the traits named; `tag`
+/// names the test (for a database or key prefix of its own). A scenario is
+/// added once, to its trait's list below.
+macro_rules! store_suite {
+    ($open:ident; $($part:ident),+ $(,)?) => {
+        mod scenarios {
+            $( $crate::store::suite::store_suite!(@part $open, $part); )+
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn share_one_store() {
+                let fixture = $crate::store::suite::require::need!(super::$open("shared").await);
+                let store = $crate::store::suite::Fixture::store(&fixture);
+                $( $part::all(store, concat!("s1-", stringify!($part))).await; )+
+                // The same scenarios again in other namespaces, among the first run's
+                // data (not the usage ones: concurrent_flushes takes ~30 s on ClickHouse).
+                $( $crate::store::suite::store_suite!(@again $part, store); )+
+                $crate::store::suite::Fixture::finish(fixture).await;
+            }
+        }
+    };
+    (@again usage, $store:ident) => {};
+    (@again $part:ident, $store:ident) => {
+        $part::all($store, concat!("s2-", stringify!($part))).await;
+    };
+    (@part $open:ident, usage) => {
+        $crate::store::suite::store_suite!(@scenarios $open, usage [$crate::store::UsageStore + Clone + 'static]:
+            sum_aggregate, duplicate_flush, max_and_latest, series_granularity, concurrent_flushes);
+    };
+    (@part $open:ident, ledger) => {
+        $crate::store::suite::store_suite!(@scenarios $open, ledger [$crate::store::LedgerStore]: ledger);
+    };
+    (@part $open:ident, entitlements) => {
+        $crate::store::suite::store_suite!(@scenarios $open, entitlements [$crate::store::EntitlementStore]: entitlements);
+    };
+    (@scenarios $open:ident, $part:ident [$($bound:tt)+]: $($scenario:ident),+) => {
+        mod $part {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    let fixture = $crate::store::suite::require::need!(super::super::$open(stringify!($scenario)).await);
+                    $crate::store::suite::$scenario($crate::store::suite::Fixture::store(&fixture), stringify!($scenario)).await;
+                    $crate::store::suite::Fixture::finish(fixture).await;
+                }
+            )+
+
+            /// Every scenario of this trait on `store`, each in a namespace below `ns`.
+            pub(super) async fn all<S: $($bound)+>(store: &S, ns: &str) {
+                $( $crate::store::suite::$scenario(store, &format!("{ns}-{}", stringify!($scenario))).await; )+
+            }
+        }
+    };
+}
+pub(crate) use store_suite;
 
 pub const MINUTE: i64 = 60_000;
 pub const HOUR: i64 = 60 * MINUTE;
@@ -399,7 +484,8 @@ pub async fn entitlements(store: &dyn EntitlementStore, ns: &str) {
 
 /// 7. Concurrent writers: 8 tasks × 50 flushes with distinct seqs (each task also
 ///    retries its first flush): totals exact, every seq stored once.
-pub async fn concurrent_flushes(store: Arc<dyn UsageStore>, ns: &str) {
+pub async fn concurrent_flushes<S: UsageStore + Clone + 'static>(store: &S, ns: &str) {
+    let store: Arc<dyn UsageStore> = Arc::new(store.clone());
     const TASKS: u64 = 8;
     const FLUSHES: u64 = 50;
     let inst = format!("{ns}-inst");

@@ -78,8 +78,7 @@ mod tests {
 
     #[test]
     fn round_trips_and_detects_damage() {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string());
-        let Ok(dir) = dir else { return };
+        let dir = tempfile::tempdir().expect("temp dir");
         assert_eq!(read(dir.path()).ok(), Some(0));
         assert!(write(dir.path(), 42).is_ok());
         assert_eq!(read(dir.path()).ok(), Some(42));

@@ -245,10 +245,10 @@ mod tests {
 
     #[test]
     fn appends_loads_and_expires() {
-        let Ok(tmp) = tempfile::tempdir() else { return };
+        let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("ids");
         let day = 86_400_000;
-        let Ok(mut log) = IdLog::new(dir.clone(), day) else { return };
+        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
         let t0 = 100 * day;
         assert!(log.append(&[1, 2, 3], t0, 1).is_ok());
         assert!(log.append(&[4], t0 + 2 * HOUR_MS, 2).is_ok());
@@ -261,15 +261,15 @@ mod tests {
         // A torn last entry is ignored, and cut when the file is appended to again.
         drop(log);
         let torn = dir.join(format!("{}.ids", t0 + 2 * HOUR_MS));
-        let _ = OpenOptions::new().append(true).open(&torn).and_then(|mut f| f.write_all(&[9; 7]));
+        OpenOptions::new().append(true).open(&torn).and_then(|mut f| f.write_all(&[9; 7])).expect("tear the last entry");
         assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 4);
-        let Ok(mut log) = IdLog::new(dir.clone(), day) else { return };
+        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
         let mark = log.append(&[5], t0 + 2 * HOUR_MS, 3);
         let mut seen = Vec::new();
-        let _ = load(&dir, t0, day, |id, _| seen.push(id));
+        load(&dir, t0, day, |id, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert_eq!(seen, vec![1, 2, 3, 4, 5], "the new entry is aligned");
         // A rollback removes what a refused group appended.
-        let Ok(mark2) = log.append(&[6, 7], t0 + 2 * HOUR_MS, 4) else { return };
+        let mark2 = log.append(&[6, 7], t0 + 2 * HOUR_MS, 4).unwrap_or_else(|e| panic!("append: {e}"));
         assert!(log.rollback(mark2).is_ok());
         assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 5);
         assert!(mark.is_ok());
@@ -281,16 +281,16 @@ mod tests {
         drop(log);
         assert_eq!(forget(&dir, &[(2, 3)]).unwrap_or(0), 2);
         let mut left = Vec::new();
-        let _ = load(&dir, t0, day, |id, _| left.push(id));
+        load(&dir, t0, day, |id, _| left.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert!(left.is_empty(), "ids 4 and 5 (records 2, 3) forgotten: {left:?}");
     }
 
     #[test]
     fn a_group_is_one_write_per_hour_and_rolls_back_whole() {
-        let Ok(tmp) = tempfile::tempdir() else { return };
+        let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("ids");
         let day = 86_400_000;
-        let Ok(mut log) = IdLog::new(dir.clone(), day) else { return };
+        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
         let t0 = 100 * day + HOUR_MS - 1;
         // Three records, the last past the hour's end: two writes, two marks.
         let group = vec![(vec![1, 2], t0, 1), (vec![3], t0, 2), (vec![4, 5], t0 + 1, 3)];
@@ -298,7 +298,7 @@ mod tests {
         assert!(log.append_group(&group, &mut marks).is_ok());
         assert_eq!(marks.len(), 2);
         let mut seen = Vec::new();
-        let _ = load(&dir, t0 + 1, day, |id, at| seen.push((id, at)));
+        load(&dir, t0 + 1, day, |id, at| seen.push((id, at))).unwrap_or_else(|e| panic!("load: {e}"));
         seen.sort();
         assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
         assert_eq!((seen[0].1, seen[3].1), (t0 + 1 - 60_000, t0 + 1), "entries keep their own minute");

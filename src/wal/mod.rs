@@ -431,7 +431,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_replay_checkpoint_and_rotate() {
-        let Ok(tmp) = tempfile::tempdir() else { return };
+        let tmp = tempfile::tempdir().expect("temp dir");
         let cfg = config(tmp.path(), 300);
         let (wal, report) =
             Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
@@ -488,7 +488,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn segments_are_kept_until_both_checkpoint_and_hold_pass_them() {
-        let Ok(tmp) = tempfile::tempdir() else { return };
+        let tmp = tempfile::tempdir().expect("temp dir");
         let cfg = WalConfig { hold: Some(0), ..config(tmp.path(), 300) };
         let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..30 {
@@ -516,7 +516,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn buffered_records_are_durable_only_once_synced() {
-        let Ok(tmp) = tempfile::tempdir() else { return };
+        let tmp = tempfile::tempdir().expect("temp dir");
         let cfg = WalConfig { sync: Some(Sync::Interval(Duration::from_secs(3600))), ..config(tmp.path(), 1 << 20) };
         let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..5 {
@@ -534,7 +534,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn torn_tail_is_cut_and_corruption_stops() {
-        let Ok(tmp) = tempfile::tempdir() else { return };
+        let tmp = tempfile::tempdir().expect("temp dir");
         let cfg = config(tmp.path(), 1 << 20);
         let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..5 {

@@ -1,25 +1,17 @@
 //! ClickHouse for the tests: the shared server `scripts/test` started
 //! (`METERD_TEST_CLICKHOUSE_URL`), plain HTTP queries against it, and private
 //! `clickhouse-server` processes (`METERD_TEST_CLICKHOUSE_SERVER_BIN`) for the
-//! tests that kill and restart the server. Without the variables the tests print
-//! SKIPPED and pass.
+//! tests that kill and restart the server. Without the variables a test is
+//! skipped, or fails under `METERD_TEST_REQUIRE_SERVICES` (see `require`).
 
 use super::process::free_port;
+use super::require::{self, Need};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The shared server's URL, if the harness started one.
-pub fn clickhouse_url() -> Option<String> {
-    let url = std::env::var("METERD_TEST_CLICKHOUSE_URL").ok().filter(|u| !u.is_empty());
-    if url.is_none() {
-        eprintln!("SKIPPED: METERD_TEST_CLICKHOUSE_URL not set (scripts/test sets it)");
-    }
-    url
-}
 
 /// A database name no other test uses.
 pub fn unique_db() -> String {
@@ -146,20 +138,14 @@ pub struct ClickHouseServer {
 }
 
 impl ClickHouseServer {
-    pub async fn start() -> Option<ClickHouseServer> {
-        let bin = match std::env::var("METERD_TEST_CLICKHOUSE_SERVER_BIN") {
-            Ok(b) if !b.is_empty() => PathBuf::from(b),
-            _ => {
-                eprintln!("SKIPPED: METERD_TEST_CLICKHOUSE_SERVER_BIN not set (scripts/test sets it)");
-                return None;
-            }
-        };
+    pub async fn start() -> Need<ClickHouseServer> {
+        let bin = require::clickhouse_server_bin()?;
         let dir = tempfile::tempdir().expect("temp dir");
         let http_port = free_port();
         write_config(dir.path(), http_port, free_port(), free_port());
         let mut server = ClickHouseServer { http_port, bin, dir, child: None };
         server.spawn().await;
-        Some(server)
+        Ok(server)
     }
 
     pub fn url(&self) -> String {

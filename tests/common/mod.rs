@@ -8,6 +8,7 @@ pub mod load;
 pub mod mount;
 pub mod process;
 pub mod redis_server;
+pub mod require;
 pub mod stripe_fake;
 
 use bytes::Bytes;

@@ -1,7 +1,8 @@
 //! Small tmpfs mounts for disk-trouble tests: a full disk, a read-only one. They
-//! need root (CI runs as root); `Tmpfs::mount` returns `None` elsewhere and the
-//! test says it was skipped. Unmounted (lazily) on drop.
+//! need root (CI runs as root): where `mount` fails, the test is skipped, or fails
+//! under `METERD_TEST_REQUIRE_SERVICES` (see `require`). Unmounted (lazily) on drop.
 
+use super::require::{self, Need};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,18 +12,20 @@ pub struct Tmpfs {
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (e.g. "256k") at `path`, read-only if asked.
-    pub fn mount(path: &Path, size: &str, read_only: bool) -> Option<Tmpfs> {
-        std::fs::create_dir_all(path).ok()?;
+    pub fn mount(path: &Path, size: &str, read_only: bool) -> Need<Tmpfs> {
+        if let Err(e) = std::fs::create_dir_all(path) {
+            panic!("create the mount point {}: {e}", path.display());
+        }
         let mut opts = format!("size={size}");
         if read_only {
             opts.push_str(",ro");
         }
-        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &opts, "tmpfs"]).arg(path).status().map(|s| s.success()).unwrap_or(false);
-        if !ok {
-            eprintln!("SKIPPED: cannot mount a tmpfs at {} (needs root)", path.display());
-            return None;
-        }
-        Some(Tmpfs { path: path.to_path_buf() })
+        let why = match Command::new("mount").args(["-t", "tmpfs", "-o", &opts, "tmpfs"]).arg(path).output() {
+            Ok(out) if out.status.success() => return Ok(Tmpfs { path: path.to_path_buf() }),
+            Ok(out) => format!("mount exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+            Err(e) => format!("cannot run mount: {e}"),
+        };
+        Err(require::missing(format!("cannot mount a tmpfs at {} ({why})", path.display()), "run as root with mount(8), as CI does"))
     }
 
     /// Fills the file system with a filler file; returns its path.

@@ -1,9 +1,11 @@
 //! Throwaway `redis-server` processes for the tests that need to stop, restart
 //! or cluster Redis (the shared one from `scripts/test` must not be disturbed).
 //! The binary comes from `METERD_TEST_REDIS_SERVER_BIN` (set by `scripts/test`);
-//! without it the tests print SKIPPED and pass.
+//! without it a test is skipped, or fails under `METERD_TEST_REQUIRE_SERVICES`
+//! (see `require`).
 
 use super::process::free_port;
+use super::require::{self, Need};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,25 +19,14 @@ pub struct RedisServer {
     cluster: bool,
 }
 
-/// The redis-server binary, if the harness gave one.
-pub fn binary() -> Option<PathBuf> {
-    match std::env::var("METERD_TEST_REDIS_SERVER_BIN") {
-        Ok(b) if !b.is_empty() => Some(PathBuf::from(b)),
-        _ => {
-            eprintln!("SKIPPED: METERD_TEST_REDIS_SERVER_BIN is not set (run through scripts/test)");
-            None
-        }
-    }
-}
-
 impl RedisServer {
     /// Starts a server on a free port with its files under a temp dir.
-    pub async fn start(cluster: bool) -> Option<RedisServer> {
-        let bin = binary()?;
+    pub async fn start(cluster: bool) -> Need<RedisServer> {
+        let bin = require::redis_server_bin()?;
         let dir = tempfile::tempdir().expect("temp dir").keep();
         let mut server = RedisServer { port: free_port(), bin, dir, child: None, cluster };
         server.spawn().await;
-        Some(server)
+        Ok(server)
     }
 
     pub fn url(&self) -> String {
@@ -103,7 +94,7 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
-    pub async fn start() -> Option<RedisCluster> {
+    pub async fn start() -> Need<RedisCluster> {
         let mut nodes = Vec::new();
         for _ in 0..3 {
             nodes.push(RedisServer::start(true).await?);
@@ -128,7 +119,7 @@ impl RedisCluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        Some(RedisCluster { nodes })
+        Ok(RedisCluster { nodes })
     }
 
     pub fn urls(&self) -> Vec<String> {
