@@ -180,6 +180,12 @@ impl AppHandle {
             None => None,
         };
         let prometheus = crate::telemetry::prometheus();
+        crate::telemetry::register_known(&crate::telemetry::Known {
+            meters: engine.catalog.meters().iter().map(|m| (usize::from(m.id), m.name.as_str())).collect(),
+            redis: redis.is_some(),
+            stripe: config.stripe.is_some(),
+            raw_events: exporter.is_some(),
+        });
         let stripe = match &config.stripe {
             None => None,
             Some(settings) => Some(stripe_reporter(&config, settings, &engine, ledger_store, &instance_id)?),

@@ -221,6 +221,7 @@ pub fn stripe_status(state: &HttpState, headers: &HeaderMap) -> Resp {
 
 pub fn metrics(state: &HttpState) -> Response<Full<Bytes>> {
     crate::flush::housekeeping_gauges(&state.engine);
+    crate::telemetry::collect_process();
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
         .body(Full::new(Bytes::from(state.prometheus.render())))
