@@ -53,6 +53,8 @@ pub const RAW_EXPORT_WATERMARK: &str = "meterd_raw_export_watermark";
 pub const RAW_EXPORT_LAG_RECORDS: &str = "meterd_raw_export_lag_records";
 pub const RAW_EXPORT_LAG: &str = "meterd_raw_export_lag_seconds";
 pub const BUILD_INFO: &str = "meterd_build_info";
+pub const TASK_RUNNING: &str = "meterd_task_running";
+pub const TASK_RESTARTS_TOTAL: &str = "meterd_task_restarts_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static HOT: OnceLock<Hot> = OnceLock::new();
@@ -281,6 +283,8 @@ fn describe() {
     metrics::describe_gauge!(REDIS_PENDING_KEYS, "Window counters with usage not yet in Redis");
     metrics::describe_gauge!(REDIS_PENDING_UNITS, "Usage (raw units) not yet in Redis");
     metrics::describe_counter!(ENTITLEMENT_RELOADS_TOTAL, "Entitlements read from Redis, by trigger (load, message)");
+    metrics::describe_gauge!(TASK_RUNNING, "1 while the background task runs, by task (see /readyz for why one does not)");
+    metrics::describe_counter!(TASK_RESTARTS_TOTAL, "Background tasks started again after a failure or panic, by task");
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the version label is the running meterd's");
     metrics::describe_gauge!(WRITES_REFUSED, "1 while ingest and consumes are refused (store behind or WAL broken)");
     metrics::describe_counter!(STRIPE_SENT_TOTAL, "Meter events Stripe took (including identifiers it already had)");
@@ -383,6 +387,18 @@ pub fn http_request(route: &'static str, status: u16, seconds: f64) {
             metrics::histogram!(HTTP_DURATION, "route" => route).record(seconds);
         }
     }
+}
+
+/// Whether a supervised background task runs (its restart counter is
+/// registered at zero with it).
+pub fn task_running(task: &'static str, running: bool) {
+    metrics::gauge!(TASK_RUNNING, "task" => task).set(if running { 1.0 } else { 0.0 });
+    metrics::counter!(TASK_RESTARTS_TOTAL, "task" => task).increment(0);
+}
+
+/// A supervised background task is started again.
+pub fn task_restart(task: &'static str) {
+    metrics::counter!(TASK_RESTARTS_TOTAL, "task" => task).increment(1);
 }
 
 pub fn rate_limited() {
