@@ -168,12 +168,25 @@ fn is_down(state: &TaskState) -> bool {
 /// Returns the outcome of the attempt that ended on the shutdown signal (a
 /// flusher's final flush error, say); `Ok(None)` when shutdown came while no
 /// attempt ran and none could be made; the task's death otherwise.
-pub async fn supervise<O, Fut, F>(
+///
+/// The task is registered (as running) when this is called, not when the
+/// returned future is first polled, so a spawned supervisor shows at once.
+pub fn supervise<O, Fut, F>(
     task: Task,
     health: Health,
-    mut shutdown: watch::Receiver<bool>,
-    mut make_task: F,
-) -> Result<Option<O>, HealthError>
+    shutdown: watch::Receiver<bool>,
+    make_task: F,
+) -> impl Future<Output = Result<Option<O>, HealthError>>
+where
+    O: Outcome,
+    Fut: Future<Output = O> + Send + 'static,
+    F: FnMut(watch::Receiver<bool>) -> Option<Fut>,
+{
+    health.set(task, TaskState::Running);
+    run(task, health, shutdown, make_task)
+}
+
+async fn run<O, Fut, F>(task: Task, health: Health, mut shutdown: watch::Receiver<bool>, mut make_task: F) -> Result<Option<O>, HealthError>
 where
     O: Outcome,
     Fut: Future<Output = O> + Send + 'static,

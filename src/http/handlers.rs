@@ -239,6 +239,12 @@ pub fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     if let Some(reason) = state.engine.write_refusal() {
         return ApiError::unavailable(reason, 1).response();
     }
+    if let Some(reason) = state.health.not_ready() {
+        return ApiError::unavailable(reason, 5).response();
+    }
+    if let Some(reason) = state.health.degraded() {
+        return json(StatusCode::OK, &j!({"status": "degraded", "reason": reason}));
+    }
     match &state.engine.redis {
         // Checks and ingest go on from local state; say so.
         Some(redis) if !redis.is_up() => json(
