@@ -13,9 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// An attempt that ran at least this long was healthy: a failure after it
-/// starts the backoff from the beginning again.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
+/// An attempt that ran at least this many backoff intervals was healthy: a
+/// failure after it starts the backoff from the beginning again.
+const HEALTHY_RUN_INTERVALS: u32 = 30;
+/// A critical task that failed this many times in a row is crash-looping: the
+/// instance is not ready until it has run a healthy while.
+const CRASH_LOOP: u32 = 3;
 
 /// Why a supervised task ended for good other than on the shutdown signal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +67,16 @@ pub enum Restart {
     Backoff(Duration),
 }
 
+impl Restart {
+    /// How long an attempt must run to count as healthy (never, without restarts).
+    fn healthy_run(self) -> Option<Duration> {
+        match self {
+            Restart::Never => None,
+            Restart::Backoff(interval) => Some(interval.saturating_mul(HEALTHY_RUN_INTERVALS)),
+        }
+    }
+}
+
 /// A supervised task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Task {
@@ -94,6 +107,29 @@ impl<E: Display + Send + 'static> Outcome for Result<(), E> {
 struct Entry {
     task: Task,
     state: TaskState,
+    /// Since when it is in `state`.
+    since: Instant,
+    /// Failures in a row and the last one's error, kept while it runs again.
+    failures: u32,
+    last_error: String,
+}
+
+impl Entry {
+    /// Failed [`CRASH_LOOP`] times in a row and not yet run a healthy while since.
+    fn crash_looping(&self) -> bool {
+        let healthy = self.task.restart.healthy_run().is_some_and(|d| self.since.elapsed() >= d);
+        self.failures >= CRASH_LOOP && !(self.state == TaskState::Running && healthy)
+    }
+
+    fn describe(&self) -> String {
+        match &self.state {
+            TaskState::Running if self.crash_looping() => format!(
+                "background task {} running again after {} failures in a row (last: {})",
+                self.task.name, self.failures, self.last_error
+            ),
+            state => format!("background task {} {state}", self.task.name),
+        }
+    }
 }
 
 /// The registry of supervised tasks and their states; cheap to clone (shared).
@@ -122,8 +158,22 @@ impl Health {
     pub fn set(&self, task: Task, state: TaskState) {
         crate::telemetry::task_running(task.name, state == TaskState::Running);
         self.with(|tasks| match tasks.iter_mut().find(|e| e.task.name == task.name) {
-            Some(e) => e.state = state,
-            None => tasks.push(Entry { task, state }),
+            Some(e) => {
+                match &state {
+                    TaskState::Restarting { failures, error } => (e.failures, e.last_error) = (*failures, error.clone()),
+                    TaskState::Running => {}
+                    _ => e.failures = 0,
+                }
+                e.state = state;
+                e.since = Instant::now();
+            }
+            None => {
+                let (failures, last_error) = match &state {
+                    TaskState::Restarting { failures, error } => (*failures, error.clone()),
+                    _ => (0, String::new()),
+                };
+                tasks.push(Entry { task, state, since: Instant::now(), failures, last_error })
+            }
         });
     }
 
@@ -136,27 +186,27 @@ impl Health {
         self.with(|tasks| tasks.iter().map(|e| (e.task.name, e.state.clone())).collect())
     }
 
-    /// Why the instance is not ready: the critical tasks that died or stopped,
-    /// named with why (`None` when every critical task runs or restarts).
+    /// Why the instance is not ready: the critical tasks that died, stopped or
+    /// crash-loop (failed 3 times in a row and not yet run a healthy while
+    /// since), named with why; `None` when there is none.
     pub fn not_ready(&self) -> Option<String> {
-        self.describe(|e| e.task.critical && is_down(&e.state))
+        self.describe(unready)
     }
 
     /// What runs impaired without making the instance unready: tasks that are
-    /// restarting, and non-critical tasks that died or stopped.
+    /// restarting, and non-critical tasks that died, stopped or crash-loop.
     pub fn degraded(&self) -> Option<String> {
-        self.describe(|e| e.state != TaskState::Running && !(e.task.critical && is_down(&e.state)))
+        self.describe(|e| !unready(e) && (e.state != TaskState::Running || e.crash_looping()))
     }
 
     fn describe(&self, pick: impl Fn(&Entry) -> bool) -> Option<String> {
-        let named: Vec<String> =
-            self.with(|tasks| tasks.iter().filter(|e| pick(e)).map(|e| format!("background task {} {}", e.task.name, e.state)).collect());
+        let named: Vec<String> = self.with(|tasks| tasks.iter().filter(|e| pick(e)).map(Entry::describe).collect());
         (!named.is_empty()).then(|| named.join("; "))
     }
 }
 
-fn is_down(state: &TaskState) -> bool {
-    matches!(state, TaskState::Died { .. } | TaskState::Stopped { .. })
+fn unready(e: &Entry) -> bool {
+    e.task.critical && (matches!(e.state, TaskState::Died { .. } | TaskState::Stopped { .. }) || e.crash_looping())
 }
 
 /// Runs `task` until `shutdown` turns true: each attempt is `make_task(rx)`
@@ -239,7 +289,8 @@ where
             }
             return died(task, &health, false, error);
         };
-        failures = if started.elapsed() >= HEALTHY_RUN { 1 } else { failures.saturating_add(1) };
+        let healthy = task.restart.healthy_run().is_some_and(|d| started.elapsed() >= d);
+        failures = if healthy { 1 } else { failures.saturating_add(1) };
         let wait = backoff(interval, failures);
         tracing::warn!(task = task.name, failures, retry_in = ?wait, "restarting background task");
         crate::telemetry::task_restart(task.name);
@@ -277,15 +328,17 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    const INTERVAL: Duration = Duration::from_millis(20);
+    /// Long enough that a state lasting one backoff is seen by a 10 ms poll
+    /// on a loaded machine.
+    const INTERVAL: Duration = Duration::from_millis(100);
 
     fn task(name: &'static str, critical: bool, restart: Restart) -> Task {
         Task { name, critical, restart }
     }
 
-    /// Waits (at most 5 s) until `name` is in a state `pred` accepts.
+    /// Waits (at most 10 s) until `name` is in a state `pred` accepts.
     async fn until(health: &Health, name: &str, pred: impl Fn(&TaskState) -> bool) -> TaskState {
-        for _ in 0..500 {
+        for _ in 0..1000 {
             if let Some(s) = health.state(name).filter(|s| pred(s)) {
                 return s;
             }
@@ -335,6 +388,36 @@ mod tests {
         assert_eq!(outcome, Ok(Ok(Some(Ok(())))));
         assert_eq!(health.state("flusher"), Some(TaskState::Stopped { reason: None }));
         assert_eq!(starts.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_crash_looping_critical_task_is_unready_until_it_has_run_a_healthy_while() {
+        let health = Health::new();
+        let (stop, rx) = watch::channel(false);
+        let interval = Duration::from_millis(50);
+        let t = task("syncer", true, Restart::Backoff(interval));
+        let starts = Arc::new(AtomicU32::new(0));
+        let sup = tokio::spawn(supervise(t, health.clone(), rx, flaky(starts.clone(), 4)));
+        until(&health, "syncer", |s| matches!(s, TaskState::Restarting { failures: 2, .. })).await;
+        assert_eq!(health.not_ready(), None, "two failures: restarting, degraded");
+        until(&health, "syncer", |s| matches!(s, TaskState::Restarting { failures: 3, .. })).await;
+        assert_eq!(health.not_ready(), Some("background task syncer restarting after failure 3: failure 3".into()));
+        until(&health, "syncer", |s| *s == TaskState::Running && starts.load(Ordering::SeqCst) == 5).await;
+        let running = Instant::now();
+        assert_eq!(
+            health.not_ready(),
+            Some("background task syncer running again after 4 failures in a row (last: failure 4)".into()),
+            "not yet a healthy while"
+        );
+        // Healthy after 30 intervals of running.
+        while health.not_ready().is_some() {
+            assert!(running.elapsed() < Duration::from_secs(10), "{:?}", health.not_ready());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(running.elapsed() >= interval * 29, "{:?}", running.elapsed());
+        assert_eq!(health.degraded(), None);
+        let _ = stop.send(true);
+        assert!(matches!(sup.await, Ok(Ok(Some(Ok(()))))));
     }
 
     #[tokio::test]
