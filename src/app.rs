@@ -139,6 +139,8 @@ fn stripe_reporter(
 impl AppHandle {
     /// Starts meterd with a validated config.
     pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
+        // First: what is recorded while starting (Redis up at connect) is kept.
+        let prometheus = crate::telemetry::prometheus();
         let data_dir = config.raw.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
         let instance_id = instance_id(&config, &data_dir)?;
@@ -195,7 +197,6 @@ impl AppHandle {
             }
             None => None,
         };
-        let prometheus = crate::telemetry::prometheus();
         crate::telemetry::register_known(&crate::telemetry::Known {
             meters: engine.catalog.meters().iter().map(|m| (usize::from(m.id), m.name.as_str())).collect(),
             redis: redis.is_some(),
