@@ -216,8 +216,9 @@ fn unready(e: &Entry) -> bool {
 /// `make_task` gives another attempt (it returns `None` when it cannot).
 ///
 /// Returns the outcome of the attempt that ended on the shutdown signal (a
-/// flusher's final flush error, say); `Ok(None)` when shutdown came while no
-/// attempt ran and none could be made; the task's death otherwise.
+/// flusher's final flush error, say); `Ok(None)` when a task that is not
+/// restarted ended on its own before it (recorded as stopped); the task's
+/// death otherwise.
 ///
 /// The task is registered (as running) when this is called, not when the
 /// returned future is first polled, so a spawned supervisor shows at once.
@@ -261,13 +262,17 @@ where
         let started = Instant::now();
         let outcome = tokio::spawn(fut).await;
         let stopped = signalled(&shutdown);
+        let mut ended = false;
         let error = match outcome {
             Ok(outcome) => match outcome.failure() {
                 None if stopped => {
                     health.set(task, TaskState::Stopped { reason: None });
                     return Ok(Some(outcome));
                 }
-                None => "ended on its own".to_string(),
+                None => {
+                    ended = true;
+                    "ended on its own".to_string()
+                }
                 Some(_) if stopped => {
                     // Its shutdown work failed: the caller reports that.
                     health.set(task, TaskState::Stopped { reason: outcome.failure() });
@@ -278,12 +283,12 @@ where
             Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
             Err(e) => format!("cancelled: {e}"),
         };
-        tracing::error!(task = task.name, error = %error, "background task failed");
         if stopped || stopping {
             return died(task, &health, true, error);
         }
         let Restart::Backoff(interval) = task.restart else {
-            if error == "ended on its own" {
+            if ended {
+                tracing::warn!(task = task.name, "background task ended before shutdown; it is not restarted");
                 health.set(task, TaskState::Stopped { reason: Some(error) });
                 return Ok(None);
             }
@@ -292,7 +297,7 @@ where
         let healthy = task.restart.healthy_run().is_some_and(|d| started.elapsed() >= d);
         failures = if healthy { 1 } else { failures.saturating_add(1) };
         let wait = backoff(interval, failures);
-        tracing::warn!(task = task.name, failures, retry_in = ?wait, "restarting background task");
+        tracing::error!(task = task.name, error = %error, failures, retry_in = ?wait, "background task failed; restarting it");
         crate::telemetry::task_restart(task.name);
         health.set(task, TaskState::Restarting { failures, error });
         tokio::select! {
@@ -311,6 +316,8 @@ fn signalled(shutdown: &watch::Receiver<bool>) -> bool {
 fn died<O>(task: Task, health: &Health, on_shutdown: bool, reason: String) -> Result<Option<O>, HealthError> {
     if on_shutdown {
         tracing::error!(task = task.name, error = %reason, "background task failed while stopping");
+    } else {
+        tracing::error!(task = task.name, error = %reason, "background task died; it is not restarted");
     }
     health.set(task, TaskState::Died { reason: reason.clone() });
     Err(HealthError::Died { task: task.name, reason })
