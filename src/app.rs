@@ -5,6 +5,7 @@
 
 use crate::config::ValidConfig;
 use crate::engine::{Engine, EngineError};
+use crate::health::{supervise, Health, HealthError, Restart, Task};
 use crate::http::{self, HttpState};
 use crate::store::sqlite::SqliteStore;
 use crate::store::StoreError;
@@ -48,22 +49,37 @@ pub struct AppHandle {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub engine: Arc<Engine>,
+    /// The background tasks' states (what `/readyz` reports).
+    pub health: Health,
     state: Arc<HttpState>,
     server_stop: watch::Sender<bool>,
     flusher_stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     metrics_server: Option<JoinHandle<()>>,
-    flusher: JoinHandle<Result<(), crate::flush::FlushError>>,
+    flusher: Supervised<Result<(), crate::flush::FlushError>>,
     /// Redis tasks (entitlement listener, counter syncer): stopped after the
     /// final flush, so the syncer's last push includes everything.
     redis_stop: watch::Sender<bool>,
-    redis_tasks: Vec<JoinHandle<()>>,
+    redis_tasks: Vec<Supervised<()>>,
     /// The Stripe reporter, when `[stripe]` is configured.
-    reporter: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    reporter: Option<(watch::Sender<bool>, Supervised<()>)>,
     /// The raw-events export, with `clickhouse.raw_events = true`.
-    raw_export: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    raw_export: Option<(watch::Sender<bool>, Supervised<()>)>,
     grace: Duration,
 }
+
+/// A background task under [`supervise`]: the outcome of its run that ended on
+/// the shutdown signal.
+type Supervised<O> = JoinHandle<Result<Option<O>, HealthError>>;
+
+/// The background tasks. Critical ones make `/readyz` 503 when they die; the
+/// Stripe reporter and the raw-events export only degrade it (ingest and checks
+/// go on without them) and are not restarted (each run owns its state).
+const FLUSHER: Task = Task { name: "flusher", critical: true, restart: Restart::Backoff(Duration::from_secs(1)) };
+const ENTITLEMENT_LISTENER: Task = Task { name: "entitlement_listener", critical: true, restart: Restart::Backoff(Duration::from_secs(1)) };
+const COUNTER_SYNCER: Task = Task { name: "counter_syncer", critical: true, restart: Restart::Backoff(Duration::from_secs(1)) };
+const STRIPE_REPORTER: Task = Task { name: "stripe_reporter", critical: false, restart: Restart::Never };
+const RAW_EXPORT: Task = Task { name: "raw_events_export", critical: false, restart: Restart::Never };
 
 /// The instance id: configured, or generated once and kept in the data dir.
 fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError> {
@@ -120,6 +136,8 @@ fn stripe_reporter(
 impl AppHandle {
     /// Starts meterd with a validated config.
     pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
+        // First: what is recorded while starting (Redis up at connect) is kept.
+        let prometheus = crate::telemetry::prometheus();
         let data_dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
         let instance_id = instance_id(&config, &data_dir)?;
@@ -176,7 +194,12 @@ impl AppHandle {
             }
             None => None,
         };
-        let prometheus = crate::telemetry::prometheus();
+        crate::telemetry::register_known(&crate::telemetry::Known {
+            meters: engine.catalog.meters().iter().map(|m| (usize::from(m.id), m.name.as_str())).collect(),
+            redis: redis.is_some(),
+            stripe: config.stripe.is_some(),
+            raw_events: exporter.is_some(),
+        });
         let stripe = match &config.stripe {
             None => None,
             Some(settings) => Some(stripe_reporter(&config, settings, &engine, ledger_store, &instance_id)?),
@@ -188,7 +211,9 @@ impl AppHandle {
             prometheus,
             shutting_down: false.into(),
             stripe: stripe.as_ref().map(|(board, _)| board.clone()),
+            health: Health::new(),
         });
+        let health = state.health.clone();
         if !state.auth.enabled() {
             tracing::warn!(listen = %config.server.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
         }
@@ -206,30 +231,40 @@ impl AppHandle {
             }
         };
         let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
-        let flusher = tokio::spawn(crate::flush::run(engine.clone(), flush_interval, flusher_rx));
+        let e = engine.clone();
+        let flusher =
+            tokio::spawn(supervise(FLUSHER, health.clone(), flusher_rx, move |rx| Some(crate::flush::run(e.clone(), flush_interval, rx))));
         let grace = config.server.shutdown_grace;
         let raw_export = exporter.map(|exporter| {
             tracing::info!(table = crate::store::raw_events::TABLE, "raw-events export enabled");
             let (stop, stop_rx) = watch::channel(false);
-            (stop, tokio::spawn(crate::raw_export::run(exporter, flush_interval, stop_rx, grace / 4)))
+            let mut exporter = Some(exporter);
+            let make = move |rx| exporter.take().map(|x| crate::raw_export::run(x, flush_interval, rx, grace / 4));
+            (stop, tokio::spawn(supervise(RAW_EXPORT, health.clone(), stop_rx, make)))
         });
         let (redis_stop, redis_rx) = watch::channel(false);
         let mut redis_tasks = Vec::new();
         if let (Some(redis), Some(rc)) = (&redis, &config.redis) {
-            redis_tasks.push(tokio::spawn(crate::sync::entitlements::run(engine.clone(), redis.clone(), redis_rx.clone())));
+            let (e, r) = (engine.clone(), redis.clone());
+            let listener = move |rx| Some(crate::sync::entitlements::run(e.clone(), r.clone(), rx));
+            redis_tasks.push(tokio::spawn(supervise(ENTITLEMENT_LISTENER, health.clone(), redis_rx.clone(), listener)));
             if let Some(sync) = &engine.counter_sync {
-                redis_tasks.push(tokio::spawn(crate::sync::counters::run(engine.clone(), sync.clone(), rc.sync_interval, redis_rx)));
+                let (e, sync, interval) = (engine.clone(), sync.clone(), rc.sync_interval);
+                let syncer = move |rx| Some(crate::sync::counters::run(e.clone(), sync.clone(), interval, rx));
+                redis_tasks.push(tokio::spawn(supervise(COUNTER_SYNCER, health.clone(), redis_rx, syncer)));
             }
         }
         let reporter = stripe.map(|(_, reporter)| {
             let (stop, stop_rx) = watch::channel(false);
-            (stop, tokio::spawn(reporter.run(stop_rx)))
+            let mut reporter = Some(reporter);
+            (stop, tokio::spawn(supervise(STRIPE_REPORTER, health.clone(), stop_rx, move |rx| reporter.take().map(|r| r.run(rx)))))
         });
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {
             addr,
             metrics_addr,
             engine,
+            health,
             state,
             server_stop,
             flusher_stop,
@@ -276,18 +311,19 @@ impl AppHandle {
         }
         if let Some((stop, reporter)) = self.reporter {
             let _ = stop.send(true);
-            reporter.await.map_err(|e| AppError::Task(e.to_string()))?;
+            reporter.await.map_err(|e| AppError::Task(e.to_string()))?.map_err(|e| AppError::Task(e.to_string()))?;
         }
         let _ = self.flusher_stop.send(true);
-        self.flusher.await.map_err(|e| AppError::Task(e.to_string()))??;
+        let flushed = self.flusher.await.map_err(|e| AppError::Task(e.to_string()))?.map_err(|e| AppError::Task(e.to_string()))?;
+        flushed.unwrap_or(Ok(()))?;
         if let Some((stop, exporter)) = self.raw_export {
             // After the final flush: ingest has stopped, the WAL holds everything.
             let _ = stop.send(true);
-            exporter.await.map_err(|e| AppError::Task(e.to_string()))?;
+            exporter.await.map_err(|e| AppError::Task(e.to_string()))?.map_err(|e| AppError::Task(e.to_string()))?;
         }
         let _ = self.redis_stop.send(true);
         for task in self.redis_tasks {
-            task.await.map_err(|e| AppError::Task(e.to_string()))?;
+            task.await.map_err(|e| AppError::Task(e.to_string()))?.map_err(|e| AppError::Task(e.to_string()))?;
         }
         self.engine.wal.close();
         tracing::info!("meterd stopped");

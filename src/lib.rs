@@ -12,6 +12,7 @@ pub mod duration;
 pub mod engine;
 pub mod entitlements;
 pub mod flush;
+pub mod health;
 pub mod history;
 pub mod http;
 pub mod ingest;

@@ -1,7 +1,12 @@
 //! Metric names, in one place, and the helpers that record them; the Prometheus
-//! exporter; tracing setup. No customer id is ever a label.
+//! exporter; tracing setup. No customer id is ever a label; meter names are (the
+//! config bounds them). A leaf: it knows no domain type, callers pass labels.
+//!
+//! Every series meterd documents is registered at zero when an instance starts
+//! ([`register_known`]), so a dashboard or alert sees `0`, not "no data", until
+//! the first increment; series of a part that is not configured (Redis, Stripe,
+//! the raw-events export) are left out rather than shown as a misleading 0.
 
-use crate::limits::Reason;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
@@ -47,27 +52,40 @@ pub const RAW_EXPORT_MISSING_TOTAL: &str = "meterd_raw_export_missing_records_to
 pub const RAW_EXPORT_WATERMARK: &str = "meterd_raw_export_watermark";
 pub const RAW_EXPORT_LAG_RECORDS: &str = "meterd_raw_export_lag_records";
 pub const RAW_EXPORT_LAG: &str = "meterd_raw_export_lag_seconds";
+pub const BUILD_INFO: &str = "meterd_build_info";
+pub const TASK_RUNNING: &str = "meterd_task_running";
+pub const TASK_RESTARTS_TOTAL: &str = "meterd_task_restarts_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static HOT: OnceLock<Hot> = OnceLock::new();
+/// The per-meter handles, indexed by meter id (see [`MeterSeries`]).
+static METERS: [OnceLock<MeterSeries>; MAX_METER_LABELS] = [const { OnceLock::new() }; MAX_METER_LABELS];
+/// `process_*` series, read from the OS on every render ([`collect_process`]).
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
 
 /// The `route` label values (what `http::router::route_name` returns).
 pub const ROUTES: [&str; 10] =
     ["events", "check", "usage_history", "customer_usage", "entitlements", "stripe_status", "metrics", "healthz", "readyz", "unknown"];
-const EVENT_RESULTS: [&str; 3] = ["accepted", "duplicate", "rejected"];
+/// The `result` values of the events counter that carry a meter; `rejected` has
+/// none (a refused batch is counted whole, with `meter=""`).
+const EVENT_RESULTS: [&str; 2] = ["accepted", "duplicate"];
 const REASONS: [&str; 6] = ["within_limit", "limit_exceeded", "soft_limit_exceeded", "unlimited", "not_entitled", "unavailable"];
 /// Status codes 100..=599, one lazily registered counter each per route.
 const STATUSES: usize = 500;
+/// Meter ids below this have pre-registered handles; a meter beyond (a config
+/// with more meters) is counted through the `counter!` macro, correct but slower.
+const MAX_METER_LABELS: usize = 256;
+/// `trigger` values of the entitlement reloads counter.
+const RELOAD_TRIGGERS: [&str; 2] = ["load", "message"];
+/// `reason` values of the Stripe failures counter.
+const STRIPE_FAILURES: [&str; 3] = ["too_old", "rejected", "cancel_rejected"];
 
 /// Handles of the metrics recorded on every request, registered once the
 /// recorder is installed. The `counter!` macros build the metric's key (its
 /// labels, a `String` for the status) and look it up in the registry on every
 /// call: a third of the allocations of a single-event request were that.
 struct Hot {
-    events: [metrics::Counter; 3],
     batch_size: metrics::Histogram,
-    /// By reason, then consume (false, true).
-    decisions: [[metrics::Counter; 2]; 6],
     /// By route: the latency histogram, and a counter per status code.
     routes: Vec<(metrics::Histogram, Box<[OnceLock<metrics::Counter>]>)>,
 }
@@ -75,15 +93,135 @@ struct Hot {
 impl Hot {
     fn register() -> Hot {
         Hot {
-            events: EVENT_RESULTS.map(|r| metrics::counter!(EVENTS_TOTAL, "result" => r)),
             batch_size: metrics::histogram!(BATCH_SIZE),
-            decisions: REASONS.map(|r| ["false", "true"].map(|c| metrics::counter!(DECISIONS_TOTAL, "reason" => r, "consume" => c))),
             routes: ROUTES
                 .iter()
                 .map(|route| (metrics::histogram!(HTTP_DURATION, "route" => *route), (0..STATUSES).map(|_| OnceLock::new()).collect()))
                 .collect(),
         }
     }
+}
+
+/// The handles of one meter's series, registered once at start: counting an
+/// event or a decision by meter costs no allocation and no registry lookup.
+struct MeterSeries {
+    /// The label; a caller's name is compared with it, so that two instances
+    /// with different configs in one process (tests) never share a label.
+    name: Box<str>,
+    /// By [`EVENT_RESULTS`].
+    events: [metrics::Counter; 2],
+    /// By reason ([`REASONS`]), then consume (false, true).
+    decisions: [[metrics::Counter; 2]; 6],
+}
+
+impl MeterSeries {
+    fn register(name: &str) -> MeterSeries {
+        let label = || name.to_string();
+        MeterSeries {
+            name: name.into(),
+            events: EVENT_RESULTS.map(|r| metrics::counter!(EVENTS_TOTAL, "meter" => label(), "result" => r)),
+            decisions: REASONS
+                .map(|r| ["false", "true"].map(|c| metrics::counter!(DECISIONS_TOTAL, "meter" => label(), "reason" => r, "consume" => c))),
+        }
+    }
+
+    /// The registered handles of meter `id` if they carry `name`.
+    fn of(id: usize, name: &str) -> Option<&'static MeterSeries> {
+        METERS.get(id)?.get().filter(|m| &*m.name == name)
+    }
+}
+
+/// What an instance runs: the series of each are registered at zero by
+/// [`register_known`].
+#[derive(Debug, Clone, Default)]
+pub struct Known<'a> {
+    /// The configured meters, `(id, name)`; ids are small and dense.
+    pub meters: Vec<(usize, &'a str)>,
+    pub redis: bool,
+    pub stripe: bool,
+    pub raw_events: bool,
+}
+
+/// Registers every documented series of what `known` says runs, at zero (a
+/// gauge already set keeps its value), plus `meterd_build_info` and the
+/// `process_*` series; installs the recorder if need be. Call it at start.
+pub fn register_known(known: &Known<'_>) {
+    // Registering is taking a handle: `increment(0)` keeps a value already there.
+    let _ = prometheus();
+    for &(id, name) in &known.meters {
+        match METERS.get(id) {
+            Some(slot) => {
+                slot.get_or_init(|| MeterSeries::register(name));
+            }
+            None => {
+                for r in EVENT_RESULTS {
+                    metrics::counter!(EVENTS_TOTAL, "meter" => name.to_string(), "result" => r).increment(0);
+                }
+            }
+        }
+    }
+    metrics::counter!(EVENTS_TOTAL, "meter" => "", "result" => "rejected").increment(0);
+    for name in [FLUSH_ROWS_TOTAL, FLUSH_ERRORS_TOTAL, FLUSH_REJECTED_ROWS_TOTAL, RATE_LIMITED_TOTAL] {
+        metrics::counter!(name).increment(0);
+    }
+    for name in [ACTIVE_COUNTERS, CUSTOMERS, PENDING_BUCKETS, DEDUPE_IDS, FLUSH_LAG, WAL_BYTES, WAL_CHECKPOINT, WRITES_REFUSED] {
+        metrics::gauge!(name).increment(0.0);
+    }
+    let _ = metrics::histogram!(FLUSH_DURATION);
+    if known.redis {
+        for name in [REDIS_SYNC_KEYS_TOTAL, REDIS_SYNC_ERRORS_TOTAL] {
+            metrics::counter!(name).increment(0);
+        }
+        for name in [REDIS_UP, REDIS_PENDING_KEYS, REDIS_PENDING_UNITS] {
+            metrics::gauge!(name).increment(0.0);
+        }
+        let _ = metrics::histogram!(REDIS_SYNC_DURATION);
+        for trigger in RELOAD_TRIGGERS {
+            metrics::counter!(ENTITLEMENT_RELOADS_TOTAL, "trigger" => trigger).increment(0);
+        }
+    }
+    if known.stripe {
+        let counters = [
+            STRIPE_SENT_TOTAL,
+            STRIPE_DUPLICATES_TOTAL,
+            STRIPE_CANCELLED_TOTAL,
+            STRIPE_RETRIES_TOTAL,
+            STRIPE_RUN_ERRORS_TOTAL,
+            STRIPE_OVERREPORTS_TOTAL,
+        ];
+        for name in counters {
+            metrics::counter!(name).increment(0);
+        }
+        for reason in STRIPE_FAILURES {
+            metrics::counter!(STRIPE_FAILED_TOTAL, "reason" => reason).increment(0);
+        }
+        for name in [STRIPE_LAG, STRIPE_OVERREPORTED, STRIPE_UNAUTHORIZED, STRIPE_LEADER] {
+            metrics::gauge!(name).increment(0.0);
+        }
+    }
+    if known.raw_events {
+        for name in [RAW_EXPORT_ROWS_TOTAL, RAW_EXPORT_ERRORS_TOTAL, RAW_EXPORT_MISSING_TOTAL] {
+            metrics::counter!(name).increment(0);
+        }
+        for name in [RAW_EXPORT_WATERMARK, RAW_EXPORT_LAG_RECORDS, RAW_EXPORT_LAG] {
+            metrics::gauge!(name).increment(0.0);
+        }
+    }
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    collect_process();
+}
+
+/// Reads the `process_*` series (resident and virtual memory, CPU seconds,
+/// open and max fds, start time, threads) from the OS: call it before each
+/// render. CPU seconds are whole seconds (the collector's counter is an integer).
+pub fn collect_process() {
+    PROCESS
+        .get_or_init(|| {
+            let collector = metrics_process::Collector::default();
+            collector.describe();
+            collector
+        })
+        .collect();
 }
 
 /// Installs the global recorder once per process and returns its handle.
@@ -118,14 +256,18 @@ pub fn prometheus() -> PrometheusHandle {
 }
 
 fn describe() {
-    metrics::describe_counter!(EVENTS_TOTAL, "Events received, by result (accepted, duplicate, rejected)");
+    metrics::describe_counter!(
+        EVENTS_TOTAL,
+        "Events received, by meter and result (accepted, duplicate; rejected, with meter=\"\", for the events of a refused batch)"
+    );
     metrics::describe_histogram!(BATCH_SIZE, "Events per accepted ingest request");
-    metrics::describe_counter!(DECISIONS_TOTAL, "Limit decisions, by reason and whether they consumed");
+    metrics::describe_counter!(DECISIONS_TOTAL, "Limit decisions, by meter, reason and whether they consumed");
     metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests, by route and status");
     metrics::describe_histogram!(HTTP_DURATION, "HTTP request latency, by route");
     metrics::describe_histogram!(FLUSH_DURATION, "Time to write one flush to the usage store");
     metrics::describe_counter!(FLUSH_ROWS_TOTAL, "Minute rows written to the usage store");
     metrics::describe_counter!(FLUSH_ERRORS_TOTAL, "Failed flush attempts (retried)");
+    metrics::describe_counter!(FLUSH_REJECTED_ROWS_TOTAL, "Rows the usage store refused, set aside in data_dir/rejected");
     metrics::describe_gauge!(FLUSH_LAG, "Age of the oldest usage not yet in the store");
     metrics::describe_gauge!(ACTIVE_COUNTERS, "Window counters in memory");
     metrics::describe_gauge!(CUSTOMERS, "Customers known to this instance");
@@ -134,6 +276,16 @@ fn describe() {
     metrics::describe_counter!(RATE_LIMITED_TOTAL, "Requests refused by a key's rate limit");
     metrics::describe_gauge!(WAL_BYTES, "Bytes in live WAL segments (not yet checkpointed)");
     metrics::describe_gauge!(WAL_CHECKPOINT, "Highest WAL sequence the usage store holds");
+    metrics::describe_gauge!(REDIS_UP, "1 while Redis answers");
+    metrics::describe_histogram!(REDIS_SYNC_DURATION, "Time of one counter sync round with Redis");
+    metrics::describe_counter!(REDIS_SYNC_KEYS_TOTAL, "Window counters pushed to Redis");
+    metrics::describe_counter!(REDIS_SYNC_ERRORS_TOTAL, "Failed counter sync rounds (retried)");
+    metrics::describe_gauge!(REDIS_PENDING_KEYS, "Window counters with usage not yet in Redis");
+    metrics::describe_gauge!(REDIS_PENDING_UNITS, "Usage (raw units) not yet in Redis");
+    metrics::describe_counter!(ENTITLEMENT_RELOADS_TOTAL, "Entitlements read from Redis, by trigger (load, message)");
+    metrics::describe_gauge!(TASK_RUNNING, "1 while the background task runs, by task (see /readyz for why one does not)");
+    metrics::describe_counter!(TASK_RESTARTS_TOTAL, "Background tasks started again after a failure or panic, by task");
+    metrics::describe_gauge!(BUILD_INFO, "Always 1; the version label is the running meterd's");
     metrics::describe_gauge!(WRITES_REFUSED, "1 while ingest and consumes are refused (store behind or WAL broken)");
     metrics::describe_counter!(STRIPE_SENT_TOTAL, "Meter events Stripe took (including identifiers it already had)");
     metrics::describe_counter!(
@@ -163,14 +315,38 @@ fn describe() {
     metrics::describe_gauge!(RAW_EXPORT_LAG, "Age of the oldest accepted event not yet in raw_events");
 }
 
-/// Counts events by result: `accepted`, `duplicate` or `rejected`.
-pub fn events(result: &'static str, n: usize) {
-    if n == 0 {
+/// Counts events by meter and result (`accepted` or `duplicate`): `meters`
+/// yields each event's meter as `(id, name)`; a run of one meter is counted at
+/// once (a batch is mostly one meter).
+pub fn events<'a>(result: &'static str, meters: impl IntoIterator<Item = (usize, &'a str)>) {
+    let Some(r) = EVENT_RESULTS.iter().position(|x| *x == result) else {
         return;
+    };
+    let count = |(id, name): (usize, &str), n: u64| match MeterSeries::of(id, name) {
+        Some(m) => m.events[r].increment(n),
+        None => metrics::counter!(EVENTS_TOTAL, "meter" => name.to_string(), "result" => result).increment(n),
+    };
+    let mut run: Option<((usize, &str), u64)> = None;
+    for meter in meters {
+        run = match run {
+            Some((m, n)) if m.0 == meter.0 => Some((m, n + 1)),
+            Some((m, n)) => {
+                count(m, n);
+                Some((meter, 1))
+            }
+            None => Some((meter, 1)),
+        };
     }
-    match (HOT.get(), EVENT_RESULTS.iter().position(|r| *r == result)) {
-        (Some(hot), Some(i)) => hot.events[i].increment(n as u64),
-        _ => metrics::counter!(EVENTS_TOTAL, "result" => result).increment(n as u64),
+    if let Some((m, n)) = run {
+        count(m, n);
+    }
+}
+
+/// Counts the events of a refused batch (`result="rejected"`, `meter=""`: a
+/// refused event's meter may be no configured one).
+pub fn events_rejected(n: usize) {
+    if n > 0 {
+        metrics::counter!(EVENTS_TOTAL, "meter" => "", "result" => "rejected").increment(n as u64);
     }
 }
 
@@ -181,19 +357,16 @@ pub fn batch_size(n: usize) {
     }
 }
 
-pub fn decision(reason: Reason, consume: bool) {
-    let i = match reason {
-        Reason::WithinLimit => 0,
-        Reason::LimitExceeded => 1,
-        Reason::SoftLimitExceeded => 2,
-        Reason::Unlimited => 3,
-        Reason::NotEntitled => 4,
-        Reason::Unavailable => 5,
-    };
-    match HOT.get() {
-        Some(hot) => hot.decisions[i][usize::from(consume)].increment(1),
+/// Counts one check decision on meter `(meter_id, meter)`; `reason` is its
+/// label (`within_limit`, …): the telemetry knows no domain type.
+pub fn decision(reason: &'static str, consume: bool, meter_id: usize, meter: &str) {
+    // A label outside the known set is counted as `unavailable` (never panics).
+    let i = REASONS.iter().position(|r| *r == reason).unwrap_or(REASONS.len() - 1);
+    match MeterSeries::of(meter_id, meter) {
+        Some(m) => m.decisions[i][usize::from(consume)].increment(1),
         None => {
-            metrics::counter!(DECISIONS_TOTAL, "reason" => REASONS[i], "consume" => if consume { "true" } else { "false" }).increment(1)
+            let consume = if consume { "true" } else { "false" };
+            metrics::counter!(DECISIONS_TOTAL, "meter" => meter.to_string(), "reason" => REASONS[i], "consume" => consume).increment(1)
         }
     }
 }
@@ -214,6 +387,18 @@ pub fn http_request(route: &'static str, status: u16, seconds: f64) {
             metrics::histogram!(HTTP_DURATION, "route" => route).record(seconds);
         }
     }
+}
+
+/// Whether a supervised background task runs (its restart counter is
+/// registered at zero with it).
+pub fn task_running(task: &'static str, running: bool) {
+    metrics::gauge!(TASK_RUNNING, "task" => task).set(if running { 1.0 } else { 0.0 });
+    metrics::counter!(TASK_RESTARTS_TOTAL, "task" => task).increment(0);
+}
+
+/// A supervised background task is started again.
+pub fn task_restart(task: &'static str) {
+    metrics::counter!(TASK_RESTARTS_TOTAL, "task" => task).increment(1);
 }
 
 pub fn rate_limited() {
@@ -268,7 +453,7 @@ pub fn redis_pending(keys: usize, units: i64) {
     metrics::gauge!(REDIS_PENDING_UNITS).set(units as f64);
 }
 
-/// Entitlements re-read from Redis: `trigger` is `message` or `ttl`.
+/// Entitlements read from Redis: `trigger` is `load` or `message`.
 pub fn entitlement_reload(trigger: &'static str, n: usize) {
     metrics::counter!(ENTITLEMENT_RELOADS_TOTAL, "trigger" => trigger).increment(n as u64);
 }
@@ -367,8 +552,6 @@ mod tests {
         http_request("stripe_status", 418, 0.001);
         http_request("stripe_status", 418, 0.002);
         http_request("stripe_status", 999, 0.001); // outside the cached range
-        events("rejected", 5);
-        decision(Reason::Unavailable, true);
         let after = handle.render();
         let teapots = r#"meterd_http_requests_total{route="stripe_status",status="418"}"#;
         assert_eq!(value(&after, teapots), value(&before, teapots) + 2.0, "{after}");
@@ -376,10 +559,82 @@ mod tests {
         assert_eq!(value(&after, odd), value(&before, odd) + 1.0);
         let latency = r#"meterd_http_request_duration_seconds_count{route="stripe_status"}"#;
         assert!(value(&after, latency) >= value(&before, latency) + 3.0);
-        let rejected = r#"meterd_events_total{result="rejected"}"#;
-        assert!(value(&after, rejected) >= value(&before, rejected) + 5.0);
-        let unavailable = r#"meterd_decisions_total{reason="unavailable",consume="true"}"#;
-        assert!(value(&after, unavailable) >= value(&before, unavailable) + 1.0);
+    }
+
+    #[test]
+    fn meters_are_labelled_from_registered_handles_and_from_the_macros_alike() {
+        let handle = prometheus();
+        // Meter ids no other test uses; the last is beyond the handle table.
+        let (a, b, far) = ((200, "tm_a"), (201, "tm_b"), (MAX_METER_LABELS + 3, "tm_far"));
+        register_known(&Known { meters: vec![a, b, far], ..Known::default() });
+        let zero = handle.render();
+        for series in [
+            r#"meterd_events_total{meter="tm_a",result="accepted"} 0"#,
+            r#"meterd_events_total{meter="tm_b",result="duplicate"} 0"#,
+            r#"meterd_events_total{meter="tm_far",result="accepted"} 0"#,
+            r#"meterd_decisions_total{meter="tm_a",reason="not_entitled",consume="true"} 0"#,
+            r#"meterd_events_total{meter="",result="rejected"}"#,
+        ] {
+            assert!(zero.lines().any(|l| l.starts_with(series)), "{series} missing:\n{zero}");
+        }
+        events("accepted", [a, a, b, a, far, far]);
+        events("duplicate", [b]);
+        events("accepted", []);
+        events_rejected(5);
+        decision("within_limit", false, a.0, a.1);
+        decision("unavailable", true, b.0, b.1);
+        // Same id, another name (another config in this process): not tm_a's.
+        decision("within_limit", false, a.0, "tm_other");
+        let after = handle.render();
+        let at = |series: &str| value(&after, series);
+        assert_eq!(at(r#"meterd_events_total{meter="tm_a",result="accepted"}"#), 3.0, "{after}");
+        assert_eq!(at(r#"meterd_events_total{meter="tm_b",result="accepted"}"#), 1.0);
+        assert_eq!(at(r#"meterd_events_total{meter="tm_far",result="accepted"}"#), 2.0);
+        assert_eq!(at(r#"meterd_events_total{meter="tm_b",result="duplicate"}"#), 1.0);
+        let rejected = r#"meterd_events_total{meter="",result="rejected"}"#;
+        assert!(at(rejected) >= value(&zero, rejected) + 5.0);
+        assert_eq!(at(r#"meterd_decisions_total{meter="tm_a",reason="within_limit",consume="false"}"#), 1.0);
+        assert_eq!(at(r#"meterd_decisions_total{meter="tm_b",reason="unavailable",consume="true"}"#), 1.0);
+        assert_eq!(at(r#"meterd_decisions_total{meter="tm_other",reason="within_limit",consume="false"}"#), 1.0);
+    }
+
+    #[test]
+    fn known_parts_are_registered_at_zero_with_build_info_and_process_series() {
+        let handle = prometheus();
+        register_known(&Known { meters: vec![], redis: true, stripe: true, raw_events: true });
+        let text = handle.render();
+        let names = [
+            FLUSH_ROWS_TOTAL,
+            FLUSH_ERRORS_TOTAL,
+            FLUSH_REJECTED_ROWS_TOTAL,
+            RATE_LIMITED_TOTAL,
+            ACTIVE_COUNTERS,
+            WAL_BYTES,
+            WRITES_REFUSED,
+            REDIS_UP,
+            REDIS_SYNC_KEYS_TOTAL,
+            REDIS_PENDING_UNITS,
+            STRIPE_SENT_TOTAL,
+            STRIPE_LEADER,
+            RAW_EXPORT_LAG,
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+            "process_cpu_seconds_total",
+        ];
+        for name in names {
+            assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing:\n{text}");
+        }
+        for series in [
+            r#"meterd_entitlement_reloads_total{trigger="message"}"#,
+            r#"meterd_stripe_events_failed_total{reason="too_old"}"#,
+            r#"meterd_redis_sync_duration_seconds_count"#,
+        ] {
+            assert!(text.lines().any(|l| l.starts_with(series)), "{series} missing:\n{text}");
+        }
+        let build = format!("meterd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        assert!(text.lines().any(|l| l == build), "{build} missing:\n{text}");
+        assert!(value(&text, "process_resident_memory_bytes ") > 0.0);
     }
 
     #[test]

@@ -102,13 +102,38 @@ async fn put_returns_the_resolved_view_and_takes_effect_at_once() {
     assert_eq!(get(&c, "ent1").await, starter_view("ent1"));
     assert_eq!(check(&c, "ent1", "video_reviews", 1).await["reason"], "not_entitled");
 
-    // Premium: unlimited limits render as "unlimited"; an empty document is the default plan.
+    // Premium: unlimited limits render as null, as checks show them, with no
+    // window the plan did not give; an empty document is the default plan.
     let r = put(&c, "ent2", json!({"plan": "premium"})).await;
-    assert_eq!(r.body["limits"]["interview_minutes"], limit(json!("unlimited"), "month"), "{}", r.text);
+    assert_eq!(r.body["limits"]["interview_minutes"], json!([{"limit": null, "hard": true, "enforcement": "cached"}]), "{}", r.text);
     assert_eq!(r.body["features"], json!({"advanced_analytics": true}));
     let r = put(&c, "ent2", json!({})).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body, starter_view("ent2"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlimited_has_one_representation_and_every_spelling_is_accepted() {
+    let server = TestServer::start(INTERVIEW).await;
+    let c = server.client();
+    let unlimited = json!([{"limit": null, "hard": true, "enforcement": "cached"}]);
+    for (customer, spelling) in [("unl1", json!("unlimited")), ("unl2", json!(-1)), ("unl3", Value::Null)] {
+        let r = put(&c, customer, json!({"overrides": {"interviews": {"limit": spelling}}})).await;
+        assert_eq!(r.status, 200, "{spelling}: {}", r.text);
+        assert_eq!(r.body["limits"]["interviews"], unlimited, "{spelling}: {}", r.text);
+        assert_eq!(get(&c, customer).await["limits"]["interviews"], unlimited, "{spelling}");
+        let a = check(&c, customer, "interviews", 1_000).await;
+        assert_eq!((&a["reason"], &a["limit"], &a["remaining"]), (&json!("unlimited"), &Value::Null, &Value::Null), "{a}");
+    }
+    // An unlimited limit on a window that was given keeps it.
+    let r = put(&c, "unl4", json!({"overrides": {"interviews": {"limit": null, "window": "day"}}})).await;
+    assert_eq!(r.body["limits"]["interviews"], limit(Value::Null, "day"), "{}", r.text);
+    // The view's limits PUT back as overrides give the same view.
+    let view = get(&c, "unl1").await;
+    let r = put(&c, "unl5", json!({"overrides": view["limits"]})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["limits"], view["limits"]);
     server.stop().await;
 }
 

@@ -318,9 +318,15 @@ async fn bad_key_stops_the_reporter_while_ingest_and_checks_go_on() {
     ingest(&c, vec![ev("bk-2", "c1", "tokens", json!(4), now_ms())]).await;
     let r = c.check(&json!({"customer": "c1", "meter": "tokens", "quantity": 1})).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(c.get("/readyz").await.status, 200);
+    // Ready (the reporter is not needed to take events), and saying what stopped.
+    let ready = c.get("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    assert_eq!(ready.body["status"], "degraded", "{}", ready.text);
+    assert_eq!(ready.body["reason"], "background task stripe_reporter stopped: ended on its own", "{}", ready.text);
     let metrics = c.get("/metrics").await.text;
     assert!(metrics.contains("meterd_stripe_unauthorized 1"), "the stop is visible in /metrics");
+    assert!(metrics.contains(r#"meterd_task_running{task="stripe_reporter"} 0"#), "{metrics}");
+    assert!(metrics.contains(r#"meterd_task_running{task="flusher"} 1"#), "{metrics}");
     server.stop().await;
 }
 

@@ -221,6 +221,7 @@ pub fn stripe_status(state: &HttpState, headers: &HeaderMap) -> Resp {
 
 pub fn metrics(state: &HttpState) -> Response<Full<Bytes>> {
     crate::flush::housekeeping_gauges(&state.engine);
+    crate::telemetry::collect_process();
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
         .body(Full::new(Bytes::from(state.prometheus.render())))
@@ -237,6 +238,12 @@ pub fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     }
     if let Some(reason) = state.engine.write_refusal() {
         return ApiError::unavailable(reason, 1).response();
+    }
+    if let Some(reason) = state.health.not_ready() {
+        return ApiError::unavailable(reason, 5).response();
+    }
+    if let Some(reason) = state.health.degraded() {
+        return json(StatusCode::OK, &j!({"status": "degraded", "reason": reason}));
     }
     match &state.engine.redis {
         // Checks and ingest go on from local state; say so.

@@ -30,6 +30,8 @@ pub struct HttpState {
     pub shutting_down: AtomicBool,
     /// The Stripe reporter's status, when `[stripe]` is configured.
     pub stripe: Option<Arc<crate::report::StatusBoard>>,
+    /// The background tasks' states: `/readyz` names one that died.
+    pub health: crate::health::Health,
 }
 
 /// Which routes a listener serves.

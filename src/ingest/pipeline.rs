@@ -48,7 +48,7 @@ impl Engine {
             Ok(e) => e,
             Err(e) => {
                 if let ParseError::Invalid { events, .. } = &e {
-                    crate::telemetry::events("rejected", *events);
+                    crate::telemetry::events_rejected(*events);
                 }
                 return Err(e.into());
             }
@@ -134,8 +134,11 @@ impl Engine {
                 }
             }
         }
-        crate::telemetry::events("accepted", usages.len());
-        crate::telemetry::events("duplicate", duplicates);
+        crate::telemetry::events("accepted", usages.iter().map(|u| (usize::from(u.meter.id), u.meter.name.as_str())));
+        if duplicates > 0 {
+            let meters = events.iter().zip(&fresh).filter(|(_, f)| !**f).filter_map(|(e, _)| self.catalog.meter(e.meter));
+            crate::telemetry::events("duplicate", meters.map(|m| (usize::from(m.id), m.name.as_str())));
+        }
         Ok(IngestOutcome { accepted: usages.len(), duplicates })
     }
 }

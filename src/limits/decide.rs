@@ -44,6 +44,20 @@ pub enum Reason {
     Unavailable,
 }
 
+impl Reason {
+    /// The snake-case label (as serialized; the metrics' `reason` label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::WithinLimit => "within_limit",
+            Reason::LimitExceeded => "limit_exceeded",
+            Reason::SoftLimitExceeded => "soft_limit_exceeded",
+            Reason::Unlimited => "unlimited",
+            Reason::NotEntitled => "not_entitled",
+            Reason::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// The outcome over all of a meter's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {

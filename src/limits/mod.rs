@@ -239,7 +239,7 @@ impl Engine {
         };
         if !req.consume {
             let (states, verdict) = self.evaluate(&req.customer, meter, quantity, now_ms());
-            crate::telemetry::decision(verdict.reason, false);
+            crate::telemetry::decision(verdict.reason.as_str(), false, meter.id.into(), &meter.name);
             return Ok(Arc::new(answer(&req.customer, meter, quantity, &states, verdict)));
         }
         let id = match &req.id {
@@ -266,7 +266,7 @@ impl Engine {
         let customer = self.counters.interner.intern(name).map_err(|_| CheckError::Full)?;
         let ent = self.entitlements.get(Some(customer));
         let Some(limits) = ent.limits(meter.id).cloned() else {
-            crate::telemetry::decision(Reason::NotEntitled, true);
+            crate::telemetry::decision(Reason::NotEntitled.as_str(), true, meter.id.into(), &meter.name);
             return Ok(answer(name, meter, quantity, &[], decide(&[], quantity)));
         };
         if let Some(reason) = self.write_refusal() {
@@ -277,7 +277,7 @@ impl Engine {
         if !self.deduper.insert(id_hash, now) {
             let states = self.limit_states(Some(customer), meter, &ent, &limits, now);
             let verdict = decide(&states, 0);
-            crate::telemetry::decision(verdict.reason, true);
+            crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
             return Ok(answer(name, meter, quantity, &states, verdict));
         }
         let c = Consume { name, customer, meter, ent: &ent, limits: &limits, quantity, id_hash, now };
@@ -370,7 +370,7 @@ impl Engine {
             // Nothing was recorded under this id; an event may still use it.
             self.deduper.remove(id_hash);
         }
-        crate::telemetry::decision(verdict.reason, true);
+        crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
         Ok(answer(name, meter, quantity, &states, verdict))
     }
 

@@ -161,6 +161,9 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
 
 fn parse_amount(v: &Value, meter: &Meter) -> Result<LimitAmount, String> {
     match v {
+        // `null` is how every answer shows an unlimited limit (checks, usage,
+        // the entitlements view), so a view sent back as it was read is accepted.
+        Value::Null => Ok(LimitAmount::Unlimited),
         Value::String(s) if s == "unlimited" => Ok(LimitAmount::Unlimited),
         Value::Number(n) => {
             let text = n.to_string();
@@ -169,24 +172,29 @@ fn parse_amount(v: &Value, meter: &Meter) -> Result<LimitAmount, String> {
             }
             parse_decimal(&text, meter.precision)
                 .map(LimitAmount::Finite)
-                .map_err(|e| format!("{e} (use \"unlimited\" or -1 for no limit)"))
+                .map_err(|e| format!("{e} (use \"unlimited\", -1 or null for no limit)"))
         }
-        _ => Err("must be a number, \"unlimited\" or -1".to_string()),
+        _ => Err("must be a number, \"unlimited\", -1 or null".to_string()),
     }
 }
 
-/// Renders limits back to the JSON shape [`parse_limits`] reads.
+/// Renders limits back to the JSON shape [`parse_limits`] reads, as every answer
+/// shows them: an unlimited limit is `"limit": null` (as in checks), and has a
+/// `window` only when one other than the default month was given (the month an
+/// unlimited limit counts by when none is given is not shown as if it were one).
 pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
     let items: Vec<Value> = limits
         .iter()
         .map(|l| {
             let mut m = serde_json::Map::new();
             let amount = match l.amount {
-                LimitAmount::Unlimited => Value::String("unlimited".into()),
+                LimitAmount::Unlimited => Value::Null,
                 LimitAmount::Finite(raw) => serde_json::to_value(Decimal { raw, precision: meter.precision }).unwrap_or(Value::Null),
             };
             m.insert("limit".into(), amount);
-            m.insert("window".into(), Value::String(l.window.as_str().into()));
+            if l.amount != LimitAmount::Unlimited || l.window != WindowKind::Month {
+                m.insert("window".into(), Value::String(l.window.as_str().into()));
+            }
             m.insert("hard".into(), Value::Bool(l.hard));
             m.insert("enforcement".into(), Value::String(l.enforcement.as_str().into()));
             Value::Object(m)
@@ -403,7 +411,7 @@ mod tests {
 
     #[test]
     fn unlimited_spellings() {
-        for spec in [json!({"limit": "unlimited"}), json!({"limit": -1}), json!({"limit": -1, "window": "month"})] {
+        for spec in [json!({"limit": "unlimited"}), json!({"limit": -1}), json!({"limit": -1, "window": "month"}), json!({"limit": null})] {
             let limits = parse_limits(&spec, &meter(0)).unwrap_or_default();
             assert_eq!(limits.first().map(|l| l.amount), Some(LimitAmount::Unlimited), "{spec}");
         }
@@ -416,5 +424,30 @@ mod tests {
         assert_eq!(paths, vec!["[0].limit", "[0].window", "[1].colour", "[1].window", "[2].window"]);
         let dup = parse_limits(&json!([{"limit": 1, "window": "day"}, {"limit": 2, "window": "day"}]), &meter(0));
         assert!(dup.is_err());
+    }
+
+    #[test]
+    fn unlimited_renders_as_null_without_an_invented_window() {
+        let m = meter(0);
+        let given = json!([{"limit": "unlimited"}, {"limit": -1, "window": "day"}, {"limit": 5, "window": "hour", "hard": false}]);
+        let limits = parse_limits(&given, &m).unwrap_or_default();
+        let shown = limits_to_json(&limits, &m);
+        assert_eq!(
+            shown,
+            json!([
+                {"limit": null, "hard": true, "enforcement": "cached"},
+                {"limit": null, "window": "day", "hard": true, "enforcement": "cached"},
+                {"limit": 5, "window": "hour", "hard": false, "enforcement": "cached"},
+            ])
+        );
+        // What is shown reads back as the same limits.
+        assert_eq!(parse_limits(&shown, &m), Ok(limits));
+    }
+
+    #[test]
+    fn a_null_limit_needs_no_window_and_other_types_are_named() {
+        assert!(parse_limits(&json!({"limit": null}), &meter(0)).is_ok());
+        let err = parse_limits(&json!({"limit": true, "window": "day"}), &meter(0)).err().unwrap_or_default();
+        assert_eq!(err, vec![problem(".limit", "must be a number, \"unlimited\", -1 or null")]);
     }
 }

@@ -1,0 +1,97 @@
+//! `/metrics` of a fresh process: every documented series is there at zero
+//! before any traffic (none of a part that is not configured), with the build
+//! and process series; the `meter` label counts per configured meter.
+//!
+//! One test in this file: the metrics recorder is per process, and the test
+//! needs one nothing else has counted into.
+
+mod common;
+
+use common::{check, event, ingest, TestServer, INTERVIEW};
+use serde_json::json;
+
+const METERS: [&str; 4] = ["interview_minutes", "interviews", "detailed_analyses", "video_reviews"];
+const REASONS: [&str; 6] = ["within_limit", "limit_exceeded", "soft_limit_exceeded", "unlimited", "not_entitled", "unavailable"];
+
+/// The value of the one line that starts with `series` followed by a space.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_process_lists_every_documented_series_at_zero() {
+    let server = TestServer::start(INTERVIEW).await;
+    let c = server.client();
+    let r = c.get("/metrics").await;
+    assert_eq!(r.status, 200);
+    let text = r.text;
+
+    // Counters: exactly 0.
+    let mut zero: Vec<String> = [
+        "meterd_flush_rows_total",
+        "meterd_flush_errors_total",
+        "meterd_flush_rejected_rows_total",
+        "meterd_rate_limited_total",
+        "meterd_flush_duration_seconds_count",
+        "meterd_ingest_batch_size_count",
+        r#"meterd_events_total{meter="",result="rejected"}"#,
+    ]
+    .map(String::from)
+    .to_vec();
+    for meter in METERS {
+        for result in ["accepted", "duplicate"] {
+            zero.push(format!(r#"meterd_events_total{{meter="{meter}",result="{result}"}}"#));
+        }
+        for reason in REASONS {
+            for consume in ["false", "true"] {
+                zero.push(format!(r#"meterd_decisions_total{{meter="{meter}",reason="{reason}",consume="{consume}"}}"#));
+            }
+        }
+    }
+    for series in &zero {
+        assert_eq!(value(&text, series), Some(0.0), "{series} is not at 0:\n{text}");
+    }
+    // Gauges: present (the housekeeping sets some before the render).
+    for series in [
+        "meterd_active_counters",
+        "meterd_customers",
+        "meterd_pending_buckets",
+        "meterd_dedupe_ids",
+        "meterd_flush_lag_seconds",
+        "meterd_wal_bytes",
+        "meterd_wal_checkpoint",
+        "meterd_writes_refused",
+    ] {
+        assert!(value(&text, series).is_some(), "{series} missing:\n{text}");
+    }
+    // No Redis, Stripe or raw-events export here: none of their series.
+    for absent in ["meterd_redis_", "meterd_stripe_", "meterd_raw_export_", "meterd_entitlement_reloads_total"] {
+        assert!(!text.lines().any(|l| l.starts_with(absent)), "{absent}* should be absent:\n{text}");
+    }
+    let build = format!(r#"meterd_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"));
+    assert_eq!(value(&text, &build), Some(1.0), "{text}");
+    for series in ["process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds", "process_max_fds"] {
+        assert!(value(&text, series).is_some_and(|v| v > 0.0), "{series} missing or 0:\n{text}");
+    }
+    assert!(value(&text, "process_cpu_seconds_total").is_some(), "{text}");
+
+    // Traffic moves the series of its meter only.
+    let dup = json!({"id": "m-dup", "customer": "m1", "meter": "interviews", "quantity": 1});
+    ingest(&c, json!([event("m1", "interviews", 1), event("m1", "interview_minutes", 3), dup.clone()])).await;
+    ingest(&c, json!([dup])).await;
+    assert_eq!(check(&c, "m1", "interviews", 1).await["reason"], "within_limit");
+    assert_eq!(check(&c, "m1", "video_reviews", 1).await["reason"], "not_entitled");
+    let bad = c.events(&json!([event("m1", "interviews", 1), {"id": "x", "customer": "m1", "meter": "nope"}])).await;
+    assert_eq!(bad.status, 400, "{}", bad.text);
+    let text = c.get("/metrics").await.text;
+    let at = |series: &str| value(&text, series);
+    assert_eq!(at(r#"meterd_events_total{meter="interviews",result="accepted"}"#), Some(2.0), "{text}");
+    assert_eq!(at(r#"meterd_events_total{meter="interviews",result="duplicate"}"#), Some(1.0));
+    assert_eq!(at(r#"meterd_events_total{meter="interview_minutes",result="accepted"}"#), Some(1.0));
+    assert_eq!(at(r#"meterd_events_total{meter="detailed_analyses",result="accepted"}"#), Some(0.0));
+    assert_eq!(at(r#"meterd_events_total{meter="",result="rejected"}"#), Some(1.0));
+    assert_eq!(at(r#"meterd_decisions_total{meter="interviews",reason="within_limit",consume="false"}"#), Some(1.0));
+    assert_eq!(at(r#"meterd_decisions_total{meter="video_reviews",reason="not_entitled",consume="false"}"#), Some(1.0));
+    assert_eq!(at(r#"meterd_decisions_total{meter="interview_minutes",reason="within_limit",consume="false"}"#), Some(0.0));
+    server.stop().await;
+}
