@@ -136,7 +136,8 @@ fn benches(c: &mut Criterion) {
             shared.ingest(format!("[{}]", body.join(",")).as_bytes(), meterd::ingest::BodyKind::Json).await.expect("ingest");
         }
     });
-    let sync = shared.counter_sync.clone().expect("redis configured");
+    let sync =
+        std::sync::Arc::new(meterd::sync::counters::CounterSync::new(shared.redis.clone().expect("redis configured"), &shared.instance_id));
     rt.block_on(async { sync.sync_once(&shared).await.expect("first sync") });
     eprintln!("active window counters: {}", shared.counters.windows.len());
     let mut group = c.benchmark_group("sync_round_100k_counters");

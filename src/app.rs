@@ -86,6 +86,16 @@ fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError
     Ok(id)
 }
 
+/// The WAL writer's sync policy for a durability setting (`None` = no WAL): the
+/// WAL knows nothing of the config, so the mapping lives here.
+fn wal_sync(durability: crate::config::Durability, interval: Duration) -> Option<crate::wal::Sync> {
+    match durability {
+        crate::config::Durability::Fsync => Some(crate::wal::Sync::Always),
+        crate::config::Durability::Buffered => Some(crate::wal::Sync::Interval(interval)),
+        crate::config::Durability::None => None,
+    }
+}
+
 /// Builds the Stripe reporter (not yet running) and its status board. The lease
 /// is Redis's when `[redis]` is configured (one reporter across instances), else
 /// local (embedded mode: this instance always reports).
@@ -153,7 +163,7 @@ impl AppHandle {
         let storage = &config.raw.storage;
         let wal_config = crate::wal::WalConfig {
             dir: wal_dir.clone(),
-            sync: crate::wal::sync_for(storage.durability, storage.wal_sync_interval.0),
+            sync: wal_sync(storage.durability, storage.wal_sync_interval.0),
             segment_bytes: storage.wal_segment_bytes,
             dedupe_window_ms: config.raw.ingest.dedupe_window.as_millis_i64(),
             hold: raw_events.as_ref().map(|(_, from)| *from),
@@ -219,9 +229,8 @@ impl AppHandle {
         let mut redis_tasks = Vec::new();
         if let (Some(redis), Some(rc)) = (&redis, &config.raw.redis) {
             redis_tasks.push(tokio::spawn(crate::sync::entitlements::run(engine.clone(), redis.clone(), redis_rx.clone())));
-            if let Some(sync) = &engine.counter_sync {
-                redis_tasks.push(tokio::spawn(crate::sync::counters::run(engine.clone(), sync.clone(), rc.sync_interval.0, redis_rx)));
-            }
+            let sync = Arc::new(crate::sync::counters::CounterSync::new(redis.clone(), &instance_id));
+            redis_tasks.push(tokio::spawn(crate::sync::counters::run(engine.clone(), sync, rc.sync_interval.0, redis_rx)));
         }
         let reporter = stripe.map(|(_, reporter)| {
             let (stop, stop_rx) = watch::channel(false);

@@ -8,10 +8,9 @@ pub use crate::clock::now_ms;
 use crate::config::ValidConfig;
 use crate::counters::Counters;
 use crate::counters::Usage;
+use crate::dedupe::{Deduper, IdHash};
 use crate::entitlements::{EntitlementCache, EntitlementsError};
-use crate::ingest::dedupe::{Deduper, IdHash};
-use crate::limits::CheckAnswer;
-use crate::model::{Catalog, WindowKind};
+use crate::model::{Catalog, CheckAnswer, WindowKind};
 use crate::store::{EntitlementStore, Fold, StoreError, UsageQuery, UsageStore};
 use crate::wal::{OpenReport, Wal, WalBatch, WalConfig};
 use dashmap::DashMap;
@@ -52,7 +51,7 @@ pub struct Engine {
     pub counters: Counters,
     pub entitlements: EntitlementCache,
     pub deduper: Deduper,
-    pub consumes: DashMap<IdHash, ConsumeSlot, crate::counters::hash::KeyHash>,
+    pub consumes: DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash>,
     pub usage_store: Arc<dyn UsageStore>,
     pub instance_id: String,
     pub limits: IngestLimits,
@@ -70,8 +69,6 @@ pub struct Engine {
     pub wal_report: OpenReport,
     /// Redis, when instances share entitlements and totals.
     pub redis: Option<crate::redis_link::Redis>,
-    /// The global-counter syncer's state (with Redis).
-    pub counter_sync: Option<Arc<crate::sync::counters::CounterSync>>,
     /// `strict` limits while Redis is unreachable: allow (decide locally) or deny.
     pub strict_open_when_down: bool,
     /// `redis.entitlements_ttl` in milliseconds.
@@ -113,13 +110,12 @@ impl Engine {
         let lazy_ttl = config.raw.redis.as_ref().map(|r| r.entitlements_ttl.0);
         let entitlements = EntitlementCache::load(catalog.clone(), entitlement_store, &counters.interner, lazy_ttl).await?;
         let ingest = &config.raw.ingest;
-        let instance_id_for_sync = instance_id.clone();
         let engine = Engine {
             catalog,
             counters,
             entitlements,
             deduper: Deduper::new(ingest.dedupe_window.as_millis_i64()),
-            consumes: DashMap::with_hasher(crate::counters::hash::KeyHash),
+            consumes: DashMap::with_hasher(crate::keyhash::KeyHash),
             usage_store,
             instance_id,
             limits: IngestLimits {
@@ -132,7 +128,6 @@ impl Engine {
             max_wal_bytes: config.raw.storage.max_wal_bytes,
             consume_locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
             wal_report: OpenReport::default(),
-            counter_sync: redis.as_ref().map(|r| Arc::new(crate::sync::counters::CounterSync::new(r.clone(), &instance_id_for_sync))),
             redis,
             strict_open_when_down: config.raw.redis.as_ref().map(|r| r.strict_when_unavailable == "allow").unwrap_or(false),
             rejected_dir: config.raw.storage.data_dir.join("rejected"),
@@ -194,7 +189,7 @@ impl Engine {
                 raw: e.raw,
                 ts: e.ts,
                 properties,
-                props_hash: crate::ingest::parse::props_hash(properties),
+                props_hash: crate::counters::props_hash(properties),
                 anchor: self.entitlements.get(Some(*customer)).billing_anchor,
             })
             .collect();

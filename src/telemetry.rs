@@ -1,7 +1,6 @@
 //! Metric names, in one place, and the helpers that record them; the Prometheus
 //! exporter; tracing setup. No customer id is ever a label.
 
-use crate::limits::Reason;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
@@ -181,15 +180,11 @@ pub fn batch_size(n: usize) {
     }
 }
 
-pub fn decision(reason: Reason, consume: bool) {
-    let i = match reason {
-        Reason::WithinLimit => 0,
-        Reason::LimitExceeded => 1,
-        Reason::SoftLimitExceeded => 2,
-        Reason::Unlimited => 3,
-        Reason::NotEntitled => 4,
-        Reason::Unavailable => 5,
-    };
+/// Counts one check decision; `reason` is its label (`within_limit`, …): the
+/// telemetry knows no domain type.
+pub fn decision(reason: &'static str, consume: bool) {
+    // A label outside the known set is counted as `unavailable` (never panics).
+    let i = REASONS.iter().position(|r| *r == reason).unwrap_or(REASONS.len() - 1);
     match HOT.get() {
         Some(hot) => hot.decisions[i][usize::from(consume)].increment(1),
         None => {
@@ -366,7 +361,7 @@ mod tests {
         http_request("stripe_status", 418, 0.002);
         http_request("stripe_status", 999, 0.001); // outside the cached range
         events("rejected", 5);
-        decision(Reason::Unavailable, true);
+        decision("unavailable", true);
         let after = handle.render();
         let teapots = r#"meterd_http_requests_total{route="stripe_status",status="418"}"#;
         assert_eq!(value(&after, teapots), value(&before, teapots) + 2.0, "{after}");

@@ -2,9 +2,9 @@
 //! the counters. Everything before the fold can refuse the batch; nothing after
 //! it can, so a batch is all-or-nothing.
 
-use super::dedupe::hash_id;
 use super::parse::{parse_batch, ParseError, Rules};
 use crate::counters::Usage;
+use crate::dedupe::hash_id;
 use crate::engine::{now_ms, Engine};
 use crate::model::WindowKind;
 use crate::wal::RecordBuilder;

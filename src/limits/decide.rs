@@ -31,18 +31,7 @@ impl LimitState {
     }
 }
 
-/// Why a check was answered as it was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    WithinLimit,
-    LimitExceeded,
-    SoftLimitExceeded,
-    Unlimited,
-    NotEntitled,
-    /// A `strict` limit could not be decided: Redis is unreachable (fail-closed).
-    Unavailable,
-}
+pub use crate::model::Reason;
 
 /// The outcome over all of a meter's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

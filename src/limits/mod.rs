@@ -13,14 +13,14 @@ pub mod decide;
 pub mod strict;
 pub mod summary;
 
+pub use crate::model::{CheckAnswer, LimitView};
 pub use decide::{decide, LimitState, Reason, Verdict};
 
 use crate::counters::{Counters, CustomerId, Usage};
+use crate::dedupe::hash_id;
 use crate::engine::{now_ms, ConsumeSlot, Engine};
-use crate::ingest::dedupe::hash_id;
 use crate::model::{window::rfc3339, Aggregation, Decimal, Entitlements, Limit, LimitAmount, Meter};
 use crate::wal::RecordBuilder;
-use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::OnceCell;
@@ -100,34 +100,6 @@ pub(crate) struct Consume<'a> {
     pub quantity: i64,
     pub id_hash: u128,
     pub now: i64,
-}
-
-/// One limit in an answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LimitView {
-    pub window: &'static str,
-    pub limit: Option<Decimal>,
-    pub used: Decimal,
-    pub remaining: Option<Decimal>,
-    pub resets_at: Option<String>,
-    pub hard: bool,
-}
-
-/// The `200` body of `/v1/check`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CheckAnswer {
-    pub allowed: bool,
-    pub customer: String,
-    pub meter: String,
-    pub quantity: Decimal,
-    pub used: Decimal,
-    pub limit: Option<Decimal>,
-    pub remaining: Option<Decimal>,
-    pub window: Option<&'static str>,
-    pub resets_at: Option<String>,
-    pub hard: bool,
-    pub reason: Reason,
-    pub limits: Vec<LimitView>,
 }
 
 /// Renders one limit state.
@@ -239,7 +211,7 @@ impl Engine {
         };
         if !req.consume {
             let (states, verdict) = self.evaluate(&req.customer, meter, quantity, now_ms());
-            crate::telemetry::decision(verdict.reason, false);
+            crate::telemetry::decision(verdict.reason.as_str(), false);
             return Ok(Arc::new(answer(&req.customer, meter, quantity, &states, verdict)));
         }
         let id = match &req.id {
@@ -266,7 +238,7 @@ impl Engine {
         let customer = self.counters.interner.intern(name).map_err(|_| CheckError::Full)?;
         let ent = self.entitlements.get(Some(customer));
         let Some(limits) = ent.limits(meter.id).cloned() else {
-            crate::telemetry::decision(Reason::NotEntitled, true);
+            crate::telemetry::decision(Reason::NotEntitled.as_str(), true);
             return Ok(answer(name, meter, quantity, &[], decide(&[], quantity)));
         };
         if let Some(reason) = self.write_refusal() {
@@ -277,7 +249,7 @@ impl Engine {
         if !self.deduper.insert(id_hash, now) {
             let states = self.limit_states(Some(customer), meter, &ent, &limits, now);
             let verdict = decide(&states, 0);
-            crate::telemetry::decision(verdict.reason, true);
+            crate::telemetry::decision(verdict.reason.as_str(), true);
             return Ok(answer(name, meter, quantity, &states, verdict));
         }
         let c = Consume { name, customer, meter, ent: &ent, limits: &limits, quantity, id_hash, now };
@@ -370,7 +342,7 @@ impl Engine {
             // Nothing was recorded under this id; an event may still use it.
             self.deduper.remove(id_hash);
         }
-        crate::telemetry::decision(verdict.reason, true);
+        crate::telemetry::decision(verdict.reason.as_str(), true);
         Ok(answer(name, meter, quantity, &states, verdict))
     }
 

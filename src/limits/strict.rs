@@ -106,7 +106,7 @@ impl Engine {
             Err(_) => {
                 let verdict = Verdict { allowed: false, reason: Reason::Unavailable, primary: strict.first().copied().unwrap_or(0) };
                 self.deduper.remove(id_hash);
-                crate::telemetry::decision(verdict.reason, true);
+                crate::telemetry::decision(verdict.reason.as_str(), true);
                 return Ok(answer(name, meter, quantity, &states, verdict));
             }
         };
@@ -163,7 +163,7 @@ impl Engine {
                 s.used = s.used.saturating_add(quantity);
             }
         }
-        crate::telemetry::decision(verdict.reason, true);
+        crate::telemetry::decision(verdict.reason.as_str(), true);
         Ok(answer(name, meter, quantity, &states, verdict))
     }
 
@@ -171,7 +171,7 @@ impl Engine {
     fn refuse(&self, name: &str, meter: &Meter, quantity: i64, states: &[LimitState], id_hash: u128) -> CheckAnswer {
         let verdict = decide(states, quantity);
         self.deduper.remove(id_hash);
-        crate::telemetry::decision(verdict.reason, true);
+        crate::telemetry::decision(verdict.reason.as_str(), true);
         answer(name, meter, quantity, states, verdict)
     }
 }
