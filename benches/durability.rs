@@ -124,7 +124,7 @@ fn replay_bench(rt: &tokio::runtime::Runtime) {
         ))
         .expect("start");
     let secs = started.elapsed().as_secs_f64();
-    assert_eq!(engine.wal_report.replayed_events, total_events);
+    assert_eq!(engine.wal_report().replayed_events, total_events);
     println!(
         "| WAL replay at start (decode + fold + dedupe, {total_events} events in {} records) | {:.2} s | **{:.2} M events/s** |",
         total_events / 1000,

@@ -206,8 +206,8 @@ fn check_decision(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tmp");
     let (rt, engine) = engine(dir.path());
     rt.block_on(engine.ingest(batch(10, 99).as_bytes(), BodyKind::Json)).expect("warm");
-    let meter = engine.catalog.meter_by_name("interview_minutes").expect("meter").clone();
-    let interviews = engine.catalog.meter_by_name("interviews").expect("meter").clone();
+    let meter = engine.catalog().meter_by_name("interview_minutes").expect("meter").clone();
+    let interviews = engine.catalog().meter_by_name("interviews").expect("meter").clone();
     let now = now_ms();
     let mut g = c.benchmark_group("check");
     g.bench_function("evaluate_warm_key", |b| b.iter(|| engine.evaluate("cust_3", &meter, 1000, now).1));

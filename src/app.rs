@@ -108,7 +108,7 @@ fn stripe_reporter(
 ) -> Result<(Arc<crate::report::StatusBoard>, crate::report::Reporter), AppError> {
     use crate::report::{Lease, LocalLease, RedisLease, Reporter, StatusBoard, StripeClient};
     let lease_ttl = (settings.interval * 3).max(Duration::from_secs(10));
-    let lease: Arc<dyn Lease> = match (&config.raw.redis, &engine.redis) {
+    let lease: Arc<dyn Lease> = match (&config.raw.redis, &engine.redis()) {
         (Some(rc), Some(redis)) => Arc::new(RedisLease::on(redis.conn(), &rc.key_prefix, instance_id, lease_ttl)),
         _ => Arc::new(LocalLease),
     };
@@ -300,7 +300,7 @@ impl AppHandle {
         for task in self.redis_tasks {
             task.await.map_err(|e| AppError::Task(e.to_string()))?;
         }
-        self.engine.wal.close();
+        self.engine.wal().close();
         tracing::info!("meterd stopped");
         Ok(())
     }

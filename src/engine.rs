@@ -1,7 +1,10 @@
-//! The engine: the in-memory state every request touches (catalog, counters,
-//! entitlements cache, dedupe) and its handles to the stores. HTTP handlers and
-//! background tasks share one `Arc<Engine>`; ingest lives in `ingest::pipeline`,
-//! checks and summaries in `limits`.
+//! The engine: the container of the in-memory state every request touches
+//! (catalog, the usage seam over the counters, entitlements cache, dedupe) and
+//! its handles to the WAL and the stores. HTTP handlers and background tasks
+//! share one `Arc<Engine>`. It knows no service: ingest lives in
+//! `ingest::pipeline`, checks and summaries in `limits`, each reaching the state
+//! through the accessors below (the fields are private). Usage changes only
+//! through [`Engine::usage`] (see `crate::usage`).
 
 /// Re-exported: callers have long found the clock here.
 pub use crate::clock::now_ms;
@@ -12,6 +15,7 @@ use crate::dedupe::{Deduper, IdHash};
 use crate::entitlements::{EntitlementCache, EntitlementsError};
 use crate::model::{Catalog, CheckAnswer, WindowKind};
 use crate::store::{EntitlementStore, Fold, StoreError, UsageQuery, UsageStore};
+use crate::usage::{Origin, UsageObserver, UsageSeam};
 use crate::wal::{OpenReport, Wal, WalBatch, WalConfig};
 use dashmap::DashMap;
 use std::sync::atomic::AtomicU8;
@@ -47,34 +51,143 @@ pub struct ConsumeSlot {
 
 /// Everything in memory, shared by handlers and background tasks.
 pub struct Engine {
-    pub catalog: Arc<Catalog>,
-    pub counters: Counters,
-    pub entitlements: EntitlementCache,
-    pub deduper: Deduper,
-    pub consumes: DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash>,
-    pub usage_store: Arc<dyn UsageStore>,
-    pub instance_id: String,
-    pub limits: IngestLimits,
+    catalog: Arc<Catalog>,
+    /// The counters, behind the seam every change of usage goes through.
+    usage: UsageSeam,
+    entitlements: EntitlementCache,
+    deduper: Deduper,
+    consumes: DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash>,
+    usage_store: Arc<dyn UsageStore>,
+    instance_id: String,
+    limits: IngestLimits,
     /// Per meter: window kinds the config's plans use (rebuilt at start). Kinds
     /// only an override uses are seeded per customer when the override is set.
-    pub plan_kinds: Vec<AtomicU8>,
+    plan_kinds: Vec<AtomicU8>,
     /// The write-ahead log every accepted batch and consume goes through.
-    pub wal: Wal,
+    wal: Wal,
     /// Past this many WAL bytes, writes are refused with 503 (the store is behind).
-    pub max_wal_bytes: u64,
+    max_wal_bytes: u64,
     /// Serialize consumes of one (customer, meter) when several limits (or a
     /// gauge) must be decided and recorded together; held across the WAL write.
-    pub consume_locks: Box<[tokio::sync::Mutex<()>]>,
+    consume_locks: Box<[tokio::sync::Mutex<()>]>,
     /// What the WAL replayed at start.
-    pub wal_report: OpenReport,
+    wal_report: OpenReport,
     /// Redis, when instances share entitlements and totals.
-    pub redis: Option<crate::redis_link::Redis>,
+    redis: Option<crate::redis_link::Redis>,
     /// `strict` limits while Redis is unreachable: allow (decide locally) or deny.
-    pub strict_open_when_down: bool,
+    strict_open_when_down: bool,
     /// `redis.entitlements_ttl` in milliseconds.
-    pub redis_ttl_ms: i64,
+    redis_ttl_ms: i64,
     /// Where rows the usage store refuses are set aside (`data_dir/rejected`).
-    pub rejected_dir: std::path::PathBuf,
+    rejected_dir: std::path::PathBuf,
+}
+
+/// Read access to the state, for the services. None of these can change usage
+/// except through [`Engine::usage`].
+impl Engine {
+    /// Meters and plans, from the config.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The seam every change of usage goes through.
+    pub fn usage(&self) -> &UsageSeam {
+        &self.usage
+    }
+
+    /// The counters, to read (writes go through [`Engine::usage`]).
+    pub fn counters(&self) -> &Counters {
+        self.usage.counters()
+    }
+
+    /// The entitlements cache.
+    pub fn entitlements(&self) -> &EntitlementCache {
+        &self.entitlements
+    }
+
+    /// Event and consume ids seen within the dedupe window.
+    pub fn deduper(&self) -> &Deduper {
+        &self.deduper
+    }
+
+    /// Remembered consume answers, by id hash.
+    pub fn consumes(&self) -> &DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash> {
+        &self.consumes
+    }
+
+    /// Where minute aggregates go.
+    pub fn usage_store(&self) -> &Arc<dyn UsageStore> {
+        &self.usage_store
+    }
+
+    /// This instance's id (flushes, Redis parts).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// What ingest accepts (`[ingest]`).
+    pub fn ingest_limits(&self) -> IngestLimits {
+        self.limits
+    }
+
+    /// Whether the config's plans use `kind` for `meter` (tracked from start).
+    pub fn plan_tracks(&self, meter: crate::model::MeterId, kind: WindowKind) -> bool {
+        self.plan_kinds
+            .get(usize::from(meter))
+            .map(|b| b.load(std::sync::atomic::Ordering::Acquire) & (1 << kind.index()) != 0)
+            .unwrap_or(false)
+    }
+
+    /// The write-ahead log.
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// What the WAL replayed at start.
+    pub fn wal_report(&self) -> &OpenReport {
+        &self.wal_report
+    }
+
+    /// Redis, when configured.
+    pub fn redis(&self) -> Option<&crate::redis_link::Redis> {
+        self.redis.as_ref()
+    }
+
+    /// `strict` limits while Redis is unreachable: allow (decide locally) or deny.
+    pub fn strict_open_when_down(&self) -> bool {
+        self.strict_open_when_down
+    }
+
+    /// `redis.entitlements_ttl` in milliseconds.
+    pub fn redis_ttl_ms(&self) -> i64 {
+        self.redis_ttl_ms
+    }
+
+    /// Where rows the usage store refuses are set aside.
+    pub fn rejected_dir(&self) -> &std::path::Path {
+        &self.rejected_dir
+    }
+
+    /// The consume lock of `(customer, meter)`: one consume at a time.
+    pub async fn lock_consume(&self, customer: crate::counters::CustomerId, meter: crate::model::MeterId) -> ConsumeGuard<'_> {
+        let stripe = (customer as usize).wrapping_mul(31).wrapping_add(usize::from(meter)) % self.consume_locks.len();
+        ConsumeGuard { _held: self.consume_locks[stripe].lock().await, customer, meter }
+    }
+}
+
+/// Proof that the caller holds the consume lock of `(customer, meter)`: the
+/// paths that decide several limits together take one as an argument.
+pub struct ConsumeGuard<'a> {
+    _held: tokio::sync::MutexGuard<'a, ()>,
+    customer: crate::counters::CustomerId,
+    meter: crate::model::MeterId,
+}
+
+impl ConsumeGuard<'_> {
+    /// Whether this guard is the lock of `(customer, meter)`.
+    pub fn covers(&self, customer: crate::counters::CustomerId, meter: crate::model::MeterId) -> bool {
+        self.customer == customer && self.meter == meter
+    }
 }
 
 impl Engine {
@@ -87,6 +200,20 @@ impl Engine {
         entitlement_store: Arc<dyn EntitlementStore>,
         wal_config: WalConfig,
         redis: Option<crate::redis_link::Redis>,
+    ) -> Result<Engine, EngineError> {
+        Engine::start_observed(config, instance_id, usage_store, entitlement_store, wal_config, redis, Vec::new()).await
+    }
+
+    /// [`Engine::start`] with usage observers, fixed for the engine's life: they
+    /// see the rebuild and the replay too.
+    pub async fn start_observed(
+        config: &ValidConfig,
+        instance_id: String,
+        usage_store: Arc<dyn UsageStore>,
+        entitlement_store: Arc<dyn EntitlementStore>,
+        wal_config: WalConfig,
+        redis: Option<crate::redis_link::Redis>,
+        observers: Vec<Arc<dyn UsageObserver>>,
     ) -> Result<Engine, EngineError> {
         let catalog = config.catalog.clone();
         let removed = usage_store.recover(&instance_id).await?;
@@ -112,7 +239,7 @@ impl Engine {
         let ingest = &config.raw.ingest;
         let engine = Engine {
             catalog,
-            counters,
+            usage: UsageSeam::new(counters, observers),
             entitlements,
             deduper: Deduper::new(ingest.dedupe_window.as_millis_i64()),
             consumes: DashMap::with_hasher(crate::keyhash::KeyHash),
@@ -164,7 +291,7 @@ impl Engine {
     fn replay(&self, batch: &WalBatch) {
         // Names are stored once per batch: resolve each once.
         let meters: Vec<Option<&crate::model::Meter>> = batch.meters.iter().map(|m| self.catalog.meter_by_name(m)).collect();
-        let customers: Vec<Option<u32>> = batch.customers.iter().map(|c| self.counters.interner.intern(c).ok()).collect();
+        let customers: Vec<Option<u32>> = batch.customers.iter().map(|c| self.counters().interner.intern(c).ok()).collect();
         let mut usages = Vec::with_capacity(batch.events.len());
         for e in &batch.events {
             // Ids keep deduping for the rest of their window after a restart.
@@ -193,7 +320,7 @@ impl Engine {
                 anchor: self.entitlements.get(Some(*customer)).billing_anchor,
             })
             .collect();
-        self.counters.apply(&folded);
+        self.usage.apply(&folded, Origin::Replay);
     }
 
     /// Whether the WAL holds more than the store may fall behind by.
@@ -220,47 +347,47 @@ impl Engine {
     async fn rebuild(&self) -> Result<(), EngineError> {
         let now = now_ms();
         // Override kinds first, so they are tracked and rebuilt like plan kinds.
-        for customer in 0..u32::try_from(self.counters.interner.len()).unwrap_or(u32::MAX) {
+        for customer in 0..u32::try_from(self.counters().interner.len()).unwrap_or(u32::MAX) {
             let ent = self.entitlements.get(Some(customer));
             for (meter, limits) in &ent.overrides {
                 for l in limits.iter() {
-                    self.counters.track(*meter, l.window);
+                    self.counters().track(*meter, l.window);
                 }
             }
         }
         for meter in self.catalog.meters() {
             let fold = Fold::from(meter.aggregation);
-            for kind in self.counters.tracked_kinds(meter.id).collect::<Vec<_>>() {
+            for kind in self.counters().tracked_kinds(meter.id).collect::<Vec<_>>() {
                 let window = kind.bounds(now, Default::default());
                 let mut query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, None);
-                query.own_only = self.counters.windows.is_shared();
+                query.own_only = self.counters().windows.is_shared();
                 let rows = self.usage_store.aggregate(&query).await?.data;
                 for row in rows {
-                    let customer = self.counters.interner.intern(&row.customer)?;
+                    let customer = self.counters().interner.intern(&row.customer)?;
                     let ent = self.entitlements.get(Some(customer));
                     if kind == WindowKind::BillingCycle && ent.billing_anchor_ms.is_some() {
                         continue; // Anchored customers are rebuilt one by one below.
                     }
                     let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
-                    self.counters.windows.set(key, row.value, row.last_ts);
+                    self.usage.set_window(key, row.value, row.last_ts, Origin::Rebuild);
                 }
                 if kind != WindowKind::BillingCycle {
                     continue;
                 }
-                for customer in 0..u32::try_from(self.counters.interner.len()).unwrap_or(u32::MAX) {
+                for customer in 0..u32::try_from(self.counters().interner.len()).unwrap_or(u32::MAX) {
                     let ent = self.entitlements.get(Some(customer));
                     if ent.billing_anchor_ms.is_none() {
                         continue;
                     }
-                    let Some(name) = self.counters.interner.name(customer) else {
+                    let Some(name) = self.counters().interner.name(customer) else {
                         continue;
                     };
                     let window = kind.bounds(now, ent.billing_anchor);
                     let mut query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, Some(&name));
-                    query.own_only = self.counters.windows.is_shared();
+                    query.own_only = self.counters().windows.is_shared();
                     if let Some(row) = self.usage_store.aggregate(&query).await?.data.into_iter().next() {
                         let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
-                        self.counters.windows.set(key, row.value, row.last_ts);
+                        self.usage.set_window(key, row.value, row.last_ts, Origin::Rebuild);
                     }
                 }
             }

@@ -29,7 +29,7 @@ pub enum FlushError {
 fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
     let mut rows = Vec::with_capacity(epoch.buckets.len());
     epoch.buckets.for_each(|key, bucket| {
-        let (Some(meter), Some(customer)) = (engine.catalog.meter(key.meter), engine.counters.interner.name(key.customer)) else {
+        let (Some(meter), Some(customer)) = (engine.catalog().meter(key.meter), engine.counters().interner.name(key.customer)) else {
             return;
         };
         let (value, last_ts) = bucket_value(bucket);
@@ -50,33 +50,34 @@ fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
 /// Writes the pending epoch, or swaps and writes the current one. Returns the
 /// number of rows written (0 when there was nothing to flush).
 pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
-    let Some(epoch) = engine.counters.buckets.take_for_flush(|| engine.wal.tracker.mark()) else {
+    let Some(epoch) = engine.counters().buckets.take_for_flush(|| engine.wal().tracker.mark()) else {
         return Ok(0);
     };
     let started = Instant::now();
     let mark = epoch.wal_mark.get().cloned().unwrap_or_default();
     // Rows the store can never hold are set aside, not retried forever.
     let (rows, unstorable): (Vec<UsageRow>, Vec<UsageRow>) =
-        rows_of(engine, &epoch).into_iter().partition(|r| engine.usage_store.unstorable(r).is_none());
+        rows_of(engine, &epoch).into_iter().partition(|r| engine.usage_store().unstorable(r).is_none());
     if !unstorable.is_empty() {
-        let reasons: Vec<String> = unstorable.iter().map(|r| engine.usage_store.unstorable(r).unwrap_or_default()).collect();
+        let reasons: Vec<String> = unstorable.iter().map(|r| engine.usage_store().unstorable(r).unwrap_or_default()).collect();
         let listed: Vec<(&UsageRow, &str)> = unstorable.iter().zip(reasons.iter().map(String::as_str)).collect();
         set_aside(engine, epoch.seq, &listed)?;
     }
-    let batch = FlushBatch { instance_id: engine.instance_id.clone(), seq: epoch.seq, wal_seq: mark.upto, wal_extras: mark.extras, rows };
+    let batch =
+        FlushBatch { instance_id: engine.instance_id().to_string(), seq: epoch.seq, wal_seq: mark.upto, wal_extras: mark.extras, rows };
     // The flush lets WAL records go; their ids must be on disk first, so that
     // dedupe still knows them after a restart.
-    if let Err(e) = engine.wal.sync_ids().await {
+    if let Err(e) = engine.wal().sync_ids().await {
         crate::telemetry::flush_failed();
         return Err(e.into());
     }
-    match engine.usage_store.write_flush(&batch).await {
+    match engine.usage_store().write_flush(&batch).await {
         Ok(()) => {
-            engine.counters.buckets.flushed(epoch.seq);
+            engine.counters().buckets.flushed(epoch.seq);
             crate::telemetry::flush_done(batch.rows.len(), started.elapsed().as_secs_f64());
             // The store now says how far it is; the checkpoint only lets old
             // segments go, so a failure here costs disk, not correctness.
-            if let Err(e) = engine.wal.checkpoint(batch.wal_seq).await {
+            if let Err(e) = engine.wal().checkpoint(batch.wal_seq).await {
                 tracing::warn!(error = %e, wal_seq = batch.wal_seq, "WAL checkpoint failed; segments are kept until the next one");
             }
             tracing::debug!(seq = epoch.seq, rows = batch.rows.len(), "flushed");
@@ -88,8 +89,8 @@ pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
             crate::telemetry::flush_failed();
             let listed: Vec<(&UsageRow, &str)> = batch.rows.iter().map(|r| (r, reason.as_str())).collect();
             set_aside(engine, epoch.seq, &listed)?;
-            engine.counters.buckets.flushed(epoch.seq);
-            if let Err(e) = engine.wal.checkpoint(batch.wal_seq).await {
+            engine.counters().buckets.flushed(epoch.seq);
+            if let Err(e) = engine.wal().checkpoint(batch.wal_seq).await {
                 tracing::warn!(error = %e, wal_seq = batch.wal_seq, "WAL checkpoint failed; segments are kept until the next one");
             }
             Ok(0)
@@ -103,7 +104,7 @@ pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
 
 /// Sets rows aside in `data_dir/rejected` and says so.
 fn set_aside(engine: &Engine, seq: u64, rows: &[(&UsageRow, &str)]) -> Result<(), FlushError> {
-    let path = crate::rejected::set_aside(&engine.rejected_dir, &engine.instance_id, seq, rows)?;
+    let path = crate::rejected::set_aside(engine.rejected_dir(), engine.instance_id(), seq, rows)?;
     crate::telemetry::flush_rejected(rows.len());
     tracing::error!(
         rows = rows.len(),
@@ -121,7 +122,7 @@ pub async fn flush_all(engine: &Engine) -> Result<usize, FlushError> {
     for _ in 0..3 {
         let n = flush_once(engine).await?;
         total += n;
-        if n == 0 && engine.counters.buckets.flushing().is_none() {
+        if n == 0 && engine.counters().buckets.flushing().is_none() {
             break;
         }
     }
@@ -131,10 +132,10 @@ pub async fn flush_all(engine: &Engine) -> Result<usize, FlushError> {
 /// Expires what is older than anything ingest still accepts, and sets gauges.
 pub fn housekeeping(engine: &Engine) {
     let now = now_ms();
-    engine.deduper.sweep(now);
+    engine.deduper().sweep(now);
     engine.sweep_consumes(now);
-    let cutoff = now - engine.limits.max_lateness_ms;
-    engine.counters.windows.retain_ending_after(cutoff, |k| match k.kind {
+    let cutoff = now - engine.ingest_limits().max_lateness_ms;
+    engine.counters().windows.retain_ending_after(cutoff, |k| match k.kind {
         WindowKind::Total => i64::MAX,
         // A billing cycle is at most 31 days long.
         WindowKind::BillingCycle => k.start_ms.saturating_add(31 * 86_400_000),
@@ -147,20 +148,20 @@ pub fn housekeeping(engine: &Engine) {
 pub fn housekeeping_gauges(engine: &Engine) {
     let now = now_ms();
     let mut oldest: Option<i64> = None;
-    for epoch in engine.counters.buckets.unflushed() {
+    for epoch in engine.counters().buckets.unflushed() {
         epoch.buckets.for_each(|k, _| oldest = Some(oldest.map_or(k.minute, |o| o.min(k.minute))));
     }
     let lag = oldest.map(|m| ((now - m * 60_000) as f64 / 1000.0).max(0.0)).unwrap_or(0.0);
     crate::telemetry::wal(
-        engine.wal.bytes(),
-        engine.wal.stats.checkpoint.load(std::sync::atomic::Ordering::Acquire),
+        engine.wal().bytes(),
+        engine.wal().stats.checkpoint.load(std::sync::atomic::Ordering::Acquire),
         engine.write_refusal().is_some(),
     );
     crate::telemetry::gauges(
-        engine.counters.windows.len(),
-        engine.counters.interner.len(),
-        engine.counters.buckets.pending_len(),
-        engine.deduper.len(),
+        engine.counters().windows.len(),
+        engine.counters().interner.len(),
+        engine.counters().buckets.pending_len(),
+        engine.deduper().len(),
         lag,
     );
 }

@@ -26,6 +26,7 @@ pub mod report;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod usage;
 pub mod wal;
 
 pub use app::{AppError, AppHandle};
