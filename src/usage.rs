@@ -55,7 +55,9 @@ pub struct WindowTotal {
 }
 
 /// What an observer is told: one `(customer, meter)` changed in these windows.
-/// Totals are read just after the change (a concurrent change may be included).
+/// Totals are read just after the change was applied (a concurrent change may
+/// be included); for a batch, each usage is told after the whole batch is
+/// folded, so its windows show the batch's totals.
 #[derive(Debug, Clone, Copy)]
 pub struct UsageChange<'a> {
     pub customer: CustomerId,
