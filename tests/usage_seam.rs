@@ -39,33 +39,33 @@ struct Seen {
     windows: Vec<(WindowKind, i64, i64)>,
 }
 
+/// Records every change, by customer id (names are resolved when taken: the
+/// observer runs during start, before the engine exists for anyone to ask).
 #[derive(Default)]
 struct Recorder {
-    names: Mutex<Vec<Seen>>,
-    engine: Mutex<Option<std::sync::Weak<Engine>>>,
+    seen: Mutex<Vec<(u32, Seen)>>,
 }
 
 impl UsageObserver for Recorder {
     fn changed(&self, change: &UsageChange<'_>) {
-        let name = self
-            .engine
-            .lock()
-            .ok()
-            .and_then(|e| e.as_ref().and_then(std::sync::Weak::upgrade))
-            .and_then(|e| e.counters().interner.name(change.customer).map(|n| n.to_string()))
-            .unwrap_or_else(|| format!("#{}", change.customer));
         let mut windows: Vec<_> = change.windows.iter().map(|w| (w.key.kind, w.local, w.total)).collect();
         windows.sort_by_key(|w| w.0.index());
-        let seen = Seen { customer: name, meter: change.meter, origin: change.origin, raw: change.raw, windows };
-        if let Ok(mut all) = self.names.lock() {
-            all.push(seen);
+        let seen = Seen { customer: String::new(), meter: change.meter, origin: change.origin, raw: change.raw, windows };
+        if let Ok(mut all) = self.seen.lock() {
+            all.push((change.customer, seen));
         }
     }
 }
 
 impl Recorder {
-    fn take(&self) -> Vec<Seen> {
-        std::mem::take(&mut *self.names.lock().expect("recorder lock"))
+    fn take(&self, engine: &Engine) -> Vec<Seen> {
+        let all = std::mem::take(&mut *self.seen.lock().expect("recorder lock"));
+        all.into_iter()
+            .map(|(id, mut seen)| {
+                seen.customer = engine.counters().interner.name(id).map(|n| n.to_string()).unwrap_or_else(|| format!("#{id}"));
+                seen
+            })
+            .collect()
     }
 }
 
@@ -88,10 +88,7 @@ async fn start(dir: &std::path::Path, recorder: &Arc<Recorder>) -> Arc<Engine> {
         hold: None,
     };
     let observers: Vec<Arc<dyn UsageObserver>> = vec![recorder.clone()];
-    let engine =
-        Arc::new(Engine::start_observed(&config, "seam".into(), store.clone(), store, wal, None, observers).await.expect("engine"));
-    *recorder.engine.lock().expect("lock") = Some(Arc::downgrade(&engine));
-    engine
+    Arc::new(Engine::start_observed(&config, "seam".into(), store.clone(), store, wal, None, observers).await.expect("engine"))
 }
 
 fn seen(customer: &str, meter: u16, origin: Origin, raw: i64, windows: &[(WindowKind, i64)]) -> Seen {
@@ -114,7 +111,7 @@ async fn an_observer_sees_ingest_consumes_replay_and_rebuild_with_exact_totals()
     let dir = tempfile::tempdir().expect("tmp");
     let recorder = Arc::new(Recorder::default());
     let engine = start(dir.path(), &recorder).await;
-    assert!(recorder.take().is_empty(), "an empty store and WAL change nothing");
+    assert!(recorder.take(&engine).is_empty(), "an empty store and WAL change nothing");
 
     // Live: a batch of events (two customers, two meters).
     let body = r#"[{"id":"e1","customer":"ann","meter":"calls","quantity":3},
@@ -124,7 +121,7 @@ async fn an_observer_sees_ingest_consumes_replay_and_rebuild_with_exact_totals()
     let outcome = engine.ingest(body.as_bytes(), BodyKind::Json).await.expect("ingest");
     assert_eq!((outcome.accepted, outcome.duplicates), (3, 1));
     assert_eq!(
-        recorder.take(),
+        recorder.take(&engine),
         vec![
             // A batch's usages are told after the whole batch is folded.
             seen("ann", 0, Origin::Live, 3, &[(Month, 7)]),
@@ -141,14 +138,14 @@ async fn an_observer_sees_ingest_consumes_replay_and_rebuild_with_exact_totals()
     assert!(!engine.check(consume("bob", "jobs", 30, "c3")).await.expect("consume").allowed);
     assert!(engine.check(consume("ann", "calls", 10, "c1")).await.expect("consume").allowed);
     assert_eq!(
-        recorder.take(),
+        recorder.take(&engine),
         vec![seen("ann", 0, Origin::Live, 10, &[(Month, 17)]), seen("bob", 1, Origin::Live, 20, &[(Day, 25), (Month, 25)])]
     );
 
     // Restart without a flush: everything comes back from the WAL, as replay.
     drop(engine);
     let engine = start(dir.path(), &recorder).await;
-    let mut replayed = recorder.take();
+    let mut replayed = recorder.take(&engine);
     replayed.sort_by(|a, b| (&a.customer, a.meter, a.windows[0].1, a.raw).cmp(&(&b.customer, b.meter, b.windows[0].1, b.raw)));
     assert_eq!(
         replayed,
@@ -165,7 +162,7 @@ async fn an_observer_sees_ingest_consumes_replay_and_rebuild_with_exact_totals()
     meterd::flush::flush_all(&engine).await.expect("flush");
     drop(engine);
     let engine = start(dir.path(), &recorder).await;
-    let mut rebuilt = recorder.take();
+    let mut rebuilt = recorder.take(&engine);
     rebuilt.sort_by(|a, b| (&a.customer, a.meter, a.windows[0].0.index()).cmp(&(&b.customer, b.meter, b.windows[0].0.index())));
     assert_eq!(
         rebuilt,
