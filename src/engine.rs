@@ -175,6 +175,34 @@ impl Engine {
     }
 }
 
+/// What the flusher needs of the engine, and nothing else: the minute-bucket
+/// epochs to drain (and the names their keys intern), the WAL they let go of,
+/// the store they go to.
+#[derive(Clone, Copy)]
+pub struct FlushPorts<'a> {
+    pub catalog: &'a Catalog,
+    pub counters: &'a Counters,
+    pub wal: &'a Wal,
+    pub usage_store: &'a dyn UsageStore,
+    pub instance_id: &'a str,
+    /// Where rows the usage store refuses are set aside.
+    pub rejected_dir: &'a std::path::Path,
+}
+
+impl Engine {
+    /// The flusher's narrow view of the state.
+    pub fn flush_ports(&self) -> FlushPorts<'_> {
+        FlushPorts {
+            catalog: &self.catalog,
+            counters: self.usage.counters(),
+            wal: &self.wal,
+            usage_store: self.usage_store.as_ref(),
+            instance_id: &self.instance_id,
+            rejected_dir: &self.rejected_dir,
+        }
+    }
+}
+
 /// Proof that the caller holds the consume lock of `(customer, meter)`: the
 /// paths that decide several limits together take one as an argument.
 pub struct ConsumeGuard<'a> {
