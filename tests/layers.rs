@@ -5,6 +5,9 @@
 //! binary; `#[cfg(test)]` items are skipped), and fails naming the file and the
 //! import of every upward import and every cycle within a layer.
 //!
+//! A second check keeps the usage seam the one place where usage changes: no
+//! file outside `counters` and `usage` calls a counters write.
+//!
 //! The table below *is* the architecture (docs/architecture.md explains it): a
 //! new top-level module must be placed in it, or the test fails.
 
@@ -326,6 +329,71 @@ fn imports_point_down_the_layers() {
     assert!(files.len() > 50, "read only {} files under src/", files.len());
     let problems = violations(&files);
     assert!(problems.is_empty(), "{} layer violations:\n{}", problems.len(), problems.join("\n"));
+}
+
+/// Calls that change window counters or minute buckets. Outside `counters`
+/// (which implements them) and `usage` (the seam), none may appear: every
+/// change of usage goes through `usage::UsageSeam`, which tells its observers.
+const COUNTER_WRITES: &[&str] = &[
+    ".windows.set(",
+    ".with_cell(",
+    ".add_within(",
+    ".with_each_cell_hashed(",
+    "counters().apply",
+    "counters.apply",
+    "counters().fold(",
+    "counters.fold(",
+    ".write_guard()",
+];
+
+/// Every write to the counters that bypasses the usage seam.
+fn seam_bypasses(files: &[(String, String)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (rel, src) in files {
+        if rel.starts_with("counters/") || rel == "usage.rs" {
+            continue;
+        }
+        let code = drop_test_items(&strip(src));
+        for (n, line) in code.lines().enumerate() {
+            for call in COUNTER_WRITES {
+                if line.contains(call) {
+                    problems.push(format!(
+                        "src/{rel}: line {}: `{call}` changes the counters outside the usage seam: {}",
+                        n + 1,
+                        line.trim()
+                    ));
+                }
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn usage_changes_only_through_the_seam() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    read_tree(&src, &src, &mut files);
+    let problems = seam_bypasses(&files);
+    assert!(problems.is_empty(), "{} writes bypass the usage seam:\n{}", problems.len(), problems.join("\n"));
+}
+
+#[test]
+fn the_seam_check_finds_a_direct_write() {
+    let files = tree(&[
+        ("limits/mod.rs", "fn f(e: &Engine) {\n    e.counters().windows.set(key, 1, 2);\n}\n#[cfg(test)]\nmod tests { fn g() { c.counters.apply(&u); } }\n"),
+        ("usage.rs", "fn f(&self) { self.counters.apply(u); }\n"),
+        ("counters/mod.rs", "fn f(&self) { self.windows.with_cell(k, |c| c); }\n"),
+        ("sync/counters.rs", "// counters.apply( in a comment\nfn f() { engine.usage().apply(&u, Origin::Live); }\n"),
+    ]);
+    let problems = seam_bypasses(&files);
+    assert_eq!(
+        problems,
+        vec![
+            "src/limits/mod.rs: line 2: `.windows.set(` changes the counters outside the usage seam: e.counters().windows.set(key, 1, 2);"
+                .to_string()
+        ]
+    );
 }
 
 fn tree(files: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -341,7 +341,7 @@ impl Engine {
     /// Several limits (all or nothing) or a gauge: decided and recorded under
     /// the `(customer, meter)` consume lock, held until the record is durable
     /// and folded.
-    pub(crate) async fn consume_serial(&self, guard: &ConsumeGuard<'_>, c: &Consume<'_>) -> Result<(Vec<LimitState>, Verdict), CheckError> {
+    async fn consume_serial(&self, guard: &ConsumeGuard<'_>, c: &Consume<'_>) -> Result<(Vec<LimitState>, Verdict), CheckError> {
         let Consume { customer, meter, ent, limits, quantity, id_hash, now, .. } = *c;
         debug_assert!(guard.covers(customer, meter.id), "the consume lock of another (customer, meter)");
         let mut states = self.limit_states(Some(customer), meter, ent, limits, now);
