@@ -181,26 +181,30 @@ impl UsageSeam {
 
     /// Tells observers of a folded usage: every tracked window at its time.
     fn tell_usage(&self, usage: &Usage<'_>, origin: Origin) {
-        let mut keys = [None; WindowKind::ALL.len()];
+        let mut keys = [EMPTY_KEY; WindowKind::ALL.len()];
+        let mut n = 0;
         for (slot, kind) in keys.iter_mut().zip(self.counters.tracked_kinds(usage.meter.id)) {
-            *slot = Some(Counters::key(usage.customer, usage.meter.id, kind, usage.ts, usage.anchor));
+            *slot = Counters::key(usage.customer, usage.meter.id, kind, usage.ts, usage.anchor);
+            n += 1;
         }
-        let keys: Vec<CounterKey> = keys.into_iter().flatten().collect();
-        self.tell_windows(usage.customer, usage.meter.id, origin, usage.raw, &keys);
+        self.tell_windows(usage.customer, usage.meter.id, origin, usage.raw, &keys[..n]);
     }
 
+    /// Reads the windows' totals and tells every observer (no allocation: a
+    /// change touches at most one window per kind).
     fn tell_windows(&self, customer: CustomerId, meter: MeterId, origin: Origin, raw: i64, keys: &[CounterKey]) {
-        let windows: Vec<WindowTotal> = keys
-            .iter()
-            .map(|key| {
-                let (local, total) =
-                    self.counters.windows.get(key, |c| (c.value.load(std::sync::atomic::Ordering::Acquire), c.used())).unwrap_or((0, 0));
-                WindowTotal { key: *key, local, total }
-            })
-            .collect();
-        let change = UsageChange { customer, meter, origin, raw, windows: &windows };
+        let mut windows = [WindowTotal { key: EMPTY_KEY, local: 0, total: 0 }; WindowKind::ALL.len()];
+        for (window, key) in windows.iter_mut().zip(keys) {
+            let (local, total) =
+                self.counters.windows.get(key, |c| (c.value.load(std::sync::atomic::Ordering::Acquire), c.used())).unwrap_or((0, 0));
+            *window = WindowTotal { key: *key, local, total };
+        }
+        let change = UsageChange { customer, meter, origin, raw, windows: &windows[..keys.len().min(windows.len())] };
         for observer in self.observers.iter() {
             observer.changed(&change);
         }
     }
 }
+
+/// A placeholder in the fixed-size key buffers above.
+const EMPTY_KEY: CounterKey = CounterKey { customer: 0, meter: 0, kind: WindowKind::Total, start_ms: 0 };
