@@ -133,6 +133,13 @@ fn stripe_reporter(
 impl AppHandle {
     /// Starts meterd with a validated config.
     pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
+        AppHandle::start_observed(config, Vec::new()).await
+    }
+
+    /// Starts meterd with usage observers (see `crate::usage`): capabilities that
+    /// must see every change of usage are registered here, before the rebuild
+    /// and the replay, and stay for the process's life.
+    pub async fn start_observed(config: ValidConfig, observers: Vec<Arc<dyn crate::usage::UsageObserver>>) -> Result<AppHandle, AppError> {
         let data_dir = config.raw.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
         let instance_id = instance_id(&config, &data_dir)?;
@@ -180,8 +187,10 @@ impl AppHandle {
             Some(r) => Arc::new(crate::store::redis::RedisEntitlementStore::new(r.clone())),
             None => sqlite.clone(),
         };
-        let engine =
-            Arc::new(Engine::start(&config, instance_id.clone(), usage_store, entitlement_store, wal_config, redis.clone()).await?);
+        let engine = Arc::new(
+            Engine::start_observed(&config, instance_id.clone(), usage_store, entitlement_store, wal_config, redis.clone(), observers)
+                .await?,
+        );
         let exporter = match raw_events {
             Some((table, _)) => {
                 let max_rows = crate::raw_export::MAX_CHUNK_ROWS;

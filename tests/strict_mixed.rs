@@ -119,3 +119,66 @@ async fn cached_and_strict_limits_on_one_meter_hold_exactly_under_concurrent_con
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// One change as told: where from, raw units, (kind, local, total) per window.
+type Told = (meterd::usage::Origin, i64, Vec<(meterd::model::WindowKind, i64, i64)>);
+
+/// Records every change the usage seam tells.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<Told>>);
+
+impl meterd::usage::UsageObserver for Recorder {
+    fn changed(&self, change: &meterd::usage::UsageChange<'_>) {
+        let mut windows: Vec<_> = change.windows.iter().map(|w| (w.key.kind, w.local, w.total)).collect();
+        windows.sort_by_key(|w| w.0.index());
+        if let Ok(mut all) = self.0.lock() {
+            all.push((change.origin, change.raw, windows));
+        }
+    }
+}
+
+fn strict_consume(customer: &str) -> meterd::limits::CheckRequest {
+    meterd::limits::CheckRequest {
+        customer: customer.into(),
+        meter: "gpu".into(),
+        quantity_text: Some("1".into()),
+        consume: true,
+        id: Some(uid("s")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_usage_observer_sees_strict_consumes_and_the_totals_redis_answers() {
+    use meterd::model::WindowKind::{Day, Month};
+    use meterd::usage::Origin;
+    let Some(redis) = RedisServer::start(false).await else { return };
+    // The watched instance syncs rarely: the totals it sees come from the strict answers.
+    let watched_config = config(&redis.url(), "watched").replace("sync_interval = \"100ms\"", "sync_interval = \"1h\"");
+    let dir = tempfile::tempdir().expect("tmp");
+    let valid = meterd::config::Config::parse(&common::with_dirs(&watched_config, dir.path()), "watched.toml")
+        .and_then(|c| c.validate("watched.toml"))
+        .expect("config");
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let app = meterd::AppHandle::start_observed(valid, vec![recorder.clone()]).await.expect("meterd starts");
+    let take = || std::mem::take(&mut *recorder.0.lock().expect("lock"));
+    take();
+
+    let customer = uid("watched");
+    assert!(app.engine.check(strict_consume(&customer)).await.expect("consume").allowed);
+    assert_eq!(take(), vec![(Origin::Live, 1, vec![(Day, 1, 1), (Month, 1, 1)])]);
+
+    // Another instance consumes 2; the next strict answer here brings its usage.
+    let other = TestServer::start(&config(&redis.url(), "other")).await;
+    for _ in 0..2 {
+        let r = other.client().check(&json!({"customer": customer, "meter": "gpu", "quantity": 1, "consume": true, "id": uid("o")})).await;
+        assert_eq!(r.body["allowed"], json!(true), "{}", r.text);
+    }
+    assert!(app.engine.check(strict_consume(&customer)).await.expect("consume").allowed);
+    let seen = take();
+    assert_eq!(seen.iter().filter(|(o, _, _)| *o == Origin::Live).count(), 1, "{seen:?}");
+    assert!(seen.iter().all(|(o, _, _)| matches!(o, Origin::Live | Origin::Sync)), "{seen:?}");
+    let month = seen.last().and_then(|(_, _, w)| w.iter().find(|(k, _, _)| *k == Month).copied());
+    assert_eq!(month, Some((Month, 2, 4)), "own usage 2, total over both instances 4: {seen:?}");
+    assert_eq!(redis_month_total(&redis, &customer).await, 4);
+    app.shutdown().await.expect("shutdown");
+}
