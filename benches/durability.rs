@@ -94,7 +94,7 @@ fn replay_bench(rt: &tokio::runtime::Runtime) {
     let total_events = 2_000_000u64;
     rt.block_on(async {
         let (wal, _) = Wal::open(
-            &wal_config(meterd::wal::sync_for(meterd::config::Durability::Buffered, Duration::from_millis(100))),
+            &wal_config(Some(meterd::wal::Sync::Interval(Duration::from_millis(100)))),
             &meterd::wal::WalMark::default(),
             |_, _| {},
             |_, _| {},
@@ -119,12 +119,12 @@ fn replay_bench(rt: &tokio::runtime::Runtime) {
             "bench".into(),
             store.clone(),
             store,
-            wal_config(meterd::wal::sync_for(meterd::config::Durability::Fsync, Duration::from_millis(100))),
+            wal_config(Some(meterd::wal::Sync::Always)),
             None,
         ))
         .expect("start");
     let secs = started.elapsed().as_secs_f64();
-    assert_eq!(engine.wal_report.replayed_events, total_events);
+    assert_eq!(engine.wal_report().replayed_events, total_events);
     println!(
         "| WAL replay at start (decode + fold + dedupe, {total_events} events in {} records) | {:.2} s | **{:.2} M events/s** |",
         total_events / 1000,

@@ -1,6 +1,9 @@
 //! Hot-path costs: parse + validate per event, parse + validate + count per event
 //! (the whole ingest path minus HTTP), a counter add, a batch of counter folds
-//! over 1M customers, a check decision on a warm key, the dedupe table's growth. Run with `cargo bench --bench hot_path`.
+//! over 1M customers, a check decision on a warm key, the dedupe table's growth,
+//! and the usage seam's cost (`seam/*`: the seam with no observer and with one
+//! no-op observer against the direct counters call it wraps). Run with
+//! `cargo bench --bench hot_path` (`-- seam` for the seam alone).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use meterd::config::Config;
@@ -11,6 +14,7 @@ use meterd::ingest::BodyKind;
 use meterd::limits::decide::{decide, LimitState};
 use meterd::model::{BillingAnchor, Enforcement, Limit, LimitAmount, Meter, WindowKind};
 use meterd::store::sqlite::SqliteStore;
+use meterd::usage::{Origin, UsageChange, UsageObserver, UsageSeam};
 use std::sync::Arc;
 
 const CONFIG: &str = include_str!("../config/examples/interview-platform.toml");
@@ -84,6 +88,56 @@ fn counter_add(c: &mut Criterion) {
     let (counters, meter) = counters_and_meter();
     let usage = usage_of(&meter, 42, now_ms());
     c.bench_function("counter_add_warm", |b| b.iter(|| counters.apply(std::slice::from_ref(&usage))));
+}
+
+/// An observer that does nothing: what one subscriber costs the hot path.
+struct NoOp;
+
+impl UsageObserver for NoOp {
+    fn changed(&self, change: &UsageChange<'_>) {
+        std::hint::black_box(change);
+    }
+}
+
+/// The usage seam against the counters call it wraps, on a warm key and on a
+/// batch of 1000 usages of 10k warm customers: direct (the counters the quiet
+/// seam owns, so both work on the same memory), through the seam with no
+/// observer, through a seam with one no-op observer.
+fn seam(c: &mut Criterion) {
+    let now = now_ms();
+    let (quiet, meter) = counters_and_meter();
+    let (watched, _) = counters_and_meter();
+    let quiet = UsageSeam::new(quiet, Vec::new());
+    let direct = quiet.counters();
+    let watched = UsageSeam::new(watched, vec![Arc::new(NoOp)]);
+    let usage = usage_of(&meter, 42, now);
+    let batches = usage_batches(&meter, 10_000, now);
+    let mut g = c.benchmark_group("seam");
+    g.warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
+    g.bench_function("one_usage/direct_counters", |b| b.iter(|| direct.apply(std::slice::from_ref(&usage))));
+    g.bench_function("one_usage/seam_no_observer", |b| b.iter(|| quiet.apply(std::slice::from_ref(&usage), Origin::Live)));
+    g.bench_function("one_usage/seam_one_noop_observer", |b| b.iter(|| watched.apply(std::slice::from_ref(&usage), Origin::Live)));
+    g.throughput(Throughput::Elements(1000));
+    let mut next = 0;
+    g.bench_function("batch_1000/direct_counters", |b| {
+        b.iter(|| {
+            next = (next + 1) % batches.len();
+            direct.apply(&batches[next]);
+        })
+    });
+    g.bench_function("batch_1000/seam_no_observer", |b| {
+        b.iter(|| {
+            next = (next + 1) % batches.len();
+            quiet.apply(&batches[next], Origin::Live);
+        })
+    });
+    g.bench_function("batch_1000/seam_one_noop_observer", |b| {
+        b.iter(|| {
+            next = (next + 1) % batches.len();
+            watched.apply(&batches[next], Origin::Live);
+        })
+    });
+    g.finish();
 }
 
 /// Counters for the example config, and its `interview_minutes` meter.
@@ -206,8 +260,8 @@ fn check_decision(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tmp");
     let (rt, engine) = engine(dir.path());
     rt.block_on(engine.ingest(batch(10, 99).as_bytes(), BodyKind::Json)).expect("warm");
-    let meter = engine.catalog.meter_by_name("interview_minutes").expect("meter").clone();
-    let interviews = engine.catalog.meter_by_name("interviews").expect("meter").clone();
+    let meter = engine.catalog().meter_by_name("interview_minutes").expect("meter").clone();
+    let interviews = engine.catalog().meter_by_name("interviews").expect("meter").clone();
     let now = now_ms();
     let mut g = c.benchmark_group("check");
     g.bench_function("evaluate_warm_key", |b| b.iter(|| engine.evaluate("cust_3", &meter, 1000, now).1));
@@ -245,5 +299,15 @@ fn dedupe_growth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse_validate, counter_add, counter_batch, counter_batch_two_threads, wal_record, check_decision, dedupe_growth);
+criterion_group!(
+    benches,
+    parse_validate,
+    counter_add,
+    seam,
+    counter_batch,
+    counter_batch_two_threads,
+    wal_record,
+    check_decision,
+    dedupe_growth
+);
 criterion_main!(benches);

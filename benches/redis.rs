@@ -142,15 +142,18 @@ fn benches(c: &mut Criterion) {
             shared.ingest(format!("[{}]", body.join(",")).as_bytes(), meterd::ingest::BodyKind::Json).await.expect("ingest");
         }
     });
-    let sync = shared.counter_sync.clone().expect("redis configured");
+    let sync = std::sync::Arc::new(meterd::sync::counters::CounterSync::new(
+        shared.redis().cloned().expect("redis configured"),
+        shared.instance_id(),
+    ));
     rt.block_on(async { sync.sync_once(&shared).await.expect("first sync") });
-    eprintln!("active window counters: {}", shared.counters.windows.len());
+    eprintln!("active window counters: {}", shared.counters().windows.len());
     let mut group = c.benchmark_group("sync_round_100k_counters");
     group.sample_size(10);
     group.bench_function("all_changed", |b| {
         b.iter_batched(
             || {
-                shared.counters.windows.for_each(|_, cell| {
+                shared.counters().windows.for_each(|_, cell| {
                     cell.value.fetch_add(1, Ordering::AcqRel);
                 })
             },

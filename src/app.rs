@@ -102,6 +102,16 @@ fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError
     Ok(id)
 }
 
+/// The WAL writer's sync policy for a durability setting (`None` = no WAL): the
+/// WAL knows nothing of the config, so the mapping lives here.
+fn wal_sync(durability: crate::config::Durability, interval: Duration) -> Option<crate::wal::Sync> {
+    match durability {
+        crate::config::Durability::Fsync => Some(crate::wal::Sync::Always),
+        crate::config::Durability::Buffered => Some(crate::wal::Sync::Interval(interval)),
+        crate::config::Durability::None => None,
+    }
+}
+
 /// Builds the Stripe reporter (not yet running) and its status board. The lease
 /// is Redis's when `[redis]` is configured (one reporter across instances), else
 /// local (embedded mode: this instance always reports).
@@ -114,7 +124,7 @@ fn stripe_reporter(
 ) -> Result<(Arc<crate::report::StatusBoard>, crate::report::Reporter), AppError> {
     use crate::report::{Lease, LocalLease, RedisLease, Reporter, StatusBoard, StripeClient};
     let lease_ttl = (settings.interval * 3).max(Duration::from_secs(10));
-    let lease: Arc<dyn Lease> = match (&config.redis, &engine.redis) {
+    let lease: Arc<dyn Lease> = match (&config.redis, &engine.redis()) {
         (Some(rc), Some(redis)) => Arc::new(RedisLease::on(redis.conn(), &rc.key_prefix, instance_id, lease_ttl)),
         _ => Arc::new(LocalLease),
     };
@@ -136,6 +146,13 @@ fn stripe_reporter(
 impl AppHandle {
     /// Starts meterd with a validated config.
     pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
+        AppHandle::start_observed(config, Vec::new()).await
+    }
+
+    /// Starts meterd with usage observers (see `crate::usage`): capabilities that
+    /// must see every change of usage are registered here, before the rebuild
+    /// and the replay, and stay for the process's life.
+    pub async fn start_observed(config: ValidConfig, observers: Vec<Arc<dyn crate::usage::UsageObserver>>) -> Result<AppHandle, AppError> {
         // First: what is recorded while starting (Redis up at connect) is kept.
         let prometheus = crate::telemetry::prometheus();
         let data_dir = config.storage.data_dir.clone();
@@ -168,7 +185,7 @@ impl AppHandle {
         let storage = &config.storage;
         let wal_config = crate::wal::WalConfig {
             dir: wal_dir.clone(),
-            sync: crate::wal::sync_for(storage.durability, storage.wal_sync_interval),
+            sync: wal_sync(storage.durability, storage.wal_sync_interval),
             segment_bytes: storage.wal_segment_bytes,
             dedupe_window_ms: crate::duration::millis_i64(config.ingest.dedupe_window),
             hold: raw_events.as_ref().map(|(_, from)| *from),
@@ -185,8 +202,10 @@ impl AppHandle {
             Some(r) => Arc::new(crate::store::redis::RedisEntitlementStore::new(r.clone())),
             None => sqlite.clone(),
         };
-        let engine =
-            Arc::new(Engine::start(&config, instance_id.clone(), usage_store, entitlement_store, wal_config, redis.clone()).await?);
+        let engine = Arc::new(
+            Engine::start_observed(&config, instance_id.clone(), usage_store, entitlement_store, wal_config, redis.clone(), observers)
+                .await?,
+        );
         let exporter = match raw_events {
             Some((table, _)) => {
                 let max_rows = crate::raw_export::MAX_CHUNK_ROWS;
@@ -195,7 +214,7 @@ impl AppHandle {
             None => None,
         };
         crate::telemetry::register_known(&crate::telemetry::Known {
-            meters: engine.catalog.meters().iter().map(|m| (usize::from(m.id), m.name.as_str())).collect(),
+            meters: engine.catalog().meters().iter().map(|m| (usize::from(m.id), m.name.as_str())).collect(),
             redis: redis.is_some(),
             stripe: config.stripe.is_some(),
             raw_events: exporter.is_some(),
@@ -248,11 +267,10 @@ impl AppHandle {
             let (e, r) = (engine.clone(), redis.clone());
             let listener = move |rx| Some(crate::sync::entitlements::run(e.clone(), r.clone(), rx));
             redis_tasks.push(tokio::spawn(supervise(ENTITLEMENT_LISTENER, health.clone(), redis_rx.clone(), listener)));
-            if let Some(sync) = &engine.counter_sync {
-                let (e, sync, interval) = (engine.clone(), sync.clone(), rc.sync_interval);
-                let syncer = move |rx| Some(crate::sync::counters::run(e.clone(), sync.clone(), interval, rx));
-                redis_tasks.push(tokio::spawn(supervise(COUNTER_SYNCER, health.clone(), redis_rx, syncer)));
-            }
+            let sync = Arc::new(crate::sync::counters::CounterSync::new(redis.clone(), &instance_id));
+            let (e, interval) = (engine.clone(), rc.sync_interval);
+            let syncer = move |rx| Some(crate::sync::counters::run(e.clone(), sync.clone(), interval, rx));
+            redis_tasks.push(tokio::spawn(supervise(COUNTER_SYNCER, health.clone(), redis_rx, syncer)));
         }
         let reporter = stripe.map(|(_, reporter)| {
             let (stop, stop_rx) = watch::channel(false);
@@ -325,7 +343,7 @@ impl AppHandle {
         for task in self.redis_tasks {
             task.await.map_err(|e| AppError::Task(e.to_string()))?.map_err(|e| AppError::Task(e.to_string()))?;
         }
-        self.engine.wal.close();
+        self.engine.wal().close();
         tracing::info!("meterd stopped");
         Ok(())
     }

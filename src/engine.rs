@@ -1,19 +1,22 @@
-//! The engine: the in-memory state every request touches (catalog, counters,
-//! entitlements cache, dedupe) and its handles to the stores. HTTP handlers and
-//! background tasks share one `Arc<Engine>`; ingest lives in `ingest::pipeline`,
-//! checks and summaries in `limits`.
+//! The engine: the container of the in-memory state every request touches
+//! (catalog, the usage seam over the counters, entitlements cache, dedupe) and
+//! its handles to the WAL and the stores. HTTP handlers and background tasks
+//! share one `Arc<Engine>`. It knows no service: ingest lives in
+//! `ingest::pipeline`, checks and summaries in `limits`, each reaching the state
+//! through the accessors below (the fields are private). Usage changes only
+//! through [`Engine::usage`] (see `crate::usage`).
 
 /// Re-exported: callers have long found the clock here.
 pub use crate::clock::now_ms;
 use crate::config::{StrictWhenUnavailable, ValidConfig};
 use crate::counters::Counters;
 use crate::counters::Usage;
+use crate::dedupe::{Deduper, IdHash};
 use crate::duration::millis_i64;
 use crate::entitlements::{EntitlementCache, EntitlementsError};
-use crate::ingest::dedupe::{Deduper, IdHash};
-use crate::limits::CheckAnswer;
-use crate::model::{Catalog, WindowKind};
+use crate::model::{Catalog, CheckAnswer, WindowKind};
 use crate::store::{EntitlementStore, Fold, StoreError, UsageQuery, UsageStore};
+use crate::usage::{Origin, UsageObserver, UsageSeam};
 use crate::wal::{OpenReport, Wal, WalBatch, WalConfig};
 use dashmap::DashMap;
 use std::sync::atomic::AtomicU8;
@@ -49,36 +52,171 @@ pub struct ConsumeSlot {
 
 /// Everything in memory, shared by handlers and background tasks.
 pub struct Engine {
-    pub catalog: Arc<Catalog>,
-    pub counters: Counters,
-    pub entitlements: EntitlementCache,
-    pub deduper: Deduper,
-    pub consumes: DashMap<IdHash, ConsumeSlot, crate::counters::hash::KeyHash>,
-    pub usage_store: Arc<dyn UsageStore>,
-    pub instance_id: String,
-    pub limits: IngestLimits,
+    catalog: Arc<Catalog>,
+    /// The counters, behind the seam every change of usage goes through.
+    usage: UsageSeam,
+    entitlements: EntitlementCache,
+    deduper: Deduper,
+    consumes: DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash>,
+    usage_store: Arc<dyn UsageStore>,
+    instance_id: String,
+    limits: IngestLimits,
     /// Per meter: window kinds the config's plans use (rebuilt at start). Kinds
     /// only an override uses are seeded per customer when the override is set.
-    pub plan_kinds: Vec<AtomicU8>,
+    plan_kinds: Vec<AtomicU8>,
     /// The write-ahead log every accepted batch and consume goes through.
-    pub wal: Wal,
+    wal: Wal,
     /// Past this many WAL bytes, writes are refused with 503 (the store is behind).
-    pub max_wal_bytes: u64,
+    max_wal_bytes: u64,
     /// Serialize consumes of one (customer, meter) when several limits (or a
     /// gauge) must be decided and recorded together; held across the WAL write.
-    pub consume_locks: Box<[tokio::sync::Mutex<()>]>,
+    consume_locks: Box<[tokio::sync::Mutex<()>]>,
     /// What the WAL replayed at start.
-    pub wal_report: OpenReport,
+    wal_report: OpenReport,
     /// Redis, when instances share entitlements and totals.
-    pub redis: Option<crate::redis_link::Redis>,
-    /// The global-counter syncer's state (with Redis).
-    pub counter_sync: Option<Arc<crate::sync::counters::CounterSync>>,
+    redis: Option<crate::redis_link::Redis>,
     /// `strict` limits while Redis is unreachable: allow (decide locally) or deny.
-    pub strict_open_when_down: bool,
+    strict_open_when_down: bool,
     /// `redis.entitlements_ttl` in milliseconds.
-    pub redis_ttl_ms: i64,
+    redis_ttl_ms: i64,
     /// Where rows the usage store refuses are set aside (`data_dir/rejected`).
-    pub rejected_dir: std::path::PathBuf,
+    rejected_dir: std::path::PathBuf,
+}
+
+/// Read access to the state, for the services. None of these can change usage
+/// except through [`Engine::usage`].
+impl Engine {
+    /// Meters and plans, from the config.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The seam every change of usage goes through.
+    pub fn usage(&self) -> &UsageSeam {
+        &self.usage
+    }
+
+    /// The counters, to read (writes go through [`Engine::usage`]).
+    pub fn counters(&self) -> &Counters {
+        self.usage.counters()
+    }
+
+    /// The entitlements cache.
+    pub fn entitlements(&self) -> &EntitlementCache {
+        &self.entitlements
+    }
+
+    /// Event and consume ids seen within the dedupe window.
+    pub fn deduper(&self) -> &Deduper {
+        &self.deduper
+    }
+
+    /// Remembered consume answers, by id hash.
+    pub fn consumes(&self) -> &DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash> {
+        &self.consumes
+    }
+
+    /// Where minute aggregates go.
+    pub fn usage_store(&self) -> &Arc<dyn UsageStore> {
+        &self.usage_store
+    }
+
+    /// This instance's id (flushes, Redis parts).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// What ingest accepts (`[ingest]`).
+    pub fn ingest_limits(&self) -> IngestLimits {
+        self.limits
+    }
+
+    /// Whether the config's plans use `kind` for `meter` (tracked from start).
+    pub fn plan_tracks(&self, meter: crate::model::MeterId, kind: WindowKind) -> bool {
+        self.plan_kinds
+            .get(usize::from(meter))
+            .map(|b| b.load(std::sync::atomic::Ordering::Acquire) & (1 << kind.index()) != 0)
+            .unwrap_or(false)
+    }
+
+    /// The write-ahead log.
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// What the WAL replayed at start.
+    pub fn wal_report(&self) -> &OpenReport {
+        &self.wal_report
+    }
+
+    /// Redis, when configured.
+    pub fn redis(&self) -> Option<&crate::redis_link::Redis> {
+        self.redis.as_ref()
+    }
+
+    /// `strict` limits while Redis is unreachable: allow (decide locally) or deny.
+    pub fn strict_open_when_down(&self) -> bool {
+        self.strict_open_when_down
+    }
+
+    /// `redis.entitlements_ttl` in milliseconds.
+    pub fn redis_ttl_ms(&self) -> i64 {
+        self.redis_ttl_ms
+    }
+
+    /// Where rows the usage store refuses are set aside.
+    pub fn rejected_dir(&self) -> &std::path::Path {
+        &self.rejected_dir
+    }
+
+    /// The consume lock of `(customer, meter)`: one consume at a time.
+    pub async fn lock_consume(&self, customer: crate::counters::CustomerId, meter: crate::model::MeterId) -> ConsumeGuard<'_> {
+        let stripe = (customer as usize).wrapping_mul(31).wrapping_add(usize::from(meter)) % self.consume_locks.len();
+        ConsumeGuard { _held: self.consume_locks[stripe].lock().await, customer, meter }
+    }
+}
+
+/// What the flusher needs of the engine, and nothing else: the minute-bucket
+/// epochs to drain (and the names their keys intern), the WAL they let go of,
+/// the store they go to.
+#[derive(Clone, Copy)]
+pub struct FlushPorts<'a> {
+    pub catalog: &'a Catalog,
+    pub counters: &'a Counters,
+    pub wal: &'a Wal,
+    pub usage_store: &'a dyn UsageStore,
+    pub instance_id: &'a str,
+    /// Where rows the usage store refuses are set aside.
+    pub rejected_dir: &'a std::path::Path,
+}
+
+impl Engine {
+    /// The flusher's narrow view of the state.
+    pub fn flush_ports(&self) -> FlushPorts<'_> {
+        FlushPorts {
+            catalog: &self.catalog,
+            counters: self.usage.counters(),
+            wal: &self.wal,
+            usage_store: self.usage_store.as_ref(),
+            instance_id: &self.instance_id,
+            rejected_dir: &self.rejected_dir,
+        }
+    }
+}
+
+/// Proof that the caller holds the consume lock of `(customer, meter)`: the
+/// paths that decide several limits together take one as an argument.
+pub struct ConsumeGuard<'a> {
+    _held: tokio::sync::MutexGuard<'a, ()>,
+    customer: crate::counters::CustomerId,
+    meter: crate::model::MeterId,
+}
+
+impl ConsumeGuard<'_> {
+    /// Whether this guard is the lock of `(customer, meter)`.
+    pub fn covers(&self, customer: crate::counters::CustomerId, meter: crate::model::MeterId) -> bool {
+        self.customer == customer && self.meter == meter
+    }
 }
 
 impl Engine {
@@ -91,6 +229,20 @@ impl Engine {
         entitlement_store: Arc<dyn EntitlementStore>,
         wal_config: WalConfig,
         redis: Option<crate::redis_link::Redis>,
+    ) -> Result<Engine, EngineError> {
+        Engine::start_observed(config, instance_id, usage_store, entitlement_store, wal_config, redis, Vec::new()).await
+    }
+
+    /// [`Engine::start`] with usage observers, fixed for the engine's life: they
+    /// see the rebuild and the replay too.
+    pub async fn start_observed(
+        config: &ValidConfig,
+        instance_id: String,
+        usage_store: Arc<dyn UsageStore>,
+        entitlement_store: Arc<dyn EntitlementStore>,
+        wal_config: WalConfig,
+        redis: Option<crate::redis_link::Redis>,
+        observers: Vec<Arc<dyn UsageObserver>>,
     ) -> Result<Engine, EngineError> {
         let catalog = config.catalog.clone();
         let removed = usage_store.recover(&instance_id).await?;
@@ -114,13 +266,12 @@ impl Engine {
         let lazy_ttl = config.redis.as_ref().map(|r| r.entitlements_ttl);
         let entitlements = EntitlementCache::load(catalog.clone(), entitlement_store, &counters.interner, lazy_ttl).await?;
         let ingest = &config.ingest;
-        let instance_id_for_sync = instance_id.clone();
         let engine = Engine {
             catalog,
-            counters,
+            usage: UsageSeam::new(counters, observers),
             entitlements,
             deduper: Deduper::new(millis_i64(ingest.dedupe_window)),
-            consumes: DashMap::with_hasher(crate::counters::hash::KeyHash),
+            consumes: DashMap::with_hasher(crate::keyhash::KeyHash),
             usage_store,
             instance_id,
             limits: IngestLimits {
@@ -133,7 +284,6 @@ impl Engine {
             max_wal_bytes: config.storage.max_wal_bytes,
             consume_locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
             wal_report: OpenReport::default(),
-            counter_sync: redis.as_ref().map(|r| Arc::new(crate::sync::counters::CounterSync::new(r.clone(), &instance_id_for_sync))),
             redis,
             strict_open_when_down: config.redis.as_ref().is_some_and(|r| r.strict_when_unavailable == StrictWhenUnavailable::Allow),
             rejected_dir: config.storage.data_dir.join("rejected"),
@@ -170,7 +320,7 @@ impl Engine {
     fn replay(&self, batch: &WalBatch) {
         // Names are stored once per batch: resolve each once.
         let meters: Vec<Option<&crate::model::Meter>> = batch.meters.iter().map(|m| self.catalog.meter_by_name(m)).collect();
-        let customers: Vec<Option<u32>> = batch.customers.iter().map(|c| self.counters.interner.intern(c).ok()).collect();
+        let customers: Vec<Option<u32>> = batch.customers.iter().map(|c| self.counters().interner.intern(c).ok()).collect();
         let mut usages = Vec::with_capacity(batch.events.len());
         for e in &batch.events {
             // Ids keep deduping for the rest of their window after a restart.
@@ -195,11 +345,11 @@ impl Engine {
                 raw: e.raw,
                 ts: e.ts,
                 properties,
-                props_hash: crate::ingest::parse::props_hash(properties),
+                props_hash: crate::counters::props_hash(properties),
                 anchor: self.entitlements.get(Some(*customer)).billing_anchor,
             })
             .collect();
-        self.counters.apply(&folded);
+        self.usage.apply(&folded, Origin::Replay);
     }
 
     /// Whether the WAL holds more than the store may fall behind by.
@@ -226,47 +376,47 @@ impl Engine {
     async fn rebuild(&self) -> Result<(), EngineError> {
         let now = now_ms();
         // Override kinds first, so they are tracked and rebuilt like plan kinds.
-        for customer in 0..u32::try_from(self.counters.interner.len()).unwrap_or(u32::MAX) {
+        for customer in 0..u32::try_from(self.counters().interner.len()).unwrap_or(u32::MAX) {
             let ent = self.entitlements.get(Some(customer));
             for (meter, limits) in &ent.overrides {
                 for l in limits.iter() {
-                    self.counters.track(*meter, l.window);
+                    self.counters().track(*meter, l.window);
                 }
             }
         }
         for meter in self.catalog.meters() {
             let fold = Fold::from(meter.aggregation);
-            for kind in self.counters.tracked_kinds(meter.id).collect::<Vec<_>>() {
+            for kind in self.counters().tracked_kinds(meter.id).collect::<Vec<_>>() {
                 let window = kind.bounds(now, Default::default());
                 let mut query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, None);
-                query.own_only = self.counters.windows.is_shared();
+                query.own_only = self.counters().windows.is_shared();
                 let rows = self.usage_store.aggregate(&query).await?.data;
                 for row in rows {
-                    let customer = self.counters.interner.intern(&row.customer)?;
+                    let customer = self.counters().interner.intern(&row.customer)?;
                     let ent = self.entitlements.get(Some(customer));
                     if kind == WindowKind::BillingCycle && ent.billing_anchor_ms.is_some() {
                         continue; // Anchored customers are rebuilt one by one below.
                     }
                     let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
-                    self.counters.windows.set(key, row.value, row.last_ts);
+                    self.usage.set_window(key, row.value, row.last_ts, Origin::Rebuild);
                 }
                 if kind != WindowKind::BillingCycle {
                     continue;
                 }
-                for customer in 0..u32::try_from(self.counters.interner.len()).unwrap_or(u32::MAX) {
+                for customer in 0..u32::try_from(self.counters().interner.len()).unwrap_or(u32::MAX) {
                     let ent = self.entitlements.get(Some(customer));
                     if ent.billing_anchor_ms.is_none() {
                         continue;
                     }
-                    let Some(name) = self.counters.interner.name(customer) else {
+                    let Some(name) = self.counters().interner.name(customer) else {
                         continue;
                     };
                     let window = kind.bounds(now, ent.billing_anchor);
                     let mut query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, Some(&name));
-                    query.own_only = self.counters.windows.is_shared();
+                    query.own_only = self.counters().windows.is_shared();
                     if let Some(row) = self.usage_store.aggregate(&query).await?.data.into_iter().next() {
                         let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
-                        self.counters.windows.set(key, row.value, row.last_ts);
+                        self.usage.set_window(key, row.value, row.last_ts, Origin::Rebuild);
                     }
                 }
             }

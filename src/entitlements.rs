@@ -27,7 +27,7 @@ pub enum EntitlementsError {
 pub struct EntitlementCache {
     catalog: Arc<Catalog>,
     store: Arc<dyn EntitlementStore>,
-    entries: DashMap<CustomerId, (Arc<Entitlements>, EntitlementsDoc), crate::counters::hash::KeyHash>,
+    entries: DashMap<CustomerId, (Arc<Entitlements>, EntitlementsDoc), crate::keyhash::KeyHash>,
     default: Arc<Entitlements>,
     /// Loaded on first sight (Redis) instead of all at start: when each customer
     /// was last read, and the loads in flight (one per customer, however many
@@ -38,8 +38,8 @@ pub struct EntitlementCache {
 /// The state of on-demand loading.
 pub struct Lazy {
     pub ttl_ms: i64,
-    fetched: DashMap<CustomerId, i64, crate::counters::hash::KeyHash>,
-    loading: DashMap<CustomerId, Arc<tokio::sync::OnceCell<()>>, crate::counters::hash::KeyHash>,
+    fetched: DashMap<CustomerId, i64, crate::keyhash::KeyHash>,
+    loading: DashMap<CustomerId, Arc<tokio::sync::OnceCell<()>>, crate::keyhash::KeyHash>,
 }
 
 /// Whether a customer's cached entitlements may be used as they are.
@@ -69,11 +69,11 @@ impl EntitlementCache {
             default: Arc::new(Entitlements::default_for(&catalog)),
             catalog,
             store,
-            entries: DashMap::with_hasher(crate::counters::hash::KeyHash),
+            entries: DashMap::with_hasher(crate::keyhash::KeyHash),
             lazy: lazy_ttl.map(|ttl| Lazy {
                 ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
-                fetched: DashMap::with_hasher(crate::counters::hash::KeyHash),
-                loading: DashMap::with_hasher(crate::counters::hash::KeyHash),
+                fetched: DashMap::with_hasher(crate::keyhash::KeyHash),
+                loading: DashMap::with_hasher(crate::keyhash::KeyHash),
             }),
         };
         if cache.lazy.is_some() {

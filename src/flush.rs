@@ -7,7 +7,7 @@
 use crate::backoff::backoff;
 use crate::counters::buckets::bucket_value;
 use crate::counters::Epoch;
-use crate::engine::{now_ms, Engine};
+use crate::engine::{now_ms, Engine, FlushPorts};
 use crate::model::WindowKind;
 use crate::store::{FlushBatch, StoreError, UsageRow};
 use std::sync::Arc;
@@ -26,10 +26,10 @@ pub enum FlushError {
 }
 
 /// Converts an epoch to store rows.
-fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
+fn rows_of(ports: &FlushPorts<'_>, epoch: &Epoch) -> Vec<UsageRow> {
     let mut rows = Vec::with_capacity(epoch.buckets.len());
     epoch.buckets.for_each(|key, bucket| {
-        let (Some(meter), Some(customer)) = (engine.catalog.meter(key.meter), engine.counters.interner.name(key.customer)) else {
+        let (Some(meter), Some(customer)) = (ports.catalog.meter(key.meter), ports.counters.interner.name(key.customer)) else {
             return;
         };
         let (value, last_ts) = bucket_value(bucket);
@@ -50,33 +50,39 @@ fn rows_of(engine: &Engine, epoch: &Epoch) -> Vec<UsageRow> {
 /// Writes the pending epoch, or swaps and writes the current one. Returns the
 /// number of rows written (0 when there was nothing to flush).
 pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
-    let Some(epoch) = engine.counters.buckets.take_for_flush(|| engine.wal.tracker.mark()) else {
+    flush_epoch(&engine.flush_ports()).await
+}
+
+/// [`flush_once`] on the flusher's narrow view of the engine.
+pub async fn flush_epoch(ports: &FlushPorts<'_>) -> Result<usize, FlushError> {
+    let Some(epoch) = ports.counters.buckets.take_for_flush(|| ports.wal.tracker.mark()) else {
         return Ok(0);
     };
     let started = Instant::now();
     let mark = epoch.wal_mark.get().cloned().unwrap_or_default();
     // Rows the store can never hold are set aside, not retried forever.
     let (rows, unstorable): (Vec<UsageRow>, Vec<UsageRow>) =
-        rows_of(engine, &epoch).into_iter().partition(|r| engine.usage_store.unstorable(r).is_none());
+        rows_of(ports, &epoch).into_iter().partition(|r| ports.usage_store.unstorable(r).is_none());
     if !unstorable.is_empty() {
-        let reasons: Vec<String> = unstorable.iter().map(|r| engine.usage_store.unstorable(r).unwrap_or_default()).collect();
+        let reasons: Vec<String> = unstorable.iter().map(|r| ports.usage_store.unstorable(r).unwrap_or_default()).collect();
         let listed: Vec<(&UsageRow, &str)> = unstorable.iter().zip(reasons.iter().map(String::as_str)).collect();
-        set_aside(engine, epoch.seq, &listed)?;
+        set_aside(ports, epoch.seq, &listed)?;
     }
-    let batch = FlushBatch { instance_id: engine.instance_id.clone(), seq: epoch.seq, wal_seq: mark.upto, wal_extras: mark.extras, rows };
+    let batch =
+        FlushBatch { instance_id: ports.instance_id.to_string(), seq: epoch.seq, wal_seq: mark.upto, wal_extras: mark.extras, rows };
     // The flush lets WAL records go; their ids must be on disk first, so that
     // dedupe still knows them after a restart.
-    if let Err(e) = engine.wal.sync_ids().await {
+    if let Err(e) = ports.wal.sync_ids().await {
         crate::telemetry::flush_failed();
         return Err(e.into());
     }
-    match engine.usage_store.write_flush(&batch).await {
+    match ports.usage_store.write_flush(&batch).await {
         Ok(()) => {
-            engine.counters.buckets.flushed(epoch.seq);
+            ports.counters.buckets.flushed(epoch.seq);
             crate::telemetry::flush_done(batch.rows.len(), started.elapsed().as_secs_f64());
             // The store now says how far it is; the checkpoint only lets old
             // segments go, so a failure here costs disk, not correctness.
-            if let Err(e) = engine.wal.checkpoint(batch.wal_seq).await {
+            if let Err(e) = ports.wal.checkpoint(batch.wal_seq).await {
                 tracing::warn!(error = %e, wal_seq = batch.wal_seq, "WAL checkpoint failed; segments are kept until the next one");
             }
             tracing::debug!(seq = epoch.seq, rows = batch.rows.len(), "flushed");
@@ -87,9 +93,9 @@ pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
             // so the WAL does not grow behind it forever.
             crate::telemetry::flush_failed();
             let listed: Vec<(&UsageRow, &str)> = batch.rows.iter().map(|r| (r, reason.as_str())).collect();
-            set_aside(engine, epoch.seq, &listed)?;
-            engine.counters.buckets.flushed(epoch.seq);
-            if let Err(e) = engine.wal.checkpoint(batch.wal_seq).await {
+            set_aside(ports, epoch.seq, &listed)?;
+            ports.counters.buckets.flushed(epoch.seq);
+            if let Err(e) = ports.wal.checkpoint(batch.wal_seq).await {
                 tracing::warn!(error = %e, wal_seq = batch.wal_seq, "WAL checkpoint failed; segments are kept until the next one");
             }
             Ok(0)
@@ -102,8 +108,8 @@ pub async fn flush_once(engine: &Engine) -> Result<usize, FlushError> {
 }
 
 /// Sets rows aside in `data_dir/rejected` and says so.
-fn set_aside(engine: &Engine, seq: u64, rows: &[(&UsageRow, &str)]) -> Result<(), FlushError> {
-    let path = crate::rejected::set_aside(&engine.rejected_dir, &engine.instance_id, seq, rows)?;
+fn set_aside(ports: &FlushPorts<'_>, seq: u64, rows: &[(&UsageRow, &str)]) -> Result<(), FlushError> {
+    let path = crate::rejected::set_aside(ports.rejected_dir, ports.instance_id, seq, rows)?;
     crate::telemetry::flush_rejected(rows.len());
     tracing::error!(
         rows = rows.len(),
@@ -117,11 +123,12 @@ fn set_aside(engine: &Engine, seq: u64, rows: &[(&UsageRow, &str)]) -> Result<()
 
 /// Flushes until nothing is pending (the pending epoch, then the current one).
 pub async fn flush_all(engine: &Engine) -> Result<usize, FlushError> {
+    let ports = engine.flush_ports();
     let mut total = 0;
     for _ in 0..3 {
-        let n = flush_once(engine).await?;
+        let n = flush_epoch(&ports).await?;
         total += n;
-        if n == 0 && engine.counters.buckets.flushing().is_none() {
+        if n == 0 && ports.counters.buckets.flushing().is_none() {
             break;
         }
     }
@@ -131,10 +138,10 @@ pub async fn flush_all(engine: &Engine) -> Result<usize, FlushError> {
 /// Expires what is older than anything ingest still accepts, and sets gauges.
 pub fn housekeeping(engine: &Engine) {
     let now = now_ms();
-    engine.deduper.sweep(now);
+    engine.deduper().sweep(now);
     engine.sweep_consumes(now);
-    let cutoff = now - engine.limits.max_lateness_ms;
-    engine.counters.windows.retain_ending_after(cutoff, |k| match k.kind {
+    let cutoff = now - engine.ingest_limits().max_lateness_ms;
+    engine.counters().windows.retain_ending_after(cutoff, |k| match k.kind {
         WindowKind::Total => i64::MAX,
         // A billing cycle is at most 31 days long.
         WindowKind::BillingCycle => k.start_ms.saturating_add(31 * 86_400_000),
@@ -147,20 +154,20 @@ pub fn housekeeping(engine: &Engine) {
 pub fn housekeeping_gauges(engine: &Engine) {
     let now = now_ms();
     let mut oldest: Option<i64> = None;
-    for epoch in engine.counters.buckets.unflushed() {
+    for epoch in engine.counters().buckets.unflushed() {
         epoch.buckets.for_each(|k, _| oldest = Some(oldest.map_or(k.minute, |o| o.min(k.minute))));
     }
     let lag = oldest.map(|m| ((now - m * 60_000) as f64 / 1000.0).max(0.0)).unwrap_or(0.0);
     crate::telemetry::wal(
-        engine.wal.bytes(),
-        engine.wal.stats.checkpoint.load(std::sync::atomic::Ordering::Acquire),
+        engine.wal().bytes(),
+        engine.wal().stats.checkpoint.load(std::sync::atomic::Ordering::Acquire),
         engine.write_refusal().is_some(),
     );
     crate::telemetry::gauges(
-        engine.counters.windows.len(),
-        engine.counters.interner.len(),
-        engine.counters.buckets.pending_len(),
-        engine.deduper.len(),
+        engine.counters().windows.len(),
+        engine.counters().interner.len(),
+        engine.counters().buckets.pending_len(),
+        engine.deduper().len(),
         lag,
     );
 }

@@ -84,7 +84,7 @@ impl Engine {
         customer: Option<&str>,
     ) -> Result<Series, HistoryError> {
         let meter = self
-            .catalog
+            .catalog()
             .meter_by_name(meter)
             .ok_or_else(|| HistoryError::Invalid { field: "meter", reason: format!("unknown meter {meter:?}") })?;
         if from_ms >= to_ms {
@@ -100,7 +100,7 @@ impl Engine {
         }
         let fold = Fold::from(meter.aggregation);
         let query = UsageQuery {
-            instance_id: self.instance_id.clone(),
+            instance_id: self.instance_id().to_string(),
             meter: meter.name.clone(),
             fold,
             from_ms,
@@ -108,12 +108,12 @@ impl Engine {
             customer: customer.map(str::to_string),
             own_only: false,
         };
-        let customer_id = customer.map(|c| self.counters.interner.lookup(c));
+        let customer_id = customer.map(|c| self.counters().interner.lookup(c));
         // Epochs are taken before the store answers: an epoch stored meanwhile is
         // in the store answer (and skipped here by its sequence number); one that
         // was stored before is no longer in memory. So each is counted once.
-        let epochs = self.counters.buckets.unflushed();
-        let stored = self.usage_store.series(&query, g, MAX_POINTS + 1).await?;
+        let epochs = self.counters().buckets.unflushed();
+        let stored = self.usage_store().series(&query, g, MAX_POINTS + 1).await?;
         let mut points: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
         for p in stored.data {
             points.insert((p.customer, p.start_ms), (p.value, p.last_ts));
@@ -135,7 +135,7 @@ impl Engine {
                 if minute_ms < from_ms || minute_ms >= to_ms {
                     return;
                 }
-                let Some(name) = self.counters.interner.name(k.customer) else {
+                let Some(name) = self.counters().interner.name(k.customer) else {
                     return;
                 };
                 let slot = points.entry((name.to_string(), minute_ms.div_euclid(g) * g)).or_insert((0, i64::MIN));

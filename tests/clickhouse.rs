@@ -105,10 +105,10 @@ async fn an_unstorable_row_is_set_aside_and_the_rest_is_stored() {
     let db = unique_db();
     let server = TestServer::start(&config(&url, &db)).await;
     let engine = &server.app().engine;
-    let meter = engine.catalog.meter_by_name("tokens").expect("meter");
-    let customer = engine.counters.interner.intern("far-future").expect("intern");
+    let meter = engine.catalog().meter_by_name("tokens").expect("meter");
+    let customer = engine.counters().interner.intern("far-future").expect("intern");
     let year_2200 = 7_258_118_400_000;
-    engine.counters.apply(&[meterd::counters::Usage {
+    engine.counters().apply(&[meterd::counters::Usage {
         customer,
         meter,
         raw: 5,
@@ -129,6 +129,6 @@ async fn an_unstorable_row_is_set_aside_and_the_rest_is_stored() {
     let metrics = server.client().get("/metrics").await.text;
     assert!(metrics.lines().any(|l| l.starts_with("meterd_flush_rejected_rows_total") && !l.ends_with(" 0")), "{metrics}");
     // Nothing is pending: the next flush has nothing to retry.
-    assert!(engine.counters.buckets.flushing().is_none());
+    assert!(engine.counters().buckets.flushing().is_none());
     let _ = query(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
 }

@@ -754,7 +754,7 @@ async fn usage_history_series_merge_store_and_memory() {
         }
     };
     // Not flushed yet (the flush interval is an hour).
-    let stored_seq = || async { engine.usage_store.max_flush_seq(&engine.instance_id).await.expect("store") };
+    let stored_seq = || async { engine.usage_store().max_flush_seq(engine.instance_id()).await.expect("store") };
     assert_eq!(stored_seq().await, 0);
     verify(events.clone()).await;
     assert_eq!(stored_seq().await, 0, "a flush ran during the in-memory queries");

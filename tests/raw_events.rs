@@ -410,7 +410,7 @@ async fn export_catches_up_after_a_clickhouse_outage_and_the_wal_keeps_what_it_n
         ids.extend(batch_ids);
     }
     assert_eq!(wait_rows(&clickhouse.url(), &db, ids.len() as u64, Duration::from_secs(60)).await, ids.len() as u64);
-    let exported = server.app().engine.wal.durable_seq();
+    let exported = server.app().engine.wal().durable_seq();
     assert_eq!(wait_watermark(&wal, exported).await, exported);
     clickhouse.kill();
     for n in 0..40 {
@@ -454,7 +454,7 @@ async fn segments_wait_for_the_export_while_flushes_go_on() {
     assert_eq!(c.events(&body).await.status, 202);
     ids.extend(first);
     assert_eq!(wait_rows(&url, &db, 50, Duration::from_secs(60)).await, 50);
-    let exported = server.app().engine.wal.durable_seq();
+    let exported = server.app().engine.wal().durable_seq();
     assert_eq!(wait_watermark(&wal, exported).await, exported);
     assert_eq!(query(&url, &format!("RENAME TABLE {db}.raw_events TO {db}.raw_events_away")).await, "");
     for n in 0..40 {
@@ -463,7 +463,7 @@ async fn segments_wait_for_the_export_while_flushes_go_on() {
         ids.extend(batch_ids);
     }
     // The usage store takes it all: the checkpoint moves on.
-    let durable = server.app().engine.wal.durable_seq();
+    let durable = server.app().engine.wal().durable_seq();
     let deadline = Instant::now() + Duration::from_secs(30);
     while meterd::wal::checkpoint::read(&wal).unwrap_or(0) < durable && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -11,9 +11,9 @@
 //! the store already has it.
 
 use super::flat::{FlatKey, FlatMap};
-use super::hash::KeyHash;
 use super::intern::CustomerId;
 use super::window::Cell;
+use crate::keyhash::KeyHash;
 use crate::model::{Aggregation, MeterId};
 use crossbeam::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 use std::borrow::Cow;

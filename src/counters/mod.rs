@@ -8,9 +8,11 @@
 
 pub mod buckets;
 pub mod flat;
-pub mod hash;
 pub mod intern;
 pub mod window;
+
+/// Re-exported: the key hasher is a leaf, shared with the WAL.
+pub use crate::keyhash as hash;
 
 pub use buckets::{BucketKey, Buckets, Epoch, Properties};
 pub use intern::{CustomerId, Interner};
@@ -34,6 +36,21 @@ pub struct Usage<'a> {
     pub props_hash: u64,
     /// The customer's billing anchor, for `billing_cycle` windows.
     pub anchor: BillingAnchor,
+}
+
+/// Hash of sorted properties; 0 when there are none. Stable within a process
+/// (minute buckets are keyed by it), not across builds.
+pub fn props_hash(properties: &[(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)]) -> u64 {
+    if properties.is_empty() {
+        return 0;
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for (k, v) in properties {
+        k.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish() | 1
 }
 
 const STRIPES: usize = 1024;

@@ -3,8 +3,8 @@
 //! and an atomic load; adds are atomic too.
 
 use super::flat::{FlatKey, FlatMap};
-use super::hash::KeyHash;
 use super::intern::CustomerId;
+use crate::keyhash::KeyHash;
 use crate::model::{Aggregation, MeterId, WindowKind};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 

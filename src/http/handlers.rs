@@ -114,11 +114,11 @@ fn valid_customer(customer: &str) -> Result<(), ApiError> {
 
 fn entitlements_view(state: &HttpState, customer: &str) -> serde_json::Value {
     let engine = &state.engine;
-    let id = engine.counters.interner.lookup(customer);
-    let ent = engine.entitlements.get(id);
-    let doc = engine.entitlements.doc(id).unwrap_or_default();
+    let id = engine.counters().interner.lookup(customer);
+    let ent = engine.entitlements().get(id);
+    let doc = engine.entitlements().doc(id).unwrap_or_default();
     let mut limits = BTreeMap::new();
-    for meter in engine.catalog.meters() {
+    for meter in engine.catalog().meters() {
         if let Some(l) = ent.limits(meter.id) {
             limits.insert(meter.name.clone(), limits_to_json(l, meter));
         }
@@ -245,7 +245,7 @@ pub fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     if let Some(reason) = state.health.degraded() {
         return json(StatusCode::OK, &j!({"status": "degraded", "reason": reason}));
     }
-    match &state.engine.redis {
+    match state.engine.redis() {
         // Checks and ingest go on from local state; say so.
         Some(redis) if !redis.is_up() => json(
             StatusCode::OK,

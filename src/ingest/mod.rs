@@ -1,6 +1,7 @@
 //! Ingest: event bodies in, counters updated.
 
-pub mod dedupe;
+/// Re-exported: event-id dedupe is state, kept at `crate::dedupe`.
+pub use crate::dedupe;
 pub mod parse;
 pub mod pipeline;
 pub mod shared_dedupe;

@@ -12,7 +12,6 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
-use std::hash::{Hash, Hasher};
 
 /// Limits and clock that validation applies.
 #[derive(Debug, Clone, Copy)]
@@ -69,19 +68,8 @@ impl Event<'_> {
     }
 }
 
-/// Hash of sorted properties; 0 when there are none. Stable within a process
-/// (minute buckets are keyed by it), not across builds.
-pub fn props_hash(properties: &[(Cow<'_, str>, Cow<'_, str>)]) -> u64 {
-    if properties.is_empty() {
-        return 0;
-    }
-    let mut h = std::hash::DefaultHasher::new();
-    for (k, v) in properties {
-        k.hash(&mut h);
-        v.hash(&mut h);
-    }
-    h.finish() | 1
-}
+/// Re-exported: the properties hash keys minute buckets (counters state).
+pub use crate::counters::props_hash;
 
 /// Splits a JSON body (object or array) into raw values.
 pub fn split_json(body: &[u8], max: usize) -> Result<Vec<&RawValue>, ParseError> {

@@ -2,11 +2,12 @@
 //! the counters. Everything before the fold can refuse the batch; nothing after
 //! it can, so a batch is all-or-nothing.
 
-use super::dedupe::hash_id;
 use super::parse::{parse_batch, ParseError, Rules};
 use crate::counters::Usage;
+use crate::dedupe::hash_id;
 use crate::engine::{now_ms, Engine};
 use crate::model::WindowKind;
+use crate::usage::Origin;
 use crate::wal::RecordBuilder;
 
 /// How the body is framed.
@@ -43,8 +44,12 @@ impl Engine {
     /// record, the fold must happen even if the client went away.
     pub async fn ingest(&self, body: &[u8], kind: BodyKind) -> Result<IngestOutcome, IngestError> {
         let now = now_ms();
-        let rules = Rules { now_ms: now, max_lateness_ms: self.limits.max_lateness_ms, max_batch_events: self.limits.max_batch_events };
-        let events = match parse_batch(body, kind == BodyKind::Ndjson, &self.catalog, &rules) {
+        let rules = Rules {
+            now_ms: now,
+            max_lateness_ms: self.ingest_limits().max_lateness_ms,
+            max_batch_events: self.ingest_limits().max_batch_events,
+        };
+        let events = match parse_batch(body, kind == BodyKind::Ndjson, self.catalog(), &rules) {
             Ok(e) => e,
             Err(e) => {
                 if let ParseError::Invalid { events, .. } = &e {
@@ -56,11 +61,11 @@ impl Engine {
         crate::telemetry::batch_size(events.len());
         // Intern before dedupe: interning is the last step that can fail, and a
         // customer id assigned for a refused batch costs nothing.
-        let ids = self.counters.interner.intern_batch(events.iter().map(|e| e.customer.as_ref())).map_err(|_| IngestError::Full)?;
+        let ids = self.counters().interner.intern_batch(events.iter().map(|e| e.customer.as_ref())).map_err(|_| IngestError::Full)?;
         if let Some(reason) = self.write_refusal() {
             return Err(IngestError::Unavailable(reason));
         }
-        if self.redis.is_some() && self.catalog.meters().iter().any(|m| self.counters.is_tracked(m.id, WindowKind::BillingCycle)) {
+        if self.redis().is_some() && self.catalog().meters().iter().any(|m| self.counters().is_tracked(m.id, WindowKind::BillingCycle)) {
             // Billing cycles follow each customer's anchor: load customers never
             // seen here first (concurrently, one round trip each).
             let mut names: Vec<&str> = events.iter().map(|e| e.customer.as_ref()).collect();
@@ -69,13 +74,13 @@ impl Engine {
             futures_util::future::join_all(names.into_iter().map(|n| self.ensure_loaded(n))).await;
         }
         let hashes: Vec<_> = events.iter().map(|e| hash_id(&e.id)).collect();
-        let mut fresh = self.deduper.insert_batch(&hashes, now);
+        let mut fresh = self.deduper().insert_batch(&hashes, now);
         let mut claimed = Vec::new();
-        if let Some(redis) = &self.redis {
+        if let Some(redis) = &self.redis() {
             // New here: ask the other instances too (see `shared_dedupe`).
             let local: Vec<usize> = (0..hashes.len()).filter(|&i| fresh[i]).collect();
             let ids: Vec<u128> = local.iter().map(|&i| hashes[i]).collect();
-            if let Ok(new) = super::shared_dedupe::claim(redis, &self.instance_id, &ids, self.limits.dedupe_window_ms).await {
+            if let Ok(new) = super::shared_dedupe::claim(redis, self.instance_id(), &ids, self.ingest_limits().dedupe_window_ms).await {
                 for (&i, new) in local.iter().zip(new) {
                     fresh[i] = new;
                 }
@@ -92,10 +97,10 @@ impl Engine {
                 duplicates += 1;
                 continue;
             }
-            let Some(meter) = self.catalog.meter(event.meter) else { continue };
+            let Some(meter) = self.catalog().meter(event.meter) else { continue };
             names.push(&event.customer);
-            let anchor = if self.counters.is_tracked(meter.id, WindowKind::BillingCycle) {
-                self.entitlements.get(Some(customer)).billing_anchor
+            let anchor = if self.counters().is_tracked(meter.id, WindowKind::BillingCycle) {
+                self.entitlements().get(Some(customer)).billing_anchor
             } else {
                 Default::default()
             };
@@ -109,25 +114,25 @@ impl Engine {
                 anchor,
             });
         }
-        if !usages.is_empty() && !self.wal.enabled() {
+        if !usages.is_empty() && !self.wal().enabled() {
             // `durability = "none"`: nothing to log.
-            self.counters.apply(&usages);
+            self.usage().apply(&usages, Origin::Live);
         } else if !usages.is_empty() {
             let mut builder = RecordBuilder::new(now, usages.len());
             let fresh_hashes = hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h);
             for ((u, id_hash), name) in usages.iter().zip(fresh_hashes).zip(&names) {
                 builder.push(id_hash, u.customer, name, u.meter.id, &u.meter.name, u.raw, u.ts, u.properties);
             }
-            match self.wal.append(builder).await {
-                Ok(seq) => self.counters.apply_then(&usages, || self.wal.tracker.folded(seq)),
+            match self.wal().append(builder).await {
+                Ok(seq) => self.usage().apply_then(&usages, Origin::Live, || self.wal().tracker.folded(seq)),
                 Err(e) => {
                     // Nothing was recorded: the ids may be sent again.
                     for (h, f) in hashes.iter().zip(&fresh) {
                         if *f {
-                            self.deduper.remove(*h);
+                            self.deduper().remove(*h);
                         }
                     }
-                    if let Some(redis) = &self.redis {
+                    if let Some(redis) = &self.redis() {
                         super::shared_dedupe::release(redis, &claimed).await;
                     }
                     return Err(IngestError::Unavailable(format!("could not write the WAL: {e}")));
@@ -136,7 +141,7 @@ impl Engine {
         }
         crate::telemetry::events("accepted", usages.iter().map(|u| (usize::from(u.meter.id), u.meter.name.as_str())));
         if duplicates > 0 {
-            let meters = events.iter().zip(&fresh).filter(|(_, f)| !**f).filter_map(|(e, _)| self.catalog.meter(e.meter));
+            let meters = events.iter().zip(&fresh).filter(|(_, f)| !**f).filter_map(|(e, _)| self.catalog().meter(e.meter));
             crate::telemetry::events("duplicate", meters.map(|m| (usize::from(m.id), m.name.as_str())));
         }
         Ok(IngestOutcome { accepted: usages.len(), duplicates })

@@ -14,16 +14,15 @@ use crate::engine::{now_ms, Engine};
 use crate::entitlements::EntitlementsError;
 use crate::model::{Entitlements, EntitlementsDoc, Meter, WindowKind};
 use crate::store::{Fold, UsageQuery};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Engine {
     /// Stores a customer's entitlements and seeds any counters they newly need.
     pub async fn set_entitlements(&self, name: &str, doc: EntitlementsDoc) -> Result<Arc<Entitlements>, EntitlementsError> {
-        let customer = self.counters.interner.intern(name)?;
-        let before = self.entitlements.get(Some(customer));
-        let after = self.entitlements.put(customer, name, doc).await?;
-        self.entitlements.mark_fetched(customer, now_ms());
+        let customer = self.counters().interner.intern(name)?;
+        let before = self.entitlements().get(Some(customer));
+        let after = self.entitlements().put(customer, name, doc).await?;
+        self.entitlements().mark_fetched(customer, now_ms());
         self.seed_changed(customer, name, &before, &after).await?;
         Ok(after)
     }
@@ -32,14 +31,14 @@ impl Engine {
     /// deleted), after another instance changed them. Returns whether the cache
     /// changed.
     pub async fn refresh_entitlements(&self, name: &str, doc: Option<EntitlementsDoc>) -> Result<bool, EntitlementsError> {
-        let customer = self.counters.interner.intern(name)?;
-        if self.entitlements.doc(Some(customer)) == doc {
+        let customer = self.counters().interner.intern(name)?;
+        if self.entitlements().doc(Some(customer)) == doc {
             return Ok(false);
         }
-        let before = self.entitlements.get(Some(customer));
+        let before = self.entitlements().get(Some(customer));
         let after = match doc {
-            Some(doc) => self.entitlements.install(customer, doc)?,
-            None => self.entitlements.remove(customer),
+            Some(doc) => self.entitlements().install(customer, doc)?,
+            None => self.entitlements().remove(customer),
         };
         self.seed_changed(customer, name, &before, &after).await?;
         Ok(true)
@@ -54,14 +53,10 @@ impl Engine {
         after: &Entitlements,
     ) -> Result<(), EntitlementsError> {
         let mut seeds = Vec::new();
-        for meter in self.catalog.meters() {
+        for meter in self.catalog().meters() {
             let Some(limits) = after.limits(meter.id) else { continue };
             for limit in limits.iter() {
-                let plan_kind = self
-                    .plan_kinds
-                    .get(usize::from(meter.id))
-                    .map(|b| b.load(Ordering::Acquire) & (1 << limit.window.index()) != 0)
-                    .unwrap_or(false);
+                let plan_kind = self.plan_tracks(meter.id, limit.window);
                 let anchor_moved = limit.window == WindowKind::BillingCycle && before.billing_anchor != after.billing_anchor;
                 if !plan_kind || anchor_moved {
                     seeds.push((meter.clone(), limit.window));
@@ -87,12 +82,12 @@ impl Engine {
         for _attempt in 0..10 {
             let now = now_ms();
             let window = kind.bounds(now, ent.billing_anchor);
-            let mut query = UsageQuery::for_window(&self.instance_id, &meter.name, fold, &window, Some(name));
-            query.own_only = self.counters.windows.is_shared();
-            let stored = self.usage_store.aggregate(&query).await?;
+            let mut query = UsageQuery::for_window(self.instance_id(), &meter.name, fold, &window, Some(name));
+            query.own_only = self.counters().windows.is_shared();
+            let stored = self.usage_store().aggregate(&query).await?;
             let mut value = stored.data.first().map(|a| (a.value, a.last_ts)).unwrap_or((0, 0));
-            let current = self.counters.buckets.exclusive();
-            let flushing = self.counters.buckets.flushing();
+            let current = self.counters().buckets.exclusive();
+            let flushing = self.counters().buckets.flushing();
             let lowest = flushing.as_ref().map(|f| f.seq).unwrap_or(current.seq);
             if lowest > stored.stored_seq + 1 {
                 // A flush landed between the query and the lock: ask again.
@@ -110,12 +105,12 @@ impl Engine {
                 });
             }
             let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
-            self.counters.windows.set(key, value.0, value.1);
-            self.counters.track(meter.id, kind);
+            self.usage().set_window(key, value.0, value.1, crate::usage::Origin::Backfill);
+            self.counters().track(meter.id, kind);
             return Ok(());
         }
         tracing::warn!(customer = %name, meter = %meter.name, window = %kind, "could not seed a new window counter: flushes kept landing");
-        self.counters.track(meter.id, kind);
+        self.counters().track(meter.id, kind);
         Ok(())
     }
 }

@@ -31,32 +31,7 @@ impl LimitState {
     }
 }
 
-/// Why a check was answered as it was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    WithinLimit,
-    LimitExceeded,
-    SoftLimitExceeded,
-    Unlimited,
-    NotEntitled,
-    /// A `strict` limit could not be decided: Redis is unreachable (fail-closed).
-    Unavailable,
-}
-
-impl Reason {
-    /// The snake-case label (as serialized; the metrics' `reason` label).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::WithinLimit => "within_limit",
-            Reason::LimitExceeded => "limit_exceeded",
-            Reason::SoftLimitExceeded => "soft_limit_exceeded",
-            Reason::Unlimited => "unlimited",
-            Reason::NotEntitled => "not_entitled",
-            Reason::Unavailable => "unavailable",
-        }
-    }
-}
+pub use crate::model::Reason;
 
 /// The outcome over all of a meter's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

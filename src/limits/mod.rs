@@ -13,14 +13,15 @@ pub mod decide;
 pub mod strict;
 pub mod summary;
 
+pub use crate::model::{CheckAnswer, LimitView};
 pub use decide::{decide, LimitState, Reason, Verdict};
 
 use crate::counters::{Counters, CustomerId, Usage};
-use crate::engine::{now_ms, ConsumeSlot, Engine};
-use crate::ingest::dedupe::hash_id;
+use crate::dedupe::hash_id;
+use crate::engine::{now_ms, ConsumeGuard, ConsumeSlot, Engine};
 use crate::model::{window::rfc3339, Aggregation, Decimal, Entitlements, Limit, LimitAmount, Meter};
+use crate::usage::Origin;
 use crate::wal::RecordBuilder;
-use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::OnceCell;
@@ -102,34 +103,6 @@ pub(crate) struct Consume<'a> {
     pub now: i64,
 }
 
-/// One limit in an answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LimitView {
-    pub window: &'static str,
-    pub limit: Option<Decimal>,
-    pub used: Decimal,
-    pub remaining: Option<Decimal>,
-    pub resets_at: Option<String>,
-    pub hard: bool,
-}
-
-/// The `200` body of `/v1/check`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CheckAnswer {
-    pub allowed: bool,
-    pub customer: String,
-    pub meter: String,
-    pub quantity: Decimal,
-    pub used: Decimal,
-    pub limit: Option<Decimal>,
-    pub remaining: Option<Decimal>,
-    pub window: Option<&'static str>,
-    pub resets_at: Option<String>,
-    pub hard: bool,
-    pub reason: Reason,
-    pub limits: Vec<LimitView>,
-}
-
 /// Renders one limit state.
 pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
     let d = |raw| Decimal { raw, precision: meter.precision };
@@ -182,6 +155,30 @@ fn answer(customer: &str, meter: &Meter, quantity: i64, states: &[LimitState], v
     }
 }
 
+/// The limit a consume may take with compare-and-swap: a single hard, finite
+/// limit on a `sum`/`count` meter.
+fn cas_limit(c: &Consume<'_>) -> Option<(Limit, i64)> {
+    match (c.limits, c.meter.aggregation) {
+        ([only], Aggregation::Sum | Aggregation::Count) if only.hard => match only.amount {
+            LimitAmount::Finite(l) => Some((*only, l)),
+            LimitAmount::Unlimited => None,
+        },
+        _ => None,
+    }
+}
+
+/// A consume's WAL record of `raw` units.
+fn consume_record(c: &Consume<'_>, raw: i64) -> RecordBuilder {
+    let mut b = RecordBuilder::new(c.now, 1);
+    b.push::<&str, &str>(c.id_hash, c.customer, c.name, c.meter.id, &c.meter.name, raw, c.now, &[]);
+    b
+}
+
+/// A consume's usage of `raw` units, to fold.
+fn consume_usage<'a>(c: &Consume<'a>, raw: i64) -> Usage<'a> {
+    Usage { customer: c.customer, meter: c.meter, raw, ts: c.now, properties: &[], props_hash: 0, anchor: c.ent.billing_anchor }
+}
+
 impl Engine {
     /// The state of each limit now, for a customer that may not exist yet.
     pub fn limit_states(
@@ -200,7 +197,7 @@ impl Engine {
                     .map(|c| {
                         let key =
                             crate::counters::CounterKey { customer: c, meter: meter.id, kind: limit.window, start_ms: window.start_ms };
-                        self.counters.windows.read(&key)
+                        self.counters().windows.read(&key)
                     })
                     .unwrap_or(0);
                 LimitState { limit, window, used }
@@ -211,14 +208,14 @@ impl Engine {
     /// A check without consume, from memory only: the state of each limit and the
     /// verdict. Embedded, it interns nothing, so unknown customers cost no memory.
     pub fn evaluate(&self, customer: &str, meter: &Meter, quantity: i64, now: i64) -> (Vec<LimitState>, Verdict) {
-        let id = if self.counters.windows.is_shared() {
+        let id = if self.counters().windows.is_shared() {
             // Other instances may hold this customer's usage: track it so the
             // syncer fetches its totals.
-            self.counters.interner.intern(customer).ok()
+            self.counters().interner.intern(customer).ok()
         } else {
-            self.counters.interner.lookup(customer)
+            self.counters().interner.lookup(customer)
         };
-        let ent = self.entitlements.get(id);
+        let ent = self.entitlements().get(id);
         let states = match ent.limits(meter.id) {
             Some(limits) => self.limit_states(id, meter, &ent, limits, now),
             None => Vec::new(),
@@ -229,7 +226,7 @@ impl Engine {
 
     /// Answers `/v1/check`.
     pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
-        let meter = self.catalog.meter_by_name(&req.meter).ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
+        let meter = self.catalog().meter_by_name(&req.meter).ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
         if req.customer.is_empty() || req.customer.len() > 256 || req.customer.chars().any(char::is_control) {
             return Err(invalid("customer", "must be 1-256 bytes without control characters"));
         }
@@ -250,7 +247,7 @@ impl Engine {
         let id_hash = hash_id(&id);
         let now = now_ms();
         let cell = {
-            let slot = self.consumes.entry(id_hash).or_insert_with(|| ConsumeSlot { created_ms: now, answer: Arc::new(OnceCell::new()) });
+            let slot = self.consumes().entry(id_hash).or_insert_with(|| ConsumeSlot { created_ms: now, answer: Arc::new(OnceCell::new()) });
             slot.answer.clone()
         };
         // Exactly one caller per id decides; a retry (or a racing duplicate) gets
@@ -263,8 +260,8 @@ impl Engine {
     /// Decides and records a consume. The record goes through the WAL before the
     /// answer, so an allowed consume survives a crash like any event.
     async fn consume(&self, name: &str, meter: &Meter, quantity: i64, id_hash: u128, now: i64) -> Result<CheckAnswer, CheckError> {
-        let customer = self.counters.interner.intern(name).map_err(|_| CheckError::Full)?;
-        let ent = self.entitlements.get(Some(customer));
+        let customer = self.counters().interner.intern(name).map_err(|_| CheckError::Full)?;
+        let ent = self.entitlements().get(Some(customer));
         let Some(limits) = ent.limits(meter.id).cloned() else {
             crate::telemetry::decision(Reason::NotEntitled.as_str(), true, meter.id.into(), &meter.name);
             return Ok(answer(name, meter, quantity, &[], decide(&[], quantity)));
@@ -274,109 +271,106 @@ impl Engine {
         }
         // Claim the id first: if it was already ingested as an event, that usage is
         // counted; answer with the state as it stands and record nothing more.
-        if !self.deduper.insert(id_hash, now) {
+        if !self.deduper().insert(id_hash, now) {
             let states = self.limit_states(Some(customer), meter, &ent, &limits, now);
             let verdict = decide(&states, 0);
             crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
             return Ok(answer(name, meter, quantity, &states, verdict));
         }
         let c = Consume { name, customer, meter, ent: &ent, limits: &limits, quantity, id_hash, now };
-        if let (true, Some(redis)) = (strict::applies(self, meter, &limits), &self.redis) {
-            return self.consume_strict(redis, &c).await;
+        if let (true, Some(redis)) = (strict::applies(self, meter, &limits), self.redis()) {
+            // Cached and strict limits are decided together: one consume of this
+            // (customer, meter) at a time, here and across the round trip.
+            let guard = self.lock_consume(customer, meter.id).await;
+            return self.consume_strict(&guard, redis, &c).await;
         }
-        self.consume_local(&c).await
+        self.consume_local(&c, None).await
     }
 
     /// Decides a consume from local state and records it; the id is claimed.
-    async fn consume_local(&self, c: &Consume<'_>) -> Result<CheckAnswer, CheckError> {
-        let Consume { name, customer, meter, ent, limits, quantity, id_hash, now } = *c;
-        let cas_limit = match (limits, meter.aggregation) {
-            ([only], Aggregation::Sum | Aggregation::Count) if only.hard => match only.amount {
-                LimitAmount::Finite(l) => Some((*only, l)),
-                LimitAmount::Unlimited => None,
+    /// A single hard limit on a `sum`/`count` meter needs no lock (compare and
+    /// swap); anything else runs under the consume lock: `held` when the caller
+    /// has it already (a strict consume deciding locally), else taken here.
+    async fn consume_local(&self, c: &Consume<'_>, held: Option<&ConsumeGuard<'_>>) -> Result<CheckAnswer, CheckError> {
+        let (states, verdict) = match cas_limit(c) {
+            Some((limit, max)) => self.consume_cas(c, limit, max).await?,
+            None => match held {
+                Some(guard) => self.consume_serial(guard, c).await?,
+                None => {
+                    let guard = self.lock_consume(c.customer, c.meter.id).await;
+                    self.consume_serial(&guard, c).await?
+                }
             },
-            _ => None,
-        };
-        let record = |raw: i64| {
-            let mut b = RecordBuilder::new(now, 1);
-            b.push::<&str, &str>(id_hash, customer, name, meter.id, &meter.name, raw, now, &[]);
-            b
-        };
-        let usage = |raw| Usage { customer, meter, raw, ts: now, properties: &[], props_hash: 0, anchor: ent.billing_anchor };
-        let refused = |e: crate::wal::WalError| {
-            self.deduper.remove(id_hash);
-            CheckError::Unavailable(format!("could not write the WAL: {e}"))
-        };
-        let (states, verdict) = if let Some((limit, max)) = cas_limit {
-            // Reserve with compare-and-swap, make it durable, then fold the rest;
-            // if the WAL refuses, give the reservation back.
-            let window = limit.window.bounds(now, ent.billing_anchor);
-            let key = Counters::key(customer, meter.id, limit.window, now, ent.billing_anchor);
-            match self.counters.windows.add_within(key, quantity, max) {
-                Ok(after) => {
-                    let seq = match self.wal.append(record(quantity)).await {
-                        Ok(seq) => seq,
-                        Err(e) => {
-                            self.counters.windows.with_cell(key, |c| c.value.fetch_sub(quantity, std::sync::atomic::Ordering::AcqRel));
-                            return Err(refused(e));
-                        }
-                    };
-                    {
-                        // Folded and marked under one guard (see `Counters::apply_then`).
-                        let epoch = self.counters.buckets.write_guard();
-                        self.counters.fold(&epoch, &usage(quantity), Some(limit.window));
-                        self.wal.tracker.folded(seq);
-                    }
-                    let states = vec![LimitState { limit, window, used: after }];
-                    (states, Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 })
-                }
-                Err(current) => {
-                    let states = vec![LimitState { limit, window, used: current }];
-                    (states.clone(), decide(&states, quantity))
-                }
-            }
-        } else {
-            // Several limits (all or nothing) or a gauge: one consume at a time per
-            // (customer, meter), held until the record is durable and folded.
-            let stripe = (customer as usize).wrapping_mul(31).wrapping_add(usize::from(meter.id)) % self.consume_locks.len();
-            let _serial = self.consume_locks[stripe].lock().await;
-            let mut states = self.limit_states(Some(customer), meter, ent, limits, now);
-            let verdict = decide(&states, quantity);
-            if verdict.allowed {
-                // Gauges record the new level; totals record the amount.
-                let raw = if meter.aggregation.is_gauge() {
-                    states.iter().map(|s| s.used).max().unwrap_or(0).saturating_add(quantity)
-                } else {
-                    quantity
-                };
-                let seq = self.wal.append(record(raw)).await.map_err(refused)?;
-                {
-                    let epoch = self.counters.buckets.write_guard();
-                    if meter.aggregation == Aggregation::Latest {
-                        let _stripe = self.counters.stripe(customer, meter.id);
-                        self.counters.fold(&epoch, &usage(raw), None);
-                    } else {
-                        self.counters.fold(&epoch, &usage(raw), None);
-                    }
-                    self.wal.tracker.folded(seq);
-                }
-                for s in &mut states {
-                    s.used = s.used.saturating_add(quantity);
-                }
-            }
-            (states, verdict)
         };
         if !verdict.allowed {
             // Nothing was recorded under this id; an event may still use it.
-            self.deduper.remove(id_hash);
+            self.deduper().remove(c.id_hash);
         }
-        crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
-        Ok(answer(name, meter, quantity, &states, verdict))
+        crate::telemetry::decision(verdict.reason.as_str(), true, c.meter.id.into(), &c.meter.name);
+        Ok(answer(c.name, c.meter, c.quantity, &states, verdict))
+    }
+
+    /// One hard limit: reserve with compare-and-swap, make it durable, then fold
+    /// the rest; if the WAL refuses, give the reservation back.
+    async fn consume_cas(&self, c: &Consume<'_>, limit: Limit, max: i64) -> Result<(Vec<LimitState>, Verdict), CheckError> {
+        let Consume { customer, meter, ent, quantity, id_hash, now, .. } = *c;
+        let window = limit.window.bounds(now, ent.billing_anchor);
+        let key = Counters::key(customer, meter.id, limit.window, now, ent.billing_anchor);
+        match self.usage().reserve_within(key, quantity, max) {
+            Ok(after) => {
+                let seq = match self.wal().append(consume_record(c, quantity)).await {
+                    Ok(seq) => seq,
+                    Err(e) => {
+                        self.usage().give_back(key, quantity);
+                        return Err(self.wal_refused(id_hash, e));
+                    }
+                };
+                // Folded and marked under one guard (see `Counters::apply_then`).
+                self.usage().fold(&consume_usage(c, quantity), Some(limit.window), Origin::Live, || self.wal().tracker.folded(seq));
+                let states = vec![LimitState { limit, window, used: after }];
+                Ok((states, Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 }))
+            }
+            Err(current) => {
+                let states = vec![LimitState { limit, window, used: current }];
+                let verdict = decide(&states, quantity);
+                Ok((states, verdict))
+            }
+        }
+    }
+
+    /// Several limits (all or nothing) or a gauge: decided and recorded under
+    /// the `(customer, meter)` consume lock, held until the record is durable
+    /// and folded.
+    async fn consume_serial(&self, guard: &ConsumeGuard<'_>, c: &Consume<'_>) -> Result<(Vec<LimitState>, Verdict), CheckError> {
+        let Consume { customer, meter, ent, limits, quantity, id_hash, now, .. } = *c;
+        debug_assert!(guard.covers(customer, meter.id), "the consume lock of another (customer, meter)");
+        let mut states = self.limit_states(Some(customer), meter, ent, limits, now);
+        let verdict = decide(&states, quantity);
+        if verdict.allowed {
+            // Gauges record the new level; totals record the amount.
+            let raw = if meter.aggregation.is_gauge() {
+                states.iter().map(|s| s.used).max().unwrap_or(0).saturating_add(quantity)
+            } else {
+                quantity
+            };
+            let seq = self.wal().append(consume_record(c, raw)).await.map_err(|e| self.wal_refused(id_hash, e))?;
+            self.usage().fold(&consume_usage(c, raw), None, Origin::Live, || self.wal().tracker.folded(seq));
+            for s in &mut states {
+                s.used = s.used.saturating_add(quantity);
+            }
+        }
+        Ok((states, verdict))
+    }
+
+    /// The WAL refused a consume's record: release its id.
+    fn wal_refused(&self, id_hash: u128, e: crate::wal::WalError) -> CheckError {
+        self.deduper().remove(id_hash);
+        CheckError::Unavailable(format!("could not write the WAL: {e}"))
     }
 
     /// Forgets consume answers older than the dedupe window.
     pub fn sweep_consumes(&self, now: i64) {
-        let cutoff = now - self.limits.dedupe_window_ms;
-        self.consumes.retain(|_, slot| slot.created_ms >= cutoff);
+        let cutoff = now - self.ingest_limits().dedupe_window_ms;
+        self.consumes().retain(|_, slot| slot.created_ms >= cutoff);
     }
 }

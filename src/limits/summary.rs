@@ -43,11 +43,11 @@ impl Engine {
     /// The summary for `customer`; an unknown customer gets the default plan with
     /// zero usage.
     pub fn summary(&self, customer: &str) -> UsageSummary {
-        let id = self.counters.interner.lookup(customer);
-        let ent = self.entitlements.get(id);
+        let id = self.counters().interner.lookup(customer);
+        let ent = self.entitlements().get(id);
         let now = now_ms();
         let mut rows = Vec::new();
-        for meter in self.catalog.meters() {
+        for meter in self.catalog().meters() {
             let Some(limits) = ent.limits(meter.id) else { continue };
             for state in self.limit_states(id, meter, &ent, limits, now) {
                 let v = view(&state, meter);

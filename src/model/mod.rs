@@ -1,11 +1,13 @@
 //! The domain model: quantities, meters, windows, plans and entitlements. Depends on
 //! nothing else in the crate, so every layer above can share it.
 
+pub mod answer;
 pub mod meter;
 pub mod plan;
 pub mod quantity;
 pub mod window;
 
+pub use answer::{CheckAnswer, LimitView, Reason};
 pub use meter::{Aggregation, Meter, MeterId};
 pub use plan::{Catalog, Enforcement, Entitlements, EntitlementsDoc, Limit, LimitAmount, Plan, SpecProblem};
 pub use quantity::{Decimal, QuantityError};

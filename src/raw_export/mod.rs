@@ -134,13 +134,13 @@ impl Exporter {
     /// previous run's inserts to end on the server, reads the watermark and
     /// what the table holds. Call before anything is ingested.
     pub async fn start(engine: Arc<Engine>, table: RawEventsTable, dir: &Path, max_rows: usize) -> Result<Exporter, ExportError> {
-        let instance_id = engine.instance_id.clone();
+        let instance_id = engine.instance_id().to_string();
         table.wait_for_earlier_run(&instance_id).await?;
         let persisted = watermark::read(dir)?;
         let stored = table.max_seq(&instance_id).await?;
-        let wal_end = engine.wal_report.last_seq;
+        let wal_end = engine.wal_report().last_seq;
         if stored > wal_end {
-            return Err(ExportError::AheadOfWal { instance_id, stored, wal_end });
+            return Err(ExportError::AheadOfWal { instance_id: instance_id.to_string(), stored, wal_end });
         }
         let from = persisted.unwrap_or(0);
         tracing::info!(watermark = from, stored_up_to = stored, wal_end, "raw-events export: starting");
@@ -191,7 +191,7 @@ impl Exporter {
         if waiting >= self.max_rows {
             return Ok(());
         }
-        let upto = self.engine.wal.durable_seq();
+        let upto = self.engine.wal().durable_seq();
         let want = self.max_rows - waiting;
         let mut tail = self.tail.take().unwrap_or_else(|| Tail::after(&self.dir, self.last_read()));
         let (tail, read) = tokio::task::spawn_blocking(move || {
@@ -229,7 +229,7 @@ impl Exporter {
         let keys: Vec<(u64, u32)> = places.iter().map(|&(r, e)| (self.waiting.get(r).map_or(0, |w| w.0), idx(e))).collect();
         let mut sent = 0;
         if let (Some(&(first_seq, first_idx)), Some(&(last_seq, _))) = (keys.first(), keys.last()) {
-            let instance_id = self.engine.instance_id.clone();
+            let instance_id = self.engine.instance_id().to_string();
             let query_id = self.table.query_id(&instance_id, first_seq, first_idx);
             let stored = if first_seq <= self.suspect_upto {
                 or_stop(stop, self.table.stored(&instance_id, first_seq, last_seq, &query_id)).await?
@@ -238,7 +238,7 @@ impl Exporter {
             };
             let send = chunk::missing(&keys, &stored);
             let mut rows = Vec::with_capacity(places.len());
-            let (waiting, catalog, unknown) = (&self.waiting, &self.engine.catalog, &mut self.unknown_meters);
+            let (waiting, catalog, unknown) = (&self.waiting, self.engine.catalog(), &mut self.unknown_meters);
             for (&(r, e), _) in places.iter().zip(&send).filter(|(_, send)| **send) {
                 let Some((seq, batch)) = waiting.get(r) else { continue };
                 let Some(event) = batch.events.get(e) else { continue };
@@ -293,13 +293,13 @@ impl Exporter {
             .await
             .map_err(|e| ExportError::Task(format!("writing the watermark: {e}")))??;
         self.persisted = seq;
-        self.engine.wal.release(seq).await?;
+        self.engine.wal().release(seq).await?;
         Ok(())
     }
 
     /// Sets the export's gauges.
     pub fn gauges(&self) {
-        let lag_records = self.engine.wal.durable_seq().saturating_sub(self.exported);
+        let lag_records = self.engine.wal().durable_seq().saturating_sub(self.exported);
         let lag_seconds = match self.waiting.front() {
             Some((_, batch)) => Some(((now_ms() - batch.accepted_ms) as f64 / 1000.0).max(0.0)),
             None if lag_records == 0 => Some(0.0),

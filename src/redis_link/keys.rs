@@ -52,6 +52,18 @@ impl Keys {
     }
 }
 
+/// Window keys expire this long after their window ends.
+const EXPIRY_GRACE_MS: i64 = 3_600_000;
+
+/// The end of a window, for its Redis key's expiry (0: never expires).
+pub fn expire_at(key: &crate::counters::CounterKey) -> i64 {
+    match key.kind {
+        WindowKind::Total => 0,
+        WindowKind::BillingCycle => key.start_ms.saturating_add(31 * 86_400_000 + EXPIRY_GRACE_MS),
+        kind => kind.bounds(key.start_ms, Default::default()).end_ms.saturating_add(EXPIRY_GRACE_MS),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,7 +75,7 @@ impl Reporter {
         status: Arc<StatusBoard>,
         lease_ttl: Duration,
     ) -> Reporter {
-        let lookback_ms = engine.limits.max_lateness_ms.saturating_add(ms(settings.grace)).saturating_add(settings.period.ms());
+        let lookback_ms = engine.ingest_limits().max_lateness_ms.saturating_add(ms(settings.grace)).saturating_add(settings.period.ms());
         Reporter {
             engine,
             ledger,
@@ -190,7 +190,7 @@ impl Reporter {
         let period = self.settings.period.ms();
         let to = (now - ms(self.settings.grace)).div_euclid(period) * period;
         let from = (to - self.lookback_ms).div_euclid(period) * period;
-        let meters: Vec<Meter> = self.engine.catalog.meters().iter().filter(|m| m.stripe_event_name.is_some()).cloned().collect();
+        let meters: Vec<Meter> = self.engine.catalog().meters().iter().filter(|m| m.stripe_event_name.is_some()).cloned().collect();
         let mut summaries = BTreeMap::new();
         for meter in &meters {
             let event_name = meter.stripe_event_name.clone().unwrap_or_default();
@@ -216,7 +216,7 @@ impl Reporter {
     /// Reads one meter's stored totals and ledger over `[from, to)` and plans it.
     async fn plan(&self, meter: &Meter, from: i64, to: i64, now: i64) -> Result<MeterPlan, ReportError> {
         let query = UsageQuery {
-            instance_id: self.engine.instance_id.clone(),
+            instance_id: self.engine.instance_id().to_string(),
             meter: meter.name.clone(),
             fold: Fold::from(meter.aggregation),
             from_ms: from,
@@ -224,8 +224,8 @@ impl Reporter {
             customer: None,
             own_only: false,
         };
-        let points = self.engine.usage_store.series(&query, self.settings.period.ms(), MAX_POINTS).await?.data;
-        if self.engine.redis.is_some() {
+        let points = self.engine.usage_store().series(&query, self.settings.period.ms(), MAX_POINTS).await?.data;
+        if self.engine.redis().is_some() {
             // Entitlements (the Stripe customer ids) are loaded on first sight with
             // Redis: load every customer this meter has usage for.
             let mut names: Vec<&str> = points.iter().map(|p| p.customer.as_str()).collect();
@@ -237,8 +237,8 @@ impl Reporter {
         let ledger = self.ledger.ledger_rows(&meter.name, from, to).await?;
         let engine = &self.engine;
         let stripe_id = |customer: &str| {
-            let id = engine.counters.interner.lookup(customer)?;
-            engine.entitlements.get(Some(id)).stripe_customer_id.clone()
+            let id = engine.counters().interner.lookup(customer)?;
+            engine.entitlements().get(Some(id)).stripe_customer_id.clone()
         };
         Ok(plan_meter(&meter.name, meter.scale(), &points, &ledger, &stripe_id, now))
     }

@@ -22,7 +22,7 @@
 use crate::counters::window::WindowCell;
 use crate::counters::{CounterKey, CustomerId};
 use crate::engine::{now_ms, Engine};
-use crate::model::{Aggregation, WindowKind};
+use crate::model::Aggregation;
 use crate::redis_link::{Keys, Redis, RedisError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,8 +34,6 @@ use tokio::sync::watch;
 const KEYS_PER_CALL: usize = 256;
 /// Script calls in flight at once.
 const CALLS_IN_FLIGHT: usize = 16;
-/// Window keys expire this long after their window ends.
-const EXPIRY_GRACE_MS: i64 = 3_600_000;
 
 /// Raises this instance's part of each window to the pushed value, adds the
 /// difference to the total, sets the expiry when the part is new; returns per
@@ -91,14 +89,8 @@ struct Push {
     expire_at: i64,
 }
 
-/// The end of a window, for the key's expiry (0: never expires).
-pub fn expire_at(key: &CounterKey) -> i64 {
-    match key.kind {
-        WindowKind::Total => 0,
-        WindowKind::BillingCycle => key.start_ms.saturating_add(31 * 86_400_000 + EXPIRY_GRACE_MS),
-        kind => kind.bounds(key.start_ms, Default::default()).end_ms.saturating_add(EXPIRY_GRACE_MS),
-    }
-}
+/// Re-exported: the window keys' expiry is the Redis layout's (`redis_link::keys`).
+pub use crate::redis_link::keys::expire_at;
 
 impl CounterSync {
     pub fn new(redis: Redis, instance_id: &str) -> CounterSync {
@@ -116,9 +108,9 @@ impl CounterSync {
         let mut by_customer: HashMap<CustomerId, Vec<Push>> = HashMap::new();
         let (mut pending_keys, mut pending_units) = (0usize, 0i64);
         let names: Vec<Option<(&str, Aggregation)>> =
-            engine.catalog.meters().iter().map(|m| Some((m.name.as_str(), m.aggregation))).collect();
+            engine.catalog().meters().iter().map(|m| Some((m.name.as_str(), m.aggregation))).collect();
         let now = now_ms();
-        engine.counters.windows.for_each(|key, cell: &WindowCell| {
+        engine.counters().windows.for_each(|key, cell: &WindowCell| {
             let Some(Some((meter, aggregation))) = names.get(usize::from(key.meter)) else { return };
             if !matches!(aggregation, Aggregation::Sum | Aggregation::Count) {
                 return;
@@ -137,7 +129,7 @@ impl CounterSync {
             if !(all || watched || value > pushed) {
                 return;
             }
-            let Some(customer) = engine.counters.interner.name(key.customer) else { return };
+            let Some(customer) = engine.counters().interner.name(key.customer) else { return };
             by_customer.entry(key.customer).or_default().push(Push {
                 key: *key,
                 redis_key: self.redis.keys.window(&customer, meter, key.kind, key.start_ms),
@@ -208,7 +200,7 @@ impl CounterSync {
         for (p, pair) in call.iter().zip(answer.chunks(2)) {
             let (total, old) = (pair[0], pair[1]);
             let part = old.max(p.value);
-            engine.counters.windows.get(&p.key, |cell| {
+            engine.usage().update_shared(&p.key, crate::usage::Origin::Sync, |cell| {
                 if old < cell.pushed.load(Ordering::Acquire) {
                     // Redis forgot some of what we pushed: rebuild every key.
                     self.resync_all.store(true, Ordering::Release);

@@ -34,15 +34,15 @@ impl Engine {
     /// Loads `name` if never loaded here; returns `Some(true)` when the entry is
     /// stale (the caller may refresh it without waiting), `None` without Redis.
     pub async fn ensure_loaded(&self, name: &str) -> Option<bool> {
-        let redis = self.redis.as_ref()?;
-        let id = self.counters.interner.intern(name).ok()?;
-        match self.entitlements.freshness(id, now_ms()) {
+        let redis = self.redis()?;
+        let id = self.counters().interner.intern(name).ok()?;
+        match self.entitlements().freshness(id, now_ms()) {
             Freshness::Fresh => Some(false),
             Freshness::Stale => Some(true),
             Freshness::Missing => {
-                let load = self.entitlements.loading(id)?;
+                let load = self.entitlements().loading(id)?;
                 load.get_or_init(|| self.load_unless_done(redis, id, name, Freshness::Missing)).await;
-                self.entitlements.loaded(id);
+                self.entitlements().loaded(id);
                 Some(false)
             }
         }
@@ -50,13 +50,13 @@ impl Engine {
 
     /// Re-reads a loaded customer (one refresh at a time per customer).
     async fn refresh_customer(&self, name: &str) {
-        let (Some(redis), Ok(id)) = (self.redis.as_ref(), self.counters.interner.intern(name)) else { return };
-        let Some(load) = self.entitlements.loading(id) else { return };
+        let (Some(redis), Ok(id)) = (self.redis(), self.counters().interner.intern(name)) else { return };
+        let Some(load) = self.entitlements().loading(id) else { return };
         if load.initialized() {
             return;
         }
         load.get_or_init(|| self.load_unless_done(redis, id, name, Freshness::Stale)).await;
-        self.entitlements.loaded(id);
+        self.entitlements().loaded(id);
     }
 
     /// Loads the customer if it is still as `seen`. A load that finished
@@ -64,7 +64,7 @@ impl Engine {
     /// that cell already, so the caller got a new one: without this second
     /// look it would read Redis again.
     async fn load_unless_done(&self, redis: &Redis, id: CustomerId, name: &str, seen: Freshness) {
-        if self.entitlements.freshness(id, now_ms()) == seen {
+        if self.entitlements().freshness(id, now_ms()) == seen {
             self.load_customer(redis, id, name).await;
         }
     }
@@ -74,12 +74,12 @@ impl Engine {
         let now = now_ms();
         match self.read_customer(redis, id, name, now).await {
             Ok(()) => {
-                self.entitlements.mark_fetched(id, now);
+                self.entitlements().mark_fetched(id, now);
                 crate::telemetry::entitlement_reload("load", 1);
             }
             Err(e) => {
                 tracing::warn!(customer = %name, error = %e, "could not load a customer from redis; using what is cached (or the default plan) for now");
-                self.entitlements.mark_fetched(id, now - self.redis_ttl_ms + RETRY_AFTER_FAILURE_MS);
+                self.entitlements().mark_fetched(id, now - self.redis_ttl_ms() + RETRY_AFTER_FAILURE_MS);
             }
         }
     }
@@ -88,16 +88,16 @@ impl Engine {
         // Every shared window this customer may use (plan kinds; an override's
         // own kinds are seeded when its entitlements are applied).
         let mut windows = Vec::new();
-        for meter in self.catalog.meters() {
+        for meter in self.catalog().meters() {
             if !matches!(meter.aggregation, Aggregation::Sum | Aggregation::Count) {
                 continue;
             }
-            for kind in self.counters.tracked_kinds(meter.id) {
+            for kind in self.counters().tracked_kinds(meter.id) {
                 let key = Counters::key(id, meter.id, kind, now, BillingAnchor::default());
                 windows.push((key, redis.keys.window(name, &meter.name, kind, key.start_ms)));
             }
         }
-        let field = Keys::instance_field(&self.instance_id);
+        let field = Keys::instance_field(self.instance_id());
         let mut pipe = ::redis::pipe();
         pipe.hget(redis.keys.entitlements(name), DOC_FIELD);
         for (_, key) in &windows {
@@ -114,7 +114,9 @@ impl Engine {
         for ((key, _), reply) in windows.iter().zip(totals) {
             let pair: Vec<Option<i64>> = ::redis::from_redis_value(reply).map_err(|e| RedisError::Unexpected(e.to_string()))?;
             let (total, part) = (pair.first().copied().flatten().unwrap_or(0), pair.get(1).copied().flatten().unwrap_or(0));
-            self.counters.windows.with_cell(*key, |cell| cell.others.store(total.saturating_sub(part).max(0), Ordering::Release));
+            self.usage().load_shared(*key, crate::usage::Origin::Sync, |cell| {
+                cell.others.store(total.saturating_sub(part).max(0), Ordering::Release)
+            });
         }
         let doc = match doc_text {
             None => None,

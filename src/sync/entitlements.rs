@@ -26,13 +26,13 @@ pub enum EntitlementSyncError {
 
 /// Applies one customer named by a pub/sub message, if this instance has it.
 async fn apply_one(engine: &Engine, store: &RedisEntitlementStore, name: &str) -> Result<bool, EntitlementSyncError> {
-    let Some(id) = engine.counters.interner.lookup(name) else { return Ok(false) };
-    if engine.entitlements.freshness(id, now_ms()) == Freshness::Missing {
+    let Some(id) = engine.counters().interner.lookup(name) else { return Ok(false) };
+    if engine.entitlements().freshness(id, now_ms()) == Freshness::Missing {
         return Ok(false); // Read on first sight, whenever that comes.
     }
     let doc = store.get(name).await?;
     let changed = engine.refresh_entitlements(name, doc).await?;
-    engine.entitlements.mark_fetched(id, now_ms());
+    engine.entitlements().mark_fetched(id, now_ms());
     Ok(changed)
 }
 
@@ -74,7 +74,7 @@ pub async fn run(engine: Arc<Engine>, redis: Redis, mut shutdown: watch::Receive
         }
         failures = 0;
         // Messages may have been missed while unsubscribed.
-        engine.entitlements.expire_all();
+        engine.entitlements().expire_all();
         let mut messages = pubsub.on_message();
         loop {
             tokio::select! {

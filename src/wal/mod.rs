@@ -55,9 +55,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::oneshot;
-use writer::{Command, Sync, Writer};
+pub use writer::Sync;
+use writer::{Command, Writer};
 
 /// Why the WAL refused or failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -399,18 +399,10 @@ impl Drop for Wal {
     }
 }
 
-/// The writer's sync policy for a durability setting (`None` = no WAL).
-pub fn sync_for(durability: crate::config::Durability, interval: Duration) -> Option<Sync> {
-    match durability {
-        crate::config::Durability::Fsync => Some(Sync::Always),
-        crate::config::Durability::Buffered => Some(Sync::Interval(interval)),
-        crate::config::Durability::None => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn batch(n: usize, tag: i64) -> WalBatch {
         // Now, so the id files are within the dedupe window.

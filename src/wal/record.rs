@@ -11,7 +11,7 @@
 //! structs**: old segments must stay readable. Add a field only by bumping
 //! [`FORMAT_VERSION`] and teaching [`decode`] both layouts.
 
-use crate::counters::hash::KeyHash;
+use crate::keyhash::KeyHash;
 use rkyv::rancor::Error as RkyvError;
 use rkyv::util::AlignedVec;
 use std::collections::HashMap;

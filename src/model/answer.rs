@@ -1,0 +1,80 @@
+//! The answer to a limit check, as the API returns it: plain values, so the
+//! state layer (a consume's remembered answer) can hold one without knowing the
+//! service that computes it.
+
+use super::Decimal;
+use serde::Serialize;
+
+/// Why a check was answered as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    WithinLimit,
+    LimitExceeded,
+    SoftLimitExceeded,
+    Unlimited,
+    NotEntitled,
+    /// A `strict` limit could not be decided: Redis is unreachable (fail-closed).
+    Unavailable,
+}
+
+impl Reason {
+    /// The snake-case label (as serialized; the metrics' `reason` label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::WithinLimit => "within_limit",
+            Reason::LimitExceeded => "limit_exceeded",
+            Reason::SoftLimitExceeded => "soft_limit_exceeded",
+            Reason::Unlimited => "unlimited",
+            Reason::NotEntitled => "not_entitled",
+            Reason::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// One limit in an answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LimitView {
+    pub window: &'static str,
+    pub limit: Option<Decimal>,
+    pub used: Decimal,
+    pub remaining: Option<Decimal>,
+    pub resets_at: Option<String>,
+    pub hard: bool,
+}
+
+/// The `200` body of `/v1/check`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckAnswer {
+    pub allowed: bool,
+    pub customer: String,
+    pub meter: String,
+    pub quantity: Decimal,
+    pub used: Decimal,
+    pub limit: Option<Decimal>,
+    pub remaining: Option<Decimal>,
+    pub window: Option<&'static str>,
+    pub resets_at: Option<String>,
+    pub hard: bool,
+    pub reason: Reason,
+    pub limits: Vec<LimitView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_match_the_serialized_names() {
+        for r in [
+            Reason::WithinLimit,
+            Reason::LimitExceeded,
+            Reason::SoftLimitExceeded,
+            Reason::Unlimited,
+            Reason::NotEntitled,
+            Reason::Unavailable,
+        ] {
+            assert_eq!(serde_json::to_value(r).ok(), Some(serde_json::Value::String(r.as_str().into())));
+        }
+    }
+}
