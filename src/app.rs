@@ -123,6 +123,11 @@ fn stripe_reporter(
 impl AppHandle {
     /// Starts meterd with a validated config.
     pub async fn start(config: ValidConfig) -> Result<AppHandle, AppError> {
+        Self::start_with_edge(config, http::EdgeConfig::default()).await
+    }
+
+    /// [`AppHandle::start`] with the HTTP edge's timeouts and connection cap.
+    pub async fn start_with_edge(config: ValidConfig, edge: http::EdgeConfig) -> Result<AppHandle, AppError> {
         let data_dir = config.raw.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
         let instance_id = instance_id(&config, &data_dir)?;
@@ -204,10 +209,10 @@ impl AppHandle {
             Some(maddr) => {
                 let l = TcpListener::bind(maddr).await.map_err(|source| AppError::Bind { addr: maddr, source })?;
                 let bound = l.local_addr().map_err(|source| AppError::Bind { addr: maddr, source })?;
-                (Some(bound), Some(tokio::spawn(http::serve(l, state.clone(), http::Routes::OpsOnly, server_rx.clone()))))
+                (Some(bound), Some(tokio::spawn(http::serve(l, state.clone(), http::Routes::OpsOnly, server_rx.clone(), edge))))
             }
         };
-        let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
+        let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx, edge));
         let flusher = tokio::spawn(crate::flush::run(engine.clone(), flush_interval, flusher_rx));
         let grace = config.raw.server.shutdown_grace.0;
         let raw_export = exporter.map(|exporter| {

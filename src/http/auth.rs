@@ -9,7 +9,7 @@
 use super::error::ApiError;
 use crate::config::{ApiKey, Scope};
 use governor::{clock::DefaultClock, state::InMemoryState, state::NotKeyed, Quota, RateLimiter};
-use hyper::HeaderMap;
+use axum::http::HeaderMap;
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
 
@@ -58,7 +58,7 @@ impl Auth {
             return Ok(());
         }
         let header = headers
-            .get(hyper::header::AUTHORIZATION)
+            .get(axum::http::header::AUTHORIZATION)
             .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <key> header"))?;
         let presented = header
             .to_str()

@@ -1,9 +1,9 @@
 //! API errors and their JSON bodies: `{"error": {"code", "message", "details"}}`,
 //! with the status codes of API.md.
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{header, Response, StatusCode};
+use axum::body::Body;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 /// Every error the API answers with.
@@ -57,9 +57,18 @@ impl ApiError {
     pub fn unavailable(m: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError { retry_after: Some(retry_after), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m) }
     }
+    /// A bug: a handler panicked (the connection lives on).
+    pub fn internal(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
+    }
+    /// A request body that did not arrive within `server.body_read_timeout`;
+    /// the connection is closed after the answer.
+    pub fn request_timeout(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", m)
+    }
 
-    /// The HTTP response.
-    pub fn response(&self) -> Response<Full<Bytes>> {
+    /// The JSON body alone.
+    pub fn body(&self) -> Vec<u8> {
         #[derive(Serialize)]
         struct Body<'a> {
             error: Inner<'a>,
@@ -71,25 +80,38 @@ impl ApiError {
             #[serde(skip_serializing_if = "Option::is_none")]
             details: Option<&'a serde_json::Value>,
         }
-        let body = serde_json::to_vec(&Body { error: Inner { code: self.code, message: &self.message, details: self.details.as_ref() } })
-            .unwrap_or_default();
+        serde_json::to_vec(&Body { error: Inner { code: self.code, message: &self.message, details: self.details.as_ref() } })
+            .unwrap_or_default()
+    }
+
+    /// The HTTP response.
+    pub fn response(&self) -> Response {
         let mut builder =
             Response::builder().status(self.status).header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after {
             builder = builder.header(header::RETRY_AFTER, secs.to_string());
         }
-        builder.body(Full::new(Bytes::from(body))).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            builder = builder.header(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
+        builder.body(Body::from(self.body())).unwrap_or_else(|_| Response::new(Body::empty()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.response()
     }
 }
 
 /// A JSON response with `status`.
-pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).response(),
+            .body(Body::from(body))
+            .unwrap_or_else(|_| Response::new(Body::empty())),
+        Err(e) => ApiError::internal(e.to_string()).response(),
     }
 }
