@@ -8,8 +8,8 @@
 
 use super::error::ApiError;
 use crate::config::{ApiKey, Scope};
-use governor::{clock::DefaultClock, state::InMemoryState, state::NotKeyed, Quota, RateLimiter};
 use axum::http::HeaderMap;
+use governor::{clock::DefaultClock, state::InMemoryState, state::NotKeyed, Quota, RateLimiter};
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
 

@@ -99,7 +99,12 @@ pub static ROUTES: &[Route] = &[
         ops: true,
         methods: &[(Method::GET, |s, _, _| Box::pin(std::future::ready(Ok(handlers::metrics(&s)))))],
     },
-    Route { name: "healthz", path: "/healthz", ops: true, methods: &[(Method::GET, |_, _, _| Box::pin(std::future::ready(Ok(handlers::healthz()))))] },
+    Route {
+        name: "healthz",
+        path: "/healthz",
+        ops: true,
+        methods: &[(Method::GET, |_, _, _| Box::pin(std::future::ready(Ok(handlers::healthz()))))],
+    },
     Route {
         name: "readyz",
         path: "/readyz",

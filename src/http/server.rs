@@ -96,6 +96,8 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, routes: Routes,
         // Reap finished connections so the set does not grow without bound.
         while connections.try_join_next().is_some() {}
     }
+    // Stop accepting: connections would otherwise queue in the backlog unserved.
+    drop(listener);
     while connections.join_next().await.is_some() {}
 }
 
