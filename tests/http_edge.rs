@@ -245,7 +245,8 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout_not_the_hea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_request_head_gets_the_header_timeout_from_its_first_byte() {
     let _serial = SERIAL.lock().await;
-    let server = Edge::start(edge(1000, 10_000, 3000, 100)).await;
+    // The idle clock alone would close it 2.5 s after that first byte.
+    let server = Edge::start(edge(1000, 10_000, 4000, 100)).await;
     let before = server.metric(&timeouts("header")).await;
     let mut stream = stalled(server.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(read_response(&mut stream).await.0, 200);

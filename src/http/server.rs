@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::timeouts::{DeadlineBody, Phase, TimedIo, Watchdog};
 use super::{routes, HttpState, Routes};
 use axum::response::Response;
+use axum::routing::future::RouteFuture;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -22,6 +23,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,8 +38,9 @@ pub struct EdgeConfig {
     /// connection, from its first byte on a keep-alive one. Else the
     /// connection is closed without an answer.
     pub header_read_timeout: Duration,
-    /// A request body must arrive whole within this after its head. Else the
-    /// request is answered `408 request_timeout` and the connection closed.
+    /// A request body must arrive whole within this after its handler first
+    /// waits for it (in practice, after its head). Else the request is
+    /// answered `408 request_timeout` and the connection closed.
     pub body_read_timeout: Duration,
     /// A keep-alive connection with no request under way is closed after this.
     pub idle_timeout: Duration,
@@ -195,19 +198,31 @@ struct Edge {
 impl hyper::service::Service<hyper::Request<Incoming>> for Edge {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = Answer;
 
-    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+    fn call(&self, req: hyper::Request<Incoming>) -> Answer {
         self.watchdog.busy();
         let req = normalize(req.map(|body| DeadlineBody::new(body, self.body_read_timeout)));
         // The router is always ready (axum's `Router::poll_ready`).
-        let answer = self.router.clone().call(req);
-        let watchdog = self.watchdog.clone();
-        Box::pin(async move {
-            let response = answer.await;
-            watchdog.idle();
-            response
-        })
+        Answer { route: self.router.clone().call(req), watchdog: self.watchdog.clone() }
+    }
+}
+
+/// The router's answer to one request; when it is ready the connection idles.
+/// (A named future rather than a boxed `async` block: one allocation and one
+/// copy less per request.)
+struct Answer {
+    route: RouteFuture<Infallible>,
+    watchdog: Arc<Watchdog>,
+}
+
+impl Future for Answer {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answer = std::task::ready!(Pin::new(&mut self.route).poll(cx));
+        self.watchdog.idle();
+        Poll::Ready(answer)
     }
 }
 

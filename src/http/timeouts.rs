@@ -9,8 +9,9 @@
 //!   from the head's first byte on a keep-alive one;
 //! - **idle**: a keep-alive connection with no request under way is closed after
 //!   `idle_timeout` (counted from the end of the last response);
-//! - **body**: a request body must be whole within `body_read_timeout` of its
-//!   head; if not, the handler reading it answers 408 and the connection closes.
+//! - **body**: a request body must be whole within `body_read_timeout` of the
+//!   moment its handler first waits for it (in practice, its head); if not,
+//!   the handler answers 408 and the connection closes.
 //!
 //! The header and idle clocks are one [`Watchdog`] per connection: the
 //! connection's [`TimedIo`] sees the first byte of a head, the edge service sees
@@ -184,11 +185,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
 #[error("the request body did not arrive within server.body_read_timeout ({0:?})")]
 pub struct BodyTimedOut(pub Duration);
 
-/// A request body that fails with [`BodyTimedOut`] once `deadline` passes,
-/// however it trickles in. Costs no timer while the body is already buffered.
+/// A request body that fails with [`BodyTimedOut`] once `timeout` has passed
+/// since it was first waited for, however it trickles in. (Counted from then
+/// rather than from its head, which is the same instant give or take a
+/// handler's checks before it reads: a body already buffered with its head
+/// costs neither a clock reading nor a timer.)
 pub struct DeadlineBody<B> {
     inner: B,
-    deadline: Instant,
     timeout: Duration,
     /// Made on the first poll that has to wait.
     sleep: Option<Pin<Box<Sleep>>>,
@@ -197,7 +200,7 @@ pub struct DeadlineBody<B> {
 
 impl<B> DeadlineBody<B> {
     pub fn new(inner: B, timeout: Duration) -> DeadlineBody<B> {
-        DeadlineBody { inner, deadline: Instant::now() + timeout, timeout, sleep: None, timed_out: false }
+        DeadlineBody { inner, timeout, sleep: None, timed_out: false }
     }
 }
 
@@ -222,8 +225,8 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
             Poll::Pending => {
-                let deadline = this.deadline;
-                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                let timeout = this.timeout;
+                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 if sleep.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Some(Err(this.time_out())));
                 }
