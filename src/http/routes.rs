@@ -149,6 +149,42 @@ pub fn router(state: Arc<HttpState>, routes: Routes) -> Router {
         .with_state(state)
 }
 
+/// The routes of one listener, matched segment by segment without a framework.
+pub struct Table {
+    served: Vec<(Vec<&'static str>, Served)>,
+    unknown: RouteMetrics,
+    routes: Routes,
+    state: Arc<HttpState>,
+}
+
+impl Table {
+    pub fn new(state: Arc<HttpState>, routes: Routes) -> Table {
+        let served = ROUTES
+            .iter()
+            .filter(|r| routes == Routes::All || r.ops)
+            .map(|r| (segments(r.path).collect(), Served::new(r, routes)))
+            .collect();
+        Table { served, unknown: RouteMetrics::new(UNKNOWN), routes, state }
+    }
+
+    pub async fn answer(&self, req: Request) -> Response {
+        let path = req.uri().path();
+        let found = self.served.iter().find(|(pattern, _)| {
+            let mut got = segments(path);
+            pattern.iter().all(|p| got.next().is_some_and(|g| p.starts_with('{') || *p == g)) && got.next().is_none()
+        });
+        match found {
+            Some((_, served)) => served.answer(self.state.clone(), req).await,
+            None => {
+                let started = Instant::now();
+                let response = no_route(&self.state, self.routes, &req).response();
+                self.unknown.record(response.status().as_u16(), started.elapsed().as_secs_f64());
+                response
+            }
+        }
+    }
+}
+
 /// A row of the table as one listener serves it.
 struct Served {
     route: &'static Route,

@@ -66,7 +66,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// connection to finish its in-flight request and close.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, routes: Routes, mut shutdown: watch::Receiver<bool>, edge: EdgeConfig) {
     let label = routes.listener();
-    let router = routes::router(state, routes);
+    let router = Arc::new(routes::Table::new(state, routes));
     let slots = Arc::new(Semaphore::new(edge.max_connections.min(Semaphore::MAX_PERMITS)));
     let refusal: Arc<[u8]> = refusal(edge.max_connections).into();
     let mut connections = JoinSet::new();
@@ -130,7 +130,7 @@ async fn refuse(mut stream: TcpStream, answer: Arc<[u8]>) {
 
 /// One accepted connection, holding one of its listener's slots.
 struct Connection {
-    router: Router,
+    router: Arc<routes::Table>,
     edge: EdgeConfig,
     label: &'static str,
     _slot: OwnedSemaphorePermit,
@@ -190,7 +190,7 @@ impl Drop for OpenGauge {
 /// connection's clocks, puts the body deadline on the request, and hands it to
 /// the router.
 struct Edge {
-    router: Router,
+    router: Arc<routes::Table>,
     watchdog: Arc<Watchdog>,
     body_read_timeout: Duration,
 }
@@ -198,13 +198,18 @@ struct Edge {
 impl hyper::service::Service<hyper::Request<Incoming>> for Edge {
     type Response = Response;
     type Error = Infallible;
-    type Future = Answer;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-    fn call(&self, req: hyper::Request<Incoming>) -> Answer {
+    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
         self.watchdog.busy();
-        let req = normalize(req.map(|body| DeadlineBody::new(body, self.body_read_timeout)));
-        // The router is always ready (axum's `Router::poll_ready`).
-        Answer { route: self.router.clone().call(req), watchdog: self.watchdog.clone() }
+        let req = req.map(|body| axum::body::Body::new(DeadlineBody::new(body, self.body_read_timeout)));
+        let table = self.router.clone();
+        let watchdog = self.watchdog.clone();
+        Box::pin(async move {
+            let r = table.answer(req).await;
+            watchdog.idle();
+            Ok(r)
+        })
     }
 }
 
