@@ -8,8 +8,8 @@
 
 use super::error::ApiError;
 use crate::config::{ApiKey, Scope};
-use axum::http::HeaderMap;
 use governor::{clock::DefaultClock, state::InMemoryState, state::NotKeyed, Quota, RateLimiter};
+use hyper::HeaderMap;
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
 
@@ -58,7 +58,7 @@ impl Auth {
             return Ok(());
         }
         let header = headers
-            .get(axum::http::header::AUTHORIZATION)
+            .get(hyper::header::AUTHORIZATION)
             .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <key> header"))?;
         let presented = header
             .to_str()

@@ -1,9 +1,9 @@
 //! API errors and their JSON bodies: `{"error": {"code", "message", "details"}}`,
 //! with the status codes of API.md.
 
-use axum::body::Body;
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header, Response, StatusCode};
 use serde::Serialize;
 
 /// Every error the API answers with.
@@ -57,7 +57,7 @@ impl ApiError {
     pub fn unavailable(m: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError { retry_after: Some(retry_after), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m) }
     }
-    /// A bug: a handler panicked (the connection lives on).
+    /// A bug (a response that could not be serialized).
     pub fn internal(m: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
     }
@@ -85,7 +85,7 @@ impl ApiError {
     }
 
     /// The HTTP response.
-    pub fn response(&self) -> Response {
+    pub fn response(&self) -> Response<Full<Bytes>> {
         let mut builder =
             Response::builder().status(self.status).header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after {
@@ -94,24 +94,18 @@ impl ApiError {
         if self.status == StatusCode::REQUEST_TIMEOUT {
             builder = builder.header(header::CONNECTION, header::HeaderValue::from_static("close"));
         }
-        builder.body(Body::from(self.body())).unwrap_or_else(|_| Response::new(Body::empty()))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        self.response()
+        builder.body(Full::new(Bytes::from(self.body()))).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
     }
 }
 
 /// A JSON response with `status`.
-pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(value) {
         Ok(body) => Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))
-            .body(Body::from(body))
-            .unwrap_or_else(|_| Response::new(Body::empty())),
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
         Err(e) => ApiError::internal(e.to_string()).response(),
     }
 }

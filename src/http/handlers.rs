@@ -3,6 +3,7 @@
 use super::body::read_limited;
 use super::error::{json, ApiError};
 use super::HttpState;
+use super::RequestBody;
 use crate::config::Scope;
 use crate::entitlements::EntitlementsError;
 use crate::history::{Granularity, HistoryError};
@@ -10,14 +11,13 @@ use crate::ingest::parse::ParseError;
 use crate::ingest::{BodyKind, IngestError};
 use crate::limits::CheckError;
 use crate::model::{plan::limits_to_json, window::rfc3339, EntitlementsDoc};
-use axum::body::Body;
-use axum::extract::Request;
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header, HeaderMap, Request, Response, StatusCode};
 use serde_json::json as j;
 use std::collections::BTreeMap;
 
-type Resp = Result<Response, ApiError>;
+type Resp = Result<Response<Full<Bytes>>, ApiError>;
 
 fn content_type(headers: &HeaderMap) -> Option<String> {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
@@ -30,7 +30,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-pub async fn events(state: &HttpState, req: Request) -> Resp {
+pub async fn events(state: &HttpState, req: Request<RequestBody>) -> Resp {
     state.auth.authorize(req.headers(), &[Scope::Ingest])?;
     let kind = match content_type(req.headers()).as_deref() {
         Some("application/json") => BodyKind::Json,
@@ -63,7 +63,7 @@ pub async fn events(state: &HttpState, req: Request) -> Resp {
     }
 }
 
-pub async fn check(state: &HttpState, req: Request) -> Resp {
+pub async fn check(state: &HttpState, req: Request<RequestBody>) -> Resp {
     state.auth.authorize(req.headers(), &[Scope::Check])?;
     require_json(req.headers())?;
     let (parts, body) = req.into_parts();
@@ -141,7 +141,7 @@ pub async fn get_entitlements(state: &HttpState, headers: &HeaderMap, customer: 
     Ok(json(StatusCode::OK, &entitlements_view(state, customer)))
 }
 
-pub async fn put_entitlements(state: &HttpState, req: Request, customer: &str) -> Resp {
+pub async fn put_entitlements(state: &HttpState, req: Request<RequestBody>, customer: &str) -> Resp {
     state.auth.authorize(req.headers(), &[Scope::Admin])?;
     require_json(req.headers())?;
     valid_customer(customer)?;
@@ -219,19 +219,19 @@ pub fn stripe_status(state: &HttpState, headers: &HeaderMap) -> Resp {
     })
 }
 
-pub fn metrics(state: &HttpState) -> Response {
+pub fn metrics(state: &HttpState) -> Response<Full<Bytes>> {
     crate::flush::housekeeping_gauges(&state.engine);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-        .body(Body::from(state.prometheus.render()))
-        .unwrap_or_else(|_| Response::new(Body::empty()))
+        .body(Full::new(Bytes::from(state.prometheus.render())))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
-pub fn healthz() -> Response {
+pub fn healthz() -> Response<Full<Bytes>> {
     json(StatusCode::OK, &j!({"status": "ok"}))
 }
 
-pub fn readyz(state: &HttpState) -> Response {
+pub fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     if state.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
         return ApiError::unavailable("shutting down", 5).response();
     }

@@ -1,28 +1,28 @@
 //! The route table: every route's path, name (the `route` label of the request
-//! metrics), methods and handlers, in one place. [`router`] builds the axum
-//! router of a listener from it; methods are matched here, not by axum's
-//! `MethodRouter`, so a 405's `Allow` header is made from the same row (and
-//! `HEAD` is not answered by a `GET` handler: API.md's routes do not list it).
+//! metrics), methods and handlers, in one place. [`Table`] serves a listener's
+//! share of it: a path matches a row segment by segment (`{customer}` matches
+//! any one segment, percent-decoded before the handler sees it); a method the
+//! row does not list is a 405 whose `Allow` is made from the same row.
 //!
 //! Also: percent-decoding of path segments and query strings (strict: a bad
-//! escape or non-UTF-8 is a 400, where axum's `Path` would pass or reject it
-//! with its own body), duplicate query parameters refused.
+//! escape or non-UTF-8 is a 400), duplicate query parameters refused.
 
 use super::error::ApiError;
-use super::{handlers, HttpState, Routes};
+use super::{handlers, HttpState, RequestBody, Routes};
 use crate::telemetry::RouteMetrics;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method};
-use axum::response::Response;
-use axum::routing::any;
-use axum::Router;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::Method;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tower_http::catch_panic::CatchPanicLayer;
+
+type Request = hyper::Request<RequestBody>;
+type Response = hyper::Response<Full<Bytes>>;
 
 /// What a handler returns: its answer, later.
 pub type Pending = Pin<Box<dyn Future<Output = Result<Response, ApiError>> + Send>>;
@@ -35,7 +35,7 @@ pub type Handler = fn(Arc<HttpState>, Request, String) -> Pending;
 pub struct Route {
     /// Its `route` label in `meterd_http_requests_total` and the latency histogram.
     pub name: &'static str,
-    /// The path in axum's syntax; a `{…}` segment is captured, percent-decoded.
+    /// The path; a `{…}` segment matches any one segment, percent-decoded.
     pub path: &'static str,
     /// Served by the `metrics.listen` listener too ([`Routes::OpsOnly`]).
     pub ops: bool,
@@ -113,43 +113,10 @@ pub static ROUTES: &[Route] = &[
     },
 ];
 
-/// The axum router of a listener serving `routes`, from [`ROUTES`].
+/// The routes one listener serves, from [`ROUTES`].
 ///
-/// Call it after `telemetry::prometheus()` installed the recorder: the
-/// request metrics' handles are registered here.
-pub fn router(state: Arc<HttpState>, routes: Routes) -> Router {
-    let mut router = Router::new();
-    for route in ROUTES.iter().filter(|r| routes == Routes::All || r.ops) {
-        let served = Arc::new(Served::new(route, routes));
-        router = router.route(
-            route.path,
-            any(move |State(state): State<Arc<HttpState>>, req: Request| {
-                let served = served.clone();
-                async move { served.answer(state, req).await }
-            }),
-        );
-    }
-    let unknown = Arc::new(RouteMetrics::new(UNKNOWN));
-    router
-        .fallback(move |State(state): State<Arc<HttpState>>, req: Request| {
-            let unknown = unknown.clone();
-            async move {
-                let started = Instant::now();
-                let response = no_route(&state, routes, &req).response();
-                unknown.record(response.status().as_u16(), started.elapsed().as_secs_f64());
-                response
-            }
-        })
-        // A panicking handler is a bug; its client still gets a JSON 500 and
-        // its connection lives on.
-        .layer(CatchPanicLayer::custom(|_| {
-            tracing::error!("a request handler panicked");
-            ApiError::internal("internal error").response()
-        }))
-        .with_state(state)
-}
-
-/// The routes of one listener, matched segment by segment without a framework.
+/// Make it after `telemetry::prometheus()` installed the recorder: the request
+/// metrics' handles are registered here.
 pub struct Table {
     served: Vec<(Vec<&'static str>, Served)>,
     unknown: RouteMetrics,
@@ -167,6 +134,7 @@ impl Table {
         Table { served, unknown: RouteMetrics::new(UNKNOWN), routes, state }
     }
 
+    /// Answers one request and counts it in the request metrics.
     pub async fn answer(&self, req: Request) -> Response {
         let path = req.uri().path();
         let found = self.served.iter().find(|(pattern, _)| {

@@ -1,5 +1,5 @@
 //! Accepting connections: the connection cap, one task per connection running
-//! hyper's HTTP/1.1 over the axum router of [`super::routes`], the timeouts of
+//! hyper's HTTP/1.1 over the route [`Table`], the timeouts of
 //! [`super::timeouts`], and graceful shutdown.
 //!
 //! **Over the cap** a new connection is accepted, answered
@@ -11,25 +11,18 @@
 //! that may be stalled for a whole header timeout.
 
 use super::error::ApiError;
+use super::routes::Table;
 use super::timeouts::{DeadlineBody, Phase, TimedIo, Watchdog};
-use super::{routes, HttpState, Routes};
-use axum::response::Response;
-use axum::routing::future::RouteFuture;
-use axum::Router;
-use hyper::body::Incoming;
+use super::{HttpState, Routes};
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
-use tower::Service;
 
 /// The edge's limits (`[server]` in the configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +59,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// connection to finish its in-flight request and close.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, routes: Routes, mut shutdown: watch::Receiver<bool>, edge: EdgeConfig) {
     let label = routes.listener();
-    let router = Arc::new(routes::Table::new(state, routes));
+    let table = Arc::new(Table::new(state, routes));
     let slots = Arc::new(Semaphore::new(edge.max_connections.min(Semaphore::MAX_PERMITS)));
     let refusal: Arc<[u8]> = refusal(edge.max_connections).into();
     let mut connections = JoinSet::new();
@@ -87,7 +80,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, routes: Routes,
         let _ = stream.set_nodelay(true);
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
-                let connection = Connection { router: router.clone(), edge, label, _slot: slot };
+                let connection = Connection { table: table.clone(), edge, label, _slot: slot };
                 connections.spawn(connection.run(stream, shutdown.clone()));
             }
             Err(_) => {
@@ -130,7 +123,7 @@ async fn refuse(mut stream: TcpStream, answer: Arc<[u8]>) {
 
 /// One accepted connection, holding one of its listener's slots.
 struct Connection {
-    router: Arc<routes::Table>,
+    table: Arc<Table>,
     edge: EdgeConfig,
     label: &'static str,
     _slot: OwnedSemaphorePermit,
@@ -140,7 +133,19 @@ impl Connection {
     async fn run(self, stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
         let _open = OpenGauge::new(self.label);
         let watchdog = Arc::new(Watchdog::new(self.edge.header_read_timeout, self.edge.idle_timeout));
-        let service = Edge { router: self.router, watchdog: watchdog.clone(), body_read_timeout: self.edge.body_read_timeout };
+        // Per request: the connection's clocks move (busy, then idle once the
+        // answer is ready) and the body gets its deadline.
+        let (table, clocks, body_read_timeout) = (self.table, watchdog.clone(), self.edge.body_read_timeout);
+        let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            clocks.busy();
+            let req = req.map(|body| DeadlineBody::new(body, body_read_timeout));
+            let (table, clocks) = (table.clone(), clocks.clone());
+            async move {
+                let response = table.answer(req).await;
+                clocks.idle();
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
         let io = TokioIo::new(TimedIo::new(stream, watchdog.clone()));
         let conn = http1::Builder::new().keep_alive(true).serve_connection(io, service);
         tokio::pin!(conn);
@@ -186,81 +191,9 @@ impl Drop for OpenGauge {
     }
 }
 
-/// The service hyper calls for each request of one connection: moves the
-/// connection's clocks, puts the body deadline on the request, and hands it to
-/// the router.
-struct Edge {
-    router: Arc<routes::Table>,
-    watchdog: Arc<Watchdog>,
-    body_read_timeout: Duration,
-}
-
-impl hyper::service::Service<hyper::Request<Incoming>> for Edge {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
-        self.watchdog.busy();
-        let req = req.map(|body| axum::body::Body::new(DeadlineBody::new(body, self.body_read_timeout)));
-        let table = self.router.clone();
-        let watchdog = self.watchdog.clone();
-        Box::pin(async move {
-            let r = table.answer(req).await;
-            watchdog.idle();
-            Ok(r)
-        })
-    }
-}
-
-/// The router's answer to one request; when it is ready the connection idles.
-/// (A named future rather than a boxed `async` block: one allocation and one
-/// copy less per request.)
-struct Answer {
-    route: RouteFuture<Infallible>,
-    watchdog: Arc<Watchdog>,
-}
-
-impl Future for Answer {
-    type Output = Result<Response, Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let answer = std::task::ready!(Pin::new(&mut self.route).poll(cx));
-        self.watchdog.idle();
-        Poll::Ready(answer)
-    }
-}
-
-/// Routes `//healthz` as `/healthz`: the path's leading slashes are one.
-fn normalize<B>(mut req: hyper::Request<B>) -> hyper::Request<B> {
-    if req.uri().path().starts_with("//") {
-        let path = format!("/{}", req.uri().path().trim_start_matches('/'));
-        let path_and_query = match req.uri().query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-        if let Ok(pq) = path_and_query.parse() {
-            let mut parts = req.uri().clone().into_parts();
-            parts.path_and_query = Some(pq);
-            if let Ok(uri) = hyper::Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
-            }
-        }
-    }
-    req
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn leading_slashes_collapse_and_the_query_stays() {
-        let req = |uri: &str| hyper::Request::builder().uri(uri).body(()).unwrap_or_default();
-        assert_eq!(normalize(req("//healthz")).uri(), "/healthz");
-        assert_eq!(normalize(req("///v1/usage?meter=a&b=c")).uri(), "/v1/usage?meter=a&b=c");
-        assert_eq!(normalize(req("/v1//events")).uri(), "/v1//events");
-    }
 
     #[test]
     fn the_refusal_is_one_whole_http_response() {
