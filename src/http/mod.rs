@@ -7,10 +7,11 @@
 //! request metrics use); [`server`] accepts connections and enforces the limits
 //! with the help of [`timeouts`]; [`handlers`] turn requests into engine calls.
 //!
-//! Not axum: a same-run A/B of this edge on axum 0.8 against it cost 8 % of
-//! check requests/s (and 12 % more server CPU per check), over the 5 % the
-//! project allows for a framework; the one route table is what it would have
-//! brought (see BENCHMARKS.md).
+//! Not axum: the same edge on axum 0.8 (with tower-http's panic layer) was
+//! built and measured against this one in same-run A/Bs: 4–8 % fewer check
+//! requests/s and 12–15 % more server CPU per check and per single event, over
+//! the 5 % the project allows for a framework. The one route table is what it
+//! would have brought, and [`routes`] has it without (see BENCHMARKS.md).
 
 pub mod auth;
 pub mod body;

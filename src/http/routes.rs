@@ -118,7 +118,7 @@ pub static ROUTES: &[Route] = &[
 /// Make it after `telemetry::prometheus()` installed the recorder: the request
 /// metrics' handles are registered here.
 pub struct Table {
-    served: Vec<(Vec<&'static str>, Served)>,
+    served: Vec<Served>,
     unknown: RouteMetrics,
     routes: Routes,
     state: Arc<HttpState>,
@@ -126,23 +126,15 @@ pub struct Table {
 
 impl Table {
     pub fn new(state: Arc<HttpState>, routes: Routes) -> Table {
-        let served = ROUTES
-            .iter()
-            .filter(|r| routes == Routes::All || r.ops)
-            .map(|r| (segments(r.path).collect(), Served::new(r, routes)))
-            .collect();
+        let served = ROUTES.iter().filter(|r| routes == Routes::All || r.ops).map(|r| Served::new(r, routes)).collect();
         Table { served, unknown: RouteMetrics::new(UNKNOWN), routes, state }
     }
 
     /// Answers one request and counts it in the request metrics.
     pub async fn answer(&self, req: Request) -> Response {
         let path = req.uri().path();
-        let found = self.served.iter().find(|(pattern, _)| {
-            let mut got = segments(path);
-            pattern.iter().all(|p| got.next().is_some_and(|g| p.starts_with('{') || *p == g)) && got.next().is_none()
-        });
-        match found {
-            Some((_, served)) => served.answer(self.state.clone(), req).await,
+        match self.served.iter().find(|s| matches(&s.pattern, path)) {
+            Some(served) => served.answer(self.state.clone(), req).await,
             None => {
                 let started = Instant::now();
                 let response = no_route(&self.state, self.routes, &req).response();
@@ -156,6 +148,8 @@ impl Table {
 /// A row of the table as one listener serves it.
 struct Served {
     route: &'static Route,
+    /// Its path's segments.
+    pattern: Vec<&'static str>,
     /// The `Allow` header of its 405.
     allow: String,
     /// Which segment is the `{customer}` capture, if any.
@@ -170,7 +164,7 @@ impl Served {
         let allow = route.methods.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", ");
         let capture = segments(route.path).position(|s| s.starts_with('{'));
         let gated = routes == Routes::All && first_segment(route.path) == "v1";
-        Served { route, allow, capture, gated, metrics: RouteMetrics::new(route.name) }
+        Served { route, pattern: segments(route.path).collect(), allow, capture, gated, metrics: RouteMetrics::new(route.name) }
     }
 
     async fn answer(&self, state: Arc<HttpState>, req: Request) -> Response {
@@ -213,6 +207,12 @@ fn no_route(state: &HttpState, routes: Routes, req: &Request) -> ApiError {
         }
         Routes::All => ApiError::not_found(format!("no route for {} {path}", req.method())),
     }
+}
+
+/// Whether `path` has the segments of `pattern` (a `{…}` segment matches any one).
+fn matches(pattern: &[&str], path: &str) -> bool {
+    let mut got = segments(path);
+    pattern.iter().all(|p| got.next().is_some_and(|g| p.starts_with('{') || *p == g)) && got.next().is_none()
 }
 
 /// A path's `/`-separated segments, after its leading slashes.
@@ -278,6 +278,30 @@ mod tests {
         for route in ROUTES {
             assert!(!route.methods.is_empty(), "{}", route.name);
             assert_eq!(route.ops, !route.path.starts_with("/v1/"), "{}: the ops listener never serves the API", route.name);
+        }
+    }
+
+    #[test]
+    fn paths_match_segment_by_segment() {
+        let row = |path: &str| ROUTES.iter().find(|r| matches(&segments(r.path).collect::<Vec<_>>(), path)).map(|r| r.name);
+        let cases = [
+            ("/v1/events", Some("events")),
+            ("/v1/customers/a%2Fb/usage", Some("customer_usage")),
+            ("/v1/customers/c/entitlements", Some("entitlements")),
+            // An empty customer is routed, and refused by its handler (400).
+            ("/v1/customers//usage", Some("customer_usage")),
+            ("/v1/customers/c/usage/more", None),
+            ("/v1/customers/c", None),
+            ("/v1/events/", None),
+            ("/v1//events", None),
+            ("/v1/%65vents", None),
+            ("/", None),
+            ("", None),
+            ("/healthz", Some("healthz")),
+            ("//healthz", Some("healthz")),
+        ];
+        for (path, name) in cases {
+            assert_eq!(row(path), name, "{path}");
         }
     }
 
