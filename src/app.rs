@@ -155,6 +155,12 @@ impl AppHandle {
     pub async fn start_observed(config: ValidConfig, observers: Vec<Arc<dyn crate::usage::UsageObserver>>) -> Result<AppHandle, AppError> {
         // First: what is recorded while starting (Redis up at connect) is kept.
         let prometheus = crate::telemetry::prometheus();
+        let edge = http::EdgeConfig {
+            header_read_timeout: config.server.header_read_timeout,
+            body_read_timeout: config.server.body_read_timeout,
+            idle_timeout: config.server.idle_timeout,
+            max_connections: config.server.max_connections,
+        };
         let data_dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
         let instance_id = instance_id(&config, &data_dir)?;
@@ -246,10 +252,10 @@ impl AppHandle {
             Some(maddr) => {
                 let l = TcpListener::bind(maddr).await.map_err(|source| AppError::Bind { addr: maddr, source })?;
                 let bound = l.local_addr().map_err(|source| AppError::Bind { addr: maddr, source })?;
-                (Some(bound), Some(tokio::spawn(http::serve(l, state.clone(), http::Routes::OpsOnly, server_rx.clone()))))
+                (Some(bound), Some(tokio::spawn(http::serve(l, state.clone(), http::Routes::OpsOnly, server_rx.clone(), edge))))
             }
         };
-        let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx));
+        let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx, edge));
         let e = engine.clone();
         let flusher =
             tokio::spawn(supervise(FLUSHER, health.clone(), flusher_rx, move |rx| Some(crate::flush::run(e.clone(), flush_interval, rx))));

@@ -57,9 +57,18 @@ impl ApiError {
     pub fn unavailable(m: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError { retry_after: Some(retry_after), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m) }
     }
+    /// A bug (a response that could not be serialized).
+    pub fn internal(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
+    }
+    /// A request body that did not arrive within `server.body_read_timeout`;
+    /// the connection is closed after the answer.
+    pub fn request_timeout(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", m)
+    }
 
-    /// The HTTP response.
-    pub fn response(&self) -> Response<Full<Bytes>> {
+    /// The JSON body alone.
+    pub fn body(&self) -> Vec<u8> {
         #[derive(Serialize)]
         struct Body<'a> {
             error: Inner<'a>,
@@ -71,14 +80,21 @@ impl ApiError {
             #[serde(skip_serializing_if = "Option::is_none")]
             details: Option<&'a serde_json::Value>,
         }
-        let body = serde_json::to_vec(&Body { error: Inner { code: self.code, message: &self.message, details: self.details.as_ref() } })
-            .unwrap_or_default();
+        serde_json::to_vec(&Body { error: Inner { code: self.code, message: &self.message, details: self.details.as_ref() } })
+            .unwrap_or_default()
+    }
+
+    /// The HTTP response.
+    pub fn response(&self) -> Response<Full<Bytes>> {
         let mut builder =
             Response::builder().status(self.status).header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after {
             builder = builder.header(header::RETRY_AFTER, secs.to_string());
         }
-        builder.body(Full::new(Bytes::from(body))).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            builder = builder.header(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
+        builder.body(Full::new(Bytes::from(self.body()))).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
     }
 }
 
@@ -90,6 +106,6 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>
             .header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).response(),
+        Err(e) => ApiError::internal(e.to_string()).response(),
     }
 }

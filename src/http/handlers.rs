@@ -3,6 +3,7 @@
 use super::body::read_limited;
 use super::error::{json, ApiError};
 use super::HttpState;
+use super::RequestBody;
 use crate::config::Scope;
 use crate::entitlements::EntitlementsError;
 use crate::history::{Granularity, HistoryError};
@@ -12,7 +13,6 @@ use crate::limits::CheckError;
 use crate::model::{plan::limits_to_json, window::rfc3339, EntitlementsDoc};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::{header, HeaderMap, Request, Response, StatusCode};
 use serde_json::json as j;
 use std::collections::BTreeMap;
@@ -30,7 +30,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-pub async fn events(state: &HttpState, req: Request<Incoming>) -> Resp {
+pub async fn events(state: &HttpState, req: Request<RequestBody>) -> Resp {
     state.auth.authorize(req.headers(), &[Scope::Ingest])?;
     let kind = match content_type(req.headers()).as_deref() {
         Some("application/json") => BodyKind::Json,
@@ -63,7 +63,7 @@ pub async fn events(state: &HttpState, req: Request<Incoming>) -> Resp {
     }
 }
 
-pub async fn check(state: &HttpState, req: Request<Incoming>) -> Resp {
+pub async fn check(state: &HttpState, req: Request<RequestBody>) -> Resp {
     state.auth.authorize(req.headers(), &[Scope::Check])?;
     require_json(req.headers())?;
     let (parts, body) = req.into_parts();
@@ -141,7 +141,7 @@ pub async fn get_entitlements(state: &HttpState, headers: &HeaderMap, customer: 
     Ok(json(StatusCode::OK, &entitlements_view(state, customer)))
 }
 
-pub async fn put_entitlements(state: &HttpState, req: Request<Incoming>, customer: &str) -> Resp {
+pub async fn put_entitlements(state: &HttpState, req: Request<RequestBody>, customer: &str) -> Resp {
     state.auth.authorize(req.headers(), &[Scope::Admin])?;
     require_json(req.headers())?;
     valid_customer(customer)?;
