@@ -117,7 +117,7 @@ pub struct Salvage {
     pub dropped: Vec<(u64, u64, String)>,
 }
 
-/// Reads every intact record, skipping damage by searching for the next record
+/// Reads every intact record, passing over damage by searching for the next record
 /// whose checksum holds. Offline repair only: the search may be slow on large
 /// damaged regions.
 pub fn salvage(bytes: &[u8]) -> Salvage {
