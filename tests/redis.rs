@@ -444,8 +444,13 @@ async fn command_calls(redis: &RedisServer, command: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_customer_is_loaded_once_for_many_concurrent_misses_and_cached_checks_stay_local() {
     let redis = need!(RedisServer::start(false).await);
-    // No sync round during the test: every Redis call counted is a load.
-    let server = TestServer::start(&config(&redis.url(), "solo", "60s")).await;
+    // No sync round during the test: every Redis call counted is a load. The
+    // entitlements TTL is long too: past it, a check refreshes the customer in
+    // the background (a Redis read), which a loaded machine could reach while the
+    // 150 checks below run (seen once in CI-like runs with the 2 s of `config`).
+    let config = config(&redis.url(), "solo", "60s").replace("entitlements_ttl = \"2s\"", "entitlements_ttl = \"60s\"");
+    assert!(config.contains("entitlements_ttl = \"60s\""), "{config}");
+    let server = TestServer::start(&config).await;
     let customer = uid("miss");
     // An application writes entitlements directly, as the README documents.
     let mut conn = redis.conn().await;
