@@ -199,7 +199,7 @@ pub async fn usage_history(state: &HttpState, headers: &HeaderMap, query: &BTree
     if let Some(c) = customer {
         valid_customer(c)?;
     }
-    match state.engine.usage_series(meter, from, to, granularity, customer).await {
+    match state.engine.history_ports().usage_series(meter, from, to, granularity, customer).await {
         Ok(series) => Ok(json(StatusCode::OK, &series)),
         Err(HistoryError::Invalid { field, reason }) => Err(ApiError::invalid_request(format!("{field}: {reason}"))),
         Err(HistoryError::Store(e)) => {
