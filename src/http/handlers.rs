@@ -161,7 +161,7 @@ pub async fn put_entitlements(state: &HttpState, req: Request<RequestBody>, cust
     let doc: EntitlementsDoc = serde_json::from_value(value).map_err(bad)?;
     // Loaded first (with Redis), so the change is compared with what is stored.
     state.engine.ensure_customer(customer).await;
-    match state.engine.set_entitlements(customer, doc).await {
+    match state.engine.backfill_ports().set_entitlements(customer, doc).await {
         Ok(_) => Ok(json(StatusCode::OK, &entitlements_view(state, customer))),
         Err(EntitlementsError::Invalid(problems)) => {
             let message = problems.iter().map(|p| format!("{}: {}", p.path, p.reason)).collect::<Vec<_>>().join("; ");

@@ -31,7 +31,7 @@ async fn apply_one(engine: &Engine, store: &RedisEntitlementStore, name: &str) -
         return Ok(false); // Read on first sight, whenever that comes.
     }
     let doc = store.get(name).await?;
-    let changed = engine.refresh_entitlements(name, doc).await?;
+    let changed = engine.backfill_ports().refresh_entitlements(name, doc).await?;
     engine.entitlements().mark_fetched(id, now_ms());
     Ok(changed)
 }
