@@ -47,7 +47,7 @@ pub async fn events(state: &HttpState, req: Request<RequestBody>) -> Resp {
     // Spawned: once the WAL holds the batch its fold must run, even if this
     // client disconnects and hyper drops the handler.
     let engine = state.engine.clone();
-    let outcome = tokio::spawn(async move { engine.ingest(&body, kind).await })
+    let outcome = tokio::spawn(async move { engine.ingest_ports().ingest(&body, kind).await })
         .await
         .map_err(|e| ApiError::unavailable(format!("ingest task failed: {e}"), 1))?;
     match outcome {
