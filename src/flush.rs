@@ -139,7 +139,7 @@ pub async fn flush_all(engine: &Engine) -> Result<usize, FlushError> {
 pub fn housekeeping(engine: &Engine) {
     let now = now_ms();
     engine.deduper().sweep(now);
-    engine.sweep_consumes(now);
+    engine.limits_ports().sweep_consumes(now);
     let cutoff = now - engine.ingest_limits().max_lateness_ms;
     engine.counters().windows.retain_ending_after(cutoff, |k| match k.kind {
         WindowKind::Total => i64::MAX,

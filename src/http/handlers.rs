@@ -78,11 +78,11 @@ pub async fn check(state: &HttpState, req: Request<RequestBody>) -> Resp {
     // check writes nothing and runs inline.
     let answer = if request.consume {
         let engine = state.engine.clone();
-        tokio::spawn(async move { engine.check(request).await })
+        tokio::spawn(async move { engine.limits_ports().check(request).await })
             .await
             .map_err(|e| ApiError::unavailable(format!("check task failed: {e}"), 1))?
     } else {
-        state.engine.check(request).await
+        state.engine.limits_ports().check(request).await
     }
     .map_err(check_error)?;
     Ok(json(StatusCode::OK, &*answer))
@@ -102,7 +102,7 @@ pub async fn customer_usage(state: &HttpState, headers: &HeaderMap, customer: &s
     state.auth.authorize(headers, &[Scope::Check, Scope::Read])?;
     valid_customer(customer)?;
     state.engine.ensure_customer(customer).await;
-    Ok(json(StatusCode::OK, &state.engine.summary(customer)))
+    Ok(json(StatusCode::OK, &state.engine.limit_reads().summary(customer)))
 }
 
 fn valid_customer(customer: &str) -> Result<(), ApiError> {
