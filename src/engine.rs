@@ -1,10 +1,12 @@
 //! The engine: the container of the in-memory state every request touches
 //! (catalog, the usage seam over the counters, entitlements cache, dedupe) and
 //! its handles to the WAL and the stores. HTTP handlers and background tasks
-//! share one `Arc<Engine>`. It knows no service: ingest lives in
-//! `ingest::pipeline`, checks and summaries in `limits`, each reaching the state
-//! through the accessors below (the fields are private). Usage changes only
-//! through [`Engine::usage`] (see `crate::usage`).
+//! share one `Arc<Engine>`. It knows no service: each service defines, in its
+//! own module, a borrowed view of just the state it uses (`IngestPorts`,
+//! `LimitReads` / `LimitsPorts`, `BackfillPorts`, `HistoryPorts`,
+//! `CustomerPorts`, `FlushPorts`), built from the accessors below by one
+//! `Engine::…_ports()` method, and works on that view (the fields are
+//! private). Usage changes only through [`Engine::usage`] (see `crate::usage`).
 
 /// Re-exported: callers have long found the clock here.
 pub use crate::clock::now_ms;
@@ -238,34 +240,6 @@ impl WriteGate<'_> {
             return Some(format!("{behind}: {} bytes of WAL exceed storage.max_wal_bytes ({})", self.wal.bytes(), self.max_wal_bytes));
         }
         None
-    }
-}
-
-/// What the flusher needs of the engine, and nothing else: the minute-bucket
-/// epochs to drain (and the names their keys intern), the WAL they let go of,
-/// the store they go to.
-#[derive(Clone, Copy)]
-pub struct FlushPorts<'a> {
-    pub catalog: &'a Catalog,
-    pub counters: &'a Counters,
-    pub wal: &'a Wal,
-    pub usage_store: &'a dyn UsageStore,
-    pub instance_id: &'a str,
-    /// Where rows the usage store refuses are set aside.
-    pub rejected_dir: &'a std::path::Path,
-}
-
-impl Engine {
-    /// The flusher's narrow view of the state.
-    pub fn flush_ports(&self) -> FlushPorts<'_> {
-        FlushPorts {
-            catalog: &self.catalog,
-            counters: self.usage.counters(),
-            wal: &self.wal,
-            usage_store: self.usage_store.as_ref(),
-            instance_id: &self.instance_id,
-            rejected_dir: &self.rejected_dir,
-        }
     }
 }
 
