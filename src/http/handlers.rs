@@ -113,12 +113,12 @@ fn valid_customer(customer: &str) -> Result<(), ApiError> {
 }
 
 fn entitlements_view(state: &HttpState, customer: &str) -> serde_json::Value {
-    let engine = &state.engine;
-    let id = engine.counters().interner.lookup(customer);
-    let ent = engine.entitlements().get(id);
-    let doc = engine.entitlements().doc(id).unwrap_or_default();
+    let reads = state.engine.limit_reads();
+    let id = reads.counters.interner.lookup(customer);
+    let ent = reads.entitlements.get(id);
+    let doc = reads.entitlements.doc(id).unwrap_or_default();
     let mut limits = BTreeMap::new();
-    for meter in engine.catalog().meters() {
+    for meter in reads.catalog.meters() {
         if let Some(l) = ent.limits(meter.id) {
             limits.insert(meter.name.clone(), limits_to_json(l, meter));
         }
