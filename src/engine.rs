@@ -1,10 +1,12 @@
 //! The engine: the container of the in-memory state every request touches
 //! (catalog, the usage seam over the counters, entitlements cache, dedupe) and
 //! its handles to the WAL and the stores. HTTP handlers and background tasks
-//! share one `Arc<Engine>`. It knows no service: ingest lives in
-//! `ingest::pipeline`, checks and summaries in `limits`, each reaching the state
-//! through the accessors below (the fields are private). Usage changes only
-//! through [`Engine::usage`] (see `crate::usage`).
+//! share one `Arc<Engine>`. It knows no service: each service defines, in its
+//! own module, a borrowed view of just the state it uses (`IngestPorts`,
+//! `LimitReads` / `LimitsPorts`, `BackfillPorts`, `HistoryPorts`,
+//! `CustomerPorts`, `FlushPorts`), built from the accessors below by one
+//! `Engine::…_ports()` method, and works on that view (the fields are
+//! private). Usage changes only through [`Engine::usage`] (see `crate::usage`).
 
 /// Re-exported: callers have long found the clock here.
 pub use crate::clock::now_ms;
@@ -63,14 +65,14 @@ pub struct Engine {
     limits: IngestLimits,
     /// Per meter: window kinds the config's plans use (rebuilt at start). Kinds
     /// only an override uses are seeded per customer when the override is set.
-    plan_kinds: Vec<AtomicU8>,
+    plan_kinds: PlanKinds,
     /// The write-ahead log every accepted batch and consume goes through.
     wal: Wal,
     /// Past this many WAL bytes, writes are refused with 503 (the store is behind).
     max_wal_bytes: u64,
     /// Serialize consumes of one (customer, meter) when several limits (or a
     /// gauge) must be decided and recorded together; held across the WAL write.
-    consume_locks: Box<[tokio::sync::Mutex<()>]>,
+    consume_locks: ConsumeLocks,
     /// What the WAL replayed at start.
     wal_report: OpenReport,
     /// Redis, when instances share entitlements and totals.
@@ -133,10 +135,12 @@ impl Engine {
 
     /// Whether the config's plans use `kind` for `meter` (tracked from start).
     pub fn plan_tracks(&self, meter: crate::model::MeterId, kind: WindowKind) -> bool {
-        self.plan_kinds
-            .get(usize::from(meter))
-            .map(|b| b.load(std::sync::atomic::Ordering::Acquire) & (1 << kind.index()) != 0)
-            .unwrap_or(false)
+        self.plan_kinds.tracks(meter, kind)
+    }
+
+    /// The window kinds the config's plans use, per meter.
+    pub fn plan_kinds(&self) -> &PlanKinds {
+        &self.plan_kinds
     }
 
     /// The write-ahead log.
@@ -171,36 +175,71 @@ impl Engine {
 
     /// The consume lock of `(customer, meter)`: one consume at a time.
     pub async fn lock_consume(&self, customer: crate::counters::CustomerId, meter: crate::model::MeterId) -> ConsumeGuard<'_> {
-        let stripe = (customer as usize).wrapping_mul(31).wrapping_add(usize::from(meter)) % self.consume_locks.len();
-        ConsumeGuard { _held: self.consume_locks[stripe].lock().await, customer, meter }
+        self.consume_locks.lock(customer, meter).await
+    }
+
+    /// The consume locks, striped by `(customer, meter)`.
+    pub fn consume_locks(&self) -> &ConsumeLocks {
+        &self.consume_locks
+    }
+
+    /// Whether writes are refused right now (the WAL and its size limit).
+    pub fn write_gate(&self) -> WriteGate<'_> {
+        WriteGate { wal: &self.wal, max_wal_bytes: self.max_wal_bytes }
     }
 }
 
-/// What the flusher needs of the engine, and nothing else: the minute-bucket
-/// epochs to drain (and the names their keys intern), the WAL they let go of,
-/// the store they go to.
-#[derive(Clone, Copy)]
-pub struct FlushPorts<'a> {
-    pub catalog: &'a Catalog,
-    pub counters: &'a Counters,
-    pub wal: &'a Wal,
-    pub usage_store: &'a dyn UsageStore,
-    pub instance_id: &'a str,
-    /// Where rows the usage store refuses are set aside.
-    pub rejected_dir: &'a std::path::Path,
+/// Per meter, the window kinds the config's plans use (one bit per kind).
+pub struct PlanKinds(Vec<AtomicU8>);
+
+impl PlanKinds {
+    /// Whether the config's plans use `kind` for `meter`.
+    pub fn tracks(&self, meter: crate::model::MeterId, kind: WindowKind) -> bool {
+        self.0.get(usize::from(meter)).map(|b| b.load(std::sync::atomic::Ordering::Acquire) & (1 << kind.index()) != 0).unwrap_or(false)
+    }
 }
 
-impl Engine {
-    /// The flusher's narrow view of the state.
-    pub fn flush_ports(&self) -> FlushPorts<'_> {
-        FlushPorts {
-            catalog: &self.catalog,
-            counters: self.usage.counters(),
-            wal: &self.wal,
-            usage_store: self.usage_store.as_ref(),
-            instance_id: &self.instance_id,
-            rejected_dir: &self.rejected_dir,
+/// The striped `(customer, meter)` consume locks.
+pub struct ConsumeLocks(Box<[tokio::sync::Mutex<()>]>);
+
+impl ConsumeLocks {
+    fn new(stripes: usize) -> ConsumeLocks {
+        ConsumeLocks((0..stripes).map(|_| tokio::sync::Mutex::new(())).collect())
+    }
+
+    /// The consume lock of `(customer, meter)`: one consume at a time.
+    pub async fn lock(&self, customer: crate::counters::CustomerId, meter: crate::model::MeterId) -> ConsumeGuard<'_> {
+        let stripe = (customer as usize).wrapping_mul(31).wrapping_add(usize::from(meter)) % self.0.len();
+        ConsumeGuard { _held: self.0[stripe].lock().await, customer, meter }
+    }
+}
+
+/// Whether writes (events, consumes) are refused: the WAL broke, or holds more
+/// than `storage.max_wal_bytes`.
+#[derive(Clone, Copy)]
+pub struct WriteGate<'a> {
+    wal: &'a Wal,
+    max_wal_bytes: u64,
+}
+
+impl WriteGate<'_> {
+    /// Whether the WAL holds more than the store may fall behind by.
+    pub fn over_limit(&self) -> bool {
+        self.wal.enabled() && self.wal.bytes() > self.max_wal_bytes
+    }
+
+    /// Why writes are refused right now, if they are.
+    pub fn refusal(&self) -> Option<String> {
+        if self.wal.stats.broken.load(std::sync::atomic::Ordering::Acquire) {
+            return Some("the WAL could not recover from a write error; restart meterd".into());
         }
+        if self.over_limit() {
+            use std::sync::atomic::Ordering::Acquire;
+            let (checkpoint, hold) = (self.wal.stats.checkpoint.load(Acquire), self.wal.stats.hold.load(Acquire));
+            let behind = if hold < checkpoint { "the raw-events export is behind" } else { "the usage store is behind" };
+            return Some(format!("{behind}: {} bytes of WAL exceed storage.max_wal_bytes ({})", self.wal.bytes(), self.max_wal_bytes));
+        }
+        None
     }
 }
 
@@ -263,6 +302,7 @@ impl Engine {
                 AtomicU8::new(bits)
             })
             .collect();
+        let plan_kinds = PlanKinds(plan_kinds);
         let lazy_ttl = config.redis.as_ref().map(|r| r.entitlements_ttl);
         let entitlements = EntitlementCache::load(catalog.clone(), entitlement_store, &counters.interner, lazy_ttl).await?;
         let ingest = &config.ingest;
@@ -282,7 +322,7 @@ impl Engine {
             plan_kinds,
             wal: Wal::disabled(),
             max_wal_bytes: config.storage.max_wal_bytes,
-            consume_locks: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
+            consume_locks: ConsumeLocks::new(1024),
             wal_report: OpenReport::default(),
             redis,
             strict_open_when_down: config.redis.as_ref().is_some_and(|r| r.strict_when_unavailable == StrictWhenUnavailable::Allow),
@@ -354,21 +394,12 @@ impl Engine {
 
     /// Whether the WAL holds more than the store may fall behind by.
     pub fn wal_over_limit(&self) -> bool {
-        self.wal.enabled() && self.wal.bytes() > self.max_wal_bytes
+        self.write_gate().over_limit()
     }
 
     /// Why writes are refused right now, if they are.
     pub fn write_refusal(&self) -> Option<String> {
-        if self.wal.stats.broken.load(std::sync::atomic::Ordering::Acquire) {
-            return Some("the WAL could not recover from a write error; restart meterd".into());
-        }
-        if self.wal_over_limit() {
-            use std::sync::atomic::Ordering::Acquire;
-            let (checkpoint, hold) = (self.wal.stats.checkpoint.load(Acquire), self.wal.stats.hold.load(Acquire));
-            let behind = if hold < checkpoint { "the raw-events export is behind" } else { "the usage store is behind" };
-            return Some(format!("{behind}: {} bytes of WAL exceed storage.max_wal_bytes ({})", self.wal.bytes(), self.max_wal_bytes));
-        }
-        None
+        self.write_gate().refusal()
     }
 
     /// Seeds the current window of every tracked kind from the store. Runs before

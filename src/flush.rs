@@ -6,10 +6,13 @@
 
 use crate::backoff::backoff;
 use crate::counters::buckets::bucket_value;
+use crate::counters::Counters;
 use crate::counters::Epoch;
-use crate::engine::{now_ms, Engine, FlushPorts};
+use crate::engine::{now_ms, Engine};
+use crate::model::Catalog;
 use crate::model::WindowKind;
-use crate::store::{FlushBatch, StoreError, UsageRow};
+use crate::store::{FlushBatch, StoreError, UsageRow, UsageStore};
+use crate::wal::Wal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -23,6 +26,34 @@ pub enum FlushError {
     Ids(#[from] crate::wal::WalError),
     #[error(transparent)]
     Rejected(#[from] crate::rejected::RejectedError),
+}
+
+/// What the flusher needs of the engine, and nothing else: the minute-bucket
+/// epochs to drain (and the names their keys intern), the WAL they let go of,
+/// the store they go to.
+#[derive(Clone, Copy)]
+pub struct FlushPorts<'a> {
+    pub catalog: &'a Catalog,
+    pub counters: &'a Counters,
+    pub wal: &'a Wal,
+    pub usage_store: &'a dyn UsageStore,
+    pub instance_id: &'a str,
+    /// Where rows the usage store refuses are set aside.
+    pub rejected_dir: &'a std::path::Path,
+}
+
+impl Engine {
+    /// The flusher's narrow view of the state.
+    pub fn flush_ports(&self) -> FlushPorts<'_> {
+        FlushPorts {
+            catalog: self.catalog(),
+            counters: self.counters(),
+            wal: self.wal(),
+            usage_store: self.usage_store().as_ref(),
+            instance_id: self.instance_id(),
+            rejected_dir: self.rejected_dir(),
+        }
+    }
 }
 
 /// Converts an epoch to store rows.
@@ -139,7 +170,7 @@ pub async fn flush_all(engine: &Engine) -> Result<usize, FlushError> {
 pub fn housekeeping(engine: &Engine) {
     let now = now_ms();
     engine.deduper().sweep(now);
-    engine.sweep_consumes(now);
+    engine.limits_ports().sweep_consumes(now);
     let cutoff = now - engine.ingest_limits().max_lateness_ms;
     engine.counters().windows.retain_ending_after(cutoff, |k| match k.kind {
         WindowKind::Total => i64::MAX,

@@ -3,9 +3,10 @@
 //! shows twice (epochs the store already has are recognised by sequence number).
 
 use crate::counters::buckets::bucket_value;
+use crate::counters::Counters;
 use crate::engine::Engine;
-use crate::model::{window::rfc3339, Decimal};
-use crate::store::{Fold, StoreError, UsageQuery};
+use crate::model::{window::rfc3339, Catalog, Decimal};
+use crate::store::{Fold, StoreError, UsageQuery, UsageStore};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -73,7 +74,41 @@ pub struct Series {
     pub truncated: bool,
 }
 
+/// What the history query needs of the engine: the meters, the counters'
+/// unflushed epochs (and the names their keys intern), the store's series.
+#[derive(Clone, Copy)]
+pub struct HistoryPorts<'a> {
+    pub catalog: &'a Catalog,
+    pub counters: &'a Counters,
+    pub usage_store: &'a dyn UsageStore,
+    pub instance_id: &'a str,
+}
+
 impl Engine {
+    /// The history query's narrow view of the state.
+    pub fn history_ports(&self) -> HistoryPorts<'_> {
+        HistoryPorts {
+            catalog: self.catalog(),
+            counters: self.counters(),
+            usage_store: self.usage_store().as_ref(),
+            instance_id: self.instance_id(),
+        }
+    }
+
+    /// [`HistoryPorts::usage_series`] on this engine.
+    pub async fn usage_series(
+        &self,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+        granularity: Granularity,
+        customer: Option<&str>,
+    ) -> Result<Series, HistoryError> {
+        self.history_ports().usage_series(meter, from_ms, to_ms, granularity, customer).await
+    }
+}
+
+impl HistoryPorts<'_> {
     /// Usage of `meter` over `[from_ms, to_ms)` by `granularity`.
     pub async fn usage_series(
         &self,
@@ -84,7 +119,7 @@ impl Engine {
         customer: Option<&str>,
     ) -> Result<Series, HistoryError> {
         let meter = self
-            .catalog()
+            .catalog
             .meter_by_name(meter)
             .ok_or_else(|| HistoryError::Invalid { field: "meter", reason: format!("unknown meter {meter:?}") })?;
         if from_ms >= to_ms {
@@ -100,7 +135,7 @@ impl Engine {
         }
         let fold = Fold::from(meter.aggregation);
         let query = UsageQuery {
-            instance_id: self.instance_id().to_string(),
+            instance_id: self.instance_id.to_string(),
             meter: meter.name.clone(),
             fold,
             from_ms,
@@ -108,12 +143,12 @@ impl Engine {
             customer: customer.map(str::to_string),
             own_only: false,
         };
-        let customer_id = customer.map(|c| self.counters().interner.lookup(c));
+        let customer_id = customer.map(|c| self.counters.interner.lookup(c));
         // Epochs are taken before the store answers: an epoch stored meanwhile is
         // in the store answer (and skipped here by its sequence number); one that
         // was stored before is no longer in memory. So each is counted once.
-        let epochs = self.counters().buckets.unflushed();
-        let stored = self.usage_store().series(&query, g, MAX_POINTS + 1).await?;
+        let epochs = self.counters.buckets.unflushed();
+        let stored = self.usage_store.series(&query, g, MAX_POINTS + 1).await?;
         let mut points: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
         for p in stored.data {
             points.insert((p.customer, p.start_ms), (p.value, p.last_ts));
@@ -135,7 +170,7 @@ impl Engine {
                 if minute_ms < from_ms || minute_ms >= to_ms {
                     return;
                 }
-                let Some(name) = self.counters().interner.name(k.customer) else {
+                let Some(name) = self.counters.interner.name(k.customer) else {
                     return;
                 };
                 let slot = points.entry((name.to_string(), minute_ms.div_euclid(g) * g)).or_insert((0, i64::MIN));

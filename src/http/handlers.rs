@@ -47,7 +47,7 @@ pub async fn events(state: &HttpState, req: Request<RequestBody>) -> Resp {
     // Spawned: once the WAL holds the batch its fold must run, even if this
     // client disconnects and hyper drops the handler.
     let engine = state.engine.clone();
-    let outcome = tokio::spawn(async move { engine.ingest(&body, kind).await })
+    let outcome = tokio::spawn(async move { engine.ingest_ports().ingest(&body, kind).await })
         .await
         .map_err(|e| ApiError::unavailable(format!("ingest task failed: {e}"), 1))?;
     match outcome {
@@ -78,11 +78,11 @@ pub async fn check(state: &HttpState, req: Request<RequestBody>) -> Resp {
     // check writes nothing and runs inline.
     let answer = if request.consume {
         let engine = state.engine.clone();
-        tokio::spawn(async move { engine.check(request).await })
+        tokio::spawn(async move { engine.limits_ports().check(request).await })
             .await
             .map_err(|e| ApiError::unavailable(format!("check task failed: {e}"), 1))?
     } else {
-        state.engine.check(request).await
+        state.engine.limits_ports().check(request).await
     }
     .map_err(check_error)?;
     Ok(json(StatusCode::OK, &*answer))
@@ -102,7 +102,7 @@ pub async fn customer_usage(state: &HttpState, headers: &HeaderMap, customer: &s
     state.auth.authorize(headers, &[Scope::Check, Scope::Read])?;
     valid_customer(customer)?;
     state.engine.ensure_customer(customer).await;
-    Ok(json(StatusCode::OK, &state.engine.summary(customer)))
+    Ok(json(StatusCode::OK, &state.engine.limit_reads().summary(customer)))
 }
 
 fn valid_customer(customer: &str) -> Result<(), ApiError> {
@@ -113,12 +113,12 @@ fn valid_customer(customer: &str) -> Result<(), ApiError> {
 }
 
 fn entitlements_view(state: &HttpState, customer: &str) -> serde_json::Value {
-    let engine = &state.engine;
-    let id = engine.counters().interner.lookup(customer);
-    let ent = engine.entitlements().get(id);
-    let doc = engine.entitlements().doc(id).unwrap_or_default();
+    let reads = state.engine.limit_reads();
+    let id = reads.counters.interner.lookup(customer);
+    let ent = reads.entitlements.get(id);
+    let doc = reads.entitlements.doc(id).unwrap_or_default();
     let mut limits = BTreeMap::new();
-    for meter in engine.catalog().meters() {
+    for meter in reads.catalog.meters() {
         if let Some(l) = ent.limits(meter.id) {
             limits.insert(meter.name.clone(), limits_to_json(l, meter));
         }
@@ -161,7 +161,7 @@ pub async fn put_entitlements(state: &HttpState, req: Request<RequestBody>, cust
     let doc: EntitlementsDoc = serde_json::from_value(value).map_err(bad)?;
     // Loaded first (with Redis), so the change is compared with what is stored.
     state.engine.ensure_customer(customer).await;
-    match state.engine.set_entitlements(customer, doc).await {
+    match state.engine.backfill_ports().set_entitlements(customer, doc).await {
         Ok(_) => Ok(json(StatusCode::OK, &entitlements_view(state, customer))),
         Err(EntitlementsError::Invalid(problems)) => {
             let message = problems.iter().map(|p| format!("{}: {}", p.path, p.reason)).collect::<Vec<_>>().join("; ");
@@ -199,7 +199,7 @@ pub async fn usage_history(state: &HttpState, headers: &HeaderMap, query: &BTree
     if let Some(c) = customer {
         valid_customer(c)?;
     }
-    match state.engine.usage_series(meter, from, to, granularity, customer).await {
+    match state.engine.history_ports().usage_series(meter, from, to, granularity, customer).await {
         Ok(series) => Ok(json(StatusCode::OK, &series)),
         Err(HistoryError::Invalid { field, reason }) => Err(ApiError::invalid_request(format!("{field}: {reason}"))),
         Err(HistoryError::Store(e)) => {

@@ -6,4 +6,4 @@ pub mod parse;
 pub mod pipeline;
 pub mod shared_dedupe;
 
-pub use pipeline::{BodyKind, IngestError, IngestOutcome};
+pub use pipeline::{BodyKind, IngestError, IngestOutcome, IngestPorts};

@@ -3,12 +3,15 @@
 //! it can, so a batch is all-or-nothing.
 
 use super::parse::{parse_batch, ParseError, Rules};
-use crate::counters::Usage;
-use crate::dedupe::hash_id;
-use crate::engine::{now_ms, Engine};
-use crate::model::WindowKind;
-use crate::usage::Origin;
-use crate::wal::RecordBuilder;
+use crate::counters::{Counters, Usage};
+use crate::dedupe::{hash_id, Deduper};
+use crate::engine::{now_ms, Engine, IngestLimits, WriteGate};
+use crate::entitlements::EntitlementCache;
+use crate::model::{Catalog, WindowKind};
+use crate::redis_link::Redis;
+use crate::sync::customer::CustomerPorts;
+use crate::usage::{Origin, UsageSeam};
+use crate::wal::{RecordBuilder, Wal};
 
 /// How the body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +39,53 @@ pub enum IngestError {
     Unavailable(String),
 }
 
+/// What ingest needs of the engine: the catalog to validate against, the
+/// interner and the usage seam to fold into, the dedupe set (and Redis, to
+/// share it), the WAL and its write gate, the billing anchors of the
+/// entitlements (loading unseen customers from Redis first), and `[ingest]`.
+#[derive(Clone, Copy)]
+pub struct IngestPorts<'a> {
+    pub catalog: &'a Catalog,
+    pub usage: &'a UsageSeam,
+    pub entitlements: &'a EntitlementCache,
+    pub deduper: &'a Deduper,
+    pub wal: &'a Wal,
+    pub write_gate: WriteGate<'a>,
+    pub redis: Option<&'a Redis>,
+    pub instance_id: &'a str,
+    pub limits: IngestLimits,
+    /// Loads customers first seen here (with Redis).
+    pub customers: CustomerPorts<'a>,
+}
+
 impl Engine {
+    /// Ingest's narrow view of the state.
+    pub fn ingest_ports(&self) -> IngestPorts<'_> {
+        IngestPorts {
+            catalog: self.catalog(),
+            usage: self.usage(),
+            entitlements: self.entitlements(),
+            deduper: self.deduper(),
+            wal: self.wal(),
+            write_gate: self.write_gate(),
+            redis: self.redis(),
+            instance_id: self.instance_id(),
+            limits: self.ingest_limits(),
+            customers: self.customer_ports(),
+        }
+    }
+
+    /// [`IngestPorts::ingest`] on this engine.
+    pub async fn ingest(&self, body: &[u8], kind: BodyKind) -> Result<IngestOutcome, IngestError> {
+        self.ingest_ports().ingest(body, kind).await
+    }
+}
+
+impl IngestPorts<'_> {
+    fn counters(&self) -> &Counters {
+        self.usage.counters()
+    }
+
     /// Ingests one body: answers once the accepted events are as durable as
     /// `storage.durability` says and folded into the counters.
     ///
@@ -44,12 +93,8 @@ impl Engine {
     /// record, the fold must happen even if the client went away.
     pub async fn ingest(&self, body: &[u8], kind: BodyKind) -> Result<IngestOutcome, IngestError> {
         let now = now_ms();
-        let rules = Rules {
-            now_ms: now,
-            max_lateness_ms: self.ingest_limits().max_lateness_ms,
-            max_batch_events: self.ingest_limits().max_batch_events,
-        };
-        let events = match parse_batch(body, kind == BodyKind::Ndjson, self.catalog(), &rules) {
+        let rules = Rules { now_ms: now, max_lateness_ms: self.limits.max_lateness_ms, max_batch_events: self.limits.max_batch_events };
+        let events = match parse_batch(body, kind == BodyKind::Ndjson, self.catalog, &rules) {
             Ok(e) => e,
             Err(e) => {
                 if let ParseError::Invalid { events, .. } = &e {
@@ -62,25 +107,25 @@ impl Engine {
         // Intern before dedupe: interning is the last step that can fail, and a
         // customer id assigned for a refused batch costs nothing.
         let ids = self.counters().interner.intern_batch(events.iter().map(|e| e.customer.as_ref())).map_err(|_| IngestError::Full)?;
-        if let Some(reason) = self.write_refusal() {
+        if let Some(reason) = self.write_gate.refusal() {
             return Err(IngestError::Unavailable(reason));
         }
-        if self.redis().is_some() && self.catalog().meters().iter().any(|m| self.counters().is_tracked(m.id, WindowKind::BillingCycle)) {
+        if self.redis.is_some() && self.catalog.meters().iter().any(|m| self.counters().is_tracked(m.id, WindowKind::BillingCycle)) {
             // Billing cycles follow each customer's anchor: load customers never
             // seen here first (concurrently, one round trip each).
             let mut names: Vec<&str> = events.iter().map(|e| e.customer.as_ref()).collect();
             names.sort_unstable();
             names.dedup();
-            futures_util::future::join_all(names.into_iter().map(|n| self.ensure_loaded(n))).await;
+            futures_util::future::join_all(names.into_iter().map(|n| self.customers.ensure_loaded(n))).await;
         }
         let hashes: Vec<_> = events.iter().map(|e| hash_id(&e.id)).collect();
-        let mut fresh = self.deduper().insert_batch(&hashes, now);
+        let mut fresh = self.deduper.insert_batch(&hashes, now);
         let mut claimed = Vec::new();
-        if let Some(redis) = &self.redis() {
+        if let Some(redis) = self.redis {
             // New here: ask the other instances too (see `shared_dedupe`).
             let local: Vec<usize> = (0..hashes.len()).filter(|&i| fresh[i]).collect();
             let ids: Vec<u128> = local.iter().map(|&i| hashes[i]).collect();
-            if let Ok(new) = super::shared_dedupe::claim(redis, self.instance_id(), &ids, self.ingest_limits().dedupe_window_ms).await {
+            if let Ok(new) = super::shared_dedupe::claim(redis, self.instance_id, &ids, self.limits.dedupe_window_ms).await {
                 for (&i, new) in local.iter().zip(new) {
                     fresh[i] = new;
                 }
@@ -97,10 +142,10 @@ impl Engine {
                 duplicates += 1;
                 continue;
             }
-            let Some(meter) = self.catalog().meter(event.meter) else { continue };
+            let Some(meter) = self.catalog.meter(event.meter) else { continue };
             names.push(&event.customer);
             let anchor = if self.counters().is_tracked(meter.id, WindowKind::BillingCycle) {
-                self.entitlements().get(Some(customer)).billing_anchor
+                self.entitlements.get(Some(customer)).billing_anchor
             } else {
                 Default::default()
             };
@@ -114,25 +159,25 @@ impl Engine {
                 anchor,
             });
         }
-        if !usages.is_empty() && !self.wal().enabled() {
+        if !usages.is_empty() && !self.wal.enabled() {
             // `durability = "none"`: nothing to log.
-            self.usage().apply(&usages, Origin::Live);
+            self.usage.apply(&usages, Origin::Live);
         } else if !usages.is_empty() {
             let mut builder = RecordBuilder::new(now, usages.len());
             let fresh_hashes = hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h);
             for ((u, id_hash), name) in usages.iter().zip(fresh_hashes).zip(&names) {
                 builder.push(id_hash, u.customer, name, u.meter.id, &u.meter.name, u.raw, u.ts, u.properties);
             }
-            match self.wal().append(builder).await {
-                Ok(seq) => self.usage().apply_then(&usages, Origin::Live, || self.wal().tracker.folded(seq)),
+            match self.wal.append(builder).await {
+                Ok(seq) => self.usage.apply_then(&usages, Origin::Live, || self.wal.tracker.folded(seq)),
                 Err(e) => {
                     // Nothing was recorded: the ids may be sent again.
                     for (h, f) in hashes.iter().zip(&fresh) {
                         if *f {
-                            self.deduper().remove(*h);
+                            self.deduper.remove(*h);
                         }
                     }
-                    if let Some(redis) = &self.redis() {
+                    if let Some(redis) = self.redis {
                         super::shared_dedupe::release(redis, &claimed).await;
                     }
                     return Err(IngestError::Unavailable(format!("could not write the WAL: {e}")));
@@ -141,7 +186,7 @@ impl Engine {
         }
         crate::telemetry::events("accepted", usages.iter().map(|u| (usize::from(u.meter.id), u.meter.name.as_str())));
         if duplicates > 0 {
-            let meters = events.iter().zip(&fresh).filter(|(_, f)| !**f).filter_map(|(e, _)| self.catalog().meter(e.meter));
+            let meters = events.iter().zip(&fresh).filter(|(_, f)| !**f).filter_map(|(e, _)| self.catalog.meter(e.meter));
             crate::telemetry::events("duplicate", meters.map(|m| (usize::from(m.id), m.name.as_str())));
         }
         Ok(IngestOutcome { accepted: usages.len(), duplicates })

@@ -10,19 +10,61 @@
 //! the store query and the lock (otherwise it retries).
 
 use crate::counters::{BucketKey, Counters, CustomerId};
-use crate::engine::{now_ms, Engine};
-use crate::entitlements::EntitlementsError;
-use crate::model::{Entitlements, EntitlementsDoc, Meter, WindowKind};
-use crate::store::{Fold, UsageQuery};
+use crate::engine::{now_ms, Engine, PlanKinds};
+use crate::entitlements::{EntitlementCache, EntitlementsError};
+use crate::model::{Catalog, Entitlements, EntitlementsDoc, Meter, WindowKind};
+use crate::store::{Fold, UsageQuery, UsageStore};
+use crate::usage::UsageSeam;
 use std::sync::Arc;
 
+/// What changing a customer's entitlements needs of the engine: the cache, the
+/// kinds the plans track already, and what seeding a new window reads (the
+/// store, the unflushed epochs) and writes (the usage seam).
+#[derive(Clone, Copy)]
+pub struct BackfillPorts<'a> {
+    pub catalog: &'a Catalog,
+    pub usage: &'a UsageSeam,
+    pub entitlements: &'a EntitlementCache,
+    pub plan_kinds: &'a PlanKinds,
+    pub usage_store: &'a dyn UsageStore,
+    pub instance_id: &'a str,
+}
+
 impl Engine {
+    /// The entitlement writers' narrow view of the state.
+    pub fn backfill_ports(&self) -> BackfillPorts<'_> {
+        BackfillPorts {
+            catalog: self.catalog(),
+            usage: self.usage(),
+            entitlements: self.entitlements(),
+            plan_kinds: self.plan_kinds(),
+            usage_store: self.usage_store().as_ref(),
+            instance_id: self.instance_id(),
+        }
+    }
+
+    /// [`BackfillPorts::set_entitlements`] on this engine.
+    pub async fn set_entitlements(&self, name: &str, doc: EntitlementsDoc) -> Result<Arc<Entitlements>, EntitlementsError> {
+        self.backfill_ports().set_entitlements(name, doc).await
+    }
+
+    /// [`BackfillPorts::refresh_entitlements`] on this engine.
+    pub async fn refresh_entitlements(&self, name: &str, doc: Option<EntitlementsDoc>) -> Result<bool, EntitlementsError> {
+        self.backfill_ports().refresh_entitlements(name, doc).await
+    }
+}
+
+impl BackfillPorts<'_> {
+    fn counters(&self) -> &Counters {
+        self.usage.counters()
+    }
+
     /// Stores a customer's entitlements and seeds any counters they newly need.
     pub async fn set_entitlements(&self, name: &str, doc: EntitlementsDoc) -> Result<Arc<Entitlements>, EntitlementsError> {
         let customer = self.counters().interner.intern(name)?;
-        let before = self.entitlements().get(Some(customer));
-        let after = self.entitlements().put(customer, name, doc).await?;
-        self.entitlements().mark_fetched(customer, now_ms());
+        let before = self.entitlements.get(Some(customer));
+        let after = self.entitlements.put(customer, name, doc).await?;
+        self.entitlements.mark_fetched(customer, now_ms());
         self.seed_changed(customer, name, &before, &after).await?;
         Ok(after)
     }
@@ -32,13 +74,13 @@ impl Engine {
     /// changed.
     pub async fn refresh_entitlements(&self, name: &str, doc: Option<EntitlementsDoc>) -> Result<bool, EntitlementsError> {
         let customer = self.counters().interner.intern(name)?;
-        if self.entitlements().doc(Some(customer)) == doc {
+        if self.entitlements.doc(Some(customer)) == doc {
             return Ok(false);
         }
-        let before = self.entitlements().get(Some(customer));
+        let before = self.entitlements.get(Some(customer));
         let after = match doc {
-            Some(doc) => self.entitlements().install(customer, doc)?,
-            None => self.entitlements().remove(customer),
+            Some(doc) => self.entitlements.install(customer, doc)?,
+            None => self.entitlements.remove(customer),
         };
         self.seed_changed(customer, name, &before, &after).await?;
         Ok(true)
@@ -53,10 +95,10 @@ impl Engine {
         after: &Entitlements,
     ) -> Result<(), EntitlementsError> {
         let mut seeds = Vec::new();
-        for meter in self.catalog().meters() {
+        for meter in self.catalog.meters() {
             let Some(limits) = after.limits(meter.id) else { continue };
             for limit in limits.iter() {
-                let plan_kind = self.plan_tracks(meter.id, limit.window);
+                let plan_kind = self.plan_kinds.tracks(meter.id, limit.window);
                 let anchor_moved = limit.window == WindowKind::BillingCycle && before.billing_anchor != after.billing_anchor;
                 if !plan_kind || anchor_moved {
                     seeds.push((meter.clone(), limit.window));
@@ -82,9 +124,9 @@ impl Engine {
         for _attempt in 0..10 {
             let now = now_ms();
             let window = kind.bounds(now, ent.billing_anchor);
-            let mut query = UsageQuery::for_window(self.instance_id(), &meter.name, fold, &window, Some(name));
+            let mut query = UsageQuery::for_window(self.instance_id, &meter.name, fold, &window, Some(name));
             query.own_only = self.counters().windows.is_shared();
-            let stored = self.usage_store().aggregate(&query).await?;
+            let stored = self.usage_store.aggregate(&query).await?;
             let mut value = stored.data.first().map(|a| (a.value, a.last_ts)).unwrap_or((0, 0));
             let current = self.counters().buckets.exclusive();
             let flushing = self.counters().buckets.flushing();
@@ -105,7 +147,7 @@ impl Engine {
                 });
             }
             let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
-            self.usage().set_window(key, value.0, value.1, crate::usage::Origin::Backfill);
+            self.usage.set_window(key, value.0, value.1, crate::usage::Origin::Backfill);
             self.counters().track(meter.id, kind);
             return Ok(());
         }

@@ -17,11 +17,14 @@ pub use crate::model::{CheckAnswer, LimitView};
 pub use decide::{decide, LimitState, Reason, Verdict};
 
 use crate::counters::{Counters, CustomerId, Usage};
-use crate::dedupe::hash_id;
-use crate::engine::{now_ms, ConsumeGuard, ConsumeSlot, Engine};
-use crate::model::{window::rfc3339, Aggregation, Decimal, Entitlements, Limit, LimitAmount, Meter};
-use crate::usage::Origin;
-use crate::wal::RecordBuilder;
+use crate::dedupe::{hash_id, Deduper, IdHash};
+use crate::engine::{now_ms, ConsumeGuard, ConsumeLocks, ConsumeSlot, Engine, WriteGate};
+use crate::entitlements::EntitlementCache;
+use crate::model::{window::rfc3339, Aggregation, Catalog, Decimal, Entitlements, Limit, LimitAmount, Meter};
+use crate::redis_link::Redis;
+use crate::usage::{Origin, UsageSeam};
+use crate::wal::{RecordBuilder, Wal};
+use dashmap::DashMap;
 use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::OnceCell;
@@ -179,7 +182,77 @@ fn consume_usage<'a>(c: &Consume<'a>, raw: i64) -> Usage<'a> {
     Usage { customer: c.customer, meter: c.meter, raw, ts: c.now, properties: &[], props_hash: 0, anchor: c.ent.billing_anchor }
 }
 
+/// What reading limits needs: the meters, the window counters, the
+/// entitlements. Plain checks and the usage summary need no more.
+#[derive(Clone, Copy)]
+pub struct LimitReads<'a> {
+    pub catalog: &'a Catalog,
+    pub counters: &'a Counters,
+    pub entitlements: &'a EntitlementCache,
+}
+
+/// What checks and consumes need of the engine. A consume decides and records
+/// in one step, so this is most of the engine: the reads above, the usage seam
+/// to record through, the dedupe set and the remembered answers (ids), the WAL
+/// and its write gate, the consume locks, and Redis for `strict` limits. What
+/// it leaves out: the usage store, the entitlement store and the start-up state.
+#[derive(Clone, Copy)]
+pub struct LimitsPorts<'a> {
+    pub reads: LimitReads<'a>,
+    pub usage: &'a UsageSeam,
+    pub deduper: &'a Deduper,
+    pub consumes: &'a DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash>,
+    pub wal: &'a Wal,
+    pub write_gate: WriteGate<'a>,
+    pub consume_locks: &'a ConsumeLocks,
+    pub redis: Option<&'a Redis>,
+    /// `strict` limits while Redis is unreachable: allow (decide locally) or deny.
+    pub strict_open_when_down: bool,
+    pub instance_id: &'a str,
+    /// How long consume answers are remembered (`ingest.dedupe_window`).
+    pub dedupe_window_ms: i64,
+}
+
 impl Engine {
+    /// The limit readers' narrow view of the state.
+    pub fn limit_reads(&self) -> LimitReads<'_> {
+        LimitReads { catalog: self.catalog(), counters: self.counters(), entitlements: self.entitlements() }
+    }
+
+    /// Checks' and consumes' view of the state.
+    pub fn limits_ports(&self) -> LimitsPorts<'_> {
+        LimitsPorts {
+            reads: self.limit_reads(),
+            usage: self.usage(),
+            deduper: self.deduper(),
+            consumes: self.consumes(),
+            wal: self.wal(),
+            write_gate: self.write_gate(),
+            consume_locks: self.consume_locks(),
+            redis: self.redis(),
+            strict_open_when_down: self.strict_open_when_down(),
+            instance_id: self.instance_id(),
+            dedupe_window_ms: self.ingest_limits().dedupe_window_ms,
+        }
+    }
+
+    /// [`LimitReads::evaluate`] on this engine.
+    pub fn evaluate(&self, customer: &str, meter: &Meter, quantity: i64, now: i64) -> (Vec<LimitState>, Verdict) {
+        self.limit_reads().evaluate(customer, meter, quantity, now)
+    }
+
+    /// [`LimitsPorts::check`] on this engine.
+    pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
+        self.limits_ports().check(req).await
+    }
+
+    /// [`LimitsPorts::sweep_consumes`] on this engine.
+    pub fn sweep_consumes(&self, now: i64) {
+        self.limits_ports().sweep_consumes(now)
+    }
+}
+
+impl LimitReads<'_> {
     /// The state of each limit now, for a customer that may not exist yet.
     pub fn limit_states(
         &self,
@@ -197,7 +270,7 @@ impl Engine {
                     .map(|c| {
                         let key =
                             crate::counters::CounterKey { customer: c, meter: meter.id, kind: limit.window, start_ms: window.start_ms };
-                        self.counters().windows.read(&key)
+                        self.counters.windows.read(&key)
                     })
                     .unwrap_or(0);
                 LimitState { limit, window, used }
@@ -208,14 +281,14 @@ impl Engine {
     /// A check without consume, from memory only: the state of each limit and the
     /// verdict. Embedded, it interns nothing, so unknown customers cost no memory.
     pub fn evaluate(&self, customer: &str, meter: &Meter, quantity: i64, now: i64) -> (Vec<LimitState>, Verdict) {
-        let id = if self.counters().windows.is_shared() {
+        let id = if self.counters.windows.is_shared() {
             // Other instances may hold this customer's usage: track it so the
             // syncer fetches its totals.
-            self.counters().interner.intern(customer).ok()
+            self.counters.interner.intern(customer).ok()
         } else {
-            self.counters().interner.lookup(customer)
+            self.counters.interner.lookup(customer)
         };
-        let ent = self.entitlements().get(id);
+        let ent = self.entitlements.get(id);
         let states = match ent.limits(meter.id) {
             Some(limits) => self.limit_states(id, meter, &ent, limits, now),
             None => Vec::new(),
@@ -223,10 +296,13 @@ impl Engine {
         let verdict = decide(&states, quantity);
         (states, verdict)
     }
+}
 
+impl LimitsPorts<'_> {
     /// Answers `/v1/check`.
     pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
-        let meter = self.catalog().meter_by_name(&req.meter).ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
+        let meter =
+            self.reads.catalog.meter_by_name(&req.meter).ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
         if req.customer.is_empty() || req.customer.len() > 256 || req.customer.chars().any(char::is_control) {
             return Err(invalid("customer", "must be 1-256 bytes without control characters"));
         }
@@ -235,7 +311,7 @@ impl Engine {
             Some(text) => crate::model::quantity::parse_decimal(text, meter.precision).map_err(|e| invalid("quantity", e.to_string()))?,
         };
         if !req.consume {
-            let (states, verdict) = self.evaluate(&req.customer, meter, quantity, now_ms());
+            let (states, verdict) = self.reads.evaluate(&req.customer, meter, quantity, now_ms());
             crate::telemetry::decision(verdict.reason.as_str(), false, meter.id.into(), &meter.name);
             return Ok(Arc::new(answer(&req.customer, meter, quantity, &states, verdict)));
         }
@@ -247,7 +323,7 @@ impl Engine {
         let id_hash = hash_id(&id);
         let now = now_ms();
         let cell = {
-            let slot = self.consumes().entry(id_hash).or_insert_with(|| ConsumeSlot { created_ms: now, answer: Arc::new(OnceCell::new()) });
+            let slot = self.consumes.entry(id_hash).or_insert_with(|| ConsumeSlot { created_ms: now, answer: Arc::new(OnceCell::new()) });
             slot.answer.clone()
         };
         // Exactly one caller per id decides; a retry (or a racing duplicate) gets
@@ -260,28 +336,28 @@ impl Engine {
     /// Decides and records a consume. The record goes through the WAL before the
     /// answer, so an allowed consume survives a crash like any event.
     async fn consume(&self, name: &str, meter: &Meter, quantity: i64, id_hash: u128, now: i64) -> Result<CheckAnswer, CheckError> {
-        let customer = self.counters().interner.intern(name).map_err(|_| CheckError::Full)?;
-        let ent = self.entitlements().get(Some(customer));
+        let customer = self.reads.counters.interner.intern(name).map_err(|_| CheckError::Full)?;
+        let ent = self.reads.entitlements.get(Some(customer));
         let Some(limits) = ent.limits(meter.id).cloned() else {
             crate::telemetry::decision(Reason::NotEntitled.as_str(), true, meter.id.into(), &meter.name);
             return Ok(answer(name, meter, quantity, &[], decide(&[], quantity)));
         };
-        if let Some(reason) = self.write_refusal() {
+        if let Some(reason) = self.write_gate.refusal() {
             return Err(CheckError::Unavailable(reason));
         }
         // Claim the id first: if it was already ingested as an event, that usage is
         // counted; answer with the state as it stands and record nothing more.
-        if !self.deduper().insert(id_hash, now) {
-            let states = self.limit_states(Some(customer), meter, &ent, &limits, now);
+        if !self.deduper.insert(id_hash, now) {
+            let states = self.reads.limit_states(Some(customer), meter, &ent, &limits, now);
             let verdict = decide(&states, 0);
             crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
             return Ok(answer(name, meter, quantity, &states, verdict));
         }
         let c = Consume { name, customer, meter, ent: &ent, limits: &limits, quantity, id_hash, now };
-        if let (true, Some(redis)) = (strict::applies(self, meter, &limits), self.redis()) {
+        if let (true, Some(redis)) = (strict::applies(self, meter, &limits), self.redis) {
             // Cached and strict limits are decided together: one consume of this
             // (customer, meter) at a time, here and across the round trip.
-            let guard = self.lock_consume(customer, meter.id).await;
+            let guard = self.consume_locks.lock(customer, meter.id).await;
             return self.consume_strict(&guard, redis, &c).await;
         }
         self.consume_local(&c, None).await
@@ -297,14 +373,14 @@ impl Engine {
             None => match held {
                 Some(guard) => self.consume_serial(guard, c).await?,
                 None => {
-                    let guard = self.lock_consume(c.customer, c.meter.id).await;
+                    let guard = self.consume_locks.lock(c.customer, c.meter.id).await;
                     self.consume_serial(&guard, c).await?
                 }
             },
         };
         if !verdict.allowed {
             // Nothing was recorded under this id; an event may still use it.
-            self.deduper().remove(c.id_hash);
+            self.deduper.remove(c.id_hash);
         }
         crate::telemetry::decision(verdict.reason.as_str(), true, c.meter.id.into(), &c.meter.name);
         Ok(answer(c.name, c.meter, c.quantity, &states, verdict))
@@ -316,17 +392,17 @@ impl Engine {
         let Consume { customer, meter, ent, quantity, id_hash, now, .. } = *c;
         let window = limit.window.bounds(now, ent.billing_anchor);
         let key = Counters::key(customer, meter.id, limit.window, now, ent.billing_anchor);
-        match self.usage().reserve_within(key, quantity, max) {
+        match self.usage.reserve_within(key, quantity, max) {
             Ok(after) => {
-                let seq = match self.wal().append(consume_record(c, quantity)).await {
+                let seq = match self.wal.append(consume_record(c, quantity)).await {
                     Ok(seq) => seq,
                     Err(e) => {
-                        self.usage().give_back(key, quantity);
+                        self.usage.give_back(key, quantity);
                         return Err(self.wal_refused(id_hash, e));
                     }
                 };
                 // Folded and marked under one guard (see `Counters::apply_then`).
-                self.usage().fold(&consume_usage(c, quantity), Some(limit.window), Origin::Live, || self.wal().tracker.folded(seq));
+                self.usage.fold(&consume_usage(c, quantity), Some(limit.window), Origin::Live, || self.wal.tracker.folded(seq));
                 let states = vec![LimitState { limit, window, used: after }];
                 Ok((states, Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 }))
             }
@@ -344,7 +420,7 @@ impl Engine {
     async fn consume_serial(&self, guard: &ConsumeGuard<'_>, c: &Consume<'_>) -> Result<(Vec<LimitState>, Verdict), CheckError> {
         let Consume { customer, meter, ent, limits, quantity, id_hash, now, .. } = *c;
         debug_assert!(guard.covers(customer, meter.id), "the consume lock of another (customer, meter)");
-        let mut states = self.limit_states(Some(customer), meter, ent, limits, now);
+        let mut states = self.reads.limit_states(Some(customer), meter, ent, limits, now);
         let verdict = decide(&states, quantity);
         if verdict.allowed {
             // Gauges record the new level; totals record the amount.
@@ -353,8 +429,8 @@ impl Engine {
             } else {
                 quantity
             };
-            let seq = self.wal().append(consume_record(c, raw)).await.map_err(|e| self.wal_refused(id_hash, e))?;
-            self.usage().fold(&consume_usage(c, raw), None, Origin::Live, || self.wal().tracker.folded(seq));
+            let seq = self.wal.append(consume_record(c, raw)).await.map_err(|e| self.wal_refused(id_hash, e))?;
+            self.usage.fold(&consume_usage(c, raw), None, Origin::Live, || self.wal.tracker.folded(seq));
             for s in &mut states {
                 s.used = s.used.saturating_add(quantity);
             }
@@ -364,13 +440,13 @@ impl Engine {
 
     /// The WAL refused a consume's record: release its id.
     fn wal_refused(&self, id_hash: u128, e: crate::wal::WalError) -> CheckError {
-        self.deduper().remove(id_hash);
+        self.deduper.remove(id_hash);
         CheckError::Unavailable(format!("could not write the WAL: {e}"))
     }
 
     /// Forgets consume answers older than the dedupe window.
     pub fn sweep_consumes(&self, now: i64) {
-        let cutoff = now - self.ingest_limits().dedupe_window_ms;
-        self.consumes().retain(|_, slot| slot.created_ms >= cutoff);
+        let cutoff = now - self.dedupe_window_ms;
+        self.consumes.retain(|_, slot| slot.created_ms >= cutoff);
     }
 }

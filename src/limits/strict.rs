@@ -9,9 +9,9 @@
 //! this instance's part. The local fold that follows makes the local usage equal
 //! that part, so the next sync adds nothing (see `sync::counters`).
 
-use super::{answer, decide, CheckAnswer, CheckError, Consume, LimitState, Reason, Verdict};
+use super::{answer, decide, CheckAnswer, CheckError, Consume, LimitState, LimitsPorts, Reason, Verdict};
 use crate::counters::{Counters, Usage};
-use crate::engine::{ConsumeGuard, Engine};
+use crate::engine::ConsumeGuard;
 use crate::model::{Enforcement, Limit, LimitAmount, Meter};
 use crate::redis_link::{Keys, Redis};
 use crate::usage::Origin;
@@ -64,14 +64,14 @@ static STRICT: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|
 static GIVE_BACK: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(GIVE_BACK_SCRIPT));
 
 /// Whether a consume of `meter` on these limits goes through Redis.
-pub fn applies(engine: &Engine, meter: &Meter, limits: &[Limit]) -> bool {
-    engine.redis().is_some()
+pub fn applies(ports: &LimitsPorts<'_>, meter: &Meter, limits: &[Limit]) -> bool {
+    ports.redis.is_some()
         && !meter.aggregation.is_gauge()
         && meter.aggregation != crate::model::Aggregation::Max
         && limits.iter().any(|l| l.enforcement == Enforcement::Strict && l.hard)
 }
 
-impl Engine {
+impl LimitsPorts<'_> {
     /// A consume with at least one strict limit. `guard` is the `(customer,
     /// meter)` consume lock, held from the local decision of the cached limits
     /// to the fold of the answer (so two consumes here cannot both pass a cached
@@ -79,7 +79,7 @@ impl Engine {
     pub(super) async fn consume_strict(&self, guard: &ConsumeGuard<'_>, redis: &Redis, c: &Consume<'_>) -> Result<CheckAnswer, CheckError> {
         let Consume { name, customer, meter, ent, limits, quantity, id_hash, now } = *c;
         debug_assert!(guard.covers(customer, meter.id), "the consume lock of another (customer, meter)");
-        let mut states = self.limit_states(Some(customer), meter, ent, limits, now);
+        let mut states = self.reads.limit_states(Some(customer), meter, ent, limits, now);
         // Cached limits decide locally first: no round trip when they refuse.
         let cached: Vec<LimitState> = states.iter().copied().filter(|s| s.limit.enforcement != Enforcement::Strict).collect();
         if !cached.is_empty() && !decide(&cached, quantity).allowed {
@@ -89,13 +89,13 @@ impl Engine {
         let keys: Vec<crate::counters::CounterKey> =
             strict.iter().map(|&i| Counters::key(customer, meter.id, states[i].limit.window, now, ent.billing_anchor)).collect();
         let mut invocation = STRICT.prepare_invoke();
-        invocation.arg(Keys::instance_field(self.instance_id())).arg(quantity);
+        invocation.arg(Keys::instance_field(self.instance_id)).arg(quantity);
         for (&i, key) in strict.iter().zip(&keys) {
             let limit = match states[i].limit.amount {
                 LimitAmount::Finite(l) => l,
                 LimitAmount::Unlimited => -1,
             };
-            let own = self.counters().windows.get(key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
+            let own = self.reads.counters.windows.get(key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
             let expire = crate::redis_link::keys::expire_at(key);
             invocation.key(redis.keys.window(name, &meter.name, key.kind, key.start_ms)).arg(limit).arg(own).arg(expire);
         }
@@ -103,13 +103,13 @@ impl Engine {
         let answer_: Result<Vec<i64>, _> = redis.call("strict consume", invocation.invoke_async(&mut conn)).await;
         let reply = match answer_ {
             Ok(r) => r,
-            Err(e) if self.strict_open_when_down() => {
+            Err(e) if self.strict_open_when_down => {
                 tracing::debug!(error = %e, "strict limit decided locally: redis is unreachable (strict_when_unavailable = allow)");
                 return self.consume_local(c, Some(guard)).await;
             }
             Err(_) => {
                 let verdict = Verdict { allowed: false, reason: Reason::Unavailable, primary: strict.first().copied().unwrap_or(0) };
-                self.deduper().remove(id_hash);
+                self.deduper.remove(id_hash);
                 crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
                 return Ok(answer(name, meter, quantity, &states, verdict));
             }
@@ -132,27 +132,27 @@ impl Engine {
         let verdict = decide(&states, quantity);
         let mut b = RecordBuilder::new(now, 1);
         b.push::<&str, &str>(id_hash, customer, name, meter.id, &meter.name, quantity, now, &[]);
-        let seq = match self.wal().append(b).await {
+        let seq = match self.wal.append(b).await {
             Ok(seq) => seq,
             Err(e) => {
                 let mut give_back = GIVE_BACK.prepare_invoke();
-                give_back.arg(Keys::instance_field(self.instance_id())).arg(quantity);
+                give_back.arg(Keys::instance_field(self.instance_id)).arg(quantity);
                 for key in &keys {
                     give_back.key(redis.keys.window(name, &meter.name, key.kind, key.start_ms));
                 }
                 if let Err(e) = redis.call("strict give back", give_back.invoke_async::<i64>(&mut conn)).await {
                     tracing::warn!(error = %e, customer = %name, "a strict consume could not be given back in redis after the WAL refused it");
                 }
-                self.deduper().remove(id_hash);
+                self.deduper.remove(id_hash);
                 return Err(CheckError::Unavailable(format!("could not write the WAL: {e}")));
             }
         };
         let usage = Usage { customer, meter, raw: quantity, ts: now, properties: &[], props_hash: 0, anchor: ent.billing_anchor };
-        self.usage().fold(&usage, None, Origin::Live, || self.wal().tracker.folded(seq));
+        self.usage.fold(&usage, None, Origin::Live, || self.wal.tracker.folded(seq));
         for (n, (&i, key)) in strict.iter().zip(&keys).enumerate() {
             let total_before = reply[n + 1];
             // What Redis answered of the other instances' usage.
-            self.usage().update_shared(key, Origin::Sync, |c| {
+            self.usage.update_shared(key, Origin::Sync, |c| {
                 let own = c.value.load(Ordering::Acquire);
                 c.pushed.fetch_max(own, Ordering::AcqRel);
                 c.others.store(total_before.saturating_add(quantity).saturating_sub(own).max(0), Ordering::Release);
@@ -171,7 +171,7 @@ impl Engine {
     /// A refused consume: nothing recorded, the id released.
     fn refuse(&self, name: &str, meter: &Meter, quantity: i64, states: &[LimitState], id_hash: u128) -> CheckAnswer {
         let verdict = decide(states, quantity);
-        self.deduper().remove(id_hash);
+        self.deduper.remove(id_hash);
         crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
         answer(name, meter, quantity, states, verdict)
     }

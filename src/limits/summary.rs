@@ -1,7 +1,7 @@
 //! The usage summary (`GET /v1/customers/{c}/usage`): one row per limit with used,
 //! remaining, percent and reset time, plus the customer's features.
 
-use super::{view, LimitState};
+use super::{view, LimitReads, LimitState};
 use crate::engine::{now_ms, Engine};
 use crate::model::{Decimal, LimitAmount};
 use serde::Serialize;
@@ -40,14 +40,21 @@ fn percent(state: &LimitState) -> Option<f64> {
 }
 
 impl Engine {
+    /// [`LimitReads::summary`] on this engine.
+    pub fn summary(&self, customer: &str) -> UsageSummary {
+        self.limit_reads().summary(customer)
+    }
+}
+
+impl LimitReads<'_> {
     /// The summary for `customer`; an unknown customer gets the default plan with
     /// zero usage.
     pub fn summary(&self, customer: &str) -> UsageSummary {
-        let id = self.counters().interner.lookup(customer);
-        let ent = self.entitlements().get(id);
+        let id = self.counters.interner.lookup(customer);
+        let ent = self.entitlements.get(id);
         let now = now_ms();
         let mut rows = Vec::new();
-        for meter in self.catalog().meters() {
+        for meter in self.catalog.meters() {
             let Some(limits) = ent.limits(meter.id) else { continue };
             for state in self.limit_states(id, meter, &ent, limits, now) {
                 let v = view(&state, meter);

@@ -230,8 +230,9 @@ impl Reporter {
             // Redis: load every customer this meter has usage for.
             let mut names: Vec<&str> = points.iter().map(|p| p.customer.as_str()).collect();
             names.dedup();
+            let customers = self.engine.customer_ports();
             for name in names {
-                self.engine.ensure_loaded(name).await;
+                customers.ensure_loaded(name).await;
             }
         }
         let ledger = self.ledger.ledger_rows(&meter.name, from, to).await?;

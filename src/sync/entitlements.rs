@@ -26,13 +26,14 @@ pub enum EntitlementSyncError {
 
 /// Applies one customer named by a pub/sub message, if this instance has it.
 async fn apply_one(engine: &Engine, store: &RedisEntitlementStore, name: &str) -> Result<bool, EntitlementSyncError> {
-    let Some(id) = engine.counters().interner.lookup(name) else { return Ok(false) };
-    if engine.entitlements().freshness(id, now_ms()) == Freshness::Missing {
+    let ports = engine.backfill_ports();
+    let Some(id) = ports.usage.counters().interner.lookup(name) else { return Ok(false) };
+    if ports.entitlements.freshness(id, now_ms()) == Freshness::Missing {
         return Ok(false); // Read on first sight, whenever that comes.
     }
     let doc = store.get(name).await?;
-    let changed = engine.refresh_entitlements(name, doc).await?;
-    engine.entitlements().mark_fetched(id, now_ms());
+    let changed = ports.refresh_entitlements(name, doc).await?;
+    ports.entitlements.mark_fetched(id, now_ms());
     Ok(changed)
 }
 
