@@ -133,11 +133,6 @@ impl Engine {
         self.limits
     }
 
-    /// Whether the config's plans use `kind` for `meter` (tracked from start).
-    pub fn plan_tracks(&self, meter: crate::model::MeterId, kind: WindowKind) -> bool {
-        self.plan_kinds.tracks(meter, kind)
-    }
-
     /// The window kinds the config's plans use, per meter.
     pub fn plan_kinds(&self) -> &PlanKinds {
         &self.plan_kinds
@@ -171,11 +166,6 @@ impl Engine {
     /// Where rows the usage store refuses are set aside.
     pub fn rejected_dir(&self) -> &std::path::Path {
         &self.rejected_dir
-    }
-
-    /// The consume lock of `(customer, meter)`: one consume at a time.
-    pub async fn lock_consume(&self, customer: crate::counters::CustomerId, meter: crate::model::MeterId) -> ConsumeGuard<'_> {
-        self.consume_locks.lock(customer, meter).await
     }
 
     /// The consume locks, striped by `(customer, meter)`.
@@ -390,11 +380,6 @@ impl Engine {
             })
             .collect();
         self.usage.apply(&folded, Origin::Replay);
-    }
-
-    /// Whether the WAL holds more than the store may fall behind by.
-    pub fn wal_over_limit(&self) -> bool {
-        self.write_gate().over_limit()
     }
 
     /// Why writes are refused right now, if they are.
