@@ -94,18 +94,6 @@ impl Engine {
             instance_id: self.instance_id(),
         }
     }
-
-    /// [`HistoryPorts::usage_series`] on this engine.
-    pub async fn usage_series(
-        &self,
-        meter: &str,
-        from_ms: i64,
-        to_ms: i64,
-        granularity: Granularity,
-        customer: Option<&str>,
-    ) -> Result<Series, HistoryError> {
-        self.history_ports().usage_series(meter, from_ms, to_ms, granularity, customer).await
-    }
 }
 
 impl HistoryPorts<'_> {

@@ -42,16 +42,6 @@ impl Engine {
             instance_id: self.instance_id(),
         }
     }
-
-    /// [`BackfillPorts::set_entitlements`] on this engine.
-    pub async fn set_entitlements(&self, name: &str, doc: EntitlementsDoc) -> Result<Arc<Entitlements>, EntitlementsError> {
-        self.backfill_ports().set_entitlements(name, doc).await
-    }
-
-    /// [`BackfillPorts::refresh_entitlements`] on this engine.
-    pub async fn refresh_entitlements(&self, name: &str, doc: Option<EntitlementsDoc>) -> Result<bool, EntitlementsError> {
-        self.backfill_ports().refresh_entitlements(name, doc).await
-    }
 }
 
 impl BackfillPorts<'_> {

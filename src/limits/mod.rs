@@ -245,11 +245,6 @@ impl Engine {
     pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
         self.limits_ports().check(req).await
     }
-
-    /// [`LimitsPorts::sweep_consumes`] on this engine.
-    pub fn sweep_consumes(&self, now: i64) {
-        self.limits_ports().sweep_consumes(now)
-    }
 }
 
 impl LimitReads<'_> {

@@ -2,7 +2,7 @@
 //! remaining, percent and reset time, plus the customer's features.
 
 use super::{view, LimitReads, LimitState};
-use crate::engine::{now_ms, Engine};
+use crate::engine::now_ms;
 use crate::model::{Decimal, LimitAmount};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -36,13 +36,6 @@ fn percent(state: &LimitState) -> Option<f64> {
         LimitAmount::Finite(0) => Some(if state.used > 0 { 100.0 } else { 0.0 }),
         // Display only: the exact figures are `used` and `limit`.
         LimitAmount::Finite(l) => Some((state.used as f64 / l as f64 * 10_000.0).round() / 100.0),
-    }
-}
-
-impl Engine {
-    /// [`LimitReads::summary`] on this engine.
-    pub fn summary(&self, customer: &str) -> UsageSummary {
-        self.limit_reads().summary(customer)
     }
 }
 

@@ -61,11 +61,6 @@ impl Engine {
             tokio::spawn(async move { engine.customer_ports().refresh_customer(&name).await });
         }
     }
-
-    /// [`CustomerPorts::ensure_loaded`] on this engine.
-    pub async fn ensure_loaded(&self, name: &str) -> Option<bool> {
-        self.customer_ports().ensure_loaded(name).await
-    }
 }
 
 impl CustomerPorts<'_> {
