@@ -83,6 +83,9 @@ pub struct Engine {
     redis_ttl_ms: i64,
     /// Where rows the usage store refuses are set aside (`data_dir/rejected`).
     rejected_dir: std::path::PathBuf,
+    // Prepaid credits (issue 18): the balance book and where grants are stored.
+    credits: Arc<crate::credits::CreditBook>,
+    grant_store: Arc<dyn EntitlementStore>,
 }
 
 /// Read access to the state, for the services. None of these can change usage
@@ -176,6 +179,17 @@ impl Engine {
     /// Whether writes are refused right now (the WAL and its size limit).
     pub fn write_gate(&self) -> WriteGate<'_> {
         WriteGate { wal: &self.wal, max_wal_bytes: self.max_wal_bytes }
+    }
+
+    // Prepaid credits (issue 18).
+    /// The credit balance book.
+    pub fn credits(&self) -> &Arc<crate::credits::CreditBook> {
+        &self.credits
+    }
+
+    /// Where grants are stored (the entitlement store).
+    pub fn grant_store(&self) -> &Arc<dyn EntitlementStore> {
+        &self.grant_store
     }
 }
 
@@ -271,9 +285,13 @@ impl Engine {
         entitlement_store: Arc<dyn EntitlementStore>,
         wal_config: WalConfig,
         redis: Option<crate::redis_link::Redis>,
-        observers: Vec<Arc<dyn UsageObserver>>,
+        mut observers: Vec<Arc<dyn UsageObserver>>,
     ) -> Result<Engine, EngineError> {
         let catalog = config.catalog.clone();
+        // Prepaid credits (issue 18): the book sees every change of usage.
+        let credits = Arc::new(crate::credits::CreditBook::new(catalog.clone()));
+        observers.push(credits.clone());
+        let grant_store = entitlement_store.clone();
         let removed = usage_store.recover(&instance_id).await?;
         if removed > 0 {
             tracing::warn!(flushes = removed, "removed flushes the usage store held in part; the WAL replays their usage");
@@ -318,9 +336,16 @@ impl Engine {
             strict_open_when_down: config.redis.as_ref().is_some_and(|r| r.strict_when_unavailable == StrictWhenUnavailable::Allow),
             rejected_dir: config.storage.data_dir.join("rejected"),
             redis_ttl_ms: config.redis.as_ref().map(|r| millis_i64(r.entitlements_ttl)).unwrap_or(i64::MAX),
+            credits,
+            grant_store,
         };
         let mut engine = engine;
         engine.rebuild().await?;
+        // Prepaid credits (issue 18): grants, then the stored usage of credits
+        // meters; the WAL replay below adds the rest through the seam.
+        let shared = engine.counters().windows.is_shared();
+        crate::credits::load::load(&engine.credits, &*engine.grant_store, &*engine.usage_store, &engine.counters().interner, &engine.instance_id, shared)
+            .await?;
         let floor = engine.usage_store.wal_mark(&engine.instance_id).await?;
         let started = std::time::Instant::now();
         let (wal, report) = Wal::open(
@@ -343,6 +368,7 @@ impl Engine {
         }
         engine.wal = wal;
         engine.wal_report = report;
+        engine.credits.arm(|c, m| engine.entitlements.get(Some(c)).limits(m).and_then(|l| crate::credits::CreditBook::low_balance_of(l)));
         Ok(engine)
     }
 

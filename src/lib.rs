@@ -29,5 +29,8 @@ pub mod sync;
 pub mod telemetry;
 pub mod usage;
 pub mod wal;
+// Prepaid credits and grants (issue 18).
+pub mod credits;
+pub mod grants;
 
 pub use app::{AppError, AppHandle};

@@ -65,6 +65,9 @@ pub struct UsageChange<'a> {
     pub origin: Origin,
     /// The raw units added (0 for a window set or a sync: see `windows`).
     pub raw: i64,
+    /// The usage's event time, Unix ms (0 with `raw` 0): credits charge usage
+    /// to the grants active then.
+    pub ts: i64,
     /// Every tracked window the change touched, with its new totals.
     pub windows: &'a [WindowTotal],
 }
@@ -147,7 +150,7 @@ impl UsageSeam {
     pub fn set_window(&self, key: CounterKey, value: i64, last_ts: i64, origin: Origin) {
         self.counters.windows.set(key, value, last_ts);
         if !self.observers.is_empty() {
-            self.tell_windows(key.customer, key.meter, origin, 0, &[key]);
+            self.tell_windows(key.customer, key.meter, origin, (0, 0), &[key]);
         }
     }
 
@@ -161,7 +164,7 @@ impl UsageSeam {
             (r, before, cell.used())
         })?;
         if !self.observers.is_empty() && before != after {
-            self.tell_windows(key.customer, key.meter, origin, 0, &[*key]);
+            self.tell_windows(key.customer, key.meter, origin, (0, 0), &[*key]);
         }
         Some(r)
     }
@@ -174,7 +177,7 @@ impl UsageSeam {
             (r, before, cell.used())
         });
         if !self.observers.is_empty() && before != after {
-            self.tell_windows(key.customer, key.meter, origin, 0, &[key]);
+            self.tell_windows(key.customer, key.meter, origin, (0, 0), &[key]);
         }
         r
     }
@@ -187,19 +190,19 @@ impl UsageSeam {
             *slot = Counters::key(usage.customer, usage.meter.id, kind, usage.ts, usage.anchor);
             n += 1;
         }
-        self.tell_windows(usage.customer, usage.meter.id, origin, usage.raw, &keys[..n]);
+        self.tell_windows(usage.customer, usage.meter.id, origin, (usage.raw, usage.ts), &keys[..n]);
     }
 
     /// Reads the windows' totals and tells every observer (no allocation: a
     /// change touches at most one window per kind).
-    fn tell_windows(&self, customer: CustomerId, meter: MeterId, origin: Origin, raw: i64, keys: &[CounterKey]) {
+    fn tell_windows(&self, customer: CustomerId, meter: MeterId, origin: Origin, (raw, ts): (i64, i64), keys: &[CounterKey]) {
         let mut windows = [WindowTotal { key: EMPTY_KEY, local: 0, total: 0 }; WindowKind::ALL.len()];
         for (window, key) in windows.iter_mut().zip(keys) {
             let (local, total) =
                 self.counters.windows.get(key, |c| (c.value.load(std::sync::atomic::Ordering::Acquire), c.used())).unwrap_or((0, 0));
             *window = WindowTotal { key: *key, local, total };
         }
-        let change = UsageChange { customer, meter, origin, raw, windows: &windows[..keys.len().min(windows.len())] };
+        let change = UsageChange { customer, meter, origin, raw, ts, windows: &windows[..keys.len().min(windows.len())] };
         for observer in self.observers.iter() {
             observer.changed(&change);
         }

@@ -14,11 +14,13 @@ pub struct LimitState {
 }
 
 impl LimitState {
-    /// Raw units left before the limit (`None` when unlimited), never negative.
+    /// Raw units left before the limit (`None` when unlimited), never negative;
+    /// for credits, the balance (negative in overage).
     pub fn remaining(&self) -> Option<i64> {
         match self.limit.amount {
             LimitAmount::Unlimited => None,
             LimitAmount::Finite(l) => Some(l.saturating_sub(self.used).max(0)),
+            LimitAmount::Credits { granted, .. } => Some(granted.saturating_sub(self.used)),
         }
     }
 
@@ -26,7 +28,7 @@ impl LimitState {
     pub fn exceeded_by(&self, quantity: i64) -> bool {
         match self.limit.amount {
             LimitAmount::Unlimited => false,
-            LimitAmount::Finite(l) => self.used.saturating_add(quantity) > l,
+            LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => self.used.saturating_add(quantity) > l,
         }
     }
 }
@@ -52,18 +54,20 @@ pub fn decide(states: &[LimitState], quantity: i64) -> Verdict {
     }
     let headroom = |s: &LimitState| match s.limit.amount {
         LimitAmount::Unlimited => i128::MAX,
-        LimitAmount::Finite(l) => i128::from(l) - i128::from(s.used) - i128::from(quantity),
+        LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => i128::from(l) - i128::from(s.used) - i128::from(quantity),
     };
     let least = |pred: &dyn Fn(&LimitState) -> bool| {
         states.iter().enumerate().filter(|(_, s)| pred(s)).min_by_key(|(_, s)| headroom(s)).map(|(i, _)| i)
     };
     if let Some(i) = least(&|s: &LimitState| s.limit.hard && s.exceeded_by(quantity)) {
-        return Verdict { allowed: false, reason: Reason::LimitExceeded, primary: i };
+        // A credits limit that refuses says so (issue 18).
+        let reason = if states[i].limit.amount.is_credits() { Reason::InsufficientCredits } else { Reason::LimitExceeded };
+        return Verdict { allowed: false, reason, primary: i };
     }
     if let Some(i) = least(&|s: &LimitState| !s.limit.hard && s.exceeded_by(quantity)) {
         return Verdict { allowed: true, reason: Reason::SoftLimitExceeded, primary: i };
     }
-    match least(&|s: &LimitState| matches!(s.limit.amount, LimitAmount::Finite(_))) {
+    match least(&|s: &LimitState| !matches!(s.limit.amount, LimitAmount::Unlimited)) {
         Some(i) => Verdict { allowed: true, reason: Reason::WithinLimit, primary: i },
         None => Verdict { allowed: true, reason: Reason::Unlimited, primary: 0 },
     }
@@ -95,6 +99,21 @@ mod tests {
         let s = [state(WindowKind::Month, LimitAmount::Finite(5), true, 1), state(WindowKind::Day, LimitAmount::Finite(2), true, 1)];
         assert_eq!(decide(&s, 1), Verdict { allowed: true, reason: Reason::WithinLimit, primary: 1 });
         assert_eq!(decide(&s, 2), Verdict { allowed: false, reason: Reason::LimitExceeded, primary: 1 });
+    }
+
+    #[test]
+    fn credits_deny_below_the_quantity_and_soft_credits_overdraw() {
+        let credits = |hard, granted, used| LimitState {
+            limit: Limit { window: WindowKind::Total, amount: LimitAmount::Credits { granted, low_balance: None }, hard, enforcement: Enforcement::Cached },
+            window: WindowKind::Total.bounds(0, BillingAnchor::default()),
+            used,
+        };
+        let s = [credits(true, 100, 70), state(WindowKind::Minute, LimitAmount::Finite(60), true, 0)];
+        assert_eq!(decide(&s, 30), Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 });
+        assert_eq!(decide(&s, 31), Verdict { allowed: false, reason: Reason::InsufficientCredits, primary: 0 });
+        let soft = [credits(false, 100, 120)];
+        assert_eq!(decide(&soft, 1), Verdict { allowed: true, reason: Reason::SoftLimitExceeded, primary: 0 });
+        assert_eq!(soft[0].remaining(), Some(-20));
     }
 
     #[test]

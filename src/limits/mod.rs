@@ -109,11 +109,22 @@ pub(crate) struct Consume<'a> {
 /// Renders one limit state.
 pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
     let d = |raw| Decimal { raw, precision: meter.precision };
+    // Credits (issue 18): window "credits", resets at the next expiry.
+    if let LimitAmount::Credits { granted, .. } = state.limit.amount {
+        return LimitView {
+            window: "credits",
+            limit: Some(d(granted)),
+            used: d(state.used),
+            remaining: state.remaining().map(d),
+            resets_at: (state.window.end_ms != i64::MAX).then(|| rfc3339(state.window.end_ms)),
+            hard: state.limit.hard,
+        };
+    }
     LimitView {
         window: state.limit.window.as_str(),
         limit: match state.limit.amount {
             LimitAmount::Finite(l) => Some(d(l)),
-            LimitAmount::Unlimited => None,
+            LimitAmount::Unlimited | LimitAmount::Credits { .. } => None,
         },
         used: d(state.used),
         remaining: state.remaining().map(d),
@@ -164,7 +175,7 @@ fn cas_limit(c: &Consume<'_>) -> Option<(Limit, i64)> {
     match (c.limits, c.meter.aggregation) {
         ([only], Aggregation::Sum | Aggregation::Count) if only.hard => match only.amount {
             LimitAmount::Finite(l) => Some((*only, l)),
-            LimitAmount::Unlimited => None,
+            LimitAmount::Unlimited | LimitAmount::Credits { .. } => None,
         },
         _ => None,
     }
@@ -189,6 +200,8 @@ pub struct LimitReads<'a> {
     pub catalog: &'a Catalog,
     pub counters: &'a Counters,
     pub entitlements: &'a EntitlementCache,
+    /// Credit balances (issue 18).
+    pub credits: &'a crate::credits::CreditBook,
 }
 
 /// What checks and consumes need of the engine. A consume decides and records
@@ -216,7 +229,7 @@ pub struct LimitsPorts<'a> {
 impl Engine {
     /// The limit readers' narrow view of the state.
     pub fn limit_reads(&self) -> LimitReads<'_> {
-        LimitReads { catalog: self.catalog(), counters: self.counters(), entitlements: self.entitlements() }
+        LimitReads { catalog: self.catalog(), counters: self.counters(), entitlements: self.entitlements(), credits: self.credits() }
     }
 
     /// Checks' and consumes' view of the state.
@@ -260,6 +273,9 @@ impl LimitReads<'_> {
         limits
             .iter()
             .map(|&limit| {
+                if let LimitAmount::Credits { low_balance, .. } = limit.amount {
+                    return self.credit_state(customer, meter, limit, low_balance, now);
+                }
                 let window = limit.window.bounds(now, ent.billing_anchor);
                 let used = customer
                     .map(|c| {
@@ -271,6 +287,19 @@ impl LimitReads<'_> {
                 LimitState { limit, window, used }
             })
             .collect()
+    }
+
+    /// A credits limit as it stands (issue 18): `limit` = granted of the
+    /// active grants, `used` = granted − balance, the window ending at the next
+    /// expiry.
+    pub fn credit_state(&self, customer: Option<CustomerId>, meter: &Meter, limit: Limit, low_balance: Option<i64>, now: i64) -> LimitState {
+        let b = self.credits.balance(customer, meter.id, low_balance, now);
+        let end_ms = b.next_expiry.map_or(i64::MAX, |(_, at)| at);
+        LimitState {
+            limit: Limit { amount: LimitAmount::Credits { granted: b.granted, low_balance }, ..limit },
+            window: crate::model::Window { kind: crate::model::WindowKind::Total, start_ms: 0, end_ms },
+            used: b.granted.saturating_sub(b.balance),
+        }
     }
 
     /// A check without consume, from memory only: the state of each limit and the

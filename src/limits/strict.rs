@@ -93,7 +93,7 @@ impl LimitsPorts<'_> {
         for (&i, key) in strict.iter().zip(&keys) {
             let limit = match states[i].limit.amount {
                 LimitAmount::Finite(l) => l,
-                LimitAmount::Unlimited => -1,
+                LimitAmount::Unlimited | LimitAmount::Credits { .. } => -1,
             };
             let own = self.reads.counters.windows.get(key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
             let expire = crate::redis_link::keys::expire_at(key);

@@ -33,9 +33,9 @@ pub struct UsageSummary {
 fn percent(state: &LimitState) -> Option<f64> {
     match state.limit.amount {
         LimitAmount::Unlimited => None,
-        LimitAmount::Finite(0) => Some(if state.used > 0 { 100.0 } else { 0.0 }),
+        LimitAmount::Finite(0) | LimitAmount::Credits { granted: 0, .. } => Some(if state.used > 0 { 100.0 } else { 0.0 }),
         // Display only: the exact figures are `used` and `limit`.
-        LimitAmount::Finite(l) => Some((state.used as f64 / l as f64 * 10_000.0).round() / 100.0),
+        LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => Some((state.used as f64 / l as f64 * 10_000.0).round() / 100.0),
     }
 }
 

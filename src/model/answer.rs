@@ -16,6 +16,8 @@ pub enum Reason {
     NotEntitled,
     /// A `strict` limit could not be decided: Redis is unreachable (fail-closed).
     Unavailable,
+    /// A hard credits limit: the balance is below the quantity (issue 18).
+    InsufficientCredits,
 }
 
 impl Reason {
@@ -28,6 +30,7 @@ impl Reason {
             Reason::Unlimited => "unlimited",
             Reason::NotEntitled => "not_entitled",
             Reason::Unavailable => "unavailable",
+            Reason::InsufficientCredits => "insufficient_credits",
         }
     }
 }
@@ -73,6 +76,7 @@ mod tests {
             Reason::Unlimited,
             Reason::NotEntitled,
             Reason::Unavailable,
+            Reason::InsufficientCredits,
         ] {
             assert_eq!(serde_json::to_value(r).ok(), Some(serde_json::Value::String(r.as_str().into())));
         }

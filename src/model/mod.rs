@@ -2,6 +2,8 @@
 //! nothing else in the crate, so every layer above can share it.
 
 pub mod answer;
+// Prepaid credits and grants (issue 18).
+pub mod grant;
 pub mod meter;
 pub mod plan;
 pub mod quantity;

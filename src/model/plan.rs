@@ -19,6 +19,17 @@ pub enum LimitAmount {
     Unlimited,
     /// Raw units (see [`super::quantity`]).
     Finite(i64),
+    /// Credits (`limit = "credits"`): the customer's credit balance is the
+    /// limit. In a plan `granted` is 0; a limit's state carries the granted
+    /// amount of the active grants there (see `crate::credits`).
+    Credits { granted: i64, low_balance: Option<i64> },
+}
+
+impl LimitAmount {
+    /// Whether this is a credits limit.
+    pub fn is_credits(&self) -> bool {
+        matches!(self, LimitAmount::Credits { .. })
+    }
 }
 
 /// Where a limit is decided.
@@ -84,10 +95,11 @@ pub fn parse_limits(spec: &Value, meter: &Meter) -> Result<Vec<Limit>, Vec<SpecP
             Err(mut p) => problems.append(&mut p),
         },
     }
-    let windows: Vec<_> = limits.iter().map(|l| l.window).collect();
+    let windows: Vec<_> = limits.iter().map(|l| (l.window, l.amount.is_credits())).collect();
     for (i, w) in windows.iter().enumerate() {
         if windows[..i].contains(w) {
-            problems.push(problem("", format!("has two limits on the {w} window")));
+            let what = if w.1 { "two credits limits".to_string() } else { format!("two limits on the {} window", w.0) };
+            problems.push(problem("", format!("has {what}")));
         }
     }
     if problems.is_empty() {
@@ -103,9 +115,18 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
     };
     let mut problems = Vec::new();
     for key in map.keys() {
-        if !matches!(key.as_str(), "limit" | "window" | "hard" | "enforcement") {
-            problems.push(problem(format!("{at}.{key}"), "unknown field (expected limit, window, hard, enforcement)"));
+        if !matches!(key.as_str(), "limit" | "window" | "hard" | "enforcement" | "low_balance") {
+            problems.push(problem(format!("{at}.{key}"), "unknown field (expected limit, window, hard, enforcement, low_balance)"));
         }
+    }
+    // Credits: `limit = "credits"`, optional `low_balance` and `hard`, no window.
+    if let Some(Value::String(s)) = map.get("limit") {
+        if s == "credits" {
+            return parse_credits(map, meter, at, problems);
+        }
+    }
+    if map.contains_key("low_balance") {
+        problems.push(problem(format!("{at}.low_balance"), "is only for limit = \"credits\""));
     }
     let amount = match map.get("limit") {
         None => {
@@ -159,6 +180,50 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
     }
 }
 
+/// A `limit = "credits"` spec: the balance of the customer's grants is the limit.
+fn parse_credits(
+    map: &serde_json::Map<String, Value>,
+    meter: &Meter,
+    at: &str,
+    mut problems: Vec<SpecProblem>,
+) -> Result<Limit, Vec<SpecProblem>> {
+    if map.contains_key("window") {
+        problems.push(problem(format!("{at}.window"), "a credits limit has no window (the balance never resets)"));
+    }
+    if !matches!(meter.aggregation, super::meter::Aggregation::Sum | super::meter::Aggregation::Count) {
+        problems.push(problem(format!("{at}.limit"), "credits need a sum or count meter"));
+    }
+    if !matches!(map.get("enforcement").map(|v| v.as_str()), None | Some(Some("cached"))) {
+        problems.push(problem(format!("{at}.enforcement"), "credits limits are exact across instances by themselves; leave it out"));
+    }
+    let hard = match map.get("hard") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            problems.push(problem(format!("{at}.hard"), "must be true or false"));
+            true
+        }
+    };
+    let low_balance = match map.get("low_balance") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match parse_decimal(&n.to_string(), meter.precision) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                problems.push(problem(format!("{at}.low_balance"), e.to_string()));
+                None
+            }
+        },
+        Some(_) => {
+            problems.push(problem(format!("{at}.low_balance"), "must be a number"));
+            None
+        }
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Limit { window: WindowKind::Total, amount: LimitAmount::Credits { granted: 0, low_balance }, hard, enforcement: Enforcement::Cached })
+}
+
 fn parse_amount(v: &Value, meter: &Meter) -> Result<LimitAmount, String> {
     match v {
         // `null` is how every answer shows an unlimited limit (checks, usage,
@@ -190,6 +255,16 @@ pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
             let amount = match l.amount {
                 LimitAmount::Unlimited => Value::Null,
                 LimitAmount::Finite(raw) => serde_json::to_value(Decimal { raw, precision: meter.precision }).unwrap_or(Value::Null),
+                // Credits: the spec as given (no window, no enforcement).
+                LimitAmount::Credits { low_balance, .. } => {
+                    m.insert("limit".into(), Value::String("credits".into()));
+                    if let Some(raw) = low_balance {
+                        let low = serde_json::to_value(Decimal { raw, precision: meter.precision }).unwrap_or(Value::Null);
+                        m.insert("low_balance".into(), low);
+                    }
+                    m.insert("hard".into(), Value::Bool(l.hard));
+                    return Value::Object(m);
+                }
             };
             m.insert("limit".into(), amount);
             if l.amount != LimitAmount::Unlimited || l.window != WindowKind::Month {

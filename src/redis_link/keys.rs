@@ -41,6 +41,27 @@ impl Keys {
         format!("{}id:{id_hash:032x}", self.prefix)
     }
 
+    // Prepaid credits and grants (issue 18).
+    /// One customer's grants: a hash, field = grant id, value = the JSON document.
+    pub fn grants(&self, customer: &str) -> String {
+        format!("{}{{{customer}}}:grants", self.prefix)
+    }
+
+    /// The index set of customers with grants.
+    pub fn grants_index(&self) -> String {
+        format!("{}{{index}}:grant_customers", self.prefix)
+    }
+
+    /// A counter bumped on every grant change (instances reload when it moves).
+    pub fn grants_version(&self) -> String {
+        format!("{}{{index}}:grants_version", self.prefix)
+    }
+
+    /// One customer's credit usage of `meter`: per-instance fields and `t`.
+    pub fn credits(&self, customer: &str, meter: &str) -> String {
+        format!("{}{{{customer}}}:credits:{meter}", self.prefix)
+    }
+
     /// The channel entitlement changes are announced on.
     pub fn entitlements_channel(&self) -> String {
         format!("{}entitlements", self.prefix)

@@ -13,6 +13,8 @@
 //! reports, in the same backend, so "stored" and "reported" are read from one place.
 
 pub mod clickhouse;
+// Prepaid credit grants (issue 18).
+pub mod grants;
 pub mod raw_events;
 pub mod redis;
 pub mod sqlite;
@@ -194,6 +196,26 @@ pub trait EntitlementStore: Send + Sync + 'static {
     async fn put(&self, customer: &str, doc: &EntitlementsDoc) -> Result<(), StoreError>;
     /// Every stored customer (embedded mode loads them all at start).
     async fn list(&self) -> Result<Vec<(String, EntitlementsDoc)>, StoreError>;
+
+    // Prepaid credit grants (issue 18), stored with the entitlements.
+    /// Stores a grant unless one with its id exists for the customer: `None`
+    /// when stored, else the stored one (unchanged).
+    async fn insert_grant(&self, _customer: &str, _doc: &crate::model::grant::GrantDoc) -> Result<Option<crate::model::grant::GrantDoc>, StoreError> {
+        Err(StoreError::Rejected("this store keeps no grants".into()))
+    }
+    /// Replaces a stored grant (a void).
+    async fn update_grant(&self, _customer: &str, _doc: &crate::model::grant::GrantDoc) -> Result<(), StoreError> {
+        Err(StoreError::Rejected("this store keeps no grants".into()))
+    }
+    /// Every stored grant, by customer.
+    async fn list_grants(&self) -> Result<Vec<(String, crate::model::grant::GrantDoc)>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// A number that changes whenever a grant does (instances sharing the store
+    /// reload their grants when it moves); 0 when the store is not shared.
+    async fn grants_version(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
 
 /// What a Stripe ledger row records.

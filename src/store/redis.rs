@@ -88,6 +88,23 @@ impl EntitlementStore for RedisEntitlementStore {
         all.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(all)
     }
+
+    // Prepaid credit grants (issue 18).
+    async fn insert_grant(&self, customer: &str, doc: &crate::model::grant::GrantDoc) -> Result<Option<crate::model::grant::GrantDoc>, StoreError> {
+        super::grants::redis_insert(&self.redis, customer, doc).await
+    }
+
+    async fn update_grant(&self, customer: &str, doc: &crate::model::grant::GrantDoc) -> Result<(), StoreError> {
+        super::grants::redis_update(&self.redis, customer, doc).await
+    }
+
+    async fn list_grants(&self) -> Result<Vec<(String, crate::model::grant::GrantDoc)>, StoreError> {
+        super::grants::redis_list(&self.redis).await
+    }
+
+    async fn grants_version(&self) -> Result<u64, StoreError> {
+        super::grants::redis_version(&self.redis).await
+    }
 }
 
 #[cfg(test)]

@@ -91,6 +91,13 @@ CREATE TABLE IF NOT EXISTS entitlements (
     doc        TEXT    NOT NULL, -- JSON of EntitlementsDoc
     updated_at INTEGER NOT NULL
 );
+-- Prepaid credit grants (issue 18).
+CREATE TABLE IF NOT EXISTS grants (
+    customer TEXT NOT NULL,
+    id       TEXT NOT NULL,
+    doc      TEXT NOT NULL, -- JSON of GrantDoc
+    PRIMARY KEY (customer, id)
+);
 ";
 
 /// Usage and entitlements in one SQLite file. Cloning shares the connection.
@@ -488,6 +495,21 @@ impl EntitlementStore for SqliteStore {
             Ok(out)
         })
         .await
+    }
+
+    // Prepaid credit grants (issue 18).
+    async fn insert_grant(&self, customer: &str, doc: &crate::model::grant::GrantDoc) -> Result<Option<crate::model::grant::GrantDoc>, StoreError> {
+        let (customer, doc) = (customer.to_owned(), doc.clone());
+        self.run("insert grant", move |conn| super::grants::sqlite_insert(conn, &customer, &doc)).await
+    }
+
+    async fn update_grant(&self, customer: &str, doc: &crate::model::grant::GrantDoc) -> Result<(), StoreError> {
+        let (customer, doc) = (customer.to_owned(), doc.clone());
+        self.run("update grant", move |conn| super::grants::sqlite_update(conn, &customer, &doc)).await
+    }
+
+    async fn list_grants(&self) -> Result<Vec<(String, crate::model::grant::GrantDoc)>, StoreError> {
+        self.run("list grants", super::grants::sqlite_list).await
     }
 }
 

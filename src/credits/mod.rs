@@ -1,0 +1,323 @@
+//! Prepaid credits (issue 18): the in-memory book of every customer's grants
+//! and credit balances, fed by the usage seam.
+//!
+//! The book is a [`UsageObserver`]: every change of usage on a credits meter
+//! (live events and consumes, the WAL replay) is charged to the customer's
+//! [`Ledger`] at the event's time, and at start the usage the store already
+//! holds is loaded per minute ([`CreditBook::load_minute`]) before the WAL
+//! replays the rest. Usage therefore reaches a balance by the same exactly-once
+//! path as the counters: a balance after a crash, replay or retry is the grants
+//! minus acknowledged usage. Checks, `balances` and `grants` read from here;
+//! nothing waits on a store.
+//!
+//! A meter is a credits meter when a plan makes it `limit = "credits"` or any
+//! grant names it; usage of other meters costs one bit test here.
+//! Balance crossings of `low_balance` and zero become [`CreditAlert`]s handed to
+//! the [`CreditAlertSink`] (none by default).
+
+pub mod alert;
+pub mod ledger;
+pub mod load;
+
+pub use alert::{CreditAlert, CreditAlertKind, CreditAlertSink, NoAlerts};
+pub use ledger::{minute, Balance, Ledger, LedgerGrant};
+
+use crate::counters::CustomerId;
+use crate::model::grant::GrantDoc;
+use crate::model::{Catalog, Decimal, LimitAmount, MeterId};
+use crate::usage::{UsageChange, UsageObserver};
+use dashmap::DashMap;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// A grant's state now, for `GET .../grants`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantStatus {
+    Active,
+    Pending,
+    Expired,
+    Spent,
+    Voided,
+}
+
+impl GrantStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantStatus::Active => "active",
+            GrantStatus::Pending => "pending",
+            GrantStatus::Expired => "expired",
+            GrantStatus::Spent => "spent",
+            GrantStatus::Voided => "voided",
+        }
+    }
+}
+
+/// A grant as the book holds it: the stored document, its amount in raw units,
+/// what is left and its status at the time asked.
+#[derive(Debug, Clone)]
+pub struct GrantView {
+    pub doc: GrantDoc,
+    pub amount: i64,
+    pub remaining: i64,
+    pub status: GrantStatus,
+}
+
+/// One `(customer, meter)` ledger and the alert level it was last read with.
+struct Entry {
+    ledger: Ledger,
+    low_balance: Option<i64>,
+}
+
+/// Every credit ledger, the grants' documents, the alert sink and totals.
+pub struct CreditBook {
+    catalog: Arc<Catalog>,
+    /// Per meter: usage of it is charged to ledgers.
+    credit_meters: Box<[AtomicBool]>,
+    ledgers: DashMap<(CustomerId, MeterId), Mutex<Entry>>,
+    /// Per customer, the grants by id.
+    docs: DashMap<CustomerId, BTreeMap<String, (GrantDoc, i64)>>,
+    names: DashMap<CustomerId, Arc<str>>,
+    sink: RwLock<Arc<dyn CreditAlertSink>>,
+    /// Per meter: raw units granted (all grants) and spent (all usage charged).
+    granted: Box<[AtomicI64]>,
+    spent: Box<[AtomicI64]>,
+}
+
+impl CreditBook {
+    /// An empty book; the meters plans make credits are credits meters.
+    pub fn new(catalog: Arc<Catalog>) -> CreditBook {
+        let n = catalog.meters().len();
+        let credit_meters: Box<[AtomicBool]> = (0..n).map(|_| AtomicBool::new(false)).collect();
+        for plan in catalog.plans() {
+            for (meter, limits) in &plan.limits {
+                if limits.iter().any(|l| l.amount.is_credits()) {
+                    if let Some(b) = credit_meters.get(usize::from(*meter)) {
+                        b.store(true, Ordering::Release);
+                    }
+                }
+            }
+        }
+        CreditBook {
+            catalog,
+            credit_meters,
+            ledgers: DashMap::new(),
+            docs: DashMap::new(),
+            names: DashMap::new(),
+            sink: RwLock::new(Arc::new(NoAlerts)),
+            granted: (0..n).map(|_| AtomicI64::new(0)).collect(),
+            spent: (0..n).map(|_| AtomicI64::new(0)).collect(),
+        }
+    }
+
+    /// Where crossings go from now on.
+    pub fn set_alert_sink(&self, sink: Arc<dyn CreditAlertSink>) {
+        *self.sink.write().unwrap_or_else(PoisonError::into_inner) = sink;
+    }
+
+    /// Whether usage of `meter` is charged to ledgers.
+    pub fn is_credit_meter(&self, meter: MeterId) -> bool {
+        self.credit_meters.get(usize::from(meter)).is_some_and(|b| b.load(Ordering::Acquire))
+    }
+
+    /// Marks `meter` a credits meter (an override made it one).
+    pub fn track_meter(&self, meter: MeterId) {
+        if let Some(b) = self.credit_meters.get(usize::from(meter)) {
+            b.store(true, Ordering::Release);
+        }
+    }
+
+    /// Raw units granted and spent on `meter`, over every customer.
+    pub fn totals(&self, meter: MeterId) -> (i64, i64) {
+        let at = |v: &[AtomicI64]| v.get(usize::from(meter)).map_or(0, |a| a.load(Ordering::Acquire));
+        (at(&self.granted), at(&self.spent))
+    }
+
+    fn with_entry<R>(&self, customer: CustomerId, meter: MeterId, f: impl FnOnce(&mut Entry) -> R) -> R {
+        let slot = self
+            .ledgers
+            .entry((customer, meter))
+            .or_insert_with(|| Mutex::new(Entry { ledger: Ledger::new(), low_balance: None }))
+            .downgrade();
+        let mut entry = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut entry)
+    }
+
+    /// Installs a grant (loaded from the store, or just made) for `customer`
+    /// (`name`); `raw` is its amount in raw units. Returns false when the
+    /// grant's meter is not configured.
+    pub fn install(&self, customer: CustomerId, name: &str, doc: GrantDoc, raw: i64) -> bool {
+        let Some(meter) = self.catalog.meter_by_name(&doc.meter) else {
+            return false;
+        };
+        let meter_id = meter.id;
+        self.track_meter(meter_id);
+        self.names.entry(customer).or_insert_with(|| Arc::from(name));
+        let mut grant = LedgerGrant::new(Arc::from(doc.id.as_str()), raw, doc.priority, doc.effective_at_ms, doc.expires_at_ms);
+        grant.voided_ms = doc.voided_at_ms;
+        let fresh = {
+            let mut docs = self.docs.entry(customer).or_default();
+            docs.insert(doc.id.clone(), (doc, raw)).is_none()
+        };
+        if fresh {
+            if let Some(a) = self.granted.get(usize::from(meter_id)) {
+                a.fetch_add(raw, Ordering::AcqRel);
+            }
+        }
+        self.with_entry(customer, meter_id, |e| e.ledger.put_grant(grant));
+        self.recheck(customer, meter_id, crate::clock::now_ms(), true);
+        true
+    }
+
+    /// The stored document of one grant.
+    pub fn grant(&self, customer: CustomerId, id: &str) -> Option<GrantDoc> {
+        self.docs.get(&customer).and_then(|d| d.get(id).map(|(doc, _)| doc.clone()))
+    }
+
+    /// Voids a grant from `at_ms` (its remainder is gone); the updated document.
+    pub fn void(&self, customer: CustomerId, id: &str, at_ms: i64) -> Option<GrantDoc> {
+        let doc = {
+            let mut docs = self.docs.get_mut(&customer)?;
+            let (doc, _) = docs.get_mut(id)?;
+            doc.voided_at_ms = Some(doc.voided_at_ms.map_or(at_ms, |v| v.min(at_ms)));
+            doc.clone()
+        };
+        let meter = self.catalog.meter_by_name(&doc.meter)?.id;
+        self.with_entry(customer, meter, |e| e.ledger.void(id, at_ms));
+        self.recheck(customer, meter, at_ms, true);
+        Some(doc)
+    }
+
+    /// The customer's grants (optionally of one meter) with what is left, by id.
+    pub fn grants(&self, customer: Option<CustomerId>, meter: Option<MeterId>, now: i64) -> Vec<GrantView> {
+        let Some(customer) = customer else { return Vec::new() };
+        let docs: Vec<(GrantDoc, i64)> = match self.docs.get(&customer) {
+            Some(d) => d.values().cloned().collect(),
+            None => return Vec::new(),
+        };
+        let mut out = Vec::with_capacity(docs.len());
+        for (doc, amount) in docs {
+            let Some(m) = self.catalog.meter_by_name(&doc.meter) else { continue };
+            if meter.is_some_and(|want| want != m.id) {
+                continue;
+            }
+            let (remaining, active, ended) = self.with_entry(customer, m.id, |e| {
+                let _ = e.ledger.balance(now);
+                let t = minute(now);
+                e.ledger
+                    .grants()
+                    .iter()
+                    .find(|g| *g.id == *doc.id)
+                    .map(|g| (g.remaining, g.active_at(t), g.end().is_some_and(|end| end <= t)))
+                    .unwrap_or((0, false, false))
+            });
+            let status = if doc.voided_at_ms.is_some_and(|v| minute(v) <= minute(now)) {
+                GrantStatus::Voided
+            } else if ended {
+                GrantStatus::Expired
+            } else if !active {
+                GrantStatus::Pending
+            } else if remaining == 0 {
+                GrantStatus::Spent
+            } else {
+                GrantStatus::Active
+            };
+            out.push(GrantView { doc, amount, remaining, status });
+        }
+        out
+    }
+
+    /// The meters the customer has a ledger for.
+    pub fn meters_of(&self, customer: CustomerId) -> Vec<MeterId> {
+        let mut v: Vec<MeterId> =
+            self.catalog.meters().iter().map(|m| m.id).filter(|&m| self.ledgers.contains_key(&(customer, m))).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The balance of `(customer, meter)` at `now`; `low_balance` is the level
+    /// the caller's limit names (kept for alerts). A customer never seen has
+    /// nothing: zero.
+    pub fn balance(&self, customer: Option<CustomerId>, meter: MeterId, low_balance: Option<i64>, now: i64) -> Balance {
+        let Some(customer) = customer else { return Balance::default() };
+        if !self.ledgers.contains_key(&(customer, meter)) {
+            return Balance::default();
+        }
+        self.with_entry(customer, meter, |e| {
+            if low_balance.is_some() {
+                e.low_balance = low_balance;
+            }
+            e.ledger.balance(now)
+        })
+    }
+
+    /// Usage of the store, loaded at start: `raw` units in the minute at `minute_ms`.
+    pub fn load_minute(&self, customer: CustomerId, meter: MeterId, minute_ms: i64, raw: i64) {
+        self.with_entry(customer, meter, |e| e.ledger.charge(minute_ms, raw));
+        if let Some(a) = self.spent.get(usize::from(meter)) {
+            a.fetch_add(raw, Ordering::AcqRel);
+        }
+    }
+
+    /// After start: each ledger's alert state is set from its balance, so
+    /// levels already crossed before the restart do not fire again.
+    pub fn arm(&self, low_balance: impl Fn(CustomerId, MeterId) -> Option<i64>) {
+        let now = crate::clock::now_ms();
+        for item in self.ledgers.iter() {
+            let (customer, meter) = *item.key();
+            let mut e = item.value().lock().unwrap_or_else(PoisonError::into_inner);
+            e.low_balance = low_balance(customer, meter);
+            let b = e.ledger.balance(now).balance;
+            let low = e.low_balance;
+            let entry = &mut *e;
+            let _ = alert::crossings(b, low, &mut entry.ledger.low_fired, &mut entry.ledger.depleted_fired);
+        }
+    }
+
+    /// Checks the balance for crossings after a change and hands alerts to the
+    /// sink (`fire` false: only the armed state moves).
+    fn recheck(&self, customer: CustomerId, meter: MeterId, now: i64, fire: bool) {
+        let (balance, low, kinds) = self.with_entry(customer, meter, |e| {
+            let b = e.ledger.balance(now).balance;
+            let low = e.low_balance;
+            let kinds = alert::crossings(b, low, &mut e.ledger.low_fired, &mut e.ledger.depleted_fired);
+            (b, low, kinds)
+        });
+        if !fire || kinds.iter().all(Option::is_none) {
+            return;
+        }
+        let (Some(name), Some(m)) = (self.names.get(&customer).map(|n| n.clone()), self.catalog.meter(meter)) else {
+            return;
+        };
+        let d = |raw| Decimal { raw, precision: m.precision };
+        let sink = self.sink.read().unwrap_or_else(PoisonError::into_inner).clone();
+        for kind in kinds.into_iter().flatten() {
+            tracing::info!(customer = %name, meter = %m.name, balance = balance, kind = kind.as_str(), "credit balance crossed a level");
+            sink.alert(CreditAlert { kind, customer: name.to_string(), meter: m.name.clone(), balance: d(balance), low_balance: low.map(d) });
+        }
+    }
+
+    /// The `low_balance` of a credits limit among `limits`.
+    pub fn low_balance_of(limits: &[crate::model::Limit]) -> Option<i64> {
+        limits.iter().find_map(|l| match l.amount {
+            LimitAmount::Credits { low_balance, .. } => low_balance,
+            _ => None,
+        })
+    }
+}
+
+impl UsageObserver for CreditBook {
+    fn changed(&self, change: &UsageChange<'_>) {
+        if change.raw == 0 || !self.is_credit_meter(change.meter) {
+            return;
+        }
+        if !matches!(change.origin, crate::usage::Origin::Live | crate::usage::Origin::Replay) {
+            return;
+        }
+        self.with_entry(change.customer, change.meter, |e| e.ledger.charge(change.ts, change.raw));
+        if let Some(a) = self.spent.get(usize::from(change.meter)) {
+            a.fetch_add(change.raw, Ordering::AcqRel);
+        }
+        self.recheck(change.customer, change.meter, crate::clock::now_ms(), change.origin.is_live());
+    }
+}
