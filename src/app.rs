@@ -78,6 +78,8 @@ type Supervised<O> = JoinHandle<Result<Option<O>, HealthError>>;
 const FLUSHER: Task = Task { name: "flusher", critical: true, restart: Restart::Backoff(Duration::from_secs(1)) };
 const ENTITLEMENT_LISTENER: Task = Task { name: "entitlement_listener", critical: true, restart: Restart::Backoff(Duration::from_secs(1)) };
 const COUNTER_SYNCER: Task = Task { name: "counter_syncer", critical: true, restart: Restart::Backoff(Duration::from_secs(1)) };
+// Prepaid credits (issue 18).
+const GRANTS_REFRESH: Task = Task { name: "grants_refresh", critical: false, restart: Restart::Backoff(Duration::from_secs(1)) };
 const STRIPE_REPORTER: Task = Task { name: "stripe_reporter", critical: false, restart: Restart::Never };
 const RAW_EXPORT: Task = Task { name: "raw_events_export", critical: false, restart: Restart::Never };
 
@@ -276,7 +278,11 @@ impl AppHandle {
             let sync = Arc::new(crate::sync::counters::CounterSync::new(redis.clone(), &instance_id));
             let (e, interval) = (engine.clone(), rc.sync_interval);
             let syncer = move |rx| Some(crate::sync::counters::run(e.clone(), sync.clone(), interval, rx));
-            redis_tasks.push(tokio::spawn(supervise(COUNTER_SYNCER, health.clone(), redis_rx, syncer)));
+            redis_tasks.push(tokio::spawn(supervise(COUNTER_SYNCER, health.clone(), redis_rx.clone(), syncer)));
+            // Prepaid credits (issue 18): grants made on other instances.
+            let e = engine.clone();
+            let refresh = move |rx| Some(crate::grants::refresh(e.clone(), interval, rx));
+            redis_tasks.push(tokio::spawn(supervise(GRANTS_REFRESH, health.clone(), redis_rx, refresh)));
         }
         let reporter = stripe.map(|(_, reporter)| {
             let (stop, stop_rx) = watch::channel(false);

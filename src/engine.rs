@@ -344,8 +344,15 @@ impl Engine {
         // Prepaid credits (issue 18): grants, then the stored usage of credits
         // meters; the WAL replay below adds the rest through the seam.
         let shared = engine.counters().windows.is_shared();
-        crate::credits::load::load(&engine.credits, &*engine.grant_store, &*engine.usage_store, &engine.counters().interner, &engine.instance_id, shared)
-            .await?;
+        crate::credits::load::load(
+            &engine.credits,
+            &*engine.grant_store,
+            &*engine.usage_store,
+            &engine.counters().interner,
+            &engine.instance_id,
+            shared,
+        )
+        .await?;
         let floor = engine.usage_store.wal_mark(&engine.instance_id).await?;
         let started = std::time::Instant::now();
         let (wal, report) = Wal::open(

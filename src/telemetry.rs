@@ -58,6 +58,9 @@ pub const RAW_EXPORT_LAG: &str = "meterd_raw_export_lag_seconds";
 pub const BUILD_INFO: &str = "meterd_build_info";
 pub const TASK_RUNNING: &str = "meterd_task_running";
 pub const TASK_RESTARTS_TOTAL: &str = "meterd_task_restarts_total";
+// Prepaid credits (issue 18): per meter, in meter units, over every customer.
+pub const CREDITS_GRANTED: &str = "meterd_credits_granted_units";
+pub const CREDITS_SPENT: &str = "meterd_credits_spent_units";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static HOT: OnceLock<Hot> = OnceLock::new();
@@ -69,7 +72,8 @@ static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
 /// The `result` values of the events counter that carry a meter; `rejected` has
 /// none (a refused batch is counted whole, with `meter=""`).
 const EVENT_RESULTS: [&str; 2] = ["accepted", "duplicate"];
-const REASONS: [&str; 6] = ["within_limit", "limit_exceeded", "soft_limit_exceeded", "unlimited", "not_entitled", "unavailable"];
+const REASONS: [&str; 7] =
+    ["within_limit", "limit_exceeded", "soft_limit_exceeded", "unlimited", "not_entitled", "insufficient_credits", "unavailable"];
 /// Status codes 100..=599, one lazily registered counter each per route.
 const STATUSES: usize = 500;
 /// Meter ids below this have pre-registered handles; a meter beyond (a config
@@ -103,7 +107,7 @@ struct MeterSeries {
     /// By [`EVENT_RESULTS`].
     events: [metrics::Counter; 2],
     /// By reason ([`REASONS`]), then consume (false, true).
-    decisions: [[metrics::Counter; 2]; 6],
+    decisions: [[metrics::Counter; 2]; 7],
 }
 
 impl MeterSeries {
@@ -153,6 +157,11 @@ pub fn register_known(known: &Known<'_>) {
         }
     }
     metrics::counter!(EVENTS_TOTAL, "meter" => "", "result" => "rejected").increment(0);
+    // Prepaid credits (issue 18).
+    for &(_, name) in &known.meters {
+        metrics::gauge!(CREDITS_GRANTED, "meter" => name.to_string()).increment(0.0);
+        metrics::gauge!(CREDITS_SPENT, "meter" => name.to_string()).increment(0.0);
+    }
     for name in [FLUSH_ROWS_TOTAL, FLUSH_ERRORS_TOTAL, FLUSH_REJECTED_ROWS_TOTAL, RATE_LIMITED_TOTAL] {
         metrics::counter!(name).increment(0);
     }
@@ -259,6 +268,9 @@ fn describe() {
     );
     metrics::describe_histogram!(BATCH_SIZE, "Events per accepted ingest request");
     metrics::describe_counter!(DECISIONS_TOTAL, "Limit decisions, by meter, reason and whether they consumed");
+    // Prepaid credits (issue 18).
+    metrics::describe_gauge!(CREDITS_GRANTED, "Credits granted on a meter, over every customer (meter units)");
+    metrics::describe_gauge!(CREDITS_SPENT, "Usage charged to credit balances on a meter, over every customer (meter units)");
     metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests, by route and status");
     metrics::describe_histogram!(HTTP_DURATION, "HTTP request latency, by route");
     metrics::describe_gauge!(HTTP_CONNECTIONS_OPEN, "Open HTTP connections, by listener (api, ops)");
@@ -361,6 +373,14 @@ pub fn batch_size(n: usize) {
         Some(hot) => hot.batch_size.record(n as f64),
         None => metrics::histogram!(BATCH_SIZE).record(n as f64),
     }
+}
+
+// Prepaid credits (issue 18).
+/// Sets the credit totals of `meter` (raw units at `precision`).
+pub fn credit_totals(meter: &str, granted_raw: i64, spent_raw: i64, precision: u8) {
+    let scale = 10f64.powi(i32::from(precision));
+    metrics::gauge!(CREDITS_GRANTED, "meter" => meter.to_string()).set(granted_raw as f64 / scale);
+    metrics::gauge!(CREDITS_SPENT, "meter" => meter.to_string()).set(spent_raw as f64 / scale);
 }
 
 /// Counts one check decision on meter `(meter_id, meter)`; `reason` is its

@@ -21,11 +21,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("model", &["model"]),
     ("config", &["config"]),
     // State: in-memory state, its durability and the stores.
-    ("state", &["counters", "wal", "dedupe", "entitlements", "store", "redis_link", "rejected", "usage", "health"]),
+    ("state", &["counters", "wal", "dedupe", "entitlements", "store", "redis_link", "rejected", "usage", "health", "credits"]),
     // The container of the state (no service types).
     ("engine", &["engine"]),
     // Domain services and background tasks.
-    ("service", &["ingest", "limits", "history", "sync", "flush", "report", "raw_export"]),
+    ("service", &["ingest", "limits", "history", "sync", "flush", "report", "raw_export", "grants"]),
     ("http", &["http"]),
     ("app", &["app"]),
     // The crate root (re-exports) and the binary.

@@ -34,14 +34,15 @@ pub struct LedgerGrant {
     pub priority: i64,
     pub effective_ms: i64,
     pub expires_ms: Option<i64>,
-    pub voided_ms: Option<i64>,
+    /// Raw units a void took away (see [`Ledger::void`]).
+    pub voided: i64,
     /// Raw units not yet spent (what was left when it expired, for an expired one).
     pub remaining: i64,
 }
 
 impl LedgerGrant {
     pub fn new(id: Arc<str>, amount: i64, priority: i64, effective_ms: i64, expires_ms: Option<i64>) -> LedgerGrant {
-        LedgerGrant { id, amount, priority, effective_ms, expires_ms, voided_ms: None, remaining: amount }
+        LedgerGrant { id, amount, priority, effective_ms, expires_ms, voided: 0, remaining: amount }
     }
 
     /// The minute it starts acting.
@@ -49,12 +50,14 @@ impl LedgerGrant {
         minute(self.effective_ms)
     }
 
-    /// The minute it stops acting (expiry or void), if any.
+    /// The minute it stops acting (expiry), if any.
     pub fn end(&self) -> Option<i64> {
-        match (self.expires_ms, self.voided_ms) {
-            (Some(a), Some(b)) => Some(minute(a.min(b))),
-            (a, b) => a.or(b).map(minute),
-        }
+        self.expires_ms.map(minute)
+    }
+
+    /// What it can pay: the amount less what a void took away.
+    fn capacity(&self) -> i64 {
+        self.amount.saturating_sub(self.voided).max(0)
     }
 
     /// Whether it acts at minute `t`.
@@ -126,11 +129,18 @@ impl Ledger {
         self.dirty = true;
     }
 
-    /// Voids a grant from `at_ms`; false when there is none by that id.
-    pub fn void(&mut self, id: &str, at_ms: i64) -> bool {
+    /// What grant `id` has left at `now_ms`.
+    pub fn remaining_of(&mut self, id: &str, now_ms: i64) -> Option<i64> {
+        let _ = self.balance(now_ms);
+        self.grants.iter().find(|g| &*g.id == id).map(|g| g.remaining)
+    }
+
+    /// Voids `raw` units of grant `id` (its remainder when voided): what it
+    /// paid stays paid, it pays nothing more. False when there is no such grant.
+    pub fn void(&mut self, id: &str, raw: i64) -> bool {
         match self.grants.iter_mut().find(|g| &*g.id == id) {
             Some(g) => {
-                g.voided_ms = Some(g.voided_ms.map_or(at_ms, |v| v.min(at_ms)));
+                g.voided = raw.max(0);
                 self.dirty = true;
                 true
             }
@@ -173,7 +183,7 @@ impl Ledger {
         let mut b = Balance { balance: -self.overage, ..Balance::default() };
         for g in self.grants.iter().filter(|g| g.active_at(t)) {
             b.balance = b.balance.saturating_add(g.remaining);
-            b.granted = b.granted.saturating_add(g.amount);
+            b.granted = b.granted.saturating_add(g.capacity());
             if let (Some(exp), true) = (g.expires_ms, g.remaining > 0) {
                 b.next_expiry = match b.next_expiry {
                     Some((amount, at)) if at == exp => Some((amount + g.remaining, at)),
@@ -195,7 +205,8 @@ impl Ledger {
     fn advance(&mut self, t: i64) {
         if self.overage > 0 {
             let cursor = self.cursor;
-            let mut starting: Vec<usize> = (0..self.grants.len()).filter(|&i| cursor < self.grants[i].start() && self.grants[i].start() <= t).collect();
+            let mut starting: Vec<usize> =
+                (0..self.grants.len()).filter(|&i| cursor < self.grants[i].start() && self.grants[i].start() <= t).collect();
             starting.sort_by_key(|&i| self.grants[i].start());
             for i in starting {
                 let g = &mut self.grants[i];
@@ -230,7 +241,7 @@ impl Ledger {
     fn replay(&mut self) {
         let until = self.cursor;
         for g in &mut self.grants {
-            g.remaining = g.amount;
+            g.remaining = g.capacity();
         }
         self.overage = 0;
         self.cursor = i64::MIN;
@@ -279,7 +290,7 @@ mod tests {
         l.charge(M, 15);
         assert_eq!(l.balance(M).balance, -5);
         l.put_grant(grant("g2", 20, 10, 2 * M, None));
-        assert_eq!(l.balance(2 * M), Balance { balance: 15, granted: 20, next_expiry: None });
+        assert_eq!(l.balance(2 * M), Balance { balance: 15, granted: 30, next_expiry: None });
         let mut l = Ledger::new();
         l.put_grant(grant("g1", 10, 10, 0, Some(10 * M)));
         l.charge(M, 4);

@@ -69,6 +69,7 @@ pub async fn load(
             minutes += 1;
         }
     }
+    book.publish_all();
     if n > 0 || minutes > 0 {
         tracing::info!(grants = n, minutes, "credit balances loaded");
     }

@@ -127,6 +127,23 @@ impl CreditBook {
         }
     }
 
+    /// Sets the metrics of `meter` from the totals.
+    fn publish(&self, meter: MeterId) {
+        if let Some(m) = self.catalog.meter(meter) {
+            let (granted, spent) = self.totals(meter);
+            crate::telemetry::credit_totals(&m.name, granted, spent, m.precision);
+        }
+    }
+
+    /// Sets every credits meter's metrics (after loading).
+    pub fn publish_all(&self) {
+        for m in self.catalog.meters() {
+            if self.is_credit_meter(m.id) {
+                self.publish(m.id);
+            }
+        }
+    }
+
     /// Raw units granted and spent on `meter`, over every customer.
     pub fn totals(&self, meter: MeterId) -> (i64, i64) {
         let at = |v: &[AtomicI64]| v.get(usize::from(meter)).map_or(0, |a| a.load(Ordering::Acquire));
@@ -154,7 +171,7 @@ impl CreditBook {
         self.track_meter(meter_id);
         self.names.entry(customer).or_insert_with(|| Arc::from(name));
         let mut grant = LedgerGrant::new(Arc::from(doc.id.as_str()), raw, doc.priority, doc.effective_at_ms, doc.expires_at_ms);
-        grant.voided_ms = doc.voided_at_ms;
+        grant.voided = doc.voided_raw.unwrap_or(0);
         let fresh = {
             let mut docs = self.docs.entry(customer).or_default();
             docs.insert(doc.id.clone(), (doc, raw)).is_none()
@@ -163,6 +180,7 @@ impl CreditBook {
             if let Some(a) = self.granted.get(usize::from(meter_id)) {
                 a.fetch_add(raw, Ordering::AcqRel);
             }
+            self.publish(meter_id);
         }
         self.with_entry(customer, meter_id, |e| e.ledger.put_grant(grant));
         self.recheck(customer, meter_id, crate::clock::now_ms(), true);
@@ -174,18 +192,28 @@ impl CreditBook {
         self.docs.get(&customer).and_then(|d| d.get(id).map(|(doc, _)| doc.clone()))
     }
 
-    /// Voids a grant from `at_ms` (its remainder is gone); the updated document.
-    pub fn void(&self, customer: CustomerId, id: &str, at_ms: i64) -> Option<GrantDoc> {
-        let doc = {
-            let mut docs = self.docs.get_mut(&customer)?;
-            let (doc, _) = docs.get_mut(id)?;
-            doc.voided_at_ms = Some(doc.voided_at_ms.map_or(at_ms, |v| v.min(at_ms)));
-            doc.clone()
-        };
+    /// What grant `id` of `customer` has left at `now` (what a void takes away).
+    pub fn remaining_of(&self, customer: CustomerId, id: &str, now: i64) -> Option<i64> {
+        let doc = self.grant(customer, id)?;
         let meter = self.catalog.meter_by_name(&doc.meter)?.id;
-        self.with_entry(customer, meter, |e| e.ledger.void(id, at_ms));
-        self.recheck(customer, meter, at_ms, true);
-        Some(doc)
+        self.with_entry(customer, meter, |e| e.ledger.remaining_of(id, now))
+    }
+
+    /// Applies a void already stored: `doc` carries `voided_raw`.
+    pub fn void(&self, customer: CustomerId, doc: GrantDoc) -> bool {
+        let Some(meter) = self.catalog.meter_by_name(&doc.meter).map(|m| m.id) else { return false };
+        let raw = doc.voided_raw.unwrap_or(0);
+        let id = doc.id.clone();
+        match self.docs.get_mut(&customer) {
+            Some(mut docs) => match docs.get_mut(&id) {
+                Some(slot) => slot.0 = doc,
+                None => return false,
+            },
+            None => return false,
+        }
+        self.with_entry(customer, meter, |e| e.ledger.void(&id, raw));
+        self.recheck(customer, meter, crate::clock::now_ms(), true);
+        true
     }
 
     /// The customer's grants (optionally of one meter) with what is left, by id.
@@ -211,7 +239,7 @@ impl CreditBook {
                     .map(|g| (g.remaining, g.active_at(t), g.end().is_some_and(|end| end <= t)))
                     .unwrap_or((0, false, false))
             });
-            let status = if doc.voided_at_ms.is_some_and(|v| minute(v) <= minute(now)) {
+            let status = if doc.voided_at_ms.is_some() {
                 GrantStatus::Voided
             } else if ended {
                 GrantStatus::Expired
@@ -293,7 +321,13 @@ impl CreditBook {
         let sink = self.sink.read().unwrap_or_else(PoisonError::into_inner).clone();
         for kind in kinds.into_iter().flatten() {
             tracing::info!(customer = %name, meter = %m.name, balance = balance, kind = kind.as_str(), "credit balance crossed a level");
-            sink.alert(CreditAlert { kind, customer: name.to_string(), meter: m.name.clone(), balance: d(balance), low_balance: low.map(d) });
+            sink.alert(CreditAlert {
+                kind,
+                customer: name.to_string(),
+                meter: m.name.clone(),
+                balance: d(balance),
+                low_balance: low.map(d),
+            });
         }
     }
 
@@ -318,6 +352,7 @@ impl UsageObserver for CreditBook {
         if let Some(a) = self.spent.get(usize::from(change.meter)) {
             a.fetch_add(change.raw, Ordering::AcqRel);
         }
+        self.publish(change.meter);
         self.recheck(change.customer, change.meter, crate::clock::now_ms(), change.origin.is_live());
     }
 }

@@ -1,1 +1,248 @@
-//! placeholder
+//! Grants and balances (issue 18), the service behind `POST/GET/DELETE
+//! /v1/customers/{c}/grants` and `GET /v1/customers/{c}/balances`, and
+//! [`GrantPorts::create_grant`] for code that makes grants (Stripe checkout).
+//!
+//! A grant is stored first (insert-if-new in the entitlement store, so a
+//! repeated request is idempotent across instances), then installed in the
+//! credit book, which answers every read. With Redis, other instances notice
+//! through the store's grants version ([`refresh`]) and reload.
+
+pub mod redis_consume;
+
+use crate::counters::intern::Interner;
+use crate::credits::{CreditBook, GrantView};
+use crate::engine::Engine;
+use crate::entitlements::EntitlementCache;
+use crate::model::grant::{GrantProblem, GrantSpec};
+use crate::model::window::rfc3339;
+use crate::model::{Catalog, Decimal, LimitAmount};
+use crate::store::{EntitlementStore, StoreError};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a grant request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error(transparent)]
+    Invalid(#[from] GrantProblem),
+    #[error("grant {0:?} exists with another body")]
+    Conflict(String),
+    #[error("no grant {0:?}")]
+    NotFound(String),
+    #[error("customer table is full")]
+    Full,
+    #[error("could not store the grant: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A grant as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantOut {
+    pub id: String,
+    pub meter: String,
+    pub amount: Decimal,
+    pub remaining: Decimal,
+    pub priority: i64,
+    pub effective_at: String,
+    pub expires_at: Option<String>,
+    pub status: &'static str,
+    pub reason: Option<String>,
+}
+
+/// One meter's balance.
+#[derive(Debug, Clone, Serialize)]
+pub struct BalanceOut {
+    pub meter: String,
+    pub balance: Decimal,
+    pub granted: Decimal,
+    pub used: Decimal,
+    pub next_expiry: Option<ExpiryOut>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpiryOut {
+    pub amount: Decimal,
+    pub expires_at: String,
+}
+
+/// `GET /v1/customers/{c}/balances`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Balances {
+    pub customer: String,
+    pub balances: Vec<BalanceOut>,
+}
+
+/// What the grants service needs of the engine.
+#[derive(Clone, Copy)]
+pub struct GrantPorts<'a> {
+    pub catalog: &'a Catalog,
+    pub credits: &'a CreditBook,
+    pub store: &'a dyn EntitlementStore,
+    pub interner: &'a Interner,
+    pub entitlements: &'a EntitlementCache,
+}
+
+impl Engine {
+    /// The grants service's view of the state.
+    pub fn grant_ports(&self) -> GrantPorts<'_> {
+        GrantPorts {
+            catalog: self.catalog(),
+            credits: self.credits(),
+            store: &**self.grant_store(),
+            interner: &self.counters().interner,
+            entitlements: self.entitlements(),
+        }
+    }
+}
+
+fn out(view: &GrantView, catalog: &Catalog) -> GrantOut {
+    let precision = catalog.meter_by_name(&view.doc.meter).map_or(0, |m| m.precision);
+    let d = |raw| Decimal { raw, precision };
+    GrantOut {
+        id: view.doc.id.clone(),
+        meter: view.doc.meter.clone(),
+        amount: d(view.amount),
+        remaining: d(view.remaining),
+        priority: view.doc.priority,
+        effective_at: rfc3339(view.doc.effective_at_ms),
+        expires_at: view.doc.expires_at_ms.map(rfc3339),
+        status: view.status.as_str(),
+        reason: view.doc.reason.clone(),
+    }
+}
+
+impl GrantPorts<'_> {
+    /// Makes a grant: `(grant, true)` when new (201), `(grant, false)` when the
+    /// same grant was made before (200); [`GrantError::Conflict`] when the id
+    /// was used with another body.
+    pub async fn create_grant(&self, customer: &str, spec: GrantSpec) -> Result<(GrantOut, bool), GrantError> {
+        valid_customer(customer)?;
+        let now = crate::clock::now_ms();
+        let (doc, raw) = spec.validate(self.catalog, now)?;
+        let id = self.interner.intern(customer).map_err(|_| GrantError::Full)?;
+        let (stored, created) = match self.store.insert_grant(customer, &doc).await? {
+            None => (doc, true),
+            Some(existing) if existing.request == doc.request => (existing, false),
+            Some(_) => return Err(GrantError::Conflict(doc.id)),
+        };
+        if self.credits.grant(id, &stored.id).as_ref() != Some(&stored) {
+            self.credits.install(id, customer, stored.clone(), raw);
+        }
+        let view = self.view(id, &stored.id, now).ok_or_else(|| GrantError::NotFound(stored.id.clone()))?;
+        tracing::info!(customer = %customer, grant = %stored.id, meter = %stored.meter, created, "grant");
+        Ok((view, created))
+    }
+
+    /// Voids the unspent remainder of a grant from now.
+    pub async fn void_grant(&self, customer: &str, grant: &str) -> Result<GrantOut, GrantError> {
+        valid_customer(customer)?;
+        let now = crate::clock::now_ms();
+        let id = self.interner.lookup(customer).ok_or_else(|| GrantError::NotFound(grant.to_string()))?;
+        let mut doc = match self.credits.grant(id, grant) {
+            Some(doc) => doc,
+            None => {
+                // Made on another instance and not seen here yet.
+                crate::credits::load::grants(self.credits, self.store, self.interner).await?;
+                self.credits.grant(id, grant).ok_or_else(|| GrantError::NotFound(grant.to_string()))?
+            }
+        };
+        if doc.voided_at_ms.is_none() {
+            doc.voided_at_ms = Some(now);
+            doc.voided_raw = Some(self.credits.remaining_of(id, grant, now).unwrap_or(0));
+            self.store.update_grant(customer, &doc).await?;
+            self.credits.void(id, doc);
+        }
+        self.view(id, grant, now).ok_or_else(|| GrantError::NotFound(grant.to_string()))
+    }
+
+    fn view(&self, customer: crate::counters::CustomerId, grant: &str, now: i64) -> Option<GrantOut> {
+        self.credits.grants(Some(customer), None, now).iter().find(|v| v.doc.id == grant).map(|v| out(v, self.catalog))
+    }
+
+    /// The customer's grants, optionally of one meter.
+    pub fn list(&self, customer: &str, meter: Option<&str>) -> Result<Vec<GrantOut>, GrantError> {
+        valid_customer(customer)?;
+        let meter = match meter {
+            None => None,
+            Some(name) => Some(
+                self.catalog
+                    .meter_by_name(name)
+                    .ok_or_else(|| GrantProblem { field: "meter", reason: format!("unknown meter {name:?}") })?
+                    .id,
+            ),
+        };
+        let id = self.interner.lookup(customer);
+        let now = crate::clock::now_ms();
+        Ok(self.credits.grants(id, meter, now).iter().map(|v| out(v, self.catalog)).collect())
+    }
+
+    /// Every credit balance of the customer: the meters its plan makes
+    /// credits and those it has grants on.
+    pub fn balances(&self, customer: &str) -> Result<Balances, GrantError> {
+        valid_customer(customer)?;
+        let id = self.interner.lookup(customer);
+        let ent = self.entitlements.get(id);
+        let now = crate::clock::now_ms();
+        let mut meters: Vec<crate::model::MeterId> = self
+            .catalog
+            .meters()
+            .iter()
+            .filter(|m| ent.limits(m.id).is_some_and(|ls| ls.iter().any(|l| l.amount.is_credits())))
+            .map(|m| m.id)
+            .collect();
+        if let Some(id) = id {
+            meters.extend(self.credits.meters_of(id));
+        }
+        meters.sort_unstable();
+        meters.dedup();
+        let mut balances = Vec::with_capacity(meters.len());
+        for m in meters {
+            let Some(meter) = self.catalog.meter(m) else { continue };
+            let low = ent.limits(m).and_then(|ls| CreditBook::low_balance_of(ls));
+            let b = self.credits.balance(id, m, low, now);
+            let d = |raw| Decimal { raw, precision: meter.precision };
+            balances.push(BalanceOut {
+                meter: meter.name.clone(),
+                balance: d(b.balance),
+                granted: d(b.granted),
+                used: d(b.granted.saturating_sub(b.balance)),
+                next_expiry: b.next_expiry.map(|(amount, at)| ExpiryOut { amount: d(amount), expires_at: rfc3339(at) }),
+            });
+        }
+        Ok(Balances { customer: customer.to_string(), balances })
+    }
+}
+
+fn valid_customer(customer: &str) -> Result<(), GrantProblem> {
+    if customer.is_empty() || customer.len() > 256 || customer.chars().any(char::is_control) {
+        return Err(GrantProblem { field: "customer", reason: "must be 1-256 bytes without control characters".into() });
+    }
+    Ok(())
+}
+
+/// Whether the limits on a meter include a credits limit.
+pub fn has_credits(limits: &[crate::model::Limit]) -> bool {
+    limits.iter().any(|l| matches!(l.amount, LimitAmount::Credits { .. }))
+}
+
+/// With a shared store (Redis): reloads the grants whenever the store's
+/// grants version moves, every `interval`, until `stop`.
+pub async fn refresh(engine: Arc<Engine>, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut seen = 0u64;
+    loop {
+        let ports = engine.grant_ports();
+        match ports.store.grants_version().await {
+            Ok(v) if v != seen => match crate::credits::load::grants(ports.credits, ports.store, ports.interner).await {
+                Ok(_) => seen = v,
+                Err(e) => tracing::warn!(error = %e, "reloading grants failed; retrying"),
+            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the grants version failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -15,6 +15,8 @@
 
 pub mod auth;
 pub mod body;
+// Prepaid credits and grants (issue 18).
+pub mod credits;
 pub mod error;
 pub mod handlers;
 pub mod routes;

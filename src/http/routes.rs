@@ -87,6 +87,33 @@ pub static ROUTES: &[Route] = &[
             (Method::PUT, |s, req, c| Box::pin(async move { handlers::put_entitlements(&s, req, &c).await })),
         ],
     },
+    // Prepaid credits and grants (issue 18).
+    Route {
+        name: "grants",
+        path: "/v1/customers/{customer}/grants",
+        ops: false,
+        methods: &[
+            (Method::GET, |s, req, c| {
+                Box::pin(async move {
+                    let query = parse_query(req.uri().query().unwrap_or(""))?;
+                    super::credits::list(&s, req.headers(), &c, &query)
+                })
+            }),
+            (Method::POST, |s, req, c| Box::pin(async move { super::credits::create(&s, req, &c).await })),
+        ],
+    },
+    Route {
+        name: "grant",
+        path: "/v1/customers/{customer}/grants/{id}",
+        ops: false,
+        methods: &[(Method::DELETE, |s, req, c| Box::pin(async move { super::credits::void(&s, req, &c).await }))],
+    },
+    Route {
+        name: "balances",
+        path: "/v1/customers/{customer}/balances",
+        ops: false,
+        methods: &[(Method::GET, |s, req, c| Box::pin(async move { super::credits::balances(&s, req.headers(), &c) }))],
+    },
     Route {
         name: "stripe_status",
         path: "/v1/stripe/status",

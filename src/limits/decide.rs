@@ -104,7 +104,12 @@ mod tests {
     #[test]
     fn credits_deny_below_the_quantity_and_soft_credits_overdraw() {
         let credits = |hard, granted, used| LimitState {
-            limit: Limit { window: WindowKind::Total, amount: LimitAmount::Credits { granted, low_balance: None }, hard, enforcement: Enforcement::Cached },
+            limit: Limit {
+                window: WindowKind::Total,
+                amount: LimitAmount::Credits { granted, low_balance: None },
+                hard,
+                enforcement: Enforcement::Cached,
+            },
             window: WindowKind::Total.bounds(0, BillingAnchor::default()),
             used,
         };

@@ -292,7 +292,14 @@ impl LimitReads<'_> {
     /// A credits limit as it stands (issue 18): `limit` = granted of the
     /// active grants, `used` = granted − balance, the window ending at the next
     /// expiry.
-    pub fn credit_state(&self, customer: Option<CustomerId>, meter: &Meter, limit: Limit, low_balance: Option<i64>, now: i64) -> LimitState {
+    pub fn credit_state(
+        &self,
+        customer: Option<CustomerId>,
+        meter: &Meter,
+        limit: Limit,
+        low_balance: Option<i64>,
+        now: i64,
+    ) -> LimitState {
         let b = self.credits.balance(customer, meter.id, low_balance, now);
         let end_ms = b.next_expiry.map_or(i64::MAX, |(_, at)| at);
         LimitState {

@@ -29,6 +29,10 @@ pub struct GrantDoc {
     pub created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub voided_at_ms: Option<i64>,
+    /// Raw units the void took away (what was left then): the grant counts as
+    /// `amount` minus this from then on, so what it paid stays paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voided_raw: Option<i64>,
     /// The request's fields as given (canonical JSON): a repeat with the same
     /// body is the same grant, another body under the same id a conflict.
     pub request: String,
@@ -147,6 +151,7 @@ impl GrantSpec {
             reason: self.reason.clone(),
             created_at_ms: now,
             voided_at_ms: None,
+            voided_raw: None,
             request,
         };
         Ok((doc, raw))

@@ -22,7 +22,10 @@ pub enum LimitAmount {
     /// Credits (`limit = "credits"`): the customer's credit balance is the
     /// limit. In a plan `granted` is 0; a limit's state carries the granted
     /// amount of the active grants there (see `crate::credits`).
-    Credits { granted: i64, low_balance: Option<i64> },
+    Credits {
+        granted: i64,
+        low_balance: Option<i64>,
+    },
 }
 
 impl LimitAmount {
@@ -221,7 +224,12 @@ fn parse_credits(
     if !problems.is_empty() {
         return Err(problems);
     }
-    Ok(Limit { window: WindowKind::Total, amount: LimitAmount::Credits { granted: 0, low_balance }, hard, enforcement: Enforcement::Cached })
+    Ok(Limit {
+        window: WindowKind::Total,
+        amount: LimitAmount::Credits { granted: 0, low_balance },
+        hard,
+        enforcement: Enforcement::Cached,
+    })
 }
 
 fn parse_amount(v: &Value, meter: &Meter) -> Result<LimitAmount, String> {

@@ -129,6 +129,7 @@ mod tests {
             reason: None,
             created_at_ms: 0,
             voided_at_ms: None,
+            voided_raw: None,
             request: format!("{id}:{amount}"),
         }
     }

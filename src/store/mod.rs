@@ -200,7 +200,11 @@ pub trait EntitlementStore: Send + Sync + 'static {
     // Prepaid credit grants (issue 18), stored with the entitlements.
     /// Stores a grant unless one with its id exists for the customer: `None`
     /// when stored, else the stored one (unchanged).
-    async fn insert_grant(&self, _customer: &str, _doc: &crate::model::grant::GrantDoc) -> Result<Option<crate::model::grant::GrantDoc>, StoreError> {
+    async fn insert_grant(
+        &self,
+        _customer: &str,
+        _doc: &crate::model::grant::GrantDoc,
+    ) -> Result<Option<crate::model::grant::GrantDoc>, StoreError> {
         Err(StoreError::Rejected("this store keeps no grants".into()))
     }
     /// Replaces a stored grant (a void).

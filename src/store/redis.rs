@@ -90,7 +90,11 @@ impl EntitlementStore for RedisEntitlementStore {
     }
 
     // Prepaid credit grants (issue 18).
-    async fn insert_grant(&self, customer: &str, doc: &crate::model::grant::GrantDoc) -> Result<Option<crate::model::grant::GrantDoc>, StoreError> {
+    async fn insert_grant(
+        &self,
+        customer: &str,
+        doc: &crate::model::grant::GrantDoc,
+    ) -> Result<Option<crate::model::grant::GrantDoc>, StoreError> {
         super::grants::redis_insert(&self.redis, customer, doc).await
     }
 

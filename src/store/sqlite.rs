@@ -498,7 +498,11 @@ impl EntitlementStore for SqliteStore {
     }
 
     // Prepaid credit grants (issue 18).
-    async fn insert_grant(&self, customer: &str, doc: &crate::model::grant::GrantDoc) -> Result<Option<crate::model::grant::GrantDoc>, StoreError> {
+    async fn insert_grant(
+        &self,
+        customer: &str,
+        doc: &crate::model::grant::GrantDoc,
+    ) -> Result<Option<crate::model::grant::GrantDoc>, StoreError> {
         let (customer, doc) = (customer.to_owned(), doc.clone());
         self.run("insert grant", move |conn| super::grants::sqlite_insert(conn, &customer, &doc)).await
     }
