@@ -67,6 +67,8 @@ pub struct GrantView {
 struct Entry {
     ledger: Ledger,
     low_balance: Option<i64>,
+    /// Usage of other instances charged here (with Redis), raw units.
+    others: i64,
 }
 
 /// Every credit ledger, the grants' documents, the alert sink and totals.
@@ -154,7 +156,7 @@ impl CreditBook {
         let slot = self
             .ledgers
             .entry((customer, meter))
-            .or_insert_with(|| Mutex::new(Entry { ledger: Ledger::new(), low_balance: None }))
+            .or_insert_with(|| Mutex::new(Entry { ledger: Ledger::new(), low_balance: None, others: 0 }))
             .downgrade();
         let mut entry = slot.lock().unwrap_or_else(PoisonError::into_inner);
         f(&mut entry)
@@ -277,6 +279,39 @@ impl CreditBook {
             }
             e.ledger.balance(now)
         })
+    }
+
+    /// With Redis: the balance now, this instance's own usage and the other
+    /// instances' usage charged here, read together.
+    pub fn shared_view(&self, customer: CustomerId, meter: MeterId, now: i64) -> (i64, i64, i64) {
+        self.with_entry(customer, meter, |e| {
+            let b = e.ledger.balance(now).balance;
+            (b, e.ledger.used().saturating_sub(e.others), e.others)
+        })
+    }
+
+    /// With Redis: `total` is every instance's usage; what is not this
+    /// instance's and not charged yet is charged now.
+    pub fn learn_total(&self, customer: CustomerId, meter: MeterId, total: i64, now: i64) {
+        let grew = self.with_entry(customer, meter, |e| {
+            let own = e.ledger.used().saturating_sub(e.others);
+            let others = total.saturating_sub(own);
+            if others > e.others {
+                e.ledger.charge(now, others - e.others);
+                e.others = others;
+                true
+            } else {
+                false
+            }
+        });
+        if grew {
+            self.recheck(customer, meter, now, true);
+        }
+    }
+
+    /// Every ledger's `(customer, meter)`.
+    pub fn ledger_keys(&self) -> Vec<(CustomerId, MeterId)> {
+        self.ledgers.iter().map(|e| *e.key()).collect()
     }
 
     /// Usage of the store, loaded at start: `raw` units in the minute at `minute_ms`.

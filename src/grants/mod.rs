@@ -226,12 +226,25 @@ pub fn has_credits(limits: &[crate::model::Limit]) -> bool {
     limits.iter().any(|l| matches!(l.amount, LimitAmount::Credits { .. }))
 }
 
-/// With a shared store (Redis): reloads the grants whenever the store's
-/// grants version moves, every `interval`, until `stop`.
+/// With a shared store (Redis), every `interval` until `stop`: syncs credit
+/// usage with the other instances and reloads the grants when the store's
+/// grants version moved.
 pub async fn refresh(engine: Arc<Engine>, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut seen = 0u64;
     loop {
         let ports = engine.grant_ports();
+        if let Some(redis) = engine.redis() {
+            let interner = &engine.counters().interner;
+            let catalog = engine.catalog();
+            redis_consume::sync(
+                ports.credits,
+                redis,
+                engine.instance_id(),
+                |c| interner.name(c),
+                |m| catalog.meter(m).map(|m| m.name.clone()),
+            )
+            .await;
+        }
         match ports.store.grants_version().await {
             Ok(v) if v != seen => match crate::credits::load::grants(ports.credits, ports.store, ports.interner).await {
                 Ok(_) => seen = v,

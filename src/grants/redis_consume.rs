@@ -1,1 +1,150 @@
-//! placeholder
+//! Hard credits limits across instances (Redis): a consume is also taken in
+//! one Lua script on the customer's credit key (`P{C}:credits:{meter}`, one
+//! field per instance holding its own credit usage, and `t`, the sum), so
+//! racing instances never overdraw a balance, whatever their enforcement.
+//!
+//! The instance sends its view: the balance from its book, its own usage and
+//! the other instances' usage its book has charged. The script first raises
+//! this instance's field to its own usage (usage not yet pushed counts), then
+//! allows when `balance − (t − own − others) ≥ quantity`, i.e. the balance less
+//! the usage elsewhere this instance has not seen yet; the answer's `t` lets
+//! the book charge that usage. [`sync`] pushes and learns the same way for
+//! every ledger, every `sync_interval`, so balances read anywhere converge.
+//! Usage learned from other instances is charged at the time it is learned.
+
+use crate::counters::CustomerId;
+use crate::credits::CreditBook;
+use crate::model::{Limit, LimitAmount, Meter, MeterId};
+use crate::redis_link::{Keys, Redis};
+
+/// ARGV: field, own usage, base (= balance + own + others), quantity (0: sync
+/// only). Returns {1, t before} when taken (or a sync), {0, t} when refused.
+const SCRIPT: &str = r"
+local field = ARGV[1]
+local own = tonumber(ARGV[2])
+local base = tonumber(ARGV[3])
+local q = tonumber(ARGV[4])
+local old = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+local t = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
+if own > old then
+  redis.call('HSET', KEYS[1], field, own)
+  redis.call('HINCRBY', KEYS[1], 't', own - old)
+  t = t + (own - old)
+  old = own
+end
+if q == 0 then return {1, t} end
+if base - t < q then return {0, t} end
+redis.call('HSET', KEYS[1], field, old + q)
+redis.call('HINCRBY', KEYS[1], 't', q)
+return {1, t}
+";
+
+/// Undoes a taken quantity whose WAL write failed.
+const GIVE_BACK: &str = r"
+redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
+redis.call('HINCRBY', KEYS[1], 't', -tonumber(ARGV[2]))
+return 1
+";
+
+static TAKE: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(SCRIPT));
+static UNTAKE: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(GIVE_BACK));
+
+/// A quantity taken in Redis, not yet folded locally.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    key: String,
+    field: String,
+    quantity: i64,
+    /// Every instance's usage before this take.
+    total_before: i64,
+}
+
+/// What the script said.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Taken(Taken),
+    /// Refused: the balance the script saw (other instances' usage included).
+    Refused {
+        balance: i64,
+    },
+    /// Redis could not answer.
+    Down(String),
+}
+
+/// Whether a consume on these limits takes credits in Redis.
+pub fn applies(limits: &[Limit]) -> bool {
+    limits.iter().any(|l| l.hard && matches!(l.amount, LimitAmount::Credits { .. }))
+}
+
+/// Takes `quantity` of the `(customer, meter)` balance in Redis (the customer
+/// by name and id). Call under the
+/// consume lock, after the local decision allowed.
+pub async fn take(
+    book: &CreditBook,
+    redis: &Redis,
+    instance_id: &str,
+    (name, customer): (&str, CustomerId),
+    meter: &Meter,
+    quantity: i64,
+    now: i64,
+) -> Outcome {
+    let (balance, own, others) = book.shared_view(customer, meter.id, now);
+    let base = balance.saturating_add(own).saturating_add(others);
+    let key = redis.keys.credits(name, &meter.name);
+    let field = Keys::instance_field(instance_id);
+    let mut invocation = TAKE.prepare_invoke();
+    invocation.key(&key).arg(&field).arg(own).arg(base).arg(quantity);
+    let mut conn = redis.conn();
+    let reply: Result<Vec<i64>, _> = redis.call("credits take", invocation.invoke_async(&mut conn)).await;
+    match reply.as_deref() {
+        Ok([1, t]) => Outcome::Taken(Taken { key, field, quantity, total_before: *t }),
+        Ok([0, t]) => {
+            book.learn_total(customer, meter.id, *t, now);
+            Outcome::Refused { balance: base.saturating_sub(*t) }
+        }
+        Ok(other) => Outcome::Down(format!("redis credits script answered {other:?}")),
+        Err(e) => Outcome::Down(e.to_string()),
+    }
+}
+
+/// After the consume was folded locally: charge what Redis said of the others.
+pub fn settle(book: &CreditBook, customer: CustomerId, meter: MeterId, taken: &Taken, now: i64) {
+    book.learn_total(customer, meter, taken.total_before.saturating_add(taken.quantity), now);
+}
+
+/// The WAL refused the consume: give the quantity back in Redis.
+pub async fn give_back(redis: &Redis, taken: &Taken) {
+    let mut invocation = UNTAKE.prepare_invoke();
+    invocation.key(&taken.key).arg(&taken.field).arg(taken.quantity);
+    let mut conn = redis.conn();
+    if let Err(e) = redis.call("credits give back", invocation.invoke_async::<i64>(&mut conn)).await {
+        tracing::warn!(error = %e, key = %taken.key, "a credits take could not be given back after the WAL refused it");
+    }
+}
+
+/// Pushes this instance's usage of every ledger and charges the others'.
+pub async fn sync(
+    book: &CreditBook,
+    redis: &Redis,
+    instance_id: &str,
+    names: impl Fn(CustomerId) -> Option<std::sync::Arc<str>>,
+    meters: impl Fn(MeterId) -> Option<String>,
+) {
+    let field = Keys::instance_field(instance_id);
+    let now = crate::clock::now_ms();
+    for (customer, meter) in book.ledger_keys() {
+        let (Some(name), Some(meter_name)) = (names(customer), meters(meter)) else { continue };
+        let (_, own, _) = book.shared_view(customer, meter, now);
+        let mut invocation = TAKE.prepare_invoke();
+        invocation.key(redis.keys.credits(&name, &meter_name)).arg(&field).arg(own).arg(0).arg(0);
+        let mut conn = redis.conn();
+        match redis.call("credits sync", invocation.invoke_async::<Vec<i64>>(&mut conn)).await.as_deref() {
+            Ok([1, t]) => book.learn_total(customer, meter, *t, now),
+            Ok(other) => tracing::warn!(answer = ?other, "redis credits sync answered unexpectedly"),
+            Err(e) => {
+                tracing::warn!(error = %e, "redis credits sync failed; retrying next interval");
+                return;
+            }
+        }
+    }
+}

@@ -452,7 +452,15 @@ impl LimitsPorts<'_> {
         let Consume { customer, meter, ent, limits, quantity, id_hash, now, .. } = *c;
         debug_assert!(guard.covers(customer, meter.id), "the consume lock of another (customer, meter)");
         let mut states = self.reads.limit_states(Some(customer), meter, ent, limits, now);
-        let verdict = decide(&states, quantity);
+        let mut verdict = decide(&states, quantity);
+        // Prepaid credits (issue 18): with Redis, a hard credits limit is taken there too.
+        let taken = match (verdict.allowed, self.redis) {
+            (true, Some(redis)) if crate::grants::redis_consume::applies(limits) => {
+                let taken = self.take_credits(redis, c, &mut states, &mut verdict).await;
+                taken.map(|t| (redis, t))
+            }
+            _ => None,
+        };
         if verdict.allowed {
             // Gauges record the new level; totals record the amount.
             let raw = if meter.aggregation.is_gauge() {
@@ -460,13 +468,63 @@ impl LimitsPorts<'_> {
             } else {
                 quantity
             };
-            let seq = self.wal.append(consume_record(c, raw)).await.map_err(|e| self.wal_refused(id_hash, e))?;
+            let seq = match self.wal.append(consume_record(c, raw)).await {
+                Ok(seq) => seq,
+                Err(e) => {
+                    if let Some((redis, t)) = &taken {
+                        crate::grants::redis_consume::give_back(redis, t).await;
+                    }
+                    return Err(self.wal_refused(id_hash, e));
+                }
+            };
             self.usage.fold(&consume_usage(c, raw), None, Origin::Live, || self.wal.tracker.folded(seq));
             for s in &mut states {
                 s.used = s.used.saturating_add(quantity);
             }
+            if let Some((_, t)) = &taken {
+                crate::grants::redis_consume::settle(self.reads.credits, customer, meter.id, t, now);
+                for s in states.iter_mut().filter(|s| s.limit.amount.is_credits()) {
+                    let low = crate::credits::CreditBook::low_balance_of(std::slice::from_ref(&s.limit));
+                    *s = self.reads.credit_state(Some(customer), meter, s.limit, low, now);
+                }
+            }
         }
         Ok((states, verdict))
+    }
+
+    /// Prepaid credits (issue 18): takes a consume's quantity of a hard
+    /// credits balance in Redis (see `crate::grants::redis_consume`); a refusal
+    /// or an unreachable Redis turns `verdict` into a denial.
+    async fn take_credits(
+        &self,
+        redis: &Redis,
+        c: &Consume<'_>,
+        states: &mut [LimitState],
+        verdict: &mut Verdict,
+    ) -> Option<crate::grants::redis_consume::Taken> {
+        use crate::grants::redis_consume::{take, Outcome};
+        let index = states.iter().position(|s| s.limit.hard && s.limit.amount.is_credits()).unwrap_or(0);
+        match take(self.reads.credits, redis, self.instance_id, (c.name, c.customer), c.meter, c.quantity, c.now).await {
+            Outcome::Taken(t) => Some(t),
+            Outcome::Refused { balance } => {
+                if let Some(s) = states.get_mut(index) {
+                    if let LimitAmount::Credits { granted, .. } = s.limit.amount {
+                        s.used = granted.saturating_sub(balance);
+                    }
+                }
+                *verdict = Verdict { allowed: false, reason: Reason::InsufficientCredits, primary: index };
+                None
+            }
+            Outcome::Down(e) if self.strict_open_when_down => {
+                tracing::debug!(error = %e, "credits decided locally: redis is unreachable (strict_when_unavailable = allow)");
+                None
+            }
+            Outcome::Down(e) => {
+                tracing::warn!(error = %e, "a hard credits consume is refused: redis is unreachable");
+                *verdict = Verdict { allowed: false, reason: Reason::Unavailable, primary: index };
+                None
+            }
+        }
     }
 
     /// The WAL refused a consume's record: release its id.
