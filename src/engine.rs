@@ -344,6 +344,7 @@ impl Engine {
         // Prepaid credits (issue 18): grants, then the stored usage of credits
         // meters; the WAL replay below adds the rest through the seam.
         let shared = engine.counters().windows.is_shared();
+        crate::credits::load::track_overrides(&engine.credits, &engine.entitlements, &engine.counters().interner);
         crate::credits::load::load(
             &engine.credits,
             &*engine.grant_store,

@@ -37,6 +37,23 @@ pub async fn grants(book: &CreditBook, store: &dyn EntitlementStore, interner: &
     Ok(n)
 }
 
+/// Marks the meters customers' overrides make credits (the plans' are marked
+/// when the book is made).
+pub fn track_overrides(book: &CreditBook, entitlements: &crate::entitlements::EntitlementCache, interner: &Interner) {
+    for customer in 0..u32::try_from(interner.len()).unwrap_or(u32::MAX) {
+        track_overrides_of(book, &entitlements.get(Some(customer)));
+    }
+}
+
+/// Marks the meters one customer's overrides make credits.
+pub fn track_overrides_of(book: &CreditBook, ent: &crate::model::Entitlements) {
+    for (meter, limits) in &ent.overrides {
+        if limits.iter().any(|l| l.amount.is_credits()) {
+            book.track_meter(*meter);
+        }
+    }
+}
+
 /// Grants, then the stored usage of every credits meter.
 pub async fn load(
     book: &CreditBook,

@@ -162,7 +162,14 @@ pub async fn put_entitlements(state: &HttpState, req: Request<RequestBody>, cust
     // Loaded first (with Redis), so the change is compared with what is stored.
     state.engine.ensure_customer(customer).await;
     match state.engine.backfill_ports().set_entitlements(customer, doc).await {
-        Ok(_) => Ok(json(StatusCode::OK, &entitlements_view(state, customer))),
+        Ok(_) => {
+            // Prepaid credits (issue 18): an override may make a meter credits.
+            crate::credits::load::track_overrides_of(
+                state.engine.credits(),
+                &state.engine.entitlements().get(state.engine.counters().interner.lookup(customer)),
+            );
+            Ok(json(StatusCode::OK, &entitlements_view(state, customer)))
+        }
         Err(EntitlementsError::Invalid(problems)) => {
             let message = problems.iter().map(|p| format!("{}: {}", p.path, p.reason)).collect::<Vec<_>>().join("; ");
             let details: Vec<_> = problems.iter().map(|p| j!({"field": p.path, "reason": p.reason})).collect();
