@@ -228,5 +228,10 @@ async fn low_and_depleted_fire_once_until_a_grant_lifts_the_balance() {
         consume(&c, "u6", "interviews", 1, &format!("b{i}")).await;
     }
     assert_eq!(kinds(&rec)[2..], [(CreditAlertKind::Low, "2".to_string())], "re-armed by the top-up");
+    // Ingested usage that is never checked crosses too.
+    assert_eq!(grant(&c, "u7", json!({"id": "g", "meter": "interviews", "amount": 3})).await.status, 201);
+    ingest(&c, json!(event("u7", "interviews", 1))).await;
+    let last = rec.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last().cloned();
+    assert_eq!(last.map(|a| (a.kind, a.customer)), Some((CreditAlertKind::Low, "u7".to_string())));
     s.stop().await;
 }

@@ -129,6 +129,11 @@ impl GrantPorts<'_> {
         if self.credits.grant(id, &stored.id).as_ref() != Some(&stored) {
             self.credits.install(id, customer, stored.clone(), raw);
         }
+        if let Some(meter) = self.catalog.meter_by_name(&stored.meter) {
+            // The alert level of the customer's limit, for usage that is never checked.
+            let low = self.entitlements.get(Some(id)).limits(meter.id).and_then(|ls| CreditBook::low_balance_of(ls));
+            let _ = self.credits.balance(Some(id), meter.id, low, now);
+        }
         let view = self.view(id, &stored.id, now).ok_or_else(|| GrantError::NotFound(stored.id.clone()))?;
         tracing::info!(customer = %customer, grant = %stored.id, meter = %stored.meter, created, "grant");
         Ok((view, created))
