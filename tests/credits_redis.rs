@@ -16,11 +16,16 @@ const PLANS: &str = r#"
 name = "ai_tokens"
 aggregation = "sum"
 
+[[meters]]
+name = "gpu"
+aggregation = "sum"
+
 [[plans]]
 name = "credits"
 default = true
 [plans.limits]
 ai_tokens = { limit = "credits" }
+gpu = [ { limit = "credits" }, { limit = 100000, window = "month", enforcement = "strict" } ]
 "#;
 
 fn config(redis_url: &str, instance: &str) -> String {
@@ -31,9 +36,13 @@ fn config(redis_url: &str, instance: &str) -> String {
 }
 
 async fn balance(s: &TestServer, customer: &str) -> Value {
+    balance_of(s, customer, "ai_tokens").await
+}
+
+async fn balance_of(s: &TestServer, customer: &str, meter: &str) -> Value {
     let r = s.client().get(&format!("/v1/customers/{customer}/balances")).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    r.body["balances"][0].clone()
+    r.body["balances"].as_array().and_then(|b| b.iter().find(|x| x["meter"] == meter).cloned()).unwrap_or_default()
 }
 
 async fn wait_for(s: &TestServer, customer: &str, field: &str, want: i64) {
@@ -110,4 +119,73 @@ async fn three_instances_racing_on_one_balance_never_overdraw_it() {
     for s in [a, b, c] {
         s.stop().await;
     }
+}
+
+/// `per` consumers on each server, 8 consumes of 30 each on `meter`; the
+/// number allowed.
+async fn race(servers: &[&TestServer], customer: &str, meter: &str, per: usize) -> usize {
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(servers.len() * per));
+    let mut handles = Vec::new();
+    for (n, s) in servers.iter().enumerate() {
+        for t in 0..per {
+            let (c, customer, meter, start) = (s.client(), customer.to_string(), meter.to_string(), start.clone());
+            handles.push(tokio::spawn(async move {
+                start.wait().await;
+                let mut allowed = 0;
+                for i in 0..8 {
+                    let id = format!("{meter}-{n}-{t}-{i}");
+                    let r = c.check(&json!({"customer": customer, "meter": meter, "quantity": 30, "consume": true, "id": id})).await;
+                    assert_eq!(r.status, 200, "{}", r.text);
+                    if r.body["allowed"] == true {
+                        allowed += 1;
+                    } else {
+                        assert_eq!(r.body["reason"], "insufficient_credits", "{}", r.text);
+                    }
+                }
+                allowed
+            }));
+        }
+    }
+    let mut allowed = 0;
+    for h in handles {
+        allowed += h.await.expect("consumer");
+    }
+    allowed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credits_beside_a_strict_limit_are_taken_in_redis_too() {
+    let redis = need!(RedisServer::start(false).await);
+    let a = TestServer::start(&config(&redis.url(), "cs-a")).await;
+    let b = TestServer::start(&config(&redis.url(), "cs-b")).await;
+    let customer = uid("cs");
+    let r = a.client().post_json(&format!("/v1/customers/{customer}/grants"), &json!({"id": "g", "meter": "gpu", "amount": 500})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    for s in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while balance_of(s, &customer, "gpu").await["granted"] != json!(500) {
+            assert!(Instant::now() < deadline, "the grant never reached an instance");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(race(&[&a, &b], &customer, "gpu", 4).await, 16, "500 credits buy exactly 16 consumes of 30");
+    // The strict window holds exactly what was allowed: refusals were given back.
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("meterd:{{{customer}}}:w:gpu:month:*")).query_async(&mut conn).await.expect("keys");
+    let mut month = 0;
+    for k in keys {
+        let t: Option<i64> = redis::cmd("HGET").arg(&k).arg("t").query_async(&mut conn).await.expect("hget");
+        month += t.unwrap_or(0);
+    }
+    assert_eq!(month, 480);
+    for s in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while balance_of(s, &customer, "gpu").await["balance"] != json!(20) {
+            assert!(Instant::now() < deadline, "balances never converged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
 }

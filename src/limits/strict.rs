@@ -130,6 +130,28 @@ impl LimitsPorts<'_> {
             _ => return Err(CheckError::Unavailable(format!("redis strict script answered {reply:?}"))),
         }
         let verdict = decide(&states, quantity);
+        // Prepaid credits (issue 18): a hard credits limit is taken in Redis too;
+        // refused, the strict windows are given back.
+        let taken = if crate::grants::redis_consume::applies(limits) {
+            let mut credits_verdict = verdict;
+            let taken = self.take_credits(redis, c, &mut states, &mut credits_verdict).await;
+            if !credits_verdict.allowed {
+                let mut give_back = GIVE_BACK.prepare_invoke();
+                give_back.arg(Keys::instance_field(self.instance_id)).arg(quantity);
+                for key in &keys {
+                    give_back.key(redis.keys.window(name, &meter.name, key.kind, key.start_ms));
+                }
+                if let Err(e) = redis.call("strict give back", give_back.invoke_async::<i64>(&mut conn)).await {
+                    tracing::warn!(error = %e, customer = %name, "a strict consume could not be given back after credits refused it");
+                }
+                self.deduper.remove(id_hash);
+                crate::telemetry::decision(credits_verdict.reason.as_str(), true, meter.id.into(), &meter.name);
+                return Ok(answer(name, meter, quantity, &states, credits_verdict));
+            }
+            taken
+        } else {
+            None
+        };
         let mut b = RecordBuilder::new(now, 1);
         b.push::<&str, &str>(id_hash, customer, name, meter.id, &meter.name, quantity, now, &[]);
         let seq = match self.wal.append(b).await {
@@ -142,6 +164,9 @@ impl LimitsPorts<'_> {
                 }
                 if let Err(e) = redis.call("strict give back", give_back.invoke_async::<i64>(&mut conn)).await {
                     tracing::warn!(error = %e, customer = %name, "a strict consume could not be given back in redis after the WAL refused it");
+                }
+                if let Some(t) = &taken {
+                    crate::grants::redis_consume::give_back(redis, t).await;
                 }
                 self.deduper.remove(id_hash);
                 return Err(CheckError::Unavailable(format!("could not write the WAL: {e}")));
@@ -162,6 +187,14 @@ impl LimitsPorts<'_> {
         for (i, s) in states.iter_mut().enumerate() {
             if !strict.contains(&i) {
                 s.used = s.used.saturating_add(quantity);
+            }
+        }
+        if let Some(t) = &taken {
+            // Prepaid credits (issue 18): the others' usage Redis answered.
+            crate::grants::redis_consume::settle(self.reads.credits, customer, meter.id, t, now);
+            for s in states.iter_mut().filter(|s| s.limit.amount.is_credits()) {
+                let low = crate::credits::CreditBook::low_balance_of(std::slice::from_ref(&s.limit));
+                *s = self.reads.credit_state(Some(customer), meter, s.limit, low, now);
             }
         }
         crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
