@@ -290,7 +290,9 @@ impl Engine {
         let catalog = config.catalog.clone();
         // Prepaid credits (issue 18): the book sees every change of usage.
         let credits = Arc::new(crate::credits::CreditBook::new(catalog.clone()));
-        observers.push(credits.clone());
+        if credits.observes() {
+            observers.push(credits.clone());
+        }
         let grant_store = entitlement_store.clone();
         let removed = usage_store.recover(&instance_id).await?;
         if removed > 0 {

@@ -49,6 +49,12 @@ pub fn track_overrides(book: &CreditBook, entitlements: &crate::entitlements::En
 pub fn track_overrides_of(book: &CreditBook, ent: &crate::model::Entitlements) {
     for (meter, limits) in &ent.overrides {
         if limits.iter().any(|l| l.amount.is_credits()) {
+            if !book.observes() {
+                tracing::warn!(
+                    meter = *meter,
+                    "an override makes a meter credits but no plan has a credits limit: usage is not charged to balances"
+                );
+            }
             book.track_meter(*meter);
         }
     }

@@ -11,7 +11,9 @@
 //! nothing waits on a store.
 //!
 //! A meter is a credits meter when a plan makes it `limit = "credits"` or any
-//! grant names it; usage of other meters costs one bit test here.
+//! grant names it; usage of other meters costs one bit test here. The book
+//! observes the seam only when some plan has a credits limit, so a config
+//! without credits keeps the seam's no-observer cost.
 //! Balance crossings of `low_balance` and zero become [`CreditAlert`]s handed to
 //! the [`CreditAlertSink`] (none by default).
 
@@ -84,6 +86,9 @@ pub struct CreditBook {
     /// Per meter: raw units granted (all grants) and spent (all usage charged).
     granted: Box<[AtomicI64]>,
     spent: Box<[AtomicI64]>,
+    /// Whether a plan has a credits limit: only then is the book registered
+    /// with the usage seam (with no observer, the seam costs one branch).
+    observes: bool,
 }
 
 impl CreditBook {
@@ -100,7 +105,9 @@ impl CreditBook {
                 }
             }
         }
+        let observes = credit_meters.iter().any(|b| b.load(Ordering::Acquire));
         CreditBook {
+            observes,
             catalog,
             credit_meters,
             ledgers: DashMap::new(),
@@ -120,6 +127,12 @@ impl CreditBook {
     /// Whether usage of `meter` is charged to ledgers.
     pub fn is_credit_meter(&self, meter: MeterId) -> bool {
         self.credit_meters.get(usize::from(meter)).is_some_and(|b| b.load(Ordering::Acquire))
+    }
+
+    /// Whether usage reaches the book: a plan in the config has a credits
+    /// limit. Without one, grants are kept but no usage is charged to them.
+    pub fn observes(&self) -> bool {
+        self.observes
     }
 
     /// Marks `meter` a credits meter (an override made it one).
