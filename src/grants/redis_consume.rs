@@ -122,7 +122,12 @@ pub async fn give_back(redis: &Redis, taken: &Taken) {
     }
 }
 
-/// Pushes this instance's usage of every ledger and charges the others'.
+/// How many credit keys one sync has in flight at once.
+const SYNC_IN_FLIGHT: usize = 32;
+
+/// Pushes this instance's usage of every ledger and charges the others'
+/// (one script per ledger, [`SYNC_IN_FLIGHT`] at a time on the multiplexed
+/// connection). Stops at the first failure; the next interval retries.
 pub async fn sync(
     book: &CreditBook,
     redis: &Redis,
@@ -130,15 +135,25 @@ pub async fn sync(
     names: impl Fn(CustomerId) -> Option<std::sync::Arc<str>>,
     meters: impl Fn(MeterId) -> Option<String>,
 ) {
+    use futures_util::stream::{self, StreamExt};
     let field = Keys::instance_field(instance_id);
     let now = crate::clock::now_ms();
-    for (customer, meter) in book.ledger_keys() {
-        let (Some(name), Some(meter_name)) = (names(customer), meters(meter)) else { continue };
+    let calls = book.ledger_keys().into_iter().filter_map(|(customer, meter)| {
+        let key = redis.keys.credits(&names(customer)?, &meters(meter)?);
         let (_, own, _) = book.shared_view(customer, meter, now);
-        let mut invocation = TAKE.prepare_invoke();
-        invocation.key(redis.keys.credits(&name, &meter_name)).arg(&field).arg(own).arg(0).arg(0);
-        let mut conn = redis.conn();
-        match redis.call("credits sync", invocation.invoke_async::<Vec<i64>>(&mut conn)).await.as_deref() {
+        Some((customer, meter, key, own))
+    });
+    let field = &field;
+    let mut answers = stream::iter(calls)
+        .map(|(customer, meter, key, own)| async move {
+            let mut invocation = TAKE.prepare_invoke();
+            invocation.key(key).arg(field).arg(own).arg(0).arg(0);
+            let mut conn = redis.conn();
+            (customer, meter, redis.call("credits sync", invocation.invoke_async::<Vec<i64>>(&mut conn)).await)
+        })
+        .buffer_unordered(SYNC_IN_FLIGHT);
+    while let Some((customer, meter, answer)) = answers.next().await {
+        match answer.as_deref() {
             Ok([1, t]) => book.learn_total(customer, meter, *t, now),
             Ok(other) => tracing::warn!(answer = ?other, "redis credits sync answered unexpectedly"),
             Err(e) => {
