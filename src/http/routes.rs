@@ -112,7 +112,7 @@ pub static ROUTES: &[Route] = &[
         name: "balances",
         path: "/v1/customers/{customer}/balances",
         ops: false,
-        methods: &[(Method::GET, |s, req, c| Box::pin(async move { super::credits::balances(&s, req.headers(), &c) }))],
+        methods: &[(Method::GET, |s, req, c| Box::pin(async move { super::credits::balances(&s, req.headers(), &c).await }))],
     },
     Route {
         name: "stripe_status",
