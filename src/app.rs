@@ -66,6 +66,10 @@ pub struct AppHandle {
     /// The raw-events export, with `clickhouse.raw_events = true`.
     raw_export: Option<(watch::Sender<bool>, Supervised<()>)>,
     grace: Duration,
+    // Config reload (issue 23): the running config and the parts that take changes live.
+    /// Applies a new config (SIGHUP, `meterd reload`); features that take
+    /// changes live register a part with it at start.
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 /// A background task under [`supervise`]: the outcome of its run that ended on
@@ -239,6 +243,8 @@ impl AppHandle {
             health: Health::new(),
         });
         let health = state.health.clone();
+        // Config reload (issue 23): the API keys change live; other parts register here.
+        let reloader = Arc::new(crate::reload::Reloader::new(config.clone(), vec![Arc::new(crate::reload::AuthKeys(state.clone()))]));
         if !state.auth.enabled() {
             tracing::warn!(listen = %config.server.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
         }
@@ -300,6 +306,7 @@ impl AppHandle {
             reporter,
             raw_export,
             grace,
+            reloader,
         })
     }
 

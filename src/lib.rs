@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod backoff;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod counters;
@@ -23,6 +24,7 @@ pub mod model;
 pub mod raw_export;
 pub mod redis_link;
 pub mod rejected;
+pub mod reload;
 pub mod report;
 pub mod store;
 pub mod sync;

@@ -1,0 +1,290 @@
+//! `meterd backup`: a consistent copy of a data directory, taken from files while
+//! meterd runs (or not), that a new meterd starts from with every total intact.
+//!
+//! # Why it is consistent
+//!
+//! A data directory holds two things that must agree: the SQLite store (minute
+//! aggregates, with the WAL watermark `W` of the last flush in the same
+//! transaction) and the WAL (every acknowledged batch not yet in the store).
+//! The copy is taken in that order:
+//!
+//! 1. `VACUUM INTO` from a second connection: one read transaction, so the copy
+//!    is the store as of one flush, watermark `W` included.
+//! 2. The id files (event ids within the dedupe window): every id of a record at
+//!    or below `W` was fsynced before that flush, so it is in the copy.
+//! 3. The WAL segments, in sequence order, each read whole; the newest one may
+//!    be mid-append, so it is cut after its last complete record (the frames
+//!    carry length and CRC32C). The last record copied, `C`, is the backup
+//!    point: a batch acknowledged before the backup started is at or below it
+//!    (the writer answers only after its record is written).
+//! 4. Check: the copied records above `W` are exactly `W+1 ..= C`. The live
+//!    writer may have deleted a segment between steps 1 and 3 (a flush moved
+//!    its checkpoint on): then the copy is discarded and taken again.
+//!
+//! The `wal/checkpoint` file is not copied: it may be ahead of the store copy,
+//! and start-up would then skip records the copy does not hold. Start-up takes
+//! the store's watermark, replays `W+1 ..= C` and forgets the ids of records
+//! above `C` (they are in the id files but not in the copied WAL), so every
+//! batch is counted once, and one acknowledged after the backup point not at all.
+//!
+//! The usage store must be the embedded SQLite file: with `[clickhouse]` the
+//! watermark lives in ClickHouse, and a copy of the directory alone is not a
+//! backup (refused).
+
+use crate::config::ValidConfig;
+use crate::store::UsageStore;
+use crate::wal::segment;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Why a backup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0} exists and is not empty: back up into a new directory")]
+    NotEmpty(String),
+    #[error("usage is stored in ClickHouse ([clickhouse] is configured): back ClickHouse up with its own tools; `meterd backup` copies the embedded SQLite store")]
+    ClickHouse,
+    #[error("the SQLite store: {0}")]
+    Sqlite(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Segment(#[from] segment::SegmentError),
+    #[error("the WAL kept changing under the copy ({0}); try again")]
+    Unstable(String),
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io { path: path.display().to_string(), source }
+}
+
+/// What a backup holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// The instance id the copy belongs to (its flushes in the store carry it).
+    pub instance_id: Option<String>,
+    /// The store's WAL watermark: records up to it are in `meterd.sqlite`.
+    pub store_upto: u64,
+    /// The backup point: the last WAL record copied (0: none).
+    pub wal_upto: u64,
+    /// WAL segment files copied.
+    pub segments: usize,
+    /// The WAL record format version of this meterd.
+    pub wal_format: u16,
+    /// When the copy was taken (ms since the epoch).
+    pub taken_ms: i64,
+    /// How many attempts it took (a live WAL may move under the copy).
+    pub attempts: u32,
+}
+
+/// The manifest's file name inside a backup.
+pub const MANIFEST: &str = "backup.json";
+const STORE_FILE: &str = "meterd.sqlite";
+const ATTEMPTS: u32 = 5;
+
+/// Copies the data directory of `config` into `to` (created; must be absent or
+/// empty). The copy is built in `to.partial` and renamed into place.
+pub async fn backup(config: &ValidConfig, to: &Path) -> Result<Manifest, BackupError> {
+    if config.clickhouse.is_some() {
+        return Err(BackupError::ClickHouse);
+    }
+    if to.exists() && std::fs::read_dir(to).map_err(io(to))?.next().is_some() {
+        return Err(BackupError::NotEmpty(to.display().to_string()));
+    }
+    let data_dir = &config.storage.data_dir;
+    let instance_id = match &config.server.instance_id {
+        Some(id) => Some(id.clone()),
+        None => match std::fs::read_to_string(data_dir.join("instance_id")) {
+            Ok(id) if !id.trim().is_empty() => Some(id.trim().to_string()),
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&data_dir.join("instance_id"))(e)),
+        },
+    };
+    let staging = PathBuf::from(format!("{}.partial", to.display()));
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        remove_dir_if_exists(&staging)?;
+        std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+        match attempt_copy(data_dir, &staging, instance_id.as_deref()).await? {
+            Ok((store_upto, wal_upto, segments)) => {
+                let manifest = Manifest {
+                    instance_id,
+                    store_upto,
+                    wal_upto,
+                    segments,
+                    wal_format: crate::wal::record::FORMAT_VERSION,
+                    taken_ms: crate::clock::now_ms(),
+                    attempts: attempt,
+                };
+                let text = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Sqlite(e.to_string()))?;
+                write_synced(&staging.join(MANIFEST), &text)?;
+                if to.exists() {
+                    std::fs::remove_dir(to).map_err(io(to))?;
+                }
+                std::fs::rename(&staging, to).map_err(io(to))?;
+                sync_dir(to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
+                return Ok(manifest);
+            }
+            Err(why) => {
+                tracing::info!(attempt, reason = %why, "the live WAL moved under the backup; copying again");
+                last = why;
+            }
+        }
+    }
+    remove_dir_if_exists(&staging)?;
+    Err(BackupError::Unstable(last))
+}
+
+/// One attempt: `Ok(Ok((store_upto, wal_upto, segments)))`, or `Ok(Err(why))`
+/// when the WAL moved under the copy and it must be taken again.
+async fn attempt_copy(data_dir: &Path, to: &Path, instance_id: Option<&str>) -> Result<Result<(u64, u64, usize), String>, BackupError> {
+    // 1. The store, as of one flush.
+    let store_src = data_dir.join(STORE_FILE);
+    let store_dst = to.join(STORE_FILE);
+    let store_upto = if store_src.exists() {
+        vacuum_into(&store_src, &store_dst)?;
+        match instance_id {
+            Some(id) => crate::store::sqlite::SqliteStore::open(&store_dst)?.wal_mark(id).await?.upto,
+            None => 0,
+        }
+    } else {
+        0
+    };
+    // The small files that go with it.
+    copy_file(&data_dir.join("instance_id"), &to.join("instance_id"))?;
+    copy_tree(&data_dir.join("rejected"), &to.join("rejected"))?;
+    let wal_src = data_dir.join("wal");
+    if !wal_src.exists() {
+        return Ok(Ok((store_upto, 0, 0)));
+    }
+    let wal_dst = to.join("wal");
+    std::fs::create_dir_all(&wal_dst).map_err(io(&wal_dst))?;
+    // 2. The id files (after the store: ids of stored records are on disk).
+    copy_tree(&wal_src.join("ids"), &wal_dst.join("ids"))?;
+    // Other WAL bookkeeping (a repair's dropped ranges), but not the checkpoint.
+    for entry in std::fs::read_dir(&wal_src).map_err(io(&wal_src))? {
+        let entry = entry.map_err(io(&wal_src))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_file = entry.file_type().map_err(io(&wal_src))?.is_file();
+        if is_file && name != "checkpoint" && !name.ends_with(".tmp") && !name.ends_with(".wal") {
+            copy_file(&entry.path(), &wal_dst.join(&*name))?;
+        }
+    }
+    // 3. The segments, oldest first; the newest cut after its last whole record.
+    let found = segment::list(&wal_src)?;
+    let count = found.len();
+    let mut expected = store_upto + 1;
+    let mut wal_upto = 0;
+    for (i, (first, path)) in found.into_iter().enumerate() {
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(format!("{} was deleted", path.display()))),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let is_last = i + 1 == count;
+        let scan = match segment::scan_bytes(&bytes, &path, is_last) {
+            Ok(scan) => scan,
+            Err(e) if !is_last => return Ok(Err(e.to_string())),
+            Err(e) => return Err(e.into()),
+        };
+        // 4. Records above the store's watermark must follow on without a gap.
+        for record in &scan.records {
+            wal_upto = wal_upto.max(record.seq);
+            if record.seq < expected {
+                continue;
+            }
+            if record.seq != expected {
+                return Ok(Err(format!("records {expected}..{} are gone from the WAL", record.seq)));
+            }
+            expected += 1;
+        }
+        if is_last && scan.records.is_empty() && first > expected {
+            return Ok(Err(format!("the open segment starts at {first}, after {expected}")));
+        }
+        let len = usize::try_from(scan.valid_len).unwrap_or(bytes.len()).min(bytes.len());
+        write_synced(&wal_dst.join(segment::name(first)), &bytes[..len])?;
+    }
+    sync_dir(&wal_dst);
+    Ok(Ok((store_upto, wal_upto.max(store_upto), count)))
+}
+
+/// A consistent copy of a live SQLite database (one read transaction).
+fn vacuum_into(src: &Path, dst: &Path) -> Result<(), BackupError> {
+    let sql = |e: rusqlite::Error| BackupError::Sqlite(format!("{}: {e}", src.display()));
+    let conn = rusqlite::Connection::open_with_flags(src, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(sql)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql)?;
+    conn.execute("VACUUM INTO ?1", [dst.display().to_string()]).map_err(sql)?;
+    Ok(())
+}
+
+fn copy_file(src: &Path, dst: &Path) -> Result<(), BackupError> {
+    match std::fs::read(src) {
+        Ok(bytes) => write_synced(dst, &bytes),
+        // Expired id files are deleted by the live writer: nothing to copy.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(src)(e)),
+    }
+}
+
+/// Copies the regular files of `src` (one level, as the data dir keeps them).
+fn copy_tree(src: &Path, dst: &Path) -> Result<(), BackupError> {
+    let entries = match std::fs::read_dir(src) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(src)(e)),
+    };
+    std::fs::create_dir_all(dst).map_err(io(dst))?;
+    for entry in entries {
+        let entry = entry.map_err(io(src))?;
+        if entry.file_type().map_err(io(src))?.is_file() {
+            copy_file(&entry.path(), &dst.join(entry.file_name()))?;
+        }
+    }
+    sync_dir(dst);
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+    let mut file = std::fs::File::create(path).map_err(io(path))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io(path))
+}
+
+/// Best effort: a directory fsync makes the new names durable.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+fn remove_dir_if_exists(dir: &Path) -> Result<(), BackupError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(dir)(e)),
+    }
+}
+
+/// `meterd restore`: copies a backup into `data_dir`, which must be absent or
+/// empty; meterd then starts from it (same instance id, same totals).
+pub fn restore(from: &Path, data_dir: &Path) -> Result<Manifest, BackupError> {
+    let manifest_path = from.join(MANIFEST);
+    let text = std::fs::read(&manifest_path).map_err(io(&manifest_path))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).map_err(|e| BackupError::Io { path: manifest_path.display().to_string(), source: e.into() })?;
+    if data_dir.exists() && std::fs::read_dir(data_dir).map_err(io(data_dir))?.next().is_some() {
+        return Err(BackupError::NotEmpty(data_dir.display().to_string()));
+    }
+    std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    for name in [STORE_FILE, "instance_id"] {
+        copy_file(&from.join(name), &data_dir.join(name))?;
+    }
+    copy_tree(&from.join("rejected"), &data_dir.join("rejected"))?;
+    copy_tree(&from.join("wal"), &data_dir.join("wal"))?;
+    copy_tree(&from.join("wal").join("ids"), &data_dir.join("wal").join("ids"))?;
+    sync_dir(data_dir);
+    Ok(manifest)
+}

@@ -1,0 +1,211 @@
+//! Changing the config without a restart: `SIGHUP` (or `meterd reload`, which
+//! signals the pid in `data_dir/meterd.pid` and waits for the outcome in
+//! `data_dir/reload.status`) re-reads the config file, validates it whole, and
+//! swaps what may change live, all or nothing.
+//!
+//! # What is live
+//!
+//! Each part that can change live is a [`Reloadable`]: it `prepare`s its new
+//! state from the new config (and may refuse it), and only when every part has
+//! prepared are the returned commits run (each an infallible pointer swap). The
+//! API keys (`[[auth.keys]]`) are one ([`AuthKeys`]); **other features add
+//! theirs** with [`Reloader::register`] (notification endpoints, for one).
+//!
+//! Everything else is compared with the running config by [`refused`]: a change
+//! there (listen addresses, `data_dir`, durability and the other `[storage]`
+//! settings, `[ingest]`, `[redis]`, `[clickhouse]`, `[stripe]`, meters and plans)
+//! refuses the whole reload with a log line naming each key, and the running
+//! config keeps serving. A new config section is live only once a part applies
+//! it; until then, list it in [`refused`].
+
+use crate::config::ValidConfig;
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Why a reload was not applied (the running config keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config does not load or validate (every problem is listed).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot change without a restart: {}", .0.join("; "))]
+    Refused(Vec<String>),
+    #[error("{part}: {reason}")]
+    Prepare { part: &'static str, reason: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// Applies a prepared change: must not fail (everything that can fail is done
+/// in [`Reloadable::prepare`]).
+pub type Commit = Box<dyn FnOnce() + Send>;
+
+/// A part of the running meterd that takes config changes live.
+pub trait Reloadable: Send + Sync {
+    /// For log lines.
+    fn name(&self) -> &'static str;
+    /// Builds the new state from `new` without installing it, or says why `new`
+    /// cannot be taken.
+    fn prepare(&self, new: &ValidConfig) -> Result<Commit, String>;
+}
+
+/// The API keys: the key table of `/v1/*` is swapped whole.
+pub struct AuthKeys(pub Arc<crate::http::HttpState>);
+
+impl Reloadable for AuthKeys {
+    fn name(&self) -> &'static str {
+        "auth.keys"
+    }
+
+    fn prepare(&self, new: &ValidConfig) -> Result<Commit, String> {
+        let state = self.0.clone();
+        let keys = new.keys.clone();
+        if keys.is_empty() && state.auth.enabled() {
+            // Validation allows no keys on loopback only; going from keys to none
+            // would open the API: not something a reload should do quietly.
+            return Err("the new config has no keys while the running one has some; restart to turn authentication off".into());
+        }
+        Ok(Box::new(move || state.auth.replace(&keys)))
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Counts applied reloads since start (1 for the first).
+    pub generation: u64,
+    pub keys: usize,
+    /// The parts that took the new config.
+    pub parts: Vec<&'static str>,
+}
+
+/// The running config and the parts that take changes live.
+pub struct Reloader {
+    current: Mutex<ValidConfig>,
+    parts: Mutex<Vec<Arc<dyn Reloadable>>>,
+    generation: AtomicU64,
+}
+
+impl Reloader {
+    pub fn new(running: ValidConfig, parts: Vec<Arc<dyn Reloadable>>) -> Reloader {
+        Reloader { current: Mutex::new(running), parts: Mutex::new(parts), generation: AtomicU64::new(0) }
+    }
+
+    /// Adds a part that takes changes live (call at start).
+    pub fn register(&self, part: Arc<dyn Reloadable>) {
+        self.parts.lock().unwrap_or_else(|p| p.into_inner()).push(part);
+    }
+
+    /// The config now serving.
+    pub fn current(&self) -> ValidConfig {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Loads `path` (the file meterd started with; `None`: the embedded
+    /// default), validates it and applies it; logs the outcome either way.
+    pub fn reload_file(&self, path: Option<&Path>) -> Result<Applied, ReloadError> {
+        let result = crate::config::load_valid(path).map_err(|e| ReloadError::Invalid(e.to_string())).and_then(|new| self.apply(new));
+        match &result {
+            Ok(applied) => tracing::info!(generation = applied.generation, keys = applied.keys, parts = ?applied.parts, "config reloaded"),
+            Err(e) => tracing::error!(error = %e, "config reload refused; the running config keeps serving"),
+        }
+        result
+    }
+
+    /// Applies a validated config: all of it, or (on any refusal) none of it.
+    pub fn apply(&self, new: ValidConfig) -> Result<Applied, ReloadError> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let refusals = refused(&current, &new);
+        if !refusals.is_empty() {
+            return Err(ReloadError::Refused(refusals));
+        }
+        let parts = self.parts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut commits = Vec::with_capacity(parts.len());
+        for part in &parts {
+            commits.push(part.prepare(&new).map_err(|reason| ReloadError::Prepare { part: part.name(), reason })?);
+        }
+        for commit in commits {
+            commit();
+        }
+        let applied = Applied {
+            generation: self.generation.fetch_add(1, Ordering::AcqRel) + 1,
+            keys: new.keys.len(),
+            parts: parts.iter().map(|p| p.name()).collect(),
+        };
+        *current = new;
+        Ok(applied)
+    }
+}
+
+/// Every setting that differs between `old` and `new` and cannot change live,
+/// as `key (old → new)` (or just the key when the values are long).
+pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |key: &str, a: &dyn Debug, b: &dyn Debug| {
+        let (a, b) = (format!("{a:?}"), format!("{b:?}"));
+        if a != b {
+            out.push(if a.len() + b.len() <= 120 { format!("{key} ({a} → {b})") } else { key.to_string() });
+        }
+    };
+    let (s, n) = (&old.server, &new.server);
+    check("server.listen", &s.listen, &n.listen);
+    check("server.instance_id", &s.instance_id, &n.instance_id);
+    check("server.shutdown_grace", &s.shutdown_grace, &n.shutdown_grace);
+    check("server.header_read_timeout", &s.header_read_timeout, &n.header_read_timeout);
+    check("server.body_read_timeout", &s.body_read_timeout, &n.body_read_timeout);
+    check("server.idle_timeout", &s.idle_timeout, &n.idle_timeout);
+    check("server.max_connections", &s.max_connections, &n.max_connections);
+    check("metrics.listen", &old.metrics_listen, &new.metrics_listen);
+    let (s, n) = (&old.storage, &new.storage);
+    check("storage.data_dir", &s.data_dir, &n.data_dir);
+    check("storage.durability", &s.durability, &n.durability);
+    check("storage.flush_interval", &s.flush_interval, &n.flush_interval);
+    check("storage.wal_sync_interval", &s.wal_sync_interval, &n.wal_sync_interval);
+    check("storage.wal_segment_bytes", &s.wal_segment_bytes, &n.wal_segment_bytes);
+    check("storage.max_wal_bytes", &s.max_wal_bytes, &n.max_wal_bytes);
+    check("ingest", &old.ingest, &new.ingest);
+    check("redis", &old.redis, &new.redis);
+    check("clickhouse", &old.clickhouse, &new.clickhouse);
+    check("stripe", &old.stripe, &new.stripe);
+    // Counters and cached entitlements are laid out by the catalog at start.
+    check("meters (live meter and plan changes are not supported yet)", &old.catalog.meters(), &new.catalog.meters());
+    check("plans (live meter and plan changes are not supported yet)", &old.catalog.plans(), &new.catalog.plans());
+    out
+}
+
+/// The pid file `meterd reload` signals.
+pub fn pid_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("meterd.pid")
+}
+
+/// The outcome of the last reload, for `meterd reload` to print.
+pub fn status_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("reload.status")
+}
+
+/// The last reload's outcome, as kept in [`status_file`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// Counts reload attempts (applied or not) of this process.
+    pub attempt: u64,
+    pub pid: u32,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// Writes `status` atomically (temp file and rename).
+pub fn write_status(data_dir: &Path, status: &Status) -> Result<(), ReloadError> {
+    let path = status_file(data_dir);
+    let tmp = data_dir.join("reload.status.tmp");
+    let io = |source| ReloadError::Io { path: path.display().to_string(), source };
+    let text = serde_json::to_vec(status).map_err(|e| io(e.into()))?;
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)
+}
+
+/// The last reload's outcome, if any was written.
+pub fn read_status(data_dir: &Path) -> Option<Status> {
+    std::fs::read(status_file(data_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+}
