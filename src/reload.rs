@@ -106,7 +106,9 @@ impl Reloader {
     /// Loads `path` (the file meterd started with; `None`: the embedded
     /// default), validates it and applies it; logs the outcome either way.
     pub fn reload_file(&self, path: Option<&Path>) -> Result<Applied, ReloadError> {
-        let result = crate::config::load_valid(path).map_err(|e| ReloadError::Invalid(e.to_string())).and_then(|new| self.apply(new));
+        // One line per outcome: the problems are joined with "; ".
+        let one_line = |e: crate::config::ConfigError| e.to_string().lines().map(str::trim).collect::<Vec<_>>().join(" ");
+        let result = crate::config::load_valid(path).map_err(|e| ReloadError::Invalid(one_line(e))).and_then(|new| self.apply(new));
         match &result {
             Ok(applied) => tracing::info!(generation = applied.generation, keys = applied.keys, parts = ?applied.parts, "config reloaded"),
             Err(e) => tracing::error!(error = %e, "config reload refused; the running config keeps serving"),

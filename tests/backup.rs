@@ -70,7 +70,11 @@ async fn stored_total(c: &Client) -> u64 {
 /// The number after `label` in `text`.
 fn number_after(text: &str, label: &str) -> u64 {
     let rest = text.split(label).nth(1).unwrap_or_else(|| panic!("no {label:?} in {text:?}"));
-    rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no number in {rest:?}"))
+    rest.trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {rest:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +89,8 @@ async fn backup_of_a_running_instance_restores_exactly_the_batches_up_to_the_bac
     let c = Client { addr, token: None };
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<Arc<Writer>> = (0..WRITERS).map(|_| Arc::new(Writer { started: AtomicU64::new(0), acked: AtomicU64::new(0) })).collect();
+    let writers: Vec<Arc<Writer>> =
+        (0..WRITERS).map(|_| Arc::new(Writer { started: AtomicU64::new(0), acked: AtomicU64::new(0) })).collect();
     let tasks: Vec<_> = writers.iter().enumerate().map(|(w, me)| tokio::spawn(write(c.clone(), w, me.clone(), stop.clone()))).collect();
     // Long enough for flushes (100ms) and rotated segments (4 KiB) before the backup.
     tokio::time::sleep(Duration::from_millis(800)).await;
