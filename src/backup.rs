@@ -52,6 +52,8 @@ pub enum BackupError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Segment(#[from] segment::SegmentError),
+    #[error("event ids: {0}")]
+    Ids(String),
     #[error("the WAL kept changing under the copy ({0}); try again")]
     Unstable(String),
 }
@@ -108,7 +110,8 @@ pub async fn backup(config: &ValidConfig, to: &Path) -> Result<Manifest, BackupE
     for attempt in 1..=ATTEMPTS {
         remove_dir_if_exists(&staging)?;
         std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-        match attempt_copy(data_dir, &staging, instance_id.as_deref()).await? {
+        let window = crate::duration::millis_i64(config.ingest.dedupe_window);
+        match attempt_copy(data_dir, &staging, instance_id.as_deref(), window).await? {
             Ok((store_upto, wal_upto, segments)) => {
                 let manifest = Manifest {
                     instance_id,
@@ -140,7 +143,12 @@ pub async fn backup(config: &ValidConfig, to: &Path) -> Result<Manifest, BackupE
 
 /// One attempt: `Ok(Ok((store_upto, wal_upto, segments)))`, or `Ok(Err(why))`
 /// when the WAL moved under the copy and it must be taken again.
-async fn attempt_copy(data_dir: &Path, to: &Path, instance_id: Option<&str>) -> Result<Result<(u64, u64, usize), String>, BackupError> {
+async fn attempt_copy(
+    data_dir: &Path,
+    to: &Path,
+    instance_id: Option<&str>,
+    dedupe_window_ms: i64,
+) -> Result<Result<(u64, u64, usize), String>, BackupError> {
     // 1. The store, as of one flush.
     let store_src = data_dir.join(STORE_FILE);
     let store_dst = to.join(STORE_FILE);
@@ -162,8 +170,9 @@ async fn attempt_copy(data_dir: &Path, to: &Path, instance_id: Option<&str>) -> 
     }
     let wal_dst = to.join("wal");
     std::fs::create_dir_all(&wal_dst).map_err(io(&wal_dst))?;
-    // 2. The id files (after the store: ids of stored records are on disk).
-    copy_tree(&wal_src.join("ids"), &wal_dst.join("ids"))?;
+    // 2. The id files (after the store: ids of stored records are on disk),
+    // whole entries only: the live writer may be mid-append.
+    copy_ids(&wal_src.join("ids"), &wal_dst.join("ids"))?;
     // Other WAL bookkeeping (a repair's dropped ranges), but not the checkpoint.
     for entry in std::fs::read_dir(&wal_src).map_err(io(&wal_src))? {
         let entry = entry.map_err(io(&wal_src))?;
@@ -179,6 +188,10 @@ async fn attempt_copy(data_dir: &Path, to: &Path, instance_id: Option<&str>) -> 
     let count = found.len();
     let mut expected = store_upto + 1;
     let mut wal_upto = 0;
+    // The writer appends a record's ids just after the record: those of the
+    // newest records may have missed the id copy. They go in again (an id
+    // twice is harmless), so they outlive these records' segments.
+    let mut ids = crate::wal::ids::IdLog::new(wal_dst.join("ids"), dedupe_window_ms).map_err(|e| BackupError::Ids(e.to_string()))?;
     for (i, (first, path)) in found.into_iter().enumerate() {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -201,6 +214,10 @@ async fn attempt_copy(data_dir: &Path, to: &Path, instance_id: Option<&str>) -> 
                 return Ok(Err(format!("records {expected}..{} are gone from the WAL", record.seq)));
             }
             expected += 1;
+            let batch = crate::wal::record::decode(&record.payload)
+                .map_err(|e| BackupError::Ids(format!("{} at byte offset {}: {e}", path.display(), record.offset)))?;
+            let hashes: Vec<u128> = batch.events.iter().map(|e| e.id_hash).collect();
+            ids.append(&hashes, batch.accepted_ms, record.seq).map_err(|e| BackupError::Ids(e.to_string()))?;
         }
         if is_last && scan.records.is_empty() && first > expected {
             return Ok(Err(format!("the open segment starts at {first}, after {expected}")));
@@ -208,6 +225,7 @@ async fn attempt_copy(data_dir: &Path, to: &Path, instance_id: Option<&str>) -> 
         let len = usize::try_from(scan.valid_len).unwrap_or(bytes.len()).min(bytes.len());
         write_synced(&wal_dst.join(segment::name(first)), &bytes[..len])?;
     }
+    ids.sync().map_err(|e| BackupError::Ids(e.to_string()))?;
     sync_dir(&wal_dst);
     Ok(Ok((store_upto, wal_upto.max(store_upto), count)))
 }
@@ -243,6 +261,32 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), BackupError> {
         if entry.file_type().map_err(io(src))?.is_file() {
             copy_file(&entry.path(), &dst.join(entry.file_name()))?;
         }
+    }
+    sync_dir(dst);
+    Ok(())
+}
+
+/// Copies the id files, each cut to whole entries.
+fn copy_ids(src: &Path, dst: &Path) -> Result<(), BackupError> {
+    let entries = match std::fs::read_dir(src) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(src)(e)),
+    };
+    std::fs::create_dir_all(dst).map_err(io(dst))?;
+    for entry in entries {
+        let entry = entry.map_err(io(src))?;
+        let path = entry.path();
+        if !entry.file_type().map_err(io(src))?.is_file() {
+            continue;
+        }
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // expired meanwhile
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let whole = bytes.len() - bytes.len() % crate::wal::ids::ENTRY;
+        write_synced(&dst.join(entry.file_name()), &bytes[..whole])?;
     }
     sync_dir(dst);
     Ok(())

@@ -132,8 +132,10 @@ async fn backup_of_a_running_instance_restores_exactly_the_batches_up_to_the_bac
     let cb = Client { addr: addr_b, token: None };
 
     let mut restored = 0;
+    let mut per_writer = Vec::new();
     for w in 0..WRITERS {
         let n = used(&cb, &format!("c{w}")).await;
+        per_writer.push(n);
         assert!(
             n >= acked_before[w] && n <= started_after[w],
             "c{w}: restored {n}; acknowledged before the backup {}, begun by its end {}",
@@ -149,16 +151,34 @@ async fn backup_of_a_running_instance_restores_exactly_the_batches_up_to_the_bac
 
     // Dedupe came along: a batch in the backup is a duplicate; one sent after
     // the backup point is new here (its id was forgotten with its record).
-    for w in 0..WRITERS {
+    for (w, started) in started_after.iter().enumerate() {
         let r = cb.events(&event(w, 0)).await;
         assert_eq!((r.status.as_u16(), r.body["accepted"].clone()), (202, json!(0)), "c{w}: the first event again: {}", r.text);
-        let later = started_after[w] + 1;
+        let later = started + 1;
         let r = cb.events(&event(w, later)).await;
         assert_eq!((r.status.as_u16(), r.body["accepted"].clone()), (202, json!(1)), "c{w}: an event after the backup: {}", r.text);
     }
+    // The restored instance flushes, its WAL segments go, it restarts: the
+    // totals stay and the backed-up ids still dedupe (from the id files now).
     b.sigterm();
     let status = b.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "restored meterd exit {status}; log:\n{}", b.log());
+    let mut b = spawn(&config_b, dir.path().join("b2.log"));
+    wait_healthy(&mut b, addr_b).await;
+    let mut again = 0;
+    for (w, n) in per_writer.iter().enumerate() {
+        let now = used(&cb, &format!("c{w}")).await;
+        assert_eq!(now, n + 1, "c{w}: the restored total plus the one event sent after the restore");
+        again += now;
+        if *n > 0 {
+            let r = cb.events(&event(w, n - 1)).await;
+            assert_eq!((r.status.as_u16(), r.body["accepted"].clone()), (202, json!(0)), "c{w}: the last backed-up event: {}", r.text);
+        }
+    }
+    assert_eq!(again, wal_upto + WRITERS as u64);
+    b.sigterm();
+    let status = b.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "restarted meterd exit {status}; log:\n{}", b.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
