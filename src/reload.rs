@@ -211,3 +211,94 @@ pub fn write_status(data_dir: &Path, status: &Status) -> Result<(), ReloadError>
 pub fn read_status(data_dir: &Path) -> Option<Status> {
     std::fs::read(status_file(data_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides, Scope};
+    use std::sync::atomic::AtomicUsize;
+
+    fn config(listen: &str, durability: &str, keys: &[(&str, &str, u32)]) -> ValidConfig {
+        let mut text = format!(
+            "[server]\nlisten = \"{listen}\"\n[storage]\ndata_dir = \"/tmp/meterd-reload-test\"\ndurability = \"{durability}\"\n\
+             [[meters]]\nname = \"tokens\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\ntokens = {{ limit = 10, window = \"day\" }}\n"
+        );
+        for (name, key, rate) in keys {
+            let sha = hex::encode(crate::config::sha256_of(key.as_bytes()));
+            text.push_str(&format!(
+                "[[auth.keys]]\nname = \"{name}\"\nkey_sha256 = \"{sha}\"\nscopes = [\"check\"]\nrate_limit_per_second = {rate}\nrate_limit_burst = 1\n"
+            ));
+        }
+        let parsed = Config::parse(&text, "test").unwrap_or_else(|e| panic!("{e}"));
+        parsed.validate_with("test", &Overrides::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn only_keys_change_live_and_every_other_change_is_named() {
+        let old = config("127.0.0.1:8480", "fsync", &[("a", "key-a", 5)]);
+        assert!(refused(&old, &config("127.0.0.1:8480", "fsync", &[("b", "key-b", 5), ("a", "key-a", 9)])).is_empty());
+        let both = refused(&old, &config("127.0.0.1:9999", "buffered", &[("a", "key-a", 5)]));
+        assert_eq!(both.len(), 2, "{both:?}");
+        assert!(both[0].starts_with("server.listen (127.0.0.1:8480 → 127.0.0.1:9999)"), "{both:?}");
+        assert!(both[1].starts_with("storage.durability"), "{both:?}");
+    }
+
+    /// A part that counts its commits and may refuse.
+    struct Probe {
+        refuse: bool,
+        commits: Arc<AtomicUsize>,
+    }
+
+    impl Reloadable for Probe {
+        fn name(&self) -> &'static str {
+            "probe"
+        }
+        fn prepare(&self, _: &ValidConfig) -> Result<Commit, String> {
+            if self.refuse {
+                return Err("no".into());
+            }
+            let commits = self.commits.clone();
+            Ok(Box::new(move || {
+                commits.fetch_add(1, Ordering::AcqRel);
+            }))
+        }
+    }
+
+    #[test]
+    fn a_refusing_part_or_a_non_live_change_applies_nothing() {
+        let commits = Arc::new(AtomicUsize::new(0));
+        let old = config("127.0.0.1:8480", "fsync", &[("a", "key-a", 5)]);
+        let reloader = Reloader::new(old.clone(), vec![Arc::new(Probe { refuse: false, commits: commits.clone() })]);
+        let new = config("127.0.0.1:8480", "fsync", &[("b", "key-b", 5)]);
+        let applied = reloader.apply(new.clone()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((applied.generation, applied.keys, commits.load(Ordering::Acquire)), (1, 1, 1));
+        assert_eq!(reloader.current().keys[0].name, "b");
+        // A second part refuses: the first one's commit does not run either.
+        reloader.register(Arc::new(Probe { refuse: true, commits: commits.clone() }));
+        let err = reloader.apply(old.clone()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(err, "probe: no");
+        assert_eq!(commits.load(Ordering::Acquire), 1);
+        assert_eq!(reloader.current().keys[0].name, "b", "the running config stays");
+        let err = reloader.apply(config("127.0.0.1:1", "fsync", &[])).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("server.listen"), "{err}");
+        assert_eq!(commits.load(Ordering::Acquire), 1);
+    }
+
+    #[test]
+    fn a_swapped_key_table_keeps_the_buckets_of_unchanged_keys() {
+        let auth = crate::http::auth::Auth::new(&config("127.0.0.1:8480", "fsync", &[("a", "key-a", 1)]).keys);
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(hyper::header::AUTHORIZATION, hyper::header::HeaderValue::from_static("Bearer key-a"));
+        assert!(auth.authorize(&headers, &[Scope::Check]).is_ok());
+        assert!(auth.authorize(&headers, &[Scope::Check]).is_err(), "burst 1: the second is rate limited");
+        // Same key, same rate, plus a new key: the emptied bucket stays empty.
+        auth.replace(&config("127.0.0.1:8480", "fsync", &[("a", "key-a", 1), ("b", "key-b", 1)]).keys);
+        assert!(auth.authorize(&headers, &[Scope::Check]).is_err(), "a reload does not refill a bucket");
+        // A new rate is a new limiter.
+        auth.replace(&config("127.0.0.1:8480", "fsync", &[("a", "key-a", 2)]).keys);
+        assert!(auth.authorize(&headers, &[Scope::Check]).is_ok());
+        // A removed key is unknown at once.
+        auth.replace(&config("127.0.0.1:8480", "fsync", &[("b", "key-b", 1)]).keys);
+        assert!(auth.authorize(&headers, &[Scope::Check]).is_err());
+    }
+}
