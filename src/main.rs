@@ -309,5 +309,9 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["meterd", "wal", "fix"]).is_err());
         assert!(Cli::try_parse_from(["meterd", "serve", "extra"]).is_err());
+        let cli = Cli::try_parse_from(["meterd", "backup", "--to", "/b"]).map_err(|e| e.to_string());
+        assert!(matches!(&cli, Ok(Cli { command: Some(Command::Backup { to }), .. }) if to == &PathBuf::from("/b")), "{cli:?}");
+        assert!(Cli::try_parse_from(["meterd", "backup"]).is_err(), "backup needs --to");
+        assert!(matches!(Cli::try_parse_from(["meterd", "reload"]), Ok(Cli { command: Some(Command::Reload { wait: 10 }), .. })));
     }
 }
