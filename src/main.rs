@@ -170,6 +170,13 @@ fn reload_command(config: &ValidConfig, wait: Duration) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A pid file left by a killed meterd may name a process that is not meterd now.
+    if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+        if !String::from_utf8_lossy(&cmdline).contains("meterd") {
+            eprintln!("meterd reload: pid {pid} in {} is not meterd (a stale pid file?)", path.display());
+            return ExitCode::from(2);
+        }
+    }
     let before = read_status(data_dir).filter(|s| s.pid == pid as u32).map(|s| s.attempt).unwrap_or(0);
     // SAFETY: kill(2) with a plain pid and signal number touches no memory of ours.
     if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
