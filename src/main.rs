@@ -217,59 +217,21 @@ fn wal_command(action: WalAction, config: &ValidConfig) -> ExitCode {
 fn serve(config: ValidConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async move {
+        // Listen for SIGHUP before anything can send it (its default action is to exit).
+        let hangups = meterd::reload::Hangups::listen();
         let data_dir = config.storage.data_dir.clone();
         let app = meterd::AppHandle::start(config).await?;
         let pid_file = meterd::reload::pid_file(&data_dir);
         std::fs::write(&pid_file, format!("{}\n", std::process::id())).with_context(|| format!("writing {}", pid_file.display()))?;
-        let reloads = reload_on_hangup(app.reloader.clone(), path, data_dir);
         tokio::select! {
             _ = shutdown_signal() => {}
-            _ = reloads => {}
+            _ = hangups.reload_each(app.reloader.clone(), path, data_dir) => {}
         }
         tracing::info!("shutdown signal received; draining");
         let _ = std::fs::remove_file(&pid_file);
         app.shutdown().await?;
         Ok(())
     })
-}
-
-/// Re-reads the config on every SIGHUP (never returns while it can listen).
-async fn reload_on_hangup(reloader: std::sync::Arc<meterd::reload::Reloader>, path: Option<PathBuf>, data_dir: PathBuf) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; config reload is off");
-                return std::future::pending().await;
-            }
-        };
-        let mut attempt = 0;
-        while hup.recv().await.is_some() {
-            attempt += 1;
-            let (reloader, path) = (reloader.clone(), path.clone());
-            let outcome = tokio::task::spawn_blocking(move || reloader.reload_file(path.as_deref())).await;
-            let (ok, message) = match outcome {
-                Ok(Ok(applied)) => (
-                    true,
-                    format!(
-                        "config reloaded (generation {}, {} keys, live parts: {})",
-                        applied.generation,
-                        applied.keys,
-                        applied.parts.join(", ")
-                    ),
-                ),
-                Ok(Err(e)) => (false, format!("config reload refused; the running config keeps serving: {e}")),
-                Err(e) => (false, format!("config reload failed: {e}")),
-            };
-            let status = meterd::reload::Status { attempt, pid: std::process::id(), ok, message };
-            if let Err(e) = meterd::reload::write_status(&data_dir, &status) {
-                tracing::warn!(error = %e, "cannot write the reload status for `meterd reload`");
-            }
-        }
-    }
-    std::future::pending().await
 }
 
 async fn shutdown_signal() {

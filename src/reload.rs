@@ -177,6 +177,59 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
     out
 }
 
+/// SIGHUP, listened for from the start of `serve` (unheard, it would end the process).
+pub struct Hangups {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    /// Starts listening (call inside the runtime).
+    pub fn listen() -> Hangups {
+        #[cfg(unix)]
+        {
+            let signal = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; config reload is off");
+                    None
+                }
+            };
+            Hangups { signal }
+        }
+        #[cfg(not(unix))]
+        Hangups {}
+    }
+
+    /// On each SIGHUP: reloads `path` through `reloader` and writes the outcome
+    /// to [`status_file`] for `meterd reload`. Never returns.
+    pub async fn reload_each(self, reloader: Arc<Reloader>, path: Option<PathBuf>, data_dir: PathBuf) {
+        #[cfg(unix)]
+        if let Some(mut signal) = self.signal {
+            let mut attempt = 0;
+            while signal.recv().await.is_some() {
+                attempt += 1;
+                let (reloader, path) = (reloader.clone(), path.clone());
+                let outcome = tokio::task::spawn_blocking(move || reloader.reload_file(path.as_deref())).await;
+                let (ok, message) = match outcome {
+                    Ok(Ok(a)) => (
+                        true,
+                        format!("config reloaded (generation {}, {} keys, live parts: {})", a.generation, a.keys, a.parts.join(", ")),
+                    ),
+                    Ok(Err(e)) => (false, format!("config reload refused; the running config keeps serving: {e}")),
+                    Err(e) => (false, format!("config reload failed: {e}")),
+                };
+                let status = Status { attempt, pid: std::process::id(), ok, message };
+                if let Err(e) = write_status(&data_dir, &status) {
+                    tracing::warn!(error = %e, "cannot write the reload status for `meterd reload`");
+                }
+            }
+        }
+        let _ = (reloader, path, data_dir);
+        std::future::pending().await
+    }
+}
+
 /// The pid file `meterd reload` signals.
 pub fn pid_file(data_dir: &Path) -> PathBuf {
     data_dir.join("meterd.pid")
