@@ -332,3 +332,82 @@ pub fn restore(from: &Path, data_dir: &Path) -> Result<Manifest, BackupError> {
     sync_dir(data_dir);
     Ok(manifest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+    use crate::wal::{record, RecordBuilder, Wal, WalConfig, WalMark};
+
+    fn config(data_dir: &Path) -> ValidConfig {
+        let text = format!(
+            "[storage]\ndata_dir = {:?}\n[[meters]]\nname = \"m\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\nm = {{ limit = 10, window = \"day\" }}\n",
+            data_dir.display().to_string()
+        );
+        let parsed = Config::parse(&text, "test").unwrap_or_else(|e| panic!("{e}"));
+        parsed.validate_with("test", &Overrides::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A WAL in `data_dir/wal` with `n` one-event records in small segments.
+    async fn wal_with(data_dir: &Path, n: i64, segment_bytes: u64) -> Wal {
+        let cfg = WalConfig {
+            dir: data_dir.join("wal"),
+            sync: Some(crate::wal::Sync::Always),
+            segment_bytes,
+            dedupe_window_ms: 86_400_000,
+            hold: None,
+        };
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        for t in 0..n {
+            let mut b = record::BatchBuilder::new(crate::clock::now_ms(), 1);
+            b.push(t as u128 + 1, 0, || "c".to_string(), 0, "m", 1, t, vec![]);
+            assert!(wal.append(RecordBuilder::of(&b.finish())).await.is_ok());
+        }
+        wal
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_with_records_missing_above_the_store_mark_is_refused() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("instance_id"), "i1").expect("write");
+        let wal = wal_with(&data, 30, 300).await;
+        // The checkpoint deletes early segments, but the (absent) store holds
+        // nothing: records 1.. are gone, as when a flush races the copy.
+        assert!(wal.checkpoint(20).await.is_ok());
+        let err = backup(&config(&data), &tmp.path().join("b1")).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("kept changing") && err.contains("are gone from the WAL"), "{err}");
+        assert!(!tmp.path().join("b1").exists() && !tmp.path().join("b1.partial").exists(), "nothing half-made is left");
+        wal.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_wal_is_copied_whole_and_a_torn_tail_is_cut() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("instance_id"), "i1").expect("write");
+        // One segment (none rotates in under the test).
+        let wal = wal_with(&data, 12, 1 << 20).await;
+        // A half-written record at the end of the open segment (a writer mid-append).
+        let (_, newest) = segment::list(&data.join("wal")).unwrap_or_default().pop().expect("a segment");
+        let mut half = std::fs::OpenOptions::new().append(true).open(&newest).expect("open");
+        half.write_all(&[40, 0, 0, 0, 1, 2]).expect("append");
+        let manifest = backup(&config(&data), &tmp.path().join("b")).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((manifest.store_upto, manifest.wal_upto, manifest.attempts), (0, 12, 1));
+        assert_eq!(manifest.instance_id.as_deref(), Some("i1"));
+        assert!(!tmp.path().join("b/wal/checkpoint").exists());
+        // The copy reads back as records 1..=12, intact, with nothing torn.
+        let mut seqs = Vec::new();
+        for (_, path) in segment::list(&tmp.path().join("b/wal")).unwrap_or_default() {
+            let scan = segment::scan(&path, false).unwrap_or_else(|e| panic!("{e}"));
+            seqs.extend(scan.records.iter().map(|r| r.seq));
+        }
+        assert_eq!(seqs, (1..=12).collect::<Vec<u64>>());
+        // A second backup into the same directory is refused.
+        let err = backup(&config(&data), &tmp.path().join("b")).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("not empty"), "{err}");
+        wal.close();
+    }
+}
