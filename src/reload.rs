@@ -141,39 +141,47 @@ impl Reloader {
     }
 }
 
-/// Every setting that differs between `old` and `new` and cannot change live,
-/// as `key (old → new)` (or just the key when the values are long).
+/// Every setting that differs between `old` and `new` and cannot change live:
+/// `key (old → new)` for plain settings, the section's name alone for the
+/// sections (their values may hold secrets: Redis URLs with a password).
 pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
     let mut out = Vec::new();
-    let mut check = |key: &str, a: &dyn Debug, b: &dyn Debug| {
-        let (a, b) = (format!("{a:?}"), format!("{b:?}"));
-        if a != b {
-            out.push(if a.len() + b.len() <= 120 { format!("{key} ({a} → {b})") } else { key.to_string() });
+    let differs = |a: &dyn Debug, b: &dyn Debug| format!("{a:?}") != format!("{b:?}");
+    let mut value = |key: &str, a: &dyn Debug, b: &dyn Debug| {
+        if differs(a, b) {
+            out.push(format!("{key} ({a:?} → {b:?})"));
         }
     };
     let (s, n) = (&old.server, &new.server);
-    check("server.listen", &s.listen, &n.listen);
-    check("server.instance_id", &s.instance_id, &n.instance_id);
-    check("server.shutdown_grace", &s.shutdown_grace, &n.shutdown_grace);
-    check("server.header_read_timeout", &s.header_read_timeout, &n.header_read_timeout);
-    check("server.body_read_timeout", &s.body_read_timeout, &n.body_read_timeout);
-    check("server.idle_timeout", &s.idle_timeout, &n.idle_timeout);
-    check("server.max_connections", &s.max_connections, &n.max_connections);
-    check("metrics.listen", &old.metrics_listen, &new.metrics_listen);
+    value("server.listen", &s.listen, &n.listen);
+    value("server.instance_id", &s.instance_id, &n.instance_id);
+    value("server.shutdown_grace", &s.shutdown_grace, &n.shutdown_grace);
+    value("server.header_read_timeout", &s.header_read_timeout, &n.header_read_timeout);
+    value("server.body_read_timeout", &s.body_read_timeout, &n.body_read_timeout);
+    value("server.idle_timeout", &s.idle_timeout, &n.idle_timeout);
+    value("server.max_connections", &s.max_connections, &n.max_connections);
+    value("metrics.listen", &old.metrics_listen, &new.metrics_listen);
     let (s, n) = (&old.storage, &new.storage);
-    check("storage.data_dir", &s.data_dir, &n.data_dir);
-    check("storage.durability", &s.durability, &n.durability);
-    check("storage.flush_interval", &s.flush_interval, &n.flush_interval);
-    check("storage.wal_sync_interval", &s.wal_sync_interval, &n.wal_sync_interval);
-    check("storage.wal_segment_bytes", &s.wal_segment_bytes, &n.wal_segment_bytes);
-    check("storage.max_wal_bytes", &s.max_wal_bytes, &n.max_wal_bytes);
-    check("ingest", &old.ingest, &new.ingest);
-    check("redis", &old.redis, &new.redis);
-    check("clickhouse", &old.clickhouse, &new.clickhouse);
-    check("stripe", &old.stripe, &new.stripe);
-    // Counters and cached entitlements are laid out by the catalog at start.
-    check("meters (live meter and plan changes are not supported yet)", &old.catalog.meters(), &new.catalog.meters());
-    check("plans (live meter and plan changes are not supported yet)", &old.catalog.plans(), &new.catalog.plans());
+    value("storage.data_dir", &s.data_dir, &n.data_dir);
+    value("storage.durability", &s.durability, &n.durability);
+    value("storage.flush_interval", &s.flush_interval, &n.flush_interval);
+    value("storage.wal_sync_interval", &s.wal_sync_interval, &n.wal_sync_interval);
+    value("storage.wal_segment_bytes", &s.wal_segment_bytes, &n.wal_segment_bytes);
+    value("storage.max_wal_bytes", &s.max_wal_bytes, &n.max_wal_bytes);
+    let sections: [(&str, &dyn Debug, &dyn Debug); 6] = [
+        ("[ingest]", &old.ingest, &new.ingest),
+        ("[redis]", &old.redis, &new.redis),
+        ("[clickhouse]", &old.clickhouse, &new.clickhouse),
+        ("[stripe]", &old.stripe, &new.stripe),
+        // Counters and cached entitlements are laid out by the catalog at start.
+        ("[[meters]] (live meter and plan changes are not supported yet)", &old.catalog.meters(), &new.catalog.meters()),
+        ("[[plans]] (live meter and plan changes are not supported yet)", &old.catalog.plans(), &new.catalog.plans()),
+    ];
+    for (key, a, b) in sections {
+        if differs(a, b) {
+            out.push(key.to_string());
+        }
+    }
     out
 }
 
@@ -294,6 +302,14 @@ mod tests {
         assert_eq!(both.len(), 2, "{both:?}");
         assert!(both[0].starts_with("server.listen (127.0.0.1:8480 → 127.0.0.1:9999)"), "{both:?}");
         assert!(both[1].starts_with("storage.durability"), "{both:?}");
+        // A section is named, its values are not (a Redis URL may hold a password).
+        let plain = config("127.0.0.1:8480", "fsync", &[("a", "key-a", 5)]);
+        let text = "[redis]\nurl = \"redis://:hunter2@10.0.0.1:6379/0\"\n[[meters]]\nname = \"m\"\n[[plans]]\nname = \"p\"\ndefault = true\n";
+        let parsed = Config::parse(text, "t").unwrap_or_else(|e| panic!("{e}"));
+        let mut with_redis = plain.clone();
+        with_redis.redis = parsed.validate_with("t", &Overrides::default()).unwrap_or_else(|e| panic!("{e}")).redis;
+        assert!(with_redis.redis.is_some());
+        assert_eq!(refused(&plain, &with_redis), vec!["[redis]".to_string()]);
     }
 
     /// A part that counts its commits and may refuse.
