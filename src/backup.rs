@@ -8,18 +8,21 @@
 //! transaction) and the WAL (every acknowledged batch not yet in the store).
 //! The copy is taken in that order:
 //!
+//! 0. Hard links pin the WAL segments (see [`Pins`]), so one the writer deletes
+//!    while the store is being copied stays readable.
 //! 1. `VACUUM INTO` from a second connection: one read transaction, so the copy
 //!    is the store as of one flush, watermark `W` included.
 //! 2. The id files (event ids within the dedupe window): every id of a record at
 //!    or below `W` was fsynced before that flush, so it is in the copy.
 //! 3. The WAL segments, in sequence order, each read whole; the newest one may
 //!    be mid-append, so it is cut after its last complete record (the frames
-//!    carry length and CRC32C). The last record copied, `C`, is the backup
+//!    carry length and CRC32C); those wholly at or below `W` are left out. The
+//!    last record copied, `C`, is the backup
 //!    point: a batch acknowledged before the backup started is at or below it
 //!    (the writer answers only after its record is written).
 //! 4. Check: the copied records above `W` are exactly `W+1 ..= C`. The live
-//!    writer may have deleted a segment between steps 1 and 3 (a flush moved
-//!    its checkpoint on): then the copy is discarded and taken again.
+//!    writer may have created and deleted a whole segment after step 0 (a flush
+//!    moved its checkpoint on): then the copy is discarded and taken again.
 //!
 //! The `wal/checkpoint` file is not copied: it may be ahead of the store copy,
 //! and start-up would then skip records the copy does not hold. Start-up takes
@@ -111,7 +114,17 @@ pub async fn backup(config: &ValidConfig, to: &Path) -> Result<Manifest, BackupE
         remove_dir_if_exists(&staging)?;
         std::fs::create_dir_all(&staging).map_err(io(&staging))?;
         let window = crate::duration::millis_i64(config.ingest.dedupe_window);
-        match attempt_copy(data_dir, &staging, instance_id.as_deref(), window).await? {
+        let pins = Pins::take(data_dir);
+        let attempt_result = attempt_copy(data_dir, &staging, instance_id.as_deref(), window, &pins).await;
+        pins.release();
+        let attempt_result = match attempt_result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = remove_dir_if_exists(&staging);
+                return Err(e);
+            }
+        };
+        match attempt_result {
             Ok((store_upto, wal_upto, segments)) => {
                 let manifest = Manifest {
                     instance_id,
@@ -148,6 +161,7 @@ async fn attempt_copy(
     to: &Path,
     instance_id: Option<&str>,
     dedupe_window_ms: i64,
+    pins: &Pins,
 ) -> Result<Result<(u64, u64, usize), String>, BackupError> {
     // 1. The store, as of one flush.
     let store_src = data_dir.join(STORE_FILE);
@@ -184,7 +198,7 @@ async fn attempt_copy(
         }
     }
     // 3. The segments, oldest first; the newest cut after its last whole record.
-    let found = segment::list(&wal_src)?;
+    let found = pins.with_live(segment::list(&wal_src)?);
     let count = found.len();
     let mut expected = store_upto + 1;
     let mut wal_upto = 0;
@@ -192,7 +206,13 @@ async fn attempt_copy(
     // newest records may have missed the id copy. They go in again (an id
     // twice is harmless), so they outlive these records' segments.
     let mut ids = crate::wal::ids::IdLog::new(wal_dst.join("ids"), dedupe_window_ms).map_err(|e| BackupError::Ids(e.to_string()))?;
+    let firsts: Vec<u64> = found.iter().map(|(first, _)| *first).collect();
+    let mut copied = 0;
     for (i, (first, path)) in found.into_iter().enumerate() {
+        if firsts.get(i + 1).is_some_and(|next| *next <= store_upto + 1) {
+            continue; // wholly in the store copy already
+        }
+        copied += 1;
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(format!("{} was deleted", path.display()))),
@@ -227,7 +247,53 @@ async fn attempt_copy(
     }
     ids.sync().map_err(|e| BackupError::Ids(e.to_string()))?;
     sync_dir(&wal_dst);
-    Ok(Ok((store_upto, wal_upto.max(store_upto), count)))
+    Ok(Ok((store_upto, wal_upto.max(store_upto), copied)))
+}
+
+/// Hard links to the WAL segments, taken before the store is copied: a segment
+/// the running meterd deletes meanwhile (a flush moved its checkpoint on) stays
+/// readable through its link, so a slow `VACUUM INTO` of a large store does not
+/// lose the race with the flusher. The links share the inode, so an open
+/// segment keeps growing in them. Best effort: where links cannot be made
+/// (another file system), the gap check and the retries still hold.
+struct Pins {
+    dir: Option<PathBuf>,
+    segments: Vec<(u64, PathBuf)>,
+}
+
+impl Pins {
+    fn take(data_dir: &Path) -> Pins {
+        let dir = data_dir.join(format!("backup-pins.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut pins = Pins { dir: None, segments: Vec::new() };
+        let Ok(found) = segment::list(&data_dir.join("wal")) else { return pins };
+        if std::fs::create_dir_all(&dir).is_err() {
+            return pins;
+        }
+        for (first, path) in found {
+            let link = dir.join(segment::name(first));
+            if std::fs::hard_link(&path, &link).is_ok() {
+                pins.segments.push((first, link));
+            }
+        }
+        pins.dir = Some(dir);
+        pins
+    }
+
+    /// The segments listed now, plus the pinned ones gone from the list since.
+    fn with_live(&self, live: Vec<(u64, PathBuf)>) -> Vec<(u64, PathBuf)> {
+        let mut all: std::collections::BTreeMap<u64, PathBuf> = self.segments.iter().cloned().collect();
+        all.extend(live);
+        all.into_iter().collect()
+    }
+
+    fn release(self) {
+        if let Some(dir) = self.dir {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the backup's segment links");
+            }
+        }
+    }
 }
 
 /// A consistent copy of a live SQLite database (one read transaction).
@@ -379,6 +445,34 @@ mod tests {
         let err = backup(&config(&data), &tmp.path().join("b1")).await.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("kept changing") && err.contains("are gone from the WAL"), "{err}");
         assert!(!tmp.path().join("b1").exists() && !tmp.path().join("b1.partial").exists(), "nothing half-made is left");
+        wal.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pinned_segments_outlive_their_deletion_by_the_running_writer() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data = tmp.path().join("data");
+        let wal = wal_with(&data, 30, 300).await;
+        let before = segment::list(&data.join("wal")).unwrap_or_default();
+        assert!(before.len() > 3, "small segments rotate: {before:?}");
+        let pins = Pins::take(&data);
+        // The writer deletes what a checkpoint covers, as after a flush.
+        assert!(wal.checkpoint(20).await.is_ok());
+        let live = segment::list(&data.join("wal")).unwrap_or_default();
+        assert!(live.len() < before.len());
+        let all = pins.with_live(live);
+        let firsts: Vec<u64> = all.iter().map(|(f, _)| *f).collect();
+        assert!(before.iter().all(|(f, _)| firsts.contains(f)), "every pinned segment is still listed: {firsts:?}");
+        let mut seqs = Vec::new();
+        for (i, (_, path)) in all.iter().enumerate() {
+            let scan = segment::scan(path, i + 1 == all.len()).unwrap_or_else(|e| panic!("{e}"));
+            seqs.extend(scan.records.iter().map(|r| r.seq));
+        }
+        assert_eq!(seqs, (1..=30).collect::<Vec<u64>>(), "and readable through the links");
+        let dir = data.join(format!("backup-pins.{}", std::process::id()));
+        assert!(dir.exists());
+        pins.release();
+        assert!(!dir.exists(), "the links go with the attempt");
         wal.close();
     }
 

@@ -304,7 +304,8 @@ mod tests {
         assert!(both[1].starts_with("storage.durability"), "{both:?}");
         // A section is named, its values are not (a Redis URL may hold a password).
         let plain = config("127.0.0.1:8480", "fsync", &[("a", "key-a", 5)]);
-        let text = "[redis]\nurl = \"redis://:hunter2@10.0.0.1:6379/0\"\n[[meters]]\nname = \"m\"\n[[plans]]\nname = \"p\"\ndefault = true\n";
+        let text =
+            "[redis]\nurl = \"redis://:hunter2@10.0.0.1:6379/0\"\n[[meters]]\nname = \"m\"\n[[plans]]\nname = \"p\"\ndefault = true\n";
         let parsed = Config::parse(text, "t").unwrap_or_else(|e| panic!("{e}"));
         let mut with_redis = plain.clone();
         with_redis.redis = parsed.validate_with("t", &Overrides::default()).unwrap_or_else(|e| panic!("{e}")).redis;
