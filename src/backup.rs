@@ -8,7 +8,7 @@
 //! transaction) and the WAL (every acknowledged batch not yet in the store).
 //! The copy is taken in that order:
 //!
-//! 0. Hard links pin the WAL segments (see [`Pins`]), so one the writer deletes
+//! 0. Hard links pin the WAL segments (see `Pins`), so one the writer deletes
 //!    while the store is being copied stays readable.
 //! 1. `VACUUM INTO` from a second connection: one read transaction, so the copy
 //!    is the store as of one flush, watermark `W` included.
