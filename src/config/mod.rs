@@ -22,8 +22,23 @@ mod validate;
 
 pub use raw::Config;
 pub use settings::{
-    sha256_of, ApiKey, ClickHouseSettings, Durability, IngestSettings, RedisSettings, Scope, SecretKey, ServerSettings, StorageSettings,
-    StrictWhenUnavailable, StripeMode, StripePeriod, StripeSettings, ValidConfig,
+    sha256_of,
+    ApiKey,
+    ClickHouseSettings,
+    Durability,
+    IngestSettings,
+    RedisSettings,
+    Scope,
+    SecretKey,
+    ServerSettings,
+    StorageSettings,
+    StrictWhenUnavailable,
+    StripeMode,
+    StripePeriod,
+    StripeSettings,
+    // Stripe subscription sync (issue 20).
+    StripeWebhookSettings,
+    ValidConfig,
 };
 
 use std::fmt;
