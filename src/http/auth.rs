@@ -126,7 +126,7 @@ impl Auth {
         portal: &super::portal::PortalTokens,
     ) -> Result<(), ApiError> {
         let Some(token) = portal_bearer(headers) else { return self.authorize(headers, scopes) };
-        let owner = portal.verify(token, crate::clock::now_ms().div_euclid(1000)).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        let owner = portal.verify(token, crate::clock::now_ms()).map_err(|e| ApiError::unauthorized(e.to_string()))?;
         if owner != customer {
             return Err(ApiError::forbidden("this portal token reads another customer"));
         }

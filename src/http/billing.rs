@@ -150,11 +150,7 @@ pub async fn portal_token(state: &HttpState, req: Request<RequestBody>, customer
             Some(_) => return Err(ApiError::invalid_request("expires_in: must be a duration string such as \"1h\"")),
         }
     };
-    let now = crate::clock::now_ms().div_euclid(1000);
-    let expires_at = now.saturating_add(i64::try_from(expires_in.as_secs()).unwrap_or(i64::MAX));
+    let expires_at = crate::clock::now_ms().saturating_add(i64::try_from(expires_in.as_millis()).unwrap_or(i64::MAX));
     let token = state.portal.issue(customer, expires_at);
-    Ok(json(
-        StatusCode::OK,
-        &j!({"token": token, "customer": customer, "expires_at": crate::model::window::rfc3339(expires_at.saturating_mul(1000))}),
-    ))
+    Ok(json(StatusCode::OK, &j!({"token": token, "customer": customer, "expires_at": crate::model::window::rfc3339(expires_at)})))
 }

@@ -1,7 +1,7 @@
 //! Portal tokens: short-lived bearer tokens that read one customer's usage,
 //! balances, reservations and history, for a usage widget in a product's own
 //! UI. A token is `mpt_<hex payload>.<hex HMAC-SHA256(key, payload)>`, the
-//! payload `{"c": customer, "exp": unix seconds}`; nothing is stored, so any
+//! payload `{"c": customer, "exp": unix milliseconds}`; nothing is stored, so any
 //! instance with the same key accepts it. The key comes from
 //! `server.portal_secret_env`, or is generated once and kept in
 //! `data_dir/portal_secret` (then tokens hold only on this instance's data
@@ -63,14 +63,14 @@ impl PortalTokens {
         Ok(PortalTokens::new(key.to_vec()))
     }
 
-    /// A token for `customer` valid until `expires_at` (Unix seconds).
-    pub fn issue(&self, customer: &str, expires_at: i64) -> String {
-        let payload = serde_json::to_vec(&Claims { c: customer.to_string(), exp: expires_at }).unwrap_or_default();
+    /// A token for `customer` valid until `expires_at_ms` (Unix milliseconds).
+    pub fn issue(&self, customer: &str, expires_at_ms: i64) -> String {
+        let payload = serde_json::to_vec(&Claims { c: customer.to_string(), exp: expires_at_ms }).unwrap_or_default();
         format!("{PREFIX}{}.{}", hex::encode(&payload), hex::encode(hmac_sha256(&self.key, &[&payload])))
     }
 
-    /// The customer a token reads, if it verifies and has not expired at `now` (Unix seconds).
-    pub fn verify(&self, token: &str, now: i64) -> Result<String, PortalError> {
+    /// The customer a token reads, if it verifies and has not expired at `now_ms`.
+    pub fn verify(&self, token: &str, now_ms: i64) -> Result<String, PortalError> {
         let (payload, mac) = token.strip_prefix(PREFIX).and_then(|t| t.split_once('.')).ok_or(PortalError::Malformed)?;
         let payload = hex::decode(payload).map_err(|_| PortalError::Malformed)?;
         let mac = hex::decode(mac).map_err(|_| PortalError::Malformed)?;
@@ -78,7 +78,7 @@ impl PortalTokens {
             return Err(PortalError::BadSignature);
         }
         let claims: Claims = serde_json::from_slice(&payload).map_err(|_| PortalError::Malformed)?;
-        if now >= claims.exp {
+        if now_ms >= claims.exp {
             return Err(PortalError::Expired);
         }
         Ok(claims.c)
