@@ -349,11 +349,8 @@ async fn a_paid_checkout_with_grant_metadata_goes_to_the_grant_issuer() {
 async fn two_instances_receiving_the_same_event_apply_it_once_and_both_see_the_plan() {
     let redis = need!(RedisServer::start(false).await);
     let text = |instance: &str| {
-        format!(
-            "[server]\ninstance_id = \"{instance}\"\n[redis]\nurl = \"{}\"\nsync_interval = \"50ms\"\nentitlements_ttl = \"2s\"\n{}",
-            redis.url(),
-            config("5m")
-        )
+        let with_id = config("5m").replacen("[server]\n", &format!("[server]\ninstance_id = \"{instance}\"\n"), 1);
+        format!("{with_id}\n[redis]\nurl = \"{}\"\nsync_interval = \"50ms\"\nentitlements_ttl = \"2s\"\n", redis.url())
     };
     let (a, b) = (TestServer::start(&text("a")).await, TestServer::start(&text("b")).await);
     for round in 0..5 {
@@ -391,6 +388,10 @@ async fn two_instances_receiving_the_same_event_apply_it_once_and_both_see_the_p
             let r = deliver(&s.client(), &body, Some(&sign(SECRET, now_secs(), body.as_bytes()))).await;
             assert_eq!((r.status.as_u16(), r.body["applied"].clone()), (200, json!(false)), "{}", r.text);
         }
+        // An older event of the same subscription, on the other instance: recorded, not applied.
+        let older_id = uid("evt-old");
+        let older = Sub { event: &older_id, created: s.created - 100, price: ("x", Some("premium_monthly")), ..s };
+        assert!(!send(&b.client(), &subscription(&older)).await, "round {round}: older than the applied event");
         // Both instances enforce the new plan within a second.
         for s in [&a, &b] {
             loop {
