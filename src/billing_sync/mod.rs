@@ -124,7 +124,14 @@ impl StripeWebhooks {
             crate::telemetry::stripe_webhook("invalid_signature");
             return Err(e.into());
         }
-        let event = event::parse(body)?;
+        let event = match event::parse(body) {
+            Ok(event) => event,
+            Err(e) => {
+                crate::telemetry::stripe_webhook("failed");
+                tracing::warn!(error = %e, "a signed Stripe webhook body is not an event");
+                return Err(e.into());
+            }
+        };
         let outcome = match &event.body {
             EventBody::Subscription(sub) => self.subscription(engine, &event, sub, now_ms).await,
             EventBody::Checkout(checkout) => self.checkout(&event, checkout, now_ms).await,
