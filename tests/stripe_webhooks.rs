@@ -404,3 +404,47 @@ async fn two_instances_receiving_the_same_event_apply_it_once_and_both_see_the_p
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deliveries_of_one_event_apply_it_once() {
+    let server = TestServer::start(&config("5m")).await;
+    for round in 0..3 {
+        let customer = uid("race");
+        let event_id = uid("evt");
+        let s = Sub {
+            event: &event_id,
+            kind: "customer.subscription.created",
+            created: now_secs(),
+            sub: &format!("sub_race_{round}"),
+            cus: "cus_race",
+            customer: Some(&customer),
+            status: "active",
+            price: ("price_pro", None),
+        };
+        let body = subscription(&s).to_string();
+        let header = sign(SECRET, now_secs(), body.as_bytes());
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (c, body, header) = (server.client(), body.clone(), header.clone());
+            tasks.push(tokio::spawn(async move { deliver(&c, &body, Some(&header)).await }));
+        }
+        let mut applied = 0;
+        for task in tasks {
+            let r = task.await.unwrap_or_else(|e| panic!("delivery task: {e}"));
+            match (r.status.as_u16(), r.body["applied"].as_bool()) {
+                (200, Some(true)) => applied += 1,
+                (200, Some(false)) => {}
+                (503, _) if r.code() == "unavailable" => {}
+                _ => panic!("unexpected answer: {} {}", r.status, r.text),
+            }
+        }
+        assert_eq!(applied, 1, "round {round}: eight concurrent deliveries, one applied");
+        assert_eq!(entitlements(&server.client(), &customer).await["plan"], json!("professional"));
+    }
+    let metrics = server.client().get("/metrics").await.text;
+    let applied = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"meterd_stripe_webhooks_total{outcome="applied"} "#))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(applied.is_some_and(|n| n >= 3.0), "the outcome counter moves: {metrics}");
+}
