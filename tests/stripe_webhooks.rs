@@ -405,6 +405,62 @@ async fn two_instances_receiving_the_same_event_apply_it_once_and_both_see_the_p
     }
 }
 
+/// Delivers `body` until it is not 503 (as Stripe retries); returns `applied`.
+async fn deliver_until_taken(c: &Client, body: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = deliver(c, body, Some(&sign(SECRET, now_secs(), body.as_bytes()))).await;
+        if r.status == 200 {
+            return r.body["applied"].as_bool().unwrap_or_else(|| panic!("{}", r.text));
+        }
+        assert!(r.status == 503 && Instant::now() < deadline, "{}", r.text);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_events_of_one_subscription_racing_on_two_instances_end_in_created_order() {
+    let redis = need!(RedisServer::start(false).await);
+    let text = |instance: &str| {
+        let with_id = config("5m").replacen("[server]\n", &format!("[server]\ninstance_id = \"{instance}\"\n"), 1);
+        format!("{with_id}\n[redis]\nurl = \"{}\"\nsync_interval = \"50ms\"\nentitlements_ttl = \"2s\"\n", redis.url())
+    };
+    let (a, b) = (TestServer::start(&text("ra")).await, TestServer::start(&text("rb")).await);
+    for round in 0..10 {
+        let customer = uid("order");
+        let t = now_secs();
+        let (old_id, new_id, sub) = (uid("evt-old"), uid("evt-new"), format!("sub_order_{round}"));
+        let base = Sub {
+            event: &old_id,
+            kind: "customer.subscription.updated",
+            created: t,
+            sub: &sub,
+            cus: "cus_order",
+            customer: Some(&customer),
+            status: "active",
+            price: ("price_pro", None),
+        };
+        let newer = Sub { event: &new_id, created: t + 1, price: ("x", Some("premium_monthly")), ..base };
+        let (old_body, new_body) = (subscription(&base).to_string(), subscription(&newer).to_string());
+        // Alternate which instance gets which, and which is sent first.
+        let (ca, cb) = if round % 2 == 0 { (a.client(), b.client()) } else { (b.client(), a.client()) };
+        let (old_applied, new_applied) = tokio::join!(deliver_until_taken(&ca, &old_body), deliver_until_taken(&cb, &new_body));
+        assert!(new_applied, "round {round}: the newest event always applies");
+        eprintln!("round {round}: older applied: {old_applied}");
+        for s in [&a, &b] {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            loop {
+                let plan = entitlements(&s.client(), &customer).await["plan"].clone();
+                if plan == json!("premium") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "round {round}: the older event won: {plan}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_deliveries_of_one_event_apply_it_once() {
     let server = TestServer::start(&config("5m")).await;

@@ -179,11 +179,11 @@ impl StripeWebhooks {
         }
         match self.set_plan(engine, &name, plan, sub).await {
             Ok(()) => {
-                self.ledger.finish(&event.id, now_ms).await?;
+                self.ledger.finish(&event.id, Some(&order), now_ms).await?;
                 Ok(Outcome::Applied)
             }
             Err(e) => {
-                if let Err(release) = self.ledger.release(&event.id).await {
+                if let Err(release) = self.ledger.release(&event.id, Some(&order)).await {
                     tracing::warn!(event = %event.id, error = %release, "could not release a failed claim; it is taken over after a minute");
                 }
                 Err(e)
@@ -229,16 +229,16 @@ impl StripeWebhooks {
         let grant = CheckoutGrant { id: checkout.id.clone(), customer, meter: meter.clone(), amount: amount.clone() };
         match issuer.issue(grant).await {
             Ok(created) => {
-                self.ledger.finish(&event.id, now_ms).await?;
+                self.ledger.finish(&event.id, None, now_ms).await?;
                 Ok(if created { Outcome::Applied } else { Outcome::Duplicate })
             }
             Err(GrantIssueError::Refused(reason)) => {
                 tracing::warn!(event = %event.id, session = %checkout.id, reason = %reason, "checkout grant refused");
-                self.ledger.finish(&event.id, now_ms).await?;
+                self.ledger.finish(&event.id, None, now_ms).await?;
                 Ok(Outcome::Ignored)
             }
             Err(e) => {
-                if let Err(release) = self.ledger.release(&event.id).await {
+                if let Err(release) = self.ledger.release(&event.id, None).await {
                     tracing::warn!(event = %event.id, error = %release, "could not release a failed claim; it is taken over after a minute");
                 }
                 Err(e.into())

@@ -7,7 +7,10 @@
 //! left pending longer than [`PENDING_TTL_MS`] (the instance died mid-apply)
 //! may be taken over. The claim also orders a subscription's events: one whose
 //! `created` is older than the newest claimed for the same subscription is
-//! recorded as done and changes nothing. Event records are kept
+//! recorded as done and changes nothing; and while one event of a subscription
+//! is being applied, another of the same subscription is [`Claim::InFlight`]
+//! (answered 503: Stripe retries), so two events of one subscription are never
+//! applied at once, on any instance, and finish in `created` order. Event records are kept
 //! [`KEEP_EVENTS_MS`] (Stripe resends an event for at most 3 days and keeps
 //! events 30 days), subscription marks [`KEEP_SUBSCRIPTIONS_MS`] after their
 //! last event.
@@ -33,7 +36,7 @@ pub enum Claim {
     Apply,
     /// Already applied (or judged stale) before.
     Duplicate,
-    /// Another caller is applying it right now.
+    /// Another caller is applying it, or another event of its subscription, right now.
     InFlight,
     /// Older than an event already claimed for the same subscription: recorded, not applied.
     Stale,
@@ -51,8 +54,10 @@ pub struct Ordering {
 #[async_trait]
 pub trait StripeEventLedger: Send + Sync + 'static {
     async fn claim(&self, event_id: &str, order: Option<&Ordering>, now_ms: i64) -> Result<Claim, StoreError>;
-    async fn finish(&self, event_id: &str, now_ms: i64) -> Result<(), StoreError>;
-    async fn release(&self, event_id: &str) -> Result<(), StoreError>;
+    /// The claimed event was applied (`order`: as given to the claim).
+    async fn finish(&self, event_id: &str, order: Option<&Ordering>, now_ms: i64) -> Result<(), StoreError>;
+    /// The claimed event could not be applied: a retry claims it again.
+    async fn release(&self, event_id: &str, order: Option<&Ordering>) -> Result<(), StoreError>;
 }
 
 const SCHEMA: &str = "
@@ -65,7 +70,9 @@ CREATE INDEX IF NOT EXISTS stripe_events_at ON stripe_events (at_ms);
 CREATE TABLE IF NOT EXISTS stripe_subscriptions (
     subscription TEXT PRIMARY KEY NOT NULL,
     created INTEGER NOT NULL,
-    at_ms INTEGER NOT NULL
+    at_ms INTEGER NOT NULL,
+    pending_event TEXT,
+    pending_at INTEGER
 );
 ";
 
@@ -118,17 +125,28 @@ fn claim_blocking(conn: &mut Connection, event_id: &str, order: Option<&Ordering
     }
     let mut claim = Claim::Apply;
     if let Some(order) = order {
-        let newest: Option<i64> = tx
-            .query_row("SELECT created FROM stripe_subscriptions WHERE subscription = ?1", [&order.subscription], |r| r.get(0))
+        type Row = (i64, Option<String>, Option<i64>);
+        let row: Option<Row> = tx
+            .query_row(
+                "SELECT created, pending_event, pending_at FROM stripe_subscriptions WHERE subscription = ?1",
+                [&order.subscription],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .optional()
             .map_err(sql(OP))?;
-        if newest.is_some_and(|n| order.created < n) {
+        if let Some((_, Some(pending), Some(at))) = &row {
+            if pending != event_id && now - at < PENDING_TTL_MS {
+                return Ok(Claim::InFlight); // Another event of this subscription is being applied.
+            }
+        }
+        if row.is_some_and(|(newest, _, _)| order.created < newest) {
             claim = Claim::Stale;
         } else {
             tx.execute(
-                "INSERT INTO stripe_subscriptions (subscription, created, at_ms) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (subscription) DO UPDATE SET created = excluded.created, at_ms = excluded.at_ms",
-                (&order.subscription, order.created, now),
+                "INSERT INTO stripe_subscriptions (subscription, created, at_ms, pending_event, pending_at) VALUES (?1, ?2, ?3, ?4, ?3) \
+                 ON CONFLICT (subscription) DO UPDATE SET created = excluded.created, at_ms = excluded.at_ms, \
+                 pending_event = excluded.pending_event, pending_at = excluded.pending_at",
+                (&order.subscription, order.created, now, event_id),
             )
             .map_err(sql(OP))?;
         }
@@ -143,6 +161,18 @@ fn claim_blocking(conn: &mut Connection, event_id: &str, order: Option<&Ordering
     Ok(claim)
 }
 
+/// The subscription no longer waits on `event_id`.
+fn unmark_pending(tx: &rusqlite::Transaction<'_>, event_id: &str, order: Option<&Ordering>) -> Result<(), StoreError> {
+    if let Some(order) = order {
+        tx.execute(
+            "UPDATE stripe_subscriptions SET pending_event = NULL, pending_at = NULL WHERE subscription = ?1 AND pending_event = ?2",
+            (&order.subscription, event_id),
+        )
+        .map_err(sql("unmark"))?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl StripeEventLedger for SqliteStripeEvents {
     async fn claim(&self, event_id: &str, order: Option<&Ordering>, now_ms: i64) -> Result<Claim, StoreError> {
@@ -150,30 +180,34 @@ impl StripeEventLedger for SqliteStripeEvents {
         self.run("claim", move |conn| claim_blocking(conn, &event_id, order.as_ref(), now_ms)).await
     }
 
-    async fn finish(&self, event_id: &str, now_ms: i64) -> Result<(), StoreError> {
-        let event_id = event_id.to_string();
+    async fn finish(&self, event_id: &str, order: Option<&Ordering>, now_ms: i64) -> Result<(), StoreError> {
+        let (event_id, order) = (event_id.to_string(), order.cloned());
         self.run("finish", move |conn| {
-            conn.execute("UPDATE stripe_events SET done = 1, at_ms = ?2 WHERE event_id = ?1", (&event_id, now_ms))
-                .map_err(sql("finish"))?;
-            Ok(())
+            let tx = conn.transaction().map_err(sql("finish"))?;
+            tx.execute("UPDATE stripe_events SET done = 1, at_ms = ?2 WHERE event_id = ?1", (&event_id, now_ms)).map_err(sql("finish"))?;
+            unmark_pending(&tx, &event_id, order.as_ref())?;
+            tx.commit().map_err(sql("finish"))
         })
         .await
     }
 
-    async fn release(&self, event_id: &str) -> Result<(), StoreError> {
-        let event_id = event_id.to_string();
+    async fn release(&self, event_id: &str, order: Option<&Ordering>) -> Result<(), StoreError> {
+        let (event_id, order) = (event_id.to_string(), order.cloned());
         self.run("release", move |conn| {
-            conn.execute("DELETE FROM stripe_events WHERE event_id = ?1 AND done = 0", [&event_id]).map_err(sql("release"))?;
-            Ok(())
+            let tx = conn.transaction().map_err(sql("release"))?;
+            tx.execute("DELETE FROM stripe_events WHERE event_id = ?1 AND done = 0", [&event_id]).map_err(sql("release"))?;
+            unmark_pending(&tx, &event_id, order.as_ref())?;
+            tx.commit().map_err(sql("release"))
         })
         .await
     }
 }
 
 /// The claim in one script: KEYS = event, subscription (or none); ARGV = now,
-/// created (or ""), pending ttl, keep events, keep subscriptions. Returns
-/// 0 apply, 1 duplicate, 2 in flight, 3 stale. The event key holds
-/// `done:<ms>` or `pending:<ms>`.
+/// created (or ""), pending ttl, keep events, keep subscriptions, event id.
+/// Returns 0 apply, 1 duplicate, 2 in flight, 3 stale. The event key holds
+/// `done:<ms>` or `pending:<ms>`; the subscription hash `c` (newest created),
+/// `p` and `pa` (the event being applied, since when).
 const CLAIM_SCRIPT: &str = r"
 local now = tonumber(ARGV[1])
 local seen = redis.call('GET', KEYS[1])
@@ -185,11 +219,14 @@ end
 local result = 0
 if KEYS[2] then
   local created = tonumber(ARGV[2])
-  local newest = tonumber(redis.call('GET', KEYS[2]) or '')
+  local sub = redis.call('HMGET', KEYS[2], 'c', 'p', 'pa')
+  local newest, pending, pending_at = tonumber(sub[1] or ''), sub[2], tonumber(sub[3] or '')
+  if pending and pending ~= ARGV[6] and pending_at and now - pending_at < tonumber(ARGV[3]) then return 2 end
   if newest and created < newest then
     result = 3
   else
-    redis.call('SET', KEYS[2], created, 'PX', ARGV[5])
+    redis.call('HSET', KEYS[2], 'c', created, 'p', ARGV[6], 'pa', now)
+    redis.call('PEXPIRE', KEYS[2], ARGV[5])
   end
 end
 local state = 'pending'
@@ -198,11 +235,27 @@ redis.call('SET', KEYS[1], state .. ':' .. now, 'PX', ARGV[4])
 return result
 ";
 
+/// Finish (ARGV[1] = `done:<ms>`) or release (ARGV[1] = "") an event and
+/// clear its subscription's pending mark. KEYS = event, subscription (or
+/// none); ARGV = value, keep events, event id.
+const SETTLE_SCRIPT: &str = r"
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+if KEYS[2] and redis.call('HGET', KEYS[2], 'p') == ARGV[3] then
+  redis.call('HDEL', KEYS[2], 'p', 'pa')
+end
+return 0
+";
+
 /// The shared ledger in Redis.
 #[derive(Clone)]
 pub struct RedisStripeEvents {
     redis: Redis,
     claim: Arc<::redis::Script>,
+    settle: Arc<::redis::Script>,
 }
 
 fn redis_io(e: RedisError) -> StoreError {
@@ -211,7 +264,22 @@ fn redis_io(e: RedisError) -> StoreError {
 
 impl RedisStripeEvents {
     pub fn new(redis: Redis) -> RedisStripeEvents {
-        RedisStripeEvents { redis, claim: Arc::new(::redis::Script::new(CLAIM_SCRIPT)) }
+        RedisStripeEvents {
+            redis,
+            claim: Arc::new(::redis::Script::new(CLAIM_SCRIPT)),
+            settle: Arc::new(::redis::Script::new(SETTLE_SCRIPT)),
+        }
+    }
+
+    async fn settle(&self, event_id: &str, order: Option<&Ordering>, value: String) -> Result<(), StoreError> {
+        let mut invocation = self.settle.prepare_invoke();
+        invocation.key(self.redis.keys.stripe_event(event_id));
+        if let Some(order) = order {
+            invocation.key(self.redis.keys.stripe_subscription(&order.subscription));
+        }
+        invocation.arg(value).arg(KEEP_EVENTS_MS).arg(event_id);
+        let mut conn = self.redis.conn();
+        self.redis.call("stripe event settle", invocation.invoke_async::<i64>(&mut conn)).await.map(|_| ()).map_err(redis_io)
     }
 }
 
@@ -228,7 +296,8 @@ impl StripeEventLedger for RedisStripeEvents {
             .arg(order.map(|o| o.created.to_string()).unwrap_or_default())
             .arg(PENDING_TTL_MS)
             .arg(KEEP_EVENTS_MS)
-            .arg(KEEP_SUBSCRIPTIONS_MS);
+            .arg(KEEP_SUBSCRIPTIONS_MS)
+            .arg(event_id);
         let mut conn = self.redis.conn();
         let answer: i64 = self.redis.call("stripe event claim", invocation.invoke_async(&mut conn)).await.map_err(redis_io)?;
         match answer {
@@ -240,61 +309,86 @@ impl StripeEventLedger for RedisStripeEvents {
         }
     }
 
-    async fn finish(&self, event_id: &str, now_ms: i64) -> Result<(), StoreError> {
-        let mut conn = self.redis.conn();
-        let set = ::redis::cmd("SET")
-            .arg(self.redis.keys.stripe_event(event_id))
-            .arg(format!("done:{now_ms}"))
-            .arg("PX")
-            .arg(KEEP_EVENTS_MS)
-            .to_owned();
-        self.redis.call("stripe event finish", set.query_async::<()>(&mut conn)).await.map_err(redis_io)
+    async fn finish(&self, event_id: &str, order: Option<&Ordering>, now_ms: i64) -> Result<(), StoreError> {
+        self.settle(event_id, order, format!("done:{now_ms}")).await
     }
 
-    async fn release(&self, event_id: &str) -> Result<(), StoreError> {
-        let mut conn = self.redis.conn();
-        let del = ::redis::cmd("DEL").arg(self.redis.keys.stripe_event(event_id)).to_owned();
-        self.redis.call("stripe event release", del.query_async::<()>(&mut conn)).await.map_err(redis_io)
+    async fn release(&self, event_id: &str, order: Option<&Ordering>) -> Result<(), StoreError> {
+        self.settle(event_id, order, String::new()).await
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::suite::require::{self, need};
     use super::*;
 
     fn order(sub: &str, created: i64) -> Ordering {
         Ordering { subscription: sub.to_string(), created }
     }
 
-    async fn claim(l: &SqliteStripeEvents, id: &str, o: Option<Ordering>, now: i64) -> Claim {
+    async fn claim(l: &dyn StripeEventLedger, id: &str, o: Option<Ordering>, now: i64) -> Claim {
         l.claim(id, o.as_ref(), now).await.unwrap_or_else(|e| panic!("claim {id}: {e}"))
     }
 
+    async fn finish(l: &dyn StripeEventLedger, id: &str, o: Ordering, now: i64) {
+        l.finish(id, Some(&o), now).await.unwrap_or_else(|e| panic!("finish {id}: {e}"));
+    }
+
+    const T: i64 = 1_000_000_000_000;
+
+    /// Once, in order, one event of a subscription at a time; releases and takeovers.
+    async fn scenario(l: &dyn StripeEventLedger) {
+        let t = T;
+        assert_eq!(claim(l, "evt_2", Some(order("sub_1", 200)), t).await, Claim::Apply);
+        assert_eq!(claim(l, "evt_2", Some(order("sub_1", 200)), t + 1).await, Claim::InFlight, "pending and fresh");
+        assert_eq!(claim(l, "evt_4", Some(order("sub_1", 400)), t + 1).await, Claim::InFlight, "its subscription is busy");
+        assert_eq!(claim(l, "evt_x", Some(order("sub_other", 1)), t + 1).await, Claim::Apply, "another subscription is not");
+        finish(l, "evt_2", order("sub_1", 200), t + 2).await;
+        assert_eq!(claim(l, "evt_2", Some(order("sub_1", 200)), t + 3).await, Claim::Duplicate);
+        assert_eq!(claim(l, "evt_1", Some(order("sub_1", 100)), t + 4).await, Claim::Stale, "older than evt_2");
+        assert_eq!(claim(l, "evt_1", Some(order("sub_1", 100)), t + 5).await, Claim::Duplicate, "a stale event is recorded");
+        // A released claim (the apply failed) is claimed again, and frees its subscription.
+        assert_eq!(claim(l, "evt_3", Some(order("sub_1", 300)), t + 7).await, Claim::Apply);
+        l.release("evt_3", Some(&order("sub_1", 300))).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(claim(l, "evt_3", Some(order("sub_1", 300)), t + 8).await, Claim::Apply, "released, same created");
+        // A claim abandoned by a dead instance is taken over after the TTL, and so is its subscription.
+        let later = t + 8 + PENDING_TTL_MS;
+        assert_eq!(claim(l, "evt_3", Some(order("sub_1", 300)), later).await, Claim::Apply);
+        assert_eq!(claim(l, "evt_5", Some(order("sub_1", 500)), later + 1).await, Claim::InFlight);
+        finish(l, "evt_3", order("sub_1", 300), later + 2).await;
+        assert_eq!(claim(l, "evt_5", Some(order("sub_1", 500)), later + 3).await, Claim::Apply, "free once evt_3 finished");
+        finish(l, "evt_5", order("sub_1", 500), later + 4).await;
+        assert_eq!(claim(l, "evt_4", Some(order("sub_1", 400)), later + 5).await, Claim::Stale, "evt_5 came first");
+        // Events without a subscription (checkout sessions).
+        assert_eq!(claim(l, "evt_cs", None, later + 6).await, Claim::Apply);
+        l.finish("evt_cs", None, later + 7).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(claim(l, "evt_cs", None, later + 8).await, Claim::Duplicate);
+    }
+
     #[tokio::test]
-    async fn events_apply_once_in_order_and_survive_reopening() {
+    async fn sqlite_applies_once_in_order_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("stripe_events.sqlite");
         let l = SqliteStripeEvents::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        let t = 1_000_000_000_000;
-        assert_eq!(claim(&l, "evt_2", Some(order("sub_1", 200)), t).await, Claim::Apply);
-        assert_eq!(claim(&l, "evt_2", Some(order("sub_1", 200)), t + 1).await, Claim::InFlight, "pending and fresh");
-        l.finish("evt_2", t + 2).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(claim(&l, "evt_2", Some(order("sub_1", 200)), t + 3).await, Claim::Duplicate);
-        assert_eq!(claim(&l, "evt_1", Some(order("sub_1", 100)), t + 4).await, Claim::Stale, "older than evt_2");
-        assert_eq!(claim(&l, "evt_1", Some(order("sub_1", 100)), t + 5).await, Claim::Duplicate, "a stale event is recorded");
-        assert_eq!(claim(&l, "evt_x", Some(order("sub_other", 1)), t + 6).await, Claim::Apply, "another subscription");
-        // A released claim (the apply failed) is claimed again.
-        assert_eq!(claim(&l, "evt_3", Some(order("sub_1", 300)), t + 7).await, Claim::Apply);
-        l.release("evt_3").await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(claim(&l, "evt_3", Some(order("sub_1", 300)), t + 8).await, Claim::Apply, "released, same created");
-        // A claim abandoned by a dead instance is taken over after the TTL.
-        assert_eq!(claim(&l, "evt_3", Some(order("sub_1", 300)), t + 8 + PENDING_TTL_MS).await, Claim::Apply);
-        l.finish("evt_3", t + 9 + PENDING_TTL_MS).await.unwrap_or_else(|e| panic!("{e}"));
+        scenario(&l).await;
         drop(l);
         let l = SqliteStripeEvents::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(claim(&l, "evt_3", None, t + 10 + PENDING_TTL_MS).await, Claim::Duplicate, "durable across reopening");
-        assert_eq!(claim(&l, "evt_2b", Some(order("sub_1", 250)), t + 11 + PENDING_TTL_MS).await, Claim::Stale);
+        let after = T + 100 + PENDING_TTL_MS;
+        assert_eq!(claim(&l, "evt_3", None, after).await, Claim::Duplicate, "durable across reopening");
+        assert_eq!(claim(&l, "evt_4b", Some(order("sub_1", 450)), after + 1).await, Claim::Stale);
         // Forgotten after the retention.
-        assert_eq!(claim(&l, "evt_3", None, t + 12 + KEEP_EVENTS_MS + PENDING_TTL_MS).await, Claim::Apply);
+        assert_eq!(claim(&l, "evt_3", None, after + KEEP_EVENTS_MS).await, Claim::Apply);
+    }
+
+    #[tokio::test]
+    async fn redis_applies_once_in_order() {
+        let url = need!(require::redis_url());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let prefix = format!("meterd-test:{}:{nanos}:stripe:", std::process::id());
+        let redis = Redis::connect(std::slice::from_ref(&url), &prefix, std::time::Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        scenario(&RedisStripeEvents::new(redis)).await;
     }
 }
