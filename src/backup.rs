@@ -87,6 +87,10 @@ pub struct Manifest {
 /// The manifest's file name inside a backup.
 pub const MANIFEST: &str = "backup.json";
 const STORE_FILE: &str = "meterd.sqlite";
+/// The Stripe webhook ledger (issue 20), without Redis.
+const STRIPE_EVENTS_FILE: &str = "stripe_events.sqlite";
+/// Files copied as they are: the instance id, the portal-token key (issue 20).
+const SMALL_FILES: [&str; 2] = ["instance_id", "portal_secret"];
 const ATTEMPTS: u32 = 5;
 
 /// Copies the data directory of `config` into `to` (created; must be absent or
@@ -163,6 +167,13 @@ async fn attempt_copy(
     dedupe_window_ms: i64,
     pins: &Pins,
 ) -> Result<Result<(u64, u64, usize), String>, BackupError> {
+    // The Stripe events already applied (issue 20), when kept in SQLite:
+    // before the store, so an event applied in between is at worst applied
+    // again after a restore (its entitlement change is idempotent), never
+    // marked applied while the copy lacks its change.
+    if data_dir.join(STRIPE_EVENTS_FILE).exists() {
+        vacuum_into(&data_dir.join(STRIPE_EVENTS_FILE), &to.join(STRIPE_EVENTS_FILE))?;
+    }
     // 1. The store, as of one flush.
     let store_src = data_dir.join(STORE_FILE);
     let store_dst = to.join(STORE_FILE);
@@ -176,7 +187,9 @@ async fn attempt_copy(
         0
     };
     // The small files that go with it.
-    copy_file(&data_dir.join("instance_id"), &to.join("instance_id"))?;
+    for name in SMALL_FILES {
+        copy_file(&data_dir.join(name), &to.join(name))?;
+    }
     copy_tree(&data_dir.join("rejected"), &to.join("rejected"))?;
     let wal_src = data_dir.join("wal");
     if !wal_src.exists() {
@@ -305,9 +318,13 @@ fn vacuum_into(src: &Path, dst: &Path) -> Result<(), BackupError> {
     Ok(())
 }
 
+/// Copies a file with its permission bits (`portal_secret` is 0600: so is its copy).
 fn copy_file(src: &Path, dst: &Path) -> Result<(), BackupError> {
     match std::fs::read(src) {
-        Ok(bytes) => write_synced(dst, &bytes),
+        Ok(bytes) => {
+            let mode = std::fs::metadata(src).map(|m| permission_bits(&m)).unwrap_or(0o600);
+            write_with_mode(dst, &bytes, mode)
+        }
         // Expired id files are deleted by the live writer: nothing to copy.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(src)(e)),
@@ -359,8 +376,30 @@ fn copy_ids(src: &Path, dst: &Path) -> Result<(), BackupError> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
-    let mut file = std::fs::File::create(path).map_err(io(path))?;
+    write_with_mode(path, bytes, 0o644)
+}
+
+/// Writes and fsyncs `path`, created with `mode` (on Unix) so a secret is
+/// never readable by others, not even for a moment.
+fn write_with_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), BackupError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(path).map_err(io(path))?;
     file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io(path))
+}
+
+#[cfg(unix)]
+fn permission_bits(meta: &std::fs::Metadata) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777
+}
+
+#[cfg(not(unix))]
+fn permission_bits(_: &std::fs::Metadata) -> u32 {
+    0o644
 }
 
 /// Best effort: a directory fsync makes the new names durable.
@@ -389,7 +428,7 @@ pub fn restore(from: &Path, data_dir: &Path) -> Result<Manifest, BackupError> {
         return Err(BackupError::NotEmpty(data_dir.display().to_string()));
     }
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
-    for name in [STORE_FILE, "instance_id"] {
+    for name in [STORE_FILE, STRIPE_EVENTS_FILE].iter().chain(SMALL_FILES.iter()) {
         copy_file(&from.join(name), &data_dir.join(name))?;
     }
     copy_tree(&from.join("rejected"), &data_dir.join("rejected"))?;

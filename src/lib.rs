@@ -31,5 +31,7 @@ pub mod sync;
 pub mod telemetry;
 pub mod usage;
 pub mod wal;
+// Stripe subscription sync (issue 20).
+pub mod billing_sync;
 
 pub use app::{AppError, AppHandle};

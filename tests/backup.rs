@@ -109,6 +109,14 @@ async fn backup_of_a_running_instance_restores_exactly_the_batches_up_to_the_bac
     let wal_upto = number_after(&stdout, "WAL up to record");
     assert!(store_upto > 0, "the store had flushes before the backup: {stdout}");
     assert!(wal_upto >= store_upto, "{stdout}");
+    // The portal-token key comes along, still readable by its owner only.
+    let secret = std::fs::metadata(backup_dir.join("portal_secret")).expect("portal_secret in the backup");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&secret.permissions()) & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read(backup_dir.join("portal_secret")).ok(),
+        std::fs::read(dir.path().join("data-a/portal_secret")).ok(),
+        "the same key"
+    );
 
     // More ingest after the backup, then the original dies.
     tokio::time::sleep(Duration::from_millis(300)).await;

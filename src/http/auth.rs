@@ -123,3 +123,36 @@ fn scope_name(s: Scope) -> &'static str {
         Scope::Admin => "admin",
     }
 }
+
+// Portal tokens (issue 20): a bearer `mpt_...` token reads one customer's
+// usage, balances, reservations and history, and nothing else. Routes that
+// read one customer call `authorize_customer`; every other route goes through
+// `authorize`, where a portal token is an unknown key (401).
+
+/// The presented bearer, when it is a portal token.
+pub fn portal_bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && token.starts_with(super::portal::PREFIX)).then_some(token)
+}
+
+impl Auth {
+    /// Like [`Auth::authorize`], for a route that reads `customer` only: a
+    /// portal token for that customer is accepted too; one for another
+    /// customer is 403, an expired or forged one 401.
+    pub fn authorize_customer(
+        &self,
+        headers: &HeaderMap,
+        scopes: &[Scope],
+        customer: &str,
+        portal: &super::portal::PortalTokens,
+    ) -> Result<(), ApiError> {
+        let Some(token) = portal_bearer(headers) else { return self.authorize(headers, scopes) };
+        let owner = portal.verify(token, crate::clock::now_ms()).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        if owner != customer {
+            return Err(ApiError::forbidden("this portal token reads another customer"));
+        }
+        Ok(())
+    }
+}
