@@ -16,7 +16,8 @@
 //! settings, `[ingest]`, `[redis]`, `[clickhouse]`, `[stripe]`, meters and plans)
 //! refuses the whole reload with a log line naming each key, and the running
 //! config keeps serving. A new config section is live only once a part applies
-//! it; until then, list it in [`refused`].
+//! it; until then, list it in [`refused`] (which names every field of
+//! `ValidConfig`, so a new one does not compile until it is decided).
 
 use crate::config::ValidConfig;
 use std::fmt::Debug;
@@ -145,6 +146,24 @@ impl Reloader {
 /// `key (old → new)` for plain settings, the section's name alone for the
 /// sections (their values may hold secrets: Redis URLs with a password).
 pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
+    // Every field is named here on purpose: a new config field fails to compile
+    // until it is either compared below (needs a restart) or applied by a
+    // registered `Reloadable` part (then list it as live: `_`). Silently
+    // ignoring a changed setting on reload is the one outcome not allowed.
+    let ValidConfig {
+        server: _,
+        storage: _,
+        ingest: _,
+        redis: _,
+        clickhouse: _,
+        stripe: _,
+        metrics_listen: _,
+        catalog: _,
+        keys: _, // live: `AuthKeys`
+        source: _,
+        stripe_webhooks: _,
+        portal_secret: _,
+    } = new;
     let mut out = Vec::new();
     let differs = |a: &dyn Debug, b: &dyn Debug| format!("{a:?}") != format!("{b:?}");
     let mut value = |key: &str, a: &dyn Debug, b: &dyn Debug| {
@@ -168,11 +187,15 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
     value("storage.wal_sync_interval", &s.wal_sync_interval, &n.wal_sync_interval);
     value("storage.wal_segment_bytes", &s.wal_segment_bytes, &n.wal_segment_bytes);
     value("storage.max_wal_bytes", &s.max_wal_bytes, &n.max_wal_bytes);
-    let sections: [(&str, &dyn Debug, &dyn Debug); 6] = [
+    if old.portal_secret.as_ref().map(|k| k.expose()) != new.portal_secret.as_ref().map(|k| k.expose()) {
+        out.push("server.portal_secret_env".to_string());
+    }
+    let sections: [(&str, &dyn Debug, &dyn Debug); 7] = [
         ("[ingest]", &old.ingest, &new.ingest),
         ("[redis]", &old.redis, &new.redis),
         ("[clickhouse]", &old.clickhouse, &new.clickhouse),
         ("[stripe]", &old.stripe, &new.stripe),
+        ("[stripe.webhooks]", &old.stripe_webhooks, &new.stripe_webhooks),
         // Counters and cached entitlements are laid out by the catalog at start.
         ("[[meters]] (live meter and plan changes are not supported yet)", &old.catalog.meters(), &new.catalog.meters()),
         ("[[plans]] (live meter and plan changes are not supported yet)", &old.catalog.plans(), &new.catalog.plans()),
