@@ -14,11 +14,14 @@
 //! would have brought, and [`routes`] has it without (see BENCHMARKS.md).
 
 pub mod auth;
+// Stripe subscription sync, customers and portal tokens (issue 20).
+pub mod billing;
 pub mod body;
 // Prepaid credits and grants (issue 18).
 pub mod credits;
 pub mod error;
 pub mod handlers;
+pub mod portal;
 pub mod routes;
 pub mod server;
 pub mod timeouts;
@@ -45,6 +48,11 @@ pub struct HttpState {
     pub stripe: Option<Arc<crate::report::StatusBoard>>,
     /// The background tasks' states: `/readyz` names one that died.
     pub health: crate::health::Health,
+    // Stripe subscription sync and portal tokens (issue 20).
+    /// The Stripe webhook receiver, when `[stripe.webhooks]` is configured.
+    pub stripe_webhooks: Option<Arc<crate::billing_sync::StripeWebhooks>>,
+    /// Issues and verifies portal tokens.
+    pub portal: Arc<portal::PortalTokens>,
 }
 
 /// Which routes a listener serves.
