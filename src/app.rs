@@ -237,6 +237,10 @@ impl AppHandle {
         };
         // Stripe subscription sync and portal tokens (issue 20).
         let (stripe_webhooks, portal) = billing(&config, &data_dir, redis.as_ref())?;
+        if let Some(webhooks) = &stripe_webhooks {
+            // Paid checkout sessions with grant metadata become credit grants (issues 18 + 20).
+            webhooks.set_grant_issuer(Arc::new(EngineGrants(engine.clone())));
+        }
         let state = Arc::new(HttpState {
             engine: engine.clone(),
             auth: http::auth::Auth::new(&config.keys),
@@ -399,11 +403,29 @@ fn billing(config: &ValidConfig, data_dir: &Path, redis: Option<&crate::redis_li
     Ok((webhooks, Arc::new(portal)))
 }
 
-impl AppHandle {
-    /// Wires the credits service into the Stripe webhook receiver: paid
-    /// checkout sessions with grant metadata become grants. False when
-    /// `[stripe.webhooks]` is not configured or an issuer was set already.
-    pub fn set_grant_issuer(&self, issuer: Arc<dyn crate::billing_sync::GrantIssuer>) -> bool {
-        self.state.stripe_webhooks.as_ref().is_some_and(|w| w.set_grant_issuer(issuer))
+/// The credits service as the Stripe webhook receiver's grant issuer: a paid
+/// checkout session becomes a grant whose id is the session id, so a
+/// redelivered or repeated session changes nothing.
+struct EngineGrants(Arc<Engine>);
+
+#[async_trait::async_trait]
+impl crate::billing_sync::GrantIssuer for EngineGrants {
+    async fn issue(&self, grant: crate::billing_sync::CheckoutGrant) -> Result<bool, crate::billing_sync::GrantIssueError> {
+        use crate::billing_sync::GrantIssueError;
+        use crate::grants::GrantError;
+        let spec = crate::model::grant::GrantSpec {
+            reason: Some(format!("stripe checkout {}", grant.id)),
+            id: grant.id,
+            meter: grant.meter,
+            amount: grant.amount,
+            priority: None,
+            effective_at_ms: None,
+            expires_at_ms: None,
+        };
+        match self.0.grant_ports().create_grant(&grant.customer, spec).await {
+            Ok((_, created)) => Ok(created),
+            Err(e @ (GrantError::Invalid(_) | GrantError::Conflict(_) | GrantError::NotFound(_))) => Err(GrantIssueError::Refused(e.to_string())),
+            Err(e @ (GrantError::Full | GrantError::Store(_))) => Err(GrantIssueError::Unavailable(e.to_string())),
+        }
     }
 }

@@ -137,10 +137,12 @@ async fn a_portal_token_reads_one_customers_usage_and_nothing_else() {
         format!("/v1/usage?meter=interviews&from={}&to={}&granularity=day&customer={c}", common::now_ms() - day, common::now_ms() + day)
     };
     assert_eq!(portal.get(&history(&mine)).await.status, 200);
+    let r = portal.get(&format!("/v1/customers/{mine}/balances")).await;
+    assert_eq!((r.status.as_u16(), &r.body["customer"]), (200, &json!(mine)), "{}", r.text);
 
     // Another customer: 403. Without a customer, ingest, checks, admin and
     // other reads: the token is no key (401).
-    for path in [format!("/v1/customers/{theirs}/usage"), history(&theirs)] {
+    for path in [format!("/v1/customers/{theirs}/usage"), history(&theirs), format!("/v1/customers/{theirs}/balances")] {
         let r = portal.get(&path).await;
         assert_eq!((r.status.as_u16(), r.code()), (403, "forbidden"), "{path}: {}", r.text);
     }
@@ -150,6 +152,8 @@ async fn a_portal_token_reads_one_customers_usage_and_nothing_else() {
         portal.put_json(&format!("/v1/customers/{mine}/entitlements"), &json!({"plan": "premium"})).await,
         portal.send(Method::DELETE, &format!("/v1/customers/{mine}/entitlements"), None, "").await,
         portal.get(&format!("/v1/customers/{mine}/entitlements")).await,
+        portal.get(&format!("/v1/customers/{mine}/grants")).await,
+        portal.post_json(&format!("/v1/customers/{mine}/grants"), &json!({"id": "g", "meter": "interviews", "amount": 5})).await,
         issue(&portal, &mine, "30d").await,
         portal.get("/v1/customers").await,
         portal.get("/v1/plans").await,

@@ -1,11 +1,10 @@
 //! Stripe subscription sync over HTTP: `POST /v1/webhooks/stripe` verifies
 //! `Stripe-Signature`, sets plans from subscription events once and in order
 //! (across restarts and instances), falls back to the default plan when a
-//! subscription ends, and hands paid checkout grants to the grant issuer.
+//! subscription ends, and turns paid checkout sessions into credit grants.
 
 mod common;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use common::redis_server::RedisServer;
 use common::require::need;
@@ -13,9 +12,7 @@ use common::{check, put, uid, Client, Resp, TestServer, INTERVIEW};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use meterd::billing_sync::signature::sign;
-use meterd::billing_sync::{CheckoutGrant, GrantIssueError, GrantIssuer};
 use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SECRET_ENV: &str = "METERD_TEST_STRIPE_WHSEC";
@@ -303,46 +300,31 @@ async fn an_ended_subscription_returns_to_the_default_plan_and_restarts_remember
     assert_eq!(entitlements(&c, &customer).await["plan"], json!("premium"));
 }
 
-/// A grant issuer that records what it was given (a grant id issued twice is a no-op).
-#[derive(Default)]
-struct Recorder(Mutex<Vec<CheckoutGrant>>);
-
-#[async_trait]
-impl GrantIssuer for Recorder {
-    async fn issue(&self, grant: CheckoutGrant) -> Result<bool, GrantIssueError> {
-        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.iter().any(|g| g.id == grant.id) {
-            return Ok(false);
-        }
-        seen.push(grant);
-        Ok(true)
-    }
-}
-
-fn checkout(event: &str, session: &str, customer: &str, payment_status: &str) -> Value {
+fn checkout(event: &str, session: &str, customer: &str, payment_status: &str, meter: &str) -> Value {
     json!({"id": event, "type": "checkout.session.completed", "created": now_secs(),
         "data": {"object": {"id": session, "object": "checkout.session", "client_reference_id": customer, "payment_status": payment_status,
-            "metadata": {"meterd_grant_meter": "interview_minutes", "meterd_grant_amount": "120.5"}}}})
+            "metadata": {"meterd_grant_meter": meter, "meterd_grant_amount": "120.5"}}}})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paid_checkout_with_grant_metadata_goes_to_the_grant_issuer() {
+async fn a_paid_checkout_with_grant_metadata_becomes_a_credit_grant_once() {
     let server = TestServer::start(&config("5m")).await;
     let c = server.client();
     let customer = uid("buyer");
     let (first, session) = (uid("evt"), uid("cs"));
-    assert!(!send(&c, &checkout(&first, &session, &customer, "paid")).await, "no issuer wired: not applied");
-
-    let recorder = Arc::new(Recorder::default());
-    assert!(server.app().set_grant_issuer(recorder.clone()));
-    assert!(send(&c, &checkout(&first, &session, &customer, "paid")).await, "the ignored event applies once an issuer is there");
-    assert!(!send(&c, &checkout(&first, &session, &customer, "paid")).await, "a replay");
-    assert!(!send(&c, &checkout(&uid("evt"), &session, &customer, "paid")).await, "another event for the same session");
-    assert!(!send(&c, &checkout(&uid("evt"), &uid("cs"), &customer, "unpaid")).await, "not paid yet");
-    let grants = recorder.0.lock().map(|g| g.clone()).unwrap_or_default();
-    let expected =
-        CheckoutGrant { id: session.clone(), customer: customer.clone(), meter: "interview_minutes".into(), amount: "120.5".into() };
-    assert_eq!(grants, vec![expected]);
+    assert!(send(&c, &checkout(&first, &session, &customer, "paid", "interview_minutes")).await, "a paid session makes a grant");
+    assert!(!send(&c, &checkout(&first, &session, &customer, "paid", "interview_minutes")).await, "a replay");
+    assert!(!send(&c, &checkout(&uid("evt"), &session, &customer, "paid", "interview_minutes")).await, "another event for the same session");
+    assert!(!send(&c, &checkout(&uid("evt"), &uid("cs"), &customer, "unpaid", "interview_minutes")).await, "not paid yet");
+    assert!(!send(&c, &checkout(&uid("evt"), &uid("cs"), &customer, "paid", "no_such_meter")).await, "an unknown meter is refused");
+    let r = c.get(&format!("/v1/customers/{customer}/grants")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let grants = r.body["grants"].as_array().cloned().unwrap_or_default();
+    assert_eq!(grants.len(), 1, "exactly one grant: {}", r.text);
+    assert_eq!(grants[0]["id"], json!(session));
+    assert_eq!(grants[0]["meter"], json!("interview_minutes"));
+    assert_eq!(grants[0]["amount"], json!(120.5));
+    assert_eq!(grants[0]["status"], json!("active"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

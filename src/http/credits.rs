@@ -72,7 +72,8 @@ pub async fn void(state: &HttpState, req: Request<RequestBody>, customer: &str) 
 
 /// `GET /v1/customers/{c}/balances` (check or read).
 pub async fn balances(state: &HttpState, headers: &HeaderMap, customer: &str) -> Resp {
-    state.auth.authorize(headers, &[Scope::Check, Scope::Read])?;
+    // A portal token for this customer may read its balances too (issue 20).
+    state.auth.authorize_customer(headers, &[Scope::Check, Scope::Read], customer, &state.portal)?;
     // With Redis, the customer's entitlements (which meters are credits) load on first sight.
     if !customer.is_empty() && customer.len() <= 256 {
         state.engine.ensure_customer(customer).await;
