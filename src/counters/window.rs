@@ -48,6 +48,9 @@ pub struct WindowCell {
     /// Read by a check since the last sync: the syncer fetches its total even
     /// if this instance added nothing.
     pub watched: AtomicBool,
+    /// When (wall-clock ms) `others` was last read from Redis; 0 never. Checks
+    /// refresh a total older than two sync intervals first (issue 16).
+    pub synced_ms: AtomicI64,
 }
 
 impl std::ops::Deref for WindowCell {

@@ -46,6 +46,11 @@ impl Keys {
         format!("{}entitlements", self.prefix)
     }
 
+    /// `Palive`: present while Redis keeps its data (see `sync::counters`).
+    pub fn alive(&self) -> String {
+        format!("{}alive", self.prefix)
+    }
+
     /// An instance's field in a window hash.
     pub fn instance_field(instance_id: &str) -> String {
         format!("i:{instance_id}")

@@ -17,6 +17,13 @@
 //! part comes back lower than what this instance pushed before; the next round
 //! then pushes every cell, rebuilding the totals from every instance's state.
 //!
+//! **Data loss detection.** Every round sets `Palive` if missing; finding it
+//! missing means Redis lost its data (or is new), and the round pushes every
+//! cell.
+//!
+//! Every total read back stamps the cell's `synced_ms`; checks refresh totals
+//! older than two intervals themselves (`limits::fresh`).
+//!
 //! `max` and `latest` windows are not shared (documented in docs/operations.md).
 
 use crate::counters::window::WindowCell;
@@ -140,9 +147,24 @@ impl CounterSync {
         (by_customer, pending_keys, pending_units)
     }
 
+    /// Whether Redis lost its data since the last round: `Palive` is gone
+    /// (`SET NX` succeeds). Then every cell is pushed again, even one this
+    /// instance did not touch (issue 16: totals are rebuilt from every live
+    /// instance, not only from those that happen to push a changed window).
+    async fn lost_data(&self) -> Result<bool, RedisError> {
+        let mut conn = self.redis.conn();
+        let set: Option<String> =
+            self.redis.call("sync alive", ::redis::cmd("SET").arg(self.redis.keys.alive()).arg(1).arg("NX").query_async(&mut conn)).await?;
+        Ok(set.is_some())
+    }
+
     /// One round: push, read totals back, update the cells. Returns keys pushed.
     pub async fn sync_once(self: &Arc<Self>, engine: &Arc<Engine>) -> Result<usize, SyncError> {
+        if self.lost_data().await? {
+            self.resync_all.store(true, Ordering::Release);
+        }
         let all = self.resync_all.swap(false, Ordering::AcqRel);
+        let round_ms = now_ms();
         let (by_customer, pending_keys, pending_units) = self.collect(engine, all);
         crate::telemetry::redis_pending(pending_keys, pending_units);
         let calls: Vec<Vec<Push>> = if matches!(self.redis.conn(), crate::redis_link::Conn::Cluster(_)) {
@@ -165,7 +187,7 @@ impl CounterSync {
                 let Some(call) = calls.next() else { break };
                 let this = self.clone();
                 let engine = engine.clone();
-                tasks.spawn(async move { this.push(&engine, call).await });
+                tasks.spawn(async move { this.push(&engine, call, round_ms).await });
             }
             let Some(joined) = tasks.join_next().await else { break };
             match joined {
@@ -185,8 +207,9 @@ impl CounterSync {
         }
     }
 
-    /// One script call; applies its answer to the cells.
-    async fn push(&self, engine: &Engine, call: Vec<Push>) -> Result<(), RedisError> {
+    /// One script call; applies its answer to the cells, stamped `round_ms`
+    /// (taken before the call: the totals are at least that fresh).
+    async fn push(&self, engine: &Engine, call: Vec<Push>, round_ms: i64) -> Result<(), RedisError> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(&self.field);
         for p in &call {
@@ -207,6 +230,7 @@ impl CounterSync {
                 }
                 cell.pushed.store(part, Ordering::Release);
                 cell.others.store(total.saturating_sub(part).max(0), Ordering::Release);
+                cell.synced_ms.store(round_ms, Ordering::Release);
             });
         }
         Ok(())
@@ -215,6 +239,8 @@ impl CounterSync {
 
 /// Pushes every `interval` until shutdown, then once more.
 pub async fn run(engine: Arc<Engine>, sync: Arc<CounterSync>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    // Lease timing and the staleness bound derive from the interval (issue 16).
+    sync.redis.leases.set_sync_interval(interval);
     let mut failures = 0u32;
     loop {
         tokio::select! {
@@ -235,8 +261,12 @@ pub async fn run(engine: Arc<Engine>, sync: Arc<CounterSync>, interval: Duration
                 }
             }
         }
+        // Leased slices: renew the used ones, return the idle ones.
+        super::leases::maintain(&engine, &sync.redis, false).await;
     }
     if let Err(e) = sync.sync_once(&engine).await {
         tracing::warn!(error = %e, "final counter push to redis failed; the usage is pushed from the WAL and store at the next start");
     }
+    // Unused slices go back at shutdown.
+    super::leases::maintain(&engine, &sync.redis, true).await;
 }

@@ -5,3 +5,4 @@
 pub mod counters;
 pub mod customer;
 pub mod entitlements;
+pub mod leases;

@@ -1,0 +1,344 @@
+//! Leases of quota for `enforcement = "leased"` limits (issue 16): the Redis
+//! script that grants an instance a slice of a window's remaining quota, and
+//! the book of slices this instance holds.
+//!
+//! **The invariant.** A window hash keeps, besides the total `t` and each
+//! instance's part `i:<id>`, each instance's *cap* `c:<id>` (the level up to
+//! which its part may grow without asking again) and its expiry `x:<id>`
+//! (Redis time, ms). The script grants only while
+//! `Σ_instances max(part, unexpired cap) ≤ limit`. An instance decides a
+//! consume locally when its own usage plus the quantity stays within its cap,
+//! so every granted unit is inside some cap and the total never passes the
+//! limit. Pushing usage (the syncer, `sync::counters`) raises a part without
+//! touching caps, so it leaves the sum unchanged: no double counting, and no
+//! coordination between the syncer and the leases.
+//!
+//! **Slices.** A take asks for the cap it needs (own usage + quantity); the
+//! script grants at least that and, when there is room, half the free quota
+//! shared among the holders (`free / (2 × holders)`): slices shrink with the
+//! remaining quota, and near the limit a slice is exactly one consume. A
+//! refused take also gives back the requester's leftover, so leftovers too
+//! small for a consume gather where they can be used.
+//!
+//! **Expiry.** A cap lives `ttl` in Redis time; the holder trusts it until
+//! `sent + ttl − ttl/10` on its own monotonic clock (`sent` is taken before
+//! the request, so the holder stops before Redis forgets). A live holder
+//! renews caps it uses and returns idle ones (`sync::leases`); a killed one's
+//! cap simply expires.
+//!
+//! **Redis restarted empty.** Caps vanish with the data, while holders still
+//! trust theirs. So no slice is *taken* while the server has been up for less
+//! than one `ttl`: in that time every cap still trusted is renewed (a renewal
+//! re-registers the cap it claims), and every older one has expired locally.
+
+use crate::counters::CounterKey;
+use crate::keyhash::KeyHash;
+use crate::redis_link::{Redis, RedisError};
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// ARGV: instance id, ttl ms, mode (`take` | `renew` | `return`), then per key
+/// (limit, own usage, wanted cap, expire-at ms or 0). Every mode first raises
+/// the instance's part to its usage (as a sync push would). Replies:
+/// `{1, ttl, cap, total, part, ...}` per key; `{0, index, total}` when a take
+/// is refused (the requester's caps on these keys are returned) or a renewal
+/// finds its cap expired; `{2}` when the server restarted less than a ttl ago
+/// (no new slices yet).
+const LEASE_SCRIPT: &str = r"
+local me, ttl, mode = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+local function recovering()
+  local info = redis.call('INFO', 'server')
+  local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)') or '0')
+  return up * 1000 < ttl
+end
+if mode == 'take' and recovering() then return {2} end
+local pf, cf, xf = 'i:' .. me, 'c:' .. me, 'x:' .. me
+local plan = {}
+for i, key in ipairs(KEYS) do
+  local b = 4 * i
+  local limit, v, want, exp = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local h = redis.call('HGETALL', key)
+  local t, parts, caps, exps = 0, {}, {}, {}
+  for j = 1, #h, 2 do
+    local f, val = h[j], h[j + 1]
+    local p, id = string.sub(f, 1, 2), string.sub(f, 3)
+    if f == 't' then t = tonumber(val)
+    elseif p == 'i:' then parts[id] = tonumber(val)
+    elseif p == 'c:' then caps[id] = tonumber(val)
+    elseif p == 'x:' then exps[id] = tonumber(val) end
+  end
+  local mine = parts[me] or 0
+  if v > mine then
+    redis.call('HSET', key, pf, v)
+    t = redis.call('HINCRBY', key, 't', v - mine)
+    mine = v
+  end
+  if exp > 0 then redis.call('PEXPIREAT', key, exp) end
+  local held, holders = 0, 0
+  for id, c in pairs(caps) do
+    if id ~= me and (exps[id] or 0) > now then
+      local r = c - (parts[id] or 0)
+      if r > 0 then held = held + r end
+      holders = holders + 1
+    end
+  end
+  local floor = mine
+  if (exps[me] or 0) > now and (caps[me] or 0) > floor then floor = caps[me] end
+  plan[i] = {key = key, limit = limit, mine = mine, want = want, floor = floor, t = t, held = held, holders = holders,
+             free = limit - (t - mine) - held - floor, valid = (exps[me] or 0) > now, missing = caps[me] == nil}
+end
+local out = {1, ttl}
+if mode == 'take' then
+  local caps_new = {}
+  for i, p in ipairs(plan) do
+    local cap = p.floor
+    if p.limit >= 0 and p.want > p.floor then
+      local need = p.want - p.floor
+      if need > p.free then
+        for _, q in ipairs(plan) do redis.call('HDEL', q.key, cf, xf) end
+        return {0, i, p.t}
+      end
+      local extra = math.floor(p.free / (2 * (p.holders + 1)))
+      if extra < need then extra = need end
+      if extra > p.free then extra = p.free end
+      cap = p.floor + extra
+    end
+    caps_new[i] = cap
+  end
+  for i, p in ipairs(plan) do
+    redis.call('HSET', p.key, cf, caps_new[i], xf, now + ttl)
+    out[3 * i] = caps_new[i]
+    out[3 * i + 1] = p.t
+    out[3 * i + 2] = p.mine
+  end
+  return out
+end
+if mode == 'renew' then
+  -- Only a live cap is extended; a missing one is claimed back only while
+  -- the server recovers from a restart (the holder still trusts it).
+  for i, p in ipairs(plan) do
+    if not p.valid and not (p.missing and recovering()) then
+      redis.call('HDEL', p.key, cf, xf)
+      return {0, i, p.t}
+    end
+  end
+end
+for i, p in ipairs(plan) do
+  local cap = p.mine
+  if mode == 'renew' then
+    cap = p.floor
+    if p.want > cap then cap = p.want end
+    redis.call('HSET', p.key, cf, cap, xf, now + ttl)
+  else
+    redis.call('HDEL', p.key, cf, xf)
+  end
+  out[3 * i] = cap
+  out[3 * i + 1] = p.t
+  out[3 * i + 2] = p.mine
+end
+return out
+";
+
+static LEASE: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(LEASE_SCRIPT));
+
+/// What a lease call does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseMode {
+    /// Ask for a cap of at least `want` (a slice).
+    Take,
+    /// Keep the cap `want` held locally alive (and re-register it after a
+    /// Redis data loss).
+    Renew,
+    /// Give the unused cap back.
+    Return,
+}
+
+impl LeaseMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            LeaseMode::Take => "take",
+            LeaseMode::Renew => "renew",
+            LeaseMode::Return => "return",
+        }
+    }
+}
+
+/// One window in a lease call.
+#[derive(Debug, Clone)]
+pub struct LeaseKey {
+    pub redis_key: String,
+    /// The limit in raw units.
+    pub limit: i64,
+    /// This instance's own usage of the window.
+    pub value: i64,
+    /// The cap wanted (take: usage + quantity; renew: the cap held).
+    pub want: i64,
+    /// The key's expiry (ms), 0 for none.
+    pub expire_at: i64,
+}
+
+/// One window in a granted (or renewed, or returned) answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseWindow {
+    /// The cap now held (after a return: the part).
+    pub cap: i64,
+    /// The window's total over all instances.
+    pub total: i64,
+    /// This instance's part in Redis.
+    pub part: i64,
+}
+
+/// The script's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseReply {
+    Granted {
+        ttl_ms: i64,
+        windows: Vec<LeaseWindow>,
+    },
+    /// Refused for the key at `index` (0-based), whose total is `total`.
+    Denied {
+        index: usize,
+        total: i64,
+    },
+    /// The server restarted less than a lease ttl ago: no new slices yet.
+    Recovering,
+}
+
+/// Runs the lease script on `keys` (one customer's windows: one hash slot).
+pub async fn call(redis: &Redis, instance_id: &str, mode: LeaseMode, ttl_ms: i64, keys: &[LeaseKey]) -> Result<LeaseReply, RedisError> {
+    let mut invocation = LEASE.prepare_invoke();
+    invocation.arg(instance_id).arg(ttl_ms).arg(mode.as_str());
+    for k in keys {
+        invocation.key(&k.redis_key).arg(k.limit).arg(k.value).arg(k.want).arg(k.expire_at);
+    }
+    let mut conn = redis.conn();
+    let reply: Vec<i64> = redis.call("lease", invocation.invoke_async(&mut conn)).await?;
+    match reply.first() {
+        Some(1) if reply.len() == 2 + 3 * keys.len() => {
+            let windows = reply[2..].chunks(3).map(|w| LeaseWindow { cap: w[0], total: w[1], part: w[2] }).collect();
+            Ok(LeaseReply::Granted { ttl_ms: reply[1], windows })
+        }
+        Some(0) if reply.len() == 3 => {
+            let index = usize::try_from(reply[1] - 1).map_err(|_| RedisError::Unexpected(format!("lease script answered {reply:?}")))?;
+            Ok(LeaseReply::Denied { index, total: reply[2] })
+        }
+        Some(2) => Ok(LeaseReply::Recovering),
+        _ => Err(RedisError::Unexpected(format!("lease script answered {reply:?}"))),
+    }
+}
+
+/// A slice this instance holds on one window.
+#[derive(Debug, Clone)]
+pub struct Cap {
+    /// Own usage may grow up to here without asking Redis.
+    pub cap: i64,
+    /// Trusted until then (before Redis's expiry).
+    pub valid_until: Instant,
+    /// Last consume decided inside it (idle caps are returned).
+    pub last_used: Instant,
+    pub limit: i64,
+    pub redis_key: String,
+    pub expire_at: i64,
+    /// The window's end (wall-clock ms): the cap is dropped after it.
+    pub window_end_ms: i64,
+}
+
+/// The slices held here, and the lease timing derived from `sync_interval`.
+#[derive(Debug)]
+pub struct LeaseBook {
+    caps: DashMap<CounterKey, Cap, KeyHash>,
+    sync_interval_ms: AtomicI64,
+    local: AtomicU64,
+    remote: AtomicU64,
+}
+
+impl Default for LeaseBook {
+    fn default() -> Self {
+        LeaseBook {
+            caps: DashMap::with_hasher(KeyHash),
+            sync_interval_ms: AtomicI64::new(200),
+            local: AtomicU64::new(0),
+            remote: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LeaseBook {
+    /// Set by the syncer when it starts (`redis.sync_interval`).
+    pub fn set_sync_interval(&self, interval: Duration) {
+        let ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX).max(1);
+        self.sync_interval_ms.store(ms, Ordering::Release);
+    }
+
+    pub fn sync_interval_ms(&self) -> i64 {
+        self.sync_interval_ms.load(Ordering::Acquire)
+    }
+
+    /// A cap's lifetime in Redis: ten sync intervals, within 1 s – 60 s.
+    pub fn ttl_ms(&self) -> i64 {
+        self.sync_interval_ms().saturating_mul(10).clamp(1_000, 60_000)
+    }
+
+    /// A shared total older than this is refreshed before a check uses it.
+    pub fn stale_after_ms(&self) -> i64 {
+        self.sync_interval_ms().saturating_mul(2)
+    }
+
+    /// The cap held on `key`, if still trusted.
+    pub fn valid_cap(&self, key: &CounterKey, now: Instant) -> Option<i64> {
+        self.caps.get(key).filter(|c| c.valid_until > now).map(|c| c.cap)
+    }
+
+    /// A copy of the cap held on `key`.
+    pub fn get(&self, key: &CounterKey) -> Option<Cap> {
+        self.caps.get(key).map(|c| c.clone())
+    }
+
+    /// Records a granted or renewed cap; `sent` is when the request left.
+    pub fn hold(&self, key: CounterKey, mut cap: Cap, sent: Instant, ttl_ms: i64) {
+        let ttl = Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0));
+        cap.valid_until = sent + ttl - ttl / 10;
+        self.caps.insert(key, cap);
+    }
+
+    /// Marks a cap used now.
+    pub fn touch(&self, key: &CounterKey, now: Instant) {
+        if let Some(mut c) = self.caps.get_mut(key) {
+            c.last_used = now;
+        }
+    }
+
+    pub fn remove(&self, key: &CounterKey) {
+        self.caps.remove(key);
+    }
+
+    /// Every cap held (the maintenance round's list).
+    pub fn snapshot(&self) -> Vec<(CounterKey, Cap)> {
+        self.caps.iter().map(|e| (*e.key(), e.value().clone())).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.caps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.caps.is_empty()
+    }
+
+    /// Counts a leased decision: inside a held slice (`local`) or not.
+    pub fn decided(&self, local: bool) {
+        if local {
+            self.local.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.remote.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Leased decisions so far: (inside a slice, with a round trip).
+    pub fn decisions(&self) -> (u64, u64) {
+        (self.local.load(Ordering::Relaxed), self.remote.load(Ordering::Relaxed))
+    }
+}
