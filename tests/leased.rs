@@ -166,13 +166,12 @@ async fn leased_bursts_on_three_instances_grant_exactly_the_limit() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let (local, remote): (u64, u64) = s
-        .iter()
-        .map(|t| t.app().engine.redis().expect("redis").leases.decisions())
-        .fold((0, 0), |(l, r), (a, b)| (l + a, r + b));
+    let (local, remote): (u64, u64) =
+        s.iter().map(|t| t.app().engine.redis().expect("redis").leases.decisions()).fold((0, 0), |(l, r), (a, b)| (l + a, r + b));
     eprintln!("leased decisions: {local} local, {remote} with a round trip (refusals included), {granted} granted");
-    // Every refusal costs a round trip; most grants do not, even at limit 100.
-    assert!(local * 2 >= u64::try_from(granted).unwrap_or(0), "most grants are local: {local} local of {granted}");
+    // Every refusal costs a round trip; many grants do not, even at limit 100
+    // (a slice may run a quarter ahead of what Redis knows: see the kill test).
+    assert!(local * 3 >= u64::try_from(granted).unwrap_or(0), "a third of the grants at least are local: {local} local of {granted}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -210,12 +209,28 @@ async fn a_sigkilled_holders_slice_returns_after_the_lease_timeout() {
     holder.child.kill().expect("SIGKILL");
     let _ = holder.child.wait();
     let clients: Vec<Client> = others.iter().map(TestServer::client).collect();
-    // Its unused 35 stay held until the lease times out: 100 - 50 = 50 left.
+    // Its unused 35 stay held until the lease times out: 100 - 15 - 35 = 50 left.
     let first = burst(&clients, &customer, 4, 3, Duration::ZERO).await + drain(&clients, &customer, 3).await;
     assert_eq!(first, 16, "the killed holder's slice is still held");
     tokio::time::sleep(LEASE_TTL + Duration::from_millis(200)).await;
+    // After the lease timeout its slice returns, all but its unreported
+    // allowance (a quarter of the slice: 12), which it might have used
+    // without telling Redis: 100 - 15 - 48 - 12 = 25 left.
     let second = drain(&clients, &customer, 3).await;
-    assert_eq!(5 + first + second, 33, "after the lease timeout every unit not used is granted, and no more");
+    assert_eq!(second, 8, "the expired slice returned, less what the holder could have used unreported");
+    // The holder comes back: its WAL replay restores its exact usage (15), its
+    // first sync pushes it and drops the expired cap; the rest returns.
+    let mut holder = spawn(&path, dir.path().join("holder-again.log"));
+    wait_healthy(&mut holder, addr).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut third = 0;
+    while 5 + first + second + third < 33 && Instant::now() < deadline {
+        third += drain(&clients, &customer, 3).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(5 + first + second + third, 33, "once the holder is back, every unit is granted, and no more");
+    assert_eq!(drain(&[killed], &customer, 3).await, 0, "the restarted holder grants nothing more");
+    assert_eq!(redis_total(&redis, &customer, "gpu").await, 99);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -57,7 +57,7 @@ impl LimitsPorts<'_> {
         let own = |key: &CounterKey| self.reads.counters.windows.get(key, |cell| cell.value.load(Ordering::Acquire)).unwrap_or(0);
         let book = &redis.leases;
         let started = Instant::now();
-        let inside = keys.iter().all(|k| book.valid_cap(k, started).is_some_and(|cap| own(k).saturating_add(quantity) <= cap));
+        let inside = keys.iter().all(|k| book.fits(k, own(k), quantity, started));
         book.decided(inside);
         if inside {
             for k in &keys {
@@ -90,6 +90,8 @@ impl LimitsPorts<'_> {
                             cap: w.cap,
                             valid_until: started,
                             last_used: started,
+                            reported: w.part,
+                            unreported: w.unreported,
                             limit: want.limit,
                             redis_key: want.redis_key.clone(),
                             expire_at: want.expire_at,

@@ -24,7 +24,15 @@
 //! `sent + ttl − ttl/10` on its own monotonic clock (`sent` is taken before
 //! the request, so the holder stops before Redis forgets). A live holder
 //! renews caps it uses and returns idle ones (`sync::leases`); a killed one's
-//! cap simply expires.
+//! cap expires and returns — all but its *unreported allowance* `u:<id>`:
+//! a holder decides locally only while its usage runs at most `u` ahead of
+//! what Redis holds of it (a take reports; so does every sync push), so a
+//! killed holder can have used at most `min(u, cap − part)` that Redis does
+//! not know of, and that much stays held. When the same instance starts
+//! again, its WAL replay restores its exact usage and its first sync round
+//! pushes it and drops its expired cap (`sync::counters`), freeing the rest.
+//! `u` is a quarter of the slice (at least one consume), so a crash strands
+//! little, and only until the instance returns or the window ends.
 //!
 //! **Redis restarted empty.** Caps vanish with the data, while holders still
 //! trust theirs. So no slice is *taken* while the server has been up for less
@@ -55,20 +63,21 @@ local function recovering()
   return up * 1000 < ttl
 end
 if mode == 'take' and recovering() then return {2} end
-local pf, cf, xf = 'i:' .. me, 'c:' .. me, 'x:' .. me
+local pf, cf, xf, uf = 'i:' .. me, 'c:' .. me, 'x:' .. me, 'u:' .. me
 local plan = {}
 for i, key in ipairs(KEYS) do
   local b = 4 * i
   local limit, v, want, exp = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   local h = redis.call('HGETALL', key)
-  local t, parts, caps, exps = 0, {}, {}, {}
+  local t, parts, caps, exps, unrep = 0, {}, {}, {}, {}
   for j = 1, #h, 2 do
     local f, val = h[j], h[j + 1]
     local p, id = string.sub(f, 1, 2), string.sub(f, 3)
     if f == 't' then t = tonumber(val)
     elseif p == 'i:' then parts[id] = tonumber(val)
     elseif p == 'c:' then caps[id] = tonumber(val)
-    elseif p == 'x:' then exps[id] = tonumber(val) end
+    elseif p == 'x:' then exps[id] = tonumber(val)
+    elseif p == 'u:' then unrep[id] = tonumber(val) end
   end
   local mine = parts[me] or 0
   if v > mine then
@@ -79,26 +88,35 @@ for i, key in ipairs(KEYS) do
   if exp > 0 then redis.call('PEXPIREAT', key, exp) end
   local held, holders = 0, 0
   for id, c in pairs(caps) do
-    if id ~= me and (exps[id] or 0) > now then
+    if id ~= me then
       local r = c - (parts[id] or 0)
-      if r > 0 then held = held + r end
-      holders = holders + 1
+      if r < 0 then r = 0 end
+      if (exps[id] or 0) > now then
+        holders = holders + 1
+      elseif (unrep[id] or 0) < r then
+        -- Expired: what its holder may have used without reporting stays held.
+        r = unrep[id] or 0
+      end
+      held = held + r
     end
   end
   local floor = mine
   if (exps[me] or 0) > now and (caps[me] or 0) > floor then floor = caps[me] end
   plan[i] = {key = key, limit = limit, mine = mine, want = want, floor = floor, t = t, held = held, holders = holders,
-             free = limit - (t - mine) - held - floor, valid = (exps[me] or 0) > now, missing = caps[me] == nil}
+             free = limit - (t - mine) - held - floor, valid = (exps[me] or 0) > now, missing = caps[me] == nil,
+             u = unrep[me] or 0}
 end
 local out = {1, ttl}
 if mode == 'take' then
-  local caps_new = {}
+  local caps_new, unrep_new = {}, {}
   for i, p in ipairs(plan) do
     local cap = p.floor
+    local u = p.u
+    if not p.valid then u = 0 end
     if p.limit >= 0 and p.want > p.floor then
       local need = p.want - p.floor
       if need > p.free then
-        for _, q in ipairs(plan) do redis.call('HDEL', q.key, cf, xf) end
+        for _, q in ipairs(plan) do redis.call('HDEL', q.key, cf, xf, uf) end
         return {0, i, p.t}
       end
       local extra = math.floor(p.free / (2 * (p.holders + 1)))
@@ -106,13 +124,19 @@ if mode == 'take' then
       if extra > p.free then extra = p.free end
       cap = p.floor + extra
     end
-    caps_new[i] = cap
+    -- May be used without reporting: a quarter of the slice, at least what
+    -- this consume needs.
+    local quarter = math.floor((cap - p.mine) / 4)
+    if quarter > u then u = quarter end
+    if p.want - p.mine > u then u = p.want - p.mine end
+    caps_new[i], unrep_new[i] = cap, u
   end
   for i, p in ipairs(plan) do
-    redis.call('HSET', p.key, cf, caps_new[i], xf, now + ttl)
-    out[3 * i] = caps_new[i]
-    out[3 * i + 1] = p.t
-    out[3 * i + 2] = p.mine
+    redis.call('HSET', p.key, cf, caps_new[i], xf, now + ttl, uf, unrep_new[i])
+    out[4 * i - 1] = caps_new[i]
+    out[4 * i] = p.t
+    out[4 * i + 1] = p.mine
+    out[4 * i + 2] = unrep_new[i]
   end
   return out
 end
@@ -121,23 +145,26 @@ if mode == 'renew' then
   -- the server recovers from a restart (the holder still trusts it).
   for i, p in ipairs(plan) do
     if not p.valid and not (p.missing and recovering()) then
-      redis.call('HDEL', p.key, cf, xf)
+      redis.call('HDEL', p.key, cf, xf, uf)
       return {0, i, p.t}
     end
   end
 end
 for i, p in ipairs(plan) do
-  local cap = p.mine
+  local cap, u = p.mine, 0
   if mode == 'renew' then
     cap = p.floor
     if p.want > cap then cap = p.want end
-    redis.call('HSET', p.key, cf, cap, xf, now + ttl)
+    u = p.u
+    if p.missing then u = cap - p.mine end
+    redis.call('HSET', p.key, cf, cap, xf, now + ttl, uf, u)
   else
-    redis.call('HDEL', p.key, cf, xf)
+    redis.call('HDEL', p.key, cf, xf, uf)
   end
-  out[3 * i] = cap
-  out[3 * i + 1] = p.t
-  out[3 * i + 2] = p.mine
+  out[4 * i - 1] = cap
+  out[4 * i] = p.t
+  out[4 * i + 1] = p.mine
+  out[4 * i + 2] = u
 end
 return out
 ";
@@ -189,6 +216,8 @@ pub struct LeaseWindow {
     pub total: i64,
     /// This instance's part in Redis.
     pub part: i64,
+    /// How far own usage may run ahead of `part` without a report.
+    pub unreported: i64,
 }
 
 /// The script's answer.
@@ -217,8 +246,8 @@ pub async fn call(redis: &Redis, instance_id: &str, mode: LeaseMode, ttl_ms: i64
     let mut conn = redis.conn();
     let reply: Vec<i64> = redis.call("lease", invocation.invoke_async(&mut conn)).await?;
     match reply.first() {
-        Some(1) if reply.len() == 2 + 3 * keys.len() => {
-            let windows = reply[2..].chunks(3).map(|w| LeaseWindow { cap: w[0], total: w[1], part: w[2] }).collect();
+        Some(1) if reply.len() == 2 + 4 * keys.len() => {
+            let windows = reply[2..].chunks(4).map(|w| LeaseWindow { cap: w[0], total: w[1], part: w[2], unreported: w[3] }).collect();
             Ok(LeaseReply::Granted { ttl_ms: reply[1], windows })
         }
         Some(0) if reply.len() == 3 => {
@@ -239,6 +268,11 @@ pub struct Cap {
     pub valid_until: Instant,
     /// Last consume decided inside it (idle caps are returned).
     pub last_used: Instant,
+    /// Own usage Redis is known to hold (take, renewal and sync answers).
+    pub reported: i64,
+    /// Own usage may run this far ahead of `reported` (beyond: a take, which
+    /// reports): what stays held in Redis if this instance dies.
+    pub unreported: i64,
     pub limit: i64,
     pub redis_key: String,
     pub expire_at: i64,
@@ -287,9 +321,18 @@ impl LeaseBook {
         self.sync_interval_ms().saturating_mul(2)
     }
 
-    /// The cap held on `key`, if still trusted.
-    pub fn valid_cap(&self, key: &CounterKey, now: Instant) -> Option<i64> {
-        self.caps.get(key).filter(|c| c.valid_until > now).map(|c| c.cap)
+    /// Whether own usage `own` plus `quantity` fits the cap held on `key`
+    /// (trusted, and within the unreported allowance).
+    pub fn fits(&self, key: &CounterKey, own: i64, quantity: i64, now: Instant) -> bool {
+        let after = own.saturating_add(quantity);
+        self.caps.get(key).is_some_and(|c| c.valid_until > now && after <= c.cap && after.saturating_sub(c.reported) <= c.unreported)
+    }
+
+    /// Redis holds `part` of own usage on `key` (a sync answer).
+    pub fn reported(&self, key: &CounterKey, part: i64) {
+        if let Some(mut c) = self.caps.get_mut(key) {
+            c.reported = c.reported.max(part);
+        }
     }
 
     /// A copy of the cap held on `key`.

@@ -45,13 +45,27 @@ const CALLS_IN_FLIGHT: usize = 16;
 /// Raises this instance's part of each window to the pushed value, adds the
 /// difference to the total, sets the expiry when the part is new; returns per
 /// key the total and the part as it was before. ARGV: field, then per key
-/// (value, expire-at ms or 0). Three commands per changed key, two per
-/// unchanged one.
+/// (value, expire-at ms or 0), then `1` on a round that pushes every cell
+/// (start, data loss): it also drops this instance's *expired* lease caps,
+/// whose unreported allowance the pushed value now accounts for (see
+/// `redis_link::lease`). Three commands per changed key, two per unchanged
+/// one (one more on those rounds).
 const SYNC_SCRIPT: &str = r"
 local field = ARGV[1]
+local clean = ARGV[2 * #KEYS + 2] == '1'
+local id = string.sub(field, 3)
+local now = 0
+if clean then
+  local tm = redis.call('TIME')
+  now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+end
 local out = {}
 for i, key in ipairs(KEYS) do
   local v = tonumber(ARGV[2 * i])
+  if clean then
+    local x = tonumber(redis.call('HGET', key, 'x:' .. id) or '0')
+    if x > 0 and x <= now then redis.call('HDEL', key, 'c:' .. id, 'x:' .. id, 'u:' .. id) end
+  end
   local old = tonumber(redis.call('HGET', key, field) or '0')
   local t
   if v > old then
@@ -187,7 +201,7 @@ impl CounterSync {
                 let Some(call) = calls.next() else { break };
                 let this = self.clone();
                 let engine = engine.clone();
-                tasks.spawn(async move { this.push(&engine, call, round_ms).await });
+                tasks.spawn(async move { this.push(&engine, call, round_ms, all).await });
             }
             let Some(joined) = tasks.join_next().await else { break };
             match joined {
@@ -209,12 +223,14 @@ impl CounterSync {
 
     /// One script call; applies its answer to the cells, stamped `round_ms`
     /// (taken before the call: the totals are at least that fresh).
-    async fn push(&self, engine: &Engine, call: Vec<Push>, round_ms: i64) -> Result<(), RedisError> {
+    async fn push(&self, engine: &Engine, call: Vec<Push>, round_ms: i64, all: bool) -> Result<(), RedisError> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(&self.field);
         for p in &call {
             invocation.key(&p.redis_key).arg(p.value).arg(p.expire_at);
         }
+        invocation.arg(i32::from(all));
+        let leases = &self.redis.leases;
         let mut conn = self.redis.conn();
         let answer: Vec<i64> = self.redis.call("sync counters", invocation.invoke_async(&mut conn)).await?;
         if answer.len() != call.len() * 2 {
@@ -232,6 +248,9 @@ impl CounterSync {
                 cell.others.store(total.saturating_sub(part).max(0), Ordering::Release);
                 cell.synced_ms.store(round_ms, Ordering::Release);
             });
+            if !leases.is_empty() {
+                leases.reported(&p.key, part);
+            }
         }
         Ok(())
     }

@@ -57,8 +57,9 @@ pub async fn maintain(engine: &Engine, redis: &Redis, closing: bool) {
         match lease::call(redis, engine.instance_id(), mode, ttl_ms, std::slice::from_ref(&wanted)).await {
             Ok(LeaseReply::Granted { ttl_ms, windows }) => {
                 if mode == LeaseMode::Renew {
-                    let held = windows.first().map_or(cap.cap, |w| w.cap.max(cap.cap));
-                    book.hold(key, lease::Cap { cap: held, ..cap }, sent, ttl_ms);
+                    let (held, part, unreported) =
+                        windows.first().map_or((cap.cap, cap.reported, cap.unreported), |w| (w.cap.max(cap.cap), w.part, w.unreported));
+                    book.hold(key, lease::Cap { cap: held, reported: part.max(cap.reported), unreported, ..cap }, sent, ttl_ms);
                 }
                 if let Some(w) = windows.first() {
                     engine.usage().update_shared(&key, crate::usage::Origin::Sync, |cell| {
