@@ -190,7 +190,7 @@ async fn a_sigkilled_holders_slice_returns_after_the_lease_timeout() {
     std::fs::write(&path, text).expect("config");
     let mut holder = spawn(&path, dir.path().join("holder.log"));
     wait_healthy(&mut holder, addr).await;
-    let others = vec![
+    let others = [
         TestServer::start(&config(&redis.url(), "survivor-1", "deny")).await,
         TestServer::start(&config(&redis.url(), "survivor-2", "deny")).await,
     ];
