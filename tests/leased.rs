@@ -260,3 +260,21 @@ async fn redis_restarted_empty_mid_burst_never_lets_the_limit_pass() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[test]
+fn limits_beyond_what_redis_counts_exactly_are_refused_with_redis() {
+    let plans = |limit: &str| {
+        format!(
+            "[[meters]]\nname = \"bytes\"\naggregation = \"sum\"\nprecision = 2\n[[plans]]\nname = \"p\"\ndefault = true\n\
+             [plans.limits]\nbytes = {{ limit = {limit}, window = \"month\", enforcement = \"leased\" }}\n"
+        )
+    };
+    let validate = |text: String| meterd::config::Config::parse(&text, "t.toml").and_then(|c| c.validate("t.toml"));
+    let with_redis = |limit: &str| format!("[redis]\nurl = \"redis://127.0.0.1:1/0\"\n{}", plans(limit));
+    // 2^53 - 1 raw units at precision 2 is 90071992547409.91 units: the largest exact limit.
+    assert!(validate(with_redis("90071992547409.91")).is_ok());
+    let err = validate(with_redis("90071992547409.92")).expect_err("one raw unit more is refused").to_string();
+    assert!(err.contains("plans.p.limits.bytes") && err.contains("2^53"), "{err}");
+    // Embedded, counters are exact i64: no such bound.
+    assert!(validate(plans("90071992547409.92")).is_ok());
+}

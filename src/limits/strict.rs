@@ -102,6 +102,13 @@ impl LimitsPorts<'_> {
                 LimitAmount::Unlimited => -1,
             };
             let own = self.reads.counters.windows.get(key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
+            // Beyond 2^53 the script could not count exactly: a limit of 0 refuses.
+            let (limit, own) = if crate::redis_link::exact(limit, "limit").and(crate::redis_link::exact(own, "usage")).is_ok() {
+                (limit, own)
+            } else {
+                tracing::error!(customer = %name, "a strict limit or usage beyond 2^53 raw units cannot be decided exactly in redis");
+                (0, own.min(crate::redis_link::MAX_EXACT))
+            };
             let expire = crate::redis_link::keys::expire_at(key);
             invocation.key(redis.keys.window(name, &meter.name, key.kind, key.start_ms)).arg(limit).arg(own).arg(expire);
         }

@@ -241,7 +241,8 @@ pub async fn call(redis: &Redis, instance_id: &str, mode: LeaseMode, ttl_ms: i64
     let mut invocation = LEASE.prepare_invoke();
     invocation.arg(instance_id).arg(ttl_ms).arg(mode.as_str());
     for k in keys {
-        invocation.key(&k.redis_key).arg(k.limit).arg(k.value).arg(k.want).arg(k.expire_at);
+        let (value, want) = (super::exact(k.value, "usage")?, super::exact(k.want, "usage")?);
+        invocation.key(&k.redis_key).arg(super::exact(k.limit, "limit")?).arg(value).arg(want).arg(k.expire_at);
     }
     let mut conn = redis.conn();
     let reply: Vec<i64> = redis.call("lease", invocation.invoke_async(&mut conn)).await?;

@@ -29,6 +29,21 @@ use std::time::Duration;
 
 pub use keys::Keys;
 
+/// The largest count Redis scripts keep exact: Lua numbers are doubles, exact
+/// to 2^53. Limits above it are refused at config validation (with Redis);
+/// totals above it are not pushed (the syncer logs an error) and strict or
+/// leased consumes above it answer as if Redis were unavailable (issue 16).
+pub const MAX_EXACT: i64 = (1 << 53) - 1;
+
+/// `v` if Redis scripts can count it exactly.
+pub fn exact(v: i64, what: &str) -> Result<i64, RedisError> {
+    if (-MAX_EXACT..=MAX_EXACT).contains(&v) {
+        Ok(v)
+    } else {
+        Err(RedisError::Unexpected(format!("{what} {v} is beyond 2^53 raw units, the range Redis scripts count exactly")))
+    }
+}
+
 /// Why a Redis call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {

@@ -150,6 +150,14 @@ impl CounterSync {
             if !(all || watched || value > pushed) {
                 return;
             }
+            if value > crate::redis_link::MAX_EXACT {
+                // Issue 16: Lua counts in doubles; this total would be rounded.
+                tracing::error!(
+                    value,
+                    "a window total beyond 2^53 raw units is not pushed to redis (it could not stay exact); lower the meter's precision"
+                );
+                return;
+            }
             let Some(customer) = engine.counters().interner.name(key.customer) else { return };
             by_customer.entry(key.customer).or_default().push(Push {
                 key: *key,
