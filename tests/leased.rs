@@ -278,3 +278,59 @@ fn limits_beyond_what_redis_counts_exactly_are_refused_with_redis() {
     // Embedded, counters are exact i64: no such bound.
     assert!(validate(plans("90071992547409.92")).is_ok());
 }
+
+const GAUGES: &str = r#"
+[[meters]]
+name = "seats"
+aggregation = "latest"
+
+[[meters]]
+name = "peak"
+aggregation = "max"
+
+[[plans]]
+name = "base"
+default = true
+[plans.limits]
+seats = { limit = 100, window = "month" }
+peak = { limit = 100, window = "month" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_and_latest_meters_are_global_across_instances() {
+    common::away_from_day_boundary().await;
+    let redis = need!(RedisServer::start(false).await);
+    let gauge_config = |n: usize| {
+        format!(
+            "[server]\ninstance_id = \"gauge-{n}\"\n[redis]\nurl = \"{}\"\nsync_interval = \"100ms\"\ntimeout = \"300ms\"\n{GAUGES}",
+            redis.url()
+        )
+    };
+    let mut s = Vec::new();
+    for n in 0..3 {
+        s.push(TestServer::start(&gauge_config(n)).await);
+    }
+    let customer = uid("gauge");
+    let at = |ago_ms: i64| common::rfc3339(common::now_ms() - ago_ms);
+    let reading =
+        |meter: &str, q: i64, ts: String| json!([{"id": uid("g"), "customer": customer, "meter": meter, "quantity": q, "timestamp": ts}]);
+    // The newest seats reading is on instance 0 (5 seats, 1 s ago); instance 1
+    // has a larger but older one (7 seats, 60 s ago).
+    ingest(&s[0].client(), reading("seats", 5, at(1_000))).await;
+    ingest(&s[1].client(), reading("seats", 7, at(60_000))).await;
+    // Peaks: 10 on instance 0, 30 on instance 1.
+    ingest(&s[0].client(), reading("peak", 10, at(1_000))).await;
+    ingest(&s[1].client(), reading("peak", 30, at(2_000))).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for (i, server) in s.iter().enumerate() {
+        assert_eq!(check(&server.client(), &customer, "seats", 0).await["used"], json!(5), "instance {i}: the newest reading");
+        assert_eq!(check(&server.client(), &customer, "peak", 0).await["used"], json!(30), "instance {i}: the global max");
+    }
+    // A newer reading anywhere replaces it everywhere (after one sync).
+    ingest(&s[2].client(), reading("seats", 2, at(0))).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while check(&s[0].client(), &customer, "seats", 0).await["used"] != json!(2) {
+        assert!(Instant::now() < deadline, "the newest reading never reached instance 0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

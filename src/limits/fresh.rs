@@ -14,7 +14,7 @@
 
 use super::LimitsPorts;
 use crate::counters::{CounterKey, Counters};
-use crate::model::Meter;
+use crate::model::{Aggregation, Meter};
 use crate::redis_link::Keys;
 use std::sync::atomic::Ordering;
 
@@ -23,9 +23,6 @@ impl LimitsPorts<'_> {
     /// sync intervals (or were never read here) from Redis.
     pub(super) async fn refresh_stale(&self, name: &str, meter: &Meter) {
         let Some(redis) = self.redis else { return };
-        if !matches!(meter.aggregation, crate::model::Aggregation::Sum | crate::model::Aggregation::Count) {
-            return;
-        }
         let Ok(customer) = self.reads.counters.interner.intern(name) else { return };
         let ent = self.reads.entitlements.get(Some(customer));
         let Some(limits) = ent.limits(meter.id) else { return };
@@ -45,7 +42,12 @@ impl LimitsPorts<'_> {
         let field = Keys::instance_field(self.instance_id);
         let mut pipe = ::redis::pipe();
         for key in &stale {
-            pipe.cmd("HMGET").arg(redis.keys.window(name, &meter.name, key.kind, key.start_ms)).arg("t").arg(&field);
+            let cmd = pipe.cmd("HMGET").arg(redis.keys.window(name, &meter.name, key.kind, key.start_ms));
+            match meter.aggregation {
+                Aggregation::Sum | Aggregation::Count => cmd.arg("t").arg(&field),
+                Aggregation::Max => cmd.arg("m").arg("m"),
+                Aggregation::Latest => cmd.arg("l").arg("lt"),
+            };
         }
         let mut conn = redis.conn();
         let replies: Vec<Vec<Option<i64>>> = match redis.call("refresh totals", pipe.query_async(&mut conn)).await {
@@ -56,7 +58,20 @@ impl LimitsPorts<'_> {
             }
         };
         for (key, pair) in stale.iter().zip(replies) {
-            let (total, part) = (pair.first().copied().flatten().unwrap_or(0), pair.get(1).copied().flatten().unwrap_or(0));
+            let (a, b) = (pair.first().copied().flatten(), pair.get(1).copied().flatten());
+            if meter.aggregation.is_gauge() {
+                // Merged like the syncer does (`sync::gauges`): the global max,
+                // or the newest reading.
+                let _stripe = (meter.aggregation == Aggregation::Latest).then(|| self.reads.counters.stripe(key.customer, key.meter));
+                self.usage.load_shared(*key, crate::usage::Origin::Sync, |cell| {
+                    if let (Some(value), Some(ts)) = (a, b) {
+                        cell.fold(meter.aggregation, value, if meter.aggregation == Aggregation::Max { 0 } else { ts });
+                    }
+                    cell.synced_ms.store(now, Ordering::Release);
+                });
+                continue;
+            }
+            let (total, part) = (a.unwrap_or(0), b.unwrap_or(0));
             self.usage.load_shared(*key, crate::usage::Origin::Sync, |cell| {
                 cell.others.store(total.saturating_sub(part).max(0), Ordering::Release);
                 cell.synced_ms.store(now, Ordering::Release);

@@ -24,7 +24,7 @@
 //! Every total read back stamps the cell's `synced_ms`; checks refresh totals
 //! older than two intervals themselves (`limits::fresh`).
 //!
-//! `max` and `latest` windows are not shared (documented in docs/operations.md).
+//! `max` and `latest` windows merge rather than add: `sync::gauges`.
 
 use crate::counters::window::WindowCell;
 use crate::counters::{CounterKey, CustomerId};
@@ -217,6 +217,10 @@ impl CounterSync {
                 Ok(Err(e)) => failure = Some(SyncError::from(e)),
                 Err(e) => failure = Some(SyncError::Task(e.to_string())),
             }
+        }
+        // Shared `max` / `latest` windows (issue 16).
+        if let Err(e) = super::gauges::sync(engine, all, round_ms).await {
+            failure = Some(SyncError::from(e));
         }
         match failure {
             Some(e) => {
