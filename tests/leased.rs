@@ -334,3 +334,25 @@ async fn max_and_latest_meters_are_global_across_instances() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leased_bursts_on_a_redis_cluster_grant_exactly_the_limit() {
+    let cluster = need!(common::redis_server::RedisCluster::start().await);
+    let urls = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+    let mut s = Vec::new();
+    for n in 0..3 {
+        let text = format!(
+            "[server]\ninstance_id = \"cluster-{n}\"\n[storage]\ndurability = \"buffered\"\n\
+             [redis]\nurls = [{urls}]\nsync_interval = \"100ms\"\ntimeout = \"500ms\"\n{PLANS}"
+        );
+        s.push(TestServer::start(&text).await);
+    }
+    tokio::time::sleep(LEASE_TTL + Duration::from_millis(100)).await;
+    let clients: Vec<Client> = s.iter().map(TestServer::client).collect();
+    for round in 0..3 {
+        // Customers land on different nodes (their hash tags differ).
+        let customer = uid(&format!("cluster{round}"));
+        let total = burst(&clients, &customer, 6, 3, Duration::ZERO).await + drain(&clients, &customer, 3).await;
+        assert_eq!(total, 33, "consumes of 3 against 100 on a cluster");
+    }
+}
