@@ -176,8 +176,8 @@ fn main() {
         for (n, d) in dirs.iter().enumerate() {
             apps.push(Arc::new(app(d.path(), port, n).await));
         }
-        // No slice is taken while Redis is younger than a lease ttl (2 s at the default sync interval).
-        tokio::time::sleep(Duration::from_millis(2_200)).await;
+        // No slice is taken while Redis is younger than two lease ttls (4 s at the default sync interval).
+        tokio::time::sleep(Duration::from_millis(4_200)).await;
         println!(
             "{INSTANCES} instances × {TASKS} tasks, one hot customer per enforcement, {} s each, durability buffered",
             RUN.as_secs_f64()

@@ -33,6 +33,8 @@ gpu = { limit = 100, window = "month", enforcement = "leased" }
 
 /// Lease ttl with a 100 ms sync interval: 10 intervals, at least 1 s.
 const LEASE_TTL: Duration = Duration::from_millis(1_000);
+/// No slice is granted while Redis is younger than two lease ttls.
+const RECOVERY: Duration = Duration::from_millis(2_000);
 
 fn config(redis_url: &str, instance: &str, when_down: &str) -> String {
     format!(
@@ -150,7 +152,7 @@ async fn leased_bursts_on_three_instances_grant_exactly_the_limit() {
     let redis = need!(RedisServer::start(false).await);
     let s = three(&redis, "deny").await;
     // No slice is taken while the server is younger than a lease ttl.
-    tokio::time::sleep(LEASE_TTL + Duration::from_millis(100)).await;
+    tokio::time::sleep(RECOVERY + Duration::from_millis(100)).await;
     let clients: Vec<Client> = s.iter().map(TestServer::client).collect();
     let mut granted = 0;
     for (round, q) in [(0, 3), (1, 1), (2, 7)] {
@@ -194,7 +196,7 @@ async fn a_sigkilled_holders_slice_returns_after_the_lease_timeout() {
         TestServer::start(&config(&redis.url(), "survivor-1", "deny")).await,
         TestServer::start(&config(&redis.url(), "survivor-2", "deny")).await,
     ];
-    tokio::time::sleep(LEASE_TTL + Duration::from_millis(100)).await;
+    tokio::time::sleep(RECOVERY + Duration::from_millis(100)).await;
     let customer = uid("killed");
     let killed = Client { addr, token: None };
     // The holder takes a slice (half the free quota: 50) and uses 15 of it.
@@ -237,7 +239,7 @@ async fn a_sigkilled_holders_slice_returns_after_the_lease_timeout() {
 async fn redis_restarted_empty_mid_burst_never_lets_the_limit_pass() {
     let mut redis = need!(RedisServer::start(false).await);
     let s = three(&redis, "deny").await;
-    tokio::time::sleep(LEASE_TTL + Duration::from_millis(100)).await;
+    tokio::time::sleep(RECOVERY + Duration::from_millis(100)).await;
     let clients: Vec<Client> = s.iter().map(TestServer::client).collect();
     let customer = uid("restart");
     let burst_task = {
@@ -347,7 +349,7 @@ async fn leased_bursts_on_a_redis_cluster_grant_exactly_the_limit() {
         );
         s.push(TestServer::start(&text).await);
     }
-    tokio::time::sleep(LEASE_TTL + Duration::from_millis(100)).await;
+    tokio::time::sleep(RECOVERY + Duration::from_millis(100)).await;
     let clients: Vec<Client> = s.iter().map(TestServer::client).collect();
     for round in 0..3 {
         // Customers land on different nodes (their hash tags differ).

@@ -178,6 +178,25 @@ impl WindowCounters {
         })
     }
 
+    /// Adds to this instance's own usage of a window only if it stays within
+    /// `max_own` (compare-and-swap; the others' usage does not count): a
+    /// consume inside a `leased` slice. `Ok(own after)` or `Err(own now)`.
+    pub fn add_own_within(&self, key: CounterKey, raw: i64, max_own: i64) -> Result<i64, i64> {
+        self.with_cell(key, |cell| {
+            let mut current = cell.value.load(Ordering::Acquire);
+            loop {
+                let next = match current.checked_add(raw) {
+                    Some(n) if n <= max_own => n,
+                    _ => return Err(current),
+                };
+                match cell.value.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return Ok(next),
+                    Err(actual) => current = actual,
+                }
+            }
+        })
+    }
+
     /// Overwrites a window's value (seeding from the store).
     pub fn set(&self, key: CounterKey, value: i64, ts: i64) {
         self.with_cell(key, |cell| {

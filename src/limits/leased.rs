@@ -158,3 +158,131 @@ impl LimitsPorts<'_> {
         });
     }
 }
+
+/// The one leased limit of a consume that has no other limit: decided
+/// without the consume lock when it fits the slice (see `single`).
+fn single(c: &Consume<'_>) -> Option<Limit> {
+    match c.limits {
+        [only] if is_leased(only) && matches!(c.meter.aggregation, Aggregation::Sum | Aggregation::Count) => Some(*only),
+        _ => None,
+    }
+}
+
+impl LimitsPorts<'_> {
+    /// A consume on a single leased limit, without any lock: reserves the
+    /// quantity in own usage with compare-and-swap, bounded by the slice, while
+    /// holding the slice's entry (so upkeep cannot return it and a take cannot
+    /// replace it meanwhile). `None` when it does not fit: the caller takes the
+    /// consume lock and [`LimitsPorts::consume_leased_single`].
+    pub(super) async fn consume_leased_fast(&self, redis: &Redis, c: &Consume<'_>) -> Option<Result<CheckAnswer, CheckError>> {
+        let limit = single(c)?;
+        let key = Counters::key(c.customer, c.meter.id, limit.window, c.now, c.ent.billing_anchor);
+        let own = redis.leases.within(&key, Instant::now(), |bound| self.usage.reserve_own_within(key, c.quantity, bound))?.ok()?;
+        redis.leases.decided(true);
+        Some(self.record_reserved(c, limit, key, own).await)
+    }
+
+    /// A single leased limit that did not fit the slice, under the consume
+    /// lock: the slice is taken out of the book first (every reservation in
+    /// it is then in own usage), a new one is asked for with own usage + the
+    /// quantity, the quantity is reserved, and only then is the new slice put
+    /// in the book for the lock-free path.
+    pub(super) async fn consume_leased_single(
+        &self,
+        guard: &ConsumeGuard<'_>,
+        redis: &Redis,
+        c: &Consume<'_>,
+    ) -> Result<CheckAnswer, CheckError> {
+        let Some(limit) = single(c) else { return self.consume_leased(guard, redis, c).await };
+        let Consume { name, customer, meter, ent, quantity, id_hash, now, .. } = *c;
+        let key = Counters::key(customer, meter.id, limit.window, now, ent.billing_anchor);
+        let book = &redis.leases;
+        // Another consume may have taken a slice while this one waited.
+        if let Some(Ok(own)) = book.within(&key, Instant::now(), |bound| self.usage.reserve_own_within(key, quantity, bound)) {
+            book.decided(true);
+            return self.record_reserved(c, limit, key, own).await;
+        }
+        book.decided(false);
+        let old = book.take_out(&key);
+        let window = limit.window.bounds(now, ent.billing_anchor);
+        let value = self.reads.counters.windows.get(&key, |cell| cell.value.load(Ordering::Acquire)).unwrap_or(0);
+        let max = match limit.amount {
+            LimitAmount::Finite(l) => l,
+            LimitAmount::Unlimited => -1,
+        };
+        let wanted = LeaseKey {
+            redis_key: redis.keys.window(name, &meter.name, key.kind, key.start_ms),
+            limit: max,
+            value,
+            want: value.saturating_add(quantity),
+            expire_at: crate::redis_link::keys::expire_at(&key),
+        };
+        let started = Instant::now();
+        let states = |used| vec![LimitState { limit, window, used }];
+        match lease::call(redis, self.instance_id, LeaseMode::Take, book.ttl_ms(), std::slice::from_ref(&wanted)).await {
+            Ok(LeaseReply::Granted { ttl_ms, windows }) => {
+                let Some(w) = windows.first().copied() else {
+                    return Err(CheckError::Unavailable("redis lease script answered no window".into()));
+                };
+                // Reserved before the slice is visible: nothing else can use these units.
+                let own = self.usage.reserve_own_within(key, quantity, i64::MAX).unwrap_or(value);
+                let cap = Cap {
+                    cap: w.cap,
+                    valid_until: started,
+                    last_used: started,
+                    reported: w.part,
+                    unreported: w.unreported,
+                    limit: max,
+                    redis_key: wanted.redis_key.clone(),
+                    expire_at: wanted.expire_at,
+                    window_end_ms: window.end_ms,
+                };
+                book.hold(key, cap, started, ttl_ms);
+                self.note_total(&key, w.total, w.part);
+                self.record_reserved(c, limit, key, own).await
+            }
+            Ok(LeaseReply::Denied { total, .. }) => {
+                self.note_total(&key, total, value);
+                let verdict = Verdict { allowed: false, reason: Reason::LimitExceeded, primary: 0 };
+                self.deduper.remove(id_hash);
+                crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
+                Ok(answer(name, meter, quantity, &states(total), verdict))
+            }
+            outcome => {
+                // Redis still holds the slice taken out: usable again here.
+                if let Some(old) = old {
+                    book.put_back(key, old);
+                }
+                if let Err(e) = &outcome {
+                    tracing::debug!(error = %e, "leased limit outside its slice while redis is unreachable");
+                }
+                if self.strict_open_when_down {
+                    return self.consume_local(c, Some(guard)).await;
+                }
+                let used = self.reads.counters.windows.read(&key);
+                let verdict = Verdict { allowed: false, reason: Reason::Unavailable, primary: 0 };
+                self.deduper.remove(id_hash);
+                crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
+                Ok(answer(name, meter, quantity, &states(used), verdict))
+            }
+        }
+    }
+
+    /// Makes a reserved consume durable and folds the rest (the reserved
+    /// window is skipped); gives the reservation back if the WAL refuses.
+    async fn record_reserved(&self, c: &Consume<'_>, limit: Limit, key: CounterKey, own: i64) -> Result<CheckAnswer, CheckError> {
+        let seq = match self.wal.append(consume_record(c, c.quantity)).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.usage.give_back(key, c.quantity);
+                return Err(self.wal_refused(c.id_hash, e));
+            }
+        };
+        self.usage.fold(&consume_usage(c, c.quantity), Some(limit.window), Origin::Live, || self.wal.tracker.folded(seq));
+        let others = self.reads.counters.windows.get(&key, |cell| cell.others.load(Ordering::Acquire)).unwrap_or(0);
+        let states = vec![LimitState { limit, window: limit.window.bounds(c.now, c.ent.billing_anchor), used: own.saturating_add(others) }];
+        let verdict = Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 };
+        crate::telemetry::decision(verdict.reason.as_str(), true, c.meter.id.into(), &c.meter.name);
+        Ok(answer(c.name, c.meter, c.quantity, &states, verdict))
+    }
+}

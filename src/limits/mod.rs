@@ -361,8 +361,11 @@ impl LimitsPorts<'_> {
         }
         if let (true, Some(redis)) = (leased::applies(self, meter, &limits), self.redis) {
             // Issue 16: decided inside this instance's slice of the quota.
+            if let Some(answer) = self.consume_leased_fast(redis, &c).await {
+                return answer;
+            }
             let guard = self.consume_locks.lock(customer, meter.id).await;
-            return self.consume_leased(&guard, redis, &c).await;
+            return self.consume_leased_single(&guard, redis, &c).await;
         }
         self.consume_local(&c, None).await
     }

@@ -34,10 +34,15 @@
 //! `u` is a quarter of the slice (at least one consume), so a crash strands
 //! little, and only until the instance returns or the window ends.
 //!
-//! **Redis restarted empty.** Caps vanish with the data, while holders still
-//! trust theirs. So no slice is *taken* while the server has been up for less
-//! than one `ttl`: in that time every cap still trusted is renewed (a renewal
-//! re-registers the cap it claims), and every older one has expired locally.
+//! **Redis restarted empty.** Caps and parts vanish with the data, while
+//! holders still trust their caps. So no slice is *taken* while the server has
+//! been up for less than two `ttl`s: in that time every cap still trusted is
+//! renewed (a renewal re-registers the cap it claims), every older one has
+//! expired locally (a cap is trusted 0.9 `ttl` at most past its last grant or
+//! renewal, which the old server did), and every syncer has pushed its usage
+//! again (`Palive` tells it; it retries at least every `ttl / 4`). The one
+//! assumption: an instance that can reach Redis at all does so within that
+//! time.
 
 use crate::counters::CounterKey;
 use crate::keyhash::KeyHash;
@@ -60,7 +65,7 @@ local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
 local function recovering()
   local info = redis.call('INFO', 'server')
   local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)') or '0')
-  return up * 1000 < ttl
+  return up * 1000 < 2 * ttl
 end
 if mode == 'take' and recovering() then return {2} end
 local pf, cf, xf, uf = 'i:' .. me, 'c:' .. me, 'x:' .. me, 'u:' .. me
@@ -327,6 +332,31 @@ impl LeaseBook {
     pub fn fits(&self, key: &CounterKey, own: i64, quantity: i64, now: Instant) -> bool {
         let after = own.saturating_add(quantity);
         self.caps.get(key).is_some_and(|c| c.valid_until > now && after <= c.cap && after.saturating_sub(c.reported) <= c.unreported)
+    }
+
+    /// Runs `reserve(bound)` while holding the cap on `key` (so it cannot be
+    /// returned or replaced meanwhile), `bound` being how far own usage may
+    /// go: the cap, and `reported + unreported`. `None` when no trusted cap.
+    pub fn within<R>(&self, key: &CounterKey, now: Instant, reserve: impl FnOnce(i64) -> R) -> Option<R> {
+        let cap = self.caps.get(key)?;
+        if cap.valid_until <= now {
+            return None;
+        }
+        let r = reserve(cap.cap.min(cap.reported.saturating_add(cap.unreported)));
+        drop(cap);
+        self.touch(key, now);
+        Some(r)
+    }
+
+    /// Takes the cap on `key` out of the book (a take is about to replace it):
+    /// consumes inside it are all done once this returns.
+    pub fn take_out(&self, key: &CounterKey) -> Option<Cap> {
+        self.caps.remove(key).map(|(_, c)| c)
+    }
+
+    /// Puts back a cap taken out (the take failed: Redis still holds it).
+    pub fn put_back(&self, key: CounterKey, cap: Cap) {
+        self.caps.entry(key).or_insert(cap);
     }
 
     /// Redis holds `part` of own usage on `key` (a sync answer).

@@ -272,10 +272,14 @@ impl CounterSync {
 pub async fn run(engine: Arc<Engine>, sync: Arc<CounterSync>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
     // Lease timing and the staleness bound derive from the interval (issue 16).
     sync.redis.leases.set_sync_interval(interval);
+    let lease_wait = Duration::from_millis(u64::try_from(sync.redis.leases.ttl_ms() / 4).unwrap_or(250)).max(interval);
     let mut failures = 0u32;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(crate::backoff::backoff(interval, failures)) => {}
+            // At most a quarter of a lease ttl apart even while failing: after a
+            // Redis restart every instance must push its usage again well
+            // within the time no new slice is granted (`redis_link::lease`).
+            _ = tokio::time::sleep(crate::backoff::backoff(interval, failures).min(lease_wait)) => {}
             _ = shutdown.changed() => break,
         }
         let started = Instant::now();

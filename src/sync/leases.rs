@@ -47,12 +47,14 @@ pub async fn maintain(engine: &Engine, redis: &Redis, closing: bool) {
             book.remove(&key);
             continue;
         }
-        let value = engine.counters().windows.get(&key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
-        let wanted = LeaseKey { redis_key: cap.redis_key.clone(), limit: cap.limit, value, want: cap.cap, expire_at: cap.expire_at };
         if mode == LeaseMode::Return {
-            // Forgotten here first: from now on consumes ask Redis.
+            // Forgotten here first: from now on consumes ask Redis, and every
+            // consume that reserved inside it (`LeaseBook::within`) is counted
+            // in the usage read next.
             book.remove(&key);
         }
+        let value = engine.counters().windows.get(&key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
+        let wanted = LeaseKey { redis_key: cap.redis_key.clone(), limit: cap.limit, value, want: cap.cap, expire_at: cap.expire_at };
         let sent = Instant::now();
         match lease::call(redis, engine.instance_id(), mode, ttl_ms, std::slice::from_ref(&wanted)).await {
             Ok(LeaseReply::Granted { ttl_ms, windows }) => {
