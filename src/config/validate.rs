@@ -111,14 +111,14 @@ pub(super) fn validate(mut raw: Config, source: &str, overrides: &Overrides) -> 
         for plan in &plans {
             for meter in &meters {
                 let too_big = plan.limits.get(&meter.id).is_some_and(|ls| {
-                    ls.iter().any(|l| matches!(l.amount, crate::model::LimitAmount::Finite(v) if v > crate::redis_link::MAX_EXACT))
+                    ls.iter().any(|l| matches!(l.amount, crate::model::LimitAmount::Finite(v) if v > crate::model::plan::REDIS_EXACT_MAX))
                 });
                 if too_big {
                     c.add(
                         &format!("plans.{}.limits.{}", plan.name, meter.name),
                         format!(
                             "a limit above {} raw units (2^53 - 1, at precision {}) cannot be kept exact in Redis; lower it or the meter's precision",
-                            crate::redis_link::MAX_EXACT,
+                            crate::model::plan::REDIS_EXACT_MAX,
                             meter.precision
                         ),
                     );

@@ -43,6 +43,10 @@ impl Enforcement {
     }
 }
 
+/// The largest count Redis scripts keep exact (Lua numbers are doubles, exact
+/// to 2^53): with Redis, limits above it are refused (issue 16).
+pub const REDIS_EXACT_MAX: i64 = (1 << 53) - 1;
+
 /// One limit on one meter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {

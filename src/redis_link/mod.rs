@@ -33,7 +33,7 @@ pub use keys::Keys;
 /// to 2^53. Limits above it are refused at config validation (with Redis);
 /// totals above it are not pushed (the syncer logs an error) and strict or
 /// leased consumes above it answer as if Redis were unavailable (issue 16).
-pub const MAX_EXACT: i64 = (1 << 53) - 1;
+pub use crate::model::plan::REDIS_EXACT_MAX as MAX_EXACT;
 
 /// `v` if Redis scripts can count it exactly.
 pub fn exact(v: i64, what: &str) -> Result<i64, RedisError> {
