@@ -358,3 +358,31 @@ async fn leased_bursts_on_a_redis_cluster_grant_exactly_the_limit() {
         assert_eq!(total, 33, "consumes of 3 against 100 on a cluster");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_a_leased_limit_decides_inside_the_slice_then_denies() {
+    let mut redis = need!(RedisServer::start(false).await);
+    let s = TestServer::start(&config(&redis.url(), &uid("down"), "deny")).await;
+    tokio::time::sleep(RECOVERY + Duration::from_millis(100)).await;
+    let c = s.client();
+    let customer = uid("down");
+    // The first consume takes a slice (cap 50; 12 may be used ahead of what
+    // Redis knows), and the syncer reports it (3).
+    assert_eq!(consume(&c, &customer, 3).await, Some(true));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while redis_total(&redis, &customer, "gpu").await != 3 {
+        assert!(Instant::now() < deadline, "the consume was never pushed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    redis.stop();
+    // Inside the slice: 3 + 12 = 15 may be reached without Redis.
+    let mut granted = 0;
+    let refused = loop {
+        match consume(&c, &customer, 3).await {
+            Some(true) => granted += 1,
+            other => break other,
+        }
+    };
+    assert_eq!(granted, 4, "decided locally inside the slice while redis is down");
+    assert_eq!(refused, None, "then strict_when_unavailable = deny answers unavailable");
+}
