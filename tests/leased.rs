@@ -386,3 +386,24 @@ async fn with_redis_down_a_leased_limit_decides_inside_the_slice_then_denies() {
     assert_eq!(granted, 4, "decided locally inside the slice while redis is down");
     assert_eq!(refused, None, "then strict_when_unavailable = deny answers unavailable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_shutdown_returns_the_slice_at_once() {
+    let redis = need!(RedisServer::start(false).await);
+    let a = TestServer::start(&config(&redis.url(), "leaving", "deny")).await;
+    let b = TestServer::start(&config(&redis.url(), "staying", "deny")).await;
+    tokio::time::sleep(RECOVERY + Duration::from_millis(100)).await;
+    let customer = uid("leaving");
+    assert_eq!(consume(&a.client(), &customer, 3).await, Some(true), "takes a slice of 50");
+    a.stop().await;
+    // Returned at shutdown, not left to expire: no cap of the leaving instance.
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("meterd:{{{customer}}}:w:gpu:month:*")).query_async(&mut conn).await.expect("keys");
+    assert_eq!(keys.len(), 1);
+    let cap: Option<i64> = redis::cmd("HGET").arg(&keys[0]).arg("c:leaving").query_async(&mut conn).await.expect("hget");
+    assert_eq!(cap, None, "the slice went back at shutdown");
+    let started = Instant::now();
+    assert_eq!(drain(&[b.client()], &customer, 3).await, 32, "the rest of the limit, at once");
+    assert!(started.elapsed() < LEASE_TTL, "granted before any lease could have expired");
+}
