@@ -41,14 +41,14 @@ impl Keys {
         format!("{}id:{id_hash:032x}", self.prefix)
     }
 
-    /// The channel entitlement changes are announced on.
-    pub fn entitlements_channel(&self) -> String {
-        format!("{}entitlements", self.prefix)
-    }
-
     /// `Palive`: present while Redis keeps its data (see `sync::counters`).
     pub fn alive(&self) -> String {
         format!("{}alive", self.prefix)
+    }
+
+    /// The channel entitlement changes are announced on.
+    pub fn entitlements_channel(&self) -> String {
+        format!("{}entitlements", self.prefix)
     }
 
     /// An instance's field in a window hash.
