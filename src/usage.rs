@@ -141,6 +141,12 @@ impl UsageSeam {
         self.counters.windows.add_within(key, raw, max)
     }
 
+    /// Like [`UsageSeam::reserve_within`], bounding only this instance's own
+    /// usage by `max_own` (a `leased` slice's cap, issue 16).
+    pub fn reserve_own_within(&self, key: CounterKey, raw: i64, max_own: i64) -> Result<i64, i64> {
+        self.counters.windows.add_own_within(key, raw, max_own)
+    }
+
     /// Undoes a reservation that was never committed.
     pub fn give_back(&self, key: CounterKey, raw: i64) {
         self.counters.windows.with_cell(key, |c| c.value.fetch_sub(raw, std::sync::atomic::Ordering::AcqRel));

@@ -106,6 +106,26 @@ pub(super) fn validate(mut raw: Config, source: &str, overrides: &Overrides) -> 
         raw.metrics.as_ref().and_then(|m| m.listen.as_ref()).and_then(|text| c.address("metrics.listen", text, "127.0.0.1:9480", ""));
     let meters = meters(&mut c, &raw.meters);
     let (plans, default_plan) = plans(&mut c, &raw.plans, &meters);
+    // Issue 16: Redis scripts count in Lua doubles, exact to 2^53 raw units.
+    if redis.is_some() {
+        for plan in &plans {
+            for meter in &meters {
+                let too_big = plan.limits.get(&meter.id).is_some_and(|ls| {
+                    ls.iter().any(|l| matches!(l.amount, crate::model::LimitAmount::Finite(v) if v > crate::model::plan::REDIS_EXACT_MAX))
+                });
+                if too_big {
+                    c.add(
+                        &format!("plans.{}.limits.{}", plan.name, meter.name),
+                        format!(
+                            "a limit above {} raw units (2^53 - 1, at precision {}) cannot be kept exact in Redis; lower it or the meter's precision",
+                            crate::model::plan::REDIS_EXACT_MAX,
+                            meter.precision
+                        ),
+                    );
+                }
+            }
+        }
+    }
     let keys = keys(&mut c, &raw.auth.keys);
     // Stripe subscription sync and portal tokens (issue 20).
     let stripe_webhooks = raw.stripe.as_ref().and_then(|s| s.webhooks.as_ref()).and_then(|w| stripe_webhooks(&mut c, w, &plans));

@@ -48,6 +48,9 @@ pub struct WindowCell {
     /// Read by a check since the last sync: the syncer fetches its total even
     /// if this instance added nothing.
     pub watched: AtomicBool,
+    /// When (wall-clock ms) `others` was last read from Redis; 0 never. Checks
+    /// refresh a total older than two sync intervals first (issue 16).
+    pub synced_ms: AtomicI64,
 }
 
 impl std::ops::Deref for WindowCell {
@@ -169,6 +172,25 @@ impl WindowCounters {
                 };
                 match cell.value.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => return Ok(next.saturating_add(others)),
+                    Err(actual) => current = actual,
+                }
+            }
+        })
+    }
+
+    /// Adds to this instance's own usage of a window only if it stays within
+    /// `max_own` (compare-and-swap; the others' usage does not count): a
+    /// consume inside a `leased` slice. `Ok(own after)` or `Err(own now)`.
+    pub fn add_own_within(&self, key: CounterKey, raw: i64, max_own: i64) -> Result<i64, i64> {
+        self.with_cell(key, |cell| {
+            let mut current = cell.value.load(Ordering::Acquire);
+            loop {
+                let next = match current.checked_add(raw) {
+                    Some(n) if n <= max_own => n,
+                    _ => return Err(current),
+                };
+                match cell.value.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return Ok(next),
                     Err(actual) => current = actual,
                 }
             }

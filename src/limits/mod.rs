@@ -10,6 +10,8 @@
 
 pub mod backfill;
 pub mod decide;
+pub mod fresh;
+pub mod leased;
 pub mod strict;
 pub mod summary;
 
@@ -341,6 +343,8 @@ impl LimitsPorts<'_> {
             None => meter.scale(),
             Some(text) => crate::model::quantity::parse_decimal(text, meter.precision).map_err(|e| invalid("quantity", e.to_string()))?,
         };
+        // Issue 16: no decision on a shared total older than two sync intervals.
+        self.refresh_stale(&req.customer, meter).await;
         if !req.consume {
             let (states, verdict) = self.reads.evaluate(&req.customer, meter, quantity, now_ms());
             crate::telemetry::decision(verdict.reason.as_str(), false, meter.id.into(), &meter.name);
@@ -390,6 +394,14 @@ impl LimitsPorts<'_> {
             // (customer, meter) at a time, here and across the round trip.
             let guard = self.consume_locks.lock(customer, meter.id).await;
             return self.consume_strict(&guard, redis, &c).await;
+        }
+        if let (true, Some(redis)) = (leased::applies(self, meter, &limits), self.redis) {
+            // Issue 16: decided inside this instance's slice of the quota.
+            if let Some(answer) = self.consume_leased_fast(redis, &c).await {
+                return answer;
+            }
+            let guard = self.consume_locks.lock(customer, meter.id).await;
+            return self.consume_leased_single(&guard, redis, &c).await;
         }
         self.consume_local(&c, None).await
     }

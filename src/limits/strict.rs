@@ -63,6 +63,12 @@ return 1
 static STRICT: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(STRICT_SCRIPT));
 static GIVE_BACK: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(GIVE_BACK_SCRIPT));
 
+/// Decided by the script here: `strict` limits, and `leased` ones on a meter
+/// that also has a strict limit (one round trip decides both).
+fn is_strict(limit: &Limit) -> bool {
+    limit.enforcement != Enforcement::Cached
+}
+
 /// Whether a consume of `meter` on these limits goes through Redis.
 pub fn applies(ports: &LimitsPorts<'_>, meter: &Meter, limits: &[Limit]) -> bool {
     ports.redis.is_some()
@@ -81,11 +87,11 @@ impl LimitsPorts<'_> {
         debug_assert!(guard.covers(customer, meter.id), "the consume lock of another (customer, meter)");
         let mut states = self.reads.limit_states(Some(customer), meter, ent, limits, now);
         // Cached limits decide locally first: no round trip when they refuse.
-        let cached: Vec<LimitState> = states.iter().copied().filter(|s| s.limit.enforcement != Enforcement::Strict).collect();
+        let cached: Vec<LimitState> = states.iter().copied().filter(|s| !is_strict(&s.limit)).collect();
         if !cached.is_empty() && !decide(&cached, quantity).allowed {
             return Ok(self.refuse(name, meter, quantity, &states, id_hash));
         }
-        let strict: Vec<usize> = (0..states.len()).filter(|&i| states[i].limit.enforcement == Enforcement::Strict).collect();
+        let strict: Vec<usize> = (0..states.len()).filter(|&i| is_strict(&states[i].limit)).collect();
         let keys: Vec<crate::counters::CounterKey> =
             strict.iter().map(|&i| Counters::key(customer, meter.id, states[i].limit.window, now, ent.billing_anchor)).collect();
         let mut invocation = STRICT.prepare_invoke();
@@ -96,6 +102,13 @@ impl LimitsPorts<'_> {
                 LimitAmount::Unlimited | LimitAmount::Credits { .. } => -1,
             };
             let own = self.reads.counters.windows.get(key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
+            // Beyond 2^53 the script could not count exactly: a limit of 0 refuses.
+            let (limit, own) = if crate::redis_link::exact(limit, "limit").and(crate::redis_link::exact(own, "usage")).is_ok() {
+                (limit, own)
+            } else {
+                tracing::error!(customer = %name, "a strict limit or usage beyond 2^53 raw units cannot be decided exactly in redis");
+                (0, own.min(crate::redis_link::MAX_EXACT))
+            };
             let expire = crate::redis_link::keys::expire_at(key);
             invocation.key(redis.keys.window(name, &meter.name, key.kind, key.start_ms)).arg(limit).arg(own).arg(expire);
         }
@@ -177,8 +190,10 @@ impl LimitsPorts<'_> {
         for (n, (&i, key)) in strict.iter().zip(&keys).enumerate() {
             let total_before = reply[n + 1];
             // What Redis answered of the other instances' usage.
+            let at = crate::engine::now_ms();
             self.usage.update_shared(key, Origin::Sync, |c| {
                 let own = c.value.load(Ordering::Acquire);
+                c.synced_ms.store(at, Ordering::Release);
                 c.pushed.fetch_max(own, Ordering::AcqRel);
                 c.others.store(total_before.saturating_add(quantity).saturating_sub(own).max(0), Ordering::Release);
             });
@@ -202,7 +217,7 @@ impl LimitsPorts<'_> {
     }
 
     /// A refused consume: nothing recorded, the id released.
-    fn refuse(&self, name: &str, meter: &Meter, quantity: i64, states: &[LimitState], id_hash: u128) -> CheckAnswer {
+    pub(super) fn refuse(&self, name: &str, meter: &Meter, quantity: i64, states: &[LimitState], id_hash: u128) -> CheckAnswer {
         let verdict = decide(states, quantity);
         self.deduper.remove(id_hash);
         crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);

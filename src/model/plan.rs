@@ -42,6 +42,9 @@ pub enum Enforcement {
     Cached,
     /// Checked and consumed atomically in the shared store.
     Strict,
+    /// Decided locally inside slices of the remaining quota taken from the
+    /// shared store (issue 16): never overshoots, most decisions local.
+    Leased,
 }
 
 impl Enforcement {
@@ -49,9 +52,14 @@ impl Enforcement {
         match self {
             Enforcement::Cached => "cached",
             Enforcement::Strict => "strict",
+            Enforcement::Leased => "leased",
         }
     }
 }
+
+/// The largest count Redis scripts keep exact (Lua numbers are doubles, exact
+/// to 2^53): with Redis, limits above it are refused (issue 16).
+pub const REDIS_EXACT_MAX: i64 = (1 << 53) - 1;
 
 /// One limit on one meter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,8 +180,9 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
     let enforcement = match map.get("enforcement").map(|v| v.as_str()) {
         None | Some(Some("cached")) => Enforcement::Cached,
         Some(Some("strict")) => Enforcement::Strict,
+        Some(Some("leased")) => Enforcement::Leased,
         Some(_) => {
-            problems.push(problem(format!("{at}.enforcement"), "must be \"cached\" or \"strict\""));
+            problems.push(problem(format!("{at}.enforcement"), "must be \"cached\", \"strict\" or \"leased\""));
             Enforcement::Cached
         }
     };

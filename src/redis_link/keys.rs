@@ -62,6 +62,11 @@ impl Keys {
         format!("{}{{{customer}}}:credits:{meter}", self.prefix)
     }
 
+    /// `Palive`: present while Redis keeps its data (see `sync::counters`).
+    pub fn alive(&self) -> String {
+        format!("{}alive", self.prefix)
+    }
+
     /// The channel entitlement changes are announced on.
     pub fn entitlements_channel(&self) -> String {
         format!("{}entitlements", self.prefix)

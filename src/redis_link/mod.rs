@@ -12,11 +12,13 @@
 //! |---|---|---|
 //! | `P{C}:ent` | hash | `doc`: the entitlements JSON (as `PUT .../entitlements` takes it) |
 //! | `P{index}:customers` | set | every customer with an `ent` hash |
-//! | `P{C}:w:<meter>:<window>:<start_ms>` | hash | `t`: the window total over all instances; `i:<instance>`: each instance's part |
+//! | `P{C}:w:<meter>:<window>:<start_ms>` | hash | `t`: the window total over all instances; `i:<instance>`: each instance's part; `c:<instance>`, `x:<instance>`: a `leased` slice's cap and expiry (see `lease`) |
+//! | `Palive` | string | set by every sync round if missing: its absence tells the syncers Redis lost its data |
 //! | `Pid:<hex>` | string | an event id seen by some instance (expires after `dedupe_window`) |
 //! | channel `Pentitlements` | pub/sub | a customer id whose entitlements changed |
 
 pub mod keys;
+pub mod lease;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster_async::ClusterConnection;
@@ -26,6 +28,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use keys::Keys;
+
+/// The largest count Redis scripts keep exact: Lua numbers are doubles, exact
+/// to 2^53. Limits above it are refused at config validation (with Redis);
+/// totals above it are not pushed (the syncer logs an error) and strict or
+/// leased consumes above it answer as if Redis were unavailable (issue 16).
+pub use crate::model::plan::REDIS_EXACT_MAX as MAX_EXACT;
+
+/// `v` if Redis scripts can count it exactly.
+pub fn exact(v: i64, what: &str) -> Result<i64, RedisError> {
+    if (-MAX_EXACT..=MAX_EXACT).contains(&v) {
+        Ok(v)
+    } else {
+        Err(RedisError::Unexpected(format!("{what} {v} is beyond 2^53 raw units, the range Redis scripts count exactly")))
+    }
+}
 
 /// Why a Redis call failed.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +95,8 @@ pub struct Redis {
     pub keys: Keys,
     pub timeout: Duration,
     up: Arc<AtomicBool>,
+    /// The quota slices this instance holds for `leased` limits (shared by clones).
+    pub leases: Arc<lease::LeaseBook>,
 }
 
 impl Redis {
@@ -105,7 +124,14 @@ impl Redis {
             }
         };
         let conn = tokio::time::timeout(timeout.saturating_mul(3), connect).await.map_err(|_| RedisError::Timeout(timeout * 3))??;
-        let redis = Redis { conn, pubsub_client, keys: Keys::new(key_prefix), timeout, up: Arc::new(AtomicBool::new(true)) };
+        let redis = Redis {
+            conn,
+            pubsub_client,
+            keys: Keys::new(key_prefix),
+            timeout,
+            up: Arc::new(AtomicBool::new(true)),
+            leases: Arc::default(),
+        };
         crate::telemetry::redis_up(true);
         Ok(redis)
     }

@@ -17,7 +17,14 @@
 //! part comes back lower than what this instance pushed before; the next round
 //! then pushes every cell, rebuilding the totals from every instance's state.
 //!
-//! `max` and `latest` windows are not shared (documented in docs/operations.md).
+//! **Data loss detection.** Every round sets `Palive` if missing; finding it
+//! missing means Redis lost its data (or is new), and the round pushes every
+//! cell.
+//!
+//! Every total read back stamps the cell's `synced_ms`; checks refresh totals
+//! older than two intervals themselves (`limits::fresh`).
+//!
+//! `max` and `latest` windows merge rather than add: `sync::gauges`.
 
 use crate::counters::window::WindowCell;
 use crate::counters::{CounterKey, CustomerId};
@@ -38,13 +45,27 @@ const CALLS_IN_FLIGHT: usize = 16;
 /// Raises this instance's part of each window to the pushed value, adds the
 /// difference to the total, sets the expiry when the part is new; returns per
 /// key the total and the part as it was before. ARGV: field, then per key
-/// (value, expire-at ms or 0). Three commands per changed key, two per
-/// unchanged one.
+/// (value, expire-at ms or 0), then `1` on a round that pushes every cell
+/// (start, data loss): it also drops this instance's *expired* lease caps,
+/// whose unreported allowance the pushed value now accounts for (see
+/// `redis_link::lease`). Three commands per changed key, two per unchanged
+/// one (one more on those rounds).
 const SYNC_SCRIPT: &str = r"
 local field = ARGV[1]
+local clean = ARGV[2 * #KEYS + 2] == '1'
+local id = string.sub(field, 3)
+local now = 0
+if clean then
+  local tm = redis.call('TIME')
+  now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+end
 local out = {}
 for i, key in ipairs(KEYS) do
   local v = tonumber(ARGV[2 * i])
+  if clean then
+    local x = tonumber(redis.call('HGET', key, 'x:' .. id) or '0')
+    if x > 0 and x <= now then redis.call('HDEL', key, 'c:' .. id, 'x:' .. id, 'u:' .. id) end
+  end
   local old = tonumber(redis.call('HGET', key, field) or '0')
   local t
   if v > old then
@@ -129,6 +150,14 @@ impl CounterSync {
             if !(all || watched || value > pushed) {
                 return;
             }
+            if value > crate::redis_link::MAX_EXACT {
+                // Issue 16: Lua counts in doubles; this total would be rounded.
+                tracing::error!(
+                    value,
+                    "a window total beyond 2^53 raw units is not pushed to redis (it could not stay exact); lower the meter's precision"
+                );
+                return;
+            }
             let Some(customer) = engine.counters().interner.name(key.customer) else { return };
             by_customer.entry(key.customer).or_default().push(Push {
                 key: *key,
@@ -140,9 +169,24 @@ impl CounterSync {
         (by_customer, pending_keys, pending_units)
     }
 
+    /// Whether Redis lost its data since the last round: `Palive` is gone
+    /// (`SET NX` succeeds). Then every cell is pushed again, even one this
+    /// instance did not touch (issue 16: totals are rebuilt from every live
+    /// instance, not only from those that happen to push a changed window).
+    async fn lost_data(&self) -> Result<bool, RedisError> {
+        let mut conn = self.redis.conn();
+        let set: Option<String> =
+            self.redis.call("sync alive", ::redis::cmd("SET").arg(self.redis.keys.alive()).arg(1).arg("NX").query_async(&mut conn)).await?;
+        Ok(set.is_some())
+    }
+
     /// One round: push, read totals back, update the cells. Returns keys pushed.
     pub async fn sync_once(self: &Arc<Self>, engine: &Arc<Engine>) -> Result<usize, SyncError> {
+        if self.lost_data().await? {
+            self.resync_all.store(true, Ordering::Release);
+        }
         let all = self.resync_all.swap(false, Ordering::AcqRel);
+        let round_ms = now_ms();
         let (by_customer, pending_keys, pending_units) = self.collect(engine, all);
         crate::telemetry::redis_pending(pending_keys, pending_units);
         let calls: Vec<Vec<Push>> = if matches!(self.redis.conn(), crate::redis_link::Conn::Cluster(_)) {
@@ -165,7 +209,7 @@ impl CounterSync {
                 let Some(call) = calls.next() else { break };
                 let this = self.clone();
                 let engine = engine.clone();
-                tasks.spawn(async move { this.push(&engine, call).await });
+                tasks.spawn(async move { this.push(&engine, call, round_ms, all).await });
             }
             let Some(joined) = tasks.join_next().await else { break };
             match joined {
@@ -173,6 +217,10 @@ impl CounterSync {
                 Ok(Err(e)) => failure = Some(SyncError::from(e)),
                 Err(e) => failure = Some(SyncError::Task(e.to_string())),
             }
+        }
+        // Shared `max` / `latest` windows (issue 16).
+        if let Err(e) = super::gauges::sync(engine, all, round_ms).await {
+            failure = Some(SyncError::from(e));
         }
         match failure {
             Some(e) => {
@@ -185,13 +233,16 @@ impl CounterSync {
         }
     }
 
-    /// One script call; applies its answer to the cells.
-    async fn push(&self, engine: &Engine, call: Vec<Push>) -> Result<(), RedisError> {
+    /// One script call; applies its answer to the cells, stamped `round_ms`
+    /// (taken before the call: the totals are at least that fresh).
+    async fn push(&self, engine: &Engine, call: Vec<Push>, round_ms: i64, all: bool) -> Result<(), RedisError> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(&self.field);
         for p in &call {
             invocation.key(&p.redis_key).arg(p.value).arg(p.expire_at);
         }
+        invocation.arg(i32::from(all));
+        let leases = &self.redis.leases;
         let mut conn = self.redis.conn();
         let answer: Vec<i64> = self.redis.call("sync counters", invocation.invoke_async(&mut conn)).await?;
         if answer.len() != call.len() * 2 {
@@ -207,7 +258,11 @@ impl CounterSync {
                 }
                 cell.pushed.store(part, Ordering::Release);
                 cell.others.store(total.saturating_sub(part).max(0), Ordering::Release);
+                cell.synced_ms.store(round_ms, Ordering::Release);
             });
+            if !leases.is_empty() {
+                leases.reported(&p.key, part);
+            }
         }
         Ok(())
     }
@@ -215,10 +270,16 @@ impl CounterSync {
 
 /// Pushes every `interval` until shutdown, then once more.
 pub async fn run(engine: Arc<Engine>, sync: Arc<CounterSync>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    // Lease timing and the staleness bound derive from the interval (issue 16).
+    sync.redis.leases.set_sync_interval(interval);
+    let lease_wait = Duration::from_millis(u64::try_from(sync.redis.leases.ttl_ms() / 4).unwrap_or(250)).max(interval);
     let mut failures = 0u32;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(crate::backoff::backoff(interval, failures)) => {}
+            // At most a quarter of a lease ttl apart even while failing: after a
+            // Redis restart every instance must push its usage again well
+            // within the time no new slice is granted (`redis_link::lease`).
+            _ = tokio::time::sleep(crate::backoff::backoff(interval, failures).min(lease_wait)) => {}
             _ = shutdown.changed() => break,
         }
         let started = Instant::now();
@@ -235,8 +296,12 @@ pub async fn run(engine: Arc<Engine>, sync: Arc<CounterSync>, interval: Duration
                 }
             }
         }
+        // Leased slices: renew the used ones, return the idle ones.
+        super::leases::maintain(&engine, &sync.redis, false).await;
     }
     if let Err(e) = sync.sync_once(&engine).await {
         tracing::warn!(error = %e, "final counter push to redis failed; the usage is pushed from the WAL and store at the next start");
     }
+    // Unused slices go back at shutdown.
+    super::leases::maintain(&engine, &sync.redis, true).await;
 }

@@ -152,7 +152,8 @@ impl CustomerPorts<'_> {
             let pair: Vec<Option<i64>> = ::redis::from_redis_value(reply).map_err(|e| RedisError::Unexpected(e.to_string()))?;
             let (total, part) = (pair.first().copied().flatten().unwrap_or(0), pair.get(1).copied().flatten().unwrap_or(0));
             self.usage.load_shared(*key, crate::usage::Origin::Sync, |cell| {
-                cell.others.store(total.saturating_sub(part).max(0), Ordering::Release)
+                cell.others.store(total.saturating_sub(part).max(0), Ordering::Release);
+                cell.synced_ms.store(now, Ordering::Release);
             });
         }
         let doc = match doc_text {

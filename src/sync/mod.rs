@@ -5,3 +5,5 @@
 pub mod counters;
 pub mod customer;
 pub mod entitlements;
+pub mod gauges;
+pub mod leases;
