@@ -441,6 +441,11 @@ impl Deduper {
         self.table.bytes() + self.run_ram_bytes()
     }
 
+    /// Bytes of RAM of the table alone.
+    pub fn table_bytes(&self) -> usize {
+        self.table.bytes()
+    }
+
     fn run_ram_bytes(&self) -> usize {
         self.runs().iter().map(|r| r.ram_bytes()).sum()
     }
