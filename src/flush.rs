@@ -201,6 +201,7 @@ pub fn housekeeping_gauges(engine: &Engine) {
         engine.deduper().len(),
         lag,
     );
+    crate::telemetry::dedupe(engine.deduper().spilled(), engine.deduper().ram_bytes());
 }
 
 // Bounded dedupe (issue 15): ids over `ingest.dedupe_memory` go to disk runs,
@@ -217,7 +218,10 @@ async fn spill_dedupe(engine: &Arc<Engine>) {
     let e = engine.clone();
     match tokio::task::spawn_blocking(move || e.deduper().spill(now_ms())).await {
         Ok(Ok(report)) => tracing::debug!(ids = report.ids, upto_minute = report.upto_minute, "dedupe spill"),
-        Ok(Err(e)) => tracing::error!(error = %e, "dedupe spill failed; the ids stay in RAM and ingest is refused while over budget"),
+        Ok(Err(e)) => {
+            crate::telemetry::dedupe_spill_failed();
+            tracing::error!(error = %e, "dedupe spill failed; the ids stay in RAM and ingest is refused while over budget")
+        }
         Err(e) => tracing::error!(error = %e, "dedupe spill task failed"),
     }
 }
