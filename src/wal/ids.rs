@@ -322,6 +322,39 @@ mod tests {
     }
 
     #[test]
+    fn spilled_files_are_dropped_and_old_hourly_files_still_read() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("ids");
+        let day = 86_400_000;
+        let t0 = 100 * day;
+        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
+        // Ten-minute files at t0, t0+10m, t0+20m.
+        for k in 0..3 {
+            assert!(log.append(&[k as u128 + 1], t0 + k * FILE_MS, k as u64 + 1).is_ok());
+        }
+        // An hourly file of an earlier version, an hour before.
+        std::fs::write(dir.join(format!("{}.ids", t0 - HOUR_MS)), {
+            let mut b = Vec::new();
+            encode(&mut b, &[9], t0 - HOUR_MS + 5 * 60_000, 0);
+            b
+        })
+        .expect("old file");
+        assert!(log.sync().is_ok());
+        let mut seen = Vec::new();
+        load(&dir, t0 + HOUR_MS, day, |id, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        assert_eq!(seen, vec![9, 1, 2, 3]);
+        // Spilled up to t0+20m: the old hourly file (ends at t0) and the first two
+        // ten-minute files go; the one holding t0+20m stays.
+        assert_eq!(drop_before(&dir, t0 + 2 * FILE_MS).unwrap_or(0), 3);
+        let mut seen = Vec::new();
+        load(&dir, t0 + HOUR_MS, day, |id, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        assert_eq!(seen, vec![3]);
+        // A sync after a dirty file was dropped is fine.
+        assert!(log.append(&[4], t0 + 2 * FILE_MS, 4).is_ok());
+        assert!(log.sync().is_ok());
+    }
+
+    #[test]
     fn a_group_is_one_write_per_hour_and_rolls_back_whole() {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("ids");
