@@ -49,6 +49,8 @@ const SKEW_MS: i64 = 5 * 60_000;
 /// Id files of minutes at least this far below the spill watermark are deleted:
 /// the slack covers a batch slow to reach the WAL.
 const ID_FILE_SLACK_MINUTES: u32 = 10;
+/// How many ids ahead a batch prefetches the runs' filter blocks.
+const RUN_PREFETCH_AHEAD: usize = 4;
 /// Worst-case bytes of table per id: 16-byte slots at most half full, doubled
 /// while a shard grows.
 const TABLE_BYTES_PER_ID: u64 = 64;
@@ -212,6 +214,14 @@ impl Deduper {
         let fresh = self.table.insert_batch_with(ids, now_ms, |k, id, version| {
             if version > set.version {
                 set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+            }
+            // The runs' filter blocks of an id a few places ahead: their cache
+            // misses overlap instead of adding up, one per run.
+            if let Some(&ahead) = ids.get(k + RUN_PREFETCH_AHEAD) {
+                let since = since_ms.get(k + RUN_PREFETCH_AHEAD).map_or(0, |&ms| minute_of(ms.max(0)));
+                for run in set.runs.iter().filter(|r| r.hi >= since && !self.expired(r.hi, now_minute)) {
+                    run.prefetch(tag(ahead));
+                }
             }
             let since = since_ms.get(k).map_or(0, |&ms| minute_of(ms.max(0)));
             match self.in_runs(spill, &set, id, since, now_minute) {

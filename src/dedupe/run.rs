@@ -192,6 +192,11 @@ impl Run {
         Ok(found)
     }
 
+    /// Starts loading the filter block of `tag` (see [`Bloom::prefetch`]).
+    pub fn prefetch(&self, tag: u128) {
+        self.bloom.prefetch(tag);
+    }
+
     pub fn len(&self) -> u64 {
         self.count
     }
