@@ -12,8 +12,10 @@
 //!    while the store is being copied stays readable.
 //! 1. `VACUUM INTO` from a second connection: one read transaction, so the copy
 //!    is the store as of one flush, watermark `W` included.
-//! 2. The id files (event ids within the dedupe window): every id of a record at
-//!    or below `W` was fsynced before that flush, so it is in the copy.
+//! 2. The id files (event ids within the dedupe window), then the dedupe runs
+//!    (ids spilled out of RAM): every id of a record at or below `W` was
+//!    fsynced before that flush, and a spill writes its run before it deletes
+//!    the id files it covers, so each such id is in one copy or the other.
 //! 3. The WAL segments, in sequence order, each read whole; the newest one may
 //!    be mid-append, so it is cut after its last complete record (the frames
 //!    carry length and CRC32C); those wholly at or below `W` are left out. The
@@ -200,6 +202,11 @@ async fn attempt_copy(
     // 2. The id files (after the store: ids of stored records are on disk),
     // whole entries only: the live writer may be mid-append.
     copy_ids(&wal_src.join("ids"), &wal_dst.join("ids"))?;
+    // 2b. The dedupe runs (ids spilled out of RAM, issue 15), after the id
+    // files: a spill writes its run before it deletes the id files it covers,
+    // so every id is in one or the other. Runs are immutable once renamed into
+    // place; a run expiring meanwhile held no id within the window.
+    copy_runs(&wal_src.join("dedupe"), &wal_dst.join("dedupe"))?;
     // Other WAL bookkeeping (a repair's dropped ranges), but not the checkpoint.
     for entry in std::fs::read_dir(&wal_src).map_err(io(&wal_src))? {
         let entry = entry.map_err(io(&wal_src))?;
@@ -349,6 +356,24 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), BackupError> {
     Ok(())
 }
 
+/// Copies the finished dedupe run files (`*.run`; a `*.tmp` is a spill in progress).
+fn copy_runs(src: &Path, dst: &Path) -> Result<(), BackupError> {
+    let entries = match std::fs::read_dir(src) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(src)(e)),
+    };
+    std::fs::create_dir_all(dst).map_err(io(dst))?;
+    for entry in entries {
+        let entry = entry.map_err(io(src))?;
+        if entry.path().extension().is_some_and(|e| e == "run") {
+            copy_file(&entry.path(), &dst.join(entry.file_name()))?;
+        }
+    }
+    sync_dir(dst);
+    Ok(())
+}
+
 /// Copies the id files, each cut to whole entries.
 fn copy_ids(src: &Path, dst: &Path) -> Result<(), BackupError> {
     let entries = match std::fs::read_dir(src) {
@@ -434,6 +459,7 @@ pub fn restore(from: &Path, data_dir: &Path) -> Result<Manifest, BackupError> {
     copy_tree(&from.join("rejected"), &data_dir.join("rejected"))?;
     copy_tree(&from.join("wal"), &data_dir.join("wal"))?;
     copy_tree(&from.join("wal").join("ids"), &data_dir.join("wal").join("ids"))?;
+    copy_tree(&from.join("wal").join("dedupe"), &data_dir.join("wal").join("dedupe"))?;
     sync_dir(data_dir);
     Ok(manifest)
 }

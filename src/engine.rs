@@ -36,6 +36,9 @@ pub enum EngineError {
     Intern(#[from] crate::counters::intern::InternError),
     #[error(transparent)]
     Wal(#[from] crate::wal::WalError),
+    // Bounded dedupe (issue 15): the disk runs could not be opened.
+    #[error(transparent)]
+    Dedupe(#[from] crate::dedupe::DedupeError),
 }
 
 /// Limits the ingest path enforces, from `[ingest]`.
@@ -316,11 +319,23 @@ impl Engine {
         let lazy_ttl = config.redis.as_ref().map(|r| r.entitlements_ttl);
         let entitlements = EntitlementCache::load(catalog.clone(), entitlement_store, &counters.interner, lazy_ttl).await?;
         let ingest = &config.ingest;
+        // Bounded dedupe (issue 15): older ids in runs beside the WAL's id files.
+        let deduper = Deduper::open(
+            millis_i64(ingest.dedupe_window),
+            crate::dedupe::SpillConfig {
+                dir: wal_config.dir.join("dedupe"),
+                ids_dir: wal_config.sync.is_some().then(|| wal_config.dir.join("ids")),
+                memory_bytes: ingest.dedupe_memory,
+                lag_minutes: crate::dedupe::SPILL_LAG_MINUTES,
+                keep_existing: wal_config.sync.is_some(),
+            },
+            now_ms(),
+        )?;
         let engine = Engine {
             catalog,
             usage: UsageSeam::new(counters, observers),
             entitlements,
-            deduper: Deduper::new(millis_i64(ingest.dedupe_window)),
+            deduper,
             consumes: DashMap::with_hasher(crate::keyhash::KeyHash),
             usage_store,
             instance_id,
@@ -358,14 +373,7 @@ impl Engine {
         .await?;
         let floor = engine.usage_store.wal_mark(&engine.instance_id).await?;
         let started = std::time::Instant::now();
-        let (wal, report) = Wal::open(
-            &wal_config,
-            &floor,
-            |id, at| {
-                engine.deduper.insert(id, at);
-            },
-            |_, batch| engine.replay(&batch),
-        )?;
+        let (wal, report) = Wal::open(&wal_config, &floor, |id, at| engine.deduper.restore(id, at), |_, batch| engine.replay(&batch))?;
         if report.replayed_records > 0 || report.truncated.is_some() || report.ids_loaded > 0 {
             tracing::info!(
                 records = report.replayed_records,
@@ -390,7 +398,7 @@ impl Engine {
         let mut usages = Vec::with_capacity(batch.events.len());
         for e in &batch.events {
             // Ids keep deduping for the rest of their window after a restart.
-            self.deduper.insert(e.id_hash, batch.accepted_ms);
+            self.deduper.restore(e.id_hash, batch.accepted_ms);
             let Some(meter) = meters.get(usize::from(e.meter)).copied().flatten() else {
                 tracing::warn!(meter = %batch.meter(e), "a WAL event names a meter no longer configured; skipped");
                 continue;

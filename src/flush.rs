@@ -201,6 +201,29 @@ pub fn housekeeping_gauges(engine: &Engine) {
         engine.deduper().len(),
         lag,
     );
+    crate::telemetry::dedupe(engine.deduper().spilled(), engine.deduper().ram_bytes());
+}
+
+// Bounded dedupe (issue 15): ids over `ingest.dedupe_memory` go to disk runs,
+// once the WAL has written every batch so far and synced their id files (so no
+// run holds the id of a batch a crash could lose).
+async fn spill_dedupe(engine: &Arc<Engine>) {
+    if !engine.deduper().needs_spill() {
+        return;
+    }
+    if let Err(e) = engine.wal().sync_ids().await {
+        tracing::warn!(error = %e, "dedupe spill postponed: the WAL could not sync its id files");
+        return;
+    }
+    let e = engine.clone();
+    match tokio::task::spawn_blocking(move || e.deduper().spill(now_ms())).await {
+        Ok(Ok(report)) => tracing::debug!(ids = report.ids, upto_minute = report.upto_minute, "dedupe spill"),
+        Ok(Err(e)) => {
+            crate::telemetry::dedupe_spill_failed();
+            tracing::error!(error = %e, "dedupe spill failed; the ids stay in RAM and ingest is refused while over budget")
+        }
+        Err(e) => tracing::error!(error = %e, "dedupe spill task failed"),
+    }
 }
 
 /// Runs until `shutdown` turns true, then makes a final flush. A failed flush
@@ -224,6 +247,7 @@ pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::R
         if ticks % 10 == 1 {
             housekeeping(&engine);
         }
+        spill_dedupe(&engine).await;
     }
     let flushed = flush_all(&engine).await?;
     tracing::info!(rows = flushed, "final flush done");

@@ -147,6 +147,7 @@ pub struct Known<'a> {
 /// gauge already set keeps its value), plus `meterd_build_info` and the
 /// `process_*` series; installs the recorder if need be. Call it at start.
 pub fn register_known(known: &Known<'_>) {
+    register_dedupe();
     // Registering is taking a handle: `increment(0)` keeps a value already there.
     let _ = prometheus();
     for &(id, name) in &known.meters {
@@ -267,6 +268,7 @@ pub fn prometheus() -> PrometheusHandle {
 }
 
 fn describe() {
+    describe_dedupe();
     metrics::describe_counter!(
         EVENTS_TOTAL,
         "Events received, by meter and result (accepted, duplicate; rejected, with meter=\"\", for the events of a refused batch)"
@@ -500,6 +502,39 @@ pub fn gauges(active_counters: usize, customers: usize, pending_buckets: usize, 
     metrics::gauge!(PENDING_BUCKETS).set(pending_buckets as f64);
     metrics::gauge!(DEDUPE_IDS).set(dedupe_ids as f64);
     metrics::gauge!(FLUSH_LAG).set(flush_lag_seconds);
+}
+
+// Bounded dedupe (issue 15): ids on disk, RAM used for ids, failed spills.
+pub const DEDUPE_SPILLED_IDS: &str = "meterd_dedupe_spilled_ids";
+pub const DEDUPE_RAM_BYTES: &str = "meterd_dedupe_ram_bytes";
+pub const DEDUPE_SPILL_FAILURES_TOTAL: &str = "meterd_dedupe_spill_failures_total";
+
+fn register_dedupe() {
+    for name in [DEDUPE_SPILLED_IDS, DEDUPE_RAM_BYTES] {
+        metrics::gauge!(name).increment(0.0);
+    }
+    metrics::counter!(DEDUPE_SPILL_FAILURES_TOTAL).increment(0);
+}
+
+fn describe_dedupe() {
+    metrics::describe_gauge!(DEDUPE_SPILLED_IDS, "Event ids held in the dedupe's disk runs");
+    metrics::describe_gauge!(
+        DEDUPE_RAM_BYTES,
+        "RAM for event ids: the table plus the runs' filters and indexes (ingest.dedupe_memory caps it)"
+    );
+    metrics::describe_counter!(
+        DEDUPE_SPILL_FAILURES_TOTAL,
+        "Dedupe spills to disk that failed (ids kept in RAM; ingest refused while over budget)"
+    );
+}
+
+pub fn dedupe(spilled_ids: u64, ram_bytes: usize) {
+    metrics::gauge!(DEDUPE_SPILLED_IDS).set(spilled_ids as f64);
+    metrics::gauge!(DEDUPE_RAM_BYTES).set(ram_bytes as f64);
+}
+
+pub fn dedupe_spill_failed() {
+    metrics::counter!(DEDUPE_SPILL_FAILURES_TOTAL).increment(1);
 }
 
 pub fn wal(bytes: u64, checkpoint: u64, refusing: bool) {

@@ -67,6 +67,8 @@ pub struct Ingest {
     pub max_batch_events: Option<i64>,
     pub max_lateness: Option<String>,
     pub dedupe_window: Option<String>,
+    // Bounded dedupe (issue 15): RAM for remembered ids, e.g. "512MB".
+    pub dedupe_memory: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -73,7 +73,10 @@ pub(super) const ROOT: &[Field] = &[
             ("max_wal_bytes", Int),
         ]),
     ),
-    ("ingest", Table(&[("max_body_bytes", Int), ("max_batch_events", Int), ("max_lateness", Dur), ("dedupe_window", Dur)])),
+    (
+        "ingest",
+        Table(&[("max_body_bytes", Int), ("max_batch_events", Int), ("max_lateness", Dur), ("dedupe_window", Dur), ("dedupe_memory", Str)]),
+    ),
     (
         "redis",
         Table(&[

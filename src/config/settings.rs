@@ -100,6 +100,8 @@ pub struct IngestSettings {
     /// Events older than this are rejected.
     pub max_lateness: Duration,
     pub dedupe_window: Duration,
+    // Bounded dedupe (issue 15): `ingest.dedupe_memory` in bytes.
+    pub dedupe_memory: u64,
 }
 
 /// `redis.strict_when_unavailable`: how `strict` limits are decided while Redis

@@ -220,7 +220,44 @@ fn ingest(c: &mut Checker, s: &raw::Ingest) -> IngestSettings {
         max_batch_events: c.int("ingest.max_batch_events", s.max_batch_events, 10_000, 1, 1_000_000) as usize,
         max_lateness: c.duration("ingest.max_lateness", &s.max_lateness, secs(35 * 86_400), Duration::ZERO),
         dedupe_window: c.duration("ingest.dedupe_window", &s.dedupe_window, secs(86_400), Duration::ZERO),
+        dedupe_memory: dedupe_memory(c, &s.dedupe_memory),
     }
+}
+
+// Bounded dedupe (issue 15): `ingest.dedupe_memory`, a size such as "512MB"
+// (units B, KB, MB, GB, TB in powers of 1024; KiB… also accepted), at least 1MB.
+fn dedupe_memory(c: &mut Checker, value: &Option<String>) -> u64 {
+    const KEY: &str = "ingest.dedupe_memory";
+    const DEFAULT: u64 = 512 << 20;
+    let Some(text) = value else { return DEFAULT };
+    match parse_size(text) {
+        Some(n) if n >= 1 << 20 => n,
+        Some(_) => {
+            c.add(KEY, "must be at least 1MB");
+            DEFAULT
+        }
+        None => {
+            c.add(KEY, "must be a size such as \"512MB\" (a whole number and B, KB, MB, GB or TB)");
+            DEFAULT
+        }
+    }
+}
+
+/// "512MB" → bytes (binary units).
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
 }
 
 fn redis(c: &mut Checker, r: &raw::Redis) -> RedisSettings {

@@ -118,8 +118,15 @@ impl IngestPorts<'_> {
             names.dedup();
             futures_util::future::join_all(names.into_iter().map(|n| self.customers.ensure_loaded(n))).await;
         }
+        // Bounded dedupe (issue 15): refused while ids can neither stay in RAM
+        // nor go to disk; an event with its own timestamp need not search runs
+        // older than it (see `dedupe`).
+        if let Some(reason) = self.deduper.refusal() {
+            return Err(IngestError::Unavailable(reason));
+        }
         let hashes: Vec<_> = events.iter().map(|e| hash_id(&e.id)).collect();
-        let mut fresh = self.deduper.insert_batch(&hashes, now);
+        let since: Vec<i64> = events.iter().map(|e| if e.ts == now { 0 } else { Deduper::since_of_timestamp(e.ts) }).collect();
+        let mut fresh = self.deduper.admit_batch(&hashes, &since, now).map_err(|e| IngestError::Unavailable(e.to_string()))?;
         let mut claimed = Vec::new();
         if let Some(redis) = self.redis {
             // New here: ask the other instances too (see `shared_dedupe`).

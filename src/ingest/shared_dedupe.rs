@@ -3,8 +3,8 @@
 //! instance is claimed with `SET Pid:<hash> <instance> NX PX <window> GET`, one
 //! pipelined round trip per batch (concurrent single calls on a cluster, where
 //! the ids live in different slots). An id already claimed by *this* instance
-//! counts as new: the local table (restored from the WAL's id files) is the
-//! authority for our own ids, so a batch lost in a crash before its WAL record
+//! counts as new: the local dedupe (its RAM table, restored from the WAL's id
+//! files, and its disk runs) is the authority for our own ids, so a batch lost in a crash before its WAL record
 //! was durable is accepted when the client retries it.
 //!
 //! Redis unreachable: the local decision stands (logged by the Redis handle,

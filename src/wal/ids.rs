@@ -1,7 +1,9 @@
 //! Id files: the ids of accepted events, so deduplication survives restarts for
 //! the whole `dedupe_window`, not just for the records the WAL still replays.
 //!
-//! The WAL writer appends each record's id hashes to `ids/{hour_start_ms}.ids`
+//! The WAL writer appends each record's id hashes to `ids/{start_ms}.m10.ids`
+//! (one file per 10 minutes; `{hour_start_ms}.ids` hourly files of earlier
+//! versions are still read)
 //! (28 bytes an entry: the 128-bit hash, the acceptance minute, and the WAL
 //! sequence of the record, so a repair can forget the ids of records it had to
 //! drop) when it writes
@@ -10,6 +12,8 @@
 //! the id files, so every id whose record is gone from the WAL is on disk. On
 //! start, files younger than the window are loaded. Files older than the window
 //! (plus an hour) are deleted. A torn last entry (a crash mid-append) is ignored.
+//! Files whose ids the dedupe has spilled to its disk runs are deleted early
+//! ([`drop_before`]), so a restart loads only the un-spilled tail.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -18,6 +22,8 @@ use std::path::{Path, PathBuf};
 /// Bytes per entry.
 pub const ENTRY: usize = 28;
 const HOUR_MS: i64 = 3_600_000;
+/// Span of the files written now.
+const FILE_MS: i64 = 600_000;
 
 /// Why an id file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -64,8 +70,8 @@ impl IdLog {
         Ok(IdLog { dir, open: None, dirty: Vec::new(), window_ms })
     }
 
-    fn path(&self, hour: i64) -> PathBuf {
-        self.dir.join(format!("{hour}.ids"))
+    fn path(&self, start: i64) -> PathBuf {
+        self.dir.join(format!("{start}.m10.ids"))
     }
 
     /// Appends ids accepted at `accepted_ms` (no fsync); returns where the file
@@ -73,7 +79,7 @@ impl IdLog {
     pub fn append(&mut self, ids: &[u128], accepted_ms: i64, seq: u64) -> Result<Mark, IdsError> {
         let mut buf = Vec::with_capacity(ids.len() * ENTRY);
         encode(&mut buf, ids, accepted_ms, seq);
-        self.write(accepted_ms.div_euclid(HOUR_MS) * HOUR_MS, &buf)
+        self.write(accepted_ms.div_euclid(FILE_MS) * FILE_MS, &buf)
     }
 
     /// Appends the ids of a group of records `(ids, accepted_ms, seq)` with one
@@ -81,7 +87,7 @@ impl IdLog {
     /// a mark per write onto `marks`; on an error, `marks` holds those of the
     /// writes that succeeded, for [`IdLog::rollback`].
     pub fn append_group(&mut self, records: &[(Vec<u128>, i64, u64)], marks: &mut Vec<Mark>) -> Result<(), IdsError> {
-        let hour_of = |ms: i64| ms.div_euclid(HOUR_MS) * HOUR_MS;
+        let hour_of = |ms: i64| ms.div_euclid(FILE_MS) * FILE_MS;
         let mut buf = Vec::new();
         let mut start = 0;
         while start < records.len() {
@@ -147,7 +153,11 @@ impl IdLog {
             let path = self.path(hour);
             match &self.open {
                 Some((h, file, _)) if *h == hour => file.sync_data().map_err(io(&path))?,
-                _ => File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?,
+                // Gone: deleted by `drop_before`, its ids are in a dedupe run.
+                _ => match File::open(&path).and_then(|f| f.sync_all()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    r => r.map_err(io(&path))?,
+                },
             }
         }
         Ok(())
@@ -156,17 +166,38 @@ impl IdLog {
     /// Deletes files wholly older than the window (and an hour of slack).
     pub fn expire(&mut self, now_ms: i64) -> Result<(), IdsError> {
         let cutoff = now_ms - self.window_ms - HOUR_MS;
-        for (hour, path) in list(&self.dir)? {
-            if hour + HOUR_MS < cutoff && self.open.as_ref().map(|(h, _, _)| *h) != Some(hour) {
-                std::fs::remove_file(&path).map_err(io(&path))?;
+        for (start, span, path) in list(&self.dir)? {
+            if start + span < cutoff && self.open.as_ref().map(|(h, _, _)| *h) != Some(start) {
+                remove(&path)?;
             }
         }
         Ok(())
     }
 }
 
-/// Id files in `dir`, by hour.
-fn list(dir: &Path) -> Result<Vec<(i64, PathBuf)>, IdsError> {
+/// Deletes a file; one already gone is fine.
+fn remove(path: &Path) -> Result<(), IdsError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes the files holding only ids accepted before `before_ms` (the dedupe
+/// has them in its disk runs); returns how many were deleted.
+pub fn drop_before(dir: &Path, before_ms: i64) -> Result<usize, IdsError> {
+    let mut n = 0;
+    for (start, span, path) in list(dir)? {
+        if start + span <= before_ms {
+            remove(&path)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Id files in `dir`: (start, span, path), by start.
+fn list(dir: &Path) -> Result<Vec<(i64, i64, PathBuf)>, IdsError> {
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -176,8 +207,13 @@ fn list(dir: &Path) -> Result<Vec<(i64, PathBuf)>, IdsError> {
     for entry in entries {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name();
-        if let Some(hour) = name.to_str().and_then(|n| n.strip_suffix(".ids")).and_then(|h| h.parse::<i64>().ok()) {
-            out.push((hour, entry.path()));
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".ids")) else { continue };
+        let (start, span) = match stem.strip_suffix(".m10") {
+            Some(start) => (start, FILE_MS),
+            None => (stem, HOUR_MS),
+        };
+        if let Ok(start) = start.parse::<i64>() {
+            out.push((start, span, entry.path()));
         }
     }
     out.sort();
@@ -199,8 +235,8 @@ fn entry(bytes: &[u8]) -> (u128, i64, u64) {
 /// `now_ms`; returns how many were read.
 pub fn load(dir: &Path, now_ms: i64, window_ms: i64, mut each: impl FnMut(u128, i64)) -> Result<u64, IdsError> {
     let mut n = 0;
-    for (hour, path) in list(dir)? {
-        if hour + HOUR_MS < now_ms - window_ms {
+    for (start, span, path) in list(dir)? {
+        if start + span < now_ms - window_ms {
             continue;
         }
         let bytes = std::fs::read(&path).map_err(io(&path))?;
@@ -218,7 +254,7 @@ pub fn load(dir: &Path, now_ms: i64, window_ms: i64, mut each: impl FnMut(u128, 
 /// Returns how many ids were forgotten.
 pub fn forget(dir: &Path, ranges: &[(u64, u64)]) -> Result<u64, IdsError> {
     let mut forgotten = 0;
-    for (_, path) in list(dir)? {
+    for (_, _, path) in list(dir)? {
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         let mut kept = Vec::with_capacity(bytes.len());
         for chunk in bytes.chunks_exact(ENTRY) {
@@ -260,7 +296,7 @@ mod tests {
         assert_eq!(seen[3], (4, t0 + 2 * HOUR_MS));
         // A torn last entry is ignored, and cut when the file is appended to again.
         drop(log);
-        let torn = dir.join(format!("{}.ids", t0 + 2 * HOUR_MS));
+        let torn = dir.join(format!("{}.m10.ids", t0 + 2 * HOUR_MS));
         OpenOptions::new().append(true).open(&torn).and_then(|mut f| f.write_all(&[9; 7])).expect("tear the last entry");
         assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 4);
         let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
@@ -283,6 +319,39 @@ mod tests {
         let mut left = Vec::new();
         load(&dir, t0, day, |id, _| left.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert!(left.is_empty(), "ids 4 and 5 (records 2, 3) forgotten: {left:?}");
+    }
+
+    #[test]
+    fn spilled_files_are_dropped_and_old_hourly_files_still_read() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("ids");
+        let day = 86_400_000;
+        let t0 = 100 * day;
+        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
+        // Ten-minute files at t0, t0+10m, t0+20m.
+        for k in 0..3 {
+            assert!(log.append(&[k as u128 + 1], t0 + k * FILE_MS, k as u64 + 1).is_ok());
+        }
+        // An hourly file of an earlier version, an hour before.
+        std::fs::write(dir.join(format!("{}.ids", t0 - HOUR_MS)), {
+            let mut b = Vec::new();
+            encode(&mut b, &[9], t0 - HOUR_MS + 5 * 60_000, 0);
+            b
+        })
+        .expect("old file");
+        assert!(log.sync().is_ok());
+        let mut seen = Vec::new();
+        load(&dir, t0 + HOUR_MS, day, |id, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        assert_eq!(seen, vec![9, 1, 2, 3]);
+        // Spilled up to t0+20m: the old hourly file (ends at t0) and the first two
+        // ten-minute files go; the one holding t0+20m stays.
+        assert_eq!(drop_before(&dir, t0 + 2 * FILE_MS).unwrap_or(0), 3);
+        let mut seen = Vec::new();
+        load(&dir, t0 + HOUR_MS, day, |id, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        assert_eq!(seen, vec![3]);
+        // A sync after a dirty file was dropped is fine.
+        assert!(log.append(&[4], t0 + 2 * FILE_MS, 4).is_ok());
+        assert!(log.sync().is_ok());
     }
 
     #[test]

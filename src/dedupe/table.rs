@@ -1,4 +1,4 @@
-//! Event-id deduplication within `ingest.dedupe_window`.
+//! The recent ids: a sharded, flat, open-addressing table in RAM.
 //!
 //! Ids are kept as 128-bit hashes (xxh3-128), not strings, so
 //! an entry has a fixed size whatever the id's length. The set is a sharded,
@@ -7,19 +7,14 @@
 //! one cache line, which matters because at millions of events per second the set
 //! holds tens of millions of ids and every insert is a cache miss. A false
 //! duplicate needs two ids to share 96 bits: at 100M live ids the chance is about
-//! 10^-13. Entries older than the window are swept by the maintenance task.
+//! 10^-13. Entries older than the window are swept by the maintenance task; the
+//! oldest are moved to disk runs when the table reaches its memory budget (see
+//! the parent module).
 
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-/// A 128-bit id hash.
-pub type IdHash = u128;
-
-/// Hashes an event id: one xxh3-128 pass (fixed seed: the hash is stored in
-/// the WAL and the id files, so it must not change between runs).
-pub fn hash_id(id: &str) -> IdHash {
-    xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), 0x6d65_7465_7264)
-}
+use super::IdHash;
 
 const SHARDS: usize = 256;
 const MIN_CAPACITY: usize = 1024;
@@ -29,11 +24,14 @@ const MIN_CAPACITY: usize = 1024;
 struct Shard {
     slots: Vec<u128>,
     len: usize,
+    /// The run-set version whose ids were last moved out of this shard: a
+    /// prober holding an older run set must reload it (see `Table::insert_with`).
+    version: u64,
 }
 
 /// Fingerprint of a hash: its top 96 bits (1 in the one-in-2^96 case that they
 /// are all zero, since 0 marks an empty slot).
-fn tag(id: IdHash) -> u128 {
+pub(super) fn tag(id: IdHash) -> u128 {
     (id >> 32).max(1)
 }
 
@@ -43,15 +41,15 @@ fn home_of(tag: u128, mask: usize) -> usize {
     (tag as usize) & mask
 }
 
-fn slot(tag: u128, minute: u32) -> u128 {
+pub(super) fn slot(tag: u128, minute: u32) -> u128 {
     (tag << 32) | u128::from(minute)
 }
 
-fn slot_tag(s: u128) -> u128 {
+pub(super) fn slot_tag(s: u128) -> u128 {
     s >> 32
 }
 
-fn slot_minute(s: u128) -> u32 {
+pub(super) fn slot_minute(s: u128) -> u32 {
     s as u32
 }
 
@@ -147,7 +145,7 @@ struct Hint {
 }
 
 /// Ids accepted recently, with the minute each was accepted.
-pub struct Deduper {
+pub struct Table {
     shards: Box<[Mutex<Shard>]>,
     hints: Box<[Hint]>,
     window_minutes: u32,
@@ -157,14 +155,14 @@ pub struct Deduper {
 /// of the memory latency of a table far larger than the caches.
 const PREFETCH_AHEAD: usize = 8;
 
-fn minute_of(ms: i64) -> u32 {
+pub(super) fn minute_of(ms: i64) -> u32 {
     u32::try_from(ms.div_euclid(60_000)).unwrap_or(u32::MAX)
 }
 
-impl Deduper {
-    pub fn new(window_ms: i64) -> Deduper {
+impl Table {
+    pub fn new(window_ms: i64) -> Table {
         let window_minutes = u32::try_from(window_ms.div_euclid(60_000).max(1)).unwrap_or(u32::MAX);
-        Deduper {
+        Table {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hints: (0..SHARDS).map(|_| Hint::default()).collect(),
             window_minutes,
@@ -205,9 +203,15 @@ impl Deduper {
         let _ = at;
     }
 
-    /// [`Deduper::insert`] for a batch, with the table's cache misses overlapped:
+    /// [`Table::insert`] for a batch, with the table's cache misses overlapped:
     /// each id's slot is prefetched a few ids before it is probed.
     pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Vec<bool> {
+        self.insert_batch_with(ids, now_ms, |_, _, _| false)
+    }
+
+    /// [`Table::insert_with`] for a batch (prefetching as [`Table::insert_batch`]);
+    /// `older(k, id, shard_version)` answers for `ids[k]`.
+    pub fn insert_batch_with(&self, ids: &[IdHash], now_ms: i64, mut older: impl FnMut(usize, IdHash, u64) -> bool) -> Vec<bool> {
         for &id in ids.iter().take(PREFETCH_AHEAD) {
             self.prefetch(id);
         }
@@ -216,7 +220,7 @@ impl Deduper {
             if let Some(&ahead) = ids.get(k + PREFETCH_AHEAD) {
                 self.prefetch(ahead);
             }
-            fresh.push(self.insert(id, now_ms));
+            fresh.push(self.insert_with(id, now_ms, |version| older(k, id, version)));
         }
         fresh
     }
@@ -228,6 +232,15 @@ impl Deduper {
     /// Records `id` as accepted at `now_ms`; `false` if it already was (within the
     /// window). Atomic: of two racing callers exactly one gets `true`.
     pub fn insert(&self, id: IdHash, now_ms: i64) -> bool {
+        self.insert_with(id, now_ms, |_| false)
+    }
+
+    /// [`Table::insert`], asking `older(shard_version)` — under the shard's lock,
+    /// so atomically with the insert — whether an id absent from the table is a
+    /// live one kept elsewhere (on disk). `shard_version` is the run-set version
+    /// whose ids last left this shard: a caller holding an older run set must
+    /// look at the current one.
+    pub fn insert_with(&self, id: IdHash, now_ms: i64, older: impl FnOnce(u64) -> bool) -> bool {
         let now_minute = minute_of(now_ms);
         let mut shard = self.shard(id);
         if (shard.len + 1) * 2 > shard.slots.len() {
@@ -237,9 +250,14 @@ impl Deduper {
         let (i, found) = shard.find(id);
         if found {
             if self.expired(slot_minute(shard.slots[i]), now_minute) {
+                // The table always holds an id's newest acceptance: anything
+                // older on disk has expired too.
                 shard.slots[i] = slot(tag(id), now_minute);
                 return true;
             }
+            return false;
+        }
+        if older(shard.version) {
             return false;
         }
         shard.slots[i] = slot(tag(id), now_minute);
@@ -247,27 +265,44 @@ impl Deduper {
         true
     }
 
-    /// Forgets `id` (a consume that was refused and so recorded nothing).
-    pub fn remove(&self, id: IdHash) {
+    /// Whether `id` is in the table (live or not), without inserting it.
+    pub fn contains(&self, id: IdHash) -> bool {
+        let shard = self.shard(id);
+        !shard.slots.is_empty() && shard.find(id).1
+    }
+
+    /// Forgets `id` (a consume that was refused and so recorded nothing);
+    /// whether it was in the table.
+    pub fn remove(&self, id: IdHash) -> bool {
         let mut shard = self.shard(id);
         if shard.slots.is_empty() {
-            return;
+            return false;
         }
         let (i, found) = shard.find(id);
         if found {
             shard.remove_at(i);
         }
+        found
     }
 
     /// Drops ids older than the window, shard by shard.
     pub fn sweep(&self, now_ms: i64) {
         let now_minute = minute_of(now_ms);
+        self.retain(|s| !self.expired(slot_minute(s), now_minute), None);
+    }
+
+    /// Rebuilds every shard holding a slot `keep` refuses, without those;
+    /// `version` (a spill) is recorded on every shard.
+    fn retain(&self, keep: impl Fn(u128) -> bool, version: Option<u64>) {
         for (index, lock) in self.shards.iter().enumerate() {
             let mut shard = lock.lock().unwrap_or_else(|p| p.into_inner());
-            if shard.slots.iter().all(|&s| s == 0 || !self.expired(slot_minute(s), now_minute)) {
+            if let Some(v) = version {
+                shard.version = v;
+            }
+            if shard.slots.iter().all(|&s| s == 0 || keep(s)) {
                 continue;
             }
-            let live: Vec<u128> = shard.slots.iter().copied().filter(|&s| s != 0 && !self.expired(slot_minute(s), now_minute)).collect();
+            let live: Vec<u128> = shard.slots.iter().copied().filter(|&s| s != 0 && keep(s)).collect();
             let mut cap = MIN_CAPACITY;
             while live.len() * 2 >= cap {
                 cap *= 2;
@@ -279,6 +314,39 @@ impl Deduper {
             }
             self.publish(index, &mut shard);
         }
+    }
+
+    /// How many ids were accepted in each minute, oldest first.
+    pub fn minutes(&self) -> std::collections::BTreeMap<u32, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for lock in self.shards.iter() {
+            let shard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            for &s in shard.slots.iter().filter(|&&s| s != 0) {
+                *out.entry(slot_minute(s)).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// The slots of ids accepted at or before `minute` (unsorted).
+    pub fn collect_upto(&self, minute: u32) -> Vec<u128> {
+        let mut out = Vec::new();
+        for lock in self.shards.iter() {
+            let shard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(shard.slots.iter().copied().filter(|&s| s != 0 && slot_minute(s) <= minute));
+        }
+        out
+    }
+
+    /// Drops the ids accepted at or before `minute` (they are on disk in the
+    /// runs of set `version`, which must be published before this is called).
+    pub fn drop_upto(&self, minute: u32, version: u64) {
+        self.retain(|s| slot_minute(s) > minute, Some(version));
+    }
+
+    /// Bytes of slot arrays held.
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).slots.len() * std::mem::size_of::<u128>()).sum()
     }
 
     /// Number of ids remembered.
@@ -294,6 +362,7 @@ impl Deduper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dedupe::hash_id;
     use proptest::prelude::*;
     use std::collections::HashMap;
 
@@ -301,7 +370,7 @@ mod tests {
 
     #[test]
     fn dedupes_within_window_only() {
-        let d = Deduper::new(10 * MIN);
+        let d = Table::new(10 * MIN);
         let id = hash_id("evt-1");
         assert!(d.insert(id, 0));
         assert!(!d.insert(id, 5 * MIN));
@@ -314,8 +383,8 @@ mod tests {
 
     #[test]
     fn batch_insert_matches_single_inserts() {
-        let a = Deduper::new(60 * MIN);
-        let b = Deduper::new(60 * MIN);
+        let a = Table::new(60 * MIN);
+        let b = Table::new(60 * MIN);
         let ids: Vec<IdHash> = (0..5000).map(|i| hash_id(&format!("e{}", i % 3000))).collect();
         let single: Vec<bool> = ids.iter().map(|&id| a.insert(id, 0)).collect();
         assert_eq!(b.insert_batch(&ids, 0), single);
@@ -324,8 +393,8 @@ mod tests {
 
     /// Runs `admit` on four threads at once over one table; the table and the
     /// number of ids the threads were told are fresh.
-    fn race(admit: impl Fn(&Deduper, u64) -> usize + Sync) -> (Deduper, usize) {
-        let d = Deduper::new(60 * MIN);
+    fn race(admit: impl Fn(&Table, u64) -> usize + Sync) -> (Table, usize) {
+        let d = Table::new(60 * MIN);
         let admitted = std::thread::scope(|s| {
             let (d, admit) = (&d, &admit);
             let handles: Vec<_> = (0..4_u64).map(|t| s.spawn(move || admit(d, t))).collect();
@@ -366,7 +435,7 @@ mod tests {
         #[test]
         fn behaves_like_a_map(ops in proptest::collection::vec((0_u8..3, 0_u16..400, 0_i64..3), 1..3000)) {
             let window = 5 * MIN;
-            let d = Deduper::new(window);
+            let d = Table::new(window);
             let mut model: HashMap<u128, i64> = HashMap::new();
             let mut now = 0;
             for (op, key, advance) in ops {

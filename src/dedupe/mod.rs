@@ -1,0 +1,474 @@
+//! Event-id deduplication within `ingest.dedupe_window`, exact, in bounded RAM
+//! (`ingest.dedupe_memory`).
+//!
+//! Recent ids live in the RAM [`table`]. When it reaches its share of the
+//! budget, housekeeping *spills* the oldest minutes: their ids are written as a
+//! sorted, immutable [`run`] file (temp, fsync, rename), its Bloom filter and
+//! sparse index are published, and only then are the ids dropped from RAM. A
+//! probe looks in the table, then in the runs young enough to matter: an event
+//! with an explicit `timestamp` was first accepted no earlier than the timestamp
+//! minus the 5 minutes of allowed clock skew, so runs wholly older than that are
+//! skipped; an event without one searches every live run. Runs are dropped
+//! whole once their newest id has left the window.
+//!
+//! Only ids whose WAL records are written are spilled (the caller syncs the WAL
+//! first, and ids of the last [`SPILL_LAG_MINUTES`] stay in RAM), so a crash
+//! never leaves a run holding the id of a lost batch. A spill that fails (disk
+//! full) keeps the ids in RAM and, while the table is over budget, ingest is
+//! refused ([`Deduper::refusal`], a 503) rather than an id being forgotten.
+//!
+//! Restart reads each run's header, filter and index, not its ids; the WAL's id
+//! files of spilled minutes are deleted once a run holds them, so only the
+//! un-spilled tail is loaded back into the table.
+
+pub mod bloom;
+pub mod run;
+pub mod table;
+
+use run::{Run, RunError};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use table::{minute_of, tag, Table};
+
+/// A 128-bit id hash.
+pub type IdHash = u128;
+
+/// Hashes an event id: one xxh3-128 pass (fixed seed: the hash is stored in
+/// the WAL and the id files, so it must not change between runs).
+pub fn hash_id(id: &str) -> IdHash {
+    xxhash_rust::xxh3::xxh3_128_with_seed(id.as_bytes(), 0x6d65_7465_7264)
+}
+
+/// Ids accepted in the last minutes stay in RAM: their batches may still be on
+/// their way to the WAL.
+pub const SPILL_LAG_MINUTES: u32 = 2;
+/// A timestamp may be this far ahead of the time it was received (API.md).
+const SKEW_MS: i64 = 5 * 60_000;
+/// Id files of minutes at least this far below the spill watermark are deleted:
+/// the slack covers a batch slow to reach the WAL.
+const ID_FILE_SLACK_MINUTES: u32 = 10;
+/// How many ids ahead a batch prefetches the runs' filter blocks.
+const RUN_PREFETCH_AHEAD: usize = 4;
+/// Worst-case bytes of table per id: 16-byte slots at most half full, doubled
+/// while a shard grows.
+const TABLE_BYTES_PER_ID: u64 = 64;
+
+/// Why the dedupe store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DedupeError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("dedupe directory {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error("id files: {0}")]
+    Ids(#[from] crate::wal::ids::IdsError),
+}
+
+/// Where and how much: the disk side of a [`Deduper`].
+#[derive(Debug, Clone)]
+pub struct SpillConfig {
+    /// Directory of the runs.
+    pub dir: PathBuf,
+    /// The WAL's id files, trimmed of spilled minutes (`None`: no WAL).
+    pub ids_dir: Option<PathBuf>,
+    /// `ingest.dedupe_memory`: RAM for the table, the filters and the indexes.
+    pub memory_bytes: u64,
+    /// Ids accepted in the last this-many minutes are never spilled
+    /// ([`SPILL_LAG_MINUTES`]; tests use 0).
+    pub lag_minutes: u32,
+    /// Keep the runs found on disk (`false` without a WAL: ids are not kept
+    /// across restarts then, as before).
+    pub keep_existing: bool,
+}
+
+/// The published runs; `version` grows with every spill.
+#[derive(Default)]
+struct RunSet {
+    version: u64,
+    runs: Vec<Arc<Run>>,
+}
+
+struct Spill {
+    config: SpillConfig,
+    runs: RwLock<Arc<RunSet>>,
+    /// Newest minute whose ids have all left the table for runs.
+    watermark: AtomicU32,
+    next_seq: AtomicU64,
+    /// The last spill failed: refuse ingest while the table is over budget.
+    failing: AtomicBool,
+    /// One spill at a time.
+    spilling: Mutex<()>,
+    /// Spilled ids removed afterwards (a batch refused after its ids were
+    /// spilled, which needs a batch slower than [`SPILL_LAG_MINUTES`]).
+    revoked: Mutex<HashSet<u128>>,
+    has_revoked: AtomicBool,
+}
+
+/// What a [`Deduper::spill`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SpillReport {
+    pub ids: usize,
+    pub upto_minute: u32,
+}
+
+/// Ids accepted within the window: recent ones in RAM, older ones on disk.
+pub struct Deduper {
+    table: Table,
+    window_minutes: u32,
+    spill: Option<Spill>,
+}
+
+impl Deduper {
+    /// A RAM-only deduper (no budget: used without a data directory and in tests).
+    pub fn new(window_ms: i64) -> Deduper {
+        Deduper { table: Table::new(window_ms), window_minutes: window_minutes(window_ms), spill: None }
+    }
+
+    /// A deduper whose older ids go to runs in `config.dir`; opens the runs
+    /// found there (deleting leftovers of an interrupted spill and runs wholly
+    /// older than the window).
+    pub fn open(window_ms: i64, config: SpillConfig, now_ms: i64) -> Result<Deduper, DedupeError> {
+        let dir = &config.dir;
+        let dir_err = |source| DedupeError::Dir { path: dir.display().to_string(), source };
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        let window_minutes = window_minutes(window_ms);
+        let now_minute = minute_of(now_ms);
+        let mut runs = Vec::new();
+        let mut next_seq = 1;
+        for entry in std::fs::read_dir(dir).map_err(dir_err)? {
+            let path = entry.map_err(dir_err)?.path();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("tmp") => std::fs::remove_file(&path).map_err(dir_err)?,
+                Some("run") => {
+                    let run = Run::open(&path)?;
+                    if !config.keep_existing || run.hi.saturating_add(window_minutes) < now_minute {
+                        std::fs::remove_file(&path).map_err(dir_err)?;
+                        continue;
+                    }
+                    let seq =
+                        path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.rsplit('-').next()).and_then(|s| s.parse::<u64>().ok());
+                    next_seq = next_seq.max(seq.unwrap_or(0) + 1);
+                    runs.push(Arc::new(run));
+                }
+                _ => {}
+            }
+        }
+        runs.sort_by_key(|r| r.hi);
+        let watermark = runs.iter().map(|r| r.hi).max().unwrap_or(0);
+        let spill = Spill {
+            config,
+            runs: RwLock::new(Arc::new(RunSet { version: 0, runs })),
+            watermark: AtomicU32::new(watermark),
+            next_seq: AtomicU64::new(next_seq),
+            failing: AtomicBool::new(false),
+            spilling: Mutex::new(()),
+            revoked: Mutex::new(HashSet::new()),
+            has_revoked: AtomicBool::new(false),
+        };
+        Ok(Deduper { table: Table::new(window_ms), window_minutes, spill: Some(spill) })
+    }
+
+    fn expired(&self, minute: u32, now_minute: u32) -> bool {
+        minute.saturating_add(self.window_minutes) < now_minute
+    }
+
+    /// Records `id` as accepted at `now_ms`; `false` if it already was (within the
+    /// window). Atomic: of two racing callers exactly one gets `true`. A run
+    /// that cannot be read counts the id as a duplicate (logged); ingest uses
+    /// [`Deduper::admit_batch`], which refuses the batch instead.
+    pub fn insert(&self, id: IdHash, now_ms: i64) -> bool {
+        match self.admit_batch(&[id], &[], now_ms) {
+            Ok(fresh) => fresh.first().copied().unwrap_or(false),
+            Err(e) => {
+                tracing::error!(error = %e, "a dedupe run could not be read; the id is treated as a duplicate");
+                false
+            }
+        }
+    }
+
+    /// [`Deduper::insert`] for a batch, searching the whole window for each id.
+    pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Vec<bool> {
+        match self.admit_batch(ids, &[], now_ms) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::error!(error = %e, "a dedupe run could not be read; the batch is treated as duplicates");
+                vec![false; ids.len()]
+            }
+        }
+    }
+
+    /// Records a batch of ids as accepted at `now_ms`, per id whether it is
+    /// new. `since_ms[k]`, when given, is the earliest time `ids[k]` could have
+    /// been accepted before (its timestamp minus the allowed skew, see
+    /// [`Deduper::since_of_timestamp`]); runs wholly older are not searched.
+    /// On a run read error nothing of the batch is recorded.
+    pub fn admit_batch(&self, ids: &[IdHash], since_ms: &[i64], now_ms: i64) -> Result<Vec<bool>, DedupeError> {
+        let Some(spill) = &self.spill else {
+            return Ok(self.table.insert_batch(ids, now_ms));
+        };
+        let now_minute = minute_of(now_ms);
+        let mut set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut error = None;
+        let fresh = self.table.insert_batch_with(ids, now_ms, |k, id, version| {
+            if version > set.version {
+                set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+            }
+            // The runs' filter blocks of an id a few places ahead: their cache
+            // misses overlap instead of adding up, one per run.
+            if let Some(&ahead) = ids.get(k + RUN_PREFETCH_AHEAD) {
+                let since = since_ms.get(k + RUN_PREFETCH_AHEAD).map_or(0, |&ms| minute_of(ms.max(0)));
+                for run in set.runs.iter().filter(|r| r.hi >= since && !self.expired(r.hi, now_minute)) {
+                    run.prefetch(tag(ahead));
+                }
+            }
+            let since = since_ms.get(k).map_or(0, |&ms| minute_of(ms.max(0)));
+            match self.in_runs(spill, &set, id, since, now_minute) {
+                Ok(found) => found,
+                Err(e) => {
+                    error.get_or_insert(e);
+                    true
+                }
+            }
+        });
+        if let Some(e) = error {
+            for (&id, &f) in ids.iter().zip(&fresh) {
+                if f {
+                    self.table.remove(id);
+                }
+            }
+            return Err(e);
+        }
+        if spill.has_revoked.load(Ordering::Acquire) {
+            let mut revoked = spill.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            for (&id, &f) in ids.iter().zip(&fresh) {
+                if f {
+                    revoked.remove(&id);
+                }
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// The earliest acceptance time of an earlier copy of an event with this
+    /// explicit timestamp: a timestamp is at most 5 minutes ahead of receipt.
+    pub fn since_of_timestamp(ts_ms: i64) -> i64 {
+        ts_ms.saturating_sub(SKEW_MS)
+    }
+
+    /// Whether `id` is live in a run of `set` newer than minute `since`.
+    fn in_runs(&self, spill: &Spill, set: &RunSet, id: IdHash, since: u32, now_minute: u32) -> Result<bool, DedupeError> {
+        if spill.has_revoked.load(Ordering::Acquire) && spill.revoked.lock().unwrap_or_else(|p| p.into_inner()).contains(&id) {
+            return Ok(false);
+        }
+        let t = tag(id);
+        for run in set.runs.iter().rev() {
+            if run.hi < since || self.expired(run.hi, now_minute) {
+                continue;
+            }
+            if let Some(minute) = run.find(t)? {
+                if !self.expired(minute, now_minute) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Forgets `id` (a batch or consume that was refused and so recorded nothing).
+    pub fn remove(&self, id: IdHash) {
+        if self.table.remove(id) {
+            return;
+        }
+        if let Some(spill) = &self.spill {
+            let set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+            // Minute 0 as "now": held at all, expired or not.
+            if matches!(self.in_runs(spill, &set, id, 0, 0), Ok(true)) {
+                spill.revoked.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+                spill.has_revoked.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Puts back an id accepted at `at_ms` (from the id files or a replayed WAL
+    /// record at start): into the table, unless a run already holds it.
+    pub fn restore(&self, id: IdHash, at_ms: i64) {
+        if let Some(spill) = &self.spill {
+            let minute = minute_of(at_ms);
+            if minute <= spill.watermark.load(Ordering::Acquire) {
+                let set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+                if matches!(self.in_runs(spill, &set, id, minute, minute), Ok(true)) {
+                    return;
+                }
+            }
+        }
+        self.table.insert(id, at_ms);
+    }
+
+    /// Drops ids older than the window: table entries one by one, runs whole.
+    pub fn sweep(&self, now_ms: i64) {
+        self.table.sweep(now_ms);
+        let Some(spill) = &self.spill else { return };
+        let now_minute = minute_of(now_ms);
+        let mut guard = spill.runs.write().unwrap_or_else(|p| p.into_inner());
+        let (old, live): (Vec<_>, Vec<_>) = guard.runs.iter().cloned().partition(|r| self.expired(r.hi, now_minute));
+        if old.is_empty() {
+            return;
+        }
+        *guard = Arc::new(RunSet { version: guard.version, runs: live });
+        drop(guard);
+        for run in old {
+            // A prober holding the run keeps reading through its open file.
+            if let Err(e) = std::fs::remove_file(&run.path) {
+                tracing::warn!(file = %run.path.display(), error = %e, "could not delete an expired dedupe run");
+            }
+        }
+        if spill.runs.read().unwrap_or_else(|p| p.into_inner()).runs.is_empty() {
+            spill.revoked.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            spill.has_revoked.store(false, Ordering::Release);
+        }
+    }
+
+    /// How many ids the table may hold before a spill.
+    fn table_cap(&self, spill: &Spill) -> usize {
+        let filters = self.run_ram_bytes() as u64;
+        let budget = spill.config.memory_bytes.saturating_sub(filters).max(spill.config.memory_bytes / 8);
+        usize::try_from(budget / TABLE_BYTES_PER_ID).unwrap_or(usize::MAX).max(1024)
+    }
+
+    /// Whether the table is over its share of `dedupe_memory`.
+    pub fn needs_spill(&self) -> bool {
+        self.spill.as_ref().is_some_and(|s| self.table.len() >= self.table_cap(s))
+    }
+
+    /// Moves the oldest ids (at most up to [`SPILL_LAG_MINUTES`] ago) from the
+    /// table to a new run, down to half the table's share of the budget. Call
+    /// after the WAL has written (and synced the id files of) every record so
+    /// far. On an error nothing left RAM and ingest is refused while the table
+    /// is over budget; the next spill retries.
+    pub fn spill(&self, now_ms: i64) -> Result<SpillReport, DedupeError> {
+        let Some(spill) = &self.spill else { return Ok(SpillReport::default()) };
+        let _one = spill.spilling.lock().unwrap_or_else(|p| p.into_inner());
+        let len = self.table.len();
+        let cap = self.table_cap(spill);
+        if len < cap {
+            spill.failing.store(false, Ordering::Release);
+            return Ok(SpillReport::default());
+        }
+        let limit = minute_of(now_ms).saturating_sub(spill.config.lag_minutes);
+        let target = len - cap / 2;
+        let mut upto = None;
+        let mut moved = 0;
+        for (minute, n) in self.table.minutes() {
+            if minute > limit {
+                break;
+            }
+            moved += n;
+            upto = Some(minute);
+            if moved >= target {
+                break;
+            }
+        }
+        let Some(upto) = upto else {
+            tracing::warn!(
+                ids = len,
+                cap,
+                "the dedupe table is over its memory share with ids of the last minutes only; nothing to spill yet"
+            );
+            return Ok(SpillReport::default());
+        };
+        let result = self.spill_upto(spill, upto);
+        spill.failing.store(result.is_err(), Ordering::Release);
+        result
+    }
+
+    /// Spills every id accepted at or before `upto_minute`, whatever the budget
+    /// (tests and benches).
+    pub fn spill_upto_minute(&self, upto_minute: u32) -> Result<SpillReport, DedupeError> {
+        let Some(spill) = &self.spill else { return Ok(SpillReport::default()) };
+        let _one = spill.spilling.lock().unwrap_or_else(|p| p.into_inner());
+        self.spill_upto(spill, upto_minute)
+    }
+
+    fn spill_upto(&self, spill: &Spill, upto: u32) -> Result<SpillReport, DedupeError> {
+        let slots = self.table.collect_upto(upto);
+        let ids = slots.len();
+        if ids == 0 {
+            return Ok(SpillReport::default());
+        }
+        let seq = spill.next_seq.fetch_add(1, Ordering::AcqRel);
+        let run = Arc::new(Run::write(&spill.config.dir, seq, slots)?);
+        // Publish the run, then let the ids go from RAM: a prober always finds
+        // an id in one or the other (see `Table::insert_with`).
+        let version = {
+            let mut guard = spill.runs.write().unwrap_or_else(|p| p.into_inner());
+            let mut runs = guard.runs.clone();
+            runs.push(run);
+            runs.sort_by_key(|r| r.hi);
+            let version = guard.version + 1;
+            *guard = Arc::new(RunSet { version, runs });
+            version
+        };
+        spill.watermark.fetch_max(upto, Ordering::AcqRel);
+        self.table.drop_upto(upto, version);
+        if let Some(ids_dir) = &spill.config.ids_dir {
+            let below = i64::from(upto.saturating_sub(ID_FILE_SLACK_MINUTES)) * 60_000;
+            crate::wal::ids::drop_before(ids_dir, below)?;
+        }
+        tracing::info!(ids, upto_minute = upto, "spilled dedupe ids to disk");
+        Ok(SpillReport { ids, upto_minute: upto })
+    }
+
+    /// Why ingest must be refused now: the table is over budget and its ids
+    /// cannot be spilled.
+    pub fn refusal(&self) -> Option<String> {
+        let spill = self.spill.as_ref()?;
+        (spill.failing.load(Ordering::Acquire) && self.table.len() >= self.table_cap(spill))
+            .then(|| "event ids cannot be spilled to disk (is the disk full?) and ingest.dedupe_memory is used up".to_string())
+    }
+
+    /// Number of ids remembered in RAM.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ids held in disk runs (some may have expired within a live run).
+    pub fn spilled(&self) -> u64 {
+        self.runs().iter().map(|r| r.len()).sum()
+    }
+
+    fn runs(&self) -> Vec<Arc<Run>> {
+        self.spill.as_ref().map(|s| s.runs.read().unwrap_or_else(|p| p.into_inner()).runs.clone()).unwrap_or_default()
+    }
+
+    /// Bytes of RAM for ids: the table's slots plus the runs' filters and indexes.
+    pub fn ram_bytes(&self) -> usize {
+        self.table.bytes() + self.run_ram_bytes()
+    }
+
+    /// Bytes of RAM of the table alone.
+    pub fn table_bytes(&self) -> usize {
+        self.table.bytes()
+    }
+
+    fn run_ram_bytes(&self) -> usize {
+        self.runs().iter().map(|r| r.ram_bytes()).sum()
+    }
+
+    /// The directory of the runs, if any.
+    pub fn dir(&self) -> Option<&Path> {
+        self.spill.as_ref().map(|s| s.config.dir.as_path())
+    }
+}
+
+fn window_minutes(window_ms: i64) -> u32 {
+    u32::try_from(window_ms.div_euclid(60_000).max(1)).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests;

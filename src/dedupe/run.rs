@@ -1,0 +1,240 @@
+//! A disk run: the ids spilled from the RAM table at one time, sorted and
+//! immutable, with its Bloom filter and a sparse index kept in RAM.
+//!
+//! File `{lo}-{hi}-{seq}.run` (lo/hi: the oldest and newest acceptance minute
+//! it holds), written as `*.tmp`, fsynced, renamed, directory fsynced: a run is
+//! either whole or absent. Layout, little-endian:
+//!
+//! | bytes | what |
+//! |---|---|
+//! | 64 | header: magic, entry count, lo, hi, filter words, index keys, checksum of filter + index |
+//! | 16 × count | entries: fingerprint (96 bits) << 32 \| acceptance minute, ascending |
+//! | 8 × words | the Bloom filter |
+//! | 8 × keys | sparse index: top 64 bits of every `STRIDE`-th entry's fingerprint |
+//!
+//! Opening reads the header, filter and index only (about 1.4 bytes per id),
+//! never the entries: a lookup reads one or two 1 KiB blocks with `pread`.
+
+use super::bloom::Bloom;
+use super::table::{slot_minute, slot_tag};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"MDDRUN01";
+const HEADER: usize = 64;
+const ENTRY: usize = 16;
+/// Entries per sparse-index key (one 1 KiB block).
+const STRIDE: usize = 64;
+
+/// Why a run could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("dedupe run {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("dedupe run {path} is damaged: {reason}")]
+    Damaged { path: String, reason: &'static str },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io { path: path.display().to_string(), source }
+}
+
+/// An open run.
+#[derive(Debug)]
+pub struct Run {
+    pub path: PathBuf,
+    file: File,
+    count: u64,
+    /// Oldest and newest acceptance minute held.
+    pub lo: u32,
+    pub hi: u32,
+    bloom: Bloom,
+    index: Vec<u64>,
+}
+
+fn key_of(tag: u128) -> u64 {
+    (tag >> 32) as u64
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+fn checksum(bloom: &[u64], index: &[u64]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for w in bloom.iter().chain(index) {
+        h.update(&w.to_le_bytes());
+    }
+    h.digest()
+}
+
+/// Syncs a directory, so a rename or unlink in it is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), RunError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+impl Run {
+    /// Writes `slots` (non-empty; sorted here) as run number `seq` in `dir`,
+    /// durably, and opens it.
+    pub fn write(dir: &Path, seq: u64, mut slots: Vec<u128>) -> Result<Run, RunError> {
+        slots.sort_unstable();
+        let lo = slots.iter().map(|&s| slot_minute(s)).min().unwrap_or(0);
+        let hi = slots.iter().map(|&s| slot_minute(s)).max().unwrap_or(0);
+        let mut bloom = Bloom::with_keys(slots.len());
+        for &s in &slots {
+            bloom.insert(slot_tag(s));
+        }
+        let index: Vec<u64> = slots.iter().step_by(STRIDE).map(|&s| key_of(slot_tag(s))).collect();
+        let path = dir.join(format!("{lo:010}-{hi:010}-{seq:016}.run"));
+        let tmp = path.with_extension("tmp");
+        let write = || -> std::io::Result<File> {
+            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let mut header = [0u8; HEADER];
+            header[..8].copy_from_slice(MAGIC);
+            header[8..16].copy_from_slice(&(slots.len() as u64).to_le_bytes());
+            header[16..20].copy_from_slice(&lo.to_le_bytes());
+            header[20..24].copy_from_slice(&hi.to_le_bytes());
+            header[24..32].copy_from_slice(&(bloom.words().len() as u64).to_le_bytes());
+            header[32..40].copy_from_slice(&(index.len() as u64).to_le_bytes());
+            header[40..48].copy_from_slice(&checksum(bloom.words(), &index).to_le_bytes());
+            out.write_all(&header)?;
+            for s in &slots {
+                out.write_all(&s.to_le_bytes())?;
+            }
+            for w in bloom.words().iter().chain(&index) {
+                out.write_all(&w.to_le_bytes())?;
+            }
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            Ok(file)
+        };
+        let file = match write() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io(&tmp)(e));
+            }
+        };
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(&path)(e));
+        }
+        sync_dir(dir)?;
+        Ok(Run { path, file, count: slots.len() as u64, lo, hi, bloom, index })
+    }
+
+    /// Opens a run written by [`Run::write`]: reads its header, filter and index.
+    pub fn open(path: &Path) -> Result<Run, RunError> {
+        let damaged = |reason| RunError::Damaged { path: path.display().to_string(), reason };
+        let file = File::open(path).map_err(io(path))?;
+        let len = file.metadata().map_err(io(path))?.len();
+        let mut header = [0u8; HEADER];
+        file.read_exact_at(&mut header, 0).map_err(io(path))?;
+        if &header[..8] != MAGIC {
+            return Err(damaged("not a dedupe run"));
+        }
+        let count = u64_at(&header, 8);
+        let (lo, hi) = (u32_at(&header, 16), u32_at(&header, 20));
+        let (words, keys) = (u64_at(&header, 24), u64_at(&header, 32));
+        let tail_at = (HEADER as u64).checked_add(count.checked_mul(ENTRY as u64).ok_or_else(|| damaged("bad count"))?);
+        let tail_len = words.checked_add(keys).and_then(|n| n.checked_mul(8));
+        let (Some(tail_at), Some(tail_len)) = (tail_at, tail_len) else { return Err(damaged("bad sizes")) };
+        if tail_at.checked_add(tail_len) != Some(len) || keys != count.div_ceil(STRIDE as u64) {
+            return Err(damaged("its size does not match its header"));
+        }
+        let mut tail = vec![0u8; usize::try_from(tail_len).map_err(|_| damaged("too large"))?];
+        file.read_exact_at(&mut tail, tail_at).map_err(io(path))?;
+        let all: Vec<u64> = tail.chunks_exact(8).map(|c| u64_at(c, 0)).collect();
+        let (bloom, index) = all.split_at(words as usize);
+        if checksum(bloom, index) != u64_at(&header, 40) {
+            return Err(damaged("its filter or index fails the checksum"));
+        }
+        let bloom = Bloom::from_words(bloom.to_vec()).ok_or_else(|| damaged("bad filter size"))?;
+        Ok(Run { path: path.to_path_buf(), file, count, lo, hi, bloom, index: index.to_vec() })
+    }
+
+    /// The newest acceptance minute of fingerprint `tag` in this run, if it is here.
+    pub fn find(&self, tag: u128) -> Result<Option<u32>, RunError> {
+        if !self.bloom.may_contain(tag) {
+            return Ok(None);
+        }
+        let key = key_of(tag);
+        // Equal keys may start in the block before the first whose key is >= key.
+        let first = self.index.partition_point(|&k| k < key).saturating_sub(1);
+        let end = self.index.partition_point(|&k| k <= key);
+        if end <= first {
+            return Ok(None);
+        }
+        let from = first * STRIDE;
+        let to = (end * STRIDE).min(self.count as usize);
+        let mut buf = vec![0u8; (to - from) * ENTRY];
+        self.file.read_exact_at(&mut buf, (HEADER + from * ENTRY) as u64).map_err(io(&self.path))?;
+        let mut found = None;
+        for c in buf.chunks_exact(ENTRY) {
+            let mut x = [0u8; 16];
+            x.copy_from_slice(c);
+            let s = u128::from_le_bytes(x);
+            if slot_tag(s) == tag {
+                found = found.max(Some(slot_minute(s)));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Starts loading the filter block of `tag` (see [`Bloom::prefetch`]).
+    pub fn prefetch(&self, tag: u128) {
+        self.bloom.prefetch(tag);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of RAM held for this run (filter and index).
+    pub fn ram_bytes(&self) -> usize {
+        self.bloom.bytes() + self.index.len() * 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedupe::table::{slot, tag};
+
+    #[test]
+    fn writes_opens_and_finds() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let ids: Vec<u128> = (0..10_000u64).map(|i| crate::dedupe::hash_id(&format!("r-{i}"))).collect();
+        let slots: Vec<u128> = ids.iter().enumerate().map(|(i, &id)| slot(tag(id), 100 + (i % 7) as u32)).collect();
+        let run = Run::write(tmp.path(), 1, slots).unwrap_or_else(|e| panic!("write: {e}"));
+        assert_eq!((run.lo, run.hi, run.len()), (100, 106, 10_000));
+        let reopened = Run::open(&run.path).unwrap_or_else(|e| panic!("open: {e}"));
+        for (i, &id) in ids.iter().enumerate() {
+            assert_eq!(reopened.find(tag(id)).ok().flatten(), Some(100 + (i % 7) as u32));
+        }
+        let strangers =
+            (0..10_000u64).filter(|i| run.find(tag(crate::dedupe::hash_id(&format!("x-{i}")))).ok().flatten().is_some()).count();
+        assert_eq!(strangers, 0);
+        // A damaged filter is refused.
+        let len = std::fs::metadata(&run.path).map(|m| m.len()).unwrap_or(0);
+        let f = std::fs::OpenOptions::new().write(true).open(&run.path).expect("open for write");
+        f.write_all_at(&[0xff; 8], len - 8).expect("damage");
+        assert!(matches!(Run::open(&run.path), Err(RunError::Damaged { .. })));
+        assert!(!tmp.path().join("x.tmp").exists());
+    }
+}

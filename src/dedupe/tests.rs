@@ -1,0 +1,156 @@
+//! The deduper against a model (a plain map of id → acceptance time) under
+//! random ids, ages, spills to disk, refused batches and restarts; a full disk.
+
+use super::*;
+use crate::wal::ids::{self, IdLog};
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+const MIN: i64 = 60_000;
+const WINDOW: i64 = 5 * MIN;
+const T0: i64 = 1_000_000 * MIN;
+
+fn config(dir: &Path) -> SpillConfig {
+    SpillConfig { dir: dir.join("dedupe"), ids_dir: Some(dir.join("ids")), memory_bytes: 1 << 20, lag_minutes: 0, keep_existing: true }
+}
+
+/// Opens a deduper as the engine does at start: runs, then the id files left.
+fn open(dir: &Path, now: i64) -> Deduper {
+    let d = Deduper::open(WINDOW, config(dir), now).unwrap_or_else(|e| panic!("open: {e}"));
+    ids::load(&dir.join("ids"), now, WINDOW, |id, at| d.restore(id, at)).unwrap_or_else(|e| panic!("load ids: {e}"));
+    d
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Insert key; `Some(back)`: the event carries a timestamp, and an earlier
+    /// copy was accepted no earlier than `back` minutes (0..5) before it.
+    Insert(u16, Option<i64>),
+    /// Insert, then the batch is refused (its WAL write failed).
+    Refused(u16),
+    Advance(i64),
+    /// Spill ids accepted up to `lag` minutes ago.
+    Spill(u32),
+    Sweep,
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0_u16..300, proptest::option::of(0_i64..5)).prop_map(|(k, b)| Op::Insert(k, b)),
+        1 => (0_u16..300).prop_map(Op::Refused),
+        3 => (0_i64..3).prop_map(Op::Advance),
+        2 => (0_u32..3).prop_map(Op::Spill),
+        1 => Just(Op::Sweep),
+        1 => Just(Op::Restart),
+    ]
+}
+
+fn live(model: &HashMap<u128, i64>, id: u128, now: i64) -> bool {
+    model.get(&id).is_some_and(|&at| at.div_euclid(MIN) + WINDOW / MIN >= now.div_euclid(MIN))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    /// Exact whatever the ids' ages, spills and restarts: a live id is always a
+    /// duplicate, anything else always new.
+    #[test]
+    fn matches_a_model_across_spills_and_restarts(ops in proptest::collection::vec(op(), 1..400)) {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let mut now = T0;
+        let mut d = open(dir, now);
+        let mut log = IdLog::new(dir.join("ids"), WINDOW).unwrap_or_else(|e| panic!("id log: {e}"));
+        let mut seq = 0;
+        let mut model: HashMap<u128, i64> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Insert(k, back) => {
+                    let id = hash_id(&format!("id-{k}"));
+                    let was_live = live(&model, id, now);
+                    // A retry carries the original's timestamp: the original was
+                    // accepted at or after `since`.
+                    let since = match (back, model.get(&id)) {
+                        (Some(b), Some(&at)) => at - b * MIN,
+                        (Some(b), None) => now - b * MIN,
+                        (None, _) => 0,
+                    };
+                    let fresh = d.admit_batch(&[id], &[since], now).unwrap_or_else(|e| panic!("admit: {e}"));
+                    prop_assert_eq!(fresh, vec![!was_live], "key {} at minute {}", k, (now - T0) / MIN);
+                    if !was_live {
+                        model.insert(id, now);
+                        seq += 1;
+                        log.append(&[id], now, seq).unwrap_or_else(|e| panic!("append: {e}"));
+                    }
+                }
+                Op::Refused(k) => {
+                    let id = hash_id(&format!("id-{k}"));
+                    let was_live = live(&model, id, now);
+                    prop_assert_eq!(d.insert_batch(&[id], now), vec![!was_live]);
+                    if !was_live {
+                        d.remove(id);
+                    }
+                }
+                Op::Advance(m) => now += m * MIN,
+                Op::Spill(lag) => {
+                    log.sync().unwrap_or_else(|e| panic!("sync: {e}"));
+                    d.spill_upto_minute(table::minute_of(now).saturating_sub(lag)).unwrap_or_else(|e| panic!("spill: {e}"));
+                }
+                Op::Sweep => d.sweep(now),
+                Op::Restart => {
+                    drop(d);
+                    drop(log);
+                    d = open(dir, now);
+                    log = IdLog::new(dir.join("ids"), WINDOW).unwrap_or_else(|e| panic!("id log: {e}"));
+                }
+            }
+        }
+        // Every live id is still known, from RAM or disk, without a timestamp.
+        for (&id, _) in model.iter().filter(|(&id, _)| live(&model, id, now)) {
+            prop_assert!(!d.insert(id, now), "a live id was lost");
+        }
+    }
+}
+
+#[test]
+fn spilled_ids_leave_ram_and_stay_exact() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let d = open(tmp.path(), T0);
+    let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("s-{i}"))).collect();
+    assert!(d.insert_batch(&ids, T0).iter().all(|&f| f));
+    assert!(d.needs_spill(), "20k ids exceed 1MB / 64 B");
+    let report = d.spill(T0 + MIN).unwrap_or_else(|e| panic!("spill: {e}"));
+    assert_eq!(report.ids, 20_000);
+    assert_eq!(d.len(), 0);
+    assert_eq!(d.spilled(), 20_000);
+    assert!(d.insert_batch(&ids, T0 + MIN).iter().all(|&f| !f), "spilled ids are duplicates");
+    // A refused batch after its ids were spilled: they may come again.
+    d.remove(ids[0]);
+    assert!(d.insert(ids[0], T0 + MIN));
+    assert!(!d.insert(ids[0], T0 + MIN));
+    // Past the window the run is dropped whole and its ids are new again.
+    d.sweep(T0 + 10 * MIN);
+    assert_eq!(d.spilled(), 0);
+    assert!(d.insert(ids[1], T0 + 10 * MIN));
+}
+
+#[test]
+fn a_failed_spill_keeps_the_ids_and_refuses_ingest() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let d = open(tmp.path(), T0);
+    let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("f-{i}"))).collect();
+    d.insert_batch(&ids, T0);
+    // The run directory cannot be written: a file where it should be.
+    let runs = tmp.path().join("dedupe");
+    std::fs::remove_dir_all(&runs).expect("remove the run dir");
+    std::fs::write(&runs, b"not a directory").expect("block the run dir");
+    assert!(d.spill(T0 + MIN).is_err());
+    assert!(d.refusal().is_some(), "over budget with a failed spill: refuse");
+    assert_eq!(d.len(), 20_000, "no id left RAM");
+    assert!(d.insert_batch(&ids, T0 + MIN).iter().all(|&f| !f));
+    std::fs::remove_file(&runs).expect("unblock");
+    std::fs::create_dir(&runs).expect("recreate");
+    assert!(d.spill(T0 + MIN).is_ok());
+    assert_eq!(d.refusal(), None);
+    assert!(d.insert_batch(&ids, T0 + MIN).iter().all(|&f| !f));
+}
