@@ -76,7 +76,7 @@ mod tests {
 
     fn state(kind: WindowKind, amount: LimitAmount, hard: bool, used: i64) -> LimitState {
         LimitState {
-            limit: Limit { window: kind, amount, hard, enforcement: Enforcement::Cached },
+            limit: Limit { window: kind, amount, hard, enforcement: Enforcement::Cached, notify: None },
             window: kind.bounds(0, BillingAnchor::default()),
             used,
         }
