@@ -41,6 +41,8 @@ pub enum AppError {
     Stripe(String),
     #[error(transparent)]
     RawExport(#[from] crate::raw_export::ExportError),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
 }
 
 /// A running meterd.
@@ -65,12 +67,18 @@ pub struct AppHandle {
     reporter: Option<(watch::Sender<bool>, Supervised<()>)>,
     /// The raw-events export, with `clickhouse.raw_events = true`.
     raw_export: Option<(watch::Sender<bool>, Supervised<()>)>,
+    /// Threshold notifications (issue 17), with `[notifications]`: the service
+    /// (other notification types enqueue through it) and its delivery task.
+    pub notifier: Option<Arc<crate::notify::Notifier>>,
+    notify_task: Option<NotifyTask>,
     grace: Duration,
 }
 
 /// A background task under [`supervise`]: the outcome of its run that ended on
 /// the shutdown signal.
 type Supervised<O> = JoinHandle<Result<Option<O>, HealthError>>;
+/// The notifications' delivery task and its stop signal (issue 17).
+type NotifyTask = (watch::Sender<bool>, Supervised<Result<(), crate::notify::NotifyError>>);
 
 /// The background tasks. Critical ones make `/readyz` 503 when they die; the
 /// Stripe reporter and the raw-events export only degrade it (ingest and checks
@@ -80,6 +88,8 @@ const ENTITLEMENT_LISTENER: Task = Task { name: "entitlement_listener", critical
 const COUNTER_SYNCER: Task = Task { name: "counter_syncer", critical: true, restart: Restart::Backoff(Duration::from_secs(1)) };
 const STRIPE_REPORTER: Task = Task { name: "stripe_reporter", critical: false, restart: Restart::Never };
 const RAW_EXPORT: Task = Task { name: "raw_events_export", critical: false, restart: Restart::Never };
+/// Threshold notifications (issue 17): delivery degrades, never blocks ingest.
+const NOTIFIER: Task = Task { name: "notifier", critical: false, restart: Restart::Backoff(Duration::from_secs(1)) };
 
 /// The instance id: configured, or generated once and kept in the data dir.
 fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError> {
@@ -152,7 +162,10 @@ impl AppHandle {
     /// Starts meterd with usage observers (see `crate::usage`): capabilities that
     /// must see every change of usage are registered here, before the rebuild
     /// and the replay, and stay for the process's life.
-    pub async fn start_observed(config: ValidConfig, observers: Vec<Arc<dyn crate::usage::UsageObserver>>) -> Result<AppHandle, AppError> {
+    pub async fn start_observed(
+        config: ValidConfig,
+        mut observers: Vec<Arc<dyn crate::usage::UsageObserver>>,
+    ) -> Result<AppHandle, AppError> {
         // First: what is recorded while starting (Redis up at connect) is kept.
         let prometheus = crate::telemetry::prometheus();
         let edge = http::EdgeConfig {
@@ -208,10 +221,31 @@ impl AppHandle {
             Some(r) => Arc::new(crate::store::redis::RedisEntitlementStore::new(r.clone())),
             None => sqlite.clone(),
         };
+        // Threshold notifications (issue 17): the outbox opens and the detector
+        // joins the seam's observers before the engine starts.
+        let notifier = match &config.notifications {
+            Some(n) => {
+                let full_sync = storage.durability == crate::config::Durability::Fsync;
+                let notifier = crate::notify::Notifier::open(n, &data_dir, full_sync)?;
+                observers.push(notifier.observer());
+                Some(notifier)
+            }
+            None => None,
+        };
         let engine = Arc::new(
             Engine::start_observed(&config, instance_id.clone(), usage_store, entitlement_store, wal_config, redis.clone(), observers)
                 .await?,
         );
+        if let Some(notifier) = &notifier {
+            notifier.bind(&engine, config.redis.as_ref().map(|r| r.key_prefix.as_str()));
+            let endpoints = notifier.endpoints();
+            let labels: Vec<(&str, Vec<&str>)> = endpoints
+                .0
+                .iter()
+                .map(|e| (e.name.as_str(), crate::config::NOTIFICATION_TYPES.iter().copied().filter(|t| e.wants(t)).collect()))
+                .collect();
+            crate::telemetry::register_notifications(&labels, crate::config::NOTIFICATION_TYPES);
+        }
         let exporter = match raw_events {
             Some((table, _)) => {
                 let max_rows = crate::raw_export::MAX_CHUNK_ROWS;
@@ -237,6 +271,7 @@ impl AppHandle {
             shutting_down: false.into(),
             stripe: stripe.as_ref().map(|(board, _)| board.clone()),
             health: Health::new(),
+            notifier: notifier.clone(),
         });
         let health = state.health.clone();
         if !state.auth.enabled() {
@@ -283,6 +318,10 @@ impl AppHandle {
             let mut reporter = Some(reporter);
             (stop, tokio::spawn(supervise(STRIPE_REPORTER, health.clone(), stop_rx, move |rx| reporter.take().map(|r| r.run(rx)))))
         });
+        let notify_task = notifier.clone().map(|n| {
+            let (stop, stop_rx) = watch::channel(false);
+            (stop, tokio::spawn(supervise(NOTIFIER, health.clone(), stop_rx, move |rx| Some(crate::notify::deliver::run(n.clone(), rx)))))
+        });
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {
             addr,
@@ -299,6 +338,8 @@ impl AppHandle {
             redis_tasks,
             reporter,
             raw_export,
+            notifier,
+            notify_task,
             grace,
         })
     }
@@ -332,6 +373,11 @@ impl AppHandle {
                     server.abort();
                 }
             }
+        }
+        if let Some((stop, task)) = self.notify_task {
+            // Pending rows stay in the outbox for the next start.
+            let _ = stop.send(true);
+            task.await.map_err(|e| AppError::Task(e.to_string()))?.map_err(|e| AppError::Task(e.to_string()))?;
         }
         if let Some((stop, reporter)) = self.reporter {
             let _ = stop.send(true);

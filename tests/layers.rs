@@ -25,7 +25,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The container of the state (no service types).
     ("engine", &["engine"]),
     // Domain services and background tasks.
-    ("service", &["ingest", "limits", "history", "sync", "flush", "report", "raw_export"]),
+    ("service", &["ingest", "limits", "history", "sync", "flush", "report", "raw_export", /* issue 17 */ "notify"]),
     ("http", &["http"]),
     ("app", &["app"]),
     // The crate root (re-exports) and the binary.

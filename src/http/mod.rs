@@ -17,6 +17,8 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod handlers;
+// Threshold notifications (issue 17).
+pub mod notifications;
 pub mod routes;
 pub mod server;
 pub mod timeouts;
@@ -43,6 +45,8 @@ pub struct HttpState {
     pub stripe: Option<Arc<crate::report::StatusBoard>>,
     /// The background tasks' states: `/readyz` names one that died.
     pub health: crate::health::Health,
+    /// Threshold notifications (issue 17), with `[notifications]`.
+    pub notifier: Option<Arc<crate::notify::Notifier>>,
 }
 
 /// Which routes a listener serves.
