@@ -76,9 +76,10 @@ impl Detector {
     #[inline]
     fn changed(&self, notifier: &Notifier, change: &UsageChange<'_>) {
         for w in change.windows {
-            match self.armed.get(&w.key) {
-                Some(a) if w.total < a.next => continue,
-                _ => self.slow(notifier, change.meter, w),
+            // The guard is dropped before the slow path takes the entry.
+            let below = self.armed.get(&w.key).is_some_and(|a| w.total < a.next);
+            if !below {
+                self.slow(notifier, change.meter, w);
             }
         }
     }
@@ -220,15 +221,10 @@ impl UsageObserver for ThresholdObserver {
     fn changed(&self, change: &UsageChange<'_>) {
         // The hot path: the armed map and one comparison per window; only a
         // crossing needs the notifier.
-        for w in change.windows {
-            match self.detector.armed.get(&w.key) {
-                Some(a) if w.total < a.next => continue,
-                _ => {
-                    if let Some(n) = self.notifier.upgrade() {
-                        self.detector.changed(&n, change);
-                    }
-                    return;
-                }
+        let all_below = change.windows.iter().all(|w| self.detector.armed.get(&w.key).is_some_and(|a| w.total < a.next));
+        if !all_below {
+            if let Some(n) = self.notifier.upgrade() {
+                self.detector.changed(&n, change);
             }
         }
     }
