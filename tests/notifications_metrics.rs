@@ -32,7 +32,7 @@ async fn sent_failed_retried_and_pending_are_counted() {
     let text = format!(
         "{}[[notifications.endpoints]]\nname = \"dead\"\nurl = \"{}\"\nsecret_env = \"METERD_TEST_WH_M2\"\n\
          [[meters]]\nname = \"m\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\nm = {{ limit = 10, window = \"month\" }}\n",
-        notifications(&ok.url(), "METERD_TEST_WH_M1", "retry_for = \"3s\""),
+        notifications(&ok.url(), "METERD_TEST_WH_M1", "retry_for = \"8s\""),
         dead.url()
     );
     let s = TestServer::start(&text).await;
@@ -51,7 +51,7 @@ async fn sent_failed_retried_and_pending_are_counted() {
     assert_eq!(value(&mid, "meterd_notifications_pending", &[]), Some(1.0), "the dead endpoint's row waits: {mid}");
     assert!(value(&mid, "meterd_notifications_oldest_pending_seconds", &[]).is_some_and(|a| a >= 1.0), "{mid}");
     // The dead endpoint fails after retry_for.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
     let after = loop {
         let m = c.get("/metrics").await.text;
         if value(&m, "meterd_notifications_failed_total", &["endpoint=\"dead\"", "type=\"limit.threshold\""]) == Some(1.0) {
