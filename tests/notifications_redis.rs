@@ -36,6 +36,12 @@ async fn three_instances_send_each_notification_once() {
         }
         tokio::time::sleep(Duration::from_millis(150 + step * 50)).await;
     }
+    // One more unit on each instance, after the others' pushes: every instance
+    // now sees the global total past 100 % and decides the same crossing.
+    for s in &servers {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ingest(&s.client(), json!([event(&cust, "calls", 1)])).await;
+    }
     // Every instance sees 300 of 300 and would notify 100 %.
     let got = rx.wait_for(Duration::from_secs(15), |d| thresholds(d, &cust).contains(&100)).await;
     assert!(thresholds(&got, &cust).contains(&100), "{got:?}");
@@ -55,6 +61,17 @@ async fn three_instances_send_each_notification_once() {
     assert_eq!(sorted.len(), ts.len(), "no threshold twice: {ts:?}");
     assert!(ts.iter().all(|t| [75, 90, 100].contains(t)), "{ts:?}");
     assert!(rx.bad_signatures().is_empty());
+    // More than one instance decided the 100 % crossing (each stored it): the
+    // claim, not luck, kept the send single.
+    let hundred =
+        got.iter().find(|d| d.body["data"]["customer"] == cust.as_str() && d.body["data"]["threshold"] == 100).map(|d| d.id.clone());
+    let mut holders = 0;
+    for s in &servers {
+        let listed = s.client().get(&format!("/v1/notifications?customer={cust}")).await;
+        let rows = listed.body["notifications"].as_array().cloned().unwrap_or_default();
+        holders += usize::from(rows.iter().any(|r| r["id"].as_str() == hundred.as_deref()));
+    }
+    assert!(holders >= 2, "only {holders} instance(s) stored the 100 % notification");
     // No instance still holds a pending row: the others saw it settled.
     for s in &servers {
         let listed = s.client().get(&format!("/v1/notifications?customer={cust}&status=pending")).await;
