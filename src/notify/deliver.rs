@@ -172,9 +172,23 @@ pub async fn run(notifier: Arc<Notifier>, mut stop: watch::Receiver<bool>) -> Re
     }
 }
 
-/// Every second: the pending gauges and the detector's sweep.
+/// Settled rows are kept this long (then pruned, unless their window is open).
+pub const KEEP_SETTLED_MS: i64 = 30 * 86_400_000;
+
+/// Every second: the pending gauges and the detector's sweep; every hour, the
+/// pruning of old settled rows.
 async fn housekeeping(notifier: &Notifier) {
+    let mut last_prune = i64::MIN;
     loop {
+        let now = crate::clock::now_ms();
+        if now.saturating_sub(last_prune) >= 3_600_000 {
+            last_prune = now;
+            match notifier.outbox.prune(now - KEEP_SETTLED_MS, now) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(rows = n, "pruned settled notifications"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune the notification outbox"),
+            }
+        }
         match notifier.outbox.pending() {
             Ok((count, oldest)) => {
                 let now = crate::clock::now_ms();

@@ -238,11 +238,55 @@ impl Outbox {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Deletes settled rows (delivered or failed) created before `before_ms`
+    /// whose window (if any) ended before `now_ms`: a window still open keeps
+    /// its rows, so a restart still knows what it sent. Returns the rows deleted.
+    pub fn prune(&self, before_ms: i64, now_ms: i64) -> Result<usize, NotifyError> {
+        let conn = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(conn.execute(
+            "DELETE FROM notifications WHERE status != 'pending' AND created_ms < ?1 AND (window_end_ms IS NULL OR window_end_ms < ?2)",
+            params![before_ms, now_ms],
+        )?)
+    }
+
     /// Pending rows and the creation time of the oldest.
     pub fn pending(&self) -> Result<(i64, Option<i64>), NotifyError> {
         let conn = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(conn.query_row("SELECT COUNT(*), MIN(created_ms) FROM notifications WHERE status = 'pending'", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(id: &str) -> Notification {
+        Notification { id: id.into(), kind: "limit.threshold".into(), customer: "u".into(), data: serde_json::json!({}) }
+    }
+
+    #[test]
+    fn inserts_once_pages_and_prunes() -> Result<(), NotifyError> {
+        let dir = tempfile::tempdir().map_err(|e| NotifyError::Client(e.to_string()))?;
+        let o = Outbox::open(&dir.path().join("o.sqlite"), false)?;
+        let mark = ThresholdMark { window_key: "w".into(), threshold: 90, window_end_ms: 5_000 };
+        assert_eq!(o.insert(&n("a"), &["x", "y"], "{}", 100, 1_000, Some(&mark))?, 2);
+        assert_eq!(o.insert(&n("a"), &["x", "y"], "{}", 200, 1_000, Some(&mark))?, 0, "the same id is stored once");
+        for i in 0..5 {
+            o.insert(&n(&format!("b{i}")), &["x"], "{}", 300 + i, 1_000, None)?;
+        }
+        assert_eq!(o.sent_thresholds(4_999)?, vec![("w".to_string(), 90)]);
+        assert_eq!(o.sent_thresholds(5_000)?, vec![], "an ended window is forgotten");
+        assert_eq!(o.due("x", 10_000, 4)?.len(), 4, "a page, the rest stays on disk");
+        assert_eq!(o.due("x", 250, 100)?.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a"]);
+        let a = Attempt { status: "delivered", counted: 1, error: None, next_ms: 400, delivered_ms: Some(400) };
+        o.record("a", "x", &a)?;
+        assert_eq!(o.pending()?, (6, Some(100)));
+        assert_eq!(o.prune(10_000, 4_000)?, 0, "its window is still open");
+        assert_eq!(o.prune(10_000, 6_000)?, 1);
+        assert_eq!(o.redeliver("a", 7_000, 1_000)?, 1, "only y is left of a");
+        assert_eq!(o.endpoints_of("a")?, ["y"]);
+        Ok(())
     }
 }
