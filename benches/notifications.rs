@@ -1,6 +1,7 @@
 //! Threshold notifications' cost on the hot path (issue 17): batched ingest
-//! (1000 events over 5000 customers, no WAL) through an engine with the
-//! threshold observer registered and one without, in the same run. Limits are
+//! (1000 events over 5000 customers, no WAL) through an engine without
+//! observers, one with a no-op observer (what the seam itself costs any
+//! observer) and one with the threshold observer, in the same run. Limits are
 //! high, so after the first sight of each window the observer pays its map
 //! lookup and comparison only — the steady state. Run with
 //! `cargo bench --bench notifications`.
@@ -39,12 +40,32 @@ fn batch(n: usize, seed: usize) -> String {
 }
 
 /// An engine, and its notifier (kept alive: the observer holds it weakly).
-fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, notify: bool) -> (Arc<Engine>, Option<Arc<meterd::notify::Notifier>>) {
+/// Sees every change, does nothing.
+struct NoOp;
+
+impl meterd::usage::UsageObserver for NoOp {
+    fn changed(&self, change: &meterd::usage::UsageChange<'_>) {
+        std::hint::black_box(change);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Observer {
+    None,
+    NoOp,
+    Thresholds,
+}
+
+fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, observer: Observer) -> (Arc<Engine>, Option<Arc<meterd::notify::Notifier>>) {
+    let notify = observer == Observer::Thresholds;
     let text = if notify { format!("{}{PLANS}", notifications_section()) } else { PLANS.to_string() };
     let valid = Config::parse(&text, "bench").and_then(|c| c.validate("bench")).expect("config");
     let store = Arc::new(SqliteStore::open(&dir.join("bench.sqlite")).expect("store"));
     let notifier = valid.notifications.as_ref().map(|n| meterd::notify::Notifier::open(n, dir, false).expect("outbox"));
-    let observers = notifier.iter().map(|n| n.observer()).collect();
+    let mut observers: Vec<Arc<dyn meterd::usage::UsageObserver>> = notifier.iter().map(|n| n.observer()).collect();
+    if observer == Observer::NoOp {
+        observers.push(Arc::new(NoOp));
+    }
     let wal = meterd::wal::WalConfig { dir: dir.join("wal"), sync: None, segment_bytes: 1 << 26, dedupe_window_ms: 86_400_000, hold: None };
     let engine =
         Arc::new(rt.block_on(Engine::start_observed(&valid, "bench".into(), store.clone(), store, wal, None, observers)).expect("engine"));
@@ -56,20 +77,22 @@ fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, notify: bool) -> 
 
 fn ingest_on_off(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let (off_dir, on_dir) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
-    let (off, _) = engine(&rt, off_dir.path(), false);
-    let (on, _notifier) = engine(&rt, on_dir.path(), true);
+    let dirs = [tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp")];
+    let (off, _) = engine(&rt, dirs[0].path(), Observer::None);
+    let (noop, _) = engine(&rt, dirs[1].path(), Observer::NoOp);
+    let (on, _notifier) = engine(&rt, dirs[2].path(), Observer::Thresholds);
     let seed = AtomicUsize::new(0);
     // Warm: every customer's windows seen (and armed) on both.
     for _ in 0..10 {
         let body = batch(1000, seed.fetch_add(1, Ordering::Relaxed));
-        rt.block_on(off.ingest(body.as_bytes(), BodyKind::Json)).expect("ingest");
-        rt.block_on(on.ingest(body.as_bytes(), BodyKind::Json)).expect("ingest");
+        for e in [&off, &noop, &on] {
+            rt.block_on(e.ingest(body.as_bytes(), BodyKind::Json)).expect("ingest");
+        }
     }
     let mut g = c.benchmark_group("notifications");
     g.throughput(Throughput::Elements(1000));
     g.warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(4));
-    for (name, engine) in [("ingest_batch_1000/off", &off), ("ingest_batch_1000/on", &on)] {
+    for (name, engine) in [("ingest_batch_1000/off", &off), ("ingest_batch_1000/noop_observer", &noop), ("ingest_batch_1000/on", &on)] {
         g.bench_function(name, |b| {
             b.iter_batched(
                 || batch(1000, seed.fetch_add(1, Ordering::Relaxed)),
