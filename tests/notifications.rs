@@ -214,3 +214,40 @@ async fn a_new_window_rearms_and_an_ended_window_never_notifies() {
     assert_eq!(thresholds(&rx.all(), &late), Vec::<i64>::new(), "an ended window never notifies");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_endpoint_does_not_delay_another() {
+    away_from_hour_boundary().await;
+    // Accepts connections and never answers.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hang_addr = hang.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            open.push(s);
+        }
+    });
+    let rx = Receiver::start().await;
+    std::env::set_var("METERD_TEST_WH_7B", notifications_support::SECRET);
+    let text = format!(
+        "{}[[notifications.endpoints]]\nname = \"slow\"\nurl = \"http://{hang_addr}/hook\"\nsecret_env = \"METERD_TEST_WH_7B\"\n{METERS}",
+        notifications(&rx.url(), "METERD_TEST_WH_7", "timeout = \"30s\"")
+    );
+    let s = TestServer::start(&text).await;
+    let c = s.client();
+    let cust = uid("u");
+    // Several crossings, so the slow endpoint has attempts in flight.
+    for q in [75, 15, 10] {
+        ingest(&c, json!([event(&cust, "minutes", q)])).await;
+    }
+    let started = std::time::Instant::now();
+    let got = rx.wait_for(Duration::from_secs(10), |d| thresholds(d, &cust).len() == 3).await;
+    assert_eq!(thresholds(&got, &cust), [75, 90, 100]);
+    assert!(started.elapsed() < Duration::from_secs(5), "the fast endpoint waited {:?}", started.elapsed());
+    let slow = c.get(&format!("/v1/notifications?customer={cust}&status=pending")).await;
+    let pending = slow.body["notifications"].as_array().cloned().unwrap_or_default();
+    assert_eq!(pending.len(), 3, "the hanging endpoint's rows are still pending: {}", slow.text);
+    assert!(pending.iter().all(|r| r["endpoint"] == "slow"), "{}", slow.text);
+    held.abort();
+    s.stop().await;
+}
