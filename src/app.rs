@@ -72,6 +72,10 @@ pub struct AppHandle {
     pub notifier: Option<Arc<crate::notify::Notifier>>,
     notify_task: Option<NotifyTask>,
     grace: Duration,
+    // Config reload (issue 23): the running config and the parts that take changes live.
+    /// Applies a new config (SIGHUP, `meterd reload`); features that take
+    /// changes live register a part with it at start.
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 /// A background task under [`supervise`]: the outcome of its run that ended on
@@ -263,6 +267,8 @@ impl AppHandle {
             None => None,
             Some(settings) => Some(stripe_reporter(&config, settings, &engine, ledger_store, &instance_id)?),
         };
+        // Stripe subscription sync and portal tokens (issue 20).
+        let (stripe_webhooks, portal) = billing(&config, &data_dir, redis.as_ref())?;
         let state = Arc::new(HttpState {
             engine: engine.clone(),
             auth: http::auth::Auth::new(&config.keys),
@@ -271,9 +277,19 @@ impl AppHandle {
             shutting_down: false.into(),
             stripe: stripe.as_ref().map(|(board, _)| board.clone()),
             health: Health::new(),
+            stripe_webhooks,
+            portal,
             notifier: notifier.clone(),
         });
         let health = state.health.clone();
+        // Config reload (issue 23): the API keys change live; other parts register here.
+        #[allow(unused_mut)]
+        let mut parts: Vec<Arc<dyn crate::reload::Reloadable>> = vec![Arc::new(crate::reload::AuthKeys(state.clone()))];
+        // Threshold notifications (issue 17): endpoints change live.
+        if let Some(n) = &notifier {
+            parts.push(Arc::new(crate::reload::NotificationEndpoints(n.clone())));
+        }
+        let reloader = Arc::new(crate::reload::Reloader::new(config.clone(), parts));
         if !state.auth.enabled() {
             tracing::warn!(listen = %config.server.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
         }
@@ -341,6 +357,7 @@ impl AppHandle {
             notifier,
             notify_task,
             grace,
+            reloader,
         })
     }
 
@@ -398,5 +415,41 @@ impl AppHandle {
         self.engine.wal().close();
         tracing::info!("meterd stopped");
         Ok(())
+    }
+}
+
+// Stripe subscription sync and portal tokens (issue 20).
+
+/// The Stripe webhook receiver (its applied-events ledger in Redis when
+/// instances share one, else in `data_dir/stripe_events.sqlite`) and the
+/// portal-token key.
+type Billing = (Option<Arc<crate::billing_sync::StripeWebhooks>>, Arc<http::portal::PortalTokens>);
+
+fn billing(config: &ValidConfig, data_dir: &Path, redis: Option<&crate::redis_link::Redis>) -> Result<Billing, AppError> {
+    use crate::store::stripe_events::{RedisStripeEvents, SqliteStripeEvents, StripeEventLedger};
+    let webhooks = match &config.stripe_webhooks {
+        None => None,
+        Some(settings) => {
+            let ledger: Arc<dyn StripeEventLedger> = match redis {
+                Some(r) => Arc::new(RedisStripeEvents::new(r.clone())),
+                None => Arc::new(SqliteStripeEvents::open(&data_dir.join("stripe_events.sqlite"))?),
+            };
+            crate::telemetry::register_stripe_webhooks();
+            tracing::info!(secret_env = %settings.secret_env, prices = settings.plans.len(), "Stripe webhooks enabled at POST /v1/webhooks/stripe");
+            Some(Arc::new(crate::billing_sync::StripeWebhooks::new(settings.clone(), ledger)))
+        }
+    };
+    let portal = http::portal::PortalTokens::load(config.portal_secret.as_ref().map(|k| k.expose()), data_dir).map_err(|e| {
+        AppError::DataDir { path: data_dir.join("portal_secret").display().to_string(), source: std::io::Error::other(e.to_string()) }
+    })?;
+    Ok((webhooks, Arc::new(portal)))
+}
+
+impl AppHandle {
+    /// Wires the credits service into the Stripe webhook receiver: paid
+    /// checkout sessions with grant metadata become grants. False when
+    /// `[stripe.webhooks]` is not configured or an issuer was set already.
+    pub fn set_grant_issuer(&self, issuer: Arc<dyn crate::billing_sync::GrantIssuer>) -> bool {
+        self.state.stripe_webhooks.as_ref().is_some_and(|w| w.set_grant_issuer(issuer))
     }
 }

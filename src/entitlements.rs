@@ -164,4 +164,17 @@ impl EntitlementCache {
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
     }
+
+    // Customers and Stripe subscription sync (issue 20).
+    /// The store behind the cache (listing customers, finding one by its
+    /// Stripe customer id, reading the current document before a change).
+    pub fn store(&self) -> &Arc<dyn EntitlementStore> {
+        &self.store
+    }
+
+    /// Deletes a customer's document from the store (the default plan applies).
+    /// The cache is updated by the caller, through the backfill path.
+    pub async fn delete(&self, name: &str) -> Result<(), EntitlementsError> {
+        Ok(self.store.delete(name).await?)
+    }
 }

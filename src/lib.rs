@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod backoff;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod counters;
@@ -25,11 +26,14 @@ pub mod notify;
 pub mod raw_export;
 pub mod redis_link;
 pub mod rejected;
+pub mod reload;
 pub mod report;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
 pub mod usage;
 pub mod wal;
+// Stripe subscription sync (issue 20).
+pub mod billing_sync;
 
 pub use app::{AppError, AppHandle};

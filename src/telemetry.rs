@@ -28,6 +28,11 @@ pub const CUSTOMERS: &str = "meterd_customers";
 pub const PENDING_BUCKETS: &str = "meterd_pending_buckets";
 pub const DEDUPE_IDS: &str = "meterd_dedupe_ids";
 pub const RATE_LIMITED_TOTAL: &str = "meterd_rate_limited_total";
+// Stripe subscription sync (issue 20).
+/// Stripe webhook deliveries by `outcome`.
+pub const STRIPE_WEBHOOKS_TOTAL: &str = "meterd_stripe_webhooks_total";
+/// The `outcome` labels of [`STRIPE_WEBHOOKS_TOTAL`].
+pub const STRIPE_WEBHOOK_OUTCOMES: [&str; 6] = ["applied", "duplicate", "stale", "ignored", "invalid_signature", "failed"];
 pub const WAL_BYTES: &str = "meterd_wal_bytes";
 pub const WAL_CHECKPOINT: &str = "meterd_wal_checkpoint";
 pub const WRITES_REFUSED: &str = "meterd_writes_refused";
@@ -443,6 +448,19 @@ pub fn task_running(task: &'static str, running: bool) {
 /// A supervised background task is started again.
 pub fn task_restart(task: &'static str) {
     metrics::counter!(TASK_RESTARTS_TOTAL, "task" => task).increment(1);
+}
+
+/// Registers the Stripe webhook series at zero (issue 20; only when
+/// `[stripe.webhooks]` is configured, like every optional part's series).
+pub fn register_stripe_webhooks() {
+    for outcome in STRIPE_WEBHOOK_OUTCOMES {
+        metrics::counter!(STRIPE_WEBHOOKS_TOTAL, "outcome" => outcome).increment(0);
+    }
+}
+
+/// One Stripe webhook delivery and what became of it (issue 20).
+pub fn stripe_webhook(outcome: &'static str) {
+    metrics::counter!(STRIPE_WEBHOOKS_TOTAL, "outcome" => outcome).increment(1);
 }
 
 pub fn rate_limited() {

@@ -375,7 +375,8 @@ async fn unknown_routes_and_methods() {
         (Method::GET, "/v1/check", "POST"),
         (Method::POST, "/v1/usage", "GET"),
         (Method::POST, "/v1/customers/u1/usage", "GET"),
-        (Method::DELETE, "/v1/customers/u1/entitlements", "GET, PUT"),
+        // DELETE is a route since issue 20.
+        (Method::POST, "/v1/customers/u1/entitlements", "GET, PUT, DELETE"),
         (Method::POST, "/healthz", "GET"),
     ] {
         let r = c.send(method.clone(), path, None, bytes::Bytes::new()).await;

@@ -35,6 +35,15 @@ fn version_and_help() {
         assert!(stdout.contains(&format!("Usage: meterd {sub}")) && stdout.contains(needle), "{sub} --help:\n{stdout}");
         assert!(stdout.contains("--config"), "{sub} --help lists --config:\n{stdout}");
     }
+    // Backup, restore and reload (issue 23).
+    for (sub, needle) in [("backup", "--to <DIR>"), ("restore", "--from <DIR>"), ("reload", "SIGHUP")] {
+        let out = meterd(&[sub, "--help"]);
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&format!("Usage: meterd {sub}")) && stdout.contains(needle),
+            "{sub} --help:\n{stdout}"
+        );
+    }
     let wrong = meterd(&["frobnicate"]);
     assert_eq!(wrong.status.code(), Some(2), "a usage error exits 2");
 }

@@ -25,9 +25,23 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The container of the state (no service types).
     ("engine", &["engine"]),
     // Domain services and background tasks.
-    ("service", &["ingest", "limits", "history", "sync", "flush", "report", "raw_export", /* issue 17 */ "notify"]),
+    (
+        "service",
+        &[
+            "ingest",
+            "limits",
+            "history",
+            "sync",
+            "flush",
+            "report",
+            "raw_export",
+            /* issue 20 */ "billing_sync",
+            /* issue 23 */ "backup",
+            /* issue 17 */ "notify",
+        ],
+    ),
     ("http", &["http"]),
-    ("app", &["app"]),
+    ("app", &["app", /* issue 23: config reload */ "reload"]),
     // The crate root (re-exports) and the binary.
     ("root", &["lib", "main"]),
 ];

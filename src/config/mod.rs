@@ -25,6 +25,8 @@ pub use settings::{
     sha256_of, ApiKey, ClickHouseSettings, Durability, IngestSettings, RedisSettings, Scope, SecretKey, ServerSettings, StorageSettings,
     StrictWhenUnavailable, StripeMode, StripePeriod, StripeSettings, ValidConfig,
 };
+// Stripe subscription sync (issue 20).
+pub use settings::StripeWebhookSettings;
 // Threshold notifications (issue 17).
 pub use settings::{EndpointSettings, Endpoints, NotificationSettings, WebhookSecret, NOTIFICATION_TYPES};
 

@@ -47,6 +47,8 @@ pub struct Server {
     pub body_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,
+    // Portal tokens (issue 20): the variable holding their signing key.
+    pub portal_secret_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -102,6 +104,49 @@ pub struct Stripe {
     pub interval: Option<String>,
     pub max_requests_per_second: Option<i64>,
     pub request_timeout: Option<String>,
+    // Stripe subscription sync (issue 20): `[stripe.webhooks]`.
+    pub webhooks: Option<StripeWebhooks>,
+}
+
+/// `[stripe.webhooks]` (Stripe subscription sync, issue 20).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeWebhooks {
+    pub secret_env: Option<String>,
+    pub tolerance: Option<String>,
+    /// Price id or lookup_key → plan name (values checked by `validate`).
+    #[serde(default)]
+    pub plans: BTreeMap<String, toml::Value>,
+}
+
+impl Stripe {
+    /// Whether reporting is configured: `[stripe]` holds some key besides
+    /// `webhooks`, or nothing at all (a `[stripe]` holding only
+    /// `[stripe.webhooks]` syncs plans and reports nothing).
+    pub fn reports(&self) -> bool {
+        let Stripe {
+            api_key_env,
+            api_base,
+            meter_events_base,
+            mode,
+            period,
+            grace,
+            interval,
+            max_requests_per_second,
+            request_timeout,
+            webhooks,
+        } = self;
+        webhooks.is_none()
+            || api_key_env.is_some()
+            || api_base.is_some()
+            || meter_events_base.is_some()
+            || mode.is_some()
+            || period.is_some()
+            || grace.is_some()
+            || interval.is_some()
+            || max_requests_per_second.is_some()
+            || request_timeout.is_some()
+    }
 }
 
 // --- Threshold notifications (issue 17) ---

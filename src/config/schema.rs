@@ -61,6 +61,8 @@ pub(super) const ROOT: &[Field] = &[
             ("body_read_timeout", Dur),
             ("idle_timeout", Dur),
             ("max_connections", Int),
+            // Portal tokens (issue 20).
+            ("portal_secret_env", Str),
         ]),
     ),
     (
@@ -100,6 +102,8 @@ pub(super) const ROOT: &[Field] = &[
             ("interval", Dur),
             ("max_requests_per_second", Int),
             ("request_timeout", Dur),
+            // Stripe subscription sync (issue 20).
+            ("webhooks", Table(&[("secret_env", Str), ("tolerance", Dur), ("plans", Map)])),
         ]),
     ),
     // Threshold notifications (issue 17).

@@ -31,6 +31,12 @@ pub struct ValidConfig {
     pub keys: Vec<ApiKey>,
     /// Where the config came from, for messages.
     pub source: String,
+    // Stripe subscription sync and portal tokens (issue 20).
+    /// `[stripe.webhooks]`, when `POST /v1/webhooks/stripe` is served.
+    pub stripe_webhooks: Option<StripeWebhookSettings>,
+    /// The portal-token signing key read from `server.portal_secret_env`
+    /// (`None`: generated once and kept in data_dir).
+    pub portal_secret: Option<SecretKey>,
 }
 
 /// `[server]`.
@@ -216,6 +222,19 @@ pub struct StripeSettings {
     pub interval: Duration,
     pub max_requests_per_second: NonZeroU32,
     pub request_timeout: Duration,
+}
+
+/// `[stripe.webhooks]` (Stripe subscription sync, issue 20).
+#[derive(Debug, Clone)]
+pub struct StripeWebhookSettings {
+    /// The variable the signing secret came from (safe to print).
+    pub secret_env: String,
+    /// The endpoint's `whsec_...` signing secret, used whole as the HMAC key.
+    pub secret: SecretKey,
+    /// How far a signature's `t` may be from now.
+    pub tolerance: Duration,
+    /// Stripe price id or price lookup_key → a configured plan name.
+    pub plans: std::collections::BTreeMap<String, String>,
 }
 
 /// What an API key may do.

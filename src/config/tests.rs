@@ -196,6 +196,7 @@ header_read_timeout = "1s"
 body_read_timeout = "1s"
 idle_timeout = "1s"
 max_connections = 5
+portal_secret_env = "P"
 [storage]
 data_dir = "d"
 durability = "none"
@@ -231,6 +232,10 @@ grace = "1m"
 interval = "1s"
 max_requests_per_second = 1
 request_timeout = "1s"
+[stripe.webhooks]
+secret_env = "W"
+tolerance = "5m"
+plans = { price_1 = "p" }
 [metrics]
 listen = "127.0.0.1:2"
 [[meters]]
@@ -370,6 +375,41 @@ fn raw_events_need_the_wal() {
 fn a_syntax_error_is_a_parse_error_naming_the_file() {
     let err = Config::parse("[server\nlisten = 1", "broken.toml").err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.starts_with("config file broken.toml:"), "{err}");
+}
+
+// Stripe subscription sync and portal tokens (issue 20).
+
+#[test]
+fn stripe_webhooks_map_prices_to_plans_that_exist() {
+    std::env::set_var("METERD_TEST_WHSEC_OK", "whsec_never_shown");
+    let good = format!(
+        "[stripe.webhooks]\nsecret_env = \"METERD_TEST_WHSEC_OK\"\ntolerance = \"2m\"\n[stripe.webhooks.plans]\nprice_1Pq = \"p\"\n\"pro_monthly\" = \"p\"\n{PLAN}"
+    );
+    let v = valid(&good);
+    assert!(v.stripe.is_none(), "a [stripe] holding only webhooks reports nothing (and needs no API key)");
+    let w = v.stripe_webhooks.as_ref().unwrap_or_else(|| panic!("webhook settings"));
+    assert_eq!((w.secret.expose(), w.tolerance, w.plans.len()), ("whsec_never_shown", Duration::from_secs(120), 2));
+    assert_eq!(w.plans.get("pro_monthly").map(String::as_str), Some("p"));
+    assert!(!format!("{v:?}").contains("whsec_never_shown"), "the secret leaks through Debug");
+
+    let bad = format!(
+        "[stripe.webhooks]\nsecret_env = \"METERD_TEST_WHSEC_UNSET\"\ntolerance = \"0s\"\n[stripe.webhooks.plans]\nprice_a = \"gold\"\nprice_b = 3\n{PLAN}"
+    );
+    assert_eq!(
+        keys(&bad),
+        ["stripe.webhooks.plans.price_a", "stripe.webhooks.plans.price_b", "stripe.webhooks.secret_env", "stripe.webhooks.tolerance"]
+    );
+    let message = check(&bad, &no_overrides()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("plan \"gold\" is not configured"), "{message}");
+}
+
+#[test]
+fn the_portal_secret_comes_from_the_environment() {
+    std::env::set_var("METERD_TEST_PORTAL_OK", "portal-key-never-shown");
+    let v = valid(&format!("[server]\nportal_secret_env = \"METERD_TEST_PORTAL_OK\"\n{PLAN}"));
+    assert_eq!(v.portal_secret.as_ref().map(|k| k.expose()), Some("portal-key-never-shown"));
+    assert!(valid(PLAN).portal_secret.is_none());
+    assert_eq!(keys(&format!("[server]\nportal_secret_env = \"METERD_TEST_PORTAL_UNSET\"\n{PLAN}")), ["server.portal_secret_env"]);
 }
 
 // --- Threshold notifications (issue 17) ---

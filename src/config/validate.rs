@@ -101,13 +101,20 @@ pub(super) fn validate(mut raw: Config, source: &str, overrides: &Overrides) -> 
     let ingest = ingest(&mut c, &raw.ingest);
     let redis = raw.redis.as_ref().map(|r| redis(&mut c, r));
     let clickhouse = raw.clickhouse.as_ref().map(|ch| clickhouse(&mut c, ch, storage.durability));
-    let stripe = raw.stripe.as_ref().and_then(|s| stripe(&mut c, s));
+    let stripe = raw.stripe.as_ref().filter(|s| s.reports()).and_then(|s| stripe(&mut c, s));
     let notifications = raw.notifications.as_ref().and_then(|n| notifications(&mut c, n));
     let metrics_listen =
         raw.metrics.as_ref().and_then(|m| m.listen.as_ref()).and_then(|text| c.address("metrics.listen", text, "127.0.0.1:9480", ""));
     let meters = meters(&mut c, &raw.meters);
     let (plans, default_plan) = plans(&mut c, &raw.plans, &meters);
     let keys = keys(&mut c, &raw.auth.keys);
+    // Stripe subscription sync and portal tokens (issue 20).
+    let stripe_webhooks = raw.stripe.as_ref().and_then(|s| s.webhooks.as_ref()).and_then(|w| stripe_webhooks(&mut c, w, &plans));
+    let portal_secret = raw
+        .server
+        .portal_secret_env
+        .as_ref()
+        .and_then(|env| secret_from_env(&mut c, "server.portal_secret_env", env, "the portal-token signing key"));
     if let Some((listen, key)) = &server {
         if raw.auth.keys.is_empty() && !listen.listen.ip().is_loopback() {
             c.add(key, format!("{} is not a loopback address and [[auth.keys]] is empty: add keys or listen on 127.0.0.1", listen.listen));
@@ -126,6 +133,8 @@ pub(super) fn validate(mut raw: Config, source: &str, overrides: &Overrides) -> 
             catalog: Arc::new(Catalog::new(meters, plans, default_plan)),
             keys,
             source: source.to_string(),
+            stripe_webhooks,
+            portal_secret,
         }),
         _ => {
             // Grouped by key (the walk and the checks find them in different orders).
@@ -330,6 +339,47 @@ fn stripe(c: &mut Checker, s: &raw::Stripe) -> Option<StripeSettings> {
         max_requests_per_second: NonZeroU32::new(u32::try_from(rps).ok()?)?,
         request_timeout,
     })
+}
+
+// Stripe subscription sync and portal tokens (issue 20).
+
+/// A secret read from the environment variable `env` names (problems name the
+/// key and the variable, never the value).
+fn secret_from_env(c: &mut Checker, key: &str, env: &str, what: &str) -> Option<SecretKey> {
+    if env.is_empty() || !env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        c.add(key, format!("{env:?} must be the name of an environment variable ([A-Za-z0-9_]+)"));
+        return None;
+    }
+    match std::env::var(env) {
+        Ok(value) if !value.trim().is_empty() => Some(SecretKey::new(value.trim().to_string())),
+        _ => {
+            c.add(key, format!("environment variable {env} is not set or empty (it must hold {what})"));
+            None
+        }
+    }
+}
+
+/// `[stripe.webhooks]`: the signing secret, the tolerance, and prices mapped to
+/// plans that exist.
+fn stripe_webhooks(c: &mut Checker, w: &raw::StripeWebhooks, plans: &[Plan]) -> Option<StripeWebhookSettings> {
+    let secret_env = w.secret_env.clone().unwrap_or_else(|| "STRIPE_WEBHOOK_SECRET".into());
+    let secret = secret_from_env(c, "stripe.webhooks.secret_env", &secret_env, "the endpoint's whsec_... signing secret");
+    let tolerance = c.duration("stripe.webhooks.tolerance", &w.tolerance, secs(300), Duration::ZERO);
+    let mut mapped = std::collections::BTreeMap::new();
+    for (price, plan) in &w.plans {
+        let key = format!("stripe.webhooks.plans.{}", segment(price));
+        match plan.as_str() {
+            Some(name) if plans.iter().any(|p| p.name == name) => {
+                mapped.insert(price.clone(), name.to_string());
+            }
+            Some(name) => c.add(&key, format!("plan {name:?} is not configured")),
+            None => c.add(&key, "must be a plan name (a string)"),
+        }
+        if price.is_empty() {
+            c.add(&key, "a price id or lookup_key must not be empty");
+        }
+    }
+    Some(StripeWebhookSettings { secret_env, secret: secret?, tolerance, plans: mapped })
 }
 
 // --- Threshold notifications (issue 17) ---

@@ -99,20 +99,20 @@ fn check_error(e: CheckError) -> ApiError {
 }
 
 pub async fn customer_usage(state: &HttpState, headers: &HeaderMap, customer: &str) -> Resp {
-    state.auth.authorize(headers, &[Scope::Check, Scope::Read])?;
+    state.auth.authorize_customer(headers, &[Scope::Check, Scope::Read], customer, &state.portal)?;
     valid_customer(customer)?;
     state.engine.ensure_customer(customer).await;
     Ok(json(StatusCode::OK, &state.engine.limit_reads().summary(customer)))
 }
 
-fn valid_customer(customer: &str) -> Result<(), ApiError> {
+pub(super) fn valid_customer(customer: &str) -> Result<(), ApiError> {
     if customer.is_empty() || customer.len() > 256 || customer.chars().any(char::is_control) {
         return Err(ApiError::invalid_request("customer: must be 1-256 bytes without control characters"));
     }
     Ok(())
 }
 
-fn entitlements_view(state: &HttpState, customer: &str) -> serde_json::Value {
+pub(super) fn entitlements_view(state: &HttpState, customer: &str) -> serde_json::Value {
     let reads = state.engine.limit_reads();
     let id = reads.counters.interner.lookup(customer);
     let ent = reads.entitlements.get(id);
@@ -176,7 +176,11 @@ pub async fn put_entitlements(state: &HttpState, req: Request<RequestBody>, cust
 }
 
 pub async fn usage_history(state: &HttpState, headers: &HeaderMap, query: &BTreeMap<String, String>) -> Resp {
-    state.auth.authorize(headers, &[Scope::Read])?;
+    // A portal token reads the history of its own customer only (issue 20).
+    match query.get("customer") {
+        Some(customer) => state.auth.authorize_customer(headers, &[Scope::Read], customer, &state.portal)?,
+        None => state.auth.authorize(headers, &[Scope::Read])?,
+    }
     for key in query.keys() {
         if !matches!(key.as_str(), "meter" | "from" | "to" | "granularity" | "customer") {
             return Err(ApiError::invalid_request(format!("unknown query parameter {key:?}")));

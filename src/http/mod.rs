@@ -14,9 +14,12 @@
 //! would have brought, and [`routes`] has it without (see BENCHMARKS.md).
 
 pub mod auth;
+// Stripe subscription sync, customers and portal tokens (issue 20).
+pub mod billing;
 pub mod body;
 pub mod error;
 pub mod handlers;
+pub mod portal;
 // Threshold notifications (issue 17).
 pub mod notifications;
 pub mod routes;
@@ -45,6 +48,11 @@ pub struct HttpState {
     pub stripe: Option<Arc<crate::report::StatusBoard>>,
     /// The background tasks' states: `/readyz` names one that died.
     pub health: crate::health::Health,
+    // Stripe subscription sync and portal tokens (issue 20).
+    /// The Stripe webhook receiver, when `[stripe.webhooks]` is configured.
+    pub stripe_webhooks: Option<Arc<crate::billing_sync::StripeWebhooks>>,
+    /// Issues and verifies portal tokens.
+    pub portal: Arc<portal::PortalTokens>,
     /// Threshold notifications (issue 17), with `[notifications]`.
     pub notifier: Option<Arc<crate::notify::Notifier>>,
 }

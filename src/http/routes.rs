@@ -8,7 +8,7 @@
 //! escape or non-UTF-8 is a 400), duplicate query parameters refused.
 
 use super::error::ApiError;
-use super::{handlers, HttpState, RequestBody, Routes};
+use super::{billing, handlers, HttpState, RequestBody, Routes};
 use crate::telemetry::RouteMetrics;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -85,6 +85,8 @@ pub static ROUTES: &[Route] = &[
         methods: &[
             (Method::GET, |s, req, c| Box::pin(async move { handlers::get_entitlements(&s, req.headers(), &c).await })),
             (Method::PUT, |s, req, c| Box::pin(async move { handlers::put_entitlements(&s, req, &c).await })),
+            // Issue 20: back to the default plan.
+            (Method::DELETE, |s, req, c| Box::pin(async move { billing::delete_entitlements(&s, req.headers(), &c).await })),
         ],
     },
     Route {
@@ -92,6 +94,42 @@ pub static ROUTES: &[Route] = &[
         path: "/v1/stripe/status",
         ops: false,
         methods: &[(Method::GET, |s, req, _| Box::pin(std::future::ready(handlers::stripe_status(&s, req.headers()))))],
+    },
+    // Stripe subscription sync, customers and portal tokens (issue 20).
+    Route {
+        name: "stripe_webhook",
+        path: "/v1/webhooks/stripe",
+        ops: false,
+        methods: &[(Method::POST, |s, req, _| Box::pin(billing::stripe_webhook(s, req)))],
+    },
+    Route {
+        name: "customers",
+        path: "/v1/customers",
+        ops: false,
+        methods: &[(Method::GET, |s, req, _| {
+            Box::pin(async move {
+                let query = parse_query(req.uri().query().unwrap_or(""))?;
+                billing::list_customers(&s, req.headers(), &query).await
+            })
+        })],
+    },
+    Route {
+        name: "plans",
+        path: "/v1/plans",
+        ops: false,
+        methods: &[(Method::GET, |s, req, _| Box::pin(std::future::ready(billing::plans(&s, req.headers()))))],
+    },
+    Route {
+        name: "meters",
+        path: "/v1/meters",
+        ops: false,
+        methods: &[(Method::GET, |s, req, _| Box::pin(std::future::ready(billing::meters(&s, req.headers()))))],
+    },
+    Route {
+        name: "portal_tokens",
+        path: "/v1/customers/{customer}/portal-tokens",
+        ops: false,
+        methods: &[(Method::POST, |s, req, c| Box::pin(async move { billing::portal_token(&s, req, &c).await }))],
     },
     // Threshold notifications (issue 17).
     Route {

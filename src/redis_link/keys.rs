@@ -46,6 +46,18 @@ impl Keys {
         format!("{}entitlements", self.prefix)
     }
 
+    // Stripe subscription sync (issue 20): one slot (`{stripe}`) so the
+    // ledger script may touch an event and its subscription together.
+    /// `P{stripe}:evt:<id>`: a Stripe event being or having been applied.
+    pub fn stripe_event(&self, event_id: &str) -> String {
+        format!("{}{{stripe}}:evt:{event_id}", self.prefix)
+    }
+
+    /// `P{stripe}:sub:<id>`: the `created` of the newest event applied to a subscription.
+    pub fn stripe_subscription(&self, subscription_id: &str) -> String {
+        format!("{}{{stripe}}:sub:{subscription_id}", self.prefix)
+    }
+
     /// An instance's field in a window hash.
     pub fn instance_field(instance_id: &str) -> String {
         format!("i:{instance_id}")

@@ -16,6 +16,8 @@ pub mod clickhouse;
 pub mod raw_events;
 pub mod redis;
 pub mod sqlite;
+// Stripe subscription sync (issue 20): which webhook events were applied.
+pub mod stripe_events;
 #[cfg(test)]
 pub mod suite;
 
@@ -194,6 +196,10 @@ pub trait EntitlementStore: Send + Sync + 'static {
     async fn put(&self, customer: &str, doc: &EntitlementsDoc) -> Result<(), StoreError>;
     /// Every stored customer (embedded mode loads them all at start).
     async fn list(&self) -> Result<Vec<(String, EntitlementsDoc)>, StoreError>;
+    // Customers and portal tokens (issue 20).
+    /// Removes a customer's document (the default plan applies again);
+    /// removing one that is not stored is not an error.
+    async fn delete(&self, customer: &str) -> Result<(), StoreError>;
 }
 
 /// What a Stripe ledger row records.

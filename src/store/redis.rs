@@ -88,6 +88,19 @@ impl EntitlementStore for RedisEntitlementStore {
         all.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(all)
     }
+
+    // Customers and portal tokens (issue 20): the hash, the index entry, then
+    // the message every instance re-reads the customer on.
+    async fn delete(&self, customer: &str) -> Result<(), StoreError> {
+        let key = self.redis.keys.entitlements(customer);
+        let index = self.index_key();
+        let channel = self.redis.keys.entitlements_channel();
+        let mut conn = self.redis.conn();
+        self.redis.call("entitlements delete", conn.del::<_, ()>(&key)).await.map_err(io)?;
+        self.redis.call("entitlements unindex", conn.srem::<_, _, ()>(&index, customer)).await.map_err(io)?;
+        self.redis.call("entitlements publish", conn.publish::<_, _, ()>(&channel, customer)).await.map_err(io)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

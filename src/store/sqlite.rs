@@ -489,6 +489,19 @@ impl EntitlementStore for SqliteStore {
         })
         .await
     }
+
+    // Customers and portal tokens (issue 20).
+    async fn delete(&self, customer: &str) -> Result<(), StoreError> {
+        const OP: &str = "delete entitlements";
+        let customer = customer.to_owned();
+        self.run(OP, move |conn| {
+            conn.prepare_cached("DELETE FROM entitlements WHERE customer = ?1")
+                .and_then(|mut stmt| stmt.execute([&customer]))
+                .map_err(io(OP))?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

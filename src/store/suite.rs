@@ -479,7 +479,20 @@ pub async fn entitlements(store: &dyn EntitlementStore, ns: &str) {
     assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "list sorted by customer: {all:?}");
     let prefix = format!("{ns}-");
     let mine: Vec<_> = all.into_iter().filter(|(customer, _)| customer.starts_with(&prefix)).collect();
-    assert_eq!(mine, vec![(a, first), (b, second), (c, third)], "list");
+    assert_eq!(mine, vec![(a.clone(), first), (b, second), (c, third)], "list");
+
+    // Delete (issue 20): gone from get and list; deleting again is no error.
+    for _ in 0..2 {
+        if let Err(e) = store.delete(&a).await {
+            panic!("delete {a} failed: {e}");
+        }
+    }
+    assert_eq!(get(a.clone()).await, None, "after delete");
+    let listed = match store.list().await {
+        Ok(l) => l,
+        Err(e) => panic!("list failed: {e}"),
+    };
+    assert!(!listed.iter().any(|(customer, _)| *customer == a), "a deleted customer is not listed");
 }
 
 /// 7. Concurrent writers: 8 tasks × 50 flushes with distinct seqs (each task also
