@@ -283,7 +283,6 @@ impl AppHandle {
         });
         let health = state.health.clone();
         // Config reload (issue 23): the API keys change live; other parts register here.
-        #[allow(unused_mut)]
         let mut parts: Vec<Arc<dyn crate::reload::Reloadable>> = vec![Arc::new(crate::reload::AuthKeys(state.clone()))];
         // Threshold notifications (issue 17): endpoints change live.
         if let Some(n) = &notifier {
