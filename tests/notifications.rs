@@ -251,3 +251,30 @@ async fn a_hanging_endpoint_does_not_delay_another() {
     held.abort();
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_swaps_endpoints_live_and_refuses_new_thresholds() {
+    away_from_hour_boundary().await;
+    let (a, b) = (Receiver::start().await, Receiver::start().await);
+    // One limit in the plan: reload compares plans by their Debug text, which
+    // orders a plan's limits by HashMap order (two parses of several limits may
+    // differ; reported to the lead).
+    let one = "[[meters]]\nname = \"minutes\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\nminutes = { limit = 100, window = \"month\" }\n";
+    let config = |url: &str, env: &str, extra: &str| format!("{}{one}", notifications(url, env, extra));
+    let s = TestServer::start(&config(&a.url(), "METERD_TEST_WH_8", "")).await;
+    let c = s.client();
+    let valid = |text: &str| {
+        let text = common::with_dirs(text, s.dir.path());
+        meterd::config::Config::parse(&text, "t.toml").and_then(|c| c.validate("t.toml")).expect("valid")
+    };
+    let applied = s.app().reloader.apply(valid(&config(&b.url(), "METERD_TEST_WH_8", "")));
+    assert!(applied.as_ref().is_ok_and(|a| a.parts.contains(&"notifications.endpoints")), "{applied:?}");
+    let cust = uid("u");
+    ingest(&c, json!([event(&cust, "minutes", 80)])).await;
+    let got = b.wait_for(Duration::from_secs(10), |d| thresholds(d, &cust).len() == 1).await;
+    assert_eq!(thresholds(&got, &cust), [75], "the new endpoint gets it");
+    assert!(thresholds(&a.all(), &cust).is_empty(), "the old endpoint does not");
+    let refused = s.app().reloader.apply(valid(&config(&b.url(), "METERD_TEST_WH_8", "thresholds = [50]")));
+    assert!(format!("{refused:?}").contains("notifications.thresholds"), "{refused:?}");
+    s.stop().await;
+}
