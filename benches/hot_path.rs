@@ -266,7 +266,13 @@ fn check_decision(c: &mut Criterion) {
     let mut g = c.benchmark_group("check");
     g.bench_function("evaluate_warm_key", |b| b.iter(|| engine.evaluate("cust_3", &meter, 1000, now).1));
     g.bench_function("evaluate_unknown_customer", |b| b.iter(|| engine.evaluate("nobody", &interviews, 1, now).1));
-    let limit = Limit { window: WindowKind::Month, amount: LimitAmount::Finite(30_000), hard: true, enforcement: Enforcement::Cached };
+    let limit = Limit {
+        window: WindowKind::Month,
+        amount: LimitAmount::Finite(30_000),
+        hard: true,
+        enforcement: Enforcement::Cached,
+        notify: None,
+    };
     let states = [LimitState { limit, window: WindowKind::Month.bounds(now, BillingAnchor::default()), used: 29_500 }];
     g.bench_function("decide_only", |b| b.iter(|| decide(std::hint::black_box(&states), 1000)));
     g.finish();

@@ -41,6 +41,8 @@ pub enum AppError {
     Stripe(String),
     #[error(transparent)]
     RawExport(#[from] crate::raw_export::ExportError),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
 }
 
 /// A running meterd.
@@ -65,6 +67,10 @@ pub struct AppHandle {
     reporter: Option<(watch::Sender<bool>, Supervised<()>)>,
     /// The raw-events export, with `clickhouse.raw_events = true`.
     raw_export: Option<(watch::Sender<bool>, Supervised<()>)>,
+    /// Threshold notifications (issue 17), with `[notifications]`: the service
+    /// (other notification types enqueue through it) and its delivery task.
+    pub notifier: Option<Arc<crate::notify::Notifier>>,
+    notify_task: Option<NotifyTask>,
     grace: Duration,
     // Config reload (issue 23): the running config and the parts that take changes live.
     /// Applies a new config (SIGHUP, `meterd reload`); features that take
@@ -75,6 +81,8 @@ pub struct AppHandle {
 /// A background task under [`supervise`]: the outcome of its run that ended on
 /// the shutdown signal.
 type Supervised<O> = JoinHandle<Result<Option<O>, HealthError>>;
+/// The notifications' delivery task and its stop signal (issue 17).
+type NotifyTask = (watch::Sender<bool>, Supervised<Result<(), crate::notify::NotifyError>>);
 
 /// The background tasks. Critical ones make `/readyz` 503 when they die; the
 /// Stripe reporter and the raw-events export only degrade it (ingest and checks
@@ -86,6 +94,8 @@ const COUNTER_SYNCER: Task = Task { name: "counter_syncer", critical: true, rest
 const GRANTS_REFRESH: Task = Task { name: "grants_refresh", critical: false, restart: Restart::Backoff(Duration::from_secs(1)) };
 const STRIPE_REPORTER: Task = Task { name: "stripe_reporter", critical: false, restart: Restart::Never };
 const RAW_EXPORT: Task = Task { name: "raw_events_export", critical: false, restart: Restart::Never };
+/// Threshold notifications (issue 17): delivery degrades, never blocks ingest.
+const NOTIFIER: Task = Task { name: "notifier", critical: false, restart: Restart::Backoff(Duration::from_secs(1)) };
 
 /// The instance id: configured, or generated once and kept in the data dir.
 fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError> {
@@ -158,7 +168,10 @@ impl AppHandle {
     /// Starts meterd with usage observers (see `crate::usage`): capabilities that
     /// must see every change of usage are registered here, before the rebuild
     /// and the replay, and stay for the process's life.
-    pub async fn start_observed(config: ValidConfig, observers: Vec<Arc<dyn crate::usage::UsageObserver>>) -> Result<AppHandle, AppError> {
+    pub async fn start_observed(
+        config: ValidConfig,
+        mut observers: Vec<Arc<dyn crate::usage::UsageObserver>>,
+    ) -> Result<AppHandle, AppError> {
         // First: what is recorded while starting (Redis up at connect) is kept.
         let prometheus = crate::telemetry::prometheus();
         let edge = http::EdgeConfig {
@@ -214,10 +227,33 @@ impl AppHandle {
             Some(r) => Arc::new(crate::store::redis::RedisEntitlementStore::new(r.clone())),
             None => sqlite.clone(),
         };
+        // Threshold notifications (issue 17): the outbox opens and the detector
+        // joins the seam's observers before the engine starts.
+        let notifier = match &config.notifications {
+            Some(n) => {
+                let full_sync = storage.durability == crate::config::Durability::Fsync;
+                let notifier = crate::notify::Notifier::open(n, &data_dir, full_sync)?;
+                observers.push(notifier.observer());
+                Some(notifier)
+            }
+            None => None,
+        };
         let engine = Arc::new(
             Engine::start_observed(&config, instance_id.clone(), usage_store, entitlement_store, wal_config, redis.clone(), observers)
                 .await?,
         );
+        if let Some(notifier) = &notifier {
+            notifier.bind(&engine, config.redis.as_ref().map(|r| r.key_prefix.as_str()));
+            // Credit balances' low / depleted crossings go to the same outbox (issues 17 + 18).
+            engine.credits().set_alert_sink(Arc::new(CreditNotices(notifier.clone())));
+            let endpoints = notifier.endpoints();
+            let labels: Vec<(&str, Vec<&str>)> = endpoints
+                .0
+                .iter()
+                .map(|e| (e.name.as_str(), crate::config::NOTIFICATION_TYPES.iter().copied().filter(|t| e.wants(t)).collect()))
+                .collect();
+            crate::telemetry::register_notifications(&labels, crate::config::NOTIFICATION_TYPES);
+        }
         let exporter = match raw_events {
             Some((table, _)) => {
                 let max_rows = crate::raw_export::MAX_CHUNK_ROWS;
@@ -251,10 +287,16 @@ impl AppHandle {
             health: Health::new(),
             stripe_webhooks,
             portal,
+            notifier: notifier.clone(),
         });
         let health = state.health.clone();
         // Config reload (issue 23): the API keys change live; other parts register here.
-        let reloader = Arc::new(crate::reload::Reloader::new(config.clone(), vec![Arc::new(crate::reload::AuthKeys(state.clone()))]));
+        let mut parts: Vec<Arc<dyn crate::reload::Reloadable>> = vec![Arc::new(crate::reload::AuthKeys(state.clone()))];
+        // Threshold notifications (issue 17): endpoints change live.
+        if let Some(n) = &notifier {
+            parts.push(Arc::new(crate::reload::NotificationEndpoints(n.clone())));
+        }
+        let reloader = Arc::new(crate::reload::Reloader::new(config.clone(), parts));
         if !state.auth.enabled() {
             tracing::warn!(listen = %config.server.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");
         }
@@ -303,6 +345,10 @@ impl AppHandle {
             let mut reporter = Some(reporter);
             (stop, tokio::spawn(supervise(STRIPE_REPORTER, health.clone(), stop_rx, move |rx| reporter.take().map(|r| r.run(rx)))))
         });
+        let notify_task = notifier.clone().map(|n| {
+            let (stop, stop_rx) = watch::channel(false);
+            (stop, tokio::spawn(supervise(NOTIFIER, health.clone(), stop_rx, move |rx| Some(crate::notify::deliver::run(n.clone(), rx)))))
+        });
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {
             addr,
@@ -319,6 +365,8 @@ impl AppHandle {
             redis_tasks,
             reporter,
             raw_export,
+            notifier,
+            notify_task,
             grace,
             reloader,
         })
@@ -353,6 +401,11 @@ impl AppHandle {
                     server.abort();
                 }
             }
+        }
+        if let Some((stop, task)) = self.notify_task {
+            // Pending rows stay in the outbox for the next start.
+            let _ = stop.send(true);
+            task.await.map_err(|e| AppError::Task(e.to_string()))?.map_err(|e| AppError::Task(e.to_string()))?;
         }
         if let Some((stop, reporter)) = self.reporter {
             let _ = stop.send(true);
@@ -403,6 +456,29 @@ fn billing(config: &ValidConfig, data_dir: &Path, redis: Option<&crate::redis_li
     Ok((webhooks, Arc::new(portal)))
 }
 
+/// Credit alerts as notifications: `credits.low` / `credits.depleted` with
+/// API.md's data, stored in the outbox before the usage that caused them is
+/// answered (the sink runs on that thread).
+struct CreditNotices(Arc<crate::notify::Notifier>);
+
+impl crate::credits::CreditAlertSink for CreditNotices {
+    fn alert(&self, alert: crate::credits::CreditAlert) {
+        let kind = alert.kind.as_str();
+        let notification = crate::notify::Notification {
+            id: crate::notify::credit_notification_id(kind, &alert.customer, &alert.meter, alert.episode),
+            kind: kind.to_string(),
+            data: serde_json::json!({
+                "customer": alert.customer, "meter": alert.meter,
+                "balance": alert.balance, "low_balance": alert.low_balance,
+            }),
+            customer: alert.customer,
+        };
+        if let Err(e) = self.0.enqueue(&notification) {
+            tracing::error!(error = %e, id = %notification.id, kind, "could not store a credit notification");
+        }
+    }
+}
+
 /// The credits service as the Stripe webhook receiver's grant issuer: a paid
 /// checkout session becomes a grant whose id is the session id, so a
 /// redelivered or repeated session changes nothing.
@@ -424,7 +500,9 @@ impl crate::billing_sync::GrantIssuer for EngineGrants {
         };
         match self.0.grant_ports().create_grant(&grant.customer, spec).await {
             Ok((_, created)) => Ok(created),
-            Err(e @ (GrantError::Invalid(_) | GrantError::Conflict(_) | GrantError::NotFound(_))) => Err(GrantIssueError::Refused(e.to_string())),
+            Err(e @ (GrantError::Invalid(_) | GrantError::Conflict(_) | GrantError::NotFound(_))) => {
+                Err(GrantIssueError::Refused(e.to_string()))
+            }
             Err(e @ (GrantError::Full | GrantError::Store(_))) => Err(GrantIssueError::Unavailable(e.to_string())),
         }
     }

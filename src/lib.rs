@@ -21,6 +21,8 @@ pub mod ingest;
 pub mod keyhash;
 pub mod limits;
 pub mod model;
+// Threshold notifications (issue 17).
+pub mod notify;
 pub mod raw_export;
 pub mod redis_link;
 pub mod rejected;

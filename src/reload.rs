@@ -72,6 +72,23 @@ impl Reloadable for AuthKeys {
     }
 }
 
+/// Threshold notifications (issue 17): the endpoints (URLs, secrets, types)
+/// are swapped live; whether `[notifications]` exists, its thresholds and
+/// timings need a restart (see [`refused`]).
+pub struct NotificationEndpoints(pub Arc<crate::notify::Notifier>);
+
+impl Reloadable for NotificationEndpoints {
+    fn name(&self) -> &'static str {
+        "notifications.endpoints"
+    }
+
+    fn prepare(&self, new: &ValidConfig) -> Result<Commit, String> {
+        let notifier = self.0.clone();
+        let endpoints = new.notifications.as_ref().map(|n| n.endpoints.clone()).ok_or("[notifications] was removed; restart")?;
+        Ok(Box::new(move || notifier.set_endpoints(endpoints)))
+    }
+}
+
 /// What a reload changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -163,6 +180,7 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
         source: _,
         stripe_webhooks: _,
         portal_secret: _,
+        notifications: _, // endpoints live: `NotificationEndpoints`; the rest below
     } = new;
     let mut out = Vec::new();
     let differs = |a: &dyn Debug, b: &dyn Debug| format!("{a:?}") != format!("{b:?}");
@@ -187,6 +205,17 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
     value("storage.wal_sync_interval", &s.wal_sync_interval, &n.wal_sync_interval);
     value("storage.wal_segment_bytes", &s.wal_segment_bytes, &n.wal_segment_bytes);
     value("storage.max_wal_bytes", &s.max_wal_bytes, &n.max_wal_bytes);
+    // Threshold notifications (issue 17): adding or removing the section, the
+    // thresholds and the timings need a restart; endpoints change live.
+    match (&old.notifications, &new.notifications) {
+        (None, None) => {}
+        (Some(a), Some(b)) => {
+            value("notifications.thresholds", &a.thresholds.as_slice(), &b.thresholds.as_slice());
+            value("notifications.retry_for", &a.retry_for, &b.retry_for);
+            value("notifications.timeout", &a.timeout, &b.timeout);
+        }
+        (a, b) => value("[notifications] present", &a.is_some(), &b.is_some()),
+    }
     if old.portal_secret.as_ref().map(|k| k.expose()) != new.portal_secret.as_ref().map(|k| k.expose()) {
         out.push("server.portal_secret_env".to_string());
     }

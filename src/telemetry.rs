@@ -66,6 +66,13 @@ pub const TASK_RESTARTS_TOTAL: &str = "meterd_task_restarts_total";
 // Prepaid credits (issue 18): per meter, in meter units, over every customer.
 pub const CREDITS_GRANTED: &str = "meterd_credits_granted_units";
 pub const CREDITS_SPENT: &str = "meterd_credits_spent_units";
+// Threshold notifications (issue 17): `type` and `endpoint` labels (both bounded by the config).
+pub const NOTIFICATIONS_CREATED_TOTAL: &str = "meterd_notifications_created_total";
+pub const NOTIFICATIONS_SENT_TOTAL: &str = "meterd_notifications_sent_total";
+pub const NOTIFICATIONS_FAILED_TOTAL: &str = "meterd_notifications_failed_total";
+pub const NOTIFICATIONS_RETRIES_TOTAL: &str = "meterd_notifications_retries_total";
+pub const NOTIFICATIONS_PENDING: &str = "meterd_notifications_pending";
+pub const NOTIFICATIONS_OLDEST_PENDING: &str = "meterd_notifications_oldest_pending_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static HOT: OnceLock<Hot> = OnceLock::new();
@@ -643,6 +650,31 @@ pub fn init_tracing() {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+// --- Threshold notifications (issue 17) ---
+
+/// Registers the notification series at zero, when `[notifications]` is
+/// configured: per type, and per (type, endpoint) the endpoint takes.
+pub fn register_notifications(endpoints: &[(&str, Vec<&str>)], types: &[&str]) {
+    let _ = prometheus();
+    for &t in types {
+        metrics::counter!(NOTIFICATIONS_CREATED_TOTAL, "type" => t.to_string()).increment(0);
+    }
+    for (endpoint, types) in endpoints {
+        for &t in types {
+            for name in [NOTIFICATIONS_SENT_TOTAL, NOTIFICATIONS_FAILED_TOTAL, NOTIFICATIONS_RETRIES_TOTAL] {
+                metrics::counter!(name, "type" => t.to_string(), "endpoint" => endpoint.to_string()).increment(0);
+            }
+        }
+    }
+    notifications_pending(0, 0.0);
+}
+
+/// The outbox's pending rows and the age of the oldest, in seconds.
+pub fn notifications_pending(count: i64, oldest_age_s: f64) {
+    metrics::gauge!(NOTIFICATIONS_PENDING).set(count as f64);
+    metrics::gauge!(NOTIFICATIONS_OLDEST_PENDING).set(oldest_age_s);
 }
 
 #[cfg(test)]

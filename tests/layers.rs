@@ -38,6 +38,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             /* issue 20 */ "billing_sync",
             /* issue 23 */ "backup",
             /* issue 18 */ "grants",
+            /* issue 17 */ "notify",
         ],
     ),
     ("http", &["http"]),

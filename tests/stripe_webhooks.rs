@@ -314,7 +314,10 @@ async fn a_paid_checkout_with_grant_metadata_becomes_a_credit_grant_once() {
     let (first, session) = (uid("evt"), uid("cs"));
     assert!(send(&c, &checkout(&first, &session, &customer, "paid", "interview_minutes")).await, "a paid session makes a grant");
     assert!(!send(&c, &checkout(&first, &session, &customer, "paid", "interview_minutes")).await, "a replay");
-    assert!(!send(&c, &checkout(&uid("evt"), &session, &customer, "paid", "interview_minutes")).await, "another event for the same session");
+    assert!(
+        !send(&c, &checkout(&uid("evt"), &session, &customer, "paid", "interview_minutes")).await,
+        "another event for the same session"
+    );
     assert!(!send(&c, &checkout(&uid("evt"), &uid("cs"), &customer, "unpaid", "interview_minutes")).await, "not paid yet");
     assert!(!send(&c, &checkout(&uid("evt"), &uid("cs"), &customer, "paid", "no_such_meter")).await, "an unknown meter is refused");
     let r = c.get(&format!("/v1/customers/{customer}/grants")).await;

@@ -27,6 +27,8 @@ pub use settings::{
 };
 // Stripe subscription sync (issue 20).
 pub use settings::StripeWebhookSettings;
+// Threshold notifications (issue 17).
+pub use settings::{EndpointSettings, Endpoints, NotificationSettings, WebhookSecret, NOTIFICATION_TYPES};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

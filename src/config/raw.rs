@@ -22,6 +22,8 @@ pub struct Config {
     pub redis: Option<Redis>,
     pub clickhouse: Option<ClickHouse>,
     pub stripe: Option<Stripe>,
+    /// Threshold notifications (issue 17).
+    pub notifications: Option<Notifications>,
     pub metrics: Option<Metrics>,
     #[serde(default)]
     pub meters: Vec<Meter>,
@@ -147,6 +149,26 @@ impl Stripe {
             || max_requests_per_second.is_some()
             || request_timeout.is_some()
     }
+}
+
+// --- Threshold notifications (issue 17) ---
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notifications {
+    pub thresholds: Option<Vec<i64>>,
+    pub retry_for: Option<String>,
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<NotificationEndpoint>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationEndpoint {
+    pub name: Option<String>,
+    pub url: Option<String>,
+    pub secret_env: Option<String>,
+    pub types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -20,6 +20,8 @@ pub(super) enum Kind {
     Bool,
     /// An array of strings.
     Strs,
+    /// An array of integers (notification thresholds, issue 17).
+    Ints,
     /// A table of free-form keys, each a boolean (plan features).
     Bools,
     /// A table of free-form keys whose values are checked later (plan limits).
@@ -37,6 +39,7 @@ impl Kind {
             Kind::Int => "an integer",
             Kind::Bool => "true or false",
             Kind::Strs => "an array of strings",
+            Kind::Ints => "an array of integers",
             Kind::Bools | Kind::Map | Kind::Table(_) => "a table",
             Kind::Tables(_) => "an array of tables ([[...]])",
         }
@@ -45,7 +48,7 @@ impl Kind {
 
 pub(super) type Field = (&'static str, Kind);
 
-use Kind::{Bool, Bools, Dur, Int, Map, Str, Strs, Table, Tables};
+use Kind::{Bool, Bools, Dur, Int, Ints, Map, Str, Strs, Table, Tables};
 
 pub(super) const ROOT: &[Field] = &[
     (
@@ -106,6 +109,16 @@ pub(super) const ROOT: &[Field] = &[
             ("webhooks", Table(&[("secret_env", Str), ("tolerance", Dur), ("plans", Map)])),
         ]),
     ),
+    // Threshold notifications (issue 17).
+    (
+        "notifications",
+        Table(&[
+            ("thresholds", Ints),
+            ("retry_for", Dur),
+            ("timeout", Dur),
+            ("endpoints", Tables(&[("name", Str), ("url", Str), ("secret_env", Str), ("types", Strs)])),
+        ]),
+    ),
     ("metrics", Table(&[("listen", Str)])),
     ("meters", Tables(&[("name", Str), ("aggregation", Str), ("precision", Int), ("stripe_event_name", Str)])),
     ("plans", Tables(&[("name", Str), ("default", Bool), ("features", Bools), ("limits", Map)])),
@@ -152,6 +165,17 @@ fn check_value(value: &mut Value, kind: Kind, path: &str, source: &str, problems
             for (i, item) in items.iter().enumerate() {
                 if !item.is_str() {
                     problems.push(wrong_type(&format!("{path}[{i}]"), "a string", item));
+                    ok = false;
+                }
+            }
+            ok
+        }
+        // Notification thresholds (issue 17).
+        (Ints, Value::Array(items)) => {
+            let mut ok = true;
+            for (i, item) in items.iter().enumerate() {
+                if !item.is_integer() {
+                    problems.push(wrong_type(&format!("{path}[{i}]"), "an integer", item));
                     ok = false;
                 }
             }

@@ -23,6 +23,8 @@ pub struct ValidConfig {
     pub clickhouse: Option<ClickHouseSettings>,
     /// `[stripe]`, resolved (with the secret key), when reporting is configured.
     pub stripe: Option<StripeSettings>,
+    /// `[notifications]` (issue 17), when threshold webhooks are configured.
+    pub notifications: Option<NotificationSettings>,
     /// `metrics.listen`: serve `/metrics` there instead of on the API listener.
     pub metrics_listen: Option<SocketAddr>,
     pub catalog: Arc<Catalog>,
@@ -282,4 +284,68 @@ impl ApiKey {
 pub fn sha256_of(bytes: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).into()
+}
+
+// --- Threshold notifications (issue 17) ---
+
+/// Every notification type an endpoint may subscribe to.
+pub const NOTIFICATION_TYPES: &[&str] = &["limit.threshold", "credits.low", "credits.depleted"];
+
+/// `[notifications]`.
+#[derive(Debug, Clone)]
+pub struct NotificationSettings {
+    /// Default percents for every finite limit without its own `notify`.
+    pub thresholds: crate::model::Thresholds,
+    /// A delivery is retried this long, then the notification is `failed`.
+    pub retry_for: Duration,
+    /// One delivery attempt.
+    pub timeout: Duration,
+    /// The endpoints, as one value so a reload can swap them whole.
+    pub endpoints: Arc<Endpoints>,
+}
+
+/// `[[notifications.endpoints]]`, all of them.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints(pub Vec<EndpointSettings>);
+
+/// One webhook endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointSettings {
+    /// `[a-z0-9_-]{1,64}`, unique.
+    pub name: String,
+    pub url: String,
+    /// The variable the secret came from (safe to print).
+    pub secret_env: String,
+    pub secret: WebhookSecret,
+    /// The types sent here; `None`: every type.
+    pub types: Option<Vec<String>>,
+}
+
+impl EndpointSettings {
+    /// Whether notifications of `kind` go to this endpoint.
+    pub fn wants(&self, kind: &str) -> bool {
+        self.types.as_ref().is_none_or(|t| t.iter().any(|x| x == kind))
+    }
+}
+
+/// A Standard Webhooks signing key (decoded from `whsec_` + base64). Never
+/// printed: `Debug` shows `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret(Vec<u8>);
+
+impl WebhookSecret {
+    pub fn new(key: Vec<u8>) -> WebhookSecret {
+        WebhookSecret(key)
+    }
+
+    /// The key bytes, for signing only.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WebhookSecret(***)")
+    }
 }

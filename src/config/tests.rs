@@ -411,3 +411,61 @@ fn the_portal_secret_comes_from_the_environment() {
     assert!(valid(PLAN).portal_secret.is_none());
     assert_eq!(keys(&format!("[server]\nportal_secret_env = \"METERD_TEST_PORTAL_UNSET\"\n{PLAN}")), ["server.portal_secret_env"]);
 }
+
+// --- Threshold notifications (issue 17) ---
+
+/// A valid Standard Webhooks secret: `whsec_` + base64 of 32 bytes.
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+#[test]
+fn notifications_schema_and_raw_structs_agree() {
+    let all = "[notifications]\nthresholds = [50]\nretry_for = \"1h\"\ntimeout = \"1s\"\n[[notifications.endpoints]]\nname = \"a\"\nurl = \"http://x\"\nsecret_env = \"S\"\ntypes = [\"credits.low\"]\n";
+    let parsed = Config::parse(all, "all.toml");
+    assert!(parsed.as_ref().is_ok_and(|c| c.problems.is_empty()), "{:?}", parsed.map(|c| c.problems));
+}
+
+#[test]
+fn notifications_are_validated_and_secrets_come_from_the_environment() {
+    std::env::set_var("METERD_TEST_WHSEC_OK", WHSEC);
+    let good = format!(
+        "[notifications]\nthresholds = [90, 75]\n[[notifications.endpoints]]\nname = \"app\"\nurl = \"https://a.example/wh\"\nsecret_env = \"METERD_TEST_WHSEC_OK\"\ntypes = [\"limit.threshold\"]\n{PLAN}"
+    );
+    let v = valid(&good);
+    let n = v.notifications.as_ref().unwrap_or_else(|| panic!("notification settings"));
+    assert_eq!(n.thresholds.as_slice(), &[75, 90]);
+    assert_eq!((n.retry_for, n.timeout), (Duration::from_secs(72 * 3600), Duration::from_secs(10)));
+    assert_eq!(n.endpoints.0.len(), 1);
+    assert!(n.endpoints.0[0].wants("limit.threshold") && !n.endpoints.0[0].wants("credits.low"));
+    assert_eq!(n.endpoints.0[0].secret.expose().len(), 24);
+    assert!(!format!("{v:?}").contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "the secret leaks through Debug");
+
+    std::env::set_var("METERD_TEST_WHSEC_BAD", "not-a-secret");
+    let bad = format!(
+        "[notifications]\nthresholds = [0, 75]\nretry_for = \"0s\"\n[[notifications.endpoints]]\nname = \"App!\"\nurl = \"ftp://x\"\nsecret_env = \"METERD_TEST_WHSEC_BAD\"\ntypes = [\"nope\"]\n[[notifications.endpoints]]\nname = \"b\"\nurl = \"http://b\"\nsecret_env = \"METERD_TEST_WHSEC_UNSET_X\"\n{PLAN}"
+    );
+    let found = keys(&bad);
+    for key in [
+        "notifications.thresholds",
+        "notifications.retry_for",
+        "notifications.endpoints.\"App!\".name",
+        "notifications.endpoints.\"App!\".url",
+        "notifications.endpoints.\"App!\".secret_env",
+        "notifications.endpoints.\"App!\".types[0]",
+        "notifications.endpoints.b.secret_env",
+    ] {
+        assert!(found.iter().any(|k| k == key), "missing {key} in {found:?}");
+    }
+    let err = check(&bad, &no_overrides()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(!err.contains("not-a-secret"), "{err}");
+}
+
+#[test]
+fn a_limit_may_set_its_own_thresholds() {
+    let text = "[[meters]]\nname = \"m\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\nm = { limit = 10, window = \"day\", notify = [50, 100] }\n";
+    let v = valid(text);
+    let plan = v.catalog.default_plan();
+    let limit = plan.limits.values().next().map(|l| l[0]);
+    assert_eq!(limit.and_then(|l| l.notify).map(|t| t.as_slice().to_vec()), Some(vec![50, 100]));
+    let bad = "[[meters]]\nname = \"m\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\nm = { limit = 10, window = \"day\", notify = [0] }\n";
+    assert!(keys(bad).iter().any(|k| k.contains("notify")), "{:?}", keys(bad));
+}

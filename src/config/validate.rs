@@ -102,6 +102,7 @@ pub(super) fn validate(mut raw: Config, source: &str, overrides: &Overrides) -> 
     let redis = raw.redis.as_ref().map(|r| redis(&mut c, r));
     let clickhouse = raw.clickhouse.as_ref().map(|ch| clickhouse(&mut c, ch, storage.durability));
     let stripe = raw.stripe.as_ref().filter(|s| s.reports()).and_then(|s| stripe(&mut c, s));
+    let notifications = raw.notifications.as_ref().and_then(|n| notifications(&mut c, n));
     let metrics_listen =
         raw.metrics.as_ref().and_then(|m| m.listen.as_ref()).and_then(|text| c.address("metrics.listen", text, "127.0.0.1:9480", ""));
     let meters = meters(&mut c, &raw.meters);
@@ -147,6 +148,7 @@ pub(super) fn validate(mut raw: Config, source: &str, overrides: &Overrides) -> 
             redis,
             clickhouse,
             stripe,
+            notifications,
             metrics_listen,
             catalog: Arc::new(Catalog::new(meters, plans, default_plan)),
             keys,
@@ -435,6 +437,76 @@ fn stripe_webhooks(c: &mut Checker, w: &raw::StripeWebhooks, plans: &[Plan]) -> 
         }
     }
     Some(StripeWebhookSettings { secret_env, secret: secret?, tolerance, plans: mapped })
+}
+
+// --- Threshold notifications (issue 17) ---
+
+/// `[notifications]`: thresholds, timings and every endpoint (names unique, URLs
+/// http(s), secrets read from their variables as `whsec_` + base64 of 24 to 64
+/// bytes, types known). Secrets are named only by their variable in problems.
+fn notifications(c: &mut Checker, n: &raw::Notifications) -> Option<NotificationSettings> {
+    use base64::Engine as _;
+    let thresholds = match &n.thresholds {
+        None => crate::model::Thresholds::new(&[75, 90, 100]).ok()?,
+        Some(pcts) => match crate::model::Thresholds::new(pcts) {
+            Ok(t) => t,
+            Err(reason) => {
+                c.add("notifications.thresholds", reason);
+                crate::model::Thresholds::NONE
+            }
+        },
+    };
+    let retry_for = c.duration("notifications.retry_for", &n.retry_for, secs(72 * 3600), secs(1));
+    let timeout = c.duration("notifications.timeout", &n.timeout, secs(10), Duration::ZERO);
+    let paths = element_paths("notifications.endpoints", &n.endpoints.iter().map(|e| e.name.as_deref()).collect::<Vec<_>>());
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::new();
+    let mut ok = true;
+    for (e, at) in n.endpoints.iter().zip(paths) {
+        let before = c.problems.len();
+        let name = e.name.clone().unwrap_or_default();
+        if name.is_empty()
+            || name.len() > 64
+            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            c.add(&format!("{at}.name"), format!("{name:?} must match [a-z0-9_-]{{1,64}}"));
+        } else if !seen.insert(name.clone()) {
+            c.add(&format!("{at}.name"), format!("endpoint {name:?} is defined twice"));
+        }
+        let url = e.url.clone().unwrap_or_default();
+        if !valid_base_url(&url) {
+            c.add(&format!("{at}.url"), format!("{url:?} must be an http:// or https:// URL"));
+        }
+        let secret_env = e.secret_env.clone().unwrap_or_default();
+        let mut secret = None;
+        if secret_env.is_empty() || !secret_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            c.add(&format!("{at}.secret_env"), format!("{secret_env:?} must be the name of an environment variable ([A-Za-z0-9_]+)"));
+        } else {
+            let value = std::env::var(&secret_env).unwrap_or_default();
+            let key = value.trim().strip_prefix("whsec_").and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+            match key {
+                Some(k) if (24..=64).contains(&k.len()) => secret = Some(WebhookSecret::new(k)),
+                _ => c.add(
+                    &format!("{at}.secret_env"),
+                    format!("environment variable {secret_env} must hold \"whsec_\" + base64 of a 24 to 64 byte key"),
+                ),
+            }
+        }
+        if let Some(types) = &e.types {
+            for (i, t) in types.iter().enumerate() {
+                if !NOTIFICATION_TYPES.contains(&t.as_str()) {
+                    c.add(&format!("{at}.types[{i}]"), format!("{t:?} must be one of {}", NOTIFICATION_TYPES.join(", ")));
+                }
+            }
+        }
+        match secret {
+            Some(secret) if c.problems.len() == before => {
+                endpoints.push(EndpointSettings { name, url, secret_env, secret, types: e.types.clone() })
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then(|| NotificationSettings { thresholds, retry_for, timeout, endpoints: Arc::new(Endpoints(endpoints)) })
 }
 
 fn meters(c: &mut Checker, raw: &[raw::Meter]) -> Vec<Meter> {

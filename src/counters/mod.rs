@@ -221,7 +221,7 @@ mod tests {
         let meter = |id, name: &str, aggregation| Meter { id, name: name.into(), aggregation, precision: 0, stripe_event_name: None };
         let limits: Arc<[Limit]> = windows
             .iter()
-            .map(|&window| Limit { window, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached })
+            .map(|&window| Limit { window, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached, notify: None })
             .collect();
         let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, limits.clone()), (1, limits)]) };
         Catalog::new(vec![meter(0, "m", Aggregation::Sum), meter(1, "l", Aggregation::Latest)], vec![plan], 0)

@@ -32,6 +32,12 @@ pub struct CreditAlert {
     pub meter: String,
     pub balance: Decimal,
     pub low_balance: Option<Decimal>,
+    /// Which fall this is: the sum (raw units) of every grant that had taken
+    /// effect by then, voided or expired ones included. Only a grant taking
+    /// effect lifts a balance and re-arms a level, and it raises this sum, so
+    /// each crossing has its own value — the same on every instance and after
+    /// a restart (the notification id is made from it).
+    pub episode: i64,
 }
 
 /// Where alerts go.

@@ -353,11 +353,12 @@ impl CreditBook {
     /// Checks the balance for crossings after a change and hands alerts to the
     /// sink (`fire` false: only the armed state moves).
     fn recheck(&self, customer: CustomerId, meter: MeterId, now: i64, fire: bool) {
-        let (balance, low, kinds) = self.with_entry(customer, meter, |e| {
+        let (balance, low, kinds, episode) = self.with_entry(customer, meter, |e| {
             let b = e.ledger.balance(now).balance;
             let low = e.low_balance;
             let kinds = alert::crossings(b, low, &mut e.ledger.low_fired, &mut e.ledger.depleted_fired);
-            (b, low, kinds)
+            let episode = e.ledger.grants().iter().filter(|g| g.start() <= now).fold(0i64, |sum, g| sum.saturating_add(g.amount));
+            (b, low, kinds, episode)
         });
         if !fire || kinds.iter().all(Option::is_none) {
             return;
@@ -375,6 +376,7 @@ impl CreditBook {
                 meter: m.name.clone(),
                 balance: d(balance),
                 low_balance: low.map(d),
+                episode,
             });
         }
     }

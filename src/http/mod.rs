@@ -22,6 +22,8 @@ pub mod credits;
 pub mod error;
 pub mod handlers;
 pub mod portal;
+// Threshold notifications (issue 17).
+pub mod notifications;
 pub mod routes;
 pub mod server;
 pub mod timeouts;
@@ -53,6 +55,8 @@ pub struct HttpState {
     pub stripe_webhooks: Option<Arc<crate::billing_sync::StripeWebhooks>>,
     /// Issues and verifies portal tokens.
     pub portal: Arc<portal::PortalTokens>,
+    /// Threshold notifications (issue 17), with `[notifications]`.
+    pub notifier: Option<Arc<crate::notify::Notifier>>,
 }
 
 /// Which routes a listener serves.

@@ -158,6 +158,23 @@ pub static ROUTES: &[Route] = &[
         ops: false,
         methods: &[(Method::POST, |s, req, c| Box::pin(async move { billing::portal_token(&s, req, &c).await }))],
     },
+    // Threshold notifications (issue 17).
+    Route {
+        name: "notifications",
+        path: "/v1/notifications",
+        ops: false,
+        methods: &[(Method::GET, |s, req, _| {
+            Box::pin(std::future::ready(
+                parse_query(req.uri().query().unwrap_or("")).and_then(|query| super::notifications::list(&s, req.headers(), &query)),
+            ))
+        })],
+    },
+    Route {
+        name: "notification_redeliver",
+        path: "/v1/notifications/{id}/redeliver",
+        ops: false,
+        methods: &[(Method::POST, |s, req, id| Box::pin(async move { super::notifications::redeliver(&s, req.headers(), &id).await }))],
+    },
     Route {
         name: "metrics",
         path: "/metrics",

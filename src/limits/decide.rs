@@ -80,7 +80,7 @@ mod tests {
 
     fn state(kind: WindowKind, amount: LimitAmount, hard: bool, used: i64) -> LimitState {
         LimitState {
-            limit: Limit { window: kind, amount, hard, enforcement: Enforcement::Cached },
+            limit: Limit { window: kind, amount, hard, enforcement: Enforcement::Cached, notify: None },
             window: kind.bounds(0, BillingAnchor::default()),
             used,
         }
@@ -109,6 +109,7 @@ mod tests {
                 amount: LimitAmount::Credits { granted, low_balance: None },
                 hard,
                 enforcement: Enforcement::Cached,
+                notify: None,
             },
             window: WindowKind::Total.bounds(0, BillingAnchor::default()),
             used,

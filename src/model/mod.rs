@@ -7,10 +7,13 @@ pub mod grant;
 pub mod meter;
 pub mod plan;
 pub mod quantity;
+// Threshold notifications (issue 17).
+pub mod thresholds;
 pub mod window;
 
 pub use answer::{CheckAnswer, LimitView, Reason};
 pub use meter::{Aggregation, Meter, MeterId};
 pub use plan::{Catalog, Enforcement, Entitlements, EntitlementsDoc, Limit, LimitAmount, Plan, SpecProblem};
 pub use quantity::{Decimal, QuantityError};
+pub use thresholds::Thresholds;
 pub use window::{BillingAnchor, Window, WindowKind};

@@ -71,6 +71,10 @@ pub struct Limit {
     /// A soft limit (`hard = false`) still allows, with `soft_limit_exceeded`.
     pub hard: bool,
     pub enforcement: Enforcement,
+    /// Threshold notifications (issue 17): this limit's own percents
+    /// (`notify = [...]`; empty silences it), or `None` for the default
+    /// `notifications.thresholds`.
+    pub notify: Option<super::thresholds::Thresholds>,
 }
 
 /// A problem in a limit spec: the field path below the spec, and why.
@@ -126,8 +130,8 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
     };
     let mut problems = Vec::new();
     for key in map.keys() {
-        if !matches!(key.as_str(), "limit" | "window" | "hard" | "enforcement" | "low_balance") {
-            problems.push(problem(format!("{at}.{key}"), "unknown field (expected limit, window, hard, enforcement, low_balance)"));
+        if !matches!(key.as_str(), "limit" | "window" | "hard" | "enforcement" | "low_balance" | "notify") {
+            problems.push(problem(format!("{at}.{key}"), "unknown field (expected limit, window, hard, enforcement, low_balance, notify)"));
         }
     }
     // Credits: `limit = "credits"`, optional `low_balance` and `hard`, no window.
@@ -186,8 +190,19 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
             Enforcement::Cached
         }
     };
+    // Threshold notifications (issue 17): the limit's own percents.
+    let notify = match map.get("notify") {
+        None => None,
+        Some(v) => match super::thresholds::Thresholds::from_json(v) {
+            Ok(t) => Some(t),
+            Err(reason) => {
+                problems.push(problem(format!("{at}.notify"), reason));
+                None
+            }
+        },
+    };
     match (problems.is_empty(), amount) {
-        (true, Some(amount)) => Ok(Limit { window: window.unwrap_or(WindowKind::Month), amount, hard, enforcement }),
+        (true, Some(amount)) => Ok(Limit { window: window.unwrap_or(WindowKind::Month), amount, hard, enforcement, notify }),
         _ => Err(problems),
     }
 }
@@ -201,6 +216,9 @@ fn parse_credits(
 ) -> Result<Limit, Vec<SpecProblem>> {
     if map.contains_key("window") {
         problems.push(problem(format!("{at}.window"), "a credits limit has no window (the balance never resets)"));
+    }
+    if map.contains_key("notify") {
+        problems.push(problem(format!("{at}.notify"), "a credits limit notifies through low_balance (credits.low, credits.depleted)"));
     }
     if !matches!(meter.aggregation, super::meter::Aggregation::Sum | super::meter::Aggregation::Count) {
         problems.push(problem(format!("{at}.limit"), "credits need a sum or count meter"));
@@ -238,6 +256,8 @@ fn parse_credits(
         amount: LimitAmount::Credits { granted: 0, low_balance },
         hard,
         enforcement: Enforcement::Cached,
+        // Credits notify through `low_balance` (credits.low / credits.depleted).
+        notify: None,
     })
 }
 
@@ -289,6 +309,9 @@ pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
             }
             m.insert("hard".into(), Value::Bool(l.hard));
             m.insert("enforcement".into(), Value::String(l.enforcement.as_str().into()));
+            if let Some(t) = l.notify {
+                m.insert("notify".into(), Value::Array(t.as_slice().iter().map(|&p| Value::from(p)).collect()));
+            }
             Value::Object(m)
         })
         .collect();
@@ -492,7 +515,13 @@ mod tests {
         let one = parse_limits(&json!({"limit": 300, "window": "month"}), &meter(0));
         assert_eq!(
             one,
-            Ok(vec![Limit { window: WindowKind::Month, amount: LimitAmount::Finite(300), hard: true, enforcement: Enforcement::Cached }])
+            Ok(vec![Limit {
+                window: WindowKind::Month,
+                amount: LimitAmount::Finite(300),
+                hard: true,
+                enforcement: Enforcement::Cached,
+                notify: None
+            }])
         );
         let two = parse_limits(&json!([{"limit": 5, "window": "month"}, {"limit": 2.5, "window": "day", "hard": false}]), &meter(1));
         let two = two.unwrap_or_default();
