@@ -38,5 +38,7 @@ pub mod billing_sync;
 // Prepaid credits and grants (issue 18).
 pub mod credits;
 pub mod grants;
+// Adjustments (issue 19).
+pub mod adjust;
 
 pub use app::{AppError, AppHandle};

@@ -39,6 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             /* issue 23 */ "backup",
             /* issue 18 */ "grants",
             /* issue 17 */ "notify",
+            /* issue 19 */ "adjust",
         ],
     ),
     ("http", &["http"]),

@@ -103,6 +103,12 @@ impl IngestPorts<'_> {
                 return Err(e.into());
             }
         };
+        self.ingest_events(&events, now).await
+    }
+
+    /// Ingests events already validated (the body's, or an adjustment's, whose
+    /// `raw` may be negative: issue 19): intern, dedupe, log to the WAL, fold.
+    pub async fn ingest_events(&self, events: &[super::parse::Event<'_>], now: i64) -> Result<IngestOutcome, IngestError> {
         crate::telemetry::batch_size(events.len());
         // Intern before dedupe: interning is the last step that can fail, and a
         // customer id assigned for a refused batch costs nothing.

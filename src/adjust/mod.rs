@@ -1,0 +1,181 @@
+//! Adjustments (issue 19, API.md part 2): signed corrections of `sum` and
+//! `count` usage, with a reason, for the operator's "a dropped call refunded, a
+//! double-charged job reversed".
+//!
+//! An adjustment *is* an event as far as durability and totals go: it is
+//! ingested through the normal path ([`crate::ingest`]) with its signed raw
+//! units and the property `meterd.adjustment = <id>` as its marker. So it
+//! shares the event id space (the dedupe makes it idempotent), is in the WAL
+//! (it survives SIGKILL and replays like any event), changes the window
+//! counters through the usage seam, is flushed to the usage store as its own
+//! row (negative for a decrease: `sum(value)` stays exact), shows in
+//! `/v1/usage`, and lowers the period totals the Stripe reporter plans from
+//! (its decrease path cancels, or surfaces the overreport).
+//!
+//! A decrease is refused when it would take any tracked window total it
+//! belongs to (the windows its timestamp falls in) below zero. Adjustments are
+//! applied one at a time ([`Adjustments::apply`] holds a lock from the check
+//! through the fold): other writers only add usage, so the check stays true.
+//! Applied adjustments are recorded in the audit list ([`audit`]).
+
+pub mod audit;
+pub mod spec;
+
+use crate::counters::Counters;
+use crate::engine::Engine;
+use crate::ingest::parse::Event;
+use crate::ingest::IngestError;
+use crate::model::quantity::Decimal;
+use crate::model::window::rfc3339;
+use audit::{AuditError, AuditLog, Recorded};
+use spec::{AdjustmentSpec, SpecError};
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The property that marks an adjustment's usage (its value: the adjustment id).
+pub const MARKER: &str = "meterd.adjustment";
+/// The most adjustments one `GET` lists.
+pub const MAX_LIST: usize = 1000;
+
+/// Why an adjustment was not applied (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum AdjustError {
+    #[error(transparent)]
+    Invalid(#[from] SpecError),
+    /// The decrease would take a window total below zero.
+    #[error("quantity: would take the {window} window total ({total}) below zero")]
+    BelowZero { window: &'static str, total: Decimal },
+    /// The id was taken by an event that is not an adjustment.
+    #[error("id {0:?} is already used by an accepted event")]
+    Conflict(String),
+    #[error("customer table is full")]
+    Full,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// An adjustment as listed and answered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdjustmentView {
+    pub id: String,
+    pub customer: String,
+    pub meter: String,
+    pub quantity: Decimal,
+    pub timestamp: String,
+    pub reason: String,
+    pub created_at: String,
+}
+
+impl From<&Recorded> for AdjustmentView {
+    fn from(r: &Recorded) -> AdjustmentView {
+        AdjustmentView {
+            id: r.id.clone(),
+            customer: r.customer.clone(),
+            meter: r.meter.clone(),
+            quantity: Decimal { raw: r.raw, precision: r.precision },
+            timestamp: rfc3339(r.ts),
+            reason: r.reason.clone(),
+            created_at: rfc3339(r.created_ms),
+        }
+    }
+}
+
+/// The answer of a `POST`: the adjustment, and whether it was applied before.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Applied {
+    #[serde(flatten)]
+    pub adjustment: AdjustmentView,
+    pub duplicate: bool,
+}
+
+/// The adjustments service: the audit list and the lock that applies one
+/// adjustment at a time.
+pub struct Adjustments {
+    audit: AuditLog,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+impl Adjustments {
+    /// Opens the audit list in `data_dir`.
+    pub fn open(data_dir: &Path, full_sync: bool) -> Result<Arc<Adjustments>, AdjustError> {
+        let audit = AuditLog::open(&data_dir.join("adjustments.sqlite"), full_sync)?;
+        Ok(Arc::new(Adjustments { audit, one_at_a_time: tokio::sync::Mutex::new(()) }))
+    }
+
+    /// Validates and applies the adjustment in `body`. Run it to completion
+    /// (the handler spawns it): once the WAL has it, it must be recorded.
+    pub async fn apply(&self, engine: &Arc<Engine>, body: &[u8]) -> Result<Applied, AdjustError> {
+        let now = crate::clock::now_ms();
+        let spec = AdjustmentSpec::parse(body, engine.catalog(), now, engine.ingest_limits().max_lateness_ms)?;
+        // With Redis: the customer's anchor (billing-cycle windows) loads first.
+        engine.ensure_customer(&spec.customer).await;
+        let _one = self.one_at_a_time.lock().await;
+        if let Some(r) = self.audit.get(&spec.id).await? {
+            return Ok(Applied { adjustment: AdjustmentView::from(&r), duplicate: true });
+        }
+        let catalog = engine.catalog();
+        let meter = catalog.meter_by_name(&spec.meter).ok_or_else(|| SpecError { field: "meter".into(), reason: "unknown meter".into() })?;
+        if spec.raw < 0 {
+            below_zero(engine, &spec, meter)?;
+        }
+        let event = Event {
+            id: Cow::Borrowed(&spec.id),
+            customer: Cow::Borrowed(&spec.customer),
+            meter: meter.id,
+            raw: spec.raw,
+            ts: spec.ts,
+            properties: vec![(Cow::Borrowed(MARKER), Cow::Borrowed(&spec.id))],
+        };
+        let outcome = engine.ingest_ports().ingest_events(std::slice::from_ref(&event), now).await.map_err(|e| match e {
+            IngestError::Full => AdjustError::Full,
+            IngestError::Unavailable(r) => AdjustError::Unavailable(r),
+            IngestError::Parse(p) => AdjustError::Unavailable(p.to_string()),
+        })?;
+        if outcome.accepted == 0 {
+            return Err(AdjustError::Conflict(spec.id));
+        }
+        let recorded = Recorded {
+            id: spec.id,
+            customer: spec.customer,
+            meter: spec.meter,
+            raw: spec.raw,
+            precision: meter.precision,
+            ts: spec.ts,
+            reason: spec.reason,
+            created_ms: now,
+        };
+        if let Err(e) = self.audit.insert(recorded.clone()).await {
+            // Applied (it is in the WAL and the counters) but not listed.
+            tracing::error!(error = %e, id = %recorded.id, "an applied adjustment could not be recorded in the audit list");
+            return Err(e.into());
+        }
+        tracing::info!(id = %recorded.id, meter = %recorded.meter, raw = recorded.raw, ts = recorded.ts, "adjustment applied");
+        Ok(Applied { adjustment: AdjustmentView::from(&recorded), duplicate: false })
+    }
+
+    /// A customer's adjustments, oldest first, at most `limit` (≤ [`MAX_LIST`]).
+    pub async fn list(&self, customer: &str, meter: Option<&str>, limit: usize) -> Result<Vec<AdjustmentView>, AdjustError> {
+        let rows = self.audit.list(customer, meter, limit.min(MAX_LIST)).await?;
+        Ok(rows.iter().map(AdjustmentView::from).collect())
+    }
+}
+
+/// Refuses a decrease that would take a tracked window it belongs to below zero.
+fn below_zero(engine: &Engine, spec: &AdjustmentSpec, meter: &crate::model::Meter) -> Result<(), AdjustError> {
+    let counters = engine.usage().counters();
+    let customer = counters.interner.lookup(&spec.customer);
+    let anchor = engine.entitlements().get(customer).billing_anchor;
+    for kind in counters.tracked_kinds(meter.id) {
+        // A window not held here has no usage.
+        let total = customer
+            .and_then(|c| counters.windows.get(&Counters::key(c, meter.id, kind, spec.ts, anchor), |cell| cell.used()))
+            .unwrap_or(0);
+        if total.saturating_add(spec.raw) < 0 {
+            return Err(AdjustError::BelowZero { window: kind.as_str(), total: Decimal { raw: total, precision: meter.precision } });
+        }
+    }
+    Ok(())
+}
