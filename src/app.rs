@@ -43,6 +43,9 @@ pub enum AppError {
     RawExport(#[from] crate::raw_export::ExportError),
     #[error(transparent)]
     Notify(#[from] crate::notify::NotifyError),
+    // Adjustments (issue 19).
+    #[error(transparent)]
+    Adjust(#[from] crate::adjust::AdjustError),
 }
 
 /// A running meterd.
@@ -288,6 +291,8 @@ impl AppHandle {
             stripe_webhooks,
             portal,
             notifier: notifier.clone(),
+            // Adjustments (issue 19): the audit list beside the other files.
+            adjustments: crate::adjust::Adjustments::open(&data_dir, storage.durability == crate::config::Durability::Fsync)?,
         });
         let health = state.health.clone();
         // Config reload (issue 23): the API keys change live; other parts register here.

@@ -13,6 +13,8 @@
 //! the 5 % the project allows for a framework. The one route table is what it
 //! would have brought, and [`routes`] has it without (see BENCHMARKS.md).
 
+// Adjustments (issue 19).
+pub mod adjustments;
 pub mod auth;
 // Stripe subscription sync, customers and portal tokens (issue 20).
 pub mod billing;
@@ -57,6 +59,8 @@ pub struct HttpState {
     pub portal: Arc<portal::PortalTokens>,
     /// Threshold notifications (issue 17), with `[notifications]`.
     pub notifier: Option<Arc<crate::notify::Notifier>>,
+    /// Adjustments (issue 19): the service and its audit list.
+    pub adjustments: Arc<crate::adjust::Adjustments>,
 }
 
 /// Which routes a listener serves.

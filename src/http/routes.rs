@@ -175,6 +175,21 @@ pub static ROUTES: &[Route] = &[
         ops: false,
         methods: &[(Method::POST, |s, req, id| Box::pin(async move { super::notifications::redeliver(&s, req.headers(), &id).await }))],
     },
+    // Adjustments (issue 19).
+    Route {
+        name: "adjustments",
+        path: "/v1/adjustments",
+        ops: false,
+        methods: &[
+            (Method::POST, |s, req, _| Box::pin(async move { super::adjustments::create(&s, req).await })),
+            (Method::GET, |s, req, _| {
+                Box::pin(async move {
+                    let query = parse_query(req.uri().query().unwrap_or(""))?;
+                    super::adjustments::list(&s, req.headers(), &query).await
+                })
+            }),
+        ],
+    },
     Route {
         name: "metrics",
         path: "/metrics",
