@@ -142,16 +142,7 @@ mod tests {
     use super::*;
 
     fn rec(id: &str, meter: &str, raw: i64, created_ms: i64) -> Recorded {
-        Recorded {
-            id: id.into(),
-            customer: "c".into(),
-            meter: meter.into(),
-            raw,
-            precision: 2,
-            ts: 5,
-            reason: "r".into(),
-            created_ms,
-        }
+        Recorded { id: id.into(), customer: "c".into(), meter: meter.into(), raw, precision: 2, ts: 5, reason: "r".into(), created_ms }
     }
 
     #[tokio::test]

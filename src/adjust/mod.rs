@@ -117,7 +117,8 @@ impl Adjustments {
             return Ok(Applied { adjustment: AdjustmentView::from(&r), duplicate: true });
         }
         let catalog = engine.catalog();
-        let meter = catalog.meter_by_name(&spec.meter).ok_or_else(|| SpecError { field: "meter".into(), reason: "unknown meter".into() })?;
+        let meter =
+            catalog.meter_by_name(&spec.meter).ok_or_else(|| SpecError { field: "meter".into(), reason: "unknown meter".into() })?;
         if spec.raw < 0 {
             below_zero(engine, &spec, meter)?;
         }

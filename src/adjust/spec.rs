@@ -71,11 +71,17 @@ fn signed_quantity(text: &str, meter: &Meter) -> Result<i64, SpecError> {
     };
     let precision = if meter.aggregation == Aggregation::Count { 0 } else { meter.precision };
     let units = quantity::parse_decimal(abs, precision).map_err(|e| match e {
-        QuantityError::TooPrecise { .. } if meter.aggregation == Aggregation::Count => bad("quantity", "must be a whole count on a count meter"),
+        QuantityError::TooPrecise { .. } if meter.aggregation == Aggregation::Count => {
+            bad("quantity", "must be a whole count on a count meter")
+        }
         e => bad("quantity", e.to_string()),
     })?;
     // A count meter counts one whole unit per event.
-    let raw = if meter.aggregation == Aggregation::Count { units.checked_mul(meter.scale()).ok_or_else(|| bad("quantity", "is too large"))? } else { units };
+    let raw = if meter.aggregation == Aggregation::Count {
+        units.checked_mul(meter.scale()).ok_or_else(|| bad("quantity", "is too large"))?
+    } else {
+        units
+    };
     if raw == 0 {
         return Err(bad("quantity", "must not be zero"));
     }

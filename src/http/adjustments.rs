@@ -20,7 +20,10 @@ type Resp = Result<Response<Full<Bytes>>, ApiError>;
 const DEFAULT_LIMIT: usize = 100;
 
 fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
-    ApiError { details: Some(j!([{"field": field, "reason": reason.to_string()}])), ..ApiError::invalid_request(format!("{field}: {reason}")) }
+    ApiError {
+        details: Some(j!([{"field": field, "reason": reason.to_string()}])),
+        ..ApiError::invalid_request(format!("{field}: {reason}"))
+    }
 }
 
 fn error(e: AdjustError) -> ApiError {
