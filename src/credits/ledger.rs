@@ -224,6 +224,21 @@ impl Ledger {
 
     /// Takes `raw` from the grants active at `t`, in order; the rest is overage.
     fn take(&mut self, t: i64, raw: i64) {
+        // A negative amount (an adjustment, issue 19) gives back: unpaid
+        // overage first, then the active grants last in spending order, each
+        // up to its capacity.
+        if raw < 0 {
+            let mut back = raw.saturating_neg();
+            let cleared = self.overage.min(back).max(0);
+            self.overage -= cleared;
+            back -= cleared;
+            for g in self.grants.iter_mut().rev().filter(|g| g.active_at(t)) {
+                let give = (g.capacity() - g.remaining).clamp(0, back);
+                g.remaining += give;
+                back -= give;
+            }
+            return;
+        }
         let mut left = raw;
         for g in self.grants.iter_mut().filter(|g| g.active_at(t)) {
             if left == 0 {
@@ -281,6 +296,21 @@ mod tests {
         let _ = l.balance(2 * M);
         let left: Vec<(&str, i64)> = l.grants().iter().map(|g| (&*g.id, g.remaining)).collect();
         assert_eq!(left, vec![("d", 0), ("c", 5), ("e", 10), ("a", 10), ("b", 10)]);
+    }
+
+    #[test]
+    fn a_negative_charge_clears_overage_then_refills_grants_in_reverse() {
+        let mut l = Ledger::new();
+        l.put_grant(grant("a", 10, 1, 0, None));
+        l.put_grant(grant("b", 10, 2, 0, None));
+        l.charge(M, 25);
+        assert_eq!(l.balance(M).balance, -5);
+        l.charge(M, -7);
+        assert_eq!(l.balance(M).balance, 2);
+        let left: Vec<(&str, i64)> = l.grants().iter().map(|g| (&*g.id, g.remaining)).collect();
+        assert_eq!(left, vec![("a", 0), ("b", 2)]);
+        l.charge(2 * M, -18);
+        assert_eq!(l.balance(2 * M).balance, 20, "back to the full grants");
     }
 
     #[test]
