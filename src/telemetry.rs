@@ -73,6 +73,24 @@ pub const NOTIFICATIONS_FAILED_TOTAL: &str = "meterd_notifications_failed_total"
 pub const NOTIFICATIONS_RETRIES_TOTAL: &str = "meterd_notifications_retries_total";
 pub const NOTIFICATIONS_PENDING: &str = "meterd_notifications_pending";
 pub const NOTIFICATIONS_OLDEST_PENDING: &str = "meterd_notifications_oldest_pending_seconds";
+// Adjustments (issue 19): by `result` (no customer or meter labels).
+/// Adjustments asked for, by `result`.
+pub const ADJUSTMENTS_TOTAL: &str = "meterd_adjustments_total";
+/// The `result` labels of [`ADJUSTMENTS_TOTAL`]: applied, a repeated id,
+/// refused below zero, an id taken by an event.
+pub const ADJUSTMENT_RESULTS: [&str; 4] = ["applied", "duplicate", "below_zero", "conflict"];
+
+/// Registers the adjustment series at zero.
+pub fn register_adjustments() {
+    for result in ADJUSTMENT_RESULTS {
+        metrics::counter!(ADJUSTMENTS_TOTAL, "result" => result).increment(0);
+    }
+}
+
+/// One adjustment and what became of it.
+pub fn adjustment(result: &'static str) {
+    metrics::counter!(ADJUSTMENTS_TOTAL, "result" => result).increment(1);
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static HOT: OnceLock<Hot> = OnceLock::new();
@@ -226,6 +244,8 @@ pub fn register_known(known: &Known<'_>) {
             metrics::gauge!(name).increment(0.0);
         }
     }
+    // Adjustments (issue 19).
+    register_adjustments();
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     collect_process();
 }

@@ -142,6 +142,13 @@ async fn below_zero_is_refused_and_changes_nothing() {
     assert_eq!(usage(&c, "b1", "minutes").await, json!(0));
     meterd::flush::flush_all(&server.app().engine).await.expect("flush");
     assert_eq!(store_sum(&server.data_dir(), "b1", "minutes"), 0);
+    let metrics = c.get("/metrics").await.text;
+    let count = |result: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(&format!("meterd_adjustments_total{{result=\"{result}\"}} "))).map(str::to_owned)
+    };
+    assert_eq!(count("below_zero").as_deref(), Some("2"), "{metrics}");
+    // Only this test is refused (the recorder is shared by the tests of this file); the others are registered.
+    assert!(count("applied").is_some() && count("conflict").is_some(), "{metrics}");
     server.stop().await;
 }
 

@@ -114,13 +114,14 @@ impl Adjustments {
         engine.ensure_customer(&spec.customer).await;
         let _one = self.one_at_a_time.lock().await;
         if let Some(r) = self.audit.get(&spec.id).await? {
+            crate::telemetry::adjustment("duplicate");
             return Ok(Applied { adjustment: AdjustmentView::from(&r), duplicate: true });
         }
         let catalog = engine.catalog();
         let meter =
             catalog.meter_by_name(&spec.meter).ok_or_else(|| SpecError { field: "meter".into(), reason: "unknown meter".into() })?;
         if spec.raw < 0 {
-            below_zero(engine, &spec, meter)?;
+            below_zero(engine, &spec, meter).inspect_err(|_| crate::telemetry::adjustment("below_zero"))?;
         }
         let event = Event {
             id: Cow::Borrowed(&spec.id),
@@ -136,6 +137,7 @@ impl Adjustments {
             IngestError::Parse(p) => AdjustError::Unavailable(p.to_string()),
         })?;
         if outcome.accepted == 0 {
+            crate::telemetry::adjustment("conflict");
             return Err(AdjustError::Conflict(spec.id));
         }
         let recorded = Recorded {
@@ -153,6 +155,7 @@ impl Adjustments {
             tracing::error!(error = %e, id = %recorded.id, "an applied adjustment could not be recorded in the audit list");
             return Err(e.into());
         }
+        crate::telemetry::adjustment("applied");
         tracing::info!(id = %recorded.id, meter = %recorded.meter, raw = recorded.raw, ts = recorded.ts, "adjustment applied");
         Ok(Applied { adjustment: AdjustmentView::from(&recorded), duplicate: false })
     }
