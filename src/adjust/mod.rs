@@ -121,7 +121,7 @@ impl Adjustments {
         let meter =
             catalog.meter_by_name(&spec.meter).ok_or_else(|| SpecError { field: "meter".into(), reason: "unknown meter".into() })?;
         if spec.raw < 0 {
-            below_zero(engine, &spec, meter).inspect_err(|_| crate::telemetry::adjustment("below_zero"))?;
+            below_zero(engine, &spec, meter).await.inspect_err(|_| crate::telemetry::adjustment("below_zero"))?;
         }
         let event = Event {
             id: Cow::Borrowed(&spec.id),
@@ -168,18 +168,47 @@ impl Adjustments {
 }
 
 /// Refuses a decrease that would take a tracked window it belongs to below zero.
-fn below_zero(engine: &Engine, spec: &AdjustmentSpec, meter: &crate::model::Meter) -> Result<(), AdjustError> {
+async fn below_zero(engine: &Engine, spec: &AdjustmentSpec, meter: &crate::model::Meter) -> Result<(), AdjustError> {
     let counters = engine.usage().counters();
     let customer = counters.interner.lookup(&spec.customer);
     let anchor = engine.entitlements().get(customer).billing_anchor;
-    for kind in counters.tracked_kinds(meter.id) {
-        // A window not held here has no usage.
-        let total = customer
-            .and_then(|c| counters.windows.get(&Counters::key(c, meter.id, kind, spec.ts, anchor), |cell| cell.used()))
-            .unwrap_or(0);
+    let kinds: Vec<_> = counters.tracked_kinds(meter.id).collect();
+    for kind in kinds {
+        let held = customer.and_then(|c| counters.windows.get(&Counters::key(c, meter.id, kind, spec.ts, anchor), |cell| cell.used()));
+        let total = match held {
+            Some(total) => total,
+            // Not held here (a past window after a restart): what the store and
+            // the unflushed minutes say of it.
+            None => stored_total(engine, spec, meter, kind.bounds(spec.ts, anchor)).await?,
+        };
         if total.saturating_add(spec.raw) < 0 {
             return Err(AdjustError::BelowZero { window: kind.as_str(), total: Decimal { raw: total, precision: meter.precision } });
         }
     }
     Ok(())
+}
+
+/// The customer's usage of `meter` over `window` from the history query (the
+/// store plus unflushed minutes); 0 for a window it cannot ask about (unbounded).
+async fn stored_total(
+    engine: &Engine,
+    spec: &AdjustmentSpec,
+    meter: &crate::model::Meter,
+    window: crate::model::window::Window,
+) -> Result<i64, AdjustError> {
+    use crate::history::{Granularity, MAX_POINTS};
+    let span = window.end_ms.saturating_sub(window.start_ms);
+    let fits = |g: Granularity| {
+        let ms = g.millis();
+        window.start_ms.rem_euclid(ms) == 0 && window.end_ms.rem_euclid(ms) == 0 && span / ms <= MAX_POINTS as i64
+    };
+    let Some(g) = [Granularity::Day, Granularity::Hour, Granularity::Minute].into_iter().find(|&g| fits(g)) else {
+        return Ok(0);
+    };
+    let series = engine
+        .history_ports()
+        .usage_series(&meter.name, window.start_ms, window.end_ms, g, Some(&spec.customer))
+        .await
+        .map_err(|e| AdjustError::Unavailable(format!("could not read the usage of the window: {e}")))?;
+    Ok(series.data.iter().map(|p| p.value.raw).fold(0i64, i64::saturating_add))
 }
