@@ -176,6 +176,16 @@ async fn an_id_is_applied_once() {
         }
     }
     assert_eq!(fresh, 1);
+    // The same id with another body is a conflict; without a timestamp a repeat is the same.
+    let mut changed = body.clone();
+    changed["quantity"] = json!(-6);
+    let r = c.post_json("/v1/adjustments", &changed).await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(r.code(), "conflict");
+    let mut untimed = body.clone();
+    untimed.as_object_mut().expect("object").remove("timestamp");
+    let r = c.post_json("/v1/adjustments", &untimed).await;
+    assert_eq!(r.body["duplicate"], json!(true), "{}", r.text);
     assert_eq!(usage(&c, "i1", "minutes").await, json!(45));
     // The id space is the events': an event id cannot be reused for an adjustment, nor the reverse.
     let event_id = uid("e");
@@ -235,7 +245,8 @@ async fn an_adjustment_survives_sigkill() {
     wait_healthy(&mut p, addr).await;
     let c = Client { addr, token: None };
     assert_eq!(c.events(&common::event("k1", "minutes", 20)).await.status, 202);
-    let r = c.post_json("/v1/adjustments", &adjustment("adj-k", "k1", "minutes", json!(-7.5), "killed")).await;
+    let body = adjustment("adj-k", "k1", "minutes", json!(-7.5), "killed");
+    let r = c.post_json("/v1/adjustments", &body).await;
     assert_eq!(r.status, 202, "{}", r.text);
     p.child.kill().expect("SIGKILL");
     p.wait_exit(Duration::from_secs(10)).await;
@@ -245,7 +256,7 @@ async fn an_adjustment_survives_sigkill() {
     let r = c.get("/v1/adjustments?customer=k1").await;
     assert_eq!(r.body["adjustments"][0]["id"], json!("adj-k"), "{}", r.text);
     // The id is still taken after the replay.
-    let r = c.post_json("/v1/adjustments", &adjustment("adj-k", "k1", "minutes", json!(-7.5), "killed")).await;
+    let r = c.post_json("/v1/adjustments", &body).await;
     assert_eq!(r.body["duplicate"], json!(true), "{}", r.text);
     assert_eq!(usage(&c, "k1", "minutes").await, json!(12.5));
     p.sigterm();

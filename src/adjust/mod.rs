@@ -49,6 +49,9 @@ pub enum AdjustError {
     /// The id was taken by an event that is not an adjustment.
     #[error("id {0:?} is already used by an accepted event")]
     Conflict(String),
+    /// The id names an adjustment with another body.
+    #[error("adjustment {0:?} exists with another body")]
+    Changed(String),
     #[error("customer table is full")]
     Full,
     #[error("{0}")]
@@ -114,6 +117,10 @@ impl Adjustments {
         engine.ensure_customer(&spec.customer).await;
         let _one = self.one_at_a_time.lock().await;
         if let Some(r) = self.audit.get(&spec.id).await? {
+            if !spec.same_as(&r) {
+                crate::telemetry::adjustment("conflict");
+                return Err(AdjustError::Changed(spec.id));
+            }
             crate::telemetry::adjustment("duplicate");
             return Ok(Applied { adjustment: AdjustmentView::from(&r), duplicate: true });
         }
@@ -164,6 +171,18 @@ impl Adjustments {
     pub async fn list(&self, customer: &str, meter: Option<&str>, limit: usize) -> Result<Vec<AdjustmentView>, AdjustError> {
         let rows = self.audit.list(customer, meter, limit.min(MAX_LIST)).await?;
         Ok(rows.iter().map(AdjustmentView::from).collect())
+    }
+}
+
+impl AdjustmentSpec {
+    /// Whether a repeat of the recorded adjustment (the timestamp compared
+    /// only when this one gives it).
+    fn same_as(&self, r: &Recorded) -> bool {
+        self.customer == r.customer
+            && self.meter == r.meter
+            && self.raw == r.raw
+            && self.reason == r.reason
+            && (!self.ts_given || self.ts == r.ts)
     }
 }
 

@@ -51,6 +51,8 @@ pub struct AdjustmentSpec {
     /// Signed raw units at the meter's precision.
     pub raw: i64,
     pub ts: i64,
+    /// Whether the body gave the timestamp (a retry without one gets a new "now").
+    pub ts_given: bool,
     pub reason: String,
 }
 
@@ -104,7 +106,7 @@ impl AdjustmentSpec {
         }
         let quantity = body.quantity.ok_or_else(|| bad("quantity", "is required"))?;
         let raw = signed_quantity(quantity.get(), meter)?;
-        let ts = match body.timestamp {
+        let ts = match &body.timestamp {
             None => now_ms,
             Some(t) => {
                 let text = t.get();
@@ -123,7 +125,7 @@ impl AdjustmentSpec {
             return Err(bad("timestamp", "is older than ingest.max_lateness"));
         }
         let reason = string(body.reason, "reason", MAX_REASON)?;
-        Ok(AdjustmentSpec { id, customer, meter: meter_name, raw, ts, reason })
+        Ok(AdjustmentSpec { id, customer, meter: meter_name, raw, ts, ts_given: body.timestamp.is_some(), reason })
     }
 }
 

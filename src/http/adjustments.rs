@@ -33,7 +33,7 @@ fn error(e: AdjustError) -> ApiError {
             let message = e.to_string();
             invalid("quantity", message.trim_start_matches("quantity: "))
         }
-        e @ AdjustError::Conflict(_) => {
+        e @ (AdjustError::Conflict(_) | AdjustError::Changed(_)) => {
             ApiError { status: StatusCode::CONFLICT, code: "conflict", message: e.to_string(), details: None, retry_after: None }
         }
         AdjustError::Full => ApiError::unavailable("customer table is full", 60),
