@@ -63,7 +63,8 @@ pub struct UsageChange<'a> {
     pub customer: CustomerId,
     pub meter: MeterId,
     pub origin: Origin,
-    /// The raw units added (0 for a window set or a sync: see `windows`).
+    /// The raw units added (0 for a window set or a sync: see `windows`;
+    /// negative for an adjustment that takes usage back, issue 19).
     pub raw: i64,
     /// The usage's event time, Unix ms (0 with `raw` 0): credits charge usage
     /// to the grants active then.

@@ -30,6 +30,12 @@ async fn a_negative_adjustment_gives_credits_back() {
     assert_eq!(r.status, 202, "{}", r.text);
     let b = balance(&c, "k1", "interviews").await;
     assert_eq!((b["balance"].clone(), b["used"].clone()), (json!(4), json!(1)), "{b}");
+    // No limit window on a credits meter: the month's usage (1 left) bounds a decrease.
+    let r = c
+        .post_json("/v1/adjustments", &json!({"id": "k1-adj2", "customer": "k1", "meter": "interviews", "quantity": -2, "reason": "x"}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(balance(&c, "k1", "interviews").await["balance"], 4);
     // The balance survives a restart (the usage store's minutes replay the ledger).
     let s = s.restart().await;
     let b = balance(&s.client(), "k1", "interviews").await;

@@ -13,7 +13,8 @@
 //! (its decrease path cancels, or surfaces the overreport).
 //!
 //! A decrease is refused when it would take any tracked window total it
-//! belongs to (the windows its timestamp falls in) below zero. Adjustments are
+//! belongs to (the windows its timestamp falls in) below zero; a meter with no
+//! tracked window (credits, no limit) is checked on its calendar month. Adjustments are
 //! applied one at a time ([`Adjustments::apply`] holds a lock from the check
 //! through the fold): other writers only add usage, so the check stays true.
 //! Applied adjustments are recorded in the audit list ([`audit`]).
@@ -191,7 +192,12 @@ async fn below_zero(engine: &Engine, spec: &AdjustmentSpec, meter: &crate::model
     let counters = engine.usage().counters();
     let customer = counters.interner.lookup(&spec.customer);
     let anchor = engine.entitlements().get(customer).billing_anchor;
-    let kinds: Vec<_> = counters.tracked_kinds(meter.id).collect();
+    let mut kinds: Vec<_> = counters.tracked_kinds(meter.id).collect();
+    if kinds.is_empty() {
+        // No limit windows the meter (credits, or no limit): its calendar
+        // month, as the store holds it, still may not go below zero.
+        kinds.push(crate::model::WindowKind::Month);
+    }
     for kind in kinds {
         let held = customer.and_then(|c| counters.windows.get(&Counters::key(c, meter.id, kind, spec.ts, anchor), |cell| cell.used()));
         let total = match held {
