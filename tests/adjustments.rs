@@ -262,3 +262,35 @@ async fn an_adjustment_survives_sigkill() {
     p.sigterm();
     p.wait_exit(Duration::from_secs(30)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posting_needs_admin_and_listing_needs_read() {
+    use sha2::Digest;
+    let key = |name: &str, secret: &str, scopes: &str| {
+        format!(
+            "\n[[auth.keys]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\nscopes = {scopes}\n",
+            hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+        )
+    };
+    let config = format!(
+        "{CONFIG}{}{}{}",
+        key("admin", "adm-key-1234", "[\"admin\"]"),
+        key("reader", "read-key-1234", "[\"read\"]"),
+        key("ingest", "ing-key-1234", "[\"ingest\"]")
+    );
+    let server = TestServer::start(&config).await;
+    let c = server.client();
+    let (admin, reader, ingest) = (c.with_token("adm-key-1234"), c.with_token("read-key-1234"), c.with_token("ing-key-1234"));
+    assert_eq!(ingest.events(&common::event("s1", "minutes", 5)).await.status, 202);
+    let body = adjustment("adj-s", "s1", "minutes", json!(-1), "r");
+    for who in [&reader, &ingest] {
+        assert_eq!(who.post_json("/v1/adjustments", &body).await.status, 403);
+    }
+    assert_eq!(c.post_json("/v1/adjustments", &body).await.status, 401);
+    assert_eq!(admin.post_json("/v1/adjustments", &body).await.status, 202);
+    assert_eq!(ingest.get("/v1/adjustments?customer=s1").await.status, 403);
+    let r = reader.get("/v1/adjustments?customer=s1").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["adjustments"][0]["id"], json!("adj-s"));
+    server.stop().await;
+}
