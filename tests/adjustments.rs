@@ -294,3 +294,54 @@ async fn posting_needs_admin_and_listing_needs_read() {
     assert_eq!(r.body["adjustments"][0]["id"], json!("adj-s"));
     server.stop().await;
 }
+
+/// Stops `server`, runs `sql` on its audit list, starts it again on the same data dir.
+async fn with_audit_edited(mut server: TestServer, sql: &str) -> TestServer {
+    if let Some(app) = server.app.take() {
+        app.shutdown().await.expect("clean shutdown");
+    }
+    let conn = rusqlite::Connection::open(server.dir.path().join("adjustments.sqlite")).expect("open the audit list");
+    conn.execute_batch(sql).expect("edit the audit list");
+    drop(conn);
+    let config = server.config.clone();
+    TestServer::start_in(&config, server.dir).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_completes_an_adjustment_left_pending() {
+    away_from_day_boundary().await;
+    let server = TestServer::start(CONFIG).await;
+    let c = server.client();
+    assert_eq!(c.events(&common::event("r1", "minutes", 20)).await.status, 202);
+    // Stopped after the WAL write, before the row was marked applied.
+    let reached = adjustment("adj-reached", "r1", "minutes", json!(-3), "r");
+    assert_eq!(c.post_json("/v1/adjustments", &reached).await.status, 202);
+    // Stopped after the pending row, before the WAL write.
+    let ts = now_ms();
+    let server = with_audit_edited(
+        server,
+        &format!(
+            "UPDATE adjustments SET applied = 0 WHERE id = 'adj-reached';
+             INSERT INTO adjustments (id, customer, meter, raw, precision, ts, reason, created_ms, applied)
+             VALUES ('adj-lost', 'r1', 'minutes', -400, 2, {ts}, 'r', {ts}, 0);"
+        ),
+    )
+    .await;
+    let c = server.client();
+    assert_eq!(usage(&c, "r1", "minutes").await, json!(17));
+    let r = c.get("/v1/adjustments?customer=r1").await;
+    assert_eq!(r.body["adjustments"], json!([]), "pending rows are not listed: {}", r.text);
+    let r = c.post_json("/v1/adjustments", &reached).await;
+    assert_eq!((r.status.as_u16(), r.body["duplicate"].clone()), (202, json!(false)), "{}", r.text);
+    assert_eq!(usage(&c, "r1", "minutes").await, json!(17), "the WAL already had it: not applied twice");
+    let lost = json!({"id": "adj-lost", "customer": "r1", "meter": "minutes", "quantity": -4, "reason": "r"});
+    let r = c.post_json("/v1/adjustments", &lost).await;
+    assert_eq!((r.status.as_u16(), r.body["duplicate"].clone()), (202, json!(false)), "{}", r.text);
+    assert_eq!(usage(&c, "r1", "minutes").await, json!(13), "applied now");
+    let r = c.get("/v1/adjustments?customer=r1").await;
+    assert_eq!(r.body["adjustments"].as_array().map(Vec::len), Some(2), "{}", r.text);
+    let r = c.post_json("/v1/adjustments", &lost).await;
+    assert_eq!(r.body["duplicate"], json!(true), "{}", r.text);
+    assert_eq!(usage(&c, "r1", "minutes").await, json!(13));
+    server.stop().await;
+}

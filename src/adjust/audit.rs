@@ -1,7 +1,9 @@
 //! The audit list of adjustments: every applied adjustment, with its reason,
 //! in the SQLite file `data_dir/adjustments.sqlite` (table `adjustments`,
-//! keyed by id). Written after the adjustment is in the WAL and the counters,
-//! read by `GET /v1/adjustments` (bounded by a limit) and by a repeated
+//! keyed by id). A row is written *pending* before the adjustment goes to the
+//! WAL and marked applied after, so a crash in between leaves a pending row
+//! that a retry of the same id completes (see `adjust`). Read by `GET
+//! /v1/adjustments` (applied rows, bounded by a limit) and by a repeated
 //! `POST` (idempotency by id).
 
 use rusqlite::{Connection, OptionalExtension};
@@ -30,6 +32,8 @@ pub struct Recorded {
     pub reason: String,
     /// When meterd applied it, Unix ms.
     pub created_ms: i64,
+    /// False while it is being applied (or if meterd stopped meanwhile).
+    pub applied: bool,
 }
 
 const SCHEMA: &str = "
@@ -41,7 +45,8 @@ CREATE TABLE IF NOT EXISTS adjustments (
     precision  INTEGER NOT NULL,
     ts         INTEGER NOT NULL, -- unix ms
     reason     TEXT NOT NULL,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    applied    INTEGER NOT NULL  -- 0: pending (being applied), 1: applied
 );
 CREATE INDEX IF NOT EXISTS adjustments_by_customer ON adjustments (customer, meter, created_ms);
 ";
@@ -66,10 +71,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Recorded> {
         ts: r.get(5)?,
         reason: r.get(6)?,
         created_ms: r.get(7)?,
+        applied: r.get(8)?,
     })
 }
 
-const COLUMNS: &str = "id, customer, meter, raw, precision, ts, reason, created_ms";
+const COLUMNS: &str = "id, customer, meter, raw, precision, ts, reason, created_ms, applied";
 
 impl AuditLog {
     /// Opens (creating) the file; `full_sync` makes every commit an fsync.
@@ -108,8 +114,8 @@ impl AuditLog {
         self.with(move |c| {
             let n = c
                 .execute(
-                    &format!("INSERT OR IGNORE INTO adjustments ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
-                    rusqlite::params![r.id, r.customer, r.meter, r.raw, r.precision, r.ts, r.reason, r.created_ms],
+                    &format!("INSERT OR IGNORE INTO adjustments ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                    rusqlite::params![r.id, r.customer, r.meter, r.raw, r.precision, r.ts, r.reason, r.created_ms, r.applied],
                 )
                 .map_err(sql("insert"))?;
             Ok(n == 1)
@@ -117,7 +123,21 @@ impl AuditLog {
         .await
     }
 
-    /// A customer's adjustments (of one meter, when given), oldest first, at
+    /// Marks a pending adjustment applied.
+    pub async fn mark_applied(&self, id: &str) -> Result<(), AuditError> {
+        let id = id.to_owned();
+        self.with(move |c| c.execute("UPDATE adjustments SET applied = 1 WHERE id = ?1", [&id]).map(|_| ()).map_err(sql("mark applied")))
+            .await
+    }
+
+    /// Forgets a pending adjustment that was not applied.
+    pub async fn forget_pending(&self, id: &str) -> Result<(), AuditError> {
+        let id = id.to_owned();
+        self.with(move |c| c.execute("DELETE FROM adjustments WHERE id = ?1 AND applied = 0", [&id]).map(|_| ()).map_err(sql("forget")))
+            .await
+    }
+
+    /// A customer's applied adjustments (of one meter, when given), oldest first, at
     /// most `limit`.
     pub async fn list(&self, customer: &str, meter: Option<&str>, limit: usize) -> Result<Vec<Recorded>, AuditError> {
         let customer = customer.to_owned();
@@ -126,7 +146,7 @@ impl AuditLog {
         self.with(move |c| {
             let mut stmt = c
                 .prepare(&format!(
-                    "SELECT {COLUMNS} FROM adjustments WHERE customer = ?1 AND (?2 IS NULL OR meter = ?2) \
+                    "SELECT {COLUMNS} FROM adjustments WHERE customer = ?1 AND (?2 IS NULL OR meter = ?2) AND applied = 1 \
                      ORDER BY created_ms, id LIMIT ?3"
                 ))
                 .map_err(sql("list"))?;
@@ -142,7 +162,17 @@ mod tests {
     use super::*;
 
     fn rec(id: &str, meter: &str, raw: i64, created_ms: i64) -> Recorded {
-        Recorded { id: id.into(), customer: "c".into(), meter: meter.into(), raw, precision: 2, ts: 5, reason: "r".into(), created_ms }
+        Recorded {
+            id: id.into(),
+            customer: "c".into(),
+            meter: meter.into(),
+            raw,
+            precision: 2,
+            ts: 5,
+            reason: "r".into(),
+            created_ms,
+            applied: true,
+        }
     }
 
     #[tokio::test]
@@ -162,5 +192,15 @@ mod tests {
         assert_eq!(ids(log.list("c", Some("m"), 10).await.unwrap()), ["a", "c"]);
         assert_eq!(ids(log.list("c", None, 2).await.unwrap()), ["a", "b"]);
         assert!(log.list("other", None, 10).await.unwrap().is_empty());
+        // Pending rows are not listed until marked applied; forgetting spares applied rows.
+        assert!(log.insert(Recorded { applied: false, ..rec("p", "m", -1, 5) }).await.unwrap());
+        assert_eq!(ids(log.list("c", None, 10).await.unwrap()), ["a", "b", "c"]);
+        log.mark_applied("p").await.unwrap();
+        assert_eq!(ids(log.list("c", None, 10).await.unwrap()), ["a", "b", "c", "p"]);
+        assert!(log.insert(Recorded { applied: false, ..rec("q", "m", -1, 6) }).await.unwrap());
+        log.forget_pending("q").await.unwrap();
+        log.forget_pending("a").await.unwrap();
+        assert_eq!(log.get("q").await.unwrap(), None);
+        assert!(log.get("a").await.unwrap().is_some());
     }
 }

@@ -17,7 +17,10 @@
 //! tracked window (credits, no limit) is checked on its calendar month. Adjustments are
 //! applied one at a time ([`Adjustments::apply`] holds a lock from the check
 //! through the fold): other writers only add usage, so the check stays true.
-//! Applied adjustments are recorded in the audit list ([`audit`]).
+//! Adjustments are recorded in the audit list ([`audit`]): pending before the
+//! WAL write, applied after; a retry of an id left pending by a crash
+//! completes it (a duplicate answer from the dedupe then means the earlier
+//! attempt reached the WAL).
 
 pub mod audit;
 pub mod spec;
@@ -117,55 +120,90 @@ impl Adjustments {
         // With Redis: the customer's anchor (billing-cycle windows) loads first.
         engine.ensure_customer(&spec.customer).await;
         let _one = self.one_at_a_time.lock().await;
-        if let Some(r) = self.audit.get(&spec.id).await? {
-            if !spec.same_as(&r) {
+        let existing = self.audit.get(&spec.id).await?;
+        if let Some(r) = &existing {
+            if !spec.same_as(r) {
                 crate::telemetry::adjustment("conflict");
                 return Err(AdjustError::Changed(spec.id));
             }
-            crate::telemetry::adjustment("duplicate");
-            return Ok(Applied { adjustment: AdjustmentView::from(&r), duplicate: true });
+            if r.applied {
+                crate::telemetry::adjustment("duplicate");
+                return Ok(Applied { adjustment: AdjustmentView::from(r), duplicate: true });
+            }
         }
+        // A pending row: an earlier attempt stopped between writing it and
+        // marking it applied; it may or may not have reached the WAL.
+        let resumed = existing.is_some();
         let catalog = engine.catalog();
         let meter =
             catalog.meter_by_name(&spec.meter).ok_or_else(|| SpecError { field: "meter".into(), reason: "unknown meter".into() })?;
+        let recorded = match existing {
+            Some(r) => r,
+            None => Recorded {
+                id: spec.id.clone(),
+                customer: spec.customer.clone(),
+                meter: spec.meter.clone(),
+                raw: spec.raw,
+                precision: meter.precision,
+                ts: spec.ts,
+                reason: spec.reason.clone(),
+                created_ms: now,
+                applied: false,
+            },
+        };
         if spec.raw < 0 {
-            below_zero(engine, &spec, meter).await.inspect_err(|_| crate::telemetry::adjustment("below_zero"))?;
+            if let Err(e) = below_zero(engine, &spec, meter).await {
+                crate::telemetry::adjustment("below_zero");
+                self.forget(&recorded.id).await;
+                return Err(e);
+            }
+        }
+        if !resumed {
+            self.audit.insert(recorded.clone()).await?;
         }
         let event = Event {
-            id: Cow::Borrowed(&spec.id),
-            customer: Cow::Borrowed(&spec.customer),
+            id: Cow::Borrowed(&recorded.id),
+            customer: Cow::Borrowed(&recorded.customer),
             meter: meter.id,
-            raw: spec.raw,
-            ts: spec.ts,
-            properties: vec![(Cow::Borrowed(MARKER), Cow::Borrowed(&spec.id))],
+            raw: recorded.raw,
+            ts: recorded.ts,
+            properties: vec![(Cow::Borrowed(MARKER), Cow::Borrowed(&recorded.id))],
         };
-        let outcome = engine.ingest_ports().ingest_events(std::slice::from_ref(&event), now).await.map_err(|e| match e {
-            IngestError::Full => AdjustError::Full,
-            IngestError::Unavailable(r) => AdjustError::Unavailable(r),
-            IngestError::Parse(p) => AdjustError::Unavailable(p.to_string()),
-        })?;
-        if outcome.accepted == 0 {
+        let outcome = match engine.ingest_ports().ingest_events(std::slice::from_ref(&event), now).await {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing was recorded in the WAL.
+                self.forget(&recorded.id).await;
+                return Err(match e {
+                    IngestError::Full => AdjustError::Full,
+                    IngestError::Unavailable(r) => AdjustError::Unavailable(r),
+                    IngestError::Parse(p) => AdjustError::Unavailable(p.to_string()),
+                });
+            }
+        };
+        // A duplicate id on a resumed row is the earlier attempt's WAL record.
+        if outcome.accepted == 0 && !resumed {
             crate::telemetry::adjustment("conflict");
-            return Err(AdjustError::Conflict(spec.id));
+            self.forget(&recorded.id).await;
+            return Err(AdjustError::Conflict(recorded.id));
         }
-        let recorded = Recorded {
-            id: spec.id,
-            customer: spec.customer,
-            meter: spec.meter,
-            raw: spec.raw,
-            precision: meter.precision,
-            ts: spec.ts,
-            reason: spec.reason,
-            created_ms: now,
-        };
-        if let Err(e) = self.audit.insert(recorded.clone()).await {
-            // Applied (it is in the WAL and the counters) but not listed.
-            tracing::error!(error = %e, id = %recorded.id, "an applied adjustment could not be recorded in the audit list");
+        if let Err(e) = self.audit.mark_applied(&recorded.id).await {
+            // Applied (in the WAL and the counters) but still pending: a retry completes it.
+            tracing::error!(error = %e, id = %recorded.id, "an applied adjustment could not be marked in the audit list");
             return Err(e.into());
         }
         crate::telemetry::adjustment("applied");
-        tracing::info!(id = %recorded.id, meter = %recorded.meter, raw = recorded.raw, ts = recorded.ts, "adjustment applied");
+        tracing::info!(id = %recorded.id, meter = %recorded.meter, raw = recorded.raw, ts = recorded.ts, resumed, "adjustment applied");
+        let recorded = Recorded { applied: true, ..recorded };
         Ok(Applied { adjustment: AdjustmentView::from(&recorded), duplicate: false })
+    }
+
+    /// Drops a pending row of an adjustment that was not applied (logged if
+    /// that fails: a retry resumes it).
+    async fn forget(&self, id: &str) {
+        if let Err(e) = self.audit.forget_pending(id).await {
+            tracing::warn!(error = %e, id, "could not drop a pending adjustment from the audit list");
+        }
     }
 
     /// A customer's adjustments, oldest first, at most `limit` (≤ [`MAX_LIST`]).
