@@ -91,6 +91,10 @@ pub const MANIFEST: &str = "backup.json";
 const STORE_FILE: &str = "meterd.sqlite";
 /// The Stripe webhook ledger (issue 20), without Redis.
 const STRIPE_EVENTS_FILE: &str = "stripe_events.sqlite";
+/// The adjustments audit list (issue 19): copied before the store and the WAL,
+/// so an adjustment is at worst in the copy's usage but not its list, never
+/// listed while the copy lacks its usage.
+const ADJUSTMENTS_FILE: &str = "adjustments.sqlite";
 /// Files copied as they are: the instance id, the portal-token key (issue 20).
 const SMALL_FILES: [&str; 2] = ["instance_id", "portal_secret"];
 const ATTEMPTS: u32 = 5;
@@ -175,6 +179,10 @@ async fn attempt_copy(
     // marked applied while the copy lacks its change.
     if data_dir.join(STRIPE_EVENTS_FILE).exists() {
         vacuum_into(&data_dir.join(STRIPE_EVENTS_FILE), &to.join(STRIPE_EVENTS_FILE))?;
+    }
+    // Adjustments (issue 19): the audit list, before the store (see ADJUSTMENTS_FILE).
+    if data_dir.join(ADJUSTMENTS_FILE).exists() {
+        vacuum_into(&data_dir.join(ADJUSTMENTS_FILE), &to.join(ADJUSTMENTS_FILE))?;
     }
     // 1. The store, as of one flush.
     let store_src = data_dir.join(STORE_FILE);
@@ -453,7 +461,7 @@ pub fn restore(from: &Path, data_dir: &Path) -> Result<Manifest, BackupError> {
         return Err(BackupError::NotEmpty(data_dir.display().to_string()));
     }
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
-    for name in [STORE_FILE, STRIPE_EVENTS_FILE].iter().chain(SMALL_FILES.iter()) {
+    for name in [STORE_FILE, STRIPE_EVENTS_FILE, /* issue 19 */ ADJUSTMENTS_FILE].iter().chain(SMALL_FILES.iter()) {
         copy_file(&from.join(name), &data_dir.join(name))?;
     }
     copy_tree(&from.join("rejected"), &data_dir.join("rejected"))?;
