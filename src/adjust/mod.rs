@@ -151,6 +151,20 @@ impl Adjustments {
                 applied: false,
             },
         };
+        if spec.raw < 0 && engine.redis().is_some() {
+            // With Redis: the current windows' totals of every instance are read
+            // first, the way a check reads them (a plain check of 0 changes nothing).
+            let read = crate::limits::CheckRequest {
+                customer: spec.customer.clone(),
+                meter: spec.meter.clone(),
+                quantity_text: Some("0".to_owned()),
+                consume: false,
+                id: None,
+            };
+            if let Err(e) = engine.check(read).await {
+                tracing::warn!(error = %e, "reading the shared totals before an adjustment failed; deciding on what this instance has");
+            }
+        }
         if spec.raw < 0 {
             if let Err(e) = below_zero(engine, &spec, meter).await {
                 crate::telemetry::adjustment("below_zero");
