@@ -22,4 +22,5 @@ done
 target/release/meterd-loadtest soak --addr 127.0.0.1:8490 --server-pid "$pid" \
   --duration "$duration" --csv "$out/soak.csv" --dedupe-window 120 "$@" | tee "$out/soak.txt"
 du -sh "$data" | tee -a "$out/soak.txt"
-python3 loadtest/plot_soak.py "$out/soak.csv" "$out/soak.png"
+py=python3; [ -x /usr/bin/python3 ] && py=/usr/bin/python3
+"$py" loadtest/plot_soak.py "$out/soak.csv" "$out/soak.png"
