@@ -172,12 +172,13 @@ pub fn housekeeping(engine: &Engine) {
     engine.deduper().sweep(now);
     engine.limits_ports().sweep_consumes(now);
     let cutoff = now - engine.ingest_limits().max_lateness_ms;
-    engine.counters().windows.retain_ending_after(cutoff, |k| match k.kind {
+    let evicted = engine.counters().windows.retain_ending_after(cutoff, |k| match k.kind {
         WindowKind::Total => i64::MAX,
         // A billing cycle is at most 31 days long.
         WindowKind::BillingCycle => k.start_ms.saturating_add(31 * 86_400_000),
         kind => kind.bounds(k.start_ms, Default::default()).end_ms,
     });
+    crate::telemetry::windows_evicted(evicted);
     housekeeping_gauges(engine);
 }
 

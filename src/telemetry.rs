@@ -536,11 +536,27 @@ pub const DEDUPE_SPILLED_IDS: &str = "meterd_dedupe_spilled_ids";
 pub const DEDUPE_RAM_BYTES: &str = "meterd_dedupe_ram_bytes";
 pub const DEDUPE_SPILL_FAILURES_TOTAL: &str = "meterd_dedupe_spill_failures_total";
 
+// Bounded state (issue 15, point 4): window counters evicted once their
+// windows ended, new customers refused at the interner's cap.
+pub const WINDOWS_EVICTED_TOTAL: &str = "meterd_window_counters_evicted_total";
+pub const CUSTOMERS_REFUSED_TOTAL: &str = "meterd_customers_refused_total";
+
+pub fn windows_evicted(n: usize) {
+    metrics::counter!(WINDOWS_EVICTED_TOTAL).increment(n as u64);
+}
+
+pub fn customer_refused() {
+    metrics::counter!(CUSTOMERS_REFUSED_TOTAL).increment(1);
+}
+
 fn register_dedupe() {
     for name in [DEDUPE_SPILLED_IDS, DEDUPE_RAM_BYTES] {
         metrics::gauge!(name).increment(0.0);
     }
     metrics::counter!(DEDUPE_SPILL_FAILURES_TOTAL).increment(0);
+    for name in [WINDOWS_EVICTED_TOTAL, CUSTOMERS_REFUSED_TOTAL] {
+        metrics::counter!(name).increment(0);
+    }
 }
 
 fn describe_dedupe() {
@@ -553,6 +569,8 @@ fn describe_dedupe() {
         DEDUPE_SPILL_FAILURES_TOTAL,
         "Dedupe spills to disk that failed (ids kept in RAM; ingest refused while over budget)"
     );
+    metrics::describe_counter!(WINDOWS_EVICTED_TOTAL, "Window counters dropped because their window ended (idle customers keep none)");
+    metrics::describe_counter!(CUSTOMERS_REFUSED_TOTAL, "New customers refused (503) because the customer table is at its cap");
 }
 
 pub fn dedupe(spilled_ids: u64, ram_bytes: usize) {

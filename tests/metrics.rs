@@ -68,6 +68,10 @@ async fn a_fresh_process_lists_every_documented_series_at_zero() {
     for series in ["meterd_dedupe_spilled_ids", "meterd_dedupe_ram_bytes", "meterd_dedupe_spill_failures_total"] {
         assert_eq!(value(&text, series), Some(0.0), "{series} missing or not 0:\n{text}");
     }
+    // Bounded counters and interner (issue 15, point 4).
+    for series in ["meterd_window_counters_evicted_total", "meterd_customers_refused_total"] {
+        assert_eq!(value(&text, series), Some(0.0), "{series} missing or not 0:\n{text}");
+    }
     // No Redis, Stripe or raw-events export here: none of their series.
     for absent in ["meterd_redis_", "meterd_stripe_", "meterd_raw_export_", "meterd_entitlement_reloads_total"] {
         assert!(!text.lines().any(|l| l.starts_with(absent)), "{absent}* should be absent:\n{text}");

@@ -7,6 +7,10 @@ use std::net::SocketAddr;
 pub const USAGE: &str = "\
 usage: meterd-loadtest SCENARIO [OPTIONS]
        meterd-loadtest summarize [--bar-batch N] [--bar-check-rate R] FILE...
+       meterd-loadtest soak [--addr A] [--server-pid PID] [--duration SECS] [--csv FILE]
+            [--connections C] [--size N] [--customers N] [--active N] [--lap SECS]
+            [--retry-percent P] [--dedupe-window SECS] [--rate R] [--seed N] [--quiet]
+            (issue 15: a churning, retrying load for RSS/fds/p99 over time; see loadtest/README.md)
 
 SCENARIO: ingest-single | ingest-batch [--size N] | check | check-consume | mixed [--check-percent P]
 
@@ -63,6 +67,7 @@ pub struct RunArgs {
 pub enum Command {
     Run(Box<RunArgs>),
     Summarize { files: Vec<String>, bar_batch: usize, bar_check_rate: f64 },
+    Soak(Box<crate::soak::SoakConfig>),
     Help,
 }
 
@@ -104,6 +109,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             }
             return Ok(Command::Summarize { files, bar_batch, bar_check_rate });
         }
+        "soak" => return parse_soak(args).map(|c| Command::Soak(Box::new(c))),
         _ => {}
     }
     let mut r = RunArgs {
@@ -170,6 +176,41 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
     Ok(Command::Run(Box::new(r)))
 }
 
+/// The soak's flags (issue 15), over [`crate::soak::SoakConfig::new`]'s defaults.
+fn parse_soak(mut args: impl Iterator<Item = String>) -> Result<crate::soak::SoakConfig, CliError> {
+    let mut c = crate::soak::SoakConfig::new(SocketAddr::from(([127, 0, 0, 1], 8480)));
+    let secs = |flag: &str, v: Option<String>| -> Result<std::time::Duration, CliError> {
+        Ok(std::time::Duration::from_secs_f64(positive(flag, value(flag, v)?)?))
+    };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--addr" => c.addr = value(&a, args.next())?,
+            "--server-pid" => c.server_pid = Some(value(&a, args.next())?),
+            "--duration" => c.duration = secs(&a, args.next())?,
+            "--csv" => c.csv = Some(value::<String>(&a, args.next())?.into()),
+            "--connections" => c.connections = value(&a, args.next())?,
+            "--size" => c.batch = value(&a, args.next())?,
+            "--customers" => c.customers = value(&a, args.next())?,
+            "--active" => c.active = value(&a, args.next())?,
+            "--lap" => c.lap = secs(&a, args.next())?,
+            "--retry-percent" => c.retry_percent = value(&a, args.next())?,
+            "--dedupe-window" => c.dedupe_window = secs(&a, args.next())?,
+            "--rate" => c.rate = Some(positive(&a, value(&a, args.next())?)?).filter(|r| *r > 0.0),
+            "--seed" => c.seed = value(&a, args.next())?,
+            "--meter" => c.meter = value(&a, args.next())?,
+            "--quiet" => c.quiet = true,
+            other => return Err(CliError(format!("unknown option {other}"))),
+        }
+    }
+    if c.connections == 0 || c.batch == 0 || c.customers == 0 {
+        return Err(CliError("--connections, --size and --customers must be at least 1".into()));
+    }
+    if c.retry_percent > 100 {
+        return Err(CliError("--retry-percent must be at most 100".into()));
+    }
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +234,17 @@ mod tests {
         assert!(parse(args("check --target mysql")).unwrap_err().0.contains("unknown target"));
         assert!(parse(args("check --size")).unwrap_err().0.contains("needs a value"));
         assert!(parse(args("summarize")).is_err());
+        assert!(parse(args("soak --retry-percent 101")).is_err());
+        assert!(parse(args("soak --size 0")).is_err());
+    }
+
+    #[test]
+    fn soak_flags_are_read() {
+        let Command::Soak(c) = parse(args("soak --duration 480 --customers 1000000 --csv s.csv --retry-percent 10 --size 50")).unwrap()
+        else {
+            panic!("not a soak")
+        };
+        assert_eq!((c.duration.as_secs(), c.customers, c.retry_percent, c.batch), (480, 1_000_000, 10, 50));
+        assert_eq!(c.csv.as_deref(), Some(std::path::Path::new("s.csv")));
     }
 }

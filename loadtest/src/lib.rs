@@ -14,6 +14,7 @@ pub mod procstat;
 pub mod redis_target;
 pub mod rng;
 pub mod runner;
+pub mod soak;
 pub mod stats;
 pub mod summary;
 pub mod target;

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         }
         Command::Summarize { files, bar_batch, bar_check_rate } => summarize(&files, bar_batch, bar_check_rate),
         Command::Run(args) => run(&args),
+        Command::Soak(config) => soak(*config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +48,30 @@ fn summarize(files: &[String], bar_batch: usize, bar_check_rate: f64) -> anyhow:
     println!("{}", summary::results_table(&results));
     println!("{}", summary::ratios_table(&results));
     print!("{}", summary::bar_table(&summary::bar(&results, bar_batch, bar_check_rate)));
+    Ok(())
+}
+
+/// The soak (issue 15): prints its tallies; fails if any answer was wrong.
+fn soak(config: loadtest::soak::SoakConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    let (addr, meter, customers) = (config.addr, config.meter.clone(), config.customers);
+    let report = runtime.block_on(loadtest::soak::run(config))?;
+    let total = runtime.block_on(loadtest::soak::server_total(addr, &meter, customers));
+    println!("server total {total:?} (equals the expected total on a server that started empty)");
+    println!(
+        "requests {}  new ids {}  retries {}  accepted {}  duplicates {}  wrong answers {}  errors {}  expected total {}",
+        report.requests,
+        report.sent_new,
+        report.sent_retries,
+        report.accepted,
+        report.duplicates,
+        report.wrong,
+        report.errors,
+        report.expected_total
+    );
+    if let Some(p) = &report.first_problem {
+        anyhow::bail!("first problem: {p}");
+    }
     Ok(())
 }
 

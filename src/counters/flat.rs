@@ -311,7 +311,9 @@ impl<K: FlatKey, V: Default, S: BuildHasher> FlatMap<K, V, S> {
     /// Drops the entries `keep` refuses. A shard with nothing to drop is only
     /// read (lookups go on meanwhile); one with something is rebuilt,
     /// right-sized, under its write lock. `keep` may be asked twice per entry.
-    pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) {
+    /// Returns how many entries were dropped.
+    pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) -> usize {
+        let mut dropped = 0;
         for shard in 0..SHARDS {
             {
                 let table = self.read(shard);
@@ -324,10 +326,12 @@ impl<K: FlatKey, V: Default, S: BuildHasher> FlatMap<K, V, S> {
             if kept == table.len {
                 continue;
             }
+            dropped += table.len - kept;
             let n = (kept + 1) * 2;
             table.rebuild(n, &self.hasher, &mut keep);
             self.publish(shard, &mut table);
         }
+        dropped
     }
 
     /// Number of entries.

@@ -14,7 +14,18 @@ pub type CustomerId = u32;
 pub enum InternError {
     #[error("more than 4 billion distinct customers")]
     Exhausted,
+    /// The table holds [`Interner::limit`] customers (issue 15: every
+    /// structure that grows with traffic is bounded); callers answer 503.
+    #[error("the customer table is full ({0} customers)")]
+    Full(usize),
 }
+
+/// Customers one instance interns at most by default: about 1.5 GB of names
+/// at ~150 bytes each (see docs/architecture.md, bounds). Ids are held by the
+/// entitlement cache, credits and grants, so they are never recycled; a new
+/// customer beyond the cap is refused (503), counted in
+/// `meterd_customers_refused_total`.
+pub const DEFAULT_MAX_CUSTOMERS: usize = 10_000_000;
 
 /// Names up to this many bytes are stored inside the map's key.
 const INLINE: usize = 30;
@@ -94,6 +105,8 @@ pub struct Interner {
     /// Id → string, appended under the write lock when a customer is first seen
     /// (rare); read by the flusher and usage queries, never by checks.
     reverse: RwLock<Vec<Arc<str>>>,
+    /// At most this many customers (see [`DEFAULT_MAX_CUSTOMERS`]).
+    limit: usize,
 }
 
 impl Default for Interner {
@@ -107,7 +120,21 @@ const PREFETCH_AHEAD: usize = 8;
 
 impl Interner {
     pub fn new() -> Interner {
-        Interner { forward: FlatMap::with_capacity_and_hasher(1024, foldhash::fast::RandomState::default()), reverse: RwLock::default() }
+        Interner::with_limit(DEFAULT_MAX_CUSTOMERS)
+    }
+
+    /// An interner that refuses new customers beyond `limit`.
+    pub fn with_limit(limit: usize) -> Interner {
+        Interner {
+            forward: FlatMap::with_capacity_and_hasher(1024, foldhash::fast::RandomState::default()),
+            reverse: RwLock::default(),
+            limit,
+        }
+    }
+
+    /// How many customers this interner holds at most.
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     /// The id of `name`, if it was ever seen.
@@ -127,6 +154,10 @@ impl Interner {
         let assign = || {
             // Shard write lock held: no one else can assign an id to this name meanwhile.
             let mut reverse = self.reverse.write().unwrap_or_else(|p| p.into_inner());
+            if reverse.len() >= self.limit {
+                crate::telemetry::customer_refused();
+                return Err(InternError::Full(self.limit));
+            }
             let id = CustomerId::try_from(reverse.len()).map_err(|_| InternError::Exhausted)?;
             reverse.push(Arc::from(name));
             Ok(id)
@@ -204,6 +235,25 @@ mod tests {
         }
         assert_eq!(batched.len(), single.len());
         assert_eq!(batched.len(), 120 + 43);
+    }
+
+    /// At the cap a new customer is refused and nothing is assigned; known
+    /// customers keep resolving, in batches too.
+    #[test]
+    fn a_full_table_refuses_new_customers_only() {
+        let interner = Interner::with_limit(3);
+        let ids: Vec<_> = ["a", "b", "c"].iter().map(|n| interner.intern(n).ok()).collect();
+        assert_eq!(ids, vec![Some(0), Some(1), Some(2)]);
+        assert!(matches!(interner.intern("d"), Err(InternError::Full(3))));
+        assert_eq!(interner.lookup("d"), None);
+        assert_eq!(interner.len(), 3);
+        assert_eq!(interner.intern("b").ok(), Some(1));
+        let names: Vec<String> = (0..20).map(|i| ["a", "b", "c"][i % 3].to_string()).collect();
+        assert_eq!(interner.intern_batch(names.iter().map(String::as_str)).map(|v| v.len()).ok(), Some(20));
+        let mut with_new = names.clone();
+        with_new.push("e".into());
+        assert!(matches!(interner.intern_batch(with_new.iter().map(String::as_str)), Err(InternError::Full(3))));
+        assert_eq!(interner.len(), 3);
     }
 
     #[test]

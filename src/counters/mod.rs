@@ -299,6 +299,41 @@ mod tests {
         );
     }
 
+    /// Issue 15, point 4: a customer that went idle keeps no window counter
+    /// once its windows ended, while its unflushed buckets stay until flushed;
+    /// seen again, it folds into fresh windows exactly.
+    #[test]
+    fn an_idle_customers_ended_windows_are_evicted_but_its_buckets_wait_for_the_flush() {
+        let catalog = catalog_with(&[WindowKind::Day]);
+        let counters = Counters::new(&catalog, 1);
+        let meter = &catalog.meters()[0];
+        let usage = |customer, ts| Usage { customer, meter, raw: 2, ts, properties: &[], props_hash: 0, anchor: BillingAnchor::default() };
+        let day = 86_400_000;
+        counters.apply(&[usage(1, 10), usage(1, 20), usage(2, 30), usage(2, day + 5)]);
+        assert_eq!(counters.windows.len(), 3);
+        let end_of = |k: &CounterKey| k.kind.bounds(k.start_ms, BillingAnchor::default()).end_ms;
+        // Cutoff inside day 1: day 0's windows ended, day 1's did not.
+        assert_eq!(counters.windows.retain_ending_after(day + 1, end_of), 2);
+        assert_eq!(counters.windows.len(), 1);
+        assert_eq!(counters.windows.read(&Counters::key(2, 0, WindowKind::Day, day, BillingAnchor::default())), 2);
+        assert_eq!(counters.windows.read(&Counters::key(1, 0, WindowKind::Day, 0, BillingAnchor::default())), 0);
+        // The buckets of the evicted windows are still there for the flusher.
+        assert_eq!(counters.buckets.pending_len(), 3);
+        let mut minute_zero = 0;
+        counters.buckets.write_guard().buckets.for_each(|k, b| {
+            if k.minute == 0 {
+                minute_zero += buckets::bucket_value(b).0;
+            }
+        });
+        assert_eq!(minute_zero, 6);
+        // Customer 1 comes back the next day: a fresh window, exact.
+        counters.apply(&[usage(1, day + 7), usage(1, day + 8), usage(1, day + 9)]);
+        assert_eq!(counters.windows.read(&Counters::key(1, 0, WindowKind::Day, day, BillingAnchor::default())), 6);
+        assert_eq!(counters.windows.retain_ending_after(day + 2, end_of), 0);
+        assert_eq!(counters.windows.retain_ending_after(2 * day + 1, end_of), 2);
+        assert!(counters.windows.is_empty());
+    }
+
     #[test]
     fn add_within_never_exceeds_the_limit_under_a_race() {
         let counters = Arc::new(Counters::new(&catalog(), 1));

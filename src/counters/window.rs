@@ -207,8 +207,11 @@ impl WindowCounters {
 
     /// Drops windows that ended before `cutoff_ms` (late events older than that are
     /// refused at ingest anyway). `end_of` maps a key to its window end.
-    pub fn retain_ending_after(&self, cutoff_ms: i64, end_of: impl Fn(&CounterKey) -> i64) {
-        self.map.retain(|k, _| end_of(k) >= cutoff_ms);
+    /// Returns how many were dropped. A customer that went idle keeps no
+    /// counter past its windows' end; one seen again starts fresh windows
+    /// (their usage is all new: the old windows ended).
+    pub fn retain_ending_after(&self, cutoff_ms: i64, end_of: impl Fn(&CounterKey) -> i64) -> usize {
+        self.map.retain(|k, _| end_of(k) >= cutoff_ms)
     }
 
     /// Number of live window counters.
