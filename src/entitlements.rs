@@ -28,7 +28,8 @@ pub struct EntitlementCache {
     catalog: Arc<Catalog>,
     store: Arc<dyn EntitlementStore>,
     entries: DashMap<CustomerId, (Arc<Entitlements>, EntitlementsDoc), crate::keyhash::KeyHash>,
-    default: Arc<Entitlements>,
+    /// The default plan's entitlements: swapped when a reload changes plans.
+    default: arc_swap::ArcSwap<Entitlements>,
     /// Loaded on first sight (Redis) instead of all at start: when each customer
     /// was last read, and the loads in flight (one per customer, however many
     /// requests wait for it).
@@ -66,7 +67,7 @@ impl EntitlementCache {
         lazy_ttl: Option<std::time::Duration>,
     ) -> Result<EntitlementCache, EntitlementsError> {
         let cache = EntitlementCache {
-            default: Arc::new(Entitlements::default_for(&catalog)),
+            default: arc_swap::ArcSwap::from_pointee(Entitlements::default_for(&catalog)),
             catalog,
             store,
             entries: DashMap::with_hasher(crate::keyhash::KeyHash),
@@ -96,7 +97,7 @@ impl EntitlementCache {
 
     /// The customer's entitlements (the default plan if none are stored).
     pub fn get(&self, customer: Option<CustomerId>) -> Arc<Entitlements> {
-        customer.and_then(|id| self.entries.get(&id).map(|e| e.0.clone())).unwrap_or_else(|| self.default.clone())
+        customer.and_then(|id| self.entries.get(&id).map(|e| e.0.clone())).unwrap_or_else(|| self.default.load_full())
     }
 
     /// The stored document, if any.
@@ -113,15 +114,25 @@ impl EntitlementCache {
 
     /// Caches a document read from the store (another instance wrote it).
     pub fn install(&self, customer: CustomerId, doc: EntitlementsDoc) -> Result<Arc<Entitlements>, EntitlementsError> {
+        // Resolved under the entry's lock: a reload's [`Self::refresh`] either
+        // sees this entry or ran before it was resolved (against the new plans).
+        let entry = self.entries.entry(customer);
         let resolved = Arc::new(Entitlements::resolve(&doc, &self.catalog).map_err(EntitlementsError::Invalid)?);
-        self.entries.insert(customer, (resolved.clone(), doc));
+        match entry {
+            dashmap::Entry::Occupied(mut o) => {
+                o.insert((resolved.clone(), doc));
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert((resolved.clone(), doc));
+            }
+        }
         Ok(resolved)
     }
 
     /// Forgets a customer's document (deleted from the store): the default plan applies.
     pub fn remove(&self, customer: CustomerId) -> Arc<Entitlements> {
         self.entries.remove(&customer);
-        self.default.clone()
+        self.default.load_full()
     }
 
     /// How usable the cached entry of `customer` is at `now`.
@@ -158,6 +169,40 @@ impl EntitlementCache {
     pub fn loaded(&self, customer: CustomerId) {
         if let Some(lazy) = &self.lazy {
             lazy.loading.remove(&customer);
+        }
+    }
+
+    // Live plan changes (config reload, issue 23).
+    /// The cached customers whose documents do not resolve against `catalog`
+    /// (their plan is gone), as the plan names they name and how many.
+    pub fn unresolved(&self, catalog: &Catalog) -> Vec<(String, usize)> {
+        let mut missing: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+        for entry in self.entries.iter() {
+            if Entitlements::resolve(&entry.1, catalog).is_err() {
+                *missing.entry(entry.1.plan.clone().unwrap_or_default()).or_default() += 1;
+            }
+        }
+        missing.into_iter().collect()
+    }
+
+    /// Re-resolves every cached customer and the default against the catalog's
+    /// plans (after [`Catalog::replace_plans`]), each under its entry's lock. A
+    /// document that no longer resolves keeps what it had (logged).
+    pub fn refresh(&self) {
+        self.default.store(Arc::new(Entitlements::default_for(&self.catalog)));
+        let mut kept = 0usize;
+        for mut entry in self.entries.iter_mut() {
+            let (resolved, doc) = entry.value_mut();
+            match Entitlements::resolve(doc, &self.catalog) {
+                Ok(e) => *resolved = Arc::new(e),
+                Err(_) => kept += 1,
+            }
+        }
+        if kept > 0 {
+            tracing::warn!(
+                customers = kept,
+                "stored entitlements do not resolve against the reloaded plans; they keep their previous plan"
+            );
         }
     }
 

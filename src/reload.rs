@@ -89,6 +89,74 @@ impl Reloadable for NotificationEndpoints {
     }
 }
 
+/// Plans (issue 23): a plan's limits and features, plans added or removed and
+/// the default plan change live. The new plan set is swapped in whole
+/// ([`crate::model::Catalog::replace_plans`]), then every cached customer's
+/// entitlements are re-resolved against it, so the next check sees the new
+/// limits. Refused (with the reason): a limit on a window no plan counted at
+/// start (its counters hold no history; restart), a credits limit on a meter
+/// that was not a credits meter, removing a plan stored customers are on.
+pub struct LivePlans(pub Arc<crate::engine::Engine>);
+
+impl LivePlans {
+    /// Why `new`'s plans cannot be taken live, every reason.
+    fn problems(&self, new: &ValidConfig) -> Vec<String> {
+        let engine = &self.0;
+        let catalog = engine.catalog();
+        let mut problems = Vec::new();
+        if catalog.meters() != new.catalog.meters() {
+            // `refused` names it; never install plans keyed by other meter ids.
+            problems.push("the meters differ".to_string());
+            return problems;
+        }
+        for plan in new.catalog.plans().iter() {
+            let mut limits: Vec<_> = plan.limits.iter().collect();
+            limits.sort_by_key(|(m, _)| **m);
+            for (&meter, limits) in limits {
+                let name = catalog.meter(meter).map(|m| m.name.as_str()).unwrap_or("?");
+                for limit in limits.iter() {
+                    if limit.amount.is_credits() {
+                        if !engine.credits().is_credit_meter(meter) || !engine.credits().observes() {
+                            problems.push(format!(
+                                "plans.{}.limits.{name}: a credits limit on a meter that had none at start; restart",
+                                plan.name
+                            ));
+                        }
+                    } else if !engine.plan_kinds().tracks(meter, limit.window) {
+                        problems.push(format!(
+                            "plans.{}.limits.{name}: no plan counted the {} window of {name} at start, so its counters hold no history; restart",
+                            plan.name, limit.window
+                        ));
+                    }
+                }
+            }
+        }
+        for (plan, customers) in engine.entitlements().unresolved(&new.catalog) {
+            problems.push(format!("plan {plan:?} is removed but {customers} stored customer(s) are on it; move them first"));
+        }
+        problems
+    }
+}
+
+impl Reloadable for LivePlans {
+    fn name(&self) -> &'static str {
+        "plans"
+    }
+
+    fn prepare(&self, new: &ValidConfig) -> Result<Commit, String> {
+        let problems = self.problems(new);
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        let engine = self.0.clone();
+        let catalog = new.catalog.clone();
+        Ok(Box::new(move || {
+            engine.catalog().replace_plans(&catalog);
+            engine.entitlements().refresh();
+        }))
+    }
+}
+
 /// What a reload changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -175,8 +243,8 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
         clickhouse: _,
         stripe: _,
         metrics_listen: _,
-        catalog: _,
-        keys: _, // live: `AuthKeys`
+        catalog: _, // plans live: `LivePlans`; meters below
+        keys: _,    // live: `AuthKeys`
         source: _,
         stripe_webhooks: _,
         portal_secret: _,
@@ -233,12 +301,10 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
     }
     // Meters and plans are compared by value, not by their Debug text: a plan's
     // limits sit in a HashMap, whose order differs between two parses.
+    // Plans change live (`LivePlans`); meters do not (counters, WAL batches
+    // and the credit book are laid out by meter at start).
     if old.catalog.meters() != new.catalog.meters() {
-        out.push("[[meters]] (live meter and plan changes are not supported yet)".to_string());
-    }
-    let (a, b) = (&old.catalog, &new.catalog);
-    if a.plans() != b.plans() || a.default_plan().name != b.default_plan().name {
-        out.push("[[plans]] (live meter and plan changes are not supported yet)".to_string());
+        out.push("[[meters]] (meters cannot be added, removed or changed live; restart)".to_string());
     }
     out
 }
