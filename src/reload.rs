@@ -8,12 +8,13 @@
 //! Each part that can change live is a [`Reloadable`]: it `prepare`s its new
 //! state from the new config (and may refuse it), and only when every part has
 //! prepared are the returned commits run (each an infallible pointer swap). The
-//! API keys (`[[auth.keys]]`) are one ([`AuthKeys`]); **other features add
-//! theirs** with [`Reloader::register`] (notification endpoints, for one).
+//! API keys (`[[auth.keys]]`) are one ([`AuthKeys`]), the notification
+//! endpoints another ([`NotificationEndpoints`]), the plans a third
+//! ([`LivePlans`]); **other features add theirs** with [`Reloader::register`].
 //!
 //! Everything else is compared with the running config by [`refused`]: a change
 //! there (listen addresses, `data_dir`, durability and the other `[storage]`
-//! settings, `[ingest]`, `[redis]`, `[clickhouse]`, `[stripe]`, meters and plans)
+//! settings, `[ingest]`, `[redis]`, `[clickhouse]`, `[stripe]`, meters)
 //! refuses the whole reload with a log line naming each key, and the running
 //! config keeps serving. A new config section is live only once a part applies
 //! it; until then, list it in [`refused`] (which names every field of
