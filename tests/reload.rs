@@ -290,7 +290,7 @@ async fn plans_change_live_under_load_and_bad_plan_changes_keep_the_old_plans() 
     let (code, out) = reload(&config).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("plans.big.limits.tokens") && out.contains("hour") && out.contains("restart"), "{out}");
-    let refusal = p.log().lines().filter(|l| l.contains("config reload refused")).last().unwrap_or_default().to_string();
+    let refusal = p.log().lines().rev().find(|l| l.contains("config reload refused")).unwrap_or_default().to_string();
     assert!(refusal.contains("hour window"), "the log line says why: {refusal}");
     // Removing a plan a stored customer is on: refused, the customer named by count.
     write(&plans(50, false, false));
