@@ -223,3 +223,76 @@ impl EntitlementCache {
         Ok(self.store.delete(name).await?)
     }
 }
+
+// Live plan changes (config reload, issue 23).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Aggregation, Enforcement, Limit, LimitAmount, Meter, Plan, WindowKind};
+    use std::collections::{BTreeMap, HashMap};
+
+    fn catalog(limit: i64) -> Catalog {
+        let meter = Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None };
+        let one = |n| -> Arc<[Limit]> {
+            Arc::from(vec![Limit {
+                window: WindowKind::Month,
+                amount: LimitAmount::Finite(n),
+                hard: true,
+                enforcement: Enforcement::Cached,
+                notify: None,
+            }])
+        };
+        let p = Plan { name: "p".into(), features: BTreeMap::new(), limits: HashMap::from([(0, one(limit))]) };
+        let d = Plan { name: "d".into(), features: BTreeMap::new(), limits: HashMap::from([(0, one(limit + 1))]) };
+        Catalog::new(vec![meter], vec![d, p], 0)
+    }
+
+    fn limit_of(e: &Entitlements) -> Option<LimitAmount> {
+        e.limits(0).and_then(|l| l.first()).map(|l| l.amount)
+    }
+
+    /// Installs race a plan swap and refresh: every customer ends on the new
+    /// plans (none keeps a resolution made against the old ones), and so does
+    /// the default.
+    #[test]
+    fn installs_racing_a_plan_swap_all_end_on_the_new_plans() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store: Arc<dyn EntitlementStore> =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("s.sqlite")).unwrap_or_else(|e| panic!("{e}")));
+        let doc = EntitlementsDoc { plan: Some("p".into()), ..Default::default() };
+        for round in 0..20i64 {
+            let old = Arc::new(catalog(10 + round));
+            let cache =
+                rt.block_on(EntitlementCache::load(old.clone(), store.clone(), &Interner::new(), None)).unwrap_or_else(|e| panic!("{e}"));
+            let new = catalog(1000 + round);
+            std::thread::scope(|s| {
+                for t in 0..4u32 {
+                    let (cache, doc) = (&cache, doc.clone());
+                    s.spawn(move || {
+                        for i in 0..500 {
+                            cache.install(t * 1000 + i, doc.clone()).unwrap_or_else(|e| panic!("{e}"));
+                        }
+                    });
+                }
+                s.spawn(|| {
+                    std::thread::yield_now();
+                    old.replace_plans(&new);
+                    cache.refresh();
+                });
+            });
+            let mut on_new = 0;
+            for t in 0..4u32 {
+                for i in 0..500 {
+                    let e = cache.get(Some(t * 1000 + i));
+                    assert_eq!(e.plan.name, "p");
+                    assert_eq!(limit_of(&e), Some(LimitAmount::Finite(1000 + round)), "round {round}: customer {t}/{i} kept the old plan");
+                    on_new += 1;
+                }
+            }
+            assert_eq!(on_new, 2000);
+            assert_eq!(limit_of(&cache.get(None)), Some(LimitAmount::Finite(1001 + round)), "the default plan refreshed");
+            assert_eq!(limit_of(&cache.get(Some(99_999))), Some(LimitAmount::Finite(1001 + round)));
+        }
+    }
+}
