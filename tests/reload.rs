@@ -297,6 +297,16 @@ async fn plans_change_live_under_load_and_bad_plan_changes_keep_the_old_plans() 
     let (code, out) = reload(&config).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("\"big\"") && out.contains("1 stored customer"), "{out}");
+    // A meter added: not live (counters are laid out by meter at start), said so.
+    let with_meter = plans_config(port, &data, &plans(50, true, false)).replace(
+        "[[meters]]\nname = \"tokens\"\naggregation = \"sum\"\n",
+        "[[meters]]\nname = \"tokens\"\naggregation = \"sum\"\n[[meters]]\nname = \"calls\"\n",
+    );
+    assert!(with_meter.contains("calls"));
+    std::fs::write(&config, with_meter).expect("config");
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("[[meters]]") && out.contains("restart"), "{out}");
     // The old plans keep serving.
     assert_eq!(limit_of(&c, "vip").await, Ok(5000));
     assert_eq!(limit_of(&c, "c1").await, Ok(50));
