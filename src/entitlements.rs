@@ -186,16 +186,35 @@ impl EntitlementCache {
     }
 
     /// Re-resolves every cached customer and the default against the catalog's
-    /// plans (after [`Catalog::replace_plans`]), each under its entry's lock. A
-    /// document that no longer resolves keeps what it had (logged).
+    /// plans (after [`Catalog::replace_plans`]). Checks keep reading meanwhile:
+    /// the new resolutions are made under shared locks, then each is swapped
+    /// in under its entry's lock unless an install replaced the entry in
+    /// between (that one resolved against the new plans already). A customer
+    /// whose plan is unchanged keeps its entry; one whose document no longer
+    /// resolves keeps what it had (logged).
     pub fn refresh(&self) {
         self.default.store(Arc::new(Entitlements::default_for(&self.catalog)));
+        let mut changed = Vec::new();
         let mut kept = 0usize;
-        for mut entry in self.entries.iter_mut() {
-            let (resolved, doc) = entry.value_mut();
+        for entry in self.entries.iter() {
+            let (resolved, doc) = entry.value();
+            let plan = match &doc.plan {
+                None => Some(self.catalog.default_plan()),
+                Some(name) => self.catalog.plan(name),
+            };
+            if plan.as_deref() == Some(&*resolved.plan) {
+                continue;
+            }
             match Entitlements::resolve(doc, &self.catalog) {
-                Ok(e) => *resolved = Arc::new(e),
+                Ok(e) => changed.push((*entry.key(), resolved.clone(), Arc::new(e))),
                 Err(_) => kept += 1,
+            }
+        }
+        for (customer, before, after) in changed {
+            if let Some(mut entry) = self.entries.get_mut(&customer) {
+                if Arc::ptr_eq(&entry.0, &before) {
+                    entry.0 = after;
+                }
             }
         }
         if kept > 0 {
