@@ -301,6 +301,8 @@ impl AppHandle {
         if let Some(n) = &notifier {
             parts.push(Arc::new(crate::reload::NotificationEndpoints(n.clone())));
         }
+        // Live plans (issue 23): limits, added plans and the default plan.
+        parts.push(Arc::new(crate::reload::LivePlans(engine.clone())));
         let reloader = Arc::new(crate::reload::Reloader::new(config.clone(), parts));
         if !state.auth.enabled() {
             tracing::warn!(listen = %config.server.listen, "no [[auth.keys]] configured: every request on this loopback address is allowed");

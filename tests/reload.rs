@@ -165,3 +165,153 @@ async fn reload_without_a_running_meterd_says_so() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("meterd.pid"), "{out}");
 }
+
+// Live plans (issue 23).
+const ADMIN: &str = "key-admin-5e11f00d";
+
+/// A config with `plans` (TOML `[[plans]]` blocks) over the `tokens` meter.
+fn plans_config(port: u16, data: &Path, plans: &str) -> String {
+    let sha = hex::encode(sha2::Sha256::digest(ADMIN.as_bytes()));
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\ndata_dir = {:?}\nflush_interval = \"200ms\"\n\
+         [[meters]]\nname = \"tokens\"\naggregation = \"sum\"\n{plans}\n\
+         [[auth.keys]]\nname = \"admin\"\nkey_sha256 = \"{sha}\"\nscopes = [\"ingest\", \"check\", \"read\", \"admin\"]\n",
+        data.display().to_string()
+    )
+}
+
+/// Plan `p` (default unless `default_big`) with a month and a day limit, and
+/// optionally plan `big`.
+fn plans(day_limit: u32, with_big: bool, default_big: bool) -> String {
+    let mut text = format!(
+        "[[plans]]\nname = \"p\"\ndefault = {}\n[plans.limits]\ntokens = [{{ limit = 1000, window = \"month\" }}, {{ limit = {day_limit}, window = \"day\" }}]\n",
+        !default_big
+    );
+    if with_big {
+        text.push_str(&format!(
+            "[[plans]]\nname = \"big\"\ndefault = {default_big}\n[plans.limits]\ntokens = {{ limit = 5000, window = \"month\" }}\n"
+        ));
+    }
+    text
+}
+
+/// The top-level `limit` a check of one token answers for `customer`.
+async fn limit_of(c: &Client, customer: &str) -> Result<i64, String> {
+    let r = c.check(&json!({"customer": customer, "meter": "tokens", "quantity": 1})).await;
+    if r.status != 200 {
+        return Err(format!("{}: {}", r.status, r.text));
+    }
+    r.body["limit"].as_i64().ok_or_else(|| format!("no limit: {}", r.text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_change_live_under_load_and_bad_plan_changes_keep_the_old_plans() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let data = dir.path().join("data");
+    let config = dir.path().join("meterd.toml");
+    let write = |plans_text: &str| std::fs::write(&config, plans_config(port, &data, plans_text)).expect("config");
+    write(&plans(500, false, false));
+    let mut p = spawn(&config, dir.path().join("meterd.log"));
+    wait_healthy(&mut p, addr).await;
+    let c = Client { addr, token: Some(ADMIN.to_string()) };
+
+    // The same config again (a multi-limit plan): applied, nothing refused.
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(0), "an unchanged config reloads: {out}");
+
+    // Checks under load, each client recording the limits it is answered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<Vec<i64>>>> = Arc::new(Mutex::new(vec![Vec::new(); 4]));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, seen, failures, c) = (stop.clone(), seen.clone(), failures.clone(), c.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Acquire) {
+                    match limit_of(&c, &format!("c{w}")).await {
+                        Ok(l) => seen.lock().unwrap_or_else(|p| p.into_inner())[w].push(l),
+                        Err(e) => failures.lock().unwrap_or_else(|p| p.into_inner()).push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A plan's limit changes: the next check after the reload sees it.
+    write(&plans(50, false, false));
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("plans"), "the plans part took it: {out}");
+    assert_eq!(limit_of(&c, "c0").await, Ok(50));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Release);
+    for t in clients {
+        t.await.expect("client");
+    }
+    let failures = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(failures.is_empty(), "checks failed during the reload: {failures:?}");
+    for (w, limits) in seen.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
+        // Each client saw the old limit, then the new one, never back.
+        let first_new = limits.iter().position(|&l| l == 50).unwrap_or_else(|| panic!("client {w} never saw the new limit"));
+        assert!(first_new > 0, "client {w} ran before the reload too");
+        assert!(limits[..first_new].iter().all(|&l| l == 500), "client {w}: {limits:?}");
+        assert!(limits[first_new..].iter().all(|&l| l == 50), "client {w} went back to the old plan: {limits:?}");
+    }
+
+    // A plan added: unknown before the reload, a customer moves onto it after.
+    assert_eq!(common::put(&c, "vip", json!({"plan": "big"})).await.status, 400, "no plan big yet");
+    write(&plans(50, true, false));
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(0), "{out}");
+    let r = common::put(&c, "vip", json!({"plan": "big"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(limit_of(&c, "vip").await, Ok(5000));
+    assert_eq!(limit_of(&c, "newbie").await, Ok(50), "the default plan is still p");
+
+    // The default plan changes: customers without entitlements move with it.
+    write(&plans(50, true, true));
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(limit_of(&c, "newbie").await, Ok(5000));
+    write(&plans(50, true, false));
+    assert_eq!(reload(&config).await.0, Some(0));
+    assert_eq!(limit_of(&c, "newbie").await, Ok(50));
+
+    // An invalid plan: `meterd reload` names it and signals nothing.
+    write(&plans(50, true, false).replace("limit = 5000", "limit = \"lots\""));
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("plans") && out.contains("limit"), "names the field: {out}");
+    // A plan on a window no plan counted at start: refused by meterd, named.
+    write(&plans(50, true, false).replace("limit = 5000, window = \"month\"", "limit = 7, window = \"hour\""));
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("plans.big.limits.tokens") && out.contains("hour") && out.contains("restart"), "{out}");
+    let refusal = p.log().lines().rev().find(|l| l.contains("config reload refused")).unwrap_or_default().to_string();
+    assert!(refusal.contains("hour window"), "the log line says why: {refusal}");
+    // Removing a plan a stored customer is on: refused, the customer named by count.
+    write(&plans(50, false, false));
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("\"big\"") && out.contains("1 stored customer"), "{out}");
+    // A meter added: not live (counters are laid out by meter at start), said so.
+    let with_meter = plans_config(port, &data, &plans(50, true, false)).replace(
+        "[[meters]]\nname = \"tokens\"\naggregation = \"sum\"\n",
+        "[[meters]]\nname = \"tokens\"\naggregation = \"sum\"\n[[meters]]\nname = \"calls\"\n",
+    );
+    assert!(with_meter.contains("calls"));
+    std::fs::write(&config, with_meter).expect("config");
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("[[meters]]") && out.contains("restart"), "{out}");
+    // The old plans keep serving.
+    assert_eq!(limit_of(&c, "vip").await, Ok(5000));
+    assert_eq!(limit_of(&c, "c1").await, Ok(50));
+
+    p.sigterm();
+    let status = p.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit {status}; log:\n{}", p.log());
+}

@@ -328,13 +328,54 @@ pub struct Plan {
 }
 
 /// Meters and plans from the config, indexed for lookups on the hot path.
+///
+/// The plans change live (config reload, `crate::reload`): they sit behind one
+/// pointer swapped whole, so a reader sees either the old set or the new one.
+/// Meters are fixed for the life of the process.
 #[derive(Debug)]
 pub struct Catalog {
     meters: Vec<Meter>,
     meter_ids: HashMap<String, MeterId>,
+    plans: arc_swap::ArcSwap<PlanSet>,
+}
+
+/// The plans, indexed by name, and the default plan: swapped together.
+#[derive(Debug)]
+pub struct PlanSet {
     plans: Vec<Arc<Plan>>,
     plan_ids: HashMap<String, usize>,
     default_plan: Arc<Plan>,
+}
+
+impl PlanSet {
+    fn new(plans: Vec<Plan>, default_plan: usize) -> PlanSet {
+        let plan_ids = plans.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        let plans: Vec<Arc<Plan>> = plans.into_iter().map(Arc::new).collect();
+        let default_plan = plans
+            .get(default_plan)
+            .or_else(|| plans.first())
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Plan { name: "default".into(), features: BTreeMap::new(), limits: HashMap::new() }));
+        PlanSet { plans, plan_ids, default_plan }
+    }
+}
+
+/// A snapshot of the plans (see [`Catalog::plans`]): a slice, or iterated by value.
+pub struct Plans(Arc<PlanSet>);
+
+impl std::ops::Deref for Plans {
+    type Target = [Arc<Plan>];
+    fn deref(&self) -> &[Arc<Plan>] {
+        &self.0.plans
+    }
+}
+
+impl IntoIterator for Plans {
+    type Item = Arc<Plan>;
+    type IntoIter = std::vec::IntoIter<Arc<Plan>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.plans.clone().into_iter()
+    }
 }
 
 impl Catalog {
@@ -343,14 +384,7 @@ impl Catalog {
     /// is the default rather than a panic.
     pub fn new(meters: Vec<Meter>, plans: Vec<Plan>, default_plan: usize) -> Catalog {
         let meter_ids = meters.iter().map(|m| (m.name.clone(), m.id)).collect();
-        let plan_ids = plans.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-        let plans: Vec<Arc<Plan>> = plans.into_iter().map(Arc::new).collect();
-        let default_plan = plans
-            .get(default_plan)
-            .or_else(|| plans.first())
-            .cloned()
-            .unwrap_or_else(|| Arc::new(Plan { name: "default".into(), features: BTreeMap::new(), limits: HashMap::new() }));
-        Catalog { meters, meter_ids, plans, plan_ids, default_plan }
+        Catalog { meters, meter_ids, plans: arc_swap::ArcSwap::from_pointee(PlanSet::new(plans, default_plan)) }
     }
 
     pub fn meters(&self) -> &[Meter] {
@@ -369,16 +403,25 @@ impl Catalog {
         self.meter_ids.get(name).and_then(|&id| self.meter(id))
     }
 
-    pub fn plan(&self, name: &str) -> Option<&Arc<Plan>> {
-        self.plan_ids.get(name).and_then(|&i| self.plans.get(i))
+    pub fn plan(&self, name: &str) -> Option<Arc<Plan>> {
+        let set = self.plans.load();
+        set.plan_ids.get(name).and_then(|&i| set.plans.get(i)).cloned()
     }
 
-    pub fn plans(&self) -> &[Arc<Plan>] {
-        &self.plans
+    /// The plans now configured.
+    pub fn plans(&self) -> Plans {
+        Plans(self.plans.load_full())
     }
 
-    pub fn default_plan(&self) -> &Arc<Plan> {
-        &self.default_plan
+    pub fn default_plan(&self) -> Arc<Plan> {
+        self.plans.load().default_plan.clone()
+    }
+
+    // Live plan changes (config reload, issue 23).
+    /// Installs the plans (and default plan) of `other`, a catalog built from a
+    /// reloaded config with the same meters (the caller checks): one swap.
+    pub fn replace_plans(&self, other: &Catalog) {
+        self.plans.store(other.plans.load_full());
     }
 }
 
@@ -415,7 +458,7 @@ pub struct Entitlements {
 impl Entitlements {
     /// The default plan with nothing customer-specific.
     pub fn default_for(catalog: &Catalog) -> Entitlements {
-        let plan = catalog.default_plan().clone();
+        let plan = catalog.default_plan();
         Entitlements {
             features: plan.features.clone(),
             plan,
@@ -437,9 +480,9 @@ impl Entitlements {
     pub fn resolve(doc: &EntitlementsDoc, catalog: &Catalog) -> Result<Entitlements, Vec<SpecProblem>> {
         let mut problems = Vec::new();
         let plan = match &doc.plan {
-            None => Some(catalog.default_plan().clone()),
+            None => Some(catalog.default_plan()),
             Some(name) => match catalog.plan(name) {
-                Some(p) => Some(p.clone()),
+                Some(p) => Some(p),
                 None => {
                     problems.push(problem("plan", format!("unknown plan {name:?}")));
                     None
