@@ -40,3 +40,6 @@ pub mod credits;
 pub mod grants;
 
 pub use app::{AppError, AppHandle};
+// Reservations (issue 19).
+pub mod holds;
+pub mod reservations;
