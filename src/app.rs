@@ -357,7 +357,12 @@ impl AppHandle {
         let hold_expiry = {
             let (stop, stop_rx) = watch::channel(false);
             let e = engine.clone();
-            (stop, tokio::spawn(supervise(HOLD_EXPIRY, health.clone(), stop_rx, move |rx| Some(crate::reservations::run_expiry(e.clone(), rx)))))
+            (
+                stop,
+                tokio::spawn(supervise(HOLD_EXPIRY, health.clone(), stop_rx, move |rx| {
+                    Some(crate::reservations::run_expiry(e.clone(), rx))
+                })),
+            )
         };
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {

@@ -156,7 +156,7 @@ pub struct Known<'a> {
 pub fn register_known(known: &Known<'_>) {
     register_dedupe();
     register_holds(); // Reservations (issue 19).
-    // Registering is taking a handle: `increment(0)` keeps a value already there.
+                      // Registering is taking a handle: `increment(0)` keeps a value already there.
     let _ = prometheus();
     for &(id, name) in &known.meters {
         match METERS.get(id) {

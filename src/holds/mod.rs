@@ -15,11 +15,11 @@
 pub mod journal;
 
 use crate::counters::CustomerId;
+use crate::model::CheckAnswer;
 use crate::model::MeterId;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use crate::model::CheckAnswer;
 use std::sync::{Arc, Mutex};
 
 /// How long a finished reservation is remembered (the same id again answers

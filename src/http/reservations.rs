@@ -52,7 +52,8 @@ pub async fn reserve(state: &Arc<HttpState>, req: Request<RequestBody>) -> Resp 
     // With Redis: the one round trip a customer never seen here costs.
     state.engine.ensure_customer(&request.customer).await;
     let engine = state.engine.clone();
-    let answer = tokio::spawn(async move { engine.reservation_ports().reserve(request).await }).await.map_err(task_failed)?.map_err(error)?;
+    let answer =
+        tokio::spawn(async move { engine.reservation_ports().reserve(request).await }).await.map_err(task_failed)?.map_err(error)?;
     Ok(json(StatusCode::OK, &answer))
 }
 
@@ -66,7 +67,8 @@ pub async fn settle(state: &Arc<HttpState>, req: Request<RequestBody>, id: Strin
     }
     let request = SettleRequest::from_json(&body).map_err(error)?;
     let engine = state.engine.clone();
-    let answer = tokio::spawn(async move { engine.reservation_ports().settle(&id, request).await }).await.map_err(task_failed)?.map_err(error)?;
+    let answer =
+        tokio::spawn(async move { engine.reservation_ports().settle(&id, request).await }).await.map_err(task_failed)?.map_err(error)?;
     Ok(json(StatusCode::OK, &answer))
 }
 

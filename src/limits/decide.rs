@@ -31,7 +31,9 @@ impl LimitState {
     pub fn exceeded_by(&self, quantity: i64) -> bool {
         match self.limit.amount {
             LimitAmount::Unlimited => false,
-            LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => self.used.saturating_add(self.held).saturating_add(quantity) > l,
+            LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => {
+                self.used.saturating_add(self.held).saturating_add(quantity) > l
+            }
         }
     }
 }
@@ -57,7 +59,9 @@ pub fn decide(states: &[LimitState], quantity: i64) -> Verdict {
     }
     let headroom = |s: &LimitState| match s.limit.amount {
         LimitAmount::Unlimited => i128::MAX,
-        LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => i128::from(l) - i128::from(s.used) - i128::from(s.held) - i128::from(quantity),
+        LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => {
+            i128::from(l) - i128::from(s.used) - i128::from(s.held) - i128::from(quantity)
+        }
     };
     let least = |pred: &dyn Fn(&LimitState) -> bool| {
         states.iter().enumerate().filter(|(_, s)| pred(s)).min_by_key(|(_, s)| headroom(s)).map(|(i, _)| i)

@@ -280,7 +280,8 @@ impl LimitsPorts<'_> {
         };
         self.usage.fold(&consume_usage(c, c.quantity), Some(limit.window), Origin::Live, || self.wal.tracker.folded(seq));
         let others = self.reads.counters.windows.get(&key, |cell| cell.others.load(Ordering::Acquire)).unwrap_or(0);
-        let states = vec![LimitState { limit, window: limit.window.bounds(c.now, c.ent.billing_anchor), used: own.saturating_add(others), held: 0 }];
+        let states =
+            vec![LimitState { limit, window: limit.window.bounds(c.now, c.ent.billing_anchor), used: own.saturating_add(others), held: 0 }];
         let verdict = Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 };
         crate::telemetry::decision(verdict.reason.as_str(), true, c.meter.id.into(), &c.meter.name);
         Ok(answer(c.name, c.meter, c.quantity, &states, verdict))

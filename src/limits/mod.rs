@@ -237,7 +237,13 @@ pub struct LimitsPorts<'a> {
 impl Engine {
     /// The limit readers' narrow view of the state.
     pub fn limit_reads(&self) -> LimitReads<'_> {
-        LimitReads { catalog: self.catalog(), counters: self.counters(), entitlements: self.entitlements(), credits: self.credits(), holds: self.holds() }
+        LimitReads {
+            catalog: self.catalog(),
+            counters: self.counters(),
+            entitlements: self.entitlements(),
+            credits: self.credits(),
+            holds: self.holds(),
+        }
     }
 
     /// Checks' and consumes' view of the state.

@@ -340,7 +340,15 @@ impl ReservationPorts<'_> {
     /// Records a settle's usage like a consume: the id claimed, the WAL
     /// written, the usage folded through the seam. An id already used (a
     /// settle that crashed after recording) records nothing more.
-    async fn record(&self, r: &Reservation, customer: CustomerId, meter: &Meter, raw: i64, ts: i64, now: i64) -> Result<(), ReservationError> {
+    async fn record(
+        &self,
+        r: &Reservation,
+        customer: CustomerId,
+        meter: &Meter,
+        raw: i64,
+        ts: i64,
+        now: i64,
+    ) -> Result<(), ReservationError> {
         let id_hash = hash_id(&r.id);
         if !self.limits.deduper.insert(id_hash, now) {
             tracing::info!(id = %r.id, "a settle's usage was recorded before; nothing more is recorded");
