@@ -229,3 +229,30 @@ async fn racing_reservations_never_over_hold() {
     assert_eq!((now["held"].clone(), now["remaining"].clone()), (json!(98), json!(2)), "{now}");
     s.stop().await;
 }
+
+const CREDITS: &str = include_str!("../config/examples/interview-credits.toml");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_count_against_credit_balances() {
+    let s = TestServer::start(CREDITS).await;
+    let c = s.client();
+    let g = c.post_json("/v1/customers/u9/grants", &json!({"id": "pack", "meter": "interviews", "amount": 5})).await;
+    assert_eq!(g.status, 201, "{}", g.text);
+    let r = reserve(&c, json!({"id": "iv-a", "customer": "u9", "meter": "interviews", "quantity": 4, "expires_in": "1h"})).await;
+    assert_eq!(r.body["allowed"], true, "{}", r.text);
+    assert_eq!((r.body["held"].clone(), r.body["remaining"].clone()), (json!(4), json!(1)), "{}", r.text);
+    let two = reserve(&c, json!({"id": "iv-b", "customer": "u9", "meter": "interviews", "quantity": 2})).await;
+    assert_eq!((two.body["allowed"].clone(), two.body["reason"].clone()), (json!(false), json!("insufficient_credits")), "{}", two.text);
+    // A consume cannot spend held credits.
+    let spend = c.check(&json!({"customer": "u9", "meter": "interviews", "quantity": 2, "consume": true, "id": "k"})).await;
+    assert_eq!(spend.body["allowed"], false, "{}", spend.text);
+    // Settling 3 spends 3 credits; the rest of the hold is released.
+    let done = settle(&c, "iv-a", json!({"quantity": 3})).await;
+    assert_eq!(done.body["reservation"]["status"], "settled", "{}", done.text);
+    let now = check(&c, "u9", "interviews", 2).await;
+    assert_eq!((now["allowed"].clone(), now["held"].clone(), now["remaining"].clone()), (json!(true), json!(0), json!(2)), "{now}");
+    let b = c.get("/v1/customers/u9/balances").await;
+    let balance = b.body["balances"].as_array().and_then(|l| l.iter().find(|x| x["meter"] == "interviews").cloned()).unwrap_or_default();
+    assert_eq!(balance["balance"], 2, "{}", b.text);
+    s.stop().await;
+}
