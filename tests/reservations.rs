@@ -256,3 +256,16 @@ async fn holds_count_against_credit_balances() {
     assert_eq!(balance["balance"], 2, "{}", b.text);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_on_a_count_meter_records_that_many_uses() {
+    let s = TestServer::start(SAAS).await;
+    let c = s.client();
+    let r = reserve(&c, json!({"id": "calls-1", "customer": "beta", "meter": "api_calls", "quantity": 5, "expires_in": "10m"})).await;
+    assert_eq!(r.body["allowed"], true, "{}", r.text);
+    let done = settle(&c, "calls-1", json!({"quantity": 3})).await;
+    assert_eq!(done.body["reservation"]["settled_quantity"], 3, "{}", done.text);
+    let now = check(&c, "beta", "api_calls", 1).await;
+    assert_eq!((now["used"].clone(), now["held"].clone()), (json!(3), json!(0)), "{now}");
+    s.stop().await;
+}
