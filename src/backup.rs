@@ -338,8 +338,9 @@ fn copy_file(src: &Path, dst: &Path) -> Result<(), BackupError> {
     }
 }
 
-/// Copies the regular files of `src` (one level, as the data dir keeps them).
-fn copy_tree(src: &Path, dst: &Path) -> Result<(), BackupError> {
+/// Calls `each(path, name)` for every regular file of `src` (one level, as the
+/// data dir keeps them), then syncs `dst`; a missing `src` copies nothing.
+fn for_files(src: &Path, dst: &Path, mut each: impl FnMut(&Path, &Path) -> Result<(), BackupError>) -> Result<(), BackupError> {
     let entries = match std::fs::read_dir(src) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -349,55 +350,34 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), BackupError> {
     for entry in entries {
         let entry = entry.map_err(io(src))?;
         if entry.file_type().map_err(io(src))?.is_file() {
-            copy_file(&entry.path(), &dst.join(entry.file_name()))?;
+            each(&entry.path(), &dst.join(entry.file_name()))?;
         }
     }
     sync_dir(dst);
     Ok(())
+}
+
+/// Copies the regular files of `src`.
+fn copy_tree(src: &Path, dst: &Path) -> Result<(), BackupError> {
+    for_files(src, dst, copy_file)
 }
 
 /// Copies the finished dedupe run files (`*.run`; a `*.tmp` is a spill in progress).
 fn copy_runs(src: &Path, dst: &Path) -> Result<(), BackupError> {
-    let entries = match std::fs::read_dir(src) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(src)(e)),
-    };
-    std::fs::create_dir_all(dst).map_err(io(dst))?;
-    for entry in entries {
-        let entry = entry.map_err(io(src))?;
-        if entry.path().extension().is_some_and(|e| e == "run") {
-            copy_file(&entry.path(), &dst.join(entry.file_name()))?;
-        }
-    }
-    sync_dir(dst);
-    Ok(())
+    for_files(src, dst, |path, to| if path.extension().is_some_and(|e| e == "run") { copy_file(path, to) } else { Ok(()) })
 }
 
 /// Copies the id files, each cut to whole entries.
 fn copy_ids(src: &Path, dst: &Path) -> Result<(), BackupError> {
-    let entries = match std::fs::read_dir(src) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(src)(e)),
-    };
-    std::fs::create_dir_all(dst).map_err(io(dst))?;
-    for entry in entries {
-        let entry = entry.map_err(io(src))?;
-        let path = entry.path();
-        if !entry.file_type().map_err(io(src))?.is_file() {
-            continue;
-        }
-        let bytes = match std::fs::read(&path) {
+    for_files(src, dst, |path, to| {
+        let bytes = match std::fs::read(path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // expired meanwhile
-            Err(e) => return Err(io(&path)(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()), // expired meanwhile
+            Err(e) => return Err(io(path)(e)),
         };
         let whole = bytes.len() - bytes.len() % crate::wal::ids::ENTRY;
-        write_synced(&dst.join(entry.file_name()), &bytes[..whole])?;
-    }
-    sync_dir(dst);
-    Ok(())
+        write_synced(to, &bytes[..whole])
+    })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {

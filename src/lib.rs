@@ -20,6 +20,7 @@ pub mod http;
 pub mod ingest;
 pub mod keyhash;
 pub mod limits;
+pub mod mac;
 pub mod model;
 // Threshold notifications (issue 17).
 pub mod notify;

@@ -40,15 +40,6 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     crate::config::sha256_of(bytes)
 }
 
-/// Compares two digests without an early exit.
-fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b.iter()) {
-        diff |= x ^ y;
-    }
-    std::hint::black_box(diff) == 0
-}
-
 impl Auth {
     pub fn new(keys: &[ApiKey]) -> Auth {
         Auth { keys: arc_swap::ArcSwap::from_pointee(table(keys)) }
@@ -95,7 +86,7 @@ impl Auth {
         // Compare against every key so timing does not reveal which one matched.
         let mut found = None;
         for (i, (key, _)) in keys.iter().enumerate() {
-            if ct_eq(&key.sha256, &digest) {
+            if crate::mac::ct_eq(&key.sha256, &digest) {
                 found = Some(i);
             }
         }

@@ -7,7 +7,7 @@
 //! `data_dir/portal_secret` (then tokens hold only on this instance's data
 //! dir: set the variable when instances share customers).
 
-use crate::billing_sync::signature::{ct_eq, hmac_sha256};
+use crate::mac::{ct_eq, hmac_sha256};
 use std::io::Read;
 use std::path::Path;
 
