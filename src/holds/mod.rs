@@ -192,6 +192,13 @@ impl HoldBook {
         self.reservations.get(id).map(|e| (e.r.clone(), e.answer.clone()))
     }
 
+    /// Replaces the remembered first answer of `id` (a hold withdrawn at once).
+    pub fn set_answer(&self, id: &str, answer: Arc<CheckAnswer>) {
+        if let Some(mut e) = self.reservations.get_mut(id) {
+            e.answer = Some(answer);
+        }
+    }
+
     /// The interned ids a reservation holds under.
     pub fn ids_of(&self, id: &str) -> Option<(CustomerId, MeterId)> {
         self.reservations.get(id).map(|e| (e.customer, e.meter))

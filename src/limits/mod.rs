@@ -454,6 +454,17 @@ impl LimitsPorts<'_> {
         let held = self.reads.holds.held(customer, meter.id);
         match self.usage.reserve_within(key, quantity, max.saturating_sub(held)) {
             Ok(after) => {
+                // Reservations (issue 19): a hold taken meanwhile. The reservation
+                // re-checks once its hold is visible, this once the units are: one
+                // of the two sees the other (hence the fences), never neither.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                let held_now = self.reads.holds.held(customer, meter.id);
+                if held_now > held && after.saturating_add(held_now) > max {
+                    self.usage.give_back(key, quantity);
+                    let states = vec![LimitState { limit, window, used: after.saturating_sub(quantity), held: held_now }];
+                    let verdict = decide(&states, quantity);
+                    return Ok((states, verdict));
+                }
                 let seq = match self.wal.append(consume_record(c, quantity)).await {
                     Ok(seq) => seq,
                     Err(e) => {

@@ -269,10 +269,39 @@ impl ReservationPorts<'_> {
         }
         let check = Arc::new(answer(&req.customer, meter, quantity, &states, verdict));
         self.holds.insert(r.clone(), customer, meter.id, check.clone())?;
+        // A consume decided without the lock (one hard limit, compare-and-swap)
+        // may have passed meanwhile: re-checked once the hold is visible (see
+        // `LimitsPorts::consume_cas`, which re-checks the other way round).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let (r, check) = if verdict.allowed { self.withdraw_if_over(r, check, (customer, meter, &ent, &limits), now)? } else { (r, check) };
         drop(guard);
-        crate::telemetry::hold_status(status.as_str());
-        tracing::debug!(id = %r.id, status = status.as_str(), "reservation decided");
+        crate::telemetry::hold_status(r.status.as_str());
+        tracing::debug!(id = %r.id, status = r.status.as_str(), "reservation decided");
         Ok(ReserveAnswer { check: (*check).clone(), reservation: ReservationView::of(&r, meter.precision) })
+    }
+
+    /// Withdraws a hold just taken if, with it, a hard limit is passed: a
+    /// consume won the race. The reservation is then denied.
+    fn withdraw_if_over(
+        &self,
+        r: Reservation,
+        check: Arc<CheckAnswer>,
+        (customer, meter, ent, limits): (CustomerId, &Meter, &crate::model::Entitlements, &[crate::model::Limit]),
+        now: i64,
+    ) -> Result<(Reservation, Arc<CheckAnswer>), ReservationError> {
+        let mut states = self.limits.reads.limit_states(Some(customer), meter, ent, limits, now);
+        if !states.iter().any(|s| s.limit.hard && s.exceeded_by(0)) {
+            return Ok((r, check));
+        }
+        for s in &mut states {
+            s.held = s.held.saturating_sub(r.quantity);
+        }
+        let verdict = decide(&states, r.quantity);
+        let check = Arc::new(answer(&r.customer, meter, r.quantity, &states, verdict));
+        let r = self.holds.finish(&r.id, Status::Denied, None, now)?.unwrap_or(r);
+        self.holds.set_answer(&r.id, check.clone());
+        tracing::debug!(id = %r.id, "a hold was withdrawn: a consume passed the limit meanwhile");
+        Ok((r, check))
     }
 
     /// The answer to a reservation id seen before: the first answer (or, after
@@ -380,7 +409,7 @@ impl ReservationPorts<'_> {
         let _guard = self.limits.consume_locks.lock(customer, meter).await;
         let r = match self.holds.finish(id, status, None, now_ms())? {
             Some(r) => {
-                crate::telemetry::hold_status(status.as_str());
+                crate::telemetry::hold_status(r.status.as_str());
                 r
             }
             None => self.holds.get(id).ok_or_else(|| ReservationError::NotFound(id.to_string()))?,
