@@ -273,7 +273,7 @@ fn check_decision(c: &mut Criterion) {
         enforcement: Enforcement::Cached,
         notify: None,
     };
-    let states = [LimitState { limit, window: WindowKind::Month.bounds(now, BillingAnchor::default()), used: 29_500 }];
+    let states = [LimitState { limit, window: WindowKind::Month.bounds(now, BillingAnchor::default()), used: 29_500, held: 0 }];
     g.bench_function("decide_only", |b| b.iter(|| decide(std::hint::black_box(&states), 1000)));
     g.finish();
 }

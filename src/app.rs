@@ -79,6 +79,8 @@ pub struct AppHandle {
     /// Applies a new config (SIGHUP, `meterd reload`); features that take
     /// changes live register a part with it at start.
     pub reloader: Arc<crate::reload::Reloader>,
+    // Reservations (issue 19): the task that releases expired holds.
+    hold_expiry: (watch::Sender<bool>, Supervised<()>),
 }
 
 /// A background task under [`supervise`]: the outcome of its run that ended on
@@ -99,6 +101,8 @@ const STRIPE_REPORTER: Task = Task { name: "stripe_reporter", critical: false, r
 const RAW_EXPORT: Task = Task { name: "raw_events_export", critical: false, restart: Restart::Never };
 /// Threshold notifications (issue 17): delivery degrades, never blocks ingest.
 const NOTIFIER: Task = Task { name: "notifier", critical: false, restart: Restart::Backoff(Duration::from_secs(1)) };
+// Reservations (issue 19): critical, as a hold that never expires blocks its quota.
+const HOLD_EXPIRY: Task = Task { name: "hold_expiry", critical: true, restart: Restart::Backoff(Duration::from_secs(1)) };
 
 /// The instance id: configured, or generated once and kept in the data dir.
 fn instance_id(config: &ValidConfig, data_dir: &Path) -> Result<String, AppError> {
@@ -356,6 +360,17 @@ impl AppHandle {
             let (stop, stop_rx) = watch::channel(false);
             (stop, tokio::spawn(supervise(NOTIFIER, health.clone(), stop_rx, move |rx| Some(crate::notify::deliver::run(n.clone(), rx)))))
         });
+        // Reservations (issue 19): expired holds are released, also those that expired while down.
+        let hold_expiry = {
+            let (stop, stop_rx) = watch::channel(false);
+            let e = engine.clone();
+            (
+                stop,
+                tokio::spawn(supervise(HOLD_EXPIRY, health.clone(), stop_rx, move |rx| {
+                    Some(crate::reservations::run_expiry(e.clone(), rx))
+                })),
+            )
+        };
         tracing::info!(%addr, instance_id = %instance_id, data_dir = %data_dir.display(), config = %config.source, "meterd listening");
         Ok(AppHandle {
             addr,
@@ -376,6 +391,7 @@ impl AppHandle {
             notify_task,
             grace,
             reloader,
+            hold_expiry,
         })
     }
 
@@ -409,6 +425,10 @@ impl AppHandle {
                 }
             }
         }
+        // Reservations (issue 19).
+        let (stop, task) = self.hold_expiry;
+        let _ = stop.send(true);
+        task.await.map_err(|e| AppError::Task(e.to_string()))?.map_err(|e| AppError::Task(e.to_string()))?;
         if let Some((stop, task)) = self.notify_task {
             // Pending rows stay in the outbox for the next start.
             let _ = stop.send(true);

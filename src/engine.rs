@@ -39,6 +39,9 @@ pub enum EngineError {
     // Bounded dedupe (issue 15): the disk runs could not be opened.
     #[error(transparent)]
     Dedupe(#[from] crate::dedupe::DedupeError),
+    // Reservations (issue 19): the hold journal could not be opened.
+    #[error(transparent)]
+    Holds(#[from] crate::holds::HoldError),
 }
 
 /// Limits the ingest path enforces, from `[ingest]`.
@@ -89,6 +92,8 @@ pub struct Engine {
     // Prepaid credits (issue 18): the balance book and where grants are stored.
     credits: Arc<crate::credits::CreditBook>,
     grant_store: Arc<dyn EntitlementStore>,
+    // Reservations (issue 19): what reservations hold, journaled in data_dir/holds.
+    holds: Arc<crate::holds::HoldBook>,
 }
 
 /// Read access to the state, for the services. None of these can change usage
@@ -188,6 +193,12 @@ impl Engine {
     /// The credit balance book.
     pub fn credits(&self) -> &Arc<crate::credits::CreditBook> {
         &self.credits
+    }
+
+    // Reservations (issue 19).
+    /// The hold book.
+    pub fn holds(&self) -> &Arc<crate::holds::HoldBook> {
+        &self.holds
     }
 
     /// Where grants are stored (the entitlement store).
@@ -331,6 +342,13 @@ impl Engine {
             },
             now_ms(),
         )?;
+        // Reservations (issue 19): holds come back as they were journaled.
+        let holds = Arc::new(crate::holds::HoldBook::open(
+            &config.storage.data_dir.join("holds"),
+            crate::holds::DEFAULT_CAP,
+            now_ms(),
+            |customer, meter| Some((counters.interner.intern(customer).ok()?, catalog.meter_by_name(meter)?.id)),
+        )?);
         let engine = Engine {
             catalog,
             usage: UsageSeam::new(counters, observers),
@@ -355,6 +373,7 @@ impl Engine {
             redis_ttl_ms: config.redis.as_ref().map(|r| millis_i64(r.entitlements_ttl)).unwrap_or(i64::MAX),
             credits,
             grant_store,
+            holds,
         };
         let mut engine = engine;
         engine.rebuild().await?;

@@ -43,3 +43,6 @@ pub mod grants;
 pub mod adjust;
 
 pub use app::{AppError, AppHandle};
+// Reservations (issue 19).
+pub mod holds;
+pub mod reservations;

@@ -173,7 +173,8 @@ pub struct Known<'a> {
 /// `process_*` series; installs the recorder if need be. Call it at start.
 pub fn register_known(known: &Known<'_>) {
     register_dedupe();
-    // Registering is taking a handle: `increment(0)` keeps a value already there.
+    register_holds(); // Reservations (issue 19).
+                      // Registering is taking a handle: `increment(0)` keeps a value already there.
     let _ = prometheus();
     for &(id, name) in &known.meters {
         match METERS.get(id) {
@@ -713,6 +714,39 @@ pub fn register_notifications(endpoints: &[(&str, Vec<&str>)], types: &[&str]) {
 pub fn notifications_pending(count: i64, oldest_age_s: f64) {
     metrics::gauge!(NOTIFICATIONS_PENDING).set(count as f64);
     metrics::gauge!(NOTIFICATIONS_OLDEST_PENDING).set(oldest_age_s);
+}
+
+// Reservations (issue 19): the hold book's size and its refusals.
+pub const HOLDS_RESERVATIONS: &str = "meterd_reservations";
+pub const HOLDS_REFUSED_TOTAL: &str = "meterd_reservations_refused_total";
+pub const HOLDS_CHANGES_TOTAL: &str = "meterd_reservations_total";
+/// The reservation statuses (the `status` label).
+const HOLD_STATUSES: [&str; 5] = ["held", "settled", "released", "expired", "denied"];
+
+fn register_holds() {
+    metrics::describe_gauge!(HOLDS_RESERVATIONS, "Reservations the hold book remembers (held, and finished ones kept for their answers)");
+    metrics::describe_counter!(HOLDS_REFUSED_TOTAL, "Reservations refused because the hold book was full (answered 503)");
+    metrics::describe_counter!(HOLDS_CHANGES_TOTAL, "Reservations reaching a status (held, denied, settled, released, expired)");
+    metrics::gauge!(HOLDS_RESERVATIONS).increment(0.0);
+    metrics::counter!(HOLDS_REFUSED_TOTAL).increment(0);
+    for s in HOLD_STATUSES {
+        metrics::counter!(HOLDS_CHANGES_TOTAL, "status" => s).increment(0);
+    }
+}
+
+/// Sets the number of reservations remembered.
+pub fn holds_gauge(n: usize) {
+    metrics::gauge!(HOLDS_RESERVATIONS).set(n as f64);
+}
+
+/// Counts a reservation refused by a full book.
+pub fn holds_refused() {
+    metrics::counter!(HOLDS_REFUSED_TOTAL).increment(1);
+}
+
+/// Counts a reservation reaching `status`.
+pub fn hold_status(status: &'static str) {
+    metrics::counter!(HOLDS_CHANGES_TOTAL, "status" => status).increment(1);
 }
 
 #[cfg(test)]

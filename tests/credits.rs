@@ -79,7 +79,10 @@ async fn check_answers_with_a_credits_entry_and_the_summary_has_the_row() {
     let a = check(&c, "u2", "ai_tokens", 100).await;
     assert_eq!(a["allowed"], true, "{a}");
     let credits = a["limits"].as_array().and_then(|l| l.iter().find(|x| x["window"] == "credits").cloned()).unwrap_or_default();
-    assert_eq!(credits, json!({"window": "credits", "limit": 5000, "used": 0, "remaining": 5000, "resets_at": expires, "hard": true}));
+    assert_eq!(
+        credits,
+        json!({"window": "credits", "limit": 5000, "used": 0, "held": 0, "remaining": 5000, "resets_at": expires, "hard": true})
+    );
     let over = check(&c, "u2", "ai_tokens", 5001).await;
     assert_eq!((over["allowed"].clone(), over["reason"].clone()), (json!(false), json!("insufficient_credits")), "{over}");
     ingest(&c, json!(event("u2", "ai_tokens", 1200))).await;

@@ -220,9 +220,9 @@ async fn override_with_a_new_window_kind_counts_earlier_usage() {
             a,
             json!({
                 "allowed": true, "customer": customer, "meter": "interviews", "quantity": 1,
-                "used": used, "limit": 5, "remaining": 5 - used, "window": "hour",
+                "used": used, "held": 0, "limit": 5, "remaining": 5 - used, "window": "hour",
                 "resets_at": hour_end, "hard": true, "reason": "within_limit",
-                "limits": [{"window": "hour", "limit": 5, "used": used, "remaining": 5 - used,
+                "limits": [{"window": "hour", "limit": 5, "used": used, "held": 0, "remaining": 5 - used,
                             "resets_at": hour_end, "hard": true}]
             }),
             "{customer}"

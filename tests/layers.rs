@@ -21,7 +21,22 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("model", &["model"]),
     ("config", &["config"]),
     // State: in-memory state, its durability and the stores.
-    ("state", &["counters", "wal", "dedupe", "entitlements", "store", "redis_link", "rejected", "usage", "health", "credits"]),
+    (
+        "state",
+        &[
+            "counters",
+            "wal",
+            "dedupe",
+            "entitlements",
+            "store",
+            "redis_link",
+            "rejected",
+            "usage",
+            "health",
+            "credits",
+            /* issue 19 */ "holds",
+        ],
+    ),
     // The container of the state (no service types).
     ("engine", &["engine"]),
     // Domain services and background tasks.
@@ -40,6 +55,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             /* issue 18 */ "grants",
             /* issue 17 */ "notify",
             /* issue 19 */ "adjust",
+            /* issue 19 */ "reservations",
         ],
     ),
     ("http", &["http"]),

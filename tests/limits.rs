@@ -87,9 +87,9 @@ async fn interview_platform_limits() {
         answer,
         json!({
             "allowed": false, "customer": cust, "meter": "interview_minutes", "quantity": 10,
-            "used": 295, "limit": 300, "remaining": 5, "window": "month",
+            "used": 295, "held": 0, "limit": 300, "remaining": 5, "window": "month",
             "resets_at": resets, "hard": true, "reason": "limit_exceeded",
-            "limits": [{"window": "month", "limit": 300, "used": 295, "remaining": 5,
+            "limits": [{"window": "month", "limit": 300, "used": 295, "held": 0, "remaining": 5,
                         "resets_at": resets, "hard": true}]
         })
     );
@@ -116,9 +116,9 @@ async fn interview_platform_limits() {
         answer,
         json!({
             "allowed": false, "customer": cust, "meter": "interviews", "quantity": 1,
-            "used": 3, "limit": 3, "remaining": 0, "window": "day",
+            "used": 3, "held": 0, "limit": 3, "remaining": 0, "window": "day",
             "resets_at": midnight, "hard": true, "reason": "limit_exceeded",
-            "limits": [{"window": "day", "limit": 3, "used": 3, "remaining": 0,
+            "limits": [{"window": "day", "limit": 3, "used": 3, "held": 0, "remaining": 0,
                         "resets_at": midnight, "hard": true}]
         })
     );
@@ -308,8 +308,8 @@ async fn several_limits_on_one_meter() {
     assert_eq!(
         a["limits"],
         json!([
-            {"window": "month", "limit": 5, "used": 0, "remaining": 5, "resets_at": month_end, "hard": true},
-            {"window": "day", "limit": 2, "used": 0, "remaining": 2, "resets_at": day_end, "hard": true},
+            {"window": "month", "limit": 5, "used": 0, "held": 0, "remaining": 5, "resets_at": month_end, "hard": true},
+            {"window": "day", "limit": 2, "used": 0, "held": 0, "remaining": 2, "resets_at": day_end, "hard": true},
         ])
     );
     for i in 0..2 {
@@ -327,8 +327,8 @@ async fn several_limits_on_one_meter() {
     assert_eq!(
         r.body["limits"],
         json!([
-            {"window": "month", "limit": 5, "used": 2, "remaining": 3, "resets_at": month_end, "hard": true},
-            {"window": "day", "limit": 2, "used": 2, "remaining": 0, "resets_at": day_end, "hard": true},
+            {"window": "month", "limit": 5, "used": 2, "held": 0, "remaining": 3, "resets_at": month_end, "hard": true},
+            {"window": "day", "limit": 2, "used": 2, "held": 0, "remaining": 0, "resets_at": day_end, "hard": true},
         ])
     );
     // All-or-nothing: the refused consume recorded in neither window.
@@ -349,7 +349,10 @@ async fn several_limits_on_one_meter() {
     assert_eq!(a["used"], json!(2));
     assert_eq!(a["resets_at"], json!(month_end));
     assert_eq!(a["limits"].as_array().map(Vec::len), Some(2));
-    assert_eq!(a["limits"][1], json!({"window": "day", "limit": 10, "used": 2, "remaining": 8, "resets_at": day_end, "hard": true}));
+    assert_eq!(
+        a["limits"][1],
+        json!({"window": "day", "limit": 10, "used": 2, "held": 0, "remaining": 8, "resets_at": day_end, "hard": true})
+    );
     server.stop().await;
 }
 
@@ -628,11 +631,11 @@ async fn customer_usage_summary() {
             "customer": "sum1",
             "plan": "starter",
             "meters": [
-                {"meter": "interview_minutes", "window": "month", "used": 295, "limit": 300, "remaining": 5,
+                {"meter": "interview_minutes", "window": "month", "used": 295, "held": 0, "limit": 300, "remaining": 5,
                  "percent": 98.33, "resets_at": month_end, "hard": true},
-                {"meter": "interviews", "window": "day", "used": 1, "limit": 3, "remaining": 2,
+                {"meter": "interviews", "window": "day", "used": 1, "held": 0, "limit": 3, "remaining": 2,
                  "percent": 33.33, "resets_at": day_end, "hard": true},
-                {"meter": "detailed_analyses", "window": "month", "used": 1, "limit": 5, "remaining": 4,
+                {"meter": "detailed_analyses", "window": "month", "used": 1, "held": 0, "limit": 5, "remaining": 4,
                  "percent": 20.0, "resets_at": month_end, "hard": true},
             ],
             "features": {"advanced_analytics": false}
@@ -645,11 +648,11 @@ async fn customer_usage_summary() {
             "customer": "nobody-at-all",
             "plan": "starter",
             "meters": [
-                {"meter": "interview_minutes", "window": "month", "used": 0, "limit": 300, "remaining": 300,
+                {"meter": "interview_minutes", "window": "month", "used": 0, "held": 0, "limit": 300, "remaining": 300,
                  "percent": 0.0, "resets_at": month_end, "hard": true},
-                {"meter": "interviews", "window": "day", "used": 0, "limit": 3, "remaining": 3,
+                {"meter": "interviews", "window": "day", "used": 0, "held": 0, "limit": 3, "remaining": 3,
                  "percent": 0.0, "resets_at": day_end, "hard": true},
-                {"meter": "detailed_analyses", "window": "month", "used": 0, "limit": 5, "remaining": 5,
+                {"meter": "detailed_analyses", "window": "month", "used": 0, "held": 0, "limit": 5, "remaining": 5,
                  "percent": 0.0, "resets_at": month_end, "hard": true},
             ],
             "features": {"advanced_analytics": false}

@@ -26,6 +26,8 @@ pub mod handlers;
 pub mod portal;
 // Threshold notifications (issue 17).
 pub mod notifications;
+// Reservations (issue 19).
+pub mod reservations;
 pub mod routes;
 pub mod server;
 pub mod timeouts;

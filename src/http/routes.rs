@@ -116,6 +116,31 @@ pub static ROUTES: &[Route] = &[
         ops: false,
         methods: &[(Method::GET, |s, req, c| Box::pin(async move { super::credits::balances(&s, req.headers(), &c).await }))],
     },
+    // Reservations (issue 19).
+    Route {
+        name: "reservations",
+        path: "/v1/reservations",
+        ops: false,
+        methods: &[(Method::POST, |s, req, _| Box::pin(async move { super::reservations::reserve(&s, req).await }))],
+    },
+    Route {
+        name: "reservation",
+        path: "/v1/reservations/{id}",
+        ops: false,
+        methods: &[(Method::GET, |s, req, id| Box::pin(std::future::ready(super::reservations::get(&s, req.headers(), &id))))],
+    },
+    Route {
+        name: "reservation_settle",
+        path: "/v1/reservations/{id}/settle",
+        ops: false,
+        methods: &[(Method::POST, |s, req, id| Box::pin(async move { super::reservations::settle(&s, req, id).await }))],
+    },
+    Route {
+        name: "reservation_release",
+        path: "/v1/reservations/{id}/release",
+        ops: false,
+        methods: &[(Method::POST, |s, req, id| Box::pin(async move { super::reservations::release(&s, req.headers(), id).await }))],
+    },
     Route {
         name: "stripe_status",
         path: "/v1/stripe/status",

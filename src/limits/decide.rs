@@ -11,16 +11,19 @@ pub struct LimitState {
     pub window: Window,
     /// Raw units used in the window.
     pub used: i64,
+    /// Raw units reservations hold (issue 19): not usage, but counted against
+    /// the limit like it.
+    pub held: i64,
 }
 
 impl LimitState {
     /// Raw units left before the limit (`None` when unlimited), never negative;
-    /// for credits, the balance (negative in overage).
+    /// for credits, the balance (negative in overage). Holds count (issue 19).
     pub fn remaining(&self) -> Option<i64> {
         match self.limit.amount {
             LimitAmount::Unlimited => None,
-            LimitAmount::Finite(l) => Some(l.saturating_sub(self.used).max(0)),
-            LimitAmount::Credits { granted, .. } => Some(granted.saturating_sub(self.used)),
+            LimitAmount::Finite(l) => Some(l.saturating_sub(self.used).saturating_sub(self.held).max(0)),
+            LimitAmount::Credits { granted, .. } => Some(granted.saturating_sub(self.used).saturating_sub(self.held)),
         }
     }
 
@@ -28,7 +31,9 @@ impl LimitState {
     pub fn exceeded_by(&self, quantity: i64) -> bool {
         match self.limit.amount {
             LimitAmount::Unlimited => false,
-            LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => self.used.saturating_add(quantity) > l,
+            LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => {
+                self.used.saturating_add(self.held).saturating_add(quantity) > l
+            }
         }
     }
 }
@@ -54,7 +59,9 @@ pub fn decide(states: &[LimitState], quantity: i64) -> Verdict {
     }
     let headroom = |s: &LimitState| match s.limit.amount {
         LimitAmount::Unlimited => i128::MAX,
-        LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => i128::from(l) - i128::from(s.used) - i128::from(quantity),
+        LimitAmount::Finite(l) | LimitAmount::Credits { granted: l, .. } => {
+            i128::from(l) - i128::from(s.used) - i128::from(s.held) - i128::from(quantity)
+        }
     };
     let least = |pred: &dyn Fn(&LimitState) -> bool| {
         states.iter().enumerate().filter(|(_, s)| pred(s)).min_by_key(|(_, s)| headroom(s)).map(|(i, _)| i)
@@ -83,6 +90,7 @@ mod tests {
             limit: Limit { window: kind, amount, hard, enforcement: Enforcement::Cached, notify: None },
             window: kind.bounds(0, BillingAnchor::default()),
             used,
+            held: 0,
         }
     }
 
@@ -113,6 +121,7 @@ mod tests {
             },
             window: WindowKind::Total.bounds(0, BillingAnchor::default()),
             used,
+            held: 0,
         };
         let s = [credits(true, 100, 70), state(WindowKind::Minute, LimitAmount::Finite(60), true, 0)];
         assert_eq!(decide(&s, 30), Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 });

@@ -218,7 +218,7 @@ impl LimitsPorts<'_> {
             expire_at: crate::redis_link::keys::expire_at(&key),
         };
         let started = Instant::now();
-        let states = |used| vec![LimitState { limit, window, used }];
+        let states = |used| vec![LimitState { limit, window, used, held: 0 }];
         match lease::call(redis, self.instance_id, LeaseMode::Take, book.ttl_ms(), std::slice::from_ref(&wanted)).await {
             Ok(LeaseReply::Granted { ttl_ms, windows }) => {
                 let Some(w) = windows.first().copied() else {
@@ -280,7 +280,8 @@ impl LimitsPorts<'_> {
         };
         self.usage.fold(&consume_usage(c, c.quantity), Some(limit.window), Origin::Live, || self.wal.tracker.folded(seq));
         let others = self.reads.counters.windows.get(&key, |cell| cell.others.load(Ordering::Acquire)).unwrap_or(0);
-        let states = vec![LimitState { limit, window: limit.window.bounds(c.now, c.ent.billing_anchor), used: own.saturating_add(others) }];
+        let states =
+            vec![LimitState { limit, window: limit.window.bounds(c.now, c.ent.billing_anchor), used: own.saturating_add(others), held: 0 }];
         let verdict = Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 };
         crate::telemetry::decision(verdict.reason.as_str(), true, c.meter.id.into(), &c.meter.name);
         Ok(answer(c.name, c.meter, c.quantity, &states, verdict))

@@ -117,6 +117,7 @@ pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
             window: "credits",
             limit: Some(d(granted)),
             used: d(state.used),
+            held: d(state.held),
             remaining: state.remaining().map(d),
             resets_at: (state.window.end_ms != i64::MAX).then(|| rfc3339(state.window.end_ms)),
             hard: state.limit.hard,
@@ -129,13 +130,14 @@ pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
             LimitAmount::Unlimited | LimitAmount::Credits { .. } => None,
         },
         used: d(state.used),
+        held: d(state.held),
         remaining: state.remaining().map(d),
         resets_at: state.window.resets_at().map(rfc3339),
         hard: state.limit.hard,
     }
 }
 
-fn answer(customer: &str, meter: &Meter, quantity: i64, states: &[LimitState], verdict: Verdict) -> CheckAnswer {
+pub(crate) fn answer(customer: &str, meter: &Meter, quantity: i64, states: &[LimitState], verdict: Verdict) -> CheckAnswer {
     let d = |raw| Decimal { raw, precision: meter.precision };
     let limits: Vec<LimitView> = states.iter().map(|s| view(s, meter)).collect();
     match limits.get(verdict.primary) {
@@ -145,6 +147,7 @@ fn answer(customer: &str, meter: &Meter, quantity: i64, states: &[LimitState], v
             meter: meter.name.clone(),
             quantity: d(quantity),
             used: p.used,
+            held: p.held,
             limit: p.limit,
             remaining: p.remaining,
             window: Some(p.window),
@@ -160,6 +163,7 @@ fn answer(customer: &str, meter: &Meter, quantity: i64, states: &[LimitState], v
             meter: meter.name.clone(),
             quantity: d(quantity),
             used: d(0),
+            held: d(0),
             limit: Some(d(0)),
             remaining: Some(d(0)),
             window: None,
@@ -204,6 +208,8 @@ pub struct LimitReads<'a> {
     pub entitlements: &'a EntitlementCache,
     /// Credit balances (issue 18).
     pub credits: &'a crate::credits::CreditBook,
+    /// What reservations hold (issue 19).
+    pub holds: &'a crate::holds::HoldBook,
 }
 
 /// What checks and consumes need of the engine. A consume decides and records
@@ -231,7 +237,13 @@ pub struct LimitsPorts<'a> {
 impl Engine {
     /// The limit readers' narrow view of the state.
     pub fn limit_reads(&self) -> LimitReads<'_> {
-        LimitReads { catalog: self.catalog(), counters: self.counters(), entitlements: self.entitlements(), credits: self.credits() }
+        LimitReads {
+            catalog: self.catalog(),
+            counters: self.counters(),
+            entitlements: self.entitlements(),
+            credits: self.credits(),
+            holds: self.holds(),
+        }
     }
 
     /// Checks' and consumes' view of the state.
@@ -286,7 +298,9 @@ impl LimitReads<'_> {
                         self.counters.windows.read(&key)
                     })
                     .unwrap_or(0);
-                LimitState { limit, window, used }
+                // Reservations (issue 19): holds count against every limit.
+                let held = customer.map_or(0, |c| self.holds.held(c, meter.id));
+                LimitState { limit, window, used, held }
             })
             .collect()
     }
@@ -308,6 +322,7 @@ impl LimitReads<'_> {
             limit: Limit { amount: LimitAmount::Credits { granted: b.granted, low_balance }, ..limit },
             window: crate::model::Window { kind: crate::model::WindowKind::Total, start_ms: 0, end_ms },
             used: b.granted.saturating_sub(b.balance),
+            held: customer.map_or(0, |c| self.holds.held(c, meter.id)),
         }
     }
 
@@ -435,8 +450,21 @@ impl LimitsPorts<'_> {
         let Consume { customer, meter, ent, quantity, id_hash, now, .. } = *c;
         let window = limit.window.bounds(now, ent.billing_anchor);
         let key = Counters::key(customer, meter.id, limit.window, now, ent.billing_anchor);
-        match self.usage.reserve_within(key, quantity, max) {
+        // Reservations (issue 19): what is held is not available to consume.
+        let held = self.reads.holds.held(customer, meter.id);
+        match self.usage.reserve_within(key, quantity, max.saturating_sub(held)) {
             Ok(after) => {
+                // Reservations (issue 19): a hold taken meanwhile. The reservation
+                // re-checks once its hold is visible, this once the units are: one
+                // of the two sees the other (hence the fences), never neither.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                let held_now = self.reads.holds.held(customer, meter.id);
+                if held_now > held && after.saturating_add(held_now) > max {
+                    self.usage.give_back(key, quantity);
+                    let states = vec![LimitState { limit, window, used: after.saturating_sub(quantity), held: held_now }];
+                    let verdict = decide(&states, quantity);
+                    return Ok((states, verdict));
+                }
                 let seq = match self.wal.append(consume_record(c, quantity)).await {
                     Ok(seq) => seq,
                     Err(e) => {
@@ -446,11 +474,11 @@ impl LimitsPorts<'_> {
                 };
                 // Folded and marked under one guard (see `Counters::apply_then`).
                 self.usage.fold(&consume_usage(c, quantity), Some(limit.window), Origin::Live, || self.wal.tracker.folded(seq));
-                let states = vec![LimitState { limit, window, used: after }];
+                let states = vec![LimitState { limit, window, used: after, held }];
                 Ok((states, Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 }))
             }
             Err(current) => {
-                let states = vec![LimitState { limit, window, used: current }];
+                let states = vec![LimitState { limit, window, used: current, held }];
                 let verdict = decide(&states, quantity);
                 Ok((states, verdict))
             }

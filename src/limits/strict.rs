@@ -98,7 +98,8 @@ impl LimitsPorts<'_> {
         invocation.arg(Keys::instance_field(self.instance_id)).arg(quantity);
         for (&i, key) in strict.iter().zip(&keys) {
             let limit = match states[i].limit.amount {
-                LimitAmount::Finite(l) => l,
+                // Reservations (issue 19): this instance's holds are not available.
+                LimitAmount::Finite(l) => l.saturating_sub(states[i].held).max(0),
                 LimitAmount::Unlimited | LimitAmount::Credits { .. } => -1,
             };
             let own = self.reads.counters.windows.get(key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);

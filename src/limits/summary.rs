@@ -13,6 +13,8 @@ pub struct SummaryRow {
     pub meter: String,
     pub window: &'static str,
     pub used: Decimal,
+    /// Held by reservations (issue 19).
+    pub held: Decimal,
     pub limit: Option<Decimal>,
     pub remaining: Option<Decimal>,
     /// Used as a percentage of the limit, two decimals; null when unlimited.
@@ -55,6 +57,7 @@ impl LimitReads<'_> {
                     meter: meter.name.clone(),
                     window: v.window,
                     used: v.used,
+                    held: v.held,
                     limit: v.limit,
                     remaining: v.remaining,
                     percent: percent(&state),

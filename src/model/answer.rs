@@ -41,6 +41,8 @@ pub struct LimitView {
     pub window: &'static str,
     pub limit: Option<Decimal>,
     pub used: Decimal,
+    /// Held by reservations (issue 19): counted against the limit, not usage.
+    pub held: Decimal,
     pub remaining: Option<Decimal>,
     pub resets_at: Option<String>,
     pub hard: bool,
@@ -54,6 +56,8 @@ pub struct CheckAnswer {
     pub meter: String,
     pub quantity: Decimal,
     pub used: Decimal,
+    /// Held by reservations (issue 19): counted against the limit, not usage.
+    pub held: Decimal,
     pub limit: Option<Decimal>,
     pub remaining: Option<Decimal>,
     pub window: Option<&'static str>,
