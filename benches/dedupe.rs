@@ -5,7 +5,12 @@
 //! the runs of the last minutes are searched), without one (every run's filter),
 //! and re-sent old ids (a filter hit and a read of the run, page cache warm).
 //! Setup prints RAM and disk per id and the restart time (open the runs, load
-//! the un-spilled tail from the id files). Run with `cargo bench --bench dedupe`.
+//! the un-spilled tail from the id files). Right after the restart the gate
+//! (one filter over every run) is not built yet: ids without a timestamp are
+//! measured then, and again once it is rebuilt (the rebuild is timed). The
+//! same run measures the RAM-only table it replaced, filled with
+//! `METERD_BENCH_DEDUPE_BASELINE_IDS` ids (default 33M, as issue 15 measured
+//! it; 0 skips it). Run with `cargo bench --bench dedupe`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use meterd::dedupe::{hash_id, Deduper, IdHash, SpillConfig};
@@ -98,6 +103,17 @@ fn probe(c: &mut Criterion) {
     let mut g = c.benchmark_group(format!("dedupe_{}m", n / 1_000_000));
     g.sample_size(20);
     g.throughput(Throughput::Elements(1000));
+    g.bench_function("fresh_without_timestamp_no_gate_yet_1000", |b| {
+        b.iter_batched(|| fresh(1000), |ids| d.admit_batch(&ids, &[], now).expect("admit"), criterion::BatchSize::LargeInput)
+    });
+    let ram = d.ram_bytes();
+    let started = Instant::now();
+    let gated = d.rebuild_gate().expect("gate");
+    eprintln!(
+        "gate rebuilt over {gated} spilled ids in {:.2}s: +{:.2} B/id of RAM",
+        started.elapsed().as_secs_f64(),
+        (d.ram_bytes() - ram) as f64 / gated.max(1) as f64
+    );
     let since_now = vec![Deduper::since_of_timestamp(now); 1000];
     g.bench_function("fresh_with_timestamp_1000", |b| {
         b.iter_batched(|| fresh(1000), |ids| d.admit_batch(&ids, &since_now, now).expect("admit"), criterion::BatchSize::LargeInput)
@@ -116,6 +132,23 @@ fn probe(c: &mut Criterion) {
             },
             criterion::BatchSize::LargeInput,
         )
+    });
+    g.finish();
+    drop(d);
+    let base_n: u64 = std::env::var("METERD_BENCH_DEDUPE_BASELINE_IDS").ok().and_then(|v| v.parse().ok()).unwrap_or(33_000_000);
+    if base_n == 0 {
+        return;
+    }
+    // The RAM-only table as before issue 15 (no budget, no runs), same run.
+    let base = Deduper::new(WINDOW);
+    for chunk in (0..base_n).collect::<Vec<_>>().chunks(1000) {
+        base.insert_batch(&chunk.iter().map(|&i| id(i)).collect::<Vec<_>>(), now - 60 * MIN);
+    }
+    let mut g = c.benchmark_group(format!("dedupe_ram_only_{}m", base_n / 1_000_000));
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("fresh_without_timestamp_1000", |b| {
+        b.iter_batched(|| fresh(1000), |ids| base.admit_batch(&ids, &[], now).expect("admit"), criterion::BatchSize::LargeInput)
     });
     g.finish();
 }

@@ -210,6 +210,7 @@ pub fn housekeeping_gauges(engine: &Engine) {
 // run holds the id of a batch a crash could lose).
 async fn spill_dedupe(engine: &Arc<Engine>) {
     if !engine.deduper().needs_spill() {
+        rebuild_dedupe_gate(engine).await;
         return;
     }
     if let Err(e) = engine.wal().sync_ids().await {
@@ -224,6 +225,22 @@ async fn spill_dedupe(engine: &Arc<Engine>) {
             tracing::error!(error = %e, "dedupe spill failed; the ids stay in RAM and ingest is refused while over budget")
         }
         Err(e) => tracing::error!(error = %e, "dedupe spill task failed"),
+    }
+}
+
+// The dedupe gate (one filter over every disk run) is rebuilt off the async
+// threads when runs are not covered (after a restart, a full gate) or it holds
+// more stale ids than live ones; until then the runs' own filters answer.
+async fn rebuild_dedupe_gate(engine: &Arc<Engine>) {
+    if !engine.deduper().needs_gate() {
+        return;
+    }
+    let e = engine.clone();
+    let started = std::time::Instant::now();
+    match tokio::task::spawn_blocking(move || e.deduper().rebuild_gate()).await {
+        Ok(Ok(ids)) => tracing::info!(ids, seconds = started.elapsed().as_secs_f64(), "dedupe gate rebuilt"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "dedupe gate rebuild failed; the runs' own filters answer"),
+        Err(e) => tracing::error!(error = %e, "dedupe gate task failed"),
     }
 }
 

@@ -22,9 +22,11 @@
 //! un-spilled tail is loaded back into the table.
 
 pub mod bloom;
+pub mod gate;
 pub mod run;
 pub mod table;
 
+use gate::Gate;
 use run::{Run, RunError};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -88,6 +90,22 @@ pub struct SpillConfig {
 struct RunSet {
     version: u64,
     runs: Vec<Arc<Run>>,
+    /// One filter in front of the covered runs' own (see [`gate`]).
+    gate: Option<Arc<Gate>>,
+    /// Every run is covered by the gate.
+    all_gated: bool,
+}
+
+impl RunSet {
+    fn new(version: u64, runs: Vec<Arc<Run>>, gate: Option<Arc<Gate>>) -> RunSet {
+        let all_gated = gate.as_ref().is_some_and(|g| runs.iter().all(|r| g.covers(r.seq)));
+        RunSet { version, runs, gate, all_gated }
+    }
+
+    /// Whether the run may hold `t`, given the gate's answer for `t`.
+    fn gated_out(&self, run: &Run, gate_says_no: bool) -> bool {
+        gate_says_no && (self.all_gated || self.gate.as_ref().is_some_and(|g| g.covers(run.seq)))
+    }
 }
 
 struct Spill {
@@ -147,9 +165,7 @@ impl Deduper {
                         std::fs::remove_file(&path).map_err(dir_err)?;
                         continue;
                     }
-                    let seq =
-                        path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.rsplit('-').next()).and_then(|s| s.parse::<u64>().ok());
-                    next_seq = next_seq.max(seq.unwrap_or(0) + 1);
+                    next_seq = next_seq.max(run.seq + 1);
                     runs.push(Arc::new(run));
                 }
                 _ => {}
@@ -159,7 +175,9 @@ impl Deduper {
         let watermark = runs.iter().map(|r| r.hi).max().unwrap_or(0);
         let spill = Spill {
             config,
-            runs: RwLock::new(Arc::new(RunSet { version: 0, runs })),
+            // The gate is rebuilt by housekeeping (`rebuild_gate`), not here:
+            // a restart does not wait for the runs' entries to be read.
+            runs: RwLock::new(Arc::new(RunSet::new(0, runs, None))),
             watermark: AtomicU32::new(watermark),
             next_seq: AtomicU64::new(next_seq),
             failing: AtomicBool::new(false),
@@ -218,9 +236,15 @@ impl Deduper {
             // The runs' filter blocks of an id a few places ahead: their cache
             // misses overlap instead of adding up, one per run.
             if let Some(&ahead) = ids.get(k + RUN_PREFETCH_AHEAD) {
-                let since = since_ms.get(k + RUN_PREFETCH_AHEAD).map_or(0, |&ms| minute_of(ms.max(0)));
-                for run in set.runs.iter().filter(|r| r.hi >= since && !self.expired(r.hi, now_minute)) {
-                    run.prefetch(tag(ahead));
+                let t = tag(ahead);
+                if let Some(gate) = &set.gate {
+                    gate.prefetch(t);
+                }
+                if !set.all_gated {
+                    let since = since_ms.get(k + RUN_PREFETCH_AHEAD).map_or(0, |&ms| minute_of(ms.max(0)));
+                    for run in set.runs.iter().filter(|r| r.hi >= since && !self.expired(r.hi, now_minute)) {
+                        run.prefetch(t);
+                    }
                 }
             }
             let since = since_ms.get(k).map_or(0, |&ms| minute_of(ms.max(0)));
@@ -263,8 +287,12 @@ impl Deduper {
             return Ok(false);
         }
         let t = tag(id);
+        let gate_says_no = set.gate.as_ref().is_some_and(|g| !g.may_contain(t));
+        if gate_says_no && set.all_gated {
+            return Ok(false);
+        }
         for run in set.runs.iter().rev() {
-            if run.hi < since || self.expired(run.hi, now_minute) {
+            if run.hi < since || self.expired(run.hi, now_minute) || set.gated_out(run, gate_says_no) {
                 continue;
             }
             if let Some(minute) = run.find(t)? {
@@ -316,7 +344,9 @@ impl Deduper {
         if old.is_empty() {
             return;
         }
-        *guard = Arc::new(RunSet { version: guard.version, runs: live });
+        // Dropped runs stay in the gate as stale bits until `rebuild_gate`.
+        let gate = if live.is_empty() { None } else { guard.gate.clone() };
+        *guard = Arc::new(RunSet::new(guard.version, live, gate));
         drop(guard);
         for run in old {
             // A prober holding the run keeps reading through its open file.
@@ -398,6 +428,21 @@ impl Deduper {
             return Ok(SpillReport::default());
         }
         let seq = spill.next_seq.fetch_add(1, Ordering::AcqRel);
+        // A gate covering every run with room for these ids takes them too;
+        // otherwise the run stays ungated until `rebuild_gate`.
+        let current = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let gate = match &current.gate {
+            Some(g) if current.all_gated && g.has_room(ids as u64) => {
+                let mut g = Gate::clone(g);
+                for &s in &slots {
+                    g.insert(table::slot_tag(s));
+                }
+                g.cover(seq);
+                Some(Arc::new(g))
+            }
+            other => other.clone(),
+        };
+        drop(current);
         let run = Arc::new(Run::write(&spill.config.dir, seq, slots)?);
         // Publish the run, then let the ids go from RAM: a prober always finds
         // an id in one or the other (see `Table::insert_with`).
@@ -407,7 +452,7 @@ impl Deduper {
             runs.push(run);
             runs.sort_by_key(|r| r.hi);
             let version = guard.version + 1;
-            *guard = Arc::new(RunSet { version, runs });
+            *guard = Arc::new(RunSet::new(version, runs, gate));
             version
         };
         spill.watermark.fetch_max(upto, Ordering::AcqRel);
@@ -418,6 +463,52 @@ impl Deduper {
         }
         tracing::info!(ids, upto_minute = upto, "spilled dedupe ids to disk");
         Ok(SpillReport { ids, upto_minute: upto })
+    }
+
+    /// The gate's size for the live runs, if it fits the budget beside their
+    /// own filters and indexes (three quarters of `dedupe_memory` at most, so
+    /// the table keeps a share).
+    fn gate_capacity(&self, spill: &Spill, runs: &[Arc<Run>]) -> Option<u64> {
+        let live: u64 = runs.iter().map(|r| r.len()).sum();
+        let capacity = live + live / 2 + 1024;
+        let own: u64 = runs.iter().map(|r| r.ram_bytes() as u64).sum();
+        (own + Gate::bytes_for(capacity) <= spill.config.memory_bytes / 4 * 3).then_some(capacity)
+    }
+
+    /// Whether [`Deduper::rebuild_gate`] has work: a live run the gate does not
+    /// cover (a restart, a full gate), or more stale fingerprints than live ones.
+    pub fn needs_gate(&self) -> bool {
+        let Some(spill) = &self.spill else { return false };
+        let set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if set.runs.is_empty() || self.gate_capacity(spill, &set.runs).is_none() {
+            return false;
+        }
+        let live: u64 = set.runs.iter().map(|r| r.len()).sum();
+        match &set.gate {
+            None => true,
+            Some(g) => !set.all_gated || g.inserted() > 2 * live + 1024,
+        }
+    }
+
+    /// Builds the gate anew from the live runs' entries on disk (a sequential
+    /// read of 16 bytes per spilled id) and publishes it; no spill runs
+    /// meanwhile. Returns the fingerprints inserted (0: none built, over budget).
+    pub fn rebuild_gate(&self) -> Result<u64, DedupeError> {
+        let Some(spill) = &self.spill else { return Ok(0) };
+        let _one = spill.spilling.lock().unwrap_or_else(|p| p.into_inner());
+        let set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(capacity) = self.gate_capacity(spill, &set.runs) else { return Ok(0) };
+        let mut gate = Gate::with_capacity(capacity);
+        for run in &set.runs {
+            run.for_each_tag(|t| gate.insert(t))?;
+            gate.cover(run.seq);
+        }
+        let inserted = gate.inserted();
+        let gate = Arc::new(gate);
+        let mut guard = spill.runs.write().unwrap_or_else(|p| p.into_inner());
+        // Runs swept meanwhile are gone from `guard`; none were added (spills wait).
+        *guard = Arc::new(RunSet::new(guard.version, guard.runs.clone(), (!guard.runs.is_empty()).then_some(gate)));
+        Ok(inserted)
     }
 
     /// Why ingest must be refused now: the table is over budget and its ids
@@ -456,8 +547,11 @@ impl Deduper {
         self.table.bytes()
     }
 
+    /// The runs' filters and indexes, and the gate.
     fn run_ram_bytes(&self) -> usize {
-        self.runs().iter().map(|r| r.ram_bytes()).sum()
+        let Some(spill) = &self.spill else { return 0 };
+        let set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        set.runs.iter().map(|r| r.ram_bytes()).sum::<usize>() + set.gate.as_ref().map_or(0, |g| g.bytes())
     }
 
     /// The directory of the runs, if any.

@@ -45,6 +45,8 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> RunError + '_ {
 #[derive(Debug)]
 pub struct Run {
     pub path: PathBuf,
+    /// The sequence number in its name (unique within the directory).
+    pub seq: u64,
     file: File,
     count: u64,
     /// Oldest and newest acceptance minute held.
@@ -131,12 +133,18 @@ impl Run {
             return Err(io(&path)(e));
         }
         sync_dir(dir)?;
-        Ok(Run { path, file, count: slots.len() as u64, lo, hi, bloom, index })
+        Ok(Run { path, seq, file, count: slots.len() as u64, lo, hi, bloom, index })
     }
 
     /// Opens a run written by [`Run::write`]: reads its header, filter and index.
     pub fn open(path: &Path) -> Result<Run, RunError> {
         let damaged = |reason| RunError::Damaged { path: path.display().to_string(), reason };
+        let seq = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.rsplit('-').next())
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| damaged("its name has no sequence number"))?;
         let file = File::open(path).map_err(io(path))?;
         let len = file.metadata().map_err(io(path))?.len();
         let mut header = [0u8; HEADER];
@@ -161,7 +169,7 @@ impl Run {
             return Err(damaged("its filter or index fails the checksum"));
         }
         let bloom = Bloom::from_words(bloom.to_vec()).ok_or_else(|| damaged("bad filter size"))?;
-        Ok(Run { path: path.to_path_buf(), file, count, lo, hi, bloom, index: index.to_vec() })
+        Ok(Run { path: path.to_path_buf(), seq, file, count, lo, hi, bloom, index: index.to_vec() })
     }
 
     /// The newest acceptance minute of fingerprint `tag` in this run, if it is here.
@@ -190,6 +198,27 @@ impl Run {
             }
         }
         Ok(found)
+    }
+
+    /// Calls `f` with every fingerprint of the run, reading its entries from
+    /// disk in 1 MiB pieces (to rebuild the gate).
+    pub fn for_each_tag(&self, mut f: impl FnMut(u128)) -> Result<(), RunError> {
+        const PIECE: usize = 65_536;
+        let mut buf = vec![0u8; PIECE * ENTRY];
+        let mut at = 0usize;
+        let count = usize::try_from(self.count).unwrap_or(usize::MAX);
+        while at < count {
+            let n = PIECE.min(count - at);
+            let piece = &mut buf[..n * ENTRY];
+            self.file.read_exact_at(piece, (HEADER + at * ENTRY) as u64).map_err(io(&self.path))?;
+            for c in piece.chunks_exact(ENTRY) {
+                let mut x = [0u8; 16];
+                x.copy_from_slice(c);
+                f(slot_tag(u128::from_le_bytes(x)));
+            }
+            at += n;
+        }
+        Ok(())
     }
 
     /// Starts loading the filter block of `tag` (see [`Bloom::prefetch`]).

@@ -33,6 +33,8 @@ enum Op {
     Spill(u32),
     Sweep,
     Restart,
+    /// Housekeeping's gate upkeep (rebuilt when needed).
+    Gate,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -43,6 +45,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0_u32..3).prop_map(Op::Spill),
         1 => Just(Op::Sweep),
         1 => Just(Op::Restart),
+        2 => Just(Op::Gate),
     ]
 }
 
@@ -97,6 +100,12 @@ proptest! {
                     d.spill_upto_minute(table::minute_of(now).saturating_sub(lag)).unwrap_or_else(|e| panic!("spill: {e}"));
                 }
                 Op::Sweep => d.sweep(now),
+                Op::Gate => {
+                    if d.needs_gate() {
+                        d.rebuild_gate().unwrap_or_else(|e| panic!("gate: {e}"));
+                        prop_assert!(!d.needs_gate(), "a rebuilt gate covers every run");
+                    }
+                }
                 Op::Restart => {
                     drop(d);
                     drop(log);
@@ -153,4 +162,63 @@ fn a_failed_spill_keeps_the_ids_and_refuses_ingest() {
     assert!(d.spill(T0 + MIN).is_ok());
     assert_eq!(d.refusal(), None);
     assert!(d.insert_batch(&ids, T0 + MIN).iter().all(|&f| !f));
+}
+
+#[test]
+fn the_gate_covers_runs_as_they_come_and_go() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let d = open(dir, T0);
+    let batch = |tag: &str, n: usize| -> Vec<u128> { (0..n).map(|i| hash_id(&format!("{tag}-{i}"))).collect() };
+    let first = batch("a", 4_000);
+    assert!(d.insert_batch(&first, T0).iter().all(|&f| f));
+    assert!(!d.needs_gate(), "no runs, no gate");
+    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    assert!(d.needs_gate(), "a run the gate does not cover");
+    assert_eq!(d.rebuild_gate().expect("gate"), 4_000);
+    assert!(!d.needs_gate());
+    let gated = d.ram_bytes();
+    // The next spill fits the gate's room (1.5× + 1024): covered at once.
+    let second = batch("b", 1_500);
+    assert!(d.insert_batch(&second, T0 + MIN).iter().all(|&f| f));
+    d.spill_upto_minute(table::minute_of(T0 + MIN)).expect("spill");
+    assert!(!d.needs_gate(), "extended in place");
+    assert!(d.ram_bytes() > gated, "the gate counts in the RAM figure");
+    // Every spilled id is a duplicate, every fresh one new, with the gate in front.
+    assert!(d.insert_batch(&first, T0 + 2 * MIN).iter().all(|&f| !f));
+    assert!(d.insert_batch(&second, T0 + 2 * MIN).iter().all(|&f| !f));
+    assert!(d.insert_batch(&batch("c", 5_000), T0 + 2 * MIN).iter().all(|&f| f));
+    // A third spill has no room: it stays ungated until the rebuild, and exact.
+    d.spill_upto_minute(table::minute_of(T0 + 2 * MIN)).expect("spill");
+    assert!(d.needs_gate());
+    assert!(d.insert_batch(&batch("c", 5_000), T0 + 2 * MIN).iter().all(|&f| !f), "ungated run still searched");
+    assert_eq!(d.rebuild_gate().expect("gate"), 10_500);
+    // The first run leaves the window: the rest is exact and the stale ids
+    // (4,000 of 10,500) do not yet call for a rebuild.
+    d.sweep(T0 + 6 * MIN);
+    assert_eq!(d.spilled(), 6_500);
+    assert!(!d.needs_gate());
+    assert!(d.insert_batch(&first, T0 + 6 * MIN).iter().all(|&f| f), "ids of a dropped run are new again");
+    // A restart does not store the gate: rebuilt by housekeeping, exact before and after.
+    drop(d);
+    let d = open(dir, T0 + 6 * MIN);
+    assert!(d.needs_gate());
+    assert!(d.insert_batch(&second, T0 + 6 * MIN).iter().all(|&f| !f));
+    assert_eq!(d.rebuild_gate().expect("gate"), 6_500);
+    assert!(d.insert_batch(&batch("c", 5_000), T0 + 6 * MIN).iter().all(|&f| !f));
+    assert!(d.insert_batch(&batch("d", 5_000), T0 + 6 * MIN).iter().all(|&f| f));
+}
+
+#[test]
+fn no_gate_past_the_budget() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut c = config(tmp.path());
+    c.memory_bytes = 16 << 10;
+    let d = Deduper::open(WINDOW, c, T0).expect("open");
+    let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("n-{i}"))).collect();
+    d.insert_batch(&ids, T0);
+    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    assert!(!d.needs_gate(), "a gate for 20k ids does not fit 3/4 of 16 KiB beside the run's filter");
+    assert_eq!(d.rebuild_gate().expect("gate"), 0);
+    assert!(d.insert_batch(&ids, T0).iter().all(|&f| !f));
 }
