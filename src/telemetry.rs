@@ -39,6 +39,9 @@ pub const WRITES_REFUSED: &str = "meterd_writes_refused";
 pub const REDIS_UP: &str = "meterd_redis_up";
 pub const REDIS_SYNC_DURATION: &str = "meterd_redis_sync_duration_seconds";
 pub const REDIS_SYNC_KEYS_TOTAL: &str = "meterd_redis_sync_keys_total";
+/// `leased` consumes decided inside a held slice (`where="local"`) or with a
+/// round trip (`where="redis"`): the share of local decisions (issue 16).
+pub const LEASED_DECISIONS_TOTAL: &str = "meterd_leased_decisions_total";
 pub const REDIS_SYNC_ERRORS_TOTAL: &str = "meterd_redis_sync_errors_total";
 pub const REDIS_PENDING_KEYS: &str = "meterd_redis_pending_keys";
 pub const REDIS_PENDING_UNITS: &str = "meterd_redis_pending_units";
@@ -210,6 +213,9 @@ pub fn register_known(known: &Known<'_>) {
         for name in [REDIS_SYNC_KEYS_TOTAL, REDIS_SYNC_ERRORS_TOTAL] {
             metrics::counter!(name).increment(0);
         }
+        for place in ["local", "redis"] {
+            metrics::counter!(LEASED_DECISIONS_TOTAL, "where" => place).increment(0);
+        }
         for name in [REDIS_UP, REDIS_PENDING_KEYS, REDIS_PENDING_UNITS] {
             metrics::gauge!(name).increment(0.0);
         }
@@ -332,6 +338,10 @@ fn describe() {
     metrics::describe_gauge!(REDIS_UP, "1 while Redis answers");
     metrics::describe_histogram!(REDIS_SYNC_DURATION, "Time of one counter sync round with Redis");
     metrics::describe_counter!(REDIS_SYNC_KEYS_TOTAL, "Window counters pushed to Redis");
+    metrics::describe_counter!(
+        LEASED_DECISIONS_TOTAL,
+        "Consumes on leased limits decided inside a held slice (local) or with a round trip to Redis (redis)"
+    );
     metrics::describe_counter!(REDIS_SYNC_ERRORS_TOTAL, "Failed counter sync rounds (retried)");
     metrics::describe_gauge!(REDIS_PENDING_KEYS, "Window counters with usage not yet in Redis");
     metrics::describe_gauge!(REDIS_PENDING_UNITS, "Usage (raw units) not yet in Redis");
@@ -587,6 +597,12 @@ pub fn wal(bytes: u64, checkpoint: u64, refusing: bool) {
     metrics::gauge!(WAL_BYTES).set(bytes as f64);
     metrics::gauge!(WAL_CHECKPOINT).set(checkpoint as f64);
     metrics::gauge!(WRITES_REFUSED).set(if refusing { 1.0 } else { 0.0 });
+}
+
+/// The lease book's decision counts so far (set absolutely each sync round).
+pub fn leased_decisions(local: u64, remote: u64) {
+    metrics::counter!(LEASED_DECISIONS_TOTAL, "where" => "local").absolute(local);
+    metrics::counter!(LEASED_DECISIONS_TOTAL, "where" => "redis").absolute(remote);
 }
 
 pub fn redis_up(up: bool) {

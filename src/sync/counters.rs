@@ -287,6 +287,8 @@ pub async fn run(engine: Arc<Engine>, sync: Arc<CounterSync>, interval: Duration
             Ok(keys) => {
                 failures = 0;
                 crate::telemetry::redis_sync(keys, started.elapsed().as_secs_f64(), true);
+                let (local, remote) = sync.redis.leases.decisions();
+                crate::telemetry::leased_decisions(local, remote);
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
