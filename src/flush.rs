@@ -210,7 +210,6 @@ pub fn housekeeping_gauges(engine: &Engine) {
 // run holds the id of a batch a crash could lose).
 async fn spill_dedupe(engine: &Arc<Engine>) {
     if !engine.deduper().needs_spill() {
-        rebuild_dedupe_gate(engine).await;
         return;
     }
     if let Err(e) = engine.wal().sync_ids().await {
@@ -228,19 +227,25 @@ async fn spill_dedupe(engine: &Arc<Engine>) {
     }
 }
 
-// The dedupe gate (one filter over every disk run) is rebuilt off the async
-// threads when runs are not covered (after a restart, a full gate) or it holds
-// more stale ids than live ones; until then the runs' own filters answer.
-async fn rebuild_dedupe_gate(engine: &Arc<Engine>) {
-    if !engine.deduper().needs_gate() {
-        return;
+// The dedupe gate (one filter over every disk run) is rebuilt on a blocking
+// thread when runs are not covered (after a restart, a full gate) or it holds
+// more stale ids than live ones; until then the runs' own filters answer. A
+// rebuild reads every run (seconds at 100M ids), so the flusher does not wait
+// for it: it checks the handle each tick and, at shutdown, cancels and joins it.
+type GateRebuild = tokio::task::JoinHandle<Result<u64, crate::dedupe::DedupeError>>;
+
+async fn gate_upkeep(engine: &Arc<Engine>, running: &mut Option<(GateRebuild, std::time::Instant)>) {
+    if let Some((task, started)) = running.take_if(|(task, _)| task.is_finished()) {
+        match task.await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(ids)) => tracing::info!(ids, seconds = started.elapsed().as_secs_f64(), "dedupe gate rebuilt"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "dedupe gate rebuild failed; the runs' own filters answer"),
+            Err(e) => tracing::error!(error = %e, "dedupe gate task failed"),
+        }
     }
-    let e = engine.clone();
-    let started = std::time::Instant::now();
-    match tokio::task::spawn_blocking(move || e.deduper().rebuild_gate()).await {
-        Ok(Ok(ids)) => tracing::info!(ids, seconds = started.elapsed().as_secs_f64(), "dedupe gate rebuilt"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "dedupe gate rebuild failed; the runs' own filters answer"),
-        Err(e) => tracing::error!(error = %e, "dedupe gate task failed"),
+    if running.is_none() && engine.deduper().needs_gate() {
+        let e = engine.clone();
+        *running = Some((tokio::task::spawn_blocking(move || e.deduper().rebuild_gate()), std::time::Instant::now()));
     }
 }
 
@@ -249,6 +254,7 @@ async fn rebuild_dedupe_gate(engine: &Arc<Engine>) {
 pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::Receiver<bool>) -> Result<(), FlushError> {
     let mut failures: u32 = 0;
     let mut ticks: u64 = 0;
+    let mut gate: Option<(GateRebuild, std::time::Instant)> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(backoff(interval, failures)) => {}
@@ -266,6 +272,11 @@ pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::R
             housekeeping(&engine);
         }
         spill_dedupe(&engine).await;
+        gate_upkeep(&engine, &mut gate).await;
+    }
+    if let Some((task, _)) = gate {
+        engine.deduper().cancel_gate();
+        let _ = task.await;
     }
     let flushed = flush_all(&engine).await?;
     tracing::info!(rows = flushed, "final flush done");

@@ -122,6 +122,8 @@ struct Spill {
     /// spilled, which needs a batch slower than [`SPILL_LAG_MINUTES`]).
     revoked: Mutex<HashSet<u128>>,
     has_revoked: AtomicBool,
+    /// Set to stop a gate rebuild between runs (shutdown).
+    gate_cancel: AtomicBool,
 }
 
 /// What a [`Deduper::spill`] did.
@@ -184,6 +186,7 @@ impl Deduper {
             spilling: Mutex::new(()),
             revoked: Mutex::new(HashSet::new()),
             has_revoked: AtomicBool::new(false),
+            gate_cancel: AtomicBool::new(false),
         };
         Ok(Deduper { table: Table::new(window_ms), window_minutes, spill: Some(spill) })
     }
@@ -491,15 +494,29 @@ impl Deduper {
     }
 
     /// Builds the gate anew from the live runs' entries on disk (a sequential
-    /// read of 16 bytes per spilled id) and publishes it; no spill runs
-    /// meanwhile. Returns the fingerprints inserted (0: none built, over budget).
+    /// read of 16 bytes per spilled id) and publishes it. Spills go on
+    /// meanwhile; runs they add are read in at the end, with spills held off.
+    /// Returns the fingerprints inserted (0: none built: over budget, or
+    /// cancelled by [`Deduper::cancel_gate`]). One caller at a time.
     pub fn rebuild_gate(&self) -> Result<u64, DedupeError> {
         let Some(spill) = &self.spill else { return Ok(0) };
-        let _one = spill.spilling.lock().unwrap_or_else(|p| p.into_inner());
         let set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(capacity) = self.gate_capacity(spill, &set.runs) else { return Ok(0) };
         let mut gate = Gate::with_capacity(capacity);
         for run in &set.runs {
+            if spill.gate_cancel.load(Ordering::Acquire) {
+                return Ok(0);
+            }
+            run.for_each_tag(|t| gate.insert(t))?;
+            gate.cover(run.seq);
+        }
+        let _one = spill.spilling.lock().unwrap_or_else(|p| p.into_inner());
+        let now = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let missing: Vec<Arc<Run>> = now.runs.iter().filter(|r| !gate.covers(r.seq)).cloned().collect();
+        for run in missing {
+            if !gate.has_room(run.len()) {
+                break; // left ungated: the next upkeep rebuilds bigger
+            }
             run.for_each_tag(|t| gate.insert(t))?;
             gate.cover(run.seq);
         }
@@ -509,6 +526,13 @@ impl Deduper {
         // Runs swept meanwhile are gone from `guard`; none were added (spills wait).
         *guard = Arc::new(RunSet::new(guard.version, guard.runs.clone(), (!guard.runs.is_empty()).then_some(gate)));
         Ok(inserted)
+    }
+
+    /// Stops a running [`Deduper::rebuild_gate`] at its next run (shutdown).
+    pub fn cancel_gate(&self) {
+        if let Some(spill) = &self.spill {
+            spill.gate_cancel.store(true, Ordering::Release);
+        }
     }
 
     /// Why ingest must be refused now: the table is over budget and its ids

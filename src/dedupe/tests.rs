@@ -222,3 +222,16 @@ fn no_gate_past_the_budget() {
     assert_eq!(d.rebuild_gate().expect("gate"), 0);
     assert!(d.insert_batch(&ids, T0).iter().all(|&f| !f));
 }
+
+#[test]
+fn a_cancelled_gate_rebuild_builds_nothing() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let d = open(tmp.path(), T0);
+    let ids: Vec<u128> = (0..3_000).map(|i| hash_id(&format!("x-{i}"))).collect();
+    d.insert_batch(&ids, T0);
+    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    d.cancel_gate();
+    assert_eq!(d.rebuild_gate().expect("gate"), 0);
+    assert!(d.needs_gate(), "still ungated");
+    assert!(d.insert_batch(&ids, T0).iter().all(|&f| !f));
+}
