@@ -1,0 +1,187 @@
+// track(): batching by size and time, flush on close, the buffer-full
+// policies, invalid events in a batch, Retry-After, against a real meterd.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { Meterd, BufferFullError, MeterdError, uuidv7 } from "meterd";
+import { MeterdProcess, sleep } from "./harness.js";
+
+let server;
+before(async () => {
+  server = await MeterdProcess.start();
+});
+after(async () => {
+  await server?.stop();
+});
+
+/** A fetch that records each events batch size and can be held shut. */
+function gatedFetch() {
+  const g = { sizes: [], open: true, waiters: [] };
+  g.fetch = async (url, init) => {
+    if (String(url).endsWith("/v1/events")) {
+      g.sizes.push(JSON.parse(init.body).length);
+      while (!g.open) await new Promise((r) => g.waiters.push(r));
+    }
+    return fetch(url, init);
+  };
+  g.hold = () => {
+    g.open = false;
+  };
+  g.release = () => {
+    g.open = true;
+    for (const w of g.waiters.splice(0)) w();
+  };
+  return g;
+}
+
+async function customerTotal(c) {
+  const body = await server.get(
+    `/v1/usage?meter=tokens&customer=${c}&from=${new Date(Date.now() - 86_400_000).toISOString()}&to=${new Date(Date.now() + 86_400_000).toISOString()}&granularity=day`,
+  );
+  return body.data.reduce((s, r) => s + r.value, 0);
+}
+
+test("sends by size, then by time, and fills ids and timestamps", async () => {
+  const g = gatedFetch();
+  const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey, fetch: g.fetch, batchSize: 100, flushIntervalMs: 200 });
+  const c = `c-${uuidv7()}`;
+  for (let i = 0; i < 250; i++) client.track({ customer: c, meter: "tokens", quantity: 2 });
+  // Two full batches go at once; the 50 left wait for the interval.
+  await sleep(100);
+  assert.deepEqual(g.sizes, [100, 100]);
+  await sleep(400);
+  assert.deepEqual(g.sizes, [100, 100, 50]);
+  assert.equal(await customerTotal(c), 500);
+  assert.equal(client.stats.accepted, 250);
+  await client.close();
+});
+
+test("close() flushes what is buffered; track() after close throws", async () => {
+  const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey, flushIntervalMs: 60_000 });
+  const c = `c-${uuidv7()}`;
+  for (let i = 0; i < 10; i++) client.track({ customer: c, meter: "tokens" });
+  assert.equal(client.stats.buffered, 10);
+  await client.close();
+  assert.equal(client.stats.buffered, 0);
+  assert.equal(await customerTotal(c), 10);
+  assert.throws(() => client.track({ customer: c, meter: "tokens" }), (e) => e instanceof MeterdError && e.code === "closed");
+});
+
+test("a given id is kept: the same event tracked twice counts once", async () => {
+  const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey });
+  const c = `c-${uuidv7()}`;
+  const id = `e-${uuidv7()}`;
+  client.track({ id, customer: c, meter: "tokens", quantity: 5 });
+  await client.flush();
+  client.track({ id, customer: c, meter: "tokens", quantity: 5 });
+  await client.close();
+  assert.equal(client.stats.accepted, 1);
+  assert.equal(client.stats.duplicates, 1);
+  assert.equal(await customerTotal(c), 5);
+});
+
+test("an invalid event is reported and the rest of its batch is still counted", async () => {
+  const errors = [];
+  const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey, onError: (e, evs) => errors.push([e, evs]) });
+  const c = `c-${uuidv7()}`;
+  client.track({ customer: c, meter: "tokens" });
+  client.track({ customer: c, meter: "no_such_meter" });
+  client.track({ customer: c, meter: "tokens" });
+  await assert.rejects(client.flush(), (e) => e.code === "invalid_event");
+  assert.equal(errors.length, 1);
+  assert.equal(errors[0][1].length, 1);
+  assert.equal(errors[0][1][0].meter, "no_such_meter");
+  assert.equal(client.stats.failed, 1);
+  assert.equal(await customerTotal(c), 2);
+  await client.close(); // nothing left to report
+});
+
+test('onFull "drop-oldest" drops the oldest waiting events', async () => {
+  const g = gatedFetch();
+  const dropped = [];
+  const client = new Meterd({
+    baseUrl: server.url,
+    apiKey: server.apiKey,
+    fetch: g.fetch,
+    batchSize: 5,
+    maxBufferSize: 10,
+    onDrop: (evs) => dropped.push(...evs),
+  });
+  const c = `c-${uuidv7()}`;
+  g.hold();
+  for (let i = 1; i <= 5; i++) client.track({ customer: c, meter: "tokens", quantity: i, id: `${c}-${i}` });
+  await sleep(20); // the first batch (1..5) is in flight, held
+  for (let i = 6; i <= 18; i++) client.track({ customer: c, meter: "tokens", quantity: 1, id: `${c}-${i}` });
+  assert.deepEqual(
+    dropped.map((e) => e.id),
+    [6, 7, 8].map((i) => `${c}-${i}`),
+  );
+  assert.equal(client.stats.dropped, 3);
+  g.release();
+  await client.close();
+  assert.equal(await customerTotal(c), 15 + 10);
+});
+
+test('onFull "throw" throws BufferFullError and keeps what it has', async () => {
+  const g = gatedFetch();
+  const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey, fetch: g.fetch, batchSize: 5, maxBufferSize: 10, onFull: "throw" });
+  const c = `c-${uuidv7()}`;
+  g.hold();
+  for (let i = 0; i < 5; i++) client.track({ customer: c, meter: "tokens" });
+  await sleep(20);
+  for (let i = 0; i < 10; i++) client.track({ customer: c, meter: "tokens" });
+  assert.throws(() => client.track({ customer: c, meter: "tokens" }), (e) => e instanceof BufferFullError && e.code === "buffer_full");
+  assert.equal(client.stats.tracked, 15);
+  g.release();
+  await client.close();
+  assert.equal(await customerTotal(c), 15);
+});
+
+test('onFull "block" waits for room and loses nothing', async () => {
+  const g = gatedFetch();
+  const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey, fetch: g.fetch, batchSize: 5, maxBufferSize: 10, onFull: "block" });
+  const c = `c-${uuidv7()}`;
+  g.hold();
+  for (let i = 0; i < 5; i++) await client.track({ customer: c, meter: "tokens" });
+  await sleep(20);
+  for (let i = 0; i < 10; i++) await client.track({ customer: c, meter: "tokens" });
+  let done = false;
+  const blocked = client.track({ customer: c, meter: "tokens" }).then(() => {
+    done = true;
+  });
+  await sleep(50);
+  assert.equal(done, false, "track() waits while the buffer is full");
+  g.release();
+  await blocked;
+  assert.equal(done, true);
+  await client.close();
+  assert.equal(await customerTotal(c), 16);
+  assert.equal(client.stats.dropped, 0);
+});
+
+test("429 with Retry-After is honoured and the batch is retried with the same ids", async () => {
+  let calls = 0;
+  const bodies = [];
+  const started = Date.now();
+  const times = [];
+  const fetch429 = async (url, init) => {
+    if (String(url).endsWith("/v1/events")) {
+      bodies.push(init.body);
+      times.push(Date.now() - started);
+      if (++calls === 1)
+        return new Response(JSON.stringify({ error: { code: "rate_limited", message: "slow down" } }), {
+          status: 429,
+          headers: { "retry-after": "1", "content-type": "application/json" },
+        });
+    }
+    return fetch(url, init);
+  };
+  const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey, fetch: fetch429, flushIntervalMs: 10 });
+  const c = `c-${uuidv7()}`;
+  client.track({ customer: c, meter: "tokens", quantity: 3 });
+  await client.close();
+  assert.equal(bodies.length, 2);
+  assert.equal(bodies[0], bodies[1], "the retry is byte for byte the same batch");
+  assert.ok(times[1] - times[0] >= 990, `waited ${times[1] - times[0]} ms for Retry-After: 1`);
+  assert.equal(client.stats.retries, 1);
+  assert.equal(await customerTotal(c), 3);
+});
