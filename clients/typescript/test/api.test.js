@@ -160,3 +160,32 @@ test("typed errors carry status, code and details", async () => {
   assert.throws(() => client.track({ customer: "", meter: "tokens" }), (e) => e.code === "invalid_event" && e.details[0].field === "customer");
   assert.throws(() => client.track({ customer: "x", meter: "tokens", quantity: -1 }), (e) => e.details[0].field === "quantity");
 });
+
+test("the README's interview flow: check, reserve, consume, settle", async () => {
+  const meterd = client;
+  async function startInterview(customer, interviewId) {
+    const ok = await meterd.check({ customer, meter: "interviews" });
+    if (!ok.allowed) return { started: false, reason: ok.reason };
+    const hold = await meterd.reserve({ id: interviewId, customer, meter: "interview_minutes", quantity: 60, expiresIn: "2h" });
+    if (!hold.allowed) return { started: false, reason: hold.reason };
+    const counted = await meterd.consume({ customer, meter: "interviews", id: `start-${interviewId}` });
+    if (!counted.allowed) {
+      await meterd.release(interviewId);
+      return { started: false, reason: counted.reason };
+    }
+    return { started: true };
+  }
+  const c = customer();
+  const ids = [1, 2, 3, 4].map((i) => `iv-${i}-${uuidv7()}`);
+  assert.deepEqual(await startInterview(c, ids[0]), { started: true });
+  assert.deepEqual(await startInterview(c, ids[1]), { started: true });
+  assert.equal((await client.settle(ids[0], { quantity: 45.5 })).settled_quantity, 45.5);
+  assert.equal((await client.settle(ids[1], { quantity: 60 })).settled_quantity, 60);
+  assert.deepEqual(await startInterview(c, ids[2]), { started: true });
+  assert.deepEqual(await startInterview(c, ids[3]), { started: false, reason: "limit_exceeded" });
+  await client.release(ids[2]);
+  const usage = await client.customerUsage(c);
+  const used = Object.fromEntries(usage.meters.map((m) => [m.meter, m.used]));
+  assert.equal(used.interviews, 3);
+  assert.equal(used.interview_minutes, 105.5);
+});

@@ -1,5 +1,6 @@
-// The key property (issue 21, point 4): meterd is SIGKILLed while a batch is
-// in flight, twice, and restarted on the same port and data dir; the client
+// The key property (issue 21, point 4): meterd is SIGKILLed twice, once while
+// a batch is in flight and once right after it wrote a batch but before its
+// answer reached the client, and restarted on the same port and data dir; the client
 // keeps tracking, retries with the same ids, and after close() meterd's total
 // is exactly the number of events tracked: every event counted once, never
 // more, whatever answer was lost.
@@ -12,28 +13,38 @@ test("SIGKILL mid-batch and restart: the total is exactly what was tracked", { t
   const server = await MeterdProcess.start();
   try {
     const N = 30_000;
-    const killAt = new Set([8, 25]); // the 8th and 25th events request
     let requests = 0;
     const kills = [];
     const restarting = [];
-    // A fetch that SIGKILLs meterd while chosen requests are on the wire: the
-    // request is sent, then the kill lands 0-4 ms later, before or after
-    // meterd has written the batch, so the answer is lost either way.
-    const killingFetch = (url, init) => {
-      const p = fetch(url, init);
-      if (String(url).endsWith("/v1/events") && killAt.has(++requests)) {
-        killAt.delete(requests);
-        kills.push(requests);
-        restarting.push(
-          (async () => {
-            await sleep(Math.floor(Math.random() * 5));
-            await server.kill();
-            await sleep(1000);
-            await server.restart();
-          })(),
-        );
+    const crash = (delay) =>
+      restarting.push(
+        (async () => {
+          await sleep(delay);
+          await server.kill();
+          await sleep(1000);
+          await server.restart();
+        })(),
+      );
+    const killingFetch = async (url, init) => {
+      if (!String(url).endsWith("/v1/events")) return fetch(url, init);
+      requests++;
+      if (requests === 8) {
+        // The kill lands 0-4 ms after the request is sent: before or after
+        // meterd wrote the batch, the answer is lost.
+        kills.push(8);
+        const p = fetch(url, init);
+        crash(Math.floor(Math.random() * 5));
+        return p;
       }
-      return p;
+      if (requests === 25) {
+        // meterd writes the batch and answers, and is killed before the answer
+        // reaches the client: the retry must be answered as duplicates.
+        kills.push(25);
+        await (await fetch(url, init)).arrayBuffer();
+        crash(0);
+        throw new TypeError("fetch failed: the answer was lost");
+      }
+      return fetch(url, init);
     };
     const client = new Meterd({
       baseUrl: server.url,
@@ -50,12 +61,12 @@ test("SIGKILL mid-batch and restart: the total is exactly what was tracked", { t
     }
     await client.close();
     await Promise.all(restarting);
-    assert.deepEqual(kills, [8, 25], "meterd was killed twice mid-batch");
+    assert.deepEqual(kills, [8, 25], "meterd was killed twice");
     const stats = client.stats;
-    console.log("crash test stats", JSON.stringify(stats));
     assert.equal(stats.failed, 0);
     assert.equal(stats.dropped, 0);
     assert.ok(stats.retries >= 2, `retries: ${stats.retries}`);
+    assert.ok(stats.duplicates >= 500, "the batch whose answer was lost was re-sent and deduplicated");
     // Each event got exactly one answer: accepted, or (its first answer lost
     // with the kill) a duplicate of what meterd had already written.
     assert.equal(stats.accepted + stats.duplicates, N);

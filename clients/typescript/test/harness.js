@@ -74,13 +74,16 @@ export class MeterdProcess {
     m.dir = mkdtempSync(join(tmpdir(), "meterd-ts-"));
     m.port = await freePort();
     m.apiKey = `key-${randomBytes(12).toString("hex")}`;
+    m.limitedKey = `limited-${randomBytes(12).toString("hex")}`;
     const sha = createHash("sha256").update(m.apiKey).digest("hex");
+    const limitedSha = createHash("sha256").update(m.limitedKey).digest("hex");
     m.config = join(m.dir, "meterd.toml");
     writeFileSync(
       m.config,
       `[server]\nlisten = "127.0.0.1:${m.port}"\n\n[storage]\ndata_dir = "${join(m.dir, "data")}"\n` +
         METERS_AND_PLANS +
         `\n[[auth.keys]]\nname = "all"\nkey_sha256 = "${sha}"\nscopes = ["ingest", "check", "read", "admin"]\n` +
+        `\n[[auth.keys]]\nname = "limited"\nkey_sha256 = "${limitedSha}"\nscopes = ["ingest"]\nrate_limit_per_second = 1\nrate_limit_burst = 1\n` +
         (opts.extra ?? ""),
     );
     m.log = join(m.dir, "meterd.log");
