@@ -16,12 +16,14 @@ class Gated(Meterd):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.sizes = []
+        self.times = []
         self.gate = threading.Event()
         self.gate.set()
 
     def _once(self, method, path, body):
         if path == "/v1/events":
             self.sizes.append(len(body))
+            self.times.append(time.monotonic())
             self.gate.wait()
         return super()._once(method, path, body)
 
@@ -33,12 +35,16 @@ def new_customer():
 def test_sends_by_size_then_by_time(server):
     client = Gated(server.url, server.api_key, batch_size=100, flush_interval=0.3)
     c = new_customer()
+    start = time.monotonic()
     for _ in range(250):
         client.track({"customer": c, "meter": "tokens", "quantity": 2})
-    time.sleep(0.15)
-    assert client.sizes == [100, 100]
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while len(client.sizes) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Two full batches at once; the 50 left waited for the interval.
     assert client.sizes == [100, 100, 50]
+    assert client.times[2] - start >= 0.29, f"the partial batch went after {client.times[2] - start:.3f} s"
+    client.flush()
     assert server.total("tokens", c) == 500
     assert client.stats["accepted"] == 250
     client.close()

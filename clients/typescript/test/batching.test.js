@@ -15,10 +15,11 @@ after(async () => {
 
 /** A fetch that records each events batch size and can be held shut. */
 function gatedFetch() {
-  const g = { sizes: [], open: true, waiters: [] };
+  const g = { sizes: [], times: [], open: true, waiters: [] };
   g.fetch = async (url, init) => {
     if (String(url).endsWith("/v1/events")) {
       g.sizes.push(JSON.parse(init.body).length);
+      g.times.push(Date.now());
       while (!g.open) await new Promise((r) => g.waiters.push(r));
     }
     return fetch(url, init);
@@ -42,14 +43,18 @@ async function customerTotal(c) {
 
 test("sends by size, then by time, and fills ids and timestamps", async () => {
   const g = gatedFetch();
-  const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey, fetch: g.fetch, batchSize: 100, flushIntervalMs: 200 });
+  const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey, fetch: g.fetch, batchSize: 100, flushIntervalMs: 300 });
   const c = `c-${uuidv7()}`;
+  const start = Date.now();
   for (let i = 0; i < 250; i++) client.track({ customer: c, meter: "tokens", quantity: 2 });
-  // Two full batches go at once; the 50 left wait for the interval.
-  await sleep(100);
-  assert.deepEqual(g.sizes, [100, 100]);
-  await sleep(400);
+  // The 100th event sent the first batch at once (one batch in flight at a time).
+  assert.deepEqual(g.sizes, [100]);
+  const deadline = Date.now() + 10_000;
+  while (g.sizes.length < 3 && Date.now() < deadline) await sleep(10);
+  // The second full batch followed; the 50 left waited for the interval.
   assert.deepEqual(g.sizes, [100, 100, 50]);
+  assert.ok(g.times[2] - start >= 290, `the partial batch went after ${g.times[2] - start} ms`);
+  await client.flush();
   assert.equal(await customerTotal(c), 500);
   assert.equal(client.stats.accepted, 250);
   await client.close();
