@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import collections
 import email.utils
+import http.client
 import json
 import random
 import socket
@@ -231,8 +232,8 @@ class Meterd:
             ) from None
         except (socket.timeout, TimeoutError) as e:
             raise MeterdError(f"meterd: {method} {path} timed out after {self._timeout} s", code="timeout") from e
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            # ValueError: a broken answer (bad JSON, a cut chunked body).
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+            # ValueError, HTTPException: a broken answer (bad JSON, a cut body).
             reason = getattr(e, "reason", e)
             if isinstance(reason, (socket.timeout, TimeoutError)):
                 raise MeterdError(f"meterd: {method} {path} timed out after {self._timeout} s", code="timeout") from e
