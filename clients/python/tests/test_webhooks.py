@@ -92,12 +92,13 @@ def test_a_real_notification_from_meterd_verifies():
 
     hook = HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
-    server = MeterdProcess(
-        extra=f'\n[notifications]\nthresholds = [100]\n\n[[notifications.endpoints]]\nname = "app"\n'
-        f'url = "http://127.0.0.1:{hook.server_address[1]}/hook"\nsecret_env = "METERD_PY_WEBHOOK_SECRET"\n',
-        env={"METERD_PY_WEBHOOK_SECRET": SECRET},
-    )
+    server = None
     try:
+        server = MeterdProcess(
+            extra=f'\n[notifications]\nthresholds = [100]\n\n[[notifications.endpoints]]\nname = "app"\n'
+            f'url = "http://127.0.0.1:{hook.server_address[1]}/hook"\nsecret_env = "METERD_PY_WEBHOOK_SECRET"\n',
+            env={"METERD_PY_WEBHOOK_SECRET": SECRET},
+        )
         client = Meterd(server.url, server.api_key)
         for _ in range(3):
             client.consume("u_hook", "interviews")
@@ -113,5 +114,6 @@ def test_a_real_notification_from_meterd_verifies():
         with pytest.raises(WebhookVerificationError):
             Webhook(SECRET).verify(raw + b" ", headers)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         hook.shutdown()

@@ -82,11 +82,12 @@ test("a real notification from meterd verifies", { timeout: 60_000 }, async () =
     });
   });
   await new Promise((r) => hook.listen(0, "127.0.0.1", r));
-  const server = await MeterdProcess.start({
-    extra: `\n[notifications]\nthresholds = [100]\n\n[[notifications.endpoints]]\nname = "app"\nurl = "http://127.0.0.1:${hook.address().port}/hook"\nsecret_env = "METERD_TS_WEBHOOK_SECRET"\n`,
-    env: { METERD_TS_WEBHOOK_SECRET: secret },
-  });
+  let server;
   try {
+    server = await MeterdProcess.start({
+      extra: `\n[notifications]\nthresholds = [100]\n\n[[notifications.endpoints]]\nname = "app"\nurl = "http://127.0.0.1:${hook.address().port}/hook"\nsecret_env = "METERD_TS_WEBHOOK_SECRET"\n`,
+      env: { METERD_TS_WEBHOOK_SECRET: secret },
+    });
     const client = new Meterd({ baseUrl: server.url, apiKey: server.apiKey });
     for (let i = 0; i < 3; i++) await client.consume({ customer: "u_hook", meter: "interviews" });
     const deadline = Date.now() + 20_000;
@@ -100,7 +101,7 @@ test("a real notification from meterd verifies", { timeout: 60_000 }, async () =
     assert.deepEqual(new Reference(secret).verify(raw.toString("utf8"), headers), payload);
     await assert.rejects(new Webhook(secret).verify(Buffer.concat([raw, Buffer.from(" ")]), headers), WebhookVerificationError);
   } finally {
-    await server.stop();
+    await server?.stop();
     hook.close();
   }
 });
