@@ -186,3 +186,22 @@ def test_a_real_429_with_retry_after_is_honoured_with_the_same_batch(server):
     assert client.sent[2][1] - client.sent[1][1] >= 0.9
     assert client.stats["retries"] == 1
     assert server.total("tokens", c) == 4
+
+
+def test_normalize_fills_a_uuid7_and_a_timestamp_and_keeps_given_ones():
+    import re
+    from datetime import datetime, timezone
+
+    from meterd import normalize
+
+    before = time.time_ns() // 1_000_000
+    a = normalize({"customer": "c", "meter": "tokens"})
+    b = normalize({"customer": "c", "meter": "tokens"})
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", a["id"])
+    assert a["id"] != b["id"]
+    assert before <= a["timestamp"] <= time.time_ns() // 1_000_000
+    at = datetime(2026, 11, 20, 10, tzinfo=timezone.utc)
+    given = {"id": "x", "customer": "c", "meter": "m", "quantity": 2, "timestamp": at, "properties": {"k": "v"}}
+    assert normalize(given) == {**given, "timestamp": "2026-11-20T10:00:00+00:00"}
+    with pytest.raises(MeterdError):
+        normalize({"customer": "c", "meter": "m", "timestamp": datetime(2026, 11, 20)})

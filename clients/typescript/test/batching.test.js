@@ -188,3 +188,22 @@ test("a real 429 with Retry-After is honoured and the batch is retried byte for 
   assert.equal(client.stats.retries, 1);
   assert.equal(await customerTotal(c), 4);
 });
+
+test("normalize: a UUIDv7 id and a timestamp when absent; given ones kept", async () => {
+  const { normalize } = await import("meterd");
+  const before = Date.now();
+  const a = normalize({ customer: "c", meter: "tokens" });
+  const b = normalize({ customer: "c", meter: "tokens" });
+  assert.match(a.id, /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+  assert.notEqual(a.id, b.id);
+  assert.ok(a.timestamp >= before && a.timestamp <= Date.now());
+  const at = new Date("2026-11-20T10:00:00Z");
+  assert.deepEqual(normalize({ id: "x", customer: "c", meter: "m", quantity: 2, timestamp: at, properties: { k: "v" } }), {
+    id: "x",
+    customer: "c",
+    meter: "m",
+    quantity: 2,
+    timestamp: "2026-11-20T10:00:00.000Z",
+    properties: { k: "v" },
+  });
+});

@@ -4,6 +4,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer } from "node:http";
 import { randomBytes } from "node:crypto";
+import { execFileSync } from "node:child_process";
 import { Webhook as Reference } from "standardwebhooks";
 import { Meterd, Webhook, verifyWebhook, WebhookVerificationError } from "meterd";
 import { MeterdProcess, sleep } from "./harness.js";
@@ -104,4 +105,16 @@ test("a real notification from meterd verifies", { timeout: 60_000 }, async () =
     await server?.stop();
     hook.close();
   }
+});
+
+test("without globalThis.crypto (Node 18), node:crypto's webcrypto is used", () => {
+  const code = `
+    Object.defineProperty(globalThis, "crypto", { value: undefined, configurable: true });
+    const m = await import("meterd");
+    const sig = await new m.Webhook("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, '{"test": 2432232314}');
+    console.log(JSON.stringify({ crypto: typeof globalThis.crypto, sig, id: m.uuidv7() }));`;
+  const out = JSON.parse(execFileSync(process.execPath, ["--input-type=module", "-e", code], { cwd: new URL("..", import.meta.url) }).toString());
+  assert.equal(out.crypto, "undefined");
+  assert.equal(out.sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+  assert.match(out.id, /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
 });
