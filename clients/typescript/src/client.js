@@ -389,16 +389,37 @@ export class Meterd {
   /**
    * Sends every event tracked before this call; resolves when each is
    * acknowledged by meterd, or rejects with the first {@link MeterdError} of
-   * the events that could not be sent (each also went to `onError`).
+   * the events that could not be sent (each also went to `onError`), or with
+   * code `timeout` after `timeoutMs` (the events stay buffered and are still sent).
+   * @param {{timeoutMs?: number}} [opts]
    * @returns {Promise<void>}
    */
-  async flush() {
+  async flush(opts = {}) {
     const upTo = this.#seq;
     if (this.#pendingMin() <= upTo) {
-      await new Promise((resolve) => {
-        this.#flushWaiters.push({ upTo, resolve: () => resolve(undefined) });
+      /** @type {ReturnType<typeof setTimeout> | undefined} */
+      let timer;
+      /** @type {{upTo: number, resolve: () => void}} */
+      const waiter = { upTo, resolve: () => {} };
+      const done = new Promise((resolve) => {
+        waiter.resolve = () => resolve(undefined);
+        this.#flushWaiters.push(waiter);
         this.#kick(true);
       });
+      const limit =
+        opts.timeoutMs === undefined
+          ? null
+          : new Promise((_, reject) => {
+              timer = setTimeout(() => {
+                this.#flushWaiters = this.#flushWaiters.filter((w) => w !== waiter);
+                reject(new MeterdError(`meterd: flush() timed out after ${opts.timeoutMs} ms`, { code: "timeout" }));
+              }, opts.timeoutMs);
+            });
+      try {
+        await (limit ? Promise.race([done, limit]) : done);
+      } finally {
+        clearTimeout(timer);
+      }
     }
     const failed = this.#failures.filter((f) => f.seq <= upTo);
     this.#failures = this.#failures.filter((f) => f.seq > upTo);
@@ -408,12 +429,13 @@ export class Meterd {
   /**
    * Flushes and stops: `track()` throws afterwards. Call it (or `flush()`)
    * before a serverless function returns.
+   * @param {{timeoutMs?: number}} [opts]
    * @returns {Promise<void>}
    */
-  async close() {
+  async close(opts = {}) {
     this.#closed = true;
     try {
-      await this.flush();
+      await this.flush(opts);
     } finally {
       if (this.#timer) clearTimeout(this.#timer);
       this.#timer = null;

@@ -279,10 +279,14 @@ export declare class Meterd {
    * for an event without customer or meter, or with a bad quantity.
    */
   track(event: TrackEvent): Promise<void>;
-  /** Sends every event tracked before the call; rejects with the first permanent failure among them. */
-  flush(): Promise<void>;
+  /**
+   * Sends every event tracked before the call; rejects with the first permanent
+   * failure among them, or with code `timeout` after `timeoutMs` (the events
+   * stay buffered and are still sent).
+   */
+  flush(opts?: { timeoutMs?: number }): Promise<void>;
   /** Flushes; `track()` throws afterwards. */
-  close(): Promise<void>;
+  close(opts?: { timeoutMs?: number }): Promise<void>;
 }
 
 /** The event as it will be sent: id (UUIDv7) and timestamp filled in. */

@@ -207,3 +207,15 @@ test("normalize: a UUIDv7 id and a timestamp when absent; given ones kept", asyn
     properties: { k: "v" },
   });
 });
+
+test("flush({timeoutMs}) gives up waiting, not on the events", async () => {
+  const client = new Meterd({ baseUrl: "http://127.0.0.1:1", batchRetry: { maxAttempts: 4, baseDelayMs: 100, maxDelayMs: 100 } });
+  client.track({ customer: "c", meter: "tokens" });
+  const started = Date.now();
+  await assert.rejects(client.flush({ timeoutMs: 150 }), (e) => e instanceof MeterdError && e.code === "timeout");
+  assert.ok(Date.now() - started < 1000);
+  assert.equal(client.stats.inFlight, 1, "still being retried");
+  // Retries exhausted: the events are reported, and the next flush says so.
+  await assert.rejects(client.close(), (e) => e.code === "network_error");
+  assert.equal(client.stats.failed, 1);
+});
