@@ -285,7 +285,7 @@ function limitRow(row) {
       h("span", {}, "held ", h("b", { "data-f": "held" }, fmt(held))),
       h("span", {}, "limit ", h("b", { "data-f": "limit" }, fmt(row.limit))),
       h("span", {}, "remaining ", h("b", { "data-f": "remaining" }, fmt(row.remaining))),
-      h("span", {}, "resets ", h("b", { "data-f": "resets_at" }, row.resets_at ? when(row.resets_at) : row.window === "total" ? "never" : "—")),
+      h("span", {}, row.window === "credits" ? "next expiry " : "resets ", h("b", { "data-f": "resets_at" }, row.resets_at ? when(row.resets_at) : "never")),
     ),
   );
 }
@@ -392,7 +392,7 @@ function entitlementsEditor(customer, changed) {
     { id: "entitlements", novalidate: true },
     field("plan", "Plan", planSel),
     field("overrides", "Overrides (JSON)", overrides, 'per meter: {"api_calls": {"limit": 10, "window": "day"}}'),
-    field("features", "Features (JSON)", features, '{"sso": true}'),
+    field("features", "Features (JSON)", features, 'laid over the plan\'s: {"flag": true}'),
     field("stripe_customer_id", "Stripe customer id", stripe),
     field("billing_anchor", "Billing anchor", anchor, "RFC 3339, empty for the 1st of the month"),
     h("div", {}, save, " ", reload, status),
@@ -534,7 +534,7 @@ const SPANS = { minute: [60, 60e3], hour: [48, 3600e3], day: [30, 86400e3] };
 
 /** An SVG line chart of `series` ([{name, points: [[t, v]]}]) over [from, to). */
 function chart(title, series, from, to, step) {
-  const W = 640, H = 220, L = 56, R = 12, T = 12, B = 28;
+  const W = 560, H = 220, L = 52, R = 12, T = 12, B = 28;
   const max = Math.max(1, ...series.flatMap((x) => x.points.map((p) => p[1])));
   const x = (t) => L + ((t - from) / Math.max(1, to - from - step)) * (W - L - R);
   const y = (v) => T + (1 - v / max) * (H - T - B);
@@ -630,11 +630,18 @@ function parseMetrics(text) {
 const sum = (ms, name, pred = () => true) => ms.filter((m) => m.name === name && pred(m.labels)).reduce((a, m) => a + m.value, 0);
 const has = (ms, name) => ms.some((m) => m.name === name);
 
-/** The q-quantile (seconds) from cumulative histogram buckets, or null. */
-function quantile(ms, name, pred, q) {
-  const buckets = new Map();
-  for (const m of ms) if (m.name === `${name}_bucket` && pred(m.labels)) buckets.set(m.labels.le, (buckets.get(m.labels.le) || 0) + m.value);
-  const sorted = [...buckets.entries()].map(([le, c]) => [le === "+Inf" ? Infinity : Number(le), c]).sort((a, b) => a[0] - b[0]);
+/** A histogram's cumulative buckets ([[le, count]], by le) over the series `pred` picks. */
+function buckets(ms, name, pred) {
+  const by = new Map();
+  for (const m of ms) if (m.name === `${name}_bucket` && pred(m.labels)) by.set(m.labels.le, (by.get(m.labels.le) || 0) + m.value);
+  return [...by.entries()].map(([le, c]) => [le === "+Inf" ? Infinity : Number(le), c]).sort((a, b) => a[0] - b[0]);
+}
+
+/** `now` minus `before` bucket by bucket (the requests in between). */
+const minus = (now, before) => now.map(([le, c], i) => [le, c - ((before && before[i] && before[i][0] === le && before[i][1]) || 0)]);
+
+/** The q-quantile (seconds) of cumulative buckets, or null without requests. */
+function quantile(sorted, q) {
   const total = sorted.length ? sorted[sorted.length - 1][1] : 0;
   if (!total) return null;
   let prevLe = 0, prevC = 0;
@@ -668,14 +675,23 @@ function systemPage(root) {
       };
       const rate = (k) => (last ? Math.max(0, (totals[k] - last.totals[k]) / ((now - last.at) / 1000)) : null);
       const ms1 = (v) => (v === null ? "—" : `${(v * 1000).toFixed(v < 0.01 ? 2 : 1)} ms`);
+      // p99 over the last interval when there were requests, else since start.
+      const hist = {};
+      const p99 = (route) => {
+        const all = (hist[route] = buckets(ms, "meterd_http_request_duration_seconds", (l) => l.route === route));
+        const recent = last && quantile(minus(all, last.hist[route]), 0.99);
+        if (recent !== null && recent !== undefined) return ms1(recent);
+        const total = quantile(all, 0.99);
+        return total === null ? "no requests" : `${ms1(total)} (since start)`;
+      };
       const items = [
         ["Events ingested /s", rate("events") === null ? "…" : rate("events").toFixed(1)],
         ["Checks /s", rate("checks") === null ? "…" : rate("checks").toFixed(1)],
-        ["Check p99", ms1(quantile(ms, "meterd_http_request_duration_seconds", (l) => l.route === "check", 0.99))],
-        ["Events p99", ms1(quantile(ms, "meterd_http_request_duration_seconds", (l) => l.route === "events", 0.99))],
+        ["Check p99", p99("check")],
+        ["Events p99", p99("events")],
         ["WAL not yet stored", `${fmt(sum(ms, "meterd_wal_bytes") / 1024)} KiB`],
-        ["Flush lag", `${fmt(sum(ms, "meterd_flush_lag_seconds"))} s`, sum(ms, "meterd_flush_lag_seconds") > 10 ? "bad" : "good"],
-        ["Flush errors", fmt(sum(ms, "meterd_flush_errors_total")), sum(ms, "meterd_flush_errors_total") > 0 ? "warn" : "good"],
+        ["Store flush lag", `${fmt(sum(ms, "meterd_flush_lag_seconds"))} s`, sum(ms, "meterd_flush_lag_seconds") > 10 ? "bad" : "good"],
+        ["Store flush errors", fmt(sum(ms, "meterd_flush_errors_total")), sum(ms, "meterd_flush_errors_total") > 0 ? "warn" : "good"],
         ["Writes refused", sum(ms, "meterd_writes_refused") > 0 ? "yes" : "no", sum(ms, "meterd_writes_refused") > 0 ? "bad" : "good"],
         ["Redis", has(ms, "meterd_redis_up") ? (sum(ms, "meterd_redis_up") > 0 ? "up" : "down") : "not configured", has(ms, "meterd_redis_up") ? (sum(ms, "meterd_redis_up") > 0 ? "good" : "bad") : ""],
         ["ClickHouse export", has(ms, "meterd_raw_export_lag_seconds") ? `lag ${fmt(sum(ms, "meterd_raw_export_lag_seconds"))} s` : "no raw export"],
@@ -687,7 +703,7 @@ function systemPage(root) {
       ];
       cards.replaceChildren(...items.map(([label, value, cls]) => h("div", { class: `card ${cls || ""}`, "data-metric": label }, h("div", { class: "label" }, label), h("div", { class: "value" }, value))));
       ready.textContent = `readyz: ${readyz.status || (readyz.error && readyz.error.message) || "?"}${readyz.reason ? ` (${readyz.reason})` : ""}`;
-      last = { totals, at: now };
+      last = { totals, hist, at: now };
     },
   };
 }

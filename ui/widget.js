@@ -29,8 +29,8 @@ li { margin: 0 0 .8em; }
 .bar { height: 10px; border-radius: var(--meterd-radius, 5px); background: var(--meterd-track, #e3e7ec); overflow: hidden; margin: .25em 0; }
 .bar:focus-visible { outline: 3px solid var(--meterd-focus, #1f5fa8); outline-offset: 2px; }
 .fill { height: 100%; width: 0; background: var(--meterd-ok, #2e7d32); }
-.warn .fill { background: var(--meterd-warn, #b58900); }
-.high .fill { background: var(--meterd-high, #d9630b); }
+.warn .fill { background: var(--meterd-warn, #9a7400); }
+.high .fill { background: var(--meterd-high, #c2560a); }
 .over .fill { background: var(--meterd-over, #c62828); }
 .error { color: var(--meterd-over, #c62828); }
 .muted { color: var(--meterd-muted, #4f5b6b); }
@@ -171,7 +171,12 @@ li { margin: 0 0 .8em; }
         fill.style.width = `${Math.min(100, pct)}%`;
         bar.append(fill);
         li.append(head, bar);
-        if (row.resets_at) li.append(el("div", "resets", `${num(row.remaining)} left · resets ${new Date(row.resets_at).toLocaleDateString(undefined, { dateStyle: "medium" })}`));
+        const at = row.resets_at && new Date(row.resets_at);
+        const short = row.window === "minute" || row.window === "hour";
+        const date = at ? (short ? at.toLocaleTimeString(undefined, { timeStyle: "short" }) : at.toLocaleDateString(undefined, { dateStyle: "medium" })) : "";
+        const left = limit === null ? "" : `${num(row.remaining)} left`;
+        const resets = date ? `${row.window === "credits" ? "next expiry" : "resets"} ${date}` : "";
+        if (left || resets) li.append(el("div", "resets", [left, resets].filter(Boolean).join(" · ")));
         list.append(li);
       }
       if (!usage.meters.length) list.append(el("li", "muted", "No metered usage on this plan."));

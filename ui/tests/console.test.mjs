@@ -113,8 +113,10 @@ meterd.stderr.on("data", (d) => (meterdOut += d));
 const meterdExit = new Promise((r) => meterd.on("exit", r));
 
 let browser = null;
+let openMeterd = null; // the second instance, without keys
 async function shutdown() {
   if (browser) await browser.close().catch(() => {});
+  if (openMeterd) openMeterd.kill("SIGKILL");
   meterd.kill("SIGTERM");
   await Promise.race([meterdExit, sleep(10000)]);
   hookServer.close();
@@ -323,6 +325,7 @@ try {
   await page.getByLabel("Granularity").selectOption("minute");
   await page.locator('#charts section[data-meter="interview_minutes"] polyline').waitFor();
   noErrors("the history page");
+  await page.screenshot({ path: join(WORK, "history.png"), fullPage: true });
 
   // --- system ------------------------------------------------------------------
   step = "system page";
@@ -330,8 +333,9 @@ try {
   await page.locator("#readyz", { hasText: "readyz: ready" }).waitFor();
   await page.locator('[data-metric="Events ingested /s"] .value').filter({ hasText: /^\d+\.\d$/ }).waitFor({ timeout: 10000 });
   assert.match(await page.locator('[data-metric="Notifications pending"] .value').textContent(), /^\d+$/);
-  assert.match(await page.locator('[data-metric="Check p99"] .value').textContent(), /ms$/);
+  assert.match(await page.locator('[data-metric="Check p99"] .value').textContent(), /^\d+\.\d+ ms( \(since start\))?$/);
   noErrors("the system page");
+  await page.screenshot({ path: join(WORK, "system.png"), fullPage: true });
 
   // --- the widget on another origin --------------------------------------------
   step = "widget";
@@ -340,6 +344,8 @@ try {
 <script src="${base}/ui/widget.js"></script></head><body>
 <h1>Your plan usage</h1>
 <meterd-usage id="mine" token="${acmeToken}"></meterd-usage>
+<h2>Globex (another theme)</h2>
+<meterd-usage id="globex" token="${globexToken}" style="--meterd-track:#d8dee6;--meterd-radius:0"></meterd-usage>
 <h2>Someone else's</h2>
 <meterd-usage id="other" token="${globexToken}" customer="acme"></meterd-usage>
 </body></html>`;
@@ -356,6 +362,8 @@ try {
   assert.equal(await wm.getAttribute("aria-valuenow"), "100");
   assert.equal(await wm.getAttribute("aria-valuemax"), "1000");
   assert.match(await wm.getAttribute("aria-valuetext"), /100 of 1,000 used, 900 left/);
+  await embed.waitForFunction(() => document.querySelector("#globex").dataset.state === "ready");
+  assert.equal(await embed.locator("#globex li.high").getByRole("progressbar").getAttribute("aria-valuenow"), "95", "globex at 95 % is orange");
   await embed.waitForFunction(() => document.querySelector("#other").dataset.state === "error");
   const other = embed.locator("#other");
   assert.equal(await other.getByRole("progressbar").count(), 0, "no data for another customer");
@@ -367,6 +375,7 @@ try {
   await wm.focus();
   assert.equal(await embed.evaluate(() => document.activeElement.id), "mine", "focus is inside the widget");
   await embed.evaluate(() => document.activeElement.shadowRoot.activeElement.blur());
+  await embed.setViewportSize({ width: 600, height: 400 });
   await embed.screenshot({ path: join(METERD_ROOT, "docs/img/widget.png"), fullPage: true });
   const size = statSync(join(METERD_ROOT, "ui/widget.js")).size;
   assert.ok(size <= 30 * 1024, `widget.js is ${size} bytes`);
@@ -383,6 +392,39 @@ try {
   assert.equal(pre.headers.get("access-control-allow-origin"), "*");
   assert.equal((await fetch(`${base}/v1/customers`, { method: "OPTIONS" })).status, 405, "only the widget's routes are cross-origin");
   assert.ok(readFileSync(join(METERD_ROOT, "docs/img/console-customer.png")).length > 10000);
+  // --- loopback without keys: no key asked, every call allowed ----------------------
+  step = "loopback without keys";
+  const probe2 = createServer();
+  const openPort = await listen(probe2);
+  await new Promise((r) => probe2.close(r));
+  const openDir = join(WORK, "open");
+  mkdirSync(openDir, { recursive: true });
+  writeFileSync(
+    join(openDir, "meterd.toml"),
+    `[server]\nlisten = "127.0.0.1:${openPort}"\n[storage]\ndata_dir = "${openDir}/data"\n` +
+      `[[meters]]\nname = "api_calls"\naggregation = "count"\n` +
+      `[[plans]]\nname = "free"\ndefault = true\n[plans.limits]\napi_calls = { limit = 10, window = "day" }\n`,
+  );
+  openMeterd = spawn(METERD_BIN, ["--config", join(openDir, "meterd.toml")], { env: { ...process.env, RUST_LOG: "error" }, stdio: "ignore" });
+  const openBase = `http://127.0.0.1:${openPort}`;
+  for (let i = 0; !(await fetch(`${openBase}/healthz`).then((r) => r.ok).catch(() => false)); i++) {
+    assert.ok(i < 200 && openMeterd.exitCode === null, "the instance without keys did not start");
+    await sleep(50);
+  }
+  const seeded = await fetch(`${openBase}/v1/events`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(Array.from({ length: 10 }, (_, k) => ({ id: `o${k}`, customer: "solo", meter: "api_calls" }))) });
+  assert.equal(seeded.status, 202);
+  const fresh = await browser.newContext();
+  const openPage = await fresh.newPage();
+  const openErrors = [];
+  openPage.on("console", (m) => m.type() === "error" && openErrors.push(m.text()));
+  await openPage.goto(`${openBase}/ui/#/customer/solo`);
+  const solo = openPage.getByRole("progressbar", { name: "api_calls (day)" });
+  await solo.waitFor();
+  assert.equal(await solo.getAttribute("data-level"), "over");
+  assert.equal(await openPage.locator("#banner").isHidden(), true, "no key asked");
+  assert.deepEqual(openErrors, [], "console errors without keys");
+  await fresh.close();
+
   log("all console and widget checks passed");
 } catch (err) {
   console.error(`[browser] FAILED at ${step}: ${err.stack || err}`);
