@@ -392,7 +392,7 @@ function entitlementsEditor(customer, changed) {
     { id: "entitlements", novalidate: true },
     field("plan", "Plan", planSel),
     field("overrides", "Overrides (JSON)", overrides, 'per meter: {"api_calls": {"limit": 10, "window": "day"}}'),
-    field("features", "Features (JSON)", features, 'laid over the plan\'s: {"flag": true}'),
+    field("features", "Features (JSON)", features, 'this customer\'s flags, laid over the plan\'s: {"flag": true}'),
     field("stripe_customer_id", "Stripe customer id", stripe),
     field("billing_anchor", "Billing anchor", anchor, "RFC 3339, empty for the 1st of the month"),
     h("div", {}, save, " ", reload, status),
@@ -413,11 +413,16 @@ function entitlementsEditor(customer, changed) {
     errors[key].textContent = errors[key].textContent ? `${errors[key].textContent}; ${text}` : text;
     fields[key].setAttribute("aria-invalid", "true");
   };
+  let planFeatures = {}; // plan name → its flags
   const fill = (view) => {
     if (!plansLoaded) return;
     planSel.value = view.plan;
     overrides.value = Object.keys(view.overrides || {}).length ? JSON.stringify(view.overrides, null, 2) : "";
-    features.value = Object.keys(view.features || {}).length ? JSON.stringify(view.features, null, 2) : "";
+    // The view's features are the plan's with the customer's laid over: show
+    // (and so send back) only the customer's own, those the plan does not give.
+    const plan = planFeatures[view.plan] || {};
+    const own = Object.fromEntries(Object.entries(view.features || {}).filter(([k, v]) => plan[k] !== v));
+    features.value = Object.keys(own).length ? JSON.stringify(own, null, 2) : "";
     stripe.value = view.stripe_customer_id || "";
     anchor.value = view.billing_anchor || "";
     dirty = false;
@@ -480,6 +485,7 @@ function entitlementsEditor(customer, changed) {
       if (!plansLoaded) {
         const { plans } = await api("/v1/plans");
         planSel.replaceChildren(...plans.map((p) => h("option", { value: p.name }, p.default ? `${p.name} (default)` : p.name)));
+        planFeatures = Object.fromEntries(plans.map((p) => [p.name, p.features || {}]));
         plansLoaded = true;
       }
       // Never overwrite what the operator is typing.

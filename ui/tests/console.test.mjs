@@ -293,7 +293,10 @@ try {
   assert.equal(await minutes.getAttribute("data-level"), "ok");
   assert.equal(await row.locator('[data-f="remaining"]').textContent(), "900");
   assert.equal(await page.locator('.limit[data-meter="api_calls"]').count(), 1, "pro has one api_calls limit");
-  assert.equal((await ok("GET", "/v1/customers/acme/entitlements")).plan, "pro");
+  const saved = await ok("GET", "/v1/customers/acme/entitlements");
+  assert.equal(saved.plan, "pro");
+  assert.equal(saved.features.recordings, true, "the starter plan's flags were not sent back as the customer's");
+  assert.equal(saved.stripe_customer_id, "cus_ACME", "the other fields are kept");
   noErrors("the plan edit");
 
   // --- an invalid edit: the API's error next to the field ----------------------
