@@ -260,8 +260,9 @@ function limitRow(row) {
       tabindex: 0,
       "aria-label": label,
       "aria-valuemin": 0,
-      "aria-valuemax": limit === null ? 0 : limit,
-      "aria-valuenow": limit === null ? 0 : Math.min(used + held, limit),
+      // Unlimited: no maximum, so no value either; the text says it.
+      "aria-valuemax": limit === null ? null : limit,
+      "aria-valuenow": limit === null ? null : Math.min(used + held, limit),
       "aria-valuetext": text,
       "data-level": lvl,
     },
@@ -610,6 +611,7 @@ function historyPage(root, _arg, params) {
             h("h2", {}, title),
             series.length ? chart(title, series, from, to, step) : h("p", { class: "empty" }, "No usage in this range."),
             h("div", { class: "legend" }, series.map((x, k) => h("span", { class: `s${k % 6}` }, `${x.name} (${fmt(total(top[k][1]))})`))),
+            a.truncated ? h("p", { class: "muted" }, "meterd cut this answer at 10,000 points: a coarser granularity or one customer shows all.") : null,
           );
         }),
       );

@@ -164,8 +164,10 @@ li { margin: 0 0 .8em; }
         bar.setAttribute("tabindex", "0");
         bar.setAttribute("aria-labelledby", label.id);
         bar.setAttribute("aria-valuemin", "0");
-        bar.setAttribute("aria-valuemax", String(limit === null ? 0 : limit));
-        bar.setAttribute("aria-valuenow", String(limit === null ? 0 : Math.min(used, limit)));
+        if (limit !== null) {
+          bar.setAttribute("aria-valuemax", String(limit));
+          bar.setAttribute("aria-valuenow", String(Math.min(used, limit)));
+        }
         bar.setAttribute("aria-valuetext", limit === null ? `${num(used)} used, unlimited` : `${num(used)} of ${num(limit)} used, ${num(row.remaining)} left`);
         const fill = el("div", "fill");
         fill.style.width = `${Math.min(100, pct)}%`;

@@ -86,7 +86,7 @@ name = "pro"
 features = { recordings = true }
 [plans.limits]
 interview_minutes = { limit = 1000, window = "month" }
-api_calls = { limit = 100000, window = "day" }
+api_calls = { limit = "unlimited" }
 ai_tokens = { limit = "credits", low_balance = 1000 }
 
 [notifications]
@@ -293,6 +293,10 @@ try {
   assert.equal(await minutes.getAttribute("data-level"), "ok");
   assert.equal(await row.locator('[data-f="remaining"]').textContent(), "900");
   assert.equal(await page.locator('.limit[data-meter="api_calls"]').count(), 1, "pro has one api_calls limit");
+  const unlimited = page.locator('.limit[data-meter="api_calls"] [role=progressbar]');
+  assert.equal(await unlimited.getAttribute("aria-valuemax"), null, "an unlimited bar has no maximum");
+  assert.match(await unlimited.getAttribute("aria-valuetext"), /used, unlimited$/);
+  assert.equal(await page.locator('.limit[data-meter="api_calls"] [data-f="limit"]').textContent(), "∞");
   const saved = await ok("GET", "/v1/customers/acme/entitlements");
   assert.equal(saved.plan, "pro");
   assert.equal(saved.features.recordings, true, "the starter plan's flags were not sent back as the customer's");
