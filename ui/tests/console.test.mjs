@@ -173,6 +173,9 @@ try {
   await ok("POST", "/v1/events", calls);
   await ok("POST", "/v1/customers/acme/grants", { id: "topup-1", meter: "ai_tokens", amount: 5000, reason: "pack" });
   await ok("POST", "/v1/events", [ev("t1", "acme", "ai_tokens", 1200)]);
+  // A reservation holds 200 api calls of acme's day.
+  const held = await ok("POST", "/v1/reservations", { id: "res-1", customer: "acme", meter: "api_calls", quantity: 200, expires_in: "2h" });
+  assert.equal(held.reservation.status, "held");
   // acme is at its limit: a check is denied.
   const denied = await ok("POST", "/v1/check", { customer: "acme", meter: "interview_minutes", quantity: 1 });
   assert.equal(denied.allowed, false, "acme at 100/100 is denied");
@@ -254,6 +257,14 @@ try {
   assert.equal(await row.locator('[data-f="remaining"]').textContent(), "0");
   assert.match(await row.locator('[data-f="resets_at"]').textContent(), /^\d{4}-\d\d-01 00:00 UTC$/);
   assert.match(await row.textContent(), /at limit: denied/);
+  // Held quantity, and the reservation looked up by id.
+  const day = page.locator('.limit[data-meter="api_calls"][data-window="day"]');
+  assert.equal(await day.locator('[data-f="held"]').textContent(), "200");
+  const heldWidth = await day.locator(".held").evaluate((el) => el.getBoundingClientRect().width);
+  assert.ok(heldWidth > 10, `the held part is drawn: ${heldWidth}px`);
+  await page.getByLabel("Reservation id").fill("res-1");
+  await page.getByRole("button", { name: "Look up" }).click();
+  await page.locator("section td", { hasText: "held" }).first().waitFor();
   // Credits, grants and notifications.
   await page.locator("#balances td", { hasText: "3,800" }).waitFor();
   await page.locator("#grants td", { hasText: "topup-1" }).waitFor();
