@@ -5,11 +5,13 @@
 //! The files hold no data and need no key: the console's JavaScript asks the
 //! JSON API for everything, with the key the operator pastes (or none when no
 //! keys are configured, which meterd allows on loopback only; it learns which
-//! from `/ui/settings.json`), and the widget with a portal token. Each file is answered with its `Content-Type`, a
-//! strong `ETag` (its SHA-256; `If-None-Match` gets `304`), `Cache-Control:
-//! no-cache` (revalidate: a new binary is seen at once) and, for the pages, a
-//! Content-Security-Policy that allows only meterd's own scripts, styles and
-//! API (no inline script, no other origin, no framing).
+//! from `/ui/settings.json`), and the widget with a portal token.
+//!
+//! Each file is answered with its `Content-Type`, a strong `ETag` (from its
+//! SHA-256; `If-None-Match` gets `304`), `Cache-Control: no-cache` (revalidate:
+//! a new binary is seen at once) and, for the pages, a Content-Security-Policy
+//! that allows only meterd's own scripts, styles and API (no inline script, no
+//! other origin, no framing).
 //!
 //! The widget runs on a product's own pages, another origin: `widget.js` and
 //! the routes a portal token reads ([`CROSS_ORIGIN_ROUTES`]) allow any origin.
