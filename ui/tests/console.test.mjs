@@ -447,7 +447,7 @@ try {
 } catch (err) {
   console.error(`[browser] FAILED at ${step}: ${err.stack || err}`);
   await shutdown();
-  console.error(`[browser] meterd log: ${meterdLog}`);
+  console.error(`[browser] meterd's log, last lines:\n${meterdOut.split("\n").slice(-40).join("\n")}`);
   process.exit(1);
 }
 await shutdown();
