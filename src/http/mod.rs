@@ -31,6 +31,8 @@ pub mod reservations;
 pub mod routes;
 pub mod server;
 pub mod timeouts;
+// The operator console and the usage widget (issue 22).
+pub mod ui;
 
 pub use server::{serve, EdgeConfig};
 

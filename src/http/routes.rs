@@ -8,7 +8,7 @@
 //! escape or non-UTF-8 is a 400), duplicate query parameters refused.
 
 use super::error::ApiError;
-use super::{billing, handlers, HttpState, RequestBody, Routes};
+use super::{billing, handlers, ui, HttpState, RequestBody, Routes};
 use crate::telemetry::RouteMetrics;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -215,6 +215,19 @@ pub static ROUTES: &[Route] = &[
             }),
         ],
     },
+    // The operator console and the usage widget (issue 22).
+    Route {
+        name: "ui_redirect",
+        path: "/ui",
+        ops: false,
+        methods: &[(Method::GET, |_, _, _| Box::pin(std::future::ready(Ok(ui::to_index()))))],
+    },
+    Route {
+        name: "ui",
+        path: "/ui/{file}",
+        ops: false,
+        methods: &[(Method::GET, |s, req, file| Box::pin(std::future::ready(ui::answer(&s, req.headers(), &file))))],
+    },
     Route {
         name: "metrics",
         path: "/metrics",
@@ -278,6 +291,8 @@ struct Served {
     capture: Option<usize>,
     /// Answered 503 while shutting down (the `/v1/` routes of the API listener).
     gated: bool,
+    /// Readable from any origin (the widget's routes, [`ui::CROSS_ORIGIN_ROUTES`]).
+    cross_origin: bool,
     metrics: RouteMetrics,
 }
 
@@ -286,12 +301,17 @@ impl Served {
         let allow = route.methods.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", ");
         let capture = segments(route.path).position(|s| s.starts_with('{'));
         let gated = routes == Routes::All && first_segment(route.path) == "v1";
-        Served { route, pattern: segments(route.path).collect(), allow, capture, gated, metrics: RouteMetrics::new(route.name) }
+        let cross_origin = routes == Routes::All && ui::CROSS_ORIGIN_ROUTES.contains(&route.name);
+        let pattern = segments(route.path).collect();
+        Served { route, pattern, allow, capture, gated, cross_origin, metrics: RouteMetrics::new(route.name) }
     }
 
     async fn answer(&self, state: Arc<HttpState>, req: Request) -> Response {
         let started = Instant::now();
-        let response = self.respond(state, req).await.unwrap_or_else(|e| e.response());
+        let mut response = self.respond(state, req).await.unwrap_or_else(|e| e.response());
+        if self.cross_origin {
+            ui::allow_any_origin(&mut response);
+        }
         self.metrics.record(response.status().as_u16(), started.elapsed().as_secs_f64());
         response
     }
@@ -301,6 +321,9 @@ impl Served {
             return Err(ApiError::unavailable("shutting down", 5));
         }
         let Some((_, handler)) = self.route.methods.iter().find(|(m, _)| m == req.method()) else {
+            if self.cross_origin && req.method() == Method::OPTIONS {
+                return Ok(ui::preflight(&self.allow));
+            }
             return Ok(self.not_allowed());
         };
         let customer = match self.capture {
@@ -399,7 +422,8 @@ mod tests {
         assert_eq!(ops, ["/metrics", "/healthz", "/readyz"]);
         for route in ROUTES {
             assert!(!route.methods.is_empty(), "{}", route.name);
-            assert_eq!(route.ops, !route.path.starts_with("/v1/"), "{}: the ops listener never serves the API", route.name);
+            let api = route.path.starts_with("/v1/") || route.path.starts_with("/ui");
+            assert_eq!(route.ops, !api, "{}: the ops listener never serves the API or the console", route.name);
         }
     }
 
@@ -421,7 +445,15 @@ mod tests {
             ("", None),
             ("/healthz", Some("healthz")),
             ("//healthz", Some("healthz")),
+            ("/ui", Some("ui_redirect")),
+            ("/ui/", Some("ui")),
+            ("/ui/widget.js", Some("ui")),
+            ("/ui/a/b", None),
+            ("/v1/ui/", None),
         ];
+        for name in ui::CROSS_ORIGIN_ROUTES {
+            assert!(ROUTES.iter().any(|r| r.name == *name), "{name} is not in the table");
+        }
         for (path, name) in cases {
             assert_eq!(row(path), name, "{path}");
         }
