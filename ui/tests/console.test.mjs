@@ -1,7 +1,8 @@
 // The console and the widget in real Chromium (issue 22), run by
 // scripts/test.d/40-browser: starts target/debug/meterd with an admin key,
 // seeds customers through the API, drives Debian's Chromium with
-// playwright-core, and saves the screenshots under docs/img/.
+// playwright-core, and saves screenshots in WORK (in docs/img/ when
+// METERD_UPDATE_SCREENSHOTS=1, to refresh the ones the docs show).
 //
 // Environment: METERD_BIN (the binary), METERD_ROOT (the repository),
 // CHROMIUM (the browser), WORK (a fresh scratch directory).
@@ -18,6 +19,7 @@ const { METERD_BIN, METERD_ROOT, CHROMIUM, WORK } = process.env;
 for (const [k, v] of Object.entries({ METERD_BIN, METERD_ROOT, CHROMIUM, WORK })) assert.ok(v, `${k} must be set`);
 
 const ADMIN_KEY = randomBytes(24).toString("hex");
+const SHOTS = process.env.METERD_UPDATE_SCREENSHOTS === "1" ? join(METERD_ROOT, "docs/img") : WORK;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 let step = "setup";
 const log = (m) => console.log(`[browser] ${m}`);
@@ -276,10 +278,10 @@ try {
   // Keyboard: the bars take focus.
   await minutes.focus();
   assert.equal(await page.evaluate(() => document.activeElement.getAttribute("aria-label")), "interview_minutes (month)");
-  mkdirSync(join(METERD_ROOT, "docs/img"), { recursive: true });
+  mkdirSync(SHOTS, { recursive: true });
   await page.mouse.move(0, 0);
   await page.evaluate(() => document.activeElement.blur());
-  await page.screenshot({ path: join(METERD_ROOT, "docs/img/console-customer.png"), fullPage: true });
+  await page.screenshot({ path: join(SHOTS, "console-customer.png"), fullPage: true });
 
   // --- live: new usage shows without a reload -----------------------------------
   step = "live refresh";
@@ -394,7 +396,7 @@ try {
   assert.equal(await embed.evaluate(() => document.activeElement.id), "mine", "focus is inside the widget");
   await embed.evaluate(() => document.activeElement.shadowRoot.activeElement.blur());
   await embed.setViewportSize({ width: 600, height: 400 });
-  await embed.screenshot({ path: join(METERD_ROOT, "docs/img/widget.png"), fullPage: true });
+  await embed.screenshot({ path: join(SHOTS, "widget.png"), fullPage: true });
   const size = statSync(join(METERD_ROOT, "ui/widget.js")).size;
   assert.ok(size <= 30 * 1024, `widget.js is ${size} bytes`);
 
@@ -409,7 +411,7 @@ try {
   assert.equal(pre.status, 204);
   assert.equal(pre.headers.get("access-control-allow-origin"), "*");
   assert.equal((await fetch(`${base}/v1/customers`, { method: "OPTIONS" })).status, 405, "only the widget's routes are cross-origin");
-  assert.ok(readFileSync(join(METERD_ROOT, "docs/img/console-customer.png")).length > 10000);
+  assert.ok(readFileSync(join(SHOTS, "console-customer.png")).length > 10000);
   // --- loopback without keys: no key asked, every call allowed ----------------------
   step = "loopback without keys";
   const probe2 = createServer();
