@@ -163,11 +163,19 @@ impl HoldBook {
 
     /// Records a held total Redis answered, unless a newer one is known.
     pub fn set_shared(&self, customer: CustomerId, meter: MeterId, held: shared::Held) {
-        if let Some(shared) = &self.shared {
-            let mut cur = shared.entry((customer, meter)).or_default();
-            if held.version >= cur.version {
-                *cur = held;
+        let Some(shared) = &self.shared else { return };
+        if held.total == 0 {
+            // Nothing held: no entry for pairs that never had one (memory).
+            if let Some(mut cur) = shared.get_mut(&(customer, meter)) {
+                if held.version >= cur.version {
+                    *cur = held;
+                }
             }
+            return;
+        }
+        let mut cur = shared.entry((customer, meter)).or_default();
+        if held.version >= cur.version {
+            *cur = held;
         }
     }
 

@@ -382,17 +382,22 @@ pub async fn reserve(redis: &Redis, instance_id: &str, take: Take<'_>, windows: 
         Some(3) => return Err(SharedError::Conflict(take.id.to_string())),
         _ => return Err(unexpected("reserve", &reply)),
     };
-    if let ReserveOutcome::Held { .. } = outcome {
+    let status = match outcome {
+        ReserveOutcome::Held { .. } => Some(Status::Held),
+        ReserveOutcome::Denied { .. } => Some(Status::Denied),
+        ReserveOutcome::Exists { .. } => None,
+    };
+    if let Some(status) = status {
         let r = Reservation {
             id: take.id.to_string(),
             customer: take.customer.to_string(),
             meter: take.meter.to_string(),
             quantity: take.quantity,
             expires_at: take.expires_at,
-            status: Status::Held,
+            status,
             settled_quantity: None,
             created_ms: take.now,
-            finished_ms: 0,
+            finished_ms: if status == Status::Held { 0 } else { take.now },
         };
         expire_owner(redis, &r).await?;
     }

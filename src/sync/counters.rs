@@ -279,29 +279,47 @@ impl CounterSync {
     }
 }
 
-/// Reads the held totals of `pairs` (reservations, issue 19) into the hold book.
+/// Reads the held totals of `pairs` (reservations, issue 19) into the hold
+/// book: one pipelined read per [`KEYS_PER_CALL`] pairs, [`CALLS_IN_FLIGHT`]
+/// at once.
 pub async fn pull_held(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     redis: &Redis,
     pairs: &[(CustomerId, crate::model::MeterId)],
 ) -> Result<(), crate::holds::shared::SharedError> {
-    if !engine.holds().is_shared() {
+    if !engine.holds().is_shared() || pairs.is_empty() {
         return Ok(());
     }
-    let names: Vec<(CustomerId, crate::model::MeterId, Arc<str>, &str)> = pairs
+    let names: Vec<(CustomerId, crate::model::MeterId, Arc<str>, String)> = pairs
         .iter()
         .filter_map(|&(c, m)| {
-            Some((c, m, engine.counters().interner.name(c)?, engine.catalog().meters().get(usize::from(m))?.name.as_str()))
+            Some((c, m, engine.counters().interner.name(c)?, engine.catalog().meters().get(usize::from(m))?.name.clone()))
         })
         .collect();
-    for chunk in names.chunks(KEYS_PER_CALL) {
-        let asked: Vec<(&str, &str)> = chunk.iter().map(|(_, _, c, m)| (&**c, *m)).collect();
-        let held = crate::holds::shared::read_held(redis, &asked).await?;
-        for ((c, m, _, _), h) in chunk.iter().zip(held) {
-            engine.holds().set_shared(*c, *m, h.unwrap_or_default());
+    let mut chunks = names.chunks(KEYS_PER_CALL).map(<[_]>::to_vec);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut failure = None;
+    loop {
+        while tasks.len() < CALLS_IN_FLIGHT {
+            let Some(chunk) = chunks.next() else { break };
+            let (engine, redis) = (engine.clone(), redis.clone());
+            tasks.spawn(async move {
+                let asked: Vec<(&str, &str)> = chunk.iter().map(|(_, _, c, m)| (&**c, m.as_str())).collect();
+                let held = crate::holds::shared::read_held(&redis, &asked).await?;
+                for ((c, m, _, _), h) in chunk.iter().zip(held) {
+                    engine.holds().set_shared(*c, *m, h.unwrap_or_default());
+                }
+                Ok::<(), crate::holds::shared::SharedError>(())
+            });
+        }
+        let Some(joined) = tasks.join_next().await else { break };
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(crate::holds::shared::SharedError::Redis(RedisError::Unexpected(e.to_string()))),
         }
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 /// Pushes every `interval` until shutdown, then once more.
