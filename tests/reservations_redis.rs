@@ -5,7 +5,9 @@
 //! (store totals exact, a second settle answers the first result) or released
 //! there; racing reservations on two instances never hold past a strict hard
 //! limit; expiry with two instances running the task releases each hold once.
-//! Without `redis-server` skipped with a note, or failed under
+//! A hold survives its instance's SIGKILL (it lives in Redis): another
+//! instance settles it and expires it meanwhile. Records expire (nothing
+//! grows forever). Without `redis-server` skipped with a note, or failed under
 //! `METERD_TEST_REQUIRE_SERVICES`.
 
 mod common;
@@ -355,5 +357,93 @@ async fn reservations_work_across_instances_on_a_redis_cluster() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(ca.get("/v1/reservations/k-2").await.body["reservation"]["status"], "expired");
     a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_settles_on_two_instances_record_once_and_answer_alike() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "settlerace").await;
+    let (ca, cb) = (a.client(), b.client());
+    for k in 0..10 {
+        let id = format!("sr-{k}");
+        reserve(&ca, json!({"id": id, "customer": "sr", "meter": "minutes", "quantity": 9, "expires_in": "1h"})).await;
+        let (ra, rb) = tokio::join!(settle(&ca, &id, json!({"quantity": 4})), settle(&cb, &id, json!({"quantity": 5})));
+        assert!(ra.status == 200 && rb.status == 200, "{} / {}", ra.text, rb.text);
+        let (qa, qb) = (&ra.body["reservation"]["settled_quantity"], &rb.body["reservation"]["settled_quantity"]);
+        assert_eq!(qa, qb, "both settles answer the first result");
+        assert!(qa == &json!(4) || qa == &json!(5), "{qa}");
+    }
+    // Each usage recorded once, on one of the two: the stores together hold
+    // exactly the settled quantities.
+    let mut expected = 0.0;
+    for k in 0..10 {
+        let g = ca.get(&format!("/v1/reservations/sr-{k}")).await;
+        expected += g.body["reservation"]["settled_quantity"].as_f64().expect("settled");
+    }
+    let total = store_total(&a, "sr", "minutes").await + store_total(&b, "sr", "minutes").await;
+    assert_eq!(total, expected);
+    assert_eq!(redis_held(&redis, "sr", "minutes").await, 0);
+    // Nothing grows forever: the finished records, their owners and the
+    // emptied held total all expire.
+    let mut conn = redis.conn().await;
+    for key in ["meterd:{sr}:r:sr-0", "meterd:res:sr-0", "meterd:{sr}:held:minutes"] {
+        let ttl: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await.expect("pttl");
+        assert!(ttl > 0 && ttl <= 86_400_000, "{key} expires: {ttl}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_survives_its_instance_sigkill_and_is_settled_and_expired_elsewhere() {
+    use common::process::{free_port, spawn, wait_healthy};
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let path = dir.path().join("meterd.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\ninstance_id = \"kill-a\"\n[storage]\ndata_dir = {:?}\ndurability = \"fsync\"\n\
+         flush_interval = \"150ms\"\n[redis]\nurl = \"{}\"\nsync_interval = \"50ms\"\ntimeout = \"500ms\"\n{PLANS}",
+        dir.path().join("data").display().to_string(),
+        redis.url()
+    );
+    std::fs::write(&path, text).expect("write config");
+    let ca = Client { addr, token: None };
+    let mut p = spawn(&path, dir.path().join("run1.log"));
+    wait_healthy(&mut p, addr).await;
+    let b = TestServer::start(&config(&url_list(&redis), "kill-b")).await;
+    let cb = b.client();
+    for body in [
+        json!({"id": "k-iv", "customer": "kk", "meter": "gpu", "quantity": 90, "expires_in": "1h"}),
+        json!({"id": "k-short", "customer": "kk", "meter": "minutes", "quantity": 30, "expires_in": "1s"}),
+    ] {
+        let r = reserve(&ca, body).await;
+        assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    }
+    p.child.kill().expect("SIGKILL");
+    p.wait_exit(Duration::from_secs(10)).await;
+    // The hold still counts: B's strict consume cannot take it.
+    assert_eq!(consume(&cb, "kk", "gpu", 11, "kk-c1").await["allowed"], false);
+    // B settles A's hold, and its own expiry task releases A's short one.
+    let done = settle(&cb, "k-iv", json!({"quantity": 60})).await;
+    assert_eq!(done.body["reservation"]["settled_quantity"], 60, "{}", done.text);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(cb.get("/v1/reservations/k-short").await.body["reservation"]["status"], "expired");
+    assert_eq!(redis_held(&redis, "kk", "minutes").await, 0);
+    assert_eq!(redis_held(&redis, "kk", "gpu").await, 0);
+    let c = consume(&cb, "kk", "gpu", 40, "kk-c2").await;
+    assert_eq!(numbers(&c), (json!(100), json!(0), json!(0)), "{c}");
+    // A again: the settle answers the first result; the usage is B's, once.
+    let mut p = spawn(&path, dir.path().join("run2.log"));
+    wait_healthy(&mut p, addr).await;
+    let again = settle(&ca, "k-iv", json!({"quantity": 70})).await;
+    assert_eq!(again.body["reservation"]["settled_quantity"], 60, "{}", again.text);
+    assert_eq!(store_total(&b, "kk", "gpu").await, 100.0);
+    p.sigterm();
+    p.wait_exit(Duration::from_secs(20)).await;
     b.stop().await;
 }
