@@ -31,6 +31,10 @@ aggregation = "sum"
 name = "tokens"
 aggregation = "sum"
 
+[[meters]]
+name = "prepaid"
+aggregation = "sum"
+
 [[plans]]
 name = "p"
 default = true
@@ -38,6 +42,7 @@ default = true
 minutes = { limit = 100, window = "month" }
 gpu = { limit = 100, window = "month", enforcement = "strict" }
 tokens = { limit = 100, window = "month", enforcement = "leased" }
+prepaid = { limit = "credits" }
 "#;
 
 /// Sync interval of the instances.
@@ -445,5 +450,33 @@ async fn a_hold_survives_its_instance_sigkill_and_is_settled_and_expired_elsewhe
     assert_eq!(store_total(&b, "kk", "gpu").await, 100.0);
     p.sigterm();
     p.wait_exit(Duration::from_secs(20)).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_on_a_credit_balance_is_not_spendable_on_the_other_instance() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "credits").await;
+    let (ca, cb) = (a.client(), b.client());
+    let r = ca.post_json("/v1/customers/cr/grants", &json!({"id": "topup", "meter": "prepaid", "amount": 100})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = cb.get("/v1/customers/cr/balances").await;
+        let granted = r.body["balances"].as_array().and_then(|b| b.iter().find(|x| x["meter"] == "prepaid").map(|x| x["granted"].clone()));
+        if granted == Some(json!(100)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "B never saw the grant: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = reserve(&ca, json!({"id": "cr-1", "customer": "cr", "meter": "prepaid", "quantity": 90, "expires_in": "1h"})).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    // B's hard credits consume is taken in Redis, which reads the held total.
+    let c = consume(&cb, "cr", "prepaid", 20, "cr-c1").await;
+    assert_eq!(c["allowed"], false, "{c}");
+    assert_eq!(consume(&cb, "cr", "prepaid", 10, "cr-c2").await["allowed"], true);
+    a.stop().await;
     b.stop().await;
 }
