@@ -1,7 +1,7 @@
 //! The connection to Redis (one server or a Redis Cluster) and the key layout
 //! every instance shares. Background tasks (the counter syncer, the entitlement
 //! listener) and the few request-path calls (strict limits, cross-instance
-//! dedupe, an entitlement miss) go through one [`Redis`] handle, which also keeps
+//! dedupe, an entitlement miss, reservations) go through one [`Redis`] handle, which also keeps
 //! the "is Redis reachable" state that `/readyz` and a gauge report.
 //!
 //! **Key layout** (documented in docs/operations.md so an application may write
