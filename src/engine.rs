@@ -343,12 +343,13 @@ impl Engine {
             now_ms(),
         )?;
         // Reservations (issue 19): holds come back as they were journaled.
-        let holds = Arc::new(crate::holds::HoldBook::open(
-            &config.storage.data_dir.join("holds"),
-            crate::holds::DEFAULT_CAP,
-            now_ms(),
-            |customer, meter| Some((counters.interner.intern(customer).ok()?, catalog.meter_by_name(meter)?.id)),
-        )?);
+        let holds = Arc::new(
+            crate::holds::HoldBook::open(&config.storage.data_dir.join("holds"), crate::holds::DEFAULT_CAP, now_ms(), |customer, meter| {
+                Some((counters.interner.intern(customer).ok()?, catalog.meter_by_name(meter)?.id))
+            })
+            // With Redis, holds live there (`holds::shared`).
+            .map(|book| if redis.is_some() { book.into_shared() } else { book })?,
+        );
         let engine = Engine {
             catalog,
             usage: UsageSeam::new(counters, observers),

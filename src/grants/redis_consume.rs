@@ -17,8 +17,10 @@ use crate::credits::CreditBook;
 use crate::model::{Limit, LimitAmount, Meter, MeterId};
 use crate::redis_link::{Keys, Redis};
 
-/// ARGV: field, own usage, base (= balance + own + others), quantity (0: sync
-/// only). Returns {1, t before} when taken (or a sync), {0, t} when refused.
+/// KEYS: the credit key, then optionally the customer's held total of the
+/// meter (reservations, issue 19), which a take leaves untouched. ARGV: field,
+/// own usage, base (= balance + own + others), quantity (0: sync only).
+/// Returns {1, t before} when taken (or a sync), {0, t} when refused.
 const SCRIPT: &str = r"
 local field = ARGV[1]
 local own = tonumber(ARGV[2])
@@ -33,7 +35,10 @@ if own > old then
   old = own
 end
 if q == 0 then return {1, t} end
-if base - t < q then return {0, t} end
+-- Reservations (issue 19): what is held over all instances is not spendable.
+local h = 0
+if KEYS[2] then h = tonumber(redis.call('HGET', KEYS[2], 't') or '0') end
+if base - t - h < q then return {0, t} end
 redis.call('HSET', KEYS[1], field, old + q)
 redis.call('HINCRBY', KEYS[1], 't', q)
 return {1, t}
@@ -93,7 +98,7 @@ pub async fn take(
     let key = redis.keys.credits(name, &meter.name);
     let field = Keys::instance_field(instance_id);
     let mut invocation = TAKE.prepare_invoke();
-    invocation.key(&key).arg(&field).arg(own).arg(base).arg(quantity);
+    invocation.key(&key).key(redis.keys.held(name, &meter.name)).arg(&field).arg(own).arg(base).arg(quantity);
     let mut conn = redis.conn();
     let reply: Result<Vec<i64>, _> = redis.call("credits take", invocation.invoke_async(&mut conn)).await;
     match reply.as_deref() {

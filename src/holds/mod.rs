@@ -9,10 +9,15 @@
 //! answers until [`FINISHED_RETENTION_MS`] passed); beyond, new reservations
 //! are refused with [`HoldError::Full`].
 //!
+//! With Redis the reservations and held totals live there ([`shared`]); the
+//! book then keeps only the held totals Redis last answered (per `(customer,
+//! meter)`, newest version wins), which the decisions here read.
+//!
 //! Callers serialize changes of one `(customer, meter)` (the limits' consume
 //! lock): the book itself only keeps each map consistent.
 
 pub mod journal;
+pub mod shared;
 
 use crate::counters::CustomerId;
 use crate::model::CheckAnswer;
@@ -96,12 +101,14 @@ pub struct HoldBook {
     reservations: DashMap<String, Entry>,
     cap: usize,
     journal: Mutex<Option<journal::Journal>>,
+    /// With Redis: the held totals over all instances, as last read.
+    shared: Option<DashMap<(CustomerId, MeterId), shared::Held>>,
 }
 
 impl HoldBook {
     /// An empty book that journals nothing (tests, embedded use without a data dir).
     pub fn in_memory(cap: usize) -> HoldBook {
-        HoldBook { held: DashMap::new(), reservations: DashMap::new(), cap, journal: Mutex::new(None) }
+        HoldBook { held: DashMap::new(), reservations: DashMap::new(), cap, journal: Mutex::new(None), shared: None }
     }
 
     /// Opens the journal in `dir` and restores what it holds: reservations still
@@ -127,9 +134,49 @@ impl HoldBook {
         Ok(book)
     }
 
-    /// Raw units held for `(customer, meter)`.
+    /// The book of an instance sharing Redis: holds are read from the totals
+    /// Redis answers ([`HoldBook::set_shared`]), not from this book's own.
+    /// Reservations journaled here by a run without Redis are not carried over
+    /// (logged).
+    pub fn into_shared(mut self) -> HoldBook {
+        let local = self.reservations.iter().filter(|e| e.r.status == Status::Held).count();
+        if local > 0 {
+            tracing::warn!(local, "holds journaled by a run without redis do not count with redis; release them before switching");
+        }
+        self.shared = Some(DashMap::new());
+        self
+    }
+
+    /// Whether holds live in Redis.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Raw units held for `(customer, meter)` (with Redis: over all instances,
+    /// as last read).
     pub fn held(&self, customer: CustomerId, meter: MeterId) -> i64 {
+        if let Some(shared) = &self.shared {
+            return shared.get(&(customer, meter)).map_or(0, |h| h.total);
+        }
         self.held.get(&(customer, meter)).map_or(0, |h| *h)
+    }
+
+    /// Records a held total Redis answered, unless a newer one is known.
+    pub fn set_shared(&self, customer: CustomerId, meter: MeterId, held: shared::Held) {
+        let Some(shared) = &self.shared else { return };
+        if held.total == 0 {
+            // Nothing held: no entry for pairs that never had one (memory).
+            if let Some(mut cur) = shared.get_mut(&(customer, meter)) {
+                if held.version >= cur.version {
+                    *cur = held;
+                }
+            }
+            return;
+        }
+        let mut cur = shared.entry((customer, meter)).or_default();
+        if held.version >= cur.version {
+            *cur = held;
+        }
     }
 
     /// The reservation `id`.

@@ -81,8 +81,8 @@ pub async fn release(state: &Arc<HttpState>, headers: &HeaderMap, id: String) ->
 }
 
 /// `GET /v1/reservations/{id}` (check or read; a portal token of its customer).
-pub fn get(state: &HttpState, headers: &HeaderMap, id: &str) -> Resp {
-    let answer = state.engine.reservation_ports().get(id);
+pub async fn get(state: &HttpState, headers: &HeaderMap, id: &str) -> Resp {
+    let answer = state.engine.reservation_ports().get(id).await;
     let customer = match &answer {
         Ok(a) => a.reservation.customer.clone(),
         Err(_) => String::new(),

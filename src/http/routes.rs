@@ -127,7 +127,7 @@ pub static ROUTES: &[Route] = &[
         name: "reservation",
         path: "/v1/reservations/{id}",
         ops: false,
-        methods: &[(Method::GET, |s, req, id| Box::pin(std::future::ready(super::reservations::get(&s, req.headers(), &id))))],
+        methods: &[(Method::GET, |s, req, id| Box::pin(async move { super::reservations::get(&s, req.headers(), &id).await }))],
     },
     Route {
         name: "reservation_settle",

@@ -9,6 +9,9 @@
 //! first: one pipelined round trip, the same allowance as a customer's first
 //! sight. A hot window never pays it: the syncer keeps it fresh.
 //!
+//! With Redis, reservations' held totals (issue 19) are read in the same
+//! round trip.
+//!
 //! Redis unreachable: the check answers from what it has (and the refresh is
 //! retried by the next check).
 
@@ -21,7 +24,7 @@ use std::sync::atomic::Ordering;
 impl LimitsPorts<'_> {
     /// Reads the totals of `name`'s windows on `meter` that are older than two
     /// sync intervals (or were never read here) from Redis.
-    pub(super) async fn refresh_stale(&self, name: &str, meter: &Meter) {
+    pub async fn refresh_stale(&self, name: &str, meter: &Meter) {
         let Some(redis) = self.redis else { return };
         let Ok(customer) = self.reads.counters.interner.intern(name) else { return };
         let ent = self.reads.entitlements.get(Some(customer));
@@ -49,14 +52,26 @@ impl LimitsPorts<'_> {
                 Aggregation::Latest => cmd.arg("l").arg("lt"),
             };
         }
+        // Reservations (issue 19): the held total is as old; read with them.
+        let shared_holds = self.reads.holds.is_shared();
+        if shared_holds {
+            pipe.cmd("HMGET").arg(redis.keys.held(name, &meter.name)).arg("t").arg("v");
+        }
         let mut conn = redis.conn();
-        let replies: Vec<Vec<Option<i64>>> = match redis.call("refresh totals", pipe.query_async(&mut conn)).await {
+        let mut replies: Vec<Vec<Option<i64>>> = match redis.call("refresh totals", pipe.query_async(&mut conn)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, customer = %name, "could not refresh stale totals; answering from the last synced ones");
                 return;
             }
         };
+        if shared_holds {
+            if let Some(pair) = replies.pop() {
+                let (t, v) = (pair.first().copied().flatten(), pair.get(1).copied().flatten());
+                let held = crate::holds::shared::Held { total: t.unwrap_or(0), version: v.unwrap_or(0) };
+                self.reads.holds.set_shared(customer, meter.id, held);
+            }
+        }
         for (key, pair) in stale.iter().zip(replies) {
             let (a, b) = (pair.first().copied().flatten(), pair.get(1).copied().flatten());
             if meter.aggregation.is_gauge() {

@@ -83,7 +83,8 @@ impl LimitsPorts<'_> {
                 })
                 .collect();
             let ttl_ms = book.ttl_ms();
-            match lease::call(redis, self.instance_id, LeaseMode::Take, ttl_ms, &wanted).await {
+            let held_key = redis.keys.held(name, &meter.name);
+            match lease::call(redis, self.instance_id, LeaseMode::Take, ttl_ms, &wanted, Some(&held_key)).await {
                 Ok(LeaseReply::Granted { ttl_ms, windows }) => {
                     for (((&i, key), want), w) in leased.iter().zip(&keys).zip(&wanted).zip(&windows) {
                         let cap = Cap {
@@ -218,8 +219,10 @@ impl LimitsPorts<'_> {
             expire_at: crate::redis_link::keys::expire_at(&key),
         };
         let started = Instant::now();
-        let states = |used| vec![LimitState { limit, window, used, held: 0 }];
-        match lease::call(redis, self.instance_id, LeaseMode::Take, book.ttl_ms(), std::slice::from_ref(&wanted)).await {
+        let held = self.reads.holds.held(customer, meter.id);
+        let states = |used| vec![LimitState { limit, window, used, held }];
+        let held_key = redis.keys.held(name, &meter.name);
+        match lease::call(redis, self.instance_id, LeaseMode::Take, book.ttl_ms(), std::slice::from_ref(&wanted), Some(&held_key)).await {
             Ok(LeaseReply::Granted { ttl_ms, windows }) => {
                 let Some(w) = windows.first().copied() else {
                     return Err(CheckError::Unavailable("redis lease script answered no window".into()));
@@ -280,8 +283,12 @@ impl LimitsPorts<'_> {
         };
         self.usage.fold(&consume_usage(c, c.quantity), Some(limit.window), Origin::Live, || self.wal.tracker.folded(seq));
         let others = self.reads.counters.windows.get(&key, |cell| cell.others.load(Ordering::Acquire)).unwrap_or(0);
-        let states =
-            vec![LimitState { limit, window: limit.window.bounds(c.now, c.ent.billing_anchor), used: own.saturating_add(others), held: 0 }];
+        let states = vec![LimitState {
+            limit,
+            window: limit.window.bounds(c.now, c.ent.billing_anchor),
+            used: own.saturating_add(others),
+            held: self.reads.holds.held(c.customer, c.meter.id),
+        }];
         let verdict = Verdict { allowed: true, reason: Reason::WithinLimit, primary: 0 };
         crate::telemetry::decision(verdict.reason.as_str(), true, c.meter.id.into(), &c.meter.name);
         Ok(answer(c.name, c.meter, c.quantity, &states, verdict))

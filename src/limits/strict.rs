@@ -18,24 +18,35 @@ use crate::usage::Origin;
 use crate::wal::RecordBuilder;
 use std::sync::atomic::Ordering;
 
-/// ARGV: field, quantity, then per key (limit or -1, local usage, expire-at or
-/// 0). Returns {1, total-before...} when allowed (and applied), or {0, index,
-/// total} for the first limit that refuses.
+/// KEYS: the windows, then (with reservations shared, issue 19) the
+/// customer's held total of the meter, which every limit must leave room for.
+/// ARGV: field, quantity, then per window (limit or -1, local usage, expire-at
+/// or 0). Returns {1, total-before..., held, held version} when allowed (and
+/// applied), or {0, index, total, held, held version} for the first limit that
+/// refuses.
 const STRICT_SCRIPT: &str = r"
 local field = ARGV[1]
 local q = tonumber(ARGV[2])
+local n = (#ARGV - 2) / 3
+local h, hv = 0, 0
+if KEYS[n + 1] then
+  local hh = redis.call('HMGET', KEYS[n + 1], 't', 'v')
+  h, hv = tonumber(hh[1] or '0'), tonumber(hh[2] or '0')
+end
 local before = {}
-for i, key in ipairs(KEYS) do
+for i = 1, n do
+  local key = KEYS[i]
   local limit = tonumber(ARGV[3 * i])
   local v = tonumber(ARGV[3 * i + 1])
   local old = tonumber(redis.call('HGET', key, field) or '0')
   local t = tonumber(redis.call('HGET', key, 't') or '0')
   if v > old then t = t + (v - old) end
   before[i] = t
-  if limit >= 0 and t + q > limit then return {0, i, t} end
+  if limit >= 0 and t + h + q > limit then return {0, i, t, h, hv} end
 end
 local out = {1}
-for i, key in ipairs(KEYS) do
+for i = 1, n do
+  local key = KEYS[i]
   local v = tonumber(ARGV[3 * i + 1])
   local exp = tonumber(ARGV[3 * i + 2])
   local old = tonumber(redis.call('HGET', key, field) or '0')
@@ -48,6 +59,8 @@ for i, key in ipairs(KEYS) do
   if exp > 0 then redis.call('PEXPIREAT', key, exp) end
   out[i + 1] = before[i]
 end
+out[n + 2] = h
+out[n + 3] = hv
 return out
 ";
 
@@ -98,8 +111,8 @@ impl LimitsPorts<'_> {
         invocation.arg(Keys::instance_field(self.instance_id)).arg(quantity);
         for (&i, key) in strict.iter().zip(&keys) {
             let limit = match states[i].limit.amount {
-                // Reservations (issue 19): this instance's holds are not available.
-                LimitAmount::Finite(l) => l.saturating_sub(states[i].held).max(0),
+                // Reservations (issue 19): the script leaves room for what is held.
+                LimitAmount::Finite(l) => l,
                 LimitAmount::Unlimited | LimitAmount::Credits { .. } => -1,
             };
             let own = self.reads.counters.windows.get(key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
@@ -113,6 +126,8 @@ impl LimitsPorts<'_> {
             let expire = crate::redis_link::keys::expire_at(key);
             invocation.key(redis.keys.window(name, &meter.name, key.kind, key.start_ms)).arg(limit).arg(own).arg(expire);
         }
+        // Reservations (issue 19): held over all instances, read in the script.
+        invocation.key(redis.keys.held(name, &meter.name));
         let mut conn = redis.conn();
         let answer_: Result<Vec<i64>, _> = redis.call("strict consume", invocation.invoke_async(&mut conn)).await;
         let reply = match answer_ {
@@ -128,14 +143,17 @@ impl LimitsPorts<'_> {
                 return Ok(answer(name, meter, quantity, &states, verdict));
             }
         };
+        let held_of = |at: usize| crate::holds::shared::Held { total: reply[at], version: reply[at + 1] };
         match reply.first() {
-            Some(1) if reply.len() == strict.len() + 1 => {
+            Some(1) if reply.len() == strict.len() + 3 => {
                 for (n, &i) in strict.iter().enumerate() {
                     states[i].used = reply[n + 1];
                 }
+                self.note_held(customer, meter, &mut states, held_of(strict.len() + 1));
             }
-            Some(0) if reply.len() == 3 => {
+            Some(0) if reply.len() == 5 => {
                 let (index, total) = (usize::try_from(reply[1] - 1).unwrap_or(0), reply[2]);
+                self.note_held(customer, meter, &mut states, held_of(3));
                 if let Some(&i) = strict.get(index) {
                     states[i].used = total;
                 }
@@ -215,6 +233,22 @@ impl LimitsPorts<'_> {
         }
         crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
         Ok(answer(name, meter, quantity, &states, verdict))
+    }
+
+    /// Reservations (issue 19): a held total Redis answered, for the book and
+    /// the answer.
+    pub(super) fn note_held(
+        &self,
+        customer: crate::counters::CustomerId,
+        meter: &Meter,
+        states: &mut [LimitState],
+        held: crate::holds::shared::Held,
+    ) {
+        self.reads.holds.set_shared(customer, meter.id, held);
+        let now = self.reads.holds.held(customer, meter.id);
+        for s in states {
+            s.held = now;
+        }
     }
 
     /// A refused consume: nothing recorded, the id released.

@@ -62,6 +62,30 @@ impl Keys {
         format!("{}{{{customer}}}:credits:{meter}", self.prefix)
     }
 
+    // Reservations across instances (issue 19).
+    /// `P{C}:r:<id>`: one reservation (a hash: meter, quantity, status, ...).
+    pub fn reservation(&self, customer: &str, id: &str) -> String {
+        format!("{}{{{customer}}}:r:{id}", self.prefix)
+    }
+
+    /// `Pres:<id>`: the customer a reservation id belongs to (settle, release
+    /// and get name only the id).
+    pub fn reservation_owner(&self, id: &str) -> String {
+        format!("{}res:{id}", self.prefix)
+    }
+
+    /// `P{C}:held:<meter>`: what the customer's reservations hold of `meter`
+    /// over all instances (`t`) and the version of that total (`v`).
+    pub fn held(&self, customer: &str, meter: &str) -> String {
+        format!("{}{{{customer}}}:held:{meter}", self.prefix)
+    }
+
+    /// `P{index}:hold_expiry`: reservations by expiry (a sorted set; member: the
+    /// JSON `[customer, meter, id]`, score: `expires_at` ms).
+    pub fn hold_expiry(&self) -> String {
+        format!("{}{{index}}:hold_expiry", self.prefix)
+    }
+
     /// `Palive`: present while Redis keeps its data (see `sync::counters`).
     pub fn alive(&self) -> String {
         format!("{}alive", self.prefix)
@@ -114,6 +138,8 @@ mod tests {
         assert_eq!(keys.customer_of("m:{u_42}:ent").as_deref(), Some("u_42"));
         assert_eq!(keys.customer_of("m:{u_42}:w:calls:day:0"), None);
         assert_eq!(keys.customer_of("other:{u_42}:ent"), None);
+        assert_eq!(keys.reservation("u_42", "iv-1"), "m:{u_42}:r:iv-1");
+        assert_eq!(keys.held("u_42", "calls"), "m:{u_42}:held:calls");
         assert_eq!(keys.event_id(255), "m:id:000000000000000000000000000000ff");
     }
 }

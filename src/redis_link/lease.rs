@@ -51,8 +51,10 @@ use dashmap::DashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// ARGV: instance id, ttl ms, mode (`take` | `renew` | `return`), then per key
-/// (limit, own usage, wanted cap, expire-at ms or 0). Every mode first raises
+/// KEYS: the windows, then optionally the customer's held total of the meter
+/// (reservations, issue 19: a slice is granted only out of quota nothing
+/// holds). ARGV: instance id, ttl ms, mode (`take` | `renew` | `return`),
+/// then per window (limit, own usage, wanted cap, expire-at ms or 0). Every mode first raises
 /// the instance's part to its usage (as a sync push would). Replies:
 /// `{1, ttl, cap, total, part, ...}` per key; `{0, index, total}` when a take
 /// is refused (the requester's caps on these keys are returned) or a renewal
@@ -70,7 +72,12 @@ end
 if mode == 'take' and recovering() then return {2} end
 local pf, cf, xf, uf = 'i:' .. me, 'c:' .. me, 'x:' .. me, 'u:' .. me
 local plan = {}
-for i, key in ipairs(KEYS) do
+local n = (#ARGV - 3) / 4
+-- Reservations (issue 19): what is held over all instances is not free.
+local hk = 0
+if KEYS[n + 1] then hk = tonumber(redis.call('HGET', KEYS[n + 1], 't') or '0') end
+for i = 1, n do
+  local key = KEYS[i]
   local b = 4 * i
   local limit, v, want, exp = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   local h = redis.call('HGETALL', key)
@@ -108,7 +115,7 @@ for i, key in ipairs(KEYS) do
   local floor = mine
   if (exps[me] or 0) > now and (caps[me] or 0) > floor then floor = caps[me] end
   plan[i] = {key = key, limit = limit, mine = mine, want = want, floor = floor, t = t, held = held, holders = holders,
-             free = limit - (t - mine) - held - floor, valid = (exps[me] or 0) > now, missing = caps[me] == nil,
+             free = limit - (t - mine) - held - floor - hk, valid = (exps[me] or 0) > now, missing = caps[me] == nil,
              u = unrep[me] or 0}
 end
 local out = {1, ttl}
@@ -242,12 +249,24 @@ pub enum LeaseReply {
 }
 
 /// Runs the lease script on `keys` (one customer's windows: one hash slot).
-pub async fn call(redis: &Redis, instance_id: &str, mode: LeaseMode, ttl_ms: i64, keys: &[LeaseKey]) -> Result<LeaseReply, RedisError> {
+/// `held_key`: the customer's held total of the meter (`Keys::held`), which a
+/// take leaves room for.
+pub async fn call(
+    redis: &Redis,
+    instance_id: &str,
+    mode: LeaseMode,
+    ttl_ms: i64,
+    keys: &[LeaseKey],
+    held_key: Option<&str>,
+) -> Result<LeaseReply, RedisError> {
     let mut invocation = LEASE.prepare_invoke();
     invocation.arg(instance_id).arg(ttl_ms).arg(mode.as_str());
     for k in keys {
         let (value, want) = (super::exact(k.value, "usage")?, super::exact(k.want, "usage")?);
         invocation.key(&k.redis_key).arg(super::exact(k.limit, "limit")?).arg(value).arg(want).arg(k.expire_at);
+    }
+    if let Some(k) = held_key {
+        invocation.key(k);
     }
     let mut conn = redis.conn();
     let reply: Vec<i64> = redis.call("lease", invocation.invoke_async(&mut conn)).await?;

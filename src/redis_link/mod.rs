@@ -1,7 +1,7 @@
 //! The connection to Redis (one server or a Redis Cluster) and the key layout
 //! every instance shares. Background tasks (the counter syncer, the entitlement
 //! listener) and the few request-path calls (strict limits, cross-instance
-//! dedupe, an entitlement miss) go through one [`Redis`] handle, which also keeps
+//! dedupe, an entitlement miss, reservations) go through one [`Redis`] handle, which also keeps
 //! the "is Redis reachable" state that `/readyz` and a gauge report.
 //!
 //! **Key layout** (documented in docs/operations.md so an application may write
@@ -13,6 +13,10 @@
 //! | `P{C}:ent` | hash | `doc`: the entitlements JSON (as `PUT .../entitlements` takes it) |
 //! | `P{index}:customers` | set | every customer with an `ent` hash |
 //! | `P{C}:w:<meter>:<window>:<start_ms>` | hash | `t`: the window total over all instances; `i:<instance>`: each instance's part; `c:<instance>`, `x:<instance>`: a `leased` slice's cap and expiry (see `lease`) |
+//! | `P{C}:r:<id>` | hash | one reservation (issue 19): `m` meter, `q` quantity, `e` expires-at ms (0: an allocation), `s` status, `sq` settled quantity, `c` created ms, `f` finished ms, `i` the instance that took it; expires a day after it finished (or after its expiry) |
+//! | `Pres:<id>` | string | the customer reservation `id` belongs to (expires with the reservation) |
+//! | `P{C}:held:<meter>` | hash | `t`: what the customer's reservations hold of the meter over all instances; `v`: its version (Redis time µs, rising) |
+//! | `P{index}:hold_expiry` | sorted set | `[customer, meter, id]` (JSON) by `expires_at`: the expiry task's index (a hint: the reservation's own hash decides) |
 //! | `Palive` | string | set by every sync round if missing: its absence tells the syncers Redis lost its data |
 //! | `Pid:<hex>` | string | an event id seen by some instance (expires after `dedupe_window`) |
 //! | channel `Pentitlements` | pub/sub | a customer id whose entitlements changed |

@@ -11,6 +11,12 @@
 //! the WAL, folded through the usage seam), then finishes the reservation; a
 //! crash between the two is repaired by the retry, which finds the id already
 //! used and records nothing more.
+//!
+//! With Redis the reservations and held totals live there instead (see
+//! [`shared`]): holds count on every instance and any instance settles,
+//! releases or expires them.
+
+mod shared;
 
 use crate::counters::{CustomerId, Usage};
 use crate::dedupe::hash_id;
@@ -232,6 +238,9 @@ impl ReservationPorts<'_> {
         if quantity <= 0 {
             return Err(invalid("quantity", "must be positive"));
         }
+        if let Some(redis) = self.shared() {
+            return self.reserve_shared(redis, &req, meter, quantity).await;
+        }
         if let Some(answer) = self.repeated(&req, meter, quantity)? {
             return Ok(answer);
         }
@@ -324,7 +333,10 @@ impl ReservationPorts<'_> {
     }
 
     /// `GET /v1/reservations/{id}`.
-    pub fn get(&self, id: &str) -> Result<ReservationAnswer, ReservationError> {
+    pub async fn get(&self, id: &str) -> Result<ReservationAnswer, ReservationError> {
+        if let Some(redis) = self.shared() {
+            return self.get_shared(redis, id).await;
+        }
         let r = self.holds.get(id).ok_or_else(|| ReservationError::NotFound(id.to_string()))?;
         Ok(self.view(&r))
     }
@@ -333,6 +345,9 @@ impl ReservationPorts<'_> {
     /// the reservation's id and releases the hold. Settled already: the first
     /// result, nothing recorded.
     pub async fn settle(&self, id: &str, req: SettleRequest) -> Result<ReservationAnswer, ReservationError> {
+        if let Some(redis) = self.shared() {
+            return self.settle_shared(redis, id, req).await;
+        }
         let r = self.holds.get(id).ok_or_else(|| ReservationError::NotFound(id.to_string()))?;
         let meter = self.meter(&r.meter)?;
         let quantity = match &req.quantity_text {
@@ -359,16 +374,19 @@ impl ReservationPorts<'_> {
             return Err(ReservationError::Unavailable(reason));
         }
         if quantity > 0 {
-            self.record(&r, customer, meter, quantity, ts, now).await?;
+            self.record(&r, customer, meter, quantity, ts, now, None).await?;
         }
         let done = self.holds.finish(id, Status::Settled, Some(quantity), now_ms())?;
         crate::telemetry::hold_status(Status::Settled.as_str());
         Ok(self.view(&done.unwrap_or(r)))
     }
 
-    /// Records a settle's usage like a consume: the id claimed, the WAL
-    /// written, the usage folded through the seam. An id already used (a
-    /// settle that crashed after recording) records nothing more.
+    /// Records a settle's usage like a consume: the id claimed (with Redis:
+    /// also in the shared dedupe claim, as events' ids are), the WAL written,
+    /// the usage folded through the seam. An id already used (a settle that
+    /// crashed after recording, or one recorded on another instance) records
+    /// nothing more.
+    #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
         r: &Reservation,
@@ -377,11 +395,26 @@ impl ReservationPorts<'_> {
         raw: i64,
         ts: i64,
         now: i64,
+        redis: Option<&crate::redis_link::Redis>,
     ) -> Result<(), ReservationError> {
         let id_hash = hash_id(&r.id);
         if !self.limits.deduper.insert(id_hash, now) {
             tracing::info!(id = %r.id, "a settle's usage was recorded before; nothing more is recorded");
             return Ok(());
+        }
+        if let Some(redis) = redis {
+            match crate::ingest::shared_dedupe::claim(redis, self.limits.instance_id, &[id_hash], self.limits.dedupe_window_ms).await {
+                // Recorded by another instance: the id stays used here too.
+                Ok(new) if new.first() == Some(&false) => {
+                    tracing::info!(id = %r.id, "a settle's usage was recorded on another instance; nothing more is recorded");
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.limits.deduper.remove(id_hash);
+                    return Err(ReservationError::Unavailable(format!("could not claim the settle's id in redis: {e}")));
+                }
+            }
         }
         let mut b = RecordBuilder::new(now, 1);
         b.push::<&str, &str>(id_hash, customer, &r.customer, meter.id, &meter.name, raw, ts, &[]);
@@ -401,6 +434,9 @@ impl ReservationPorts<'_> {
     /// `POST /v1/reservations/{id}/release`: the hold is released, nothing is
     /// recorded. A reservation no longer held is answered as it stands.
     pub async fn release(&self, id: &str) -> Result<ReservationAnswer, ReservationError> {
+        if let Some(redis) = self.shared() {
+            return self.release_shared(redis, id).await;
+        }
         self.finish(id, Status::Released).await
     }
 
@@ -420,6 +456,9 @@ impl ReservationPorts<'_> {
     /// Releases every hold whose expiry passed (also those that passed while
     /// meterd was down) and forgets old finished reservations.
     pub async fn expire(&self, now: i64) -> Result<usize, ReservationError> {
+        if let Some(redis) = self.shared() {
+            return self.expire_shared(redis, now).await;
+        }
         let due = self.holds.due(now);
         let n = due.len();
         for (id, _, _) in due {

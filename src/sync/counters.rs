@@ -189,6 +189,14 @@ impl CounterSync {
         let round_ms = now_ms();
         let (by_customer, pending_keys, pending_units) = self.collect(engine, all);
         crate::telemetry::redis_pending(pending_keys, pending_units);
+        // Reservations (issue 19): the held totals of every (customer, meter)
+        // pushed or checked this round are read back too.
+        let held_pairs: Vec<(CustomerId, crate::model::MeterId)> = {
+            let mut pairs: Vec<_> = by_customer.values().flatten().map(|p| (p.key.customer, p.key.meter)).collect();
+            pairs.sort_unstable();
+            pairs.dedup();
+            pairs
+        };
         let calls: Vec<Vec<Push>> = if matches!(self.redis.conn(), crate::redis_link::Conn::Cluster(_)) {
             by_customer.into_values().collect()
         } else {
@@ -217,6 +225,9 @@ impl CounterSync {
                 Ok(Err(e)) => failure = Some(SyncError::from(e)),
                 Err(e) => failure = Some(SyncError::Task(e.to_string())),
             }
+        }
+        if let Err(e) = pull_held(engine, &self.redis, &held_pairs).await {
+            failure = Some(SyncError::Task(e.to_string()));
         }
         // Shared `max` / `latest` windows (issue 16).
         if let Err(e) = super::gauges::sync(engine, all, round_ms).await {
@@ -266,6 +277,49 @@ impl CounterSync {
         }
         Ok(())
     }
+}
+
+/// Reads the held totals of `pairs` (reservations, issue 19) into the hold
+/// book: one pipelined read per [`KEYS_PER_CALL`] pairs, [`CALLS_IN_FLIGHT`]
+/// at once.
+pub async fn pull_held(
+    engine: &Arc<Engine>,
+    redis: &Redis,
+    pairs: &[(CustomerId, crate::model::MeterId)],
+) -> Result<(), crate::holds::shared::SharedError> {
+    if !engine.holds().is_shared() || pairs.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<(CustomerId, crate::model::MeterId, Arc<str>, String)> = pairs
+        .iter()
+        .filter_map(|&(c, m)| {
+            Some((c, m, engine.counters().interner.name(c)?, engine.catalog().meters().get(usize::from(m))?.name.clone()))
+        })
+        .collect();
+    let mut chunks = names.chunks(KEYS_PER_CALL).map(<[_]>::to_vec);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut failure = None;
+    loop {
+        while tasks.len() < CALLS_IN_FLIGHT {
+            let Some(chunk) = chunks.next() else { break };
+            let (engine, redis) = (engine.clone(), redis.clone());
+            tasks.spawn(async move {
+                let asked: Vec<(&str, &str)> = chunk.iter().map(|(_, _, c, m)| (&**c, m.as_str())).collect();
+                let held = crate::holds::shared::read_held(&redis, &asked).await?;
+                for ((c, m, _, _), h) in chunk.iter().zip(held) {
+                    engine.holds().set_shared(*c, *m, h.unwrap_or_default());
+                }
+                Ok::<(), crate::holds::shared::SharedError>(())
+            });
+        }
+        let Some(joined) = tasks.join_next().await else { break };
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(crate::holds::shared::SharedError::Redis(RedisError::Unexpected(e.to_string()))),
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 /// Pushes every `interval` until shutdown, then once more.

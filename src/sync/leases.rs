@@ -56,7 +56,7 @@ pub async fn maintain(engine: &Engine, redis: &Redis, closing: bool) {
         let value = engine.counters().windows.get(&key, |c| c.value.load(Ordering::Acquire)).unwrap_or(0);
         let wanted = LeaseKey { redis_key: cap.redis_key.clone(), limit: cap.limit, value, want: cap.cap, expire_at: cap.expire_at };
         let sent = Instant::now();
-        match lease::call(redis, engine.instance_id(), mode, ttl_ms, std::slice::from_ref(&wanted)).await {
+        match lease::call(redis, engine.instance_id(), mode, ttl_ms, std::slice::from_ref(&wanted), None).await {
             Ok(LeaseReply::Granted { ttl_ms, windows }) => {
                 if mode == LeaseMode::Renew {
                     let (held, part, unreported) =

@@ -1,0 +1,482 @@
+//! Reservations (issue 19) across instances sharing a real Redis (a private
+//! `redis-server`, as in `tests/redis.rs`): a hold taken on one instance
+//! counts on the other (`strict`: at once, in the script; `cached`: once the
+//! sync round or the stale refresh read it), is settled there exactly once
+//! (store totals exact, a second settle answers the first result) or released
+//! there; racing reservations on two instances never hold past a strict hard
+//! limit; expiry with two instances running the task releases each hold once.
+//! A hold survives its instance's SIGKILL (it lives in Redis): another
+//! instance settles it and expires it meanwhile. Records expire (nothing
+//! grows forever). Without `redis-server` skipped with a note, or failed under
+//! `METERD_TEST_REQUIRE_SERVICES`.
+
+mod common;
+
+use common::redis_server::RedisServer;
+use common::require::need;
+use common::{away_from_day_boundary, now_ms, rfc3339, Client, Resp, TestServer, DAY};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const PLANS: &str = r#"
+[[meters]]
+name = "minutes"
+aggregation = "sum"
+
+[[meters]]
+name = "gpu"
+aggregation = "sum"
+
+[[meters]]
+name = "tokens"
+aggregation = "sum"
+
+[[meters]]
+name = "prepaid"
+aggregation = "sum"
+
+[[plans]]
+name = "p"
+default = true
+[plans.limits]
+minutes = { limit = 100, window = "month" }
+gpu = { limit = 100, window = "month", enforcement = "strict" }
+tokens = { limit = 100, window = "month", enforcement = "leased" }
+prepaid = { limit = "credits" }
+"#;
+
+/// Sync interval of the instances.
+const SYNC: Duration = Duration::from_millis(50);
+
+fn config(urls: &str, instance: &str) -> String {
+    format!(
+        "[server]\ninstance_id = \"{instance}\"\n[storage]\ndurability = \"fsync\"\nflush_interval = \"200ms\"\n\
+         [redis]\nurls = [{urls}]\nsync_interval = \"50ms\"\ntimeout = \"500ms\"\n{PLANS}"
+    )
+}
+
+async fn two(urls: &str, tag: &str) -> (TestServer, TestServer) {
+    (TestServer::start(&config(urls, &format!("{tag}-a"))).await, TestServer::start(&config(urls, &format!("{tag}-b"))).await)
+}
+
+async fn reserve(c: &Client, body: Value) -> Resp {
+    let r = c.post_json("/v1/reservations", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r
+}
+
+async fn settle(c: &Client, id: &str, body: Value) -> Resp {
+    c.post_json(&format!("/v1/reservations/{id}/settle"), &body).await
+}
+
+async fn release(c: &Client, id: &str) -> Resp {
+    c.post_json(&format!("/v1/reservations/{id}/release"), &json!({})).await
+}
+
+async fn check(c: &Client, customer: &str, meter: &str, quantity: i64) -> Value {
+    let r = c.check(&json!({"customer": customer, "meter": meter, "quantity": quantity})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body
+}
+
+async fn consume(c: &Client, customer: &str, meter: &str, quantity: i64, id: &str) -> Value {
+    let r = c.check(&json!({"customer": customer, "meter": meter, "quantity": quantity, "consume": true, "id": id})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body
+}
+
+fn numbers(v: &Value) -> (Value, Value, Value) {
+    (v["used"].clone(), v["held"].clone(), v["remaining"].clone())
+}
+
+/// What Redis holds of `meter` for `customer` over all instances.
+async fn redis_held(redis: &RedisServer, customer: &str, meter: &str) -> i64 {
+    let mut conn = redis.conn().await;
+    let t: Option<i64> =
+        redis::cmd("HGET").arg(format!("meterd:{{{customer}}}:held:{meter}")).arg("t").query_async(&mut conn).await.expect("hget");
+    t.unwrap_or(0)
+}
+
+/// The store total of `meter` for `customer` on one instance (its own SQLite).
+async fn store_total(s: &TestServer, customer: &str, meter: &str) -> f64 {
+    meterd::flush::flush_all(&s.app().engine).await.expect("flush");
+    let from = rfc3339((now_ms() - DAY).div_euclid(DAY) * DAY);
+    let to = rfc3339((now_ms() + DAY).div_euclid(DAY) * DAY);
+    let r = s.client().get(&format!("/v1/usage?meter={meter}&customer={customer}&from={from}&to={to}&granularity=day")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body["data"].as_array().expect("data").iter().filter_map(|p| p["value"].as_f64()).sum()
+}
+
+fn url_list(redis: &RedisServer) -> String {
+    format!("\"{}\"", redis.url())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_hold_counts_at_once_on_the_other_instance_and_is_released_there() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "strict").await;
+    let (ca, cb) = (a.client(), b.client());
+    let r = reserve(&ca, json!({"id": "s-1", "customer": "s1", "meter": "gpu", "quantity": 90, "expires_in": "1h"})).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    assert_eq!(numbers(&r.body), (json!(0), json!(90), json!(10)), "{}", r.text);
+    // B's strict consume is decided by the script, which reads the held total.
+    let denied = consume(&cb, "s1", "gpu", 11, "s1-c1").await;
+    assert_eq!(denied["allowed"], false, "{denied}");
+    assert_eq!(denied["held"], 90, "{denied}");
+    let allowed = consume(&cb, "s1", "gpu", 10, "s1-c2").await;
+    assert_eq!(allowed["allowed"], true, "{allowed}");
+    assert_eq!(numbers(&allowed), (json!(10), json!(90), json!(0)), "{allowed}");
+    // A's own strict consume sees it too.
+    assert_eq!(consume(&ca, "s1", "gpu", 1, "s1-c3").await["allowed"], false);
+    // Released on B: the quota is free on A at once.
+    let rel = release(&cb, "s-1").await;
+    assert_eq!(rel.status, 200, "{}", rel.text);
+    assert_eq!(rel.body["reservation"]["status"], "released", "{}", rel.text);
+    assert_eq!(redis_held(&redis, "s1", "gpu").await, 0);
+    let after = consume(&ca, "s1", "gpu", 90, "s1-c4").await;
+    assert_eq!(after["allowed"], true, "{after}");
+    assert_eq!(numbers(&after), (json!(100), json!(0), json!(0)), "{after}");
+    // A release again (on A) answers the reservation as it stands.
+    let again = release(&ca, "s-1").await;
+    assert_eq!(again.body["reservation"]["status"], "released", "{}", again.text);
+    assert_eq!(redis_held(&redis, "s1", "gpu").await, 0);
+    // GET on either instance finds it.
+    let g = ca.get("/v1/reservations/s-1").await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert_eq!(g.body["reservation"]["status"], "released", "{}", g.text);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_hold_counts_on_the_other_instance_within_the_staleness_bound() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "cached").await;
+    let (ca, cb) = (a.client(), b.client());
+    assert_eq!(numbers(&check(&cb, "c1", "minutes", 20).await), (json!(0), json!(0), json!(100)));
+    let r = reserve(&ca, json!({"id": "c-1", "customer": "c1", "meter": "minutes", "quantity": 90, "expires_in": "1h"})).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    // Totals are never older than two sync intervals when decided on.
+    tokio::time::sleep(SYNC * 3).await;
+    let seen = check(&cb, "c1", "minutes", 20).await;
+    assert_eq!(seen["allowed"], false, "{seen}");
+    assert_eq!(numbers(&seen), (json!(0), json!(90), json!(10)), "{seen}");
+    let row = cb.get("/v1/customers/c1/usage").await;
+    let row = row.body["meters"].as_array().and_then(|m| m.iter().find(|x| x["meter"] == "minutes").cloned()).unwrap_or(Value::Null);
+    assert_eq!(numbers(&row), (json!(0), json!(90), json!(10)), "{row}");
+    // Released on B: A sees the quota again after the same bound.
+    assert_eq!(release(&cb, "c-1").await.body["reservation"]["status"], "released");
+    tokio::time::sleep(SYNC * 3).await;
+    assert_eq!(numbers(&check(&ca, "c1", "minutes", 20).await), (json!(0), json!(0), json!(100)));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_taken_on_one_instance_is_settled_on_the_other_exactly_once() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "settle").await;
+    let (ca, cb) = (a.client(), b.client());
+    let r = reserve(&ca, json!({"id": "iv-9", "customer": "x1", "meter": "minutes", "quantity": 90, "expires_in": "2h"})).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    let done = settle(&cb, "iv-9", json!({"quantity": 60})).await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    assert_eq!(done.body["reservation"]["status"], "settled", "{}", done.text);
+    assert_eq!(done.body["reservation"]["settled_quantity"], 60, "{}", done.text);
+    // A second settle, on A and with another quantity, answers the first result.
+    let again = settle(&ca, "iv-9", json!({"quantity": 70})).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.body["reservation"]["settled_quantity"], 60, "{}", again.text);
+    let third = settle(&cb, "iv-9", json!({})).await;
+    assert_eq!(third.body["reservation"]["settled_quantity"], 60, "{}", third.text);
+    assert_eq!(redis_held(&redis, "x1", "minutes").await, 0);
+    // The usage is recorded once: B's store has it, A's has nothing.
+    assert_eq!(store_total(&b, "x1", "minutes").await, 60.0);
+    assert_eq!(store_total(&a, "x1", "minutes").await, 0.0);
+    // And both instances count it once after a sync.
+    tokio::time::sleep(SYNC * 3).await;
+    for c in [&ca, &cb] {
+        assert_eq!(numbers(&check(c, "x1", "minutes", 1).await), (json!(60), json!(0), json!(40)));
+    }
+    // A released reservation cannot be settled anywhere.
+    reserve(&cb, json!({"id": "iv-10", "customer": "x1", "meter": "minutes", "quantity": 5, "expires_in": "2h"})).await;
+    assert_eq!(release(&ca, "iv-10").await.status, 200);
+    assert_eq!(settle(&cb, "iv-10", json!({"quantity": 5})).await.status, 409);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_on_the_other_instance_holds_nothing_more() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "idem").await;
+    let (ca, cb) = (a.client(), b.client());
+    let body = json!({"id": "dup-1", "customer": "d1", "meter": "gpu", "quantity": 30, "expires_in": "1h"});
+    assert_eq!(reserve(&ca, body.clone()).await.body["reservation"]["status"], "held");
+    let r = reserve(&cb, body.clone()).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    assert_eq!(redis_held(&redis, "d1", "gpu").await, 30);
+    let other = cb.post_json("/v1/reservations", &json!({"id": "dup-1", "customer": "d2", "meter": "gpu", "quantity": 30})).await;
+    assert_eq!(other.status, 409, "{}", other.text);
+    let other = cb.post_json("/v1/reservations", &json!({"id": "dup-1", "customer": "d1", "meter": "gpu", "quantity": 31})).await;
+    assert_eq!(other.status, 409, "{}", other.text);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_reservations_on_two_instances_never_over_hold_a_strict_limit() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "race").await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for (n, c) in [a.client(), b.client()].into_iter().cycle().take(16).enumerate() {
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut held = 0;
+            for k in 0..5 {
+                let body = json!({"id": format!("r-{n}-{k}"), "customer": "r1", "meter": "gpu", "quantity": 3});
+                let r = c.post_json("/v1/reservations", &body).await;
+                assert_eq!(r.status, 200, "{}", r.text);
+                if r.body["reservation"]["status"] == "held" {
+                    held += 1;
+                }
+            }
+            held
+        }));
+    }
+    let mut held = 0;
+    for t in tasks {
+        held += t.await.expect("task");
+    }
+    // 80 asked for 3 each against 100: exactly 33 fit.
+    assert_eq!(held, 33);
+    assert_eq!(redis_held(&redis, "r1", "gpu").await, 99);
+    let c = consume(&a.client(), "r1", "gpu", 2, "r1-c").await;
+    assert_eq!(c["allowed"], false, "{c}");
+    assert_eq!(consume(&b.client(), "r1", "gpu", 1, "r1-d").await["allowed"], true);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_reservations_and_leased_consumes_never_pass_the_limit() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "lease").await;
+    // No slice is granted while the new server is up less than two lease ttls.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+    let mut tasks = Vec::new();
+    for (n, c) in [a.client(), b.client()].into_iter().cycle().take(8).enumerate() {
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let (mut held, mut used) = (0, 0);
+            for k in 0..30 {
+                if (n + k) % 3 == 0 {
+                    let body = json!({"id": format!("l-{n}-{k}"), "customer": "l1", "meter": "tokens", "quantity": 4});
+                    let r = c.post_json("/v1/reservations", &body).await;
+                    assert_eq!(r.status, 200, "{}", r.text);
+                    if r.body["reservation"]["status"] == "held" {
+                        held += 4;
+                    }
+                } else {
+                    let r = c
+                        .check(&json!({"customer": "l1", "meter": "tokens", "quantity": 1, "consume": true, "id": format!("lc-{n}-{k}")}))
+                        .await;
+                    assert_eq!(r.status, 200, "{}", r.text);
+                    if r.body["allowed"] == true {
+                        used += 1;
+                    }
+                }
+            }
+            (held, used)
+        }));
+    }
+    let (mut held, mut used) = (0, 0);
+    for t in tasks {
+        let (h, u) = t.await.expect("task");
+        held += h;
+        used += u;
+    }
+    assert!(held > 0 && used > 0, "held {held}, used {used}");
+    assert!(held + used <= 100, "held {held} + used {used} passed the limit of 100");
+    assert_eq!(redis_held(&redis, "l1", "tokens").await, held);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_with_two_instances_releases_each_hold_once() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "expiry").await;
+    let (ca, cb) = (a.client(), b.client());
+    // An allocation stays; twenty short holds, taken on both, expire.
+    reserve(&ca, json!({"id": "seat-1", "customer": "e1", "meter": "gpu", "quantity": 5})).await;
+    for k in 0..20 {
+        let c = if k % 2 == 0 { &ca } else { &cb };
+        let r = reserve(c, json!({"id": format!("e-{k}"), "customer": "e1", "meter": "gpu", "quantity": 4, "expires_in": "1s"})).await;
+        assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    }
+    assert_eq!(redis_held(&redis, "e1", "gpu").await, 85);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Released once each: a second release of any would take the total below 5.
+    assert_eq!(redis_held(&redis, "e1", "gpu").await, 5);
+    for k in 0..20 {
+        let c = if k % 2 == 0 { &cb } else { &ca };
+        let g = c.get(&format!("/v1/reservations/e-{k}")).await;
+        assert_eq!(g.body["reservation"]["status"], "expired", "{}", g.text);
+    }
+    assert_eq!(cb.get("/v1/reservations/seat-1").await.body["reservation"]["status"], "held");
+    let c = consume(&cb, "e1", "gpu", 95, "e1-c").await;
+    assert_eq!(c["allowed"], true, "{c}");
+    assert_eq!(numbers(&c), (json!(95), json!(5), json!(0)), "{c}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_work_across_instances_on_a_redis_cluster() {
+    let cluster = need!(common::redis_server::RedisCluster::start().await);
+    away_from_day_boundary().await;
+    let urls = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+    let (a, b) = two(&urls, "cluster").await;
+    let (ca, cb) = (a.client(), b.client());
+    let r = reserve(&ca, json!({"id": "k-1", "customer": "k1", "meter": "gpu", "quantity": 90, "expires_in": "1s"})).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    assert_eq!(consume(&cb, "k1", "gpu", 11, "k1-c1").await["allowed"], false);
+    let done = settle(&cb, "k-1", json!({"quantity": 50})).await;
+    assert_eq!(done.body["reservation"]["settled_quantity"], 50, "{}", done.text);
+    assert_eq!(settle(&ca, "k-1", json!({"quantity": 1})).await.body["reservation"]["settled_quantity"], 50);
+    let c = consume(&ca, "k1", "gpu", 50, "k1-c2").await;
+    assert_eq!(numbers(&c), (json!(100), json!(0), json!(0)), "{c}");
+    reserve(&cb, json!({"id": "k-2", "customer": "k1", "meter": "minutes", "quantity": 7, "expires_in": "1s"})).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(ca.get("/v1/reservations/k-2").await.body["reservation"]["status"], "expired");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_settles_on_two_instances_record_once_and_answer_alike() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "settlerace").await;
+    let (ca, cb) = (a.client(), b.client());
+    for k in 0..10 {
+        let id = format!("sr-{k}");
+        reserve(&ca, json!({"id": id, "customer": "sr", "meter": "minutes", "quantity": 9, "expires_in": "1h"})).await;
+        let (ra, rb) = tokio::join!(settle(&ca, &id, json!({"quantity": 4})), settle(&cb, &id, json!({"quantity": 5})));
+        assert!(ra.status == 200 && rb.status == 200, "{} / {}", ra.text, rb.text);
+        let (qa, qb) = (&ra.body["reservation"]["settled_quantity"], &rb.body["reservation"]["settled_quantity"]);
+        assert_eq!(qa, qb, "both settles answer the first result");
+        assert!(qa == &json!(4) || qa == &json!(5), "{qa}");
+    }
+    // Each usage recorded once, on one of the two: the stores together hold
+    // exactly the settled quantities.
+    let mut expected = 0.0;
+    for k in 0..10 {
+        let g = ca.get(&format!("/v1/reservations/sr-{k}")).await;
+        expected += g.body["reservation"]["settled_quantity"].as_f64().expect("settled");
+    }
+    let total = store_total(&a, "sr", "minutes").await + store_total(&b, "sr", "minutes").await;
+    assert_eq!(total, expected);
+    assert_eq!(redis_held(&redis, "sr", "minutes").await, 0);
+    // Nothing grows forever: the finished records, their owners and the
+    // emptied held total all expire.
+    let mut conn = redis.conn().await;
+    for key in ["meterd:{sr}:r:sr-0", "meterd:res:sr-0", "meterd:{sr}:held:minutes"] {
+        let ttl: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await.expect("pttl");
+        assert!(ttl > 0 && ttl <= 86_400_000, "{key} expires: {ttl}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_survives_its_instance_sigkill_and_is_settled_and_expired_elsewhere() {
+    use common::process::{free_port, spawn, wait_healthy};
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let path = dir.path().join("meterd.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\ninstance_id = \"kill-a\"\n[storage]\ndata_dir = {:?}\ndurability = \"fsync\"\n\
+         flush_interval = \"150ms\"\n[redis]\nurl = \"{}\"\nsync_interval = \"50ms\"\ntimeout = \"500ms\"\n{PLANS}",
+        dir.path().join("data").display().to_string(),
+        redis.url()
+    );
+    std::fs::write(&path, text).expect("write config");
+    let ca = Client { addr, token: None };
+    let mut p = spawn(&path, dir.path().join("run1.log"));
+    wait_healthy(&mut p, addr).await;
+    let b = TestServer::start(&config(&url_list(&redis), "kill-b")).await;
+    let cb = b.client();
+    for body in [
+        json!({"id": "k-iv", "customer": "kk", "meter": "gpu", "quantity": 90, "expires_in": "1h"}),
+        json!({"id": "k-short", "customer": "kk", "meter": "minutes", "quantity": 30, "expires_in": "1s"}),
+    ] {
+        let r = reserve(&ca, body).await;
+        assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    }
+    p.child.kill().expect("SIGKILL");
+    p.wait_exit(Duration::from_secs(10)).await;
+    // The hold still counts: B's strict consume cannot take it.
+    assert_eq!(consume(&cb, "kk", "gpu", 11, "kk-c1").await["allowed"], false);
+    // B settles A's hold, and its own expiry task releases A's short one.
+    let done = settle(&cb, "k-iv", json!({"quantity": 60})).await;
+    assert_eq!(done.body["reservation"]["settled_quantity"], 60, "{}", done.text);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(cb.get("/v1/reservations/k-short").await.body["reservation"]["status"], "expired");
+    assert_eq!(redis_held(&redis, "kk", "minutes").await, 0);
+    assert_eq!(redis_held(&redis, "kk", "gpu").await, 0);
+    let c = consume(&cb, "kk", "gpu", 40, "kk-c2").await;
+    assert_eq!(numbers(&c), (json!(100), json!(0), json!(0)), "{c}");
+    // A again: the settle answers the first result; the usage is B's, once.
+    let mut p = spawn(&path, dir.path().join("run2.log"));
+    wait_healthy(&mut p, addr).await;
+    let again = settle(&ca, "k-iv", json!({"quantity": 70})).await;
+    assert_eq!(again.body["reservation"]["settled_quantity"], 60, "{}", again.text);
+    assert_eq!(store_total(&b, "kk", "gpu").await, 100.0);
+    p.sigterm();
+    p.wait_exit(Duration::from_secs(20)).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_on_a_credit_balance_is_not_spendable_on_the_other_instance() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "credits").await;
+    let (ca, cb) = (a.client(), b.client());
+    let r = ca.post_json("/v1/customers/cr/grants", &json!({"id": "topup", "meter": "prepaid", "amount": 100})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = cb.get("/v1/customers/cr/balances").await;
+        let granted = r.body["balances"].as_array().and_then(|b| b.iter().find(|x| x["meter"] == "prepaid").map(|x| x["granted"].clone()));
+        if granted == Some(json!(100)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "B never saw the grant: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = reserve(&ca, json!({"id": "cr-1", "customer": "cr", "meter": "prepaid", "quantity": 90, "expires_in": "1h"})).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    // B's hard credits consume is taken in Redis, which reads the held total.
+    let c = consume(&cb, "cr", "prepaid", 20, "cr-c1").await;
+    assert_eq!(c["allowed"], false, "{c}");
+    assert_eq!(consume(&cb, "cr", "prepaid", 10, "cr-c2").await["allowed"], true);
+    a.stop().await;
+    b.stop().await;
+}
