@@ -71,6 +71,10 @@ struct Entry {
     low_balance: Option<i64>,
     /// Usage of other instances charged here (with Redis), raw units.
     others: i64,
+    /// Taken in Redis by this instance's consumes and not yet folded here:
+    /// already in the totals Redis answers, so it is this instance's own, not
+    /// the others' (see [`CreditBook::learn_total`]).
+    pending: i64,
 }
 
 /// Every credit ledger, the grants' documents, the alert sink and totals.
@@ -169,7 +173,7 @@ impl CreditBook {
         let slot = self
             .ledgers
             .entry((customer, meter))
-            .or_insert_with(|| Mutex::new(Entry { ledger: Ledger::new(), low_balance: None, others: 0 }))
+            .or_insert_with(|| Mutex::new(Entry { ledger: Ledger::new(), low_balance: None, others: 0, pending: 0 }))
             .downgrade();
         let mut entry = slot.lock().unwrap_or_else(PoisonError::into_inner);
         f(&mut entry)
@@ -303,11 +307,20 @@ impl CreditBook {
         })
     }
 
+    /// A consume is about to take `quantity` in Redis (`+`), or the take
+    /// ended: refused, given back, or folded here (`-`).
+    pub fn taking(&self, customer: CustomerId, meter: MeterId, quantity: i64) {
+        self.with_entry(customer, meter, |e| e.pending = e.pending.saturating_add(quantity).max(0));
+    }
+
     /// With Redis: `total` is every instance's usage; what is not this
-    /// instance's and not charged yet is charged now.
+    /// instance's and not charged yet is charged now. This instance's own is
+    /// its folded usage plus what its consumes took in Redis and have not
+    /// folded yet: a sync answering between a consume's take and its fold must
+    /// not charge that quantity as the others' (it would be counted twice).
     pub fn learn_total(&self, customer: CustomerId, meter: MeterId, total: i64, now: i64) {
         let grew = self.with_entry(customer, meter, |e| {
-            let own = e.ledger.used().saturating_sub(e.others);
+            let own = e.ledger.used().saturating_sub(e.others).saturating_add(e.pending);
             let others = total.saturating_sub(own);
             if others > e.others {
                 e.ledger.charge(now, others - e.others);
@@ -404,5 +417,34 @@ impl UsageObserver for CreditBook {
         }
         self.publish(change.meter);
         self.recheck(change.customer, change.meter, crate::clock::now_ms(), change.origin.is_live());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sync answering between a consume's take in Redis and its fold here
+    /// sees the taken quantity in the total: it is this instance's own, not
+    /// the others' usage (it was once charged twice: a balance 30 too low).
+    #[test]
+    fn a_sync_between_take_and_fold_does_not_charge_the_take_as_others() {
+        let book = CreditBook::new(Arc::new(Catalog::new(Vec::new(), Vec::new(), 0)));
+        let (c, m) = (CustomerId::from(7u32), MeterId::from(0u16));
+        book.load_minute(c, m, 0, 100);
+        // The consume takes 30 in Redis; others have used 50 meanwhile.
+        book.taking(c, m, 30);
+        book.learn_total(c, m, 100 + 30 + 50, 0);
+        assert_eq!(book.shared_view(c, m, 0).2, 50, "others");
+        // The fold, then the take ends: nothing more is charged.
+        book.load_minute(c, m, 0, 30);
+        book.taking(c, m, -30);
+        book.learn_total(c, m, 180, 0);
+        assert_eq!(book.shared_view(c, m, 0), (-180, 130, 50));
+        // A take refused or given back leaves no trace.
+        book.taking(c, m, 20);
+        book.taking(c, m, -20);
+        book.learn_total(c, m, 190, 0);
+        assert_eq!(book.shared_view(c, m, 0).2, 60, "10 more of the others'");
     }
 }

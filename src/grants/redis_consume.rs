@@ -59,6 +59,8 @@ static UNTAKE: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|
 pub struct Taken {
     key: String,
     field: String,
+    customer: CustomerId,
+    meter: MeterId,
     quantity: i64,
     /// Every instance's usage before this take.
     total_before: i64,
@@ -100,29 +102,44 @@ pub async fn take(
     let mut invocation = TAKE.prepare_invoke();
     invocation.key(&key).key(redis.keys.held(name, &meter.name)).arg(&field).arg(own).arg(base).arg(quantity);
     let mut conn = redis.conn();
+    // Until it is folded here (or known not taken), the quantity is this
+    // instance's own in whatever total a sync learns meanwhile.
+    book.taking(customer, meter.id, quantity);
     let reply: Result<Vec<i64>, _> = redis.call("credits take", invocation.invoke_async(&mut conn)).await;
     match reply.as_deref() {
-        Ok([1, t]) => Outcome::Taken(Taken { key, field, quantity, total_before: *t }),
+        Ok([1, t]) => Outcome::Taken(Taken { key, field, customer, meter: meter.id, quantity, total_before: *t }),
         Ok([0, t]) => {
+            book.taking(customer, meter.id, -quantity);
             book.learn_total(customer, meter.id, *t, now);
             Outcome::Refused { balance: base.saturating_sub(*t) }
         }
-        Ok(other) => Outcome::Down(format!("redis credits script answered {other:?}")),
-        Err(e) => Outcome::Down(e.to_string()),
+        Ok(other) => {
+            book.taking(customer, meter.id, -quantity);
+            Outcome::Down(format!("redis credits script answered {other:?}"))
+        }
+        Err(e) => {
+            book.taking(customer, meter.id, -quantity);
+            Outcome::Down(e.to_string())
+        }
     }
 }
 
 /// After the consume was folded locally: charge what Redis said of the others.
-pub fn settle(book: &CreditBook, customer: CustomerId, meter: MeterId, taken: &Taken, now: i64) {
-    book.learn_total(customer, meter, taken.total_before.saturating_add(taken.quantity), now);
+pub fn settle(book: &CreditBook, taken: &Taken, now: i64) {
+    book.taking(taken.customer, taken.meter, -taken.quantity);
+    book.learn_total(taken.customer, taken.meter, taken.total_before.saturating_add(taken.quantity), now);
 }
 
 /// The WAL refused the consume: give the quantity back in Redis.
-pub async fn give_back(redis: &Redis, taken: &Taken) {
+pub async fn give_back(book: &CreditBook, redis: &Redis, taken: &Taken) {
     let mut invocation = UNTAKE.prepare_invoke();
     invocation.key(&taken.key).arg(&taken.field).arg(taken.quantity);
     let mut conn = redis.conn();
-    if let Err(e) = redis.call("credits give back", invocation.invoke_async::<i64>(&mut conn)).await {
+    let answer = redis.call("credits give back", invocation.invoke_async::<i64>(&mut conn)).await;
+    // Given back or not, it will never be folded here: if it stays in Redis
+    // the next sync charges it like the others' usage.
+    book.taking(taken.customer, taken.meter, -taken.quantity);
+    if let Err(e) = answer {
         tracing::warn!(error = %e, key = %taken.key, "a credits take could not be given back after the WAL refused it");
     }
 }

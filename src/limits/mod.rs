@@ -512,7 +512,7 @@ impl LimitsPorts<'_> {
                 Ok(seq) => seq,
                 Err(e) => {
                     if let Some((redis, t)) = &taken {
-                        crate::grants::redis_consume::give_back(redis, t).await;
+                        crate::grants::redis_consume::give_back(self.reads.credits, redis, t).await;
                     }
                     return Err(self.wal_refused(id_hash, e));
                 }
@@ -522,7 +522,7 @@ impl LimitsPorts<'_> {
                 s.used = s.used.saturating_add(quantity);
             }
             if let Some((_, t)) = &taken {
-                crate::grants::redis_consume::settle(self.reads.credits, customer, meter.id, t, now);
+                crate::grants::redis_consume::settle(self.reads.credits, t, now);
                 for s in states.iter_mut().filter(|s| s.limit.amount.is_credits()) {
                     let low = crate::credits::CreditBook::low_balance_of(std::slice::from_ref(&s.limit));
                     *s = self.reads.credit_state(Some(customer), meter, s.limit, low, now);

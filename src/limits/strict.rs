@@ -198,7 +198,7 @@ impl LimitsPorts<'_> {
                     tracing::warn!(error = %e, customer = %name, "a strict consume could not be given back in redis after the WAL refused it");
                 }
                 if let Some(t) = &taken {
-                    crate::grants::redis_consume::give_back(redis, t).await;
+                    crate::grants::redis_consume::give_back(self.reads.credits, redis, t).await;
                 }
                 self.deduper.remove(id_hash);
                 return Err(CheckError::Unavailable(format!("could not write the WAL: {e}")));
@@ -225,7 +225,7 @@ impl LimitsPorts<'_> {
         }
         if let Some(t) = &taken {
             // Prepaid credits (issue 18): the others' usage Redis answered.
-            crate::grants::redis_consume::settle(self.reads.credits, customer, meter.id, t, now);
+            crate::grants::redis_consume::settle(self.reads.credits, t, now);
             for s in states.iter_mut().filter(|s| s.limit.amount.is_credits()) {
                 let low = crate::credits::CreditBook::low_balance_of(std::slice::from_ref(&s.limit));
                 *s = self.reads.credit_state(Some(customer), meter, s.limit, low, now);
