@@ -215,6 +215,13 @@ pub static ROUTES: &[Route] = &[
             }),
         ],
     },
+    // The OpenAPI document (issue 21): no key, API listener only.
+    Route {
+        name: "openapi",
+        path: "/openapi.json",
+        ops: false,
+        methods: &[(Method::GET, |_, _, _| Box::pin(std::future::ready(Ok(handlers::openapi()))))],
+    },
     Route {
         name: "metrics",
         path: "/metrics",
@@ -399,7 +406,7 @@ mod tests {
         assert_eq!(ops, ["/metrics", "/healthz", "/readyz"]);
         for route in ROUTES {
             assert!(!route.methods.is_empty(), "{}", route.name);
-            assert_eq!(route.ops, !route.path.starts_with("/v1/"), "{}: the ops listener never serves the API", route.name);
+            assert!(!(route.ops && route.path.starts_with("/v1/")), "{}: the ops listener never serves the API", route.name);
         }
     }
 
