@@ -38,6 +38,7 @@ async fn server() -> TestServer {
     // SAFETY (edition 2021: not unsafe): set before any server of this test
     // binary reads them, to the same values by every test.
     std::env::set_var("METERD_OPENAPI_STRIPE_SECRET", STRIPE_SECRET);
+    std::env::set_var("METERD_OPENAPI_STRIPE_KEY", "sk_test_openapi_21");
     std::env::set_var("METERD_OPENAPI_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
     TestServer::start(CONFIG).await
 }
@@ -621,7 +622,9 @@ async fn real_answers_of_every_operation_match_the_document() {
     ok(&Call::new("POST", "/v1/notifications/{id}/redeliver", "/v1/notifications/ntf_nope/redeliver", None).send(&c, &doc).await, 404);
 
     // Stripe.
-    ok(&Call::new("GET", "/v1/stripe/status", "/v1/stripe/status", None).send(&c, &doc).await, 200);
+    let r = Call::new("GET", "/v1/stripe/status", "/v1/stripe/status", None).send(&c, &doc).await;
+    ok(&r, 200);
+    assert_eq!(r.body["enabled"], true, "reporting is configured: {}", r.text);
     let event = json!({"id": uid("evt"), "type": "invoice.paid", "created": now / 1000, "data": {"object": {}}}).to_string();
     let r = stripe_webhook(&anon, &doc, &event, Some(&stripe_signature(&event))).await;
     ok(&r, 200);
