@@ -33,9 +33,7 @@ fn error(e: AdjustError) -> ApiError {
             let message = e.to_string();
             invalid("quantity", message.trim_start_matches("quantity: "))
         }
-        e @ (AdjustError::Conflict(_) | AdjustError::Changed(_)) => {
-            ApiError { status: StatusCode::CONFLICT, code: "conflict", message: e.to_string(), details: None, retry_after: None }
-        }
+        e @ (AdjustError::Conflict(_) | AdjustError::Changed(_)) => ApiError::conflict(e.to_string()),
         AdjustError::Full => ApiError::unavailable("customer table is full", 60),
         AdjustError::Unavailable(reason) => ApiError::unavailable(reason, 1),
         AdjustError::Audit(e) => {

@@ -26,10 +26,6 @@ const PAGE_MAX: usize = 1000;
 /// The longest portal token asked for.
 const PORTAL_MAX_SECS: u64 = 30 * 86_400;
 
-fn invalid_signature(message: String) -> ApiError {
-    ApiError { code: "invalid_signature", ..ApiError::invalid_request(message) }
-}
-
 /// `POST /v1/webhooks/stripe`: authenticated by `Stripe-Signature`, not a key.
 pub async fn stripe_webhook(state: Arc<HttpState>, req: Request<RequestBody>) -> Resp {
     let Some(webhooks) = state.stripe_webhooks.clone() else {
@@ -46,7 +42,7 @@ pub async fn stripe_webhook(state: Arc<HttpState>, req: Request<RequestBody>) ->
         .map_err(|e| ApiError::unavailable(format!("webhook task failed: {e}"), 1))?;
     match outcome {
         Ok(outcome) => Ok(json(StatusCode::OK, &j!({"received": true, "applied": outcome == Outcome::Applied}))),
-        Err(WebhookError::Signature(e)) => Err(invalid_signature(e.to_string())),
+        Err(WebhookError::Signature(e)) => Err(ApiError::invalid_signature(e.to_string())),
         Err(WebhookError::Event(EventError::Json(m))) => Err(ApiError::invalid_json(format!("body is not valid JSON: {m}"))),
         Err(WebhookError::Event(e)) => Err(ApiError::invalid_request(format!("event: {e}"))),
         Err(e @ WebhookError::InFlight(_)) => Err(ApiError::unavailable(e.to_string(), 5)),

@@ -20,13 +20,7 @@ fn error(e: GrantError) -> ApiError {
         GrantError::Invalid(p) => {
             ApiError { details: Some(j!([{"field": p.field, "reason": p.reason}])), ..ApiError::invalid_request(p.to_string()) }
         }
-        GrantError::Conflict(id) => ApiError {
-            status: StatusCode::CONFLICT,
-            code: "conflict",
-            message: format!("grant {id:?} exists with another body"),
-            details: None,
-            retry_after: None,
-        },
+        GrantError::Conflict(id) => ApiError::conflict(format!("grant {id:?} exists with another body")),
         GrantError::NotFound(id) => ApiError::not_found(format!("no grant {id:?}")),
         GrantError::Full => ApiError::unavailable("customer table is full", 5),
         GrantError::Store(e) => {

@@ -6,6 +6,26 @@ use http_body_util::Full;
 use hyper::{header, Response, StatusCode};
 use serde::Serialize;
 
+/// Every error code the API answers with, and its status: the `Error` schema of
+/// `docs/openapi.json` lists exactly these (tests/openapi.rs).
+pub const CODES: &[(&str, u16)] = &[
+    ("invalid_json", 400),
+    ("invalid_event", 400),
+    ("invalid_request", 400),
+    ("invalid_signature", 400),
+    ("unauthorized", 401),
+    ("forbidden", 403),
+    ("not_found", 404),
+    ("method_not_allowed", 405),
+    ("request_timeout", 408),
+    ("conflict", 409),
+    ("payload_too_large", 413),
+    ("unsupported_media_type", 415),
+    ("rate_limited", 429),
+    ("internal", 500),
+    ("unavailable", 503),
+];
+
 /// Every error the API answers with.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{code}: {message}")]
@@ -19,6 +39,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        debug_assert!(CODES.contains(&(code, status.as_u16())), "{code} {status} is not in CODES");
         ApiError { status, code, message: message.into(), details: None, retry_after: None }
     }
     pub fn invalid_json(m: impl Into<String>) -> ApiError {
@@ -56,6 +77,14 @@ impl ApiError {
     }
     pub fn unavailable(m: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError { retry_after: Some(retry_after), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m) }
+    }
+    /// An idempotency id reused with another body, or a state that forbids the change.
+    pub fn conflict(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", m)
+    }
+    /// A Stripe webhook whose `Stripe-Signature` does not verify.
+    pub fn invalid_signature(m: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_signature", m)
     }
     /// A bug (a response that could not be serialized).
     pub fn internal(m: impl Into<String>) -> ApiError {
@@ -107,5 +136,33 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
         Err(e) => ApiError::internal(e.to_string()).response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_constructor_answers_a_listed_code_and_status() {
+        let all = [
+            ApiError::invalid_json("m"),
+            ApiError::invalid_event("m", serde_json::json!([])),
+            ApiError::invalid_request("m"),
+            ApiError::invalid_signature("m"),
+            ApiError::unauthorized("m"),
+            ApiError::forbidden("m"),
+            ApiError::not_found("m"),
+            ApiError::method_not_allowed("m"),
+            ApiError::request_timeout("m"),
+            ApiError::conflict("m"),
+            ApiError::payload_too_large("m"),
+            ApiError::unsupported_media_type("m"),
+            ApiError::rate_limited(1),
+            ApiError::internal("m"),
+            ApiError::unavailable("m", 1),
+        ];
+        let made: Vec<_> = all.iter().map(|e| (e.code, e.status.as_u16())).collect();
+        assert_eq!(made, CODES);
     }
 }

@@ -239,6 +239,19 @@ pub fn metrics(state: &HttpState) -> Response<Full<Bytes>> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
+/// The OpenAPI 3.1 document of every route (issue 21): `docs/openapi.json`,
+/// compiled in. tests/openapi.rs holds it to the route table, the error codes,
+/// the scopes and real answers, so it cannot drift from the code.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// `GET /openapi.json` (no key).
+pub fn openapi() -> Response<Full<Bytes>> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
 pub fn healthz() -> Response<Full<Bytes>> {
     json(StatusCode::OK, &j!({"status": "ok"}))
 }

@@ -21,9 +21,7 @@ fn error(e: ReservationError) -> ApiError {
         ReservationError::Invalid { field, reason } => ApiError::invalid_request(format!("{field}: {reason}")),
         ReservationError::Json(m) => ApiError::invalid_json(format!("body is not valid JSON: {m}")),
         ReservationError::NotFound(id) => ApiError::not_found(format!("no reservation {id:?}")),
-        ReservationError::Conflict(message) => {
-            ApiError { status: StatusCode::CONFLICT, code: "conflict", message, details: None, retry_after: None }
-        }
+        ReservationError::Conflict(message) => ApiError::conflict(message),
         ReservationError::CustomersFull => ApiError::unavailable("customer table is full", 60),
         e @ ReservationError::Full(_) => ApiError::unavailable(e.to_string(), 60),
         ReservationError::Unavailable(reason) => ApiError::unavailable(reason, 1),
