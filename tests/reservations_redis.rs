@@ -480,3 +480,28 @@ async fn a_hold_on_a_credit_balance_is_not_spendable_on_the_other_instance() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Found by schemathesis: a quantity beyond what Redis scripts count exactly
+/// (2^53 raw units) is bad input, a 400 naming `quantity` that changes nothing,
+/// not a 503 from the script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quantity_beyond_two_to_the_53_is_refused_and_changes_nothing() {
+    let redis = need!(RedisServer::start(false).await);
+    let a = TestServer::start(&config(&url_list(&redis), "big-a")).await;
+    let c = a.client();
+    let huge = json!(6.743798490739995e16);
+    let r = c.post_json("/v1/reservations", &json!({"id": "big-0", "customer": "big", "meter": "minutes", "quantity": huge})).await;
+    assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_request"), "{}", r.text);
+    assert!(r.text.contains("quantity") && r.text.contains("2^53"), "{}", r.text);
+    let held = reserve(&c, json!({"id": "big-1", "customer": "big", "meter": "minutes", "quantity": 10, "expires_in": "1h"})).await;
+    assert_eq!(held.body["reservation"]["status"], "held", "{}", held.text);
+    let r = settle(&c, "big-1", json!({"quantity": huge})).await;
+    assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_request"), "{}", r.text);
+    assert!(r.text.contains("quantity"), "{}", r.text);
+    let r = c.get("/v1/reservations/big-1").await;
+    assert_eq!(r.body["reservation"]["status"], "held", "nothing changed: {}", r.text);
+    assert_eq!(redis_held(&redis, "big", "minutes").await, 10);
+    let r = settle(&c, "big-1", json!({"quantity": 4})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    a.stop().await;
+}

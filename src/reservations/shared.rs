@@ -101,6 +101,7 @@ impl ReservationPorts<'_> {
         meter: &Meter,
         quantity: i64,
     ) -> Result<ReserveAnswer, ReservationError> {
+        exact_in_redis(quantity)?;
         let customer = self.limits.reads.counters.interner.intern(&req.customer).map_err(|_| ReservationError::CustomersFull)?;
         if let Some(reason) = self.limits.write_gate.refusal() {
             return Err(ReservationError::Unavailable(reason));
@@ -231,6 +232,7 @@ impl ReservationPorts<'_> {
         if quantity < 0 {
             return Err(invalid("quantity", "must not be negative"));
         }
+        exact_in_redis(quantity)?;
         let now = now_ms();
         let ts = req.timestamp.unwrap_or(now);
         if ts > now + 5 * 60_000 {
@@ -365,4 +367,17 @@ impl ReservationPorts<'_> {
         }
         Ok(released)
     }
+}
+
+/// With Redis a quantity is counted by Lua scripts, exact to 2^53 raw units:
+/// a larger one is bad input (400 naming `quantity`), refused before anything
+/// changes.
+fn exact_in_redis(quantity: i64) -> Result<(), ReservationError> {
+    if quantity > crate::redis_link::MAX_EXACT {
+        return Err(invalid(
+            "quantity",
+            format!("is beyond 2^53 raw units ({}), the range shared reservations count exactly", crate::redis_link::MAX_EXACT),
+        ));
+    }
+    Ok(())
 }
