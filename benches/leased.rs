@@ -13,13 +13,15 @@
 use meterd::app::AppHandle;
 use meterd::config::Config;
 use meterd::limits::CheckRequest;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "support/redis_proc.rs"]
+mod redis_proc;
 #[path = "../tests/common/require.rs"]
 mod require;
+use redis_proc::start_redis;
 
 const PLANS: &str = r#"
 [[meters]]
@@ -55,36 +57,6 @@ b_strict = { limit = 3000, window = "month", enforcement = "strict" }
 const INSTANCES: usize = 3;
 const TASKS: usize = 4;
 const RUN: Duration = Duration::from_millis(2_000);
-
-struct RedisProc(Child);
-
-impl Drop for RedisProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> require::Need<(RedisProc, u16)> {
-    let bin = std::env::var_os("METERD_TEST_REDIS_SERVER_BIN").filter(|b| !b.is_empty()).unwrap_or_else(|| "redis-server".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let child = match Command::new(&bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(child) => RedisProc(child),
-        Err(e) => return Err(require::missing(format!("cannot start {}: {e}", bin.display()), "install redis-server")),
-    };
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok((child, port));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} did not listen on {port} within 2 s", bin.display());
-}
 
 async fn app(dir: &std::path::Path, port: u16, n: usize) -> AppHandle {
     let text = format!(

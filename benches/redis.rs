@@ -12,13 +12,15 @@ use meterd::config::Config;
 use meterd::engine::Engine;
 use meterd::limits::CheckRequest;
 use meterd::store::sqlite::SqliteStore;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "support/redis_proc.rs"]
+mod redis_proc;
 #[path = "../tests/common/require.rs"]
 mod require;
+use redis_proc::start_redis;
 
 const PLANS: &str = r#"
 [[meters]]
@@ -34,36 +36,6 @@ default = true
 calls = [ { limit = 1000000000, window = "month" }, { limit = 1000000000, window = "day" } ]
 gpu = { limit = 1000000000000, window = "month", enforcement = "strict" }
 "#;
-
-struct RedisProc(Child);
-
-impl Drop for RedisProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> require::Need<(RedisProc, u16)> {
-    let bin = std::env::var_os("METERD_TEST_REDIS_SERVER_BIN").filter(|b| !b.is_empty()).unwrap_or_else(|| "redis-server".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let child = match Command::new(&bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(child) => RedisProc(child),
-        Err(e) => return Err(require::missing(format!("cannot start {}: {e}", bin.display()), "install redis-server")),
-    };
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok((child, port));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} did not listen on {port} within 2 s", bin.display());
-}
 
 fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, redis_port: Option<u16>) -> Arc<Engine> {
     let redis_section = redis_port.map(|p| format!("[redis]\nurl = \"redis://127.0.0.1:{p}/0\"\n")).unwrap_or_default();
