@@ -685,3 +685,32 @@ async fn a_settled_credit_hold_is_spent_at_once_on_every_instance() {
         s.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_hold_counts_usage_on_other_instances_not_yet_synced() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let servers = three_with_credits(&url_list(&redis), "crstale", "st", 1000).await;
+    let (ca, cc) = (servers[0].client(), servers[2].client());
+    for k in 0..5i64 {
+        // C spends 100; A, right after (before its sync learns it), asks for
+        // one more than is left: the script sees C's usage and refuses.
+        assert_eq!(consume(&cc, "st", "prepaid", 100, &format!("st-c-{k}")).await["allowed"], true);
+        let left = 1000 - 100 * (k + 1);
+        let body = json!({"id": format!("st-{k}"), "customer": "st", "meter": "prepaid", "quantity": left + 1, "expires_in": "1h"});
+        let r = reserve(&ca, body).await;
+        assert_eq!(r.body["reservation"]["status"], "denied", "{}", r.text);
+        assert_eq!(r.body["reason"], "insufficient_credits", "{}", r.text);
+        assert_eq!(redis_held(&redis, "st", "prepaid").await, 0);
+    }
+    // Exactly what is left can be held, and then nothing is spendable anywhere.
+    let r = reserve(&ca, json!({"id": "st-all", "customer": "st", "meter": "prepaid", "quantity": 500, "expires_in": "1h"})).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    assert_eq!(r.body["remaining"], 0, "{}", r.text);
+    for (n, s) in servers.iter().enumerate() {
+        assert_eq!(consume(&s.client(), "st", "prepaid", 1, &format!("st-last-{n}")).await["allowed"], false);
+    }
+    for s in servers {
+        s.stop().await;
+    }
+}
