@@ -7,7 +7,10 @@
 //! limit; expiry with two instances running the task releases each hold once.
 //! A hold survives its instance's SIGKILL (it lives in Redis): another
 //! instance settles it and expires it meanwhile. Records expire (nothing
-//! grows forever). Without `redis-server` skipped with a note, or failed under
+//! grows forever). On a hard credits balance, holds racing on three instances
+//! hold exactly what the balance has (one script on the credit key), also
+//! racing consumes, and a settled hold is spent at once everywhere. Without
+//! `redis-server` skipped with a note, or failed under
 //! `METERD_TEST_REQUIRE_SERVICES`.
 
 mod common;
@@ -504,4 +507,235 @@ async fn a_quantity_beyond_two_to_the_53_is_refused_and_changes_nothing() {
     let r = settle(&c, "big-1", json!({"quantity": 4})).await;
     assert_eq!(r.status, 200, "{}", r.text);
     a.stop().await;
+}
+
+/// Three instances; `customer` granted `amount` credits of `prepaid` on the
+/// first, seen by all three.
+async fn three_with_credits(urls: &str, tag: &str, customer: &str, amount: i64) -> [TestServer; 3] {
+    let servers = [
+        TestServer::start(&config(urls, &format!("{tag}-a"))).await,
+        TestServer::start(&config(urls, &format!("{tag}-b"))).await,
+        TestServer::start(&config(urls, &format!("{tag}-c"))).await,
+    ];
+    let body = json!({"id": "topup", "meter": "prepaid", "amount": amount});
+    let r = servers[0].client().post_json(&format!("/v1/customers/{customer}/grants"), &body).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    for s in &servers {
+        wait_balance(s, customer, "granted", amount).await;
+    }
+    servers
+}
+
+/// Waits until `field` of the customer's `prepaid` balance on `s` is `want`.
+async fn wait_balance(s: &TestServer, customer: &str, field: &str, want: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = s.client().get(&format!("/v1/customers/{customer}/balances")).await;
+        let b = r.body["balances"].as_array().and_then(|b| b.iter().find(|x| x["meter"] == "prepaid").cloned()).unwrap_or_default();
+        if b[field] == json!(want) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{field} never reached {want}: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What every instance used of `customer`'s `prepaid` credits, in Redis.
+async fn redis_credits_used(redis: &RedisServer, customer: &str) -> i64 {
+    let mut conn = redis.conn().await;
+    let t: Option<i64> =
+        redis::cmd("HGET").arg(format!("meterd:{{{customer}}}:credits:prepaid")).arg("t").query_async(&mut conn).await.expect("hget");
+    t.unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_credit_reservations_on_three_instances_hold_exactly_the_balance() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let servers = three_with_credits(&url_list(&redis), "crrace", "rc", 1000).await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(12));
+    let mut tasks = Vec::new();
+    for (n, s) in servers.iter().enumerate() {
+        for t in 0..4 {
+            let (c, start) = (s.client(), start.clone());
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                let mut held = Vec::new();
+                for k in 0..4 {
+                    let id = format!("rc-{n}-{t}-{k}");
+                    let body = json!({"id": id, "customer": "rc", "meter": "prepaid", "quantity": 30, "expires_in": "1h"});
+                    let r = c.post_json("/v1/reservations", &body).await;
+                    assert_eq!(r.status, 200, "{}", r.text);
+                    match r.body["reservation"]["status"].as_str() {
+                        Some("held") => {
+                            assert!(r.body["remaining"].as_i64().unwrap_or(-1) >= 0, "{}", r.text);
+                            held.push((n, id));
+                        }
+                        _ => assert_eq!(r.body["reason"], "insufficient_credits", "{}", r.text),
+                    }
+                }
+                held
+            }));
+        }
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        held.extend(t.await.expect("task"));
+    }
+    // 48 asked for 30 each of 1000 credits: exactly 33 fit, on whichever instance.
+    assert_eq!(held.len(), 33, "{held:?}");
+    assert_eq!(redis_held(&redis, "rc", "prepaid").await, 990);
+    assert_eq!(redis_credits_used(&redis, "rc").await, 0, "holds are not usage");
+    // 10 left: 20 is refused on every instance, 10 allowed once, then nothing.
+    let clients: Vec<Client> = servers.iter().map(TestServer::client).collect();
+    for (n, c) in clients.iter().enumerate() {
+        let r = consume(c, "rc", "prepaid", 20, &format!("rc-c20-{n}")).await;
+        assert_eq!(r["allowed"], false, "{r}");
+        assert_eq!(r["reason"], "insufficient_credits", "{r}");
+    }
+    let r = consume(&clients[1], "rc", "prepaid", 10, "rc-c10").await;
+    assert_eq!(r["allowed"], true, "{r}");
+    for (n, c) in clients.iter().enumerate() {
+        assert_eq!(consume(c, "rc", "prepaid", 1, &format!("rc-c1-{n}")).await["allowed"], false);
+    }
+    assert_eq!(redis_credits_used(&redis, "rc").await, 10);
+    // A hold taken on one instance, released on the next: 30 free everywhere
+    // (the release counts at once in Redis; local views within two syncs).
+    let (n, id) = held.first().cloned().expect("a hold");
+    let rel = release(&clients[(n + 1) % 3], &id).await;
+    assert_eq!(rel.body["reservation"]["status"], "released", "{}", rel.text);
+    assert_eq!(redis_held(&redis, "rc", "prepaid").await, 960);
+    tokio::time::sleep(SYNC * 3).await;
+    for c in &clients {
+        let seen = check(c, "rc", "prepaid", 30).await;
+        assert_eq!(seen["allowed"], true, "{seen}");
+        assert_eq!(seen["held"], 960, "{seen}");
+    }
+    let r = consume(&clients[(n + 2) % 3], "rc", "prepaid", 30, "rc-c30").await;
+    assert_eq!(r["allowed"], true, "{r}");
+    for (k, c) in clients.iter().enumerate() {
+        assert_eq!(consume(c, "rc", "prepaid", 1, &format!("rc-c1b-{k}")).await["allowed"], false);
+    }
+    for s in servers {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_credit_reservations_and_consumes_never_pass_the_balance() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let servers = three_with_credits(&url_list(&redis), "crmix", "mx", 1000).await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(12));
+    let mut tasks = Vec::new();
+    for (n, s) in servers.iter().enumerate() {
+        for t in 0..4 {
+            let (c, start) = (s.client(), start.clone());
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                let (mut held, mut used) = (0i64, 0i64);
+                for k in 0..8 {
+                    if (n + t + k) % 2 == 0 {
+                        let id = format!("mx-{n}-{t}-{k}");
+                        let body = json!({"id": id, "customer": "mx", "meter": "prepaid", "quantity": 30, "expires_in": "1h"});
+                        let r = c.post_json("/v1/reservations", &body).await;
+                        assert_eq!(r.status, 200, "{}", r.text);
+                        if r.body["reservation"]["status"] == "held" {
+                            held += 30;
+                        }
+                    } else {
+                        let id = format!("mxc-{n}-{t}-{k}");
+                        let r = c.check(&json!({"customer": "mx", "meter": "prepaid", "quantity": 20, "consume": true, "id": id})).await;
+                        assert_eq!(r.status, 200, "{}", r.text);
+                        if r.body["allowed"] == true {
+                            used += 20;
+                        } else {
+                            assert_eq!(r.body["reason"], "insufficient_credits", "{}", r.text);
+                        }
+                    }
+                }
+                (held, used)
+            }));
+        }
+    }
+    let (mut held, mut used) = (0, 0);
+    for t in tasks {
+        let (h, u) = t.await.expect("task");
+        held += h;
+        used += u;
+    }
+    // 48 holds of 30 and 48 consumes of 20 asked: the balance runs out, and
+    // what was held and used together never passes it.
+    assert!(held > 0 && used > 0, "held {held}, used {used}");
+    assert!(held + used <= 1000, "held {held} + used {used} passed the balance of 1000");
+    assert!(held + used > 1000 - 30, "held {held} + used {used}: the balance was not used up");
+    assert_eq!(redis_held(&redis, "mx", "prepaid").await, held);
+    assert_eq!(redis_credits_used(&redis, "mx").await, used);
+    for s in &servers {
+        wait_balance(s, "mx", "balance", 1000 - used).await;
+        let seen = check(&s.client(), "mx", "prepaid", 1).await;
+        assert!(seen["remaining"].as_i64().unwrap_or(-1) >= 0, "{seen}");
+    }
+    for s in servers {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_credit_hold_is_spent_at_once_on_every_instance() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let servers = three_with_credits(&url_list(&redis), "crsettle", "cs", 100).await;
+    let (ca, cb) = (servers[0].client(), servers[1].client());
+    for k in 0..5 {
+        // 10 held on A, settled on B: C cannot spend it, even before a sync.
+        let id = format!("cs-{k}");
+        let r = reserve(&ca, json!({"id": id, "customer": "cs", "meter": "prepaid", "quantity": 10, "expires_in": "1h"})).await;
+        assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+        let done = settle(&cb, &id, json!({"quantity": 10})).await;
+        assert_eq!(done.status, 200, "{}", done.text);
+        // The settled usage is in Redis before any sync: no instance can spend it.
+        assert_eq!(redis_credits_used(&redis, "cs").await, 10 * (k + 1));
+        assert_eq!(redis_held(&redis, "cs", "prepaid").await, 0);
+        let c = consume(&servers[2].client(), "cs", "prepaid", 100 - 10 * k, &format!("cs-c-{k}")).await;
+        assert_eq!(c["allowed"], false, "{c}");
+    }
+    assert_eq!(consume(&ca, "cs", "prepaid", 50, "cs-last").await["allowed"], true);
+    assert_eq!(redis_credits_used(&redis, "cs").await, 100);
+    // Every instance converges on the exact balance: nothing counted twice.
+    for s in &servers {
+        wait_balance(s, "cs", "balance", 0).await;
+    }
+    for s in servers {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_hold_counts_usage_on_other_instances_not_yet_synced() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let servers = three_with_credits(&url_list(&redis), "crstale", "st", 1000).await;
+    let (ca, cc) = (servers[0].client(), servers[2].client());
+    for k in 0..5i64 {
+        // C spends 100; A, right after (before its sync learns it), asks for
+        // one more than is left: the script sees C's usage and refuses.
+        assert_eq!(consume(&cc, "st", "prepaid", 100, &format!("st-c-{k}")).await["allowed"], true);
+        let left = 1000 - 100 * (k + 1);
+        let body = json!({"id": format!("st-{k}"), "customer": "st", "meter": "prepaid", "quantity": left + 1, "expires_in": "1h"});
+        let r = reserve(&ca, body).await;
+        assert_eq!(r.body["reservation"]["status"], "denied", "{}", r.text);
+        assert_eq!(r.body["reason"], "insufficient_credits", "{}", r.text);
+        assert_eq!(redis_held(&redis, "st", "prepaid").await, 0);
+    }
+    // Exactly what is left can be held, and then nothing is spendable anywhere.
+    let r = reserve(&ca, json!({"id": "st-all", "customer": "st", "meter": "prepaid", "quantity": 500, "expires_in": "1h"})).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    assert_eq!(r.body["remaining"], 0, "{}", r.text);
+    for (n, s) in servers.iter().enumerate() {
+        assert_eq!(consume(&s.client(), "st", "prepaid", 1, &format!("st-last-{n}")).await["allowed"], false);
+    }
+    for s in servers {
+        s.stop().await;
+    }
 }

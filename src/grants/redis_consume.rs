@@ -11,6 +11,8 @@
 //! the book charge that usage. [`sync`] pushes and learns the same way for
 //! every ledger, every `sync_interval`, so balances read anywhere converge.
 //! Usage learned from other instances is charged at the time it is learned.
+//! Reservations on a hard credits balance are decided on the same key by the
+//! reserve script (`holds::shared`), with the same `base`.
 
 use crate::counters::CustomerId;
 use crate::credits::CreditBook;

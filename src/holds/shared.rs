@@ -12,7 +12,9 @@
 //!
 //! **Atomic.** One script takes a hold: it checks the `strict` and `leased`
 //! windows given (`t + slices + held + quantity ≤ limit`, after raising this
-//! instance's part to its usage like the strict script) and, when all fit,
+//! instance's part to its usage like the strict script) and a hard credits
+//! balance on the customer's credit key (`base − t − held ≥ quantity`, after
+//! raising this instance's part like the credits take) and, when all fit,
 //! writes the reservation and raises the held total. The strict consume script
 //! and the lease script read the same held total (`limits::strict`,
 //! `redis_link::lease`), so holds and consumes never pass a hard limit
@@ -66,16 +68,20 @@ local function record(rec)
 end
 ";
 
-/// KEYS: the reservation, the held total, then the windows to check. ARGV:
-/// instance id, quantity, meter, expires-at (0: none), now ms, retention ms,
-/// mode (`hold` | `deny`), then per window (limit, own usage, key expire-at or
-/// 0, `1` if leased). Replies `{1, held, version, total...}` (held),
-/// `{0, index (0: decided before), total, held, version}` (denied, recorded),
-/// `{2, held, version, record...}` (the id exists: nothing changed) or `{3}`
-/// (it exists with another meter or quantity).
+/// KEYS: the reservation, the held total, the customer's credit key of the
+/// meter (any key of the slot when there is no credit check), then the windows
+/// to check. ARGV: instance id, quantity, meter, expires-at (0: none), now ms,
+/// retention ms, mode (`hold` | `deny`), the credit check's own usage (-1: no
+/// check) and base (see [`CreditCheck`]), then per window (limit, own usage,
+/// key expire-at or 0, `1` if leased). Replies `{1, held, version, total...}`
+/// (held; the credit total `t` last when checked), `{0, index (0: decided
+/// before; windows + 1: the credits), total, held, version}` (denied,
+/// recorded), `{2, held, version, record...}` (the id exists: nothing changed)
+/// or `{3}` (it exists with another meter or quantity).
 const RESERVE_BODY: &str = r"
 local me, q, meter, exp = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local now, keep, mode = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local cown, cbase = tonumber(ARGV[8]), tonumber(ARGV[9])
 local rec, hk = KEYS[1], KEYS[2]
 if redis.call('EXISTS', rec) == 1 then
   local r = record(rec)
@@ -97,9 +103,9 @@ local h = held_now(hk)
 local totals = {}
 local tm = redis.call('TIME')
 local rnow = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local n = (#ARGV - 7) / 4
+local n = (#ARGV - 9) / 4
 for i = 1, n do
-  local key, b = KEYS[2 + i], 7 + 4 * (i - 1)
+  local key, b = KEYS[3 + i], 9 + 4 * (i - 1)
   local limit, own, wexp, leased = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), ARGV[b + 4] == '1'
   local old = tonumber(redis.call('HGET', key, field) or '0')
   local t = tonumber(redis.call('HGET', key, 't') or '0')
@@ -131,27 +137,44 @@ for i = 1, n do
   end
   if limit >= 0 and t + slices + h + q > limit then return deny(i, t) end
 end
+-- A hard credits balance (grants::redis_consume): this instance's part raised
+-- to its usage like a take, then what every instance used and what is held
+-- over all instances leave the balance.
+if cown >= 0 then
+  local ck = KEYS[3]
+  local old = tonumber(redis.call('HGET', ck, field) or '0')
+  local ct = tonumber(redis.call('HGET', ck, 't') or '0')
+  if cown > old then
+    redis.call('HSET', ck, field, cown)
+    ct = redis.call('HINCRBY', ck, 't', cown - old)
+  end
+  if cbase - ct - h < q then return deny(n + 1, ct) end
+  totals[n + 1] = ct
+end
 redis.call('HSET', rec, 'm', meter, 'q', q, 'e', exp, 's', 'held', 'c', now, 'f', 0, 'i', me)
 if exp > 0 then redis.call('PEXPIREAT', rec, exp + keep) end
 local t, v = bump(hk, q, keep)
 local out = {1, t, v}
-for i = 1, n do out[3 + i] = totals[i] end
+for i = 1, #totals do out[3 + i] = totals[i] end
 return out
 ";
 
-/// KEYS: the reservation, the held total, then (a settle) the `strict` and
+/// KEYS: the reservation, the held total, the customer's credit key of the
+/// meter (any key of the slot when none), then (a settle) the `strict` and
 /// `leased` windows its usage counts in. ARGV: status, settled quantity (-1:
 /// none), usage timestamp ms, now ms, retention ms, `1` to finish only when
-/// its expiry passed, the instance field, then per window (own usage,
-/// expire-at or 0): a settle moves its quantity from the held total into this
-/// instance's part of each window at once (as a strict consume does), so no
-/// other instance can take those units before the next sync push. Replies
+/// its expiry passed, the instance field, this instance's own usage of a hard
+/// credits balance (-1: none), then per window (own usage, expire-at or 0): a
+/// settle moves its quantity from the held total into this instance's part of
+/// each window and of the credit key at once (as a strict consume or a
+/// credits take does), so no other instance can take those units before the
+/// next sync push. Replies
 /// `{changed (1|0), held, version, record...}`, or `{-1}` when there is no
 /// such reservation.
 const FINISH_BODY: &str = r"
 local rec, hk = KEYS[1], KEYS[2]
 local status, sq, ts, now, keep, due = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
-local field = ARGV[7]
+local field, cown = ARGV[7], tonumber(ARGV[8])
 if redis.call('EXISTS', rec) == 0 then return {-1} end
 local r = record(rec)
 local changed = 0
@@ -160,8 +183,8 @@ if r[1] == 1 and not (due and (r[3] == 0 or r[3] > now)) then
   redis.call('HSET', rec, 's', status, 'f', now)
   if sq >= 0 then redis.call('HSET', rec, 'sq', sq, 'ts', ts) end
   if sq > 0 then
-    for i = 1, (#ARGV - 7) / 2 do
-      local key, own, wexp = KEYS[2 + i], tonumber(ARGV[6 + 2 * i]), tonumber(ARGV[7 + 2 * i])
+    for i = 1, (#ARGV - 8) / 2 do
+      local key, own, wexp = KEYS[3 + i], tonumber(ARGV[7 + 2 * i]), tonumber(ARGV[8 + 2 * i])
       local old = tonumber(redis.call('HGET', key, field) or '0')
       if own > old then
         redis.call('HINCRBY', key, 't', own - old)
@@ -170,6 +193,16 @@ if r[1] == 1 and not (due and (r[3] == 0 or r[3] > now)) then
       redis.call('HSET', key, field, old + sq)
       redis.call('HINCRBY', key, 't', sq)
       if wexp > 0 then redis.call('PEXPIREAT', key, wexp) end
+    end
+    if cown >= 0 then
+      local ck = KEYS[3]
+      local old = tonumber(redis.call('HGET', ck, field) or '0')
+      if cown > old then
+        redis.call('HINCRBY', ck, 't', cown - old)
+        old = cown
+      end
+      redis.call('HSET', ck, field, old + sq)
+      redis.call('HINCRBY', ck, 't', sq)
     end
   end
   redis.call('PEXPIRE', rec, keep)
@@ -211,13 +244,29 @@ pub struct WindowCheck {
     pub leased: bool,
 }
 
+/// A hard credits balance a hold must fit, atomically with the consumes'
+/// takes (`grants::redis_consume`): held only when `base − t − held ≥
+/// quantity`, `t` being every instance's usage in the credit key.
+#[derive(Debug, Clone)]
+pub struct CreditCheck {
+    /// The customer's credit key of the meter.
+    pub redis_key: String,
+    /// This instance's own usage of the balance (raised in the key first).
+    pub own: i64,
+    /// The balance this instance knows plus its own usage and the other
+    /// instances' usage it has charged.
+    pub base: i64,
+}
+
 /// What a reserve call did.
 #[derive(Debug, Clone)]
 pub enum ReserveOutcome {
-    /// Held; the window totals as checked, in order.
+    /// Held; the window totals as checked, in order, then the credit total
+    /// `t` when a credit check was given.
     Held { held: Held, totals: Vec<i64> },
-    /// Denied (and recorded so): by the window at `index` (0-based) whose
-    /// total is `total`, or by the caller's own decision (`index` `None`).
+    /// Denied (and recorded so): by the window at `index` (0-based; the
+    /// number of windows: the credit check) whose total is `total`, or by the
+    /// caller's own decision (`index` `None`).
     Denied { index: Option<usize>, total: i64, held: Held },
     /// The id was reserved before (nothing changed).
     Exists { reservation: Reservation, held: Held },
@@ -340,7 +389,13 @@ async fn expire_owner(redis: &Redis, r: &Reservation) -> Result<(), SharedError>
 }
 
 /// Takes (or denies) a reservation; see the module doc.
-pub async fn reserve(redis: &Redis, instance_id: &str, take: Take<'_>, windows: &[WindowCheck]) -> Result<ReserveOutcome, SharedError> {
+pub async fn reserve(
+    redis: &Redis,
+    instance_id: &str,
+    take: Take<'_>,
+    windows: &[WindowCheck],
+    credit: Option<&CreditCheck>,
+) -> Result<ReserveOutcome, SharedError> {
     claim_owner(redis, take.id, take.customer).await?;
     let expires_at = take.expires_at.unwrap_or(0);
     if let (Some(at), false) = (take.expires_at, take.deny) {
@@ -349,10 +404,12 @@ pub async fn reserve(redis: &Redis, instance_id: &str, take: Take<'_>, windows: 
         let member = serde_json::to_string(&(take.customer, take.meter, take.id)).unwrap_or_default();
         index(redis, &member, at, true).await?;
     }
+    let held_key = redis.keys.held(take.customer, take.meter);
     let mut invocation = RESERVE.prepare_invoke();
     invocation
         .key(redis.keys.reservation(take.customer, take.id))
-        .key(redis.keys.held(take.customer, take.meter))
+        .key(&held_key)
+        .key(credit.map_or(held_key.as_str(), |c| c.redis_key.as_str()))
         .arg(instance_id)
         .arg(crate::redis_link::exact(take.quantity, "quantity")?)
         .arg(take.meter)
@@ -360,6 +417,10 @@ pub async fn reserve(redis: &Redis, instance_id: &str, take: Take<'_>, windows: 
         .arg(take.now)
         .arg(FINISHED_RETENTION_MS)
         .arg(if take.deny { "deny" } else { "hold" });
+    match credit {
+        Some(c) => invocation.arg(crate::redis_link::exact(c.own.max(0), "usage")?).arg(crate::redis_link::exact(c.base, "balance")?),
+        None => invocation.arg(-1).arg(0),
+    };
     for w in windows {
         invocation.key(&w.redis_key).arg(crate::redis_link::exact(w.limit, "limit")?).arg(crate::redis_link::exact(w.own, "usage")?);
         invocation.arg(w.expire_at).arg(i32::from(w.leased));
@@ -368,7 +429,7 @@ pub async fn reserve(redis: &Redis, instance_id: &str, take: Take<'_>, windows: 
     let reply: Vec<Value> = redis.call("reserve", invocation.invoke_async(&mut conn)).await?;
     let held = |at: usize| Held { total: int(reply.get(at)).unwrap_or(0), version: int(reply.get(at + 1)).unwrap_or(0) };
     let outcome = match int(reply.first()) {
-        Some(1) if reply.len() == 3 + windows.len() => {
+        Some(1) if reply.len() == 3 + windows.len() + usize::from(credit.is_some()) => {
             ReserveOutcome::Held { held: held(1), totals: reply[3..].iter().filter_map(|v| int(Some(v))).collect() }
         }
         Some(0) if reply.len() == 5 => {
@@ -419,6 +480,9 @@ pub struct Finish<'a> {
     /// A settle: the windows its usage goes to at once, with this
     /// instance's own usage of each (see `FINISH_BODY`).
     pub windows: &'a [WindowCheck],
+    /// A settle on a hard credits balance: its credit key and this instance's
+    /// own usage of it; the usage goes to the key at once too.
+    pub credit: Option<(&'a str, i64)>,
     pub instance_id: &'a str,
 }
 
@@ -426,17 +490,23 @@ pub struct Finish<'a> {
 /// Also answers the usage timestamp a settle stored (0: none).
 pub async fn finish(redis: &Redis, f: Finish<'_>) -> Result<(FinishOutcome, i64), SharedError> {
     let (sq, ts) = f.settled.unwrap_or((-1, 0));
+    let held_key = redis.keys.held(f.customer, f.meter);
     let mut invocation = FINISH.prepare_invoke();
     invocation
         .key(redis.keys.reservation(f.customer, f.id))
-        .key(redis.keys.held(f.customer, f.meter))
+        .key(&held_key)
+        .key(f.credit.map_or(held_key.as_str(), |(key, _)| key))
         .arg(f.status.as_str())
         .arg(crate::redis_link::exact(sq, "quantity")?)
         .arg(ts)
         .arg(f.now)
         .arg(FINISHED_RETENTION_MS)
         .arg(i32::from(f.only_due))
-        .arg(crate::redis_link::Keys::instance_field(f.instance_id));
+        .arg(crate::redis_link::Keys::instance_field(f.instance_id))
+        .arg(match f.credit {
+            Some((_, own)) => crate::redis_link::exact(own.max(0), "usage")?,
+            None => -1,
+        });
     for w in f.windows {
         invocation.key(&w.redis_key).arg(crate::redis_link::exact(w.own, "usage")?).arg(w.expire_at);
     }

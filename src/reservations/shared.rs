@@ -6,15 +6,20 @@
 //!   the held total as fresh as the usage totals: the sync round and the stale
 //!   refresh read it); `strict` and `leased` hard limits are checked in the
 //!   reserve script, atomically with strict consumes and slice grants, which
-//!   read the same held total. A denial is recorded too (the same id answers
-//!   the same).
+//!   read the same held total. So is a hard credits balance, on the
+//!   customer's credit key: held only when `base − t − held ≥ quantity`
+//!   (`base` as a consume's take sends it, `t` every instance's usage), which
+//!   the consumes' takes (`grants::redis_consume`) check against the same
+//!   held total. A denial is recorded too (the same id answers the same).
 //! - **Settle.** The finish script moves `held` → `settled` once and stores
 //!   the quantity and timestamp; then the usage is recorded under the
 //!   reservation id like an event: claimed locally and in Redis (the shared
-//!   dedupe claim), written to the WAL, folded. Any later settle, on any
-//!   instance, gets the stored result and tries that recording again, which
-//!   the claims make a no-op — unless the first one crashed before recording:
-//!   then the retry records it, once.
+//!   dedupe claim), written to the WAL, folded; on a hard credits balance the
+//!   script also adds the quantity to this instance's usage in the credit
+//!   key, counted as its own until folded (`CreditBook::taking`). Any later
+//!   settle, on any instance, gets the stored result and tries that recording
+//!   again, which the claims make a no-op — unless the first one crashed
+//!   before recording: then the retry records it, once.
 //! - **Release, expiry.** The finish script, once. The expiry task of every
 //!   instance walks the shared expiry index; the script's status check makes
 //!   one of them release each hold.
@@ -22,7 +27,7 @@
 use super::ReservationAnswer;
 use super::{invalid, ReservationError, ReservationPorts, ReservationView, ReserveAnswer, ReserveRequest, SettleRequest};
 use crate::engine::now_ms;
-use crate::holds::shared::{self as store, Finish, FinishOutcome, Held, ReserveOutcome, SharedError, Take, WindowCheck};
+use crate::holds::shared::{self as store, CreditCheck, Finish, FinishOutcome, Held, ReserveOutcome, SharedError, Take, WindowCheck};
 use crate::holds::{Reservation, Status};
 use crate::limits::{answer, decide, LimitState, Reason, Verdict};
 use crate::model::{Enforcement, LimitAmount, Meter};
@@ -46,6 +51,13 @@ impl From<SharedError> for ReservationError {
 /// Decided in the reserve script: hard, finite `strict` and `leased` limits.
 fn in_script(s: &LimitState) -> bool {
     s.limit.hard && s.limit.enforcement != Enforcement::Cached && matches!(s.limit.amount, LimitAmount::Finite(_))
+}
+
+/// Decided in the reserve script too, on the customer's credit key: a hard
+/// credits balance (whatever its enforcement), atomically with the consumes'
+/// takes (`grants::redis_consume`) and the other instances' holds.
+fn credit_in_script(s: &LimitState) -> bool {
+    s.limit.hard && s.limit.amount.is_credits()
 }
 
 impl ReservationPorts<'_> {
@@ -87,6 +99,24 @@ impl ReservationPorts<'_> {
             .collect()
     }
 
+    /// The credit check of a hold on `meter`: this instance's view of the
+    /// balance, as a consume's take sends it.
+    fn credit_check(&self, redis: &Redis, (customer, name): (crate::counters::CustomerId, &str), meter: &Meter, now: i64) -> CreditCheck {
+        let (balance, own, others) = self.limits.reads.credits.shared_view(customer, meter.id, now);
+        CreditCheck { redis_key: redis.keys.credits(name, &meter.name), own, base: balance.saturating_add(own).saturating_add(others) }
+    }
+
+    /// The credit total `t` the reserve script answered: the other
+    /// instances' usage in it is charged here, and `state` read again.
+    fn learn_credits(&self, customer: crate::counters::CustomerId, meter: &Meter, state: &mut LimitState, total: i64, now: i64) {
+        let credits = self.limits.reads.credits;
+        credits.learn_total(customer, meter.id, total, now);
+        let low = crate::credits::CreditBook::low_balance_of(std::slice::from_ref(&state.limit));
+        let held = state.held;
+        *state = self.limits.reads.credit_state(Some(customer), meter, state.limit, low, now);
+        state.held = held;
+    }
+
     fn note_held(&self, customer: &str, meter: &Meter, held: Held) {
         if let Ok(id) = self.limits.reads.counters.interner.intern(customer) {
             self.holds.set_shared(id, meter.id, held);
@@ -112,14 +142,17 @@ impl ReservationPorts<'_> {
         let guard = self.limits.consume_locks.lock(customer, meter.id).await;
         let now = now_ms();
         let mut states = self.limits.reads.limit_states(Some(customer), meter, &ent, &limits, now);
-        let local: Vec<LimitState> = states.iter().copied().filter(|s| !in_script(s)).collect();
+        let local: Vec<LimitState> = states.iter().copied().filter(|s| !in_script(s) && !credit_in_script(s)).collect();
         // No limit at all: not entitled; else the local ones must allow.
         let local_allowed = !states.is_empty() && (local.is_empty() || decide(&local, quantity).allowed);
         let scripted: Vec<usize> = (0..states.len()).filter(|&i| in_script(&states[i])).collect();
         let windows = self.windows(redis, (customer, &req.customer), meter, &states, &scripted, now, ent.billing_anchor);
+        // A hard credits balance: checked in the script after the windows.
+        let credit_at = states.iter().position(credit_in_script);
+        let credit = credit_at.map(|_| self.credit_check(redis, (customer, &req.customer), meter, now));
         let expires_at = req.expires_in.map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
         let take = Take { id: &req.id, customer: &req.customer, meter: &meter.name, quantity, expires_at, now, deny: !local_allowed };
-        let outcome = store::reserve(redis, self.limits.instance_id, take, &windows).await?;
+        let outcome = store::reserve(redis, self.limits.instance_id, take, &windows, credit.as_ref()).await?;
         let mut r = Reservation {
             id: req.id.clone(),
             customer: req.customer.clone(),
@@ -136,6 +169,9 @@ impl ReservationPorts<'_> {
                 self.holds.set_shared(customer, meter.id, held);
                 for (&i, &t) in scripted.iter().zip(&totals) {
                     states[i].used = t;
+                }
+                if let (Some(i), Some(&t)) = (credit_at, totals.get(scripted.len())) {
+                    self.learn_credits(customer, meter, &mut states[i], t, now);
                 }
                 for s in &mut states {
                     s.held = held.total.saturating_sub(quantity).max(0);
@@ -157,13 +193,21 @@ impl ReservationPorts<'_> {
                 for s in &mut states {
                     s.held = held.total;
                 }
-                let by = index.and_then(|n| scripted.get(n).copied());
-                if let Some(i) = by {
-                    states[i].used = total;
+                let by = match index {
+                    Some(n) if n == scripted.len() => credit_at,
+                    Some(n) => scripted.get(n).copied(),
+                    None => None,
+                };
+                match by {
+                    Some(i) if Some(i) == credit_at => self.learn_credits(customer, meter, &mut states[i], total, now),
+                    Some(i) => states[i].used = total,
+                    None => {}
                 }
                 let verdict = decide(&states, quantity);
                 if verdict.allowed {
-                    Verdict { allowed: false, reason: Reason::LimitExceeded, primary: by.unwrap_or(0) }
+                    // A stale view here; the script decided.
+                    let reason = if by.is_some() && by == credit_at { Reason::InsufficientCredits } else { Reason::LimitExceeded };
+                    Verdict { allowed: false, reason, primary: by.unwrap_or(0) }
                 } else {
                     verdict
                 }
@@ -184,7 +228,9 @@ impl ReservationPorts<'_> {
             // hold is visible (see `LimitsPorts::consume_cas`).
             std::sync::atomic::fence(Ordering::SeqCst);
             let again = self.limits.reads.limit_states(Some(customer), meter, &ent, &limits, now);
-            if again.iter().any(|s| s.limit.hard && s.limit.enforcement == Enforcement::Cached && s.exceeded_by(0)) {
+            let over =
+                |s: &LimitState| s.limit.hard && s.limit.enforcement == Enforcement::Cached && !credit_in_script(s) && s.exceeded_by(0);
+            if again.iter().any(over) {
                 let f = Finish {
                     id: &r.id,
                     customer: &r.customer,
@@ -194,6 +240,7 @@ impl ReservationPorts<'_> {
                     now,
                     only_due: false,
                     windows: &[],
+                    credit: None,
                     instance_id: self.limits.instance_id,
                 };
                 if let (FinishOutcome::Finished { reservation, held }, _) = store::finish(redis, f).await? {
@@ -253,6 +300,13 @@ impl ReservationPorts<'_> {
         let states = self.limits.reads.limit_states(Some(customer), meter, &ent, &limits, ts);
         let scripted: Vec<usize> = (0..states.len()).filter(|&i| in_script(&states[i])).collect();
         let windows = self.windows(redis, (customer, &r.customer), meter, &states, &scripted, ts, ent.billing_anchor);
+        // A hard credits balance gets the usage at once too; until it is
+        // folded here, the quantity is this instance's own in the totals a
+        // sync learns (as a consume's take: `CreditBook::taking`).
+        let credits = self.limits.reads.credits;
+        let credit_key = states.iter().any(credit_in_script).then(|| redis.keys.credits(&r.customer, &meter.name));
+        let credit = credit_key.as_deref().map(|key| (key, credits.shared_view(customer, meter.id, now).1));
+        let taking = if credit.is_some() { quantity } else { 0 };
         let f = Finish {
             id,
             customer: &r.customer,
@@ -262,9 +316,18 @@ impl ReservationPorts<'_> {
             now,
             only_due: false,
             windows: &windows,
+            credit,
             instance_id: self.limits.instance_id,
         };
-        let (outcome, stored_ts) = store::finish(redis, f).await?;
+        credits.taking(customer, meter.id, taking);
+        let finished = store::finish(redis, f).await;
+        let (outcome, stored_ts) = match finished {
+            Ok(done) => done,
+            Err(e) => {
+                credits.taking(customer, meter.id, -taking);
+                return Err(e.into());
+            }
+        };
         let (r, changed) = match outcome {
             FinishOutcome::Finished { reservation, held } => {
                 self.holds.set_shared(customer, meter.id, held);
@@ -274,9 +337,18 @@ impl ReservationPorts<'_> {
                 self.holds.set_shared(customer, meter.id, held);
                 (reservation, false)
             }
-            FinishOutcome::NotFound => return Err(ReservationError::NotFound(id.to_string())),
+            FinishOutcome::NotFound => {
+                credits.taking(customer, meter.id, -taking);
+                return Err(ReservationError::NotFound(id.to_string()));
+            }
         };
+        // Only the settle that finished it moved the usage in Redis: that
+        // quantity stays this instance's own until the record below folds it
+        // (or fails: then a later sync charges it like the others' usage).
+        let moved = if changed { taking } else { 0 };
+        credits.taking(customer, meter.id, moved - taking);
         if r.status != Status::Settled {
+            credits.taking(customer, meter.id, -moved);
             return Err(ReservationError::Conflict(format!("reservation {id:?} is {}: it cannot be settled", r.status.as_str())));
         }
         if changed {
@@ -285,10 +357,14 @@ impl ReservationPorts<'_> {
         // The first settle records; a later one (any instance) tries again,
         // which the id claims make a no-op unless the first never recorded.
         let settled = r.settled_quantity.unwrap_or(0);
-        if settled > 0 && now.saturating_sub(r.finished_ms) < self.limits.dedupe_window_ms {
+        let recorded = if settled > 0 && now.saturating_sub(r.finished_ms) < self.limits.dedupe_window_ms {
             let ts = if stored_ts > 0 { stored_ts } else { ts };
-            self.record(&r, customer, meter, settled, ts, now, Some(redis)).await?;
-        }
+            self.record(&r, customer, meter, settled, ts, now, Some(redis)).await
+        } else {
+            Ok(())
+        };
+        credits.taking(customer, meter.id, -moved);
+        recorded?;
         Ok(self.view(&r))
     }
 
@@ -312,6 +388,7 @@ impl ReservationPorts<'_> {
             now: now_ms(),
             only_due,
             windows: &[],
+            credit: None,
             instance_id: self.limits.instance_id,
         };
         let (outcome, _) = store::finish(redis, f).await?;
