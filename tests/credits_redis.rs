@@ -20,12 +20,17 @@ aggregation = "sum"
 name = "gpu"
 aggregation = "sum"
 
+[[meters]]
+name = "lz"
+aggregation = "sum"
+
 [[plans]]
 name = "credits"
 default = true
 [plans.limits]
 ai_tokens = { limit = "credits" }
 gpu = [ { limit = "credits" }, { limit = 100000, window = "month", enforcement = "strict" } ]
+lz = [ { limit = "credits" }, { limit = 100000, window = "month", enforcement = "leased" } ]
 "#;
 
 fn config(redis_url: &str, instance: &str) -> String {
@@ -182,6 +187,40 @@ async fn credits_beside_a_strict_limit_are_taken_in_redis_too() {
     for s in [&a, &b] {
         let deadline = Instant::now() + Duration::from_secs(10);
         while balance_of(s, &customer, "gpu").await["balance"] != json!(20) {
+            assert!(Instant::now() < deadline, "balances never converged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A leased window beside a hard credits balance: the leased path has no credit
+/// take, so such a consume is decided in Redis like a strict one, and racing
+/// instances never overdraw the balance (it once decided the credits locally).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credits_beside_a_leased_limit_are_taken_in_redis_too() {
+    let redis = need!(RedisServer::start(false).await);
+    let a = TestServer::start(&config(&redis.url(), "cl-a")).await;
+    let b = TestServer::start(&config(&redis.url(), "cl-b")).await;
+    let customer = uid("cl");
+    let r = a.client().post_json(&format!("/v1/customers/{customer}/grants"), &json!({"id": "g", "meter": "lz", "amount": 500})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    for s in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while balance_of(s, &customer, "lz").await["granted"] != json!(500) {
+            assert!(Instant::now() < deadline, "the grant never reached an instance");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(race(&[&a, &b], &customer, "lz", 4).await, 16, "500 credits buy exactly 16 consumes of 30, across two instances");
+    let mut conn = redis.conn().await;
+    let t: Option<i64> =
+        redis::cmd("HGET").arg(format!("meterd:{{{customer}}}:credits:lz")).arg("t").query_async(&mut conn).await.expect("hget");
+    assert_eq!(t, Some(480));
+    for s in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while balance_of(s, &customer, "lz").await["balance"] != json!(20) {
             assert!(Instant::now() < deadline, "balances never converged");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

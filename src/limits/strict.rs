@@ -82,12 +82,16 @@ fn is_strict(limit: &Limit) -> bool {
     limit.enforcement != Enforcement::Cached
 }
 
-/// Whether a consume of `meter` on these limits goes through Redis.
+/// Whether a consume of `meter` on these limits goes through Redis here. Also
+/// a `leased` limit beside a hard credits balance: the leased path has no
+/// credit take, so both are decided in Redis on this path (the leased limit as
+/// a strict one), and racing instances overdraw neither.
 pub fn applies(ports: &LimitsPorts<'_>, meter: &Meter, limits: &[Limit]) -> bool {
     ports.redis.is_some()
         && !meter.aggregation.is_gauge()
         && meter.aggregation != crate::model::Aggregation::Max
-        && limits.iter().any(|l| l.enforcement == Enforcement::Strict && l.hard)
+        && (limits.iter().any(|l| l.enforcement == Enforcement::Strict && l.hard)
+            || (limits.iter().any(super::leased::is_leased) && crate::grants::redis_consume::applies(limits)))
 }
 
 impl LimitsPorts<'_> {
