@@ -1,7 +1,8 @@
 //! Reservations (issue 19) over HTTP on one instance: the scenarios of API.md
 //! (hold 90 of 100, a check of 20 denied, settle 60; release; expiry; seats as
 //! allocations), idempotency by id, validation, racing reservations on a hard
-//! limit, and holds across a graceful restart.
+//! limit, and holds across a graceful restart; listing a customer's
+//! reservations (issue 22): order, filters, bad parameters, portal tokens.
 
 mod common;
 
@@ -195,6 +196,12 @@ async fn seats_are_allocations() {
     let row = usage_row(&c, "acme", "seats").await;
     assert_eq!(row["held"], 3, "{row}");
     assert_eq!(reserve(&c, json!({"id": "seat-5", "customer": "acme", "meter": "seats", "quantity": 1})).await.body["allowed"], false);
+    // And are listed after it, as is the released seat (from the journal).
+    let mut held = ids(&c.get("/v1/reservations?customer=acme&status=held").await);
+    held.sort();
+    assert_eq!(held, ["seat-0", "seat-2", "seat-4"]);
+    assert_eq!(ids(&c.get("/v1/reservations?customer=acme&status=released").await), ["seat-1"]);
+    assert_eq!(ids(&c.get("/v1/reservations?customer=acme&status=denied").await), ["seat-5"]);
     s.stop().await;
 }
 
