@@ -373,6 +373,7 @@ fn keyed_calls(c: &str, r: &str, g: &str, n: &str) -> Vec<Call> {
             "/v1/reservations",
             Some(json!({"id": format!("r-{n}"), "customer": c, "meter": "interviews", "expires_in": "1h"})),
         ),
+        Call::new("GET", "/v1/reservations", format!("/v1/reservations?customer={c}"), None),
         Call::new("GET", "/v1/reservations/{id}", format!("/v1/reservations/{r}"), None),
         Call::new("POST", "/v1/reservations/{id}/settle", format!("/v1/reservations/{r}/settle"), Some(json!({}))),
         Call::new("POST", "/v1/reservations/{id}/release", format!("/v1/reservations/{r}/release"), None),
@@ -599,6 +600,19 @@ async fn real_answers_of_every_operation_match_the_document() {
     );
     ok(&Call::new("POST", "/v1/reservations/{id}/release", format!("/v1/reservations/{kept}/release"), None).send(&c, &doc).await, 200);
     ok(&Call::new("POST", "/v1/reservations/{id}/settle", format!("/v1/reservations/{kept}/settle"), None).send(&c, &doc).await, 409);
+    // Listed: one held (an allocation), then settled and released ones.
+    let (open, list) = (uid("r"), format!("/v1/reservations?customer={cust}"));
+    ok(&Call::new("POST", "/v1/reservations", "/v1/reservations", Some(reserve(&open, json!(0.5), Value::Null))).send(&c, &doc).await, 200);
+    let r = Call::new("GET", "/v1/reservations", list.clone(), None).send(&c, &doc).await;
+    ok(&r, 200);
+    let mut statuses: Vec<&str> = r.body["reservations"].as_array().into_iter().flatten().filter_map(|x| x["status"].as_str()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, ["held", "released", "settled"], "{}", r.text);
+    let r = Call::new("GET", "/v1/reservations", format!("{list}&meter=minutes&status=held&limit=10"), None).send(&c, &doc).await;
+    ok(&r, 200);
+    assert_eq!(r.body["reservations"][0]["id"], json!(open), "{}", r.text);
+    ok(&Call::new("GET", "/v1/reservations", format!("{list}&limit=0"), None).send(&c, &doc).await, 400);
+    ok(&Call::new("GET", "/v1/reservations", "/v1/reservations", None).send(&c, &doc).await, 400);
 
     // Adjustments.
     let adj = json!({"id": uid("a"), "customer": cust, "meter": "api_calls", "quantity": -1, "reason": "refund"});

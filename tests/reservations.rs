@@ -1,7 +1,8 @@
 //! Reservations (issue 19) over HTTP on one instance: the scenarios of API.md
 //! (hold 90 of 100, a check of 20 denied, settle 60; release; expiry; seats as
 //! allocations), idempotency by id, validation, racing reservations on a hard
-//! limit, and holds across a graceful restart.
+//! limit, and holds across a graceful restart; listing a customer's
+//! reservations (issue 22): order, filters, bad parameters, portal tokens.
 
 mod common;
 
@@ -195,6 +196,12 @@ async fn seats_are_allocations() {
     let row = usage_row(&c, "acme", "seats").await;
     assert_eq!(row["held"], 3, "{row}");
     assert_eq!(reserve(&c, json!({"id": "seat-5", "customer": "acme", "meter": "seats", "quantity": 1})).await.body["allowed"], false);
+    // And are listed after it, as is the released seat (from the journal).
+    let mut held = ids(&c.get("/v1/reservations?customer=acme&status=held").await);
+    held.sort();
+    assert_eq!(held, ["seat-0", "seat-2", "seat-4"]);
+    assert_eq!(ids(&c.get("/v1/reservations?customer=acme&status=released").await), ["seat-1"]);
+    assert_eq!(ids(&c.get("/v1/reservations?customer=acme&status=denied").await), ["seat-5"]);
     s.stop().await;
 }
 
@@ -307,5 +314,94 @@ async fn reservations_racing_consumes_never_pass_the_limit() {
     assert!(used + held <= 100, "never past the limit: {now}");
     // Both re-checks may deny in one tight race; most of the 14 that fit get through.
     assert!(allowed >= 10, "too few allowed: {allowed}");
+    s.stop().await;
+}
+
+/// The ids of a listing, in order.
+fn ids(r: &Resp) -> Vec<String> {
+    r.body["reservations"].as_array().map(|a| a.iter().filter_map(|x| x["id"].as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customers_reservations_are_listed_newest_first() {
+    let s = TestServer::start(CONFIG).await;
+    let c = s.client();
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(5));
+    reserve(&c, json!({"id": "l-1", "customer": "ul", "meter": "minutes", "quantity": 10, "expires_in": "2h"})).await;
+    pause().await;
+    reserve(&c, json!({"id": "l-2", "customer": "ul", "meter": "minutes", "quantity": 20})).await;
+    pause().await;
+    let denied = reserve(&c, json!({"id": "l-3", "customer": "ul", "meter": "minutes", "quantity": 500})).await;
+    assert_eq!(denied.body["reservation"]["status"], "denied", "{}", denied.text);
+    reserve(&c, json!({"id": "l-other", "customer": "ul2", "meter": "minutes", "quantity": 1})).await;
+    assert_eq!(release(&c, "l-1").await.status, 200);
+
+    let all = c.get("/v1/reservations?customer=ul").await;
+    assert_eq!(all.status, 200, "{}", all.text);
+    assert_eq!(ids(&all), ["l-3", "l-2", "l-1"], "newest first, this customer's only: {}", all.text);
+    // Each as GET /v1/reservations/{id} shows it.
+    for item in all.body["reservations"].as_array().into_iter().flatten() {
+        let one = c.get(&format!("/v1/reservations/{}", item["id"].as_str().unwrap_or(""))).await;
+        assert_eq!(&one.body["reservation"], item, "{}", all.text);
+    }
+    let held = c.get("/v1/reservations?customer=ul&status=held").await;
+    assert_eq!(ids(&held), ["l-2"], "{}", held.text);
+    assert_eq!(held.body["reservations"][0]["quantity"], 20, "{}", held.text);
+    assert_eq!(held.body["reservations"][0]["expires_at"], Value::Null, "{}", held.text);
+    assert_eq!(ids(&c.get("/v1/reservations?customer=ul&status=released&meter=minutes").await), ["l-1"]);
+    assert_eq!(ids(&c.get("/v1/reservations?customer=ul&limit=2").await), ["l-3", "l-2"]);
+    assert_eq!(ids(&c.get("/v1/reservations?customer=nobody").await), Vec::<String>::new());
+    // Settled: listed as settled.
+    assert_eq!(settle(&c, "l-2", json!({"quantity": 5})).await.status, 200);
+    let settled = c.get("/v1/reservations?customer=ul&status=settled").await;
+    assert_eq!((ids(&settled), settled.body["reservations"][0]["settled_quantity"].clone()), (vec!["l-2".to_string()], json!(5)));
+    assert_eq!(ids(&c.get("/v1/reservations?customer=ul&status=held").await), Vec::<String>::new());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_bad_parameters_name_the_field() {
+    let s = TestServer::start(CONFIG).await;
+    let c = s.client();
+    for (query, field) in [
+        ("", "customer"),
+        ("meter=minutes", "customer"),
+        ("customer=", "customer"),
+        ("customer=u&meter=nope", "meter"),
+        ("customer=u&meter=", "meter"),
+        ("customer=u&status=open", "status"),
+        ("customer=u&limit=0", "limit"),
+        ("customer=u&limit=1001", "limit"),
+        ("customer=u&limit=ten", "limit"),
+        ("customer=u&colour=red", "query"),
+    ] {
+        let r = c.get(&format!("/v1/reservations?{query}")).await;
+        assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_request"), "{query}: {}", r.text);
+        assert!(message(&r).starts_with(field), "{query}: {field}: {}", r.text);
+    }
+    let r = c.get("/v1/reservations?customer=u&colour=red").await;
+    assert!(message(&r).contains("colour"), "names the parameter: {}", r.text);
+    let r = c.get("/v1/reservations?customer=u&limit=1000&status=denied&meter=minutes").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_token_lists_its_own_customers_reservations_only() {
+    let s = TestServer::start(CONFIG).await;
+    let c = s.client();
+    reserve(&c, json!({"id": "p-1", "customer": "mine", "meter": "minutes", "quantity": 3})).await;
+    reserve(&c, json!({"id": "p-2", "customer": "theirs", "meter": "minutes", "quantity": 4})).await;
+    let t = c.post_json("/v1/customers/mine/portal-tokens", &json!({})).await;
+    let token = t.body["token"].as_str().unwrap_or_else(|| panic!("{}", t.text)).to_string();
+    let portal = s.client().with_token(&token);
+    let r = portal.get("/v1/reservations?customer=mine").await;
+    assert_eq!((r.status.as_u16(), ids(&r)), (200, vec!["p-1".to_string()]), "{}", r.text);
+    for query in ["customer=theirs", "customer=theirs&status=held", ""] {
+        let r = portal.get(&format!("/v1/reservations?{query}")).await;
+        assert_eq!((r.status.as_u16(), r.code()), (403, "forbidden"), "{query}: {}", r.text);
+    }
+    let r = s.client().with_token("mpt_00.00").get("/v1/reservations?customer=mine").await;
+    assert_eq!(r.status, 401, "a forged token: {}", r.text);
     s.stop().await;
 }

@@ -9,8 +9,9 @@
 //! instance settles it and expires it meanwhile. Records expire (nothing
 //! grows forever). On a hard credits balance, holds racing on three instances
 //! hold exactly what the balance has (one script on the credit key), also
-//! racing consumes, and a settled hold is spent at once everywhere. Without
-//! `redis-server` skipped with a note, or failed under
+//! racing consumes, and a settled hold is spent at once everywhere. A
+//! customer's reservations are listed on every instance, and their index
+//! expires with them. Without `redis-server` skipped with a note, or failed under
 //! `METERD_TEST_REQUIRE_SERVICES`.
 
 mod common;
@@ -364,6 +365,8 @@ async fn reservations_work_across_instances_on_a_redis_cluster() {
     reserve(&cb, json!({"id": "k-2", "customer": "k1", "meter": "minutes", "quantity": 7, "expires_in": "1s"})).await;
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(ca.get("/v1/reservations/k-2").await.body["reservation"]["status"], "expired");
+    // Listing reads the customer's slot on a cluster too.
+    assert_eq!(ids(&list(&ca, "customer=k1").await), ["k-2", "k-1"]);
     a.stop().await;
     b.stop().await;
 }
@@ -738,4 +741,81 @@ async fn a_credit_hold_counts_usage_on_other_instances_not_yet_synced() {
     for s in servers {
         s.stop().await;
     }
+}
+
+/// The ids of a listing, in order.
+fn ids(r: &Resp) -> Vec<String> {
+    r.body["reservations"].as_array().map(|a| a.iter().filter_map(|x| x["id"].as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+async fn list(c: &Client, query: &str) -> Resp {
+    let r = c.get(&format!("/v1/reservations?{query}")).await;
+    assert_eq!(r.status, 200, "{query}: {}", r.text);
+    r
+}
+
+/// The milliseconds `key` has to live (-1: no expiry, -2: none).
+async fn pttl(redis: &RedisServer, key: &str) -> i64 {
+    let mut conn = redis.conn().await;
+    redis::cmd("PTTL").arg(key).query_async(&mut conn).await.expect("pttl")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_taken_on_one_instance_are_listed_on_the_other_and_their_index_expires() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let (a, b) = two(&url_list(&redis), "list").await;
+    let (ca, cb) = (a.client(), b.client());
+    let pause = || tokio::time::sleep(Duration::from_millis(5));
+    reserve(&ca, json!({"id": "ls-1", "customer": "ls", "meter": "minutes", "quantity": 10, "expires_in": "1h"})).await;
+    pause().await;
+    reserve(&cb, json!({"id": "ls-2", "customer": "ls", "meter": "gpu", "quantity": 5})).await;
+    pause().await;
+    let denied = reserve(&ca, json!({"id": "ls-3", "customer": "ls", "meter": "gpu", "quantity": 500, "expires_in": "1h"})).await;
+    assert_eq!(denied.body["reservation"]["status"], "denied", "{}", denied.text);
+    reserve(&ca, json!({"id": "ls-x", "customer": "ls-other", "meter": "gpu", "quantity": 1})).await;
+    assert_eq!(release(&cb, "ls-1").await.status, 200);
+
+    for c in [&ca, &cb] {
+        let all = list(c, "customer=ls").await;
+        assert_eq!(ids(&all), ["ls-3", "ls-2", "ls-1"], "newest first, on either instance: {}", all.text);
+        for item in all.body["reservations"].as_array().into_iter().flatten() {
+            let one = c.get(&format!("/v1/reservations/{}", item["id"].as_str().unwrap_or(""))).await;
+            assert_eq!(&one.body["reservation"], item, "{}", all.text);
+        }
+        assert_eq!(ids(&list(c, "customer=ls&status=held").await), ["ls-2"]);
+        assert_eq!(ids(&list(c, "customer=ls&meter=gpu").await), ["ls-3", "ls-2"]);
+        assert_eq!(ids(&list(c, "customer=ls&limit=1").await), ["ls-3"]);
+    }
+    let bad = cb.get("/v1/reservations?customer=ls&limit=0").await;
+    assert_eq!(bad.status, 400, "{}", bad.text);
+
+    // A held allocation keeps the index; once nothing is held it expires with
+    // the last record (a day after it finished, plus a minute's grace).
+    let (created, end) = ("meterd:{ls}:rl:created", "meterd:{ls}:rl:end");
+    assert_eq!((pttl(&redis, created).await, pttl(&redis, end).await), (-1, -1), "an allocation is held");
+    assert_eq!(release(&ca, "ls-2").await.status, 200);
+    for key in [created, end] {
+        let ttl = pttl(&redis, key).await;
+        assert!(ttl > DAY - 60_000 && ttl <= DAY + 60_000, "{key} expires with its records: {ttl}");
+    }
+    // Members past their end are dropped by the next tracking (a reserve or a
+    // finish); a member whose record is gone is skipped and dropped by a listing.
+    let mut conn = redis.conn().await;
+    let _: i64 = redis::cmd("ZADD").arg(created).arg(1).arg("ghost").query_async(&mut conn).await.expect("zadd");
+    let _: i64 = redis::cmd("ZADD").arg(end).arg(1).arg("ghost").query_async(&mut conn).await.expect("zadd");
+    reserve(&cb, json!({"id": "ls-4", "customer": "ls", "meter": "minutes", "quantity": 1, "expires_in": "1h"})).await;
+    for key in [created, end] {
+        let score: Option<f64> = redis::cmd("ZSCORE").arg(key).arg("ghost").query_async(&mut conn).await.expect("zscore");
+        assert_eq!(score, None, "{key}: pruned by the reserve");
+    }
+    let _: i64 = redis::cmd("DEL").arg("meterd:{ls}:r:ls-1").query_async(&mut conn).await.expect("del");
+    assert_eq!(ids(&list(&ca, "customer=ls").await), ["ls-4", "ls-3", "ls-2"], "a record gone is not listed");
+    for key in [created, end] {
+        let score: Option<f64> = redis::cmd("ZSCORE").arg(key).arg("ls-1").query_async(&mut conn).await.expect("zscore");
+        assert_eq!(score, None, "{key}: dropped by the listing");
+    }
+    assert_eq!(ids(&list(&ca, "customer=ls&status=held").await), ["ls-4"]);
+    a.stop().await;
+    b.stop().await;
 }

@@ -310,7 +310,7 @@ function customerPage(root, customer) {
   const grants = h("div", { id: "grants" });
   const notes = h("div", { id: "notifications" });
   const editor = entitlementsEditor(customer, () => current && current.refresh());
-  const reservations = reservationLookup();
+  const reservations = reservationPanel();
   const portal = portalTokenPanel(customer);
   root.append(
     h("p", {}, h("a", { href: "#/customers" }, "← Customers"), " · ", h("a", { href: `#/history?customer=${c}` }, "History of this customer")),
@@ -323,15 +323,16 @@ function customerPage(root, customer) {
       h("section", { class: "panel", "aria-labelledby": "h-credits" }, h("h2", { id: "h-credits" }, "Credit balances"), balances, h("h2", {}, "Grants"), grants),
       h("section", { class: "panel", "aria-labelledby": "h-notes" }, h("h2", { id: "h-notes" }, "Recent notifications"), notes),
     ),
-    h("div", { class: "grid" }, reservations, portal),
+    h("div", { class: "grid" }, reservations.el, portal),
   );
   return {
     async refresh() {
-      const [usage, bal, gr, nt] = await Promise.all([
+      const [usage, bal, gr, nt, rs] = await Promise.all([
         api(`/v1/customers/${c}/usage`),
         api(`/v1/customers/${c}/balances`),
         api(`/v1/customers/${c}/grants`),
         api(`/v1/notifications?customer=${c}&limit=20`),
+        api(`/v1/reservations?customer=${c}&status=held&limit=100`),
       ]);
       plan.textContent = `Plan ${usage.plan} · features: ${Object.entries(usage.features).map(([k, v]) => `${k} ${v ? "on" : "off"}`).join(", ") || "none"}`;
       limits.replaceChildren(...(usage.meters.length ? usage.meters.map(limitRow) : [h("p", { class: "empty" }, "This plan lists no meter.")]));
@@ -362,6 +363,7 @@ function customerPage(root, customer) {
           "No notification.",
         ),
       );
+      reservations.show(rs.reservations);
       await editor.load();
     },
   };
@@ -495,8 +497,10 @@ function entitlementsEditor(customer, changed) {
   };
 }
 
-/** Reservations cannot be listed; one is looked up by id. */
-function reservationLookup() {
+/** The customer's open (held) reservations, newest first (the newest 100),
+ *  and any reservation looked up by id. */
+function reservationPanel() {
+  const open = h("div", { id: "reservations" });
   const id = h("input", { id: "reservation-id", type: "search", placeholder: "reservation id" });
   const out = h("div", { role: "status" });
   const form = h("form", { class: "filters" }, h("label", { for: "reservation-id" }, "Reservation id", id), h("button", { type: "submit" }, "Look up"));
@@ -509,14 +513,27 @@ function reservationLookup() {
       out.replaceChildren(h("p", { class: "empty" }, err.message));
     }
   });
-  return h(
+  const el = h(
     "section",
     { class: "panel", "aria-labelledby": "h-res" },
-    h("h2", { id: "h-res" }, "Reservations"),
-    h("p", { class: "muted" }, "Held quantity is in the bars (striped). meterd lists no reservations; look one up by id."),
+    h("h2", { id: "h-res" }, "Open reservations"),
+    h("p", { class: "muted" }, "Held now, newest first; their quantity is in the bars (striped). Finished ones: look up by id."),
+    open,
     form,
     out,
   );
+  return {
+    el,
+    show(list) {
+      open.replaceChildren(
+        table(
+          [["Id"], ["Meter"], ["Quantity", 1], ["Expires"]],
+          list.map((r) => [r.id, r.meter, fmt(r.quantity), r.expires_at ? when(r.expires_at) : "held until released"]),
+          "No open reservation.",
+        ),
+      );
+    },
+  };
 }
 
 /** Makes a portal token and shows the widget snippet for this customer. */

@@ -24,6 +24,7 @@ use crate::model::CheckAnswer;
 use crate::model::MeterId;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -64,6 +65,11 @@ impl Status {
             Status::Denied => "denied",
         }
     }
+
+    /// The status named `text` (as serialized), if any.
+    pub fn parse(text: &str) -> Option<Status> {
+        [Status::Held, Status::Settled, Status::Released, Status::Expired, Status::Denied].into_iter().find(|s| s.as_str() == text)
+    }
 }
 
 /// One reservation, as journaled (names, not ids: ids change across restarts).
@@ -99,6 +105,8 @@ struct Entry {
 pub struct HoldBook {
     held: DashMap<(CustomerId, MeterId), i64>,
     reservations: DashMap<String, Entry>,
+    /// The ids of each customer's reservations in `reservations` (listing).
+    by_customer: DashMap<String, HashSet<String>>,
     cap: usize,
     journal: Mutex<Option<journal::Journal>>,
     /// With Redis: the held totals over all instances, as last read.
@@ -108,7 +116,14 @@ pub struct HoldBook {
 impl HoldBook {
     /// An empty book that journals nothing (tests, embedded use without a data dir).
     pub fn in_memory(cap: usize) -> HoldBook {
-        HoldBook { held: DashMap::new(), reservations: DashMap::new(), cap, journal: Mutex::new(None), shared: None }
+        HoldBook {
+            held: DashMap::new(),
+            reservations: DashMap::new(),
+            by_customer: DashMap::new(),
+            cap,
+            journal: Mutex::new(None),
+            shared: None,
+        }
     }
 
     /// Opens the journal in `dir` and restores what it holds: reservations still
@@ -184,6 +199,18 @@ impl HoldBook {
         self.reservations.get(id).map(|e| e.r.clone())
     }
 
+    /// `customer`'s reservations that `keep` accepts, newest first (by created
+    /// time, then id), at most `limit` (from the customer's own index: the
+    /// rest of the book is not read).
+    pub fn list(&self, customer: &str, keep: impl Fn(&Reservation) -> bool, limit: usize) -> Vec<Reservation> {
+        let ids: Vec<String> = self.by_customer.get(customer).map(|set| set.iter().cloned().collect()).unwrap_or_default();
+        let mut out: Vec<Reservation> =
+            ids.iter().filter_map(|id| self.reservations.get(id).map(|e| e.r.clone())).filter(|r| keep(r)).collect();
+        out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| b.id.cmp(&a.id)));
+        out.truncate(limit);
+        out
+    }
+
     /// How many reservations the book remembers.
     pub fn len(&self) -> usize {
         self.reservations.len()
@@ -254,7 +281,13 @@ impl HoldBook {
     /// Forgets finished reservations past the retention, and compacts the
     /// journal when it holds many more lines than the book.
     pub fn sweep(&self, now: i64) -> Result<(), HoldError> {
-        self.reservations.retain(|_, e| keep(&e.r, now));
+        self.reservations.retain(|id, e| {
+            let kept = keep(&e.r, now);
+            if !kept {
+                self.unlist(&e.r.customer, id);
+            }
+            kept
+        });
         crate::telemetry::holds_gauge(self.reservations.len());
         let mut journal = self.journal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(j) = journal.as_mut() {
@@ -288,7 +321,16 @@ impl HoldBook {
                 self.held.remove_if(&(e.customer, e.meter), |_, v| *v == 0);
             }
         }
+        self.by_customer.entry(e.r.customer.clone()).or_default().insert(e.r.id.clone());
         self.reservations.insert(e.r.id.clone(), e);
+    }
+
+    /// Drops `id` from its customer's index (and the customer, when it was the last).
+    fn unlist(&self, customer: &str, id: &str) {
+        if let Some(mut set) = self.by_customer.get_mut(customer) {
+            set.remove(id);
+        }
+        self.by_customer.remove_if(customer, |_, set| set.is_empty());
     }
 }
 

@@ -461,6 +461,11 @@ pub async fn reserve(
             finished_ms: if status == Status::Held { 0 } else { take.now },
         };
         expire_owner(redis, &r).await?;
+        track(redis, &r).await?;
+    }
+    if let ReserveOutcome::Exists { reservation, .. } = &outcome {
+        // Tracked again (idempotent): a crash may have come before it.
+        track(redis, reservation).await?;
     }
     Ok(outcome)
 }
@@ -522,6 +527,7 @@ pub async fn finish(redis: &Redis, f: Finish<'_>) -> Result<(FinishOutcome, i64)
     let ts = int(reply.get(9)).unwrap_or(0);
     if changed == 1 {
         expire_owner(redis, &r).await?;
+        track(redis, &r).await?;
         Ok((FinishOutcome::Finished { reservation: r, held }, ts))
     } else {
         Ok((FinishOutcome::Unchanged { reservation: r, held }, ts))
@@ -641,4 +647,148 @@ pub async fn read_held(redis: &Redis, pairs: &[(&str, &str)]) -> Result<Vec<Opti
         }
     };
     Ok(replies.into_iter().map(|(t, v)| t.map(|total| Held { total, version: v.unwrap_or(0) })).collect())
+}
+
+// Listing a customer's reservations (issue 22): two sorted sets in the
+// customer's slot, `P{C}:rl:created` (by created ms, for newest first) and
+// `P{C}:rl:end` (by when the record expires: `+inf` while an allocation is
+// held). Every reserve and finish tracks its reservation; each tracking drops
+// up to [`TRACK_PRUNE`] members whose records expired and sets both keys to
+// expire with the last record, so neither set outlives what it indexes. A
+// listing drops the members it meets whose record is gone.
+
+/// Members past their end dropped per tracking call.
+const TRACK_PRUNE: usize = 64;
+/// The end scores lag the records' expiry by this much (instances' clocks).
+const TRACK_GRACE_MS: i64 = 60_000;
+/// Reservations a listing looks at, at most (newest first), and per round trip.
+pub const LIST_SCAN_MAX: usize = 10_000;
+const LIST_PAGE: usize = 500;
+
+/// KEYS: by-created, by-end. ARGV: id, created ms, end ms (or `+inf`), now ms,
+/// prune batch. Replies how many expired members were dropped.
+const TRACK_BODY: &str = r"
+local rs, re = KEYS[1], KEYS[2]
+redis.call('ZADD', rs, 'NX', ARGV[2], ARGV[1])
+redis.call('ZADD', re, ARGV[3], ARGV[1])
+local gone = redis.call('ZRANGEBYSCORE', re, '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[5]))
+if #gone > 0 then
+  redis.call('ZREM', rs, unpack(gone))
+  redis.call('ZREM', re, unpack(gone))
+end
+local last = redis.call('ZRANGE', re, -1, -1, 'WITHSCORES')
+if #last == 0 then return #gone end
+local at = tonumber(last[2])
+if last[2] == 'inf' or last[2] == '+inf' or at == nil or at == math.huge then
+  redis.call('PERSIST', rs)
+  redis.call('PERSIST', re)
+else
+  redis.call('PEXPIREAT', rs, math.floor(at))
+  redis.call('PEXPIREAT', re, math.floor(at))
+end
+return #gone
+";
+
+/// KEYS: by-created, by-end. ARGV: the reservation key prefix (`P{C}:r:`),
+/// first and last rank (newest first). The records read are in the same slot
+/// (the customer's hash tag), so this runs on a cluster too. A member whose
+/// record is gone (expired before its end, or a finish that crashed before
+/// tracking) is dropped from both sets. Replies how many were dropped, then
+/// per member left its id and its record (see `record`).
+const PAGE_BODY: &str = r"
+local ids = redis.call('ZREVRANGE', KEYS[1], ARGV[2], ARGV[3])
+local out, gone = {0}, {}
+for _, id in ipairs(ids) do
+  local r = record(ARGV[1] .. id)
+  if r[1] == 0 then
+    gone[#gone + 1] = id
+  else
+    out[#out + 1] = id
+    for i = 1, 8 do out[#out + 1] = r[i] end
+  end
+end
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('ZREM', KEYS[2], unpack(gone))
+end
+out[1] = #gone
+return out
+";
+
+static TRACK: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(TRACK_BODY));
+static PAGE: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{PRELUDE}{PAGE_BODY}")));
+
+/// When `r`'s record expires (ms), `None` while it lives on (a held allocation).
+fn record_end(r: &Reservation) -> Option<i64> {
+    match (r.status, r.expires_at) {
+        (Status::Held, None) => None,
+        (Status::Held, Some(at)) => Some(at.saturating_add(FINISHED_RETENTION_MS)),
+        _ => Some(r.finished_ms.max(r.created_ms).saturating_add(FINISHED_RETENTION_MS)),
+    }
+}
+
+/// Puts `r` in its customer's listing sets (or moves its end), dropping
+/// expired members.
+pub async fn track(redis: &Redis, r: &Reservation) -> Result<(), SharedError> {
+    let end = match record_end(r) {
+        Some(at) => at.saturating_add(TRACK_GRACE_MS).to_string(),
+        None => "+inf".to_string(),
+    };
+    let mut invocation = TRACK.prepare_invoke();
+    invocation
+        .key(redis.keys.reservations_by_created(&r.customer))
+        .key(redis.keys.reservations_by_end(&r.customer))
+        .arg(&r.id)
+        .arg(r.created_ms)
+        .arg(end)
+        .arg(crate::clock::now_ms())
+        .arg(TRACK_PRUNE);
+    let mut conn = redis.conn();
+    let _: i64 = redis.call("track reservation", invocation.invoke_async(&mut conn)).await?;
+    Ok(())
+}
+
+/// `customer`'s reservations newest first (by created time), those `keep`
+/// accepts, at most `limit`, looking at no more than [`LIST_SCAN_MAX`].
+pub async fn list(
+    redis: &Redis,
+    customer: &str,
+    keep: impl Fn(&Reservation) -> bool,
+    limit: usize,
+) -> Result<Vec<Reservation>, SharedError> {
+    let mut out = Vec::new();
+    let prefix = redis.keys.reservation(customer, "");
+    let (mut start, mut scanned) = (0, 0);
+    while scanned < LIST_SCAN_MAX && out.len() < limit {
+        let mut invocation = PAGE.prepare_invoke();
+        invocation
+            .key(redis.keys.reservations_by_created(customer))
+            .key(redis.keys.reservations_by_end(customer))
+            .arg(&prefix)
+            .arg(start)
+            .arg(start + LIST_PAGE - 1);
+        let mut conn = redis.conn();
+        let reply: Vec<Value> = redis.call("list reservations", invocation.invoke_async(&mut conn)).await?;
+        let (Some(dropped), Some(rest)) = (int(reply.first()).and_then(|n| usize::try_from(n).ok()), reply.get(1..)) else {
+            return Err(unexpected("list", &reply));
+        };
+        if rest.len() % 9 != 0 {
+            return Err(unexpected("list", &reply));
+        }
+        for chunk in rest.chunks(9) {
+            let id = chunk.first().and_then(|v| ::redis::from_redis_value_ref::<String>(v).ok());
+            let Some(r) = id.and_then(|id| reservation(&id, customer, chunk, 1)) else { return Err(unexpected("list", &reply)) };
+            if keep(&r) && out.len() < limit {
+                out.push(r);
+            }
+        }
+        let live = rest.len() / 9;
+        // The dropped members are gone: the next page starts after the live ones.
+        scanned += live + dropped;
+        if live + dropped < LIST_PAGE {
+            break;
+        }
+        start += live;
+    }
+    Ok(out)
 }

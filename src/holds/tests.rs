@@ -78,3 +78,29 @@ fn the_journal_restores_holds_and_drops_old_finished_ones() {
     assert!(later.get("c").is_none(), "finished past the retention: forgotten");
     assert_eq!(later.len(), 2);
 }
+
+#[test]
+fn a_customers_reservations_are_listed_newest_first_until_swept() {
+    let book = HoldBook::in_memory(10);
+    let at = |id: &str, customer: &str, created_ms: i64| Reservation { customer: customer.into(), created_ms, ..held(id, 1, None) };
+    book.insert(at("a", "c", 10), 1, 2, answer()).expect("insert");
+    book.insert(at("b", "c", 30), 1, 2, answer()).expect("insert");
+    book.insert(at("z", "other", 40), 3, 2, answer()).expect("insert");
+    book.insert(at("c", "c", 20), 1, 2, answer()).expect("insert");
+    let ids = |list: Vec<Reservation>| list.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(book.list("c", |_| true, 10)), ["b", "c", "a"]);
+    assert_eq!(ids(book.list("c", |_| true, 2)), ["b", "c"]);
+    assert_eq!(ids(book.list("nobody", |_| true, 10)), Vec::<String>::new());
+    book.finish("a", Status::Released, None, 50).expect("finish");
+    assert_eq!(ids(book.list("c", |r| r.status == Status::Held, 10)), ["b", "c"]);
+    assert_eq!(ids(book.list("c", |r| r.status == Status::Released, 10)), ["a"]);
+    // A day after it finished, "a" is forgotten, from the listing too.
+    book.sweep(50 + FINISHED_RETENTION_MS).expect("sweep");
+    assert_eq!(ids(book.list("c", |_| true, 10)), ["b", "c"]);
+    for id in ["b", "c"] {
+        book.finish(id, Status::Released, None, 60).expect("finish");
+    }
+    book.sweep(60 + FINISHED_RETENTION_MS).expect("sweep");
+    assert!(book.by_customer.get("c").is_none(), "a customer with none left is dropped");
+    assert_eq!(ids(book.list("other", |_| true, 10)), ["z"]);
+}

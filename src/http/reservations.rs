@@ -1,4 +1,5 @@
-//! The reservation routes (issue 19): take, settle, release and read holds.
+//! The reservation routes (issue 19): take, settle, release and read holds;
+//! list a customer's (issue 22).
 //! Thin: read the request, call the reservations service, shape the answer.
 //! Writes are spawned like consumes: once a journal or WAL record is written,
 //! the change must complete even if the client goes away.
@@ -7,10 +8,11 @@ use super::body::read_limited;
 use super::error::{json, ApiError};
 use super::{HttpState, RequestBody};
 use crate::config::Scope;
-use crate::reservations::{ReservationError, ReserveRequest, SettleRequest};
+use crate::reservations::{ListRequest, ReservationError, ReserveRequest, SettleRequest};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{HeaderMap, Request, Response, StatusCode};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 type Resp = Result<Response<Full<Bytes>>, ApiError>;
@@ -92,4 +94,16 @@ pub async fn get(state: &HttpState, headers: &HeaderMap, id: &str) -> Resp {
         state.auth.authorize_customer(headers, &[Scope::Check, Scope::Read], &customer, &state.portal)?;
     }
     Ok(json(StatusCode::OK, &answer.map_err(error)?))
+}
+
+/// `GET /v1/reservations?customer=C[&meter=M][&status=S][&limit=N]` (check or
+/// read; a portal token of that customer).
+pub async fn list(state: &HttpState, headers: &HeaderMap, query: &BTreeMap<String, String>) -> Resp {
+    // Authorized before the parameters are judged (a portal token without
+    // `customer` reads no customer of its own: 403).
+    let customer = query.get("customer").map_or("", String::as_str);
+    state.auth.authorize_customer(headers, &[Scope::Check, Scope::Read], customer, &state.portal)?;
+    let request = ListRequest::from_query(query).map_err(error)?;
+    let answer = state.engine.reservation_ports().list(&request).await.map_err(error)?;
+    Ok(json(StatusCode::OK, &answer))
 }

@@ -121,7 +121,15 @@ pub static ROUTES: &[Route] = &[
         name: "reservations",
         path: "/v1/reservations",
         ops: false,
-        methods: &[(Method::POST, |s, req, _| Box::pin(async move { super::reservations::reserve(&s, req).await }))],
+        methods: &[
+            (Method::GET, |s, req, _| {
+                Box::pin(async move {
+                    let query = parse_query(req.uri().query().unwrap_or(""))?;
+                    super::reservations::list(&s, req.headers(), &query).await
+                })
+            }),
+            (Method::POST, |s, req, _| Box::pin(async move { super::reservations::reserve(&s, req).await })),
+        ],
     },
     Route {
         name: "reservation",

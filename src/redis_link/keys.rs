@@ -80,6 +80,19 @@ impl Keys {
         format!("{}{{{customer}}}:held:{meter}", self.prefix)
     }
 
+    /// `P{C}:rl:created`: the customer's reservations by when they were taken
+    /// (a sorted set; member: the id, score: created ms), for listing.
+    pub fn reservations_by_created(&self, customer: &str) -> String {
+        format!("{}{{{customer}}}:rl:created", self.prefix)
+    }
+
+    /// `P{C}:rl:end`: the same reservations by when their records expire
+    /// (score: ms, `+inf` for a held allocation): members past it are dropped
+    /// from both sets, and both keys expire with the last record.
+    pub fn reservations_by_end(&self, customer: &str) -> String {
+        format!("{}{{{customer}}}:rl:end", self.prefix)
+    }
+
     /// `P{index}:hold_expiry`: reservations by expiry (a sorted set; member: the
     /// JSON `[customer, meter, id]`, score: `expires_at` ms).
     pub fn hold_expiry(&self) -> String {
@@ -140,6 +153,8 @@ mod tests {
         assert_eq!(keys.customer_of("other:{u_42}:ent"), None);
         assert_eq!(keys.reservation("u_42", "iv-1"), "m:{u_42}:r:iv-1");
         assert_eq!(keys.held("u_42", "calls"), "m:{u_42}:held:calls");
+        assert_eq!(keys.reservations_by_created("u_42"), "m:{u_42}:rl:created");
+        assert_eq!(keys.reservations_by_end("u_42"), "m:{u_42}:rl:end");
         assert_eq!(keys.event_id(255), "m:id:000000000000000000000000000000ff");
     }
 }

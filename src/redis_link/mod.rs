@@ -17,6 +17,7 @@
 //! | `Pres:<id>` | string | the customer reservation `id` belongs to (expires with the reservation) |
 //! | `P{C}:held:<meter>` | hash | `t`: what the customer's reservations hold of the meter over all instances; `v`: its version (Redis time µs, rising) |
 //! | `P{index}:hold_expiry` | sorted set | `[customer, meter, id]` (JSON) by `expires_at`: the expiry task's index (a hint: the reservation's own hash decides) |
+//! | `P{C}:rl:created`, `P{C}:rl:end` | sorted sets | the customer's reservation ids by created ms (listing) and by when their records expire (`+inf`: a held allocation; members past it are dropped, the keys expire with the last record) |
 //! | `Palive` | string | set by every sync round if missing: its absence tells the syncers Redis lost its data |
 //! | `Pid:<hex>` | string | an event id seen by some instance (expires after `dedupe_window`) |
 //! | channel `Pentitlements` | pub/sub | a customer id whose entitlements changed |

@@ -156,6 +156,52 @@ impl SettleRequest {
     }
 }
 
+/// Reservations per listing by default, and at most.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+/// A parsed `GET /v1/reservations` query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListRequest {
+    pub customer: String,
+    pub meter: Option<String>,
+    pub status: Option<Status>,
+    pub limit: usize,
+}
+
+impl ListRequest {
+    /// Reads the query parameters, naming the first bad one.
+    pub fn from_query(query: &std::collections::BTreeMap<String, String>) -> Result<ListRequest, ReservationError> {
+        if let Some(k) = query.keys().find(|k| !matches!(k.as_str(), "customer" | "meter" | "status" | "limit")) {
+            return Err(ReservationError::Invalid { field: "query", reason: format!("unknown query parameter {k:?}") });
+        }
+        let customer = query.get("customer").cloned().ok_or_else(|| invalid("customer", "is required"))?;
+        if customer.is_empty() || customer.len() > 256 || customer.chars().any(char::is_control) {
+            return Err(invalid("customer", "must be 1-256 bytes without control characters"));
+        }
+        let meter = match query.get("meter") {
+            Some(m) if m.is_empty() => return Err(invalid("meter", "must not be empty")),
+            m => m.cloned(),
+        };
+        let status = match query.get("status") {
+            None => None,
+            Some(text) => Some(Status::parse(text).ok_or_else(|| invalid("status", "must be held, settled, released, expired or denied"))?),
+        };
+        let limit = match query.get("limit") {
+            None => DEFAULT_LIST_LIMIT,
+            Some(text) => match text.parse::<usize>() {
+                Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
+                _ => return Err(invalid("limit", format!("must be an integer between 1 and {MAX_LIST_LIMIT}"))),
+            },
+        };
+        Ok(ListRequest { customer, meter, status, limit })
+    }
+
+    fn keeps(&self, r: &Reservation) -> bool {
+        self.meter.as_ref().is_none_or(|m| *m == r.meter) && self.status.is_none_or(|s| s == r.status)
+    }
+}
+
 /// A reservation as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReservationView {
@@ -189,6 +235,12 @@ pub struct ReserveAnswer {
     #[serde(flatten)]
     pub check: CheckAnswer,
     pub reservation: ReservationView,
+}
+
+/// The answer to `GET /v1/reservations`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReservationList {
+    pub reservations: Vec<ReservationView>,
 }
 
 /// The answer to settle, release and get.
@@ -339,6 +391,20 @@ impl ReservationPorts<'_> {
         }
         let r = self.holds.get(id).ok_or_else(|| ReservationError::NotFound(id.to_string()))?;
         Ok(self.view(&r))
+    }
+
+    /// `GET /v1/reservations?customer=C`: the customer's reservations newest
+    /// first (held ones, and finished ones within the retention). With Redis
+    /// from Redis, so a hold taken on any instance is listed.
+    pub async fn list(&self, req: &ListRequest) -> Result<ReservationList, ReservationError> {
+        if let Some(m) = &req.meter {
+            self.meter(m)?;
+        }
+        let found = match self.shared() {
+            Some(redis) => crate::holds::shared::list(redis, &req.customer, |r| req.keeps(r), req.limit).await?,
+            None => self.holds.list(&req.customer, |r| req.keeps(r), req.limit),
+        };
+        Ok(ReservationList { reservations: found.iter().map(|r| ReservationView::of(r, self.precision_of(r))).collect() })
     }
 
     /// `POST /v1/reservations/{id}/settle`: records the quantity as usage under

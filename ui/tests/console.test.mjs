@@ -264,6 +264,15 @@ try {
   assert.equal(await day.locator('[data-f="held"]').textContent(), "200");
   const heldWidth = await day.locator(".held").evaluate((el) => el.getBoundingClientRect().width);
   assert.ok(heldWidth > 10, `the held part is drawn: ${heldWidth}px`);
+  // The open reservation is listed with its meter, quantity and expiry.
+  const open = page.locator("#reservations tbody tr", { hasText: "res-1" });
+  await open.waitFor();
+  assert.deepEqual(
+    (await open.locator("td").allTextContents()).slice(0, 3),
+    ["res-1", "api_calls", "200"],
+    "the held reservation's id, meter and quantity",
+  );
+  assert.match(await open.locator("td").nth(3).textContent(), /^\d{4}-\d\d-\d\d \d\d:\d\d UTC$/, "its expiry");
   await page.getByLabel("Reservation id").fill("res-1");
   await page.getByRole("button", { name: "Look up" }).click();
   await page.locator("section td", { hasText: "held" }).first().waitFor();
