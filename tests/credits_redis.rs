@@ -158,6 +158,17 @@ async fn race(servers: &[&TestServer], customer: &str, meter: &str, per: usize) 
     allowed
 }
 
+/// Waits until `field` of `meter`'s balance on every server is `want`.
+async fn wait_balances(servers: &[&TestServer], customer: &str, meter: &str, field: &str, want: i64) {
+    for s in servers {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while balance_of(s, customer, meter).await[field] != json!(want) {
+            assert!(Instant::now() < deadline, "{field} of {meter} never reached {want} on an instance");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credits_beside_a_strict_limit_are_taken_in_redis_too() {
     let redis = need!(RedisServer::start(false).await);
@@ -166,13 +177,7 @@ async fn credits_beside_a_strict_limit_are_taken_in_redis_too() {
     let customer = uid("cs");
     let r = a.client().post_json(&format!("/v1/customers/{customer}/grants"), &json!({"id": "g", "meter": "gpu", "amount": 500})).await;
     assert_eq!(r.status, 201, "{}", r.text);
-    for s in [&a, &b] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while balance_of(s, &customer, "gpu").await["granted"] != json!(500) {
-            assert!(Instant::now() < deadline, "the grant never reached an instance");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_balances(&[&a, &b], &customer, "gpu", "granted", 500).await;
     assert_eq!(race(&[&a, &b], &customer, "gpu", 4).await, 16, "500 credits buy exactly 16 consumes of 30");
     // The strict window holds exactly what was allowed: refusals were given back.
     let mut conn = redis.conn().await;
@@ -184,13 +189,7 @@ async fn credits_beside_a_strict_limit_are_taken_in_redis_too() {
         month += t.unwrap_or(0);
     }
     assert_eq!(month, 480);
-    for s in [&a, &b] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while balance_of(s, &customer, "gpu").await["balance"] != json!(20) {
-            assert!(Instant::now() < deadline, "balances never converged");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_balances(&[&a, &b], &customer, "gpu", "balance", 20).await;
     a.stop().await;
     b.stop().await;
 }
@@ -206,25 +205,13 @@ async fn credits_beside_a_leased_limit_are_taken_in_redis_too() {
     let customer = uid("cl");
     let r = a.client().post_json(&format!("/v1/customers/{customer}/grants"), &json!({"id": "g", "meter": "lz", "amount": 500})).await;
     assert_eq!(r.status, 201, "{}", r.text);
-    for s in [&a, &b] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while balance_of(s, &customer, "lz").await["granted"] != json!(500) {
-            assert!(Instant::now() < deadline, "the grant never reached an instance");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_balances(&[&a, &b], &customer, "lz", "granted", 500).await;
     assert_eq!(race(&[&a, &b], &customer, "lz", 4).await, 16, "500 credits buy exactly 16 consumes of 30, across two instances");
     let mut conn = redis.conn().await;
     let t: Option<i64> =
         redis::cmd("HGET").arg(format!("meterd:{{{customer}}}:credits:lz")).arg("t").query_async(&mut conn).await.expect("hget");
     assert_eq!(t, Some(480));
-    for s in [&a, &b] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while balance_of(s, &customer, "lz").await["balance"] != json!(20) {
-            assert!(Instant::now() < deadline, "balances never converged");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_balances(&[&a, &b], &customer, "lz", "balance", 20).await;
     a.stop().await;
     b.stop().await;
 }
