@@ -169,15 +169,22 @@ async fn wait_balances(servers: &[&TestServer], customer: &str, meter: &str, fie
     }
 }
 
+/// Two instances and a customer granted `amount` of `meter`, seen by both.
+async fn two_granted(redis: &RedisServer, tag: &str, meter: &str, amount: i64) -> (TestServer, TestServer, String) {
+    let a = TestServer::start(&config(&redis.url(), &format!("{tag}-a"))).await;
+    let b = TestServer::start(&config(&redis.url(), &format!("{tag}-b"))).await;
+    let customer = uid(tag);
+    let body = json!({"id": "g", "meter": meter, "amount": amount});
+    let r = a.client().post_json(&format!("/v1/customers/{customer}/grants"), &body).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    wait_balances(&[&a, &b], &customer, meter, "granted", amount).await;
+    (a, b, customer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credits_beside_a_strict_limit_are_taken_in_redis_too() {
     let redis = need!(RedisServer::start(false).await);
-    let a = TestServer::start(&config(&redis.url(), "cs-a")).await;
-    let b = TestServer::start(&config(&redis.url(), "cs-b")).await;
-    let customer = uid("cs");
-    let r = a.client().post_json(&format!("/v1/customers/{customer}/grants"), &json!({"id": "g", "meter": "gpu", "amount": 500})).await;
-    assert_eq!(r.status, 201, "{}", r.text);
-    wait_balances(&[&a, &b], &customer, "gpu", "granted", 500).await;
+    let (a, b, customer) = two_granted(&redis, "cs", "gpu", 500).await;
     assert_eq!(race(&[&a, &b], &customer, "gpu", 4).await, 16, "500 credits buy exactly 16 consumes of 30");
     // The strict window holds exactly what was allowed: refusals were given back.
     let mut conn = redis.conn().await;
@@ -200,12 +207,7 @@ async fn credits_beside_a_strict_limit_are_taken_in_redis_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credits_beside_a_leased_limit_are_taken_in_redis_too() {
     let redis = need!(RedisServer::start(false).await);
-    let a = TestServer::start(&config(&redis.url(), "cl-a")).await;
-    let b = TestServer::start(&config(&redis.url(), "cl-b")).await;
-    let customer = uid("cl");
-    let r = a.client().post_json(&format!("/v1/customers/{customer}/grants"), &json!({"id": "g", "meter": "lz", "amount": 500})).await;
-    assert_eq!(r.status, 201, "{}", r.text);
-    wait_balances(&[&a, &b], &customer, "lz", "granted", 500).await;
+    let (a, b, customer) = two_granted(&redis, "cl", "lz", 500).await;
     assert_eq!(race(&[&a, &b], &customer, "lz", 4).await, 16, "500 credits buy exactly 16 consumes of 30, across two instances");
     let mut conn = redis.conn().await;
     let t: Option<i64> =
