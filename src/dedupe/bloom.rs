@@ -5,6 +5,8 @@
 //! Each key sets one bit in each of the eight words of one 64-byte block
 //! (k = 8); at 10 bits per key the false-positive rate is about 1 %.
 
+use super::pages::Pages;
+
 /// Bits of filter per id.
 pub const BITS_PER_KEY: usize = 10;
 const WORDS: usize = 8;
@@ -12,19 +14,19 @@ const WORDS: usize = 8;
 /// The filter's bit array, in blocks of eight words.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bloom {
-    words: Vec<u64>,
+    words: Pages<u64>,
 }
 
 impl Bloom {
     /// An empty filter sized for `keys` keys.
     pub fn with_keys(keys: usize) -> Bloom {
         let blocks = (keys * BITS_PER_KEY).div_ceil(WORDS * 64).max(1);
-        Bloom { words: vec![0; blocks * WORDS] }
+        Bloom { words: Pages::zeroed(blocks * WORDS) }
     }
 
     /// A filter from its stored words (a whole number of blocks, at least one).
-    pub fn from_words(words: Vec<u64>) -> Option<Bloom> {
-        (!words.is_empty() && words.len().is_multiple_of(WORDS)).then_some(Bloom { words })
+    pub fn from_words(words: &[u64]) -> Option<Bloom> {
+        (!words.is_empty() && words.len().is_multiple_of(WORDS)).then(|| Bloom { words: Pages::from_slice(words) })
     }
 
     pub fn words(&self) -> &[u64] {
@@ -88,7 +90,7 @@ mod tests {
         assert!(tags.iter().all(|&t| f.may_contain(t)));
         let fp = (0..100_000u64).filter(|i| f.may_contain(crate::dedupe::hash_id(&format!("out-{i}")) >> 32)).count();
         assert!(fp < 2_000, "{fp} false positives in 100k");
-        assert_eq!(Bloom::from_words(f.words().to_vec()), Some(f));
-        assert_eq!(Bloom::from_words(vec![1, 2, 3]), None);
+        assert_eq!(Bloom::from_words(f.words()), Some(f));
+        assert_eq!(Bloom::from_words(&[1, 2, 3]), None);
     }
 }

@@ -23,6 +23,7 @@
 
 pub mod bloom;
 pub mod gate;
+mod pages;
 pub mod run;
 pub mod table;
 
@@ -124,6 +125,17 @@ struct Spill {
     has_revoked: AtomicBool,
     /// Set to stop a gate rebuild between runs (shutdown).
     gate_cancel: AtomicBool,
+    /// The runs' indexes alone pass the filters' share of the budget: refuse
+    /// ingest (see [`Deduper::refusal`]).
+    index_full: AtomicBool,
+}
+
+impl Spill {
+    /// Records whether the indexes of `runs` alone pass the filters' share.
+    fn note_index(&self, runs: &[Arc<Run>]) {
+        let index: u64 = runs.iter().map(|r| Run::index_bytes_for(r.len())).sum();
+        self.index_full.store(index > filter_share(self.config.memory_bytes), Ordering::Release);
+    }
 }
 
 /// What a [`Deduper::spill`] did.
@@ -157,21 +169,35 @@ impl Deduper {
         let now_minute = minute_of(now_ms);
         let mut runs = Vec::new();
         let mut next_seq = 1;
+        let mut paths = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(dir_err)? {
             let path = entry.map_err(dir_err)?.path();
             match path.extension().and_then(|e| e.to_str()) {
                 Some("tmp") => std::fs::remove_file(&path).map_err(dir_err)?,
-                Some("run") => {
-                    let run = Run::open(&path)?;
-                    if !config.keep_existing || run.hi.saturating_add(window_minutes) < now_minute {
-                        std::fs::remove_file(&path).map_err(dir_err)?;
-                        continue;
-                    }
-                    next_seq = next_seq.max(run.seq + 1);
-                    runs.push(Arc::new(run));
-                }
+                Some("run") => paths.push(path),
                 _ => {}
             }
+        }
+        // Newest first (names start with the oldest minute held): the newest
+        // runs keep their filters when not all fit the budget.
+        paths.sort_unstable_by(|a, b| b.cmp(a));
+        let mut filter_room = filter_share(config.memory_bytes);
+        for path in paths {
+            let run = Run::open(&path, true)?;
+            if !config.keep_existing || run.hi.saturating_add(window_minutes) < now_minute {
+                std::fs::remove_file(&path).map_err(dir_err)?;
+                continue;
+            }
+            next_seq = next_seq.max(run.seq + 1);
+            let need = run.ram_bytes() as u64;
+            let run = if need <= filter_room {
+                filter_room -= need;
+                run
+            } else {
+                filter_room = filter_room.saturating_sub(Run::index_bytes_for(run.len()));
+                run.without_filter()
+            };
+            runs.push(Arc::new(run));
         }
         runs.sort_by_key(|r| r.hi);
         let watermark = runs.iter().map(|r| r.hi).max().unwrap_or(0);
@@ -187,7 +213,9 @@ impl Deduper {
             revoked: Mutex::new(HashSet::new()),
             has_revoked: AtomicBool::new(false),
             gate_cancel: AtomicBool::new(false),
+            index_full: AtomicBool::new(false),
         };
+        spill.note_index(&spill.runs.read().unwrap_or_else(|p| p.into_inner()).runs);
         Ok(Deduper { table: Table::new(window_ms), window_minutes, spill: Some(spill) })
     }
 
@@ -349,6 +377,7 @@ impl Deduper {
         }
         // Dropped runs stay in the gate as stale bits until `rebuild_gate`.
         let gate = if live.is_empty() { None } else { guard.gate.clone() };
+        spill.note_index(&live);
         *guard = Arc::new(RunSet::new(guard.version, live, gate));
         drop(guard);
         for run in old {
@@ -445,8 +474,22 @@ impl Deduper {
             }
             other => other.clone(),
         };
+        // The run keeps its filter in RAM only while the runs' filters and the
+        // gate stay within their share of the budget; past it, lookups in
+        // this run read the disk (exact, slower) until older runs expire.
+        let held = current.runs.iter().map(|r| r.ram_bytes() as u64).sum::<u64>() + gate.as_ref().map_or(0, |g| g.bytes() as u64);
+        let keep_filter = held.saturating_add(Run::ram_bytes_for(ids as u64)) <= filter_share(spill.config.memory_bytes);
+        if !keep_filter {
+            tracing::warn!(
+                ids,
+                held_bytes = held,
+                dedupe_memory = spill.config.memory_bytes,
+                "the dedupe runs' filters fill their share of ingest.dedupe_memory: this run is kept without one \
+                 (exact, but its lookups read the disk); raise ingest.dedupe_memory or shorten ingest.dedupe_window"
+            );
+        }
         drop(current);
-        let run = Arc::new(Run::write(&spill.config.dir, seq, slots)?);
+        let run = Arc::new(Run::write(&spill.config.dir, seq, slots, keep_filter)?);
         // Publish the run, then let the ids go from RAM: a prober always finds
         // an id in one or the other (see `Table::insert_with`).
         let version = {
@@ -454,6 +497,7 @@ impl Deduper {
             let mut runs = guard.runs.clone();
             runs.push(run);
             runs.sort_by_key(|r| r.hi);
+            spill.note_index(&runs);
             let version = guard.version + 1;
             *guard = Arc::new(RunSet::new(version, runs, gate));
             version
@@ -539,6 +583,13 @@ impl Deduper {
     /// cannot be spilled.
     pub fn refusal(&self) -> Option<String> {
         let spill = self.spill.as_ref()?;
+        if spill.index_full.load(Ordering::Acquire) {
+            return Some(
+                "the event ids of ingest.dedupe_window no longer fit ingest.dedupe_memory, even with their filters on disk: \
+                 raise ingest.dedupe_memory or shorten ingest.dedupe_window"
+                    .to_string(),
+            );
+        }
         (spill.failing.load(Ordering::Acquire) && self.table.len() >= self.table_cap(spill))
             .then(|| "event ids cannot be spilled to disk (is the disk full?) and ingest.dedupe_memory is used up".to_string())
     }
@@ -582,6 +633,12 @@ impl Deduper {
     pub fn dir(&self) -> Option<&Path> {
         self.spill.as_ref().map(|s| s.config.dir.as_path())
     }
+}
+
+/// The part of `ingest.dedupe_memory` the runs' filters and indexes and the
+/// gate may use; the rest (at least 1/8) is the table's.
+fn filter_share(memory_bytes: u64) -> u64 {
+    memory_bytes - memory_bytes / 8
 }
 
 fn window_minutes(window_ms: i64) -> u32 {

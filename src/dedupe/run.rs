@@ -14,6 +14,10 @@
 //!
 //! Opening reads the header, filter and index only (about 1.4 bytes per id),
 //! never the entries: a lookup reads one or two 1 KiB blocks with `pread`.
+//! A run may be opened *unfiltered* (its filter left on disk) when the runs'
+//! filters would pass their share of `ingest.dedupe_memory`: every lookup then
+//! reads the disk (slower, still exact), and only the index stays in RAM
+//! (1/8 byte per id).
 
 use super::bloom::Bloom;
 use super::table::{slot_minute, slot_tag};
@@ -52,7 +56,8 @@ pub struct Run {
     /// Oldest and newest acceptance minute held.
     pub lo: u32,
     pub hi: u32,
-    bloom: Bloom,
+    /// `None`: unfiltered (see above).
+    bloom: Option<Bloom>,
     index: Vec<u64>,
 }
 
@@ -88,7 +93,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), RunError> {
 impl Run {
     /// Writes `slots` (non-empty; sorted here) as run number `seq` in `dir`,
     /// durably, and opens it.
-    pub fn write(dir: &Path, seq: u64, mut slots: Vec<u128>) -> Result<Run, RunError> {
+    pub fn write(dir: &Path, seq: u64, mut slots: Vec<u128>, keep_filter: bool) -> Result<Run, RunError> {
         slots.sort_unstable();
         let lo = slots.iter().map(|&s| slot_minute(s)).min().unwrap_or(0);
         let hi = slots.iter().map(|&s| slot_minute(s)).max().unwrap_or(0);
@@ -133,11 +138,13 @@ impl Run {
             return Err(io(&path)(e));
         }
         sync_dir(dir)?;
+        let bloom = keep_filter.then_some(bloom);
         Ok(Run { path, seq, file, count: slots.len() as u64, lo, hi, bloom, index })
     }
 
-    /// Opens a run written by [`Run::write`]: reads its header, filter and index.
-    pub fn open(path: &Path) -> Result<Run, RunError> {
+    /// Opens a run written by [`Run::write`]: reads its header, filter and index
+    /// (the filter is checked, and kept only with `keep_filter`).
+    pub fn open(path: &Path, keep_filter: bool) -> Result<Run, RunError> {
         let damaged = |reason| RunError::Damaged { path: path.display().to_string(), reason };
         let seq = path
             .file_stem()
@@ -168,13 +175,14 @@ impl Run {
         if checksum(bloom, index) != u64_at(&header, 40) {
             return Err(damaged("its filter or index fails the checksum"));
         }
-        let bloom = Bloom::from_words(bloom.to_vec()).ok_or_else(|| damaged("bad filter size"))?;
+        let bloom = Bloom::from_words(bloom).ok_or_else(|| damaged("bad filter size"))?;
+        let bloom = keep_filter.then_some(bloom);
         Ok(Run { path: path.to_path_buf(), seq, file, count, lo, hi, bloom, index: index.to_vec() })
     }
 
     /// The newest acceptance minute of fingerprint `tag` in this run, if it is here.
     pub fn find(&self, tag: u128) -> Result<Option<u32>, RunError> {
-        if !self.bloom.may_contain(tag) {
+        if self.bloom.as_ref().is_some_and(|b| !b.may_contain(tag)) {
             return Ok(None);
         }
         let key = key_of(tag);
@@ -223,7 +231,9 @@ impl Run {
 
     /// Starts loading the filter block of `tag` (see [`Bloom::prefetch`]).
     pub fn prefetch(&self, tag: u128) {
-        self.bloom.prefetch(tag);
+        if let Some(b) = &self.bloom {
+            b.prefetch(tag);
+        }
     }
 
     pub fn len(&self) -> u64 {
@@ -236,7 +246,28 @@ impl Run {
 
     /// Bytes of RAM held for this run (filter and index).
     pub fn ram_bytes(&self) -> usize {
-        self.bloom.bytes() + self.index.len() * 8
+        self.bloom.as_ref().map_or(0, Bloom::bytes) + self.index.len() * 8
+    }
+
+    /// The same run with its filter dropped from RAM.
+    pub fn without_filter(mut self) -> Run {
+        self.bloom = None;
+        self
+    }
+
+    /// Whether the run's filter is in RAM.
+    pub fn filtered(&self) -> bool {
+        self.bloom.is_some()
+    }
+
+    /// Bytes of RAM a filtered run of `ids` ids holds (its filter and index).
+    pub fn ram_bytes_for(ids: u64) -> u64 {
+        ids.saturating_mul(super::bloom::BITS_PER_KEY as u64).div_ceil(512) * 64 + Self::index_bytes_for(ids)
+    }
+
+    /// Bytes of RAM of the index alone for a run of `ids` ids.
+    pub fn index_bytes_for(ids: u64) -> u64 {
+        ids.div_ceil(STRIDE as u64) * 8
     }
 }
 
@@ -250,12 +281,21 @@ mod tests {
         let tmp = tempfile::tempdir().expect("temp dir");
         let ids: Vec<u128> = (0..10_000u64).map(|i| crate::dedupe::hash_id(&format!("r-{i}"))).collect();
         let slots: Vec<u128> = ids.iter().enumerate().map(|(i, &id)| slot(tag(id), 100 + (i % 7) as u32)).collect();
-        let run = Run::write(tmp.path(), 1, slots).unwrap_or_else(|e| panic!("write: {e}"));
+        let run = Run::write(tmp.path(), 1, slots, true).unwrap_or_else(|e| panic!("write: {e}"));
         assert_eq!((run.lo, run.hi, run.len()), (100, 106, 10_000));
-        let reopened = Run::open(&run.path).unwrap_or_else(|e| panic!("open: {e}"));
+        assert_eq!(run.ram_bytes() as u64, Run::ram_bytes_for(10_000));
+        let reopened = Run::open(&run.path, true).unwrap_or_else(|e| panic!("open: {e}"));
+        // Unfiltered, the same run answers the same from the disk alone.
+        let unfiltered = Run::open(&run.path, false).unwrap_or_else(|e| panic!("open: {e}"));
+        assert!(reopened.filtered() && !unfiltered.filtered());
+        assert_eq!(unfiltered.ram_bytes() as u64, Run::index_bytes_for(10_000));
         for (i, &id) in ids.iter().enumerate() {
             assert_eq!(reopened.find(tag(id)).ok().flatten(), Some(100 + (i % 7) as u32));
+            assert_eq!(unfiltered.find(tag(id)).ok().flatten(), Some(100 + (i % 7) as u32));
         }
+        let strangers_unfiltered =
+            (0..10_000u64).filter(|i| unfiltered.find(tag(crate::dedupe::hash_id(&format!("x-{i}")))).ok().flatten().is_some()).count();
+        assert_eq!(strangers_unfiltered, 0);
         let strangers =
             (0..10_000u64).filter(|i| run.find(tag(crate::dedupe::hash_id(&format!("x-{i}")))).ok().flatten().is_some()).count();
         assert_eq!(strangers, 0);
@@ -263,7 +303,7 @@ mod tests {
         let len = std::fs::metadata(&run.path).map(|m| m.len()).unwrap_or(0);
         let f = std::fs::OpenOptions::new().write(true).open(&run.path).expect("open for write");
         f.write_all_at(&[0xff; 8], len - 8).expect("damage");
-        assert!(matches!(Run::open(&run.path), Err(RunError::Damaged { .. })));
+        assert!(matches!(Run::open(&run.path, true), Err(RunError::Damaged { .. })));
         assert!(!tmp.path().join("x.tmp").exists());
     }
 }

@@ -14,6 +14,7 @@
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use super::pages::Pages;
 use super::IdHash;
 
 const SHARDS: usize = 256;
@@ -22,7 +23,7 @@ const MIN_CAPACITY: usize = 1024;
 /// One shard: a power-of-two array of slots, 0 = empty, at most half full.
 #[derive(Default)]
 struct Shard {
-    slots: Vec<u128>,
+    slots: Pages<u128>,
     len: usize,
     /// The run-set version whose ids were last moved out of this shard: a
     /// prober holding an older run set must reload it (see `Table::insert_with`).
@@ -61,9 +62,9 @@ pub(super) fn slot_minute(s: u128) -> u32 {
 /// process by interrupt. Writing one word per page first makes each page a
 /// single write fault with no flush (the profile of batched ingest had 6 % of
 /// meterd's CPU in those copy-on-write faults and their TLB shootdowns).
-fn zeroed_slots(cap: usize) -> Vec<u128> {
+fn zeroed_slots(cap: usize) -> Pages<u128> {
     const PER_PAGE: usize = 4096 / std::mem::size_of::<u128>();
-    let mut slots = vec![0u128; cap];
+    let mut slots: Pages<u128> = Pages::zeroed(cap);
     let base = slots.as_mut_ptr();
     for i in (0..cap).step_by(PER_PAGE) {
         // SAFETY: `i < cap == slots.len()`, so the write is inside the
@@ -96,7 +97,7 @@ impl Shard {
         let cap = (self.slots.len() * 2).max(MIN_CAPACITY);
         let old = std::mem::replace(&mut self.slots, zeroed_slots(cap));
         self.len = 0;
-        for s in old.into_iter().filter(|&s| s != 0) {
+        for s in old.iter().copied().filter(|&s| s != 0) {
             self.put_slot(s);
         }
     }

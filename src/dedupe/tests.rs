@@ -235,3 +235,44 @@ fn a_cancelled_gate_rebuild_builds_nothing() {
     assert!(d.needs_gate(), "still ungated");
     assert!(d.insert_batch(&ids, T0).iter().all(|&f| !f));
 }
+
+#[test]
+fn filters_past_their_share_stay_on_disk_and_lookups_stay_exact() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut c = config(tmp.path());
+    // Each run of 20k ids: a 25 KB filter and a 2.5 KB index; the filters'
+    // share of 48 KiB (7/8 of it) holds one run's filter, not two.
+    c.memory_bytes = 48 << 10;
+    let d = Deduper::open(WINDOW, c.clone(), T0).expect("open");
+    let batches: Vec<Vec<u128>> = (0..3).map(|b| (0..20_000).map(|i| hash_id(&format!("f-{b}-{i}"))).collect()).collect();
+    for (b, ids) in batches.iter().enumerate() {
+        let at = T0 + b as i64 * MIN;
+        assert!(d.insert_batch(ids, at).iter().all(|&f| f));
+        d.spill_upto_minute(table::minute_of(at)).expect("spill");
+    }
+    let filtered: Vec<bool> = d.runs().iter().map(|r| r.filtered()).collect();
+    assert_eq!(filtered, [true, false, false]);
+    assert!(d.run_ram_bytes() as u64 <= filter_share(48 << 10));
+    assert_eq!(d.refusal(), None, "the indexes fit: ingest goes on");
+    let strangers: Vec<u128> = (0..5_000).map(|i| hash_id(&format!("s-{i}"))).collect();
+    let now = T0 + 3 * MIN;
+    for ids in &batches {
+        assert!(d.insert_batch(ids, now).iter().all(|&f| !f), "every spilled id is still a duplicate");
+    }
+    assert!(d.insert_batch(&strangers, now).iter().all(|&f| f), "every new id is accepted");
+    drop(d);
+    // At a restart the newest run keeps its filter.
+    let d = Deduper::open(WINDOW, c, now).expect("reopen");
+    let filtered: Vec<bool> = d.runs().iter().map(|r| r.filtered()).collect();
+    assert_eq!(filtered, [false, false, true]);
+    assert!(batches.iter().all(|ids| d.insert_batch(ids, now).iter().all(|&f| !f)));
+    drop(d);
+    // A budget that cannot even hold the indexes refuses ingest (503) rather
+    // than grow past it.
+    let mut tiny = config(tmp.path());
+    tiny.memory_bytes = 4 << 10;
+    let d = Deduper::open(WINDOW, tiny, now).expect("reopen tiny");
+    assert!(d.runs().iter().all(|r| !r.filtered()));
+    let why = d.refusal().expect("refused");
+    assert!(why.contains("ingest.dedupe_memory"), "{why}");
+}
