@@ -546,6 +546,37 @@ mod tests {
         }
     }
 
+    /// A config with `meters` (`[[meters]]` bodies) and plan `p` limiting `tokens`.
+    fn with_meters(meters: &[&str]) -> ValidConfig {
+        let mut text = String::from("[server]\nlisten = \"127.0.0.1:8480\"\n[storage]\ndata_dir = \"/tmp/meterd-reload-test\"\n");
+        for m in meters {
+            text.push_str(&format!("[[meters]]\n{m}\n"));
+        }
+        text.push_str("[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\ntokens = { limit = 10, window = \"day\" }\n");
+        let parsed = Config::parse(&text, "test").unwrap_or_else(|e| panic!("{e}"));
+        parsed.validate_with("test", &Overrides::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn adding_a_meter_is_live_and_changing_or_removing_one_is_named() {
+        let old = with_meters(&["name = \"tokens\"", "name = \"gb\"\naggregation = \"max\"\nprecision = 2"]);
+        let added = with_meters(&["name = \"calls\"", "name = \"tokens\"", "name = \"gb\"\naggregation = \"max\"\nprecision = 2"]);
+        assert_eq!(refused(&old, &added), Vec::<String>::new());
+        let changed = with_meters(&["name = \"tokens\"\naggregation = \"count\"", "name = \"gb\"\naggregation = \"max\"\nprecision = 3"]);
+        let out = refused(&old, &changed);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(out[0].starts_with("meters.tokens.aggregation (sum → count)"), "{out:?}");
+        assert!(out[1].starts_with("meters.gb.precision (2 → 3)"), "{out:?}");
+        let removed = refused(&old, &with_meters(&["name = \"tokens\""]));
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        assert!(removed[0].starts_with("meters.gb: removed") && removed[0].contains("orphaned"), "{removed:?}");
+        // Applied, the reloader keeps the running ids: `calls` is numbered after the others.
+        let reloader = Reloader::new(old, Vec::new());
+        assert!(reloader.apply(added).is_ok());
+        let ids: Vec<(u16, String)> = reloader.current().catalog.meters().iter().map(|m| (m.id, m.name.clone())).collect();
+        assert_eq!(ids, vec![(0, "tokens".into()), (1, "gb".into()), (2, "calls".into())]);
+    }
+
     /// A part that counts its commits and may refuse.
     struct Probe {
         refuse: bool,
