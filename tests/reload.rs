@@ -412,6 +412,8 @@ async fn a_meter_added_under_load_counts_enforces_and_survives_a_sigkill_and_cha
         allowed += usize::from(r.await.expect("racer"));
     }
     assert_eq!(allowed, 7, "a hard limit of 7 under 20 racing consumes");
+    let metrics = c.get("/metrics").await.text;
+    assert!(metrics.lines().any(|l| l.starts_with("meterd_events_total{") && l.contains("meter=\"calls\"")), "{metrics}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Release);
     for t in clients {
