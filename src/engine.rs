@@ -16,7 +16,7 @@ use crate::counters::Usage;
 use crate::dedupe::{Deduper, IdHash};
 use crate::duration::millis_i64;
 use crate::entitlements::{EntitlementCache, EntitlementsError};
-use crate::model::{Catalog, CheckAnswer, WindowKind};
+use crate::model::{Catalog, CheckAnswer, Meter, MeterId, WindowKind};
 use crate::store::{EntitlementStore, Fold, StoreError, UsageQuery, UsageStore};
 use crate::usage::{Origin, UsageObserver, UsageSeam};
 use crate::wal::{OpenReport, Wal, WalBatch, WalConfig};
@@ -207,13 +207,21 @@ impl Engine {
     }
 }
 
-/// Per meter, the window kinds the config's plans use (one bit per kind).
+/// Per meter id (up to the catalog's capacity), the window kinds the config's
+/// plans use (one bit per kind).
 pub struct PlanKinds(Vec<AtomicU8>);
 
 impl PlanKinds {
     /// Whether the config's plans use `kind` for `meter`.
     pub fn tracks(&self, meter: crate::model::MeterId, kind: WindowKind) -> bool {
         self.0.get(usize::from(meter)).map(|b| b.load(std::sync::atomic::Ordering::Acquire) & (1 << kind.index()) != 0).unwrap_or(false)
+    }
+
+    /// Records that the plans use `kind` for `meter` (a meter added live).
+    fn add(&self, meter: MeterId, kind: WindowKind) {
+        if let Some(bits) = self.0.get(usize::from(meter)) {
+            bits.fetch_or(1 << kind.index(), std::sync::atomic::Ordering::AcqRel);
+        }
     }
 }
 
@@ -318,11 +326,10 @@ impl Engine {
             // Totals are shared: each instance counts its own usage locally.
             counters.windows.set_shared();
         }
-        let plan_kinds = catalog
-            .meters()
-            .iter()
+        // Laid out for meters added live too (config reload, issue 23).
+        let plan_kinds = (0..catalog.capacity())
             .map(|m| {
-                let bits = counters.tracked_kinds(m.id).fold(0u8, |b, k| b | (1 << k.index()));
+                let bits = MeterId::try_from(m).map_or(0, |m| counters.tracked_kinds(m).fold(0u8, |b, k| b | (1 << k.index())));
                 AtomicU8::new(bits)
             })
             .collect();
@@ -408,6 +415,36 @@ impl Engine {
         engine.wal_report = report;
         engine.credits.arm(|c, m| engine.entitlements.get(Some(c)).limits(m).and_then(|l| crate::credits::CreditBook::low_balance_of(l)));
         Ok(engine)
+    }
+
+    // Meters added live (config reload, issue 23).
+    /// Adds `added` (numbered after the running meters, see
+    /// [`Catalog::numbered_as`]) to the running catalog, laid out as if they had
+    /// been configured at start: the window kinds `plans` (the reloaded
+    /// catalog) limit them by are tracked, a credits limit makes one a credits
+    /// meter, its metrics are registered at zero. All of that happens before
+    /// the meter is visible, so its first event is counted in every window:
+    /// nothing was counted for it before, so nothing needs seeding. Fails only
+    /// when the catalog refuses (`prepare` checks that first).
+    pub fn add_meters(&self, added: &[Meter], plans: &Catalog) -> Result<(), String> {
+        if added.is_empty() {
+            return Ok(());
+        }
+        for plan in plans.plans().iter() {
+            for meter in added {
+                for limit in plan.limits.get(&meter.id).into_iter().flat_map(|l| l.iter()) {
+                    // As `Counters::new` and `CreditBook::new` do at start.
+                    if limit.amount.is_credits() {
+                        self.credits.track_meter(meter.id);
+                    }
+                    self.counters().track(meter.id, limit.window);
+                    self.plan_kinds.add(meter.id, limit.window);
+                }
+            }
+        }
+        self.catalog.add_meters(added)?;
+        crate::telemetry::register_meters(&added.iter().map(|m| (usize::from(m.id), m.name.as_str())).collect::<Vec<_>>());
+        Ok(())
     }
 
     /// Folds one replayed WAL batch into the counters and the dedupe set.

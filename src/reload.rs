@@ -9,14 +9,19 @@
 //! state from the new config (and may refuse it), and only when every part has
 //! prepared are the returned commits run (each an infallible pointer swap). The
 //! API keys (`[[auth.keys]]`) are one ([`AuthKeys`]), the notification
-//! endpoints another ([`NotificationEndpoints`]), the plans a third
-//! ([`LivePlans`]); **other features add theirs** with [`Reloader::register`].
+//! endpoints another ([`NotificationEndpoints`]), the plans and meters added a
+//! third ([`LivePlans`]); **other features add theirs** with [`Reloader::register`].
 //!
 //! Everything else is compared with the running config by [`refused`]: a change
 //! there (listen addresses, `data_dir`, durability and the other `[storage]`
-//! settings, `[ingest]`, `[redis]`, `[clickhouse]`, `[stripe]`, meters)
-//! refuses the whole reload with a log line naming each key, and the running
-//! config keeps serving. A new config section is live only once a part applies
+//! settings, `[ingest]`, `[redis]`, `[clickhouse]`, `[stripe]`, an existing
+//! meter changed or removed) refuses the whole reload with a log line naming
+//! each key, and the running config keeps serving.
+//!
+//! Meter ids are positions in `[[meters]]` at start; a reloaded config is
+//! first renumbered to the running ids ([`crate::model::Catalog::numbered_as`]):
+//! a meter already running keeps its id wherever it is listed, a new one takes
+//! the next free id. A new config section is live only once a part applies
 //! it; until then, list it in [`refused`] (which names every field of
 //! `ValidConfig`, so a new one does not compile until it is decided).
 
@@ -90,33 +95,63 @@ impl Reloadable for NotificationEndpoints {
     }
 }
 
-/// Plans (issue 23): a plan's limits and features, plans added or removed and
-/// the default plan change live. The new plan set is swapped in whole
-/// ([`crate::model::Catalog::replace_plans`]), then every cached customer's
+/// Plans and meters added (issue 23): a plan's limits and features, plans
+/// added or removed, the default plan and new meters change live. New meters
+/// are added to the running catalog first, laid out as if configured at start
+/// ([`crate::engine::Engine::add_meters`]); then the new plan set is swapped in
+/// whole ([`crate::model::Catalog::replace_plans`]) and every cached customer's
 /// entitlements are re-resolved against it, so the next check sees the new
-/// limits. Refused (with the reason): a limit on a window no plan counted at
-/// start (its counters hold no history; restart), a credits limit on a meter
-/// that was not a credits meter, removing a plan stored customers are on.
+/// limits. Refused (with the reason): a limit on an existing meter's window no
+/// plan counted at start (its counters hold no history; restart), a credits
+/// limit on a meter that was not a credits meter (or, for a new meter, when no
+/// plan had a credits limit at start), removing a plan stored customers are
+/// on, more new meters than the process has room for.
 pub struct LivePlans(pub Arc<crate::engine::Engine>);
 
 impl LivePlans {
-    /// Why `new`'s plans cannot be taken live, every reason.
+    /// The meters of `new` (numbered as the running ones) that are not running yet.
+    fn added(&self, new: &ValidConfig) -> Vec<crate::model::Meter> {
+        let running = self.0.catalog().meters().len();
+        new.catalog.meters().iter().filter(|m| usize::from(m.id) >= running).cloned().collect()
+    }
+
+    /// Why `new`'s plans and meters cannot be taken live, every reason.
     fn problems(&self, new: &ValidConfig) -> Vec<String> {
         let engine = &self.0;
         let catalog = engine.catalog();
         let mut problems = Vec::new();
-        if catalog.meters() != new.catalog.meters() {
+        let running = catalog.meters();
+        let kept: Vec<_> = new.catalog.meters().iter().take(running.len()).cloned().collect();
+        if kept != running.to_vec() {
             // `refused` names it; never install plans keyed by other meter ids.
             problems.push("the meters differ".to_string());
             return problems;
+        }
+        if new.catalog.meters().len() > catalog.capacity() {
+            problems.push(format!(
+                "[[meters]]: {} meters, but this process has room for {} (a process adds at most {} meters live); restart",
+                new.catalog.meters().len(),
+                catalog.capacity(),
+                crate::model::plan::METER_HEADROOM
+            ));
         }
         for plan in new.catalog.plans().iter() {
             let mut limits: Vec<_> = plan.limits.iter().collect();
             limits.sort_by_key(|(m, _)| **m);
             for (&meter, limits) in limits {
-                let name = catalog.meter(meter).map(|m| m.name.as_str()).unwrap_or("?");
+                let added = usize::from(meter) >= running.len();
+                let name = new.catalog.meter(meter).map(|m| m.name.as_str()).unwrap_or("?");
                 for limit in limits.iter() {
-                    if limit.amount.is_credits() {
+                    if added {
+                        // A new meter has counted nothing: every window starts
+                        // empty and exact. Credits need the book observing usage.
+                        if limit.amount.is_credits() && !engine.credits().observes() {
+                            problems.push(format!(
+                                "plans.{}.limits.{name}: a credits limit on a new meter while no plan had a credits limit at start; restart",
+                                plan.name
+                            ));
+                        }
+                    } else if limit.amount.is_credits() {
                         if !engine.credits().is_credit_meter(meter) || !engine.credits().observes() {
                             problems.push(format!(
                                 "plans.{}.limits.{name}: a credits limit on a meter that had none at start; restart",
@@ -151,7 +186,18 @@ impl Reloadable for LivePlans {
         }
         let engine = self.0.clone();
         let catalog = new.catalog.clone();
+        let added = self.added(new);
         Ok(Box::new(move || {
+            // Checked in `prepare`: room, next ids, new names; cannot fail here
+            // unless two reloads raced, which `Reloader::apply` serializes.
+            if let Err(e) = engine.add_meters(&added, &catalog) {
+                tracing::error!(error = %e, "meters not added; the plans keep their previous set");
+                return;
+            }
+            if !added.is_empty() {
+                let names: Vec<&str> = added.iter().map(|m| m.name.as_str()).collect();
+                tracing::info!(meters = ?names, "meters added");
+            }
             engine.catalog().replace_plans(&catalog);
             engine.entitlements().refresh();
         }))
@@ -204,8 +250,10 @@ impl Reloader {
     }
 
     /// Applies a validated config: all of it, or (on any refusal) none of it.
-    pub fn apply(&self, new: ValidConfig) -> Result<Applied, ReloadError> {
+    pub fn apply(&self, mut new: ValidConfig) -> Result<Applied, ReloadError> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        // Meters keep their running ids; new ones are numbered after them.
+        new.catalog = Arc::new(new.catalog.numbered_as(&current.catalog));
         let refusals = refused(&current, &new);
         if !refusals.is_empty() {
             return Err(ReloadError::Refused(refusals));
@@ -302,10 +350,43 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
     }
     // Meters and plans are compared by value, not by their Debug text: a plan's
     // limits sit in a HashMap, whose order differs between two parses.
-    // Plans change live (`LivePlans`); meters do not (counters, WAL batches
-    // and the credit book are laid out by meter at start).
-    if old.catalog.meters() != new.catalog.meters() {
-        out.push("[[meters]] (meters cannot be added, removed or changed live; restart)".to_string());
+    // Plans change live and meters are added live (`LivePlans`).
+    out.extend(meter_changes(&old.catalog, &new.catalog));
+    out
+}
+
+/// Why the meters of `new` cannot replace those of `old` live, one line per
+/// meter: a meter changed or removed (adding is live). Usage already counted
+/// and acknowledged was combined and scaled by the running definition, and
+/// the WAL, the counters and the stores hold it under the running name.
+pub fn meter_changes(old: &crate::model::Catalog, new: &crate::model::Catalog) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in old.meters().iter() {
+        let name = &m.name;
+        let Some(n) = new.meter_by_name(name) else {
+            out.push(format!(
+                "meters.{name}: removed (or renamed); its acknowledged usage (WAL, counters, usage store, Stripe reports) would be orphaned; restart to remove a meter"
+            ));
+            continue;
+        };
+        if n.aggregation != m.aggregation {
+            out.push(format!(
+                "meters.{name}.aggregation ({} → {}): the usage counted so far was combined as {}; restart, or add a meter under a new name",
+                m.aggregation, n.aggregation, m.aggregation
+            ));
+        }
+        if n.precision != m.precision {
+            out.push(format!(
+                "meters.{name}.precision ({} → {}): the usage counted so far is in raw units of the old precision; restart",
+                m.precision, n.precision
+            ));
+        }
+        if n.stripe_event_name != m.stripe_event_name {
+            out.push(format!(
+                "meters.{name}.stripe_event_name ({:?} → {:?}): reports in flight name the old Stripe meter; restart",
+                m.stripe_event_name, n.stripe_event_name
+            ));
+        }
     }
     out
 }
@@ -463,6 +544,37 @@ mod tests {
             let reloader = Reloader::new(old.clone(), Vec::new());
             assert!(reloader.apply(new).is_ok());
         }
+    }
+
+    /// A config with `meters` (`[[meters]]` bodies) and plan `p` limiting `tokens`.
+    fn with_meters(meters: &[&str]) -> ValidConfig {
+        let mut text = String::from("[server]\nlisten = \"127.0.0.1:8480\"\n[storage]\ndata_dir = \"/tmp/meterd-reload-test\"\n");
+        for m in meters {
+            text.push_str(&format!("[[meters]]\n{m}\n"));
+        }
+        text.push_str("[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\ntokens = { limit = 10, window = \"day\" }\n");
+        let parsed = Config::parse(&text, "test").unwrap_or_else(|e| panic!("{e}"));
+        parsed.validate_with("test", &Overrides::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn adding_a_meter_is_live_and_changing_or_removing_one_is_named() {
+        let old = with_meters(&["name = \"tokens\"", "name = \"gb\"\naggregation = \"max\"\nprecision = 2"]);
+        let added = with_meters(&["name = \"calls\"", "name = \"tokens\"", "name = \"gb\"\naggregation = \"max\"\nprecision = 2"]);
+        assert_eq!(refused(&old, &added), Vec::<String>::new());
+        let changed = with_meters(&["name = \"tokens\"\naggregation = \"count\"", "name = \"gb\"\naggregation = \"max\"\nprecision = 3"]);
+        let out = refused(&old, &changed);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(out[0].starts_with("meters.tokens.aggregation (sum → count)"), "{out:?}");
+        assert!(out[1].starts_with("meters.gb.precision (2 → 3)"), "{out:?}");
+        let removed = refused(&old, &with_meters(&["name = \"tokens\""]));
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        assert!(removed[0].starts_with("meters.gb: removed") && removed[0].contains("orphaned"), "{removed:?}");
+        // Applied, the reloader keeps the running ids: `calls` is numbered after the others.
+        let reloader = Reloader::new(old, Vec::new());
+        assert!(reloader.apply(added).is_ok());
+        let ids: Vec<(u16, String)> = reloader.current().catalog.meters().iter().map(|m| (m.id, m.name.clone())).collect();
+        assert_eq!(ids, vec![(0, "tokens".into()), (1, "gb".into()), (2, "calls".into())]);
     }
 
     /// A part that counts its commits and may refuse.

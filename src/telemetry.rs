@@ -179,24 +179,8 @@ pub fn register_known(known: &Known<'_>) {
     register_holds(); // Reservations (issue 19).
                       // Registering is taking a handle: `increment(0)` keeps a value already there.
     let _ = prometheus();
-    for &(id, name) in &known.meters {
-        match METERS.get(id) {
-            Some(slot) => {
-                slot.get_or_init(|| MeterSeries::register(name));
-            }
-            None => {
-                for r in EVENT_RESULTS {
-                    metrics::counter!(EVENTS_TOTAL, "meter" => name.to_string(), "result" => r).increment(0);
-                }
-            }
-        }
-    }
+    register_meters(&known.meters);
     metrics::counter!(EVENTS_TOTAL, "meter" => "", "result" => "rejected").increment(0);
-    // Prepaid credits (issue 18).
-    for &(_, name) in &known.meters {
-        metrics::gauge!(CREDITS_GRANTED, "meter" => name.to_string()).increment(0.0);
-        metrics::gauge!(CREDITS_SPENT, "meter" => name.to_string()).increment(0.0);
-    }
     for name in [FLUSH_ROWS_TOTAL, FLUSH_ERRORS_TOTAL, FLUSH_REJECTED_ROWS_TOTAL, RATE_LIMITED_TOTAL] {
         metrics::counter!(name).increment(0);
     }
@@ -376,6 +360,26 @@ fn describe() {
     metrics::describe_gauge!(RAW_EXPORT_WATERMARK, "Highest WAL sequence whose events are all in raw_events");
     metrics::describe_gauge!(RAW_EXPORT_LAG_RECORDS, "Durable WAL records not yet in raw_events");
     metrics::describe_gauge!(RAW_EXPORT_LAG, "Age of the oldest accepted event not yet in raw_events");
+}
+
+/// Registers the series of `meters` (`(id, name)`) at zero: at start, and for
+/// meters added by a config reload (issue 23).
+pub fn register_meters(meters: &[(usize, &str)]) {
+    for &(id, name) in meters {
+        match METERS.get(id) {
+            Some(slot) => {
+                slot.get_or_init(|| MeterSeries::register(name));
+            }
+            None => {
+                for r in EVENT_RESULTS {
+                    metrics::counter!(EVENTS_TOTAL, "meter" => name.to_string(), "result" => r).increment(0);
+                }
+            }
+        }
+        // Prepaid credits (issue 18).
+        metrics::gauge!(CREDITS_GRANTED, "meter" => name.to_string()).increment(0.0);
+        metrics::gauge!(CREDITS_SPENT, "meter" => name.to_string()).increment(0.0);
+    }
 }
 
 /// Counts events by meter and result (`accepted` or `duplicate`): `meters`

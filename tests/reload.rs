@@ -1,7 +1,8 @@
 //! Config reload without a restart, through the real binary: `meterd reload`
 //! (SIGHUP to the pid in data_dir) rotates an API key under load with no failed
-//! request; an invalid config and a change that needs a restart are refused
-//! and the running config keeps serving.
+//! request; plans change and meters are added under load; an invalid config
+//! and a change that needs a restart (an existing meter changed or removed
+//! among them) are refused and the running config keeps serving.
 
 mod common;
 
@@ -297,20 +298,171 @@ async fn plans_change_live_under_load_and_bad_plan_changes_keep_the_old_plans() 
     let (code, out) = reload(&config).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("\"big\"") && out.contains("1 stored customer"), "{out}");
-    // A meter added: not live (counters are laid out by meter at start), said so.
-    let with_meter = plans_config(port, &data, &plans(50, true, false)).replace(
-        "[[meters]]\nname = \"tokens\"\naggregation = \"sum\"\n",
-        "[[meters]]\nname = \"tokens\"\naggregation = \"sum\"\n[[meters]]\nname = \"calls\"\n",
-    );
-    assert!(with_meter.contains("calls"));
-    std::fs::write(&config, with_meter).expect("config");
-    let (code, out) = reload(&config).await;
-    assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("[[meters]]") && out.contains("restart"), "{out}");
     // The old plans keep serving.
     assert_eq!(limit_of(&c, "vip").await, Ok(5000));
     assert_eq!(limit_of(&c, "c1").await, Ok(50));
 
+    p.sigterm();
+    let status = p.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit {status}; log:\n{}", p.log());
+}
+
+// Meters added live (issue 23).
+
+/// Meter `tokens` (unlimited), and with `calls` (listed first, so its position
+/// differs from the id it gets live) limited to 7 a day, at `aggregation`;
+/// flushed to the store every `flush`.
+fn meters_config(port: u16, data: &Path, calls: Option<&str>, flush: &str) -> String {
+    let sha = hex::encode(sha2::Sha256::digest(ADMIN.as_bytes()));
+    let (meter, limit) = match calls {
+        Some(aggregation) => {
+            (format!("[[meters]]\nname = \"calls\"\naggregation = \"{aggregation}\"\n"), "calls = { limit = 7, window = \"day\" }\n")
+        }
+        None => (String::new(), ""),
+    };
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\ndata_dir = {:?}\ndurability = \"fsync\"\nflush_interval = \"{flush}\"\n\
+         {meter}[[meters]]\nname = \"tokens\"\naggregation = \"sum\"\n\
+         [[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\ntokens = {{ limit = \"unlimited\", window = \"month\" }}\n{limit}\
+         [[auth.keys]]\nname = \"admin\"\nkey_sha256 = \"{sha}\"\nscopes = [\"ingest\", \"check\", \"read\", \"admin\"]\n",
+        data.display().to_string()
+    )
+}
+
+/// Every customer's total of `meter` over the two days around now, from `/v1/usage`.
+async fn usage_totals(c: &Client, meter: &str) -> std::collections::BTreeMap<String, i64> {
+    let now = common::now_ms();
+    let (from, to) = (now - 86_400_000, now + 86_400_000);
+    let r = c.get(&format!("/v1/usage?meter={meter}&from={from}&to={to}&granularity=day")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut totals = std::collections::BTreeMap::new();
+    for row in r.body["data"].as_array().cloned().unwrap_or_default() {
+        let customer = row["customer"].as_str().unwrap_or_default().to_string();
+        *totals.entry(customer).or_insert(0) += row["value"].as_i64().unwrap_or_else(|| panic!("a value: {row}"));
+    }
+    totals
+}
+
+async fn consume(c: &Client, customer: &str, id: &str) -> serde_json::Value {
+    let r = c.check(&json!({"customer": customer, "meter": "calls", "quantity": 1, "consume": true, "id": id})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_added_under_load_counts_enforces_and_survives_a_sigkill_and_changing_one_is_refused() {
+    common::away_from_day_boundary().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let data = dir.path().join("data");
+    let config = dir.path().join("meterd.toml");
+    // No flush before the SIGKILL below: the new meter's usage comes back from the WAL alone.
+    let write = |calls: Option<&str>| std::fs::write(&config, meters_config(port, &data, calls, "1h")).expect("config");
+    write(None);
+    let mut p = spawn(&config, dir.path().join("meterd.log"));
+    wait_healthy(&mut p, addr).await;
+    let c = Client { addr, token: Some(ADMIN.to_string()) };
+    let r = c.events(&json!([common::event("cx", "calls", 1)])).await;
+    assert_eq!(r.status, 400, "no meter calls yet: {}", r.text);
+
+    // Events flow to the existing meter across the reload; every one must be accepted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let clients: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, ok, failures, c) = (stop.clone(), ok.clone(), failures.clone(), c.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let body = json!([{"id": format!("t{w}-{n}"), "customer": format!("c{w}"), "meter": "tokens", "quantity": 1}]);
+                    n += 1;
+                    let r = c.events(&body).await;
+                    if r.status == 202 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failures.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{}: {}", r.status, r.text));
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write(Some("sum"));
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(p.log().contains("meters added"), "{}", p.log());
+
+    // The new meter takes events and decides against its plan limit (7 a day).
+    let r = c.events(&json!([common::event("cx", "calls", 2), common::event("cx", "calls", 3)])).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(consume(&c, "cx", "cx-1").await["allowed"], true);
+    assert_eq!(consume(&c, "cx", "cx-2").await["used"], 7);
+    let denied = consume(&c, "cx", "cx-3").await;
+    assert_eq!((denied["allowed"].as_bool(), denied["reason"].as_str()), (Some(false), Some("limit_exceeded")), "{denied}");
+    // Racing consumes on a fresh customer: exactly the limit is allowed.
+    let racers: Vec<_> = (0..20)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { consume(&c, "cy", &format!("cy-{i}")).await["allowed"] == true })
+        })
+        .collect();
+    let mut allowed = 0;
+    for r in racers {
+        allowed += usize::from(r.await.expect("racer"));
+    }
+    assert_eq!(allowed, 7, "a hard limit of 7 under 20 racing consumes");
+    let metrics = c.get("/metrics").await.text;
+    assert!(metrics.lines().any(|l| l.starts_with("meterd_events_total{") && l.contains("meter=\"calls\"")), "{metrics}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Release);
+    for t in clients {
+        t.await.expect("client");
+    }
+    let failures = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(failures.is_empty(), "events on the existing meter failed across the reload: {failures:?}");
+    let accepted = i64::try_from(ok.load(Ordering::Acquire)).unwrap_or(i64::MAX);
+    assert!(accepted > 50, "the load ran: {accepted}");
+    let tokens = |totals: &std::collections::BTreeMap<String, i64>| totals.values().sum::<i64>();
+    assert_eq!(tokens(&usage_totals(&c, "tokens").await), accepted, "no tokens event lost");
+    let calls: std::collections::BTreeMap<String, i64> = [("cx".to_string(), 7), ("cy".to_string(), 7)].into();
+    assert_eq!(usage_totals(&c, "calls").await, calls);
+
+    // Changing the new meter's aggregation, or removing it: refused, named, the old config serves.
+    write(Some("max"));
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("meters.calls.aggregation (sum → max)"), "{out}");
+    let refusal = p.log().lines().rev().find(|l| l.contains("config reload refused")).unwrap_or_default().to_string();
+    assert!(refusal.contains("meters.calls.aggregation"), "the log line names the meter: {refusal}");
+    write(None);
+    let (code, out) = reload(&config).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("meters.calls: removed") && out.contains("orphaned"), "{out}");
+    assert_eq!(consume(&c, "cx", "cx-4").await["reason"], "limit_exceeded", "the sum meter and its limit keep serving");
+
+    // SIGKILL, then a restart with the config that added the meter: its totals,
+    // in the WAL only (nothing was flushed), are exact; then they reach the store.
+    let stored = |customer: &str| -> i64 {
+        let conn = rusqlite::Connection::open(data.join("meterd.sqlite")).expect("open the store");
+        conn.query_row("SELECT COALESCE(sum(value), 0) FROM usage_minute WHERE customer = ?1 AND meter = 'calls'", [customer], |r| r.get(0))
+            .expect("sum(value)")
+    };
+    assert_eq!(stored("cx") + stored("cy"), 0, "flushed before the kill: the restart would not prove the WAL");
+    std::fs::write(&config, meters_config(port, &data, Some("sum"), "100ms")).expect("config");
+    p.child.kill().expect("SIGKILL");
+    let _ = p.wait_exit(Duration::from_secs(10)).await;
+    let mut p = spawn(&config, dir.path().join("meterd-2.log"));
+    wait_healthy(&mut p, addr).await;
+    assert_eq!(usage_totals(&c, "calls").await, calls, "the new meter's totals after the restart");
+    assert_eq!(tokens(&usage_totals(&c, "tokens").await), accepted);
+    let after = consume(&c, "cy", "cy-after").await;
+    assert_eq!((after["allowed"].as_bool(), after["used"].as_i64()), (Some(false), Some(7)), "{after}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (stored("cx"), stored("cy")) != (7, 7) {
+        assert!(std::time::Instant::now() < deadline, "not flushed: {} {}", stored("cx"), stored("cy"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     p.sigterm();
     let status = p.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "exit {status}; log:\n{}", p.log());

@@ -60,7 +60,7 @@ pub struct Counters {
     pub interner: Interner,
     pub windows: WindowCounters,
     pub buckets: Buckets,
-    /// Per meter: the bit set of window kinds tracked.
+    /// Per meter id up to the catalog's capacity: the bit set of window kinds tracked.
     tracked: Vec<AtomicU8>,
     /// Striped locks by (customer, meter): serialize multi-window consumes and
     /// `latest` updates (value and timestamp change together). Never global.
@@ -70,7 +70,8 @@ pub struct Counters {
 impl Counters {
     /// Tracks every window kind the catalog's plans use; buckets start at `next_seq`.
     pub fn new(catalog: &Catalog, next_seq: u64) -> Counters {
-        let tracked: Vec<AtomicU8> = catalog.meters().iter().map(|_| AtomicU8::new(0)).collect();
+        // Laid out for meters added live too (config reload, issue 23).
+        let tracked: Vec<AtomicU8> = (0..catalog.capacity()).map(|_| AtomicU8::new(0)).collect();
         for plan in catalog.plans() {
             for (meter, limits) in &plan.limits {
                 for kind in limits.iter().map(|l| l.window) {

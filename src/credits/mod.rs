@@ -98,7 +98,8 @@ pub struct CreditBook {
 impl CreditBook {
     /// An empty book; the meters plans make credits are credits meters.
     pub fn new(catalog: Arc<Catalog>) -> CreditBook {
-        let n = catalog.meters().len();
+        // Laid out for meters added live too (config reload, issue 23).
+        let n = catalog.capacity();
         let credit_meters: Box<[AtomicBool]> = (0..n).map(|_| AtomicBool::new(false)).collect();
         for plan in catalog.plans() {
             for (meter, limits) in &plan.limits {

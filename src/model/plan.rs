@@ -11,7 +11,8 @@ use super::quantity::{parse_decimal, Decimal};
 use super::window::{BillingAnchor, WindowKind};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// How much of a window a limit allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,12 +332,84 @@ pub struct Plan {
 ///
 /// The plans change live (config reload, `crate::reload`): they sit behind one
 /// pointer swapped whole, so a reader sees either the old set or the new one.
-/// Meters are fixed for the life of the process.
+///
+/// Meters are added live but never changed or removed (issue 23): they sit in
+/// a fixed-capacity, append-only table of [`METER_HEADROOM`] slots more than the
+/// config had at start. A slot is written once, before the meter count that
+/// makes it visible is raised, so a reader holds a plain `&Meter` for as long as
+/// it holds the catalog and no lookup takes a lock.
 #[derive(Debug)]
 pub struct Catalog {
-    meters: Vec<Meter>,
-    meter_ids: HashMap<String, MeterId>,
+    /// The first `len` slots are set; the rest are free for meters added live.
+    slots: Box<[OnceLock<Meter>]>,
+    len: AtomicUsize,
+    /// Names to ids, swapped whole when meters are added.
+    meter_ids: arc_swap::ArcSwap<HashMap<String, MeterId>>,
+    /// Serializes [`Catalog::add_meters`] (readers never take it).
+    adding: Mutex<()>,
     plans: arc_swap::ArcSwap<PlanSet>,
+}
+
+/// How many meters a running process can add live beyond those it started with
+/// (its counters, credit book and meter table are laid out for this many more).
+pub const METER_HEADROOM: usize = 256;
+
+/// The meters of a catalog at one moment: a slice-like view, in id order.
+#[derive(Clone, Copy)]
+pub struct Meters<'a>(&'a [OnceLock<Meter>]);
+
+impl<'a> Meters<'a> {
+    /// The meters in id order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &'a Meter> + Clone + 'a {
+        self.0.iter().filter_map(OnceLock::get)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The meter at index (= id) `i`.
+    pub fn get(&self, i: usize) -> Option<&'a Meter> {
+        self.0.get(i).and_then(OnceLock::get)
+    }
+
+    pub fn to_vec(&self) -> Vec<Meter> {
+        self.iter().cloned().collect()
+    }
+}
+
+impl<'a> IntoIterator for Meters<'a> {
+    type Item = &'a Meter;
+    type IntoIter = std::iter::FilterMap<std::slice::Iter<'a, OnceLock<Meter>>, fn(&'a OnceLock<Meter>) -> Option<&'a Meter>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().filter_map(OnceLock::get)
+    }
+}
+
+impl std::ops::Index<usize> for Meters<'_> {
+    type Output = Meter;
+    fn index(&self, i: usize) -> &Meter {
+        match self.0[i].get() {
+            Some(m) => m,
+            None => panic!("meter slot {i} is not set"),
+        }
+    }
+}
+
+impl PartialEq for Meters<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl std::fmt::Debug for Meters<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 /// The plans, indexed by name, and the default plan: swapped together.
@@ -381,26 +454,125 @@ impl IntoIterator for Plans {
 impl Catalog {
     /// Builds the catalog. Config validation guarantees `plans[default_plan]`
     /// exists; should it not, the first plan (or an empty plan entitling nothing)
-    /// is the default rather than a panic.
+    /// is the default rather than a panic. `meters[i].id` must be `i`.
     pub fn new(meters: Vec<Meter>, plans: Vec<Plan>, default_plan: usize) -> Catalog {
         let meter_ids = meters.iter().map(|m| (m.name.clone(), m.id)).collect();
-        Catalog { meters, meter_ids, plans: arc_swap::ArcSwap::from_pointee(PlanSet::new(plans, default_plan)) }
+        let capacity = (meters.len() + METER_HEADROOM).min(usize::from(MeterId::MAX) + 1).max(meters.len());
+        let len = meters.len();
+        let mut slots: Vec<OnceLock<Meter>> = meters.into_iter().map(OnceLock::from).collect();
+        slots.resize_with(capacity, OnceLock::new);
+        Catalog {
+            slots: slots.into_boxed_slice(),
+            len: AtomicUsize::new(len),
+            meter_ids: arc_swap::ArcSwap::from_pointee(meter_ids),
+            adding: Mutex::new(()),
+            plans: arc_swap::ArcSwap::from_pointee(PlanSet::new(plans, default_plan)),
+        }
     }
 
-    pub fn meters(&self) -> &[Meter] {
-        &self.meters
+    /// The meters now configured, in id order.
+    pub fn meters(&self) -> Meters<'_> {
+        let len = self.len.load(Ordering::Acquire);
+        Meters(&self.slots[..len])
+    }
+
+    /// How many meters this catalog can hold: those at start plus [`METER_HEADROOM`].
+    /// Tables indexed by meter id are laid out for this many.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
     }
 
     pub fn meter(&self, id: MeterId) -> Option<&Meter> {
-        self.meters.get(usize::from(id))
+        // A slot is set only just before the count covers it: no need to read it.
+        self.slots.get(usize::from(id)).and_then(OnceLock::get)
     }
 
     pub fn meter_by_name(&self, name: &str) -> Option<&Meter> {
         // A handful of meters is the common case: comparing names beats hashing.
-        if self.meters.len() <= 16 {
-            return self.meters.iter().find(|m| m.name == name);
+        let meters = self.meters();
+        if meters.len() <= 16 {
+            return meters.iter().find(|m| m.name == name);
         }
-        self.meter_ids.get(name).and_then(|&id| self.meter(id))
+        let id = self.meter_ids.load().get(name).copied()?;
+        self.meter(id)
+    }
+
+    // Meters added live (config reload, issue 23).
+    /// Appends `added` (ids `len..`, in order, names not configured yet) to the
+    /// meter table: each slot is set before the count that makes it visible.
+    /// Refused (nothing added) when the ids are not the next ones or the table
+    /// is full.
+    pub fn add_meters(&self, added: &[Meter]) -> Result<(), String> {
+        let _one = self.adding.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let len = self.len.load(Ordering::Acquire);
+        if len + added.len() > self.slots.len() {
+            return Err(format!(
+                "at most {} meters fit this process ({} configured, {} more requested); restart",
+                self.slots.len(),
+                len,
+                added.len()
+            ));
+        }
+        for (i, m) in added.iter().enumerate() {
+            if usize::from(m.id) != len + i || self.meter_ids.load().contains_key(&m.name) {
+                return Err(format!("meter {:?} does not take the next id {} or is configured already", m.name, len + i));
+            }
+        }
+        let mut ids = HashMap::clone(&self.meter_ids.load());
+        for m in added {
+            // Every slot at or above `len` is unset (only this lock sets them).
+            let _ = self.slots[usize::from(m.id)].set(m.clone());
+            ids.insert(m.name.clone(), m.id);
+        }
+        self.meter_ids.store(Arc::new(ids));
+        self.len.store(len + added.len(), Ordering::Release);
+        Ok(())
+    }
+
+    /// This catalog (built from a reloaded config) with its meters numbered as
+    /// in `running`: a meter `running` has keeps its id there, a new meter takes
+    /// the next free id in config order, and the plans' limits follow. Meter
+    /// ids are positions in `[[meters]]` at start; a new meter listed between
+    /// existing ones must not move them. When a meter of `running` is missing
+    /// (a removal, refused by the reload), the catalog is returned as it is.
+    pub fn numbered_as(&self, running: &Catalog) -> Catalog {
+        let (mine, theirs) = (self.meters(), running.meters());
+        if theirs.iter().any(|m| self.meter_by_name(&m.name).is_none()) {
+            return self.clone_whole();
+        }
+        let mut next = theirs.len();
+        let mut ids: HashMap<MeterId, MeterId> = HashMap::new();
+        let mut meters: Vec<Meter> = Vec::with_capacity(mine.len());
+        for m in mine.iter() {
+            let id = match running.meter_by_name(&m.name) {
+                Some(r) => r.id,
+                None => {
+                    next += 1;
+                    // At most u16::MAX meters validate, so this fits.
+                    MeterId::try_from(next - 1).unwrap_or(MeterId::MAX)
+                }
+            };
+            ids.insert(m.id, id);
+            meters.push(Meter { id, ..m.clone() });
+        }
+        meters.sort_by_key(|m| m.id);
+        let set = self.plans.load();
+        let renumber = |p: &Plan| Plan {
+            name: p.name.clone(),
+            features: p.features.clone(),
+            limits: p.limits.iter().map(|(m, l)| (ids.get(m).copied().unwrap_or(*m), l.clone())).collect(),
+        };
+        let plans: Vec<Plan> = set.plans.iter().map(|p| renumber(p)).collect();
+        let default_plan = set.plan_ids.get(&set.default_plan.name).copied().unwrap_or(0);
+        Catalog::new(meters, plans, default_plan)
+    }
+
+    /// A copy with the same meters and plans.
+    fn clone_whole(&self) -> Catalog {
+        let set = self.plans.load();
+        let plans: Vec<Plan> = set.plans.iter().map(|p| Plan::clone(p)).collect();
+        let default_plan = set.plan_ids.get(&set.default_plan.name).copied().unwrap_or(0);
+        Catalog::new(self.meters().to_vec(), plans, default_plan)
     }
 
     pub fn plan(&self, name: &str) -> Option<Arc<Plan>> {
@@ -419,7 +591,8 @@ impl Catalog {
 
     // Live plan changes (config reload, issue 23).
     /// Installs the plans (and default plan) of `other`, a catalog built from a
-    /// reloaded config with the same meters (the caller checks): one swap.
+    /// reloaded config whose meters are numbered as here ([`Catalog::numbered_as`])
+    /// and already added ([`Catalog::add_meters`]): one swap.
     pub fn replace_plans(&self, other: &Catalog) {
         self.plans.store(other.plans.load_full());
     }
@@ -613,5 +786,74 @@ mod tests {
         assert!(parse_limits(&json!({"limit": null}), &meter(0)).is_ok());
         let err = parse_limits(&json!({"limit": true, "window": "day"}), &meter(0)).err().unwrap_or_default();
         assert_eq!(err, vec![problem(".limit", "must be a number, \"unlimited\", -1 or null")]);
+    }
+}
+
+// Meters added live (config reload, issue 23).
+#[cfg(test)]
+mod live_meters {
+    use super::*;
+    use crate::model::meter::Aggregation;
+
+    fn meter(id: MeterId, name: &str) -> Meter {
+        Meter { id, name: name.into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None }
+    }
+
+    fn limit() -> Arc<[Limit]> {
+        Arc::from(vec![Limit {
+            window: WindowKind::Day,
+            amount: LimitAmount::Finite(5),
+            hard: true,
+            enforcement: Enforcement::Cached,
+            notify: None,
+        }])
+    }
+
+    fn plan(limits: &[MeterId]) -> Plan {
+        Plan { name: "p".into(), features: BTreeMap::new(), limits: limits.iter().map(|&m| (m, limit())).collect() }
+    }
+
+    #[test]
+    fn a_new_meter_listed_first_keeps_the_running_ids_and_its_limits_follow() {
+        let running = Catalog::new(vec![meter(0, "a"), meter(1, "b")], vec![plan(&[1])], 0);
+        // The reloaded config lists the new meter `c` first: ids 0, 1, 2 by position.
+        let reloaded = Catalog::new(vec![meter(0, "c"), meter(1, "a"), meter(2, "b")], vec![plan(&[0, 2])], 0);
+        let numbered = reloaded.numbered_as(&running);
+        let ids: Vec<(MeterId, &str)> = numbered.meters().iter().map(|m| (m.id, m.name.as_str())).collect();
+        assert_eq!(ids, vec![(0, "a"), (1, "b"), (2, "c")]);
+        let mut limited: Vec<MeterId> = numbered.default_plan().limits.keys().copied().collect();
+        limited.sort_unstable();
+        assert_eq!(limited, vec![1, 2], "b's limit stays on b (1), c's moves to c (2)");
+        // Added to the running catalog, the meter is found by name and id.
+        assert!(running.meter_by_name("c").is_none());
+        let added: Vec<Meter> = numbered.meters().iter().filter(|m| m.id >= 2).cloned().collect();
+        running.add_meters(&added).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(running.meter_by_name("c").map(|m| m.id), Some(2));
+        assert_eq!(running.meter(2).map(|m| m.name.as_str()), Some("c"));
+        assert_eq!(running.meters(), numbered.meters());
+        // Adding it again, or with an id out of order, is refused.
+        assert!(running.add_meters(&added).is_err());
+        assert!(running.add_meters(&[meter(5, "d")]).is_err());
+    }
+
+    #[test]
+    fn the_table_has_fixed_room_and_name_lookups_past_sixteen_meters_use_the_index() {
+        let many: Vec<Meter> = (0..20).map(|i| meter(i, &format!("m{i}"))).collect();
+        let running = Catalog::new(many, vec![plan(&[])], 0);
+        assert_eq!(running.capacity(), 20 + METER_HEADROOM);
+        let extra: Vec<Meter> = (20..20 + METER_HEADROOM as MeterId).map(|i| meter(i, &format!("m{i}"))).collect();
+        running.add_meters(&extra).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(running.meter_by_name("m275").map(|m| m.id), Some(275));
+        let err = running.add_meters(&[meter(276, "full")]).err().unwrap_or_default();
+        assert!(err.contains("restart"), "{err}");
+        assert!(running.meter_by_name("full").is_none());
+    }
+
+    #[test]
+    fn a_removed_meter_leaves_the_reloaded_catalog_as_it_is() {
+        let running = Catalog::new(vec![meter(0, "a"), meter(1, "b")], vec![plan(&[1])], 0);
+        let reloaded = Catalog::new(vec![meter(0, "b")], vec![plan(&[0])], 0);
+        let numbered = reloaded.numbered_as(&running);
+        assert_eq!(numbered.meters(), reloaded.meters());
     }
 }
