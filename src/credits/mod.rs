@@ -93,6 +93,9 @@ pub struct CreditBook {
     /// Whether a plan has a credits limit: only then is the book registered
     /// with the usage seam (with no observer, the seam costs one branch).
     observes: bool,
+    /// The grants version of the shared store this book has loaded (with
+    /// Redis; see `redis_link::credit_lease`, voids).
+    grants_seen: std::sync::atomic::AtomicU64,
 }
 
 impl CreditBook {
@@ -120,6 +123,7 @@ impl CreditBook {
             sink: RwLock::new(Arc::new(NoAlerts)),
             granted: (0..n).map(|_| AtomicI64::new(0)).collect(),
             spent: (0..n).map(|_| AtomicI64::new(0)).collect(),
+            grants_seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -305,6 +309,26 @@ impl CreditBook {
             let b = e.ledger.balance(now).balance;
             (b, e.ledger.used().saturating_sub(e.others), e.others)
         })
+    }
+
+    /// With Redis: [`CreditBook::shared_view`] and the next grant expiry
+    /// (the start of the minute it ends, ms), read together: what a slice of
+    /// the balance is asked with (`redis_link::credit_lease`).
+    pub fn slice_view(&self, customer: CustomerId, meter: MeterId, now: i64) -> (i64, i64, i64, Option<i64>) {
+        self.with_entry(customer, meter, |e| {
+            let b = e.ledger.balance(now);
+            (b.balance, e.ledger.used().saturating_sub(e.others), e.others, b.next_expiry.map(|(_, at)| minute(at)))
+        })
+    }
+
+    /// The grants version of the shared store loaded into this book.
+    pub fn grants_seen(&self) -> u64 {
+        self.grants_seen.load(Ordering::Acquire)
+    }
+
+    /// Every grant up to version `v` is loaded.
+    pub fn saw_grants(&self, v: u64) {
+        self.grants_seen.fetch_max(v, Ordering::AcqRel);
     }
 
     /// A consume is about to take `quantity` in Redis (`+`), or the take

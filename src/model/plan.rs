@@ -223,9 +223,17 @@ fn parse_credits(
     if !matches!(meter.aggregation, super::meter::Aggregation::Sum | super::meter::Aggregation::Count) {
         problems.push(problem(format!("{at}.limit"), "credits need a sum or count meter"));
     }
-    if !matches!(map.get("enforcement").map(|v| v.as_str()), None | Some(Some("cached"))) {
-        problems.push(problem(format!("{at}.enforcement"), "credits limits are exact across instances by themselves; leave it out"));
-    }
+    // With Redis a hard balance is never overdrawn whatever the enforcement:
+    // `leased` (the default; "cached" means the same) decides inside slices of
+    // the balance, `strict` takes every consume in Redis.
+    let enforcement = match map.get("enforcement").map(|v| v.as_str()) {
+        None | Some(Some("cached" | "leased")) => Enforcement::Leased,
+        Some(Some("strict")) => Enforcement::Strict,
+        Some(_) => {
+            problems.push(problem(format!("{at}.enforcement"), "must be \"leased\" (the default) or \"strict\" for credits"));
+            Enforcement::Leased
+        }
+    };
     let hard = match map.get("hard") {
         None => true,
         Some(Value::Bool(b)) => *b,
@@ -255,7 +263,7 @@ fn parse_credits(
         window: WindowKind::Total,
         amount: LimitAmount::Credits { granted: 0, low_balance },
         hard,
-        enforcement: Enforcement::Cached,
+        enforcement,
         // Credits notify through `low_balance` (credits.low / credits.depleted).
         notify: None,
     })
@@ -292,7 +300,7 @@ pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
             let amount = match l.amount {
                 LimitAmount::Unlimited => Value::Null,
                 LimitAmount::Finite(raw) => serde_json::to_value(Decimal { raw, precision: meter.precision }).unwrap_or(Value::Null),
-                // Credits: the spec as given (no window, no enforcement).
+                // Credits: the spec as given (no window; enforcement only when strict).
                 LimitAmount::Credits { low_balance, .. } => {
                     m.insert("limit".into(), Value::String("credits".into()));
                     if let Some(raw) = low_balance {
@@ -300,6 +308,9 @@ pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
                         m.insert("low_balance".into(), low);
                     }
                     m.insert("hard".into(), Value::Bool(l.hard));
+                    if l.enforcement == Enforcement::Strict {
+                        m.insert("enforcement".into(), Value::String("strict".into()));
+                    }
                     return Value::Object(m);
                 }
             };
