@@ -96,6 +96,9 @@ pub struct CreditBook {
     /// The grants version of the shared store this book has loaded (with
     /// Redis; see `redis_link::credit_lease`, voids).
     grants_seen: std::sync::atomic::AtomicU64,
+    /// `ingest.max_lateness` (ms): ledgers made from now on fold usage older
+    /// than it into their base (issue 15); -1: never (tests, tools).
+    lateness_ms: AtomicI64,
 }
 
 impl CreditBook {
@@ -124,6 +127,7 @@ impl CreditBook {
             granted: (0..n).map(|_| AtomicI64::new(0)).collect(),
             spent: (0..n).map(|_| AtomicI64::new(0)).collect(),
             grants_seen: std::sync::atomic::AtomicU64::new(0),
+            lateness_ms: AtomicI64::new(-1),
         }
     }
 
@@ -173,14 +177,48 @@ impl CreditBook {
         (at(&self.granted), at(&self.spent))
     }
 
+    /// Bounds every ledger made from now on (issue 15): usage older than
+    /// `lateness_ms` (`ingest.max_lateness`), and than every grant boundary
+    /// after it, is folded into the ledger's base state.
+    pub fn set_max_lateness(&self, lateness_ms: i64) {
+        self.lateness_ms.store(lateness_ms.max(0), Ordering::Release);
+    }
+
     fn with_entry<R>(&self, customer: CustomerId, meter: MeterId, f: impl FnOnce(&mut Entry) -> R) -> R {
         let slot = self
             .ledgers
             .entry((customer, meter))
-            .or_insert_with(|| Mutex::new(Entry { ledger: Ledger::new(), low_balance: None, others: 0, pending: 0 }))
+            .or_insert_with(|| {
+                let lateness = self.lateness_ms.load(Ordering::Acquire);
+                let ledger = if lateness >= 0 { Ledger::bounded(lateness) } else { Ledger::new() };
+                Mutex::new(Entry { ledger, low_balance: None, others: 0, pending: 0 })
+            })
             .downgrade();
         let mut entry = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&mut entry)
+        let (len, late) = (entry.ledger.log_len(), entry.ledger.late_changes());
+        let r = f(&mut entry);
+        let (len_now, late_now) = (entry.ledger.log_len(), entry.ledger.late_changes());
+        if len_now != len || late_now != late {
+            // Entries folded: the log shrank by more than the change added (at most one).
+            let compacted = u64::try_from(len.saturating_sub(len_now)).unwrap_or(0);
+            let delta = i64::try_from(len_now).unwrap_or(i64::MAX).saturating_sub(i64::try_from(len).unwrap_or(i64::MAX));
+            if late_now.1 > late.1 {
+                tracing::warn!(
+                    customer,
+                    meter = usize::from(meter),
+                    "a grant effective before the credit ledger's compacted horizon (older than ingest.max_lateness) acts from the horizon: \
+                     it pays for no usage before it"
+                );
+            }
+            let more = late_now.0.saturating_sub(late.0).saturating_add(late_now.1.saturating_sub(late.1));
+            crate::telemetry::credit_ledgers(delta, compacted, more);
+        }
+        r
+    }
+
+    /// Per-minute entries every ledger keeps, summed (issue 15).
+    pub fn ledger_minutes(&self) -> usize {
+        self.ledgers.iter().map(|e| e.value().lock().unwrap_or_else(PoisonError::into_inner).ledger.log_len()).sum()
     }
 
     /// Installs a grant (loaded from the store, or just made) for `customer`
