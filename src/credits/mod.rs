@@ -418,7 +418,11 @@ impl CreditBook {
             let (customer, meter) = *item.key();
             let mut e = item.value().lock().unwrap_or_else(PoisonError::into_inner);
             e.low_balance = low_balance(customer, meter);
+            let len = e.ledger.log_len();
             let b = e.ledger.balance(now).balance;
+            // The first balance folds what the store held beyond the horizon (issue 15).
+            let folded = len.saturating_sub(e.ledger.log_len());
+            crate::telemetry::credit_ledgers(-i64::try_from(folded).unwrap_or(0), u64::try_from(folded).unwrap_or(0), 0);
             let low = e.low_balance;
             let entry = &mut *e;
             let _ = alert::crossings(b, low, &mut entry.ledger.low_fired, &mut entry.ledger.depleted_fired);

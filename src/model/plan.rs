@@ -584,6 +584,23 @@ mod tests {
         assert!(!two[1].hard);
     }
 
+    /// Credits are leased by default (issue 16), `strict` on request; the
+    /// rendered spec reads back the same; other enforcements are refused.
+    #[test]
+    fn credits_enforcement_is_leased_unless_strict() {
+        let m = meter(0);
+        let of = |spec: serde_json::Value| parse_limits(&spec, &m).map(|l| l[0].enforcement);
+        assert_eq!(of(json!({"limit": "credits"})), Ok(Enforcement::Leased));
+        assert_eq!(of(json!({"limit": "credits", "enforcement": "cached"})), Ok(Enforcement::Leased));
+        assert_eq!(of(json!({"limit": "credits", "enforcement": "strict"})), Ok(Enforcement::Strict));
+        let bad = parse_limits(&json!({"limit": "credits", "enforcement": "eventual"}), &m);
+        assert_eq!(bad.err().unwrap_or_default().first().map(|p| p.path.clone()), Some(".enforcement".to_string()));
+        for spec in [json!({"limit": "credits"}), json!({"limit": "credits", "enforcement": "strict"})] {
+            let limits = parse_limits(&spec, &m).unwrap_or_default();
+            assert_eq!(parse_limits(&limits_to_json(&limits, &m), &m), Ok(limits), "{spec}");
+        }
+    }
+
     #[test]
     fn unlimited_spellings() {
         for spec in [json!({"limit": "unlimited"}), json!({"limit": -1}), json!({"limit": -1, "window": "month"}), json!({"limit": null})] {
