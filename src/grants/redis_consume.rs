@@ -13,6 +13,13 @@
 //! Usage learned from other instances is charged at the time it is learned.
 //! Reservations on a hard credits balance are decided on the same key by the
 //! reserve script (`holds::shared`), with the same `base`.
+//!
+//! This per-consume take is `enforcement = "strict"` on a credits limit, the
+//! way a credits limit beside a strict or leased window is taken, and the
+//! fallback while Redis recovers from a restart; by default a hard balance is
+//! leased (`grants::slices`, `redis_link::credit_lease`). The take counts the
+//! slices instances hold as spent, and refuses while grants are changing (a
+//! void in progress, or grants newer than this instance's book).
 
 use crate::counters::CustomerId;
 use crate::credits::CreditBook;
