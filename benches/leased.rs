@@ -1,5 +1,5 @@
 //! Issue 16: `cached`, `leased` and `strict` consumes with three instances on
-//! one `redis-server`, in one run. Three in-process meterd apps (their syncers
+//! one `redis-server`, in one run, and a hard credit balance leased or strict. Three in-process meterd apps (their syncers
 //! and lease upkeep running) share a private Redis; consumes go straight to
 //! `Engine::check` (no HTTP), so the figures are the decision path's.
 //!
@@ -34,6 +34,12 @@ aggregation = "sum"
 name = "m_strict"
 aggregation = "sum"
 [[meters]]
+name = "c_leased"
+aggregation = "sum"
+[[meters]]
+name = "c_strict"
+aggregation = "sum"
+[[meters]]
 name = "b_cached"
 aggregation = "sum"
 [[meters]]
@@ -52,6 +58,8 @@ m_strict = { limit = 1000000000000, window = "month", enforcement = "strict" }
 b_cached = { limit = 3000, window = "month" }
 b_leased = { limit = 3000, window = "month", enforcement = "leased" }
 b_strict = { limit = 3000, window = "month", enforcement = "strict" }
+c_leased = { limit = "credits" }
+c_strict = { limit = "credits", enforcement = "strict" }
 "#;
 
 const INSTANCES: usize = 3;
@@ -156,7 +164,24 @@ fn main() {
         );
         println!("| enforcement | consumes/s (all instances) | p50 µs | p99 µs | decided locally |");
         println!("|---|---|---|---|---|");
-        for (meter, name) in [("m_cached", "cached"), ("m_leased", "leased"), ("m_strict", "strict")] {
+        // Prepaid credits (issues 16, 18): a hard balance, leased (the default) or strict.
+        for meter in ["c_leased", "c_strict"] {
+            let spec = meterd::model::grant::GrantSpec::from_json(
+                &serde_json::json!({"id": format!("g-{meter}"), "meter": meter, "amount": 1_000_000_000_000i64}),
+            )
+            .expect("grant spec");
+            apps[0].engine.grant_ports().create_grant("hot", spec).await.expect("grant");
+        }
+        // Every instance loads the grants (refresh every sync interval).
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let runs = [
+            ("m_cached", "cached"),
+            ("m_leased", "leased"),
+            ("m_strict", "strict"),
+            ("c_leased", "credits leased"),
+            ("c_strict", "credits strict"),
+        ];
+        for (meter, name) in runs {
             for a in &apps {
                 a.engine.ensure_customer("hot").await;
             }
@@ -165,7 +190,7 @@ fn main() {
             let after = decisions(&apps);
             let local = match name {
                 "cached" => "100 %".to_string(),
-                "strict" => "0 %".to_string(),
+                "strict" | "credits strict" => "0 %".to_string(),
                 _ => {
                     let (l, r) = (after.0 - before.0, after.1 - before.1);
                     format!("{:.2} % ({l} of {})", 100.0 * l as f64 / (l + r).max(1) as f64, l + r)

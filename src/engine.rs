@@ -312,6 +312,8 @@ impl Engine {
         let catalog = config.catalog.clone();
         // Prepaid credits (issue 18): the book sees every change of usage.
         let credits = Arc::new(crate::credits::CreditBook::new(catalog.clone()));
+        // Issue 15: the ledgers keep per-minute usage only as far back as it may still arrive.
+        credits.set_max_lateness(millis_i64(config.ingest.max_lateness));
         if credits.observes() {
             observers.push(credits.clone());
         }

@@ -69,6 +69,12 @@ pub const TASK_RESTARTS_TOTAL: &str = "meterd_task_restarts_total";
 // Prepaid credits (issue 18): per meter, in meter units, over every customer.
 pub const CREDITS_GRANTED: &str = "meterd_credits_granted_units";
 pub const CREDITS_SPENT: &str = "meterd_credits_spent_units";
+// Credit ledger bound (issue 15): per-minute log entries kept over every
+// ledger, entries folded into the ledgers' base states, and changes that came
+// from before a ledger's compacted horizon (applied at the horizon).
+pub const CREDIT_LEDGER_MINUTES: &str = "meterd_credit_ledger_minutes";
+pub const CREDIT_MINUTES_COMPACTED_TOTAL: &str = "meterd_credit_minutes_compacted_total";
+pub const CREDIT_LATE_CHANGES_TOTAL: &str = "meterd_credit_late_changes_total";
 // Threshold notifications (issue 17): `type` and `endpoint` labels (both bounded by the config).
 pub const NOTIFICATIONS_CREATED_TOTAL: &str = "meterd_notifications_created_total";
 pub const NOTIFICATIONS_SENT_TOTAL: &str = "meterd_notifications_sent_total";
@@ -181,6 +187,9 @@ pub fn register_known(known: &Known<'_>) {
     let _ = prometheus();
     register_meters(&known.meters);
     metrics::counter!(EVENTS_TOTAL, "meter" => "", "result" => "rejected").increment(0);
+    metrics::gauge!(CREDIT_LEDGER_MINUTES).increment(0.0);
+    metrics::counter!(CREDIT_MINUTES_COMPACTED_TOTAL).increment(0);
+    metrics::counter!(CREDIT_LATE_CHANGES_TOTAL).increment(0);
     for name in [FLUSH_ROWS_TOTAL, FLUSH_ERRORS_TOTAL, FLUSH_REJECTED_ROWS_TOTAL, RATE_LIMITED_TOTAL] {
         metrics::counter!(name).increment(0);
     }
@@ -296,6 +305,12 @@ fn describe() {
     // Prepaid credits (issue 18).
     metrics::describe_gauge!(CREDITS_GRANTED, "Credits granted on a meter, over every customer (meter units)");
     metrics::describe_gauge!(CREDITS_SPENT, "Usage charged to credit balances on a meter, over every customer (meter units)");
+    metrics::describe_gauge!(CREDIT_LEDGER_MINUTES, "Per-minute usage entries the credit ledgers keep for replays (bounded by compaction)");
+    metrics::describe_counter!(CREDIT_MINUTES_COMPACTED_TOTAL, "Per-minute credit ledger entries folded into the ledgers' base states");
+    metrics::describe_counter!(
+        CREDIT_LATE_CHANGES_TOTAL,
+        "Usage or grants dated before a credit ledger's compacted horizon, applied at the horizon"
+    );
     metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests, by route and status");
     metrics::describe_histogram!(HTTP_DURATION, "HTTP request latency, by route");
     metrics::describe_gauge!(HTTP_CONNECTIONS_OPEN, "Open HTTP connections, by listener (api, ops)");
@@ -430,6 +445,20 @@ pub fn credit_totals(meter: &str, granted_raw: i64, spent_raw: i64, precision: u
     let scale = 10f64.powi(i32::from(precision));
     metrics::gauge!(CREDITS_GRANTED, "meter" => meter.to_string()).set(granted_raw as f64 / scale);
     metrics::gauge!(CREDITS_SPENT, "meter" => meter.to_string()).set(spent_raw as f64 / scale);
+}
+
+/// Credit ledgers (issue 15): `minutes` entries more (or fewer) kept,
+/// `compacted` folded, `late` changes applied at a horizon.
+pub fn credit_ledgers(minutes: i64, compacted: u64, late: u64) {
+    if minutes != 0 {
+        metrics::gauge!(CREDIT_LEDGER_MINUTES).increment(minutes as f64);
+    }
+    if compacted > 0 {
+        metrics::counter!(CREDIT_MINUTES_COMPACTED_TOTAL).increment(compacted);
+    }
+    if late > 0 {
+        metrics::counter!(CREDIT_LATE_CHANGES_TOTAL).increment(late);
+    }
 }
 
 /// Counts one check decision on meter `(meter_id, meter)`; `reason` is its

@@ -38,11 +38,14 @@ pub struct LedgerGrant {
     pub voided: i64,
     /// Raw units not yet spent (what was left when it expired, for an expired one).
     pub remaining: i64,
+    /// Raw units it paid before the ledger's compacted horizon (issue 15:
+    /// see [`Ledger::compact`]); `None` when it came after the compaction.
+    base_spent: Option<i64>,
 }
 
 impl LedgerGrant {
     pub fn new(id: Arc<str>, amount: i64, priority: i64, effective_ms: i64, expires_ms: Option<i64>) -> LedgerGrant {
-        LedgerGrant { id, amount, priority, effective_ms, expires_ms, voided: 0, remaining: amount }
+        LedgerGrant { id, amount, priority, effective_ms, expires_ms, voided: 0, remaining: amount, base_spent: None }
     }
 
     /// The minute it starts acting.
@@ -99,11 +102,48 @@ pub struct Ledger {
     /// Crossing state for low / depleted alerts (see `super::alert`).
     pub(super) low_fired: bool,
     pub(super) depleted_fired: bool,
+    /// Issue 15: minutes before `floor` are folded into the base (the state
+    /// after them: each grant's `base_spent`, `base_overage`, at
+    /// `base_cursor`); `i64::MIN`: nothing folded.
+    floor: i64,
+    base_cursor: i64,
+    base_overage: i64,
+    /// Usage may arrive this late (`ingest.max_lateness`); `None`: the log is
+    /// never compacted.
+    lateness_ms: Option<i64>,
+    /// Usage that came dated before `floor`, charged at `floor` (exact: no
+    /// grant boundary lies between, see [`Ledger::compact`]).
+    late: u64,
+    /// Grants that came acting from before the folded base: they act from
+    /// the base (not exact: they did not pay for the folded minutes).
+    late_grants: u64,
 }
+
+/// Minutes of log always kept before now (compaction also waits until an
+/// hour more than it would fold has gathered, so it runs at most hourly).
+const KEEP_MS: i64 = 60 * MINUTE_MS;
 
 impl Ledger {
     pub fn new() -> Ledger {
-        Ledger { cursor: i64::MIN, ..Ledger::default() }
+        Ledger { cursor: i64::MIN, floor: i64::MIN, base_cursor: i64::MIN, ..Ledger::default() }
+    }
+
+    /// A ledger whose per-minute log is compacted (issue 15): usage older
+    /// than what may still arrive late (`lateness_ms`) and than every grant
+    /// boundary it could fall across is folded into one base state.
+    pub fn bounded(lateness_ms: i64) -> Ledger {
+        Ledger { lateness_ms: Some(lateness_ms.max(0)), ..Ledger::new() }
+    }
+
+    /// Minutes of usage kept for replays.
+    pub fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
+    /// Changes so far that came from before the compacted horizon: (usage,
+    /// grants).
+    pub fn late_changes(&self) -> (u64, u64) {
+        (self.late, self.late_grants)
     }
 
     /// The grants, in burn-down order.
@@ -121,8 +161,14 @@ impl Ledger {
         self.overage
     }
 
-    /// Adds (or replaces, by id) a grant; the ledger replays.
-    pub fn put_grant(&mut self, grant: LedgerGrant) {
+    /// Adds (or replaces, by id) a grant; the ledger replays. A grant acting
+    /// from before the compacted horizon acts from the horizon.
+    pub fn put_grant(&mut self, mut grant: LedgerGrant) {
+        if let Some(old) = self.grants.iter().find(|g| g.id == grant.id) {
+            grant.base_spent = old.base_spent;
+        } else if grant.start() <= self.base_cursor {
+            self.late_grants += 1;
+        }
         self.grants.retain(|g| g.id != grant.id);
         let at = self.grants.partition_point(|g| g.order() < grant.order());
         self.grants.insert(at, grant);
@@ -153,7 +199,13 @@ impl Ledger {
         if raw == 0 {
             return;
         }
-        let m = minute(ts_ms);
+        let mut m = minute(ts_ms);
+        if m < self.floor {
+            // Older than the compacted horizon: charged at the horizon (the
+            // same grants act there unless one started or ended between).
+            m = self.floor;
+            self.late += 1;
+        }
         *self.log.entry(m).or_insert(0) += raw;
         self.used = self.used.saturating_add(raw);
         if self.dirty {
@@ -179,6 +231,7 @@ impl Ledger {
         if t > self.cursor {
             self.advance(t);
         }
+        self.maybe_compact(t);
         let t = self.cursor;
         let mut b = Balance { balance: -self.overage, ..Balance::default() };
         for g in self.grants.iter().filter(|g| g.active_at(t)) {
@@ -251,15 +304,35 @@ impl Ledger {
         self.overage = self.overage.saturating_add(left);
     }
 
-    /// Replays every minute of usage from scratch (grants changed, or late usage
-    /// crossed a boundary).
+    /// Back to the base state (the start, or the compacted horizon). A grant
+    /// acting from before the horizon that came after the compaction pays
+    /// the overage there, as it would have at its start.
+    fn restore_base(&mut self) {
+        for g in &mut self.grants {
+            g.remaining = g.capacity().saturating_sub(g.base_spent.unwrap_or(0)).max(0);
+        }
+        self.overage = self.base_overage;
+        self.cursor = self.base_cursor;
+        if self.overage > 0 {
+            let cursor = self.cursor;
+            let mut late: Vec<usize> = (0..self.grants.len())
+                .filter(|&i| self.grants[i].base_spent.is_none() && self.grants[i].start() <= cursor && self.grants[i].active_at(cursor))
+                .collect();
+            late.sort_by_key(|&i| self.grants[i].start());
+            for i in late {
+                let g = &mut self.grants[i];
+                let pay = g.remaining.min(self.overage);
+                g.remaining -= pay;
+                self.overage -= pay;
+            }
+        }
+    }
+
+    /// Replays every minute of usage from the base (grants changed, or late
+    /// usage crossed a boundary).
     fn replay(&mut self) {
         let until = self.cursor;
-        for g in &mut self.grants {
-            g.remaining = g.capacity();
-        }
-        self.overage = 0;
-        self.cursor = i64::MIN;
+        self.restore_base();
         self.dirty = false;
         let log = std::mem::take(&mut self.log);
         for (&m, &raw) in &log {
@@ -267,6 +340,62 @@ impl Ledger {
             self.take(m, raw);
         }
         self.log = log;
+        if until > self.cursor {
+            self.advance(until);
+        }
+    }
+
+    /// Where the log may be folded up to at minute `now`: before what may
+    /// still arrive late, and before every grant boundary after that (late
+    /// usage charged at the horizon then sees the grants it would have seen),
+    /// and at least [`KEEP_MS`] back.
+    fn horizon(&self, now: i64) -> Option<i64> {
+        let lateness = self.lateness_ms?;
+        let oldest_late = minute(now.saturating_sub(lateness));
+        let boundary =
+            self.grants.iter().flat_map(|g| [Some(g.start()), g.end()]).flatten().filter(|&b| b > oldest_late).min().unwrap_or(i64::MAX);
+        Some(now.saturating_sub(KEEP_MS).min(boundary.saturating_sub(MINUTE_MS)))
+    }
+
+    /// Folds the log when an hour more than the horizon allows has gathered.
+    fn maybe_compact(&mut self, now: i64) {
+        let (Some(k), Some((&first, _))) = (self.horizon(now), self.log.first_key_value()) else { return };
+        if first < k.saturating_sub(KEEP_MS) && !self.dirty {
+            self.compact(k);
+        }
+    }
+
+    /// Folds every minute before `k` into the base (issue 15): the state
+    /// after them is kept (what each grant paid, the overage) and their log
+    /// entries are dropped, so the log holds only minutes that can still be
+    /// replayed across. The balance is unchanged.
+    pub fn compact(&mut self, k: i64) {
+        if self.dirty {
+            self.replay();
+        }
+        let until = self.cursor;
+        self.restore_base();
+        let log = std::mem::take(&mut self.log);
+        let mut kept = BTreeMap::new();
+        for (m, raw) in log {
+            if m < k {
+                self.advance(m);
+                self.take(m, raw);
+            } else {
+                kept.insert(m, raw);
+            }
+        }
+        for g in &mut self.grants {
+            g.base_spent = Some(g.capacity().saturating_sub(g.remaining));
+        }
+        self.base_overage = self.overage;
+        self.base_cursor = self.cursor;
+        self.floor = self.floor.max(k);
+        for (&m, &raw) in &kept {
+            self.advance(m);
+            self.take(m, raw);
+        }
+        self.log = kept;
         if until > self.cursor {
             self.advance(until);
         }
@@ -326,6 +455,60 @@ mod tests {
         l.charge(M, 4);
         assert_eq!(l.balance(10 * M - 1).next_expiry, Some((6, 10 * M)));
         assert_eq!(l.balance(10 * M).balance, 0, "expired at its minute");
+    }
+
+    /// Issue 15: a month of usage every minute, with weekly top-ups that
+    /// expire, a void, and late usage: the bounded ledger's log stays flat
+    /// (at most `max_lateness` plus two hours of minutes) while its balance is
+    /// the unbounded ledger's at every hour, and it replays exactly after a
+    /// grant change.
+    #[test]
+    fn a_month_of_minutes_keeps_the_log_flat_and_the_balance_exact() {
+        const DAY: i64 = 1440 * M;
+        // [bounded, unbounded]
+        let mut l = [Ledger::bounded(DAY), Ledger::new()];
+        fn both(l: &mut [Ledger; 2], f: impl Fn(&mut Ledger)) {
+            l.iter_mut().for_each(f);
+        }
+        both(&mut l, |x| x.put_grant(grant("month", 5_000_000, 10, 0, Some(31 * DAY))));
+        let mut longest = 0;
+        for t in (0..30 * DAY).step_by(M as usize) {
+            if t % (7 * DAY) == 0 {
+                let k = t / (7 * DAY);
+                both(&mut l, |x| x.put_grant(grant(&format!("w{k}"), 300_000, 5, t, Some(t + 10 * DAY))));
+            }
+            if t == 15 * DAY {
+                let left = l[1].remaining_of("w2", t).unwrap_or(0);
+                assert!(left > 0);
+                both(&mut l, |x| {
+                    x.void("w2", left);
+                });
+            }
+            let q = 20 + (t / M) % 7;
+            both(&mut l, |x| x.charge(t + 5, q));
+            if (t / M) % 10 == 0 && t > DAY {
+                // Late: six hours back (within max_lateness).
+                both(&mut l, |x| x.charge(t - 6 * 60 * M, 3));
+            }
+            let (b, f) = (l[0].balance(t), l[1].balance(t));
+            if t % (60 * M) == 0 {
+                assert_eq!(b, f, "balance at minute {}", t / M);
+            }
+            if t > 20 * DAY {
+                longest = longest.max(l[0].log_len());
+            }
+        }
+        assert_eq!(l[0].balance(30 * DAY), l[1].balance(30 * DAY));
+        assert!(l[1].log_len() >= 30 * 1440, "the unbounded ledger keeps every minute: {}", l[1].log_len());
+        assert!(longest <= 1440 + 2 * 60 + 1, "the bounded log stays flat: {longest} minutes");
+        assert!(longest >= 1440, "and keeps what may still arrive late: {longest} minutes");
+        assert_eq!(l[0].late_changes().1, 0);
+        // A top-up after all that replays from the base, exactly.
+        both(&mut l, |x| x.put_grant(grant("late-topup", 1_000, 1, 30 * DAY, None)));
+        assert_eq!(l[0].balance(30 * DAY + M), l[1].balance(30 * DAY + M));
+        // A grant backdated before the folded minutes acts from the base: counted.
+        l[0].put_grant(grant("backdated", 10, 10, 0, None));
+        assert_eq!(l[0].late_changes().1, 1);
     }
 
     /// The model: the same rules, computed from scratch in time order.

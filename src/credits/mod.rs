@@ -93,6 +93,12 @@ pub struct CreditBook {
     /// Whether a plan has a credits limit: only then is the book registered
     /// with the usage seam (with no observer, the seam costs one branch).
     observes: bool,
+    /// The grants version of the shared store this book has loaded (with
+    /// Redis; see `redis_link::credit_lease`, voids).
+    grants_seen: std::sync::atomic::AtomicU64,
+    /// `ingest.max_lateness` (ms): ledgers made from now on fold usage older
+    /// than it into their base (issue 15); -1: never (tests, tools).
+    lateness_ms: AtomicI64,
 }
 
 impl CreditBook {
@@ -121,6 +127,8 @@ impl CreditBook {
             sink: RwLock::new(Arc::new(NoAlerts)),
             granted: (0..n).map(|_| AtomicI64::new(0)).collect(),
             spent: (0..n).map(|_| AtomicI64::new(0)).collect(),
+            grants_seen: std::sync::atomic::AtomicU64::new(0),
+            lateness_ms: AtomicI64::new(-1),
         }
     }
 
@@ -170,14 +178,48 @@ impl CreditBook {
         (at(&self.granted), at(&self.spent))
     }
 
+    /// Bounds every ledger made from now on (issue 15): usage older than
+    /// `lateness_ms` (`ingest.max_lateness`), and than every grant boundary
+    /// after it, is folded into the ledger's base state.
+    pub fn set_max_lateness(&self, lateness_ms: i64) {
+        self.lateness_ms.store(lateness_ms.max(0), Ordering::Release);
+    }
+
     fn with_entry<R>(&self, customer: CustomerId, meter: MeterId, f: impl FnOnce(&mut Entry) -> R) -> R {
         let slot = self
             .ledgers
             .entry((customer, meter))
-            .or_insert_with(|| Mutex::new(Entry { ledger: Ledger::new(), low_balance: None, others: 0, pending: 0 }))
+            .or_insert_with(|| {
+                let lateness = self.lateness_ms.load(Ordering::Acquire);
+                let ledger = if lateness >= 0 { Ledger::bounded(lateness) } else { Ledger::new() };
+                Mutex::new(Entry { ledger, low_balance: None, others: 0, pending: 0 })
+            })
             .downgrade();
         let mut entry = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&mut entry)
+        let (len, late) = (entry.ledger.log_len(), entry.ledger.late_changes());
+        let r = f(&mut entry);
+        let (len_now, late_now) = (entry.ledger.log_len(), entry.ledger.late_changes());
+        if len_now != len || late_now != late {
+            // Entries folded: the log shrank by more than the change added (at most one).
+            let compacted = u64::try_from(len.saturating_sub(len_now)).unwrap_or(0);
+            let delta = i64::try_from(len_now).unwrap_or(i64::MAX).saturating_sub(i64::try_from(len).unwrap_or(i64::MAX));
+            if late_now.1 > late.1 {
+                tracing::warn!(
+                    customer,
+                    meter = usize::from(meter),
+                    "a grant effective before the credit ledger's compacted horizon (older than ingest.max_lateness) acts from the horizon: \
+                     it pays for no usage before it"
+                );
+            }
+            let more = late_now.0.saturating_sub(late.0).saturating_add(late_now.1.saturating_sub(late.1));
+            crate::telemetry::credit_ledgers(delta, compacted, more);
+        }
+        r
+    }
+
+    /// Per-minute entries every ledger keeps, summed (issue 15).
+    pub fn ledger_minutes(&self) -> usize {
+        self.ledgers.iter().map(|e| e.value().lock().unwrap_or_else(PoisonError::into_inner).ledger.log_len()).sum()
     }
 
     /// Installs a grant (loaded from the store, or just made) for `customer`
@@ -308,6 +350,26 @@ impl CreditBook {
         })
     }
 
+    /// With Redis: [`CreditBook::shared_view`] and the next grant expiry
+    /// (the start of the minute it ends, ms), read together: what a slice of
+    /// the balance is asked with (`redis_link::credit_lease`).
+    pub fn slice_view(&self, customer: CustomerId, meter: MeterId, now: i64) -> (i64, i64, i64, Option<i64>) {
+        self.with_entry(customer, meter, |e| {
+            let b = e.ledger.balance(now);
+            (b.balance, e.ledger.used().saturating_sub(e.others), e.others, b.next_expiry.map(|(_, at)| minute(at)))
+        })
+    }
+
+    /// The grants version of the shared store loaded into this book.
+    pub fn grants_seen(&self) -> u64 {
+        self.grants_seen.load(Ordering::Acquire)
+    }
+
+    /// Every grant up to version `v` is loaded.
+    pub fn saw_grants(&self, v: u64) {
+        self.grants_seen.fetch_max(v, Ordering::AcqRel);
+    }
+
     /// A consume is about to take `quantity` in Redis (`+`), or the take
     /// ended: refused, given back, or folded here (`-`).
     pub fn taking(&self, customer: CustomerId, meter: MeterId, quantity: i64) {
@@ -357,7 +419,11 @@ impl CreditBook {
             let (customer, meter) = *item.key();
             let mut e = item.value().lock().unwrap_or_else(PoisonError::into_inner);
             e.low_balance = low_balance(customer, meter);
+            let len = e.ledger.log_len();
             let b = e.ledger.balance(now).balance;
+            // The first balance folds what the store held beyond the horizon (issue 15).
+            let folded = len.saturating_sub(e.ledger.log_len());
+            crate::telemetry::credit_ledgers(-i64::try_from(folded).unwrap_or(0), u64::try_from(folded).unwrap_or(0), 0);
             let low = e.low_balance;
             let entry = &mut *e;
             let _ = alert::crossings(b, low, &mut entry.ledger.low_fired, &mut entry.ledger.depleted_fired);

@@ -8,6 +8,7 @@
 //! through the store's grants version ([`refresh`]) and reload.
 
 pub mod redis_consume;
+pub mod slices;
 
 use crate::counters::intern::Interner;
 use crate::credits::{CreditBook, GrantView};
@@ -81,6 +82,10 @@ pub struct GrantPorts<'a> {
     pub store: &'a dyn EntitlementStore,
     pub interner: &'a Interner,
     pub entitlements: &'a EntitlementCache,
+    /// With Redis: voids leave what slices of the balance stand on
+    /// (`redis_link::credit_lease`).
+    pub redis: Option<&'a crate::redis_link::Redis>,
+    pub instance_id: &'a str,
 }
 
 impl Engine {
@@ -92,6 +97,8 @@ impl Engine {
             store: &**self.grant_store(),
             interner: &self.counters().interner,
             entitlements: self.entitlements(),
+            redis: self.redis(),
+            instance_id: self.instance_id(),
         }
     }
 }
@@ -153,12 +160,79 @@ impl GrantPorts<'_> {
             }
         };
         if doc.voided_at_ms.is_none() {
+            let remaining = self.credits.remaining_of(id, grant, now).unwrap_or(0);
+            let hard = self.catalog.meter_by_name(&doc.meter).filter(|m| {
+                self.entitlements.get(Some(id)).limits(m.id).is_some_and(|ls| ls.iter().any(|l| l.hard && l.amount.is_credits()))
+            });
+            let shared = match (self.redis, hard) {
+                (Some(redis), Some(meter)) if remaining > 0 => Some((redis, meter)),
+                _ => None,
+            };
+            let voided = match shared {
+                Some((redis, meter)) => self.voidable(redis, (customer, id), meter, grant, now).await?,
+                None => remaining,
+            };
             doc.voided_at_ms = Some(now);
-            doc.voided_raw = Some(self.credits.remaining_of(id, grant, now).unwrap_or(0));
+            doc.voided_raw = Some(voided);
             self.store.update_grant(customer, &doc).await?;
             self.credits.void(id, doc);
+            if let Some((redis, meter)) = shared {
+                // Stored: every grant up to this version is loaded here, then
+                // the fence is lifted; instances that have not loaded it yet
+                // get no slice until they do.
+                let version = self.store.grants_version().await?;
+                crate::credits::load::grants(self.credits, self.store, self.interner).await?;
+                self.credits.saw_grants(version);
+                let (credit_key, held_key) = (redis.keys.credits(customer, &meter.name), redis.keys.held(customer, &meter.name));
+                if let Err(e) = crate::redis_link::credit_lease::voided(redis, &credit_key, &held_key, version).await {
+                    tracing::warn!(error = %e, "the void's fence could not be lifted; it ends by itself after a lease ttl");
+                }
+            }
         }
         self.view(id, grant, now).ok_or_else(|| GrantError::NotFound(grant.to_string()))
+    }
+
+    /// With Redis, on a hard credits balance: how much of the grant's
+    /// remainder a void may take — what no slice of the balance, no hold and
+    /// no usage this instance has not seen yet stands on (the rule:
+    /// `redis_link::credit_lease`). Fences the balance's slices until the void
+    /// is stored. Retries while another void is in progress or this
+    /// instance's grants are older than the balance's, for two lease ttls.
+    async fn voidable(
+        &self,
+        redis: &crate::redis_link::Redis,
+        (name, customer): (&str, crate::counters::CustomerId),
+        meter: &crate::model::Meter,
+        grant: &str,
+        now: i64,
+    ) -> Result<i64, GrantError> {
+        let (credit_key, held_key) = (redis.keys.credits(name, &meter.name), redis.keys.held(name, &meter.name));
+        let ttl_ms = redis.leases.ttl_ms();
+        let deadline = std::time::Instant::now() + Duration::from_millis(u64::try_from(ttl_ms.saturating_mul(2)).unwrap_or(2_000));
+        loop {
+            let remaining = self.credits.remaining_of(customer, grant, now).unwrap_or(0);
+            let (balance, own, others) = self.credits.shared_view(customer, meter.id, now);
+            let ask = crate::redis_link::credit_lease::SliceAsk {
+                credit_key: &credit_key,
+                held_key: &held_key,
+                own,
+                base: balance.saturating_add(own).saturating_add(others),
+                want: remaining,
+                seen: self.credits.grants_seen(),
+            };
+            let io = |e: crate::redis_link::RedisError| GrantError::Store(StoreError::Io(e.to_string()));
+            if let Some(free) = crate::redis_link::credit_lease::void(redis, self.instance_id, ttl_ms, &ask).await.map_err(io)? {
+                return Ok(free);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(GrantError::Store(StoreError::Io("the balance's grants are changing (another void); try again".into())));
+            }
+            // Another void, or grants newer than ours: load them, then again.
+            let version = self.store.grants_version().await?;
+            crate::credits::load::grants(self.credits, self.store, self.interner).await?;
+            self.credits.saw_grants(version);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn view(&self, customer: crate::counters::CustomerId, grant: &str, now: i64) -> Option<GrantOut> {
@@ -249,10 +323,15 @@ pub async fn refresh(engine: Arc<Engine>, interval: Duration, mut stop: tokio::s
                 |m| catalog.meter(m).map(|m| m.name.clone()),
             )
             .await;
+            // Leased credits (issue 16): renew the slices in use, return the idle ones.
+            slices::maintain(&engine, redis, false).await;
         }
         match ports.store.grants_version().await {
             Ok(v) if v != seen => match crate::credits::load::grants(ports.credits, ports.store, ports.interner).await {
-                Ok(_) => seen = v,
+                Ok(_) => {
+                    seen = v;
+                    ports.credits.saw_grants(v);
+                }
                 Err(e) => tracing::warn!(error = %e, "reloading grants failed; retrying"),
             },
             Ok(_) => {}
@@ -260,7 +339,13 @@ pub async fn refresh(engine: Arc<Engine>, interval: Duration, mut stop: tokio::s
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                // Shutdown: every slice's unused credit goes back.
+                if let Some(redis) = engine.redis() {
+                    slices::maintain(&engine, redis, true).await;
+                }
+                return;
+            }
         }
     }
 }

@@ -13,6 +13,13 @@
 //! Usage learned from other instances is charged at the time it is learned.
 //! Reservations on a hard credits balance are decided on the same key by the
 //! reserve script (`holds::shared`), with the same `base`.
+//!
+//! This per-consume take is `enforcement = "strict"` on a credits limit, the
+//! way a credits limit beside a strict or leased window is taken, and the
+//! fallback while Redis recovers from a restart; by default a hard balance is
+//! leased (`grants::slices`, `redis_link::credit_lease`). The take counts the
+//! slices instances hold as spent, and refuses while grants are changing (a
+//! void in progress, or grants newer than this instance's book).
 
 use crate::counters::CustomerId;
 use crate::credits::CreditBook;
@@ -21,13 +28,17 @@ use crate::redis_link::{Keys, Redis};
 
 /// KEYS: the credit key, then optionally the customer's held total of the
 /// meter (reservations, issue 19), which a take leaves untouched. ARGV: field,
-/// own usage, base (= balance + own + others), quantity (0: sync only).
-/// Returns {1, t before} when taken (or a sync), {0, t} when refused.
+/// own usage, base (= balance + own + others), quantity (0: sync only), the
+/// grants version the credit book has loaded. Returns {1, t before} when
+/// taken (or a sync), {0, t} when refused, {2, t} while grants are changing
+/// (see `redis_link::credit_lease`: a void in progress, or newer grants).
 const SCRIPT: &str = r"
 local field = ARGV[1]
 local own = tonumber(ARGV[2])
 local base = tonumber(ARGV[3])
 local q = tonumber(ARGV[4])
+local seen = tonumber(ARGV[5] or '0')
+local me = string.sub(field, 3)
 local old = tonumber(redis.call('HGET', KEYS[1], field) or '0')
 local t = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
 if own > old then
@@ -36,11 +47,41 @@ if own > old then
   t = t + (own - old)
   old = own
 end
-if q == 0 then return {1, t} end
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+if q == 0 then
+  -- A sync push: this instance's usage is all in its part now, so its own
+  -- slice that expired (a restart after a crash) holds nothing any more.
+  local x = tonumber(redis.call('HGET', KEYS[1], 'x:' .. me) or '0')
+  if x > 0 and x <= now then redis.call('HDEL', KEYS[1], 'c:' .. me, 'x:' .. me, 'u:' .. me) end
+  return {1, t}
+end
+-- Slices of the balance (redis_link::credit_lease) are spoken for; a void
+-- in progress, or grants newer than this instance's, stop the take.
+local all = redis.call('HGETALL', KEYS[1])
+local gv, vf, parts, caps, exps, unrep = 0, 0, {}, {}, {}, {}
+for j = 1, #all, 2 do
+  local f, val = all[j], all[j + 1]
+  local p, id = string.sub(f, 1, 2), string.sub(f, 3)
+  if f == 'gv' then gv = tonumber(val)
+  elseif f == 'vf' then vf = tonumber(val)
+  elseif p == 'i:' then parts[id] = tonumber(val)
+  elseif p == 'c:' then caps[id] = tonumber(val)
+  elseif p == 'x:' then exps[id] = tonumber(val)
+  elseif p == 'u:' then unrep[id] = tonumber(val) end
+end
+if vf > now or gv > seen then return {2, t} end
+local sl = 0
+for id, c in pairs(caps) do
+  local r = c - (parts[id] or 0)
+  if r < 0 then r = 0 end
+  if (exps[id] or 0) <= now and (unrep[id] or 0) < r then r = unrep[id] or 0 end
+  sl = sl + r
+end
 -- Reservations (issue 19): what is held over all instances is not spendable.
 local h = 0
 if KEYS[2] then h = tonumber(redis.call('HGET', KEYS[2], 't') or '0') end
-if base - t - h < q then return {0, t} end
+if base - t - h - sl < q then return {0, t} end
 redis.call('HSET', KEYS[1], field, old + q)
 redis.call('HINCRBY', KEYS[1], 't', q)
 return {1, t}
@@ -85,6 +126,13 @@ pub fn applies(limits: &[Limit]) -> bool {
     limits.iter().any(|l| l.hard && matches!(l.amount, LimitAmount::Credits { .. }))
 }
 
+/// Whether the hard credits limit among these is decided inside slices of
+/// the balance (`grants::slices`): its enforcement is `leased` (the default;
+/// `strict` takes every consume here).
+pub fn leased(limits: &[Limit]) -> bool {
+    limits.iter().any(|l| l.hard && matches!(l.amount, LimitAmount::Credits { .. }) && l.enforcement != crate::model::Enforcement::Strict)
+}
+
 /// Takes `quantity` of the `(customer, meter)` balance in Redis (the customer
 /// by name and id). Call under the
 /// consume lock, after the local decision allowed.
@@ -102,7 +150,7 @@ pub async fn take(
     let key = redis.keys.credits(name, &meter.name);
     let field = Keys::instance_field(instance_id);
     let mut invocation = TAKE.prepare_invoke();
-    invocation.key(&key).key(redis.keys.held(name, &meter.name)).arg(&field).arg(own).arg(base).arg(quantity);
+    invocation.key(&key).key(redis.keys.held(name, &meter.name)).arg(&field).arg(own).arg(base).arg(quantity).arg(book.grants_seen());
     let mut conn = redis.conn();
     // Until it is folded here (or known not taken), the quantity is this
     // instance's own in whatever total a sync learns meanwhile.
@@ -114,6 +162,10 @@ pub async fn take(
             book.taking(customer, meter.id, -quantity);
             book.learn_total(customer, meter.id, *t, now);
             Outcome::Refused { balance: base.saturating_sub(*t) }
+        }
+        Ok([2, _]) => {
+            book.taking(customer, meter.id, -quantity);
+            Outcome::Down("grants are changing (a void in progress, or this instance has not loaded the newest grants)".into())
         }
         Ok(other) => {
             book.taking(customer, meter.id, -quantity);
@@ -173,12 +225,16 @@ pub async fn sync(
             let mut invocation = TAKE.prepare_invoke();
             invocation.key(key).arg(field).arg(own).arg(0).arg(0);
             let mut conn = redis.conn();
-            (customer, meter, redis.call("credits sync", invocation.invoke_async::<Vec<i64>>(&mut conn)).await)
+            (customer, meter, own, redis.call("credits sync", invocation.invoke_async::<Vec<i64>>(&mut conn)).await)
         })
         .buffer_unordered(SYNC_IN_FLIGHT);
-    while let Some((customer, meter, answer)) = answers.next().await {
+    while let Some((customer, meter, own, answer)) = answers.next().await {
         match answer.as_deref() {
-            Ok([1, t]) => book.learn_total(customer, meter, *t, now),
+            Ok([1, t]) => {
+                book.learn_total(customer, meter, *t, now);
+                // Redis holds at least `own` of this instance's usage now.
+                redis.credit_slices.reported((customer, meter), own);
+            }
             Ok(other) => tracing::warn!(answer = ?other, "redis credits sync answered unexpectedly"),
             Err(e) => {
                 tracing::warn!(error = %e, "redis credits sync failed; retrying next interval");

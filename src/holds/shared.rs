@@ -148,7 +148,26 @@ if cown >= 0 then
     redis.call('HSET', ck, field, cown)
     ct = redis.call('HINCRBY', ck, 't', cown - old)
   end
-  if cbase - ct - h < q then return deny(n + 1, ct) end
+  -- Slices of the balance (redis_link::credit_lease) are spoken for, and a
+  -- void in progress stops holds as it stops slices.
+  local all = redis.call('HGETALL', ck)
+  local vf, cparts, ccaps, cexps, cunrep, sl = 0, {}, {}, {}, {}, 0
+  for j = 1, #all, 2 do
+    local f, val = all[j], all[j + 1]
+    local p, id = string.sub(f, 1, 2), string.sub(f, 3)
+    if f == 'vf' then vf = tonumber(val)
+    elseif p == 'i:' then cparts[id] = tonumber(val)
+    elseif p == 'c:' then ccaps[id] = tonumber(val)
+    elseif p == 'x:' then cexps[id] = tonumber(val)
+    elseif p == 'u:' then cunrep[id] = tonumber(val) end
+  end
+  for id, c in pairs(ccaps) do
+    local r = c - (cparts[id] or 0)
+    if r < 0 then r = 0 end
+    if (cexps[id] or 0) <= rnow and (cunrep[id] or 0) < r then r = cunrep[id] or 0 end
+    sl = sl + r
+  end
+  if vf > rnow or cbase - ct - h - sl < q then return deny(n + 1, ct) end
   totals[n + 1] = ct
 end
 redis.call('HSET', rec, 'm', meter, 'q', q, 'e', exp, 's', 'held', 'c', now, 'f', 0, 'i', me)

@@ -36,7 +36,7 @@ pub fn applies(ports: &LimitsPorts<'_>, meter: &Meter, limits: &[Limit]) -> bool
     ports.redis.is_some()
         && matches!(meter.aggregation, Aggregation::Sum | Aggregation::Count)
         && limits.iter().any(is_leased)
-        && !limits.iter().any(|l| l.enforcement == Enforcement::Strict && l.hard)
+        && !limits.iter().any(super::strict::is_strict_window)
 }
 
 impl LimitsPorts<'_> {

@@ -493,11 +493,17 @@ impl LimitsPorts<'_> {
         debug_assert!(guard.covers(customer, meter.id), "the consume lock of another (customer, meter)");
         let mut states = self.reads.limit_states(Some(customer), meter, ent, limits, now);
         let mut verdict = decide(&states, quantity);
-        // Prepaid credits (issue 18): with Redis, a hard credits limit is taken there too.
+        // Prepaid credits (issue 18): with Redis, a hard credits limit is
+        // decided there too: inside a slice of the balance (`leased`, the
+        // default: issue 16), or taken per consume (`strict`).
         let taken = match (verdict.allowed, self.redis) {
             (true, Some(redis)) if crate::grants::redis_consume::applies(limits) => {
-                let taken = self.take_credits(redis, c, &mut states, &mut verdict).await;
-                taken.map(|t| (redis, t))
+                if crate::grants::redis_consume::leased(limits) && self.lease_credits(redis, c, &mut states, &mut verdict).await {
+                    None
+                } else {
+                    let taken = self.take_credits(redis, c, &mut states, &mut verdict).await;
+                    taken.map(|t| (redis, t))
+                }
             }
             _ => None,
         };
@@ -563,6 +569,37 @@ impl LimitsPorts<'_> {
                 tracing::warn!(error = %e, "a hard credits consume is refused: redis is unreachable");
                 *verdict = Verdict { allowed: false, reason: Reason::Unavailable, primary: index };
                 None
+            }
+        }
+    }
+
+    /// Leased hard credits (issues 16, 18): decides the consume inside a slice
+    /// of the balance (`crate::grants::slices`). True when decided (allowed, or
+    /// refused in `verdict`); false when Redis recovers from a restart and the
+    /// consume is to be taken per call instead.
+    async fn lease_credits(&self, redis: &Redis, c: &Consume<'_>, states: &mut [LimitState], verdict: &mut Verdict) -> bool {
+        use crate::grants::slices::{take, Outcome};
+        let index = states.iter().position(|s| s.limit.hard && s.limit.amount.is_credits()).unwrap_or(0);
+        match take(self.reads.credits, redis, self.instance_id, (c.name, c.customer), c.meter, c.quantity, c.now).await {
+            Outcome::Inside => true,
+            Outcome::Refused => {
+                if let Some(s) = states.get_mut(index) {
+                    let low = crate::credits::CreditBook::low_balance_of(std::slice::from_ref(&s.limit));
+                    *s = self.reads.credit_state(Some(c.customer), c.meter, s.limit, low, c.now);
+                }
+                // Others' slices may hold what the balance shows: the verdict is the script's.
+                *verdict = Verdict { allowed: false, reason: Reason::InsufficientCredits, primary: index };
+                true
+            }
+            Outcome::Recovering => false,
+            Outcome::Down(e) if self.strict_open_when_down => {
+                tracing::debug!(error = %e, "credits decided locally: redis is unreachable (strict_when_unavailable = allow)");
+                true
+            }
+            Outcome::Down(e) => {
+                tracing::warn!(error = %e, "a hard credits consume is refused: no slice of the balance could be had");
+                *verdict = Verdict { allowed: false, reason: Reason::Unavailable, primary: index };
+                true
             }
         }
     }

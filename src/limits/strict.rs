@@ -78,8 +78,16 @@ static GIVE_BACK: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::ne
 
 /// Decided by the script here: `strict` limits, and `leased` ones on a meter
 /// that also has a strict limit (one round trip decides both).
+/// (A credits limit is never a window of the script: its balance is taken by
+/// `grants::redis_consume`.)
 fn is_strict(limit: &Limit) -> bool {
-    limit.enforcement != Enforcement::Cached
+    limit.enforcement != Enforcement::Cached && !limit.amount.is_credits()
+}
+
+/// A hard `strict` window limit (not a credits balance, whose `strict` only
+/// says how the balance is taken).
+pub(super) fn is_strict_window(limit: &Limit) -> bool {
+    limit.enforcement == Enforcement::Strict && limit.hard && !limit.amount.is_credits()
 }
 
 /// Whether a consume of `meter` on these limits goes through Redis here. Also
@@ -90,7 +98,7 @@ pub fn applies(ports: &LimitsPorts<'_>, meter: &Meter, limits: &[Limit]) -> bool
     ports.redis.is_some()
         && !meter.aggregation.is_gauge()
         && meter.aggregation != crate::model::Aggregation::Max
-        && (limits.iter().any(|l| l.enforcement == Enforcement::Strict && l.hard)
+        && (limits.iter().any(is_strict_window)
             || (limits.iter().any(super::leased::is_leased) && crate::grants::redis_consume::applies(limits)))
 }
 

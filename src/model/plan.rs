@@ -224,9 +224,17 @@ fn parse_credits(
     if !matches!(meter.aggregation, super::meter::Aggregation::Sum | super::meter::Aggregation::Count) {
         problems.push(problem(format!("{at}.limit"), "credits need a sum or count meter"));
     }
-    if !matches!(map.get("enforcement").map(|v| v.as_str()), None | Some(Some("cached"))) {
-        problems.push(problem(format!("{at}.enforcement"), "credits limits are exact across instances by themselves; leave it out"));
-    }
+    // With Redis a hard balance is never overdrawn whatever the enforcement:
+    // `leased` (the default; "cached" means the same) decides inside slices of
+    // the balance, `strict` takes every consume in Redis.
+    let enforcement = match map.get("enforcement").map(|v| v.as_str()) {
+        None | Some(Some("cached" | "leased")) => Enforcement::Leased,
+        Some(Some("strict")) => Enforcement::Strict,
+        Some(_) => {
+            problems.push(problem(format!("{at}.enforcement"), "must be \"leased\" (the default) or \"strict\" for credits"));
+            Enforcement::Leased
+        }
+    };
     let hard = match map.get("hard") {
         None => true,
         Some(Value::Bool(b)) => *b,
@@ -256,7 +264,7 @@ fn parse_credits(
         window: WindowKind::Total,
         amount: LimitAmount::Credits { granted: 0, low_balance },
         hard,
-        enforcement: Enforcement::Cached,
+        enforcement,
         // Credits notify through `low_balance` (credits.low / credits.depleted).
         notify: None,
     })
@@ -293,7 +301,7 @@ pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
             let amount = match l.amount {
                 LimitAmount::Unlimited => Value::Null,
                 LimitAmount::Finite(raw) => serde_json::to_value(Decimal { raw, precision: meter.precision }).unwrap_or(Value::Null),
-                // Credits: the spec as given (no window, no enforcement).
+                // Credits: the spec as given (no window; enforcement only when strict).
                 LimitAmount::Credits { low_balance, .. } => {
                     m.insert("limit".into(), Value::String("credits".into()));
                     if let Some(raw) = low_balance {
@@ -301,6 +309,9 @@ pub fn limits_to_json(limits: &[Limit], meter: &Meter) -> Value {
                         m.insert("low_balance".into(), low);
                     }
                     m.insert("hard".into(), Value::Bool(l.hard));
+                    if l.enforcement == Enforcement::Strict {
+                        m.insert("enforcement".into(), Value::String("strict".into()));
+                    }
                     return Value::Object(m);
                 }
             };
@@ -744,6 +755,23 @@ mod tests {
         assert_eq!(two.len(), 2);
         assert_eq!(two[1].amount, LimitAmount::Finite(25));
         assert!(!two[1].hard);
+    }
+
+    /// Credits are leased by default (issue 16), `strict` on request; the
+    /// rendered spec reads back the same; other enforcements are refused.
+    #[test]
+    fn credits_enforcement_is_leased_unless_strict() {
+        let m = meter(0);
+        let of = |spec: serde_json::Value| parse_limits(&spec, &m).map(|l| l[0].enforcement);
+        assert_eq!(of(json!({"limit": "credits"})), Ok(Enforcement::Leased));
+        assert_eq!(of(json!({"limit": "credits", "enforcement": "cached"})), Ok(Enforcement::Leased));
+        assert_eq!(of(json!({"limit": "credits", "enforcement": "strict"})), Ok(Enforcement::Strict));
+        let bad = parse_limits(&json!({"limit": "credits", "enforcement": "eventual"}), &m);
+        assert_eq!(bad.err().unwrap_or_default().first().map(|p| p.path.clone()), Some(".enforcement".to_string()));
+        for spec in [json!({"limit": "credits"}), json!({"limit": "credits", "enforcement": "strict"})] {
+            let limits = parse_limits(&spec, &m).unwrap_or_default();
+            assert_eq!(parse_limits(&limits_to_json(&limits, &m), &m), Ok(limits), "{spec}");
+        }
     }
 
     #[test]

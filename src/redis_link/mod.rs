@@ -22,6 +22,7 @@
 //! | `Pid:<hex>` | string | an event id seen by some instance (expires after `dedupe_window`) |
 //! | channel `Pentitlements` | pub/sub | a customer id whose entitlements changed |
 
+pub mod credit_lease;
 pub mod keys;
 pub mod lease;
 
@@ -102,6 +103,8 @@ pub struct Redis {
     up: Arc<AtomicBool>,
     /// The quota slices this instance holds for `leased` limits (shared by clones).
     pub leases: Arc<lease::LeaseBook>,
+    /// The slices of hard credit balances this instance holds (shared by clones).
+    pub credit_slices: Arc<credit_lease::CreditSlices>,
 }
 
 impl Redis {
@@ -136,6 +139,7 @@ impl Redis {
             timeout,
             up: Arc::new(AtomicBool::new(true)),
             leases: Arc::default(),
+            credit_slices: Arc::default(),
         };
         crate::telemetry::redis_up(true);
         Ok(redis)
