@@ -9,6 +9,7 @@
 pub mod buckets;
 pub mod flat;
 pub mod intern;
+pub mod unique;
 pub mod window;
 
 /// Re-exported: the key hasher is a leaf, shared with the WAL.
@@ -60,6 +61,8 @@ pub struct Counters {
     pub interner: Interner,
     pub windows: WindowCounters,
     pub buckets: Buckets,
+    /// Unique counts (issue 25): the distinct values of `unique_count` windows.
+    pub unique: unique::UniqueSets,
     /// Per meter: the bit set of window kinds tracked.
     tracked: Vec<AtomicU8>,
     /// Striped locks by (customer, meter): serialize multi-window consumes and
@@ -84,6 +87,7 @@ impl Counters {
             interner: Interner::new(),
             windows: WindowCounters::default(),
             buckets: Buckets::new(next_seq),
+            unique: unique::UniqueSets::default(),
             tracked,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         }
@@ -129,12 +133,32 @@ impl Counters {
     pub fn fold(&self, epoch: &Epoch, usage: &Usage<'_>, skip: Option<WindowKind>) {
         let meter = usage.meter;
         epoch.fold(Self::bucket_key(usage), usage.properties, meter.aggregation, usage.raw, usage.ts);
+        if meter.aggregation == Aggregation::UniqueCount {
+            self.fold_unique(usage, skip);
+            return;
+        }
         for kind in self.tracked_kinds(meter.id) {
             if Some(kind) == skip {
                 continue;
             }
             let key = Self::key(usage.customer, meter.id, kind, usage.ts, usage.anchor);
             self.windows.with_cell(key, |cell| cell.fold(meter.aggregation, usage.raw, usage.ts));
+        }
+    }
+
+    /// Unique counts (issue 25): each window counts the usage's value once.
+    /// A usage without the value (validation makes every event carry it)
+    /// counts nothing in the windows.
+    fn fold_unique(&self, usage: &Usage<'_>, skip: Option<WindowKind>) {
+        let Some(value) = usage.meter.unique_value(usage.properties) else { return };
+        let value = unique::hash_value(value);
+        for kind in self.tracked_kinds(usage.meter.id) {
+            if Some(kind) == skip {
+                continue;
+            }
+            let key = Self::key(usage.customer, usage.meter.id, kind, usage.ts, usage.anchor);
+            let new = i64::from(self.unique.insert(key, value));
+            self.windows.with_cell(key, |cell| cell.fold(Aggregation::Sum, new, usage.ts));
         }
     }
 
@@ -170,6 +194,11 @@ impl Counters {
         for (u, usage) in usages.iter().enumerate() {
             if usage.meter.aggregation == Aggregation::Latest {
                 let _stripe = self.stripe(usage.customer, usage.meter.id);
+                self.fold(&epoch, usage, None);
+                continue;
+            }
+            if usage.meter.aggregation == Aggregation::UniqueCount {
+                // Issue 25: sets decide what each window adds; one at a time.
                 self.fold(&epoch, usage, None);
                 continue;
             }
@@ -218,7 +247,15 @@ mod tests {
 
     /// Meter 0 `m` (sum) and meter 1 `l` (latest), both limited in `windows`.
     fn catalog_with(windows: &[WindowKind]) -> Catalog {
-        let meter = |id, name: &str, aggregation| Meter { id, name: name.into(), aggregation, precision: 0, stripe_event_name: None };
+        let meter = |id, name: &str, aggregation| Meter {
+            id,
+            name: name.into(),
+            aggregation,
+            precision: 0,
+            stripe_event_name: None,
+            unique_property: None,
+            group_by: Vec::new(),
+        };
         let limits: Arc<[Limit]> = windows
             .iter()
             .map(|&window| Limit { window, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached, notify: None })
