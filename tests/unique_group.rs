@@ -163,6 +163,17 @@ async fn a_limit_of_three_active_users_denies_a_fourth_and_allows_a_returning_on
     let retry = c.check(&consume("cy", "c-cy")).await;
     assert_eq!((retry.body["allowed"].clone(), retry.body["used"].clone()), (json!(true), json!(3)), "{}", retry.text);
     assert_eq!(used(&c, "team", "active_users", None).await["used"], json!(3));
+    // An override starts a day window: seeded with the distinct values so far
+    // (3, though 4 events carry them).
+    let again = json!({"id": uid("e"), "customer": "team", "meter": "active_users", "properties": {"user_id": "bob"}});
+    assert_eq!(c.events(&again).await.status, 202);
+    let doc = json!({"overrides": {"active_users": [{"limit": 3, "window": "month"}, {"limit": 10, "window": "day"}]}});
+    assert_eq!(common::put(&c, "team", doc).await.status, 200);
+    let both = used(&c, "team", "active_users", Some("bob")).await;
+    let windows: Vec<(Value, Value)> =
+        both["limits"].as_array().into_iter().flatten().map(|l| (l["window"].clone(), l["used"].clone())).collect();
+    assert_eq!(windows, vec![(json!("month"), json!(3)), (json!("day"), json!(3))], "{both}");
+    assert_eq!(both["allowed"], json!(true), "{both}");
 
     // Refusals name the field.
     let r = c.check(&json!({"customer": "team", "meter": "active_users", "consume": true, "id": "x"})).await;
