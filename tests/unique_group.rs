@@ -142,7 +142,7 @@ async fn distinct_counts_are_exact_through_duplicates_a_kill_and_a_restart() {
 /// and on consumes; a consume of a counted value adds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_of_three_active_users_denies_a_fourth_and_allows_a_returning_one() {
-    let server = TestServer::start(&config("[ingest]\nmax_unique_values = 5")).await;
+    let server = TestServer::start(&config("[ingest]\nmax_unique_values = 45")).await;
     let c = server.client();
     let consume = |user: &str, id: &str| json!({"customer": "team", "meter": "active_users", "consume": true, "id": id, "value": user});
     for (i, user) in ["ann", "bob", "cy"].iter().enumerate() {
@@ -175,6 +175,40 @@ async fn a_limit_of_three_active_users_denies_a_fourth_and_allows_a_returning_on
     assert_eq!(windows, vec![(json!("month"), json!(3)), (json!("day"), json!(3))], "{both}");
     assert_eq!(both["allowed"], json!(true), "{both}");
 
+    // A race: 16 new users at once on a fresh customer, 4 of them twice
+    // (two consumes of one value, different ids): exactly 3 values get in.
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let c = c.clone();
+            let value = format!("r{}", i % 16);
+            let body = json!({"customer": "race", "meter": "active_users", "consume": true, "id": format!("race-{i}"), "value": value});
+            tokio::spawn(async move { (value, c.check(&body).await.body["allowed"] == json!(true)) })
+        })
+        .collect();
+    let mut allowed_values = std::collections::BTreeSet::new();
+    for t in tasks {
+        let (value, allowed) = t.await.expect("task");
+        if allowed {
+            allowed_values.insert(value);
+        }
+    }
+    assert_eq!(allowed_values.len(), 3, "{allowed_values:?}");
+    assert_eq!(used(&c, "race", "active_users", None).await["used"], json!(3), "exactly three distinct users get in");
+    let series = usage(&c, &format!("meter=active_users&granularity=day&customer=race&{}", day_range())).await;
+    assert_eq!(series["data"][0]["value"], json!(3), "{series}");
+    // Concurrent events with overlapping values: exact.
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let c = c.clone();
+            let batch: Vec<Value> = (0..50).map(|i| visit("crowd", &format!("p{}", (i * 7 + t) % 40))).collect();
+            tokio::spawn(async move { c.events(&json!(batch)).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), 202);
+    }
+    assert_eq!(used(&c, "crowd", "visitors", None).await["used"], json!(40));
+
     // Refusals name the field.
     let r = c.check(&json!({"customer": "team", "meter": "active_users", "consume": true, "id": "x"})).await;
     assert_eq!(r.status, 400, "{}", r.text);
@@ -186,16 +220,16 @@ async fn a_limit_of_three_active_users_denies_a_fourth_and_allows_a_returning_on
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.body["error"]["details"][0]["field"], json!("properties.user_id"), "{}", r.text);
 
-    // The cap (5 per window): a sixth new value is refused, a counted one is not.
-    let five: Vec<Value> = (0..5).map(|i| visit("big", &format!("u{i}"))).collect();
+    // The cap (45 per window): a 46th new value is refused, a counted one is not.
+    let five: Vec<Value> = (0..45).map(|i| visit("big", &format!("u{i}"))).collect();
     assert_eq!(c.events(&json!(five)).await.status, 202);
-    let r = c.events(&json!([visit("big", "u1"), visit("big", "u9")])).await;
+    let r = c.events(&json!([visit("big", "u1"), visit("big", "u99")])).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.body["error"]["details"][0]["index"], json!(1), "{}", r.text);
     assert_eq!(r.body["error"]["details"][0]["field"], json!("properties.user_id"), "{}", r.text);
     assert!(r.text.contains("max_unique_values"), "{}", r.text);
     assert_eq!(c.events(&json!([visit("big", "u1")])).await.status, 202);
-    assert_eq!(used(&c, "big", "visitors", None).await["used"], json!(5));
+    assert_eq!(used(&c, "big", "visitors", None).await["used"], json!(45));
     let metrics = c.get("/metrics").await.text;
     assert!(metrics.lines().any(|l| l.starts_with("meterd_unique_values_refused_total ") && !l.ends_with(" 0")), "{metrics}");
     server.stop().await;
