@@ -339,7 +339,7 @@ async fn group_by_totals_add_up_with_clickhouse() {
 /// and a returning user seen on another instance is allowed at the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_on_one_redis_count_each_value_once() {
-    let redis = need!(RedisServer::start(false).await);
+    let mut redis = need!(RedisServer::start(false).await);
     let mut servers = Vec::new();
     for i in 0..3 {
         let extra =
@@ -362,6 +362,28 @@ async fn three_instances_on_one_redis_count_each_value_once() {
             break;
         }
         assert!(Instant::now() < deadline, "every instance should see 25 distinct users: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Redis restarted empty: the sets are refilled from every instance's values.
+    redis.restart_empty().await;
+    assert_eq!(servers[0].client().events(&json!([visit("acme", "late")])).await.status, 202);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut seen = Vec::new();
+        for s in &servers {
+            seen.push(used(&s.client(), "acme", "visitors", None).await["used"].as_i64().unwrap_or(-1));
+        }
+        let mut conn = redis.conn().await;
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*acme*:u").query_async(&mut conn).await.unwrap_or_default();
+        let mut size = 0;
+        for k in &keys {
+            size += redis::cmd("SCARD").arg(k).query_async::<i64>(&mut conn).await.unwrap_or(0);
+        }
+        // Two windows (day and month) of 26 values each.
+        if seen == vec![26, 26, 26] && size == 52 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after the restart: instances {seen:?}, redis sets {size} over {keys:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The limit of 3 across instances.
