@@ -371,6 +371,56 @@ mod tests {
         assert!(counters.windows.is_empty());
     }
 
+    /// Issue 25: a batch of a `unique_count` meter (long enough for the batch
+    /// path) adds one per value new to each window; buckets count events.
+    #[test]
+    fn a_unique_count_window_counts_each_value_once() {
+        let meter = Meter {
+            id: 0,
+            name: "u".into(),
+            aggregation: Aggregation::UniqueCount,
+            precision: 0,
+            stripe_event_name: None,
+            unique_property: Some("user".into()),
+            group_by: Vec::new(),
+        };
+        let limits: Arc<[Limit]> = [WindowKind::Day, WindowKind::Month]
+            .into_iter()
+            .map(|window| Limit { window, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached, notify: None })
+            .collect();
+        let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, limits)]) };
+        let catalog = Catalog::new(vec![meter], vec![plan], 0);
+        let counters = Counters::new(&catalog, 1);
+        let meter = &catalog.meters()[0];
+        let props: Vec<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> =
+            (0..40).map(|i| vec![("user".into(), format!("u{}", i % 7).into())]).collect();
+        let day = 86_400_000;
+        let usages: Vec<Usage> = props
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Usage {
+                customer: 1,
+                meter,
+                raw: 1,
+                // Days 40 and 41 of the same month: the month sees 7 values, each day its own.
+                ts: (40 + (i as i64 % 2)) * day + 1000,
+                properties: p,
+                props_hash: props_hash(p),
+                anchor: BillingAnchor::default(),
+            })
+            .collect();
+        counters.apply(&usages);
+        counters.apply(&usages[..3]);
+        let read = |kind, ts| counters.windows.read(&Counters::key(1, 0, kind, ts, BillingAnchor::default()));
+        assert_eq!(read(WindowKind::Month, 40 * day), 7);
+        assert_eq!(read(WindowKind::Day, 40 * day), 7);
+        assert_eq!(read(WindowKind::Day, 41 * day), 7);
+        let mut events = 0;
+        counters.buckets.write_guard().buckets.for_each(|_, b| events += buckets::bucket_value(b).0);
+        assert_eq!(events, 43);
+        assert_eq!(counters.unique.values(), 21);
+    }
+
     #[test]
     fn add_within_never_exceeds_the_limit_under_a_race() {
         let counters = Arc::new(Counters::new(&catalog(), 1));
