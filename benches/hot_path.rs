@@ -305,6 +305,65 @@ fn dedupe_growth(c: &mut Criterion) {
     g.finish();
 }
 
+/// Unique counts (issue 25): a batch of 1000 usages of a `unique_count` meter
+/// (each window's set decides what it adds; one usage at a time) against the
+/// same usages on a `sum` meter with the same properties, 10k customers with
+/// 1000 values between them, month windows warm. Same run, per-usage cost.
+fn unique_count(c: &mut Criterion) {
+    const CONFIG: &str = "[[meters]]\nname = \"users\"\naggregation = \"unique_count\"\nunique_property = \"user_id\"\n\
+                          [[meters]]\nname = \"calls\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\n\
+                          users = { limit = 1000000, window = \"month\" }\ncalls = { limit = 1000000, window = \"month\" }\n";
+    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let counters = Counters::new(&valid.catalog, 1);
+    let (users, calls) = (valid.catalog.meter_by_name("users").expect("users"), valid.catalog.meter_by_name("calls").expect("calls"));
+    let now = now_ms();
+    type Props = Vec<(std::borrow::Cow<'static, str>, std::borrow::Cow<'static, str>)>;
+    let props: Vec<Props> = (0..1000).map(|i| vec![("user_id".into(), format!("u{i}").into())]).collect();
+    let batches = |meter: &'static Meter| -> Vec<Vec<Usage<'static>>> {
+        let props: &'static [Props] = Box::leak(props.clone().into_boxed_slice());
+        (0..64_u32)
+            .map(|b| {
+                (0..1000_u32)
+                    .map(|i| {
+                        let p = &props[((b * 7 + i) % 1000) as usize];
+                        Usage {
+                            customer: (b * 1000 + i).wrapping_mul(2_654_435_761) % 10_000,
+                            meter,
+                            raw: 1,
+                            ts: now,
+                            properties: p,
+                            props_hash: meterd::counters::props_hash(p),
+                            anchor: BillingAnchor::default(),
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let (users, calls): (&'static Meter, &'static Meter) = (Box::leak(Box::new(users.clone())), Box::leak(Box::new(calls.clone())));
+    let (unique, sum) = (batches(users), batches(calls));
+    for b in unique.iter().chain(&sum) {
+        counters.apply(b);
+    }
+    let mut g = c.benchmark_group("unique");
+    g.warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
+    g.throughput(Throughput::Elements(1000));
+    let mut next = 0;
+    g.bench_function("batch_1000/sum_meter_with_properties", |b| {
+        b.iter(|| {
+            next = (next + 1) % sum.len();
+            counters.apply(&sum[next]);
+        })
+    });
+    g.bench_function("batch_1000/unique_count_meter", |b| {
+        b.iter(|| {
+            next = (next + 1) % unique.len();
+            counters.apply(&unique[next]);
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     parse_validate,
@@ -314,6 +373,7 @@ criterion_group!(
     counter_batch_two_threads,
     wal_record,
     check_decision,
-    dedupe_growth
+    dedupe_growth,
+    unique_count
 );
 criterion_main!(benches);

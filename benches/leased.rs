@@ -77,7 +77,14 @@ async fn app(dir: &std::path::Path, port: u16, n: usize) -> AppHandle {
 }
 
 fn request(customer: &str, meter: &str, id: String) -> CheckRequest {
-    CheckRequest { customer: customer.into(), meter: meter.into(), quantity_text: Some("1".into()), consume: true, id: Some(id) }
+    CheckRequest {
+        customer: customer.into(),
+        meter: meter.into(),
+        quantity_text: Some("1".into()),
+        consume: true,
+        id: Some(id),
+        value: None,
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {

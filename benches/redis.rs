@@ -58,7 +58,7 @@ fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, redis_port: Optio
 }
 
 fn request(customer: &str, meter: &str, consume: bool, id: Option<String>) -> CheckRequest {
-    CheckRequest { customer: customer.into(), meter: meter.into(), quantity_text: Some("1".into()), consume, id }
+    CheckRequest { customer: customer.into(), meter: meter.into(), quantity_text: Some("1".into()), consume, id, value: None }
 }
 
 fn benches(c: &mut Criterion) {

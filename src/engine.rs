@@ -324,9 +324,13 @@ impl Engine {
         }
         let next_seq = usage_store.max_flush_seq(&instance_id).await? + 1;
         let counters = Counters::new(&catalog, next_seq);
+        // Unique counts (issue 25): distinct values kept per window.
+        counters.unique.set_cap(config.ingest.max_unique_values);
         if config.redis.is_some() {
             // Totals are shared: each instance counts its own usage locally.
             counters.windows.set_shared();
+            // Unique sets are merged through Redis sets (`sync::unique`).
+            counters.unique.set_shared();
         }
         // Laid out for meters added live too (config reload, issue 23).
         let plan_kinds = (0..catalog.capacity())
@@ -490,6 +494,48 @@ impl Engine {
         self.write_gate().refusal()
     }
 
+    /// Unique counts (issue 25): seeds each current window of a `unique_count`
+    /// meter with the distinct values the store holds for it (every
+    /// instance's rows: a value counted anywhere is counted once).
+    async fn rebuild_unique(&self, meter: &crate::model::Meter, property: &str, now: i64) -> Result<(), EngineError> {
+        for kind in self.counters().tracked_kinds(meter.id).collect::<Vec<_>>() {
+            // Anchored billing cycles differ per customer: one query each.
+            let anchored: Vec<u32> = if kind == WindowKind::BillingCycle {
+                (0..u32::try_from(self.counters().interner.len()).unwrap_or(u32::MAX))
+                    .filter(|&c| self.entitlements.get(Some(c)).billing_anchor_ms.is_some())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut queries = vec![(kind.bounds(now, Default::default()), None)];
+            for c in anchored {
+                let ent = self.entitlements.get(Some(c));
+                if let Some(name) = self.counters().interner.name(c) {
+                    queries.push((kind.bounds(now, ent.billing_anchor), Some(name)));
+                }
+            }
+            for (window, customer) in queries {
+                let query = UsageQuery::for_window(&self.instance_id, &meter.name, Fold::Sum, &window, customer.as_deref());
+                let span = window.end_ms.saturating_sub(window.start_ms).max(1);
+                let rows = self.usage_store.distinct_values(&query, span, property, None, usize::MAX).await?.data;
+                let mut by_customer: std::collections::BTreeMap<String, Vec<u128>> = std::collections::BTreeMap::new();
+                for row in rows {
+                    by_customer.entry(row.customer).or_default().push(crate::counters::unique::hash_value(&row.value));
+                }
+                for (name, values) in by_customer {
+                    let c = self.counters().interner.intern(&name)?;
+                    let ent = self.entitlements.get(Some(c));
+                    if customer.is_none() && kind == WindowKind::BillingCycle && ent.billing_anchor_ms.is_some() {
+                        continue; // Rebuilt with its own anchor.
+                    }
+                    let key = Counters::key(c, meter.id, kind, now, ent.billing_anchor);
+                    self.usage.merge_unique(key, values, Origin::Rebuild);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Seeds the current window of every tracked kind from the store. Runs before
     /// the server accepts anything, so nothing races it.
     async fn rebuild(&self) -> Result<(), EngineError> {
@@ -504,6 +550,10 @@ impl Engine {
             }
         }
         for meter in self.catalog.meters() {
+            if let Some(property) = meter.unique_property.as_deref() {
+                self.rebuild_unique(meter, property, now).await?;
+                continue;
+            }
             let fold = Fold::from(meter.aggregation);
             for kind in self.counters().tracked_kinds(meter.id).collect::<Vec<_>>() {
                 let window = kind.bounds(now, Default::default());

@@ -251,7 +251,15 @@ mod tests {
     use std::collections::{BTreeMap, HashMap};
 
     fn catalog(limit: i64) -> Catalog {
-        let meter = Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None };
+        let meter = Meter {
+            id: 0,
+            name: "m".into(),
+            aggregation: Aggregation::Sum,
+            precision: 0,
+            stripe_event_name: None,
+            unique_property: None,
+            group_by: Vec::new(),
+        };
         let one = |n| -> Arc<[Limit]> {
             Arc::from(vec![Limit {
                 window: WindowKind::Month,

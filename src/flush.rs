@@ -172,13 +172,17 @@ pub fn housekeeping(engine: &Engine) {
     engine.deduper().sweep(now);
     engine.limits_ports().sweep_consumes(now);
     let cutoff = now - engine.ingest_limits().max_lateness_ms;
-    let evicted = engine.counters().windows.retain_ending_after(cutoff, |k| match k.kind {
+    let end_of = |k: &crate::counters::CounterKey| match k.kind {
         WindowKind::Total => i64::MAX,
         // A billing cycle is at most 31 days long.
         WindowKind::BillingCycle => k.start_ms.saturating_add(31 * 86_400_000),
         kind => kind.bounds(k.start_ms, Default::default()).end_ms,
-    });
+    };
+    let evicted = engine.counters().windows.retain_ending_after(cutoff, end_of);
     crate::telemetry::windows_evicted(evicted);
+    // Unique counts (issue 25): a window's distinct values leave with it.
+    crate::telemetry::unique_sets_evicted(engine.counters().unique.retain_ending_after(cutoff, end_of));
+    crate::telemetry::unique_values(engine.counters().unique.values());
     housekeeping_gauges(engine);
 }
 

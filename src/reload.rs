@@ -387,6 +387,18 @@ pub fn meter_changes(old: &crate::model::Catalog, new: &crate::model::Catalog) -
                 m.stripe_event_name, n.stripe_event_name
             ));
         }
+        if n.unique_property != m.unique_property {
+            out.push(format!(
+                "meters.{name}.unique_property ({:?} → {:?}): the distinct values counted so far are of the old property; restart",
+                m.unique_property, n.unique_property
+            ));
+        }
+        if n.group_by != m.group_by {
+            out.push(format!(
+                "meters.{name}.group_by ({:?} → {:?}): a running meter's definition is fixed; restart",
+                m.group_by, n.group_by
+            ));
+        }
     }
     out
 }
@@ -570,6 +582,16 @@ mod tests {
         let removed = refused(&old, &with_meters(&["name = \"tokens\""]));
         assert_eq!(removed.len(), 1, "{removed:?}");
         assert!(removed[0].starts_with("meters.gb: removed") && removed[0].contains("orphaned"), "{removed:?}");
+        let regrouped = refused(
+            &old,
+            &with_meters(&["name = \"tokens\"\ngroup_by = [\"model\"]", "name = \"gb\"\naggregation = \"max\"\nprecision = 2"]),
+        );
+        assert_eq!(regrouped.len(), 1, "{regrouped:?}");
+        assert!(regrouped[0].starts_with("meters.tokens.group_by ([] → [\"model\"])"), "{regrouped:?}");
+        let users = with_meters(&["name = \"tokens\"", "name = \"users\"\naggregation = \"unique_count\"\nunique_property = \"user_id\""]);
+        let other = with_meters(&["name = \"tokens\"", "name = \"users\"\naggregation = \"unique_count\"\nunique_property = \"org\""]);
+        let out = refused(&users, &other);
+        assert!(out.len() == 1 && out[0].starts_with("meters.users.unique_property"), "{out:?}");
         // Applied, the reloader keeps the running ids: `calls` is numbered after the others.
         let reloader = Reloader::new(old, Vec::new());
         assert!(reloader.apply(added).is_ok());

@@ -593,14 +593,33 @@ pub fn customer_refused() {
     metrics::counter!(CUSTOMERS_REFUSED_TOTAL).increment(1);
 }
 
+// Unique counts (issue 25): distinct values held in the windows' sets, values
+// refused at `ingest.max_unique_values`, sets dropped with their windows.
+pub const UNIQUE_VALUES: &str = "meterd_unique_values";
+pub const UNIQUE_REFUSED_TOTAL: &str = "meterd_unique_values_refused_total";
+pub const UNIQUE_SETS_EVICTED_TOTAL: &str = "meterd_unique_sets_evicted_total";
+
+pub fn unique_values(values: usize) {
+    metrics::gauge!(UNIQUE_VALUES).set(values as f64);
+}
+
+pub fn unique_refused(n: usize) {
+    metrics::counter!(UNIQUE_REFUSED_TOTAL).increment(n as u64);
+}
+
+pub fn unique_sets_evicted(n: usize) {
+    metrics::counter!(UNIQUE_SETS_EVICTED_TOTAL).increment(n as u64);
+}
+
 fn register_dedupe() {
     for name in [DEDUPE_SPILLED_IDS, DEDUPE_RAM_BYTES] {
         metrics::gauge!(name).increment(0.0);
     }
     metrics::counter!(DEDUPE_SPILL_FAILURES_TOTAL).increment(0);
-    for name in [WINDOWS_EVICTED_TOTAL, CUSTOMERS_REFUSED_TOTAL] {
+    for name in [WINDOWS_EVICTED_TOTAL, CUSTOMERS_REFUSED_TOTAL, UNIQUE_REFUSED_TOTAL, UNIQUE_SETS_EVICTED_TOTAL] {
         metrics::counter!(name).increment(0);
     }
+    metrics::gauge!(UNIQUE_VALUES).increment(0.0);
 }
 
 fn describe_dedupe() {
@@ -615,6 +634,12 @@ fn describe_dedupe() {
     );
     metrics::describe_counter!(WINDOWS_EVICTED_TOTAL, "Window counters dropped because their window ended (idle customers keep none)");
     metrics::describe_counter!(CUSTOMERS_REFUSED_TOTAL, "New customers refused (503) because the customer table is at its cap");
+    metrics::describe_gauge!(UNIQUE_VALUES, "Distinct values held in the windows of unique_count meters");
+    metrics::describe_counter!(
+        UNIQUE_REFUSED_TOTAL,
+        "Events and consumes refused because their value would pass ingest.max_unique_values in a window"
+    );
+    metrics::describe_counter!(UNIQUE_SETS_EVICTED_TOTAL, "Distinct-value sets dropped because their window ended");
 }
 
 pub fn dedupe(spilled_ids: u64, ram_bytes: usize) {
@@ -873,6 +898,8 @@ mod tests {
             FLUSH_REJECTED_ROWS_TOTAL,
             RATE_LIMITED_TOTAL,
             ACTIVE_COUNTERS,
+            UNIQUE_VALUES,
+            UNIQUE_REFUSED_TOTAL,
             WAL_BYTES,
             WRITES_REFUSED,
             REDIS_UP,

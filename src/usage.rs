@@ -161,6 +161,25 @@ impl UsageSeam {
         }
     }
 
+    /// Unique counts (issue 25): adds values counted elsewhere (the store at
+    /// start: `Rebuild`; other instances through Redis: `Sync`) to a
+    /// `unique_count` window, which grows by the number new to it. Returns
+    /// that number.
+    pub fn merge_unique(
+        &self,
+        key: CounterKey,
+        values: impl IntoIterator<Item = crate::counters::unique::ValueHash>,
+        origin: Origin,
+    ) -> usize {
+        let added = self.counters.unique.merge(key, values);
+        let raw = i64::try_from(added).unwrap_or(i64::MAX);
+        self.counters.windows.with_cell(key, |c| c.fold(Aggregation::Sum, raw, 0));
+        if added > 0 && !self.observers.is_empty() {
+            self.tell_windows(key.customer, key.meter, origin, (0, 0), &[key]);
+        }
+        added
+    }
+
     /// Applies what Redis says of an existing window (`pushed`, `others`) with
     /// `f`; `None` when the window is not held here. Observers hear of it when
     /// the total changed.

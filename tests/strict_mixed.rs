@@ -145,6 +145,7 @@ fn strict_consume(customer: &str) -> meterd::limits::CheckRequest {
         quantity_text: Some("1".into()),
         consume: true,
         id: Some(uid("s")),
+        value: None,
     }
 }
 

@@ -102,6 +102,7 @@ fn consume(customer: &str, meter: &str, quantity: i64, id: &str) -> CheckRequest
         quantity_text: Some(quantity.to_string()),
         consume: true,
         id: Some(id.into()),
+        value: None,
     }
 }
 

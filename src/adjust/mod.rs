@@ -160,6 +160,7 @@ impl Adjustments {
                 quantity_text: Some("0".to_owned()),
                 consume: false,
                 id: None,
+                value: None,
             };
             if let Err(e) = engine.check(read).await {
                 tracing::warn!(error = %e, "reading the shared totals before an adjustment failed; deciding on what this instance has");
@@ -284,7 +285,7 @@ async fn stored_total(
     };
     let series = engine
         .history_ports()
-        .usage_series(&meter.name, window.start_ms, window.end_ms, g, Some(&spec.customer))
+        .usage_series(&meter.name, window.start_ms, window.end_ms, g, Some(&spec.customer), None)
         .await
         .map_err(|e| AdjustError::Unavailable(format!("could not read the usage of the window: {e}")))?;
     Ok(series.data.iter().map(|p| p.value.raw).fold(0i64, i64::saturating_add))

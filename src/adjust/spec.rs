@@ -134,7 +134,7 @@ mod tests {
     use super::*;
 
     fn meter(aggregation: Aggregation, precision: u8) -> Meter {
-        Meter { id: 0, name: "m".into(), aggregation, precision, stripe_event_name: None }
+        Meter { id: 0, name: "m".into(), aggregation, precision, stripe_event_name: None, unique_property: None, group_by: Vec::new() }
     }
 
     #[test]

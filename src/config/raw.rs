@@ -71,6 +71,8 @@ pub struct Ingest {
     pub dedupe_window: Option<String>,
     // Bounded dedupe (issue 15): RAM for remembered ids, e.g. "512MB".
     pub dedupe_memory: Option<String>,
+    // Unique counts (issue 25): distinct values kept per window.
+    pub max_unique_values: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -184,6 +186,9 @@ pub struct Meter {
     pub aggregation: Option<String>,
     pub precision: Option<i64>,
     pub stripe_event_name: Option<String>,
+    // Unique counts and group-by (issue 25).
+    pub unique_property: Option<String>,
+    pub group_by: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -78,7 +78,14 @@ pub(super) const ROOT: &[Field] = &[
     ),
     (
         "ingest",
-        Table(&[("max_body_bytes", Int), ("max_batch_events", Int), ("max_lateness", Dur), ("dedupe_window", Dur), ("dedupe_memory", Str)]),
+        Table(&[
+            ("max_body_bytes", Int),
+            ("max_batch_events", Int),
+            ("max_lateness", Dur),
+            ("dedupe_window", Dur),
+            ("dedupe_memory", Str),
+            ("max_unique_values", Int),
+        ]),
     ),
     (
         "redis",
@@ -120,7 +127,17 @@ pub(super) const ROOT: &[Field] = &[
         ]),
     ),
     ("metrics", Table(&[("listen", Str)])),
-    ("meters", Tables(&[("name", Str), ("aggregation", Str), ("precision", Int), ("stripe_event_name", Str)])),
+    (
+        "meters",
+        Tables(&[
+            ("name", Str),
+            ("aggregation", Str),
+            ("precision", Int),
+            ("stripe_event_name", Str),
+            ("unique_property", Str),
+            ("group_by", Strs),
+        ]),
+    ),
     ("plans", Tables(&[("name", Str), ("default", Bool), ("features", Bools), ("limits", Map)])),
     (
         "auth",

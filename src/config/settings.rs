@@ -104,6 +104,9 @@ pub struct IngestSettings {
     pub dedupe_window: Duration,
     // Bounded dedupe (issue 15): `ingest.dedupe_memory` in bytes.
     pub dedupe_memory: u64,
+    /// Unique counts (issue 25): distinct values kept per window of a
+    /// `unique_count` meter (`ingest.max_unique_values`).
+    pub max_unique_values: usize,
 }
 
 /// `redis.strict_when_unavailable`: how `strict` limits are decided while Redis

@@ -223,6 +223,7 @@ fn ingest(c: &mut Checker, s: &raw::Ingest) -> IngestSettings {
         max_lateness: c.duration("ingest.max_lateness", &s.max_lateness, secs(35 * 86_400), Duration::ZERO),
         dedupe_window: c.duration("ingest.dedupe_window", &s.dedupe_window, secs(86_400), Duration::ZERO),
         dedupe_memory: dedupe_memory(c, &s.dedupe_memory),
+        max_unique_values: c.int("ingest.max_unique_values", s.max_unique_values, 100_000, 1, 10_000_000) as usize,
     }
 }
 
@@ -540,15 +541,56 @@ fn meters(c: &mut Checker, raw: &[raw::Meter]) -> Vec<Meter> {
                 c.add(&format!("{at}.stripe_event_name"), "must be 1-100 characters");
             }
         }
+        let (unique_property, group_by) = meter_properties(c, &at, m, aggregation, precision);
         meters.push(Meter {
             id: MeterId::try_from(i).unwrap_or(MeterId::MAX),
             name,
             aggregation,
             precision: u8::try_from(precision).unwrap_or(max_precision),
             stripe_event_name: m.stripe_event_name.clone(),
+            unique_property,
+            group_by,
         });
     }
     meters
+}
+
+/// Unique counts and group-by (issue 25): a meter's `unique_property` (required
+/// for, and only for, `unique_count`) and its `group_by` properties.
+fn meter_properties(c: &mut Checker, at: &str, m: &raw::Meter, aggregation: Aggregation, precision: u64) -> (Option<String>, Vec<String>) {
+    let valid = |p: &str| !p.is_empty() && p.len() <= 64;
+    let unique = aggregation == Aggregation::UniqueCount;
+    match (&m.unique_property, unique) {
+        (None, true) => c.add(
+            &format!("{at}.unique_property"),
+            "is required for aggregation = \"unique_count\" (the event property whose distinct values are counted)",
+        ),
+        (Some(_), false) => c.add(&format!("{at}.unique_property"), "is only for aggregation = \"unique_count\""),
+        (Some(p), true) if !valid(p) => c.add(&format!("{at}.unique_property"), "must be a property key of 1-64 bytes"),
+        _ => {}
+    }
+    if unique && precision != 0 {
+        c.add(&format!("{at}.precision"), "a unique_count meter counts whole values: leave precision at 0");
+    }
+    if unique && m.stripe_event_name.is_some() {
+        c.add(
+            &format!("{at}.stripe_event_name"),
+            "a unique_count meter cannot be reported to Stripe (distinct counts do not add up over a period's meter events)",
+        );
+    }
+    let group_by = m.group_by.clone().unwrap_or_default();
+    let mut seen = HashSet::new();
+    for p in &group_by {
+        if !valid(p) {
+            c.add(&format!("{at}.group_by"), format!("{p:?} must be a property key of 1-64 bytes"));
+        } else if !seen.insert(p.as_str()) {
+            c.add(&format!("{at}.group_by"), format!("{p:?} is listed twice"));
+        }
+    }
+    if group_by.len() > 32 {
+        c.add(&format!("{at}.group_by"), "at most 32 properties (an event carries at most 32)");
+    }
+    (if unique { m.unique_property.clone() } else { None }, group_by)
 }
 
 /// The plans, and the index of the default one when there is exactly one.

@@ -171,3 +171,9 @@ impl Buckets {
 pub fn bucket_value(b: &Bucket) -> (i64, i64) {
     (b.cell.value.load(Ordering::Acquire), b.cell.ts.load(Ordering::Acquire))
 }
+
+/// The value of property `key` of a bucket's events (issue 25: group-by and
+/// unique counts read it), if they had it.
+pub fn bucket_property<'b>(b: &'b Bucket, key: &str) -> Option<&'b str> {
+    b.properties.get()?.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
+}

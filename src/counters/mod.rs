@@ -9,6 +9,7 @@
 pub mod buckets;
 pub mod flat;
 pub mod intern;
+pub mod unique;
 pub mod window;
 
 /// Re-exported: the key hasher is a leaf, shared with the WAL.
@@ -60,6 +61,8 @@ pub struct Counters {
     pub interner: Interner,
     pub windows: WindowCounters,
     pub buckets: Buckets,
+    /// Unique counts (issue 25): the distinct values of `unique_count` windows.
+    pub unique: unique::UniqueSets,
     /// Per meter id up to the catalog's capacity: the bit set of window kinds tracked.
     tracked: Vec<AtomicU8>,
     /// Striped locks by (customer, meter): serialize multi-window consumes and
@@ -85,6 +88,7 @@ impl Counters {
             interner: Interner::new(),
             windows: WindowCounters::default(),
             buckets: Buckets::new(next_seq),
+            unique: unique::UniqueSets::default(),
             tracked,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         }
@@ -130,12 +134,32 @@ impl Counters {
     pub fn fold(&self, epoch: &Epoch, usage: &Usage<'_>, skip: Option<WindowKind>) {
         let meter = usage.meter;
         epoch.fold(Self::bucket_key(usage), usage.properties, meter.aggregation, usage.raw, usage.ts);
+        if meter.aggregation == Aggregation::UniqueCount {
+            self.fold_unique(usage, skip);
+            return;
+        }
         for kind in self.tracked_kinds(meter.id) {
             if Some(kind) == skip {
                 continue;
             }
             let key = Self::key(usage.customer, meter.id, kind, usage.ts, usage.anchor);
             self.windows.with_cell(key, |cell| cell.fold(meter.aggregation, usage.raw, usage.ts));
+        }
+    }
+
+    /// Unique counts (issue 25): each window counts the usage's value once.
+    /// A usage without the value (validation makes every event carry it)
+    /// counts nothing in the windows.
+    fn fold_unique(&self, usage: &Usage<'_>, skip: Option<WindowKind>) {
+        let Some(value) = usage.meter.unique_value(usage.properties) else { return };
+        let value = unique::hash_value(value);
+        for kind in self.tracked_kinds(usage.meter.id) {
+            if Some(kind) == skip {
+                continue;
+            }
+            let key = Self::key(usage.customer, usage.meter.id, kind, usage.ts, usage.anchor);
+            let new = i64::from(self.unique.insert(key, value));
+            self.windows.with_cell(key, |cell| cell.fold(Aggregation::Sum, new, usage.ts));
         }
     }
 
@@ -171,6 +195,11 @@ impl Counters {
         for (u, usage) in usages.iter().enumerate() {
             if usage.meter.aggregation == Aggregation::Latest {
                 let _stripe = self.stripe(usage.customer, usage.meter.id);
+                self.fold(&epoch, usage, None);
+                continue;
+            }
+            if usage.meter.aggregation == Aggregation::UniqueCount {
+                // Issue 25: sets decide what each window adds; one at a time.
                 self.fold(&epoch, usage, None);
                 continue;
             }
@@ -219,7 +248,15 @@ mod tests {
 
     /// Meter 0 `m` (sum) and meter 1 `l` (latest), both limited in `windows`.
     fn catalog_with(windows: &[WindowKind]) -> Catalog {
-        let meter = |id, name: &str, aggregation| Meter { id, name: name.into(), aggregation, precision: 0, stripe_event_name: None };
+        let meter = |id, name: &str, aggregation| Meter {
+            id,
+            name: name.into(),
+            aggregation,
+            precision: 0,
+            stripe_event_name: None,
+            unique_property: None,
+            group_by: Vec::new(),
+        };
         let limits: Arc<[Limit]> = windows
             .iter()
             .map(|&window| Limit { window, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached, notify: None })
@@ -333,6 +370,56 @@ mod tests {
         assert_eq!(counters.windows.retain_ending_after(day + 2, end_of), 0);
         assert_eq!(counters.windows.retain_ending_after(2 * day + 1, end_of), 2);
         assert!(counters.windows.is_empty());
+    }
+
+    /// Issue 25: a batch of a `unique_count` meter (long enough for the batch
+    /// path) adds one per value new to each window; buckets count events.
+    #[test]
+    fn a_unique_count_window_counts_each_value_once() {
+        let meter = Meter {
+            id: 0,
+            name: "u".into(),
+            aggregation: Aggregation::UniqueCount,
+            precision: 0,
+            stripe_event_name: None,
+            unique_property: Some("user".into()),
+            group_by: Vec::new(),
+        };
+        let limits: Arc<[Limit]> = [WindowKind::Day, WindowKind::Month]
+            .into_iter()
+            .map(|window| Limit { window, amount: LimitAmount::Finite(10), hard: true, enforcement: Enforcement::Cached, notify: None })
+            .collect();
+        let plan = Plan { name: "p".into(), features: Default::default(), limits: HashMap::from([(0, limits)]) };
+        let catalog = Catalog::new(vec![meter], vec![plan], 0);
+        let counters = Counters::new(&catalog, 1);
+        let meter = &catalog.meters()[0];
+        let props: Vec<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> =
+            (0..40).map(|i| vec![("user".into(), format!("u{}", i % 7).into())]).collect();
+        let day = 86_400_000;
+        let usages: Vec<Usage> = props
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Usage {
+                customer: 1,
+                meter,
+                raw: 1,
+                // Days 40 and 41 of the same month: the month sees 7 values, each day its own.
+                ts: (40 + (i as i64 % 2)) * day + 1000,
+                properties: p,
+                props_hash: props_hash(p),
+                anchor: BillingAnchor::default(),
+            })
+            .collect();
+        counters.apply(&usages);
+        counters.apply(&usages[..3]);
+        let read = |kind, ts| counters.windows.read(&Counters::key(1, 0, kind, ts, BillingAnchor::default()));
+        assert_eq!(read(WindowKind::Month, 40 * day), 7);
+        assert_eq!(read(WindowKind::Day, 40 * day), 7);
+        assert_eq!(read(WindowKind::Day, 41 * day), 7);
+        let mut events = 0;
+        counters.buckets.write_guard().buckets.for_each(|_, b| events += buckets::bucket_value(b).0);
+        assert_eq!(events, 43);
+        assert_eq!(counters.unique.values(), 21);
     }
 
     #[test]

@@ -72,7 +72,9 @@ impl Cell {
     /// together, so its callers hold the key's stripe lock (see [`super::Counters`]).
     pub fn fold(&self, aggregation: Aggregation, raw: i64, ts: i64) {
         match aggregation {
-            Aggregation::Sum | Aggregation::Count => {
+            // A unique_count window adds 1 per new value (see `super::unique`);
+            // its buckets count events.
+            Aggregation::Sum | Aggregation::Count | Aggregation::UniqueCount => {
                 // Checked at validation: a single add cannot overflow a sane total;
                 // saturate rather than wrap if a total ever reaches i64::MAX.
                 let prev = self.value.fetch_add(raw, Ordering::AcqRel);

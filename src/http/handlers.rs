@@ -189,7 +189,7 @@ pub async fn usage_history(state: &HttpState, headers: &HeaderMap, query: &BTree
         None => state.auth.authorize(headers, &[Scope::Read])?,
     }
     for key in query.keys() {
-        if !matches!(key.as_str(), "meter" | "from" | "to" | "granularity" | "customer") {
+        if !matches!(key.as_str(), "meter" | "from" | "to" | "granularity" | "customer" | "group_by") {
             return Err(ApiError::invalid_request(format!("unknown query parameter {key:?}")));
         }
     }
@@ -210,7 +210,9 @@ pub async fn usage_history(state: &HttpState, headers: &HeaderMap, query: &BTree
     if let Some(c) = customer {
         valid_customer(c)?;
     }
-    match state.engine.history_ports().usage_series(meter, from, to, granularity, customer).await {
+    // Issue 25: one series per value of a property the meter lists in `group_by`.
+    let group_by = get("group_by");
+    match state.engine.history_ports().usage_series(meter, from, to, granularity, customer, group_by).await {
         Ok(series) => Ok(json(StatusCode::OK, &series)),
         Err(HistoryError::Invalid { field, reason }) => Err(ApiError::invalid_request(format!("{field}: {reason}"))),
         Err(HistoryError::Store(e)) => {

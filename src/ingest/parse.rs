@@ -353,9 +353,11 @@ fn validate_elem<'a>(elem: Elem<'a>, catalog: &Catalog, rules: &Rules) -> Result
         (Some(m), None) => Some(m.scale()),
         (Some(m), Some(q)) => {
             let text = q.get();
-            let precision = if m.aggregation == crate::model::Aggregation::Count { quantity::MAX_PRECISION } else { m.precision };
+            // `count` and `unique_count` (issue 25) ignore the quantity.
+            let counts = matches!(m.aggregation, crate::model::Aggregation::Count | crate::model::Aggregation::UniqueCount);
+            let precision = if counts { quantity::MAX_PRECISION } else { m.precision };
             match quantity::parse_decimal(text, precision) {
-                Ok(_) if m.aggregation == crate::model::Aggregation::Count => Some(m.scale()),
+                Ok(_) if counts => Some(m.scale()),
                 Ok(v) => Some(v),
                 Err(quantity::QuantityError::NotANumber) => {
                     bad("quantity", "must be a number");
@@ -396,6 +398,17 @@ fn validate_elem<'a>(elem: Elem<'a>, catalog: &Catalog, rules: &Rules) -> Result
             }
         },
     };
+    // Unique counts (issue 25): the event names the value it counts.
+    if let (Some(m), Some(props)) = (meter, &properties) {
+        if let Some(name) = m.unique_property.as_deref() {
+            if m.unique_value(props).is_none() {
+                problems.push((
+                    format!("properties.{name}"),
+                    format!("is required: meter {:?} counts the distinct values of this property", m.name),
+                ));
+            }
+        }
+    }
     match (id, customer, meter, raw_units, ts, properties) {
         (Some(id), Some(customer), Some(meter), Some(raw), Some(ts), Some(properties)) if problems.is_empty() => {
             Ok(Event { id, customer, meter: meter.id, raw, ts, properties })

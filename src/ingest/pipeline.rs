@@ -106,6 +106,64 @@ impl IngestPorts<'_> {
         self.ingest_events(&events, now).await
     }
 
+    /// Unique counts (issue 25): refuses the whole batch (400, naming each
+    /// event's property) when a value new to a window would pass
+    /// `ingest.max_unique_values` there.
+    fn check_unique_cap(&self, events: &[super::parse::Event<'_>], ids: &[crate::counters::CustomerId]) -> Result<(), IngestError> {
+        use crate::counters::unique::hash_value;
+        let sets = &self.counters().unique;
+        // Values new to a window earlier in this batch.
+        let mut pending: std::collections::HashSet<(crate::counters::CounterKey, u128)> = std::collections::HashSet::new();
+        let mut per_key: std::collections::HashMap<crate::counters::CounterKey, usize> = std::collections::HashMap::new();
+        let mut details = Vec::new();
+        for (index, (event, &customer)) in events.iter().zip(ids).enumerate() {
+            let Some(meter) = self.catalog.meter(event.meter) else { continue };
+            let (Some(property), Some(value)) = (meter.unique_property.as_deref(), meter.unique_value(&event.properties)) else {
+                continue;
+            };
+            let value = hash_value(value);
+            let anchor = if self.counters().is_tracked(meter.id, WindowKind::BillingCycle) {
+                self.entitlements.get(Some(customer)).billing_anchor
+            } else {
+                Default::default()
+            };
+            for kind in self.counters().tracked_kinds(meter.id) {
+                let key = crate::counters::Counters::key(customer, meter.id, kind, event.ts, anchor);
+                if pending.contains(&(key, value)) || sets.contains(&key, value) {
+                    continue;
+                }
+                let before = per_key.get(&key).copied().unwrap_or(0);
+                match sets.admits(&key, value, before) {
+                    Ok(()) => {
+                        pending.insert((key, value));
+                        *per_key.entry(key).or_default() += 1;
+                    }
+                    Err(size) => {
+                        details.push(super::parse::Detail {
+                            index,
+                            field: format!("properties.{property}"),
+                            reason: format!(
+                                "a new value would pass ingest.max_unique_values ({}) in the {} window of meter {:?}, which counts {size} distinct values",
+                                sets.cap(),
+                                kind.as_str(),
+                                meter.name
+                            ),
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        if details.is_empty() {
+            return Ok(());
+        }
+        crate::telemetry::unique_refused(details.len());
+        crate::telemetry::events_rejected(details.len());
+        let n = details.len();
+        details.truncate(super::parse::MAX_DETAILS);
+        Err(IngestError::Parse(ParseError::Invalid { details, total: n, events: n }))
+    }
+
     /// Ingests events already validated (the body's, or an adjustment's, whose
     /// `raw` may be negative: issue 19): intern, dedupe, log to the WAL, fold.
     pub async fn ingest_events(&self, events: &[super::parse::Event<'_>], now: i64) -> Result<IngestOutcome, IngestError> {
@@ -115,6 +173,9 @@ impl IngestPorts<'_> {
         let ids = self.counters().interner.intern_batch(events.iter().map(|e| e.customer.as_ref())).map_err(|_| IngestError::Full)?;
         if let Some(reason) = self.write_gate.refusal() {
             return Err(IngestError::Unavailable(reason));
+        }
+        if self.catalog.meters().iter().any(|m| m.aggregation == crate::model::Aggregation::UniqueCount) {
+            self.check_unique_cap(events, &ids)?;
         }
         if self.redis.is_some() && self.catalog.meters().iter().any(|m| self.counters().is_tracked(m.id, WindowKind::BillingCycle)) {
             // Billing cycles follow each customer's anchor: load customers never

@@ -115,6 +115,13 @@ impl BackfillPorts<'_> {
             let now = now_ms();
             let window = kind.bounds(now, ent.billing_anchor);
             let mut query = UsageQuery::for_window(self.instance_id, &meter.name, fold, &window, Some(name));
+            if let Some(property) = meter.unique_property.as_deref() {
+                // Issue 25: a unique_count window is seeded with its distinct values.
+                if self.seed_unique(customer, meter, property, kind, ent, &query).await? {
+                    return Ok(());
+                }
+                continue;
+            }
             query.own_only = self.counters().windows.is_shared();
             let stored = self.usage_store.aggregate(&query).await?;
             let mut value = stored.data.first().map(|a| (a.value, a.last_ts)).unwrap_or((0, 0));
@@ -144,5 +151,47 @@ impl BackfillPorts<'_> {
         tracing::warn!(customer = %name, meter = %meter.name, window = %kind, "could not seed a new window counter: flushes kept landing");
         self.counters().track(meter.id, kind);
         Ok(())
+    }
+
+    /// Seeds a `unique_count` window with the distinct values of the store
+    /// (every instance's rows) and of the unflushed epochs; `false` when a
+    /// flush landed meanwhile (ask again).
+    async fn seed_unique(
+        &self,
+        customer: CustomerId,
+        meter: &Meter,
+        property: &str,
+        kind: WindowKind,
+        ent: &Entitlements,
+        query: &UsageQuery,
+    ) -> Result<bool, EntitlementsError> {
+        use crate::counters::unique::hash_value;
+        let span = query.to_ms.saturating_sub(query.from_ms).max(1);
+        let stored = self.usage_store.distinct_values(query, span, property, None, usize::MAX).await?;
+        let mut values: Vec<u128> = stored.data.iter().map(|d| hash_value(&d.value)).collect();
+        let current = self.counters().buckets.exclusive();
+        let flushing = self.counters().buckets.flushing();
+        let lowest = flushing.as_ref().map(|f| f.seq).unwrap_or(current.seq);
+        if lowest > stored.stored_seq + 1 {
+            return Ok(false);
+        }
+        for epoch in flushing.iter().chain(std::iter::once(&*current)) {
+            if epoch.seq <= stored.stored_seq {
+                continue;
+            }
+            epoch.buckets.for_each(|k: &BucketKey, bucket| {
+                let minute_ms = k.minute * 60_000;
+                if k.customer == customer && k.meter == meter.id && minute_ms >= query.from_ms && minute_ms < query.to_ms {
+                    if let Some(v) = crate::counters::buckets::bucket_property(bucket, property) {
+                        values.push(hash_value(v));
+                    }
+                }
+            });
+        }
+        let key = Counters::key(customer, meter.id, kind, query.from_ms, ent.billing_anchor);
+        self.usage.merge_unique(key, values, crate::usage::Origin::Backfill);
+        self.counters().track(meter.id, kind);
+        drop(current);
+        Ok(true)
     }
 }

@@ -26,6 +26,10 @@ impl LimitsPorts<'_> {
     /// sync intervals (or were never read here) from Redis.
     pub async fn refresh_stale(&self, name: &str, meter: &Meter) {
         let Some(redis) = self.redis else { return };
+        if meter.aggregation == Aggregation::UniqueCount {
+            // Issue 25: distinct values are merged by the syncer (`sync::unique`).
+            return;
+        }
         let Ok(customer) = self.reads.counters.interner.intern(name) else { return };
         let ent = self.reads.entitlements.get(Some(customer));
         let Some(limits) = ent.limits(meter.id) else { return };
@@ -47,7 +51,7 @@ impl LimitsPorts<'_> {
         for key in &stale {
             let cmd = pipe.cmd("HMGET").arg(redis.keys.window(name, &meter.name, key.kind, key.start_ms));
             match meter.aggregation {
-                Aggregation::Sum | Aggregation::Count => cmd.arg("t").arg(&field),
+                Aggregation::Sum | Aggregation::Count | Aggregation::UniqueCount => cmd.arg("t").arg(&field),
                 Aggregation::Max => cmd.arg("m").arg("m"),
                 Aggregation::Latest => cmd.arg("l").arg("lt"),
             };

@@ -14,6 +14,7 @@ pub mod fresh;
 pub mod leased;
 pub mod strict;
 pub mod summary;
+pub mod unique;
 
 pub use crate::model::{CheckAnswer, LimitView};
 pub use decide::{decide, LimitState, Reason, Verdict};
@@ -57,6 +58,8 @@ pub struct CheckRequest {
     pub quantity_text: Option<String>,
     pub consume: bool,
     pub id: Option<String>,
+    /// Unique counts (issue 25): the value a `unique_count` check asks about.
+    pub value: Option<String>,
 }
 
 impl CheckRequest {
@@ -67,7 +70,7 @@ impl CheckRequest {
             return Err(invalid("body", "must be a JSON object"));
         };
         for key in map.keys() {
-            if !matches!(key.as_str(), "customer" | "meter" | "quantity" | "consume" | "id") {
+            if !matches!(key.as_str(), "customer" | "meter" | "quantity" | "consume" | "id" | "value") {
                 return Err(CheckError::Invalid { field: "body", reason: format!("unknown field {key:?}") });
             }
         }
@@ -91,7 +94,8 @@ impl CheckRequest {
             Some(_) => return Err(invalid("consume", "must be true or false")),
         };
         let id = string("id")?;
-        Ok(CheckRequest { customer, meter, quantity_text, consume, id })
+        let value = string("value")?;
+        Ok(CheckRequest { customer, meter, quantity_text, consume, id, value })
     }
 }
 
@@ -353,6 +357,12 @@ impl LimitsPorts<'_> {
             self.reads.catalog.meter_by_name(&req.meter).ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
         if req.customer.is_empty() || req.customer.len() > 256 || req.customer.chars().any(char::is_control) {
             return Err(invalid("customer", "must be 1-256 bytes without control characters"));
+        }
+        if meter.aggregation == Aggregation::UniqueCount {
+            return self.check_unique(req, meter).await;
+        }
+        if req.value.is_some() {
+            return Err(invalid("value", format!("is only for unique_count meters; {:?} is {}", meter.name, meter.aggregation)));
         }
         let quantity = match &req.quantity_text {
             None => meter.scale(),

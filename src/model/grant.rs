@@ -165,7 +165,15 @@ mod tests {
     use serde_json::json;
 
     fn catalog() -> Catalog {
-        let m = Meter { id: 0, name: "ai_tokens".into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None };
+        let m = Meter {
+            id: 0,
+            name: "ai_tokens".into(),
+            aggregation: Aggregation::Sum,
+            precision: 0,
+            stripe_event_name: None,
+            unique_property: None,
+            group_by: Vec::new(),
+        };
         Catalog::new(vec![m], Vec::new(), 0)
     }
 

@@ -17,6 +17,9 @@ pub enum Aggregation {
     Max,
     /// The quantity of the newest event by timestamp (a gauge: storage, seats).
     Latest,
+    /// The number of distinct values of the meter's `unique_property` in the
+    /// window (issue 25); the quantity is ignored.
+    UniqueCount,
 }
 
 impl Aggregation {
@@ -26,6 +29,7 @@ impl Aggregation {
             Aggregation::Count => "count",
             Aggregation::Max => "max",
             Aggregation::Latest => "latest",
+            Aggregation::UniqueCount => "unique_count",
         }
     }
 
@@ -45,7 +49,7 @@ impl fmt::Display for Aggregation {
 
 /// The text is not an aggregation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown aggregation {0:?} (expected sum, count, max or latest)")]
+#[error("unknown aggregation {0:?} (expected sum, count, max, latest or unique_count)")]
 pub struct UnknownAggregation(pub String);
 
 impl FromStr for Aggregation {
@@ -56,6 +60,7 @@ impl FromStr for Aggregation {
             "count" => Ok(Aggregation::Count),
             "max" => Ok(Aggregation::Max),
             "latest" => Ok(Aggregation::Latest),
+            "unique_count" => Ok(Aggregation::UniqueCount),
             other => Err(UnknownAggregation(other.to_string())),
         }
     }
@@ -71,12 +76,25 @@ pub struct Meter {
     pub precision: u8,
     /// The Stripe meter's event name, when this meter is billed through Stripe.
     pub stripe_event_name: Option<String>,
+    /// The event property whose distinct values a `unique_count` meter counts
+    /// (issue 25); `None` for every other aggregation.
+    pub unique_property: Option<String>,
+    /// The properties `/v1/usage` may group this meter's usage by (issue 25).
+    pub group_by: Vec<String>,
 }
 
 impl Meter {
     /// Raw units of one whole unit.
     pub fn scale(&self) -> i64 {
         super::quantity::scale(self.precision)
+    }
+
+    /// The value a `unique_count` meter's event counts: its `unique_property`
+    /// in `properties` (sorted by key), or `None` (every other meter, or an
+    /// event without it).
+    pub fn unique_value<'p, K: AsRef<str>, V: AsRef<str>>(&self, properties: &'p [(K, V)]) -> Option<&'p str> {
+        let name = self.unique_property.as_deref()?;
+        properties.iter().find(|(k, _)| k.as_ref() == name).map(|(_, v)| v.as_ref())
     }
 
     /// Whether `name` is a valid meter name: `[a-z0-9_]{1,64}`.

@@ -191,6 +191,14 @@ fn parse_one(item: &Value, meter: &Meter, at: &str) -> Result<Limit, Vec<SpecPro
             Enforcement::Cached
         }
     };
+    // Unique counts (issue 25): distinct values are decided from local sets
+    // (synced across instances in the background), not by the Redis scripts.
+    if meter.aggregation == super::meter::Aggregation::UniqueCount && enforcement != Enforcement::Cached {
+        problems.push(problem(
+            format!("{at}.enforcement"),
+            "a unique_count meter's limits are \"cached\" (strict and leased take amounts, not values)",
+        ));
+    }
     // Threshold notifications (issue 17): the limit's own percents.
     let notify = match map.get("notify") {
         None => None,
@@ -734,7 +742,15 @@ mod tests {
     use serde_json::json;
 
     fn meter(precision: u8) -> Meter {
-        Meter { id: 0, name: "m".into(), aggregation: Aggregation::Sum, precision, stripe_event_name: None }
+        Meter {
+            id: 0,
+            name: "m".into(),
+            aggregation: Aggregation::Sum,
+            precision,
+            stripe_event_name: None,
+            unique_property: None,
+            group_by: Vec::new(),
+        }
     }
 
     #[test]
@@ -824,7 +840,15 @@ mod live_meters {
     use crate::model::meter::Aggregation;
 
     fn meter(id: MeterId, name: &str) -> Meter {
-        Meter { id, name: name.into(), aggregation: Aggregation::Sum, precision: 0, stripe_event_name: None }
+        Meter {
+            id,
+            name: name.into(),
+            aggregation: Aggregation::Sum,
+            precision: 0,
+            stripe_event_name: None,
+            unique_property: None,
+            group_by: Vec::new(),
+        }
     }
 
     fn limit() -> Arc<[Limit]> {

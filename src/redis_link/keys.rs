@@ -36,6 +36,12 @@ impl Keys {
         format!("{}{{{customer}}}:w:{meter}:{}:{start_ms}", self.prefix, kind.as_str())
     }
 
+    /// `P{C}:w:<meter>:<window>:<start_ms>:u`: the distinct values (hex
+    /// hashes) of a `unique_count` window, all instances' (issue 25).
+    pub fn unique_set(&self, customer: &str, meter: &str, kind: WindowKind, start_ms: i64) -> String {
+        format!("{}:u", self.window(customer, meter, kind, start_ms))
+    }
+
     /// `Pid:<hex>`: an event id claimed by some instance.
     pub fn event_id(&self, id_hash: u128) -> String {
         format!("{}id:{id_hash:032x}", self.prefix)

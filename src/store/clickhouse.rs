@@ -94,7 +94,8 @@
 //! [`UsageStore::max_flush_seq`] and [`UsageStore::wal_mark`] still scan.
 
 use super::{
-    Aggregate, FlushBatch, Fold, LedgerKind, LedgerRow, LedgerStore, SeriesPoint, StoreError, Stored, UsageQuery, UsageRow, UsageStore,
+    Aggregate, DistinctValue, FlushBatch, Fold, GroupedPoint, LedgerKind, LedgerRow, LedgerStore, SeriesPoint, StoreError, Stored,
+    UsageQuery, UsageRow, UsageStore,
 };
 use crate::wal::WalMark;
 use ::clickhouse::{Client, Compression, Row};
@@ -243,6 +244,56 @@ struct PointRow {
     start_ms: i64,
     value: i64,
     last_ts: i64,
+}
+
+/// Issue 25: one point of a grouped series (`has_group` 0: rows without the property).
+#[derive(Row, Deserialize)]
+struct GroupRow {
+    customer: String,
+    start_ms: i64,
+    has_group: u8,
+    group: String,
+    value: i64,
+    last_ts: i64,
+}
+
+/// Issue 25: one distinct value of a property in a bucket.
+#[derive(Row, Deserialize)]
+struct DistinctRow {
+    customer: String,
+    start_ms: i64,
+    has_group: u8,
+    group: String,
+    value: String,
+}
+
+/// Issue 25: a ClickHouse string literal of an RE2 pattern matching the pair
+/// `["key","value"]` in a row's `properties` (JSON as `serde_json` writes it),
+/// the value's JSON-escaped text as the first group. ASCII punctuation of the
+/// key is written as `\x{HH}`, so no `?` (a bind placeholder) or quote ends up
+/// in the SQL text.
+fn property_pattern(key: &str) -> String {
+    let escaped = serde_json::to_string(key).unwrap_or_default();
+    let inner = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or_default();
+    let mut re = String::from(r"\x{5b}\x{22}");
+    for ch in inner.chars() {
+        if ch.is_ascii() && !ch.is_ascii_alphanumeric() {
+            re.push_str(&format!("\\x{{{:02x}}}", ch as u32));
+        } else {
+            re.push(ch);
+        }
+    }
+    re.push_str(r"\x{22},\x{22}(([^\x{22}\x{5c}]|\x{5c}.)*)\x{22}\x{5d}");
+    // In the SQL string literal, each backslash is written twice.
+    format!("'{}'", re.replace('\\', "\\\\"))
+}
+
+/// The value text a [`property_pattern`] captured, JSON-unescaped.
+fn unescape(text: String) -> String {
+    if !text.contains('\\') {
+        return text;
+    }
+    serde_json::from_str::<String>(&format!("\"{text}\"")).unwrap_or(text)
 }
 
 /// One ledger row, as stored and read (RowBinary, in `CREATE_LEDGER` order).
@@ -725,6 +776,85 @@ impl UsageStore for ClickHouseStore {
         let data = rows
             .into_iter()
             .map(|r| SeriesPoint { customer: r.customer, start_ms: r.start_ms, value: r.value, last_ts: r.last_ts })
+            .collect();
+        Ok(Stored { data, stored_seq })
+    }
+
+    async fn series_grouped(
+        &self,
+        query: &UsageQuery,
+        granularity_ms: i64,
+        group_by: &str,
+        limit: usize,
+    ) -> Result<Stored<Vec<GroupedPoint>>, StoreError> {
+        const OP: &str = "series_grouped";
+        if granularity_ms <= 0 {
+            return Err(StoreError::Io(format!("clickhouse {OP}: granularity must be positive, got {granularity_ms} ms")));
+        }
+        let stored_seq = self.stored_seq(&query.instance_id, OP).await?;
+        let Some(range) = minute_range(query.from_ms, query.to_ms) else {
+            return Ok(Stored { data: Vec::new(), stored_seq });
+        };
+        let pattern = property_pattern(group_by);
+        let select = format!(
+            "customer, toInt64(intDiv(toInt64(toUInt32(minute)) * 1000, {granularity_ms}) * {granularity_ms}) AS bucket_start, \
+             match(properties, {pattern}) AS has_group, extract(properties, {pattern}) AS grp, {}",
+            fold_columns(query.fold)
+        );
+        let tail = format!("GROUP BY customer, bucket_start, has_group, grp ORDER BY customer, bucket_start, has_group, grp LIMIT {limit}");
+        let rows: Vec<GroupRow> = timed(OP, self.rows_query(&select, &tail, query, range, stored_seq).fetch_all()).await?;
+        let data = rows
+            .into_iter()
+            .map(|r| GroupedPoint {
+                customer: r.customer,
+                start_ms: r.start_ms,
+                group: (r.has_group != 0).then(|| unescape(r.group)),
+                value: r.value,
+                last_ts: r.last_ts,
+            })
+            .collect();
+        Ok(Stored { data, stored_seq })
+    }
+
+    async fn distinct_values(
+        &self,
+        query: &UsageQuery,
+        granularity_ms: i64,
+        property: &str,
+        group_by: Option<&str>,
+        limit: usize,
+    ) -> Result<Stored<Vec<DistinctValue>>, StoreError> {
+        const OP: &str = "distinct_values";
+        if granularity_ms <= 0 {
+            return Err(StoreError::Io(format!("clickhouse {OP}: granularity must be positive, got {granularity_ms} ms")));
+        }
+        let stored_seq = self.stored_seq(&query.instance_id, OP).await?;
+        let Some(range) = minute_range(query.from_ms, query.to_ms) else {
+            return Ok(Stored { data: Vec::new(), stored_seq });
+        };
+        let from = query.from_ms;
+        let value = property_pattern(property);
+        let group = match group_by {
+            Some(g) => {
+                let p = property_pattern(g);
+                format!("match(properties, {p}) AS has_group, extract(properties, {p}) AS grp")
+            }
+            None => "toUInt8(0) AS has_group, '' AS grp".to_string(),
+        };
+        let select = format!(
+            "DISTINCT customer, toInt64(intDiv(toInt64(toUInt32(minute)) * 1000 - {from}, {granularity_ms}) * {granularity_ms} + {from}) \
+             AS bucket_start, {group}, extract(properties, {value}) AS val"
+        );
+        let tail = format!("AND match(properties, {value}) ORDER BY customer, bucket_start, has_group, grp, val LIMIT {limit}");
+        let rows: Vec<DistinctRow> = timed(OP, self.rows_query(&select, &tail, query, range, stored_seq).fetch_all()).await?;
+        let data = rows
+            .into_iter()
+            .map(|r| DistinctValue {
+                customer: r.customer,
+                start_ms: r.start_ms,
+                group: (r.has_group != 0).then(|| unescape(r.group)),
+                value: unescape(r.value),
+            })
             .collect();
         Ok(Stored { data, stored_seq })
     }

@@ -84,7 +84,9 @@ pub enum Fold {
 impl From<Aggregation> for Fold {
     fn from(a: Aggregation) -> Fold {
         match a {
-            Aggregation::Sum | Aggregation::Count => Fold::Sum,
+            // A unique_count meter's rows count events; distinct values are
+            // read with `UsageStore::distinct_values` (issue 25).
+            Aggregation::Sum | Aggregation::Count | Aggregation::UniqueCount => Fold::Sum,
             Aggregation::Max => Fold::Max,
             Aggregation::Latest => Fold::Latest,
         }
@@ -132,6 +134,30 @@ pub struct SeriesPoint {
     pub start_ms: i64,
     pub value: i64,
     pub last_ts: i64,
+}
+
+/// One point of a usage series grouped by a property (issue 25).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupedPoint {
+    pub customer: String,
+    /// Start of the granularity bucket, Unix milliseconds.
+    pub start_ms: i64,
+    /// The property's value; `None` for rows without the property.
+    pub group: Option<String>,
+    pub value: i64,
+    pub last_ts: i64,
+}
+
+/// One distinct value of a property in a bucket (issue 25: unique counts).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DistinctValue {
+    pub customer: String,
+    /// Start of the bucket: `from_ms` plus a whole number of granularities.
+    pub start_ms: i64,
+    /// The group-by property's value, when grouped (`None`: not grouped, or
+    /// rows without it).
+    pub group: Option<String>,
+    pub value: String,
 }
 
 /// A usage query: one meter over `[from_ms, to_ms)`, optionally one customer.
@@ -189,6 +215,26 @@ pub trait UsageStore: Send + Sync + 'static {
     /// Per customer and `granularity_ms` bucket (aligned to the Unix epoch), the
     /// rows folded together, ordered by customer then start; at most `limit` points.
     async fn series(&self, query: &UsageQuery, granularity_ms: i64, limit: usize) -> Result<Stored<Vec<SeriesPoint>>, StoreError>;
+    /// Like [`UsageStore::series`], one point per value of the property
+    /// `group_by` too (issue 25), ordered by customer, start, group.
+    async fn series_grouped(
+        &self,
+        query: &UsageQuery,
+        granularity_ms: i64,
+        group_by: &str,
+        limit: usize,
+    ) -> Result<Stored<Vec<GroupedPoint>>, StoreError>;
+    /// Unique counts (issue 25): per customer, bucket of `granularity_ms`
+    /// counted from `query.from_ms`, and value of `group_by` (when given), the
+    /// distinct values of `property` in the rows; at most `limit`.
+    async fn distinct_values(
+        &self,
+        query: &UsageQuery,
+        granularity_ms: i64,
+        property: &str,
+        group_by: Option<&str>,
+        limit: usize,
+    ) -> Result<Stored<Vec<DistinctValue>>, StoreError>;
 }
 
 /// Where per-customer entitlements live.

@@ -30,8 +30,8 @@
 //! `synchronous=FULL` makes a committed flush survive power loss.
 
 use super::{
-    Aggregate, EntitlementStore, FlushBatch, Fold, LedgerKind, LedgerRow, LedgerStore, SeriesPoint, StoreError, Stored, UsageQuery,
-    UsageStore,
+    Aggregate, DistinctValue, EntitlementStore, FlushBatch, Fold, GroupedPoint, LedgerKind, LedgerRow, LedgerStore, SeriesPoint,
+    StoreError, Stored, UsageQuery, UsageStore,
 };
 use crate::clock::now_ms;
 use crate::model::EntitlementsDoc;
@@ -331,6 +331,85 @@ fn series_blocking(
     Ok(Stored { data, stored_seq })
 }
 
+/// Issue 25: the value of the property named by parameter `?{param}` in a
+/// row's `properties` (a JSON array of `[k, v]` pairs, '' when none), or NULL.
+fn property_sql(param: u8) -> String {
+    format!("(SELECT j.value ->> 1 FROM json_each(NULLIF(properties, '')) AS j WHERE j.value ->> 0 = ?{param} LIMIT 1)")
+}
+
+fn series_grouped_blocking(
+    conn: &mut Connection,
+    query: &UsageQuery,
+    granularity_ms: i64,
+    group_by: &str,
+    limit: usize,
+) -> Result<Stored<Vec<GroupedPoint>>, StoreError> {
+    const OP: &str = "series_grouped";
+    if granularity_ms <= 0 {
+        return Err(StoreError::Io(format!("sqlite {OP}: granularity must be positive, got {granularity_ms} ms")));
+    }
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let customer_clause = if query.customer.is_some() { " AND customer = ?6" } else { " AND ?6 IS NULL" };
+    let sql = format!(
+        "SELECT customer, (minute / ?4) * ?4 AS start, {} AS grp, {} FROM usage_minute \
+         WHERE meter = ?1 AND minute >= ?2 AND minute < ?3{customer_clause} \
+         GROUP BY customer, start, grp ORDER BY customer, start, grp LIMIT ?5",
+        property_sql(7),
+        fold_columns(query.fold)
+    );
+    let params: [&dyn ToSql; 7] = [&query.meter, &query.from_ms, &query.to_ms, &granularity_ms, &limit, &query.customer, &group_by];
+    let tx = read_tx(conn, OP)?;
+    let data = {
+        let mut stmt = tx.prepare_cached(&sql).map_err(io(OP))?;
+        let rows = stmt
+            .query_map(&params[..], |r| {
+                Ok(GroupedPoint { customer: r.get(0)?, start_ms: r.get(1)?, group: r.get(2)?, value: r.get(3)?, last_ts: r.get(4)? })
+            })
+            .map_err(io(OP))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(io(OP))?
+    };
+    let stored_seq = stored_seq(&tx, &query.instance_id, OP)?;
+    tx.commit().map_err(io(OP))?;
+    Ok(Stored { data, stored_seq })
+}
+
+fn distinct_values_blocking(
+    conn: &mut Connection,
+    query: &UsageQuery,
+    granularity_ms: i64,
+    property: &str,
+    group_by: Option<&str>,
+    limit: usize,
+) -> Result<Stored<Vec<DistinctValue>>, StoreError> {
+    const OP: &str = "distinct_values";
+    if granularity_ms <= 0 {
+        return Err(StoreError::Io(format!("sqlite {OP}: granularity must be positive, got {granularity_ms} ms")));
+    }
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let customer_clause = if query.customer.is_some() { " AND customer = ?6" } else { " AND ?6 IS NULL" };
+    let own_clause = if query.own_only { " AND instance_id = ?9" } else { " AND ?9 IS NOT NULL" };
+    let sql = format!(
+        "SELECT DISTINCT customer, ((minute - ?2) / ?4) * ?4 + ?2 AS start, {} AS grp, {} AS val FROM usage_minute \
+         WHERE meter = ?1 AND minute >= ?2 AND minute < ?3{customer_clause}{own_clause} AND val IS NOT NULL \
+         ORDER BY customer, start, grp, val LIMIT ?5",
+        property_sql(7),
+        property_sql(8),
+    );
+    let params: [&dyn ToSql; 9] =
+        [&query.meter, &query.from_ms, &query.to_ms, &granularity_ms, &limit, &query.customer, &group_by, &property, &query.instance_id];
+    let tx = read_tx(conn, OP)?;
+    let data = {
+        let mut stmt = tx.prepare_cached(&sql).map_err(io(OP))?;
+        let rows = stmt
+            .query_map(&params[..], |r| Ok(DistinctValue { customer: r.get(0)?, start_ms: r.get(1)?, group: r.get(2)?, value: r.get(3)? }))
+            .map_err(io(OP))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(io(OP))?
+    };
+    let stored_seq = stored_seq(&tx, &query.instance_id, OP)?;
+    tx.commit().map_err(io(OP))?;
+    Ok(Stored { data, stored_seq })
+}
+
 fn parse_doc(customer: &str, doc: &str) -> Result<EntitlementsDoc, StoreError> {
     serde_json::from_str(doc)
         .map_err(|e| StoreError::Corrupt(format!("entitlements of customer {customer:?} are not a valid document: {e}")))
@@ -361,6 +440,32 @@ impl UsageStore for SqliteStore {
     async fn series(&self, query: &UsageQuery, granularity_ms: i64, limit: usize) -> Result<Stored<Vec<SeriesPoint>>, StoreError> {
         let query = query.clone();
         self.run("series", move |conn| series_blocking(conn, &query, granularity_ms, limit)).await
+    }
+
+    async fn series_grouped(
+        &self,
+        query: &UsageQuery,
+        granularity_ms: i64,
+        group_by: &str,
+        limit: usize,
+    ) -> Result<Stored<Vec<GroupedPoint>>, StoreError> {
+        let (query, group_by) = (query.clone(), group_by.to_owned());
+        self.run("series_grouped", move |conn| series_grouped_blocking(conn, &query, granularity_ms, &group_by, limit)).await
+    }
+
+    async fn distinct_values(
+        &self,
+        query: &UsageQuery,
+        granularity_ms: i64,
+        property: &str,
+        group_by: Option<&str>,
+        limit: usize,
+    ) -> Result<Stored<Vec<DistinctValue>>, StoreError> {
+        let (query, property, group_by) = (query.clone(), property.to_owned(), group_by.map(str::to_owned));
+        self.run("distinct_values", move |conn| {
+            distinct_values_blocking(conn, &query, granularity_ms, &property, group_by.as_deref(), limit)
+        })
+        .await
     }
 }
 

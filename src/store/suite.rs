@@ -12,8 +12,8 @@
 //! `METERD_TEST_REQUIRE_SERVICES`).
 
 use super::{
-    Aggregate, EntitlementStore, FlushBatch, Fold, LedgerKind, LedgerRow, LedgerStore, SeriesPoint, StoreError, Stored, UsageQuery,
-    UsageRow, UsageStore,
+    Aggregate, DistinctValue, EntitlementStore, FlushBatch, Fold, GroupedPoint, LedgerKind, LedgerRow, LedgerStore, SeriesPoint,
+    StoreError, Stored, UsageQuery, UsageRow, UsageStore,
 };
 use crate::model::EntitlementsDoc;
 use std::collections::BTreeMap;
@@ -71,7 +71,7 @@ macro_rules! store_suite {
     };
     (@part $open:ident, usage) => {
         $crate::store::suite::store_suite!(@scenarios $open, usage [$crate::store::UsageStore + Clone + 'static]:
-            sum_aggregate, duplicate_flush, max_and_latest, series_granularity, concurrent_flushes);
+            sum_aggregate, duplicate_flush, max_and_latest, series_granularity, concurrent_flushes, grouped_and_distinct);
     };
     (@part $open:ident, ledger) => {
         $crate::store::suite::store_suite!(@scenarios $open, ledger [$crate::store::LedgerStore]: ledger);
@@ -432,6 +432,78 @@ pub async fn series_granularity(store: &dyn UsageStore, ns: &str) {
         series(store, &max, DAY, 100).await.data,
         vec![point(&c1, m(0), 100, m(HOUR) + 1000), point(&c1, m(DAY), 16, m(DAY + 3 * HOUR + 7 * MINUTE) + 1000),],
         "max day series"
+    );
+}
+
+/// Issue 25: series grouped by a property (rows without it in a `None`
+/// group), and the distinct values of a property per bucket counted from
+/// `from_ms`, with values that need escaping in the stored JSON.
+pub async fn grouped_and_distinct(store: &dyn UsageStore, ns: &str) {
+    let inst = format!("{ns}-inst");
+    let meter = format!("{ns}.tokens");
+    let (c1, c2) = (format!("{ns}-c1"), format!("{ns}-c2"));
+    let m = |offset: i64| T0 + offset;
+    let odd = "quote \" back \\ ünï ? [\"x\",\"y\"]";
+    let rows = vec![
+        row(&meter, &c1, m(0), &[("model", "a"), ("user", "u1")], 1, m(0) + 1),
+        row(&meter, &c1, m(MINUTE), &[("model", "a"), ("user", "u2")], 2, m(MINUTE) + 1),
+        row(&meter, &c1, m(2 * MINUTE), &[("model", odd), ("user", "u1")], 4, m(2 * MINUTE) + 1),
+        row(&meter, &c1, m(3 * MINUTE), &[("user", odd)], 8, m(3 * MINUTE) + 1),
+        row(&meter, &c1, m(2 * HOUR), &[("model", ""), ("user", "u1")], 16, m(2 * HOUR) + 1),
+        row(&meter, &c2, m(0), &[("model", "a")], 32, m(0) + 1),
+        row(&meter, &c2, m(MINUTE), &[], 64, m(MINUTE) + 1),
+    ];
+    write(store, &flush(&inst, 3, rows)).await;
+    let q = query(&inst, &meter, Fold::Sum, T0, T0 + DAY, None);
+    let g = |customer: &str, start_ms: i64, group: Option<&str>, value: i64, last_ts: i64| GroupedPoint {
+        customer: customer.to_owned(),
+        start_ms,
+        group: group.map(str::to_owned),
+        value,
+        last_ts,
+    };
+    let got = store.series_grouped(&q, HOUR, "model", 100).await.unwrap_or_else(|e| panic!("series_grouped: {e}"));
+    let mut data = got.data;
+    data.sort_by(|a, b| (&a.customer, a.start_ms, &a.group).cmp(&(&b.customer, b.start_ms, &b.group)));
+    assert_eq!(
+        data,
+        vec![
+            g(&c1, m(0), None, 8, m(3 * MINUTE) + 1),
+            g(&c1, m(0), Some("a"), 3, m(MINUTE) + 1),
+            g(&c1, m(0), Some(odd), 4, m(2 * MINUTE) + 1),
+            g(&c1, m(2 * HOUR), Some(""), 16, m(2 * HOUR) + 1),
+            g(&c2, m(0), None, 64, m(MINUTE) + 1),
+            g(&c2, m(0), Some("a"), 32, m(0) + 1),
+        ],
+        "grouped by model"
+    );
+    assert_eq!(got.stored_seq, 3);
+
+    let d = |customer: &str, start_ms: i64, group: Option<&str>, value: &str| DistinctValue {
+        customer: customer.to_owned(),
+        start_ms,
+        group: group.map(str::to_owned),
+        value: value.to_owned(),
+    };
+    let sorted = |mut v: Vec<DistinctValue>| {
+        v.sort();
+        v
+    };
+    // The whole range as one bucket: u1 counted once.
+    let all = store.distinct_values(&q, DAY, "user", None, 100).await.unwrap_or_else(|e| panic!("distinct_values: {e}"));
+    assert_eq!(sorted(all.data), sorted(vec![d(&c1, T0, None, odd), d(&c1, T0, None, "u1"), d(&c1, T0, None, "u2")]));
+    // By hour and model, from a range starting mid-hour.
+    let mid = query(&inst, &meter, Fold::Sum, T0 + MINUTE, T0 + DAY, Some(&c1));
+    let by = store.distinct_values(&mid, HOUR, "user", Some("model"), 100).await.unwrap_or_else(|e| panic!("distinct_values: {e}"));
+    assert_eq!(
+        sorted(by.data),
+        sorted(vec![
+            d(&c1, m(MINUTE), Some("a"), "u2"),
+            d(&c1, m(MINUTE), Some(odd), "u1"),
+            d(&c1, m(MINUTE), None, odd),
+            d(&c1, m(MINUTE + HOUR), Some(""), "u1"),
+        ]),
+        "distinct users by hour (counted from the range's start) and model"
     );
 }
 

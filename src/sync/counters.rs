@@ -233,6 +233,12 @@ impl CounterSync {
         if let Err(e) = super::gauges::sync(engine, all, round_ms).await {
             failure = Some(SyncError::from(e));
         }
+        // Shared `unique_count` windows (issue 25).
+        match super::unique::sync(engine, all).await {
+            Ok(true) => self.resync_all.store(true, Ordering::Release),
+            Ok(false) => {}
+            Err(e) => failure = Some(SyncError::from(e)),
+        }
         match failure {
             Some(e) => {
                 // Whatever was not pushed stays pending; after an outage Redis may

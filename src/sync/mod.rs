@@ -7,3 +7,5 @@ pub mod customer;
 pub mod entitlements;
 pub mod gauges;
 pub mod leases;
+// Unique counts (issue 25): distinct values through Redis sets.
+pub mod unique;
