@@ -76,6 +76,10 @@ pub struct Engine {
     wal: Wal,
     /// Past this many WAL bytes, writes are refused with 503 (the store is behind).
     max_wal_bytes: u64,
+    /// `storage.max_pending_buckets`, and whether the minute buckets not yet
+    /// stored passed it at the last look ([`Engine::note_pending_buckets`]).
+    max_pending_buckets: u64,
+    buckets_full: std::sync::atomic::AtomicBool,
     /// Serialize consumes of one (customer, meter) when several limits (or a
     /// gauge) must be decided and recorded together; held across the WAL write.
     consume_locks: ConsumeLocks,
@@ -185,8 +189,27 @@ impl Engine {
     }
 
     /// Whether writes are refused right now (the WAL and its size limit).
+    /// Records how many minute buckets wait for the store (the flusher after
+    /// each attempt, and every `/metrics` scrape): past
+    /// `storage.max_pending_buckets`, writes are refused until a flush catches up.
+    pub fn note_pending_buckets(&self, pending: usize) {
+        let full = pending as u64 > self.max_pending_buckets;
+        let was = self.buckets_full.swap(full, std::sync::atomic::Ordering::AcqRel);
+        if full && !was {
+            tracing::warn!(
+                pending,
+                cap = self.max_pending_buckets,
+                "minute buckets waiting for the store passed storage.max_pending_buckets: ingest and consumes answer 503"
+            );
+        }
+    }
+
     pub fn write_gate(&self) -> WriteGate<'_> {
-        WriteGate { wal: &self.wal, max_wal_bytes: self.max_wal_bytes }
+        WriteGate {
+            wal: &self.wal,
+            max_wal_bytes: self.max_wal_bytes,
+            buckets_full: self.buckets_full.load(std::sync::atomic::Ordering::Acquire).then_some(self.max_pending_buckets),
+        }
     }
 
     // Prepaid credits (issue 18).
@@ -246,6 +269,8 @@ impl ConsumeLocks {
 pub struct WriteGate<'a> {
     wal: &'a Wal,
     max_wal_bytes: u64,
+    /// `Some(cap)`: more than `storage.max_pending_buckets` buckets wait for the store.
+    buckets_full: Option<u64>,
 }
 
 impl WriteGate<'_> {
@@ -264,6 +289,11 @@ impl WriteGate<'_> {
             let (checkpoint, hold) = (self.wal.stats.checkpoint.load(Acquire), self.wal.stats.hold.load(Acquire));
             let behind = if hold < checkpoint { "the raw-events export is behind" } else { "the usage store is behind" };
             return Some(format!("{behind}: {} bytes of WAL exceed storage.max_wal_bytes ({})", self.wal.bytes(), self.max_wal_bytes));
+        }
+        if let Some(cap) = self.buckets_full {
+            return Some(format!(
+                "the usage store is behind: more than storage.max_pending_buckets ({cap}) minute buckets wait to be stored"
+            ));
         }
         None
     }
@@ -379,6 +409,8 @@ impl Engine {
             plan_kinds,
             wal: Wal::disabled(),
             max_wal_bytes: config.storage.max_wal_bytes,
+            max_pending_buckets: config.storage.max_pending_buckets,
+            buckets_full: std::sync::atomic::AtomicBool::new(false),
             consume_locks: ConsumeLocks::new(1024),
             wal_report: OpenReport::default(),
             redis,

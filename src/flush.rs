@@ -199,13 +199,9 @@ pub fn housekeeping_gauges(engine: &Engine) {
         engine.wal().stats.checkpoint.load(std::sync::atomic::Ordering::Acquire),
         engine.write_refusal().is_some(),
     );
-    crate::telemetry::gauges(
-        engine.counters().windows.len(),
-        engine.counters().interner.len(),
-        engine.counters().buckets.pending_len(),
-        engine.deduper().len(),
-        lag,
-    );
+    let pending = engine.counters().buckets.pending_len();
+    engine.note_pending_buckets(pending);
+    crate::telemetry::gauges(engine.counters().windows.len(), engine.counters().interner.len(), pending, engine.deduper().len(), lag);
     crate::telemetry::dedupe(engine.deduper().spilled(), engine.deduper().ram_bytes());
 }
 
@@ -272,6 +268,7 @@ pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::R
                 tracing::warn!(error = %e, failures, retry_in = ?backoff(interval, failures), "flush failed; the epoch stays pending and is retried");
             }
         }
+        engine.note_pending_buckets(engine.counters().buckets.pending_len());
         if ticks % 10 == 1 {
             housekeeping(&engine);
         }

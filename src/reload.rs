@@ -322,6 +322,7 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
     value("storage.wal_sync_interval", &s.wal_sync_interval, &n.wal_sync_interval);
     value("storage.wal_segment_bytes", &s.wal_segment_bytes, &n.wal_segment_bytes);
     value("storage.max_wal_bytes", &s.max_wal_bytes, &n.max_wal_bytes);
+    value("storage.max_pending_buckets", &s.max_pending_buckets, &n.max_pending_buckets);
     // Threshold notifications (issue 17): adding or removing the section, the
     // thresholds and the timings need a restart; endpoints change live.
     match (&old.notifications, &new.notifications) {

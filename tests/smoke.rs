@@ -89,3 +89,46 @@ fn config_and_listen_come_from_the_environment() {
     assert!(stderr.contains("- METERD_LISTEN: 0.0.0.0:8480 is not a loopback address"), "{stderr}");
     assert!(!stderr.contains("- server.listen"), "{stderr}");
 }
+
+/// Minute buckets waiting for the store are bounded (`storage.max_pending_buckets`):
+/// past the cap, events and consumes answer 503 and change nothing while checks
+/// go on; once a flush has stored them (here the final flush of a graceful
+/// restart), writes are taken again and every acknowledged event is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_minute_buckets_past_their_cap_refuse_writes_until_stored() {
+    let mut config: toml::Table = INTERVIEW.parse().expect("example parses");
+    if let Some(toml::Value::Table(storage)) = config.get_mut("storage") {
+        storage.insert("flush_interval".into(), toml::Value::String("1h".into()));
+        storage.insert("max_pending_buckets".into(), toml::Value::Integer(5));
+    }
+    let server = TestServer::start(&toml::to_string(&config).expect("config")).await;
+    let c = server.client();
+    let customers: Vec<String> = (0..8).map(|i| uid(&format!("pb{i}"))).collect();
+    for cu in &customers {
+        let r = c.events(&json!({"id": uid("e"), "customer": cu, "meter": "interviews"})).await;
+        assert_eq!(r.status, 202, "{}", r.text);
+    }
+    // Eight buckets wait (flushes are an hour apart); a scrape looks, as the flusher does.
+    assert_eq!(c.get("/metrics").await.status, 200);
+    let late = uid("late");
+    let r = c.events(&json!({"id": uid("e"), "customer": &late, "meter": "interviews"})).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.code(), "unavailable");
+    assert!(r.text.contains("storage.max_pending_buckets"), "{}", r.text);
+    let r = c.check(&json!({"id": uid("k"), "customer": &late, "meter": "interviews", "quantity": 1, "consume": true})).await;
+    assert_eq!(r.status, 503, "a consume is a write: {}", r.text);
+    let r = c.check(&json!({"customer": &late, "meter": "interviews", "quantity": 1})).await;
+    assert_eq!(r.status, 200, "checks go on: {}", r.text);
+    assert_eq!(r.body["used"], json!(0), "the refused writes changed nothing: {}", r.text);
+
+    let server = server.restart().await;
+    let c = server.client();
+    let r = c.events(&json!({"id": uid("e"), "customer": &late, "meter": "interviews"})).await;
+    assert_eq!(r.status, 202, "stored, the buckets no longer count: {}", r.text);
+    for cu in customers.iter().chain([&late]) {
+        let r = c.get(&format!("/v1/customers/{cu}/usage")).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(r.text.contains("\"used\":1"), "{cu}: {}", r.text);
+    }
+    server.stop().await;
+}

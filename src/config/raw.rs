@@ -60,6 +60,7 @@ pub struct Storage {
     pub wal_sync_interval: Option<String>,
     pub wal_segment_bytes: Option<i64>,
     pub max_wal_bytes: Option<i64>,
+    pub max_pending_buckets: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

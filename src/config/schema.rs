@@ -74,6 +74,7 @@ pub(super) const ROOT: &[Field] = &[
             ("wal_sync_interval", Dur),
             ("wal_segment_bytes", Int),
             ("max_wal_bytes", Int),
+            ("max_pending_buckets", Int),
         ]),
     ),
     (

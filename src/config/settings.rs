@@ -92,6 +92,9 @@ pub struct StorageSettings {
     pub wal_segment_bytes: u64,
     /// Past this much WAL not yet in the store, ingest answers 503.
     pub max_wal_bytes: u64,
+    /// Past this many minute buckets not yet in the store, ingest and consumes
+    /// answer 503 (bounds memory while the store is down, WAL or not).
+    pub max_pending_buckets: u64,
 }
 
 /// `[ingest]`.

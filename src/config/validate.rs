@@ -213,6 +213,7 @@ fn storage(c: &mut Checker, s: &raw::Storage) -> StorageSettings {
         wal_sync_interval: c.duration("storage.wal_sync_interval", &s.wal_sync_interval, millis(100), Duration::ZERO),
         wal_segment_bytes,
         max_wal_bytes,
+        max_pending_buckets: c.int("storage.max_pending_buckets", s.max_pending_buckets, 5_000_000, 1, u64::MAX),
     }
 }
 
