@@ -64,7 +64,7 @@ pub(super) fn slot_minute(s: u128) -> u32 {
 /// meterd's CPU in those copy-on-write faults and their TLB shootdowns).
 fn zeroed_slots(cap: usize) -> Pages<u128> {
     const PER_PAGE: usize = 4096 / std::mem::size_of::<u128>();
-    let mut slots: Pages<u128> = Pages::zeroed(cap);
+    let mut slots: Pages<u128> = Pages::zeroed_on_heap(cap);
     let base = slots.as_mut_ptr();
     for i in (0..cap).step_by(PER_PAGE) {
         // SAFETY: `i < cap == slots.len()`, so the write is inside the

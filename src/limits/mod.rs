@@ -351,6 +351,21 @@ impl LimitReads<'_> {
 }
 
 impl LimitsPorts<'_> {
+    /// A consume's id checked and its slot: the remembered answer a retry of
+    /// the same id gets (created empty on first sight), with the id's hash and now.
+    #[allow(clippy::type_complexity)]
+    fn consume_slot(&self, req: &CheckRequest) -> Result<(IdHash, i64, Arc<OnceCell<Arc<CheckAnswer>>>), CheckError> {
+        let id = match &req.id {
+            Some(id) if !id.is_empty() && id.len() <= 128 => id,
+            Some(_) => return Err(invalid("id", "must be 1-128 bytes")),
+            None => return Err(invalid("id", "is required when consume is true")),
+        };
+        let id_hash = hash_id(id);
+        let now = now_ms();
+        let slot = self.consumes.entry(id_hash).or_insert_with(|| ConsumeSlot { created_ms: now, answer: Arc::new(OnceCell::new()) });
+        Ok((id_hash, now, slot.answer.clone()))
+    }
+
     /// Answers `/v1/check`.
     pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
         let meter =
@@ -375,17 +390,7 @@ impl LimitsPorts<'_> {
             crate::telemetry::decision(verdict.reason.as_str(), false, meter.id.into(), &meter.name);
             return Ok(Arc::new(answer(&req.customer, meter, quantity, &states, verdict)));
         }
-        let id = match &req.id {
-            Some(id) if !id.is_empty() && id.len() <= 128 => id.clone(),
-            Some(_) => return Err(invalid("id", "must be 1-128 bytes")),
-            None => return Err(invalid("id", "is required when consume is true")),
-        };
-        let id_hash = hash_id(&id);
-        let now = now_ms();
-        let cell = {
-            let slot = self.consumes.entry(id_hash).or_insert_with(|| ConsumeSlot { created_ms: now, answer: Arc::new(OnceCell::new()) });
-            slot.answer.clone()
-        };
+        let (id_hash, now, cell) = self.consume_slot(&req)?;
         // Exactly one caller per id decides; a retry (or a racing duplicate) gets
         // the same answer and records nothing.
         let answer =

@@ -13,14 +13,12 @@
 use super::{answer, decide, invalid, CheckError, CheckRequest, LimitState, LimitsPorts, Reason, Verdict};
 use crate::counters::unique::hash_value;
 use crate::counters::{Counters, CustomerId, Usage};
-use crate::dedupe::hash_id;
-use crate::engine::{now_ms, ConsumeSlot};
+use crate::engine::now_ms;
 use crate::model::{CheckAnswer, Entitlements, Limit, Meter};
 use crate::usage::Origin;
 use crate::wal::RecordBuilder;
 use std::borrow::Cow;
 use std::sync::Arc;
-use tokio::sync::OnceCell;
 
 /// Whether every limit's current window counts `value` already.
 fn counted(
@@ -84,17 +82,7 @@ impl LimitsPorts<'_> {
         let Some(value) = value else {
             return Err(invalid("value", format!("is required when consume is true on unique_count meter {:?}", meter.name)));
         };
-        let id = match &req.id {
-            Some(id) if !id.is_empty() && id.len() <= 128 => id.clone(),
-            Some(_) => return Err(invalid("id", "must be 1-128 bytes")),
-            None => return Err(invalid("id", "is required when consume is true")),
-        };
-        let id_hash = hash_id(&id);
-        let now = now_ms();
-        let cell = {
-            let slot = self.consumes.entry(id_hash).or_insert_with(|| ConsumeSlot { created_ms: now, answer: Arc::new(OnceCell::new()) });
-            slot.answer.clone()
-        };
+        let (id_hash, now, cell) = self.consume_slot(&req)?;
         let answer =
             cell.get_or_try_init(|| async { self.consume_unique(&req.customer, meter, &value, id_hash, now).await.map(Arc::new) }).await?;
         Ok(answer.clone())
