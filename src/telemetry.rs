@@ -18,6 +18,7 @@ pub const HTTP_DURATION: &str = "meterd_http_request_duration_seconds";
 pub const HTTP_CONNECTIONS_OPEN: &str = "meterd_http_connections_open";
 pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "meterd_http_connections_refused_total";
 pub const HTTP_TIMEOUTS_TOTAL: &str = "meterd_http_timeouts_total";
+pub const HTTP_DETACHED_TOTAL: &str = "meterd_http_detached_total";
 pub const FLUSH_DURATION: &str = "meterd_flush_duration_seconds";
 pub const FLUSH_ROWS_TOTAL: &str = "meterd_flush_rows_total";
 pub const FLUSH_ERRORS_TOTAL: &str = "meterd_flush_errors_total";
@@ -202,6 +203,7 @@ pub fn register_known(known: &Known<'_>) {
     for phase in ["header", "body", "idle"] {
         metrics::counter!(HTTP_TIMEOUTS_TOTAL, "phase" => phase).increment(0);
     }
+    metrics::counter!(HTTP_DETACHED_TOTAL).increment(0);
     if known.redis {
         for name in [REDIS_SYNC_KEYS_TOTAL, REDIS_SYNC_ERRORS_TOTAL] {
             metrics::counter!(name).increment(0);
@@ -321,6 +323,10 @@ fn describe() {
     metrics::describe_counter!(
         HTTP_TIMEOUTS_TOTAL,
         "Connections cut by a timeout, by phase (header: request head too slow; body: request body too slow, answered 408; idle: keep-alive unused)"
+    );
+    metrics::describe_counter!(
+        HTTP_DETACHED_TOTAL,
+        "Ingest and consume calls whose client went away before the answer; each finished in a task of its own"
     );
     metrics::describe_histogram!(FLUSH_DURATION, "Time to write one flush to the usage store");
     metrics::describe_counter!(FLUSH_ROWS_TOTAL, "Minute rows written to the usage store");
@@ -522,6 +528,12 @@ pub fn connection_refused(listener: &'static str) {
 /// A connection cut by its `phase`'s timeout (`header`, `body` or `idle`).
 pub fn http_timeout(phase: &'static str) {
     metrics::counter!(HTTP_TIMEOUTS_TOTAL, "phase" => phase).increment(1);
+}
+
+/// A request's engine call was left unfinished by its handler (the client
+/// went away) and finishes in a task of its own.
+pub fn handler_detached() {
+    metrics::counter!(HTTP_DETACHED_TOTAL).increment(1);
 }
 
 /// Whether a supervised background task runs (its restart counter is

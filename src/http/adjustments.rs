@@ -53,13 +53,10 @@ pub async fn create(state: &HttpState, req: Request<RequestBody>) -> Resp {
     }
     let (parts, body) = req.into_parts();
     let body = read_limited(&parts.headers, body, 64 * 1024).await?;
-    // Spawned: once the WAL holds the adjustment it must be recorded, even if
-    // this client disconnects and hyper drops the handler.
+    // Once the WAL holds the adjustment it must be recorded, even if this
+    // client disconnects and hyper drops the handler.
     let (adjustments, engine) = (state.adjustments.clone(), state.engine.clone());
-    let applied = tokio::spawn(async move { adjustments.apply(&engine, &body).await })
-        .await
-        .map_err(|e| ApiError::unavailable(format!("adjustment task failed: {e}"), 1))?
-        .map_err(error)?;
+    let applied = super::finish::finish(async move { adjustments.apply(&engine, &body).await }).await.map_err(error)?;
     Ok(json(StatusCode::ACCEPTED, &applied))
 }
 

@@ -34,12 +34,11 @@ pub async fn stripe_webhook(state: Arc<HttpState>, req: Request<RequestBody>) ->
     let (parts, body) = req.into_parts();
     let body = read_limited(&parts.headers, body, state.max_body).await?;
     let header = parts.headers.get("stripe-signature").and_then(|v| v.to_str().ok()).map(str::to_string);
-    // Spawned: once an event is claimed it must be applied or released, even
-    // if Stripe hangs up.
+    // Once an event is claimed it must be applied or released, even if
+    // Stripe hangs up.
     let engine = state.engine.clone();
-    let outcome = tokio::spawn(async move { webhooks.receive(&engine, &body, header.as_deref(), crate::clock::now_ms()).await })
-        .await
-        .map_err(|e| ApiError::unavailable(format!("webhook task failed: {e}"), 1))?;
+    let outcome =
+        super::finish::finish(async move { webhooks.receive(&engine, &body, header.as_deref(), crate::clock::now_ms()).await }).await;
     match outcome {
         Ok(outcome) => Ok(json(StatusCode::OK, &j!({"received": true, "applied": outcome == Outcome::Applied}))),
         Err(WebhookError::Signature(e)) => Err(ApiError::invalid_signature(e.to_string())),

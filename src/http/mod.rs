@@ -22,6 +22,7 @@ pub mod body;
 // Prepaid credits and grants (issue 18).
 pub mod credits;
 pub mod error;
+pub mod finish;
 pub mod handlers;
 pub mod portal;
 // Threshold notifications (issue 17).

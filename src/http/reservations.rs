@@ -6,6 +6,7 @@
 
 use super::body::read_limited;
 use super::error::{json, ApiError};
+use super::finish::finish;
 use super::{HttpState, RequestBody};
 use crate::config::Scope;
 use crate::reservations::{ListRequest, ReservationError, ReserveRequest, SettleRequest};
@@ -38,10 +39,6 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn task_failed(e: tokio::task::JoinError) -> ApiError {
-    ApiError::unavailable(format!("reservation task failed: {e}"), 1)
-}
-
 /// `POST /v1/reservations` (check).
 pub async fn reserve(state: &Arc<HttpState>, req: Request<RequestBody>) -> Resp {
     state.auth.authorize(req.headers(), &[Scope::Check])?;
@@ -52,8 +49,7 @@ pub async fn reserve(state: &Arc<HttpState>, req: Request<RequestBody>) -> Resp 
     // With Redis: the one round trip a customer never seen here costs.
     state.engine.ensure_customer(&request.customer).await;
     let engine = state.engine.clone();
-    let answer =
-        tokio::spawn(async move { engine.reservation_ports().reserve(request).await }).await.map_err(task_failed)?.map_err(error)?;
+    let answer = finish(async move { engine.reservation_ports().reserve(request).await }).await.map_err(error)?;
     Ok(json(StatusCode::OK, &answer))
 }
 
@@ -67,8 +63,7 @@ pub async fn settle(state: &Arc<HttpState>, req: Request<RequestBody>, id: Strin
     }
     let request = SettleRequest::from_json(&body).map_err(error)?;
     let engine = state.engine.clone();
-    let answer =
-        tokio::spawn(async move { engine.reservation_ports().settle(&id, request).await }).await.map_err(task_failed)?.map_err(error)?;
+    let answer = finish(async move { engine.reservation_ports().settle(&id, request).await }).await.map_err(error)?;
     Ok(json(StatusCode::OK, &answer))
 }
 
@@ -76,7 +71,7 @@ pub async fn settle(state: &Arc<HttpState>, req: Request<RequestBody>, id: Strin
 pub async fn release(state: &Arc<HttpState>, headers: &HeaderMap, id: String) -> Resp {
     state.auth.authorize(headers, &[Scope::Check])?;
     let engine = state.engine.clone();
-    let answer = tokio::spawn(async move { engine.reservation_ports().release(&id).await }).await.map_err(task_failed)?.map_err(error)?;
+    let answer = finish(async move { engine.reservation_ports().release(&id).await }).await.map_err(error)?;
     Ok(json(StatusCode::OK, &answer))
 }
 

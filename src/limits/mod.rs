@@ -374,7 +374,7 @@ impl LimitsPorts<'_> {
             return Err(invalid("customer", "must be 1-256 bytes without control characters"));
         }
         if meter.aggregation == Aggregation::UniqueCount {
-            return self.check_unique(req, meter).await;
+            return Box::pin(self.check_unique(req, meter)).await;
         }
         if req.value.is_some() {
             return Err(invalid("value", format!("is only for unique_count meters; {:?} is {}", meter.name, meter.aggregation)));
@@ -384,7 +384,10 @@ impl LimitsPorts<'_> {
             Some(text) => crate::model::quantity::parse_decimal(text, meter.precision).map_err(|e| invalid("quantity", e.to_string()))?,
         };
         // Issue 16: no decision on a shared total older than two sync intervals.
-        self.refresh_stale(&req.customer, meter).await;
+        if self.redis.is_some() {
+            // Boxed: a Redis round trip's future, only built with Redis.
+            Box::pin(self.refresh_stale(&req.customer, meter)).await;
+        }
         if !req.consume {
             let (states, verdict) = self.reads.evaluate(&req.customer, meter, quantity, now_ms());
             crate::telemetry::decision(verdict.reason.as_str(), false, meter.id.into(), &meter.name);
@@ -422,16 +425,24 @@ impl LimitsPorts<'_> {
         if let (true, Some(redis)) = (strict::applies(self, meter, &limits), self.redis) {
             // Cached and strict limits are decided together: one consume of this
             // (customer, meter) at a time, here and across the round trip.
-            let guard = self.consume_locks.lock(customer, meter.id).await;
-            return self.consume_strict(&guard, redis, &c).await;
+            // Boxed, here and below: the Redis paths' futures are large, and
+            // inline they would be copied with every local consume (issue 24).
+            return Box::pin(async {
+                let guard = self.consume_locks.lock(customer, meter.id).await;
+                self.consume_strict(&guard, redis, &c).await
+            })
+            .await;
         }
         if let (true, Some(redis)) = (leased::applies(self, meter, &limits), self.redis) {
             // Issue 16: decided inside this instance's slice of the quota.
-            if let Some(answer) = self.consume_leased_fast(redis, &c).await {
-                return answer;
-            }
-            let guard = self.consume_locks.lock(customer, meter.id).await;
-            return self.consume_leased_single(&guard, redis, &c).await;
+            return Box::pin(async {
+                if let Some(answer) = self.consume_leased_fast(redis, &c).await {
+                    return answer;
+                }
+                let guard = self.consume_locks.lock(customer, meter.id).await;
+                self.consume_leased_single(&guard, redis, &c).await
+            })
+            .await;
         }
         self.consume_local(&c, None).await
     }
@@ -513,10 +524,11 @@ impl LimitsPorts<'_> {
         // default: issue 16), or taken per consume (`strict`).
         let taken = match (verdict.allowed, self.redis) {
             (true, Some(redis)) if crate::grants::redis_consume::applies(limits) => {
-                if crate::grants::redis_consume::leased(limits) && self.lease_credits(redis, c, &mut states, &mut verdict).await {
+                // Boxed: Redis round trips, kept out of the local path's future.
+                if crate::grants::redis_consume::leased(limits) && Box::pin(self.lease_credits(redis, c, &mut states, &mut verdict)).await {
                     None
                 } else {
-                    let taken = self.take_credits(redis, c, &mut states, &mut verdict).await;
+                    let taken = Box::pin(self.take_credits(redis, c, &mut states, &mut verdict)).await;
                     taken.map(|t| (redis, t))
                 }
             }
@@ -533,7 +545,7 @@ impl LimitsPorts<'_> {
                 Ok(seq) => seq,
                 Err(e) => {
                     if let Some((redis, t)) = &taken {
-                        crate::grants::redis_consume::give_back(self.reads.credits, redis, t).await;
+                        Box::pin(crate::grants::redis_consume::give_back(self.reads.credits, redis, t)).await;
                     }
                     return Err(self.wal_refused(id_hash, e));
                 }

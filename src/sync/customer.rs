@@ -55,7 +55,12 @@ impl Engine {
     /// Loads `name` if this instance has not yet (waiting for it), or starts a
     /// background refresh if its entry is older than the TTL.
     pub async fn ensure_customer(self: &Arc<Engine>, name: &str) {
-        if let Some(true) = self.customer_ports().ensure_loaded(name).await {
+        // Boxed: a Redis round trip's future, kept out of every check's
+        // handler (which is copied with it) when there is no Redis (issue 24).
+        if self.redis().is_none() {
+            return;
+        }
+        if let Some(true) = Box::pin(self.customer_ports().ensure_loaded(name)).await {
             let engine = self.clone();
             let name = name.to_string();
             tokio::spawn(async move { engine.customer_ports().refresh_customer(&name).await });
