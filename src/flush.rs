@@ -217,7 +217,7 @@ async fn spill_dedupe(engine: &Arc<Engine>) {
         return;
     }
     let e = engine.clone();
-    match tokio::task::spawn_blocking(move || e.deduper().spill(now_ms())).await {
+    match crate::priority::background(move || e.deduper().spill(now_ms())).await {
         Ok(Ok(report)) => tracing::debug!(ids = report.ids, upto_minute = report.upto_minute, "dedupe spill"),
         Ok(Err(e)) => {
             crate::telemetry::dedupe_spill_failed();
@@ -232,20 +232,24 @@ async fn spill_dedupe(engine: &Arc<Engine>) {
 // more stale ids than live ones; until then the runs' own filters answer. A
 // rebuild reads every run (seconds at 100M ids), so the flusher does not wait
 // for it: it checks the handle each tick and, at shutdown, cancels and joins it.
-type GateRebuild = tokio::task::JoinHandle<Result<u64, crate::dedupe::DedupeError>>;
+type GateRebuild = tokio::task::JoinHandle<Result<Result<u64, crate::dedupe::DedupeError>, crate::priority::PriorityError>>;
 
 async fn gate_upkeep(engine: &Arc<Engine>, running: &mut Option<(GateRebuild, std::time::Instant)>) {
     if let Some((task, started)) = running.take_if(|(task, _)| task.is_finished()) {
         match task.await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(ids)) => tracing::info!(ids, seconds = started.elapsed().as_secs_f64(), "dedupe gate rebuilt"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "dedupe gate rebuild failed; the runs' own filters answer"),
+            Ok(Ok(Ok(0))) => {}
+            Ok(Ok(Ok(ids))) => tracing::info!(ids, seconds = started.elapsed().as_secs_f64(), "dedupe gate rebuilt"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "dedupe gate rebuild failed; the runs' own filters answer"),
+            Ok(Err(e)) => tracing::error!(error = %e, "dedupe gate rebuild did not finish"),
             Err(e) => tracing::error!(error = %e, "dedupe gate task failed"),
         }
     }
     if running.is_none() && engine.deduper().needs_gate() {
         let e = engine.clone();
-        *running = Some((tokio::task::spawn_blocking(move || e.deduper().rebuild_gate()), std::time::Instant::now()));
+        // A thread of its own, lowered (see `crate::priority`): it reads every
+        // run, seconds of work that must not take a core from requests.
+        let rebuild = tokio::task::spawn(crate::priority::background(move || e.deduper().rebuild_gate()));
+        *running = Some((rebuild, std::time::Instant::now()));
     }
 }
 

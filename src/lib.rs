@@ -24,6 +24,7 @@ pub mod mac;
 pub mod model;
 // Threshold notifications (issue 17).
 pub mod notify;
+pub mod priority;
 pub mod raw_export;
 pub mod redis_link;
 pub mod rejected;

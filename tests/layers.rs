@@ -17,7 +17,7 @@ use std::path::Path;
 /// Layers from the bottom up; each top-level module of the crate is in one.
 const LAYERS: &[(&str, &[&str])] = &[
     // Leaves: know no domain type.
-    ("leaf", &["clock", "duration", "backoff", "telemetry", "keyhash", "mac"]),
+    ("leaf", &["clock", "duration", "backoff", "telemetry", "keyhash", "mac", "priority"]),
     ("model", &["model"]),
     ("config", &["config"]),
     // State: in-memory state, its durability and the stores.

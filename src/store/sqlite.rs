@@ -211,6 +211,22 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Task(format!("sqlite {op}: {e}")))?
     }
+
+    /// [`SqliteStore::run`] at background priority (see [`crate::priority`]):
+    /// for the flusher's writes, which must not take a core from requests.
+    async fn run_background<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        crate::priority::background(move || {
+            let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Task(format!("sqlite {op}: {e}")))?
+    }
 }
 
 fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(), StoreError> {
@@ -419,7 +435,7 @@ fn parse_doc(customer: &str, doc: &str) -> Result<EntitlementsDoc, StoreError> {
 impl UsageStore for SqliteStore {
     async fn write_flush(&self, batch: &FlushBatch) -> Result<(), StoreError> {
         let batch = batch.clone();
-        self.run("write_flush", move |conn| write_flush_blocking(conn, &batch)).await
+        self.run_background("write_flush", move |conn| write_flush_blocking(conn, &batch)).await
     }
 
     async fn wal_mark(&self, instance_id: &str) -> Result<WalMark, StoreError> {

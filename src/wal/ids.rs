@@ -55,6 +55,30 @@ pub struct Mark {
 }
 
 /// The appender the WAL writer owns.
+/// Id files written since the last sync, to be made durable with [`IdSync::run`].
+#[derive(Debug)]
+pub struct IdSync {
+    /// Each file's path, and a handle on it when it is the open one.
+    files: Vec<(PathBuf, Option<File>)>,
+}
+
+impl IdSync {
+    /// Makes the files durable.
+    pub fn run(self) -> Result<(), IdsError> {
+        for (path, open) in self.files {
+            match open {
+                Some(file) => file.sync_data().map_err(io(&path))?,
+                // Gone: deleted by `drop_before`, its ids are in a dedupe run.
+                None => match File::open(&path).and_then(|f| f.sync_all()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    r => r.map_err(io(&path))?,
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct IdLog {
     dir: PathBuf,
     /// The open hour file and its length.
@@ -149,18 +173,24 @@ impl IdLog {
 
     /// Makes every id appended so far durable.
     pub fn sync(&mut self) -> Result<(), IdsError> {
+        self.take_sync()?.run()
+    }
+
+    /// What [`IdLog::sync`] would sync, to be synced by another thread (issue
+    /// 24: the WAL writer hands this out rather than stall every append behind
+    /// the fsyncs). Everything written so far is covered: the open file's
+    /// handle is a duplicate of this one's.
+    pub fn take_sync(&mut self) -> Result<IdSync, IdsError> {
+        let mut files = Vec::new();
         for hour in std::mem::take(&mut self.dirty) {
             let path = self.path(hour);
-            match &self.open {
-                Some((h, file, _)) if *h == hour => file.sync_data().map_err(io(&path))?,
-                // Gone: deleted by `drop_before`, its ids are in a dedupe run.
-                _ => match File::open(&path).and_then(|f| f.sync_all()) {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    r => r.map_err(io(&path))?,
-                },
-            }
+            let open = match &self.open {
+                Some((h, file, _)) if *h == hour => Some(file.try_clone().map_err(io(&path))?),
+                _ => None,
+            };
+            files.push((path, open));
         }
-        Ok(())
+        Ok(IdSync { files })
     }
 
     /// Deletes files wholly older than the window (and an hour of slack).

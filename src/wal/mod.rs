@@ -183,6 +183,10 @@ pub struct OpenReport {
 
 /// A handle on the WAL.
 pub struct Wal {
+    /// The segments' directory (empty when disabled).
+    dir: PathBuf,
+    /// Serialises [`Wal::checkpoint`]s (they write one temporary file).
+    checkpointing: tokio::sync::Mutex<()>,
     tx: Mutex<Option<Sender<Command>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub tracker: Arc<SeqTracker>,
@@ -303,12 +307,23 @@ impl Wal {
             .name("meterd-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| WalError::Failed(format!("cannot start the WAL writer: {e}")))?;
-        Ok((Wal { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), tracker, stats, enabled: true }, report))
+        let wal = Wal {
+            dir: dir.clone(),
+            checkpointing: tokio::sync::Mutex::new(()),
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            tracker,
+            stats,
+            enabled: true,
+        };
+        Ok((wal, report))
     }
 
     /// A WAL that writes nothing (`durability = "none"`).
     pub fn disabled() -> Wal {
         Wal {
+            dir: PathBuf::new(),
+            checkpointing: tokio::sync::Mutex::new(()),
             tx: Mutex::new(None),
             thread: Mutex::new(None),
             tracker: Arc::new(SeqTracker::default()),
@@ -350,7 +365,13 @@ impl Wal {
         if !self.enabled {
             return Ok(());
         }
-        self.ask(|reply| Command::SyncIds { reply }).await
+        // The writer hands out the files; they are synced here, on a blocking
+        // thread, so appends do not wait behind these fsyncs (issue 24).
+        let sync = self.ask(|reply| Command::SyncIds { reply }).await?;
+        tokio::task::spawn_blocking(move || sync.run())
+            .await
+            .map_err(|e| WalError::Failed(format!("id file sync task: {e}")))?
+            .map_err(|e| WalError::Failed(e.to_string()))
     }
 
     /// Records that the store holds everything up to `seq`; deletes old segments.
@@ -358,6 +379,19 @@ impl Wal {
         if !self.enabled || seq <= self.stats.checkpoint.load(Ordering::Acquire) {
             return Ok(());
         }
+        // The file (two fsyncs and a rename) is written here, on a blocking
+        // thread, not by the writer, which would hold every append meanwhile
+        // (issue 24); the writer then prunes. One checkpoint at a time: they
+        // share a temporary file.
+        let _one = self.checkpointing.lock().await;
+        if seq <= self.stats.checkpoint.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || checkpoint::write(&dir, seq))
+            .await
+            .map_err(|e| WalError::Failed(format!("checkpoint task: {e}")))?
+            .map_err(|e| WalError::Failed(e.to_string()))?;
         self.ask(|reply| Command::Checkpoint { seq, reply }).await
     }
 

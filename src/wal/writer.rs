@@ -32,9 +32,10 @@ pub enum Command {
         seq: u64,
         reply: oneshot::Sender<Result<(), WalError>>,
     },
-    /// Make the id files durable (before the store takes a flush).
+    /// Hand out the id files to make durable (before the store takes a
+    /// flush); the caller syncs them, not this thread.
     SyncIds {
-        reply: oneshot::Sender<Result<(), WalError>>,
+        reply: oneshot::Sender<Result<super::ids::IdSync, WalError>>,
     },
     /// The raw-events export holds everything up to `seq`: move the hold on.
     Release {
@@ -153,7 +154,7 @@ impl Writer {
                 }
             }
             for reply in id_syncs {
-                let _ = reply.send(self.ids.sync().map_err(|e| WalError::Failed(e.to_string())));
+                let _ = reply.send(self.ids.take_sync().map_err(|e| WalError::Failed(e.to_string())));
             }
             for (seq, reply) in checkpoints {
                 let _ = reply.send(self.checkpoint(seq));
@@ -235,11 +236,11 @@ impl Writer {
         Ok(())
     }
 
-    /// Records that the store holds everything up to `seq`, and deletes the
-    /// segments nothing needs any more (see [`Writer::prune`]).
+    /// Records that the store holds everything up to `seq` (the caller wrote
+    /// the checkpoint file already, off this thread), and deletes the segments
+    /// nothing needs any more (see [`Writer::prune`]).
     fn checkpoint(&mut self, seq: u64) -> Result<(), WalError> {
-        checkpoint::write(&self.dir, seq).map_err(|e| WalError::Failed(e.to_string()))?;
-        self.stats.checkpoint.store(seq, Ordering::Release);
+        self.stats.checkpoint.fetch_max(seq, Ordering::AcqRel);
         self.prune()?;
         let now = crate::clock::now_ms();
         if let Err(e) = self.ids.expire(now) {
