@@ -58,6 +58,9 @@ pub struct ConsumeSlot {
     pub answer: Arc<OnceCell<Arc<CheckAnswer>>>,
 }
 
+/// Shards of the remembered consume answers (a power of two, as DashMap needs).
+const CONSUME_SHARDS: usize = 256;
+
 /// Everything in memory, shared by handlers and background tasks.
 pub struct Engine {
     catalog: Arc<Catalog>,
@@ -398,7 +401,10 @@ impl Engine {
             usage: UsageSeam::new(counters, observers),
             entitlements,
             deduper,
-            consumes: DashMap::with_hasher(crate::keyhash::KeyHash),
+            // 256 shards, not DashMap's 4 per core: a shard grows by rehashing
+            // all its entries under its write lock, and every consume inserts
+            // here, so a few large shards stalled consumes (issue 24).
+            consumes: DashMap::with_hasher_and_shard_amount(crate::keyhash::KeyHash, CONSUME_SHARDS),
             usage_store,
             instance_id,
             limits: IngestLimits {

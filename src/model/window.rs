@@ -195,12 +195,10 @@ fn days_in_month(y: i32, m: u32) -> u32 {
 
 /// Unix milliseconds as RFC 3339 (`2026-12-01T00:00:00Z`).
 pub fn rfc3339(ms: i64) -> String {
-    let at = utc(ms);
-    if ms % 1000 == 0 {
-        at.format("%Y-%m-%dT%H:%M:%SZ").to_string()
-    } else {
-        at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-    }
+    // chrono's own RFC 3339 writer: the strftime form parsed its format
+    // string on every answer (1 % of a consume's CPU, issue 24).
+    let precision = if ms % 1000 == 0 { chrono::SecondsFormat::Secs } else { chrono::SecondsFormat::Millis };
+    utc(ms).to_rfc3339_opts(precision, true)
 }
 
 /// Parses an RFC 3339 timestamp into Unix milliseconds.
@@ -223,6 +221,8 @@ mod tests {
         let a = BillingAnchor::default();
         let month = WindowKind::Month.bounds(at, a);
         assert_eq!(rfc3339(month.start_ms), "2026-11-01T00:00:00Z");
+        assert_eq!(rfc3339(1_234), "1970-01-01T00:00:01.234Z");
+        assert_eq!(rfc3339(1_000), "1970-01-01T00:00:01Z");
         assert_eq!(rfc3339(month.end_ms), "2026-12-01T00:00:00Z");
         let day = WindowKind::Day.bounds(at, a);
         assert_eq!(rfc3339(day.start_ms), "2026-11-22T00:00:00Z");
