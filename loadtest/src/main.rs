@@ -47,7 +47,9 @@ fn summarize(files: &[String], bar_batch: usize, bar_check_rate: f64) -> anyhow:
         results.extend(summary::parse_lines(&text).map_err(|e| anyhow::anyhow!("{f}: {e}"))?);
     }
     println!("{}", summary::results_table(&results));
-    println!("{}", summary::ratios_table(&results));
+    if summary::has_baselines(&results) {
+        println!("{}", summary::ratios_table(&results));
+    }
     let against_limitador = summary::limitador_table(&results);
     if !against_limitador.is_empty() {
         println!("Against Limitador (`meterd-none`: meterd with `durability = \"none\"`):\n\n{against_limitador}");

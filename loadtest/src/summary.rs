@@ -156,6 +156,12 @@ pub fn results_table(results: &[RunResult]) -> String {
     out
 }
 
+/// Whether any result is of the ceiling or of a design meterd replaces (the
+/// ratios table's columns).
+pub fn has_baselines(results: &[RunResult]) -> bool {
+    results.iter().any(|r| matches!(r.target.as_str(), "ceiling" | "postgres" | "redis"))
+}
+
 /// meterd's throughput divided by each baseline's, per closed-loop scenario.
 pub fn ratios_table(results: &[RunResult]) -> String {
     let (order, map) = groups(results);
@@ -208,6 +214,8 @@ pub fn limitador_table(results: &[RunResult]) -> String {
                 (Some(a), Some(b)) if b > 0.0 && t != "limitador" => format!("{:.2}×", a / b),
                 _ => "–".to_string(),
             };
+            // Open loop: every target is sent the same rate, so only closed loops compare throughput.
+            let rps_ratio = if key.1 == "closed" { ratio(Some(rps.median), lim_rps) } else { "–".to_string() };
             let errors: u64 = g.runs.iter().map(|r| r.errors + r.unsent).sum();
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {:.0} ({:.0}–{:.0}) | {:.0} | {} | {} | {} | {} |\n",
@@ -220,7 +228,7 @@ pub fn limitador_table(results: &[RunResult]) -> String {
                 p99.max,
                 p999.median,
                 cpu.map_or("–".to_string(), |c| format!("{c:.2}")),
-                ratio(Some(rps.median), lim_rps),
+                rps_ratio,
                 ratio(cpu, lim_cpu),
                 errors
             ));
@@ -421,8 +429,18 @@ mod tests {
             }
         }
         rs.push(run("meterd", "ingest-single", None, 1.0, 1.0, 1.0)); // Limitador did not run it: no row
+        for (t, cpu) in [("limitador", 40.0), ("meterd", 50.0)] {
+            let mut r = run(t, "check-consume", Some(10_000.0), 10_000.0, 10_000.0, 3000.0);
+            r.server_cpu_us_per_op = Some(cpu);
+            rs.push(r);
+        }
         let t = limitador_table(&rs);
-        assert_eq!(t.lines().count(), 2 + 3, "{t}");
+        assert_eq!(t.lines().count(), 2 + 3 + 2, "{t}");
+        // Open loop: the same rate for both, so no throughput ratio; the CPU ratio stays.
+        assert!(
+            t.contains("| check-consume | open 10.0 k/s | meterd | 10.0 k (1 run) | 3000 (3000–3000) | 0 | 50.00 | – | 1.25× | 0 |"),
+            "{t}"
+        );
         assert!(
             t.contains("| wrk-consume | closed | limitador | **40.0 k** (40.0 k–40.0 k) | 900 (900–900) | 0 | 20.00 | – | – | 0 |"),
             "{t}"
@@ -435,7 +453,8 @@ mod tests {
         );
         assert!(t.contains("| meterd | **60.0 k**"), "{t}");
         assert!(!t.contains("redis") && !t.contains("ingest-single"));
-        assert_eq!(limitador_table(&rs[9..]), "");
+        assert_eq!(limitador_table(&rs[9..13]), "");
+        assert!(has_baselines(&rs) && !has_baselines(&rs[..9]));
     }
 
     #[test]
