@@ -7,6 +7,9 @@ use std::net::SocketAddr;
 pub const USAGE: &str = "\
 usage: meterd-loadtest SCENARIO [OPTIONS]
        meterd-loadtest summarize [--bar-batch N] [--bar-check-rate R] FILE...
+       meterd-loadtest from-wrk --target-name T --scenario S [--connections C] [--customers N]
+            [--warmup SECS] [--label TEXT] [--server-cpu-seconds X] FILE
+            (wrk's output with loadtest/wrk/bench.lua's result line -> one JSON result line)
        meterd-loadtest soak [--addr A] [--server-pid PID] [--duration SECS] [--csv FILE]
             [--connections C] [--size N] [--customers N] [--active N] [--lap SECS]
             [--retry-percent P] [--dedupe-window SECS] [--rate R] [--seed N] [--quiet]
@@ -14,8 +17,11 @@ usage: meterd-loadtest SCENARIO [OPTIONS]
 
 SCENARIO: ingest-single | ingest-batch [--size N] | check | check-consume | mixed [--check-percent P]
 
-  --target T          meterd | ceiling | postgres | redis            (default meterd)
-  --addr HOST:PORT    meterd or ceiling address                      (default 127.0.0.1:8480)
+  --target T          meterd | ceiling | postgres | redis | limitador (default meterd)
+                      (limitador: check and check-consume only, namespace \"bench\",
+                      descriptor key \"customer\")
+  --target-name NAME  the target's name in the result (default: --target; e.g. meterd-none)
+  --addr HOST:PORT    meterd, ceiling or limitador HTTP address      (default 127.0.0.1:8480)
   --pg CONNSTR        tokio-postgres connection string               (default host=127.0.0.1 port=5432 user=postgres dbname=postgres)
   --redis URL         Redis URL                                      (default redis://127.0.0.1:6379/0)
   --size N            events per batch for ingest-batch               (default 1000)
@@ -42,6 +48,8 @@ SCENARIO: ingest-single | ingest-batch [--size N] | check | check-consume | mixe
 pub struct RunArgs {
     pub scenario: String,
     pub target: TargetKind,
+    /// The target's name in the result (`--target-name`), when not the kind's.
+    pub target_name: Option<String>,
     pub addr: SocketAddr,
     pub pg: String,
     pub redis: String,
@@ -68,6 +76,7 @@ pub enum Command {
     Run(Box<RunArgs>),
     Summarize { files: Vec<String>, bar_batch: usize, bar_check_rate: f64 },
     Soak(Box<crate::soak::SoakConfig>),
+    FromWrk { info: Box<crate::wrk::RunInfo>, file: String },
     Help,
 }
 
@@ -110,11 +119,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             return Ok(Command::Summarize { files, bar_batch, bar_check_rate });
         }
         "soak" => return parse_soak(args).map(|c| Command::Soak(Box::new(c))),
+        "from-wrk" => return parse_from_wrk(args),
         _ => {}
     }
     let mut r = RunArgs {
         scenario: first,
         target: TargetKind::Meterd,
+        target_name: None,
         addr: SocketAddr::from(([127, 0, 0, 1], 8480)),
         pg: "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into(),
         redis: "redis://127.0.0.1:6379/0".into(),
@@ -140,8 +151,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             "--target" => {
                 let t: String = value(&a, args.next())?;
                 r.target = TargetKind::parse(&t)
-                    .ok_or_else(|| CliError(format!("--target: unknown target {t:?} (meterd, ceiling, postgres, redis)")))?;
+                    .ok_or_else(|| CliError(format!("--target: unknown target {t:?} (meterd, ceiling, postgres, redis, limitador)")))?;
             }
+            "--target-name" => r.target_name = Some(value(&a, args.next())?),
             "--addr" => r.addr = value(&a, args.next())?,
             "--pg" => r.pg = value(&a, args.next())?,
             "--redis" => r.redis = value(&a, args.next())?,
@@ -174,6 +186,39 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
         return Err(CliError("--connections must be at least 1".into()));
     }
     Ok(Command::Run(Box::new(r)))
+}
+
+/// `from-wrk`'s flags: what the result line needs that wrk does not report.
+fn parse_from_wrk(mut args: impl Iterator<Item = String>) -> Result<Command, CliError> {
+    let mut info = crate::wrk::RunInfo {
+        target: String::new(),
+        scenario: String::new(),
+        connections: 64,
+        customers: 10_000,
+        warmup_s: 0.0,
+        label: String::new(),
+        server_cpu_seconds: None,
+    };
+    let mut file = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--target-name" => info.target = value(&a, args.next())?,
+            "--scenario" => info.scenario = value(&a, args.next())?,
+            "--connections" => info.connections = value(&a, args.next())?,
+            "--customers" => info.customers = value(&a, args.next())?,
+            "--warmup" => info.warmup_s = positive(&a, value(&a, args.next())?)?,
+            "--label" => info.label = value(&a, args.next())?,
+            "--server-cpu-seconds" => info.server_cpu_seconds = Some(positive(&a, value(&a, args.next())?)?),
+            f if f.starts_with("--") => return Err(CliError(format!("unknown option {f}"))),
+            _ if file.is_none() => file = Some(a),
+            _ => return Err(CliError("from-wrk reads one file".into())),
+        }
+    }
+    if info.target.is_empty() || info.scenario.is_empty() {
+        return Err(CliError("from-wrk needs --target-name and --scenario".into()));
+    }
+    let file = file.ok_or_else(|| CliError("from-wrk needs wrk's output file".into()))?;
+    Ok(Command::FromWrk { info: Box::new(info), file })
 }
 
 /// The soak's flags (issue 15), over [`crate::soak::SoakConfig::new`]'s defaults.
@@ -225,6 +270,8 @@ mod tests {
             panic!("not a run")
         };
         assert_eq!((r.size, r.target, r.rate, r.duration, r.json), (500, TargetKind::Postgres, Some(2000.0), 1.5, true));
+        let Command::Run(r) = parse(args("check-consume --target limitador --target-name lim-2")).unwrap() else { panic!("not a run") };
+        assert_eq!((r.target, r.target_name.as_deref()), (TargetKind::Limitador, Some("lim-2")));
     }
 
     #[test]
@@ -236,6 +283,22 @@ mod tests {
         assert!(parse(args("summarize")).is_err());
         assert!(parse(args("soak --retry-percent 101")).is_err());
         assert!(parse(args("soak --size 0")).is_err());
+        assert!(parse(args("from-wrk --scenario wrk-check out.txt")).unwrap_err().0.contains("--target-name"));
+        assert!(parse(args("from-wrk --target-name a --scenario b")).unwrap_err().0.contains("file"));
+    }
+
+    #[test]
+    fn from_wrk_flags_are_read() {
+        let Command::FromWrk { info, file } =
+            parse(args("from-wrk --target-name limitador --scenario wrk-consume --server-cpu-seconds 2.5 --label run2 w.txt")).unwrap()
+        else {
+            panic!("not from-wrk")
+        };
+        assert_eq!(
+            (info.target.as_str(), info.scenario.as_str(), info.server_cpu_seconds, info.label.as_str()),
+            ("limitador", "wrk-consume", Some(2.5), "run2")
+        );
+        assert_eq!((info.connections, info.customers, file.as_str()), (64, 10_000, "w.txt"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! The HTTP targets (meterd and the bare-hyper ceiling): request bodies are
-//! rendered once into templates with fixed-width id slots, so each request only
-//! copies its template and writes a fresh 16-hex-digit id suffix into each slot;
-//! one hyper 1 client connection per worker, kept alive.
+//! The HTTP targets (meterd, the bare-hyper ceiling and Limitador): request
+//! bodies are rendered once into templates with fixed-width id slots, so each
+//! request only copies its template and writes a fresh 16-hex-digit id suffix
+//! into each slot; one hyper 1 client connection per worker, kept alive.
 
 use crate::workload::{customer_name, OpKind, Workload};
 use bytes::{Bytes, BytesMut};
@@ -96,6 +96,36 @@ pub fn templates(workload: &Workload, meter: &str, nonce: u32) -> Vec<Template> 
                     Template { path: "/v1/check", body: Bytes::from(body), slots, expect: StatusCode::OK }
                 }
             }
+        })
+        .collect()
+}
+
+/// The namespace of Limitador's limit in the bench's limits file.
+pub const LIMITADOR_NAMESPACE: &str = "bench";
+
+/// Renders `workload` for Limitador's HTTP API: a check is `POST /check`, a
+/// consume `POST /check_and_report` (Limitador has no idempotency id), both
+/// `{"namespace":…,"values":{"customer":…},"delta":1}` with the same customer
+/// names meterd gets. None when the workload has ingests, which Limitador
+/// cannot take (its `/report` has no per-event id and is not compared).
+pub fn limitador_templates(workload: &Workload, namespace: &str) -> Option<Vec<Template>> {
+    workload
+        .shapes
+        .iter()
+        .map(|shape| {
+            let path = match shape.kind {
+                OpKind::Check => "/check",
+                OpKind::Consume => "/check_and_report",
+                OpKind::Ingest => return None,
+            };
+            let c = shape.customers.first().copied().unwrap_or(0);
+            // serde_json escapes the namespace; customer names are `c<digits>`.
+            let body = format!(
+                "{{\"namespace\":{},\"values\":{{\"customer\":\"{}\"}},\"delta\":1}}",
+                serde_json::Value::from(namespace),
+                customer_name(c)
+            );
+            Some(Template { path, body: Bytes::from(body), slots: Vec::new(), expect: StatusCode::OK })
         })
         .collect()
 }
@@ -203,6 +233,37 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&consume.render(0xff)).unwrap();
         assert_eq!(v["id"], "0000000000000000000000ff-0");
         assert_eq!(v["consume"], true);
+    }
+
+    #[test]
+    fn limitador_checks_and_consumes_name_the_same_customers() {
+        let d = Distribution::uniform(10_000).unwrap();
+        for (scenario, path) in [(Scenario::Check, "/check"), (Scenario::CheckConsume, "/check_and_report")] {
+            let w = Workload::build(scenario, &d, 1);
+            let meterd = templates(&w, "tokens", 0);
+            let limitador = limitador_templates(&w, LIMITADOR_NAMESPACE).unwrap();
+            assert_eq!(limitador.len(), meterd.len());
+            for (l, m) in limitador.iter().zip(&meterd).take(100) {
+                assert_eq!((l.path, l.expect, l.slots.is_empty()), (path, StatusCode::OK, true));
+                let lv: serde_json::Value = serde_json::from_slice(&l.render(7)).unwrap();
+                let mv: serde_json::Value = serde_json::from_slice(&m.render(7)).unwrap();
+                assert_eq!(lv["namespace"], "bench");
+                assert_eq!(lv["delta"], 1);
+                assert_eq!(lv["values"]["customer"], mv["customer"]);
+                assert_eq!(lv["values"].as_object().unwrap().len(), 1);
+            }
+        }
+        let w = Workload::build(Scenario::Check, &d, 1);
+        let body =
+            format!("{{\"namespace\":\"n\\\"s\",\"values\":{{\"customer\":\"{}\"}},\"delta\":1}}", customer_name(w.shapes[0].customers[0]));
+        assert_eq!(limitador_templates(&w, "n\"s").unwrap()[0].body.as_ref(), body.as_bytes());
+    }
+
+    #[test]
+    fn limitador_refuses_ingest_workloads() {
+        let d = Distribution::uniform(5).unwrap();
+        assert!(limitador_templates(&Workload::build(Scenario::IngestSingle, &d, 1), "bench").is_none());
+        assert!(limitador_templates(&Workload::build(Scenario::Mixed { check_percent: 80 }, &d, 1), "bench").is_none());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! summaries) is unit-tested and the `meterd-loadtest` binary stays thin.
 //!
 //! One generator drives every target (meterd, the bare-hyper ceiling, the
-//! PostgreSQL row-per-user design and the naive Redis design) with the same
+//! PostgreSQL row-per-user design, the naive Redis design and Limitador) with the same
 //! scenarios, connection counts and customer distributions, so the figures of
 //! one run compare.
 
@@ -19,3 +19,4 @@ pub mod stats;
 pub mod summary;
 pub mod target;
 pub mod workload;
+pub mod wrk;

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Command::Summarize { files, bar_batch, bar_check_rate } => summarize(&files, bar_batch, bar_check_rate),
         Command::Run(args) => run(&args),
         Command::Soak(config) => soak(*config),
+        Command::FromWrk { info, file } => from_wrk(&info, &file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,8 +47,22 @@ fn summarize(files: &[String], bar_batch: usize, bar_check_rate: f64) -> anyhow:
         results.extend(summary::parse_lines(&text).map_err(|e| anyhow::anyhow!("{f}: {e}"))?);
     }
     println!("{}", summary::results_table(&results));
-    println!("{}", summary::ratios_table(&results));
+    if summary::has_baselines(&results) {
+        println!("{}", summary::ratios_table(&results));
+    }
+    let against_limitador = summary::limitador_table(&results);
+    if !against_limitador.is_empty() {
+        println!("Against Limitador (`meterd-none`: meterd with `durability = \"none\"`):\n\n{against_limitador}");
+    }
     print!("{}", summary::bar_table(&summary::bar(&results, bar_batch, bar_check_rate)));
+    Ok(())
+}
+
+/// One wrk run (loadtest/wrk/bench.lua) as a JSON result line.
+fn from_wrk(info: &loadtest::wrk::RunInfo, file: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+    let line = loadtest::wrk::parse_output(&text).with_context(|| format!("reading {file}"))?;
+    println!("{}", serde_json::to_string(&loadtest::wrk::to_result(&line, info, stats::loadavg()))?);
     Ok(())
 }
 
@@ -90,7 +105,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     };
     // Ids differ between runs against one long-lived server.
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u32).unwrap_or(0);
-    let prepared = Arc::new(Prepared::new(&endpoint, &workload, nonce));
+    let prepared = Arc::new(Prepared::new(&endpoint, &workload, nonce)?);
     let config = RunConfig {
         connections: args.connections,
         warmup: Duration::from_secs_f64(args.warmup),
@@ -108,7 +123,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     })?;
     let seconds = measured.seconds.max(1e-9);
     let result = RunResult {
-        target: args.target.name().into(),
+        target: args.target_name.clone().unwrap_or_else(|| args.target.name().into()),
         scenario: scenario.to_string(),
         mode: if args.rate.is_some() { "open" } else { "closed" }.into(),
         rate: args.rate,

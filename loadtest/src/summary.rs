@@ -82,7 +82,7 @@ fn cpu_per_op(g: &Group<'_>) -> Option<f64> {
     spread(&g.runs.iter().filter_map(|r| r.server_cpu_us_per_op).collect::<Vec<_>>()).map(|s| s.median)
 }
 
-const TARGET_ORDER: [&str; 4] = ["meterd", "ceiling", "postgres", "redis"];
+const TARGET_ORDER: [&str; 6] = ["meterd", "meterd-none", "ceiling", "limitador", "postgres", "redis"];
 
 fn target_rank(t: &str) -> usize {
     TARGET_ORDER.iter().position(|x| *x == t).unwrap_or(TARGET_ORDER.len())
@@ -156,6 +156,12 @@ pub fn results_table(results: &[RunResult]) -> String {
     out
 }
 
+/// Whether any result is of the ceiling or of a design meterd replaces (the
+/// ratios table's columns).
+pub fn has_baselines(results: &[RunResult]) -> bool {
+    results.iter().any(|r| matches!(r.target.as_str(), "ceiling" | "postgres" | "redis"))
+}
+
 /// meterd's throughput divided by each baseline's, per closed-loop scenario.
 pub fn ratios_table(results: &[RunResult]) -> String {
     let (order, map) = groups(results);
@@ -182,6 +188,58 @@ pub fn ratios_table(results: &[RunResult]) -> String {
         ));
     }
     out
+}
+
+/// The targets of the Limitador comparison, in table order.
+const AGAINST_LIMITADOR: [&str; 3] = ["limitador", "meterd-none", "meterd"];
+
+/// Limitador against meterd (`durability = "none"` as `meterd-none`, fsync as
+/// `meterd`), per scenario and mode that Limitador ran: throughput, tail
+/// latency, server CPU per request, and each meterd's ratios to Limitador's
+/// medians. Empty when no result is Limitador's.
+pub fn limitador_table(results: &[RunResult]) -> String {
+    let (order, map) = groups(results);
+    let mut out = String::new();
+    for key in &order {
+        let Some(lim) = map.get(&(key.clone(), "limitador".to_string())) else { continue };
+        let (lim_rps, lim_cpu) = (lim.of(|r| r.requests_per_s).map(|s| s.median), cpu_per_op(lim));
+        for t in AGAINST_LIMITADOR {
+            let Some(g) = map.get(&(key.clone(), t.to_string())) else { continue };
+            let (Some(rps), Some(p99), Some(p999)) = (g.of(|r| r.requests_per_s), g.of(|r| r.latency.p99_us), g.of(|r| r.latency.p999_us))
+            else {
+                continue;
+            };
+            let cpu = cpu_per_op(g);
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 && t != "limitador" => format!("{:.2}×", a / b),
+                _ => "–".to_string(),
+            };
+            // Open loop: every target is sent the same rate, so only closed loops compare throughput.
+            let rps_ratio = if key.1 == "closed" { ratio(Some(rps.median), lim_rps) } else { "–".to_string() };
+            let errors: u64 = g.runs.iter().map(|r| r.errors + r.unsent).sum();
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {:.0} ({:.0}–{:.0}) | {:.0} | {} | {} | {} | {} |\n",
+                key.0,
+                key.1,
+                t,
+                show(&rps),
+                p99.median,
+                p99.min,
+                p99.max,
+                p999.median,
+                cpu.map_or("–".to_string(), |c| format!("{c:.2}")),
+                rps_ratio,
+                ratio(cpu, lim_cpu),
+                errors
+            ));
+        }
+    }
+    if out.is_empty() {
+        return out;
+    }
+    String::from(
+        "| scenario | mode | target | requests/s median (min–max) | p99 µs (min–max) | p99.9 µs | server CPU µs/req | req/s ÷ Limitador | CPU/req ÷ Limitador | errors |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    ) + &out
 }
 
 /// One line of the performance bar.
@@ -355,6 +413,57 @@ mod tests {
         // meterd: median of 1.0 and 1.2 = 1.1; ceiling: median of 0.2, 0.25, 0.3 = 0.25.
         assert!(ratios_table(&rs).contains("| 0.50× | – | – | 4.40× |"), "{}", ratios_table(&rs));
         assert!(results_table(&rs).contains("| 1.10 |"));
+    }
+
+    #[test]
+    fn limitador_table_compares_both_durabilities_with_limitador() {
+        let mut rs = Vec::new();
+        for (t, rps, cpu) in
+            [("limitador", 40_000.0, 20.0), ("meterd-none", 80_000.0, 10.0), ("meterd", 60_000.0, 15.0), ("redis", 1.0, 1.0)]
+        {
+            for label in ["run1", "run2", "run3"] {
+                let mut r = run(t, "wrk-consume", None, rps, rps, 900.0);
+                r.server_cpu_us_per_op = Some(cpu);
+                r.label = label.into();
+                rs.push(r);
+            }
+        }
+        rs.push(run("meterd", "ingest-single", None, 1.0, 1.0, 1.0)); // Limitador did not run it: no row
+        for (t, cpu) in [("limitador", 40.0), ("meterd", 50.0)] {
+            let mut r = run(t, "check-consume", Some(10_000.0), 10_000.0, 10_000.0, 3000.0);
+            r.server_cpu_us_per_op = Some(cpu);
+            rs.push(r);
+        }
+        let t = limitador_table(&rs);
+        assert_eq!(t.lines().count(), 2 + 3 + 2, "{t}");
+        // Open loop: the same rate for both, so no throughput ratio; the CPU ratio stays.
+        assert!(
+            t.contains("| check-consume | open 10.0 k/s | meterd | 10.0 k (1 run) | 3000 (3000–3000) | 0 | 50.00 | – | 1.25× | 0 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| wrk-consume | closed | limitador | **40.0 k** (40.0 k–40.0 k) | 900 (900–900) | 0 | 20.00 | – | – | 0 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "| wrk-consume | closed | meterd-none | **80.0 k** (80.0 k–80.0 k) | 900 (900–900) | 0 | 10.00 | 2.00× | 0.50× | 0 |"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("| meterd | **60.0 k**"), "{t}");
+        assert!(!t.contains("redis") && !t.contains("ingest-single"));
+        assert_eq!(limitador_table(&rs[9..13]), "");
+        assert!(has_baselines(&rs) && !has_baselines(&rs[..9]));
+    }
+
+    #[test]
+    fn new_targets_sort_next_to_their_kin() {
+        let rs: Vec<_> =
+            ["redis", "limitador", "meterd-none", "meterd"].iter().map(|t| run(t, "check-consume", None, 1.0, 1.0, 1.0)).collect();
+        let table = results_table(&rs);
+        let at = |t: &str| table.find(&format!("| {t} |")).unwrap();
+        assert!(at("meterd") < at("meterd-none") && at("meterd-none") < at("limitador") && at("limitador") < at("redis"), "{table}");
     }
 
     #[test]

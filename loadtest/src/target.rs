@@ -16,6 +16,8 @@ pub enum TargetKind {
     Ceiling,
     Postgres,
     Redis,
+    /// Kuadrant's Limitador (`limitador-server`, HTTP API): checks and consumes only.
+    Limitador,
 }
 
 impl TargetKind {
@@ -25,6 +27,7 @@ impl TargetKind {
             "ceiling" => TargetKind::Ceiling,
             "postgres" => TargetKind::Postgres,
             "redis" => TargetKind::Redis,
+            "limitador" => TargetKind::Limitador,
             _ => return None,
         })
     }
@@ -35,6 +38,7 @@ impl TargetKind {
             TargetKind::Ceiling => "ceiling",
             TargetKind::Postgres => "postgres",
             TargetKind::Redis => "redis",
+            TargetKind::Limitador => "limitador",
         }
     }
 }
@@ -66,11 +70,14 @@ pub enum TargetError {
     Postgres(#[from] crate::pg::PgError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("{target} takes only the check and check-consume scenarios (it has no ingest endpoint to compare), not {scenario}")]
+    Unsupported { target: &'static str, scenario: String },
 }
 
 impl Prepared {
-    pub fn new(endpoint: &Endpoint, workload: &Workload, nonce: u32) -> Prepared {
-        match endpoint.kind {
+    /// Renders `workload` for `endpoint`; refuses workloads the target cannot take.
+    pub fn new(endpoint: &Endpoint, workload: &Workload, nonce: u32) -> Result<Prepared, TargetError> {
+        Ok(match endpoint.kind {
             TargetKind::Meterd | TargetKind::Ceiling => {
                 Prepared::Http(endpoint.addr, Arc::new(crate::http::templates(workload, &endpoint.meter, nonce)))
             }
@@ -78,7 +85,12 @@ impl Prepared {
             TargetKind::Redis => {
                 Prepared::Redis(endpoint.redis.clone(), endpoint.limit, Arc::new(crate::redis_target::shapes(workload, &endpoint.meter)))
             }
-        }
+            TargetKind::Limitador => {
+                let templates = crate::http::limitador_templates(workload, crate::http::LIMITADOR_NAMESPACE)
+                    .ok_or_else(|| TargetError::Unsupported { target: "limitador", scenario: workload.scenario.to_string() })?;
+                Prepared::Http(endpoint.addr, Arc::new(templates))
+            }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -122,5 +134,38 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::Distribution;
+    use crate::workload::Scenario;
+
+    fn endpoint(kind: TargetKind) -> Endpoint {
+        Endpoint {
+            kind,
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            pg: String::new(),
+            redis: String::new(),
+            meter: "tokens".into(),
+            limit: 1,
+        }
+    }
+
+    #[test]
+    fn limitador_takes_checks_and_refuses_ingest_by_name() {
+        let d = Distribution::uniform(10).unwrap();
+        let e = endpoint(TargetKind::parse("limitador").unwrap());
+        let check = Prepared::new(&e, &Workload::build(Scenario::CheckConsume, &d, 1), 0).unwrap();
+        assert!(matches!(&check, Prepared::Http(_, t) if t[0].path == "/check_and_report"));
+        let batch = Workload::build(Scenario::IngestBatch { size: 10 }, &d, 1);
+        let Err(err) = Prepared::new(&e, &batch, 0) else { panic!("ingest accepted") };
+        assert_eq!(
+            err.to_string(),
+            "limitador takes only the check and check-consume scenarios (it has no ingest endpoint to compare), not ingest-batch-10"
+        );
+        assert!(Prepared::new(&endpoint(TargetKind::Meterd), &batch, 0).is_ok());
     }
 }
