@@ -26,6 +26,8 @@ pub enum FlushError {
     Ids(#[from] crate::wal::WalError),
     #[error(transparent)]
     Rejected(#[from] crate::rejected::RejectedError),
+    #[error("turning the epoch into rows: {0}")]
+    Background(String),
 }
 
 /// What the flusher needs of the engine, and nothing else: the minute-bucket
@@ -92,8 +94,11 @@ pub async fn flush_epoch(ports: &FlushPorts<'_>) -> Result<usize, FlushError> {
     let started = Instant::now();
     let mark = epoch.wal_mark.get().cloned().unwrap_or_default();
     // Rows the store can never hold are set aside, not retried forever.
+    // Milliseconds of work for thousands of rows: on a lowered thread, and off
+    // the runtime's worker meanwhile (issue 24: it held up requests once a second).
     let (rows, unstorable): (Vec<UsageRow>, Vec<UsageRow>) =
-        rows_of(ports, &epoch).into_iter().partition(|r| ports.usage_store.unstorable(r).is_none());
+        crate::priority::lowered_scoped(|| rows_of(ports, &epoch).into_iter().partition(|r| ports.usage_store.unstorable(r).is_none()))
+            .map_err(|e| FlushError::Background(e.to_string()))?;
     if !unstorable.is_empty() {
         let reasons: Vec<String> = unstorable.iter().map(|r| ports.usage_store.unstorable(r).unwrap_or_default()).collect();
         let listed: Vec<(&UsageRow, &str)> = unstorable.iter().zip(reasons.iter().map(String::as_str)).collect();
@@ -117,7 +122,11 @@ pub async fn flush_epoch(ports: &FlushPorts<'_>) -> Result<usize, FlushError> {
                 tracing::warn!(error = %e, wal_seq = batch.wal_seq, "WAL checkpoint failed; segments are kept until the next one");
             }
             tracing::debug!(seq = epoch.seq, rows = batch.rows.len(), "flushed");
-            Ok(batch.rows.len())
+            let rows = batch.rows.len();
+            // The stored epoch and its rows are freed on a lowered thread: that
+            // too takes milliseconds with thousands of buckets (issue 24).
+            let _ = crate::priority::lowered_scoped(move || drop((epoch, batch)));
+            Ok(rows)
         }
         Err(StoreError::Rejected(reason)) => {
             // The store refuses the flush as a whole: keep it on disk and go on,
@@ -273,8 +282,11 @@ pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::R
             }
         }
         engine.note_pending_buckets(engine.counters().buckets.pending_len());
+        crate::telemetry::upkeep();
         if ticks % 10 == 1 {
-            housekeeping(&engine);
+            // Sweeps of every table: off the worker, so requests queued on it
+            // move to another thread meanwhile (issue 24).
+            crate::priority::off_the_workers(|| housekeeping(&engine));
         }
         spill_dedupe(&engine).await;
         gate_upkeep(&engine, &mut gate).await;

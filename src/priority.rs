@@ -72,6 +72,70 @@ where
     rx.await.map_err(|_| PriorityError::Lost)
 }
 
+/// Runs `f`, which may borrow, on a lowered thread of its own and waits for
+/// it. On a multi-threaded runtime the waiting is done in
+/// `tokio::task::block_in_place`, which first hands the calling worker's queued
+/// tasks to another thread, so requests do not wait behind `f`; elsewhere (a
+/// current-thread runtime, no runtime) the caller just blocks. For work of a
+/// few milliseconds about once a second, such as turning a flushed epoch into
+/// rows.
+pub fn lowered_scoped<T, F>(f: F) -> Result<T, PriorityError>
+where
+    T: Send,
+    F: FnOnce() -> T + Send,
+{
+    let run = || {
+        std::thread::scope(|scope| {
+            let handle = std::thread::Builder::new()
+                .name("meterd-background".into())
+                .spawn_scoped(scope, || {
+                    lower_this_thread();
+                    f()
+                })
+                .map_err(PriorityError::Spawn)?;
+            handle.join().map_err(|_| PriorityError::Lost)
+        })
+    };
+    off_the_workers(run)
+}
+
+/// Runs `f` on the calling thread, at its priority, but off the runtime's
+/// worker: on a multi-threaded runtime through `tokio::task::block_in_place`
+/// (the worker's queued tasks move to another thread first), elsewhere as it
+/// is. For synchronous passes that take locks (housekeeping), which must not
+/// run lowered: a lowered thread preempted while holding a shard lock would
+/// hold up the requests waiting for it.
+pub fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Gives the CPU to any thread waiting for it, every `every` calls: a lowered
+/// thread doing a long pass calls this so that a request worker woken on its
+/// CPU waits for it a fraction of a millisecond rather than the rest of the
+/// scheduler's time slice.
+pub struct Yielder {
+    every: u32,
+    count: u32,
+}
+
+impl Yielder {
+    pub fn new(every: u32) -> Yielder {
+        Yielder { every: every.max(1), count: 0 }
+    }
+
+    /// Counts one step; yields on every `every`-th.
+    pub fn step(&mut self) {
+        self.count += 1;
+        if self.count >= self.every {
+            self.count = 0;
+            std::thread::yield_now();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +160,34 @@ mod tests {
         .unwrap_or(-100);
         assert_eq!(lowered, (before + BACKGROUND_NICE).min(19));
         assert_eq!(nice_of_this_thread(), before, "only the calling thread is lowered");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scoped_work_borrows_runs_lowered_and_off_the_worker() {
+        let before = nice_of_this_thread();
+        let data = vec![1u64, 2, 3];
+        let (sum, nice) = lowered_scoped(|| (data.iter().sum::<u64>(), nice_of_this_thread())).unwrap_or((0, -100));
+        assert_eq!(sum, 6);
+        assert_eq!(nice, (before + BACKGROUND_NICE).min(19));
+        // On a current-thread runtime, or none, the caller just waits.
+        assert_eq!(off_the_workers(|| 7), 7);
+    }
+
+    #[test]
+    fn off_the_workers_runs_without_a_runtime_and_on_a_current_thread_one() {
+        assert_eq!(off_the_workers(|| 1), 1);
+        let rt = tokio::runtime::Builder::new_current_thread().build();
+        let got = rt.map(|rt| rt.block_on(async { off_the_workers(|| 2) })).unwrap_or(0);
+        assert_eq!(got, 2);
+    }
+
+    #[test]
+    fn a_yielder_counts_steps() {
+        let mut y = Yielder::new(3);
+        for _ in 0..7 {
+            y.step();
+        }
+        assert_eq!(y.count, 1);
     }
 
     #[tokio::test]

@@ -265,6 +265,16 @@ pub fn collect_process() {
         .collect();
 }
 
+/// Drains the histograms' recorded samples into their buckets. The exporter
+/// keeps every sample until the next render or upkeep, so without a scrape
+/// (no Prometheus, or a slow one) they grew without bound: one per request.
+/// The flusher calls this every tick.
+pub fn upkeep() {
+    if let Some(handle) = HANDLE.get() {
+        handle.run_upkeep();
+    }
+}
+
 /// Installs the global recorder once per process and returns its handle.
 pub fn prometheus() -> PrometheusHandle {
     HANDLE
@@ -842,6 +852,23 @@ mod tests {
     /// The value of the series whose line starts with `series` (0 if absent).
     fn value(text: &str, series: &str) -> f64 {
         text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+    }
+
+    #[test]
+    fn upkeep_drains_histogram_samples_without_losing_them() {
+        let handle = prometheus();
+        let h = metrics::histogram!("meterd_test_upkeep_seconds");
+        for _ in 0..1000 {
+            h.record(0.001);
+        }
+        upkeep();
+        for _ in 0..500 {
+            h.record(0.002);
+        }
+        upkeep();
+        let text = handle.render();
+        assert_eq!(value(&text, "meterd_test_upkeep_seconds_count"), 1500.0, "{text}");
+        assert_eq!(value(&text, r#"meterd_test_upkeep_seconds_bucket{le="0.001"}"#), 1000.0, "{text}");
     }
 
     #[test]

@@ -145,7 +145,10 @@ impl Buckets {
         if len == 0 {
             return None;
         }
-        let next = Arc::new(Epoch::new(seq + 1, len));
+        // Allocating and writing a table of `len` slots takes milliseconds of
+        // page faults: on a lowered thread, off the runtime's worker (issue 24).
+        let next = crate::priority::lowered_scoped(|| Epoch::new(seq + 1, len)).unwrap_or_else(|_| Epoch::new(seq + 1, len));
+        let next = Arc::new(next);
         let mut current = self.exclusive();
         let _ = current.wal_mark.set(watermark());
         let old = std::mem::replace(&mut *current, next);

@@ -211,22 +211,6 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Task(format!("sqlite {op}: {e}")))?
     }
-
-    /// [`SqliteStore::run`] at background priority (see [`crate::priority`]):
-    /// for the flusher's writes, which must not take a core from requests.
-    async fn run_background<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        let conn = Arc::clone(&self.conn);
-        crate::priority::background(move || {
-            let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| StoreError::Task(format!("sqlite {op}: {e}")))?
-    }
 }
 
 fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(), StoreError> {
@@ -270,10 +254,14 @@ fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(),
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .map_err(io(OP))?;
+        // The flusher runs this lowered (`crate::priority`); yielding every
+        // few hundred rows lets a request worker woken on this CPU in at once.
+        let mut yielder = crate::priority::Yielder::new(256);
         for (row, props) in batch.rows.iter().zip(&props) {
             insert
                 .execute((&row.meter, &row.customer, row.minute_ms, props, row.value, row.last_ts, &batch.instance_id, seq))
                 .map_err(io(OP))?;
+            yielder.step();
         }
     }
     let wal_seq = i64::try_from(batch.wal_seq).map_err(|_| StoreError::Io(format!("sqlite {OP}: wal seq {} too large", batch.wal_seq)))?;
@@ -434,8 +422,14 @@ fn parse_doc(customer: &str, doc: &str) -> Result<EntitlementsDoc, StoreError> {
 #[async_trait]
 impl UsageStore for SqliteStore {
     async fn write_flush(&self, batch: &FlushBatch) -> Result<(), StoreError> {
-        let batch = batch.clone();
-        self.run_background("write_flush", move |conn| write_flush_blocking(conn, &batch)).await
+        // On a lowered thread that borrows the batch (it was cloned, thousands
+        // of rows, on a runtime worker), with the worker's queued requests
+        // handed to another thread meanwhile (issue 24; `crate::priority`).
+        crate::priority::lowered_scoped(|| {
+            let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            write_flush_blocking(&mut guard, batch)
+        })
+        .map_err(|e| StoreError::Task(format!("sqlite write_flush: {e}")))?
     }
 
     async fn wal_mark(&self, instance_id: &str) -> Result<WalMark, StoreError> {
