@@ -61,7 +61,10 @@ impl Engine {
 /// Converts an epoch to store rows.
 fn rows_of(ports: &FlushPorts<'_>, epoch: &Epoch) -> Vec<UsageRow> {
     let mut rows = Vec::with_capacity(epoch.buckets.len());
+    // Run on a lowered thread: give the CPU to a waiting request worker often.
+    let mut yielder = crate::priority::Yielder::new(64);
     epoch.buckets.for_each(|key, bucket| {
+        yielder.step();
         let (Some(meter), Some(customer)) = (ports.catalog.meter(key.meter), ports.counters.interner.name(key.customer)) else {
             return;
         };
