@@ -54,7 +54,11 @@ fn summarize(files: &[String], bar_batch: usize, bar_check_rate: f64) -> anyhow:
     if !against_limitador.is_empty() {
         println!("Against Limitador (`meterd-none`: meterd with `durability = \"none\"`):\n\n{against_limitador}");
     }
-    print!("{}", summary::bar_table(&summary::bar(&results, bar_batch, bar_check_rate)));
+    // The bar only when these results judge some of it (a Limitador-only run does not).
+    let bar = summary::bar(&results, bar_batch, bar_check_rate);
+    if bar.iter().any(|line| line.met.is_some()) {
+        print!("{}", summary::bar_table(&bar));
+    }
     Ok(())
 }
 
