@@ -165,7 +165,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn scoped_work_borrows_runs_lowered_and_off_the_worker() {
         let before = nice_of_this_thread();
-        let data = vec![1u64, 2, 3];
+        let data = [1u64, 2, 3];
         let (sum, nice) = lowered_scoped(|| (data.iter().sum::<u64>(), nice_of_this_thread())).unwrap_or((0, -100));
         assert_eq!(sum, 6);
         assert_eq!(nice, (before + BACKGROUND_NICE).min(19));
