@@ -743,6 +743,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flush_of_many_rows_stores_every_row_once() {
+        let (_dir, store) = open_temp();
+        // More rows than a yield step, in three minutes.
+        let n = 150;
+        let rows: Vec<UsageRow> = (0..n).map(|i| row(&format!("c{i:04}"), 60_000 * (i as i64 % 3), i as i64 + 1)).collect();
+        store.write_flush(&batch("i", 1, rows)).await.expect("flush");
+        let got = store.aggregate(&sum_query("i")).await.expect("aggregate");
+        assert_eq!(got.data.len(), n);
+        let values: Vec<i64> = got.data.iter().map(|a| a.value).collect();
+        assert_eq!(values, (1..=n as i64).collect::<Vec<_>>(), "every row once, in customer order");
+        let conn = store.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let stored: i64 = conn.query_row("SELECT count(*) FROM usage_minute", [], |r| r.get(0)).expect("count");
+        assert_eq!(stored, n as i64);
+    }
+
+    #[tokio::test]
     async fn failed_flush_leaves_nothing() {
         let (_dir, store) = open_temp();
         store
