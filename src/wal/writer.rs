@@ -1,7 +1,9 @@
 //! The WAL writer thread. Requests arrive on a channel; the thread takes every
 //! request waiting (a *group*), frames the appends with consecutive sequence
 //! numbers, writes them with one `write`, makes them durable with one `fsync`
-//! (in `fsync` mode), and only then answers each caller. A failed write (a full
+//! (in `fsync` mode), and only then answers each caller. It does no other
+//! fsync on the way: the checkpoint file and the id files are made durable by
+//! the flusher, off this thread (issue 24). A failed write (a full
 //! disk) is cut back off the file so the segment never holds a half group, every
 //! caller of the group gets the error, and the sequence numbers are reused.
 
@@ -28,6 +30,8 @@ pub enum Command {
         accepted_ms: i64,
         reply: oneshot::Sender<Result<u64, WalError>>,
     },
+    /// The store holds everything up to `seq`: the caller has written the
+    /// checkpoint file already (off this thread); prune the segments below it.
     Checkpoint {
         seq: u64,
         reply: oneshot::Sender<Result<(), WalError>>,
