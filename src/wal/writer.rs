@@ -32,20 +32,12 @@ pub enum Command {
     },
     /// The store holds everything up to `seq`: the caller has written the
     /// checkpoint file already (off this thread); prune the segments below it.
-    Checkpoint {
-        seq: u64,
-        reply: oneshot::Sender<Result<(), WalError>>,
-    },
+    Checkpoint { seq: u64, reply: oneshot::Sender<Result<(), WalError>> },
     /// Hand out the id files to make durable (before the store takes a
     /// flush); the caller syncs them, not this thread.
-    SyncIds {
-        reply: oneshot::Sender<Result<super::ids::IdSync, WalError>>,
-    },
+    SyncIds { reply: oneshot::Sender<Result<super::ids::IdSync, WalError>> },
     /// The raw-events export holds everything up to `seq`: move the hold on.
-    Release {
-        seq: u64,
-        reply: oneshot::Sender<Result<(), WalError>>,
-    },
+    Release { seq: u64, reply: oneshot::Sender<Result<(), WalError>> },
 }
 
 /// How the writer makes appends durable.
