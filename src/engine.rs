@@ -8,22 +8,21 @@
 //! `Engine::…_ports()` method, and works on that view (the fields are
 //! private). Usage changes only through [`Engine::usage`] (see `crate::usage`).
 
+use crate::answers::ConsumeAnswers;
 /// Re-exported: callers have long found the clock here.
 pub use crate::clock::now_ms;
 use crate::config::{StrictWhenUnavailable, ValidConfig};
 use crate::counters::Counters;
 use crate::counters::Usage;
-use crate::dedupe::{Deduper, IdHash};
+use crate::dedupe::Deduper;
 use crate::duration::millis_i64;
 use crate::entitlements::{EntitlementCache, EntitlementsError};
-use crate::model::{Catalog, CheckAnswer, Meter, MeterId, WindowKind};
+use crate::model::{Catalog, Meter, MeterId, WindowKind};
 use crate::store::{EntitlementStore, Fold, StoreError, UsageQuery, UsageStore};
 use crate::usage::{Origin, UsageObserver, UsageSeam};
 use crate::wal::{OpenReport, Wal, WalBatch, WalConfig};
-use dashmap::DashMap;
 use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
-use tokio::sync::OnceCell;
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +51,6 @@ pub struct IngestLimits {
     pub dedupe_window_ms: i64,
 }
 
-/// A consume's remembered answer, so a retry with the same id gets the same one.
-pub struct ConsumeSlot {
-    pub created_ms: i64,
-    pub answer: Arc<OnceCell<Arc<CheckAnswer>>>,
-}
-
-/// Shards of the remembered consume answers (a power of two, as DashMap needs).
-const CONSUME_SHARDS: usize = 256;
-
 /// Everything in memory, shared by handlers and background tasks.
 pub struct Engine {
     catalog: Arc<Catalog>,
@@ -68,7 +58,8 @@ pub struct Engine {
     usage: UsageSeam,
     entitlements: EntitlementCache,
     deduper: Deduper,
-    consumes: DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash>,
+    /// Remembered consume answers (bounded).
+    consumes: ConsumeAnswers,
     usage_store: Arc<dyn UsageStore>,
     instance_id: String,
     limits: IngestLimits,
@@ -132,7 +123,7 @@ impl Engine {
     }
 
     /// Remembered consume answers, by id hash.
-    pub fn consumes(&self) -> &DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash> {
+    pub fn consumes(&self) -> &ConsumeAnswers {
         &self.consumes
     }
 
@@ -401,10 +392,7 @@ impl Engine {
             usage: UsageSeam::new(counters, observers),
             entitlements,
             deduper,
-            // 256 shards, not DashMap's 4 per core: a shard grows by rehashing
-            // all its entries under its write lock, and every consume inserts
-            // here, so a few large shards stalled consumes (issue 24).
-            consumes: DashMap::with_hasher_and_shard_amount(crate::keyhash::KeyHash, CONSUME_SHARDS),
+            consumes: ConsumeAnswers::new(crate::answers::AnswerLimits::for_window(millis_i64(ingest.dedupe_window))),
             usage_store,
             instance_id,
             limits: IngestLimits {

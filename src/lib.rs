@@ -3,6 +3,7 @@
 //! memory, keeps exact totals, and flushes minute aggregates to a usage store.
 //! See docs/architecture.md for the architecture and docs/api.md for the contract.
 
+pub mod answers;
 pub mod app;
 pub mod backoff;
 pub mod backup;

@@ -607,6 +607,17 @@ pub const DEDUPE_SPILL_FAILURES_TOTAL: &str = "meterd_dedupe_spill_failures_tota
 pub const WINDOWS_EVICTED_TOTAL: &str = "meterd_window_counters_evicted_total";
 pub const CUSTOMERS_REFUSED_TOTAL: &str = "meterd_customers_refused_total";
 
+// Remembered consume answers (`crate::answers`): held, and dropped early at a cap.
+pub const CONSUME_ANSWERS: &str = "meterd_consume_answers";
+pub const CONSUME_ANSWERS_EVICTED_TOTAL: &str = "meterd_consume_answers_evicted_total";
+
+pub fn consume_answers(recent: usize, denied: usize, evicted_recent: usize, evicted_denied: usize) {
+    metrics::gauge!(CONSUME_ANSWERS, "kind" => "answer").set(recent as f64);
+    metrics::gauge!(CONSUME_ANSWERS, "kind" => "denial").set(denied as f64);
+    metrics::counter!(CONSUME_ANSWERS_EVICTED_TOTAL, "kind" => "answer").increment(evicted_recent as u64);
+    metrics::counter!(CONSUME_ANSWERS_EVICTED_TOTAL, "kind" => "denial").increment(evicted_denied as u64);
+}
+
 pub fn windows_evicted(n: usize) {
     metrics::counter!(WINDOWS_EVICTED_TOTAL).increment(n as u64);
 }
@@ -642,6 +653,10 @@ fn register_dedupe() {
         metrics::counter!(name).increment(0);
     }
     metrics::gauge!(UNIQUE_VALUES).increment(0.0);
+    for kind in ["answer", "denial"] {
+        metrics::gauge!(CONSUME_ANSWERS, "kind" => kind).increment(0.0);
+        metrics::counter!(CONSUME_ANSWERS_EVICTED_TOTAL, "kind" => kind).increment(0);
+    }
 }
 
 fn describe_dedupe() {
@@ -662,6 +677,14 @@ fn describe_dedupe() {
         "Events and consumes refused because their value would pass ingest.max_unique_values in a window"
     );
     metrics::describe_counter!(UNIQUE_SETS_EVICTED_TOTAL, "Distinct-value sets dropped because their window ended");
+    metrics::describe_gauge!(
+        CONSUME_ANSWERS,
+        "Remembered consume answers: whole answers (kind=answer, ~10 minutes) and denials (kind=denial, the dedupe window)"
+    );
+    metrics::describe_counter!(
+        CONSUME_ANSWERS_EVICTED_TOTAL,
+        "Remembered consume answers dropped early because their map was at its cap (the oldest first)"
+    );
 }
 
 pub fn dedupe(spilled_ids: u64, ram_bytes: usize) {

@@ -25,6 +25,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "state",
         &[
             "counters",
+            /* bounded consume answers */ "answers",
             "wal",
             "dedupe",
             "entitlements",

@@ -19,18 +19,17 @@ pub mod unique;
 pub use crate::model::{CheckAnswer, LimitView};
 pub use decide::{decide, LimitState, Reason, Verdict};
 
+use crate::answers::{AnswerCell, ConsumeAnswers};
 use crate::counters::{Counters, CustomerId, Usage};
 use crate::dedupe::{hash_id, Deduper, IdHash};
-use crate::engine::{now_ms, ConsumeGuard, ConsumeLocks, ConsumeSlot, Engine, WriteGate};
+use crate::engine::{now_ms, ConsumeGuard, ConsumeLocks, Engine, WriteGate};
 use crate::entitlements::EntitlementCache;
 use crate::model::{window::rfc3339, Aggregation, Catalog, Decimal, Entitlements, Limit, LimitAmount, Meter};
 use crate::redis_link::Redis;
 use crate::usage::{Origin, UsageSeam};
 use crate::wal::{RecordBuilder, Wal};
-use dashmap::DashMap;
 use serde_json::Value;
 use std::sync::Arc;
-use tokio::sync::OnceCell;
 
 /// A check request that failed validation: the field and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -226,7 +225,7 @@ pub struct LimitsPorts<'a> {
     pub reads: LimitReads<'a>,
     pub usage: &'a UsageSeam,
     pub deduper: &'a Deduper,
-    pub consumes: &'a DashMap<IdHash, ConsumeSlot, crate::keyhash::KeyHash>,
+    pub consumes: &'a ConsumeAnswers,
     pub wal: &'a Wal,
     pub write_gate: WriteGate<'a>,
     pub consume_locks: &'a ConsumeLocks,
@@ -353,8 +352,7 @@ impl LimitReads<'_> {
 impl LimitsPorts<'_> {
     /// A consume's id checked and its slot: the remembered answer a retry of
     /// the same id gets (created empty on first sight), with the id's hash and now.
-    #[allow(clippy::type_complexity)]
-    fn consume_slot(&self, req: &CheckRequest) -> Result<(IdHash, i64, Arc<OnceCell<Arc<CheckAnswer>>>), CheckError> {
+    fn consume_slot(&self, req: &CheckRequest) -> Result<(IdHash, i64, AnswerCell), CheckError> {
         let id = match &req.id {
             Some(id) if !id.is_empty() && id.len() <= 128 => id,
             Some(_) => return Err(invalid("id", "must be 1-128 bytes")),
@@ -362,8 +360,7 @@ impl LimitsPorts<'_> {
         };
         let id_hash = hash_id(id);
         let now = now_ms();
-        let slot = self.consumes.entry(id_hash).or_insert_with(|| ConsumeSlot { created_ms: now, answer: Arc::new(OnceCell::new()) });
-        Ok((id_hash, now, slot.answer.clone()))
+        Ok((id_hash, now, self.consumes.cell(id_hash, now)))
     }
 
     /// Answers `/v1/check`.
@@ -396,9 +393,25 @@ impl LimitsPorts<'_> {
         let (id_hash, now, cell) = self.consume_slot(&req)?;
         // Exactly one caller per id decides; a retry (or a racing duplicate) gets
         // the same answer and records nothing.
-        let answer =
-            cell.get_or_try_init(|| async { self.consume(&req.customer, meter, quantity, id_hash, now).await.map(Arc::new) }).await?;
+        let answer = cell
+            .get_or_try_init(|| async {
+                match self.consumes.denial(id_hash, now) {
+                    Some(reason) => Ok(Arc::new(self.denied_again(&req.customer, meter, quantity, reason, now))),
+                    None => self.consume(&req.customer, meter, quantity, id_hash, now).await.map(Arc::new),
+                }
+            })
+            .await?;
+        self.consumes.decided(id_hash, now, answer);
         Ok(answer.clone())
+    }
+
+    /// The answer to a retry of a consume that was denied, once its whole
+    /// answer is no longer held (`crate::answers`): denied again for the same
+    /// reason, with the figures as they stand; nothing is recorded.
+    pub(super) fn denied_again(&self, customer: &str, meter: &Meter, quantity: i64, reason: Reason, now: i64) -> CheckAnswer {
+        let (states, verdict) = self.reads.evaluate(customer, meter, quantity, now);
+        crate::telemetry::decision(reason.as_str(), true, meter.id.into(), &meter.name);
+        answer(customer, meter, quantity, &states, Verdict { allowed: false, reason, ..verdict })
     }
 
     /// Decides and records a consume. The record goes through the WAL before the
@@ -415,9 +428,15 @@ impl LimitsPorts<'_> {
         }
         // Claim the id first: if it was already ingested as an event, that usage is
         // counted; answer with the state as it stands and record nothing more.
+        // This is also where a retry of an allowed consume lands once its whole
+        // answer is no longer held (`crate::answers`): allowed again, whatever
+        // the figures say now, since its usage is the one counted.
         if !self.deduper.insert(id_hash, now) {
             let states = self.reads.limit_states(Some(customer), meter, &ent, &limits, now);
-            let verdict = decide(&states, 0);
+            let verdict = match decide(&states, 0) {
+                v if v.allowed => v,
+                v => Verdict { allowed: true, reason: Reason::WithinLimit, primary: v.primary },
+            };
             crate::telemetry::decision(verdict.reason.as_str(), true, meter.id.into(), &meter.name);
             return Ok(answer(name, meter, quantity, &states, verdict));
         }
@@ -637,9 +656,8 @@ impl LimitsPorts<'_> {
         CheckError::Unavailable(format!("could not write the WAL: {e}"))
     }
 
-    /// Forgets consume answers older than the dedupe window.
+    /// Forgets consume answers past their lifetime or their cap (`crate::answers`).
     pub fn sweep_consumes(&self, now: i64) {
-        let cutoff = now - self.dedupe_window_ms;
-        self.consumes.retain(|_, slot| slot.created_ms >= cutoff);
+        self.consumes.sweep(now);
     }
 }

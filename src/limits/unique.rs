@@ -83,8 +83,15 @@ impl LimitsPorts<'_> {
             return Err(invalid("value", format!("is required when consume is true on unique_count meter {:?}", meter.name)));
         };
         let (id_hash, now, cell) = self.consume_slot(&req)?;
-        let answer =
-            cell.get_or_try_init(|| async { self.consume_unique(&req.customer, meter, &value, id_hash, now).await.map(Arc::new) }).await?;
+        let answer = cell
+            .get_or_try_init(|| async {
+                match self.consumes.denial(id_hash, now) {
+                    Some(reason) => Ok(Arc::new(self.denied_again(&req.customer, meter, scale, reason, now))),
+                    None => self.consume_unique(&req.customer, meter, &value, id_hash, now).await.map(Arc::new),
+                }
+            })
+            .await?;
+        self.consumes.decided(id_hash, now, answer);
         Ok(answer.clone())
     }
 
