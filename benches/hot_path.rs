@@ -364,8 +364,59 @@ fn unique_count(c: &mut Criterion) {
     g.finish();
 }
 
+/// Remembered consume answers (`meterd::answers`): taking the cell of a new id
+/// in a table held at its cap, and the sweep that holds it there (run once a
+/// flush tick, off the request workers) with a second of consumes at ~90 k/s
+/// over the cap.
+fn consume_answers(c: &mut Criterion) {
+    use meterd::answers::{AnswerLimits, ConsumeAnswers, MAX_RECENT};
+    let limits = AnswerLimits::for_window(86_400_000);
+    let filled = |n: usize| {
+        let a = ConsumeAnswers::new(limits);
+        for i in 0..n {
+            let cell = a.cell(i as u128 * 0x9E37_79B9_7F4A_7C15, i as i64 / 90);
+            let _ = cell.set(Arc::new(answer()));
+        }
+        a
+    };
+    let mut g = c.benchmark_group("answers");
+    let full = filled(MAX_RECENT);
+    let mut id = u128::MAX / 2;
+    g.bench_function("cell_new_id_at_cap", |b| {
+        b.iter(|| {
+            id += 1;
+            full.cell(id, 0)
+        })
+    });
+    g.sample_size(10);
+    g.bench_function("sweep_90k_over_cap", |b| {
+        b.iter_batched(|| filled(MAX_RECENT + 90_000), |a| (a.sweep(5_000), a), BatchSize::PerIteration)
+    });
+    g.finish();
+}
+
+fn answer() -> meterd::model::answer::CheckAnswer {
+    let d = meterd::model::quantity::Decimal { raw: 1, precision: 0 };
+    meterd::model::answer::CheckAnswer {
+        allowed: true,
+        customer: "cust_42".into(),
+        meter: "interview_minutes".into(),
+        quantity: d,
+        used: d,
+        held: d,
+        limit: Some(d),
+        remaining: Some(d),
+        window: Some("month"),
+        resets_at: Some("2027-01-01T00:00:00Z".into()),
+        hard: true,
+        reason: meterd::model::answer::Reason::WithinLimit,
+        limits: Vec::new(),
+    }
+}
+
 criterion_group!(
     benches,
+    consume_answers,
     parse_validate,
     counter_add,
     seam,

@@ -41,6 +41,8 @@ pub const MAX_DENIED: usize = 1 << 20;
 const SHARDS: usize = 256;
 /// Least time between two warnings that a cap was reached.
 const WARN_EVERY_MS: i64 = 3_600_000;
+/// Buckets of time the cap's cut is counted in.
+const CUT_BUCKETS: usize = 4096;
 
 /// The answer cell of one consume id: filled once by whoever decides first.
 pub type AnswerCell = Arc<OnceCell<Arc<CheckAnswer>>>;
@@ -131,17 +133,33 @@ impl ConsumeAnswers {
     /// being decided is kept whatever its age.
     pub fn sweep(&self, now: i64) -> Swept {
         let l = self.limits;
-        let undecided = |s: &Slot| !s.answer.initialized();
-        self.recent.retain(|_, s| s.created_ms >= now.saturating_sub(l.recent_ttl_ms) || undecided(s));
-        let evicted_recent = match newest_cut(self.recent.iter().map(|e| e.created_ms), l.max_recent) {
-            Some(cut) => retain_counting(&self.recent, |s| s.created_ms > cut || undecided(s)),
-            None => 0,
-        };
-        self.denied.retain(|_, d| d.at_ms >= now.saturating_sub(l.window_ms));
-        let evicted_denied = match newest_cut(self.denied.iter().map(|e| e.at_ms), l.max_denied) {
-            Some(cut) => retain_counting(&self.denied, |d| d.at_ms > cut),
-            None => 0,
-        };
+        // One read-only pass to find the cut, one `retain`: a second of consumes
+        // over the cap is ~90k entries, and this runs every flush tick.
+        let ttl_cut = now.saturating_sub(l.recent_ttl_ms);
+        let cap_cut = oldest_cut(|| self.recent.iter().map(|e| e.created_ms).filter(|&t| t >= ttl_cut), l.max_recent);
+        let mut evicted_recent = 0;
+        // The answers dropped are freed on a lowered thread, not under the
+        // shard locks consumes wait for (each is several allocations).
+        let mut freed: Vec<AnswerCell> = Vec::new();
+        self.recent.retain(|_, s| {
+            let keep = (s.created_ms >= ttl_cut && cap_cut.is_none_or(|cut| s.created_ms > cut)) || !s.answer.initialized();
+            if !keep {
+                evicted_recent += usize::from(s.created_ms >= ttl_cut);
+                freed.push(s.answer.clone());
+            }
+            keep
+        });
+        if !freed.is_empty() {
+            crate::priority::drop_lowered(freed);
+        }
+        let window_cut = now.saturating_sub(l.window_ms);
+        let cap_cut = oldest_cut(|| self.denied.iter().map(|e| e.at_ms).filter(|&t| t >= window_cut), l.max_denied);
+        let mut evicted_denied = 0;
+        self.denied.retain(|_, d| {
+            let keep = d.at_ms >= window_cut && cap_cut.is_none_or(|cut| d.at_ms > cut);
+            evicted_denied += usize::from(!keep && d.at_ms >= window_cut);
+            keep
+        });
         let swept = Swept { recent: self.recent.len(), denied: self.denied.len(), evicted_recent, evicted_denied };
         crate::telemetry::consume_answers(swept.recent, swept.denied, evicted_recent, evicted_denied);
         if evicted_recent + evicted_denied > 0 && now.saturating_sub(self.last_warned_ms.load(Ordering::Relaxed)) >= WARN_EVERY_MS {
@@ -160,23 +178,34 @@ impl ConsumeAnswers {
     }
 }
 
-/// The time at or below which entries go so that at most `cap` stay (ties at
-/// the cut go too), or `None` when there are no more than `cap`.
-fn newest_cut(times: impl Iterator<Item = i64>, cap: usize) -> Option<i64> {
-    let mut times: Vec<i64> = times.collect();
-    if times.len() <= cap {
+/// The time at or below which entries go so that at most `cap` stay, or `None`
+/// when there are no more than `cap`. Counted in at most [`CUT_BUCKETS`] buckets
+/// of time (no copy of the times): the cut falls on a bucket's end, so it may
+/// drop up to a bucket's worth more than needed (a few hundred milliseconds of
+/// consumes when the entries span ten minutes), never fewer.
+fn oldest_cut<I: Iterator<Item = i64>>(times: impl Fn() -> I, cap: usize) -> Option<i64> {
+    let (mut n, mut lo, mut hi) = (0usize, i64::MAX, i64::MIN);
+    for t in times() {
+        n += 1;
+        lo = lo.min(t);
+        hi = hi.max(t);
+    }
+    if n <= cap {
         return None;
     }
-    let drop = times.len() - cap;
-    let (_, cut, _) = times.select_nth_unstable(drop - 1);
-    Some(*cut)
-}
-
-/// `retain` that says how many it dropped.
-fn retain_counting<V>(map: &DashMap<IdHash, V, KeyHash>, keep: impl Fn(&V) -> bool) -> usize {
-    let before = map.len();
-    map.retain(|_, v| keep(v));
-    before.saturating_sub(map.len())
+    let width = ((hi - lo) / CUT_BUCKETS as i64 + 1).max(1);
+    let mut counts = vec![0usize; CUT_BUCKETS + 1];
+    for t in times() {
+        counts[((t - lo) / width) as usize] += 1;
+    }
+    let mut left = n;
+    for (i, c) in counts.iter().enumerate() {
+        left -= c;
+        if left <= cap {
+            return Some(lo + (i as i64 + 1) * width - 1);
+        }
+    }
+    Some(hi)
 }
 
 #[cfg(test)]
@@ -268,9 +297,15 @@ mod tests {
 
     #[test]
     fn the_cut_keeps_at_most_the_cap() {
-        assert_eq!(newest_cut([5, 1, 3].into_iter(), 3), None);
-        assert_eq!(newest_cut([5, 1, 3, 2].into_iter(), 3), Some(1));
+        assert_eq!(oldest_cut(|| [5, 1, 3].into_iter(), 3), None);
+        assert_eq!(oldest_cut(|| [5, 1, 3, 2].into_iter(), 3), Some(1));
         // Ties at the cut go too: never more than the cap.
-        assert_eq!(newest_cut([1, 1, 1, 2].into_iter(), 2), Some(1));
+        assert_eq!(oldest_cut(|| [1, 1, 1, 2].into_iter(), 2), Some(1));
+        // Over a long span the cut falls on a bucket's end: at most the cap stay,
+        // and no more than a bucket's worth beyond the excess go.
+        let times: Vec<i64> = (0..600_000).collect();
+        let cut = oldest_cut(|| times.iter().copied(), 400_000).unwrap_or(i64::MAX);
+        let stay = times.iter().filter(|&&t| t > cut).count();
+        assert!(stay <= 400_000 && stay > 400_000 - 600_000 / CUT_BUCKETS - 1, "{stay} stay");
     }
 }
