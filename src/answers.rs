@@ -211,26 +211,6 @@ fn oldest_cut<I: Iterator<Item = i64>>(times: impl Fn() -> I, cap: usize) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::quantity::Decimal;
-
-    fn answer(allowed: bool, reason: Reason) -> CheckAnswer {
-        let d = Decimal { raw: 0, precision: 0 };
-        CheckAnswer {
-            allowed,
-            customer: "c".into(),
-            meter: "m".into(),
-            quantity: d,
-            used: d,
-            held: d,
-            limit: None,
-            remaining: None,
-            window: None,
-            resets_at: None,
-            hard: true,
-            reason,
-            limits: Vec::new(),
-        }
-    }
 
     fn limits() -> AnswerLimits {
         AnswerLimits { recent_ttl_ms: 1_000, max_recent: 10, window_ms: 5_000, max_denied: 4 }
@@ -239,7 +219,9 @@ mod tests {
     async fn decide(a: &ConsumeAnswers, id: IdHash, now: i64, allowed: bool) {
         let cell = a.cell(id, now);
         let got = cell
-            .get_or_init(|| async { Arc::new(answer(allowed, if allowed { Reason::WithinLimit } else { Reason::LimitExceeded })) })
+            .get_or_init(|| async {
+                Arc::new(CheckAnswer::bare(allowed, if allowed { Reason::WithinLimit } else { Reason::LimitExceeded }))
+            })
             .await;
         a.decided(id, now, got);
     }

@@ -3,7 +3,8 @@
 //! decision afterwards, and records nothing more. Allowed retries are answered
 //! from the dedupe ids, denied ones from the denials kept for the window.
 
-use meterd::config::{Config, ValidConfig};
+mod common;
+
 use meterd::engine::Engine;
 use meterd::limits::CheckRequest;
 use meterd::model::answer::Reason;
@@ -21,25 +22,8 @@ default = true
 calls = { limit = 10, window = "month" }
 "#;
 
-fn config(dir: &std::path::Path) -> ValidConfig {
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\ndurability = \"fsync\"\n[ingest]\ndedupe_window = \"1h\"\n{PLANS}",
-        dir.display().to_string()
-    );
-    Config::parse(&text, "test").and_then(|c| c.validate("test")).expect("config")
-}
-
 async fn start(dir: &std::path::Path) -> Arc<Engine> {
-    let config = config(dir);
-    let store = Arc::new(meterd::store::sqlite::SqliteStore::open(&dir.join("meterd.sqlite")).expect("store"));
-    let wal = meterd::wal::WalConfig {
-        dir: dir.join("wal"),
-        sync: Some(meterd::wal::Sync::Always),
-        segment_bytes: 1 << 20,
-        dedupe_window_ms: 3_600_000,
-        hold: None,
-    };
-    Arc::new(Engine::start(&config, "answers".into(), store.clone(), store, wal, None).await.expect("engine"))
+    common::engine::start(dir, PLANS, "answers", Vec::new()).await
 }
 
 fn consume(quantity: i64, id: &str) -> CheckRequest {

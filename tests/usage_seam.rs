@@ -3,7 +3,8 @@
 //! replay of the WAL after a restart, the rebuild from the store — with the
 //! exact totals of each window and where the change came from.
 
-use meterd::config::{Config, ValidConfig};
+mod common;
+
 use meterd::engine::Engine;
 use meterd::ingest::BodyKind;
 use meterd::limits::CheckRequest;
@@ -69,26 +70,8 @@ impl Recorder {
     }
 }
 
-fn config(dir: &std::path::Path) -> ValidConfig {
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\ndurability = \"fsync\"\n[ingest]\ndedupe_window = \"1h\"\n{PLANS}",
-        dir.display().to_string()
-    );
-    Config::parse(&text, "test").and_then(|c| c.validate("test")).expect("config")
-}
-
 async fn start(dir: &std::path::Path, recorder: &Arc<Recorder>) -> Arc<Engine> {
-    let config = config(dir);
-    let store = Arc::new(meterd::store::sqlite::SqliteStore::open(&dir.join("meterd.sqlite")).expect("store"));
-    let wal = meterd::wal::WalConfig {
-        dir: dir.join("wal"),
-        sync: Some(meterd::wal::Sync::Always),
-        segment_bytes: 1 << 20,
-        dedupe_window_ms: 3_600_000,
-        hold: None,
-    };
-    let observers: Vec<Arc<dyn UsageObserver>> = vec![recorder.clone()];
-    Arc::new(Engine::start_observed(&config, "seam".into(), store.clone(), store, wal, None, observers).await.expect("engine"))
+    common::engine::start(dir, PLANS, "seam", vec![recorder.clone()]).await
 }
 
 fn seen(customer: &str, meter: u16, origin: Origin, raw: i64, windows: &[(WindowKind, i64)]) -> Seen {

@@ -1,23 +1,8 @@
 use super::*;
-use crate::model::{CheckAnswer, Decimal, Reason};
+use crate::model::{CheckAnswer, Reason};
 
 fn answer() -> Arc<CheckAnswer> {
-    let d = Decimal { raw: 0, precision: 0 };
-    Arc::new(CheckAnswer {
-        allowed: true,
-        customer: "c".into(),
-        meter: "m".into(),
-        quantity: d,
-        used: d,
-        held: d,
-        limit: None,
-        remaining: None,
-        window: None,
-        resets_at: None,
-        hard: true,
-        reason: Reason::WithinLimit,
-        limits: Vec::new(),
-    })
+    Arc::new(CheckAnswer::bare(true, Reason::WithinLimit))
 }
 
 fn held(id: &str, quantity: i64, expires_at: Option<i64>) -> Reservation {

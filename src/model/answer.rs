@@ -68,6 +68,29 @@ pub struct CheckAnswer {
 }
 
 #[cfg(test)]
+impl CheckAnswer {
+    /// An answer with zero figures and no limits, for unit tests.
+    pub fn bare(allowed: bool, reason: Reason) -> CheckAnswer {
+        let d = Decimal { raw: 0, precision: 0 };
+        CheckAnswer {
+            allowed,
+            customer: "c".into(),
+            meter: "m".into(),
+            quantity: d,
+            used: d,
+            held: d,
+            limit: None,
+            remaining: None,
+            window: None,
+            resets_at: None,
+            hard: true,
+            reason,
+            limits: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod ch;
+pub mod engine;
 pub mod load;
 pub mod mount;
 pub mod process;
