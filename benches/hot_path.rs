@@ -275,6 +275,11 @@ fn check_decision(c: &mut Criterion) {
     };
     let states = [LimitState { limit, window: WindowKind::Month.bounds(now, BillingAnchor::default()), used: 29_500, held: 0 }];
     g.bench_function("decide_only", |b| b.iter(|| decide(std::hint::black_box(&states), 1000)));
+    // The body of a consume as the load tests send it (`POST /v1/check`).
+    let body = br#"{"customer":"c4242","meter":"interview_minutes","quantity":1,"consume":true,"id":"r1733450000000000000-1-123456"}"#;
+    g.bench_function("parse_consume_request", |b| {
+        b.iter(|| meterd::limits::CheckRequest::from_json(std::hint::black_box(body)).map(|r| r.consume))
+    });
     g.finish();
 }
 
