@@ -58,26 +58,9 @@ if q == 0 then
 end
 -- Slices of the balance (redis_link::credit_lease) are spoken for; a void
 -- in progress, or grants newer than this instance's, stop the take.
-local all = redis.call('HGETALL', KEYS[1])
-local gv, vf, parts, caps, exps, unrep = 0, 0, {}, {}, {}, {}
-for j = 1, #all, 2 do
-  local f, val = all[j], all[j + 1]
-  local p, id = string.sub(f, 1, 2), string.sub(f, 3)
-  if f == 'gv' then gv = tonumber(val)
-  elseif f == 'vf' then vf = tonumber(val)
-  elseif p == 'i:' then parts[id] = tonumber(val)
-  elseif p == 'c:' then caps[id] = tonumber(val)
-  elseif p == 'x:' then exps[id] = tonumber(val)
-  elseif p == 'u:' then unrep[id] = tonumber(val) end
-end
-if vf > now or gv > seen then return {2, t} end
-local sl = 0
-for id, c in pairs(caps) do
-  local r = c - (parts[id] or 0)
-  if r < 0 then r = 0 end
-  if (exps[id] or 0) <= now and (unrep[id] or 0) < r then r = unrep[id] or 0 end
-  sl = sl + r
-end
+local s = read_slices(KEYS[1])
+if s.vf > now or s.gv > seen then return {2, t} end
+local sl = slices_left(s, now)
 -- Reservations (issue 19): what is held over all instances is not spendable.
 local h = 0
 if KEYS[2] then h = tonumber(redis.call('HGET', KEYS[2], 't') or '0') end
@@ -94,7 +77,8 @@ redis.call('HINCRBY', KEYS[1], 't', -tonumber(ARGV[2]))
 return 1
 ";
 
-static TAKE: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(SCRIPT));
+static TAKE: std::sync::LazyLock<::redis::Script> =
+    std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{}{SCRIPT}", crate::redis_link::slices_lua::SLICES_LUA)));
 static UNTAKE: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(GIVE_BACK));
 
 /// A quantity taken in Redis, not yet folded locally.

@@ -118,22 +118,7 @@ for i = 1, n do
   local slices = 0
   if leased then
     -- Quota inside the instances' slices (redis_link::lease) is theirs.
-    local all = redis.call('HGETALL', key)
-    local parts, caps, exps, unrep = {}, {}, {}, {}
-    for j = 1, #all, 2 do
-      local f, val = all[j], all[j + 1]
-      local p, id = string.sub(f, 1, 2), string.sub(f, 3)
-      if p == 'i:' then parts[id] = tonumber(val)
-      elseif p == 'c:' then caps[id] = tonumber(val)
-      elseif p == 'x:' then exps[id] = tonumber(val)
-      elseif p == 'u:' then unrep[id] = tonumber(val) end
-    end
-    for id, c in pairs(caps) do
-      local r = c - (parts[id] or 0)
-      if r < 0 then r = 0 end
-      if (exps[id] or 0) <= rnow and (unrep[id] or 0) < r then r = unrep[id] or 0 end
-      slices = slices + r
-    end
+    slices = slices_left(read_slices(key), rnow)
   end
   if limit >= 0 and t + slices + h + q > limit then return deny(i, t) end
 end
@@ -150,23 +135,8 @@ if cown >= 0 then
   end
   -- Slices of the balance (redis_link::credit_lease) are spoken for, and a
   -- void in progress stops holds as it stops slices.
-  local all = redis.call('HGETALL', ck)
-  local vf, cparts, ccaps, cexps, cunrep, sl = 0, {}, {}, {}, {}, 0
-  for j = 1, #all, 2 do
-    local f, val = all[j], all[j + 1]
-    local p, id = string.sub(f, 1, 2), string.sub(f, 3)
-    if f == 'vf' then vf = tonumber(val)
-    elseif p == 'i:' then cparts[id] = tonumber(val)
-    elseif p == 'c:' then ccaps[id] = tonumber(val)
-    elseif p == 'x:' then cexps[id] = tonumber(val)
-    elseif p == 'u:' then cunrep[id] = tonumber(val) end
-  end
-  for id, c in pairs(ccaps) do
-    local r = c - (cparts[id] or 0)
-    if r < 0 then r = 0 end
-    if (cexps[id] or 0) <= rnow and (cunrep[id] or 0) < r then r = cunrep[id] or 0 end
-    sl = sl + r
-  end
+  local cs = read_slices(ck)
+  local vf, sl = cs.vf, slices_left(cs, rnow)
   if vf > rnow or cbase - ct - h - sl < q then return deny(n + 1, ct) end
   totals[n + 1] = ct
 end
@@ -237,7 +207,7 @@ return out
 ";
 
 static RESERVE: std::sync::LazyLock<::redis::Script> =
-    std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{PRELUDE}{RESERVE_BODY}")));
+    std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{}{PRELUDE}{RESERVE_BODY}", crate::redis_link::slices_lua::SLICES_LUA)));
 static FINISH: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{PRELUDE}{FINISH_BODY}")));
 
 /// A held total as Redis answered it.

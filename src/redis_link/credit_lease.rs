@@ -79,19 +79,8 @@ if mode == 'voided' then
 end
 if mode == 'take' and recovering() then return {2} end
 local pf, cf, xf, uf = 'i:' .. me, 'c:' .. me, 'x:' .. me, 'u:' .. me
-local h = redis.call('HGETALL', key)
-local t, gv, vf, parts, caps, exps, unrep = 0, 0, 0, {}, {}, {}, {}
-for j = 1, #h, 2 do
-  local f, val = h[j], h[j + 1]
-  local p, id = string.sub(f, 1, 2), string.sub(f, 3)
-  if f == 't' then t = tonumber(val)
-  elseif f == 'gv' then gv = tonumber(val)
-  elseif f == 'vf' then vf = tonumber(val)
-  elseif p == 'i:' then parts[id] = tonumber(val)
-  elseif p == 'c:' then caps[id] = tonumber(val)
-  elseif p == 'x:' then exps[id] = tonumber(val)
-  elseif p == 'u:' then unrep[id] = tonumber(val) end
-end
+local s = read_slices(key)
+local t, gv, vf, parts, caps, exps, unrep = s.t, s.gv, s.vf, s.parts, s.caps, s.exps, s.unrep
 local mine = parts[me] or 0
 if v > mine then
   redis.call('HSET', key, pf, v)
@@ -101,18 +90,8 @@ end
 if (mode == 'take' or mode == 'void') and (vf > now or gv > seen) then return {3, t} end
 local hk = 0
 if KEYS[2] then hk = tonumber(redis.call('HGET', KEYS[2], 't') or '0') end
--- What a slice may still spend: all of it while live, what its holder may
--- have used unreported once expired.
-local function unused(id)
-  local r = (caps[id] or 0) - (parts[id] or 0)
-  if r < 0 then r = 0 end
-  if (exps[id] or 0) <= now and (unrep[id] or 0) < r then r = unrep[id] or 0 end
-  return r
-end
 if mode == 'void' then
-  local all = 0
-  for id, _ in pairs(caps) do all = all + unused(id) end
-  local free = base - t - all - hk
+  local free = base - t - slices_left(s, now) - hk
   if free < 0 then free = 0 end
   if free > want then free = want end
   redis.call('HSET', key, 'vf', now + ttl)
@@ -122,7 +101,7 @@ local held, holders = 0, 0
 for id, _ in pairs(caps) do
   if id ~= me then
     if (exps[id] or 0) > now then holders = holders + 1 end
-    held = held + unused(id)
+    held = held + unused(s, id, now)
   end
 end
 local valid = (exps[me] or 0) > now
@@ -167,7 +146,8 @@ redis.call('HDEL', key, cf, xf, uf)
 return {1, ttl, mine, t, mine, 0}
 ";
 
-static CREDIT_LEASE: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(SCRIPT));
+static CREDIT_LEASE: std::sync::LazyLock<::redis::Script> =
+    std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{}{SCRIPT}", super::slices_lua::SLICES_LUA)));
 
 /// What a call does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -80,17 +80,8 @@ for i = 1, n do
   local key = KEYS[i]
   local b = 4 * i
   local limit, v, want, exp = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local h = redis.call('HGETALL', key)
-  local t, parts, caps, exps, unrep = 0, {}, {}, {}, {}
-  for j = 1, #h, 2 do
-    local f, val = h[j], h[j + 1]
-    local p, id = string.sub(f, 1, 2), string.sub(f, 3)
-    if f == 't' then t = tonumber(val)
-    elseif p == 'i:' then parts[id] = tonumber(val)
-    elseif p == 'c:' then caps[id] = tonumber(val)
-    elseif p == 'x:' then exps[id] = tonumber(val)
-    elseif p == 'u:' then unrep[id] = tonumber(val) end
-  end
+  local s = read_slices(key)
+  local t, parts, caps, exps, unrep = s.t, s.parts, s.caps, s.exps, s.unrep
   local mine = parts[me] or 0
   if v > mine then
     redis.call('HSET', key, pf, v)
@@ -99,17 +90,11 @@ for i = 1, n do
   end
   if exp > 0 then redis.call('PEXPIREAT', key, exp) end
   local held, holders = 0, 0
-  for id, c in pairs(caps) do
+  for id, _ in pairs(caps) do
     if id ~= me then
-      local r = c - (parts[id] or 0)
-      if r < 0 then r = 0 end
-      if (exps[id] or 0) > now then
-        holders = holders + 1
-      elseif (unrep[id] or 0) < r then
-        -- Expired: what its holder may have used without reporting stays held.
-        r = unrep[id] or 0
-      end
-      held = held + r
+      if (exps[id] or 0) > now then holders = holders + 1 end
+      -- Expired: what its holder may have used without reporting stays held.
+      held = held + unused(s, id, now)
     end
   end
   local floor = mine
@@ -181,7 +166,8 @@ end
 return out
 ";
 
-static LEASE: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(LEASE_SCRIPT));
+static LEASE: std::sync::LazyLock<::redis::Script> =
+    std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{}{LEASE_SCRIPT}", super::slices_lua::SLICES_LUA)));
 
 /// What a lease call does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

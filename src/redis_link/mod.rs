@@ -25,6 +25,7 @@
 pub mod credit_lease;
 pub mod keys;
 pub mod lease;
+pub mod slices_lua;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster_async::ClusterConnection;
