@@ -47,8 +47,7 @@ if own > old then
   t = t + (own - old)
   old = own
 end
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+local now = redis_now_ms()
 if q == 0 then
   -- A sync push: this instance's usage is all in its part now, so its own
   -- slice that expired (a restart after a crash) holds nothing any more.

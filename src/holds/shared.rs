@@ -101,8 +101,7 @@ if mode == 'deny' then return deny(0, 0) end
 local field = 'i:' .. me
 local h = held_now(hk)
 local totals = {}
-local tm = redis.call('TIME')
-local rnow = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+local rnow = redis_now_ms()
 local n = (#ARGV - 9) / 4
 for i = 1, n do
   local key, b = KEYS[3 + i], 9 + 4 * (i - 1)

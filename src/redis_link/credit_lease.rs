@@ -64,20 +64,14 @@ const SCRIPT: &str = r"
 local me, ttl, mode = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local v, base, want, seen = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local key = KEYS[1]
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local function recovering()
-  local info = redis.call('INFO', 'server')
-  local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)') or '0')
-  return up * 1000 < 2 * ttl
-end
+local now = redis_now_ms()
 if mode == 'voided' then
   local gv = tonumber(redis.call('HGET', key, 'gv') or '0')
   if want > gv then redis.call('HSET', key, 'gv', want) end
   redis.call('HDEL', key, 'vf')
   return {1}
 end
-if mode == 'take' and recovering() then return {2} end
+if mode == 'take' and recovering(ttl) then return {2} end
 local pf, cf, xf, uf = 'i:' .. me, 'c:' .. me, 'x:' .. me, 'u:' .. me
 local s = read_slices(key)
 local t, gv, vf, parts, caps, exps, unrep = s.t, s.gv, s.vf, s.parts, s.caps, s.exps, s.unrep
@@ -131,7 +125,7 @@ if mode == 'take' then
 end
 if mode == 'renew' then
   local missing = caps[me] == nil
-  if not valid and not (missing and recovering()) then
+  if not valid and not (missing and recovering(ttl)) then
     redis.call('HDEL', key, cf, xf, uf)
     return {0, t}
   end
@@ -149,26 +143,9 @@ return {1, ttl, mine, t, mine, 0}
 static CREDIT_LEASE: std::sync::LazyLock<::redis::Script> =
     std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{}{SCRIPT}", super::slices_lua::SLICES_LUA)));
 
-/// What a call does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SliceMode {
-    /// A slice letting own usage reach at least `want`.
-    Take,
-    /// Keep the cap `want` alive.
-    Renew,
-    /// Give the unused part back.
-    Return,
-}
-
-impl SliceMode {
-    fn as_str(self) -> &'static str {
-        match self {
-            SliceMode::Take => "take",
-            SliceMode::Renew => "renew",
-            SliceMode::Return => "return",
-        }
-    }
-}
+/// What a call does: the same three as a window lease's (take a slice, keep
+/// it alive, give the unused part back).
+pub use super::lease::LeaseMode as SliceMode;
 
 /// One call's arguments.
 #[derive(Debug, Clone)]

@@ -62,14 +62,8 @@ use std::time::{Duration, Instant};
 /// (no new slices yet).
 const LEASE_SCRIPT: &str = r"
 local me, ttl, mode = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local function recovering()
-  local info = redis.call('INFO', 'server')
-  local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)') or '0')
-  return up * 1000 < 2 * ttl
-end
-if mode == 'take' and recovering() then return {2} end
+local now = redis_now_ms()
+if mode == 'take' and recovering(ttl) then return {2} end
 local pf, cf, xf, uf = 'i:' .. me, 'c:' .. me, 'x:' .. me, 'u:' .. me
 local plan = {}
 local n = (#ARGV - 3) / 4
@@ -141,7 +135,7 @@ if mode == 'renew' then
   -- Only a live cap is extended; a missing one is claimed back only while
   -- the server recovers from a restart (the holder still trusts it).
   for i, p in ipairs(plan) do
-    if not p.valid and not (p.missing and recovering()) then
+    if not p.valid and not (p.missing and recovering(ttl)) then
       redis.call('HDEL', p.key, cf, xf, uf)
       return {0, i, p.t}
     end
@@ -182,7 +176,7 @@ pub enum LeaseMode {
 }
 
 impl LeaseMode {
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             LeaseMode::Take => "take",
             LeaseMode::Renew => "renew",

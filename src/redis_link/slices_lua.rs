@@ -15,8 +15,20 @@
 /// - `unused(s, id, now)`: what instance `id`'s slice may still spend: all of
 ///   its unused part while it lives, once expired only what its holder may
 ///   have used without reporting;
-/// - `slices_left(s, now)`: `unused` summed over every slice.
+/// - `slices_left(s, now)`: `unused` summed over every slice;
+/// - `redis_now_ms()`: Redis' clock in milliseconds (slices expire by it);
+/// - `recovering(ttl)`: whether the server started less than two ttls ago, so
+///   slices granted before a restart that lost them may still be in use.
 pub const SLICES_LUA: &str = r"
+local function redis_now_ms()
+  local tm = redis.call('TIME')
+  return tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+end
+local function recovering(ttl)
+  local info = redis.call('INFO', 'server')
+  local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)') or '0')
+  return up * 1000 < 2 * ttl
+end
 local function read_slices(key)
   local h = redis.call('HGETALL', key)
   local s = {t = 0, gv = 0, vf = 0, parts = {}, caps = {}, exps = {}, unrep = {}}
