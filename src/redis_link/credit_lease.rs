@@ -72,15 +72,10 @@ if mode == 'voided' then
   return {1}
 end
 if mode == 'take' and recovering(ttl) then return {2} end
-local pf, cf, xf, uf = 'i:' .. me, 'c:' .. me, 'x:' .. me, 'u:' .. me
+local cf, xf, uf = 'c:' .. me, 'x:' .. me, 'u:' .. me
 local s = read_slices(key)
-local t, gv, vf, parts, caps, exps, unrep = s.t, s.gv, s.vf, s.parts, s.caps, s.exps, s.unrep
-local mine = parts[me] or 0
-if v > mine then
-  redis.call('HSET', key, pf, v)
-  t = redis.call('HINCRBY', key, 't', v - mine)
-  mine = v
-end
+local gv, vf, caps, exps, unrep = s.gv, s.vf, s.caps, s.exps, s.unrep
+local t, mine = raise_own(s, key, me, v)
 if (mode == 'take' or mode == 'void') and (vf > now or gv > seen) then return {3, t} end
 local hk = 0
 if KEYS[2] then hk = tonumber(redis.call('HGET', KEYS[2], 't') or '0') end

@@ -64,7 +64,7 @@ const LEASE_SCRIPT: &str = r"
 local me, ttl, mode = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = redis_now_ms()
 if mode == 'take' and recovering(ttl) then return {2} end
-local pf, cf, xf, uf = 'i:' .. me, 'c:' .. me, 'x:' .. me, 'u:' .. me
+local cf, xf, uf = 'c:' .. me, 'x:' .. me, 'u:' .. me
 local plan = {}
 local n = (#ARGV - 3) / 4
 -- Reservations (issue 19): what is held over all instances is not free.
@@ -75,13 +75,8 @@ for i = 1, n do
   local b = 4 * i
   local limit, v, want, exp = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   local s = read_slices(key)
-  local t, parts, caps, exps, unrep = s.t, s.parts, s.caps, s.exps, s.unrep
-  local mine = parts[me] or 0
-  if v > mine then
-    redis.call('HSET', key, pf, v)
-    t = redis.call('HINCRBY', key, 't', v - mine)
-    mine = v
-  end
+  local caps, exps, unrep = s.caps, s.exps, s.unrep
+  local t, mine = raise_own(s, key, me, v)
   if exp > 0 then redis.call('PEXPIREAT', key, exp) end
   local held, holders = 0, 0
   for id, _ in pairs(caps) do

@@ -16,6 +16,9 @@
 ///   its unused part while it lives, once expired only what its holder may
 ///   have used without reporting;
 /// - `slices_left(s, now)`: `unused` summed over every slice;
+/// - `raise_own(s, key, me, v)`: raises instance `me`'s usage in the hash to
+///   `v` (never lowers it), and the total with it; returns the total and
+///   `me`'s usage. `s.parts` keeps the value read;
 /// - `redis_now_ms()`: Redis' clock in milliseconds (slices expire by it);
 /// - `recovering(ttl)`: whether the server started less than two ttls ago, so
 ///   slices granted before a restart that lost them may still be in use.
@@ -50,6 +53,15 @@ local function unused(s, id, now)
   if r < 0 then r = 0 end
   if (s.exps[id] or 0) <= now and (s.unrep[id] or 0) < r then r = s.unrep[id] or 0 end
   return r
+end
+local function raise_own(s, key, me, v)
+  local mine = s.parts[me] or 0
+  if v > mine then
+    redis.call('HSET', key, 'i:' .. me, v)
+    s.t = redis.call('HINCRBY', key, 't', v - mine)
+    mine = v
+  end
+  return s.t, mine
 end
 local function slices_left(s, now)
   local sum = 0
