@@ -275,6 +275,23 @@ fn check_decision(c: &mut Criterion) {
     };
     let states = [LimitState { limit, window: WindowKind::Month.bounds(now, BillingAnchor::default()), used: 29_500, held: 0 }];
     g.bench_function("decide_only", |b| b.iter(|| decide(std::hint::black_box(&states), 1000)));
+    // A whole plain check as the handler runs it, from the parsed request to
+    // the answer's JSON: evaluate, build the answer (one view per limit, times
+    // written as RFC 3339), serialize.
+    let ask = meterd::limits::CheckRequest {
+        customer: "cust_3".into(),
+        meter: "interview_minutes".into(),
+        quantity_text: Some("10".into()),
+        consume: false,
+        id: None,
+        value: None,
+    };
+    g.bench_function("answer_json_warm_key", |b| {
+        b.iter(|| {
+            let answer = rt.block_on(engine.limits_ports().check(ask.clone())).expect("check");
+            serde_json::to_vec(&*answer).map(|v| v.len()).unwrap_or(0)
+        })
+    });
     // The body of a consume as the load tests send it (`POST /v1/check`).
     let body = br#"{"customer":"c4242","meter":"interview_minutes","quantity":1,"consume":true,"id":"r1733450000000000000-1-123456"}"#;
     g.bench_function("parse_consume_request", |b| {

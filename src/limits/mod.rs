@@ -182,7 +182,7 @@ pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
 pub(crate) fn answer(customer: &str, meter: &Meter, quantity: i64, states: &[LimitState], verdict: Verdict) -> CheckAnswer {
     let d = |raw| Decimal { raw, precision: meter.precision };
     let limits: Vec<LimitView> = states.iter().map(|s| view(s, meter)).collect();
-    match limits.get(verdict.primary) {
+    match limits.get(verdict.primary).cloned() {
         Some(p) => CheckAnswer {
             allowed: verdict.allowed,
             customer: customer.to_string(),
@@ -193,10 +193,10 @@ pub(crate) fn answer(customer: &str, meter: &Meter, quantity: i64, states: &[Lim
             limit: p.limit,
             remaining: p.remaining,
             window: Some(p.window),
-            resets_at: p.resets_at.clone(),
+            resets_at: p.resets_at,
             hard: p.hard,
             reason: verdict.reason,
-            limits: limits.clone(),
+            limits,
         },
         // Not entitled: nothing may be used.
         None => CheckAnswer {

@@ -153,8 +153,11 @@ impl fmt::Display for Decimal {
 
 impl serde::Serialize for Decimal {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if self.precision == 0 {
-            return serializer.serialize_i64(self.raw);
+        // A whole amount is written as the integer it is, with no text to build
+        // and check (most amounts in an answer: limits, usage of whole units).
+        let scale = scale(self.precision);
+        if self.raw % scale == 0 {
+            return serializer.serialize_i64(self.raw / scale);
         }
         let raw = serde_json::value::RawValue::from_string(self.to_string()).map_err(serde::ser::Error::custom)?;
         raw.serialize(serializer)
@@ -207,6 +210,15 @@ mod tests {
         fn render_parse_round_trip(raw in 0_i64..i64::MAX, precision in 0_u8..=MAX_PRECISION) {
             let text = Decimal { raw, precision }.to_string();
             prop_assert_eq!(parse_decimal(&text, precision), Ok(raw));
+        }
+
+        /// As JSON, an amount is exactly its text, whole or not, at every
+        /// precision and sign.
+        #[test]
+        fn json_is_the_text(raw in i64::MIN + 1..i64::MAX, precision in 0_u8..=MAX_PRECISION, whole in any::<bool>()) {
+            let raw = if whole { raw / scale(precision) * scale(precision) } else { raw };
+            let d = Decimal { raw, precision };
+            prop_assert_eq!(serde_json::to_string(&d).unwrap_or_default(), d.to_string());
         }
 
         /// Sums of parsed decimals are exact: no float error creeps in.
