@@ -272,7 +272,8 @@ pub struct LimitsPorts<'a> {
     /// `strict` limits while Redis is unreachable: allow (decide locally) or deny.
     pub strict_open_when_down: bool,
     pub instance_id: &'a str,
-    /// How long consume answers are remembered (`ingest.dedupe_window`).
+    /// How long ids are claimed (`ingest.dedupe_window`); remembered consume
+    /// answers keep their own lifetimes (`crate::answers`).
     pub dedupe_window_ms: i64,
 }
 
