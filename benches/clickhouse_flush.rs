@@ -27,6 +27,7 @@ fn rows(n: usize, minute_ms: i64) -> Vec<UsageRow> {
             properties: vec![],
             value: 1 + (i as i64 % 7),
             last_ts: minute_ms + 1,
+            fold: Fold::Sum,
         })
         .collect()
 }
@@ -92,6 +93,7 @@ fn main() {
                     properties: vec![],
                     value: 1 + (c as i64 % 7),
                     last_ts: start + m * 60_000 + 1,
+                    fold: Fold::Sum,
                 })
             })
             .collect();

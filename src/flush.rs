@@ -11,7 +11,7 @@ use crate::counters::Epoch;
 use crate::engine::{now_ms, Engine};
 use crate::model::Catalog;
 use crate::model::WindowKind;
-use crate::store::{FlushBatch, StoreError, UsageRow, UsageStore};
+use crate::store::{FlushBatch, Fold, StoreError, UsageRow, UsageStore};
 use crate::wal::Wal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +78,7 @@ fn rows_of(ports: &FlushPorts<'_>, epoch: &Epoch) -> Vec<UsageRow> {
             properties,
             value,
             last_ts,
+            fold: Fold::from(meter.aggregation),
         });
     });
     rows

@@ -49,7 +49,15 @@ mod tests {
     #[test]
     fn writes_one_line_per_row_and_rewrites_on_retry() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let row = UsageRow { meter: "m".into(), customer: "c".into(), minute_ms: 60_000, properties: vec![], value: 5, last_ts: 61_000 };
+        let row = UsageRow {
+            meter: "m".into(),
+            customer: "c".into(),
+            minute_ms: 60_000,
+            properties: vec![],
+            value: 5,
+            last_ts: 61_000,
+            fold: crate::store::Fold::Sum,
+        };
         let path = set_aside(dir.path(), "i", 7, &[(&row, "bad"), (&row, "worse")]).unwrap_or_else(|e| panic!("{e}"));
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         assert_eq!(text.lines().count(), 2);

@@ -57,6 +57,9 @@ pub struct UsageRow {
     pub value: i64,
     /// Timestamp of the newest event folded in (what `latest` compares).
     pub last_ts: i64,
+    /// How the meter folds values: a store that keeps one row per key (SQLite)
+    /// merges a later flush's row of the same key into it this way.
+    pub fold: Fold,
 }
 
 /// One flush: written all together or not at all.

@@ -12,10 +12,20 @@
 //! Every flush carries `(instance_id, seq)`. [`UsageStore::write_flush`] runs one
 //! `BEGIN IMMEDIATE` transaction that first looks the pair up in `flushes`: when
 //! it is there the flush was already stored and the call does nothing; otherwise
-//! it inserts every row and then the `flushes` record, and commits. The check and
+//! it merges every row into the row its key already has (or inserts it) and then
+//! the `flushes` record, and commits. The check and
 //! the writes are in the same transaction, so a retried flush (say the first
 //! attempt committed but its reply was lost) is never counted twice, and a failed
 //! attempt leaves neither rows nor a record, so the retry writes it in full.
+//!
+//! # One row per key
+//!
+//! A row's key is `(meter, customer, minute, properties, instance_id)`. With a
+//! one-second flush a busy customer's minute is flushed up to 60 times; each
+//! later flush folds its value into the key's row by the meter's fold (sum, max,
+//! or the newest event's value), so the table grows with the keys that saw
+//! usage, not with the flushes. A file written before this kept a row per flush;
+//! queries fold those duplicates as before, and a merge updates one of them.
 //!
 //! Queries read the rows and `MAX(flush_seq)` of the asking instance in one read
 //! transaction, so the reported `stored_seq` describes exactly the rows in the
@@ -60,8 +70,9 @@ CREATE TABLE IF NOT EXISTS usage_minute (
 );
 CREATE INDEX IF NOT EXISTS usage_minute_meter_minute
     ON usage_minute (meter, minute);
-CREATE INDEX IF NOT EXISTS usage_minute_meter_customer_minute
-    ON usage_minute (meter, customer, minute);
+-- One row per key: a flush merges into the row an earlier flush wrote.
+CREATE INDEX IF NOT EXISTS usage_minute_key
+    ON usage_minute (meter, customer, minute, properties, instance_id);
 CREATE TABLE IF NOT EXISTS flushes (
     instance_id TEXT    NOT NULL,
     flush_seq   INTEGER NOT NULL,
@@ -157,6 +168,9 @@ fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
     if !has_extras {
         conn.execute_batch("ALTER TABLE flushes ADD COLUMN wal_extras TEXT NOT NULL DEFAULT ''")?;
     }
+    // Before rows were merged by key (issue 24) the lookup index stopped at the
+    // minute; `usage_minute_key` (in `SCHEMA`) covers its queries too.
+    conn.execute_batch("DROP INDEX IF EXISTS usage_minute_meter_customer_minute")?;
     Ok(())
 }
 
@@ -247,6 +261,22 @@ fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(),
         return Ok(());
     }
     {
+        // A key an earlier flush wrote is merged into its row, by the meter's
+        // fold, so the table holds one row per (meter, customer, minute,
+        // properties, instance) however often a minute is flushed: with a 1 s
+        // flush a busy customer's minute is 1 row, not 60 (issue 24). The
+        // `rowid` pick updates one row even in a file written before rows
+        // were merged, which may hold several of a key (queries fold them).
+        let mut merge = tx
+            .prepare_cached(
+                "UPDATE usage_minute SET \
+                 value = CASE ?6 WHEN 0 THEN value + ?5 WHEN 1 THEN max(value, ?5) \
+                         ELSE (CASE WHEN ?7 >= last_ts THEN ?5 ELSE value END) END, \
+                 last_ts = max(last_ts, ?7), flush_seq = ?9 \
+                 WHERE rowid = (SELECT rowid FROM usage_minute \
+                   WHERE meter = ?1 AND customer = ?2 AND minute = ?3 AND properties = ?4 AND instance_id = ?8 LIMIT 1)",
+            )
+            .map_err(io(OP))?;
         let mut insert = tx
             .prepare_cached(
                 "INSERT INTO usage_minute \
@@ -258,9 +288,19 @@ fn write_flush_blocking(conn: &mut Connection, batch: &FlushBatch) -> Result<(),
         // 32 rows (~0.1 ms) lets a request worker woken on this CPU in at once.
         let mut yielder = crate::priority::Yielder::new(32);
         for (row, props) in batch.rows.iter().zip(&props) {
-            insert
-                .execute((&row.meter, &row.customer, row.minute_ms, props, row.value, row.last_ts, &batch.instance_id, seq))
+            let fold: i64 = match row.fold {
+                Fold::Sum => 0,
+                Fold::Max => 1,
+                Fold::Latest => 2,
+            };
+            let merged = merge
+                .execute((&row.meter, &row.customer, row.minute_ms, props, row.value, fold, row.last_ts, &batch.instance_id, seq))
                 .map_err(io(OP))?;
+            if merged == 0 {
+                insert
+                    .execute((&row.meter, &row.customer, row.minute_ms, props, row.value, row.last_ts, &batch.instance_id, seq))
+                    .map_err(io(OP))?;
+            }
             yielder.step();
         }
     }
@@ -690,6 +730,7 @@ mod tests {
             properties: vec![("region".to_owned(), "eu".to_owned())],
             value,
             last_ts: minute_ms + 1,
+            fold: Fold::Sum,
         }
     }
 
@@ -756,6 +797,106 @@ mod tests {
         let conn = store.conn.lock().unwrap_or_else(PoisonError::into_inner);
         let stored: i64 = conn.query_row("SELECT count(*) FROM usage_minute", [], |r| r.get(0)).expect("count");
         assert_eq!(stored, n as i64);
+    }
+
+    fn stored_rows(store: &SqliteStore) -> i64 {
+        let conn = store.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        conn.query_row("SELECT count(*) FROM usage_minute", [], |r| r.get(0)).expect("count")
+    }
+
+    fn folded(fold: Fold, customer: &str, minute_ms: i64, value: i64, last_ts: i64) -> UsageRow {
+        UsageRow { customer: customer.to_owned(), value, last_ts, fold, ..row(customer, minute_ms, value) }
+    }
+
+    #[tokio::test]
+    async fn later_flushes_of_a_key_merge_into_its_row_by_the_meters_fold() {
+        let (_dir, store) = open_temp();
+        // Three flushes of the same minute, as a busy customer makes with a 1 s
+        // flush; for `latest` the second carries an older event than the first.
+        let flushes = [(5, 1_000), (9, 500), (2, 3_000)];
+        for (seq, (value, at)) in flushes.iter().enumerate() {
+            let rows = vec![
+                folded(Fold::Sum, "sum", 0, *value, *at),
+                folded(Fold::Max, "max", 0, *value, *at),
+                folded(Fold::Latest, "latest", 0, *value, *at),
+            ];
+            store.write_flush(&batch("i", seq as u64 + 1, rows)).await.expect("flush");
+        }
+        assert_eq!(stored_rows(&store), 3, "one row per key, not one per flush");
+        let got: Vec<(String, i64, i64, i64)> = {
+            let conn = store.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut stmt = conn.prepare("SELECT customer, value, last_ts, flush_seq FROM usage_minute ORDER BY customer").expect("select");
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).expect("rows").map(|r| r.expect("row"));
+            rows.collect()
+        };
+        assert_eq!(
+            got,
+            vec![
+                // The value of the newest event (3_000), not of the last flush written.
+                ("latest".to_owned(), 2, 3_000, 3),
+                ("max".to_owned(), 9, 3_000, 3),
+                ("sum".to_owned(), 16, 3_000, 3),
+            ]
+        );
+        // An older event in a later flush leaves `latest` as it is.
+        store.write_flush(&batch("i", 4, vec![folded(Fold::Latest, "latest", 0, 7, 2_000)])).await.expect("flush");
+        let latest = UsageQuery { meter: "m".to_owned(), fold: Fold::Latest, customer: Some("latest".to_owned()), ..sum_query("i") };
+        assert_eq!(
+            store.aggregate(&latest).await.expect("aggregate").data,
+            vec![Aggregate { customer: "latest".into(), value: 2, last_ts: 3_000 }]
+        );
+    }
+
+    #[tokio::test]
+    async fn rows_differing_in_any_part_of_the_key_stay_apart() {
+        let (_dir, store) = open_temp();
+        store.write_flush(&batch("i", 1, vec![row("a", 0, 1)])).await.expect("flush");
+        let other_props = UsageRow { properties: vec![("region".to_owned(), "us".to_owned())], ..row("a", 0, 2) };
+        let other_meter = UsageRow { meter: "n".to_owned(), ..row("a", 0, 4) };
+        store.write_flush(&batch("i", 2, vec![other_props, other_meter, row("a", 60_000, 8), row("b", 0, 16)])).await.expect("flush");
+        store.write_flush(&batch("j", 1, vec![row("a", 0, 32)])).await.expect("another instance");
+        assert_eq!(stored_rows(&store), 6);
+        // Every value is still counted once.
+        let total: i64 = store.aggregate(&sum_query("i")).await.expect("aggregate").data.iter().map(|a| a.value).sum();
+        assert_eq!(total, 1 + 2 + 8 + 16 + 32);
+        let own = UsageQuery { own_only: true, ..sum_query("j") };
+        assert_eq!(store.aggregate(&own).await.expect("aggregate").data, vec![Aggregate { customer: "a".into(), value: 32, last_ts: 1 }]);
+    }
+
+    #[tokio::test]
+    async fn a_file_from_before_merging_keeps_its_rows_and_takes_merges() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("meterd.db");
+        {
+            // The schema and rows of a build that inserted a row per flush: two
+            // rows of one key, and the old lookup index.
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(&SCHEMA.replace(
+                "usage_minute_key\n    ON usage_minute (meter, customer, minute, properties, instance_id)",
+                "usage_minute_meter_customer_minute\n    ON usage_minute (meter, customer, minute)",
+            ))
+            .expect("old schema");
+            conn.execute_batch(
+                "INSERT INTO usage_minute VALUES ('m', 'a', 0, '[[\"region\",\"eu\"]]', 5, 1, 'i', 1); \
+                 INSERT INTO usage_minute VALUES ('m', 'a', 0, '[[\"region\",\"eu\"]]', 7, 1, 'i', 2); \
+                 INSERT INTO flushes VALUES ('i', 1, 1, 0, 0, ''), ('i', 2, 1, 0, 0, '');",
+            )
+            .expect("old rows");
+        }
+        let store = SqliteStore::open(&path).expect("open");
+        let indexes: Vec<String> = {
+            let conn = store.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut stmt = conn
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'usage_minute' ORDER BY name")
+                .expect("select");
+            let names = stmt.query_map([], |r| r.get(0)).expect("names").map(|r| r.expect("name")).collect();
+            names
+        };
+        assert_eq!(indexes, vec!["usage_minute_key".to_owned(), "usage_minute_meter_minute".to_owned()]);
+        // The next flush of that key merges into one of the two rows, not both.
+        store.write_flush(&batch("i", 3, vec![row("a", 0, 100)])).await.expect("flush");
+        assert_eq!(stored_rows(&store), 2);
+        assert_eq!(store.aggregate(&sum_query("i")).await.expect("aggregate").data[0].value, 112);
     }
 
     #[tokio::test]

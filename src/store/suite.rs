@@ -113,6 +113,7 @@ pub fn row(meter: &str, customer: &str, minute_ms: i64, properties: &[(&str, &st
         properties: properties.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         value,
         last_ts,
+        fold: Fold::Sum,
     }
 }
 
