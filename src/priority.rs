@@ -72,19 +72,6 @@ where
     rx.await.map_err(|_| PriorityError::Lost)
 }
 
-/// Drops `value` on a lowered thread of its own, without waiting: for large
-/// collections whose freeing would otherwise take a request worker's (or a
-/// lock holder's) milliseconds. Dropped here if no thread can be started.
-pub fn drop_lowered<T: Send + 'static>(value: T) {
-    let spawned = std::thread::Builder::new().name("meterd-background".into()).spawn(move || {
-        lower_this_thread();
-        drop(value);
-    });
-    if let Err(e) = spawned {
-        tracing::debug!(error = %e, "cannot start a background thread; freeing in place");
-    }
-}
-
 /// Runs `f`, which may borrow, on a lowered thread of its own and waits for
 /// it. On a multi-threaded runtime the waiting is done in
 /// `tokio::task::block_in_place`, which first hands the calling worker's queued
@@ -201,22 +188,6 @@ mod tests {
             y.step();
         }
         assert_eq!(y.count, 1);
-    }
-
-    #[test]
-    fn a_value_dropped_lowered_is_freed_on_a_lowered_thread() {
-        struct Tell(std::sync::mpsc::Sender<(i32, bool)>, std::thread::ThreadId);
-        impl Drop for Tell {
-            fn drop(&mut self) {
-                let _ = self.0.send((nice_of_this_thread(), std::thread::current().id() != self.1));
-            }
-        }
-        let before = nice_of_this_thread();
-        let (tx, rx) = std::sync::mpsc::channel();
-        drop_lowered(Tell(tx, std::thread::current().id()));
-        let (nice, elsewhere) = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap_or((-100, false));
-        assert!(elsewhere, "freed on another thread");
-        assert_eq!(nice, (before + BACKGROUND_NICE).min(19));
     }
 
     #[tokio::test]
