@@ -714,6 +714,61 @@ async fn a_settled_credit_hold_is_spent_at_once_on_every_instance() {
     }
 }
 
+/// Instances whose background rounds (credits sync, counter sync, stale
+/// refresh) do not run during a test: the test drives each sync itself.
+fn config_quiet(urls: &str, instance: &str) -> String {
+    config(urls, instance).replace("sync_interval = \"50ms\"", "sync_interval = \"1h\"")
+}
+
+/// One credits sync round of `s` (`grants::refresh` runs it every interval).
+async fn credits_sync(s: &TestServer) {
+    let engine = &s.app().engine;
+    let redis = engine.redis().expect("redis");
+    let (interner, catalog) = (&engine.counters().interner, engine.catalog());
+    meterd::grants::redis_consume::sync(
+        engine.credits(),
+        engine.holds(),
+        redis,
+        engine.instance_id(),
+        |c| interner.name(c),
+        |m| catalog.meter(m).map(|m| m.name.clone()),
+    )
+    .await;
+}
+
+/// A settle on B moves the hold's units from the held total to the credit
+/// usage in one script. A credits sync on A that learns the usage must not
+/// leave A counting the same units as still held too (it once did: A's held
+/// total was the one its reserve answered, its usage the sync's, and A denied
+/// locally what the balance covers). Driven step by step: no timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credits_sync_after_a_settle_elsewhere_does_not_count_the_hold_twice() {
+    let redis = need!(RedisServer::start(false).await);
+    away_from_day_boundary().await;
+    let urls = url_list(&redis);
+    let (a, b) = (TestServer::start(&config_quiet(&urls, "twice-a")).await, TestServer::start(&config_quiet(&urls, "twice-b")).await);
+    let (ca, cb) = (a.client(), b.client());
+    let r = ca.post_json("/v1/customers/tw/grants", &json!({"id": "topup", "meter": "prepaid", "amount": 100})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = reserve(&ca, json!({"id": "tw-1", "customer": "tw", "meter": "prepaid", "quantity": 10, "expires_in": "1h"})).await;
+    assert_eq!(r.body["reservation"]["status"], "held", "{}", r.text);
+    let done = settle(&cb, "tw-1", json!({"quantity": 10})).await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    assert_eq!((redis_credits_used(&redis, "tw").await, redis_held(&redis, "tw", "prepaid").await), (10, 0));
+    // A learns B's usage; the hold it counted is the same 10 credits.
+    credits_sync(&a).await;
+    wait_balance(&a, "tw", "balance", 90).await;
+    let c = check(&ca, "tw", "prepaid", 90).await;
+    assert_eq!((c["allowed"].clone(), c["held"].clone(), c["remaining"].clone()), (json!(true), json!(0), json!(90)), "{c}");
+    let c = consume(&ca, "tw", "prepaid", 90, "tw-c").await;
+    assert_eq!(c["allowed"], true, "{c}");
+    assert_eq!(redis_credits_used(&redis, "tw").await, 100);
+    // Nothing is left: one more credit is refused.
+    assert_eq!(consume(&ca, "tw", "prepaid", 1, "tw-c2").await["allowed"], false);
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credit_hold_counts_usage_on_other_instances_not_yet_synced() {
     let redis = need!(RedisServer::start(false).await);

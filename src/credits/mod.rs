@@ -381,6 +381,10 @@ impl CreditBook {
     /// its folded usage plus what its consumes took in Redis and have not
     /// folded yet: a sync answering between a consume's take and its fold must
     /// not charge that quantity as the others' (it would be counted twice).
+    /// With reservations in Redis, callers first record the held total read in
+    /// the same script (`grants::redis_consume`): a settle moves a hold's
+    /// units into `total`, which must not be learned before the held total
+    /// lost them.
     pub fn learn_total(&self, customer: CustomerId, meter: MeterId, total: i64, now: i64) {
         let grew = self.with_entry(customer, meter, |e| {
             let own = e.ledger.used().saturating_sub(e.others).saturating_add(e.pending);

@@ -317,6 +317,7 @@ pub async fn refresh(engine: Arc<Engine>, interval: Duration, mut stop: tokio::s
             let catalog = engine.catalog();
             redis_consume::sync(
                 ports.credits,
+                engine.holds(),
                 redis,
                 engine.instance_id(),
                 |c| interner.name(c),

@@ -14,6 +14,13 @@
 //! Reservations on a hard credits balance are decided on the same key by the
 //! reserve script (`holds::shared`), with the same `base`.
 //!
+//! Every answer also carries the customer's held total of the meter as it
+//! stood in the same script, which the hold book takes *before* the book
+//! learns `t`. A settle (on any instance) moves its units from the held total
+//! into `t` in one script: a `t` learned without the held total of the same
+//! instant would count a settled hold twice here, as held and as used, and a
+//! local decision would deny what the balance covers.
+//!
 //! This per-consume take is `enforcement = "strict"` on a credits limit, the
 //! way a credits limit beside a strict or leased window is taken, and the
 //! fallback while Redis recovers from a restart; by default a hard balance is
@@ -23,15 +30,18 @@
 
 use crate::counters::CustomerId;
 use crate::credits::CreditBook;
+use crate::holds::shared::Held;
+use crate::holds::HoldBook;
 use crate::model::{Limit, LimitAmount, Meter, MeterId};
 use crate::redis_link::{Keys, Redis};
 
-/// KEYS: the credit key, then optionally the customer's held total of the
-/// meter (reservations, issue 19), which a take leaves untouched. ARGV: field,
-/// own usage, base (= balance + own + others), quantity (0: sync only), the
-/// grants version the credit book has loaded. Returns {1, t before} when
-/// taken (or a sync), {0, t} when refused, {2, t} while grants are changing
-/// (see `redis_link::credit_lease`: a void in progress, or newer grants).
+/// KEYS: the credit key, then the customer's held total of the meter
+/// (reservations, issue 19), which a take leaves untouched. ARGV: field, own
+/// usage, base (= balance + own + others), quantity (0: sync only), the grants
+/// version the credit book has loaded. Returns {1, t before, held, held
+/// version} when taken (or a sync), {0, t, held, held version} when refused,
+/// {2, t, held, held version} while grants are changing (see
+/// `redis_link::credit_lease`: a void in progress, or newer grants).
 const SCRIPT: &str = r"
 local field = ARGV[1]
 local own = tonumber(ARGV[2])
@@ -39,6 +49,13 @@ local base = tonumber(ARGV[3])
 local q = tonumber(ARGV[4])
 local seen = tonumber(ARGV[5] or '0')
 local me = string.sub(field, 3)
+-- Reservations (issue 19): what is held over all instances, and its version,
+-- read with `t` (answered with it; see the module doc).
+local h, hv = 0, 0
+if KEYS[2] then
+  local hh = redis.call('HMGET', KEYS[2], 't', 'v')
+  h, hv = tonumber(hh[1] or '0'), tonumber(hh[2] or '0')
+end
 local old = tonumber(redis.call('HGET', KEYS[1], field) or '0')
 local t = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
 if own > old then
@@ -53,20 +70,18 @@ if q == 0 then
   -- slice that expired (a restart after a crash) holds nothing any more.
   local x = tonumber(redis.call('HGET', KEYS[1], 'x:' .. me) or '0')
   if x > 0 and x <= now then redis.call('HDEL', KEYS[1], 'c:' .. me, 'x:' .. me, 'u:' .. me) end
-  return {1, t}
+  return {1, t, h, hv}
 end
 -- Slices of the balance (redis_link::credit_lease) are spoken for; a void
 -- in progress, or grants newer than this instance's, stop the take.
 local s = read_slices(KEYS[1])
-if s.vf > now or s.gv > seen then return {2, t} end
+if s.vf > now or s.gv > seen then return {2, t, h, hv} end
 local sl = slices_left(s, now)
 -- Reservations (issue 19): what is held over all instances is not spendable.
-local h = 0
-if KEYS[2] then h = tonumber(redis.call('HGET', KEYS[2], 't') or '0') end
-if base - t - h - sl < q then return {0, t} end
+if base - t - h - sl < q then return {0, t, h, hv} end
 redis.call('HSET', KEYS[1], field, old + q)
 redis.call('HINCRBY', KEYS[1], 't', q)
-return {1, t}
+return {1, t, h, hv}
 ";
 
 /// Undoes a taken quantity whose WAL write failed.
@@ -116,11 +131,21 @@ pub fn leased(limits: &[Limit]) -> bool {
     limits.iter().any(|l| l.hard && matches!(l.amount, LimitAmount::Credits { .. }) && l.enforcement != crate::model::Enforcement::Strict)
 }
 
+/// The held total a script answered beside `t` (`[held, version]`) goes to
+/// the hold book; call before the book learns that `t` (see the module doc).
+pub fn note_held(holds: &HoldBook, customer: CustomerId, meter: MeterId, held: &[i64]) {
+    if let [total, version] = *held {
+        holds.set_shared(customer, meter, Held { total, version });
+    }
+}
+
 /// Takes `quantity` of the `(customer, meter)` balance in Redis (the customer
 /// by name and id). Call under the
 /// consume lock, after the local decision allowed.
+#[allow(clippy::too_many_arguments)]
 pub async fn take(
     book: &CreditBook,
+    holds: &HoldBook,
     redis: &Redis,
     instance_id: &str,
     (name, customer): (&str, CustomerId),
@@ -139,14 +164,19 @@ pub async fn take(
     // instance's own in whatever total a sync learns meanwhile.
     book.taking(customer, meter.id, quantity);
     let reply: Result<Vec<i64>, _> = redis.call("credits take", invocation.invoke_async(&mut conn)).await;
+    if let Ok([_, _, held @ ..]) = reply.as_deref() {
+        // Before any `t` of this answer is learned (here, or when the take is
+        // folded: `settle`).
+        note_held(holds, customer, meter.id, held);
+    }
     match reply.as_deref() {
-        Ok([1, t]) => Outcome::Taken(Taken { key, field, customer, meter: meter.id, quantity, total_before: *t }),
-        Ok([0, t]) => {
+        Ok([1, t, _, _]) => Outcome::Taken(Taken { key, field, customer, meter: meter.id, quantity, total_before: *t }),
+        Ok([0, t, _, _]) => {
             book.taking(customer, meter.id, -quantity);
             book.learn_total(customer, meter.id, *t, now);
             Outcome::Refused { balance: base.saturating_sub(*t) }
         }
-        Ok([2, _]) => {
+        Ok([2, _, _, _]) => {
             book.taking(customer, meter.id, -quantity);
             Outcome::Down("grants are changing (a void in progress, or this instance has not loaded the newest grants)".into())
         }
@@ -186,9 +216,11 @@ const SYNC_IN_FLIGHT: usize = 32;
 
 /// Pushes this instance's usage of every ledger and charges the others'
 /// (one script per ledger, [`SYNC_IN_FLIGHT`] at a time on the multiplexed
-/// connection). Stops at the first failure; the next interval retries.
+/// connection), taking the held total each answer carries into `holds` first.
+/// Stops at the first failure; the next interval retries.
 pub async fn sync(
     book: &CreditBook,
+    holds: &HoldBook,
     redis: &Redis,
     instance_id: &str,
     names: impl Fn(CustomerId) -> Option<std::sync::Arc<str>>,
@@ -198,22 +230,24 @@ pub async fn sync(
     let field = Keys::instance_field(instance_id);
     let now = crate::clock::now_ms();
     let calls = book.ledger_keys().into_iter().filter_map(|(customer, meter)| {
-        let key = redis.keys.credits(&names(customer)?, &meters(meter)?);
+        let (name, meter_name) = (names(customer)?, meters(meter)?);
+        let (key, held_key) = (redis.keys.credits(&name, &meter_name), redis.keys.held(&name, &meter_name));
         let (_, own, _) = book.shared_view(customer, meter, now);
-        Some((customer, meter, key, own))
+        Some((customer, meter, (key, held_key), own))
     });
     let field = &field;
     let mut answers = stream::iter(calls)
-        .map(|(customer, meter, key, own)| async move {
+        .map(|(customer, meter, (key, held_key), own)| async move {
             let mut invocation = TAKE.prepare_invoke();
-            invocation.key(key).arg(field).arg(own).arg(0).arg(0);
+            invocation.key(key).key(held_key).arg(field).arg(own).arg(0).arg(0);
             let mut conn = redis.conn();
             (customer, meter, own, redis.call("credits sync", invocation.invoke_async::<Vec<i64>>(&mut conn)).await)
         })
         .buffer_unordered(SYNC_IN_FLIGHT);
     while let Some((customer, meter, own, answer)) = answers.next().await {
         match answer.as_deref() {
-            Ok([1, t]) => {
+            Ok([1, t, held @ ..]) => {
+                note_held(holds, customer, meter, held);
                 book.learn_total(customer, meter, *t, now);
                 // Redis holds at least `own` of this instance's usage now.
                 redis.credit_slices.reported((customer, meter), own);

@@ -14,6 +14,7 @@
 use crate::counters::CustomerId;
 use crate::credits::CreditBook;
 use crate::engine::Engine;
+use crate::holds::HoldBook;
 use crate::model::Meter;
 use crate::redis_link::credit_lease::{self, Slice, SliceAsk, SliceMode, SliceReply};
 use crate::redis_link::Redis;
@@ -34,9 +35,13 @@ pub enum Outcome {
 }
 
 /// Decides `quantity` of `(customer, meter)`'s balance inside a slice. Call
-/// under the consume lock, after the local decision allowed.
+/// under the consume lock, after the local decision allowed. The held total
+/// each answer carries goes to `holds` before the book learns the answer's
+/// total (see `grants::redis_consume`).
+#[allow(clippy::too_many_arguments)]
 pub async fn take(
     book: &CreditBook,
+    holds: &HoldBook,
     redis: &Redis,
     instance_id: &str,
     (name, customer): (&str, CustomerId),
@@ -66,6 +71,7 @@ pub async fn take(
     };
     match credit_lease::call(redis, instance_id, SliceMode::Take, redis.leases.ttl_ms(), &ask).await {
         Ok(SliceReply::Granted(g)) => {
+            holds.set_shared(customer, meter.id, g.held);
             book.learn_total(customer, meter.id, g.total, now);
             let slice = Slice {
                 cap: g.cap,
@@ -80,13 +86,15 @@ pub async fn take(
             slices.hold(key, slice, started, g.ttl_ms);
             Outcome::Inside
         }
-        Ok(SliceReply::Denied { total }) => {
+        Ok(SliceReply::Denied { total, held }) => {
             slices.remove(key);
+            holds.set_shared(customer, meter.id, held);
             book.learn_total(customer, meter.id, total, now);
             Outcome::Refused
         }
         Ok(SliceReply::Recovering) => Outcome::Recovering,
-        Ok(SliceReply::Stale { total }) => {
+        Ok(SliceReply::Stale { total, held }) => {
+            holds.set_shared(customer, meter.id, held);
             book.learn_total(customer, meter.id, total, now);
             Outcome::Down("grants are changing (a void in progress, or this instance has not loaded the newest grants)".into())
         }
@@ -133,6 +141,7 @@ pub async fn maintain(engine: &Engine, redis: &Redis, closing: bool) {
                         Slice { cap: g.cap.max(slice.cap), reported: g.part.max(slice.reported), unreported: g.unreported, ..slice };
                     slices.hold(key, renewed, sent, g.ttl_ms);
                 }
+                engine.holds().set_shared(key.0, key.1, g.held);
                 book.learn_total(key.0, key.1, g.total, wall);
             }
             Ok(other) => {

@@ -359,13 +359,18 @@ impl LimitReads<'_> {
         low_balance: Option<i64>,
         now: i64,
     ) -> LimitState {
+        // The balance first, then the held total: with Redis the held total a
+        // script answered is recorded before the usage answered with it is
+        // learned (`grants::redis_consume`), so read in this order a settled
+        // hold is never seen both as used and as still held.
         let b = self.credits.balance(customer, meter.id, low_balance, now);
+        let held = customer.map_or(0, |c| self.holds.held(c, meter.id));
         let end_ms = b.next_expiry.map_or(i64::MAX, |(_, at)| at);
         LimitState {
             limit: Limit { amount: LimitAmount::Credits { granted: b.granted, low_balance }, ..limit },
             window: crate::model::Window { kind: crate::model::WindowKind::Total, start_ms: 0, end_ms },
             used: b.granted.saturating_sub(b.balance),
-            held: customer.map_or(0, |c| self.holds.held(c, meter.id)),
+            held,
         }
     }
 
@@ -636,7 +641,7 @@ impl LimitsPorts<'_> {
     ) -> Option<crate::grants::redis_consume::Taken> {
         use crate::grants::redis_consume::{take, Outcome};
         let index = states.iter().position(|s| s.limit.hard && s.limit.amount.is_credits()).unwrap_or(0);
-        match take(self.reads.credits, redis, self.instance_id, (c.name, c.customer), c.meter, c.quantity, c.now).await {
+        match take(self.reads.credits, self.reads.holds, redis, self.instance_id, (c.name, c.customer), c.meter, c.quantity, c.now).await {
             Outcome::Taken(t) => Some(t),
             Outcome::Refused { balance } => {
                 if let Some(s) = states.get_mut(index) {
@@ -666,7 +671,7 @@ impl LimitsPorts<'_> {
     async fn lease_credits(&self, redis: &Redis, c: &Consume<'_>, states: &mut [LimitState], verdict: &mut Verdict) -> bool {
         use crate::grants::slices::{take, Outcome};
         let index = states.iter().position(|s| s.limit.hard && s.limit.amount.is_credits()).unwrap_or(0);
-        match take(self.reads.credits, redis, self.instance_id, (c.name, c.customer), c.meter, c.quantity, c.now).await {
+        match take(self.reads.credits, self.reads.holds, redis, self.instance_id, (c.name, c.customer), c.meter, c.quantity, c.now).await {
             Outcome::Inside => true,
             Outcome::Refused => {
                 if let Some(s) = states.get_mut(index) {

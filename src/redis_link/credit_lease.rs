@@ -46,6 +46,7 @@
 //! then uses the strict credits take.
 
 use crate::counters::CustomerId;
+use crate::holds::shared::Held;
 use crate::model::MeterId;
 use crate::redis_link::{Redis, RedisError};
 use dashmap::DashMap;
@@ -55,11 +56,14 @@ use std::time::{Duration, Instant};
 /// ARGV: instance id, ttl ms, mode (`take` | `renew` | `return` | `void` |
 /// `voided`), own usage, base, want (take: own + quantity; renew: the cap held;
 /// void: the grant's remainder; voided: the grants version), grants version
-/// seen. Replies: `{1, ttl, cap, total, part, unreported}` (granted, renewed,
-/// returned); `{0, total}` refused (the requester's slice is returned) or a
-/// renewal of an expired slice; `{2}` recovering from a restart; `{3, total}`
-/// grants changing (fenced by a void, or this instance's grants are older
-/// than the key's `gv`); void: `{1, voidable, total}`.
+/// seen. Replies: `{1, ttl, cap, total, part, unreported, held, held version}`
+/// (granted, renewed, returned); `{0, total, held, held version}` refused (the
+/// requester's slice is returned) or a renewal of an expired slice; `{2}`
+/// recovering from a restart; `{3, total, held, held version}` grants changing
+/// (fenced by a void, or this instance's grants are older than the key's
+/// `gv`); void: `{1, voidable, total}`. The held total is the one read with
+/// `total`: the caller records it before it learns `total`
+/// (`grants::redis_consume`'s module doc says why).
 const SCRIPT: &str = r"
 local me, ttl, mode = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local v, base, want, seen = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -76,9 +80,12 @@ local cf, xf, uf = 'c:' .. me, 'x:' .. me, 'u:' .. me
 local s = read_slices(key)
 local gv, vf, caps, exps, unrep = s.gv, s.vf, s.caps, s.exps, s.unrep
 local t, mine = raise_own(s, key, me, v)
-if (mode == 'take' or mode == 'void') and (vf > now or gv > seen) then return {3, t} end
-local hk = 0
-if KEYS[2] then hk = tonumber(redis.call('HGET', KEYS[2], 't') or '0') end
+local hk, hv = 0, 0
+if KEYS[2] then
+  local hh = redis.call('HMGET', KEYS[2], 't', 'v')
+  hk, hv = tonumber(hh[1] or '0'), tonumber(hh[2] or '0')
+end
+if (mode == 'take' or mode == 'void') and (vf > now or gv > seen) then return {3, t, hk, hv} end
 if mode == 'void' then
   local free = base - t - slices_left(s, now) - hk
   if free < 0 then free = 0 end
@@ -105,7 +112,7 @@ if mode == 'take' then
     local need = want - floor
     if need > free then
       redis.call('HDEL', key, cf, xf, uf)
-      return {0, t}
+      return {0, t, hk, hv}
     end
     local extra = math.floor(free / (2 * (holders + 1)))
     if extra < need then extra = need end
@@ -116,23 +123,23 @@ if mode == 'take' then
   if quarter > u then u = quarter end
   if want - mine > u then u = want - mine end
   redis.call('HSET', key, cf, cap, xf, now + ttl, uf, u)
-  return {1, ttl, cap, t, mine, u}
+  return {1, ttl, cap, t, mine, u, hk, hv}
 end
 if mode == 'renew' then
   local missing = caps[me] == nil
   if not valid and not (missing and recovering(ttl)) then
     redis.call('HDEL', key, cf, xf, uf)
-    return {0, t}
+    return {0, t, hk, hv}
   end
   local cap = floor
   if want > cap then cap = want end
   local u = unrep[me] or 0
   if missing then u = cap - mine end
   redis.call('HSET', key, cf, cap, xf, now + ttl, uf, u)
-  return {1, ttl, cap, t, mine, u}
+  return {1, ttl, cap, t, mine, u, hk, hv}
 end
 redis.call('HDEL', key, cf, xf, uf)
-return {1, ttl, mine, t, mine, 0}
+return {1, ttl, mine, t, mine, 0, hk, hv}
 ";
 
 static CREDIT_LEASE: std::sync::LazyLock<::redis::Script> =
@@ -167,6 +174,8 @@ pub struct Granted {
     /// This instance's usage Redis holds.
     pub part: i64,
     pub unreported: i64,
+    /// The held total read with `total` (record it before learning `total`).
+    pub held: Held,
 }
 
 /// The script's answer.
@@ -176,12 +185,14 @@ pub enum SliceReply {
     /// Not enough free credit (or an expired slice not renewed).
     Denied {
         total: i64,
+        held: Held,
     },
     /// Redis restarted less than two ttls ago.
     Recovering,
     /// Grants are changing (a void in progress, or ours are older).
     Stale {
         total: i64,
+        held: Held,
     },
 }
 
@@ -205,13 +216,14 @@ pub async fn call(redis: &Redis, instance_id: &str, mode: SliceMode, ttl_ms: i64
     let invocation = invoke(ask, instance_id, mode.as_str(), ttl_ms)?;
     let mut conn = redis.conn();
     let reply: Vec<i64> = redis.call("credit slice", invocation.invoke_async(&mut conn)).await?;
-    match reply.as_slice() {
-        [1, ttl_ms, cap, total, part, unreported] => {
-            Ok(SliceReply::Granted(Granted { ttl_ms: *ttl_ms, cap: *cap, total: *total, part: *part, unreported: *unreported }))
+    let held = |total: i64, version: i64| Held { total, version };
+    match *reply.as_slice() {
+        [1, ttl_ms, cap, total, part, unreported, h, v] => {
+            Ok(SliceReply::Granted(Granted { ttl_ms, cap, total, part, unreported, held: held(h, v) }))
         }
-        [0, total] => Ok(SliceReply::Denied { total: *total }),
+        [0, total, h, v] => Ok(SliceReply::Denied { total, held: held(h, v) }),
         [2] => Ok(SliceReply::Recovering),
-        [3, total] => Ok(SliceReply::Stale { total: *total }),
+        [3, total, h, v] => Ok(SliceReply::Stale { total, held: held(h, v) }),
         _ => Err(RedisError::Unexpected(format!("credit slice script answered {reply:?}"))),
     }
 }
@@ -226,7 +238,7 @@ pub async fn void(redis: &Redis, instance_id: &str, ttl_ms: i64, ask: &SliceAsk<
     let reply: Vec<i64> = redis.call("credit void", invocation.invoke_async(&mut conn)).await?;
     match reply.as_slice() {
         [1, free, _] => Ok(Some(*free)),
-        [3, _] => Ok(None),
+        [3, ..] => Ok(None),
         _ => Err(RedisError::Unexpected(format!("credit void script answered {reply:?}"))),
     }
 }
