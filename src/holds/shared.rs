@@ -209,14 +209,9 @@ static RESERVE: std::sync::LazyLock<::redis::Script> =
     std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{}{PRELUDE}{RESERVE_BODY}", crate::redis_link::slices_lua::SLICES_LUA)));
 static FINISH: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(&format!("{PRELUDE}{FINISH_BODY}")));
 
-/// A held total as Redis answered it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Held {
-    /// Raw units held over all instances.
-    pub total: i64,
-    /// Its version: a later answer has a higher one.
-    pub version: i64,
-}
+/// A held total as Redis answered it (defined with the Redis link, whose
+/// credit scripts answer it too).
+pub use crate::redis_link::Held;
 
 /// One `strict` or `leased` window a hold must fit.
 #[derive(Debug, Clone)]

@@ -45,8 +45,8 @@
 //! uptime), while every instance pushes its credit usage again; a consume
 //! then uses the strict credits take.
 
+use super::Held;
 use crate::counters::CustomerId;
-use crate::holds::shared::Held;
 use crate::model::MeterId;
 use crate::redis_link::{Redis, RedisError};
 use dashmap::DashMap;

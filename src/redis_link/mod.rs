@@ -36,6 +36,17 @@ use std::time::Duration;
 
 pub use keys::Keys;
 
+/// A customer's held total of a meter (reservations, issue 19) as a Redis
+/// script read it: the reserve script's answers and, beside the credit usage
+/// read in the same script, the credit scripts' (`credit_lease`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Held {
+    /// Raw units held over all instances.
+    pub total: i64,
+    /// Its version: a later answer has a higher one.
+    pub version: i64,
+}
+
 /// The largest count Redis scripts keep exact: Lua numbers are doubles, exact
 /// to 2^53. Limits above it are refused at config validation (with Redis);
 /// totals above it are not pushed (the syncer logs an error) and strict or
