@@ -28,6 +28,26 @@ struct Shard {
     /// The run-set version whose ids were last moved out of this shard: a
     /// prober holding an older run set must reload it (see `Table::insert_with`).
     version: u64,
+    /// No slot is older than this minute, so a sweep skips the shard until
+    /// it expires (issue 24: the housekeeping sweep read every slot of the
+    /// table, under each shard's lock, every ten seconds).
+    oldest: OldestMinute,
+}
+
+/// A lower bound of a shard's slot minutes (`u32::MAX` when it has none).
+#[derive(Clone, Copy)]
+struct OldestMinute(u32);
+
+impl Default for OldestMinute {
+    fn default() -> OldestMinute {
+        OldestMinute(u32::MAX)
+    }
+}
+
+impl OldestMinute {
+    fn note(&mut self, minute: u32) {
+        self.0 = self.0.min(minute);
+    }
 }
 
 /// Fingerprint of a hash: its top 96 bits (1 in the one-in-2^96 case that they
@@ -97,6 +117,7 @@ impl Shard {
         let cap = (self.slots.len() * 2).max(MIN_CAPACITY);
         let old = std::mem::replace(&mut self.slots, zeroed_slots(cap));
         self.len = 0;
+        self.oldest = OldestMinute::default();
         for s in old.iter().copied().filter(|&s| s != 0) {
             self.put_slot(s);
         }
@@ -111,6 +132,7 @@ impl Shard {
         }
         self.slots[i] = s;
         self.len += 1;
+        self.oldest.note(slot_minute(s));
     }
 
     /// Removes index `i` with backward-shift deletion (no tombstones).
@@ -254,6 +276,7 @@ impl Table {
                 // The table always holds an id's newest acceptance: anything
                 // older on disk has expired too.
                 shard.slots[i] = slot(tag(id), now_minute);
+                shard.oldest.note(now_minute);
                 return true;
             }
             return false;
@@ -263,6 +286,7 @@ impl Table {
         }
         shard.slots[i] = slot(tag(id), now_minute);
         shard.len += 1;
+        shard.oldest.note(now_minute);
         true
     }
 
@@ -286,21 +310,33 @@ impl Table {
         found
     }
 
-    /// Drops ids older than the window, shard by shard.
+    /// Drops ids older than the window, shard by shard; a shard whose oldest
+    /// slot has not expired is not read.
     pub fn sweep(&self, now_ms: i64) {
         let now_minute = minute_of(now_ms);
-        self.retain(|s| !self.expired(slot_minute(s), now_minute), None);
+        self.retain(|shard| self.expired(shard.oldest.0, now_minute), |s| !self.expired(slot_minute(s), now_minute), None);
     }
 
-    /// Rebuilds every shard holding a slot `keep` refuses, without those;
-    /// `version` (a spill) is recorded on every shard.
-    fn retain(&self, keep: impl Fn(u128) -> bool, version: Option<u64>) {
+    /// Rebuilds every shard that `look` picks and that holds a slot `keep`
+    /// refuses, without those; `version` (a spill) is recorded on every shard.
+    fn retain(&self, look: impl Fn(&Shard) -> bool, keep: impl Fn(u128) -> bool, version: Option<u64>) {
         for (index, lock) in self.shards.iter().enumerate() {
             let mut shard = lock.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(v) = version {
                 shard.version = v;
             }
-            if shard.slots.iter().all(|&s| s == 0 || keep(s)) {
+            if !look(&shard) {
+                continue;
+            }
+            let mut oldest = OldestMinute::default();
+            let all_kept = shard.slots.iter().filter(|&&s| s != 0).all(|&s| {
+                oldest.note(slot_minute(s));
+                keep(s)
+            });
+            if all_kept {
+                // The bound is exact now: the next sweep skips the shard until
+                // its true oldest minute expires.
+                shard.oldest = oldest;
                 continue;
             }
             let live: Vec<u128> = shard.slots.iter().copied().filter(|&s| s != 0 && keep(s)).collect();
@@ -310,6 +346,7 @@ impl Table {
             }
             shard.slots = zeroed_slots(cap);
             shard.len = 0;
+            shard.oldest = OldestMinute::default();
             for s in live {
                 shard.put_slot(s);
             }
@@ -342,7 +379,7 @@ impl Table {
     /// Drops the ids accepted at or before `minute` (they are on disk in the
     /// runs of set `version`, which must be published before this is called).
     pub fn drop_upto(&self, minute: u32, version: u64) {
-        self.retain(|s| slot_minute(s) > minute, Some(version));
+        self.retain(|shard| shard.oldest.0 <= minute, |s| slot_minute(s) > minute, Some(version));
     }
 
     /// Bytes of slot arrays held.
@@ -380,6 +417,36 @@ mod tests {
         assert_ne!(hash_id("a"), hash_id("b"));
         d.sweep(100 * MIN);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn a_sweep_drops_exactly_what_expired_whatever_shards_it_skips() {
+        // Window 10 minutes: an id accepted in minute m expires in minute m + 11.
+        let d = Table::new(10 * MIN);
+        let early: Vec<IdHash> = (0..2_000).map(|i| hash_id(&format!("early-{i}"))).collect();
+        let late: Vec<IdHash> = (0..2_000).map(|i| hash_id(&format!("late-{i}"))).collect();
+        d.insert_batch(&early, 0);
+        // Nothing expired: every shard is read once, and its bound made exact.
+        d.sweep(10 * MIN);
+        assert_eq!(d.len(), 2_000);
+        d.insert_batch(&late, 5 * MIN);
+        // The first minute the early ids are expired, every one goes.
+        d.sweep(11 * MIN - 1);
+        assert_eq!(d.len(), 4_000, "one minute early, nothing goes");
+        d.sweep(11 * MIN);
+        assert_eq!(d.len(), 2_000, "the early ids go in the first minute past the window");
+        assert!(late.iter().all(|&id| d.contains(id)));
+        d.sweep(16 * MIN - 1);
+        assert_eq!(d.len(), 2_000);
+        d.sweep(16 * MIN);
+        assert!(d.is_empty());
+        // A table never swept before: the bounds its inserts noted.
+        let fresh = Table::new(10 * MIN);
+        fresh.insert_batch(&early, 3 * MIN);
+        fresh.sweep(14 * MIN - 1);
+        assert_eq!(fresh.len(), 2_000);
+        fresh.sweep(14 * MIN);
+        assert!(fresh.is_empty());
     }
 
     #[test]
