@@ -723,17 +723,7 @@ fn config_quiet(urls: &str, instance: &str) -> String {
 /// One credits sync round of `s` (`grants::refresh` runs it every interval).
 async fn credits_sync(s: &TestServer) {
     let engine = &s.app().engine;
-    let redis = engine.redis().expect("redis");
-    let (interner, catalog) = (&engine.counters().interner, engine.catalog());
-    meterd::grants::redis_consume::sync(
-        engine.credits(),
-        engine.holds(),
-        redis,
-        engine.instance_id(),
-        |c| interner.name(c),
-        |m| catalog.meter(m).map(|m| m.name.clone()),
-    )
-    .await;
+    meterd::grants::sync_credits(engine, engine.redis().expect("redis")).await;
 }
 
 /// A settle on B moves the hold's units from the held total to the credit

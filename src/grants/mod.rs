@@ -305,6 +305,21 @@ pub fn has_credits(limits: &[crate::model::Limit]) -> bool {
     limits.iter().any(|l| matches!(l.amount, LimitAmount::Credits { .. }))
 }
 
+/// One credits sync round with Redis (`redis_consume::sync` on every ledger of
+/// this instance): what [`refresh`] runs every interval.
+pub async fn sync_credits(engine: &Engine, redis: &crate::redis_link::Redis) {
+    let (interner, catalog) = (&engine.counters().interner, engine.catalog());
+    redis_consume::sync(
+        engine.credits(),
+        engine.holds(),
+        redis,
+        engine.instance_id(),
+        |c| interner.name(c),
+        |m| catalog.meter(m).map(|m| m.name.clone()),
+    )
+    .await;
+}
+
 /// With a shared store (Redis), every `interval` until `stop`: syncs credit
 /// usage with the other instances and reloads the grants when the store's
 /// grants version moved.
@@ -313,17 +328,7 @@ pub async fn refresh(engine: Arc<Engine>, interval: Duration, mut stop: tokio::s
     loop {
         let ports = engine.grant_ports();
         if let Some(redis) = engine.redis() {
-            let interner = &engine.counters().interner;
-            let catalog = engine.catalog();
-            redis_consume::sync(
-                ports.credits,
-                engine.holds(),
-                redis,
-                engine.instance_id(),
-                |c| interner.name(c),
-                |m| catalog.meter(m).map(|m| m.name.clone()),
-            )
-            .await;
+            sync_credits(&engine, redis).await;
             // Leased credits (issue 16): renew the slices in use, return the idle ones.
             slices::maintain(&engine, redis, false).await;
         }
