@@ -22,6 +22,7 @@ pub mod shared;
 use crate::counters::CustomerId;
 use crate::model::CheckAnswer;
 use crate::model::MeterId;
+use crate::keyhash::KeyHash;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -103,21 +104,22 @@ struct Entry {
 
 /// The held totals and the reservations.
 pub struct HoldBook {
-    held: DashMap<(CustomerId, MeterId), i64>,
+    /// Read by every check of every limit: hashed with `KeyHash`, not SipHash.
+    held: DashMap<(CustomerId, MeterId), i64, KeyHash>,
     reservations: DashMap<String, Entry>,
     /// The ids of each customer's reservations in `reservations` (listing).
     by_customer: DashMap<String, HashSet<String>>,
     cap: usize,
     journal: Mutex<Option<journal::Journal>>,
     /// With Redis: the held totals over all instances, as last read.
-    shared: Option<DashMap<(CustomerId, MeterId), shared::Held>>,
+    shared: Option<DashMap<(CustomerId, MeterId), shared::Held, KeyHash>>,
 }
 
 impl HoldBook {
     /// An empty book that journals nothing (tests, embedded use without a data dir).
     pub fn in_memory(cap: usize) -> HoldBook {
         HoldBook {
-            held: DashMap::new(),
+            held: DashMap::with_hasher(KeyHash),
             reservations: DashMap::new(),
             by_customer: DashMap::new(),
             cap,
@@ -158,7 +160,7 @@ impl HoldBook {
         if local > 0 {
             tracing::warn!(local, "holds journaled by a run without redis do not count with redis; release them before switching");
         }
-        self.shared = Some(DashMap::new());
+        self.shared = Some(DashMap::with_hasher(KeyHash));
         self
     }
 
