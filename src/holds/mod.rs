@@ -20,9 +20,9 @@ pub mod journal;
 pub mod shared;
 
 use crate::counters::CustomerId;
+use crate::keyhash::KeyHash;
 use crate::model::CheckAnswer;
 use crate::model::MeterId;
-use crate::keyhash::KeyHash;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
