@@ -131,8 +131,18 @@ pub fn leased(limits: &[Limit]) -> bool {
     limits.iter().any(|l| l.hard && matches!(l.amount, LimitAmount::Credits { .. }) && l.enforcement != crate::model::Enforcement::Strict)
 }
 
+/// What a credit script read in one go, learned in the one safe order: the
+/// held total into the hold book first, then the usage `total` into the
+/// credit book (see the module doc). Every answer that carries both goes
+/// through here.
+pub fn learn(book: &CreditBook, holds: &HoldBook, (customer, meter): (CustomerId, MeterId), total: i64, held: Held, now: i64) {
+    holds.set_shared(customer, meter, held);
+    book.learn_total(customer, meter, total, now);
+}
+
 /// The held total a script answered beside `t` (`[held, version]`) goes to
-/// the hold book; call before the book learns that `t` (see the module doc).
+/// the hold book; call before the book learns that `t` (see the module doc),
+/// where the `t` is learned later (a take, once folded: [`settle`]).
 pub fn note_held(holds: &HoldBook, customer: CustomerId, meter: MeterId, held: &[i64]) {
     if let [total, version] = *held {
         holds.set_shared(customer, meter, Held { total, version });
@@ -246,9 +256,8 @@ pub async fn sync(
         .buffer_unordered(SYNC_IN_FLIGHT);
     while let Some((customer, meter, own, answer)) = answers.next().await {
         match answer.as_deref() {
-            Ok([1, t, held @ ..]) => {
-                note_held(holds, customer, meter, held);
-                book.learn_total(customer, meter, *t, now);
+            Ok([1, t, h, v]) => {
+                learn(book, holds, (customer, meter), *t, Held { total: *h, version: *v }, now);
                 // Redis holds at least `own` of this instance's usage now.
                 redis.credit_slices.reported((customer, meter), own);
             }

@@ -14,6 +14,7 @@
 use crate::counters::CustomerId;
 use crate::credits::CreditBook;
 use crate::engine::Engine;
+use crate::grants::redis_consume::learn;
 use crate::holds::HoldBook;
 use crate::model::Meter;
 use crate::redis_link::credit_lease::{self, Slice, SliceAsk, SliceMode, SliceReply};
@@ -71,8 +72,7 @@ pub async fn take(
     };
     match credit_lease::call(redis, instance_id, SliceMode::Take, redis.leases.ttl_ms(), &ask).await {
         Ok(SliceReply::Granted(g)) => {
-            holds.set_shared(customer, meter.id, g.held);
-            book.learn_total(customer, meter.id, g.total, now);
+            learn(book, holds, (customer, meter.id), g.total, g.held, now);
             let slice = Slice {
                 cap: g.cap,
                 valid_until: started,
@@ -88,14 +88,12 @@ pub async fn take(
         }
         Ok(SliceReply::Denied { total, held }) => {
             slices.remove(key);
-            holds.set_shared(customer, meter.id, held);
-            book.learn_total(customer, meter.id, total, now);
+            learn(book, holds, (customer, meter.id), total, held, now);
             Outcome::Refused
         }
         Ok(SliceReply::Recovering) => Outcome::Recovering,
         Ok(SliceReply::Stale { total, held }) => {
-            holds.set_shared(customer, meter.id, held);
-            book.learn_total(customer, meter.id, total, now);
+            learn(book, holds, (customer, meter.id), total, held, now);
             Outcome::Down("grants are changing (a void in progress, or this instance has not loaded the newest grants)".into())
         }
         Err(e) => Outcome::Down(e.to_string()),
@@ -141,8 +139,7 @@ pub async fn maintain(engine: &Engine, redis: &Redis, closing: bool) {
                         Slice { cap: g.cap.max(slice.cap), reported: g.part.max(slice.reported), unreported: g.unreported, ..slice };
                     slices.hold(key, renewed, sent, g.ttl_ms);
                 }
-                engine.holds().set_shared(key.0, key.1, g.held);
-                book.learn_total(key.0, key.1, g.total, wall);
+                learn(book, engine.holds(), key, g.total, g.held, wall);
             }
             Ok(other) => {
                 slices.remove(key);
