@@ -44,6 +44,7 @@ pub mod mark;
 pub mod record;
 pub mod repair;
 pub mod segment;
+pub mod spare;
 pub mod tail;
 pub mod writer;
 
@@ -226,6 +227,8 @@ impl Wal {
         // The highest record the segments hold (not the floor, which may be above it).
         let mut newest_record = 0;
         let mut segments = Vec::new();
+        // The newest segment's length on disk, zeros written ahead included.
+        let mut allocated = 0;
         let count = found.len();
         for (i, (first, path)) in found.into_iter().enumerate() {
             let is_last = i + 1 == count;
@@ -260,7 +263,14 @@ impl Wal {
                 report.replayed_events += batch.events.len() as u64;
                 replay(record.seq, batch);
             }
+            if scan.padding > 0 && !is_last {
+                // Zeros written ahead that a rotation did not get to cut (only the
+                // newest segment may have them: see `writer::rotate_if_full`).
+                let file = std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| WalError::io(&path, e))?;
+                file.set_len(scan.valid_len).and_then(|()| file.sync_all()).map_err(|e| WalError::io(&path, e))?;
+            }
             stats.bytes.fetch_add(scan.valid_len, Ordering::AcqRel);
+            allocated = scan.valid_len + scan.padding;
             segments.push((first, path, scan.valid_len));
         }
         let next_seq = report.last_seq + 1;
@@ -275,7 +285,7 @@ impl Wal {
         let id_log = ids::IdLog::new(ids_dir, config.dedupe_window_ms).map_err(|e| WalError::Failed(e.to_string()))?;
         let file = match segments.last() {
             Some((_, path, _)) => {
-                let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| WalError::io(path, e))?;
+                let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| WalError::io(path, e))?;
                 // With `buffered`, a killed process leaves its last writes in
                 // the page cache only: make them durable before anything
                 // (the raw-events export) treats them as such.
@@ -285,7 +295,15 @@ impl Wal {
             None => {
                 let (path, file) = Writer::open_segment(dir, next_seq)?;
                 segments.push((next_seq, path, 0));
+                allocated = 0;
                 file
+            }
+        };
+        let spares = match spare::Spares::start(dir, config.segment_bytes) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL segments will start empty");
+                None
             }
         };
         stats.checkpoint.store(from, Ordering::Release);
@@ -298,6 +316,8 @@ impl Wal {
             next_seq,
             segments,
             file,
+            allocated,
+            spares,
             tracker: tracker.clone(),
             stats: stats.clone(),
             ids: id_log,
@@ -510,6 +530,85 @@ mod tests {
         assert_eq!(seqs, vec![25, 28, 29, 31]);
         assert_eq!(report.last_seq, 31);
         assert_eq!(wal.append(record(1, 99)).await.ok(), Some(32));
+    }
+
+    /// Copies the WAL directory as it is now (segments and id files), as a
+    /// crash would leave it.
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
+            let dst = to.join(entry.file_name());
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                copy_dir(&entry.path(), &dst);
+            } else {
+                let _ = std::fs::copy(entry.path(), &dst);
+            }
+        }
+    }
+
+    /// Rotations take the segment prepared ahead (zeros the records overwrite)
+    /// and cut the zeros off the segment they finish; a start after a crash
+    /// reads the newest segment's zeros as room, not as a torn record, replays
+    /// every record, and writes on into the zeros.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prepared_segments_are_written_into_and_survive_a_crash() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let cfg = config(tmp.path(), 4096);
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut last = 0;
+        // Until the newest segment is a prepared one with records in it and room after them.
+        let (live, newest_len) = loop {
+            last = wal.append(record(2, last as i64 + 1)).await.unwrap_or_else(|e| panic!("{e}"));
+            let live = segment::list(tmp.path()).unwrap_or_default();
+            let newest = live.last().map(|(_, p)| p.clone()).unwrap_or_default();
+            let scan = segment::scan(&newest, true).unwrap_or_else(|e| panic!("{e}"));
+            if !scan.records.is_empty() && scan.padding > 512 && live.len() > 2 {
+                break (live, scan.valid_len + scan.padding);
+            }
+            assert!(std::time::Instant::now() < deadline, "no record landed in a prepared segment");
+        };
+        assert_eq!(newest_len, 4096, "a prepared segment is the segment size, in zeros first");
+        for (_, path) in &live[..live.len() - 1] {
+            let scan = segment::scan(path, false).unwrap_or_else(|e| panic!("{e}"));
+            let on_disk = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            assert_eq!((scan.padding, on_disk), (0, scan.valid_len), "a finished segment ends at its last record: {path:?}");
+        }
+        let crashed = tempfile::tempdir().expect("temp dir");
+        copy_dir(tmp.path(), crashed.path());
+        wal.close();
+        drop(wal);
+
+        let cfg = config(crashed.path(), 4096);
+        let mut replayed = Vec::new();
+        let (wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |seq, _| replayed.push(seq)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(replayed, (1..=last).collect::<Vec<u64>>(), "every record, in order");
+        assert_eq!(report.truncated, None, "zeros are not a torn record");
+        assert_eq!(wal.append(record(2, 0)).await.ok(), Some(last + 1));
+        let newest = segment::list(crashed.path()).unwrap_or_default().last().map(|(_, p)| p.clone()).unwrap_or_default();
+        assert_eq!(std::fs::metadata(&newest).map(|m| m.len()).ok(), Some(4096), "written into the zeros, not appended");
+        wal.close();
+        drop(wal);
+        let mut replayed = Vec::new();
+        let (_wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |seq, _| replayed.push(seq)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(replayed.last(), Some(&(last + 1)));
+        assert_eq!((replayed.len() as u64, report.truncated), (last + 1, None));
+        drop(_wal);
+        // Started again with smaller segments: the newest is full with zeros
+        // left after its records, which its rotation cuts off.
+        let small = config(crashed.path(), 256);
+        let (wal, _) = Wal::open(&small, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        for t in 0..4 {
+            assert_eq!(wal.append(record(2, t)).await.ok(), Some(last + 2 + t as u64));
+        }
+        wal.close();
+        let live = segment::list(crashed.path()).unwrap_or_default();
+        assert!(live.iter().any(|(first, _)| *first > last + 1), "rotated: {live:?}");
+        for (_, path) in &live[..live.len() - 1] {
+            let scan = segment::scan(path, false).unwrap_or_else(|e| panic!("{e}"));
+            let on_disk = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            assert_eq!((scan.padding, on_disk), (0, scan.valid_len), "a finished segment ends at its last record: {path:?}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

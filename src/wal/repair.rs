@@ -68,6 +68,9 @@ pub fn verify(dir: &Path, out: &mut String) -> Result<bool, RepairError> {
                 }
                 let last = scan.records.last().map(|r| r.seq.to_string()).unwrap_or_else(|| "-".into());
                 let _ = write!(out, "  {name}: ok, {} records, seq {first}..{last}, {} bytes", scan.records.len(), bytes.len());
+                if scan.padding > 0 {
+                    let _ = write!(out, "; {} bytes of zeros written ahead of the next records", scan.padding);
+                }
                 if let Some((offset, reason)) = scan.torn_at {
                     let _ = write!(out, "; torn tail at byte {offset} ({reason}), cut off at the next start");
                 }

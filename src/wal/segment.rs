@@ -1,8 +1,10 @@
 //! Segment files: `wal/{first_seq:020}.wal`, each a run of framed records with
-//! consecutive sequence numbers. Reading a segment tells a torn tail (a crash in
-//! the middle of the last write: an incomplete record, or a bad one with nothing
-//! valid after it) from corruption (a bad record followed by more data), because
-//! the first may be truncated safely and the second must stop the start.
+//! consecutive sequence numbers, then possibly zeros written ahead of them
+//! (`spare.rs`: the *padding*, which the next records overwrite). Reading a
+//! segment tells a torn tail (a crash in the middle of the last write: an
+//! incomplete record, or a bad one with nothing valid after it) from
+//! corruption (a bad record followed by more data), because the first may be
+//! truncated safely and the second must stop the start.
 
 use super::record::{checksum, HEADER_LEN, MAX_PAYLOAD};
 use std::path::{Path, PathBuf};
@@ -32,6 +34,9 @@ pub struct SegmentScan {
     pub torn_at: Option<(u64, String)>,
     /// Length of the valid prefix.
     pub valid_len: u64,
+    /// Zeros after the last record, from `valid_len` to the end: space written
+    /// ahead for the next records, not damage.
+    pub padding: u64,
 }
 
 /// The file name of the segment starting at `first_seq`.
@@ -79,6 +84,10 @@ pub fn scan_bytes(bytes: &[u8], path: &Path, is_last: bool) -> Result<SegmentSca
                 at = start + payload_len;
                 scan.valid_len = at as u64;
                 None
+            }
+            Err(_) if bytes[at..].iter().all(|&b| b == 0) => {
+                scan.padding = (bytes.len() - at) as u64;
+                return Ok(scan);
             }
             Err(reason) => Some(bad(reason)),
         };
@@ -207,6 +216,28 @@ mod tests {
         assert!(scan_bytes(&tail, Path::new("seg"), false).is_err());
     }
 
+    #[test]
+    fn zeros_after_the_last_record_are_padding_in_any_segment() {
+        let mut bytes = segment(4);
+        let records_len = bytes.len() as u64;
+        bytes.extend(std::iter::repeat_n(0u8, 5000));
+        for is_last in [true, false] {
+            let scan = scan_bytes(&bytes, Path::new("t"), is_last).map_err(|e| e.to_string());
+            let scan = scan.unwrap_or_default();
+            assert_eq!(scan.records.len(), 4);
+            assert_eq!((scan.valid_len, scan.padding), (records_len, 5000));
+            assert!(scan.torn_at.is_none());
+        }
+        // A segment of zeros only (prepared, nothing written yet).
+        let scan = scan_bytes(&[0u8; 4096], Path::new("t"), true).map_err(|e| e.to_string()).unwrap_or_default();
+        assert_eq!((scan.records.len(), scan.valid_len, scan.padding), (0, 0, 4096));
+        // Zeros then data after the records: damage, in the last segment too.
+        let last = bytes.len() - 1;
+        bytes[last] = 1;
+        assert!(scan_bytes(&bytes, Path::new("t"), true).is_err());
+        assert!(scan_bytes(&bytes, Path::new("t"), false).is_err());
+    }
+
     proptest! {
         /// Cutting the newest segment anywhere (a crash mid-write) loses only the
         /// records the cut touches: every complete record before it is read, and
@@ -225,9 +256,11 @@ mod tests {
                     let got: Vec<u64> = scan.records.iter().map(|r| r.seq).collect();
                     // Exactly the intact records; zeros never pass as one.
                     prop_assert_eq!(&got, &intact);
-                    if bytes.len() as u64 > scan.valid_len {
-                        prop_assert!(scan.torn_at.is_some());
-                    }
+                    // What is left is a torn record, or zeros alone (padding).
+                    let rest = bytes.len() as u64 - scan.valid_len;
+                    let only_zeros = bytes[scan.valid_len as usize..].iter().all(|&b| b == 0);
+                    prop_assert_eq!(scan.padding, if scan.torn_at.is_none() { rest } else { 0 });
+                    prop_assert!(scan.torn_at.is_some() != (only_zeros), "torn {:?} with only zeros left: {}", scan.torn_at, only_zeros);
                 }
                 Err(e) => prop_assert!(false, "torn tail reported as corruption: {e}"),
             }

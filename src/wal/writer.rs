@@ -6,15 +6,23 @@
 //! the flusher, off this thread (issue 24). A failed write (a full
 //! disk) is cut back off the file so the segment never holds a half group, every
 //! caller of the group gets the error, and the sequence numbers are reused.
+//!
+//! Records are written at their offset (`pwrite`), not appended: a segment
+//! may start as a file of zeros prepared ahead (`spare.rs`), which the records
+//! overwrite, so that syncing them writes no metadata. At rotation the writer
+//! cuts the zeros left after the last record off the finished segment and
+//! takes the prepared file as the next one, or starts an empty one if none is
+//! ready.
 
 use super::checkpoint;
 use super::ids::IdLog;
 use super::record::frame;
 use super::segment;
+use super::spare::Spares;
 use super::{SeqTracker, WalError, WalStats};
 use crossbeam::channel::{Receiver, RecvTimeoutError};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -58,6 +66,11 @@ pub struct Writer {
     /// (first seq, path, size) of every live segment, oldest first; the last is open.
     pub segments: Vec<(u64, PathBuf, u64)>,
     pub file: File,
+    /// The open segment's length on disk: past its size (the last record's
+    /// end) it holds zeros written ahead, which the next records overwrite.
+    pub allocated: u64,
+    /// The next segments, prepared ahead (`None`: every segment starts empty).
+    pub spares: Option<Spares>,
     pub tracker: Arc<SeqTracker>,
     pub stats: Arc<WalStats>,
     /// Ids of written records, for deduplication across restarts.
@@ -68,10 +81,10 @@ pub struct Writer {
 const MAX_GROUP: usize = 4096;
 
 impl Writer {
-    /// Opens (or creates) the segment that starts at `first_seq` for appending.
+    /// Opens (or creates) the segment that starts at `first_seq` for writing.
     pub fn open_segment(dir: &std::path::Path, first_seq: u64) -> Result<(PathBuf, File), WalError> {
         let path = dir.join(segment::name(first_seq));
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| WalError::io(&path, e))?;
+        let file = OpenOptions::new().create(true).write(true).truncate(false).open(&path).map_err(|e| WalError::io(&path, e))?;
         checkpoint::sync_dir(dir).map_err(|e| WalError::io(dir, e))?;
         Ok((path, file))
     }
@@ -163,6 +176,9 @@ impl Writer {
                 tracing::error!(error = %e, "WAL segment rotation failed; writing on in the current segment");
             }
         }
+        if let Some(mut spares) = self.spares.take() {
+            spares.stop();
+        }
         match self.file.sync_all() {
             Ok(()) => self.stats.durable.store(self.next_seq - 1, Ordering::Release),
             Err(e) => tracing::error!(error = %e, "final WAL fsync failed"),
@@ -184,7 +200,8 @@ impl Writer {
         if self.stats.broken.load(Ordering::Acquire) {
             return Err(WalError::Failed("the WAL could not recover from an earlier write error; restart meterd".into()));
         }
-        let written = self.file.write_all(buf).and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
+        let written =
+            self.file.write_all_at(buf, size).and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
         let mut marks = Vec::new();
         // One write for the whole group's ids (not one per record).
         let result = written
@@ -194,15 +211,20 @@ impl Writer {
             Ok(()) => {
                 if let Some(last) = self.segments.last_mut() {
                     last.2 += buf.len() as u64;
+                    self.allocated = self.allocated.max(last.2);
                 }
                 self.stats.bytes.fetch_add(buf.len() as u64, Ordering::AcqRel);
                 Ok(())
             }
             Err(e) => {
                 self.rollback_ids(&marks);
-                if let Err(cut) = self.file.set_len(size).and_then(|()| self.file.sync_data()) {
-                    tracing::error!(error = %cut, path = %path.display(), "cannot cut a failed write off the WAL; refusing further writes");
-                    self.stats.broken.store(true, Ordering::Release);
+                // The zeros written ahead go with it: the segment goes on by appending.
+                match self.file.set_len(size).and_then(|()| self.file.sync_data()) {
+                    Ok(()) => self.allocated = size,
+                    Err(cut) => {
+                        tracing::error!(error = %cut, path = %path.display(), "cannot cut a failed write off the WAL; refusing further writes");
+                        self.stats.broken.store(true, Ordering::Release);
+                    }
                 }
                 Err(e)
             }
@@ -219,17 +241,55 @@ impl Writer {
         }
     }
 
+    /// Starts the next segment when this one is full, or earlier when this
+    /// one is being appended to (no zeros ahead) and a prepared one is ready.
     fn rotate_if_full(&mut self) -> Result<(), WalError> {
-        let full = self.segments.last().is_some_and(|(_, _, size)| *size >= self.segment_bytes);
-        if !full {
+        let Some(&(_, ref path, size)) = self.segments.last() else {
+            return Ok(());
+        };
+        let appending = size >= self.allocated;
+        if let Some(spares) = self.spares.as_mut() {
+            // Written to in earnest: worth a segment of zeros (asked once).
+            if size >= (self.segment_bytes / 8).min(1 << 20) {
+                spares.want();
+            }
+        }
+        let early = size > 0 && appending && self.spares.as_ref().is_some_and(Spares::is_ready);
+        if size < self.segment_bytes && !early {
             return Ok(());
         }
-        self.file.sync_all().map_err(|e| WalError::io(&self.dir, e))?;
+        // Only the newest segment may end in zeros (the tail reader and the
+        // backup take a segment with a newer one beside it as whole): cut them
+        // off, durably, before the next segment exists.
+        if self.allocated > size {
+            self.file.set_len(size).map_err(|e| WalError::io(path, e))?;
+            self.allocated = size;
+        }
+        self.file.sync_all().map_err(|e| WalError::io(path, e))?;
         self.stats.durable.store(self.next_seq - 1, Ordering::Release);
-        let (path, file) = Self::open_segment(&self.dir, self.next_seq)?;
+        let (path, file, allocated) = self.next_segment()?;
         self.file = file;
+        self.allocated = allocated;
         self.segments.push((self.next_seq, path, 0));
         Ok(())
+    }
+
+    /// The segment starting at `next_seq`: the prepared file if one is ready
+    /// (with its length), else an empty one.
+    fn next_segment(&mut self) -> Result<(PathBuf, File, u64), WalError> {
+        let path = self.dir.join(segment::name(self.next_seq));
+        if let Some(len) = self.spares.as_mut().and_then(|s| s.take_into(&path)) {
+            let opened = OpenOptions::new().write(true).open(&path).and_then(|f| checkpoint::sync_dir(&self.dir).map(|()| f));
+            match opened {
+                Ok(file) => return Ok((path, file, len)),
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot open the prepared WAL segment; starting an empty one");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let (path, file) = Self::open_segment(&self.dir, self.next_seq)?;
+        Ok((path, file, 0))
     }
 
     /// Records that the store holds everything up to `seq` (the caller wrote
