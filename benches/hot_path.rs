@@ -458,7 +458,7 @@ fn answer() -> meterd::model::answer::CheckAnswer {
         limit: Some(d),
         remaining: Some(d),
         window: Some("month"),
-        resets_at: Some("2027-01-01T00:00:00Z".into()),
+        resets_at: Some(meterd::model::window::Rfc3339(1_798_761_600_000)), // 2027-01-01T00:00:00Z
         hard: true,
         reason: meterd::model::answer::Reason::WithinLimit,
         limits: Vec::new(),

@@ -24,7 +24,7 @@ use crate::counters::{Counters, CustomerId, Usage};
 use crate::dedupe::{hash_id, Deduper, IdHash};
 use crate::engine::{now_ms, ConsumeGuard, ConsumeLocks, Engine, WriteGate};
 use crate::entitlements::EntitlementCache;
-use crate::model::{window::rfc3339, Aggregation, Catalog, Decimal, Entitlements, Limit, LimitAmount, Meter};
+use crate::model::{window::Rfc3339, Aggregation, Catalog, Decimal, Entitlements, Limit, LimitAmount, Meter};
 use crate::redis_link::Redis;
 use crate::usage::{Origin, UsageSeam};
 use crate::wal::{RecordBuilder, Wal};
@@ -161,7 +161,7 @@ pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
             used: d(state.used),
             held: d(state.held),
             remaining: state.remaining().map(d),
-            resets_at: (state.window.end_ms != i64::MAX).then(|| rfc3339(state.window.end_ms)),
+            resets_at: (state.window.end_ms != i64::MAX).then_some(Rfc3339(state.window.end_ms)),
             hard: state.limit.hard,
         };
     }
@@ -174,7 +174,7 @@ pub fn view(state: &LimitState, meter: &Meter) -> LimitView {
         used: d(state.used),
         held: d(state.held),
         remaining: state.remaining().map(d),
-        resets_at: state.window.resets_at().map(rfc3339),
+        resets_at: state.window.resets_at().map(Rfc3339),
         hard: state.limit.hard,
     }
 }

@@ -19,7 +19,7 @@ pub struct SummaryRow {
     pub remaining: Option<Decimal>,
     /// Used as a percentage of the limit, two decimals; null when unlimited.
     pub percent: Option<f64>,
-    pub resets_at: Option<String>,
+    pub resets_at: Option<crate::model::window::Rfc3339>,
     pub hard: bool,
 }
 

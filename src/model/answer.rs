@@ -2,6 +2,7 @@
 //! state layer (a consume's remembered answer) can hold one without knowing the
 //! service that computes it.
 
+use super::window::Rfc3339;
 use super::Decimal;
 use serde::Serialize;
 
@@ -44,7 +45,7 @@ pub struct LimitView {
     /// Held by reservations (issue 19): counted against the limit, not usage.
     pub held: Decimal,
     pub remaining: Option<Decimal>,
-    pub resets_at: Option<String>,
+    pub resets_at: Option<Rfc3339>,
     pub hard: bool,
 }
 
@@ -61,7 +62,7 @@ pub struct CheckAnswer {
     pub limit: Option<Decimal>,
     pub remaining: Option<Decimal>,
     pub window: Option<&'static str>,
-    pub resets_at: Option<String>,
+    pub resets_at: Option<Rfc3339>,
     pub hard: bool,
     pub reason: Reason,
     pub limits: Vec<LimitView>,

@@ -201,6 +201,66 @@ pub fn rfc3339(ms: i64) -> String {
     utc(ms).to_rfc3339_opts(precision, true)
 }
 
+/// Unix milliseconds written as [`rfc3339`] writes them, without building a
+/// `String`: an answer names its `resets_at` this way when it is serialized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rfc3339(pub i64);
+
+impl Rfc3339 {
+    /// The text in `buf`, digit by digit (the `fmt` machinery and chrono's
+    /// writer cost more than the rest of a consume's answer); `None` for a
+    /// year outside 0..=9999, which chrono writes in a longer form.
+    fn text(self, buf: &mut [u8; 24]) -> Option<&str> {
+        fn put(buf: &mut [u8], at: usize, mut v: u32, digits: usize) {
+            for i in (at..at + digits).rev() {
+                buf[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        }
+        let t = utc(self.0);
+        let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+        put(buf, 0, year, 4);
+        buf[4] = b'-';
+        put(buf, 5, t.month(), 2);
+        buf[7] = b'-';
+        put(buf, 8, t.day(), 2);
+        buf[10] = b'T';
+        put(buf, 11, t.hour(), 2);
+        buf[13] = b':';
+        put(buf, 14, t.minute(), 2);
+        buf[16] = b':';
+        put(buf, 17, t.second(), 2);
+        let end = match self.0.rem_euclid(1000) {
+            0 => 19,
+            ms => {
+                buf[19] = b'.';
+                put(buf, 20, ms as u32, 3);
+                23
+            }
+        };
+        buf[end] = b'Z';
+        std::str::from_utf8(&buf[..=end]).ok()
+    }
+}
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.text(&mut [0; 24]) {
+            Some(text) => f.write_str(text),
+            None => f.write_str(&rfc3339(self.0)),
+        }
+    }
+}
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.text(&mut [0; 24]) {
+            Some(text) => s.serialize_str(text),
+            None => s.serialize_str(&rfc3339(self.0)),
+        }
+    }
+}
+
 /// Parses an RFC 3339 timestamp into Unix milliseconds.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
     DateTime::parse_from_rfc3339(text).ok().map(|d| d.timestamp_millis())
@@ -208,6 +268,34 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_written_in_place_is_what_rfc3339_writes() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut cases = vec![
+            0,
+            1,
+            999,
+            1000,
+            -1,
+            -1000,
+            1_764_979_200_000,
+            1_764_979_200_123,
+            253_402_300_799_999,
+            253_402_300_800_000,
+            -62_135_596_800_000,
+        ];
+        for _ in 0..2000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            cases.push((rng % 400_000_000_000_000) as i64 - 100_000_000_000_000);
+        }
+        for ms in cases {
+            assert_eq!(Rfc3339(ms).to_string(), rfc3339(ms), "{ms}");
+            assert_eq!(serde_json::to_string(&Rfc3339(ms)).ok(), Some(format!("\"{}\"", rfc3339(ms))), "{ms}");
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 
