@@ -63,6 +63,8 @@ impl Spares {
     /// prepares the first when [`Spares::want`] asks (a WAL that is hardly
     /// written to never needs one: most tests, a quiet instance).
     pub fn start(dir: &Path, bytes: u64) -> Result<Spares, SpareError> {
+        // One left by a crash: it may never be wanted again.
+        let _ = std::fs::remove_file(dir.join(SPARE_NAME));
         let (want_tx, want_rx) = crossbeam::channel::unbounded::<()>();
         let (ready_tx, ready_rx) = crossbeam::channel::bounded::<PathBuf>(1);
         let stop = Arc::new(AtomicBool::new(false));
@@ -196,6 +198,7 @@ mod tests {
     fn a_spare_is_whole_zeros_and_the_next_is_prepared_once_it_is_taken() {
         let dir = tempfile::tempdir().expect("dir");
         let bytes = 2 * STEP as u64 + 4096 + 7;
+        std::fs::write(dir.path().join(SPARE_NAME), b"left by a crash").expect("write");
         let mut spares = Spares::start(dir.path(), bytes).expect("start");
         std::thread::sleep(Duration::from_millis(50));
         assert!(!spares.is_ready() && !dir.path().join(SPARE_NAME).exists(), "none prepared before one is wanted");
