@@ -36,6 +36,9 @@ pub const STRIPE_WEBHOOKS_TOTAL: &str = "meterd_stripe_webhooks_total";
 pub const STRIPE_WEBHOOK_OUTCOMES: [&str; 6] = ["applied", "duplicate", "stale", "ignored", "invalid_signature", "failed"];
 pub const WAL_BYTES: &str = "meterd_wal_bytes";
 pub const WAL_CHECKPOINT: &str = "meterd_wal_checkpoint";
+/// Segments started, by `start`: `prepared` (zeros written ahead, renamed into
+/// place) or `empty` (none was ready: its syncs also write metadata).
+pub const WAL_SEGMENTS_TOTAL: &str = "meterd_wal_segments_total";
 pub const WRITES_REFUSED: &str = "meterd_writes_refused";
 pub const REDIS_UP: &str = "meterd_redis_up";
 pub const REDIS_SYNC_DURATION: &str = "meterd_redis_sync_duration_seconds";
@@ -198,6 +201,9 @@ pub fn register_known(known: &Known<'_>) {
         metrics::gauge!(name).increment(0.0);
     }
     let _ = metrics::histogram!(FLUSH_DURATION);
+    for start in ["prepared", "empty"] {
+        metrics::counter!(WAL_SEGMENTS_TOTAL, "start" => start).increment(0);
+    }
     metrics::gauge!(HTTP_CONNECTIONS_OPEN, "listener" => "api").increment(0.0);
     metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL, "listener" => "api").increment(0);
     for phase in ["header", "body", "idle"] {
@@ -350,6 +356,10 @@ fn describe() {
     metrics::describe_counter!(RATE_LIMITED_TOTAL, "Requests refused by a key's rate limit");
     metrics::describe_gauge!(WAL_BYTES, "Bytes in live WAL segments (not yet checkpointed)");
     metrics::describe_gauge!(WAL_CHECKPOINT, "Highest WAL sequence the usage store holds");
+    metrics::describe_counter!(
+        WAL_SEGMENTS_TOTAL,
+        "WAL segments started, by start: prepared (zeros written ahead) or empty (none was ready; its syncs are slower)"
+    );
     metrics::describe_gauge!(REDIS_UP, "1 while Redis answers");
     metrics::describe_histogram!(REDIS_SYNC_DURATION, "Time of one counter sync round with Redis");
     metrics::describe_counter!(REDIS_SYNC_KEYS_TOTAL, "Window counters pushed to Redis");
@@ -702,6 +712,11 @@ pub fn wal(bytes: u64, checkpoint: u64, refusing: bool) {
     metrics::gauge!(WRITES_REFUSED).set(if refusing { 1.0 } else { 0.0 });
 }
 
+/// The WAL writer started a segment: a prepared one, or an empty one.
+pub fn wal_segment_started(prepared: bool) {
+    metrics::counter!(WAL_SEGMENTS_TOTAL, "start" => if prepared { "prepared" } else { "empty" }).increment(1);
+}
+
 /// The lease book's decision counts so far (set absolutely each sync round).
 pub fn leased_decisions(local: u64, remote: u64) {
     metrics::counter!(LEASED_DECISIONS_TOTAL, "where" => "local").absolute(local);
@@ -975,7 +990,12 @@ mod tests {
             "process_start_time_seconds",
             "process_cpu_seconds_total",
         ];
-        for series in [r#"meterd_http_connections_open{listener="api"}"#, r#"meterd_http_timeouts_total{phase="header"}"#] {
+        for series in [
+            r#"meterd_http_connections_open{listener="api"}"#,
+            r#"meterd_http_timeouts_total{phase="header"}"#,
+            r#"meterd_wal_segments_total{start="prepared"}"#,
+            r#"meterd_wal_segments_total{start="empty"}"#,
+        ] {
             assert!(text.lines().any(|l| l.starts_with(series)), "{series} missing:\n{text}");
         }
         for name in names {

@@ -281,7 +281,10 @@ impl Writer {
         if let Some(len) = self.spares.as_mut().and_then(|s| s.take_into(&path)) {
             let opened = OpenOptions::new().write(true).open(&path).and_then(|f| checkpoint::sync_dir(&self.dir).map(|()| f));
             match opened {
-                Ok(file) => return Ok((path, file, len)),
+                Ok(file) => {
+                    crate::telemetry::wal_segment_started(true);
+                    return Ok((path, file, len));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, path = %path.display(), "cannot open the prepared WAL segment; starting an empty one");
                     let _ = std::fs::remove_file(&path);
@@ -289,6 +292,7 @@ impl Writer {
             }
         }
         let (path, file) = Self::open_segment(&self.dir, self.next_seq)?;
+        crate::telemetry::wal_segment_started(false);
         Ok((path, file, 0))
     }
 
