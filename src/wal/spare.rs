@@ -136,6 +136,9 @@ impl Spares {
             Ok(len) => Some(len),
             Err(e) => {
                 tracing::warn!(error = %e, to = %to.display(), "cannot move the prepared WAL segment into place; starting an empty one");
+                // Not left under the segment's name: the writer, taking it for
+                // an empty segment, would not cut its zeros off at rotation.
+                let _ = std::fs::remove_file(to);
                 None
             }
         }
