@@ -541,7 +541,7 @@ mod tests {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 copy_dir(&entry.path(), &dst);
             } else {
-                let _ = std::fs::copy(entry.path(), &dst);
+                std::fs::copy(entry.path(), &dst).expect("copy");
             }
         }
     }
