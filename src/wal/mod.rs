@@ -33,10 +33,11 @@
 //! the checkpoint file, except the extras. Nothing is counted twice, and nothing
 //! acknowledged is missed.
 //!
-//! **Damage.** The newest segment may end in a torn record (a crash mid-write):
-//! it is cut off with a warning naming the file and offset. A bad record anywhere
-//! else stops the start with an error; `meterd wal verify` and `meterd wal repair`
-//! deal with it by hand.
+//! **Damage.** The newest segment may end in a torn record (a crash mid-write,
+//! or a power cut that lost some sectors of the last, unsynced group: see
+//! `segment.rs`): it is cut off, with whatever follows it, with a warning naming
+//! the file and offset. A bad record anywhere else stops the start with an
+//! error; `meterd wal verify` and `meterd wal repair` deal with it by hand.
 
 pub mod checkpoint;
 pub mod ids;
@@ -655,6 +656,51 @@ mod tests {
         // Opening syncs what it finds: it is durable from the start.
         let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(wal.durable_seq(), 5);
+    }
+
+    /// A power cut before the last group's sync, over zeros written ahead:
+    /// the disk kept a later sector of the group and lost an earlier one. The
+    /// start cuts the group off as a tear (none of it was acknowledged), keeps
+    /// every record before it, forgets nothing else, and writes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_power_cut_inside_the_last_group_is_cut_as_a_tear() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let cfg = config(tmp.path(), 1 << 20);
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        for t in 0..40 {
+            let _ = wal.append(record(3, t)).await;
+        }
+        wal.close();
+        drop(wal);
+        let path = segment::list(tmp.path()).unwrap_or_default().last().map(|(_, p)| p.clone()).unwrap_or_default();
+        let whole = std::fs::read(&path).unwrap_or_default();
+        let offsets: Vec<usize> =
+            segment::scan_bytes(&whole, &path, true).map(|s| s.records.iter().map(|r| r.offset as usize).collect()).unwrap_or_default();
+        assert_eq!(offsets.len(), 40);
+        // The unsynced group began at record 31; the sector after the one it
+        // starts in was lost, everything after it kept, then zeros written ahead.
+        let group_at = offsets[30];
+        let lost = (group_at / 512 + 1) * 512;
+        assert!(lost + 512 < whole.len(), "the test needs records after the lost sector");
+        let mut bytes = whole.clone();
+        bytes[lost..lost + 512].fill(0);
+        bytes.extend(std::iter::repeat_n(0u8, 8192));
+        std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("{e}"));
+        // Records kept: those the lost sector left unchanged, up to the first it changed.
+        let ends: Vec<usize> = offsets.iter().skip(1).copied().chain([whole.len()]).collect();
+        let kept = offsets.iter().zip(&ends).take_while(|&(&a, &b)| bytes[a..b] == whole[a..b]).count();
+        assert!((30..40).contains(&kept), "the tear is inside the last group: {kept}");
+        let mut seqs = Vec::new();
+        let (wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(seqs, (1..=kept as u64).collect::<Vec<_>>(), "the records before the lost sector, in order");
+        assert_eq!(report.truncated.as_ref().map(|(_, at)| *at as usize), Some(offsets[kept]));
+        assert_eq!(std::fs::metadata(&path).map(|m| m.len() as usize).ok(), Some(offsets[kept]), "cut at the tear");
+        assert_eq!(wal.append(record(1, 99)).await.ok(), Some(kept as u64 + 1));
+        wal.close();
+        drop(wal);
+        let mut seqs = Vec::new();
+        let (_wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((seqs.len(), report.truncated), (kept + 1, None));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

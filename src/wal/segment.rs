@@ -2,9 +2,20 @@
 //! consecutive sequence numbers, then possibly zeros written ahead of them
 //! (`spare.rs`: the *padding*, which the next records overwrite). Reading a
 //! segment tells a torn tail (a crash in the middle of the last write: an
-//! incomplete record, or a bad one with nothing valid after it) from
-//! corruption (a bad record followed by more data), because the first may be
-//! truncated safely and the second must stop the start.
+//! incomplete record, a bad one with nothing valid after it, or a bad one
+//! holding a sector the disk never wrote) from corruption (a bad record
+//! followed by more data), because the first may be truncated safely and the
+//! second must stop the start.
+//!
+//! **Power loss.** A group's records overwrite zeros (or extend the file) and
+//! are acknowledged only once synced; a power cut before the sync may keep any
+//! subset of the group's sectors. The newest segment can then read "records,
+//! a lost sector (zeros), more of the unsynced group, zeros". Everything from
+//! the first bad record on was never synced, so when that record spans a
+//! sector that reads as zeros from the record's start (or the sector's) to
+//! the sector's end, it is the tear, not damage: the rest is cut off with it.
+//! (etcd's WAL reads a torn write the same way.) A bad record with no zero
+//! sector in it is still corruption.
 
 use super::record::{checksum, HEADER_LEN, MAX_PAYLOAD};
 use std::path::{Path, PathBuf};
@@ -101,10 +112,15 @@ pub fn scan_bytes(bytes: &[u8], path: &Path, is_last: bool) -> Result<SegmentSca
     Ok(scan)
 }
 
+/// The unit a disk writes whole: a write lost in a power cut loses whole
+/// sectors (a page is eight of them).
+const SECTOR: usize = 512;
+
 /// Whether a bad record at `at` is what a crash mid-write leaves: a record cut
-/// short by the end of the file, or one followed only by zeros (space the file
-/// system allocated before the data landed). Anything else after it means the
-/// damage is not at the tail.
+/// short by the end of the file, one followed only by zeros (space the file
+/// system allocated before the data landed), or one spanning a sector the disk
+/// never wrote ([`lost_sector`]). Anything else means the damage is not at the
+/// tail.
 fn torn_tail(bytes: &[u8], at: usize) -> bool {
     let zeros_from = |i: usize| bytes.get(i..).is_none_or(|rest| rest.iter().all(|&b| b == 0));
     let Some(header) = bytes.get(at..at + HEADER_LEN) else {
@@ -113,9 +129,26 @@ fn torn_tail(bytes: &[u8], at: usize) -> bool {
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let end = at + HEADER_LEN + len;
     if len == 0 || len > MAX_PAYLOAD {
-        return zeros_from(at);
+        return zeros_from(at) || lost_sector(bytes, at, at + HEADER_LEN);
     }
-    end > bytes.len() || zeros_from(end)
+    end > bytes.len() || zeros_from(end) || lost_sector(bytes, at, end)
+}
+
+/// Whether a sector overlapping the record at `[at, end)` reads as zeros from
+/// where the record (or the sector) starts to where the sector (or the file)
+/// ends: a write of the record that never reached the disk. The bytes before
+/// `at` in its first sector belong to the synced record before it.
+fn lost_sector(bytes: &[u8], at: usize, end: usize) -> bool {
+    let end = end.min(bytes.len());
+    let mut from = at;
+    while from < end {
+        let sector_end = ((from / SECTOR) + 1) * SECTOR;
+        if bytes[from..sector_end.min(bytes.len())].iter().all(|&b| b == 0) {
+            return true;
+        }
+        from = sector_end;
+    }
+    false
 }
 
 /// What a lenient read of a damaged segment keeps and drops.
@@ -231,14 +264,88 @@ mod tests {
         // A segment of zeros only (prepared, nothing written yet).
         let scan = scan_bytes(&[0u8; 4096], Path::new("t"), true).map_err(|e| e.to_string()).unwrap_or_default();
         assert_eq!((scan.records.len(), scan.valid_len, scan.padding), (0, 0, 4096));
-        // Zeros then data after the records: damage, in the last segment too.
+        // Zeros then data after the records: in the newest segment, a power cut
+        // that kept a later sector of an unsynced write and lost the one before
+        // (a tear, cut off); in any other segment, damage.
         let last = bytes.len() - 1;
         bytes[last] = 1;
-        assert!(scan_bytes(&bytes, Path::new("t"), true).is_err());
+        let scan = scan_bytes(&bytes, Path::new("t"), true).map_err(|e| e.to_string()).unwrap_or_default();
+        assert_eq!((scan.records.len(), scan.valid_len, scan.padding), (4, records_len, 0));
+        assert_eq!(scan.torn_at.map(|(at, _)| at), Some(records_len));
         assert!(scan_bytes(&bytes, Path::new("t"), false).is_err());
     }
 
+    /// Records of ~100 bytes, so that a sector holds several and records straddle sectors.
+    fn long_segment(n: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for seq in 1..=n {
+            frame(&mut out, seq, &vec![(seq % 251) as u8 + 1; 90 + (seq as usize % 13)]);
+        }
+        out
+    }
+
+    #[test]
+    fn a_lost_sector_in_the_newest_segment_is_a_tear_elsewhere_damage() {
+        let mut bytes = long_segment(60);
+        bytes.extend(std::iter::repeat_n(0u8, 4096)); // written ahead
+        let all = scan_bytes(&bytes, Path::new("t"), true).map_err(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(all.records.len(), 60);
+        // The power cut lost sector 9 and kept sectors 10 and 11.
+        let lost = 9 * SECTOR;
+        bytes[lost..lost + SECTOR].fill(0);
+        let first_bad = all.records.iter().find(|r| r.offset as usize + HEADER_LEN + r.payload.len() > lost).map(|r| r.offset);
+        let scan = scan_bytes(&bytes, Path::new("t"), true).map_err(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(scan.torn_at.as_ref().map(|(at, _)| *at), first_bad);
+        assert_eq!(Some(scan.valid_len), first_bad);
+        assert!(scan.records.iter().zip(&all.records).all(|(a, b)| a == b));
+        assert!(scan.records.len() < 60 && scan.records.len() >= lost / 110);
+        let err = scan_bytes(&bytes, Path::new("seg"), false).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("corrupt at byte offset"), "{err}");
+        // Bytes changed to something other than zeros: damage, even in the newest segment.
+        let mut flipped = long_segment(60);
+        flipped[lost + 40] ^= 0x5a;
+        let err = scan_bytes(&flipped, Path::new("seg"), true).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("checksum"), "{err}");
+    }
+
     proptest! {
+        /// A power cut before a group's sync keeps any subset of its sectors, from
+        /// some point on (what was synced before that point is whole), over zeros
+        /// written ahead or past the file's end. The newest segment then always
+        /// reads as its unchanged records followed by a tear, never as damage.
+        #[test]
+        fn power_cuts_are_tears(n in 1_u64..60, first_lost_frac in 0.0_f64..1.0, kept in proptest::collection::vec(any::<bool>(), 16), ahead in 0_usize..3000, cut_end in any::<bool>()) {
+            let whole = long_segment(n);
+            let mut bytes = whole.clone();
+            bytes.extend(std::iter::repeat_n(0u8, ahead));
+            let first = ((whole.len() as f64 * first_lost_frac) as usize) / SECTOR;
+            let sectors = bytes.len().div_ceil(SECTOR);
+            for (k, s) in (first..sectors).enumerate() {
+                if k == 0 || !kept[k % kept.len()] {
+                    let end = ((s + 1) * SECTOR).min(bytes.len());
+                    bytes[s * SECTOR..end].fill(0);
+                }
+            }
+            if cut_end && ahead == 0 {
+                // The file's size, not only its data, may be behind.
+                bytes.truncate((first * SECTOR + SECTOR / 2).min(bytes.len()));
+            }
+            let all = scan_bytes(&whole, Path::new("t"), true).map_err(|e| e.to_string());
+            let all = all.unwrap_or_default();
+            let unchanged: Vec<&RawRecord> = all.records.iter().take_while(|r| {
+                let end = r.offset as usize + HEADER_LEN + r.payload.len();
+                bytes.get(r.offset as usize..end) == Some(&whole[r.offset as usize..end])
+            }).collect();
+            match scan_bytes(&bytes, Path::new("t"), true) {
+                Ok(scan) => {
+                    prop_assert_eq!(scan.records.iter().collect::<Vec<_>>(), unchanged);
+                    let rest_is_zero = bytes[scan.valid_len as usize..].iter().all(|&b| b == 0);
+                    prop_assert!(scan.torn_at.is_some() || rest_is_zero);
+                }
+                Err(e) => prop_assert!(false, "power cut read as damage: {e}"),
+            }
+        }
+
         /// Cutting the newest segment anywhere (a crash mid-write) loses only the
         /// records the cut touches: every complete record before it is read, and
         /// the cut is reported as a torn tail at the start of the first lost one.
