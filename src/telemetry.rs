@@ -39,6 +39,8 @@ pub const WAL_CHECKPOINT: &str = "meterd_wal_checkpoint";
 /// Segments started, by `start`: `prepared` (zeros written ahead, renamed into
 /// place) or `empty` (none was ready: its syncs also write metadata).
 pub const WAL_SEGMENTS_TOTAL: &str = "meterd_wal_segments_total";
+pub const WAL_SYNC_DURATION: &str = "meterd_wal_sync_duration_seconds";
+pub const WAL_GROUP_RECORDS: &str = "meterd_wal_group_records";
 pub const WRITES_REFUSED: &str = "meterd_writes_refused";
 pub const REDIS_UP: &str = "meterd_redis_up";
 pub const REDIS_SYNC_DURATION: &str = "meterd_redis_sync_duration_seconds";
@@ -204,6 +206,8 @@ pub fn register_known(known: &Known<'_>) {
     for start in ["prepared", "empty"] {
         metrics::counter!(WAL_SEGMENTS_TOTAL, "start" => start).increment(0);
     }
+    let _ = metrics::histogram!(WAL_SYNC_DURATION);
+    let _ = metrics::histogram!(WAL_GROUP_RECORDS);
     metrics::gauge!(HTTP_CONNECTIONS_OPEN, "listener" => "api").increment(0.0);
     metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL, "listener" => "api").increment(0);
     for phase in ["header", "body", "idle"] {
@@ -296,6 +300,12 @@ pub fn prometheus() -> PrometheusHandle {
                         metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.into()),
                         &[1.0, 10.0, 100.0, 1000.0, 10000.0],
                     )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(WAL_GROUP_RECORDS.into()),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0],
+                    )
                 });
             let recorder = match builder {
                 Ok(b) => b.build_recorder(),
@@ -360,6 +370,11 @@ fn describe() {
         WAL_SEGMENTS_TOTAL,
         "WAL segments started, by start: prepared (zeros written ahead) or empty (none was ready; its syncs are slower)"
     );
+    metrics::describe_histogram!(
+        WAL_SYNC_DURATION,
+        "Time of each fsync the WAL writer makes (a group's, the buffered interval's, a rotation's); appends wait on it"
+    );
+    metrics::describe_histogram!(WAL_GROUP_RECORDS, "Records written to the WAL per group (requests that share one write and one fsync)");
     metrics::describe_gauge!(REDIS_UP, "1 while Redis answers");
     metrics::describe_histogram!(REDIS_SYNC_DURATION, "Time of one counter sync round with Redis");
     metrics::describe_counter!(REDIS_SYNC_KEYS_TOTAL, "Window counters pushed to Redis");
@@ -710,6 +725,29 @@ pub fn wal(bytes: u64, checkpoint: u64, refusing: bool) {
     metrics::gauge!(WAL_BYTES).set(bytes as f64);
     metrics::gauge!(WAL_CHECKPOINT).set(checkpoint as f64);
     metrics::gauge!(WRITES_REFUSED).set(if refusing { 1.0 } else { 0.0 });
+}
+
+/// Handles of the WAL writer's series, taken once by its thread (no registry
+/// lookup per group).
+pub struct WalSeries {
+    sync: metrics::Histogram,
+    group: metrics::Histogram,
+}
+
+impl WalSeries {
+    pub fn register() -> WalSeries {
+        WalSeries { sync: metrics::histogram!(WAL_SYNC_DURATION), group: metrics::histogram!(WAL_GROUP_RECORDS) }
+    }
+
+    /// One fsync of the writer took `seconds`.
+    pub fn synced(&self, seconds: f64) {
+        self.sync.record(seconds);
+    }
+
+    /// One group of `records` was written.
+    pub fn group(&self, records: usize) {
+        self.group.record(records as f64);
+    }
 }
 
 /// The WAL writer started a segment: a prepared one, or an empty one.

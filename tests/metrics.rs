@@ -34,6 +34,8 @@ async fn a_fresh_process_lists_every_documented_series_at_zero() {
         "meterd_rate_limited_total",
         "meterd_flush_duration_seconds_count",
         "meterd_ingest_batch_size_count",
+        "meterd_wal_sync_duration_seconds_count",
+        "meterd_wal_group_records_count",
         r#"meterd_events_total{meter="",result="rejected"}"#,
     ]
     .map(String::from)
@@ -101,5 +103,44 @@ async fn a_fresh_process_lists_every_documented_series_at_zero() {
     assert_eq!(at(r#"meterd_decisions_total{meter="interviews",reason="within_limit",consume="false"}"#), Some(1.0));
     assert_eq!(at(r#"meterd_decisions_total{meter="video_reviews",reason="not_entitled",consume="false"}"#), Some(1.0));
     assert_eq!(at(r#"meterd_decisions_total{meter="interview_minutes",reason="within_limit",consume="false"}"#), Some(0.0));
+
+    // The WAL's series (durability "fsync"): consumes made one after another are
+    // a group and a sync each; concurrent ones share groups, and every record
+    // is counted once. A refused consume writes no record.
+    const GROUPS: &str = "meterd_wal_group_records_count";
+    const RECORDS: &str = "meterd_wal_group_records_sum";
+    const SYNCS: &str = "meterd_wal_sync_duration_seconds_count";
+    let series = |text: &str| [GROUPS, RECORDS, SYNCS].map(|s| value(text, s).unwrap_or(-1.0));
+    let consume =
+        |i: usize| json!({"customer": "m2", "meter": "interview_minutes", "quantity": 1, "consume": true, "id": format!("w-{i}")});
+    let allowed = |r: &common::Resp| {
+        assert_eq!(r.status, 200, "{}", r.text);
+        serde_json::from_str::<serde_json::Value>(&r.text).is_ok_and(|v| v["allowed"] == true)
+    };
+    let [g0, r0, s0] = series(&c.get("/metrics").await.text);
+    assert!(g0 >= 1.0 && r0 >= g0 && s0 >= g0, "the ingest above wrote a record: {g0} {r0} {s0}");
+    for i in 0..5 {
+        assert!(allowed(&c.check(&consume(i)).await));
+    }
+    let text = c.get("/metrics").await.text;
+    let [g1, r1, s1] = series(&text);
+    assert_eq!((g1 - g0, r1 - r0, s1 - s0), (5.0, 5.0, 5.0), "{text}");
+    assert!(value(&text, "meterd_wal_sync_duration_seconds_sum").is_some_and(|s| s > 0.0), "{text}");
+    let racing: Vec<_> = (5..37)
+        .map(|i| {
+            let (c, body) = (server.client(), consume(i));
+            tokio::spawn(async move { c.check(&body).await })
+        })
+        .collect();
+    let mut records = 0.0;
+    for task in racing {
+        let r = task.await.expect("consume task");
+        records += if allowed(&r) { 1.0 } else { 0.0 };
+    }
+    assert!(records >= 30.0, "most of the concurrent consumes fit the plan: {records}");
+    let text = c.get("/metrics").await.text;
+    let [g2, r2, s2] = series(&text);
+    assert_eq!(r2 - r1, records, "every record once: {text}");
+    assert!((1.0..=records).contains(&(g2 - g1)) && s2 - s1 == g2 - g1, "a group and a sync each: {g2} {s2}\n{text}");
     server.stop().await;
 }

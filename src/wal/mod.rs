@@ -322,6 +322,7 @@ impl Wal {
             tracker: tracker.clone(),
             stats: stats.clone(),
             ids: id_log,
+            series: crate::telemetry::WalSeries::register(),
         };
         let (tx, rx) = crossbeam::channel::unbounded();
         let thread = std::thread::Builder::new()

@@ -75,6 +75,8 @@ pub struct Writer {
     pub stats: Arc<WalStats>,
     /// Ids of written records, for deduplication across restarts.
     pub ids: IdLog,
+    /// The sync-time and group-size histograms.
+    pub series: crate::telemetry::WalSeries,
 }
 
 /// Most requests taken in one group.
@@ -131,6 +133,7 @@ impl Writer {
                 }
             }
             if !appends.is_empty() {
+                self.series.group(appends.len());
                 match self.write_group(&buf, &ids) {
                     Ok(()) => {
                         self.next_seq += appends.len() as u64;
@@ -154,7 +157,7 @@ impl Writer {
             }
             if let Sync::Interval(every) = self.sync {
                 if dirty && last_sync.elapsed() >= every {
-                    match self.file.sync_data() {
+                    match self.sync_data() {
                         Ok(()) => self.stats.durable.store(self.next_seq - 1, Ordering::Release),
                         Err(e) => tracing::error!(error = %e, "WAL fsync failed"),
                     }
@@ -200,8 +203,7 @@ impl Writer {
         if self.stats.broken.load(Ordering::Acquire) {
             return Err(WalError::Failed("the WAL could not recover from an earlier write error; restart meterd".into()));
         }
-        let written =
-            self.file.write_all_at(buf, size).and_then(|()| if self.sync == Sync::Always { self.file.sync_data() } else { Ok(()) });
+        let written = self.file.write_all_at(buf, size).and_then(|()| if self.sync == Sync::Always { self.sync_data() } else { Ok(()) });
         let mut marks = Vec::new();
         // One write for the whole group's ids (not one per record).
         let result = written
@@ -229,6 +231,14 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// `fdatasync` of the open segment, timed.
+    fn sync_data(&self) -> std::io::Result<()> {
+        let started = Instant::now();
+        let synced = self.file.sync_data();
+        self.series.synced(started.elapsed().as_secs_f64());
+        synced
     }
 
     /// Cuts a refused group's ids back off, newest first.
@@ -265,7 +275,9 @@ impl Writer {
             self.file.set_len(size).map_err(|e| WalError::io(path, e))?;
             self.allocated = size;
         }
+        let started = Instant::now();
         self.file.sync_all().map_err(|e| WalError::io(path, e))?;
+        self.series.synced(started.elapsed().as_secs_f64());
         self.stats.durable.store(self.next_seq - 1, Ordering::Release);
         let (path, file, allocated) = self.next_segment()?;
         self.file = file;
