@@ -253,6 +253,18 @@ fn wal_record(c: &mut Criterion) {
             std::hint::black_box(out.len())
         })
     });
+    g.throughput(Throughput::Elements(1));
+    // One event: the record of every consume and of a single-event ingest.
+    g.bench_function("build_encode_frame_one", |b| {
+        b.iter(|| {
+            let mut builder = RecordBuilder::new(now, 1);
+            builder.push::<&str, &str>(7, 7, &names[7], 0, "interview_minutes", 1250, now, &[]);
+            let record = builder.finish().expect("encode");
+            out.clear();
+            frame(&mut out, 1, &record.payload);
+            std::hint::black_box(out.len())
+        })
+    });
     g.finish();
 }
 
@@ -332,6 +344,46 @@ fn dedupe_growth(c: &mut Criterion) {
     }
     g.throughput(Throughput::Elements(1));
     g.bench_function("sweep_4m_nothing_expired", |b| b.iter(|| full.sweep(60_000)));
+    g.finish();
+}
+
+/// A whole consume without a WAL (`durability = "none"`), as the handler runs
+/// it from the parsed request: one hard limit (compare-and-swap), a new id
+/// each time (its remembered answer), 10k customers, the answer's JSON.
+fn consume_none(c: &mut Criterion) {
+    const CONFIG: &str = "[[meters]]\nname = \"calls\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\n\
+                          calls = { limit = 1000000000000, window = \"month\" }\n";
+    let dir = tempfile::tempdir().expect("tmp");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let store = Arc::new(SqliteStore::open(&dir.path().join("bench.sqlite")).expect("store"));
+    let wal = meterd::wal::WalConfig {
+        dir: dir.path().join("wal"),
+        sync: None,
+        segment_bytes: 1 << 26,
+        dedupe_window_ms: 86_400_000,
+        hold: None,
+    };
+    let engine = rt.block_on(Engine::start(&valid, "bench".into(), store.clone(), store, wal, None)).expect("engine");
+    let customers: Vec<String> = (0..10_000).map(|i| format!("c{i}")).collect();
+    let mut n = 0_u64;
+    let mut g = c.benchmark_group("check");
+    g.bench_function("consume_cas_new_id_no_wal", |b| {
+        b.iter(|| {
+            n += 1;
+            let ask = meterd::limits::CheckRequest {
+                customer: customers[(n % 10_000) as usize].clone(),
+                meter: "calls".into(),
+                quantity_text: Some("1".into()),
+                consume: true,
+                id: Some(format!("b{n}")),
+                value: None,
+            };
+            let answer = rt.block_on(engine.limits_ports().check(ask)).expect("consume");
+            assert!(answer.allowed);
+            serde_json::to_vec(&*answer).map(|v| v.len()).unwrap_or(0)
+        })
+    });
     g.finish();
 }
 
@@ -468,6 +520,7 @@ fn answer() -> meterd::model::answer::CheckAnswer {
 criterion_group!(
     benches,
     consume_answers,
+    consume_none,
     parse_validate,
     counter_add,
     seam,

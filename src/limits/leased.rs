@@ -139,7 +139,7 @@ impl LimitsPorts<'_> {
             // A stale view of the others' usage; the caps are what decides.
             verdict = Verdict { allowed: true, reason: Reason::WithinLimit, primary: verdict.primary };
         }
-        let seq = self.wal.append(consume_record(c, quantity)).await.map_err(|e| self.wal_refused(id_hash, e))?;
+        let seq = self.wal.append_with(|| consume_record(c, quantity)).await.map_err(|e| self.wal_refused(id_hash, e))?;
         self.usage.fold(&consume_usage(c, quantity), None, Origin::Live, || self.wal.tracker.folded(seq));
         for s in &mut states {
             s.used = s.used.saturating_add(quantity);
@@ -274,7 +274,7 @@ impl LimitsPorts<'_> {
     /// Makes a reserved consume durable and folds the rest (the reserved
     /// window is skipped); gives the reservation back if the WAL refuses.
     async fn record_reserved(&self, c: &Consume<'_>, limit: Limit, key: CounterKey, own: i64) -> Result<CheckAnswer, CheckError> {
-        let seq = match self.wal.append(consume_record(c, c.quantity)).await {
+        let seq = match self.wal.append_with(|| consume_record(c, c.quantity)).await {
             Ok(seq) => seq,
             Err(e) => {
                 self.usage.give_back(key, c.quantity);

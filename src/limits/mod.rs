@@ -555,7 +555,7 @@ impl LimitsPorts<'_> {
                     let verdict = decide(&states, quantity);
                     return Ok((states, verdict));
                 }
-                let seq = match self.wal.append(consume_record(c, quantity)).await {
+                let seq = match self.wal.append_with(|| consume_record(c, quantity)).await {
                     Ok(seq) => seq,
                     Err(e) => {
                         self.usage.give_back(key, quantity);
@@ -605,7 +605,7 @@ impl LimitsPorts<'_> {
             } else {
                 quantity
             };
-            let seq = match self.wal.append(consume_record(c, raw)).await {
+            let seq = match self.wal.append_with(|| consume_record(c, raw)).await {
                 Ok(seq) => seq,
                 Err(e) => {
                     if let Some((redis, t)) = &taken {

@@ -381,6 +381,15 @@ impl Wal {
         self.ask(|reply| Command::Append { payload, ids, accepted_ms, reply }).await
     }
 
+    /// [`Wal::append`] of a record built only when the WAL is on: with
+    /// `durability = "none"` a consume encodes nothing.
+    pub async fn append_with(&self, build: impl FnOnce() -> RecordBuilder) -> Result<u64, WalError> {
+        if !self.enabled {
+            return Ok(0);
+        }
+        self.append(build()).await
+    }
+
     /// Makes the ids of every record written so far durable; call before the
     /// store takes a flush that lets records leave the WAL.
     pub async fn sync_ids(&self) -> Result<(), WalError> {

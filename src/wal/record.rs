@@ -149,9 +149,49 @@ pub struct RecordBuilder {
     strings: Vec<Span>,
     events: Vec<EventV2>,
     ids: Vec<u128>,
+    customers: Names<u32>,
+    meters: Names<u16>,
+}
+
+/// The names a batch has stored so far: interned id → index in `strings`.
+/// The first few are kept in place, so the record of a consume or of a small
+/// batch allocates no map; a batch naming more spills into one.
+struct Names<K> {
+    few: [(K, u32); FEW_NAMES],
+    len: usize,
     /// Interned ids are small integers, not outside strings: a fast hasher is safe.
-    customers: HashMap<u32, u32, KeyHash>,
-    meters: HashMap<u16, u32, KeyHash>,
+    more: HashMap<K, u32, KeyHash>,
+    /// The map's capacity when it is first needed (the batch's size).
+    hint: usize,
+}
+
+/// Names kept in place before a map is built.
+const FEW_NAMES: usize = 4;
+
+impl<K: Copy + Default + Eq + std::hash::Hash> Names<K> {
+    fn new(hint: usize) -> Names<K> {
+        Names { few: [(K::default(), 0); FEW_NAMES], len: 0, more: HashMap::with_hasher(KeyHash), hint }
+    }
+
+    fn get(&self, key: K) -> Option<u32> {
+        match self.few[..self.len].iter().find(|(k, _)| *k == key) {
+            Some(&(_, i)) => Some(i),
+            None if self.more.is_empty() => None,
+            None => self.more.get(&key).copied(),
+        }
+    }
+
+    fn insert(&mut self, key: K, i: u32) {
+        if self.len < FEW_NAMES {
+            self.few[self.len] = (key, i);
+            self.len += 1;
+        } else {
+            if self.more.is_empty() {
+                self.more.reserve(self.hint);
+            }
+            self.more.insert(key, i);
+        }
+    }
 }
 
 impl RecordBuilder {
@@ -173,8 +213,8 @@ impl RecordBuilder {
             strings: Vec::with_capacity(capacity + 2),
             events: Vec::with_capacity(capacity),
             ids: Vec::with_capacity(capacity),
-            customers: HashMap::with_capacity_and_hasher(capacity.min(4096), KeyHash),
-            meters: HashMap::with_hasher(KeyHash),
+            customers: Names::new(capacity.min(4096)),
+            meters: Names::new(0),
         }
     }
 
@@ -193,16 +233,16 @@ impl RecordBuilder {
         ts: i64,
         properties: &[(K, V)],
     ) {
-        let customer = match self.customers.get(&customer_key) {
-            Some(&i) => i,
+        let customer = match self.customers.get(customer_key) {
+            Some(i) => i,
             None => {
                 let i = self.string(customer);
                 self.customers.insert(customer_key, i);
                 i
             }
         };
-        let meter = match self.meters.get(&meter_key) {
-            Some(&i) => i,
+        let meter = match self.meters.get(meter_key) {
+            Some(i) => i,
             None => {
                 let i = self.string(meter);
                 self.meters.insert(meter_key, i);
@@ -431,6 +471,27 @@ mod tests {
         assert_eq!(batch.customer(&batch.events[4]), "cust-1");
         let bytes = encode(&batch).map(|b| b.to_vec()).unwrap_or_default();
         assert_eq!(decode(&bytes).ok(), Some(batch));
+    }
+
+    /// Past the few names kept in place (`Names`), the rest spill into a map:
+    /// each name is still stored once, and every event points at its own.
+    #[test]
+    fn many_names_are_stored_once_each() {
+        let mut b = BatchBuilder::new(1_700_000_000_000, 0);
+        for i in 0..400_u32 {
+            let (c, m) = ((i * 7) % 40, (i % 6) as u16);
+            b.push(i.into(), c, || format!("cust-{c}"), m, &format!("meter-{m}"), 1, 1_700_000_000_000, vec![]);
+        }
+        let batch = b.finish();
+        let bytes = encode(&batch).map(|b| b.to_vec()).unwrap_or_default();
+        let decoded = decode(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((decoded.customers.len(), decoded.meters.len()), (40, 6), "each name once");
+        for (i, e) in decoded.events.iter().enumerate() {
+            let i = i as u32;
+            assert_eq!(decoded.customer(e), format!("cust-{}", (i * 7) % 40));
+            assert_eq!(decoded.meter(e), format!("meter-{}", i % 6));
+        }
+        assert_eq!(decoded, batch);
     }
 
     /// What builds before format version 2 wrote: `WalBatch` archived as is.
