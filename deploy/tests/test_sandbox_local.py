@@ -173,7 +173,8 @@ class SandboxLocal(unittest.TestCase):
         exprs = {t["expr"]: p["title"] for p in d["panels"] for t in p.get("targets", [])}
         must = ["Events by result", "Requests by route", "Responses by status", "Decisions by reason", "p50 by route", "p99 by route",
                 "WAL bytes (not yet checkpointed)", "Flush lag", "Rows flushed", "Pending usage (units not yet in Redis)",
-                "Sync round duration (p50 / p99)", "Dedupe ids remembered", "Instances up"]
+                "Sync round duration (p50 / p99)", "Dedupe ids remembered", "Instances up",
+                "WAL fsync (p50 / p99)", "Records per WAL group (mean)"]
         empty = [t for e, t in exprs.items() if t in must
                  and not self.query(e.replace("$__rate_interval", "30s").replace("$instance", ".*"))]
         self.assertEqual(empty, [], "dashboard panels without data")
