@@ -39,7 +39,9 @@ pub const WAL_CHECKPOINT: &str = "meterd_wal_checkpoint";
 /// Segments started, by `start`: `prepared` (zeros written ahead, renamed into
 /// place) or `empty` (none was ready: its syncs also write metadata).
 pub const WAL_SEGMENTS_TOTAL: &str = "meterd_wal_segments_total";
+/// Each fsync of the WAL writer (a group's, the buffered interval's, a rotation's).
 pub const WAL_SYNC_DURATION: &str = "meterd_wal_sync_duration_seconds";
+/// Records per group written (requests that shared one write and one fsync).
 pub const WAL_GROUP_RECORDS: &str = "meterd_wal_group_records";
 pub const WRITES_REFUSED: &str = "meterd_writes_refused";
 pub const REDIS_UP: &str = "meterd_redis_up";

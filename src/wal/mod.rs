@@ -687,8 +687,9 @@ mod tests {
         let offsets: Vec<usize> =
             segment::scan_bytes(&whole, &path, true).map(|s| s.records.iter().map(|r| r.offset as usize).collect()).unwrap_or_default();
         assert_eq!(offsets.len(), 40);
-        // The unsynced group began at record 31; the sector after the one it
-        // starts in was lost, everything after it kept, then zeros written ahead.
+        // Say the last, unsynced group began at record 31: the sector after the
+        // one it starts in was lost, everything after it kept, then zeros
+        // written ahead.
         let group_at = offsets[30];
         let lost = (group_at / 512 + 1) * 512;
         assert!(lost + 512 < whole.len(), "the test needs records after the lost sector");

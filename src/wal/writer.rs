@@ -133,9 +133,9 @@ impl Writer {
                 }
             }
             if !appends.is_empty() {
-                self.series.group(appends.len());
                 match self.write_group(&buf, &ids) {
                     Ok(()) => {
+                        self.series.group(appends.len());
                         self.next_seq += appends.len() as u64;
                         dirty = self.sync != Sync::Always;
                         let seqs: Vec<u64> = appends.iter().map(|(s, _)| *s).collect();
