@@ -4,8 +4,9 @@
 //!
 //! Values are kept as 128-bit xxh3 hashes (16 B each; two distinct values
 //! collide with probability ~n²/2¹²⁹, as for event ids in `dedupe`). A set
-//! holds at most the configured cap (`ingest.max_unique_values`): ingest and
-//! consumes ask [`UniqueSets::admits`] first and refuse a value past it;
+//! holds at most the configured cap (`ingest.max_unique_values`): ingest asks
+//! [`UniqueSets::refused`] for a batch's values (one decision per window, under
+//! its lock), consumes ask [`UniqueSets::admits`], and a value past it is refused;
 //! replay, rebuild and Redis merges insert regardless (those values were
 //! accepted already), so a set may pass the cap by what concurrent requests
 //! admitted together. Sets leave with their window (`flush::housekeeping`).
@@ -99,19 +100,44 @@ impl UniqueSets {
         self.shard(key).get(key).is_some_and(|s| s.values.contains(&value))
     }
 
-    /// Whether `value` may be added to the window with `pending` other new
-    /// values admitted before it in the same request: it is counted already, or
-    /// the set has room. `Err(size)` when the set is full.
-    pub fn admits(&self, key: &CounterKey, value: ValueHash, pending: usize) -> Result<(), usize> {
+    /// Whether `value` may be added to the window: it is counted already, or
+    /// the set has room. `Err(size)` when the set is full. (A request with
+    /// several values asks [`UniqueSets::refused`].)
+    pub fn admits(&self, key: &CounterKey, value: ValueHash) -> Result<(), usize> {
         let shard = self.shard(key);
         let Some(set) = shard.get(key) else {
-            return if pending < self.cap() { Ok(()) } else { Err(pending) };
+            return Ok(());
         };
-        if set.values.contains(&value) || set.values.len().saturating_add(pending) < self.cap() {
+        if set.values.contains(&value) || set.values.len() < self.cap() {
             Ok(())
         } else {
             Err(set.values.len())
         }
+    }
+
+    /// Which of a request's `values` (in its order, counted or not) would pass
+    /// the cap: their positions, and the set's size. Decided under the set's
+    /// lock in one go, so that a value another request adds meanwhile is not
+    /// counted twice (once as this request's, once as the set's), which
+    /// refused requests that fit.
+    pub fn refused(&self, key: &CounterKey, values: &[ValueHash]) -> (Vec<usize>, usize) {
+        let cap = self.cap();
+        let shard = self.shard(key);
+        let set = shard.get(key).map(|s| &s.values);
+        let size = set.map_or(0, HashSet::len);
+        let mut admitted: HashSet<ValueHash, KeyHash> = HashSet::default();
+        let mut refused = Vec::new();
+        for (i, value) in values.iter().enumerate() {
+            if set.is_some_and(|s| s.contains(value)) || admitted.contains(value) {
+                continue;
+            }
+            if size.saturating_add(admitted.len()) < cap {
+                admitted.insert(*value);
+            } else {
+                refused.push(i);
+            }
+        }
+        (refused, size)
     }
 
     /// Adds values counted elsewhere (the store at start, other instances
@@ -196,16 +222,63 @@ mod tests {
         sets.set_cap(2);
         assert!(sets.insert(key(0), hash_value("a")));
         assert!(!sets.insert(key(0), hash_value("a")));
-        assert!(sets.admits(&key(0), hash_value("b"), 0).is_ok());
-        assert!(sets.admits(&key(0), hash_value("b"), 1).is_err());
+        assert!(sets.admits(&key(0), hash_value("b")).is_ok());
+        assert_eq!(sets.refused(&key(0), &[hash_value("b"), hash_value("c")]), (vec![1], 1), "one new value fits, not two");
         assert!(sets.insert(key(0), hash_value("b")));
-        assert_eq!(sets.admits(&key(0), hash_value("c"), 0), Err(2));
-        assert!(sets.admits(&key(0), hash_value("a"), 0).is_ok(), "a counted value is always admitted");
+        assert_eq!(sets.admits(&key(0), hash_value("c")), Err(2));
+        assert!(sets.admits(&key(0), hash_value("a")).is_ok(), "a counted value is always admitted");
         assert_eq!(sets.len_of(&key(0)), 2);
         assert_eq!(sets.merge(key(0), [hash_value("a"), hash_value("z")]), 1);
         assert_eq!(sets.values(), 3);
         assert_eq!(sets.retain_ending_after(10, |k| k.start_ms + 5), 1);
         assert_eq!(sets.values(), 0);
+    }
+
+    #[test]
+    fn a_request_counts_each_new_value_once_in_order() {
+        let sets = UniqueSets::default();
+        sets.set_cap(4);
+        let [a, b, c, d, e] = ["a", "b", "c", "d", "e"].map(hash_value);
+        sets.insert(key(0), a);
+        sets.insert(key(0), b);
+        // c and d fill the set; c again and a (counted) pass; e does not fit.
+        assert_eq!(sets.refused(&key(0), &[a, c, d, c, e, a]), (vec![4], 2));
+        assert_eq!(sets.refused(&key(1), &[a, b, c, d, e, e]), (vec![4, 5], 0), "an empty window");
+        assert_eq!(sets.len_of(&key(0)), 2, "asking adds nothing");
+    }
+
+    /// Requests racing on one window, each with values that all fit together
+    /// with the others': none is refused, however their checks and inserts
+    /// interleave. (Counting a request's values one at a time against a size
+    /// read each time refused some: a value another request had added since
+    /// counted twice.)
+    #[test]
+    fn racing_requests_that_fit_together_are_never_refused() {
+        let sets = std::sync::Arc::new(UniqueSets::default());
+        sets.set_cap(40);
+        let values: Vec<ValueHash> = (0..40).map(|i| hash_value(&format!("p{i}"))).collect();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (sets, values) = (sets.clone(), values.clone());
+                std::thread::spawn(move || {
+                    let mut refusals = 0;
+                    for round in 0..300 {
+                        let k = key(round);
+                        // Each thread its own order over the same 40 values.
+                        let mine: Vec<ValueHash> = (0..40).map(|i| values[(i * 7 + t * 11) % 40]).collect();
+                        refusals += sets.refused(&k, &mine).0.len();
+                        for v in mine {
+                            sets.insert(k, v);
+                        }
+                    }
+                    refusals
+                })
+            })
+            .collect();
+        let refusals: usize = threads.into_iter().map(|h| h.join().unwrap_or(usize::MAX)).sum();
+        assert_eq!(refusals, 0);
+        assert!((0..300).all(|r| sets.len_of(&key(r)) == 40));
+        assert_eq!(sets.refused(&key(0), &[hash_value("p40")]), (vec![0], 40), "a 41st value does not fit");
     }
 
     #[test]

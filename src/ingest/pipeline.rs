@@ -112,10 +112,10 @@ impl IngestPorts<'_> {
     fn check_unique_cap(&self, events: &[super::parse::Event<'_>], ids: &[crate::counters::CustomerId]) -> Result<(), IngestError> {
         use crate::counters::unique::hash_value;
         let sets = &self.counters().unique;
-        // Values new to a window earlier in this batch.
-        let mut pending: std::collections::HashSet<(crate::counters::CounterKey, u128)> = std::collections::HashSet::new();
-        let mut per_key: std::collections::HashMap<crate::counters::CounterKey, usize> = std::collections::HashMap::new();
-        let mut details = Vec::new();
+        // Each window's values, in the batch's order: (event, its value, the
+        // property, the window kind and its place among the meter's, the meter's name).
+        type Seen<'m> = Vec<(usize, u128, &'m str, (WindowKind, usize), &'m str)>;
+        let mut by_key: std::collections::HashMap<crate::counters::CounterKey, Seen<'_>> = std::collections::HashMap::new();
         for (index, (event, &customer)) in events.iter().zip(ids).enumerate() {
             let Some(meter) = self.catalog.meter(event.meter) else { continue };
             let (Some(property), Some(value)) = (meter.unique_property.as_deref(), meter.unique_value(&event.properties)) else {
@@ -127,36 +127,33 @@ impl IngestPorts<'_> {
             } else {
                 Default::default()
             };
-            for kind in self.counters().tracked_kinds(meter.id) {
+            for (place, kind) in self.counters().tracked_kinds(meter.id).enumerate() {
                 let key = crate::counters::Counters::key(customer, meter.id, kind, event.ts, anchor);
-                if pending.contains(&(key, value)) || sets.contains(&key, value) {
-                    continue;
-                }
-                let before = per_key.get(&key).copied().unwrap_or(0);
-                match sets.admits(&key, value, before) {
-                    Ok(()) => {
-                        pending.insert((key, value));
-                        *per_key.entry(key).or_default() += 1;
-                    }
-                    Err(size) => {
-                        details.push(super::parse::Detail {
-                            index,
-                            field: format!("properties.{property}"),
-                            reason: format!(
-                                "a new value would pass ingest.max_unique_values ({}) in the {} window of meter {:?}, which counts {size} distinct values",
-                                sets.cap(),
-                                kind.as_str(),
-                                meter.name
-                            ),
-                        });
-                        break;
-                    }
-                }
+                by_key.entry(key).or_default().push((index, value, property, (kind, place), &meter.name));
             }
         }
-        if details.is_empty() {
+        // One decision per window, under its lock (`UniqueSets::refused`); an
+        // event refused in several windows is named once, for the meter's first.
+        let mut refused = Vec::new();
+        for (key, seen) in &by_key {
+            let values: Vec<u128> = seen.iter().map(|s| s.1).collect();
+            let (positions, size) = sets.refused(key, &values);
+            for at in positions {
+                let (index, _, property, (kind, place), meter) = seen[at];
+                let reason = format!(
+                    "a new value would pass ingest.max_unique_values ({}) in the {} window of meter {meter:?}, which counts {size} distinct values",
+                    sets.cap(),
+                    kind.as_str(),
+                );
+                refused.push((index, place, super::parse::Detail { index, field: format!("properties.{property}"), reason }));
+            }
+        }
+        if refused.is_empty() {
             return Ok(());
         }
+        refused.sort_by_key(|r| (r.0, r.1));
+        refused.dedup_by_key(|r| r.0);
+        let mut details: Vec<super::parse::Detail> = refused.into_iter().map(|r| r.2).collect();
         crate::telemetry::unique_refused(details.len());
         crate::telemetry::events_rejected(details.len());
         let n = details.len();

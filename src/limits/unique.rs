@@ -135,7 +135,7 @@ impl LimitsPorts<'_> {
         let sets = &self.reads.counters.unique;
         for kind in self.reads.counters.tracked_kinds(meter.id) {
             let key = Counters::key(customer, meter.id, kind, now, ent.billing_anchor);
-            if let Err(size) = sets.admits(&key, hash, 0) {
+            if let Err(size) = sets.admits(&key, hash) {
                 self.deduper.remove(id_hash);
                 crate::telemetry::unique_refused(1);
                 return Err(invalid(
