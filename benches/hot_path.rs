@@ -387,6 +387,55 @@ fn consume_none(c: &mut Criterion) {
     g.finish();
 }
 
+/// A batch of 1000 events of a `unique_count` meter through the whole ingest
+/// path without a WAL (parse, the cap check per window, dedupe, fold): 100
+/// customers, 1000 values between them, day and month windows. After the first
+/// batch every value is counted, as in a steady month. Per-event cost.
+fn unique_ingest(c: &mut Criterion) {
+    const CONFIG: &str = "[[meters]]\nname = \"users\"\naggregation = \"unique_count\"\nunique_property = \"user_id\"\n\
+                          [[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\n\
+                          users = [{ limit = 1000000, window = \"month\" }, { limit = 1000000, window = \"day\" }]\n";
+    let dir = tempfile::tempdir().expect("tmp");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let store = Arc::new(SqliteStore::open(&dir.path().join("bench.sqlite")).expect("store"));
+    let wal = meterd::wal::WalConfig {
+        dir: dir.path().join("wal"),
+        sync: None,
+        segment_bytes: 1 << 26,
+        dedupe_window_ms: 86_400_000,
+        hold: None,
+    };
+    let engine = rt.block_on(Engine::start(&valid, "bench".into(), store.clone(), store, wal, None)).expect("engine");
+    let body = |seed: usize| {
+        let events: Vec<String> = (0..1000)
+            .map(|i| {
+                format!(
+                    r#"{{"id":"u-{seed}-{i}","customer":"team_{}","meter":"users","properties":{{"user_id":"u{}"}}}}"#,
+                    i % 100,
+                    (i * 7) % 1000
+                )
+            })
+            .collect();
+        format!("[{}]", events.join(","))
+    };
+    rt.block_on(engine.ingest(body(0).as_bytes(), BodyKind::Json)).expect("warm");
+    let mut seed = 1;
+    let mut g = c.benchmark_group("ingest");
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("unique_count_1000_counted_values", |b| {
+        b.iter_batched(
+            || {
+                seed += 1;
+                body(seed)
+            },
+            |body| rt.block_on(engine.ingest(body.as_bytes(), BodyKind::Json)).expect("ingest"),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 /// Unique counts (issue 25): a batch of 1000 usages of a `unique_count` meter
 /// (each window's set decides what it adds; one usage at a time) against the
 /// same usages on a `sum` meter with the same properties, 10k customers with
@@ -521,6 +570,7 @@ criterion_group!(
     benches,
     consume_answers,
     consume_none,
+    unique_ingest,
     parse_validate,
     counter_add,
     seam,

@@ -112,10 +112,13 @@ impl IngestPorts<'_> {
     fn check_unique_cap(&self, events: &[super::parse::Event<'_>], ids: &[crate::counters::CustomerId]) -> Result<(), IngestError> {
         use crate::counters::unique::hash_value;
         let sets = &self.counters().unique;
-        // Each window's values, in the batch's order: (event, its value, the
-        // property, the window kind and its place among the meter's, the meter's name).
+        // Each window's values not counted yet, in the batch's order: (event,
+        // its value, the property, the window kind and its place among the
+        // meter's, the meter's name). A counted value stays counted while its
+        // window lives, so it needs no second look.
         type Seen<'m> = Vec<(usize, u128, &'m str, (WindowKind, usize), &'m str)>;
-        let mut by_key: std::collections::HashMap<crate::counters::CounterKey, Seen<'_>> = std::collections::HashMap::new();
+        let mut by_key: std::collections::HashMap<crate::counters::CounterKey, Seen<'_>, crate::keyhash::KeyHash> =
+            std::collections::HashMap::with_hasher(crate::keyhash::KeyHash);
         for (index, (event, &customer)) in events.iter().zip(ids).enumerate() {
             let Some(meter) = self.catalog.meter(event.meter) else { continue };
             let (Some(property), Some(value)) = (meter.unique_property.as_deref(), meter.unique_value(&event.properties)) else {
@@ -129,7 +132,9 @@ impl IngestPorts<'_> {
             };
             for (place, kind) in self.counters().tracked_kinds(meter.id).enumerate() {
                 let key = crate::counters::Counters::key(customer, meter.id, kind, event.ts, anchor);
-                by_key.entry(key).or_default().push((index, value, property, (kind, place), &meter.name));
+                if !sets.contains(&key, value) {
+                    by_key.entry(key).or_default().push((index, value, property, (kind, place), &meter.name));
+                }
             }
         }
         // One decision per window, under its lock (`UniqueSets::refused`); an
