@@ -32,8 +32,13 @@ fn batch(n: usize, seed: usize) -> String {
 }
 
 fn engine(dir: &std::path::Path) -> (tokio::runtime::Runtime, Arc<Engine>) {
+    engine_of(CONFIG, dir)
+}
+
+/// An engine of `config` without a WAL, on a runtime of its own.
+fn engine_of(config: &str, dir: &std::path::Path) -> (tokio::runtime::Runtime, Arc<Engine>) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
+    let valid = Config::parse(config, "bench").and_then(|c| c.validate("bench")).expect("config");
     let store = Arc::new(SqliteStore::open(&dir.join("bench.sqlite")).expect("store"));
     let engine = rt
         .block_on(Engine::start(
@@ -354,17 +359,7 @@ fn consume_none(c: &mut Criterion) {
     const CONFIG: &str = "[[meters]]\nname = \"calls\"\n[[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\n\
                           calls = { limit = 1000000000000, window = \"month\" }\n";
     let dir = tempfile::tempdir().expect("tmp");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
-    let store = Arc::new(SqliteStore::open(&dir.path().join("bench.sqlite")).expect("store"));
-    let wal = meterd::wal::WalConfig {
-        dir: dir.path().join("wal"),
-        sync: None,
-        segment_bytes: 1 << 26,
-        dedupe_window_ms: 86_400_000,
-        hold: None,
-    };
-    let engine = rt.block_on(Engine::start(&valid, "bench".into(), store.clone(), store, wal, None)).expect("engine");
+    let (rt, engine) = engine_of(CONFIG, dir.path());
     let customers: Vec<String> = (0..10_000).map(|i| format!("c{i}")).collect();
     let mut n = 0_u64;
     let mut g = c.benchmark_group("check");
@@ -396,17 +391,7 @@ fn unique_ingest(c: &mut Criterion) {
                           [[plans]]\nname = \"p\"\ndefault = true\n[plans.limits]\n\
                           users = [{ limit = 1000000, window = \"month\" }, { limit = 1000000, window = \"day\" }]\n";
     let dir = tempfile::tempdir().expect("tmp");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let valid = Config::parse(CONFIG, "bench").and_then(|c| c.validate("bench")).expect("config");
-    let store = Arc::new(SqliteStore::open(&dir.path().join("bench.sqlite")).expect("store"));
-    let wal = meterd::wal::WalConfig {
-        dir: dir.path().join("wal"),
-        sync: None,
-        segment_bytes: 1 << 26,
-        dedupe_window_ms: 86_400_000,
-        hold: None,
-    };
-    let engine = rt.block_on(Engine::start(&valid, "bench".into(), store.clone(), store, wal, None)).expect("engine");
+    let (rt, engine) = engine_of(CONFIG, dir.path());
     let body = |seed: usize| {
         let events: Vec<String> = (0..1000)
             .map(|i| {

@@ -486,6 +486,17 @@ mod tests {
         WalConfig { dir: dir.to_path_buf(), sync: Some(Sync::Always), segment_bytes, dedupe_window_ms: 86_400_000, hold: None }
     }
 
+    /// A WAL in `dir` holding `n` records of 3 events each (batch tags 0..n), closed.
+    async fn written(dir: &Path, n: i64) -> WalConfig {
+        let cfg = config(dir, 1 << 20);
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        for t in 0..n {
+            let _ = wal.append(record(3, t)).await;
+        }
+        wal.close();
+        cfg
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_replay_checkpoint_and_rotate() {
         let tmp = tempfile::tempdir().expect("temp dir");
@@ -675,13 +686,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_power_cut_inside_the_last_group_is_cut_as_a_tear() {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let cfg = config(tmp.path(), 1 << 20);
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
-        for t in 0..40 {
-            let _ = wal.append(record(3, t)).await;
-        }
-        wal.close();
-        drop(wal);
+        let cfg = written(tmp.path(), 40).await;
         let path = segment::list(tmp.path()).unwrap_or_default().last().map(|(_, p)| p.clone()).unwrap_or_default();
         let whole = std::fs::read(&path).unwrap_or_default();
         let offsets: Vec<usize> =
@@ -717,13 +722,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn torn_tail_is_cut_and_corruption_stops() {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let cfg = config(tmp.path(), 1 << 20);
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
-        for t in 0..5 {
-            let _ = wal.append(record(3, t)).await;
-        }
-        wal.close();
-        drop(wal);
+        let cfg = written(tmp.path(), 5).await;
         let segs = segment::list(tmp.path()).unwrap_or_default();
         let path = segs[0].1.clone();
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
