@@ -46,6 +46,8 @@ pub enum AppError {
     // Adjustments (issue 19).
     #[error(transparent)]
     Adjust(#[from] crate::adjust::AdjustError),
+    #[error(transparent)]
+    Threads(#[from] http::threads::ThreadsError),
 }
 
 /// A running meterd.
@@ -61,6 +63,8 @@ pub struct AppHandle {
     flusher_stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     metrics_server: Option<JoinHandle<()>>,
+    /// The threads both listeners' connections run on.
+    connection_threads: Arc<http::ConnectionThreads>,
     flusher: Supervised<Result<(), crate::flush::FlushError>>,
     /// Redis tasks (entitlement listener, counter syncer): stopped after the
     /// final flush, so the syncer's last push includes everything.
@@ -316,15 +320,27 @@ impl AppHandle {
         let addr = listener.local_addr().map_err(|source| AppError::Bind { addr: config.server.listen, source })?;
         let (server_stop, server_rx) = watch::channel(false);
         let (flusher_stop, flusher_rx) = watch::channel(false);
+        let threads = config.server.connection_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let connection_threads = Arc::new(http::ConnectionThreads::start(threads)?);
         let (metrics_addr, metrics_server) = match config.metrics_listen {
             None => (None, None),
             Some(maddr) => {
                 let l = TcpListener::bind(maddr).await.map_err(|source| AppError::Bind { addr: maddr, source })?;
                 let bound = l.local_addr().map_err(|source| AppError::Bind { addr: maddr, source })?;
-                (Some(bound), Some(tokio::spawn(http::serve(l, state.clone(), http::Routes::OpsOnly, server_rx.clone(), edge))))
+                (
+                    Some(bound),
+                    Some(tokio::spawn(http::serve(
+                        l,
+                        state.clone(),
+                        http::Routes::OpsOnly,
+                        server_rx.clone(),
+                        edge,
+                        connection_threads.clone(),
+                    ))),
+                )
             }
         };
-        let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx, edge));
+        let server = tokio::spawn(http::serve(listener, state.clone(), http::Routes::All, server_rx, edge, connection_threads.clone()));
         let e = engine.clone();
         let flusher =
             tokio::spawn(supervise(FLUSHER, health.clone(), flusher_rx, move |rx| Some(crate::flush::run(e.clone(), flush_interval, rx))));
@@ -382,6 +398,7 @@ impl AppHandle {
             flusher_stop,
             server,
             metrics_server,
+            connection_threads,
             flusher,
             redis_stop,
             redis_tasks,
@@ -414,17 +431,23 @@ impl AppHandle {
     async fn shutdown_inner(self, drain_limit: Duration) -> Result<(), AppError> {
         self.begin_shutdown();
         let _ = self.server_stop.send(true);
+        let drained_by = tokio::time::Instant::now() + drain_limit;
         let mut servers = vec![self.server];
         servers.extend(self.metrics_server);
         for mut server in servers {
-            match tokio::time::timeout(drain_limit, &mut server).await {
+            match tokio::time::timeout_at(drained_by, &mut server).await {
                 Ok(joined) => joined.map_err(|e| AppError::Task(e.to_string()))?,
                 Err(_) => {
                     tracing::warn!(limit = ?drain_limit, "connections still open after the drain limit; closing them");
                     server.abort();
+                    // The abort lands on the connection threads; wait for it.
+                    let _ = server.await;
                 }
             }
         }
+        // Engine calls whose clients left run on as tasks of the connection
+        // threads: they end (their folds land) before the final flush.
+        self.connection_threads.stop(drained_by).await;
         // Reservations (issue 19).
         let (stop, task) = self.hold_expiry;
         let _ = stop.send(true);

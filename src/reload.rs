@@ -314,6 +314,7 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
     value("server.body_read_timeout", &s.body_read_timeout, &n.body_read_timeout);
     value("server.idle_timeout", &s.idle_timeout, &n.idle_timeout);
     value("server.max_connections", &s.max_connections, &n.max_connections);
+    value("server.connection_threads", &s.connection_threads, &n.connection_threads);
     value("metrics.listen", &old.metrics_listen, &new.metrics_listen);
     let (s, n) = (&old.storage, &new.storage);
     value("storage.data_dir", &s.data_dir, &n.data_dir);
@@ -521,6 +522,9 @@ mod tests {
         assert_eq!(both.len(), 2, "{both:?}");
         assert!(both[0].starts_with("server.listen (127.0.0.1:8480 → 127.0.0.1:9999)"), "{both:?}");
         assert!(both[1].starts_with("storage.durability"), "{both:?}");
+        let mut threads = old.clone();
+        threads.server.connection_threads = Some(3);
+        assert_eq!(refused(&old, &threads), ["server.connection_threads (None → Some(3))"]);
         // A section is named, its values are not (a Redis URL may hold a password).
         let plain = config("127.0.0.1:8480", "fsync", &[("a", "key-a", 5)]);
         let text =

@@ -47,6 +47,7 @@ pub struct Server {
     pub body_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,
+    pub connection_threads: Option<i64>,
     // Portal tokens (issue 20): the variable holding their signing key.
     pub portal_secret_env: Option<String>,
 }

@@ -61,6 +61,7 @@ pub(super) const ROOT: &[Field] = &[
             ("body_read_timeout", Dur),
             ("idle_timeout", Dur),
             ("max_connections", Int),
+            ("connection_threads", Int),
             // Portal tokens (issue 20).
             ("portal_secret_env", Str),
         ]),

@@ -56,6 +56,8 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     /// Open connections at most (on the API listener).
     pub max_connections: usize,
+    /// Threads that run HTTP connections; `None`: one per CPU.
+    pub connection_threads: Option<usize>,
 }
 
 /// When a 202 is sent relative to the write-ahead log.

@@ -152,18 +152,31 @@ fn server_settings_have_defaults_and_are_checked() {
         (Duration::from_secs(10), Duration::from_secs(30), Duration::from_secs(60), 10_000)
     );
     assert_eq!(defaults.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(defaults.connection_threads, None, "one per CPU unless set");
     let set = valid(&format!(
-        "[server]\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"5s\"\nidle_timeout = \"90s\"\nmax_connections = 64\n{PLAN}"
+        "[server]\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"5s\"\nidle_timeout = \"90s\"\nmax_connections = 64\nconnection_threads = 3\n{PLAN}"
     ))
     .server;
     assert_eq!(
-        (set.header_read_timeout, set.body_read_timeout, set.idle_timeout, set.max_connections),
-        (Duration::from_secs(2), Duration::from_secs(5), Duration::from_secs(90), 64)
+        (set.header_read_timeout, set.body_read_timeout, set.idle_timeout, set.max_connections, set.connection_threads),
+        (Duration::from_secs(2), Duration::from_secs(5), Duration::from_secs(90), 64, Some(3))
     );
     let bad = format!(
-        "[server]\nheader_read_timeout = \"0s\"\nbody_read_timeout = \"soon\"\nidle_timeout = \"0ms\"\nmax_connections = 0\n{PLAN}"
+        "[server]\nheader_read_timeout = \"0s\"\nbody_read_timeout = \"soon\"\nidle_timeout = \"0ms\"\nmax_connections = 0\nconnection_threads = 0\n{PLAN}"
     );
-    assert_eq!(keys(&bad), ["server.body_read_timeout", "server.header_read_timeout", "server.idle_timeout", "server.max_connections"]);
+    assert_eq!(
+        keys(&bad),
+        [
+            "server.body_read_timeout",
+            "server.connection_threads",
+            "server.header_read_timeout",
+            "server.idle_timeout",
+            "server.max_connections"
+        ]
+    );
+    for threads in ["257", "-1", "\"two\""] {
+        assert_eq!(keys(&format!("[server]\nconnection_threads = {threads}\n{PLAN}")), ["server.connection_threads"], "{threads}");
+    }
 }
 
 #[test]

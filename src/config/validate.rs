@@ -186,6 +186,7 @@ fn server(c: &mut Checker, s: &raw::Server, overrides: &Overrides) -> Option<(Se
         body_read_timeout: c.duration("server.body_read_timeout", &s.body_read_timeout, secs(30), Duration::ZERO),
         idle_timeout: c.duration("server.idle_timeout", &s.idle_timeout, secs(60), Duration::ZERO),
         max_connections: c.int("server.max_connections", s.max_connections, 10_000, 1, 1_000_000) as usize,
+        connection_threads: s.connection_threads.map(|_| c.int("server.connection_threads", s.connection_threads, 1, 1, 256) as usize),
     };
     listen.map(|_| (settings, listen_key))
 }

@@ -1,5 +1,5 @@
 //! The HTTP edge: hyper 1 over HTTP/1.1 with keep-alive, one task per
-//! connection, timeouts and a connection cap ([`EdgeConfig`]), and graceful
+//! connection on a thread of [`threads`], timeouts and a connection cap ([`EdgeConfig`]), and graceful
 //! shutdown (stop accepting, let in-flight requests finish, close idle
 //! keep-alive connections).
 //!
@@ -31,11 +31,13 @@ pub mod notifications;
 pub mod reservations;
 pub mod routes;
 pub mod server;
+pub mod threads;
 pub mod timeouts;
 // The operator console and the usage widget (issue 22).
 pub mod ui;
 
 pub use server::{serve, EdgeConfig};
+pub use threads::ConnectionThreads;
 
 use crate::engine::Engine;
 

@@ -1,6 +1,7 @@
 //! Accepting connections: the connection cap, one task per connection running
-//! hyper's HTTP/1.1 over the route [`Table`], the timeouts of
-//! [`super::timeouts`], and graceful shutdown.
+//! hyper's HTTP/1.1 over the route [`Table`] on one of the
+//! [`ConnectionThreads`], the timeouts of [`super::timeouts`], and graceful
+//! shutdown.
 //!
 //! **Over the cap** a new connection is accepted, answered
 //! `503 {"error": {"code": "unavailable", …}}` with `Retry-After: 1` and
@@ -12,6 +13,7 @@
 
 use super::error::ApiError;
 use super::routes::Table;
+use super::threads::ConnectionThreads;
 use super::timeouts::{DeadlineBody, Phase, TimedIo, Watchdog};
 use super::{HttpState, Routes};
 use hyper::server::conn::http1;
@@ -56,8 +58,17 @@ impl Default for EdgeConfig {
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// Accepts connections until `shutdown` turns true, then waits for every open
-/// connection to finish its in-flight request and close.
-pub async fn serve(listener: TcpListener, state: Arc<HttpState>, routes: Routes, mut shutdown: watch::Receiver<bool>, edge: EdgeConfig) {
+/// connection to finish its in-flight request and close. Connections run on
+/// `threads`; the accepting, and the refusals over the cap, on the caller's
+/// runtime.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    routes: Routes,
+    mut shutdown: watch::Receiver<bool>,
+    edge: EdgeConfig,
+    threads: Arc<ConnectionThreads>,
+) {
     let label = routes.listener();
     let table = Arc::new(Table::new(state, routes));
     let slots = Arc::new(Semaphore::new(edge.max_connections.min(Semaphore::MAX_PERMITS)));
@@ -81,7 +92,8 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, routes: Routes,
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let connection = Connection { table: table.clone(), edge, label, _slot: slot };
-                connections.spawn(connection.run(stream, shutdown.clone()));
+                let shutdown = shutdown.clone();
+                threads.spawn(&mut connections, stream, move |stream| connection.run(stream, shutdown));
             }
             Err(_) => {
                 crate::telemetry::connection_refused(label);
