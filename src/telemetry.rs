@@ -16,6 +16,7 @@ pub const DECISIONS_TOTAL: &str = "meterd_decisions_total";
 pub const HTTP_REQUESTS_TOTAL: &str = "meterd_http_requests_total";
 pub const HTTP_DURATION: &str = "meterd_http_request_duration_seconds";
 pub const HTTP_CONNECTIONS_OPEN: &str = "meterd_http_connections_open";
+pub const HTTP_THREAD_CONNECTIONS: &str = "meterd_http_thread_connections";
 pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "meterd_http_connections_refused_total";
 pub const HTTP_TIMEOUTS_TOTAL: &str = "meterd_http_timeouts_total";
 pub const HTTP_DETACHED_TOTAL: &str = "meterd_http_detached_total";
@@ -344,6 +345,7 @@ fn describe() {
     metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests, by route and status");
     metrics::describe_histogram!(HTTP_DURATION, "HTTP request latency, by route");
     metrics::describe_gauge!(HTTP_CONNECTIONS_OPEN, "Open HTTP connections, by listener (api, ops)");
+    metrics::describe_gauge!(HTTP_THREAD_CONNECTIONS, "Open HTTP connections on each connection thread (server.connection_threads)");
     metrics::describe_counter!(
         HTTP_CONNECTIONS_REFUSED_TOTAL,
         "Connections answered 503 and closed because the listener had server.max_connections open, by listener"
@@ -555,6 +557,15 @@ impl RouteMetrics {
 /// A connection opened (`delta` 1) or closed (-1) on `listener`.
 pub fn connections_open(listener: &'static str, delta: f64) {
     metrics::gauge!(HTTP_CONNECTIONS_OPEN, "listener" => listener).increment(delta);
+}
+
+/// The open-connection count of connection thread `index` (a handle: taken
+/// once per thread, moved by each connection that opens or closes there).
+pub fn thread_connections(index: usize) -> metrics::Gauge {
+    let gauge = metrics::gauge!(HTTP_THREAD_CONNECTIONS, "thread" => index.to_string());
+    // Shown at zero from the start.
+    gauge.increment(0.0);
+    gauge
 }
 
 /// A connection refused because `listener` was at its connection cap.

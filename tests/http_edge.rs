@@ -63,6 +63,21 @@ impl Edge {
         text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
     }
 
+    /// Each connection thread's open connections (`meterd_http_thread_connections`), in thread order.
+    async fn per_thread(&self) -> Vec<f64> {
+        let text = self.ops.get("/metrics").await.text;
+        let mut threads: Vec<(usize, f64)> = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("meterd_http_thread_connections{thread=\"")?;
+                let (index, value) = rest.split_once("\"} ")?;
+                Some((index.parse().ok()?, value.trim().parse().ok()?))
+            })
+            .collect();
+        threads.sort_by_key(|t| t.0);
+        threads.into_iter().map(|t| t.1).collect()
+    }
+
     /// Waits (up to 5 s) until `series` reads `want`, and returns what it read last.
     async fn metric_becomes(&self, series: &str, want: f64) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -288,6 +303,17 @@ async fn one_connection_over_the_cap_is_answered_503_and_counted_until_a_stalled
         stalls.push(stalled(server.addr, "POST /v1/events HT").await);
     }
     assert_eq!(server.metric_becomes(OPEN, CAP as f64).await, CAP as f64, "the stalled connections hold every slot");
+    // Counted on the connection threads (one per CPU): the stalled ones and the
+    // scrape that reads them (an earlier scrape's connection may take a moment to close).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut threads = server.per_thread().await;
+    while threads.iter().sum::<f64>() != CAP as f64 + 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        threads = server.per_thread().await;
+    }
+    assert_eq!(threads.len(), cpus, "one series per thread: {threads:?}");
+    assert_eq!(threads.iter().sum::<f64>(), CAP as f64 + 1.0, "the stalled ones and the scrape: {threads:?}");
 
     // Connection CAP + 1: accepted by the kernel, answered 503 and closed.
     let mut extra = stalled(server.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;

@@ -48,6 +48,8 @@ struct Worker {
     handle: Handle,
     /// Connections open on this thread.
     open: Arc<AtomicUsize>,
+    /// The same count, for operators (`meterd_http_thread_connections`).
+    gauge: metrics::Gauge,
     /// Tells the thread to finish: the limit for the tasks left on it.
     stop: Mutex<Option<oneshot::Sender<Instant>>>,
     /// Sent once the runtime is dropped: how many tasks it had to abandon.
@@ -92,11 +94,10 @@ impl ConnectionThreads {
             }
         };
         let worker = self.least_loaded();
-        let open = worker.open.clone();
-        open.fetch_add(1, Ordering::Relaxed);
+        let counted = Counted::new(worker.open.clone(), worker.gauge.clone());
         connections.spawn_on(
             async move {
-                let _counted = Counted(open);
+                let _counted = counted;
                 match TcpStream::from_std(stream) {
                     Ok(stream) => serve(stream).await,
                     Err(e) => tracing::debug!(error = %e, "an accepted connection could not join its thread's reactor"),
@@ -170,7 +171,13 @@ impl Worker {
             Ok(Err(source)) => return Err(ThreadsError::Start { index, source }),
             Err(_) => return Err(ThreadsError::Lost { index }),
         };
-        Ok(Worker { handle, open: Arc::default(), stop: Mutex::new(Some(stop)), done: Mutex::new(Some(done)) })
+        Ok(Worker {
+            handle,
+            open: Arc::default(),
+            gauge: crate::telemetry::thread_connections(index),
+            stop: Mutex::new(Some(stop)),
+            done: Mutex::new(Some(done)),
+        })
     }
 }
 
@@ -188,11 +195,23 @@ async fn tasks_ended(deadline: Instant) -> usize {
 }
 
 /// Counts a connection on its thread while it lives.
-struct Counted(Arc<AtomicUsize>);
+struct Counted {
+    open: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
+}
+
+impl Counted {
+    fn new(open: Arc<AtomicUsize>, gauge: metrics::Gauge) -> Counted {
+        open.fetch_add(1, Ordering::Relaxed);
+        gauge.increment(1.0);
+        Counted { open, gauge }
+    }
+}
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.decrement(1.0);
     }
 }
 
