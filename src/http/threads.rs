@@ -6,7 +6,7 @@
 //! woken on either worker, and every wake-up of a parked worker, every steal and
 //! every hand-over between workers is a futex call and a cache miss on a path
 //! whose own work is a few microseconds. Serving connections on runtimes of
-//! their own took 13 % off a consume's server CPU in a same-run A/B (issue 24,
+//! their own took 13–15 % off a consume's server CPU in same-run A/Bs (issue 24,
 //! BENCHMARKS.md); Limitador's server (actix-web) is built the same way. What
 //! is given up is stealing: a thread busy with its connections does not hand
 //! them to an idle one, which the least-loaded placement makes up for while
@@ -63,18 +63,9 @@ impl ConnectionThreads {
         Ok(ConnectionThreads { workers, next: AtomicUsize::new(0) })
     }
 
-    /// How many threads there are.
-    pub fn len(&self) -> usize {
-        self.workers.len()
-    }
-
-    /// Always false: there is at least one thread.
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
-    }
-
     /// Connections open on each thread, in thread order.
-    pub fn open(&self) -> Vec<usize> {
+    #[cfg(test)]
+    fn open(&self) -> Vec<usize> {
         self.workers.iter().map(|w| w.open.load(Ordering::Relaxed)).collect()
     }
 
