@@ -89,8 +89,14 @@ fn replay_bench(rt: &tokio::runtime::Runtime) {
     use meterd::wal::{Wal, WalConfig};
     let dir = tempfile::tempdir().expect("tmp");
     let valid = config(dir.path(), "buffered");
-    let wal_config =
-        |sync| WalConfig { dir: dir.path().join("wal"), sync, segment_bytes: 64 << 20, dedupe_window_ms: 3_600_000, hold: None };
+    let wal_config = |sync| WalConfig {
+        dir: dir.path().join("wal"),
+        sync,
+        segment_bytes: 64 << 20,
+        dedupe_window_ms: 3_600_000,
+        hold: None,
+        sync_spacing: std::time::Duration::ZERO,
+    };
     let total_events = 2_000_000u64;
     rt.block_on(async {
         let (wal, _) = Wal::open(

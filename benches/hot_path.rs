@@ -47,7 +47,14 @@ fn engine_of(config: &str, dir: &std::path::Path) -> (tokio::runtime::Runtime, A
             store.clone(),
             store,
             // No WAL: these benches measure the in-memory path.
-            meterd::wal::WalConfig { dir: dir.join("wal"), sync: None, segment_bytes: 1 << 26, dedupe_window_ms: 86_400_000, hold: None },
+            meterd::wal::WalConfig {
+                dir: dir.join("wal"),
+                sync: None,
+                segment_bytes: 1 << 26,
+                dedupe_window_ms: 86_400_000,
+                hold: None,
+                sync_spacing: std::time::Duration::ZERO,
+            },
             None,
         ))
         .expect("engine");

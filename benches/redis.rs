@@ -51,8 +51,14 @@ fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, redis_port: Optio
             ),
             None => None,
         };
-        let wal =
-            meterd::wal::WalConfig { dir: dir.join("wal"), sync: None, segment_bytes: 1 << 26, dedupe_window_ms: 3_600_000, hold: None };
+        let wal = meterd::wal::WalConfig {
+            dir: dir.join("wal"),
+            sync: None,
+            segment_bytes: 1 << 26,
+            dedupe_window_ms: 3_600_000,
+            hold: None,
+            sync_spacing: std::time::Duration::ZERO,
+        };
         Arc::new(Engine::start(&valid, "bench".into(), store.clone(), store, wal, redis).await.expect("engine"))
     })
 }

@@ -225,6 +225,7 @@ impl AppHandle {
             segment_bytes: storage.wal_segment_bytes,
             dedupe_window_ms: crate::duration::millis_i64(config.ingest.dedupe_window),
             hold: raw_events.as_ref().map(|(_, from)| *from),
+            sync_spacing: storage.wal_sync_spacing,
         };
         let redis = match &config.redis {
             Some(rc) => {

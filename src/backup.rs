@@ -475,6 +475,7 @@ mod tests {
             segment_bytes,
             dedupe_window_ms: 86_400_000,
             hold: None,
+            sync_spacing: std::time::Duration::ZERO,
         };
         let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..n {

@@ -321,6 +321,7 @@ pub fn refused(old: &ValidConfig, new: &ValidConfig) -> Vec<String> {
     value("storage.durability", &s.durability, &n.durability);
     value("storage.flush_interval", &s.flush_interval, &n.flush_interval);
     value("storage.wal_sync_interval", &s.wal_sync_interval, &n.wal_sync_interval);
+    value("storage.wal_sync_spacing", &s.wal_sync_spacing, &n.wal_sync_spacing);
     value("storage.wal_segment_bytes", &s.wal_segment_bytes, &n.wal_segment_bytes);
     value("storage.max_wal_bytes", &s.max_wal_bytes, &n.max_wal_bytes);
     value("storage.max_pending_buckets", &s.max_pending_buckets, &n.max_pending_buckets);
@@ -525,6 +526,9 @@ mod tests {
         let mut threads = old.clone();
         threads.server.connection_threads = Some(3);
         assert_eq!(refused(&old, &threads), ["server.connection_threads (None → Some(3))"]);
+        let mut spacing = old.clone();
+        spacing.storage.wal_sync_spacing = std::time::Duration::ZERO;
+        assert_eq!(refused(&old, &spacing), ["storage.wal_sync_spacing (800µs → 0ns)"]);
         // A section is named, its values are not (a Redis URL may hold a password).
         let plain = config("127.0.0.1:8480", "fsync", &[("a", "key-a", 5)]);
         let text =

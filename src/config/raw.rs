@@ -59,6 +59,8 @@ pub struct Storage {
     pub durability: Option<String>,
     pub flush_interval: Option<String>,
     pub wal_sync_interval: Option<String>,
+    // Issue 24: the least time between two WAL syncs' starts under load.
+    pub wal_sync_spacing: Option<String>,
     pub wal_segment_bytes: Option<i64>,
     pub max_wal_bytes: Option<i64>,
     pub max_pending_buckets: Option<i64>,

@@ -73,6 +73,7 @@ pub(super) const ROOT: &[Field] = &[
             ("durability", Str),
             ("flush_interval", Dur),
             ("wal_sync_interval", Dur),
+            ("wal_sync_spacing", Dur),
             ("wal_segment_bytes", Int),
             ("max_wal_bytes", Int),
             ("max_pending_buckets", Int),

@@ -90,6 +90,11 @@ pub struct StorageSettings {
     pub flush_interval: Duration,
     /// With `Durability::Buffered`: how often the WAL is fsynced.
     pub wal_sync_interval: Duration,
+    /// With `Durability::Fsync`: after a group of more than one record, the
+    /// next group's sync starts no sooner than this after that one's
+    /// (zero: at once). Fewer, larger groups under load; a lone record is
+    /// never held.
+    pub wal_sync_spacing: Duration,
     /// WAL segment files rotate at this size.
     pub wal_segment_bytes: u64,
     /// Past this much WAL not yet in the store, ingest answers 503.

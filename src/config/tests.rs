@@ -180,6 +180,26 @@ fn server_settings_have_defaults_and_are_checked() {
 }
 
 #[test]
+fn wal_sync_spacing_takes_microseconds_up_to_ten_milliseconds() {
+    let spacing = |text: &str| valid(&format!("[storage]\nwal_sync_spacing = \"{text}\"\n{PLAN}")).storage.wal_sync_spacing;
+    assert_eq!(valid(PLAN).storage.wal_sync_spacing, Duration::from_micros(800), "the default");
+    assert_eq!(spacing("250us"), Duration::from_micros(250));
+    assert_eq!(spacing("0us"), Duration::ZERO, "zero turns it off");
+    assert_eq!(spacing("0ms"), Duration::ZERO);
+    assert_eq!(spacing("10ms"), Duration::from_millis(10));
+    for bad in ["11ms", "1s", "1.5ms", "800", "soon"] {
+        let found = problems(&format!("[storage]\nwal_sync_spacing = \"{bad}\"\n{PLAN}"));
+        assert_eq!(found.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), ["storage.wal_sync_spacing"], "{bad}: {found:?}");
+    }
+    let too_long = problems(&format!("[storage]\nwal_sync_spacing = \"20ms\"\n{PLAN}"));
+    assert!(too_long[0].reason.starts_with("must be at most 10ms"), "{too_long:?}");
+    let not_one = problems(&format!("[storage]\nwal_sync_spacing = \"1.5ms\"\n{PLAN}"));
+    assert!(not_one[0].reason.contains("us, ms, s"), "the error names the units: {not_one:?}");
+    // Elsewhere microseconds stay refused: no other duration takes them.
+    assert_eq!(keys(&format!("[storage]\nflush_interval = \"500us\"\n{PLAN}")), ["storage.flush_interval"]);
+}
+
+#[test]
 fn settings_are_resolved_to_types() {
     let v = valid(&format!(
         "[storage]\ndurability = \"buffered\"\nwal_sync_interval = \"20ms\"\n[ingest]\nmax_lateness = \"2d\"\n\

@@ -212,9 +212,31 @@ fn storage(c: &mut Checker, s: &raw::Storage) -> StorageSettings {
         durability,
         flush_interval: c.duration("storage.flush_interval", &s.flush_interval, secs(1), Duration::ZERO),
         wal_sync_interval: c.duration("storage.wal_sync_interval", &s.wal_sync_interval, millis(100), Duration::ZERO),
+        wal_sync_spacing: wal_sync_spacing(c, &s.wal_sync_spacing),
         wal_segment_bytes,
         max_wal_bytes,
         max_pending_buckets: c.int("storage.max_pending_buckets", s.max_pending_buckets, 5_000_000, 1, u64::MAX),
+    }
+}
+
+/// The default `storage.wal_sync_spacing` (BENCHMARKS.md, issue 24's seventh pass).
+const DEFAULT_WAL_SYNC_SPACING: Duration = Duration::from_micros(800);
+
+// Issue 24: `storage.wal_sync_spacing`, zero (off) to 10ms, in microseconds or
+// coarser. Longer would hold every consume of a busy instance that long.
+fn wal_sync_spacing(c: &mut Checker, value: &Option<String>) -> Duration {
+    const KEY: &str = "storage.wal_sync_spacing";
+    let Some(text) = value else { return DEFAULT_WAL_SYNC_SPACING };
+    match duration::parse_fine(text) {
+        Ok(d) if d <= millis(10) => d,
+        Ok(_) => {
+            c.add(KEY, "must be at most 10ms (every consume of a busy instance may wait that long)");
+            DEFAULT_WAL_SYNC_SPACING
+        }
+        Err(e) => {
+            c.add(KEY, e.to_string());
+            DEFAULT_WAL_SYNC_SPACING
+        }
     }
 }
 

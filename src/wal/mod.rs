@@ -45,6 +45,7 @@ pub mod mark;
 pub mod record;
 pub mod repair;
 pub mod segment;
+pub mod spacing;
 pub mod spare;
 pub mod tail;
 pub mod writer;
@@ -57,6 +58,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::oneshot;
 pub use writer::Sync;
 use writer::{Command, Writer};
@@ -168,6 +170,9 @@ pub struct WalConfig {
     /// records up to `seq` only; segments holding later ones are kept, whatever
     /// the checkpoint, until [`Wal::release`] moves it on. `None`: no hold.
     pub hold: Option<u64>,
+    /// With `Sync::Always`: after a group of several records, the next sync
+    /// starts no sooner than this after that group's (`spacing.rs`).
+    pub sync_spacing: Duration,
 }
 
 /// What opening the WAL found.
@@ -323,6 +328,7 @@ impl Wal {
             stats: stats.clone(),
             ids: id_log,
             series: crate::telemetry::WalSeries::register(),
+            spacing: config.sync_spacing,
         };
         let (tx, rx) = crossbeam::channel::unbounded();
         let thread = std::thread::Builder::new()
@@ -483,7 +489,14 @@ mod tests {
     }
 
     fn config(dir: &Path, segment_bytes: u64) -> WalConfig {
-        WalConfig { dir: dir.to_path_buf(), sync: Some(Sync::Always), segment_bytes, dedupe_window_ms: 86_400_000, hold: None }
+        WalConfig {
+            dir: dir.to_path_buf(),
+            sync: Some(Sync::Always),
+            segment_bytes,
+            dedupe_window_ms: 86_400_000,
+            hold: None,
+            sync_spacing: Duration::ZERO,
+        }
     }
 
     /// A WAL in `dir` holding `n` records of 3 events each (batch tags 0..n), closed.
@@ -750,5 +763,68 @@ mod tests {
         let _ = std::fs::write(&path, &bytes);
         let err = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("corrupt at byte offset 0"), "{err}");
+    }
+
+    /// Sends an append straight to the writer without waiting for it.
+    fn send(wal: &Wal, tag: i64) -> oneshot::Receiver<Result<u64, WalError>> {
+        let (reply, rx) = oneshot::channel();
+        let record = record(1, tag).finish().unwrap_or_else(|e| panic!("{e}"));
+        let tx = wal.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = tx
+            .as_ref()
+            .map(|tx| tx.send(Command::Append { payload: record.payload, ids: record.ids, accepted_ms: record.accepted_ms, reply }));
+        assert!(matches!(sent, Some(Ok(()))), "the writer takes appends");
+        rx
+    }
+
+    /// Issue 24: once a group held several records, the next waits out the
+    /// spacing (what arrives meanwhile joins it) and is then written; a lone
+    /// record leaves the next one unheld.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_wal_spaces_its_syncs() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let cfg = WalConfig { sync_spacing: Duration::from_secs(2), ..config(tmp.path(), 1 << 20) };
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        // Two records sent back to back share a group (retried in the rare
+        // case the writer took the first alone); the record after them is
+        // then held by the spacing.
+        let mut held = None;
+        for attempt in 0..20 {
+            let (a, b) = (send(&wal, 3 * attempt), send(&wal, 3 * attempt + 1));
+            assert!(matches!(a.await, Ok(Ok(_))) && matches!(b.await, Ok(Ok(_))));
+            let mut probe = send(&wal, 3 * attempt + 2);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match probe.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    held = Some(probe);
+                    break;
+                }
+                done => assert!(matches!(done, Ok(Ok(_))), "{done:?}"),
+            }
+        }
+        let Some(probe) = held else { panic!("a record after a group of two was never held") };
+        // Sent while the probe is held: written with it, once the spacing is out.
+        let joined = send(&wal, 100);
+        let both = tokio::time::timeout(Duration::from_secs(30), async { (probe.await, joined.await) }).await;
+        let Ok((Ok(Ok(p)), Ok(Ok(j)))) = both else { panic!("held records are written after the spacing: {both:?}") };
+        assert_eq!(j, p + 1);
+        assert!(wal.stats.durable.load(Ordering::Acquire) >= j, "and synced");
+        wal.close();
+    }
+
+    /// A light load is never held: records one at a time, each a group of
+    /// one, are written at once even with a spacing of a minute.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_record_is_never_held() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let cfg = WalConfig { sync_spacing: Duration::from_secs(60), ..config(tmp.path(), 1 << 20) };
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let one_at_a_time = async {
+            for t in 0..5 {
+                assert_eq!(wal.append(record(1, t)).await.ok(), Some(t as u64 + 1));
+            }
+        };
+        assert!(tokio::time::timeout(Duration::from_secs(30), one_at_a_time).await.is_ok(), "a lone record waited for the spacing");
+        wal.close();
     }
 }

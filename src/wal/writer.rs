@@ -1,7 +1,9 @@
 //! The WAL writer thread. Requests arrive on a channel; the thread takes every
 //! request waiting (a *group*), frames the appends with consecutive sequence
 //! numbers, writes them with one `write`, makes them durable with one `fsync`
-//! (in `fsync` mode), and only then answers each caller. It does no other
+//! (in `fsync` mode), and only then answers each caller. Under load, in `fsync`
+//! mode, it takes its groups no closer together than `storage.wal_sync_spacing`
+//! (`spacing.rs`), so that each sync carries more records. It does no other
 //! fsync on the way: the checkpoint file and the id files are made durable by
 //! the flusher, off this thread (issue 24). A failed write (a full
 //! disk) is cut back off the file so the segment never holds a half group, every
@@ -18,6 +20,7 @@ use super::checkpoint;
 use super::ids::IdLog;
 use super::record::frame;
 use super::segment;
+use super::spacing::Spacing;
 use super::spare::Spares;
 use super::{SeqTracker, WalError, WalStats};
 use crossbeam::channel::{Receiver, RecvTimeoutError};
@@ -77,6 +80,8 @@ pub struct Writer {
     pub ids: IdLog,
     /// The sync-time and group-size histograms.
     pub series: crate::telemetry::WalSeries,
+    /// With `Sync::Always`: the least time between two busy groups' starts.
+    pub spacing: Duration,
 }
 
 /// Most requests taken in one group.
@@ -96,6 +101,7 @@ impl Writer {
         let mut last_sync = Instant::now();
         let mut dirty = false;
         let mut buf = Vec::with_capacity(1 << 20);
+        let mut spacing = Spacing::new(if self.sync == Sync::Always { self.spacing } else { Duration::ZERO });
         loop {
             let first = match self.sync {
                 Sync::Always => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -106,6 +112,12 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            // Under load, what arrives while the writer waits joins this group.
+            let hold = spacing.hold(Instant::now());
+            if !hold.is_zero() {
+                std::thread::sleep(hold);
+            }
+            spacing.taken(Instant::now());
             let mut group: Vec<Command> = first.into_iter().collect();
             while group.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -132,6 +144,7 @@ impl Writer {
                     Command::Release { seq, reply } => releases.push((seq, reply)),
                 }
             }
+            spacing.held(appends.len());
             if !appends.is_empty() {
                 match self.write_group(&buf, &ids) {
                     Ok(()) => {

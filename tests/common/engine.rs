@@ -26,6 +26,7 @@ pub async fn start(dir: &Path, plans: &str, instance: &str, observers: Vec<Arc<d
         segment_bytes: 1 << 20,
         dedupe_window_ms: 3_600_000,
         hold: None,
+        sync_spacing: std::time::Duration::ZERO,
     };
     Arc::new(Engine::start_observed(&config, instance.into(), store.clone(), store, wal, None, observers).await.expect("engine"))
 }
