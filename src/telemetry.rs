@@ -44,6 +44,8 @@ pub const WAL_SEGMENTS_TOTAL: &str = "meterd_wal_segments_total";
 pub const WAL_SYNC_DURATION: &str = "meterd_wal_sync_duration_seconds";
 /// Records per group written (requests that shared one write and one fsync).
 pub const WAL_GROUP_RECORDS: &str = "meterd_wal_group_records";
+/// Each wait of the WAL writer before taking a group (`storage.wal_sync_spacing`).
+pub const WAL_SYNC_HOLD: &str = "meterd_wal_sync_hold_seconds";
 pub const WRITES_REFUSED: &str = "meterd_writes_refused";
 pub const REDIS_UP: &str = "meterd_redis_up";
 pub const REDIS_SYNC_DURATION: &str = "meterd_redis_sync_duration_seconds";
@@ -211,6 +213,7 @@ pub fn register_known(known: &Known<'_>) {
     }
     let _ = metrics::histogram!(WAL_SYNC_DURATION);
     let _ = metrics::histogram!(WAL_GROUP_RECORDS);
+    let _ = metrics::histogram!(WAL_SYNC_HOLD);
     metrics::gauge!(HTTP_CONNECTIONS_OPEN, "listener" => "api").increment(0.0);
     metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL, "listener" => "api").increment(0);
     for phase in ["header", "body", "idle"] {
@@ -379,6 +382,10 @@ fn describe() {
         "Time of each fsync the WAL writer makes (a group's, the buffered interval's, a rotation's); appends wait on it"
     );
     metrics::describe_histogram!(WAL_GROUP_RECORDS, "Records written to the WAL per group (requests that share one write and one fsync)");
+    metrics::describe_histogram!(
+        WAL_SYNC_HOLD,
+        "Time the WAL writer waited before taking a group, so that syncs stay storage.wal_sync_spacing apart under load"
+    );
     metrics::describe_gauge!(REDIS_UP, "1 while Redis answers");
     metrics::describe_histogram!(REDIS_SYNC_DURATION, "Time of one counter sync round with Redis");
     metrics::describe_counter!(REDIS_SYNC_KEYS_TOTAL, "Window counters pushed to Redis");
@@ -745,11 +752,16 @@ pub fn wal(bytes: u64, checkpoint: u64, refusing: bool) {
 pub struct WalSeries {
     sync: metrics::Histogram,
     group: metrics::Histogram,
+    hold: metrics::Histogram,
 }
 
 impl WalSeries {
     pub fn register() -> WalSeries {
-        WalSeries { sync: metrics::histogram!(WAL_SYNC_DURATION), group: metrics::histogram!(WAL_GROUP_RECORDS) }
+        WalSeries {
+            sync: metrics::histogram!(WAL_SYNC_DURATION),
+            group: metrics::histogram!(WAL_GROUP_RECORDS),
+            hold: metrics::histogram!(WAL_SYNC_HOLD),
+        }
     }
 
     /// One fsync of the writer took `seconds`.
@@ -760,6 +772,11 @@ impl WalSeries {
     /// One group of `records` was written.
     pub fn group(&self, records: usize) {
         self.group.record(records as f64);
+    }
+
+    /// The writer waited `seconds` before taking a group (sync spacing).
+    pub fn held(&self, seconds: f64) {
+        self.hold.record(seconds);
     }
 }
 

@@ -20,7 +20,10 @@ fn value(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_process_lists_every_documented_series_at_zero() {
-    let server = TestServer::start(INTERVIEW).await;
+    // A spacing longer than a consume's round trip: a hold would show below.
+    let config = INTERVIEW.replacen("[storage]\n", "[storage]\nwal_sync_spacing = \"10ms\"\n", 1);
+    assert_ne!(config, INTERVIEW);
+    let server = TestServer::start(&config).await;
     let c = server.client();
     let r = c.get("/metrics").await;
     assert_eq!(r.status, 200);
@@ -36,6 +39,7 @@ async fn a_fresh_process_lists_every_documented_series_at_zero() {
         "meterd_ingest_batch_size_count",
         "meterd_wal_sync_duration_seconds_count",
         "meterd_wal_group_records_count",
+        "meterd_wal_sync_hold_seconds_count",
         r#"meterd_events_total{meter="",result="rejected"}"#,
     ]
     .map(String::from)
@@ -125,6 +129,8 @@ async fn a_fresh_process_lists_every_documented_series_at_zero() {
     let text = c.get("/metrics").await.text;
     let [g1, r1, s1] = series(&text);
     assert_eq!((g1 - g0, r1 - r0, s1 - s0), (5.0, 5.0, 5.0), "{text}");
+    // Every group so far held one record: none was held back (sync spacing).
+    assert_eq!(value(&text, "meterd_wal_sync_hold_seconds_count"), Some(0.0), "{text}");
     assert!(value(&text, "meterd_wal_sync_duration_seconds_sum").is_some_and(|s| s > 0.0), "{text}");
     let racing: Vec<_> = (5..37)
         .map(|i| {
@@ -142,5 +148,7 @@ async fn a_fresh_process_lists_every_documented_series_at_zero() {
     let [g2, r2, s2] = series(&text);
     assert_eq!(r2 - r1, records, "every record once: {text}");
     assert!((1.0..=records).contains(&(g2 - g1)) && s2 - s1 == g2 - g1, "a group and a sync each: {g2} {s2}\n{text}");
+    let holds = value(&text, "meterd_wal_sync_hold_seconds_count").unwrap_or(-1.0);
+    assert!((0.0..=g2 - g1).contains(&holds), "at most one hold per group: {holds} of {}\n{text}", g2 - g1);
     server.stop().await;
 }

@@ -113,9 +113,11 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             // Under load, what arrives while the writer waits joins this group.
-            let hold = spacing.hold(Instant::now());
+            let now = Instant::now();
+            let hold = spacing.hold(now);
             if !hold.is_zero() {
                 std::thread::sleep(hold);
+                self.series.held(now.elapsed().as_secs_f64());
             }
             spacing.taken(Instant::now());
             let mut group: Vec<Command> = first.into_iter().collect();
