@@ -23,9 +23,11 @@ default = true
 tokens = { limit = "unlimited", window = "month" }
 "#;
 
-fn config(dir: &std::path::Path, durability: &str) -> meterd::config::ValidConfig {
+/// `durability`, and `spacing` as `storage.wal_sync_spacing` when given.
+fn config(dir: &std::path::Path, durability: &str, spacing: Option<&str>) -> meterd::config::ValidConfig {
+    let spacing = spacing.map(|s| format!("wal_sync_spacing = \"{s}\"\n")).unwrap_or_default();
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\ndurability = \"{durability}\"\n[ingest]\ndedupe_window = \"1h\"\n{METERS}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\ndurability = \"{durability}\"\n{spacing}[ingest]\ndedupe_window = \"1h\"\n{METERS}",
         dir.display().to_string()
     );
     Config::parse(&text, "bench").and_then(|c| c.validate("bench")).expect("config")
@@ -88,7 +90,7 @@ async fn throughput(addr: std::net::SocketAddr, size: usize, workers: usize, sec
 fn replay_bench(rt: &tokio::runtime::Runtime) {
     use meterd::wal::{Wal, WalConfig};
     let dir = tempfile::tempdir().expect("tmp");
-    let valid = config(dir.path(), "buffered");
+    let valid = config(dir.path(), "buffered", None);
     let wal_config = |sync| WalConfig {
         dir: dir.path().join("wal"),
         sync,
@@ -148,12 +150,14 @@ fn main() {
     let secs = std::env::var("METERD_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     println!("| durability | batch size | connections | events/s | requests/s |");
     println!("|---|---|---|---|---|");
-    for durability in ["fsync", "buffered", "none"] {
+    // `fsync` as it comes, then with its syncs spaced (issue 24).
+    for (durability, spacing) in [("fsync", None), ("fsync", Some("800us")), ("buffered", None), ("none", None)] {
         for (size, workers) in [(1usize, 64usize), (100, 64), (1000, 16)] {
             let dir = tempfile::tempdir().expect("tmp");
-            let app = rt.block_on(meterd::AppHandle::start(config(dir.path(), durability))).expect("start");
+            let app = rt.block_on(meterd::AppHandle::start(config(dir.path(), durability, spacing))).expect("start");
             let (eps, rps) = rt.block_on(throughput(app.addr, size, workers, secs));
-            println!("| {durability} | {size} | {workers} | {eps:.0} | {rps:.0} |");
+            let label = spacing.map(|s| format!("{durability}, spacing {s}")).unwrap_or_else(|| durability.to_string());
+            println!("| {label} | {size} | {workers} | {eps:.0} | {rps:.0} |");
             rt.block_on(app.shutdown()).expect("shutdown");
         }
     }

@@ -527,8 +527,8 @@ mod tests {
         threads.server.connection_threads = Some(3);
         assert_eq!(refused(&old, &threads), ["server.connection_threads (None → Some(3))"]);
         let mut spacing = old.clone();
-        spacing.storage.wal_sync_spacing = std::time::Duration::ZERO;
-        assert_eq!(refused(&old, &spacing), ["storage.wal_sync_spacing (800µs → 0ns)"]);
+        spacing.storage.wal_sync_spacing = std::time::Duration::from_micros(800);
+        assert_eq!(refused(&old, &spacing), ["storage.wal_sync_spacing (0ns → 800µs)"]);
         // A section is named, its values are not (a Redis URL may hold a password).
         let plain = config("127.0.0.1:8480", "fsync", &[("a", "key-a", 5)]);
         let text =

@@ -182,7 +182,8 @@ fn server_settings_have_defaults_and_are_checked() {
 #[test]
 fn wal_sync_spacing_takes_microseconds_up_to_ten_milliseconds() {
     let spacing = |text: &str| valid(&format!("[storage]\nwal_sync_spacing = \"{text}\"\n{PLAN}")).storage.wal_sync_spacing;
-    assert_eq!(valid(PLAN).storage.wal_sync_spacing, Duration::from_micros(800), "the default");
+    assert_eq!(valid(PLAN).storage.wal_sync_spacing, Duration::ZERO, "off by default");
+    assert_eq!(spacing("800us"), Duration::from_micros(800));
     assert_eq!(spacing("250us"), Duration::from_micros(250));
     assert_eq!(spacing("0us"), Duration::ZERO, "zero turns it off");
     assert_eq!(spacing("0ms"), Duration::ZERO);

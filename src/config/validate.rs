@@ -219,8 +219,10 @@ fn storage(c: &mut Checker, s: &raw::Storage) -> StorageSettings {
     }
 }
 
-/// The default `storage.wal_sync_spacing` (BENCHMARKS.md, issue 24's seventh pass).
-const DEFAULT_WAL_SYNC_SPACING: Duration = Duration::from_micros(800);
+/// The default `storage.wal_sync_spacing`: off. Spacing helps many independent
+/// clients and costs a few clients that send back to back (BENCHMARKS.md,
+/// issue 24's seventh pass).
+const DEFAULT_WAL_SYNC_SPACING: Duration = Duration::ZERO;
 
 // Issue 24: `storage.wal_sync_spacing`, zero (off) to 10ms, in microseconds or
 // coarser. Longer would hold every consume of a busy instance that long.

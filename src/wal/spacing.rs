@@ -13,6 +13,11 @@
 //! the records that arrive meanwhile join it. A record that finds the writer
 //! after a lone record is taken at once: a light load never waits. Like
 //! MySQL's `binlog_group_commit_sync_delay`, but only under load.
+//!
+//! Off by default: a few clients that each send their next request as soon as
+//! the last is answered (a small pool, a backfill) find every group of theirs
+//! held, and each request takes the spacing. Two such connections ran 3–4×
+//! slower with 800 µs. It pays for many independent clients.
 
 use std::time::{Duration, Instant};
 
