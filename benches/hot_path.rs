@@ -47,14 +47,7 @@ fn engine_of(config: &str, dir: &std::path::Path) -> (tokio::runtime::Runtime, A
             store.clone(),
             store,
             // No WAL: these benches measure the in-memory path.
-            meterd::wal::WalConfig {
-                dir: dir.join("wal"),
-                sync: None,
-                segment_bytes: 1 << 26,
-                dedupe_window_ms: 86_400_000,
-                hold: None,
-                sync_spacing: std::time::Duration::ZERO,
-            },
+            meterd::wal::WalConfig::off(dir.join("wal"), 86_400_000),
             None,
         ))
         .expect("engine");

@@ -66,14 +66,7 @@ fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, observer: Observe
     if observer == Observer::NoOp {
         observers.push(Arc::new(NoOp));
     }
-    let wal = meterd::wal::WalConfig {
-        dir: dir.join("wal"),
-        sync: None,
-        segment_bytes: 1 << 26,
-        dedupe_window_ms: 86_400_000,
-        hold: None,
-        sync_spacing: std::time::Duration::ZERO,
-    };
+    let wal = meterd::wal::WalConfig::off(dir.join("wal"), 86_400_000);
     let engine =
         Arc::new(rt.block_on(Engine::start_observed(&valid, "bench".into(), store.clone(), store, wal, None, observers)).expect("engine"));
     if let Some(n) = &notifier {

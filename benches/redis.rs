@@ -51,14 +51,7 @@ fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, redis_port: Optio
             ),
             None => None,
         };
-        let wal = meterd::wal::WalConfig {
-            dir: dir.join("wal"),
-            sync: None,
-            segment_bytes: 1 << 26,
-            dedupe_window_ms: 3_600_000,
-            hold: None,
-            sync_spacing: std::time::Duration::ZERO,
-        };
+        let wal = meterd::wal::WalConfig::off(dir.join("wal"), 3_600_000);
         Arc::new(Engine::start(&valid, "bench".into(), store.clone(), store, wal, redis).await.expect("engine"))
     })
 }

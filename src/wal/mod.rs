@@ -175,6 +175,14 @@ pub struct WalConfig {
     pub sync_spacing: Duration,
 }
 
+impl WalConfig {
+    /// A WAL that is off (`durability = "none"`), its directory `dir`: ids
+    /// are still remembered for `dedupe_window_ms`.
+    pub fn off(dir: PathBuf, dedupe_window_ms: i64) -> WalConfig {
+        WalConfig { dir, sync: None, segment_bytes: 1 << 26, dedupe_window_ms, hold: None, sync_spacing: Duration::ZERO }
+    }
+}
+
 /// What opening the WAL found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct OpenReport {
