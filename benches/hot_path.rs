@@ -47,7 +47,7 @@ fn engine_of(config: &str, dir: &std::path::Path) -> (tokio::runtime::Runtime, A
             store.clone(),
             store,
             // No WAL: these benches measure the in-memory path.
-            meterd::wal::WalConfig::off(dir.join("wal"), 86_400_000),
+            meterd::wal::WalConfig::off(dir.join("wal")),
             None,
         ))
         .expect("engine");

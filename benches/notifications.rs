@@ -66,7 +66,7 @@ fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, observer: Observe
     if observer == Observer::NoOp {
         observers.push(Arc::new(NoOp));
     }
-    let wal = meterd::wal::WalConfig::off(dir.join("wal"), 86_400_000);
+    let wal = meterd::wal::WalConfig::off(dir.join("wal"));
     let engine =
         Arc::new(rt.block_on(Engine::start_observed(&valid, "bench".into(), store.clone(), store, wal, None, observers)).expect("engine"));
     if let Some(n) = &notifier {

@@ -51,7 +51,7 @@ fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, redis_port: Optio
             ),
             None => None,
         };
-        let wal = meterd::wal::WalConfig::off(dir.join("wal"), 3_600_000);
+        let wal = meterd::wal::WalConfig::off(dir.join("wal"));
         Arc::new(Engine::start(&valid, "bench".into(), store.clone(), store, wal, redis).await.expect("engine"))
     })
 }

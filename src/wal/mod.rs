@@ -176,10 +176,11 @@ pub struct WalConfig {
 }
 
 impl WalConfig {
-    /// A WAL that is off (`durability = "none"`), its directory `dir`: ids
-    /// are still remembered for `dedupe_window_ms`.
-    pub fn off(dir: PathBuf, dedupe_window_ms: i64) -> WalConfig {
-        WalConfig { dir, sync: None, segment_bytes: 1 << 26, dedupe_window_ms, hold: None, sync_spacing: Duration::ZERO }
+    /// A WAL that is off (`durability = "none"`): nothing is written or
+    /// replayed, and only `dir` is read (the engine keeps its dedupe runs in
+    /// `dir/dedupe`); the other fields are unused.
+    pub fn off(dir: PathBuf) -> WalConfig {
+        WalConfig { dir, sync: None, segment_bytes: 0, dedupe_window_ms: 0, hold: None, sync_spacing: Duration::ZERO }
     }
 }
 
