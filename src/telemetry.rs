@@ -46,6 +46,13 @@ pub const WAL_SYNC_DURATION: &str = "meterd_wal_sync_duration_seconds";
 pub const WAL_GROUP_RECORDS: &str = "meterd_wal_group_records";
 /// Each wait of the WAL writer before taking a group (`storage.wal_sync_spacing`).
 pub const WAL_SYNC_HOLD: &str = "meterd_wal_sync_hold_seconds";
+/// Holds of the WAL writer by how they ended (`ended`: `spacing` when the
+/// spacing ran out before the last group's count was back, `open` when more
+/// records kept coming to its end, `closed` when none came after the last
+/// group's count was back and the group was taken at once).
+pub const WAL_SYNC_HOLDS_TOTAL: &str = "meterd_wal_sync_holds_total";
+/// The `ended` values of [`WAL_SYNC_HOLDS_TOTAL`].
+pub const WAL_HOLD_ENDS: [&str; 3] = ["spacing", "open", "closed"];
 pub const WRITES_REFUSED: &str = "meterd_writes_refused";
 pub const REDIS_UP: &str = "meterd_redis_up";
 pub const REDIS_SYNC_DURATION: &str = "meterd_redis_sync_duration_seconds";
@@ -214,6 +221,9 @@ pub fn register_known(known: &Known<'_>) {
     let _ = metrics::histogram!(WAL_SYNC_DURATION);
     let _ = metrics::histogram!(WAL_GROUP_RECORDS);
     let _ = metrics::histogram!(WAL_SYNC_HOLD);
+    for ended in WAL_HOLD_ENDS {
+        metrics::counter!(WAL_SYNC_HOLDS_TOTAL, "ended" => ended).increment(0);
+    }
     metrics::gauge!(HTTP_CONNECTIONS_OPEN, "listener" => "api").increment(0.0);
     metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL, "listener" => "api").increment(0);
     for phase in ["header", "body", "idle"] {
@@ -385,6 +395,10 @@ fn describe() {
     metrics::describe_histogram!(
         WAL_SYNC_HOLD,
         "Time the WAL writer waited before taking a group, so that syncs stay storage.wal_sync_spacing apart under load"
+    );
+    metrics::describe_counter!(
+        WAL_SYNC_HOLDS_TOTAL,
+        "Holds of the WAL writer by how they ended: the spacing ran out, more records kept coming (open), or none came after the last group's count was back (closed: taken at once, holds paused)"
     );
     metrics::describe_gauge!(REDIS_UP, "1 while Redis answers");
     metrics::describe_histogram!(REDIS_SYNC_DURATION, "Time of one counter sync round with Redis");
@@ -753,6 +767,8 @@ pub struct WalSeries {
     sync: metrics::Histogram,
     group: metrics::Histogram,
     hold: metrics::Histogram,
+    /// By [`WAL_HOLD_ENDS`].
+    ends: [metrics::Counter; 3],
 }
 
 impl WalSeries {
@@ -761,6 +777,7 @@ impl WalSeries {
             sync: metrics::histogram!(WAL_SYNC_DURATION),
             group: metrics::histogram!(WAL_GROUP_RECORDS),
             hold: metrics::histogram!(WAL_SYNC_HOLD),
+            ends: WAL_HOLD_ENDS.map(|ended| metrics::counter!(WAL_SYNC_HOLDS_TOTAL, "ended" => ended)),
         }
     }
 
@@ -774,9 +791,13 @@ impl WalSeries {
         self.group.record(records as f64);
     }
 
-    /// The writer waited `seconds` before taking a group (sync spacing).
-    pub fn held(&self, seconds: f64) {
+    /// The writer waited `seconds` before taking a group (sync spacing); the
+    /// hold ended as `WAL_HOLD_ENDS[ended]` says.
+    pub fn held(&self, seconds: f64, ended: usize) {
         self.hold.record(seconds);
+        if let Some(counter) = self.ends.get(ended) {
+            counter.increment(1);
+        }
     }
 }
 

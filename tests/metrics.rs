@@ -40,6 +40,9 @@ async fn a_fresh_process_lists_every_documented_series_at_zero() {
         "meterd_wal_sync_duration_seconds_count",
         "meterd_wal_group_records_count",
         "meterd_wal_sync_hold_seconds_count",
+        r#"meterd_wal_sync_holds_total{ended="spacing"}"#,
+        r#"meterd_wal_sync_holds_total{ended="open"}"#,
+        r#"meterd_wal_sync_holds_total{ended="closed"}"#,
         r#"meterd_events_total{meter="",result="rejected"}"#,
     ]
     .map(String::from)
@@ -150,5 +153,10 @@ async fn a_fresh_process_lists_every_documented_series_at_zero() {
     assert!((1.0..=records).contains(&(g2 - g1)) && s2 - s1 == g2 - g1, "a group and a sync each: {g2} {s2}\n{text}");
     let holds = value(&text, "meterd_wal_sync_hold_seconds_count").unwrap_or(-1.0);
     assert!((0.0..=g2 - g1).contains(&holds), "at most one hold per group: {holds} of {}\n{text}", g2 - g1);
+    let ended: f64 = ["spacing", "open", "closed"]
+        .iter()
+        .map(|e| value(&text, &format!(r#"meterd_wal_sync_holds_total{{ended="{e}"}}"#)).unwrap_or(-100.0))
+        .sum();
+    assert_eq!(ended, holds, "every hold counted once by how it ended\n{text}");
     server.stop().await;
 }

@@ -219,9 +219,9 @@ fn storage(c: &mut Checker, s: &raw::Storage) -> StorageSettings {
     }
 }
 
-/// The default `storage.wal_sync_spacing`: off. Spacing helps many independent
-/// clients and costs a few clients that send back to back (BENCHMARKS.md,
-/// issue 24's seventh pass).
+/// The default `storage.wal_sync_spacing`: off. Spacing saves CPU for many
+/// independent clients at the price of median latency, an operator's choice
+/// (BENCHMARKS.md, issue 24's seventh and eighth passes).
 const DEFAULT_WAL_SYNC_SPACING: Duration = Duration::ZERO;
 
 // Issue 24: `storage.wal_sync_spacing`, zero (off) to 10ms, in microseconds or

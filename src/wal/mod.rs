@@ -205,6 +205,8 @@ pub struct Wal {
     checkpointing: tokio::sync::Mutex<()>,
     tx: Mutex<Option<Sender<Command>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Wakes the writer when it holds for records (`spacing.rs`).
+    recall: Arc<spacing::Recall>,
     pub tracker: Arc<SeqTracker>,
     pub stats: Arc<WalStats>,
     enabled: bool,
@@ -324,6 +326,7 @@ impl Wal {
         stats.checkpoint.store(from, Ordering::Release);
         stats.durable.store(newest_record, Ordering::Release);
         let tracker = Arc::new(SeqTracker::starting_at(report.last_seq));
+        let recall = Arc::new(spacing::Recall::default());
         let writer = Writer {
             dir: dir.clone(),
             sync,
@@ -338,6 +341,7 @@ impl Wal {
             ids: id_log,
             series: crate::telemetry::WalSeries::register(),
             spacing: config.sync_spacing,
+            recall: recall.clone(),
         };
         let (tx, rx) = crossbeam::channel::unbounded();
         let thread = std::thread::Builder::new()
@@ -349,6 +353,7 @@ impl Wal {
             checkpointing: tokio::sync::Mutex::new(()),
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
+            recall,
             tracker,
             stats,
             enabled: true,
@@ -363,6 +368,7 @@ impl Wal {
             checkpointing: tokio::sync::Mutex::new(()),
             tx: Mutex::new(None),
             thread: Mutex::new(None),
+            recall: Arc::default(),
             tracker: Arc::new(SeqTracker::default()),
             stats: Arc::new(WalStats::default()),
             enabled: false,
@@ -381,7 +387,9 @@ impl Wal {
         let (reply, rx) = oneshot::channel();
         {
             let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-            tx.as_ref().ok_or(WalError::Stopped)?.send(command(reply)).map_err(|_| WalError::Stopped)?;
+            let tx = tx.as_ref().ok_or(WalError::Stopped)?;
+            tx.send(command(reply)).map_err(|_| WalError::Stopped)?;
+            self.recall.queued(|| tx.len());
         }
         rx.await.map_err(|_| WalError::Stopped)?
     }
@@ -779,16 +787,18 @@ mod tests {
         let (reply, rx) = oneshot::channel();
         let record = record(1, tag).finish().unwrap_or_else(|e| panic!("{e}"));
         let tx = wal.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = tx
-            .as_ref()
-            .map(|tx| tx.send(Command::Append { payload: record.payload, ids: record.ids, accepted_ms: record.accepted_ms, reply }));
+        let sent = tx.as_ref().map(|tx| {
+            let sent = tx.send(Command::Append { payload: record.payload, ids: record.ids, accepted_ms: record.accepted_ms, reply });
+            wal.recall.queued(|| tx.len());
+            sent
+        });
         assert!(matches!(sent, Some(Ok(()))), "the writer takes appends");
         rx
     }
 
-    /// Issue 24: once a group held several records, the next waits out the
-    /// spacing (what arrives meanwhile joins it) and is then written; a lone
-    /// record leaves the next one unheld.
+    /// Issue 24: once a group held several records, the next is held (what
+    /// arrives meanwhile joins it) until the spacing is out or the last
+    /// group's count is back and nothing more comes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_wal_spaces_its_syncs() {
         let tmp = tempfile::tempdir().expect("temp dir");
@@ -812,13 +822,85 @@ mod tests {
             }
         }
         let Some(probe) = held else { panic!("a record after a group of two was never held") };
-        // Sent while the probe is held: written with it, once the spacing is out.
+        // Sent while the probe is held: it brings the count of the last group
+        // (two) back, so the writer watches a while for more and, none
+        // coming, writes both together.
         let joined = send(&wal, 100);
         let both = tokio::time::timeout(Duration::from_secs(30), async { (probe.await, joined.await) }).await;
         let Ok((Ok(Ok(p)), Ok(Ok(j)))) = both else { panic!("held records are written after the spacing: {both:?}") };
         assert_eq!(j, p + 1);
         assert!(wal.stats.durable.load(Ordering::Acquire) >= j, "and synced");
         wal.close();
+    }
+
+    /// Clients that each send again as soon as answered (a closed loop) are
+    /// not held: once they are all back and nothing more comes, the group is
+    /// taken at once, and holds pause. With a spacing of a minute, four such
+    /// clients (whose records share groups) finish 25 rounds each; a hold
+    /// that waited the spacing out would stop them for a minute a round.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_loop_is_not_held() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let cfg = WalConfig { sync_spacing: Duration::from_secs(60), ..config(tmp.path(), 1 << 20) };
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let wal = Arc::new(wal);
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let wal = wal.clone();
+                tokio::spawn(async move {
+                    for t in 0..25 {
+                        if wal.append(record(1, c * 100 + t)).await.is_err() {
+                            return false;
+                        }
+                    }
+                    true
+                })
+            })
+            .collect();
+        let all = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(clients)).await;
+        let Ok(done) = all else { panic!("a closed loop waited out the spacing") };
+        assert!(done.iter().all(|d| matches!(d, Ok(true))), "{done:?}");
+        assert_eq!(wal.stats.durable.load(Ordering::Acquire), 100, "every record written and synced");
+        wal.close();
+    }
+
+    /// Arrivals that keep coming while a hold waits (independent clients)
+    /// keep it: records sent every 2 ms for 300 ms after a group of several
+    /// are all still unanswered at the end, then written together once they
+    /// stop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn independent_arrivals_keep_the_hold() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let cfg = WalConfig { sync_spacing: Duration::from_secs(5), ..config(tmp.path(), 1 << 20) };
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        for attempt in 0..20 {
+            let (a, b) = (send(&wal, 1000 * attempt), send(&wal, 1000 * attempt + 1));
+            assert!(matches!(a.await, Ok(Ok(_))) && matches!(b.await, Ok(Ok(_))));
+            // A pause first, so the mean gap (counted from the last group)
+            // is long and the grace too: a slow test machine's late sends
+            // are not taken for silence.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut stream = Vec::new();
+            for t in 0..150 {
+                stream.push(send(&wal, 1000 * attempt + 2 + t));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let answered =
+                stream.iter_mut().map(|r| r.try_recv()).filter(|r| !matches!(r, Err(oneshot::error::TryRecvError::Empty))).count();
+            if answered == stream.len() && attempt < 19 {
+                // The writer took the two alone, one after the other: no hold began.
+                continue;
+            }
+            assert_eq!(answered, 0, "a record of a stream that kept coming was answered during the hold");
+            let all = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(stream)).await;
+            let Ok(all) = all else { panic!("the stream is written once it stops") };
+            let seqs: Vec<u64> = all.into_iter().filter_map(|r| r.ok().and_then(|r| r.ok())).collect();
+            assert_eq!(seqs.len(), 150);
+            assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "every record written, in order: {seqs:?}");
+            wal.close();
+            return;
+        }
+        panic!("two records sent back to back never shared a group");
     }
 
     /// A light load is never held: records one at a time, each a group of

@@ -20,7 +20,7 @@ use super::checkpoint;
 use super::ids::IdLog;
 use super::record::frame;
 use super::segment;
-use super::spacing::Spacing;
+use super::spacing::{self, Hold, Outcome, Recall, Spacing};
 use super::spare::Spares;
 use super::{SeqTracker, WalError, WalStats};
 use crossbeam::channel::{Receiver, RecvTimeoutError};
@@ -82,6 +82,8 @@ pub struct Writer {
     pub series: crate::telemetry::WalSeries,
     /// With `Sync::Always`: the least time between two busy groups' starts.
     pub spacing: Duration,
+    /// How the senders wake a held writer.
+    pub recall: Arc<Recall>,
 }
 
 /// Most requests taken in one group.
@@ -102,6 +104,7 @@ impl Writer {
         let mut dirty = false;
         let mut buf = Vec::with_capacity(1 << 20);
         let mut spacing = Spacing::new(if self.sync == Sync::Always { self.spacing } else { Duration::ZERO });
+        self.recall.writer_is_this_thread();
         loop {
             let first = match self.sync {
                 Sync::Always => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -114,10 +117,11 @@ impl Writer {
             };
             // Under load, what arrives while the writer waits joins this group.
             let now = Instant::now();
-            let hold = spacing.hold(now);
-            if !hold.is_zero() {
-                std::thread::sleep(hold);
-                self.series.held(now.elapsed().as_secs_f64());
+            if let Some(hold) = spacing.hold(now) {
+                let outcome = self.wait_out(hold, &rx);
+                let end = Instant::now();
+                spacing.ended(end, outcome);
+                self.series.held(end.saturating_duration_since(now).as_secs_f64(), outcome as usize);
             }
             spacing.taken(Instant::now());
             let mut group: Vec<Command> = first.into_iter().collect();
@@ -203,6 +207,42 @@ impl Writer {
         }
         if let Err(e) = self.ids.sync() {
             tracing::error!(error = %e, "final id file fsync failed");
+        }
+    }
+
+    /// Holds the group whose first record is in hand (`spacing.rs`).
+    /// First until as many records as the last group held are in hand (a
+    /// closed loop's clients are all back), or the hold is out; then, if
+    /// arrivals keep coming during a grace, to the hold's end (independent
+    /// clients, an open load); else the group is taken at once.
+    fn wait_out(&self, hold: Hold, rx: &Receiver<Command>) -> Outcome {
+        let want = hold.back.saturating_sub(1).max(1);
+        self.recall.wait_for(want);
+        let mut back_at = None;
+        loop {
+            let now = Instant::now();
+            if rx.len() >= want || self.recall.answered() {
+                back_at = Some(now);
+                break;
+            }
+            if now >= hold.until {
+                break;
+            }
+            std::thread::park_timeout(hold.until - now);
+        }
+        self.recall.wait_for(0);
+        let Some(back_at) = back_at else { return Outcome::Out };
+        let grace = spacing::grace(hold, back_at);
+        loop {
+            let seen = rx.len();
+            let left = hold.until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Outcome::Open;
+            }
+            std::thread::sleep(grace.min(left));
+            if rx.len() == seen {
+                return Outcome::Closed;
+            }
         }
     }
 
