@@ -24,8 +24,8 @@
 //! makes that count wakes the writer, [`Recall`]), the writer watches for
 //! [`GRACE_GAPS`] mean gaps between arrivals; if none comes, it takes the
 //! group at once and holds no more for a pause (1 ms, doubled by each closed
-//! loop found in a row, up to 128 ms); if arrivals keep coming, it holds to
-//! the spacing's end. A closed loop thus pays one probe per pause.
+//! loop found in a row, up to 128 ms); while arrivals keep coming, it watches
+//! on, up to the spacing's end. A closed loop thus pays one probe per pause.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(s.hold(t0), None);
     }
 
-    /// A busy WAL: groups of `records` taken every 10 ms from `t0`.
+    /// A group of `records` taken at `at`.
     fn busy(s: &mut Spacing, at: Instant, records: usize) {
         s.taken(at);
         s.held(records);
@@ -252,9 +252,10 @@ mod tests {
             s.ended(at, Outcome::Closed);
             at += QUIET_MAX;
         }
-        assert_eq!(s.hold(at - QUIET_MAX + QUIET_MAX - US), None, "never longer than 128 ms");
-        busy(&mut s, at, 4);
-        assert!(s.hold(at + US).is_some());
+        // The last pause began at `at - QUIET_MAX`; a group taken since.
+        busy(&mut s, at - MS, 4);
+        assert_eq!(s.hold(at - US), None, "still paused");
+        assert!(s.hold(at).is_some(), "never longer than 128 ms");
     }
 
     #[test]
