@@ -52,7 +52,7 @@ fn summarize(files: &[String], bar_batch: usize, bar_check_rate: f64) -> anyhow:
     }
     let against_limitador = summary::limitador_table(&results);
     if !against_limitador.is_empty() {
-        println!("Against Limitador (`meterd-none`: meterd with `durability = \"none\"`):\n\n{against_limitador}");
+        println!("Against Limitador (`meterd-none`: meterd with `durability = \"none\"`; `meterd-spaced`: with `wal_sync_spacing = \"800us\"`):\n\n{against_limitador}");
     }
     // The bar only when these results judge some of it (a Limitador-only run does not).
     let bar = summary::bar(&results, bar_batch, bar_check_rate);

@@ -82,7 +82,7 @@ fn cpu_per_op(g: &Group<'_>) -> Option<f64> {
     spread(&g.runs.iter().filter_map(|r| r.server_cpu_us_per_op).collect::<Vec<_>>()).map(|s| s.median)
 }
 
-const TARGET_ORDER: [&str; 6] = ["meterd", "meterd-none", "ceiling", "limitador", "postgres", "redis"];
+const TARGET_ORDER: [&str; 7] = ["meterd", "meterd-spaced", "meterd-none", "ceiling", "limitador", "postgres", "redis"];
 
 fn target_rank(t: &str) -> usize {
     TARGET_ORDER.iter().position(|x| *x == t).unwrap_or(TARGET_ORDER.len())
@@ -191,10 +191,10 @@ pub fn ratios_table(results: &[RunResult]) -> String {
 }
 
 /// The targets of the Limitador comparison, in table order.
-const AGAINST_LIMITADOR: [&str; 3] = ["limitador", "meterd-none", "meterd"];
+const AGAINST_LIMITADOR: [&str; 4] = ["limitador", "meterd-none", "meterd", "meterd-spaced"];
 
 /// Limitador against meterd (`durability = "none"` as `meterd-none`, fsync as
-/// `meterd`), per scenario and mode that Limitador ran: throughput, tail
+/// `meterd`, fsync with WAL syncs spaced as `meterd-spaced`), per scenario and mode that Limitador ran: throughput, tail
 /// latency, server CPU per request, and each meterd's ratios to Limitador's
 /// medians. Empty when no result is Limitador's.
 pub fn limitador_table(results: &[RunResult]) -> String {
@@ -418,9 +418,13 @@ mod tests {
     #[test]
     fn limitador_table_compares_both_durabilities_with_limitador() {
         let mut rs = Vec::new();
-        for (t, rps, cpu) in
-            [("limitador", 40_000.0, 20.0), ("meterd-none", 80_000.0, 10.0), ("meterd", 60_000.0, 15.0), ("redis", 1.0, 1.0)]
-        {
+        for (t, rps, cpu) in [
+            ("limitador", 40_000.0, 20.0),
+            ("meterd-none", 80_000.0, 10.0),
+            ("meterd", 60_000.0, 15.0),
+            ("meterd-spaced", 50_000.0, 12.0),
+            ("redis", 1.0, 1.0),
+        ] {
             for label in ["run1", "run2", "run3"] {
                 let mut r = run(t, "wrk-consume", None, rps, rps, 900.0);
                 r.server_cpu_us_per_op = Some(cpu);
@@ -435,7 +439,7 @@ mod tests {
             rs.push(r);
         }
         let t = limitador_table(&rs);
-        assert_eq!(t.lines().count(), 2 + 3 + 2, "{t}");
+        assert_eq!(t.lines().count(), 2 + 4 + 2, "{t}");
         // Open loop: the same rate for both, so no throughput ratio; the CPU ratio stays.
         assert!(
             t.contains("| check-consume | open 10.0 k/s | meterd | 10.0 k (1 run) | 3000 (3000–3000) | 0 | 50.00 | – | 1.25× | 0 |"),
@@ -452,6 +456,8 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("| meterd | **60.0 k**"), "{t}");
+        assert!(t.contains("| meterd-spaced | **50.0 k** (50.0 k–50.0 k) | 900 (900–900) | 0 | 12.00 | 1.25× | 0.60× | 0 |"), "{t}");
+        assert!(t.find("| meterd |") < t.find("| meterd-spaced |"), "after meterd: {t}");
         assert!(!t.contains("redis") && !t.contains("ingest-single"));
         assert_eq!(limitador_table(&rs[9..13]), "");
         assert!(has_baselines(&rs) && !has_baselines(&rs[..9]));
@@ -459,11 +465,14 @@ mod tests {
 
     #[test]
     fn new_targets_sort_next_to_their_kin() {
-        let rs: Vec<_> =
-            ["redis", "limitador", "meterd-none", "meterd"].iter().map(|t| run(t, "check-consume", None, 1.0, 1.0, 1.0)).collect();
+        let rs: Vec<_> = ["redis", "limitador", "meterd-none", "meterd-spaced", "meterd"]
+            .iter()
+            .map(|t| run(t, "check-consume", None, 1.0, 1.0, 1.0))
+            .collect();
         let table = results_table(&rs);
         let at = |t: &str| table.find(&format!("| {t} |")).unwrap();
-        assert!(at("meterd") < at("meterd-none") && at("meterd-none") < at("limitador") && at("limitador") < at("redis"), "{table}");
+        assert!(at("meterd") < at("meterd-spaced") && at("meterd-spaced") < at("meterd-none"), "{table}");
+        assert!(at("meterd-none") < at("limitador") && at("limitador") < at("redis"), "{table}");
     }
 
     #[test]
