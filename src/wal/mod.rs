@@ -866,8 +866,8 @@ mod tests {
 
     /// Arrivals that keep coming while a hold waits (independent clients)
     /// keep it: records sent every 2 ms for 300 ms after a group of several
-    /// are all still unanswered at the end, then written together once they
-    /// stop.
+    /// (and a pause) are all still unanswered at the end, then written
+    /// together once they stop.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn independent_arrivals_keep_the_hold() {
         let tmp = tempfile::tempdir().expect("temp dir");
@@ -877,9 +877,9 @@ mod tests {
             let (a, b) = (send(&wal, 1000 * attempt), send(&wal, 1000 * attempt + 1));
             assert!(matches!(a.await, Ok(Ok(_))) && matches!(b.await, Ok(Ok(_))));
             // A pause first, so the mean gap (counted from the last group)
-            // is long and the grace too: a slow test machine's late sends
-            // are not taken for silence.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // is long and the watch too (about 800 ms): a slow test
+            // machine's late sends are not taken for silence.
+            tokio::time::sleep(Duration::from_millis(400)).await;
             let mut stream = Vec::new();
             for t in 0..150 {
                 stream.push(send(&wal, 1000 * attempt + 2 + t));
