@@ -42,6 +42,7 @@
 pub mod checkpoint;
 pub mod ids;
 pub mod mark;
+pub mod reclaim;
 pub mod record;
 pub mod repair;
 pub mod segment;
@@ -323,6 +324,13 @@ impl Wal {
                 None
             }
         };
+        let reclaimer = match reclaim::Reclaimer::start(dir) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "pruned WAL segments will be deleted at once, on the writer's thread");
+                None
+            }
+        };
         stats.checkpoint.store(from, Ordering::Release);
         stats.durable.store(newest_record, Ordering::Release);
         let tracker = Arc::new(SeqTracker::starting_at(report.last_seq));
@@ -336,6 +344,7 @@ impl Wal {
             file,
             allocated,
             spares,
+            reclaimer,
             tracker: tracker.clone(),
             stats: stats.clone(),
             ids: id_log,
@@ -688,6 +697,17 @@ mod tests {
         assert!(wal.release(30).await.is_ok());
         let live = segment::list(tmp.path()).unwrap_or_default();
         assert_eq!(live.len(), 1, "only the open segment is left: {live:?}");
+        // The pruned files leave the disk too (`reclaim.rs`), off the writer.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let reclaiming = || {
+            std::fs::read_dir(tmp.path())
+                .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(reclaim::PREFIX)).count())
+                .unwrap_or(usize::MAX)
+        };
+        while reclaiming() > 0 {
+            assert!(std::time::Instant::now() < deadline, "pruned segments still on disk after 30 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         wal.close();
     }
 

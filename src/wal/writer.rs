@@ -18,6 +18,7 @@
 
 use super::checkpoint;
 use super::ids::IdLog;
+use super::reclaim::Reclaimer;
 use super::record::frame;
 use super::segment;
 use super::spacing::{self, Hold, Outcome, Recall, Spacing};
@@ -74,6 +75,8 @@ pub struct Writer {
     pub allocated: u64,
     /// The next segments, prepared ahead (`None`: every segment starts empty).
     pub spares: Option<Spares>,
+    /// Takes pruned segments off the disk gradually (`None`: deleted at once).
+    pub reclaimer: Option<Reclaimer>,
     pub tracker: Arc<SeqTracker>,
     pub stats: Arc<WalStats>,
     /// Ids of written records, for deduplication across restarts.
@@ -200,6 +203,9 @@ impl Writer {
         }
         if let Some(mut spares) = self.spares.take() {
             spares.stop();
+        }
+        if let Some(mut reclaimer) = self.reclaimer.take() {
+            reclaimer.stop();
         }
         match self.file.sync_all() {
             Ok(()) => self.stats.durable.store(self.next_seq - 1, Ordering::Release),
@@ -386,8 +392,12 @@ impl Writer {
             if next_first.saturating_sub(1) > upto {
                 break;
             }
-            let (_, path, size) = self.segments.remove(0);
-            std::fs::remove_file(&path).map_err(|e| WalError::io(&path, e))?;
+            let (first, path, size) = self.segments.remove(0);
+            let gone = match &self.reclaimer {
+                Some(reclaimer) => reclaimer.reclaim(&self.dir, &path, first),
+                None => std::fs::remove_file(&path),
+            };
+            gone.map_err(|e| WalError::io(&path, e))?;
             self.stats.bytes.fetch_sub(size, Ordering::AcqRel);
         }
         Ok(())

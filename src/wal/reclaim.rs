@@ -1,0 +1,246 @@
+//! Pruned WAL segments leave the disk a few MiB at a time, off the writer's
+//! thread.
+//!
+//! Deleting a whole segment at once (64 MiB by default) frees all its blocks
+//! in one journal transaction, and on a filesystem mounted with `discard` the
+//! commit also sends the device a trim for every one of them. On this
+//! project's VM (ext4 with `discard`) an `unlink` of 64 MiB and the directory's
+//! sync took 12–16 ms, and a concurrent data-only `fdatasync` (the WAL's own)
+//! stalled for 6–32 ms meanwhile; the same deletion cut 4 MiB at a time, each
+//! cut made durable and a short pause between, left that `fdatasync` at
+//! 1.2–3.6 ms at worst (BENCHMARKS.md, issue 24's eighth pass). The writer
+//! itself used to make the `unlink`, so its appends waited through it too.
+//!
+//! So the writer only renames a pruned segment to `reclaim-{first_seq}.tmp`
+//! (a name `segment::list` skips and backups ignore: an instant metadata
+//! change) and hands it to this module's thread, at background priority,
+//! which makes the rename durable, cuts the file down a chunk at a time, and
+//! deletes it. A crash or a stop midway leaves such a file behind, whole or
+//! cut: the next start reclaims it. None of its records are needed any more:
+//! the segment was pruned because the store and the raw-events export both
+//! hold them. A segment a backup pinned (a hard link, `backup.rs`) is not cut,
+//! only unlinked: the backup still reads it through its link.
+
+use crossbeam::channel::Sender;
+use std::fs::OpenOptions;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Prefix of a segment being reclaimed (followed by its first sequence number
+/// and `.tmp`).
+pub const PREFIX: &str = "reclaim-";
+/// Bytes cut per step.
+const CHUNK: u64 = 4 << 20;
+/// Pause between two cuts, so that the journal commits each alone and the
+/// WAL's syncs pass between them.
+const PAUSE: Duration = Duration::from_millis(10);
+
+/// Why the reclaimer could not start (the writer then deletes segments
+/// itself, at once, as before).
+#[derive(Debug, thiserror::Error)]
+pub enum ReclaimError {
+    #[error("cannot start the WAL segment reclaimer: {0}")]
+    Spawn(std::io::Error),
+    #[error("cannot list the WAL directory {path} for segments left to reclaim: {source}")]
+    List { path: String, source: std::io::Error },
+}
+
+/// The writer's handle on the reclaiming thread.
+pub struct Reclaimer {
+    tx: Option<Sender<PathBuf>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The name a segment starting at `first_seq` is reclaimed under.
+pub fn name(first_seq: u64) -> String {
+    format!("{PREFIX}{first_seq:020}.tmp")
+}
+
+impl Reclaimer {
+    /// Starts the thread on `dir`, and queues the files a crash or a stop
+    /// left there.
+    pub fn start(dir: &Path) -> Result<Reclaimer, ReclaimError> {
+        let (tx, rx) = crossbeam::channel::unbounded::<PathBuf>();
+        let list = |source| ReclaimError::List { path: dir.display().to_string(), source };
+        for entry in std::fs::read_dir(dir).map_err(list)? {
+            let entry = entry.map_err(list)?;
+            let left = entry.file_name().to_str().is_some_and(|n| n.starts_with(PREFIX) && n.ends_with(".tmp"));
+            if left {
+                let _ = tx.send(entry.path());
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (dir, stop) = (dir.to_path_buf(), stop.clone());
+            std::thread::Builder::new()
+                .name("meterd-wal-reclaim".into())
+                .spawn(move || {
+                    crate::priority::lower_this_thread();
+                    for path in rx {
+                        if stop.load(Ordering::Acquire) {
+                            return;
+                        }
+                        if let Err(e) = shrink(&dir, &path, &stop) {
+                            tracing::warn!(file = %path.display(), error = %e, "cannot reclaim a pruned WAL segment; the next start tries again");
+                        }
+                    }
+                })
+                .map_err(ReclaimError::Spawn)?
+        };
+        Ok(Reclaimer { tx: Some(tx), stop, thread: Some(thread) })
+    }
+
+    /// Moves the pruned segment at `segment` (first sequence number `first`)
+    /// out of the WAL's view and queues it. The rename is the only thing done
+    /// on the caller's thread.
+    pub fn reclaim(&self, dir: &Path, segment: &Path, first: u64) -> std::io::Result<()> {
+        let to = dir.join(name(first));
+        std::fs::rename(segment, &to)?;
+        if let Some(tx) = &self.tx {
+            // A stopped thread: the file waits for the next start.
+            let _ = tx.send(to);
+        }
+        Ok(())
+    }
+
+    /// Stops the thread within a step; files not yet gone wait for the next
+    /// start.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Reclaimer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Makes the rename into `dir` durable, cuts the file at `path` down by
+/// [`CHUNK`] a step (each made durable, [`PAUSE`] apart), then deletes it.
+fn shrink(dir: &Path, path: &Path, stop: &AtomicBool) -> std::io::Result<()> {
+    // Durable before any cut: a crash must never leave a cut file under its
+    // segment name.
+    super::checkpoint::sync_dir(dir)?;
+    let file = OpenOptions::new().write(true).open(path)?;
+    let meta = file.metadata()?;
+    if meta.nlink() > 1 {
+        // Another name shares the file (a backup's pin, `backup.rs`): cutting
+        // it would cut that copy too. Only this name goes.
+        drop(file);
+        return std::fs::remove_file(path);
+    }
+    let mut size = meta.len();
+    while size > CHUNK {
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        size -= CHUNK;
+        file.set_len(size)?;
+        file.sync_data()?;
+        std::thread::sleep(PAUSE);
+    }
+    drop(file);
+    std::fs::remove_file(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| d.flatten().filter_map(|e| e.file_name().to_str().map(String::from)).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// A file of `len` bytes that takes no room (the steps cut it alike).
+    fn sparse(path: &Path, len: u64) {
+        let file = std::fs::File::create(path).expect("create");
+        file.set_len(len).expect("set_len");
+    }
+
+    fn wait_until_gone(dir: &Path, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while files(dir).iter().any(|f| f == name) {
+            assert!(Instant::now() < deadline, "{name} still there after 30 s: {:?}", files(dir));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_pruned_segment_is_moved_out_of_view_at_once_and_deleted_in_steps() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let segment = dir.join(super::super::segment::name(7));
+        std::fs::write(&segment, vec![1u8; (CHUNK * 3 + 5) as usize]).expect("segment");
+        std::fs::write(dir.join(super::super::segment::name(99)), b"live").expect("live segment");
+        let reclaimer = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim(dir, &segment, 7).unwrap_or_else(|e| panic!("{e}"));
+        // Out of the WAL's view as soon as reclaim returns.
+        let listed = super::super::segment::list(dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(listed.iter().map(|(first, _)| *first).collect::<Vec<_>>(), [99]);
+        wait_until_gone(dir, &name(7));
+        assert_eq!(files(dir), [super::super::segment::name(99)], "only the live segment is left");
+    }
+
+    #[test]
+    fn a_segment_a_backup_pinned_keeps_every_byte_under_the_pin() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let segment = dir.join(super::super::segment::name(4));
+        let bytes: Vec<u8> = (0..CHUNK * 2 + 77).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&segment, &bytes).expect("segment");
+        let pin = tmp.path().join("pin");
+        std::fs::hard_link(&segment, &pin).expect("link");
+        let reclaimer = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim(dir, &segment, 4).unwrap_or_else(|e| panic!("{e}"));
+        wait_until_gone(dir, &name(4));
+        assert!(std::fs::read(&pin).expect("pin") == bytes, "the pinned copy is whole");
+    }
+
+    #[test]
+    fn files_left_by_a_crash_are_reclaimed_at_start_and_nothing_else() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        // One cut midway, one whole; and files that are not the reclaimer's.
+        std::fs::write(dir.join(name(1)), vec![0u8; 1000]).expect("left");
+        sparse(&dir.join(name(2)), CHUNK * 2);
+        std::fs::write(dir.join("reclaim-notes.txt"), b"keep").expect("other");
+        std::fs::write(dir.join(super::super::segment::name(3)), b"live").expect("live");
+        let _reclaimer = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
+        wait_until_gone(dir, &name(1));
+        wait_until_gone(dir, &name(2));
+        assert_eq!(files(dir), [super::super::segment::name(3), "reclaim-notes.txt".to_string()]);
+    }
+
+    #[test]
+    fn a_stop_midway_leaves_the_file_for_the_next_start() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let segment = dir.join(super::super::segment::name(5));
+        sparse(&segment, CHUNK * 200);
+        let mut reclaimer = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim(dir, &segment, 5).unwrap_or_else(|e| panic!("{e}"));
+        // 200 steps take at least two seconds: stopped well before the end.
+        std::thread::sleep(Duration::from_millis(100));
+        reclaimer.stop();
+        let left = dir.join(name(5));
+        let len = std::fs::metadata(&left).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 0 && len < CHUNK * 200, "cut partly, still there: {len}");
+        assert!(super::super::segment::list(dir).unwrap_or_default().is_empty(), "and out of the WAL's view");
+        let _again = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
+        wait_until_gone(dir, &name(5));
+    }
+}
