@@ -802,6 +802,14 @@ mod tests {
         assert!(err.contains("corrupt at byte offset 0"), "{err}");
     }
 
+    /// A WAL in a temporary directory whose syncs are spaced by `spacing`.
+    fn spaced(spacing: Duration) -> (tempfile::TempDir, Wal) {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let cfg = WalConfig { sync_spacing: spacing, ..config(tmp.path(), 1 << 20) };
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        (tmp, wal)
+    }
+
     /// Sends an append straight to the writer without waiting for it.
     fn send(wal: &Wal, tag: i64) -> oneshot::Receiver<Result<u64, WalError>> {
         let (reply, rx) = oneshot::channel();
@@ -821,9 +829,7 @@ mod tests {
     /// group's count is back and nothing more comes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_wal_spaces_its_syncs() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let cfg = WalConfig { sync_spacing: Duration::from_secs(2), ..config(tmp.path(), 1 << 20) };
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (_tmp, wal) = spaced(Duration::from_secs(2));
         // Two records sent back to back share a group (retried in the rare
         // case the writer took the first alone); the record after them is
         // then held by the spacing.
@@ -860,9 +866,7 @@ mod tests {
     /// that waited the spacing out would stop them for a minute a round.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_closed_loop_is_not_held() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let cfg = WalConfig { sync_spacing: Duration::from_secs(60), ..config(tmp.path(), 1 << 20) };
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (_tmp, wal) = spaced(Duration::from_secs(60));
         let wal = Arc::new(wal);
         let clients: Vec<_> = (0..4)
             .map(|c| {
@@ -890,9 +894,7 @@ mod tests {
     /// together once they stop.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn independent_arrivals_keep_the_hold() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let cfg = WalConfig { sync_spacing: Duration::from_secs(5), ..config(tmp.path(), 1 << 20) };
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (_tmp, wal) = spaced(Duration::from_secs(5));
         for attempt in 0..20 {
             let (a, b) = (send(&wal, 1000 * attempt), send(&wal, 1000 * attempt + 1));
             assert!(matches!(a.await, Ok(Ok(_))) && matches!(b.await, Ok(Ok(_))));
@@ -927,9 +929,7 @@ mod tests {
     /// one, are written at once even with a spacing of a minute.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lone_record_is_never_held() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let cfg = WalConfig { sync_spacing: Duration::from_secs(60), ..config(tmp.path(), 1 << 20) };
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (_tmp, wal) = spaced(Duration::from_secs(60));
         let one_at_a_time = async {
             for t in 0..5 {
                 assert_eq!(wal.append(record(1, t)).await.ok(), Some(t as u64 + 1));

@@ -232,6 +232,16 @@ mod tests {
         s.held(records);
     }
 
+    /// `n` holds 20 ms apart from `at`, each after a group of four, each
+    /// ended as `outcome`.
+    fn holds(s: &mut Spacing, at: &mut Instant, outcome: Outcome, n: usize) {
+        for _ in 0..n {
+            busy(s, *at, 4);
+            s.ended(*at, outcome);
+            *at += MS * 20;
+        }
+    }
+
     #[test]
     fn a_closed_loop_pauses_the_holds_longer_each_time_in_a_row() {
         let t0 = Instant::now();
@@ -264,28 +274,16 @@ mod tests {
         let mut s = Spacing::new(MS * 10);
         let mut at = t0;
         // Three closed loops in a row: a 4 ms pause.
-        for _ in 0..3 {
-            busy(&mut s, at, 4);
-            s.ended(at, Outcome::Closed);
-            at += MS * 20;
-        }
+        holds(&mut s, &mut at, Outcome::Closed, 3);
         // Open holds fewer than four in a row (a closed loop a little larger
         // than its groups) keep the pause growing.
-        for _ in 0..3 {
-            busy(&mut s, at, 4);
-            s.ended(at, Outcome::Open);
-            at += MS * 20;
-        }
+        holds(&mut s, &mut at, Outcome::Open, 3);
         busy(&mut s, at, 4);
         s.ended(at, Outcome::Closed);
         assert_eq!(s.hold(at + MS * 8 - US), None, "the fourth closed loop: 8 ms");
         at += MS * 20;
         // Four open holds in a row: the next closed loop pauses 1 ms again.
-        for _ in 0..4 {
-            busy(&mut s, at, 4);
-            s.ended(at, Outcome::Open);
-            at += MS * 20;
-        }
+        holds(&mut s, &mut at, Outcome::Open, 4);
         busy(&mut s, at, 4);
         s.ended(at, Outcome::Closed);
         busy(&mut s, at + MS, 4);
