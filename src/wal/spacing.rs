@@ -177,8 +177,15 @@ impl Recall {
     }
 
     /// The writer waits for `want` queued records (zero: no longer).
+    ///
+    /// Sequentially consistent, because the writer reads the queue's length
+    /// right after: a store that could pass that load (as a plain store may on
+    /// x86) would let a sender that queued meanwhile read the old `want` (no
+    /// wake) while the writer reads the old length (parks), and the hold would
+    /// run to its end. The sender's side is the channel's push, a locked
+    /// read-modify-write, before its load of `want`.
     pub fn wait_for(&self, want: usize) {
-        self.want.store(want, Ordering::Release);
+        self.want.store(want, Ordering::SeqCst);
     }
 
     /// Whether a sender has answered the writer's wait.
