@@ -381,7 +381,7 @@ fn describe() {
     metrics::describe_gauge!(PENDING_BUCKETS, "Minute buckets not yet in the store");
     metrics::describe_gauge!(DEDUPE_IDS, "Event ids remembered for deduplication");
     metrics::describe_counter!(RATE_LIMITED_TOTAL, "Requests refused by a key's rate limit");
-    metrics::describe_gauge!(WAL_BYTES, "Bytes in live WAL segments (not yet checkpointed)");
+    metrics::describe_gauge!(WAL_BYTES, "Bytes of WAL segments on disk: live ones, and pruned ones not yet deleted");
     metrics::describe_gauge!(WAL_CHECKPOINT, "Highest WAL sequence the usage store holds");
     metrics::describe_counter!(
         WAL_SEGMENTS_TOTAL,

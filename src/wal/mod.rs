@@ -86,7 +86,7 @@ impl WalError {
 /// Shared counters about the WAL, for backpressure, `/readyz` and metrics.
 #[derive(Debug)]
 pub struct WalStats {
-    /// Bytes in live segments.
+    /// Bytes in live segments, and in pruned ones not yet deleted (`reclaim.rs`).
     pub bytes: AtomicU64,
     /// The last checkpoint written.
     pub checkpoint: AtomicU64,
@@ -324,7 +324,7 @@ impl Wal {
                 None
             }
         };
-        let reclaimer = match reclaim::Reclaimer::start(dir) {
+        let reclaimer = match reclaim::Reclaimer::start(dir, stats.clone()) {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!(error = %e, "pruned WAL segments will be deleted at once, on the writer's thread");
@@ -484,7 +484,7 @@ impl Wal {
         }
     }
 
-    /// Bytes in live segments.
+    /// Bytes in live segments, and in pruned ones not yet deleted.
     pub fn bytes(&self) -> u64 {
         self.stats.bytes.load(Ordering::Acquire)
     }

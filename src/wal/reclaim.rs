@@ -20,7 +20,13 @@
 //! the segment was pruned because the store and the raw-events export both
 //! hold them. A segment a backup pinned (a hard link, `backup.rs`) is not cut,
 //! only unlinked: the backup still reads it through its link.
+//!
+//! A segment's bytes stay in the WAL's count ([`WalStats::bytes`], what
+//! `storage.max_wal_bytes` caps and `meterd_wal_bytes` shows) until its file is
+//! gone, so a reclaimer that falls behind, or fails and leaves a file for the
+//! next start, is seen and capped like any other WAL growth.
 
+use super::WalStats;
 use crossbeam::channel::Sender;
 use std::fs::OpenOptions;
 use std::os::unix::fs::MetadataExt;
@@ -50,7 +56,7 @@ pub enum ReclaimError {
 
 /// The writer's handle on the reclaiming thread.
 pub struct Reclaimer {
-    tx: Option<Sender<PathBuf>>,
+    tx: Option<Sender<(PathBuf, u64)>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -62,15 +68,16 @@ pub fn name(first_seq: u64) -> String {
 
 impl Reclaimer {
     /// Starts the thread on `dir`, and queues the files a crash or a stop
-    /// left there.
-    pub fn start(dir: &Path) -> Result<Reclaimer, ReclaimError> {
-        let (tx, rx) = crossbeam::channel::unbounded::<PathBuf>();
+    /// left there (not in `stats`' count: the WAL counts only its segments
+    /// when it opens). A file handed over later leaves the count once deleted.
+    pub fn start(dir: &Path, stats: Arc<WalStats>) -> Result<Reclaimer, ReclaimError> {
+        let (tx, rx) = crossbeam::channel::unbounded::<(PathBuf, u64)>();
         let list = |source| ReclaimError::List { path: dir.display().to_string(), source };
         for entry in std::fs::read_dir(dir).map_err(list)? {
             let entry = entry.map_err(list)?;
             let left = entry.file_name().to_str().is_some_and(|n| n.starts_with(PREFIX) && n.ends_with(".tmp"));
             if left {
-                let _ = tx.send(entry.path());
+                let _ = tx.send((entry.path(), 0));
             }
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -80,12 +87,18 @@ impl Reclaimer {
                 .name("meterd-wal-reclaim".into())
                 .spawn(move || {
                     crate::priority::lower_this_thread();
-                    for path in rx {
+                    for (path, size) in rx {
                         if stop.load(Ordering::Acquire) {
                             return;
                         }
-                        if let Err(e) = shrink(&dir, &path, &stop) {
-                            tracing::warn!(file = %path.display(), error = %e, "cannot reclaim a pruned WAL segment; the next start tries again");
+                        match shrink(&dir, &path, &stop) {
+                            Ok(true) => {
+                                stats.bytes.fetch_sub(size, Ordering::AcqRel);
+                            }
+                            Ok(false) => return,
+                            Err(e) => {
+                                tracing::warn!(file = %path.display(), error = %e, "cannot reclaim a pruned WAL segment; the next start tries again")
+                            }
                         }
                     }
                 })
@@ -94,15 +107,16 @@ impl Reclaimer {
         Ok(Reclaimer { tx: Some(tx), stop, thread: Some(thread) })
     }
 
-    /// Moves the pruned segment at `segment` (first sequence number `first`)
-    /// out of the WAL's view and queues it. The rename is the only thing done
-    /// on the caller's thread.
-    pub fn reclaim(&self, dir: &Path, segment: &Path, first: u64) -> std::io::Result<()> {
+    /// Moves the pruned segment at `segment` (first sequence number `first`,
+    /// `size` bytes of the WAL's count) out of the WAL's view and queues it;
+    /// its bytes leave the count once it is deleted. The rename is the only
+    /// thing done on the caller's thread.
+    pub fn reclaim(&self, dir: &Path, segment: &Path, first: u64, size: u64) -> std::io::Result<()> {
         let to = dir.join(name(first));
         std::fs::rename(segment, &to)?;
         if let Some(tx) = &self.tx {
             // A stopped thread: the file waits for the next start.
-            let _ = tx.send(to);
+            let _ = tx.send((to, size));
         }
         Ok(())
     }
@@ -125,8 +139,9 @@ impl Drop for Reclaimer {
 }
 
 /// Makes the rename into `dir` durable, cuts the file at `path` down by
-/// [`CHUNK`] a step (each made durable, [`PAUSE`] apart), then deletes it.
-fn shrink(dir: &Path, path: &Path, stop: &AtomicBool) -> std::io::Result<()> {
+/// [`CHUNK`] a step (each made durable, [`PAUSE`] apart), then deletes it:
+/// `true` once deleted, `false` if `stop` came first (the file stays).
+fn shrink(dir: &Path, path: &Path, stop: &AtomicBool) -> std::io::Result<bool> {
     // Durable before any cut: a crash must never leave a cut file under its
     // segment name.
     super::checkpoint::sync_dir(dir)?;
@@ -136,12 +151,12 @@ fn shrink(dir: &Path, path: &Path, stop: &AtomicBool) -> std::io::Result<()> {
         // Another name shares the file (a backup's pin, `backup.rs`): cutting
         // it would cut that copy too. Only this name goes.
         drop(file);
-        return std::fs::remove_file(path);
+        return std::fs::remove_file(path).map(|()| true);
     }
     let mut size = meta.len();
     while size > CHUNK {
         if stop.load(Ordering::Acquire) {
-            return Ok(());
+            return Ok(false);
         }
         size -= CHUNK;
         file.set_len(size)?;
@@ -149,7 +164,7 @@ fn shrink(dir: &Path, path: &Path, stop: &AtomicBool) -> std::io::Result<()> {
         std::thread::sleep(PAUSE);
     }
     drop(file);
-    std::fs::remove_file(path)
+    std::fs::remove_file(path).map(|()| true)
 }
 
 #[cfg(test)]
@@ -186,13 +201,21 @@ mod tests {
         let segment = dir.join(super::super::segment::name(7));
         std::fs::write(&segment, vec![1u8; (CHUNK * 3 + 5) as usize]).expect("segment");
         std::fs::write(dir.join(super::super::segment::name(99)), b"live").expect("live segment");
-        let reclaimer = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
-        reclaimer.reclaim(dir, &segment, 7).unwrap_or_else(|e| panic!("{e}"));
+        let stats = Arc::new(WalStats::default());
+        stats.bytes.store(CHUNK * 3 + 5 + 4, Ordering::Release);
+        let reclaimer = Reclaimer::start(dir, stats.clone()).unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim(dir, &segment, 7, CHUNK * 3 + 5).unwrap_or_else(|e| panic!("{e}"));
         // Out of the WAL's view as soon as reclaim returns.
         let listed = super::super::segment::list(dir).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(listed.iter().map(|(first, _)| *first).collect::<Vec<_>>(), [99]);
         wait_until_gone(dir, &name(7));
         assert_eq!(files(dir), [super::super::segment::name(99)], "only the live segment is left");
+        // Its bytes leave the WAL's count once it is gone (just after).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stats.bytes.load(Ordering::Acquire) != 4 {
+            assert!(Instant::now() < deadline, "count after deletion: {}", stats.bytes.load(Ordering::Acquire));
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]
@@ -204,8 +227,8 @@ mod tests {
         std::fs::write(&segment, &bytes).expect("segment");
         let pin = tmp.path().join("pin");
         std::fs::hard_link(&segment, &pin).expect("link");
-        let reclaimer = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
-        reclaimer.reclaim(dir, &segment, 4).unwrap_or_else(|e| panic!("{e}"));
+        let reclaimer = Reclaimer::start(dir, Arc::default()).unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim(dir, &segment, 4, 0).unwrap_or_else(|e| panic!("{e}"));
         wait_until_gone(dir, &name(4));
         assert!(std::fs::read(&pin).expect("pin") == bytes, "the pinned copy is whole");
     }
@@ -219,7 +242,7 @@ mod tests {
         sparse(&dir.join(name(2)), CHUNK * 2);
         std::fs::write(dir.join("reclaim-notes.txt"), b"keep").expect("other");
         std::fs::write(dir.join(super::super::segment::name(3)), b"live").expect("live");
-        let _reclaimer = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
+        let _reclaimer = Reclaimer::start(dir, Arc::default()).unwrap_or_else(|e| panic!("{e}"));
         wait_until_gone(dir, &name(1));
         wait_until_gone(dir, &name(2));
         assert_eq!(files(dir), [super::super::segment::name(3), "reclaim-notes.txt".to_string()]);
@@ -231,8 +254,10 @@ mod tests {
         let dir = tmp.path();
         let segment = dir.join(super::super::segment::name(5));
         sparse(&segment, CHUNK * 200);
-        let mut reclaimer = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
-        reclaimer.reclaim(dir, &segment, 5).unwrap_or_else(|e| panic!("{e}"));
+        let stats = Arc::new(WalStats::default());
+        stats.bytes.store(CHUNK * 200, Ordering::Release);
+        let mut reclaimer = Reclaimer::start(dir, stats.clone()).unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim(dir, &segment, 5, CHUNK * 200).unwrap_or_else(|e| panic!("{e}"));
         // 200 steps take at least two seconds: stopped well before the end.
         std::thread::sleep(Duration::from_millis(100));
         reclaimer.stop();
@@ -240,7 +265,8 @@ mod tests {
         let len = std::fs::metadata(&left).map(|m| m.len()).unwrap_or(0);
         assert!(len > 0 && len < CHUNK * 200, "cut partly, still there: {len}");
         assert!(super::super::segment::list(dir).unwrap_or_default().is_empty(), "and out of the WAL's view");
-        let _again = Reclaimer::start(dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(stats.bytes.load(Ordering::Acquire), CHUNK * 200, "a file still on disk stays in the WAL's count");
+        let _again = Reclaimer::start(dir, Arc::default()).unwrap_or_else(|e| panic!("{e}"));
         wait_until_gone(dir, &name(5));
     }
 }

@@ -393,12 +393,14 @@ impl Writer {
                 break;
             }
             let (first, path, size) = self.segments.remove(0);
-            let gone = match &self.reclaimer {
-                Some(reclaimer) => reclaimer.reclaim(&self.dir, &path, first),
-                None => std::fs::remove_file(&path),
-            };
-            gone.map_err(|e| WalError::io(&path, e))?;
-            self.stats.bytes.fetch_sub(size, Ordering::AcqRel);
+            // Reclaimed: its bytes leave the count once the file is gone.
+            match &self.reclaimer {
+                Some(reclaimer) => reclaimer.reclaim(&self.dir, &path, first, size).map_err(|e| WalError::io(&path, e))?,
+                None => {
+                    std::fs::remove_file(&path).map_err(|e| WalError::io(&path, e))?;
+                    self.stats.bytes.fetch_sub(size, Ordering::AcqRel);
+                }
+            }
         }
         Ok(())
     }
