@@ -186,6 +186,14 @@ mod tests {
         file.set_len(len).expect("set_len");
     }
 
+    /// A temporary WAL directory holding segment `first` with `bytes`.
+    fn dir_with_segment(first: u64, bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let segment = tmp.path().join(super::super::segment::name(first));
+        std::fs::write(&segment, bytes).expect("segment");
+        (tmp, segment)
+    }
+
     fn wait_until_gone(dir: &Path, name: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while files(dir).iter().any(|f| f == name) {
@@ -196,10 +204,8 @@ mod tests {
 
     #[test]
     fn a_pruned_segment_is_moved_out_of_view_at_once_and_deleted_in_steps() {
-        let tmp = tempfile::tempdir().expect("temp dir");
+        let (tmp, segment) = dir_with_segment(7, &vec![1u8; (CHUNK * 3 + 5) as usize]);
         let dir = tmp.path();
-        let segment = dir.join(super::super::segment::name(7));
-        std::fs::write(&segment, vec![1u8; (CHUNK * 3 + 5) as usize]).expect("segment");
         std::fs::write(dir.join(super::super::segment::name(99)), b"live").expect("live segment");
         let stats = Arc::new(WalStats::default());
         stats.bytes.store(CHUNK * 3 + 5 + 4, Ordering::Release);
@@ -220,11 +226,9 @@ mod tests {
 
     #[test]
     fn a_segment_a_backup_pinned_keeps_every_byte_under_the_pin() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path();
-        let segment = dir.join(super::super::segment::name(4));
         let bytes: Vec<u8> = (0..CHUNK * 2 + 77).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&segment, &bytes).expect("segment");
+        let (tmp, segment) = dir_with_segment(4, &bytes);
+        let dir = tmp.path();
         let pin = tmp.path().join("pin");
         std::fs::hard_link(&segment, &pin).expect("link");
         let reclaimer = Reclaimer::start(dir, Arc::default()).unwrap_or_else(|e| panic!("{e}"));
