@@ -201,6 +201,16 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
     const US: Duration = Duration::from_micros(1);
 
+    /// The writer counts a hold under `WAL_HOLD_ENDS[outcome as usize]`: the
+    /// two lists must stay in step.
+    #[test]
+    fn each_outcome_is_counted_under_its_own_label() {
+        let label = |o: Outcome| crate::telemetry::WAL_HOLD_ENDS.get(o as usize).copied();
+        assert_eq!(label(Outcome::Out), Some("spacing"));
+        assert_eq!(label(Outcome::Open), Some("open"));
+        assert_eq!(label(Outcome::Closed), Some("closed"));
+    }
+
     #[test]
     fn only_a_group_of_several_spaces_the_next() {
         let t0 = Instant::now();
