@@ -213,7 +213,8 @@ async fn attempt_copy(
     // 2b. The dedupe runs (ids spilled out of RAM, issue 15), after the id
     // files: a spill writes its run before it deletes the id files it covers,
     // so every id is in one or the other. Runs are immutable once renamed into
-    // place; a run expiring meanwhile held no id within the window.
+    // place; a run expiring meanwhile held no id within the window (it may be
+    // copied short while it is being cut: a start deletes it by its name, unread).
     copy_runs(&wal_src.join("dedupe"), &wal_dst.join("dedupe"))?;
     // Other WAL bookkeeping (a repair's dropped ranges), but not the checkpoint.
     for entry in std::fs::read_dir(&wal_src).map_err(io(&wal_src))? {

@@ -299,6 +299,7 @@ pub async fn run(engine: Arc<Engine>, interval: Duration, mut shutdown: watch::R
         engine.deduper().cancel_gate();
         let _ = task.await;
     }
+    crate::priority::off_the_workers(|| engine.deduper().stop_reclaiming());
     let flushed = flush_all(&engine).await?;
     tracing::info!(rows = flushed, "final flush done");
     Ok(())

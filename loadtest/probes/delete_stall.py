@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""How much deleting a WAL-sized file stalls a concurrent fdatasync (issue 24).
+"""How much deleting a large file stalls a concurrent fdatasync (issue 24).
 
 A thread imitates the WAL: a 2 KiB pwrite over a preallocated file, then
-fdatasync, again and again. Meanwhile, ROUNDS times, a 64 MiB file is written,
+fdatasync, again and again. Meanwhile, ROUNDS times, a FILE_MIB file (64 MiB,
+a WAL segment, unless set; a dedupe run is up to a few hundred) is written,
 then deleted either at once (unlink) or the way src/wal/reclaim.rs does it
 (cut CHUNK_MIB at a time, each cut made durable, PAUSE seconds apart, then
 unlink), and the directory synced. It prints, per round, how long the deletion
@@ -10,6 +11,7 @@ took and the worst fdatasync around it; then the fdatasync quantiles overall.
 
     python3 loadtest/probes/delete_stall.py DIR [ROUNDS]          # unlink at once
     CHUNK_MIB=4 python3 loadtest/probes/delete_stall.py DIR       # in 4 MiB cuts
+    FILE_MIB=160 python3 loadtest/probes/delete_stall.py DIR      # a dedupe run's size
 
 DIR must be on the file system under test (for meterd: the data directory's);
 the probe creates and removes its files there. Compare a mount with and without
@@ -44,6 +46,7 @@ def main():
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     chunk = int(os.environ.get("CHUNK_MIB", "0"))
     pause = float(os.environ.get("PAUSE", "0.01"))
+    mib = int(os.environ.get("FILE_MIB", "64"))
     os.makedirs(d, exist_ok=True)
     wal = os.path.join(d, "probe-wal")
     make(wal, 8)
@@ -66,12 +69,12 @@ def main():
     try:
         for i in range(rounds):
             big = os.path.join(d, f"probe-big{i}")
-            make(big, 64)
+            make(big, mib)
             time.sleep(0.5)
             t0 = time.perf_counter()
             if chunk:
                 fd = os.open(big, os.O_WRONLY)
-                size = 64 << 20
+                size = mib << 20
                 while size > 0:
                     size = max(0, size - (chunk << 20))
                     os.ftruncate(fd, size)

@@ -17,6 +17,10 @@
 //! full) keeps the ids in RAM and, while the table is over budget, ingest is
 //! refused ([`Deduper::refusal`], a 503) rather than an id being forgotten.
 //!
+//! Expired runs leave the disk in steps, on a thread of their own, once no probe
+//! reads them any more (`crate::wal::reclaim`): deleting one at once stalled
+//! the WAL's syncs.
+//!
 //! Restart reads each run's header, filter and index, not its ids; the WAL's id
 //! files of spilled minutes are deleted once a run holds them, so only the
 //! un-spilled tail is loaded back into the table.
@@ -27,6 +31,7 @@ mod pages;
 pub mod run;
 pub mod table;
 
+use crate::wal::reclaim::{self, Reclaimer};
 use gate::Gate;
 use run::{Run, RunError};
 use std::collections::HashSet;
@@ -128,6 +133,9 @@ struct Spill {
     /// The runs' indexes alone pass the filters' share of the budget: refuse
     /// ingest (see [`Deduper::refusal`]).
     index_full: AtomicBool,
+    /// Takes expired runs off the disk a few MiB at a time once their last
+    /// prober lets them go (`None`: deleted at once).
+    reclaimer: Mutex<Option<Reclaimer>>,
 }
 
 impl Spill {
@@ -172,8 +180,16 @@ impl Deduper {
         let mut paths = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(dir_err)? {
             let path = entry.map_err(dir_err)?.path();
+            // An expired run being cut (left by a stop or a crash) is the
+            // reclaimer's, which finishes it in steps.
+            let reclaiming = path.file_name().and_then(|n| n.to_str()).is_some_and(reclaim::is_reclaim_name);
+            if reclaiming {
+                // Named by its run's sequence number: a new run must not reuse it.
+                let seq = path.file_stem().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(reclaim::PREFIX)?.parse::<u64>().ok());
+                next_seq = next_seq.max(seq.map_or(0, |n| n.saturating_add(1)));
+            }
             match path.extension().and_then(|e| e.to_str()) {
-                Some("tmp") => std::fs::remove_file(&path).map_err(dir_err)?,
+                Some("tmp") if !reclaiming => std::fs::remove_file(&path).map_err(dir_err)?,
                 Some("run") => paths.push(path),
                 _ => {}
             }
@@ -183,8 +199,15 @@ impl Deduper {
         paths.sort_unstable_by(|a, b| b.cmp(a));
         let mut filter_room = filter_share(config.memory_bytes);
         for path in paths {
+            // Expired by its name, deleted unread: a backup taken while it was
+            // being cut holds it short.
+            let expired = |hi: u32| hi.saturating_add(window_minutes) < now_minute;
+            if !config.keep_existing || Run::hi_of_name(&path).is_some_and(expired) {
+                std::fs::remove_file(&path).map_err(dir_err)?;
+                continue;
+            }
             let run = Run::open(&path, true)?;
-            if !config.keep_existing || run.hi.saturating_add(window_minutes) < now_minute {
+            if expired(run.hi) {
                 std::fs::remove_file(&path).map_err(dir_err)?;
                 continue;
             }
@@ -201,8 +224,16 @@ impl Deduper {
         }
         runs.sort_by_key(|r| r.hi);
         let watermark = runs.iter().map(|r| r.hi).max().unwrap_or(0);
+        let reclaimer = match Reclaimer::start_named(dir, "meterd-run-recl", Box::new(|_| {})) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "expired dedupe runs will be deleted at once");
+                None
+            }
+        };
         let spill = Spill {
             config,
+            reclaimer: Mutex::new(reclaimer),
             // The gate is rebuilt by housekeeping (`rebuild_gate`), not here:
             // a restart does not wait for the runs' entries to be read.
             runs: RwLock::new(Arc::new(RunSet::new(0, runs, None))),
@@ -380,12 +411,23 @@ impl Deduper {
         spill.note_index(&live);
         *guard = Arc::new(RunSet::new(guard.version, live, gate));
         drop(guard);
+        let reclaimer = spill.reclaimer.lock().unwrap_or_else(|p| p.into_inner());
         for run in old {
-            // A prober holding the run keeps reading through its open file.
-            if let Err(e) = std::fs::remove_file(&run.path) {
-                tracing::warn!(file = %run.path.display(), error = %e, "could not delete an expired dedupe run");
+            let (path, seq) = (run.path.clone(), run.seq);
+            // Deleting a run of hundreds of MiB at once stalls the WAL's syncs
+            // (`crate::wal::reclaim`): renamed out of view here, cut in steps
+            // once the last prober holding it (through its open file) is done.
+            let holder = Arc::downgrade(&run) as std::sync::Weak<dyn std::any::Any + Send + Sync>;
+            drop(run);
+            let gone = match reclaimer.as_ref() {
+                Some(r) => r.reclaim_held(&spill.config.dir, &path, seq, 0, Some(holder)),
+                None => std::fs::remove_file(&path),
+            };
+            if let Err(e) = gone {
+                tracing::warn!(file = %path.display(), error = %e, "could not delete an expired dedupe run");
             }
         }
+        drop(reclaimer);
         if spill.runs.read().unwrap_or_else(|p| p.into_inner()).runs.is_empty() {
             spill.revoked.lock().unwrap_or_else(|p| p.into_inner()).clear();
             spill.has_revoked.store(false, Ordering::Release);
@@ -576,6 +618,16 @@ impl Deduper {
     pub fn cancel_gate(&self) {
         if let Some(spill) = &self.spill {
             spill.gate_cancel.store(true, Ordering::Release);
+        }
+    }
+
+    /// Stops the thread deleting expired runs, within one of its steps
+    /// (shutdown); a run not yet gone is finished by the next start.
+    pub fn stop_reclaiming(&self) {
+        if let Some(spill) = &self.spill {
+            if let Some(mut reclaimer) = spill.reclaimer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                reclaimer.stop();
+            }
         }
     }
 

@@ -144,6 +144,19 @@ impl Run {
 
     /// Opens a run written by [`Run::write`]: reads its header, filter and index
     /// (the filter is checked, and kept only with `keep_filter`).
+    /// The newest acceptance minute a run's file name gives (`{lo}-{hi}-{seq}.run`),
+    /// read without opening it: an expired run is deleted unread, whole or not
+    /// (a backup may have copied one while it was being cut, see `crate::wal::reclaim`).
+    pub fn hi_of_name(path: &Path) -> Option<u32> {
+        let stem = path.file_stem()?.to_str()?;
+        let mut parts = stem.split('-');
+        let (_lo, hi, _seq) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        hi.parse().ok()
+    }
+
     pub fn open(path: &Path, keep_filter: bool) -> Result<Run, RunError> {
         let damaged = |reason| RunError::Damaged { path: path.display().to_string(), reason };
         let seq = path

@@ -143,6 +143,72 @@ fn spilled_ids_leave_ram_and_stay_exact() {
     assert!(d.insert(ids[1], T0 + 10 * MIN));
 }
 
+/// The names in the run directory, sorted.
+fn run_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("dedupe"))
+        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str().map(String::from)).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn wait_for_no_run_files(dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !run_files(dir).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "still there after 30 s: {:?}", run_files(dir));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn an_expired_run_leaves_the_disk_once_no_probe_holds_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let d = open(tmp.path(), T0);
+    let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("e-{i}"))).collect();
+    d.insert_batch(&ids, T0);
+    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    let [run] = &run_files(tmp.path())[..] else { panic!("one run: {:?}", run_files(tmp.path())) };
+    let len = std::fs::metadata(tmp.path().join("dedupe").join(run)).map(|m| m.len()).expect("run size");
+    // A probe in flight holds the run set it read, as `admit_batch` does.
+    let held = d.spill.as_ref().map(|s| s.runs.read().unwrap_or_else(|p| p.into_inner()).clone()).expect("spill");
+    d.sweep(T0 + 10 * MIN);
+    assert_eq!(d.spilled(), 0);
+    let seq = held.runs[0].seq;
+    assert_eq!(run_files(tmp.path()), [reclaim::name(seq)], "out of view at once");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let now = std::fs::metadata(tmp.path().join("dedupe").join(reclaim::name(seq))).map(|m| m.len()).ok();
+    assert_eq!(now, Some(len), "not cut while a probe holds it");
+    assert_eq!(held.runs[0].find(tag(ids[7])).ok().flatten(), Some(table::minute_of(T0)), "the probe still reads it whole");
+    drop(held);
+    wait_for_no_run_files(tmp.path());
+}
+
+#[test]
+fn a_restart_deletes_expired_runs_unread_and_finishes_those_being_cut() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let d = open(tmp.path(), T0);
+    let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("r-{i}"))).collect();
+    d.insert_batch(&ids, T0);
+    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    drop(d);
+    // A backup that copied the run while it was being cut holds it short,
+    // under its own name; and a stop left another run halfway.
+    let [run] = &run_files(tmp.path())[..] else { panic!("one run: {:?}", run_files(tmp.path())) };
+    let path = tmp.path().join("dedupe").join(run);
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("cut");
+    std::fs::write(tmp.path().join("dedupe").join(reclaim::name(77)), vec![0u8; 1000]).expect("left");
+    let d = open(tmp.path(), T0 + 10 * MIN);
+    assert_eq!(d.spilled(), 0);
+    wait_for_no_run_files(tmp.path());
+    // The next run's number is past the one that was being cut.
+    d.insert_batch(&ids[..100], T0 + 10 * MIN);
+    d.spill_upto_minute(table::minute_of(T0 + 10 * MIN)).expect("spill");
+    let [run] = &run_files(tmp.path())[..] else { panic!("one run: {:?}", run_files(tmp.path())) };
+    let seq = run.trim_end_matches(".run").rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
+    assert!(seq.is_some_and(|n| n > 77), "{run}");
+}
+
 #[test]
 fn a_failed_spill_keeps_the_ids_and_refuses_ingest() {
     let tmp = tempfile::tempdir().expect("temp dir");

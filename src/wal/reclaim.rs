@@ -25,14 +25,22 @@
 //! `storage.max_wal_bytes` caps and `meterd_wal_bytes` shows) until its file is
 //! gone, so a reclaimer that falls behind, or fails and leaves a file for the
 //! next start, is seen and capped like any other WAL growth.
+//!
+//! Expired dedupe runs (`crate::dedupe`, up to a few hundred MiB each) leave
+//! their directory the same way, on a thread of their own. A run differs in
+//! one point: lookups read it through its open handle until the last of them
+//! lets the run go, and a cut file would read short under them (a read error,
+//! which refuses a batch). So such a file is renamed at once but cut only
+//! once its holder has no reference left.
 
 use super::WalStats;
 use crossbeam::channel::Sender;
+use std::any::Any;
 use std::fs::OpenOptions;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// Prefix of a segment being reclaimed (followed by its first sequence number
@@ -44,60 +52,91 @@ const CHUNK: u64 = 4 << 20;
 /// WAL's syncs pass between them.
 const PAUSE: Duration = Duration::from_millis(10);
 
-/// Why the reclaimer could not start (the writer then deletes segments
-/// itself, at once, as before).
+/// Why the reclaimer could not start (its owner then deletes files itself,
+/// at once, as before).
 #[derive(Debug, thiserror::Error)]
 pub enum ReclaimError {
-    #[error("cannot start the WAL segment reclaimer: {0}")]
+    #[error("cannot start the reclaiming thread: {0}")]
     Spawn(std::io::Error),
-    #[error("cannot list the WAL directory {path} for segments left to reclaim: {source}")]
+    #[error("cannot list {path} for files left to reclaim: {source}")]
     List { path: String, source: std::io::Error },
 }
 
-/// The writer's handle on the reclaiming thread.
+/// What the thread is handed: a file to delete, the bytes to report once it
+/// is gone, and (a dedupe run) what must be let go before it is cut.
+struct Job {
+    path: PathBuf,
+    size: u64,
+    /// Readers of the file through an open handle (a dedupe run's probers):
+    /// the file is not cut while any is alive, since they would read short.
+    holder: Option<Weak<dyn Any + Send + Sync>>,
+}
+
+/// Called with a file's `size` once it is deleted.
+type OnDeleted = Box<dyn Fn(u64) + Send>;
+
+/// The owner's handle on a reclaiming thread (the WAL writer's, or the
+/// deduper's for its expired runs).
 pub struct Reclaimer {
-    tx: Option<Sender<(PathBuf, u64)>>,
+    tx: Option<Sender<Job>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// The name a segment starting at `first_seq` is reclaimed under.
+/// The name a segment starting at `first_seq` is reclaimed under (a dedupe
+/// run's: its sequence number).
 pub fn name(first_seq: u64) -> String {
     format!("{PREFIX}{first_seq:020}.tmp")
 }
 
+/// Whether `file_name` is one this module reclaims (left by a crash or a stop).
+pub fn is_reclaim_name(file_name: &str) -> bool {
+    file_name.starts_with(PREFIX) && file_name.ends_with(".tmp")
+}
+
 impl Reclaimer {
-    /// Starts the thread on `dir`, and queues the files a crash or a stop
-    /// left there (not in `stats`' count: the WAL counts only its segments
-    /// when it opens). A file handed over later leaves the count once deleted.
+    /// Starts the WAL's thread on `dir`, and queues the files a crash or a
+    /// stop left there (not in `stats`' count: the WAL counts only its
+    /// segments when it opens). A file handed over later leaves the count once
+    /// deleted.
     pub fn start(dir: &Path, stats: Arc<WalStats>) -> Result<Reclaimer, ReclaimError> {
-        let (tx, rx) = crossbeam::channel::unbounded::<(PathBuf, u64)>();
+        Reclaimer::start_named(
+            dir,
+            "meterd-wal-reclaim",
+            Box::new(move |size| {
+                stats.bytes.fetch_sub(size, Ordering::AcqRel);
+            }),
+        )
+    }
+
+    /// Starts a thread called `thread` on `dir`, queueing the files a crash
+    /// or a stop left there; `on_deleted` hears of each file handed over once
+    /// it is gone, with the size it was handed with.
+    pub fn start_named(dir: &Path, thread: &str, on_deleted: OnDeleted) -> Result<Reclaimer, ReclaimError> {
+        let (tx, rx) = crossbeam::channel::unbounded::<Job>();
         let list = |source| ReclaimError::List { path: dir.display().to_string(), source };
         for entry in std::fs::read_dir(dir).map_err(list)? {
             let entry = entry.map_err(list)?;
-            let left = entry.file_name().to_str().is_some_and(|n| n.starts_with(PREFIX) && n.ends_with(".tmp"));
-            if left {
-                let _ = tx.send((entry.path(), 0));
+            if entry.file_name().to_str().is_some_and(is_reclaim_name) {
+                let _ = tx.send(Job { path: entry.path(), size: 0, holder: None });
             }
         }
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (dir, stop) = (dir.to_path_buf(), stop.clone());
             std::thread::Builder::new()
-                .name("meterd-wal-reclaim".into())
+                .name(thread.into())
                 .spawn(move || {
                     crate::priority::lower_this_thread();
-                    for (path, size) in rx {
-                        if stop.load(Ordering::Acquire) {
+                    for job in rx {
+                        if stop.load(Ordering::Acquire) || !released(job.holder.as_ref(), &stop) {
                             return;
                         }
-                        match shrink(&dir, &path, &stop) {
-                            Ok(true) => {
-                                stats.bytes.fetch_sub(size, Ordering::AcqRel);
-                            }
+                        match shrink(&dir, &job.path, &stop) {
+                            Ok(true) => on_deleted(job.size),
                             Ok(false) => return,
                             Err(e) => {
-                                tracing::warn!(file = %path.display(), error = %e, "cannot reclaim a pruned WAL segment; the next start tries again")
+                                tracing::warn!(file = %job.path.display(), error = %e, "cannot reclaim a file; the next start tries again")
                             }
                         }
                     }
@@ -112,11 +151,25 @@ impl Reclaimer {
     /// its bytes leave the count once it is deleted. The rename is the only
     /// thing done on the caller's thread.
     pub fn reclaim(&self, dir: &Path, segment: &Path, first: u64, size: u64) -> std::io::Result<()> {
-        let to = dir.join(name(first));
-        std::fs::rename(segment, &to)?;
+        self.reclaim_held(dir, segment, first, size, None)
+    }
+
+    /// [`Reclaimer::reclaim`] for a file that readers may still hold open
+    /// through `holder` (the last of them lets it go by dropping it): it is
+    /// renamed at once, and cut only once `holder` has no strong reference left.
+    pub fn reclaim_held(
+        &self,
+        dir: &Path,
+        file: &Path,
+        key: u64,
+        size: u64,
+        holder: Option<Weak<dyn Any + Send + Sync>>,
+    ) -> std::io::Result<()> {
+        let to = dir.join(name(key));
+        std::fs::rename(file, &to)?;
         if let Some(tx) = &self.tx {
             // A stopped thread: the file waits for the next start.
-            let _ = tx.send((to, size));
+            let _ = tx.send(Job { path: to, size, holder });
         }
         Ok(())
     }
@@ -136,6 +189,19 @@ impl Drop for Reclaimer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Waits, [`PAUSE`] at a time, until nothing holds `holder` any more: `false`
+/// if `stop` came first (the file then stays for the next start).
+fn released(holder: Option<&Weak<dyn Any + Send + Sync>>, stop: &AtomicBool) -> bool {
+    let Some(holder) = holder else { return true };
+    while holder.strong_count() > 0 {
+        if stop.load(Ordering::Acquire) {
+            return false;
+        }
+        std::thread::sleep(PAUSE);
+    }
+    true
 }
 
 /// Makes the rename into `dir` durable, cuts the file at `path` down by
@@ -170,6 +236,7 @@ fn shrink(dir: &Path, path: &Path, stop: &AtomicBool) -> std::io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
     use std::time::Instant;
 
     fn files(dir: &Path) -> Vec<String> {
@@ -235,6 +302,54 @@ mod tests {
         reclaimer.reclaim(dir, &segment, 4, 0).unwrap_or_else(|e| panic!("{e}"));
         wait_until_gone(dir, &name(4));
         assert!(std::fs::read(&pin).expect("pin") == bytes, "the pinned copy is whole");
+    }
+
+    #[test]
+    fn a_held_file_is_renamed_at_once_and_cut_only_once_let_go() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let run = dir.join("100-160-3.run");
+        let bytes: Vec<u8> = (0..CHUNK * 2 + 9).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&run, &bytes).expect("run");
+        // A prober's handle on the run, as `dedupe` holds it.
+        let holder: Arc<dyn Any + Send + Sync> = Arc::new(std::fs::File::open(&run).expect("open"));
+        let deleted = Arc::new(AtomicU64::new(0));
+        let seen = deleted.clone();
+        let reclaimer = Reclaimer::start_named(dir, "test-reclaim", Box::new(move |n| _ = seen.fetch_add(n, Ordering::AcqRel)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim_held(dir, &run, 3, 11, Some(Arc::downgrade(&holder))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(files(dir), [name(3)], "renamed out of view at once");
+        // Thirty pauses: long enough for every cut, had it not waited.
+        std::thread::sleep(PAUSE * 30);
+        assert_eq!(std::fs::metadata(dir.join(name(3))).map(|m| m.len()).ok(), Some(bytes.len() as u64), "not cut while held");
+        let mut read = vec![0u8; bytes.len()];
+        let file = holder.downcast_ref::<std::fs::File>().expect("a file");
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut read, 0).expect("the holder reads it whole");
+        assert!(read == bytes);
+        assert_eq!(deleted.load(Ordering::Acquire), 0);
+        drop(holder);
+        wait_until_gone(dir, &name(3));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while deleted.load(Ordering::Acquire) != 11 {
+            assert!(Instant::now() < deadline, "reported after deletion: {}", deleted.load(Ordering::Acquire));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_stop_while_a_file_is_held_leaves_it_whole() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let run = dir.join("1-2-8.run");
+        sparse(&run, CHUNK * 3);
+        let holder: Arc<dyn Any + Send + Sync> = Arc::new(());
+        let mut reclaimer = Reclaimer::start_named(dir, "test-reclaim", Box::new(|_| {})).unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim_held(dir, &run, 8, 0, Some(Arc::downgrade(&holder))).unwrap_or_else(|e| panic!("{e}"));
+        let asked = Instant::now();
+        reclaimer.stop();
+        assert!(asked.elapsed() < Duration::from_secs(5), "the stop waits for no holder");
+        assert_eq!(std::fs::metadata(dir.join(name(8))).map(|m| m.len()).ok(), Some(CHUNK * 3), "left whole for the next start");
+        drop(holder);
     }
 
     #[test]
