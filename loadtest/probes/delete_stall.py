@@ -11,7 +11,12 @@ took and the worst fdatasync around it; then the fdatasync quantiles overall.
 
     python3 loadtest/probes/delete_stall.py DIR [ROUNDS]          # unlink at once
     CHUNK_MIB=4 python3 loadtest/probes/delete_stall.py DIR       # in 4 MiB cuts
-    FILE_MIB=160 python3 loadtest/probes/delete_stall.py DIR      # a dedupe run's size
+    FILE_MIB=72 python3 loadtest/probes/delete_stall.py DIR       # a dedupe run's size
+    SYNC_EVERY_MIB=1 ...                                          # written synced a MiB at a time
+
+Each round also prints how long writing the file took and the worst fdatasync
+meanwhile: writing it whole and then syncing it (as a dedupe spill did) queues it
+all on the disk at once; SYNC_EVERY_MIB syncs it in steps as it is written.
 
 DIR must be on the file system under test (for meterd: the data directory's);
 the probe creates and removes its files there. Compare a mount with and without
@@ -24,11 +29,13 @@ import threading
 import time
 
 
-def make(path, mib):
+def make(path, mib, sync_every=0):
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
     zeros = b"\0" * (1 << 20)
-    for _ in range(mib):
+    for i in range(mib):
         os.write(fd, zeros)
+        if sync_every and (i + 1) % sync_every == 0:
+            os.fdatasync(fd)
     os.fsync(fd)
     os.close(fd)
 
@@ -47,6 +54,7 @@ def main():
     chunk = int(os.environ.get("CHUNK_MIB", "0"))
     pause = float(os.environ.get("PAUSE", "0.01"))
     mib = int(os.environ.get("FILE_MIB", "64"))
+    sync_every = int(os.environ.get("SYNC_EVERY_MIB", "0"))
     os.makedirs(d, exist_ok=True)
     wal = os.path.join(d, "probe-wal")
     make(wal, 8)
@@ -69,8 +77,12 @@ def main():
     try:
         for i in range(rounds):
             big = os.path.join(d, f"probe-big{i}")
-            make(big, mib)
+            m0 = time.perf_counter()
+            make(big, mib, sync_every)
+            m1 = time.perf_counter()
             time.sleep(0.5)
+            during = [l for (t, l) in lat if m0 - 0.01 <= t <= m1]
+            print(f"write  {1e3 * (m1 - m0):8.2f} ms   worst fdatasync meanwhile  {1e3 * max(during, default=0.0):6.2f} ms")
             t0 = time.perf_counter()
             if chunk:
                 fd = os.open(big, os.O_WRONLY)

@@ -40,6 +40,9 @@ SCENARIO: ingest-single | ingest-batch [--size N] | check | check-consume | mixe
   --server-pid PID    report this process's CPU time per event/request over the window
   --label TEXT        copied into the result (e.g. the repetition)
   --json              print the result as one JSON line on stdout (default: a table)
+  --timeline FILE     also write the measured window as CSV, 50 ms a row (by when each
+                      request was due, open loop, or sent, closed): requests, mean, max,
+                      how many over 2 ms
   --quiet             no progress line
 ";
 
@@ -69,6 +72,8 @@ pub struct RunArgs {
     pub server_pid: Option<u32>,
     pub json: bool,
     pub quiet: bool,
+    /// `--timeline`: where to write the window's timeline (CSV).
+    pub timeline: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -145,6 +150,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
         server_pid: None,
         json: false,
         quiet: false,
+        timeline: None,
     };
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -179,6 +185,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError
             "--server-pid" => r.server_pid = Some(value(&a, args.next())?),
             "--json" => r.json = true,
             "--quiet" => r.quiet = true,
+            "--timeline" => r.timeline = Some(value(&a, args.next())?),
             other => return Err(CliError(format!("unknown option {other}"))),
         }
     }

@@ -152,6 +152,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             cpu * 1e6 / ops.max(1) as f64
         }),
     };
+    if let Some(path) = &args.timeline {
+        write_timeline(path, &measured.timeline).with_context(|| format!("writing the timeline to {}", path.display()))?;
+    }
     if let Some(e) = &result.first_error {
         eprintln!("meterd-loadtest: {} errors; first: {e}", result.errors);
     }
@@ -161,4 +164,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         print!("{}", stats::table(std::slice::from_ref(&result)));
     }
     Ok(())
+}
+
+/// `--timeline`: one CSV row per [`runner::TIMELINE_BUCKET`] of the window.
+fn write_timeline(path: &std::path::Path, timeline: &[runner::Bucket]) -> std::io::Result<()> {
+    let width = runner::TIMELINE_BUCKET.as_millis();
+    let mut out = String::from("from_ms,requests,mean_us,max_us,over_2ms\n");
+    for (i, b) in timeline.iter().enumerate() {
+        let mean = b.sum_us.checked_div(b.requests).unwrap_or(0);
+        out.push_str(&format!("{},{},{},{},{}\n", i as u128 * width, b.requests, mean, b.max_us, b.over_2ms));
+    }
+    std::fs::write(path, out)
 }

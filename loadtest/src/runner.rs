@@ -35,6 +35,38 @@ pub struct RunConfig {
     pub server_pid: Option<u32>,
 }
 
+/// Width of a [`Bucket`] of the timeline.
+pub const TIMELINE_BUCKET: Duration = Duration::from_millis(50);
+
+/// The requests of one [`TIMELINE_BUCKET`] of the measured window, by when
+/// they were due (open loop) or sent (closed loop): where in the run the slow
+/// ones were, which a whole run's percentiles do not say.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Bucket {
+    pub requests: u64,
+    pub sum_us: u64,
+    pub max_us: u64,
+    /// Requests slower than 2 ms.
+    pub over_2ms: u64,
+}
+
+impl Bucket {
+    fn add(&mut self, latency: Duration) {
+        let us = latency.as_micros() as u64;
+        self.requests += 1;
+        self.sum_us += us;
+        self.max_us = self.max_us.max(us);
+        self.over_2ms += u64::from(us > 2_000);
+    }
+
+    fn merge(&mut self, other: &Bucket) {
+        self.requests += other.requests;
+        self.sum_us += other.sum_us;
+        self.max_us = self.max_us.max(other.max_us);
+        self.over_2ms += other.over_2ms;
+    }
+}
+
 /// What the measured window saw.
 #[derive(Debug)]
 pub struct Measured {
@@ -48,6 +80,8 @@ pub struct Measured {
     pub first_error: Option<String>,
     /// CPU seconds `server_pid` used during the measured window.
     pub server_cpu_seconds: Option<f64>,
+    /// The window in [`TIMELINE_BUCKET`]s.
+    pub timeline: Vec<Bucket>,
 }
 
 /// The open-loop schedule: request `k` is due at `start + k / rate`.
@@ -84,6 +118,15 @@ impl Window {
     fn contains(&self, t: Instant) -> bool {
         t >= self.from && t < self.to
     }
+
+    /// The timeline bucket of `t` (in the window).
+    fn bucket(&self, t: Instant) -> usize {
+        (t.saturating_duration_since(self.from).as_micros() / TIMELINE_BUCKET.as_micros()) as usize
+    }
+
+    fn buckets(&self) -> usize {
+        self.bucket(self.to) + 1
+    }
 }
 
 /// Per-worker tallies, merged at the end.
@@ -94,11 +137,28 @@ struct Tally {
     unsent: u64,
     histogram: Histogram<u64>,
     first_error: Option<String>,
+    timeline: Vec<Bucket>,
 }
 
 impl Tally {
-    fn new() -> Tally {
-        Tally { requests: 0, events: 0, errors: 0, unsent: 0, histogram: histogram(), first_error: None }
+    fn new(window: &Window) -> Tally {
+        Tally {
+            requests: 0,
+            events: 0,
+            errors: 0,
+            unsent: 0,
+            histogram: histogram(),
+            first_error: None,
+            timeline: vec![Bucket::default(); window.buckets()],
+        }
+    }
+
+    /// A measured request due (or sent) at `at`.
+    fn latency(&mut self, window: &Window, at: Instant, latency: Duration) {
+        record(&mut self.histogram, latency.as_nanos() as u64);
+        if let Some(b) = self.timeline.get_mut(window.bucket(at)) {
+            b.add(latency);
+        }
     }
 }
 
@@ -181,7 +241,7 @@ pub async fn run(prepared: Arc<Prepared>, events_of: Arc<Vec<u64>>, config: &Run
         }
     }
 
-    let mut total = Tally::new();
+    let mut total = Tally::new(&window);
     for t in tasks {
         let Ok(tally) = t.await else { continue };
         total.requests += tally.requests;
@@ -189,6 +249,9 @@ pub async fn run(prepared: Arc<Prepared>, events_of: Arc<Vec<u64>>, config: &Run
         total.errors += tally.errors;
         total.unsent += tally.unsent;
         let _ = total.histogram.add(&tally.histogram);
+        for (b, t) in total.timeline.iter_mut().zip(&tally.timeline) {
+            b.merge(t);
+        }
         if total.first_error.is_none() {
             total.first_error = tally.first_error;
         }
@@ -211,6 +274,7 @@ pub async fn run(prepared: Arc<Prepared>, events_of: Arc<Vec<u64>>, config: &Run
         max_pacer_lag,
         first_error: total.first_error,
         server_cpu_seconds,
+        timeline: total.timeline,
     })
 }
 
@@ -225,7 +289,7 @@ fn first_index(worker: usize, pool: usize) -> usize {
 }
 
 async fn closed_worker(w: usize, mut client: Client, pool: usize, events_of: Arc<Vec<u64>>, window: Window, live: Arc<Live>) -> Tally {
-    let mut tally = Tally::new();
+    let mut tally = Tally::new(&window);
     let mut index = first_index(w, pool);
     let mut seq = 0u64;
     loop {
@@ -236,7 +300,8 @@ async fn closed_worker(w: usize, mut client: Client, pool: usize, events_of: Arc
         let result = client.execute(index, unique(w, seq)).await;
         let done = Instant::now();
         let events = events_of.get(index).copied().unwrap_or(0);
-        account(&mut tally, &live, result, events, window.contains(done), done - sent).await;
+        let measured = window.contains(done).then_some((&window, sent));
+        account(&mut tally, &live, result, events, measured, done - sent).await;
         seq += 1;
         index = (index + 1) % pool;
     }
@@ -254,7 +319,7 @@ async fn open_worker(
     mut rx: mpsc::UnboundedReceiver<Instant>,
     live: Arc<Live>,
 ) -> Tally {
-    let mut tally = Tally::new();
+    let mut tally = Tally::new(&window);
     let mut index = first_index(w, pool);
     let mut seq = 0u64;
     while let Some(intended) = rx.recv().await {
@@ -267,34 +332,44 @@ async fn open_worker(
             }
             for t in left.into_iter().filter(|t| window.contains(*t)) {
                 tally.unsent += 1;
-                record(&mut tally.histogram, corrected_latency(t, now).as_nanos() as u64);
+                tally.latency(&window, t, corrected_latency(t, now));
             }
             break;
         }
         let result = client.execute(index, unique(w, seq)).await;
         let done = Instant::now();
         let events = events_of.get(index).copied().unwrap_or(0);
-        account(&mut tally, &live, result, events, window.contains(intended), corrected_latency(intended, done)).await;
+        let measured = window.contains(intended).then_some((&window, intended));
+        account(&mut tally, &live, result, events, measured, corrected_latency(intended, done)).await;
         seq += 1;
         index = (index + 1) % pool;
     }
     tally
 }
 
-async fn account(tally: &mut Tally, live: &Live, result: Result<(), TargetError>, events: u64, measured: bool, latency: Duration) {
+/// Counts a request's outcome; `measured`: in the window, with the time its
+/// timeline bucket is by.
+async fn account(
+    tally: &mut Tally,
+    live: &Live,
+    result: Result<(), TargetError>,
+    events: u64,
+    measured: Option<(&Window, Instant)>,
+    latency: Duration,
+) {
     match result {
         Ok(()) => {
             live.requests.fetch_add(1, Ordering::Relaxed);
             live.events.fetch_add(events, Ordering::Relaxed);
-            if measured {
+            if let Some((window, at)) = measured {
                 tally.requests += 1;
                 tally.events += events;
-                record(&mut tally.histogram, latency.as_nanos() as u64);
+                tally.latency(window, at, latency);
             }
         }
         Err(e) => {
             live.errors.fetch_add(1, Ordering::Relaxed);
-            if measured {
+            if measured.is_some() {
                 tally.errors += 1;
             }
             if tally.first_error.is_none() {
@@ -344,6 +419,22 @@ mod tests {
         assert_eq!(s.due(0), t0);
         assert_eq!(s.due(20_000) - t0, Duration::from_secs(1));
         assert_eq!(s.due(1) - t0, Duration::from_micros(50));
+    }
+
+    #[test]
+    fn the_timeline_files_each_request_by_its_due_time() {
+        let from = Instant::now();
+        let window = Window { from, to: from + Duration::from_millis(200) };
+        let mut tally = Tally::new(&window);
+        assert_eq!(tally.timeline.len(), 5, "four whole buckets and the edge");
+        tally.latency(&window, from + Duration::from_millis(10), Duration::from_micros(300));
+        tally.latency(&window, from + Duration::from_millis(60), Duration::from_millis(5));
+        tally.latency(&window, from + Duration::from_millis(99), Duration::from_micros(700));
+        let b = &tally.timeline;
+        assert_eq!(b[0], Bucket { requests: 1, sum_us: 300, max_us: 300, over_2ms: 0 });
+        assert_eq!(b[1], Bucket { requests: 2, sum_us: 5_700, max_us: 5_000, over_2ms: 1 });
+        assert_eq!(b[2], Bucket::default());
+        assert_eq!(tally.histogram.len(), 3, "and the run's histogram");
     }
 
     #[test]

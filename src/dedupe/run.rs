@@ -45,6 +45,39 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> RunError + '_ {
     move |source| RunError::Io { path: path.display().to_string(), source }
 }
 
+/// Bytes of a run written between two syncs while it is written.
+const SYNC_STEP: usize = 1 << 20;
+
+/// A run's file as it is written: synced every [`SYNC_STEP`] bytes, so that
+/// the disk never has more than a step of it queued ahead of the WAL's own
+/// `fdatasync` (as `crate::wal::spare` writes a segment ahead). Written whole
+/// and then synced, a run of ~70 MB held a concurrent `fdatasync` for 25–62 ms
+/// on this project's VM; in 1 MiB steps, 1.4–2.4 ms
+/// (`loadtest/probes/delete_stall.py`, BENCHMARKS.md).
+struct SyncedSteps {
+    file: File,
+    unsynced: usize,
+    /// Steps synced so far.
+    syncs: u64,
+}
+
+impl Write for SyncedSteps {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unsynced += n;
+        if self.unsynced >= SYNC_STEP {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+            self.syncs += 1;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// An open run.
 #[derive(Debug)]
 pub struct Run {
@@ -106,7 +139,7 @@ impl Run {
         let tmp = path.with_extension("tmp");
         let write = || -> std::io::Result<File> {
             let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
-            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let mut out = BufWriter::with_capacity(SYNC_STEP, SyncedSteps { file, unsynced: 0, syncs: 0 });
             let mut header = [0u8; HEADER];
             header[..8].copy_from_slice(MAGIC);
             header[8..16].copy_from_slice(&(slots.len() as u64).to_le_bytes());
@@ -122,7 +155,7 @@ impl Run {
             for w in bloom.words().iter().chain(&index) {
                 out.write_all(&w.to_le_bytes())?;
             }
-            let file = out.into_inner().map_err(|e| e.into_error())?;
+            let file = out.into_inner().map_err(|e| e.into_error())?.file;
             file.sync_all()?;
             Ok(file)
         };
@@ -288,6 +321,21 @@ impl Run {
 mod tests {
     use super::*;
     use crate::dedupe::table::{slot, tag};
+
+    #[test]
+    fn a_run_is_written_synced_a_step_at_a_time() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let path = tmp.path().join("steps");
+        let file = File::create(&path).expect("create");
+        let mut out = BufWriter::with_capacity(SYNC_STEP, SyncedSteps { file, unsynced: 0, syncs: 0 });
+        let bytes: Vec<u8> = (0..SYNC_STEP * 3 + SYNC_STEP / 2).map(|i| (i % 251) as u8).collect();
+        for entry in bytes.chunks(ENTRY) {
+            out.write_all(entry).expect("write");
+        }
+        let steps = out.into_inner().map_err(|e| e.into_error()).expect("flush");
+        assert_eq!(steps.syncs, 3, "one sync per whole step written");
+        assert!(std::fs::read(&path).expect("read") == bytes, "every byte in order");
+    }
 
     #[test]
     fn writes_opens_and_finds() {
