@@ -160,14 +160,27 @@ fn wait_for_no_run_files(dir: &Path) {
     }
 }
 
+/// The one run file in `dir`'s run directory.
+fn the_run(dir: &Path) -> String {
+    match &run_files(dir)[..] {
+        [run] => run.clone(),
+        other => panic!("one run: {other:?}"),
+    }
+}
+
+/// A deduper in `dir` whose 20,000 ids (accepted at `T0`) were spilled to one run.
+fn spilled_to_one_run(dir: &Path, prefix: &str) -> (Deduper, Vec<u128>, String) {
+    let d = open(dir, T0);
+    let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("{prefix}-{i}"))).collect();
+    d.insert_batch(&ids, T0);
+    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    (d, ids, the_run(dir))
+}
+
 #[test]
 fn an_expired_run_leaves_the_disk_once_no_probe_holds_it() {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let d = open(tmp.path(), T0);
-    let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("e-{i}"))).collect();
-    d.insert_batch(&ids, T0);
-    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
-    let [run] = &run_files(tmp.path())[..] else { panic!("one run: {:?}", run_files(tmp.path())) };
+    let (d, ids, run) = spilled_to_one_run(tmp.path(), "e");
     let len = std::fs::metadata(tmp.path().join("dedupe").join(run)).map(|m| m.len()).expect("run size");
     // A probe in flight holds the run set it read, as `admit_batch` does.
     let held = d.spill.as_ref().map(|s| s.runs.read().unwrap_or_else(|p| p.into_inner()).clone()).expect("spill");
@@ -186,14 +199,10 @@ fn an_expired_run_leaves_the_disk_once_no_probe_holds_it() {
 #[test]
 fn a_restart_deletes_expired_runs_unread_and_finishes_those_being_cut() {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let d = open(tmp.path(), T0);
-    let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("r-{i}"))).collect();
-    d.insert_batch(&ids, T0);
-    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    let (d, ids, run) = spilled_to_one_run(tmp.path(), "r");
     drop(d);
     // A backup that copied the run while it was being cut holds it short,
     // under its own name; and a stop left another run halfway.
-    let [run] = &run_files(tmp.path())[..] else { panic!("one run: {:?}", run_files(tmp.path())) };
     let path = tmp.path().join("dedupe").join(run);
     let bytes = std::fs::read(&path).expect("read");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("cut");
@@ -204,7 +213,7 @@ fn a_restart_deletes_expired_runs_unread_and_finishes_those_being_cut() {
     // The next run's number is past the one that was being cut.
     d.insert_batch(&ids[..100], T0 + 10 * MIN);
     d.spill_upto_minute(table::minute_of(T0 + 10 * MIN)).expect("spill");
-    let [run] = &run_files(tmp.path())[..] else { panic!("one run: {:?}", run_files(tmp.path())) };
+    let run = the_run(tmp.path());
     let seq = run.trim_end_matches(".run").rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
     assert!(seq.is_some_and(|n| n > 77), "{run}");
 }
