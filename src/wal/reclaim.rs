@@ -31,7 +31,8 @@
 //! one point: lookups read it through its open handle until the last of them
 //! lets the run go, and a cut file would read short under them (a read error,
 //! which refuses a batch). So such a file is renamed at once but cut only
-//! once its holder has no reference left.
+//! once its holder has no reference left (within [`HOLD_WAIT`]; past it the
+//! file is unlinked whole, as before).
 
 use super::WalStats;
 use crossbeam::channel::Sender;
@@ -51,6 +52,11 @@ const CHUNK: u64 = 4 << 20;
 /// Pause between two cuts, so that the journal commits each alone and the
 /// WAL's syncs pass between them.
 const PAUSE: Duration = Duration::from_millis(10);
+/// Longest wait for a held file's readers. A probe holds a dedupe run for
+/// microseconds, a gate rebuild for seconds; past this something holds it for
+/// good, and the file is only unlinked (its space returns, at once, when the
+/// holder lets go) so that the files queued behind it do not wait forever.
+const HOLD_WAIT: Duration = Duration::from_secs(60);
 
 /// Why the reclaimer could not start (its owner then deletes files itself,
 /// at once, as before).
@@ -113,6 +119,12 @@ impl Reclaimer {
     /// or a stop left there; `on_deleted` hears of each file handed over once
     /// it is gone, with the size it was handed with.
     pub fn start_named(dir: &Path, thread: &str, on_deleted: OnDeleted) -> Result<Reclaimer, ReclaimError> {
+        Reclaimer::start_waiting(dir, thread, on_deleted, HOLD_WAIT)
+    }
+
+    /// [`Reclaimer::start_named`], waiting at most `hold_wait` for a held
+    /// file's readers.
+    fn start_waiting(dir: &Path, thread: &str, on_deleted: OnDeleted, hold_wait: Duration) -> Result<Reclaimer, ReclaimError> {
         let (tx, rx) = crossbeam::channel::unbounded::<Job>();
         let list = |source| ReclaimError::List { path: dir.display().to_string(), source };
         for entry in std::fs::read_dir(dir).map_err(list)? {
@@ -129,10 +141,22 @@ impl Reclaimer {
                 .spawn(move || {
                     crate::priority::lower_this_thread();
                     for job in rx {
-                        if stop.load(Ordering::Acquire) || !released(job.holder.as_ref(), &stop) {
+                        if stop.load(Ordering::Acquire) {
                             return;
                         }
-                        match shrink(&dir, &job.path, &stop) {
+                        let gone = match released(job.holder.as_ref(), &stop, hold_wait) {
+                            Released::Yes => shrink(&dir, &job.path, &stop),
+                            Released::Stopped => return,
+                            Released::NotInTime => {
+                                tracing::warn!(
+                                    file = %job.path.display(),
+                                    waited = ?hold_wait,
+                                    "a file to reclaim is still held open; unlinked whole (its space returns when it is let go)"
+                                );
+                                std::fs::remove_file(&job.path).map(|()| true)
+                            }
+                        };
+                        match gone {
                             Ok(true) => on_deleted(job.size),
                             Ok(false) => return,
                             Err(e) => {
@@ -191,17 +215,31 @@ impl Drop for Reclaimer {
     }
 }
 
-/// Waits, [`PAUSE`] at a time, until nothing holds `holder` any more: `false`
-/// if `stop` came first (the file then stays for the next start).
-fn released(holder: Option<&Weak<dyn Any + Send + Sync>>, stop: &AtomicBool) -> bool {
-    let Some(holder) = holder else { return true };
+/// How the wait for a held file's readers ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Released {
+    Yes,
+    /// `stop` came first: the file stays for the next start.
+    Stopped,
+    /// Still held after the longest wait.
+    NotInTime,
+}
+
+/// Waits, [`PAUSE`] at a time and at most `longest`, until nothing holds
+/// `holder` any more.
+fn released(holder: Option<&Weak<dyn Any + Send + Sync>>, stop: &AtomicBool, longest: Duration) -> Released {
+    let Some(holder) = holder else { return Released::Yes };
+    let started = std::time::Instant::now();
     while holder.strong_count() > 0 {
         if stop.load(Ordering::Acquire) {
-            return false;
+            return Released::Stopped;
+        }
+        if started.elapsed() >= longest {
+            return Released::NotInTime;
         }
         std::thread::sleep(PAUSE);
     }
-    true
+    Released::Yes
 }
 
 /// Makes the rename into `dir` durable, cuts the file at `path` down by
@@ -334,6 +372,28 @@ mod tests {
             assert!(Instant::now() < deadline, "reported after deletion: {}", deleted.load(Ordering::Acquire));
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn a_file_held_past_the_longest_wait_is_unlinked_whole_and_the_queue_moves_on() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        let bytes: Vec<u8> = (0..CHUNK + 3).map(|i| (i % 241) as u8).collect();
+        let (held, next) = (dir.join("1-1-1.run"), dir.join("2-2-2.run"));
+        std::fs::write(&held, &bytes).expect("held");
+        std::fs::write(&next, b"next").expect("next");
+        let holder: Arc<dyn Any + Send + Sync> = Arc::new(std::fs::File::open(&held).expect("open"));
+        let reclaimer =
+            Reclaimer::start_waiting(dir, "test-reclaim", Box::new(|_| {}), Duration::from_millis(200)).unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim_held(dir, &held, 1, 0, Some(Arc::downgrade(&holder))).unwrap_or_else(|e| panic!("{e}"));
+        reclaimer.reclaim_held(dir, &next, 2, 0, None).unwrap_or_else(|e| panic!("{e}"));
+        // Both go, the held one without a cut: its holder still reads it whole.
+        wait_until_gone(dir, &name(1));
+        wait_until_gone(dir, &name(2));
+        let mut read = vec![0u8; bytes.len()];
+        let file = holder.downcast_ref::<std::fs::File>().expect("a file");
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut read, 0).expect("the holder reads it whole");
+        assert!(read == bytes);
     }
 
     #[test]
