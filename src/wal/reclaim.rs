@@ -31,7 +31,7 @@
 //! one point: lookups read it through its open handle until the last of them
 //! lets the run go, and a cut file would read short under them (a read error,
 //! which refuses a batch). So such a file is renamed at once but cut only
-//! once its holder has no reference left (within [`HOLD_WAIT`]; past it the
+//! once its holder has no reference left (within a minute, `HOLD_WAIT`; past it the
 //! file is unlinked whole, as before).
 
 use super::WalStats;
