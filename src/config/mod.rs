@@ -3,14 +3,14 @@
 //!
 //! 1. [`raw`]: the text as written, in serde structs where every key is optional
 //!    and every value has the TOML type it was written with. Before deserializing,
-//!    [`schema`] walks the parsed table and sets aside, as problems, every unknown
+//!    `schema` walks the parsed table and sets aside, as problems, every unknown
 //!    key (with the nearest known key for a typo) and every value of the wrong TOML
 //!    type, so that one bad value hides nothing else.
-//! 2. [`validate`]: checks meaning (durations, sizes, enums, names, references
+//! 2. `validate`: checks meaning (durations, sizes, enums, names, references
 //!    between plans and meters, key material, the listen address) and collects
 //!    every problem; plans, meters and API keys are named by name
 //!    (`plans.starter.limits.interviews[1].window`).
-//! 3. [`settings`]: what the rest of meterd uses, resolved: enums, `Duration`s,
+//! 3. `settings`: what the rest of meterd uses, resolved: enums, `Duration`s,
 //!    socket addresses, the [`Catalog`](crate::model::Catalog), hashed API keys.
 //!
 //! This layer depends on `model` and `duration` only.

@@ -225,7 +225,7 @@ pub async fn give_back(book: &CreditBook, redis: &Redis, taken: &Taken) {
 const SYNC_IN_FLIGHT: usize = 32;
 
 /// Pushes this instance's usage of every ledger and charges the others'
-/// (one script per ledger, [`SYNC_IN_FLIGHT`] at a time on the multiplexed
+/// (one script per ledger, `SYNC_IN_FLIGHT` at a time on the multiplexed
 /// connection), taking the held total each answer carries into `holds` first.
 /// Stops at the first failure; the next interval retries.
 pub async fn sync(

@@ -1,6 +1,6 @@
 //! Crossing detection on the usage seam.
 //!
-//! Per window counter ([`CounterKey`]) the detector keeps an [`Armed`] entry:
+//! Per window counter ([`CounterKey`]) the detector keeps an `Armed` entry:
 //! the limit it was computed for, the highest threshold already notified, and
 //! `next`: the raw usage at which the next threshold fires (`i64::MAX` when none
 //! is left, the limit is unlimited, or the window has no limit). The hot path

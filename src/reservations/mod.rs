@@ -13,7 +13,7 @@
 //! used and records nothing more.
 //!
 //! With Redis the reservations and held totals live there instead (see
-//! [`shared`]): holds count on every instance and any instance settles,
+//! `shared`): holds count on every instance and any instance settles,
 //! releases or expires them.
 
 mod shared;

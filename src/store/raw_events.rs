@@ -221,7 +221,7 @@ impl RawEventsTable {
     }
 
     /// Inserts `rows` in one INSERT under `query_id`. A failure may leave a part
-    /// of them stored (see [`CREATE`]'s note); the caller asks before retrying.
+    /// of them stored (see `CREATE`'s note); the caller asks before retrying.
     pub async fn insert(&self, rows: &[RawEventRow], query_id: &str) -> Result<(), StoreError> {
         const OP: &str = "raw_events insert";
         let mut insert = self

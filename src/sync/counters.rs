@@ -286,7 +286,7 @@ impl CounterSync {
 }
 
 /// Reads the held totals of `pairs` (reservations, issue 19) into the hold
-/// book: one pipelined read per [`KEYS_PER_CALL`] pairs, [`CALLS_IN_FLIGHT`]
+/// book: one pipelined read per `KEYS_PER_CALL` pairs, `CALLS_IN_FLIGHT`
 /// at once.
 pub async fn pull_held(
     engine: &Arc<Engine>,

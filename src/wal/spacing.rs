@@ -22,7 +22,7 @@
 //! with 800 µs). So a hold ends early when the loop looks closed: once as
 //! many records are in hand as the last group held (the sender whose record
 //! makes that count wakes the writer, [`Recall`]), the writer watches for
-//! [`GRACE_GAPS`] mean gaps between arrivals; if none comes, it takes the
+//! `GRACE_GAPS` mean gaps between arrivals; if none comes, it takes the
 //! group at once and holds no more for a pause (1 ms, doubled by each closed
 //! loop found in a row, up to 128 ms); while arrivals keep coming, it watches
 //! on, up to the spacing's end. A closed loop thus pays one probe per pause.
@@ -140,8 +140,8 @@ impl Spacing {
 }
 
 /// How long a writer whose last group's count came back at `back_at`
-/// watches for more arrivals: [`GRACE_GAPS`] of the mean gaps between the
-/// arrivals since the last group was taken, at least [`MIN_GRACE`], never
+/// watches for more arrivals: `GRACE_GAPS` of the mean gaps between the
+/// arrivals since the last group was taken, at least `MIN_GRACE`, never
 /// past the hold's end.
 pub fn grace(hold: Hold, back_at: Instant) -> Duration {
     let arrivals = u32::try_from(hold.back.max(1)).unwrap_or(u32::MAX);
