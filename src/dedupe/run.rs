@@ -175,8 +175,6 @@ impl Run {
         Ok(Run { path, seq, file, count: slots.len() as u64, lo, hi, bloom, index })
     }
 
-    /// Opens a run written by [`Run::write`]: reads its header, filter and index
-    /// (the filter is checked, and kept only with `keep_filter`).
     /// The newest acceptance minute a run's file name gives (`{lo}-{hi}-{seq}.run`),
     /// read without opening it: an expired run is deleted unread, whole or not
     /// (a backup may have copied one while it was being cut, see `crate::wal::reclaim`).
@@ -190,6 +188,8 @@ impl Run {
         hi.parse().ok()
     }
 
+    /// Opens a run written by [`Run::write`]: reads its header, filter and index
+    /// (the filter is checked, and kept only with `keep_filter`).
     pub fn open(path: &Path, keep_filter: bool) -> Result<Run, RunError> {
         let damaged = |reason| RunError::Damaged { path: path.display().to_string(), reason };
         let seq = path
