@@ -24,8 +24,20 @@ impl RedisServer {
     pub async fn start(cluster: bool) -> Need<RedisServer> {
         let bin = require::redis_server_bin()?;
         let dir = tempfile::tempdir().expect("temp dir").keep();
-        let mut server = RedisServer { port: free_port(), bin, dir, child: None, cluster };
-        server.spawn().await;
+        let mut server = RedisServer { port: server_port(cluster), bin, dir, child: None, cluster };
+        // A port found free may be taken before redis binds it (another test's
+        // server, a client's ephemeral port, or a cluster node's bus port at
+        // port + 10000): a server that exits at once is started on a new port.
+        for attempt in 1.. {
+            match server.spawn().await {
+                Ok(()) => break,
+                Err(log) if attempt < 5 => {
+                    eprintln!("redis-server on {} exited at start (attempt {attempt}); trying another port:\n{log}", server.port);
+                    server.port = server_port(cluster);
+                }
+                Err(log) => panic!("redis-server exited at start five times; last log:\n{log}"),
+            }
+        }
         Ok(server)
     }
 
@@ -33,7 +45,13 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    async fn spawn(&mut self) {
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("redis-{}.log", self.port))
+    }
+
+    /// Starts redis-server on `self.port` and waits until it listens; `Err`
+    /// with its log when it exits first (the port was taken, say).
+    async fn spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--port")
             .arg(self.port.to_string())
@@ -44,7 +62,9 @@ impl RedisServer {
             .arg("--appendonly")
             .arg("no")
             .arg("--dir")
-            .arg(&self.dir);
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.log_path());
         if self.cluster {
             cmd.arg("--cluster-enabled").arg("yes").arg("--cluster-config-file").arg(self.dir.join(format!("nodes-{}.conf", self.port)));
         }
@@ -52,9 +72,16 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while super::connect_listening(("127.0.0.1", self.port)).await.is_none() {
-            assert!(Instant::now() < deadline, "redis-server did not start on {}", self.port);
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait redis-server"));
+            if exited.is_some() {
+                self.child = None;
+                return Err(std::fs::read_to_string(self.log_path()).unwrap_or_default());
+            }
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            assert!(Instant::now() < deadline, "redis-server did not start on {}; log:\n{log}", self.port);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
     }
 
     /// Kills the server (SIGKILL: nothing is saved).
@@ -71,13 +98,32 @@ impl RedisServer {
         if self.cluster {
             let _ = std::fs::remove_file(self.dir.join(format!("nodes-{}.conf", self.port)));
         }
-        self.spawn().await;
+        // The same port is needed (clients hold its URL): a start that loses
+        // the port to someone else is retried on it for a while.
+        for attempt in 1.. {
+            match self.spawn().await {
+                Ok(()) => break,
+                Err(_) if attempt < 50 => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(log) => panic!("redis-server could not restart on {}; log:\n{log}", self.port),
+            }
+        }
     }
 
     /// A plain connection for the test's own reads.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         let client = redis::Client::open(self.url()).expect("client");
         client.get_multiplexed_async_connection().await.expect("connect to test redis")
+    }
+}
+
+/// A free port for a server; for a cluster node one whose bus port (port +
+/// 10000, which redis requires to be at most 65535) is free too.
+fn server_port(cluster: bool) -> u16 {
+    loop {
+        let port = free_port();
+        if !cluster || (port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()) {
+            return port;
+        }
     }
 }
 
