@@ -61,10 +61,49 @@ pub fn spawn(config: &Path, log: PathBuf) -> Proc {
     Proc { child, log }
 }
 
-/// A loopback port free right now.
+/// A loopback port free right now, below the kernel's ephemeral range.
+///
+/// A port the kernel hands out for `bind(0)` comes from the same range as the
+/// local ports of outgoing connections, which the tests open by the thousand:
+/// between finding it free and the server binding it (or while a server is
+/// restarted on it) a connection could take it, and the server would fail to
+/// start (CI saw a throwaway redis-server fail so). Below the range only a
+/// server asking for that very port can take it.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    free_port_below(ephemeral_start())
+}
+
+/// A free loopback port in `[10000, end)`, not handed out before by this
+/// process (random, so parallel test processes rarely try the same one).
+pub fn free_port_below(end: u16) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    const START: u16 = 10_000;
+    if end <= START + 1_000 {
+        // An unusual ephemeral range: take what the kernel gives.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        return l.local_addr().expect("addr").port();
+    }
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let seed = std::collections::hash_map::RandomState::new();
+    for attempt in 0u64..20_000 {
+        let mut h = seed.build_hasher();
+        h.write_u64(attempt);
+        let port = START + (h.finish() % u64::from(end - START)) as u16;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {START}..{end}");
+}
+
+/// The first port of the kernel's ephemeral range (32768 if unreadable).
+pub fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// Waits until `/healthz` answers (panics with the log if the process dies).

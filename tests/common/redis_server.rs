@@ -117,11 +117,15 @@ impl RedisServer {
 }
 
 /// A free port for a server; for a cluster node one whose bus port (port +
-/// 10000, which redis requires to be at most 65535) is free too.
+/// 10000, which redis requires to be at most 65535) is free too, both below
+/// the ephemeral range (see `free_port`).
 fn server_port(cluster: bool) -> u16 {
+    if !cluster {
+        return free_port();
+    }
     loop {
-        let port = free_port();
-        if !cluster || (port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()) {
+        let port = super::process::free_port_below(super::process::ephemeral_start().saturating_sub(10_000));
+        if port <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
             return port;
         }
     }

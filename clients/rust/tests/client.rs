@@ -54,7 +54,27 @@ fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/meterd"))
 }
 
+/// A free loopback port below the kernel's ephemeral range, where the local
+/// port of an outgoing connection cannot take it before meterd binds it (or
+/// while meterd is restarted on it).
 fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let end: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let seed = std::collections::hash_map::RandomState::new();
+    for attempt in 0u64..20_000 {
+        if end <= 11_000 {
+            break;
+        }
+        let mut h = seed.build_hasher();
+        h.write_u64(attempt);
+        let port = 10_000 + (h.finish() % u64::from(end - 10_000)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
