@@ -182,11 +182,11 @@ impl Deduper {
             let path = entry.map_err(dir_err)?.path();
             // An expired run being cut (left by a stop or a crash) is the
             // reclaimer's, which finishes it in steps.
-            let reclaiming = path.file_name().and_then(|n| n.to_str()).is_some_and(reclaim::is_reclaim_name);
-            if reclaiming {
+            let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let reclaiming = reclaim::is_reclaim_name(file_name);
+            if let Some(seq) = reclaim::seq_of_name(file_name) {
                 // Named by its run's sequence number: a new run must not reuse it.
-                let seq = path.file_stem().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(reclaim::PREFIX)?.parse::<u64>().ok());
-                next_seq = next_seq.max(seq.map_or(0, |n| n.saturating_add(1)));
+                next_seq = next_seq.max(seq.saturating_add(1));
             }
             match path.extension().and_then(|e| e.to_str()) {
                 Some("tmp") if !reclaiming => std::fs::remove_file(&path).map_err(dir_err)?,

@@ -179,25 +179,26 @@ impl Run {
     /// read without opening it: an expired run is deleted unread, whole or not
     /// (a backup may have copied one while it was being cut, see `crate::wal::reclaim`).
     pub fn hi_of_name(path: &Path) -> Option<u32> {
+        Self::name_parts(path).map(|(_, hi, _)| hi)
+    }
+
+    /// The oldest and newest acceptance minutes and the sequence number a
+    /// run's file name carries (`{lo}-{hi}-{seq}.run`, as [`Run::write`] names it).
+    fn name_parts(path: &Path) -> Option<(u32, u32, u64)> {
         let stem = path.file_stem()?.to_str()?;
         let mut parts = stem.split('-');
-        let (_lo, hi, _seq) = (parts.next()?, parts.next()?, parts.next()?);
+        let (lo, hi, seq) = (parts.next()?, parts.next()?, parts.next()?);
         if parts.next().is_some() {
             return None;
         }
-        hi.parse().ok()
+        Some((lo.parse().ok()?, hi.parse().ok()?, seq.parse().ok()?))
     }
 
     /// Opens a run written by [`Run::write`]: reads its header, filter and index
     /// (the filter is checked, and kept only with `keep_filter`).
     pub fn open(path: &Path, keep_filter: bool) -> Result<Run, RunError> {
         let damaged = |reason| RunError::Damaged { path: path.display().to_string(), reason };
-        let seq = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.rsplit('-').next())
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or_else(|| damaged("its name has no sequence number"))?;
+        let (_, _, seq) = Self::name_parts(path).ok_or_else(|| damaged("its name is not {lo}-{hi}-{seq}.run"))?;
         let file = File::open(path).map_err(io(path))?;
         let len = file.metadata().map_err(io(path))?.len();
         let mut header = [0u8; HEADER];

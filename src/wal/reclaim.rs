@@ -100,6 +100,11 @@ pub fn is_reclaim_name(file_name: &str) -> bool {
     file_name.starts_with(PREFIX) && file_name.ends_with(".tmp")
 }
 
+/// The number a reclaim name carries ([`name`]'s `first_seq`), if it is one.
+pub fn seq_of_name(file_name: &str) -> Option<u64> {
+    file_name.strip_prefix(PREFIX)?.strip_suffix(".tmp")?.parse().ok()
+}
+
 impl Reclaimer {
     /// Starts the WAL's thread on `dir`, and queues the files a crash or a
     /// stop left there (not in `stats`' count: the WAL counts only its
@@ -283,6 +288,15 @@ mod tests {
             .unwrap_or_default();
         names.sort();
         names
+    }
+
+    #[test]
+    fn a_reclaim_name_gives_back_its_number_and_nothing_else_does() {
+        assert_eq!(seq_of_name(&name(42)), Some(42));
+        assert!(is_reclaim_name(&name(u64::MAX)) && seq_of_name(&name(u64::MAX)) == Some(u64::MAX));
+        for other in ["reclaim-.tmp", "reclaim-12.run", "reclaim-x1.tmp", "0000000001-0000000002-0000000000000003.run", "12.tmp"] {
+            assert_eq!(seq_of_name(other), None, "{other}");
+        }
     }
 
     /// A file of `len` bytes that takes no room (the steps cut it alike).
