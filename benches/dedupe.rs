@@ -54,7 +54,7 @@ fn build(dir: &Path, n: u64, now: i64) -> Deduper {
             d.insert_batch(c, minute_ms);
         }
         if end <= spilled_upto {
-            d.spill_upto_minute((minute_ms / MIN) as u32).expect("spill");
+            d.spill_upto_minute((minute_ms / MIN) as u32, 0).expect("spill");
         } else {
             log.append(&chunk, minute_ms, end).expect("append ids");
         }
@@ -67,7 +67,7 @@ fn build(dir: &Path, n: u64, now: i64) -> Deduper {
     let started = Instant::now();
     let d = Deduper::open(WINDOW, config(dir), now).expect("reopen");
     let opened = started.elapsed();
-    let loaded = ids::load(&dir.join("ids"), now, WINDOW, |id, at| d.restore(id, at)).expect("load ids");
+    let loaded = ids::load(&dir.join("ids"), now, WINDOW, |id, at, seq| d.restore_batch(&[(id, at, seq)])).expect("load ids");
     eprintln!(
         "restart with {n} ids: runs opened in {:.2}s, {loaded} un-spilled ids loaded, ready in {:.2}s",
         opened.as_secs_f64(),

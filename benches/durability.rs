@@ -104,7 +104,7 @@ fn replay_bench(rt: &tokio::runtime::Runtime) {
         let (wal, _) = Wal::open(
             &wal_config(Some(meterd::wal::Sync::Interval(Duration::from_millis(100)))),
             &meterd::wal::WalMark::default(),
-            |_, _| {},
+            |_, _, _| {},
             |_, _| {},
         )
         .expect("open");

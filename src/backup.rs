@@ -478,7 +478,7 @@ mod tests {
             hold: None,
             sync_spacing: std::time::Duration::ZERO,
         };
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..n {
             let mut b = record::BatchBuilder::new(crate::clock::now_ms(), 1);
             b.push(t as u128 + 1, 0, || "c".to_string(), 0, "m", 1, t, vec![]);

@@ -24,6 +24,9 @@ use crate::wal::{OpenReport, Wal, WalBatch, WalConfig};
 use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 
+/// Ids put back into the dedupe table per call at start (64 KiB of them).
+const RESTORE_CHUNK: usize = 4096;
+
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -432,7 +435,17 @@ impl Engine {
         .await?;
         let floor = engine.usage_store.wal_mark(&engine.instance_id).await?;
         let started = std::time::Instant::now();
-        let (wal, report) = Wal::open(&wal_config, &floor, |id, at| engine.deduper.restore(id, at), |_, batch| engine.replay(&batch))?;
+        // The id files' ids go back in chunks (prefetched, see `Deduper::restore_batch`).
+        let mut restoring = Vec::with_capacity(RESTORE_CHUNK);
+        let restore = |id, at, seq| {
+            restoring.push((id, at, seq));
+            if restoring.len() >= RESTORE_CHUNK {
+                engine.deduper.restore_batch(&restoring);
+                restoring.clear();
+            }
+        };
+        let (wal, report) = Wal::open(&wal_config, &floor, restore, |_, batch| engine.replay(&batch))?;
+        engine.deduper.restore_batch(&restoring);
         if report.replayed_records > 0 || report.truncated.is_some() || report.ids_loaded > 0 {
             tracing::info!(
                 records = report.replayed_records,
@@ -484,10 +497,12 @@ impl Engine {
         // Names are stored once per batch: resolve each once.
         let meters: Vec<Option<&crate::model::Meter>> = batch.meters.iter().map(|m| self.catalog.meter_by_name(m)).collect();
         let customers: Vec<Option<u32>> = batch.customers.iter().map(|c| self.counters().interner.intern(c).ok()).collect();
+        // Ids keep deduping for the rest of their window after a restart
+        // (a replayed record's ids are looked up in the runs, never skipped).
+        let ids: Vec<_> = batch.events.iter().map(|e| (e.id_hash, batch.accepted_ms, u64::MAX)).collect();
+        self.deduper.restore_batch(&ids);
         let mut usages = Vec::with_capacity(batch.events.len());
         for e in &batch.events {
-            // Ids keep deduping for the rest of their window after a restart.
-            self.deduper.restore(e.id_hash, batch.accepted_ms);
             let Some(meter) = meters.get(usize::from(e.meter)).copied().flatten() else {
                 tracing::warn!(meter = %batch.meter(e), "a WAL event names a meter no longer configured; skipped");
                 continue;

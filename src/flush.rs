@@ -225,12 +225,15 @@ async fn spill_dedupe(engine: &Arc<Engine>) {
     if !engine.deduper().needs_spill() {
         return;
     }
-    if let Err(e) = engine.wal().sync_ids().await {
-        tracing::warn!(error = %e, "dedupe spill postponed: the WAL could not sync its id files");
-        return;
-    }
+    let written = match engine.wal().sync_ids().await {
+        Ok(written) => written,
+        Err(e) => {
+            tracing::warn!(error = %e, "dedupe spill postponed: the WAL could not sync its id files");
+            return;
+        }
+    };
     let e = engine.clone();
-    match crate::priority::background(move || e.deduper().spill(now_ms())).await {
+    match crate::priority::background(move || e.deduper().spill(now_ms(), written)).await {
         Ok(Ok(report)) => tracing::debug!(ids = report.ids, upto_minute = report.upto_minute, "dedupe spill"),
         Ok(Err(e)) => {
             crate::telemetry::dedupe_spill_failed();

@@ -123,7 +123,11 @@ async fn sigkill_during_spills_loses_no_id_and_counts_none_twice() {
     assert!(runs_in(&runs) >= 2, "runs were written before the kill");
 
     let mut p = spawn(&config, dir.path().join("run2.log"));
+    let restarted = Instant::now();
     wait_healthy(&mut p, addr).await;
+    // Not asserted (no timing assertions): printed, so a slow restart shows in the output.
+    let replay = p.log().lines().filter(|l| l.contains("replayed the WAL")).collect::<Vec<_>>().join("\n");
+    eprintln!("restart answered /healthz after {:.1} s; {replay}", restarted.elapsed().as_secs_f64());
     let acked: u64 = ledger.acked.iter().map(|b| b.total).sum();
     let in_doubt: u64 = ledger.in_doubt.iter().map(|b| b.total).sum();
     let after = total(&c).await;

@@ -7,7 +7,7 @@
 //!
 //! | bytes | what |
 //! |---|---|
-//! | 64 | header: magic, entry count, lo, hi, filter words, index keys, checksum of filter + index |
+//! | 64 | header: magic, entry count, lo, hi, filter words, index keys, checksum of filter + index, the last WAL record whose ids the spill saw (0: unknown, as in runs written before it was kept), a check of that number (0 for 0; older builds ignore both) |
 //! | 16 × count | entries: fingerprint (96 bits) << 32 \| acceptance minute, ascending |
 //! | 8 × words | the Bloom filter |
 //! | 8 × keys | sparse index: top 64 bits of every `STRIDE`-th entry's fingerprint |
@@ -89,6 +89,10 @@ pub struct Run {
     /// Oldest and newest acceptance minute held.
     pub lo: u32,
     pub hi: u32,
+    /// Every WAL record up to this sequence number had its ids in the table
+    /// (or in an older run) when this run was spilled: its ids of minutes up
+    /// to `hi` are here or in an older run (0: not known).
+    pub wal_upto: u64,
     /// `None`: unfiltered (see above).
     bloom: Option<Bloom>,
     index: Vec<u64>,
@@ -96,6 +100,12 @@ pub struct Run {
 
 fn key_of(tag: u128) -> u64 {
     (tag >> 32) as u64
+}
+
+/// The check of a run's WAL mark: 0 for 0, so runs written before the mark
+/// was kept (zeros there) still check.
+fn mix(wal_upto: u64) -> u64 {
+    wal_upto.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -125,8 +135,8 @@ pub fn sync_dir(dir: &Path) -> Result<(), RunError> {
 
 impl Run {
     /// Writes `slots` (non-empty; sorted here) as run number `seq` in `dir`,
-    /// durably, and opens it.
-    pub fn write(dir: &Path, seq: u64, mut slots: Vec<u128>, keep_filter: bool) -> Result<Run, RunError> {
+    /// durably, and opens it; `wal_upto` as [`Run::wal_upto`].
+    pub fn write(dir: &Path, seq: u64, mut slots: Vec<u128>, keep_filter: bool, wal_upto: u64) -> Result<Run, RunError> {
         slots.sort_unstable();
         let lo = slots.iter().map(|&s| slot_minute(s)).min().unwrap_or(0);
         let hi = slots.iter().map(|&s| slot_minute(s)).max().unwrap_or(0);
@@ -148,6 +158,8 @@ impl Run {
             header[24..32].copy_from_slice(&(bloom.words().len() as u64).to_le_bytes());
             header[32..40].copy_from_slice(&(index.len() as u64).to_le_bytes());
             header[40..48].copy_from_slice(&checksum(bloom.words(), &index).to_le_bytes());
+            header[48..56].copy_from_slice(&wal_upto.to_le_bytes());
+            header[56..64].copy_from_slice(&mix(wal_upto).to_le_bytes());
             out.write_all(&header)?;
             for s in &slots {
                 out.write_all(&s.to_le_bytes())?;
@@ -172,7 +184,7 @@ impl Run {
         }
         sync_dir(dir)?;
         let bloom = keep_filter.then_some(bloom);
-        Ok(Run { path, seq, file, count: slots.len() as u64, lo, hi, bloom, index })
+        Ok(Run { path, seq, file, count: slots.len() as u64, lo, hi, wal_upto, bloom, index })
     }
 
     /// The newest acceptance minute a run's file name gives (`{lo}-{hi}-{seq}.run`),
@@ -222,9 +234,13 @@ impl Run {
         if checksum(bloom, index) != u64_at(&header, 40) {
             return Err(damaged("its filter or index fails the checksum"));
         }
+        let wal_upto = u64_at(&header, 48);
+        if mix(wal_upto) != u64_at(&header, 56) {
+            return Err(damaged("its WAL mark fails its check"));
+        }
         let bloom = Bloom::from_words(bloom).ok_or_else(|| damaged("bad filter size"))?;
         let bloom = keep_filter.then_some(bloom);
-        Ok(Run { path: path.to_path_buf(), seq, file, count, lo, hi, bloom, index: index.to_vec() })
+        Ok(Run { path: path.to_path_buf(), seq, file, count, lo, hi, wal_upto, bloom, index: index.to_vec() })
     }
 
     /// The newest acceptance minute of fingerprint `tag` in this run, if it is here.
@@ -343,7 +359,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("temp dir");
         let ids: Vec<u128> = (0..10_000u64).map(|i| crate::dedupe::hash_id(&format!("r-{i}"))).collect();
         let slots: Vec<u128> = ids.iter().enumerate().map(|(i, &id)| slot(tag(id), 100 + (i % 7) as u32)).collect();
-        let run = Run::write(tmp.path(), 1, slots, true).unwrap_or_else(|e| panic!("write: {e}"));
+        let run = Run::write(tmp.path(), 1, slots, true, 0).unwrap_or_else(|e| panic!("write: {e}"));
         assert_eq!((run.lo, run.hi, run.len()), (100, 106, 10_000));
         assert_eq!(run.ram_bytes() as u64, Run::ram_bytes_for(10_000));
         let reopened = Run::open(&run.path, true).unwrap_or_else(|e| panic!("open: {e}"));
@@ -367,5 +383,20 @@ mod tests {
         f.write_all_at(&[0xff; 8], len - 8).expect("damage");
         assert!(matches!(Run::open(&run.path, true), Err(RunError::Damaged { .. })));
         assert!(!tmp.path().join("x.tmp").exists());
+    }
+
+    #[test]
+    fn the_wal_mark_is_kept_and_checked_and_old_runs_still_open() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let slots = vec![slot(tag(crate::dedupe::hash_id("w")), 7)];
+        let run = Run::write(tmp.path(), 1, slots.clone(), true, 123_456).unwrap_or_else(|e| panic!("write: {e}"));
+        assert_eq!(Run::open(&run.path, true).map(|r| r.wal_upto).ok(), Some(123_456));
+        // A run written before the mark was kept: zeros there.
+        let old = Run::write(tmp.path(), 2, slots, true, 0).unwrap_or_else(|e| panic!("write: {e}"));
+        assert_eq!(Run::open(&old.path, true).map(|r| r.wal_upto).ok(), Some(0));
+        // A damaged mark is refused, not trusted.
+        let f = std::fs::OpenOptions::new().write(true).open(&run.path).expect("open for write");
+        f.write_all_at(&999_999u64.to_le_bytes(), 48).expect("damage");
+        assert!(matches!(Run::open(&run.path, true), Err(RunError::Damaged { .. })));
     }
 }

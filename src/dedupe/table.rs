@@ -248,6 +248,21 @@ impl Table {
         fresh
     }
 
+    /// [`Table::insert`] of each `(id, accepted_ms)`, prefetched as
+    /// [`Table::insert_batch`] (a restart puts back millions of ids, each a
+    /// cache miss in a table far larger than the caches).
+    pub fn insert_each_at(&self, entries: &[(IdHash, i64)]) {
+        for &(id, _) in entries.iter().take(PREFETCH_AHEAD) {
+            self.prefetch(id);
+        }
+        for (k, &(id, at_ms)) in entries.iter().enumerate() {
+            if let Some(&(ahead, _)) = entries.get(k + PREFETCH_AHEAD) {
+                self.prefetch(ahead);
+            }
+            self.insert(id, at_ms);
+        }
+    }
+
     fn expired(&self, minute: u32, now_minute: u32) -> bool {
         minute.saturating_add(self.window_minutes) < now_minute
     }

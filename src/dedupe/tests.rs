@@ -17,7 +17,17 @@ fn config(dir: &Path) -> SpillConfig {
 /// Opens a deduper as the engine does at start: runs, then the id files left.
 fn open(dir: &Path, now: i64) -> Deduper {
     let d = Deduper::open(WINDOW, config(dir), now).unwrap_or_else(|e| panic!("open: {e}"));
-    ids::load(&dir.join("ids"), now, WINDOW, |id, at| d.restore(id, at)).unwrap_or_else(|e| panic!("load ids: {e}"));
+    // In chunks, as the engine does (7: chunk edges fall anywhere).
+    let mut chunk = Vec::new();
+    ids::load(&dir.join("ids"), now, WINDOW, |id, at, seq| {
+        chunk.push((id, at, seq));
+        if chunk.len() == 7 {
+            d.restore_batch(&chunk);
+            chunk.clear();
+        }
+    })
+    .unwrap_or_else(|e| panic!("load ids: {e}"));
+    d.restore_batch(&chunk);
     d
 }
 
@@ -97,7 +107,8 @@ proptest! {
                 Op::Advance(m) => now += m * MIN,
                 Op::Spill(lag) => {
                     log.sync().unwrap_or_else(|e| panic!("sync: {e}"));
-                    d.spill_upto_minute(table::minute_of(now).saturating_sub(lag)).unwrap_or_else(|e| panic!("spill: {e}"));
+                    // As the flusher does: every id written so far is synced first.
+                    d.spill_upto_minute(table::minute_of(now).saturating_sub(lag), seq).unwrap_or_else(|e| panic!("spill: {e}"));
                 }
                 Op::Sweep => d.sweep(now),
                 Op::Gate => {
@@ -128,7 +139,7 @@ fn spilled_ids_leave_ram_and_stay_exact() {
     let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("s-{i}"))).collect();
     assert!(d.insert_batch(&ids, T0).iter().all(|&f| f));
     assert!(d.needs_spill(), "20k ids exceed 1MB / 64 B");
-    let report = d.spill(T0 + MIN).unwrap_or_else(|e| panic!("spill: {e}"));
+    let report = d.spill(T0 + MIN, 0).unwrap_or_else(|e| panic!("spill: {e}"));
     assert_eq!(report.ids, 20_000);
     assert_eq!(d.len(), 0);
     assert_eq!(d.spilled(), 20_000);
@@ -173,7 +184,7 @@ fn spilled_to_one_run(dir: &Path, prefix: &str) -> (Deduper, Vec<u128>, String) 
     let d = open(dir, T0);
     let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("{prefix}-{i}"))).collect();
     d.insert_batch(&ids, T0);
-    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    d.spill_upto_minute(table::minute_of(T0), 0).expect("spill");
     (d, ids, the_run(dir))
 }
 
@@ -212,7 +223,7 @@ fn a_restart_deletes_expired_runs_unread_and_finishes_those_being_cut() {
     wait_for_no_run_files(tmp.path());
     // The next run's number is past the one that was being cut.
     d.insert_batch(&ids[..100], T0 + 10 * MIN);
-    d.spill_upto_minute(table::minute_of(T0 + 10 * MIN)).expect("spill");
+    d.spill_upto_minute(table::minute_of(T0 + 10 * MIN), 0).expect("spill");
     let run = the_run(tmp.path());
     let seq = run.trim_end_matches(".run").rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
     assert!(seq.is_some_and(|n| n > 77), "{run}");
@@ -228,13 +239,13 @@ fn a_failed_spill_keeps_the_ids_and_refuses_ingest() {
     let runs = tmp.path().join("dedupe");
     std::fs::remove_dir_all(&runs).expect("remove the run dir");
     std::fs::write(&runs, b"not a directory").expect("block the run dir");
-    assert!(d.spill(T0 + MIN).is_err());
+    assert!(d.spill(T0 + MIN, 0).is_err());
     assert!(d.refusal().is_some(), "over budget with a failed spill: refuse");
     assert_eq!(d.len(), 20_000, "no id left RAM");
     assert!(d.insert_batch(&ids, T0 + MIN).iter().all(|&f| !f));
     std::fs::remove_file(&runs).expect("unblock");
     std::fs::create_dir(&runs).expect("recreate");
-    assert!(d.spill(T0 + MIN).is_ok());
+    assert!(d.spill(T0 + MIN, 0).is_ok());
     assert_eq!(d.refusal(), None);
     assert!(d.insert_batch(&ids, T0 + MIN).iter().all(|&f| !f));
 }
@@ -248,7 +259,7 @@ fn the_gate_covers_runs_as_they_come_and_go() {
     let first = batch("a", 4_000);
     assert!(d.insert_batch(&first, T0).iter().all(|&f| f));
     assert!(!d.needs_gate(), "no runs, no gate");
-    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    d.spill_upto_minute(table::minute_of(T0), 0).expect("spill");
     assert!(d.needs_gate(), "a run the gate does not cover");
     assert_eq!(d.rebuild_gate().expect("gate"), 4_000);
     assert!(!d.needs_gate());
@@ -256,7 +267,7 @@ fn the_gate_covers_runs_as_they_come_and_go() {
     // The next spill fits the gate's room (1.5× + 1024): covered at once.
     let second = batch("b", 1_500);
     assert!(d.insert_batch(&second, T0 + MIN).iter().all(|&f| f));
-    d.spill_upto_minute(table::minute_of(T0 + MIN)).expect("spill");
+    d.spill_upto_minute(table::minute_of(T0 + MIN), 0).expect("spill");
     assert!(!d.needs_gate(), "extended in place");
     assert!(d.ram_bytes() > gated, "the gate counts in the RAM figure");
     // Every spilled id is a duplicate, every fresh one new, with the gate in front.
@@ -264,7 +275,7 @@ fn the_gate_covers_runs_as_they_come_and_go() {
     assert!(d.insert_batch(&second, T0 + 2 * MIN).iter().all(|&f| !f));
     assert!(d.insert_batch(&batch("c", 5_000), T0 + 2 * MIN).iter().all(|&f| f));
     // A third spill has no room: it stays ungated until the rebuild, and exact.
-    d.spill_upto_minute(table::minute_of(T0 + 2 * MIN)).expect("spill");
+    d.spill_upto_minute(table::minute_of(T0 + 2 * MIN), 0).expect("spill");
     assert!(d.needs_gate());
     assert!(d.insert_batch(&batch("c", 5_000), T0 + 2 * MIN).iter().all(|&f| !f), "ungated run still searched");
     assert_eq!(d.rebuild_gate().expect("gate"), 10_500);
@@ -292,7 +303,7 @@ fn no_gate_past_the_budget() {
     let d = Deduper::open(WINDOW, c, T0).expect("open");
     let ids: Vec<u128> = (0..20_000).map(|i| hash_id(&format!("n-{i}"))).collect();
     d.insert_batch(&ids, T0);
-    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    d.spill_upto_minute(table::minute_of(T0), 0).expect("spill");
     assert!(!d.needs_gate(), "a gate for 20k ids does not fit 3/4 of 16 KiB beside the run's filter");
     assert_eq!(d.rebuild_gate().expect("gate"), 0);
     assert!(d.insert_batch(&ids, T0).iter().all(|&f| !f));
@@ -304,7 +315,7 @@ fn a_cancelled_gate_rebuild_builds_nothing() {
     let d = open(tmp.path(), T0);
     let ids: Vec<u128> = (0..3_000).map(|i| hash_id(&format!("x-{i}"))).collect();
     d.insert_batch(&ids, T0);
-    d.spill_upto_minute(table::minute_of(T0)).expect("spill");
+    d.spill_upto_minute(table::minute_of(T0), 0).expect("spill");
     d.cancel_gate();
     assert_eq!(d.rebuild_gate().expect("gate"), 0);
     assert!(d.needs_gate(), "still ungated");
@@ -323,7 +334,7 @@ fn filters_past_their_share_stay_on_disk_and_lookups_stay_exact() {
     for (b, ids) in batches.iter().enumerate() {
         let at = T0 + b as i64 * MIN;
         assert!(d.insert_batch(ids, at).iter().all(|&f| f));
-        d.spill_upto_minute(table::minute_of(at)).expect("spill");
+        d.spill_upto_minute(table::minute_of(at), 0).expect("spill");
     }
     let filtered: Vec<bool> = d.runs().iter().map(|r| r.filtered()).collect();
     assert_eq!(filtered, [true, false, false]);
@@ -350,4 +361,48 @@ fn filters_past_their_share_stay_on_disk_and_lookups_stay_exact() {
     assert!(d.runs().iter().all(|r| !r.filtered()));
     let why = d.refusal().expect("refused");
     assert!(why.contains("ingest.dedupe_memory"), "{why}");
+}
+
+#[test]
+fn a_restart_skips_spilled_ids_and_puts_back_those_of_a_minute_no_run_spans() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let d = open(dir, T0);
+    let mut log = IdLog::new(dir.join("ids"), WINDOW).unwrap_or_else(|e| panic!("id log: {e}"));
+    let batch = |tag: &str| -> Vec<u128> { (0..500).map(|i| hash_id(&format!("{tag}-{i}"))).collect() };
+    let (a, b, c) = (batch("a"), batch("b"), batch("c"));
+    // As ingest does: into the table, then the WAL writes the ids.
+    for (k, (ids, at)) in [(&a, T0), (&b, T0 + MIN), (&c, T0 + 2 * MIN)].into_iter().enumerate() {
+        assert!(d.insert_batch(ids, at).iter().all(|&f| f));
+        assert!(log.append(ids, at, k as u64 + 1).is_ok());
+    }
+    assert!(log.sync().is_ok());
+    d.spill_upto_minute(table::minute_of(T0), 3).expect("spill a");
+    let first_run = the_run(dir);
+    d.spill_upto_minute(table::minute_of(T0 + MIN), 3).expect("spill b");
+    // Admitted at a minute already spilled (the clock stepped back), after
+    // the spills: in no run, its record past their WAL mark.
+    let late = batch("late");
+    assert!(d.insert_batch(&late, T0).iter().all(|&f| f));
+    assert!(log.append(&late, T0, 4).is_ok());
+    assert!(log.sync().is_ok());
+    drop(d);
+    let now = T0 + 3 * MIN;
+    // The id files still hold all three minutes (their slack below the
+    // watermark): the two spilled are skipped unread; c, past the
+    // watermark, and the late ids, past the runs' WAL mark, go back.
+    let d = open(dir, now);
+    assert_eq!(d.len(), 1_000, "c and the late ids back in RAM, a and b in their runs");
+    for ids in [&a, &b, &c, &late] {
+        assert!(d.insert_batch(ids, now).iter().all(|&f| !f), "every id is still a duplicate");
+    }
+    drop(d);
+    // A run file gone missing: its minute, below the watermark, is spanned by
+    // no run left, so its ids are looked up, not found, and put back.
+    std::fs::remove_file(dir.join("dedupe").join(first_run)).expect("remove the first run");
+    let d = open(dir, now);
+    assert_eq!(d.len(), 1_500, "a, c and the late ids in RAM, b in its run");
+    for ids in [&a, &b, &c, &late] {
+        assert!(d.insert_batch(ids, now).iter().all(|&f| !f), "every id is still a duplicate");
+    }
 }

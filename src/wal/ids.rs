@@ -261,9 +261,9 @@ fn entry(bytes: &[u8]) -> (u128, i64, u64) {
     (u128::from_le_bytes(id), i64::from(u32::from_le_bytes(minute)) * 60_000, u64::from_le_bytes(seq))
 }
 
-/// Calls `each(id, accepted_ms)` for every id accepted within `window_ms` of
-/// `now_ms`; returns how many were read.
-pub fn load(dir: &Path, now_ms: i64, window_ms: i64, mut each: impl FnMut(u128, i64)) -> Result<u64, IdsError> {
+/// Calls `each(id, accepted_ms, record_seq)` for every id accepted within
+/// `window_ms` of `now_ms`; returns how many were read.
+pub fn load(dir: &Path, now_ms: i64, window_ms: i64, mut each: impl FnMut(u128, i64, u64)) -> Result<u64, IdsError> {
     let mut n = 0;
     for (start, span, path) in list(dir)? {
         if start + span < now_ms - window_ms {
@@ -271,8 +271,8 @@ pub fn load(dir: &Path, now_ms: i64, window_ms: i64, mut each: impl FnMut(u128, 
         }
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         for chunk in bytes.chunks_exact(ENTRY) {
-            let (id, at, _) = entry(chunk);
-            each(id, at);
+            let (id, at, seq) = entry(chunk);
+            each(id, at, seq);
             n += 1;
         }
     }
@@ -320,7 +320,7 @@ mod tests {
         assert!(log.append(&[4], t0 + 2 * HOUR_MS, 2).is_ok());
         assert!(log.sync().is_ok());
         let mut seen = Vec::new();
-        let n = load(&dir, t0 + 3 * HOUR_MS, day, |id, at| seen.push((id, at))).unwrap_or(0);
+        let n = load(&dir, t0 + 3 * HOUR_MS, day, |id, at, _| seen.push((id, at))).unwrap_or(0);
         assert_eq!(n, 4);
         assert_eq!(seen[0], (1, t0));
         assert_eq!(seen[3], (4, t0 + 2 * HOUR_MS));
@@ -328,26 +328,26 @@ mod tests {
         drop(log);
         let torn = dir.join(format!("{}.m10.ids", t0 + 2 * HOUR_MS));
         OpenOptions::new().append(true).open(&torn).and_then(|mut f| f.write_all(&[9; 7])).expect("tear the last entry");
-        assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 4);
+        assert_eq!(load(&dir, t0, day, |_, _, _| {}).unwrap_or(0), 4);
         let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
         let mark = log.append(&[5], t0 + 2 * HOUR_MS, 3);
         let mut seen = Vec::new();
-        load(&dir, t0, day, |id, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0, day, |id, _, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert_eq!(seen, vec![1, 2, 3, 4, 5], "the new entry is aligned");
         // A rollback removes what a refused group appended.
         let mark2 = log.append(&[6, 7], t0 + 2 * HOUR_MS, 4).unwrap_or_else(|e| panic!("append: {e}"));
         assert!(log.rollback(mark2).is_ok());
-        assert_eq!(load(&dir, t0, day, |_, _| {}).unwrap_or(0), 5);
+        assert_eq!(load(&dir, t0, day, |_, _, _| {}).unwrap_or(0), 5);
         assert!(mark.is_ok());
         // Past the window, loading skips and expiry deletes the old file.
-        assert_eq!(load(&dir, t0 + 3 * day, day, |_, _| {}).unwrap_or(99), 0);
+        assert_eq!(load(&dir, t0 + 3 * day, day, |_, _, _| {}).unwrap_or(99), 0);
         assert!(log.expire(t0 + 3 * day).is_ok());
         assert_eq!(list(&dir).map(|l| l.len()).unwrap_or(99), 1, "only the open file is kept");
         // Forgetting the ids of records 2..=3 (a repair dropped them).
         drop(log);
         assert_eq!(forget(&dir, &[(2, 3)]).unwrap_or(0), 2);
         let mut left = Vec::new();
-        load(&dir, t0, day, |id, _| left.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0, day, |id, _, _| left.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert!(left.is_empty(), "ids 4 and 5 (records 2, 3) forgotten: {left:?}");
     }
 
@@ -371,13 +371,13 @@ mod tests {
         .expect("old file");
         assert!(log.sync().is_ok());
         let mut seen = Vec::new();
-        load(&dir, t0 + HOUR_MS, day, |id, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0 + HOUR_MS, day, |id, _, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert_eq!(seen, vec![9, 1, 2, 3]);
         // Spilled up to t0+20m: the old hourly file (ends at t0) and the first two
         // ten-minute files go; the one holding t0+20m stays.
         assert_eq!(drop_before(&dir, t0 + 2 * FILE_MS).unwrap_or(0), 3);
         let mut seen = Vec::new();
-        load(&dir, t0 + HOUR_MS, day, |id, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0 + HOUR_MS, day, |id, _, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert_eq!(seen, vec![3]);
         // A sync after a dirty file was dropped is fine.
         assert!(log.append(&[4], t0 + 2 * FILE_MS, 4).is_ok());
@@ -397,7 +397,7 @@ mod tests {
         assert!(log.append_group(&group, &mut marks).is_ok());
         assert_eq!(marks.len(), 2);
         let mut seen = Vec::new();
-        load(&dir, t0 + 1, day, |id, at| seen.push((id, at))).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0 + 1, day, |id, at, _| seen.push((id, at))).unwrap_or_else(|e| panic!("load: {e}"));
         seen.sort();
         assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
         assert_eq!((seen[0].1, seen[3].1), (t0 + 1 - 60_000, t0 + 1), "entries keep their own minute");
@@ -405,6 +405,6 @@ mod tests {
         for m in marks.iter().rev() {
             assert!(log.rollback(*m).is_ok());
         }
-        assert_eq!(load(&dir, t0 + 1, day, |_, _| {}).unwrap_or(99), 0);
+        assert_eq!(load(&dir, t0 + 1, day, |_, _, _| {}).unwrap_or(99), 0);
     }
 }

@@ -215,14 +215,14 @@ pub struct Wal {
 
 impl Wal {
     /// Opens the WAL in `config.dir`: loads the ids accepted within the dedupe
-    /// window through `id`, cuts a torn tail, replays every record above
+    /// window through `id` (id, accepted ms, its record's sequence number), cuts a torn tail, replays every record above
     /// `max(floor, checkpoint file)` through `replay` in sequence order (except
     /// the floor's extras, which the store holds already), then starts the
     /// writer. A disabled WAL loads and replays nothing.
     pub fn open(
         config: &WalConfig,
         floor: &WalMark,
-        id: impl FnMut(u128, i64),
+        id: impl FnMut(u128, i64, u64),
         mut replay: impl FnMut(u64, WalBatch),
     ) -> Result<(Wal, OpenReport), WalError> {
         let Some(sync) = config.sync else {
@@ -423,18 +423,20 @@ impl Wal {
     }
 
     /// Makes the ids of every record written so far durable; call before the
-    /// store takes a flush that lets records leave the WAL.
-    pub async fn sync_ids(&self) -> Result<(), WalError> {
+    /// store takes a flush that lets records leave the WAL. Returns the last
+    /// record written (0 without a WAL).
+    pub async fn sync_ids(&self) -> Result<u64, WalError> {
         if !self.enabled {
-            return Ok(());
+            return Ok(0);
         }
         // The writer hands out the files; they are synced here, on a blocking
         // thread, so appends do not wait behind these fsyncs (issue 24).
-        let sync = self.ask(|reply| Command::SyncIds { reply }).await?;
+        let (sync, written) = self.ask(|reply| Command::SyncIds { reply }).await?;
         tokio::task::spawn_blocking(move || sync.run())
             .await
             .map_err(|e| WalError::Failed(format!("id file sync task: {e}")))?
-            .map_err(|e| WalError::Failed(e.to_string()))
+            .map_err(|e| WalError::Failed(e.to_string()))?;
+        Ok(written)
     }
 
     /// Records that the store holds everything up to `seq`; deletes old segments.
@@ -528,7 +530,7 @@ mod tests {
     /// A WAL in `dir` holding `n` records of 3 events each (batch tags 0..n), closed.
     async fn written(dir: &Path, n: i64) -> WalConfig {
         let cfg = config(dir, 1 << 20);
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..n {
             let _ = wal.append(record(3, t)).await;
         }
@@ -541,7 +543,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("temp dir");
         let cfg = config(tmp.path(), 300);
         let (wal, report) =
-            Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+            Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |_, _| {}).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(report.last_seq, 0);
         // Concurrent appends get distinct, consecutive sequence numbers.
         let wal = Arc::new(wal);
@@ -571,7 +573,7 @@ mod tests {
         drop(wal);
         // Replay starts above the checkpoint, in order.
         let mut replayed = Vec::new();
-        let (wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |seq, b| replayed.push((seq, b.events.len())))
+        let (wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |seq, b| replayed.push((seq, b.events.len())))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(replayed.iter().map(|r| r.0).collect::<Vec<_>>(), (23..=30).collect::<Vec<u64>>());
         assert_eq!(report.replayed_events, 16);
@@ -579,7 +581,7 @@ mod tests {
         wal.close();
         drop(wal);
         let mut n = 0;
-        let (wal, _) = Wal::open(&cfg, &WalMark::upto(26), |_, _| {}, |_, _| n += 1).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::upto(26), |_, _, _| {}, |_, _| n += 1).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(n, 4);
         assert_eq!(wal.append(record(1, 99)).await.ok(), Some(31));
         wal.close();
@@ -587,7 +589,7 @@ mod tests {
         // Records the store holds above its watermark (its mark's extras) are skipped.
         let mut seqs = Vec::new();
         let floor = WalMark { upto: 24, extras: vec![(26, 27), (30, 30)] };
-        let (wal, report) = Wal::open(&cfg, &floor, |_, _| {}, |seq, _| seqs.push(seq)).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, report) = Wal::open(&cfg, &floor, |_, _, _| {}, |seq, _| seqs.push(seq)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(seqs, vec![25, 28, 29, 31]);
         assert_eq!(report.last_seq, 31);
         assert_eq!(wal.append(record(1, 99)).await.ok(), Some(32));
@@ -615,7 +617,7 @@ mod tests {
     async fn prepared_segments_are_written_into_and_survive_a_crash() {
         let tmp = tempfile::tempdir().expect("temp dir");
         let cfg = config(tmp.path(), 4096);
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut last = 0;
         // Until the newest segment is a prepared one with records in it and room after them.
@@ -642,7 +644,8 @@ mod tests {
 
         let cfg = config(crashed.path(), 4096);
         let mut replayed = Vec::new();
-        let (wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |seq, _| replayed.push(seq)).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, report) =
+            Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |seq, _| replayed.push(seq)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(replayed, (1..=last).collect::<Vec<u64>>(), "every record, in order");
         assert_eq!(report.truncated, None, "zeros are not a torn record");
         assert_eq!(wal.append(record(2, 0)).await.ok(), Some(last + 1));
@@ -651,14 +654,15 @@ mod tests {
         wal.close();
         drop(wal);
         let mut replayed = Vec::new();
-        let (_wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |seq, _| replayed.push(seq)).unwrap_or_else(|e| panic!("{e}"));
+        let (_wal, report) =
+            Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |seq, _| replayed.push(seq)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(replayed.last(), Some(&(last + 1)));
         assert_eq!((replayed.len() as u64, report.truncated), (last + 1, None));
         drop(_wal);
         // Started again with smaller segments: the newest is full with zeros
         // left after its records, which its rotation cuts off.
         let small = config(crashed.path(), 256);
-        let (wal, _) = Wal::open(&small, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&small, &WalMark::default(), |_, _, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..4 {
             assert_eq!(wal.append(record(2, t)).await.ok(), Some(last + 2 + t as u64));
         }
@@ -676,7 +680,7 @@ mod tests {
     async fn segments_are_kept_until_both_checkpoint_and_hold_pass_them() {
         let tmp = tempfile::tempdir().expect("temp dir");
         let cfg = WalConfig { hold: Some(0), ..config(tmp.path(), 300) };
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..30 {
             assert_eq!(wal.append(record(2, t)).await.ok(), Some(t as u64 + 1));
         }
@@ -715,7 +719,7 @@ mod tests {
     async fn buffered_records_are_durable_only_once_synced() {
         let tmp = tempfile::tempdir().expect("temp dir");
         let cfg = WalConfig { sync: Some(Sync::Interval(Duration::from_secs(3600))), ..config(tmp.path(), 1 << 20) };
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         for t in 0..5 {
             assert_eq!(wal.append(record(1, t)).await.ok(), Some(t as u64 + 1));
         }
@@ -725,7 +729,7 @@ mod tests {
         assert_eq!(stats.durable.load(Ordering::Acquire), 5, "the final fsync makes them durable");
         drop(wal);
         // Opening syncs what it finds: it is durable from the start.
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(wal.durable_seq(), 5);
     }
 
@@ -757,7 +761,7 @@ mod tests {
         let kept = offsets.iter().zip(&ends).take_while(|&(&a, &b)| bytes[a..b] == whole[a..b]).count();
         assert!((30..40).contains(&kept), "the tear is inside the last group: {kept}");
         let mut seqs = Vec::new();
-        let (wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(seqs, (1..=kept as u64).collect::<Vec<_>>(), "the records before the lost sector, in order");
         assert_eq!(report.truncated.as_ref().map(|(_, at)| *at as usize), Some(offsets[kept]));
         assert_eq!(std::fs::metadata(&path).map(|m| m.len() as usize).ok(), Some(offsets[kept]), "cut at the tear");
@@ -765,7 +769,7 @@ mod tests {
         wal.close();
         drop(wal);
         let mut seqs = Vec::new();
-        let (_wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
+        let (_wal, report) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((seqs.len(), report.truncated), (kept + 1, None));
     }
 
@@ -783,7 +787,7 @@ mod tests {
         let mut seqs = Vec::new();
         let mut ids = Vec::new();
         let (wal, report) =
-            Wal::open(&cfg, &WalMark::default(), |id, _| ids.push(id), |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
+            Wal::open(&cfg, &WalMark::default(), |id, _, _| ids.push(id), |s, _| seqs.push(s)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(seqs, vec![1, 2, 3, 4]);
         assert!(report.truncated.is_some());
         // The torn record's ids (batch tag 4) are forgotten: a retry of it counts.
@@ -798,7 +802,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap_or_default();
         bytes[20] ^= 0x01;
         let _ = std::fs::write(&path, &bytes);
-        let err = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |_, _| {}).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("corrupt at byte offset 0"), "{err}");
     }
 
@@ -806,7 +810,7 @@ mod tests {
     fn spaced(spacing: Duration) -> (tempfile::TempDir, Wal) {
         let tmp = tempfile::tempdir().expect("temp dir");
         let cfg = WalConfig { sync_spacing: spacing, ..config(tmp.path(), 1 << 20) };
-        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
+        let (wal, _) = Wal::open(&cfg, &WalMark::default(), |_, _, _| {}, |_, _| {}).unwrap_or_else(|e| panic!("{e}"));
         (tmp, wal)
     }
 

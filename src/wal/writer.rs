@@ -46,8 +46,9 @@ pub enum Command {
     /// checkpoint file already (off this thread); prune the segments below it.
     Checkpoint { seq: u64, reply: oneshot::Sender<Result<(), WalError>> },
     /// Hand out the id files to make durable (before the store takes a
-    /// flush); the caller syncs them, not this thread.
-    SyncIds { reply: oneshot::Sender<Result<super::ids::IdSync, WalError>> },
+    /// flush, or a dedupe spill), with the last record written so far; the
+    /// caller syncs them, not this thread.
+    SyncIds { reply: oneshot::Sender<Result<(super::ids::IdSync, u64), WalError>> },
     /// The raw-events export holds everything up to `seq`: move the hold on.
     Release { seq: u64, reply: oneshot::Sender<Result<(), WalError>> },
 }
@@ -188,7 +189,8 @@ impl Writer {
                 }
             }
             for reply in id_syncs {
-                let _ = reply.send(self.ids.take_sync().map_err(|e| WalError::Failed(e.to_string())));
+                let written = self.next_seq.saturating_sub(1);
+                let _ = reply.send(self.ids.take_sync().map(|sync| (sync, written)).map_err(|e| WalError::Failed(e.to_string())));
             }
             for (seq, reply) in checkpoints {
                 let _ = reply.send(self.checkpoint(seq));
