@@ -379,13 +379,20 @@ fn copy_runs(src: &Path, dst: &Path) -> Result<(), BackupError> {
 /// Copies the id files, each cut to whole entries.
 fn copy_ids(src: &Path, dst: &Path) -> Result<(), BackupError> {
     for_files(src, dst, |path, to| {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()), // expired meanwhile
             Err(e) => return Err(io(path)(e)),
         };
-        let whole = bytes.len() - bytes.len() % crate::wal::ids::ENTRY;
-        write_synced(to, &bytes[..whole])
+        // Streamed (a file holds ten minutes of ids: gigabytes under heavy
+        // ingest), and only as far as its whole entries went when opened.
+        let len = file.metadata().map_err(io(path))?.len();
+        let whole = len - len % crate::wal::ids::ENTRY as u64;
+        let mut out = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(to).map_err(io(to))?;
+        let copied = std::io::copy(&mut std::io::Read::take(file, whole), &mut out).map_err(io(path))?;
+        // Cut back meanwhile (a refused group's ids): whole entries only.
+        let keep = copied - copied % crate::wal::ids::ENTRY as u64;
+        out.set_len(keep).and_then(|()| out.sync_all()).map_err(io(to))
     })
 }
 
