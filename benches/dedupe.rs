@@ -67,7 +67,10 @@ fn build(dir: &Path, n: u64, now: i64) -> Deduper {
     let started = Instant::now();
     let d = Deduper::open(WINDOW, config(dir), now).expect("reopen");
     let opened = started.elapsed();
-    let loaded = ids::load(&dir.join("ids"), now, WINDOW, |id, at, seq| d.restore_batch(&[(id, at, seq)])).expect("load ids");
+    let loaded = ids::load(&dir.join("ids"), now, WINDOW, |id, at, seq| {
+        d.restore_batch(&[(id, at, seq)]);
+    })
+    .expect("load ids");
     eprintln!(
         "restart with {n} ids: runs opened in {:.2}s, {loaded} un-spilled ids loaded, ready in {:.2}s",
         opened.as_secs_f64(),

@@ -437,20 +437,24 @@ impl Engine {
         let started = std::time::Instant::now();
         // The id files' ids go back in chunks (prefetched, see `Deduper::restore_batch`).
         let mut restoring = Vec::with_capacity(RESTORE_CHUNK);
+        let mut restored = crate::dedupe::Restored::default();
         let restore = |id, at, seq| {
             restoring.push((id, at, seq));
             if restoring.len() >= RESTORE_CHUNK {
-                engine.deduper.restore_batch(&restoring);
+                restored += engine.deduper.restore_batch(&restoring);
                 restoring.clear();
             }
         };
         let (wal, report) = Wal::open(&wal_config, &floor, restore, |_, batch| engine.replay(&batch))?;
-        engine.deduper.restore_batch(&restoring);
+        restored += engine.deduper.restore_batch(&restoring);
         if report.replayed_records > 0 || report.truncated.is_some() || report.ids_loaded > 0 {
             tracing::info!(
                 records = report.replayed_records,
                 events = report.replayed_events,
                 ids = report.ids_loaded,
+                ids_skipped = restored.skipped,
+                ids_looked_up = restored.looked_up,
+                ids_back_in_ram = restored.back,
                 seconds = started.elapsed().as_secs_f64(),
                 from = floor.upto,
                 "replayed the WAL"

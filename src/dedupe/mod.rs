@@ -146,6 +146,25 @@ impl Spill {
     }
 }
 
+/// What [`Deduper::restore_batch`] did with the ids it was given.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Of spilled minutes, known to be in a run: not read.
+    pub skipped: u64,
+    /// Looked up in the runs (found there, or put back).
+    pub looked_up: u64,
+    /// Put back into the table.
+    pub back: u64,
+}
+
+impl std::ops::AddAssign for Restored {
+    fn add_assign(&mut self, other: Restored) {
+        self.skipped += other.skipped;
+        self.looked_up += other.looked_up;
+        self.back += other.back;
+    }
+}
+
 /// What a [`Deduper::spill`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SpillReport {
@@ -398,11 +417,12 @@ impl Deduper {
     /// looked up in the runs and put back if absent, as every id once was:
     /// that made a restart read the disk once per id of the ten minutes of id
     /// files kept below the watermark (20 M ids: 40 s, issue 24).
-    pub fn restore_batch(&self, entries: &[(IdHash, i64, u64)]) {
+    pub fn restore_batch(&self, entries: &[(IdHash, i64, u64)]) -> Restored {
         let Some(spill) = &self.spill else {
             self.table.insert_each_at(&entries.iter().map(|&(id, at, _)| (id, at)).collect::<Vec<_>>());
-            return;
+            return Restored { back: entries.len() as u64, ..Restored::default() };
         };
+        let mut counts = Restored::default();
         let watermark = spill.watermark.load(Ordering::Acquire);
         let set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
         // Per minute (the entries come minute by minute): whether a run
@@ -425,13 +445,17 @@ impl Deduper {
                 }
             };
             if spanned && seq <= reached {
+                counts.skipped += 1;
                 continue;
             }
+            counts.looked_up += 1;
             if !matches!(self.in_runs(spill, &set, id, minute, minute), Ok(true)) {
                 back.push((id, at_ms));
             }
         }
+        counts.back = back.len() as u64;
         self.table.insert_each_at(&back);
+        counts
     }
 
     /// Drops ids older than the window: table entries one by one, runs whole.

@@ -16,19 +16,25 @@ fn config(dir: &Path) -> SpillConfig {
 
 /// Opens a deduper as the engine does at start: runs, then the id files left.
 fn open(dir: &Path, now: i64) -> Deduper {
+    open_counted(dir, now).0
+}
+
+/// [`open`], with what became of the id files' ids.
+fn open_counted(dir: &Path, now: i64) -> (Deduper, Restored) {
     let d = Deduper::open(WINDOW, config(dir), now).unwrap_or_else(|e| panic!("open: {e}"));
     // In chunks, as the engine does (7: chunk edges fall anywhere).
     let mut chunk = Vec::new();
+    let mut counts = Restored::default();
     ids::load(&dir.join("ids"), now, WINDOW, |id, at, seq| {
         chunk.push((id, at, seq));
         if chunk.len() == 7 {
-            d.restore_batch(&chunk);
+            counts += d.restore_batch(&chunk);
             chunk.clear();
         }
     })
     .unwrap_or_else(|e| panic!("load ids: {e}"));
-    d.restore_batch(&chunk);
-    d
+    counts += d.restore_batch(&chunk);
+    (d, counts)
 }
 
 #[derive(Debug, Clone)]
@@ -391,7 +397,8 @@ fn a_restart_skips_spilled_ids_and_puts_back_those_of_a_minute_no_run_spans() {
     // The id files still hold all three minutes (their slack below the
     // watermark): the two spilled are skipped unread; c, past the
     // watermark, and the late ids, past the runs' WAL mark, go back.
-    let d = open(dir, now);
+    let (d, counts) = open_counted(dir, now);
+    assert_eq!(counts, Restored { skipped: 1_000, looked_up: 500, back: 1_000 });
     assert_eq!(d.len(), 1_000, "c and the late ids back in RAM, a and b in their runs");
     for ids in [&a, &b, &c, &late] {
         assert!(d.insert_batch(ids, now).iter().all(|&f| !f), "every id is still a duplicate");
@@ -400,7 +407,8 @@ fn a_restart_skips_spilled_ids_and_puts_back_those_of_a_minute_no_run_spans() {
     // A run file gone missing: its minute, below the watermark, is spanned by
     // no run left, so its ids are looked up, not found, and put back.
     std::fs::remove_file(dir.join("dedupe").join(first_run)).expect("remove the first run");
-    let d = open(dir, now);
+    let (d, counts) = open_counted(dir, now);
+    assert_eq!(counts, Restored { skipped: 500, looked_up: 1_000, back: 1_500 });
     assert_eq!(d.len(), 1_500, "a, c and the late ids in RAM, b in its run");
     for ids in [&a, &b, &c, &late] {
         assert!(d.insert_batch(ids, now).iter().all(|&f| !f), "every id is still a duplicate");
