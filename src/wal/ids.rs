@@ -340,18 +340,25 @@ pub fn forget(dir: &Path, ranges: &[(u64, u64)]) -> Result<u64, IdsError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn appends_loads_and_expires() {
+    const DAY: i64 = 86_400_000;
+
+    /// An id log with a DAY's window in a temp dir (kept alive by the first).
+    fn day_log() -> (tempfile::TempDir, PathBuf, IdLog) {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("ids");
-        let day = 86_400_000;
-        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
-        let t0 = 100 * day;
+        let log = IdLog::new(dir.clone(), DAY).unwrap_or_else(|e| panic!("open the id log: {e}"));
+        (tmp, dir, log)
+    }
+
+    #[test]
+    fn appends_loads_and_expires() {
+        let (_tmp, dir, mut log) = day_log();
+        let t0 = 100 * DAY;
         assert!(log.append(&[1, 2, 3], t0, 1).is_ok());
         assert!(log.append(&[4], t0 + 2 * HOUR_MS, 2).is_ok());
         assert!(log.sync().is_ok());
         let mut seen = Vec::new();
-        let n = load(&dir, t0 + 3 * HOUR_MS, day, |id, at, _| seen.push((id, at))).unwrap_or(0);
+        let n = load(&dir, t0 + 3 * HOUR_MS, DAY, |id, at, _| seen.push((id, at))).unwrap_or(0);
         assert_eq!(n, 4);
         assert_eq!(seen[0], (1, t0));
         assert_eq!(seen[3], (4, t0 + 2 * HOUR_MS));
@@ -359,36 +366,33 @@ mod tests {
         drop(log);
         let torn = dir.join(format!("{}.m10.ids", t0 + 2 * HOUR_MS));
         OpenOptions::new().append(true).open(&torn).and_then(|mut f| f.write_all(&[9; 7])).expect("tear the last entry");
-        assert_eq!(load(&dir, t0, day, |_, _, _| {}).unwrap_or(0), 4);
-        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
+        assert_eq!(load(&dir, t0, DAY, |_, _, _| {}).unwrap_or(0), 4);
+        let mut log = IdLog::new(dir.clone(), DAY).unwrap_or_else(|e| panic!("open the id log: {e}"));
         let mark = log.append(&[5], t0 + 2 * HOUR_MS, 3);
         let mut seen = Vec::new();
-        load(&dir, t0, day, |id, _, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0, DAY, |id, _, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert_eq!(seen, vec![1, 2, 3, 4, 5], "the new entry is aligned");
         // A rollback removes what a refused group appended.
         let mark2 = log.append(&[6, 7], t0 + 2 * HOUR_MS, 4).unwrap_or_else(|e| panic!("append: {e}"));
         assert!(log.rollback(mark2).is_ok());
-        assert_eq!(load(&dir, t0, day, |_, _, _| {}).unwrap_or(0), 5);
+        assert_eq!(load(&dir, t0, DAY, |_, _, _| {}).unwrap_or(0), 5);
         assert!(mark.is_ok());
         // Past the window, loading skips and expiry deletes the old file.
-        assert_eq!(load(&dir, t0 + 3 * day, day, |_, _, _| {}).unwrap_or(99), 0);
-        assert!(log.expire(t0 + 3 * day).is_ok());
+        assert_eq!(load(&dir, t0 + 3 * DAY, DAY, |_, _, _| {}).unwrap_or(99), 0);
+        assert!(log.expire(t0 + 3 * DAY).is_ok());
         assert_eq!(list(&dir).map(|l| l.len()).unwrap_or(99), 1, "only the open file is kept");
         // Forgetting the ids of records 2..=3 (a repair dropped them).
         drop(log);
         assert_eq!(forget(&dir, &[(2, 3)]).unwrap_or(0), 2);
         let mut left = Vec::new();
-        load(&dir, t0, day, |id, _, _| left.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0, DAY, |id, _, _| left.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert!(left.is_empty(), "ids 4 and 5 (records 2, 3) forgotten: {left:?}");
     }
 
     #[test]
     fn spilled_files_are_dropped_and_old_hourly_files_still_read() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().join("ids");
-        let day = 86_400_000;
-        let t0 = 100 * day;
-        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
+        let (_tmp, dir, mut log) = day_log();
+        let t0 = 100 * DAY;
         // Ten-minute files at t0, t0+10m, t0+20m.
         for k in 0..3 {
             assert!(log.append(&[k as u128 + 1], t0 + k * FILE_MS, k as u64 + 1).is_ok());
@@ -402,13 +406,13 @@ mod tests {
         .expect("old file");
         assert!(log.sync().is_ok());
         let mut seen = Vec::new();
-        load(&dir, t0 + HOUR_MS, day, |id, _, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0 + HOUR_MS, DAY, |id, _, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert_eq!(seen, vec![9, 1, 2, 3]);
         // Spilled up to t0+20m: the old hourly file (ends at t0) and the first two
         // ten-minute files go; the one holding t0+20m stays.
         assert_eq!(drop_before(&dir, t0 + 2 * FILE_MS).unwrap_or(0), 3);
         let mut seen = Vec::new();
-        load(&dir, t0 + HOUR_MS, day, |id, _, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0 + HOUR_MS, DAY, |id, _, _| seen.push(id)).unwrap_or_else(|e| panic!("load: {e}"));
         assert_eq!(seen, vec![3]);
         // A sync after a dirty file was dropped is fine.
         assert!(log.append(&[4], t0 + 2 * FILE_MS, 4).is_ok());
@@ -417,18 +421,15 @@ mod tests {
 
     #[test]
     fn a_group_is_one_write_per_hour_and_rolls_back_whole() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().join("ids");
-        let day = 86_400_000;
-        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
-        let t0 = 100 * day + HOUR_MS - 1;
+        let (_tmp, dir, mut log) = day_log();
+        let t0 = 100 * DAY + HOUR_MS - 1;
         // Three records, the last past the hour's end: two writes, two marks.
         let group = vec![(vec![1, 2], t0, 1), (vec![3], t0, 2), (vec![4, 5], t0 + 1, 3)];
         let mut marks = Vec::new();
         assert!(log.append_group(&group, &mut marks).is_ok());
         assert_eq!(marks.len(), 2);
         let mut seen = Vec::new();
-        load(&dir, t0 + 1, day, |id, at, _| seen.push((id, at))).unwrap_or_else(|e| panic!("load: {e}"));
+        load(&dir, t0 + 1, DAY, |id, at, _| seen.push((id, at))).unwrap_or_else(|e| panic!("load: {e}"));
         seen.sort();
         assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
         assert_eq!((seen[0].1, seen[3].1), (t0 + 1 - 60_000, t0 + 1), "entries keep their own minute");
@@ -436,16 +437,13 @@ mod tests {
         for m in marks.iter().rev() {
             assert!(log.rollback(*m).is_ok());
         }
-        assert_eq!(load(&dir, t0 + 1, day, |_, _, _| {}).unwrap_or(99), 0);
+        assert_eq!(load(&dir, t0 + 1, DAY, |_, _, _| {}).unwrap_or(99), 0);
     }
 
     #[test]
     fn files_larger_than_a_piece_are_read_and_rewritten_whole_entry_by_entry() {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().join("ids");
-        let day = 86_400_000;
-        let t0 = 100 * day;
-        let mut log = IdLog::new(dir.clone(), day).unwrap_or_else(|e| panic!("open the id log: {e}"));
+        let (_tmp, dir, mut log) = day_log();
+        let t0 = 100 * DAY;
         // Two and a half pieces' worth, one record per 1,000 ids.
         let n = (PIECE / ENTRY) as u128 * 5 / 2;
         let ids: Vec<u128> = (0..n).collect();
@@ -458,14 +456,14 @@ mod tests {
         let file = dir.join(format!("{t0}.m10.ids"));
         OpenOptions::new().append(true).open(&file).and_then(|mut f| f.write_all(&[7; 11])).expect("tear");
         let mut seen = Vec::new();
-        assert_eq!(load(&dir, t0, day, |id, _, seq| seen.push((id, seq))).unwrap_or(0), n as u64);
+        assert_eq!(load(&dir, t0, DAY, |id, _, seq| seen.push((id, seq))).unwrap_or(0), n as u64);
         assert!(seen.iter().enumerate().all(|(i, &(id, seq))| id == i as u128 && seq == i as u64 / 1_000 + 1));
         // Records 2 and 40..=60 lost: their ids go, the rest stay in order.
         let lost = |seq: u64| seq == 2 || (40..=60).contains(&seq);
         let expect: Vec<u128> = seen.iter().filter(|&&(_, seq)| !lost(seq)).map(|&(id, _)| id).collect();
         assert_eq!(forget(&dir, &[(2, 2), (40, 60)]).unwrap_or(0), (n as usize - expect.len()) as u64);
         let mut left = Vec::new();
-        assert!(load(&dir, t0, day, |id, _, _| left.push(id)).is_ok());
+        assert!(load(&dir, t0, DAY, |id, _, _| left.push(id)).is_ok());
         assert_eq!(left, expect);
         assert_eq!(forget(&dir, &[(2, 2)]).unwrap_or(99), 0, "nothing left to forget: the file is not rewritten");
     }
