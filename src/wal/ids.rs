@@ -13,7 +13,9 @@
 //! start, files younger than the window are loaded. Files older than the window
 //! (plus an hour) are deleted. A torn last entry (a crash mid-append) is ignored.
 //! Files whose ids the dedupe has spilled to its disk runs are deleted early
-//! ([`drop_before`]), so a restart loads only the un-spilled tail.
+//! ([`drop_before`], ten minutes of slack below the spilled minutes), so a
+//! restart reads the un-spilled tail and that slack, whose spilled ids it skips
+//! (`crate::dedupe::Deduper::restore_batch`). Files are read a piece at a time.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

@@ -215,10 +215,11 @@ pub struct Wal {
 
 impl Wal {
     /// Opens the WAL in `config.dir`: loads the ids accepted within the dedupe
-    /// window through `id` (id, accepted ms, its record's sequence number), cuts a torn tail, replays every record above
-    /// `max(floor, checkpoint file)` through `replay` in sequence order (except
-    /// the floor's extras, which the store holds already), then starts the
-    /// writer. A disabled WAL loads and replays nothing.
+    /// window through `id` (id, accepted ms, its record's sequence number),
+    /// cuts a torn tail, replays every record above `max(floor, checkpoint
+    /// file)` through `replay` in sequence order (except the floor's extras,
+    /// which the store holds already), then starts the writer. A disabled WAL
+    /// loads and replays nothing.
     pub fn open(
         config: &WalConfig,
         floor: &WalMark,
