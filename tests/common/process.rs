@@ -73,29 +73,68 @@ pub fn free_port() -> u16 {
     free_port_below(ephemeral_start())
 }
 
-/// A free loopback port in `[10000, end)`, not handed out before by this
-/// process (random, so parallel test processes rarely try the same one).
+/// A free loopback port in `[10000, end)` that no other test process on this
+/// machine holds (random, then claimed: see [`claim`]).
 pub fn free_port_below(end: u16) -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    free_ports_below(end, &[0])
+}
+
+/// A port `p` in `[10000, end)` with `p + offset` free and claimed for every
+/// offset given (a redis cluster node needs its bus port, `p + 10000`, too).
+pub fn free_ports_below(end: u16, offsets: &[u16]) -> u16 {
     const START: u16 = 10_000;
     if end <= START + 1_000 {
         // An unusual ephemeral range: take what the kernel gives.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        return l.local_addr().expect("addr").port();
+        for _ in 0..1_000 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            drop(l);
+            if let Some(port) = free_ports_in(port..port.saturating_add(1), offsets) {
+                return port;
+            }
+        }
+        panic!("no free port from the kernel with {offsets:?} beside it");
     }
-    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    free_ports_in(START..end, offsets).unwrap_or_else(|| panic!("no free port in {START}..{end}"))
+}
+
+/// A port `p` in `range`, tried in random order, with `p + offset` free and
+/// claimed for every offset given; `None` if none is.
+pub fn free_ports_in(range: std::ops::Range<u16>, offsets: &[u16]) -> Option<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let len = u64::from(range.end.saturating_sub(range.start));
+    if len == 0 {
+        return None;
+    }
     let seed = std::collections::hash_map::RandomState::new();
-    for attempt in 0u64..20_000 {
+    for attempt in 0..(len * 4).min(40_000) {
         let mut h = seed.build_hasher();
         h.write_u64(attempt);
-        let port = START + (h.finish() % u64::from(end - START)) as u16;
-        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            given.insert(port);
-            return port;
+        let port = range.start + (h.finish() % len) as u16;
+        let Some(all) = offsets.iter().map(|&o| port.checked_add(o)).collect::<Option<Vec<u16>>>() else { continue };
+        if all.iter().all(|&p| claim(p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return Some(port);
         }
     }
-    panic!("no free port in {START}..{end}");
+    None
+}
+
+/// Claims `port` for this test process until it exits, by holding the UDP
+/// socket of the same number (a namespace apart from TCP, which the servers
+/// bind, and which no test uses otherwise). Finding a TCP port free is not
+/// enough: two test processes running at once could both find the same one
+/// free before either server binds it; the second cannot take the UDP port.
+/// `false` when this or another test process holds it. The Rust client's
+/// tests claim theirs the same way.
+fn claim(port: u16) -> bool {
+    static HELD: std::sync::Mutex<Vec<std::net::UdpSocket>> = std::sync::Mutex::new(Vec::new());
+    match std::net::UdpSocket::bind(("127.0.0.1", port)) {
+        Ok(socket) => {
+            HELD.lock().unwrap_or_else(|p| p.into_inner()).push(socket);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// The first port of the kernel's ephemeral range (32768 if unreadable).

@@ -56,7 +56,7 @@ fn bin() -> PathBuf {
 
 /// A free loopback port below the kernel's ephemeral range, where the local
 /// port of an outgoing connection cannot take it before meterd binds it (or
-/// while meterd is restarted on it).
+/// while meterd is restarted on it), claimed for this process (see `claim`).
 fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     let end: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -71,11 +71,26 @@ fn free_port() -> u16 {
         let mut h = seed.build_hasher();
         h.write_u64(attempt);
         let port = 10_000 + (h.finish() % u64::from(end - 10_000)) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if claim(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Claims `port` until this process exits, as meterd's own tests do (by
+/// holding the UDP socket of the same number, which no server here binds), so
+/// that two test processes running at once never start servers on the same
+/// port. `false` when held, here or by another test process.
+fn claim(port: u16) -> bool {
+    static HELD: std::sync::Mutex<Vec<std::net::UdpSocket>> = std::sync::Mutex::new(Vec::new());
+    match std::net::UdpSocket::bind(("127.0.0.1", port)) {
+        Ok(socket) => {
+            HELD.lock().unwrap_or_else(|p| p.into_inner()).push(socket);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 impl Meterd {
