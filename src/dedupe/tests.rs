@@ -400,7 +400,14 @@ fn a_restart_skips_spilled_ids_and_puts_back_those_of_a_minute_no_run_spans() {
     let (d, counts) = open_counted(dir, now);
     assert_eq!(counts, Restored { skipped: 1_000, looked_up: 500, back: 1_000 });
     assert_eq!(d.len(), 1_000, "c and the late ids back in RAM, a and b in their runs");
-    for ids in [&a, &b, &c, &late] {
+    // A replayed WAL record's ids come with `u64::MAX` (no run's mark covers
+    // them): looked up even in a spilled minute a run spans, never skipped;
+    // those found in a run stay there, the others go back to RAM.
+    let fresh = batch("replayed");
+    let replayed: Vec<_> = a.iter().chain(&fresh).map(|&id| (id, T0, u64::MAX)).collect();
+    assert_eq!(d.restore_batch(&replayed), Restored { skipped: 0, looked_up: 1_000, back: 500 });
+    assert_eq!(d.len(), 1_500, "only the ids no run holds joined the table");
+    for ids in [&a, &b, &c, &late, &fresh] {
         assert!(d.insert_batch(ids, now).iter().all(|&f| !f), "every id is still a duplicate");
     }
     drop(d);
