@@ -435,6 +435,11 @@ impl Engine {
         .await?;
         let floor = engine.usage_store.wal_mark(&engine.instance_id).await?;
         let started = std::time::Instant::now();
+        // Room for the ids that go back to RAM, made at once (`Deduper::reserve`).
+        match Wal::ids_to_load(&wal_config, engine.deduper.unspilled_from_ms()) {
+            Ok(n) => engine.deduper.reserve(n),
+            Err(e) => tracing::warn!(error = %e, "cannot size the id files; the dedupe table grows as they are read"),
+        }
         // The id files' ids go back in chunks (prefetched, see `Deduper::restore_batch`).
         let mut restoring = Vec::with_capacity(RESTORE_CHUNK);
         let mut restored = crate::dedupe::Restored::default();

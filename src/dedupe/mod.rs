@@ -458,6 +458,21 @@ impl Deduper {
         counts
     }
 
+    /// The first acceptance time (ms) of the minutes not spilled to runs: of
+    /// the ids a restart reads back, only those from here on are sure to go
+    /// back to RAM (0 without runs).
+    pub fn unspilled_from_ms(&self) -> i64 {
+        self.spill.as_ref().map_or(0, |s| (i64::from(s.watermark.load(Ordering::Acquire)) + 1) * 60_000)
+    }
+
+    /// Makes room in the table at once for `n` ids about to be put back
+    /// (a restart), at most the table's share of the budget: the table grows
+    /// to its size in one step instead of doubling its way there.
+    pub fn reserve(&self, n: u64) {
+        let cap = self.spill.as_ref().map_or(usize::MAX, |s| self.table_cap(s));
+        self.table.reserve(usize::try_from(n).unwrap_or(usize::MAX).min(cap));
+    }
+
     /// Drops ids older than the window: table entries one by one, runs whole.
     pub fn sweep(&self, now_ms: i64) {
         self.table.sweep(now_ms);

@@ -421,3 +421,17 @@ fn a_restart_skips_spilled_ids_and_puts_back_those_of_a_minute_no_run_spans() {
         assert!(d.insert_batch(ids, now).iter().all(|&f| !f), "every id is still a duplicate");
     }
 }
+
+#[test]
+fn a_restart_reserves_room_up_to_the_tables_share_of_the_budget() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    // 1 MB: the table's share is a few ten thousand ids.
+    let d = open(tmp.path(), T0);
+    d.reserve(10_000_000);
+    let room = d.table.capacity();
+    assert!(room > 0 && room <= 256 * 1024, "reserved {room} slots for a 1 MB budget");
+    let small = 20_000;
+    let d = open(tmp.path(), T0);
+    d.reserve(small);
+    assert!(d.table.capacity() >= 2 * small as usize, "room for what was asked within the share");
+}

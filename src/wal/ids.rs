@@ -280,6 +280,20 @@ pub fn load(dir: &Path, now_ms: i64, window_ms: i64, mut each: impl FnMut(u128, 
     Ok(n)
 }
 
+/// How many entries [`load`] would read (by the files' sizes) from the files
+/// that reach past `from_ms`: a bound on the ids a restart puts back in RAM,
+/// known before reading any.
+pub fn count(dir: &Path, now_ms: i64, window_ms: i64, from_ms: i64) -> Result<u64, IdsError> {
+    let mut n = 0;
+    for (start, span, path) in list(dir)? {
+        if start + span < now_ms - window_ms || start + span <= from_ms {
+            continue;
+        }
+        n += std::fs::metadata(&path).map_err(io(&path))?.len() / ENTRY as u64;
+    }
+    Ok(n)
+}
+
 /// Bytes read from an id file at a time (whole entries, about 1 MiB).
 const PIECE: usize = ENTRY * 37_449;
 
@@ -369,6 +383,12 @@ mod tests {
         let torn = dir.join(format!("{}.m10.ids", t0 + 2 * HOUR_MS));
         OpenOptions::new().append(true).open(&torn).and_then(|mut f| f.write_all(&[9; 7])).expect("tear the last entry");
         assert_eq!(load(&dir, t0, DAY, |_, _, _| {}).unwrap_or(0), 4);
+        // Counted by size before reading: whole entries of the files reaching
+        // past the given time (the second file only, from an hour on).
+        assert_eq!(count(&dir, t0, DAY, 0).unwrap_or(0), 4);
+        assert_eq!(count(&dir, t0, DAY, t0 + HOUR_MS).unwrap_or(0), 1);
+        assert_eq!(count(&dir, t0, DAY, t0 + 3 * HOUR_MS).unwrap_or(99), 0);
+        assert_eq!(count(&dir, t0 + 3 * DAY, DAY, 0).unwrap_or(99), 0, "past the window");
         let mut log = IdLog::new(dir.clone(), DAY).unwrap_or_else(|e| panic!("open the id log: {e}"));
         let mark = log.append(&[5], t0 + 2 * HOUR_MS, 3);
         let mut seen = Vec::new();

@@ -220,6 +220,17 @@ impl Wal {
     /// file)` through `replay` in sequence order (except the floor's extras,
     /// which the store holds already), then starts the writer. A disabled WAL
     /// loads and replays nothing.
+    /// How many ids [`Wal::open`] will hand back from the id files that reach
+    /// past `from_ms` (by their sizes, before reading them; 0 with the WAL
+    /// off), so the caller can make room for them first.
+    pub fn ids_to_load(config: &WalConfig, from_ms: i64) -> Result<u64, WalError> {
+        if config.sync.is_none() {
+            return Ok(0);
+        }
+        ids::count(&config.dir.join("ids"), crate::clock::now_ms(), config.dedupe_window_ms, from_ms)
+            .map_err(|e| WalError::Failed(e.to_string()))
+    }
+
     pub fn open(
         config: &WalConfig,
         floor: &WalMark,
