@@ -45,6 +45,7 @@ pub mod mark;
 pub mod reclaim;
 pub mod record;
 pub mod repair;
+pub mod replies;
 pub mod segment;
 pub mod spacing;
 pub mod spare;
@@ -422,7 +423,8 @@ impl Wal {
             return Ok(0);
         }
         let Record { payload, ids, accepted_ms } = record.finish().map_err(|e| WalError::Failed(e.to_string()))?;
-        self.ask(|reply| Command::Append { payload, ids, accepted_ms, reply }).await
+        let mailbox = replies::here();
+        self.ask(|reply| Command::Append { payload, ids, accepted_ms, reply, mailbox }).await
     }
 
     /// [`Wal::append`] of a record built only when the WAL is on: with
@@ -832,7 +834,13 @@ mod tests {
         let record = record(1, tag).finish().unwrap_or_else(|e| panic!("{e}"));
         let tx = wal.tx.lock().unwrap_or_else(|p| p.into_inner());
         let sent = tx.as_ref().map(|tx| {
-            let sent = tx.send(Command::Append { payload: record.payload, ids: record.ids, accepted_ms: record.accepted_ms, reply });
+            let sent = tx.send(Command::Append {
+                payload: record.payload,
+                ids: record.ids,
+                accepted_ms: record.accepted_ms,
+                reply,
+                mailbox: None,
+            });
             wal.recall.queued(|| tx.len());
             sent
         });

@@ -20,6 +20,7 @@ use super::checkpoint;
 use super::ids::IdLog;
 use super::reclaim::Reclaimer;
 use super::record::frame;
+use super::replies::{self, Mailbox};
 use super::segment;
 use super::spacing::{self, Hold, Outcome, Recall, Spacing};
 use super::spare::Spares;
@@ -41,6 +42,8 @@ pub enum Command {
         ids: Vec<u128>,
         accepted_ms: i64,
         reply: oneshot::Sender<Result<u64, WalError>>,
+        /// The appending thread's mailbox, if it serves one (`replies.rs`).
+        mailbox: Option<Arc<Mailbox>>,
     },
     /// The store holds everything up to `seq`: the caller has written the
     /// checkpoint file already (off this thread); prune the segments below it.
@@ -143,10 +146,10 @@ impl Writer {
             buf.clear();
             for cmd in group {
                 match cmd {
-                    Command::Append { payload, ids: batch_ids, accepted_ms, reply } => {
+                    Command::Append { payload, ids: batch_ids, accepted_ms, reply, mailbox } => {
                         let seq = self.next_seq + appends.len() as u64;
                         frame(&mut buf, seq, &payload);
-                        appends.push((seq, reply));
+                        appends.push((seq, reply, mailbox));
                         ids.push((batch_ids, accepted_ms, seq));
                     }
                     Command::Checkpoint { seq, reply } => checkpoints.push((seq, reply)),
@@ -161,20 +164,16 @@ impl Writer {
                         self.series.group(appends.len());
                         self.next_seq += appends.len() as u64;
                         dirty = self.sync != Sync::Always;
-                        let seqs: Vec<u64> = appends.iter().map(|(s, _)| *s).collect();
+                        let seqs: Vec<u64> = appends.iter().map(|(s, _, _)| *s).collect();
                         if self.sync == Sync::Always {
                             self.stats.durable.store(self.next_seq - 1, Ordering::Release);
                         }
                         self.tracker.acked(&seqs);
-                        for (seq, reply) in appends {
-                            let _ = reply.send(Ok(seq));
-                        }
+                        replies::answer(appends.into_iter().map(|(seq, reply, mailbox)| (mailbox, reply, Ok(seq))).collect());
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "WAL write failed; the batch is refused");
-                        for (_, reply) in appends {
-                            let _ = reply.send(Err(e.clone()));
-                        }
+                        replies::answer(appends.into_iter().map(|(_, reply, mailbox)| (mailbox, reply, Err(e.clone()))).collect());
                     }
                 }
             }
