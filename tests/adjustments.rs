@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::process::{free_port, spawn, wait_healthy};
+use common::ports::free_port;
+use common::process::{spawn, wait_healthy};
 use common::{away_from_day_boundary, now_ms, uid, Client, TestServer, DAY};
 use serde_json::{json, Value};
 use std::time::Duration;

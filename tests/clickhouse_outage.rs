@@ -9,7 +9,8 @@ mod common;
 
 use common::ch::{self, ClickHouseServer};
 use common::load::{try_send, Rng};
-use common::process::{free_port, spawn, wait_healthy};
+use common::ports::free_port;
+use common::process::{spawn, wait_healthy};
 use common::require::{self, need};
 use common::{away_from_day_boundary, Client, TestServer};
 use serde_json::{json, Value};

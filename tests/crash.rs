@@ -8,7 +8,8 @@
 mod common;
 
 use common::load::{try_send, Rng};
-use common::process::{free_port, spawn, wait_healthy, Proc};
+use common::ports::free_port;
+use common::process::{spawn, wait_healthy, Proc};
 use common::{away_from_day_boundary, Client};
 use serde_json::{json, Value};
 use std::net::SocketAddr;

@@ -404,7 +404,8 @@ async fn leased_credits_on_three_instances_are_exact_and_mostly_local() {
 /// balance, exactly the balance in the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sigkilled_credit_slice_holder_returns_its_slice_after_the_lease_ttl() {
-    use common::process::{free_port, spawn, wait_healthy};
+    use common::ports::free_port;
+    use common::process::{spawn, wait_healthy};
     let redis = need!(RedisServer::start(false).await);
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();

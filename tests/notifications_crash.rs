@@ -6,7 +6,8 @@ mod common;
 mod notifications_support;
 
 use chrono::{Datelike, TimeZone, Utc};
-use common::process::{free_port, spawn, wait_healthy};
+use common::ports::free_port;
+use common::process::{spawn, wait_healthy};
 use common::{away_from_day_boundary, Client};
 use meterd::model::WindowKind;
 use meterd::notify::detect::{notification_id, window_key};

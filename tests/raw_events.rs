@@ -10,7 +10,8 @@ mod common;
 
 use common::ch::{cutting_proxy, holding_proxy, query, unique_db, ClickHouseServer};
 use common::load::{try_send, Rng};
-use common::process::{free_port, spawn, wait_healthy};
+use common::ports::free_port;
+use common::process::{spawn, wait_healthy};
 use common::require::{clickhouse_url, need, Need};
 use common::{away_from_day_boundary, now_ms, Client, TestServer};
 use serde_json::{json, Value};

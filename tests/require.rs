@@ -83,10 +83,10 @@ fn probe_ports() {
     let what = std::env::var(PORT_PROBE).unwrap_or_default();
     if what == "take" {
         // On a line of its own: libtest's "test probe_ports ... " precedes it.
-        println!("\nHOLDING {}", common::process::free_port());
+        println!("\nHOLDING {}", common::ports::free_port());
         let _ = std::io::stdin().read_line(&mut String::new());
     } else if let Some(port) = what.strip_prefix("try:").and_then(|p| p.parse::<u16>().ok()) {
-        match common::process::free_ports_in(port..port + 1, &[0]) {
+        match common::ports::free_ports_in(port..port + 1, &[0]) {
             Some(got) => println!("GOT {got}"),
             None => println!("NONE"),
         }
@@ -112,7 +112,7 @@ fn tcp_free(port: u16) -> bool {
 #[test]
 fn a_port_one_test_process_holds_is_not_handed_to_another() {
     // This process's port, free for TCP, is refused to another process.
-    let mine = common::process::free_port();
+    let mine = common::ports::free_port();
     assert!(tcp_free(mine), "the port is still free for a server to bind");
     let out = port_probe(&format!("try:{mine}")).output().unwrap_or_else(|e| panic!("run the probe: {e}"));
     let said = text(&out);
@@ -129,9 +129,9 @@ fn a_port_one_test_process_holds_is_not_handed_to_another() {
         .unwrap_or_else(|| panic!("the probe printed no port"));
     assert_ne!(theirs, mine);
     assert!(tcp_free(theirs), "the probe's port is free for a server to bind");
-    assert_eq!(common::process::free_ports_in(theirs..theirs + 1, &[0]), None, "got the port another process holds");
+    assert_eq!(common::ports::free_ports_in(theirs..theirs + 1, &[0]), None, "got the port another process holds");
     drop(child.stdin.take());
     lines.for_each(drop);
     assert!(child.wait().expect("probe exits").success());
-    assert_eq!(common::process::free_ports_in(theirs..theirs + 1, &[0]), Some(theirs), "the port is free once its holder exited");
+    assert_eq!(common::ports::free_ports_in(theirs..theirs + 1, &[0]), Some(theirs), "the port is free once its holder exited");
 }

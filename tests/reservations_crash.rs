@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::process::{free_port, spawn, wait_healthy};
+use common::ports::free_port;
+use common::process::{spawn, wait_healthy};
 use common::{check, Client};
 use serde_json::json;
 use std::net::SocketAddr;

@@ -409,7 +409,8 @@ async fn racing_settles_on_two_instances_record_once_and_answer_alike() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_survives_its_instance_sigkill_and_is_settled_and_expired_elsewhere() {
-    use common::process::{free_port, spawn, wait_healthy};
+    use common::ports::free_port;
+    use common::process::{spawn, wait_healthy};
     let redis = need!(RedisServer::start(false).await);
     away_from_day_boundary().await;
     let dir = tempfile::tempdir().expect("temp dir");

@@ -5,7 +5,8 @@
 mod common;
 
 use chrono::{TimeZone, Utc};
-use common::process::{free_port, meterd_command, spawn, wait_healthy, Proc};
+use common::ports::free_port;
+use common::process::{meterd_command, spawn, wait_healthy, Proc};
 use common::{away_from_hour_boundary, now_ms, uid, Client, TestServer, DAY, HOUR};
 use serde_json::{json, Value};
 use std::net::SocketAddr;

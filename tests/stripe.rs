@@ -11,7 +11,8 @@
 
 mod common;
 
-use common::process::{free_port, meterd_command, wait_healthy, Proc};
+use common::ports::free_port;
+use common::process::{meterd_command, wait_healthy, Proc};
 use common::require::{self, need};
 use common::stripe_fake::{Fault, StripeFake};
 use common::{now_ms, Client, TestServer};

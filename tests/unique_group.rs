@@ -7,7 +7,8 @@
 
 mod common;
 
-use common::process::{free_port, spawn, wait_healthy};
+use common::ports::free_port;
+use common::process::{spawn, wait_healthy};
 use common::redis_server::RedisServer;
 use common::require::{clickhouse_url, need};
 use common::{away_from_day_boundary, message, now_ms, uid, Client, TestServer, DAY};

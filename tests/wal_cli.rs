@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::process::{free_port, meterd_command, spawn, wait_healthy};
+use common::ports::free_port;
+use common::process::{meterd_command, spawn, wait_healthy};
 use common::{away_from_day_boundary, Client};
 use serde_json::json;
 use std::net::SocketAddr;

@@ -4,7 +4,7 @@
 //! tests that kill and restart the server. Without the variables a test is
 //! skipped, or fails under `METERD_TEST_REQUIRE_SERVICES` (see `require`).
 
-use super::process::free_port;
+use super::ports::free_port;
 use super::require::{self, Need};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

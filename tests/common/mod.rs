@@ -7,6 +7,7 @@ pub mod ch;
 pub mod engine;
 pub mod load;
 pub mod mount;
+pub mod ports;
 pub mod process;
 pub mod redis_server;
 pub mod require;

@@ -4,7 +4,7 @@
 //! without it a test is skipped, or fails under `METERD_TEST_REQUIRE_SERVICES`
 //! (see `require`).
 
-use super::process::free_port;
+use super::ports::free_port;
 use super::require::{self, Need};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -126,8 +126,8 @@ fn server_port(cluster: bool) -> u16 {
         return free_port();
     }
     // Below 55536, so that the bus port fits.
-    let end = super::process::ephemeral_start().saturating_sub(10_000).min(55_536);
-    super::process::free_ports_below(end, &[0, 10_000])
+    let end = super::ports::ephemeral_start().saturating_sub(10_000).min(55_536);
+    super::ports::free_ports_below(end, &[0, 10_000])
 }
 
 impl Drop for RedisServer {

@@ -4,8 +4,13 @@
 //! and restart with an exact total, and the webhook verifier against the
 //! reference `standardwebhooks` crate.
 
+// The free-port rule of meterd's own tests (claimed across test processes).
+#[path = "../../../tests/common/ports.rs"]
+mod ports;
+
 use meterd_client::webhook::{Webhook, WebhookError};
 use meterd_client::{Client, Config, Error, Event, GrantRequest, OnFull, Retry, UsageQuery};
+use ports::free_port;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,45 +57,6 @@ fn bin() -> PathBuf {
     std::env::var_os("METERD_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/meterd"))
-}
-
-/// A free loopback port below the kernel's ephemeral range, where the local
-/// port of an outgoing connection cannot take it before meterd binds it (or
-/// while meterd is restarted on it), claimed for this process (see `claim`).
-fn free_port() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    let end: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32_768);
-    let seed = std::collections::hash_map::RandomState::new();
-    for attempt in 0u64..20_000 {
-        if end <= 11_000 {
-            break;
-        }
-        let mut h = seed.build_hasher();
-        h.write_u64(attempt);
-        let port = 10_000 + (h.finish() % u64::from(end - 10_000)) as u16;
-        if claim(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// Claims `port` until this process exits, as meterd's own tests do (by
-/// holding the UDP socket of the same number, which no server here binds), so
-/// that two test processes running at once never start servers on the same
-/// port. `false` when held, here or by another test process.
-fn claim(port: u16) -> bool {
-    static HELD: std::sync::Mutex<Vec<std::net::UdpSocket>> = std::sync::Mutex::new(Vec::new());
-    match std::net::UdpSocket::bind(("127.0.0.1", port)) {
-        Ok(socket) => {
-            HELD.lock().unwrap_or_else(|p| p.into_inner()).push(socket);
-            true
-        }
-        Err(_) => false,
-    }
 }
 
 impl Meterd {
