@@ -215,12 +215,6 @@ pub struct Wal {
 }
 
 impl Wal {
-    /// Opens the WAL in `config.dir`: loads the ids accepted within the dedupe
-    /// window through `id` (id, accepted ms, its record's sequence number),
-    /// cuts a torn tail, replays every record above `max(floor, checkpoint
-    /// file)` through `replay` in sequence order (except the floor's extras,
-    /// which the store holds already), then starts the writer. A disabled WAL
-    /// loads and replays nothing.
     /// How many ids [`Wal::open`] will hand back from the id files that reach
     /// past `from_ms` (by their sizes, before reading them; 0 with the WAL
     /// off), so the caller can make room for them first.
@@ -232,6 +226,12 @@ impl Wal {
             .map_err(|e| WalError::Failed(e.to_string()))
     }
 
+    /// Opens the WAL in `config.dir`: loads the ids accepted within the dedupe
+    /// window through `id` (id, accepted ms, its record's sequence number),
+    /// cuts a torn tail, replays every record above `max(floor, checkpoint
+    /// file)` through `replay` in sequence order (except the floor's extras,
+    /// which the store holds already), then starts the writer. A disabled WAL
+    /// loads and replays nothing.
     pub fn open(
         config: &WalConfig,
         floor: &WalMark,

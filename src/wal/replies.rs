@@ -24,10 +24,13 @@ pub type Reply = oneshot::Sender<Result<u64, WalError>>;
 /// answer goes, and the answer.
 pub type Answer = (Option<Arc<Mailbox>>, Reply, Result<u64, WalError>);
 
+/// An answer left in a mailbox: where it goes, and the answer.
+type Waiting = (Reply, Result<u64, WalError>);
+
 /// The answers waiting for one thread's pump.
 #[derive(Default)]
 pub struct Mailbox {
-    waiting: Mutex<Vec<(Reply, Result<u64, WalError>)>>,
+    waiting: Mutex<Vec<Waiting>>,
     wake: Notify,
     /// How many times the pump has emptied the box (tests).
     #[cfg(test)]
@@ -65,21 +68,21 @@ pub fn here() -> Option<Arc<Mailbox>> {
 /// Sends a group's answers: those whose append named a mailbox through it
 /// (one wake per mailbox), the others directly.
 pub fn answer(answers: Vec<Answer>) {
-    let mut boxes: Vec<Arc<Mailbox>> = Vec::new();
+    let mut boxes: Vec<(Arc<Mailbox>, Vec<Waiting>)> = Vec::new();
     for (mailbox, reply, result) in answers {
         match mailbox {
-            Some(mailbox) => {
-                mailbox.waiting.lock().unwrap_or_else(|p| p.into_inner()).push((reply, result));
-                if !boxes.iter().any(|b| Arc::ptr_eq(b, &mailbox)) {
-                    boxes.push(mailbox);
-                }
-            }
+            Some(mailbox) => match boxes.iter_mut().find(|(b, _)| Arc::ptr_eq(b, &mailbox)) {
+                Some((_, these)) => these.push((reply, result)),
+                None => boxes.push((mailbox, vec![(reply, result)])),
+            },
             None => {
                 let _ = reply.send(result);
             }
         }
     }
-    for mailbox in boxes {
+    // One lock and one wake per thread.
+    for (mailbox, these) in boxes {
+        mailbox.waiting.lock().unwrap_or_else(|p| p.into_inner()).extend(these);
         mailbox.wake.notify_one();
     }
 }
