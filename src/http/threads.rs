@@ -146,9 +146,6 @@ impl Worker {
                         return;
                     }
                 };
-                // The WAL's answers to this thread's appends come a group at a
-                // time, through its mailbox's pump (`crate::wal::replies`).
-                runtime.spawn(crate::wal::replies::serve_here());
                 let _ = handle_tx.send(Ok(runtime.handle().clone()));
                 // Dropped without a stop (the threads' owner went away): nothing waits.
                 let deadline = runtime.block_on(stop_rx).unwrap_or_else(|_| Instant::now());
@@ -176,22 +173,17 @@ impl Worker {
 }
 
 /// Waits, on a connection thread's runtime, until no task is left on it or
-/// `deadline` passes; returns how many are left. The WAL's reply pump, which
-/// lives as long as the runtime, is not counted.
+/// `deadline` passes; returns how many are left.
 async fn tasks_ended(deadline: Instant) -> usize {
     let metrics = Handle::current().metrics();
     loop {
-        let left = metrics.num_alive_tasks().saturating_sub(RESIDENT_TASKS);
+        let left = metrics.num_alive_tasks();
         if left == 0 || Instant::now() >= deadline {
             return left;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
-
-/// Tasks every connection thread runs for as long as it lives: the WAL's
-/// reply pump.
-const RESIDENT_TASKS: usize = 1;
 
 /// Counts a connection on its thread while it lives.
 struct Counted {

@@ -45,7 +45,6 @@ pub mod mark;
 pub mod reclaim;
 pub mod record;
 pub mod repair;
-pub mod replies;
 pub mod segment;
 pub mod spacing;
 pub mod spare;
@@ -423,8 +422,7 @@ impl Wal {
             return Ok(0);
         }
         let Record { payload, ids, accepted_ms } = record.finish().map_err(|e| WalError::Failed(e.to_string()))?;
-        let mailbox = replies::here();
-        self.ask(|reply| Command::Append { payload, ids, accepted_ms, reply, mailbox }).await
+        self.ask(|reply| Command::Append { payload, ids, accepted_ms, reply }).await
     }
 
     /// [`Wal::append`] of a record built only when the WAL is on: with
@@ -834,13 +832,7 @@ mod tests {
         let record = record(1, tag).finish().unwrap_or_else(|e| panic!("{e}"));
         let tx = wal.tx.lock().unwrap_or_else(|p| p.into_inner());
         let sent = tx.as_ref().map(|tx| {
-            let sent = tx.send(Command::Append {
-                payload: record.payload,
-                ids: record.ids,
-                accepted_ms: record.accepted_ms,
-                reply,
-                mailbox: None,
-            });
+            let sent = tx.send(Command::Append { payload: record.payload, ids: record.ids, accepted_ms: record.accepted_ms, reply });
             wal.recall.queued(|| tx.len());
             sent
         });

@@ -20,7 +20,6 @@ use super::checkpoint;
 use super::ids::IdLog;
 use super::reclaim::Reclaimer;
 use super::record::frame;
-use super::replies::{self, Mailbox};
 use super::segment;
 use super::spacing::{self, Hold, Outcome, Recall, Spacing};
 use super::spare::Spares;
@@ -42,8 +41,6 @@ pub enum Command {
         ids: Vec<u128>,
         accepted_ms: i64,
         reply: oneshot::Sender<Result<u64, WalError>>,
-        /// The appending thread's mailbox, if it serves one (`replies.rs`).
-        mailbox: Option<Arc<Mailbox>>,
     },
     /// The store holds everything up to `seq`: the caller has written the
     /// checkpoint file already (off this thread); prune the segments below it.
@@ -146,10 +143,10 @@ impl Writer {
             buf.clear();
             for cmd in group {
                 match cmd {
-                    Command::Append { payload, ids: batch_ids, accepted_ms, reply, mailbox } => {
+                    Command::Append { payload, ids: batch_ids, accepted_ms, reply } => {
                         let seq = self.next_seq + appends.len() as u64;
                         frame(&mut buf, seq, &payload);
-                        appends.push((seq, reply, mailbox));
+                        appends.push((seq, reply));
                         ids.push((batch_ids, accepted_ms, seq));
                     }
                     Command::Checkpoint { seq, reply } => checkpoints.push((seq, reply)),
@@ -164,16 +161,20 @@ impl Writer {
                         self.series.group(appends.len());
                         self.next_seq += appends.len() as u64;
                         dirty = self.sync != Sync::Always;
-                        let seqs: Vec<u64> = appends.iter().map(|(s, _, _)| *s).collect();
+                        let seqs: Vec<u64> = appends.iter().map(|(s, _)| *s).collect();
                         if self.sync == Sync::Always {
                             self.stats.durable.store(self.next_seq - 1, Ordering::Release);
                         }
                         self.tracker.acked(&seqs);
-                        replies::answer(appends.into_iter().map(|(seq, reply, mailbox)| (mailbox, reply, Ok(seq))).collect());
+                        for (seq, reply) in appends {
+                            let _ = reply.send(Ok(seq));
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "WAL write failed; the batch is refused");
-                        replies::answer(appends.into_iter().map(|(_, reply, mailbox)| (mailbox, reply, Err(e.clone()))).collect());
+                        for (_, reply) in appends {
+                            let _ = reply.send(Err(e.clone()));
+                        }
                     }
                 }
             }
