@@ -305,7 +305,7 @@ fn check_decision(c: &mut Criterion) {
     };
     g.bench_function("answer_json_warm_key", |b| {
         b.iter(|| {
-            let answer = rt.block_on(engine.limits_ports().check(ask.clone())).expect("check");
+            let answer = rt.block_on(engine.limits_ports().check(&ask)).expect("check");
             serde_json::to_vec(&*answer).map(|v| v.len()).unwrap_or(0)
         })
     });
@@ -374,7 +374,7 @@ fn consume_none(c: &mut Criterion) {
                 id: Some(format!("b{n}")),
                 value: None,
             };
-            let answer = rt.block_on(engine.limits_ports().check(ask)).expect("consume");
+            let answer = rt.block_on(engine.limits_ports().check(&ask)).expect("consume");
             assert!(answer.allowed);
             serde_json::to_vec(&*answer).map(|v| v.len()).unwrap_or(0)
         })

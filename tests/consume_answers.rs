@@ -38,7 +38,7 @@ fn consume(quantity: i64, id: &str) -> CheckRequest {
 }
 
 async fn decide(engine: &Engine, quantity: i64, id: &str) -> (bool, Reason, i64) {
-    let a = engine.limits_ports().check(consume(quantity, id)).await.expect("check");
+    let a = engine.limits_ports().check(&consume(quantity, id)).await.expect("check");
     (a.allowed, a.reason, a.used.raw)
 }
 

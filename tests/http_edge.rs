@@ -36,7 +36,11 @@ impl Edge {
     /// Starts meterd with `edge` given as the config's `[server]` keys (so the
     /// keys' wiring is tested too).
     async fn start(edge: EdgeConfig) -> Edge {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Edge::start_in(edge, tempfile::tempdir().expect("temp dir")).await
+    }
+
+    /// [`Edge::start`] on the data dir `dir` (a restart when it holds one).
+    async fn start_in(edge: EdgeConfig, dir: tempfile::TempDir) -> Edge {
         let toml = with_dirs(&format!("{INTERVIEW}\n[metrics]\nlisten = \"127.0.0.1:0\"\n"), dir.path());
         let mut table: toml::Table = toml.parse().expect("test config parses");
         if let Some(toml::Value::Table(server)) = table.get_mut("server") {
@@ -372,4 +376,75 @@ async fn shutdown_finishes_the_request_in_flight_and_closes_idle_keep_alive_conn
     assert_eq!(status, 202, "{head} {body}");
     assert_eq!(body, json!({"accepted": 1, "duplicates": 0}));
     tokio::time::timeout(Duration::from_secs(10), shutdown).await.expect("shutdown ends").expect("task").expect("clean shutdown");
+}
+
+/// Sends one whole request on a fresh connection and hangs up at once,
+/// without reading the answer.
+async fn send_and_hang_up(addr: SocketAddr, path: &str, body: String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request =
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(request.as_bytes()).await.expect("request");
+    drop(stream);
+}
+
+/// Issue 24: a consume's or an ingest's handler is finished even if hyper
+/// drops it (the client went away after sending): once its WAL record is
+/// written, its usage must be folded too. Many consumes and events whose
+/// clients hang up at once, each on its own connection (some are dropped
+/// before their body is read, which records nothing; some after): what the
+/// running server counts is exactly what a restart replays from the WAL and
+/// the store, so no record was written without being folded. The rounds go on
+/// until handlers were seen dropped unfinished (so the path is taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_clients_that_hang_up_leave_counted_is_what_a_restart_replays() {
+    const DETACHED: &str = "meterd_http_detached_total";
+    let _serial = SERIAL.lock().await;
+    let mut server = Edge::start(edge(5000, 5000, 30_000, 1000)).await;
+    let before = server.metric(DETACHED).await;
+    let customer = common::uid("gone");
+    let usage_path = format!("/v1/customers/{customer}/usage");
+    let mut rounds = 0;
+    while rounds < 400 && (rounds < 3 || server.metric(DETACHED).await - before < 10.0) {
+        rounds += 1;
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let consume =
+                json!({"customer": customer, "meter": "interview_minutes", "quantity": 1, "consume": true, "id": common::uid("c")});
+            let event = json!({"id": common::uid("e"), "customer": customer, "meter": "interviews"});
+            let (path, body) = if i % 2 == 0 { ("/v1/check", consume) } else { ("/v1/events", event) };
+            tasks.push(tokio::spawn(send_and_hang_up(server.addr, path, body.to_string())));
+        }
+        for t in tasks {
+            t.await.expect("sender");
+        }
+    }
+    let detached = server.metric(DETACHED).await - before;
+    assert!(detached >= 10.0, "only {detached} handler(s) dropped unfinished in {rounds} rounds: the path was not taken");
+    // The detached handlers finish on their own tasks: wait until the totals settle.
+    let mut counted = server.client().get(&usage_path).await.body["meters"].clone();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = server.client().get(&usage_path).await.body["meters"].clone();
+        if now == counted {
+            break;
+        }
+        counted = now;
+    }
+    let used =
+        |meters: &Value, meter: &str| meters.as_array().and_then(|m| m.iter().find(|m| m["meter"] == meter)).map(|m| m["used"].clone());
+    let sent = json!(rounds * 25);
+    for meter in ["interview_minutes", "interviews"] {
+        let n = used(&counted, meter).and_then(|v| v.as_u64()).unwrap_or(0);
+        assert!(n <= rounds as u64 * 25, "{meter}: {n} counted of {sent} sent");
+    }
+    let app = server.app.take().expect("running");
+    let dir = std::mem::replace(&mut server._dir, tempfile::tempdir().expect("temp dir"));
+    app.shutdown().await.expect("clean shutdown");
+    let server = Edge::start_in(edge(5000, 5000, 30_000, 1000), dir).await;
+    let replayed = server.client().get(&usage_path).await.body["meters"].clone();
+    for meter in ["interview_minutes", "interviews"] {
+        assert_eq!(used(&replayed, meter), used(&counted, meter), "{meter}: after the restart (counted before it: {counted})");
+    }
+    server.stop().await;
 }

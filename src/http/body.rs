@@ -11,9 +11,20 @@ use hyper::HeaderMap;
 
 /// Reads the whole body, refusing it with 413 past `max` bytes (and with 408
 /// when it does not arrive within `server.body_read_timeout`).
-pub async fn read_limited(headers: &HeaderMap, mut body: RequestBody, max: u64) -> Result<Bytes, ApiError> {
+pub async fn read_limited(headers: &HeaderMap, body: RequestBody, max: u64) -> Result<Bytes, ApiError> {
+    read_declared(declared_length(headers), body, max).await
+}
+
+/// The body's length as its `Content-Length` declares it (none when absent or unreadable).
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+}
+
+/// [`read_limited`] given the declared length instead of the headers, for a
+/// handler that lets go of the request's head before it reads the body (its
+/// future, boxed per request, then does not hold the head: issue 24).
+pub async fn read_declared(declared: Option<u64>, mut body: RequestBody, max: u64) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::payload_too_large(format!("body is larger than ingest.max_body_bytes ({max} bytes)"));
-    let declared = headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max) {
         return Err(too_large());
     }

@@ -9,6 +9,12 @@
 //! inline on the connection's task instead, and only if it is dropped
 //! unfinished does it hand the rest to a spawned task, which is when the spawn
 //! was needed in the first place.
+//!
+//! The route table's handlers return one too ([`super::routes::Pending`]): the
+//! box a handler's future needs anyway is the one it is finished from, so the
+//! hot routes (`/v1/check`, `/v1/events`) allocate one box per request, not
+//! one for the handler and another for its engine call. Handlers that write
+//! nothing are [`Finish::cancellable`]: dropped with their caller.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,14 +22,23 @@ use std::task::{Context, Poll};
 
 type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// A future that is finished by a spawned task if dropped before it is done.
+/// A future that is finished by a spawned task if dropped before it is done
+/// (unless made [`Finish::cancellable`]).
 pub struct Finish<T: Send + 'static> {
     inner: Option<Boxed<T>>,
+    detach: bool,
 }
 
 /// Wraps `fut` so it runs to completion whatever happens to its caller.
 pub fn finish<T: Send + 'static>(fut: impl Future<Output = T> + Send + 'static) -> Finish<T> {
-    Finish { inner: Some(Box::pin(fut)) }
+    Finish { inner: Some(Box::pin(fut)), detach: true }
+}
+
+impl<T: Send + 'static> Finish<T> {
+    /// Boxes `fut` to be dropped, unfinished, with its caller.
+    pub fn cancellable(fut: impl Future<Output = T> + Send + 'static) -> Finish<T> {
+        Finish { inner: Some(Box::pin(fut)), detach: false }
+    }
 }
 
 impl<T: Send + 'static> Future for Finish<T> {
@@ -47,6 +62,9 @@ impl<T: Send + 'static> Future for Finish<T> {
 
 impl<T: Send + 'static> Drop for Finish<T> {
     fn drop(&mut self) {
+        if !self.detach {
+            return;
+        }
         let Some(rest) = self.inner.take() else { return };
         crate::telemetry::handler_detached();
         match tokio::runtime::Handle::try_current() {
@@ -98,6 +116,23 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(done.load(Ordering::SeqCst), 1, "the rest ran in a task of its own");
+    }
+
+    #[tokio::test]
+    async fn a_cancellable_call_is_dropped_with_its_caller() {
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        let call = Finish::cancellable(async move {
+            tokio::task::yield_now().await;
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        let caller = tokio::spawn(call);
+        caller.abort();
+        let _ = caller.await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(done.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

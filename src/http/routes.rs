@@ -8,6 +8,7 @@
 //! escape or non-UTF-8 is a 400), duplicate query parameters refused.
 
 use super::error::ApiError;
+use super::finish::Finish;
 use super::{billing, handlers, ui, HttpState, RequestBody, Routes};
 use crate::telemetry::RouteMetrics;
 use bytes::Bytes;
@@ -15,8 +16,6 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::Method;
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,8 +23,10 @@ use std::time::Instant;
 type Request = hyper::Request<RequestBody>;
 type Response = hyper::Response<Full<Bytes>>;
 
-/// What a handler returns: its answer, later.
-pub type Pending = Pin<Box<dyn Future<Output = Result<Response, ApiError>> + Send>>;
+/// What a handler returns: its answer, later, in one box. A handler that
+/// writes (an ingest, a consume) is finished even if hyper drops it (the client
+/// went away); the others are [`Finish::cancellable`].
+pub type Pending = Finish<Result<Response, ApiError>>;
 
 /// A route's handler for one method: the shared state, the request, and the
 /// route's percent-decoded `{customer}` segment ("" on routes without one).
@@ -49,24 +50,14 @@ pub const UNKNOWN: &str = "unknown";
 
 /// Every route meterd serves (API.md part 1).
 pub static ROUTES: &[Route] = &[
-    Route {
-        name: "events",
-        path: "/v1/events",
-        ops: false,
-        methods: &[(Method::POST, |s, req, _| Box::pin(async move { handlers::events(&s, req).await }))],
-    },
-    Route {
-        name: "check",
-        path: "/v1/check",
-        ops: false,
-        methods: &[(Method::POST, |s, req, _| Box::pin(async move { handlers::check(&s, req).await }))],
-    },
+    Route { name: "events", path: "/v1/events", ops: false, methods: &[(Method::POST, |s, req, _| handlers::events(s, req))] },
+    Route { name: "check", path: "/v1/check", ops: false, methods: &[(Method::POST, |s, req, _| handlers::check(s, req))] },
     Route {
         name: "usage_history",
         path: "/v1/usage",
         ops: false,
         methods: &[(Method::GET, |s, req, _| {
-            Box::pin(async move {
+            Pending::cancellable(async move {
                 let query = parse_query(req.uri().query().unwrap_or(""))?;
                 handlers::usage_history(&s, req.headers(), &query).await
             })
@@ -76,17 +67,17 @@ pub static ROUTES: &[Route] = &[
         name: "customer_usage",
         path: "/v1/customers/{customer}/usage",
         ops: false,
-        methods: &[(Method::GET, |s, req, c| Box::pin(async move { handlers::customer_usage(&s, req.headers(), &c).await }))],
+        methods: &[(Method::GET, |s, req, c| Pending::cancellable(async move { handlers::customer_usage(&s, req.headers(), &c).await }))],
     },
     Route {
         name: "entitlements",
         path: "/v1/customers/{customer}/entitlements",
         ops: false,
         methods: &[
-            (Method::GET, |s, req, c| Box::pin(async move { handlers::get_entitlements(&s, req.headers(), &c).await })),
-            (Method::PUT, |s, req, c| Box::pin(async move { handlers::put_entitlements(&s, req, &c).await })),
+            (Method::GET, |s, req, c| Pending::cancellable(async move { handlers::get_entitlements(&s, req.headers(), &c).await })),
+            (Method::PUT, |s, req, c| Pending::cancellable(async move { handlers::put_entitlements(&s, req, &c).await })),
             // Issue 20: back to the default plan.
-            (Method::DELETE, |s, req, c| Box::pin(async move { billing::delete_entitlements(&s, req.headers(), &c).await })),
+            (Method::DELETE, |s, req, c| Pending::cancellable(async move { billing::delete_entitlements(&s, req.headers(), &c).await })),
         ],
     },
     // Prepaid credits and grants (issue 18).
@@ -96,25 +87,25 @@ pub static ROUTES: &[Route] = &[
         ops: false,
         methods: &[
             (Method::GET, |s, req, c| {
-                Box::pin(async move {
+                Pending::cancellable(async move {
                     let query = parse_query(req.uri().query().unwrap_or(""))?;
                     super::credits::list(&s, req.headers(), &c, &query)
                 })
             }),
-            (Method::POST, |s, req, c| Box::pin(async move { super::credits::create(&s, req, &c).await })),
+            (Method::POST, |s, req, c| Pending::cancellable(async move { super::credits::create(&s, req, &c).await })),
         ],
     },
     Route {
         name: "grant",
         path: "/v1/customers/{customer}/grants/{id}",
         ops: false,
-        methods: &[(Method::DELETE, |s, req, c| Box::pin(async move { super::credits::void(&s, req, &c).await }))],
+        methods: &[(Method::DELETE, |s, req, c| Pending::cancellable(async move { super::credits::void(&s, req, &c).await }))],
     },
     Route {
         name: "balances",
         path: "/v1/customers/{customer}/balances",
         ops: false,
-        methods: &[(Method::GET, |s, req, c| Box::pin(async move { super::credits::balances(&s, req.headers(), &c).await }))],
+        methods: &[(Method::GET, |s, req, c| Pending::cancellable(async move { super::credits::balances(&s, req.headers(), &c).await }))],
     },
     // Reservations (issue 19).
     Route {
@@ -123,51 +114,53 @@ pub static ROUTES: &[Route] = &[
         ops: false,
         methods: &[
             (Method::GET, |s, req, _| {
-                Box::pin(async move {
+                Pending::cancellable(async move {
                     let query = parse_query(req.uri().query().unwrap_or(""))?;
                     super::reservations::list(&s, req.headers(), &query).await
                 })
             }),
-            (Method::POST, |s, req, _| Box::pin(async move { super::reservations::reserve(&s, req).await })),
+            (Method::POST, |s, req, _| Pending::cancellable(async move { super::reservations::reserve(&s, req).await })),
         ],
     },
     Route {
         name: "reservation",
         path: "/v1/reservations/{id}",
         ops: false,
-        methods: &[(Method::GET, |s, req, id| Box::pin(async move { super::reservations::get(&s, req.headers(), &id).await }))],
+        methods: &[(Method::GET, |s, req, id| Pending::cancellable(async move { super::reservations::get(&s, req.headers(), &id).await }))],
     },
     Route {
         name: "reservation_settle",
         path: "/v1/reservations/{id}/settle",
         ops: false,
-        methods: &[(Method::POST, |s, req, id| Box::pin(async move { super::reservations::settle(&s, req, id).await }))],
+        methods: &[(Method::POST, |s, req, id| Pending::cancellable(async move { super::reservations::settle(&s, req, id).await }))],
     },
     Route {
         name: "reservation_release",
         path: "/v1/reservations/{id}/release",
         ops: false,
-        methods: &[(Method::POST, |s, req, id| Box::pin(async move { super::reservations::release(&s, req.headers(), id).await }))],
+        methods: &[(Method::POST, |s, req, id| {
+            Pending::cancellable(async move { super::reservations::release(&s, req.headers(), id).await })
+        })],
     },
     Route {
         name: "stripe_status",
         path: "/v1/stripe/status",
         ops: false,
-        methods: &[(Method::GET, |s, req, _| Box::pin(std::future::ready(handlers::stripe_status(&s, req.headers()))))],
+        methods: &[(Method::GET, |s, req, _| Pending::cancellable(std::future::ready(handlers::stripe_status(&s, req.headers()))))],
     },
     // Stripe subscription sync, customers and portal tokens (issue 20).
     Route {
         name: "stripe_webhook",
         path: "/v1/webhooks/stripe",
         ops: false,
-        methods: &[(Method::POST, |s, req, _| Box::pin(billing::stripe_webhook(s, req)))],
+        methods: &[(Method::POST, |s, req, _| Pending::cancellable(billing::stripe_webhook(s, req)))],
     },
     Route {
         name: "customers",
         path: "/v1/customers",
         ops: false,
         methods: &[(Method::GET, |s, req, _| {
-            Box::pin(async move {
+            Pending::cancellable(async move {
                 let query = parse_query(req.uri().query().unwrap_or(""))?;
                 billing::list_customers(&s, req.headers(), &query).await
             })
@@ -177,19 +170,19 @@ pub static ROUTES: &[Route] = &[
         name: "plans",
         path: "/v1/plans",
         ops: false,
-        methods: &[(Method::GET, |s, req, _| Box::pin(std::future::ready(billing::plans(&s, req.headers()))))],
+        methods: &[(Method::GET, |s, req, _| Pending::cancellable(std::future::ready(billing::plans(&s, req.headers()))))],
     },
     Route {
         name: "meters",
         path: "/v1/meters",
         ops: false,
-        methods: &[(Method::GET, |s, req, _| Box::pin(std::future::ready(billing::meters(&s, req.headers()))))],
+        methods: &[(Method::GET, |s, req, _| Pending::cancellable(std::future::ready(billing::meters(&s, req.headers()))))],
     },
     Route {
         name: "portal_tokens",
         path: "/v1/customers/{customer}/portal-tokens",
         ops: false,
-        methods: &[(Method::POST, |s, req, c| Box::pin(async move { billing::portal_token(&s, req, &c).await }))],
+        methods: &[(Method::POST, |s, req, c| Pending::cancellable(async move { billing::portal_token(&s, req, &c).await }))],
     },
     // Threshold notifications (issue 17).
     Route {
@@ -197,7 +190,7 @@ pub static ROUTES: &[Route] = &[
         path: "/v1/notifications",
         ops: false,
         methods: &[(Method::GET, |s, req, _| {
-            Box::pin(std::future::ready(
+            Pending::cancellable(std::future::ready(
                 parse_query(req.uri().query().unwrap_or("")).and_then(|query| super::notifications::list(&s, req.headers(), &query)),
             ))
         })],
@@ -206,7 +199,9 @@ pub static ROUTES: &[Route] = &[
         name: "notification_redeliver",
         path: "/v1/notifications/{id}/redeliver",
         ops: false,
-        methods: &[(Method::POST, |s, req, id| Box::pin(async move { super::notifications::redeliver(&s, req.headers(), &id).await }))],
+        methods: &[(Method::POST, |s, req, id| {
+            Pending::cancellable(async move { super::notifications::redeliver(&s, req.headers(), &id).await })
+        })],
     },
     // Adjustments (issue 19).
     Route {
@@ -214,9 +209,9 @@ pub static ROUTES: &[Route] = &[
         path: "/v1/adjustments",
         ops: false,
         methods: &[
-            (Method::POST, |s, req, _| Box::pin(async move { super::adjustments::create(&s, req).await })),
+            (Method::POST, |s, req, _| Pending::cancellable(async move { super::adjustments::create(&s, req).await })),
             (Method::GET, |s, req, _| {
-                Box::pin(async move {
+                Pending::cancellable(async move {
                     let query = parse_query(req.uri().query().unwrap_or(""))?;
                     super::adjustments::list(&s, req.headers(), &query).await
                 })
@@ -228,38 +223,38 @@ pub static ROUTES: &[Route] = &[
         name: "ui_redirect",
         path: "/ui",
         ops: false,
-        methods: &[(Method::GET, |_, _, _| Box::pin(std::future::ready(Ok(ui::to_index()))))],
+        methods: &[(Method::GET, |_, _, _| Pending::cancellable(std::future::ready(Ok(ui::to_index()))))],
     },
     Route {
         name: "ui",
         path: "/ui/{file}",
         ops: false,
-        methods: &[(Method::GET, |s, req, file| Box::pin(std::future::ready(ui::answer(&s, req.headers(), &file))))],
+        methods: &[(Method::GET, |s, req, file| Pending::cancellable(std::future::ready(ui::answer(&s, req.headers(), &file))))],
     },
     // The OpenAPI document (issue 21): no key, API listener only.
     Route {
         name: "openapi",
         path: "/openapi.json",
         ops: false,
-        methods: &[(Method::GET, |_, _, _| Box::pin(std::future::ready(Ok(handlers::openapi()))))],
+        methods: &[(Method::GET, |_, _, _| Pending::cancellable(std::future::ready(Ok(handlers::openapi()))))],
     },
     Route {
         name: "metrics",
         path: "/metrics",
         ops: true,
-        methods: &[(Method::GET, |s, _, _| Box::pin(std::future::ready(Ok(handlers::metrics(&s)))))],
+        methods: &[(Method::GET, |s, _, _| Pending::cancellable(std::future::ready(Ok(handlers::metrics(&s)))))],
     },
     Route {
         name: "healthz",
         path: "/healthz",
         ops: true,
-        methods: &[(Method::GET, |_, _, _| Box::pin(std::future::ready(Ok(handlers::healthz()))))],
+        methods: &[(Method::GET, |_, _, _| Pending::cancellable(std::future::ready(Ok(handlers::healthz()))))],
     },
     Route {
         name: "readyz",
         path: "/readyz",
         ops: true,
-        methods: &[(Method::GET, |s, _, _| Box::pin(std::future::ready(Ok(handlers::readyz(&s)))))],
+        methods: &[(Method::GET, |s, _, _| Pending::cancellable(std::future::ready(Ok(handlers::readyz(&s)))))],
     },
 ];
 

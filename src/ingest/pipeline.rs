@@ -201,7 +201,9 @@ impl IngestPorts<'_> {
             // New here: ask the other instances too (see `shared_dedupe`).
             let local: Vec<usize> = (0..hashes.len()).filter(|&i| fresh[i]).collect();
             let ids: Vec<u128> = local.iter().map(|&i| hashes[i]).collect();
-            if let Ok(new) = super::shared_dedupe::claim(redis, self.instance_id, &ids, self.limits.dedupe_window_ms).await {
+            // Boxed, as the other Redis round trips on the request path are: kept
+            // out of the local path's future.
+            if let Ok(new) = Box::pin(super::shared_dedupe::claim(redis, self.instance_id, &ids, self.limits.dedupe_window_ms)).await {
                 for (&i, new) in local.iter().zip(new) {
                     fresh[i] = new;
                 }
@@ -239,12 +241,17 @@ impl IngestPorts<'_> {
             // `durability = "none"`: nothing to log.
             self.usage.apply(&usages, Origin::Live);
         } else if !usages.is_empty() {
-            let mut builder = RecordBuilder::new(now, usages.len());
-            let fresh_hashes = hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h);
-            for ((u, id_hash), name) in usages.iter().zip(fresh_hashes).zip(&names) {
-                builder.push(id_hash, u.customer, name, u.meter.id, &u.meter.name, u.raw, u.ts, u.properties);
-            }
-            match self.wal.append(builder).await {
+            // The builder is handed over before the await, in its own scope: kept
+            // across it, it would be part of this future (issue 24).
+            let appended = {
+                let mut builder = RecordBuilder::new(now, usages.len());
+                let fresh_hashes = hashes.iter().zip(&fresh).filter(|(_, f)| **f).map(|(h, _)| *h);
+                for ((u, id_hash), name) in usages.iter().zip(fresh_hashes).zip(&names) {
+                    builder.push(id_hash, u.customer, name, u.meter.id, &u.meter.name, u.raw, u.ts, u.properties);
+                }
+                self.wal.append(builder)
+            };
+            match appended.await {
                 Ok(seq) => self.usage.apply_then(&usages, Origin::Live, || self.wal.tracker.folded(seq)),
                 Err(e) => {
                     // Nothing was recorded: the ids may be sent again.
@@ -254,7 +261,7 @@ impl IngestPorts<'_> {
                         }
                     }
                     if let Some(redis) = self.redis {
-                        super::shared_dedupe::release(redis, &claimed).await;
+                        Box::pin(super::shared_dedupe::release(redis, &claimed)).await;
                     }
                     return Err(IngestError::Unavailable(format!("could not write the WAL: {e}")));
                 }

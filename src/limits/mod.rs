@@ -313,7 +313,7 @@ impl Engine {
 
     /// [`LimitsPorts::check`] on this engine.
     pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
-        self.limits_ports().check(req).await
+        self.limits_ports().check(&req).await
     }
 }
 
@@ -408,8 +408,10 @@ impl LimitsPorts<'_> {
         Ok((id_hash, now, self.consumes.cell(id_hash, now)))
     }
 
-    /// Answers `/v1/check`.
-    pub async fn check(&self, req: CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
+    /// Answers `/v1/check`. The request is borrowed, not moved in: an async
+    /// function keeps its arguments twice in its future, and this future is
+    /// part of the one a request's handler boxes (issue 24).
+    pub async fn check(&self, req: &CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
         let meter =
             self.reads.catalog.meter_by_name(&req.meter).ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
         if req.customer.is_empty() || req.customer.len() > 256 || req.customer.chars().any(char::is_control) {
@@ -435,7 +437,7 @@ impl LimitsPorts<'_> {
             crate::telemetry::decision(verdict.reason.as_str(), false, meter.id.into(), &meter.name);
             return Ok(Arc::new(answer(&req.customer, meter, quantity, &states, verdict)));
         }
-        let (id_hash, now, cell) = self.consume_slot(&req)?;
+        let (id_hash, now, cell) = self.consume_slot(req)?;
         // Exactly one caller per id decides; a retry (or a racing duplicate) gets
         // the same answer and records nothing.
         let answer = cell

@@ -49,7 +49,7 @@ fn verdict(states: &[LimitState], quantity: i64, counted: bool) -> Verdict {
 
 impl LimitsPorts<'_> {
     /// Answers `/v1/check` on a `unique_count` meter.
-    pub(super) async fn check_unique(&self, req: CheckRequest, meter: &Meter) -> Result<Arc<CheckAnswer>, CheckError> {
+    pub(super) async fn check_unique(&self, req: &CheckRequest, meter: &Meter) -> Result<Arc<CheckAnswer>, CheckError> {
         let value = match &req.value {
             Some(v) if v.is_empty() || v.len() > 256 => return Err(invalid("value", "must be 1-256 bytes (a property value)")),
             other => other.clone(),
@@ -82,7 +82,7 @@ impl LimitsPorts<'_> {
         let Some(value) = value else {
             return Err(invalid("value", format!("is required when consume is true on unique_count meter {:?}", meter.name)));
         };
-        let (id_hash, now, cell) = self.consume_slot(&req)?;
+        let (id_hash, now, cell) = self.consume_slot(req)?;
         let answer = cell
             .get_or_try_init(|| async {
                 match self.consumes.denial(id_hash, now) {

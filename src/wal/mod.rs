@@ -56,9 +56,12 @@ pub use record::{Record, RecordBuilder, WalBatch, WalEvent};
 
 use crossbeam::channel::Sender;
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::oneshot;
 pub use writer::Sync;
@@ -401,37 +404,56 @@ impl Wal {
     }
 
     /// Sends the writer the command built around a reply channel, and waits for
-    /// the answer. The sender is used under its lock rather than cloned out of
-    /// it (sending on the unbounded channel never blocks): no reference-count
-    /// traffic per request.
+    /// the answer.
     async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Command) -> Result<T, WalError> {
-        let (reply, rx) = oneshot::channel();
-        {
-            let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = tx.as_ref().ok_or(WalError::Stopped)?;
-            tx.send(command(reply)).map_err(|_| WalError::Stopped)?;
-            self.recall.queued(|| tx.len());
-        }
+        let rx = self.send(command)?;
         rx.await.map_err(|_| WalError::Stopped)?
     }
 
+    /// Sends the writer the command built around a reply channel; the answer
+    /// comes on the returned receiver. The sender is used under its lock rather
+    /// than cloned out of it (sending on the unbounded channel never blocks): no
+    /// reference-count traffic per request.
+    fn send<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, WalError>>) -> Command,
+    ) -> Result<oneshot::Receiver<Result<T, WalError>>, WalError> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = tx.as_ref().ok_or(WalError::Stopped)?;
+        tx.send(command(reply)).map_err(|_| WalError::Stopped)?;
+        self.recall.queued(|| tx.len());
+        Ok(rx)
+    }
+
     /// Appends a batch; resolves once it is as durable as configured. A disabled
-    /// WAL answers 0 at once.
-    pub async fn append(&self, record: RecordBuilder) -> Result<u64, WalError> {
-        if !self.enabled {
-            return Ok(0);
-        }
-        let Record { payload, ids, accepted_ms } = record.finish().map_err(|e| WalError::Failed(e.to_string()))?;
-        self.ask(|reply| Command::Append { payload, ids, accepted_ms, reply }).await
+    /// WAL answers 0 at once. See [`Wal::append_with`]: the record goes to the
+    /// writer when this is called, not when the future is first polled.
+    pub fn append(&self, record: RecordBuilder) -> Appended {
+        self.append_with(|| record)
     }
 
     /// [`Wal::append`] of a record built only when the WAL is on: with
     /// `durability = "none"` a consume encodes nothing.
-    pub async fn append_with(&self, build: impl FnOnce() -> RecordBuilder) -> Result<u64, WalError> {
+    ///
+    /// The record is built and handed to the writer here, at the call; the
+    /// future only waits for the writer's answer. So it holds a reply channel
+    /// and nothing of the record, and borrows nothing: awaited inside a
+    /// consume's future, the record's builder (a few hundred bytes) would be
+    /// part of that future, which is boxed per request, and push it past the
+    /// allocator's per-thread cache (issue 24).
+    pub fn append_with(&self, build: impl FnOnce() -> RecordBuilder) -> Appended {
         if !self.enabled {
-            return Ok(0);
+            return Appended::Ready(Some(Ok(0)));
         }
-        self.append(build()).await
+        let sent = build()
+            .finish()
+            .map_err(|e| WalError::Failed(e.to_string()))
+            .and_then(|Record { payload, ids, accepted_ms }| self.send(|reply| Command::Append { payload, ids, accepted_ms, reply }));
+        match sent {
+            Ok(rx) => Appended::Waiting(rx),
+            Err(e) => Appended::Ready(Some(Err(e))),
+        }
     }
 
     /// Makes the ids of every record written so far durable; call before the
@@ -507,6 +529,30 @@ impl Wal {
 impl Drop for Wal {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// What [`Wal::append`] returns: the sequence number of the record once it is
+/// as durable as configured. A small future of its own (an answer or a reply
+/// channel) rather than an `async` block, which would also keep the channel's
+/// result and the refusal it may carry: this one is part of every consume's
+/// future (issue 24).
+pub enum Appended {
+    /// Answered at once: the WAL is off, or the record could not be sent.
+    Ready(Option<Result<u64, WalError>>),
+    /// Sent: the writer answers on the channel.
+    Waiting(oneshot::Receiver<Result<u64, WalError>>),
+}
+
+impl Future for Appended {
+    type Output = Result<u64, WalError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            // Polled again after it answered: the WAL has nothing more to say.
+            Appended::Ready(answer) => Poll::Ready(answer.take().unwrap_or(Err(WalError::Stopped))),
+            Appended::Waiting(rx) => Pin::new(rx).poll(cx).map(|reply| reply.unwrap_or(Err(WalError::Stopped))),
+        }
     }
 }
 
