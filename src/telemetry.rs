@@ -599,8 +599,8 @@ pub fn http_timeout(phase: &'static str) {
     metrics::counter!(HTTP_TIMEOUTS_TOTAL, "phase" => phase).increment(1);
 }
 
-/// A request's engine call was left unfinished by its handler (the client
-/// went away) and finishes in a task of its own.
+/// A `/v1/events` or `/v1/check` handler was dropped unfinished by hyper (the
+/// client went away) and finishes in a task of its own.
 pub fn handler_detached() {
     metrics::counter!(HTTP_DETACHED_TOTAL).increment(1);
 }
