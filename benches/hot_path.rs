@@ -367,11 +367,11 @@ fn consume_none(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             let ask = meterd::limits::CheckRequest {
-                customer: customers[(n % 10_000) as usize].clone(),
+                customer: customers[(n % 10_000) as usize].as_str().into(),
                 meter: "calls".into(),
                 quantity_text: Some("1".into()),
                 consume: true,
-                id: Some(format!("b{n}")),
+                id: Some(compact_str::format_compact!("b{n}")),
                 value: None,
             };
             let answer = rt.block_on(engine.limits_ports().check(&ask)).expect("consume");
@@ -547,7 +547,7 @@ fn answer() -> meterd::model::answer::CheckAnswer {
         resets_at: Some(meterd::model::window::Rfc3339(1_798_761_600_000)), // 2027-01-01T00:00:00Z
         hard: true,
         reason: meterd::model::answer::Reason::WithinLimit,
-        limits: Vec::new(),
+        limits: Default::default(),
     }
 }
 

@@ -82,7 +82,7 @@ fn request(customer: &str, meter: &str, id: String) -> CheckRequest {
         meter: meter.into(),
         quantity_text: Some("1".into()),
         consume: true,
-        id: Some(id),
+        id: Some(id.into()),
         value: None,
     }
 }

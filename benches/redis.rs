@@ -57,7 +57,14 @@ fn engine(rt: &tokio::runtime::Runtime, dir: &std::path::Path, redis_port: Optio
 }
 
 fn request(customer: &str, meter: &str, consume: bool, id: Option<String>) -> CheckRequest {
-    CheckRequest { customer: customer.into(), meter: meter.into(), quantity_text: Some("1".into()), consume, id, value: None }
+    CheckRequest {
+        customer: customer.into(),
+        meter: meter.into(),
+        quantity_text: Some("1".into()),
+        consume,
+        id: id.map(Into::into),
+        value: None,
+    }
 }
 
 fn benches(c: &mut Criterion) {

@@ -30,7 +30,7 @@ fn consume(quantity: i64, id: &str) -> CheckRequest {
     CheckRequest {
         customer: "acme".into(),
         meter: "calls".into(),
-        quantity_text: Some(quantity.to_string()),
+        quantity_text: Some(quantity.to_string().into()),
         consume: true,
         id: Some(id.into()),
         value: None,

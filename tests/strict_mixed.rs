@@ -144,7 +144,7 @@ fn strict_consume(customer: &str) -> meterd::limits::CheckRequest {
         meter: "gpu".into(),
         quantity_text: Some("1".into()),
         consume: true,
-        id: Some(uid("s")),
+        id: Some(uid("s").into()),
         value: None,
     }
 }

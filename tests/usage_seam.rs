@@ -82,7 +82,7 @@ fn consume(customer: &str, meter: &str, quantity: i64, id: &str) -> CheckRequest
     CheckRequest {
         customer: customer.into(),
         meter: meter.into(),
-        quantity_text: Some(quantity.to_string()),
+        quantity_text: Some(quantity.to_string().into()),
         consume: true,
         id: Some(id.into()),
         value: None,

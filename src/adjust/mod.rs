@@ -155,9 +155,9 @@ impl Adjustments {
             // With Redis: the current windows' totals of every instance are read
             // first, the way a check reads them (a plain check of 0 changes nothing).
             let read = crate::limits::CheckRequest {
-                customer: spec.customer.clone(),
-                meter: spec.meter.clone(),
-                quantity_text: Some("0".to_owned()),
+                customer: spec.customer.as_str().into(),
+                meter: spec.meter.as_str().into(),
+                quantity_text: Some("0".into()),
                 consume: false,
                 id: None,
                 value: None,

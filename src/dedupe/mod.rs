@@ -43,6 +43,10 @@ use table::{minute_of, tag, Table};
 /// A 128-bit id hash.
 pub type IdHash = u128;
 
+/// Per id of a batch, whether it is new: inline for a single event or consume
+/// (issue 24: one allocation each when it was a `Vec`).
+pub type Fresh = smallvec::SmallVec<[bool; 16]>;
+
 /// Hashes an event id: one xxh3-128 pass (fixed seed: the hash is stored in
 /// the WAL and the id files, so it must not change between runs).
 pub fn hash_id(id: &str) -> IdHash {
@@ -288,12 +292,12 @@ impl Deduper {
     }
 
     /// [`Deduper::insert`] for a batch, searching the whole window for each id.
-    pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Vec<bool> {
+    pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Fresh {
         match self.admit_batch(ids, &[], now_ms) {
             Ok(fresh) => fresh,
             Err(e) => {
                 tracing::error!(error = %e, "a dedupe run could not be read; the batch is treated as duplicates");
-                vec![false; ids.len()]
+                smallvec::smallvec![false; ids.len()]
             }
         }
     }
@@ -303,7 +307,7 @@ impl Deduper {
     /// been accepted before (its timestamp minus the allowed skew, see
     /// [`Deduper::since_of_timestamp`]); runs wholly older are not searched.
     /// On a run read error nothing of the batch is recorded.
-    pub fn admit_batch(&self, ids: &[IdHash], since_ms: &[i64], now_ms: i64) -> Result<Vec<bool>, DedupeError> {
+    pub fn admit_batch(&self, ids: &[IdHash], since_ms: &[i64], now_ms: i64) -> Result<Fresh, DedupeError> {
         let Some(spill) = &self.spill else {
             return Ok(self.table.insert_batch(ids, now_ms));
         };

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::pages::Pages;
-use super::IdHash;
+use super::{Fresh, IdHash};
 
 const SHARDS: usize = 256;
 const MIN_CAPACITY: usize = 1024;
@@ -233,17 +233,17 @@ impl Table {
 
     /// [`Table::insert`] for a batch, with the table's cache misses overlapped:
     /// each id's slot is prefetched a few ids before it is probed.
-    pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Vec<bool> {
+    pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Fresh {
         self.insert_batch_with(ids, now_ms, |_, _, _| false)
     }
 
     /// [`Table::insert_with`] for a batch (prefetching as [`Table::insert_batch`]);
     /// `older(k, id, shard_version)` answers for `ids[k]`.
-    pub fn insert_batch_with(&self, ids: &[IdHash], now_ms: i64, mut older: impl FnMut(usize, IdHash, u64) -> bool) -> Vec<bool> {
+    pub fn insert_batch_with(&self, ids: &[IdHash], now_ms: i64, mut older: impl FnMut(usize, IdHash, u64) -> bool) -> Fresh {
         for &id in ids.iter().take(PREFETCH_AHEAD) {
             self.prefetch(id);
         }
-        let mut fresh = Vec::with_capacity(ids.len());
+        let mut fresh = Fresh::with_capacity(ids.len());
         for (k, &id) in ids.iter().enumerate() {
             if let Some(&ahead) = ids.get(k + PREFETCH_AHEAD) {
                 self.prefetch(ahead);
@@ -521,7 +521,7 @@ mod tests {
         let b = Table::new(60 * MIN);
         let ids: Vec<IdHash> = (0..5000).map(|i| hash_id(&format!("e{}", i % 3000))).collect();
         let single: Vec<bool> = ids.iter().map(|&id| a.insert(id, 0)).collect();
-        assert_eq!(b.insert_batch(&ids, 0), single);
+        assert_eq!(b.insert_batch(&ids, 0).as_slice(), single.as_slice());
         assert_eq!(single.iter().filter(|&&f| f).count(), 3000);
     }
 

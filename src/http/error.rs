@@ -127,10 +127,16 @@ impl ApiError {
     }
 }
 
+/// The capacity a JSON response body starts with.
+const JSON_BODY_START: usize = 512;
+
 /// A JSON response with `status`.
+/// Written into a buffer sized for a check's answer (~400 bytes): grown from
+/// empty it took three allocations and two copies per answer (issue 24).
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
-    match serde_json::to_vec(value) {
-        Ok(body) => Response::builder()
+    let mut body = Vec::with_capacity(JSON_BODY_START);
+    match serde_json::to_writer(&mut body, value) {
+        Ok(()) => Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))
             .body(Full::new(Bytes::from(body)))

@@ -21,15 +21,28 @@ use std::sync::Arc;
 
 type Resp = Result<Response<Full<Bytes>>, ApiError>;
 
-fn content_type(headers: &HeaderMap) -> Option<String> {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+/// The media type of the request's `Content-Type`, parameters cut, as sent
+/// (compare with [`is_type`]: checked per request, so not lowercased into a
+/// new string).
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.split(';').next().unwrap_or("").trim())
+}
+
+fn is_type(got: Option<&str>, want: &str) -> bool {
+    got.is_some_and(|g| g.eq_ignore_ascii_case(want))
+}
+
+/// What an unsupported media type error says was sent.
+fn sent_type(got: Option<&str>) -> String {
+    got.map_or_else(|| "none".to_string(), str::to_ascii_lowercase)
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    match content_type(headers).as_deref() {
-        Some("application/json") => Ok(()),
-        other => Err(ApiError::unsupported_media_type(format!("Content-Type must be application/json (got {})", other.unwrap_or("none")))),
+    let got = content_type(headers);
+    if is_type(got, "application/json") {
+        return Ok(());
     }
+    Err(ApiError::unsupported_media_type(format!("Content-Type must be application/json (got {})", sent_type(got))))
 }
 
 /// `POST /v1/events`. Finished even if the client goes away (see [`finish`]):
@@ -64,13 +77,16 @@ async fn ingest(state: Arc<HttpState>, body: RequestBody, declared: Option<u64>,
 /// An ingest request's scope and body kind, checked before its body is read.
 fn events_kind(state: &HttpState, headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     state.auth.authorize(headers, &[Scope::Ingest])?;
-    match content_type(headers).as_deref() {
-        Some("application/json") => Ok(BodyKind::Json),
-        Some("application/x-ndjson") => Ok(BodyKind::Ndjson),
-        other => Err(ApiError::unsupported_media_type(format!(
+    let got = content_type(headers);
+    if is_type(got, "application/json") {
+        Ok(BodyKind::Json)
+    } else if is_type(got, "application/x-ndjson") {
+        Ok(BodyKind::Ndjson)
+    } else {
+        Err(ApiError::unsupported_media_type(format!(
             "Content-Type must be application/json or application/x-ndjson (got {})",
-            other.unwrap_or("none")
-        ))),
+            sent_type(got)
+        )))
     }
 }
 

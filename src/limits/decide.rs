@@ -4,6 +4,10 @@
 
 use crate::model::{Limit, LimitAmount, Window};
 
+/// The limits of one decision: one or two nearly always, held inline (issue 24:
+/// one allocation per check and consume when it was a `Vec`).
+pub type LimitStates = smallvec::SmallVec<[LimitState; 2]>;
+
 /// One limit as it stands now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitState {

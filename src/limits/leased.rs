@@ -14,7 +14,9 @@
 //! fit a cap still held go on locally; the others follow
 //! `strict_when_unavailable` (decide from local state, or deny).
 
-use super::{answer, consume_record, consume_usage, decide, CheckAnswer, CheckError, Consume, LimitState, LimitsPorts, Reason, Verdict};
+use super::{
+    answer, consume_record, consume_usage, decide, CheckAnswer, CheckError, Consume, LimitState, LimitStates, LimitsPorts, Reason, Verdict,
+};
 use crate::counters::{CounterKey, Counters};
 use crate::engine::ConsumeGuard;
 use crate::model::{Aggregation, Enforcement, Limit, LimitAmount, Meter};
@@ -47,7 +49,7 @@ impl LimitsPorts<'_> {
         debug_assert!(guard.covers(customer, meter.id), "the consume lock of another (customer, meter)");
         let mut states = self.reads.limit_states(Some(customer), meter, ent, limits, now);
         // The other limits decide locally first: no round trip when they refuse.
-        let rest: Vec<LimitState> = states.iter().copied().filter(|s| !is_leased(&s.limit)).collect();
+        let rest: LimitStates = states.iter().copied().filter(|s| !is_leased(&s.limit)).collect();
         if !rest.is_empty() && !decide(&rest, quantity).allowed {
             return Ok(self.refuse(name, meter, quantity, &states, id_hash));
         }
@@ -220,7 +222,7 @@ impl LimitsPorts<'_> {
         };
         let started = Instant::now();
         let held = self.reads.holds.held(customer, meter.id);
-        let states = |used| vec![LimitState { limit, window, used, held }];
+        let states = |used| -> LimitStates { smallvec::smallvec![LimitState { limit, window, used, held }] };
         let held_key = redis.keys.held(name, &meter.name);
         match lease::call(redis, self.instance_id, LeaseMode::Take, book.ttl_ms(), std::slice::from_ref(&wanted), Some(&held_key)).await {
             Ok(LeaseReply::Granted { ttl_ms, windows }) => {
@@ -283,7 +285,7 @@ impl LimitsPorts<'_> {
         };
         self.usage.fold(&consume_usage(c, c.quantity), Some(limit.window), Origin::Live, || self.wal.tracker.folded(seq));
         let others = self.reads.counters.windows.get(&key, |cell| cell.others.load(Ordering::Acquire)).unwrap_or(0);
-        let states = vec![LimitState {
+        let states: LimitStates = smallvec::smallvec![LimitState {
             limit,
             window: limit.window.bounds(c.now, c.ent.billing_anchor),
             used: own.saturating_add(others),

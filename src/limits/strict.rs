@@ -9,7 +9,7 @@
 //! this instance's part. The local fold that follows makes the local usage equal
 //! that part, so the next sync adds nothing (see `sync::counters`).
 
-use super::{answer, decide, CheckAnswer, CheckError, Consume, LimitState, LimitsPorts, Reason, Verdict};
+use super::{answer, decide, CheckAnswer, CheckError, Consume, LimitState, LimitStates, LimitsPorts, Reason, Verdict};
 use crate::counters::{Counters, Usage};
 use crate::engine::ConsumeGuard;
 use crate::model::{Enforcement, Limit, LimitAmount, Meter};
@@ -112,7 +112,7 @@ impl LimitsPorts<'_> {
         debug_assert!(guard.covers(customer, meter.id), "the consume lock of another (customer, meter)");
         let mut states = self.reads.limit_states(Some(customer), meter, ent, limits, now);
         // Cached limits decide locally first: no round trip when they refuse.
-        let cached: Vec<LimitState> = states.iter().copied().filter(|s| !is_strict(&s.limit)).collect();
+        let cached: LimitStates = states.iter().copied().filter(|s| !is_strict(&s.limit)).collect();
         if !cached.is_empty() && !decide(&cached, quantity).allowed {
             return Ok(self.refuse(name, meter, quantity, &states, id_hash));
         }

@@ -10,7 +10,7 @@
 //! usage seam: `counters::unique`), replayed from the WAL and stored like any
 //! event. Limits on these meters are `cached` only (config validation).
 
-use super::{answer, decide, invalid, CheckError, CheckRequest, LimitState, LimitsPorts, Reason, Verdict};
+use super::{answer, decide, invalid, CheckError, CheckRequest, LimitState, LimitStates, LimitsPorts, Reason, Verdict};
 use crate::counters::unique::hash_value;
 use crate::counters::{Counters, CustomerId, Usage};
 use crate::engine::now_ms;
@@ -72,7 +72,7 @@ impl LimitsPorts<'_> {
                     let counted = value.as_deref().is_some_and(|v| counted(self, id, meter, &ent, limits, hash_value(v), now));
                     (self.reads.limit_states(id, meter, &ent, limits, now), counted)
                 }
-                None => (Vec::new(), false),
+                None => (LimitStates::new(), false),
             };
             let quantity = if counted { 0 } else { asked };
             let verdict = verdict(&states, quantity, counted);

@@ -4,7 +4,14 @@
 
 use super::window::Rfc3339;
 use super::Decimal;
+use compact_str::CompactString;
 use serde::Serialize;
+use smallvec::SmallVec;
+
+/// An answer's limits: nearly always one, held inline (issue 24: a consume's
+/// answer is remembered, and each allocation of its own is one more malloc on
+/// the request and one more cold free when it is forgotten).
+pub type LimitViews = SmallVec<[LimitView; 1]>;
 
 /// Why a check was answered as it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,8 +60,9 @@ pub struct LimitView {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckAnswer {
     pub allowed: bool,
-    pub customer: String,
-    pub meter: String,
+    /// Inline up to 24 bytes (most customer and meter names): see [`LimitViews`].
+    pub customer: CompactString,
+    pub meter: CompactString,
     pub quantity: Decimal,
     pub used: Decimal,
     /// Held by reservations (issue 19): counted against the limit, not usage.
@@ -65,7 +73,7 @@ pub struct CheckAnswer {
     pub resets_at: Option<Rfc3339>,
     pub hard: bool,
     pub reason: Reason,
-    pub limits: Vec<LimitView>,
+    pub limits: LimitViews,
 }
 
 #[cfg(test)]
@@ -86,7 +94,7 @@ impl CheckAnswer {
             resets_at: None,
             hard: true,
             reason,
-            limits: Vec::new(),
+            limits: LimitViews::new(),
         }
     }
 }

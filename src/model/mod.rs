@@ -11,7 +11,7 @@ pub mod quantity;
 pub mod thresholds;
 pub mod window;
 
-pub use answer::{CheckAnswer, LimitView, Reason};
+pub use answer::{CheckAnswer, LimitView, LimitViews, Reason};
 pub use meter::{Aggregation, Meter, MeterId};
 pub use plan::{Catalog, Enforcement, Entitlements, EntitlementsDoc, Limit, LimitAmount, Plan, SpecProblem};
 pub use quantity::{Decimal, QuantityError};

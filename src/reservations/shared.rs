@@ -29,7 +29,7 @@ use super::{invalid, ReservationError, ReservationPorts, ReservationView, Reserv
 use crate::engine::now_ms;
 use crate::holds::shared::{self as store, CreditCheck, Finish, FinishOutcome, Held, ReserveOutcome, SharedError, Take, WindowCheck};
 use crate::holds::{Reservation, Status};
-use crate::limits::{answer, decide, LimitState, Reason, Verdict};
+use crate::limits::{answer, decide, LimitState, LimitStates, Reason, Verdict};
 use crate::model::{Enforcement, LimitAmount, Meter};
 use crate::redis_link::Redis;
 use std::sync::atomic::Ordering;
@@ -142,7 +142,7 @@ impl ReservationPorts<'_> {
         let guard = self.limits.consume_locks.lock(customer, meter.id).await;
         let now = now_ms();
         let mut states = self.limits.reads.limit_states(Some(customer), meter, &ent, &limits, now);
-        let local: Vec<LimitState> = states.iter().copied().filter(|s| !in_script(s) && !credit_in_script(s)).collect();
+        let local: LimitStates = states.iter().copied().filter(|s| !in_script(s) && !credit_in_script(s)).collect();
         // No limit at all: not entitled; else the local ones must allow.
         let local_allowed = !states.is_empty() && (local.is_empty() || decide(&local, quantity).allowed);
         let scripted: Vec<usize> = (0..states.len()).filter(|&i| in_script(&states[i])).collect();
