@@ -107,7 +107,7 @@ fn probe(c: &mut Criterion) {
     g.sample_size(20);
     g.throughput(Throughput::Elements(1000));
     g.bench_function("fresh_without_timestamp_no_gate_yet_1000", |b| {
-        b.iter_batched(|| fresh(1000), |ids| d.admit_batch(&ids, &[], now).expect("admit"), criterion::BatchSize::LargeInput)
+        b.iter_batched(|| fresh(1000), |ids| d.admit_batch::<Vec<bool>>(&ids, &[], now).expect("admit"), criterion::BatchSize::LargeInput)
     });
     let ram = d.ram_bytes();
     let started = Instant::now();
@@ -119,10 +119,14 @@ fn probe(c: &mut Criterion) {
     );
     let since_now = vec![Deduper::since_of_timestamp(now); 1000];
     g.bench_function("fresh_with_timestamp_1000", |b| {
-        b.iter_batched(|| fresh(1000), |ids| d.admit_batch(&ids, &since_now, now).expect("admit"), criterion::BatchSize::LargeInput)
+        b.iter_batched(
+            || fresh(1000),
+            |ids| d.admit_batch::<Vec<bool>>(&ids, &since_now, now).expect("admit"),
+            criterion::BatchSize::LargeInput,
+        )
     });
     g.bench_function("fresh_without_timestamp_1000", |b| {
-        b.iter_batched(|| fresh(1000), |ids| d.admit_batch(&ids, &[], now).expect("admit"), criterion::BatchSize::LargeInput)
+        b.iter_batched(|| fresh(1000), |ids| d.admit_batch::<Vec<bool>>(&ids, &[], now).expect("admit"), criterion::BatchSize::LargeInput)
     });
     let old = AtomicU64::new(0);
     let spilled = n.saturating_sub(RECENT).max(1);
@@ -130,7 +134,7 @@ fn probe(c: &mut Criterion) {
         b.iter_batched(
             || (0..1000).map(|_| id((old.fetch_add(7919, Ordering::Relaxed)) % spilled)).collect::<Vec<_>>(),
             |ids| {
-                let f = d.admit_batch(&ids, &[], now).expect("admit");
+                let f: Vec<bool> = d.admit_batch(&ids, &[], now).expect("admit");
                 assert!(n <= RECENT || f.iter().all(|&x| !x), "an old id was taken as new");
             },
             criterion::BatchSize::LargeInput,
@@ -151,7 +155,11 @@ fn probe(c: &mut Criterion) {
     g.sample_size(20);
     g.throughput(Throughput::Elements(1000));
     g.bench_function("fresh_without_timestamp_1000", |b| {
-        b.iter_batched(|| fresh(1000), |ids| base.admit_batch(&ids, &[], now).expect("admit"), criterion::BatchSize::LargeInput)
+        b.iter_batched(
+            || fresh(1000),
+            |ids| base.admit_batch::<Vec<bool>>(&ids, &[], now).expect("admit"),
+            criterion::BatchSize::LargeInput,
+        )
     });
     g.finish();
 }

@@ -43,10 +43,6 @@ use table::{minute_of, tag, Table};
 /// A 128-bit id hash.
 pub type IdHash = u128;
 
-/// Per id of a batch, whether it is new: inline for a single event or consume
-/// (issue 24: one allocation each when it was a `Vec`).
-pub type Fresh = smallvec::SmallVec<[bool; 16]>;
-
 /// Hashes an event id: one xxh3-128 pass (fixed seed: the hash is stored in
 /// the WAL and the id files, so it must not change between runs).
 pub fn hash_id(id: &str) -> IdHash {
@@ -282,7 +278,8 @@ impl Deduper {
     /// that cannot be read counts the id as a duplicate (logged); ingest uses
     /// [`Deduper::admit_batch`], which refuses the batch instead.
     pub fn insert(&self, id: IdHash, now_ms: i64) -> bool {
-        match self.admit_batch(&[id], &[], now_ms) {
+        // The answer inline: a consume's dedupe allocates nothing (issue 24).
+        match self.admit_batch::<smallvec::SmallVec<[bool; 1]>>(&[id], &[], now_ms) {
             Ok(fresh) => fresh.first().copied().unwrap_or(false),
             Err(e) => {
                 tracing::error!(error = %e, "a dedupe run could not be read; the id is treated as a duplicate");
@@ -292,12 +289,12 @@ impl Deduper {
     }
 
     /// [`Deduper::insert`] for a batch, searching the whole window for each id.
-    pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Fresh {
+    pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Vec<bool> {
         match self.admit_batch(ids, &[], now_ms) {
             Ok(fresh) => fresh,
             Err(e) => {
                 tracing::error!(error = %e, "a dedupe run could not be read; the batch is treated as duplicates");
-                smallvec::smallvec![false; ids.len()]
+                vec![false; ids.len()]
             }
         }
     }
@@ -307,14 +304,19 @@ impl Deduper {
     /// been accepted before (its timestamp minus the allowed skew, see
     /// [`Deduper::since_of_timestamp`]); runs wholly older are not searched.
     /// On a run read error nothing of the batch is recorded.
-    pub fn admit_batch(&self, ids: &[IdHash], since_ms: &[i64], now_ms: i64) -> Result<Fresh, DedupeError> {
+    pub fn admit_batch<C: FromIterator<bool> + AsRef<[bool]>>(
+        &self,
+        ids: &[IdHash],
+        since_ms: &[i64],
+        now_ms: i64,
+    ) -> Result<C, DedupeError> {
         let Some(spill) = &self.spill else {
-            return Ok(self.table.insert_batch(ids, now_ms));
+            return Ok(self.table.insert_batch_with(ids, now_ms, |_, _, _| false));
         };
         let now_minute = minute_of(now_ms);
         let mut set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut error = None;
-        let fresh = self.table.insert_batch_with(ids, now_ms, |k, id, version| {
+        let fresh: C = self.table.insert_batch_with(ids, now_ms, |k, id, version| {
             if version > set.version {
                 set = spill.runs.read().unwrap_or_else(|p| p.into_inner()).clone();
             }
@@ -342,7 +344,7 @@ impl Deduper {
             }
         });
         if let Some(e) = error {
-            for (&id, &f) in ids.iter().zip(&fresh) {
+            for (&id, &f) in ids.iter().zip(fresh.as_ref()) {
                 if f {
                     self.table.remove(id);
                 }
@@ -351,7 +353,7 @@ impl Deduper {
         }
         if spill.has_revoked.load(Ordering::Acquire) {
             let mut revoked = spill.revoked.lock().unwrap_or_else(|p| p.into_inner());
-            for (&id, &f) in ids.iter().zip(&fresh) {
+            for (&id, &f) in ids.iter().zip(fresh.as_ref()) {
                 if f {
                     revoked.remove(&id);
                 }

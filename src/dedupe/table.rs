@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::pages::Pages;
-use super::{Fresh, IdHash};
+use super::IdHash;
 
 const SHARDS: usize = 256;
 const MIN_CAPACITY: usize = 1024;
@@ -233,24 +233,31 @@ impl Table {
 
     /// [`Table::insert`] for a batch, with the table's cache misses overlapped:
     /// each id's slot is prefetched a few ids before it is probed.
-    pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Fresh {
+    pub fn insert_batch(&self, ids: &[IdHash], now_ms: i64) -> Vec<bool> {
         self.insert_batch_with(ids, now_ms, |_, _, _| false)
     }
 
     /// [`Table::insert_with`] for a batch (prefetching as [`Table::insert_batch`]);
-    /// `older(k, id, shard_version)` answers for `ids[k]`.
-    pub fn insert_batch_with(&self, ids: &[IdHash], now_ms: i64, mut older: impl FnMut(usize, IdHash, u64) -> bool) -> Fresh {
+    /// `older(k, id, shard_version)` answers for `ids[k]`. The answers come in
+    /// the caller's collection: a `Vec` for a batch, inline for one id.
+    pub fn insert_batch_with<C: FromIterator<bool>>(
+        &self,
+        ids: &[IdHash],
+        now_ms: i64,
+        mut older: impl FnMut(usize, IdHash, u64) -> bool,
+    ) -> C {
         for &id in ids.iter().take(PREFETCH_AHEAD) {
             self.prefetch(id);
         }
-        let mut fresh = Fresh::with_capacity(ids.len());
-        for (k, &id) in ids.iter().enumerate() {
-            if let Some(&ahead) = ids.get(k + PREFETCH_AHEAD) {
-                self.prefetch(ahead);
-            }
-            fresh.push(self.insert_with(id, now_ms, |version| older(k, id, version)));
-        }
-        fresh
+        ids.iter()
+            .enumerate()
+            .map(|(k, &id)| {
+                if let Some(&ahead) = ids.get(k + PREFETCH_AHEAD) {
+                    self.prefetch(ahead);
+                }
+                self.insert_with(id, now_ms, |version| older(k, id, version))
+            })
+            .collect()
     }
 
     /// Makes room at once for `n` more ids across the table, so that a

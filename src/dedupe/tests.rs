@@ -94,7 +94,7 @@ proptest! {
                         (Some(b), None) => now - b * MIN,
                         (None, _) => 0,
                     };
-                    let fresh = d.admit_batch(&[id], &[since], now).unwrap_or_else(|e| panic!("admit: {e}"));
+                    let fresh: Vec<bool> = d.admit_batch(&[id], &[since], now).unwrap_or_else(|e| panic!("admit: {e}"));
                     prop_assert_eq!(fresh.as_slice(), &[!was_live][..], "key {} at minute {}", k, (now - T0) / MIN);
                     if !was_live {
                         model.insert(id, now);

@@ -195,7 +195,7 @@ impl IngestPorts<'_> {
         }
         let hashes: Vec<_> = events.iter().map(|e| hash_id(&e.id)).collect();
         let since: Vec<i64> = events.iter().map(|e| if e.ts == now { 0 } else { Deduper::since_of_timestamp(e.ts) }).collect();
-        let mut fresh = self.deduper.admit_batch(&hashes, &since, now).map_err(|e| IngestError::Unavailable(e.to_string()))?;
+        let mut fresh: Vec<bool> = self.deduper.admit_batch(&hashes, &since, now).map_err(|e| IngestError::Unavailable(e.to_string()))?;
         let mut claimed = Vec::new();
         if let Some(redis) = self.redis {
             // New here: ask the other instances too (see `shared_dedupe`).
