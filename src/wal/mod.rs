@@ -886,30 +886,33 @@ mod tests {
         rx
     }
 
+    /// A record held by the writer: sent alone 300 ms after a group of two
+    /// (retried in the rare case the writer took the two apart), and still
+    /// unanswered 100 ms later. The pause makes the mean gap since that
+    /// group, and so the writer's watch for more arrivals (four of them),
+    /// long: about 1.2 s.
+    async fn held_probe(wal: &Wal) -> oneshot::Receiver<Result<u64, WalError>> {
+        for attempt in 0..20 {
+            let (a, b) = (send(wal, 3 * attempt), send(wal, 3 * attempt + 1));
+            assert!(matches!(a.await, Ok(Ok(_))) && matches!(b.await, Ok(Ok(_))));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut probe = send(wal, 3 * attempt + 2);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match probe.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return probe,
+                done => assert!(matches!(done, Ok(Ok(_))), "{done:?}"),
+            }
+        }
+        panic!("a record after a group of two was never held")
+    }
+
     /// Issue 24: once a group held several records, the next is held (what
     /// arrives meanwhile joins it) until the spacing is out or the last
     /// group's count is back and nothing more comes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_wal_spaces_its_syncs() {
         let (_tmp, wal) = spaced(Duration::from_secs(2));
-        // Two records sent back to back share a group (retried in the rare
-        // case the writer took the first alone); the record after them is
-        // then held by the spacing.
-        let mut held = None;
-        for attempt in 0..20 {
-            let (a, b) = (send(&wal, 3 * attempt), send(&wal, 3 * attempt + 1));
-            assert!(matches!(a.await, Ok(Ok(_))) && matches!(b.await, Ok(Ok(_))));
-            let mut probe = send(&wal, 3 * attempt + 2);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            match probe.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    held = Some(probe);
-                    break;
-                }
-                done => assert!(matches!(done, Ok(Ok(_))), "{done:?}"),
-            }
-        }
-        let Some(probe) = held else { panic!("a record after a group of two was never held") };
+        let probe = held_probe(&wal).await;
         // Sent while the probe is held: it brings the count of the last group
         // (two) back, so the writer watches a while for more and, none
         // coming, writes both together.
@@ -918,6 +921,19 @@ mod tests {
         let Ok((Ok(Ok(p)), Ok(Ok(j)))) = both else { panic!("held records are written after the spacing: {both:?}") };
         assert_eq!(j, p + 1);
         assert!(wal.stats.durable.load(Ordering::Acquire) >= j, "and synced");
+        wal.close();
+    }
+
+    /// A held record that nothing joins (a closed loop that lost a client, a
+    /// load that stopped) is written once the writer's watch for arrivals
+    /// passes empty, not at the end of a spacing of a minute: the count of
+    /// the last group never comes back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_nothing_joins_ends_with_its_watch() {
+        let (_tmp, wal) = spaced(Duration::from_secs(60));
+        let probe = held_probe(&wal).await;
+        let alone = tokio::time::timeout(Duration::from_secs(30), probe).await;
+        assert!(matches!(alone, Ok(Ok(Ok(_)))), "a held record nothing joined waited for the spacing: {alone:?}");
         wal.close();
     }
 

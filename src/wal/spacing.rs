@@ -26,6 +26,10 @@
 //! group at once and holds no more for a pause (1 ms, doubled by each closed
 //! loop found in a row, up to 128 ms); while arrivals keep coming, it watches
 //! on, up to the spacing's end. A closed loop thus pays one probe per pause.
+//! The same watch runs while the writer waits for that count: if no record
+//! arrives for four mean gaps, the group is taken as a closed loop's too. A
+//! closed loop that lost a client (one finished, or hung up) never brings the
+//! count back, and would otherwise wait the spacing out.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -63,8 +67,9 @@ pub enum Outcome {
     /// The last group's count came back and more kept coming: independent
     /// clients; held to the spacing's end.
     Open,
-    /// The last group's count came back and nothing more came during the
-    /// grace: the same clients sending again as soon as answered.
+    /// Nothing came during a watch, once the last group's count was back or
+    /// before: the same clients sending again as soon as answered (perhaps
+    /// fewer of them than before).
     Closed,
 }
 
@@ -144,9 +149,16 @@ impl Spacing {
 /// arrivals since the last group was taken, at least `MIN_GRACE`, never
 /// past the hold's end.
 pub fn grace(hold: Hold, back_at: Instant) -> Duration {
-    let arrivals = u32::try_from(hold.back.max(1)).unwrap_or(u32::MAX);
-    let gap = back_at.saturating_duration_since(hold.since) / arrivals;
-    (gap * GRACE_GAPS).max(MIN_GRACE).min(hold.until.saturating_duration_since(back_at))
+    watch(hold.since, hold.back, back_at).min(hold.until.saturating_duration_since(back_at))
+}
+
+/// How long a writer that has seen `arrivals` records since the last group
+/// was taken at `since` waits, from `now`, for the next before it takes the
+/// silence for a closed loop: `GRACE_GAPS` mean gaps, at least `MIN_GRACE`.
+pub fn watch(since: Instant, arrivals: usize, now: Instant) -> Duration {
+    let arrivals = u32::try_from(arrivals.max(1)).unwrap_or(u32::MAX);
+    let gap = now.saturating_duration_since(since) / arrivals;
+    (gap * GRACE_GAPS).max(MIN_GRACE)
 }
 
 /// Shared by the WAL's senders and its writer: while the writer holds, the
@@ -319,6 +331,9 @@ mod tests {
         assert_eq!(grace(hold, t0 + US * 10), MIN_GRACE, "arrivals close together: the least grace");
         assert_eq!(grace(hold, t0 + MS * 9), MS, "never past the hold's end");
         assert_eq!(grace(Hold { back: 0, ..hold }, t0 + MS), MS * 4, "no count: one gap");
+        assert_eq!(watch(t0, 2, t0 + MS * 3), MS * 6, "two arrivals in 3 ms: four gaps of 1.5 ms");
+        assert_eq!(watch(t0, 1, t0 + US * 5), MIN_GRACE, "at least the least grace");
+        assert_eq!(watch(t0, 1, t0 + MS * 30), MS * 120, "not bounded by a hold's end: the caller bounds it");
     }
 
     #[test]

@@ -222,23 +222,41 @@ impl Writer {
     /// First until as many records as the last group held are in hand (a
     /// closed loop's clients are all back), or the hold is out; then, if
     /// arrivals keep coming during a grace, to the hold's end (independent
-    /// clients, an open load); else the group is taken at once.
+    /// clients, an open load); else the group is taken at once. A watch
+    /// without arrivals ends the first wait too: a closed loop that lost a
+    /// client (or a load that stopped) never brings the count back.
     fn wait_out(&self, hold: Hold, rx: &Receiver<Command>) -> Outcome {
         let want = hold.back.saturating_sub(1).max(1);
         self.recall.wait_for(want);
+        let mut seen = rx.len();
+        let mut watched_from = Instant::now();
         let mut back_at = None;
+        let mut silent = false;
         loop {
             let now = Instant::now();
-            if rx.len() >= want || self.recall.answered() {
+            let queued = rx.len();
+            if queued >= want || self.recall.answered() {
                 back_at = Some(now);
                 break;
             }
             if now >= hold.until {
                 break;
             }
-            std::thread::park_timeout(hold.until - now);
+            if queued != seen {
+                seen = queued;
+                watched_from = now;
+            }
+            let watched_to = watched_from + spacing::watch(hold.since, queued + 1, watched_from);
+            if now >= watched_to {
+                silent = true;
+                break;
+            }
+            std::thread::park_timeout(hold.until.min(watched_to) - now);
         }
         self.recall.wait_for(0);
+        if silent {
+            return Outcome::Closed;
+        }
         let Some(back_at) = back_at else { return Outcome::Out };
         let grace = spacing::grace(hold, back_at);
         loop {
