@@ -481,7 +481,7 @@ fn unique_count(c: &mut Criterion) {
 }
 
 /// Remembered consume answers (`meterd::answers`): taking the cell of a new id
-/// in a table at its cap (which drops the oldest of its shard), the
+/// in a table at its cap (which drops the oldest of its set), the
 /// housekeeping sweep of a table at its cap with nothing aged out
 /// (`sweep_90k_over_cap`: before the caps were kept per insert, the table then
 /// held 90k more and the sweep cut them), and a whole second of consumes at

@@ -20,14 +20,26 @@
 //! (`meterd_consume_answers_evicted_total`); a retry of a forgotten denial is
 //! decided anew.
 //!
-//! **Keeping to the caps costs no pass.** Each map is [`SHARDS`] shards, each
-//! holding its share of the cap and its ids in the order they came. An insert
-//! into a full shard drops that shard's oldest entry (so the oldest go first
-//! within a shard: 1/256 of the ids, by hash), and entries past their age go
-//! at the next insert or sweep that meets them. The sweep, with housekeeping,
-//! only pops what expired from the front of each line. A former version swept
-//! the whole table every ten seconds: 50–110 ms of a core at 20 k consumes/s,
-//! at normal priority (issue 24).
+//! **Keeping to the caps costs no pass.** Whole answers live in a
+//! set-associative table: an id's hash picks one of [`SHARDS`] shards (each
+//! behind its own lock) and, in it, one set of [`WAYS`] entries, held inline
+//! (id, time, cell). A new id takes an empty entry of its set, else one past its
+//! age, else the oldest of the set's entries (counted as evicted). So a consume
+//! touches one lock and one set, and the cap is the table's size. A former
+//! version kept each shard's ids in a hash map with a line of their order, and
+//! an insert at the cap looked up and removed the shard's oldest: several cache
+//! misses a consume, the most of any function on a consume's path (issue 24,
+//! sixteenth pass). The oldest *of the set* goes first, not the oldest of all:
+//! with 262,144 entries at 50 k consumes/s an answer is held about five
+//! seconds at least before a newer id can take its place. The housekeeping
+//! sweep scans only a shard whose oldest entry may be past its age.
+//!
+//! Denials keep strict order: each of their [`SHARDS`] shards holds its share
+//! of the cap and its ids in the order they came; an insert into a full shard
+//! drops that shard's oldest, and entries past their age go at the next insert
+//! or sweep that meets them, popped from the front of the line. A former
+//! version swept the whole table every ten seconds: 50–110 ms of a core at
+//! 20 k consumes/s, at normal priority (issue 24).
 
 use crate::dedupe::IdHash;
 use crate::keyhash::KeyHash;
@@ -39,14 +51,18 @@ use tokio::sync::OnceCell;
 
 /// How long a whole answer is held (or the dedupe window, if shorter).
 pub const RECENT_TTL_MS: i64 = 10 * 60 * 1000;
-/// Most whole answers held (about 400 bytes each: ~100 MB).
+/// Most whole answers held (about 400 bytes each: ~100 MB, of which the
+/// table's own entries are 8 MB, allocated at start).
 pub const MAX_RECENT: usize = 1 << 18;
 /// Most denials held (about 60 bytes each with their place in line: ~60 MB).
 pub const MAX_DENIED: usize = 1 << 20;
-/// Shards of each map: a consume locks one, and each holds at most its share
+/// Shards of each table: a consume locks one, and each holds at most its share
 /// of the cap (1,024 whole answers, 4,096 denials), so no lock is held for
 /// long and no map rehashes more than a few thousand entries at once.
 pub const SHARDS: usize = 256;
+/// Entries of a set of the whole-answer table (`Slots`): a new id may take
+/// the place of any of them. Four entries of 32 bytes are two cache lines.
+pub const WAYS: usize = 4;
 /// Least time between two warnings that a cap was reached.
 const WARN_EVERY_MS: i64 = 3_600_000;
 /// How long an answer not yet decided is kept past the caps and its age: far
@@ -60,8 +76,17 @@ pub type AnswerCell = Arc<OnceCell<Arc<CheckAnswer>>>;
 
 /// A consume's remembered answer, so a retry with the same id gets the same one.
 struct Slot {
+    id: IdHash,
     created_ms: i64,
     answer: AnswerCell,
+}
+
+impl Slot {
+    /// Kept past the cap and its age: an answer still being decided, for at
+    /// most [`PIN_MS`] after its creation.
+    fn pinned(&self, now: i64) -> bool {
+        !self.answer.initialized() && self.created_ms >= now.saturating_sub(PIN_MS)
+    }
 }
 
 /// A denied consume: when, and why.
@@ -74,26 +99,11 @@ struct Denial {
 /// What the line of one shard needs to know of an entry.
 trait Aged {
     fn at_ms(&self) -> i64;
-    /// Kept past the caps and its age (an answer still being decided, for at
-    /// most [`PIN_MS`] after `now`'s minus its creation).
-    fn pinned(&self, now: i64) -> bool;
-}
-
-impl Aged for Slot {
-    fn at_ms(&self) -> i64 {
-        self.created_ms
-    }
-    fn pinned(&self, now: i64) -> bool {
-        !self.answer.initialized() && self.created_ms >= now.saturating_sub(PIN_MS)
-    }
 }
 
 impl Aged for Denial {
     fn at_ms(&self) -> i64 {
         self.at_ms
-    }
-    fn pinned(&self, _now: i64) -> bool {
-        false
     }
 }
 
@@ -134,8 +144,7 @@ impl<V: Aged> AgedMap<V> {
 
     /// Drops from the front of `s`'s line what is older than `cut` or over the
     /// cap (`room` more to come), handing each dropped entry to `gone`.
-    fn trim(&self, s: &mut Shard<V>, now: i64, cut: i64, room: usize, mut gone: impl FnMut(V)) {
-        let mut pinned_seen = 0;
+    fn trim(&self, s: &mut Shard<V>, cut: i64, room: usize, mut gone: impl FnMut(V)) {
         while let Some(&id) = s.line.front() {
             let over = s.map.len() + room > self.cap;
             let Some(v) = s.map.get(&id) else {
@@ -147,15 +156,6 @@ impl<V: Aged> AgedMap<V> {
                 break;
             }
             s.line.pop_front();
-            if v.pinned(now) {
-                // Being decided right now: to the back of the line, once.
-                s.line.push_back(id);
-                pinned_seen += 1;
-                if pinned_seen >= s.line.len() {
-                    break;
-                }
-                continue;
-            }
             if let Some(v) = s.map.remove(&id) {
                 if !old {
                     self.evicted.fetch_add(1, Ordering::Relaxed);
@@ -166,17 +166,17 @@ impl<V: Aged> AgedMap<V> {
     }
 
     /// The entry of `id` (made by `make` on first sight) through `read`.
-    fn get_or_insert<T>(&self, id: IdHash, now: i64, cut: i64, make: impl FnOnce() -> V, read: impl FnOnce(&V) -> T) -> T {
+    fn get_or_insert<T>(&self, id: IdHash, cut: i64, make: impl FnOnce() -> V, read: impl FnOnce(&V) -> T) -> T {
         let mut s = self.shard(id);
         if let Some(v) = s.map.get(&id) {
             return read(v);
         }
         // At the cap this drops one entry: freed here, under the shard's lock
         // (one of 256), which costs less than carrying it out in a `Vec`.
-        self.trim(&mut s, now, cut, 1, drop);
+        self.trim(&mut s, cut, 1, drop);
         let v = make();
         let got = read(&v);
-        if self.cap > 0 || v.pinned(now) {
+        if self.cap > 0 {
             s.map.insert(id, v);
             s.line.push_back(id);
         }
@@ -188,13 +188,13 @@ impl<V: Aged> AgedMap<V> {
     }
 
     /// Drops what is older than `cut` in every shard; returns how many stay.
-    fn sweep(&self, now: i64, cut: i64) -> usize {
+    fn sweep(&self, cut: i64) -> usize {
         let mut left = 0;
         let mut freed = Vec::new();
         for shard in self.shards.iter() {
             let mut s = shard.lock().unwrap_or_else(|p| p.into_inner());
             // A sweep may drop thousands: freed once the lock is let go.
-            self.trim(&mut s, now, cut, 0, |v| freed.push(v));
+            self.trim(&mut s, cut, 0, |v| freed.push(v));
             left += s.map.len();
             drop(s);
             freed.clear();
@@ -204,6 +204,146 @@ impl<V: Aged> AgedMap<V> {
 
     fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).map.len()).sum()
+    }
+}
+
+/// One set of the whole-answer table: the entries an id may take.
+#[derive(Default)]
+#[repr(align(64))]
+struct Set([Option<Slot>; WAYS]);
+
+// A set is two cache lines: an id's lookup reads those and nothing else.
+const _: () = assert!(std::mem::size_of::<Set>() == 128);
+
+/// One shard of the whole-answer table.
+struct SlotShard {
+    sets: Box<[Set]>,
+    /// Entries held.
+    held: usize,
+    /// No entry held was created before this (`i64::MAX` when none is held):
+    /// a sweep skips the shard while it is within the age.
+    oldest_ms: i64,
+}
+
+/// The whole answers: [`SHARDS`] shards of sets of [`WAYS`] entries. An id's
+/// hash picks its shard (high bits) and its set (low bits); a new id takes an
+/// empty entry of its set, else one past its age, else the set's oldest. An
+/// answer still being decided is never dropped; if every entry of the set is
+/// one, the new answer is not held (a racing duplicate then finds its id in
+/// the dedupe set instead).
+struct Slots {
+    shards: Box<[Mutex<SlotShard>]>,
+    /// Dropped before their age to make room.
+    evicted: AtomicU64,
+}
+
+impl Slots {
+    /// At most `cap` entries (at least one set per shard).
+    fn new(shards: usize, cap: usize) -> Slots {
+        let shards = shards.max(1);
+        let sets = (cap / shards / WAYS).max(1);
+        Slots {
+            shards: (0..shards)
+                .map(|_| {
+                    let sets: Box<[Set]> = (0..sets).map(|_| Set::default()).collect();
+                    Mutex::new(SlotShard { sets, held: 0, oldest_ms: i64::MAX })
+                })
+                .collect(),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, id: IdHash) -> std::sync::MutexGuard<'_, SlotShard> {
+        let i = ((id >> 64) as u64 % self.shards.len() as u64) as usize;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cell of `id`: its entry's if held and within the age (or still
+    /// being decided), else a new one, which takes an entry of the set.
+    fn cell(&self, id: IdHash, now: i64, cut: i64) -> AnswerCell {
+        let mut guard = self.shard(id);
+        let shard = &mut *guard;
+        let n = shard.sets.len() as u64;
+        let Some(set) = shard.sets.get_mut((id as u64 % n) as usize) else {
+            return Arc::new(OnceCell::new());
+        };
+        // Where the new entry goes: its own aged entry or an empty one first,
+        // then one past its age, then the oldest; never one being decided.
+        // Whether one is being decided is read from its cell, which is not in
+        // the set's cache lines: only for the entry that would go.
+        let mut order = [(u8::MAX, i64::MAX, 0usize); WAYS];
+        for (i, entry) in set.0.iter().enumerate() {
+            order[i] = match entry {
+                Some(e) if e.id == id => {
+                    if e.created_ms >= cut || e.pinned(now) {
+                        return e.answer.clone();
+                    }
+                    (0, e.created_ms, i)
+                }
+                None => (0, i64::MIN, i),
+                Some(e) if e.created_ms < cut => (1, e.created_ms, i),
+                Some(e) => (2, e.created_ms, i),
+            };
+        }
+        order.sort_unstable();
+        let cell: AnswerCell = Arc::new(OnceCell::new());
+        let Some(&(rank, _, i)) = order.iter().find(|(_, _, i)| set.0[*i].as_ref().is_none_or(|e| e.id == id || !e.pinned(now))) else {
+            return cell;
+        };
+        let gone = set.0[i].replace(Slot { id, created_ms: now, answer: cell.clone() });
+        match (&gone, rank) {
+            (None, _) => shard.held += 1,
+            (Some(_), 2) => {
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        shard.oldest_ms = shard.oldest_ms.min(now);
+        // The dropped answer is freed once the lock is let go.
+        drop(guard);
+        drop(gone);
+        cell
+    }
+
+    /// Drops the entries created before `cut` (but those still being
+    /// decided) from every shard that may hold one; returns how many stay.
+    fn sweep(&self, now: i64, cut: i64) -> usize {
+        let mut left = 0;
+        let mut freed = Vec::new();
+        for shard in self.shards.iter() {
+            let mut s = shard.lock().unwrap_or_else(|p| p.into_inner());
+            if s.oldest_ms >= cut {
+                left += s.held;
+                continue;
+            }
+            let mut oldest = i64::MAX;
+            for set in s.sets.iter_mut() {
+                for entry in set.0.iter_mut() {
+                    match entry {
+                        Some(e) if e.created_ms < cut && !e.pinned(now) => freed.extend(entry.take()),
+                        Some(e) => oldest = oldest.min(e.created_ms),
+                        None => {}
+                    }
+                }
+            }
+            s.held -= freed.len().min(s.held);
+            s.oldest_ms = oldest;
+            left += s.held;
+            drop(s);
+            freed.clear();
+        }
+        left
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).held).sum()
+    }
+
+    #[cfg(test)]
+    fn holds(&self, id: IdHash) -> bool {
+        let s = self.shard(id);
+        let n = s.sets.len() as u64;
+        s.sets[(id as u64 % n) as usize].0.iter().flatten().any(|e| e.id == id)
     }
 }
 
@@ -243,7 +383,7 @@ pub struct Swept {
 
 /// The remembered answers of consumes.
 pub struct ConsumeAnswers {
-    recent: AgedMap<Slot>,
+    recent: Slots,
     denied: AgedMap<Denial>,
     limits: AnswerLimits,
     last_warned_ms: AtomicI64,
@@ -252,7 +392,7 @@ pub struct ConsumeAnswers {
 impl ConsumeAnswers {
     pub fn new(limits: AnswerLimits) -> ConsumeAnswers {
         ConsumeAnswers {
-            recent: AgedMap::new(limits.shards, limits.max_recent),
+            recent: Slots::new(limits.shards, limits.max_recent),
             denied: AgedMap::new(limits.shards, limits.max_denied),
             limits,
             last_warned_ms: AtomicI64::new(i64::MIN),
@@ -260,10 +400,9 @@ impl ConsumeAnswers {
     }
 
     /// The answer cell of `id` (created empty on first sight; the oldest
-    /// answer of its shard goes if the shard is at its cap).
+    /// answer of its set goes if the set is full).
     pub fn cell(&self, id: IdHash, now: i64) -> AnswerCell {
-        let cut = now.saturating_sub(self.limits.recent_ttl_ms);
-        self.recent.get_or_insert(id, now, cut, || Slot { created_ms: now, answer: Arc::new(OnceCell::new()) }, |s| s.answer.clone())
+        self.recent.cell(id, now, now.saturating_sub(self.limits.recent_ttl_ms))
     }
 
     /// Why `id` was denied, if it was within the window and is still held.
@@ -276,7 +415,7 @@ impl ConsumeAnswers {
     pub fn decided(&self, id: IdHash, now: i64, answer: &CheckAnswer) {
         if !answer.allowed {
             let cut = now.saturating_sub(self.limits.window_ms);
-            self.denied.get_or_insert(id, now, cut, || Denial { at_ms: now, reason: answer.reason }, |_| ());
+            self.denied.get_or_insert(id, cut, || Denial { at_ms: now, reason: answer.reason }, |_| ());
         }
     }
 
@@ -292,7 +431,7 @@ impl ConsumeAnswers {
     pub fn sweep(&self, now: i64) -> Swept {
         let l = self.limits;
         let recent = self.recent.sweep(now, now.saturating_sub(l.recent_ttl_ms));
-        let denied = self.denied.sweep(now, now.saturating_sub(l.window_ms));
+        let denied = self.denied.sweep(now.saturating_sub(l.window_ms));
         let evicted_recent = usize::try_from(self.recent.evicted.swap(0, Ordering::Relaxed)).unwrap_or(usize::MAX);
         let evicted_denied = usize::try_from(self.denied.evicted.swap(0, Ordering::Relaxed)).unwrap_or(usize::MAX);
         let swept = Swept { recent, denied, evicted_recent, evicted_denied };
@@ -357,20 +496,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn past_a_cap_the_oldest_go_first_and_are_counted() {
+    async fn past_a_cap_the_oldest_of_a_set_go_first_and_are_counted() {
+        // One shard of two sets of four: even ids in one, odd in the other.
         let a = ConsumeAnswers::new(limits());
         for id in 0..25u128 {
             decide(&a, id, id as i64, id % 2 == 0).await;
         }
         let swept = a.sweep(30);
-        assert_eq!(swept.recent, 10);
-        assert_eq!(swept.evicted_recent, 15);
-        assert!((15..25).all(|id| a.recent.read(id, |_| ()).is_some()), "the newest ten are kept");
+        assert_eq!(swept.recent, 8);
+        assert_eq!(swept.evicted_recent, 17);
+        assert!((17..25).all(|id| a.recent.holds(id)), "the newest four of each set are kept");
+        assert!((0..17).all(|id| !a.recent.holds(id)));
         // Denied: the odd ids 1..=23 (12 of them); the newest four stay.
         assert_eq!(swept.denied, 4);
         assert_eq!(swept.evicted_denied, 8);
         assert!([17u128, 19, 21, 23].iter().all(|id| a.denial(*id, 30).is_some()));
         assert_eq!(a.denial(15, 30), None);
+    }
+
+    #[tokio::test]
+    async fn a_new_id_takes_an_aged_entry_before_a_newer_one() {
+        let a = ConsumeAnswers::new(limits());
+        // Set 0 (even ids): one answer past its age, three within it.
+        decide(&a, 0, 0, true).await;
+        for id in [2u128, 4, 6] {
+            decide(&a, id, 900, true).await;
+        }
+        decide(&a, 8, 1_500, true).await;
+        assert!(!a.recent.holds(0), "the aged one made room");
+        assert!([2u128, 4, 6, 8].iter().all(|id| a.recent.holds(*id)));
+        assert_eq!(a.sweep(1_500).evicted_recent, 0, "an aged answer is not counted as evicted");
+    }
+
+    #[tokio::test]
+    async fn a_sweep_drops_only_what_aged_and_keeps_track_of_the_rest() {
+        let a = ConsumeAnswers::new(AnswerLimits { max_recent: 64, shards: 4, ..limits() });
+        for id in 0..8u128 {
+            decide(&a, id << 64 | id, 0, true).await;
+            decide(&a, (id + 8) << 64 | (id + 8), 900, true).await;
+        }
+        assert_eq!(a.sweep(1_000).recent, 16, "nothing past its age yet");
+        assert_eq!(a.sweep(1_500).recent, 8, "the answers made at 0 went");
+        assert_eq!(a.sweep(1_900).recent, 8);
+        assert_eq!(a.sweep(1_901).recent, 0, "then those made at 900: the shards' oldest moved on");
     }
 
     #[tokio::test]
@@ -398,27 +566,41 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_left_undecided_goes_after_a_minute() {
+        // One set of four.
         let a = ConsumeAnswers::new(AnswerLimits { max_recent: 2, ..limits() });
         let abandoned = a.cell(1, 0);
         assert_eq!(a.sweep(PIN_MS).recent, 1, "within the minute it may still be decided");
         assert_eq!(a.sweep(PIN_MS + 1).recent, 0, "then it goes with its age");
         let abandoned_too = a.cell(2, 0);
-        for id in 3..6u128 {
+        for id in 3..7u128 {
             decide(&a, id, PIN_MS + 1, true).await;
         }
-        assert!(!Arc::ptr_eq(&abandoned_too, &a.cell(2, PIN_MS + 1)), "and with the cap");
+        assert!(!Arc::ptr_eq(&abandoned_too, &a.cell(2, PIN_MS + 1)), "and makes room like any other");
         drop(abandoned);
     }
 
     #[tokio::test]
-    async fn an_answer_being_decided_at_the_front_outlives_the_cap() {
+    async fn an_answer_being_decided_outlives_newer_ones() {
+        // One set of four.
         let a = ConsumeAnswers::new(AnswerLimits { max_recent: 2, ..limits() });
         let pending = a.cell(1, 0);
         for id in 2..10u128 {
             decide(&a, id, 0, true).await;
         }
         assert!(Arc::ptr_eq(&pending, &a.cell(1, 0)), "the undecided answer was kept");
-        assert_eq!(a.len().0, 2, "the one being decided counts in the cap");
+        assert_eq!(a.len().0, 4, "the one being decided counts in the set");
         assert!(a.cell(9, 0).initialized(), "with the newest");
+    }
+
+    #[tokio::test]
+    async fn a_set_of_answers_all_being_decided_holds_no_more() {
+        let a = ConsumeAnswers::new(AnswerLimits { max_recent: 4, ..limits() });
+        let pending: Vec<AnswerCell> = (0..4u128).map(|id| a.cell(id, 0)).collect();
+        let extra = a.cell(4, 0);
+        assert!(!a.recent.holds(4), "not held");
+        assert!(!Arc::ptr_eq(&extra, &a.cell(4, 0)), "a duplicate gets a cell of its own (the dedupe set decides it)");
+        assert!((0..4u128).all(|id| a.recent.holds(id)));
+        assert_eq!(a.len().0, 4);
+        drop(pending);
     }
 }

@@ -742,7 +742,7 @@ fn describe_dedupe() {
     );
     metrics::describe_counter!(
         CONSUME_ANSWERS_EVICTED_TOTAL,
-        "Remembered consume answers dropped early because their map was at its cap (the oldest first)"
+        "Remembered consume answers dropped early to make room (the oldest of a set of four whole answers, the oldest of a shard of denials)"
     );
 }
 
