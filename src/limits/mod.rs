@@ -390,16 +390,24 @@ impl LimitReads<'_> {
     }
 }
 
+/// A consume's id hashed, if the request is a consume with a valid id.
+fn consume_id(req: &CheckRequest) -> Option<IdHash> {
+    match &req.id {
+        Some(id) if req.consume && !id.is_empty() && id.len() <= 128 => Some(hash_id(id)),
+        _ => None,
+    }
+}
+
 impl LimitsPorts<'_> {
     /// A consume's id checked and its slot: the remembered answer a retry of
     /// the same id gets (created empty on first sight), with the id's hash and now.
     fn consume_slot(&self, req: &CheckRequest) -> Result<(IdHash, i64, AnswerCell), CheckError> {
-        let id = match &req.id {
-            Some(id) if !id.is_empty() && id.len() <= 128 => id,
-            Some(_) => return Err(invalid("id", "must be 1-128 bytes")),
-            None => return Err(invalid("id", "is required when consume is true")),
+        let Some(id_hash) = consume_id(req) else {
+            return Err(match &req.id {
+                Some(_) => invalid("id", "must be 1-128 bytes"),
+                None => invalid("id", "is required when consume is true"),
+            });
         };
-        let id_hash = hash_id(id);
         let now = now_ms();
         Ok((id_hash, now, self.consumes.cell(id_hash, now)))
     }
@@ -408,6 +416,11 @@ impl LimitsPorts<'_> {
     /// function keeps its arguments twice in its future, and this future is
     /// part of the one a request's handler boxes (issue 24).
     pub async fn check(&self, req: &CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
+        // The one cache miss a new consume's remembered answer costs is taken
+        // while the request is validated, not after (issue 24).
+        if let Some(id_hash) = consume_id(req) {
+            self.consumes.prefetch(id_hash);
+        }
         let meter =
             self.reads.catalog.meter_by_name(&req.meter).ok_or_else(|| invalid("meter", format!("unknown meter {:?}", req.meter)))?;
         if req.customer.is_empty() || req.customer.len() > 256 || req.customer.chars().any(char::is_control) {
