@@ -20,6 +20,11 @@ name = "p"
 default = true
 [plans.limits]
 calls = { limit = 10, window = "month" }
+tokens = { limit = 1000000, window = "month" }
+
+[[meters]]
+name = "tokens"
+aggregation = "sum"
 "#;
 
 async fn start(dir: &std::path::Path) -> Arc<Engine> {
@@ -76,4 +81,38 @@ async fn retries_get_the_same_decision_after_the_whole_answer_is_forgotten() {
     assert_eq!(decide(&engine, 2, "c").await, (true, Reason::WithinLimit, 13));
     // And the limit still holds for new ids.
     assert_eq!(decide(&engine, 1, "d").await, (false, Reason::LimitExceeded, 13));
+}
+
+/// Duplicates of a consume sent at once (a client's retry racing its first
+/// try) share one decision: exactly one of them decides and records, the
+/// others wait for it and get the very same answer (one shared value, not an
+/// equal one decided again), and usage counts each id once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_duplicates_share_one_decision() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = start(dir.path()).await;
+    const IDS: usize = 300;
+    const COPIES: usize = 6;
+    let mut tasks = Vec::new();
+    for id in 0..IDS {
+        for _ in 0..COPIES {
+            let engine = engine.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = CheckRequest { meter: "tokens".into(), ..consume(2, &format!("race-{id}")) };
+                (id, engine.limits_ports().check(&req).await.expect("check"))
+            }));
+        }
+    }
+    let mut answers: Vec<Vec<Arc<meterd::model::answer::CheckAnswer>>> = vec![Vec::new(); IDS];
+    for task in tasks {
+        let (id, answer) = task.await.expect("task");
+        answers[id].push(answer);
+    }
+    for (id, copies) in answers.iter().enumerate() {
+        assert_eq!(copies.len(), COPIES);
+        assert!(copies.iter().all(|a| a.allowed), "id {id}");
+        assert!(copies.iter().all(|a| Arc::ptr_eq(a, &copies[0])), "id {id}: its copies got answers decided apart");
+    }
+    let last = engine.limits_ports().check(&CheckRequest { meter: "tokens".into(), ..consume(1, "after") }).await.expect("check");
+    assert_eq!(last.used.raw, (IDS * 2 + 1) as i64, "each id recorded once");
 }
