@@ -401,8 +401,9 @@ fn consume_id(req: &CheckRequest) -> Option<IdHash> {
 impl LimitsPorts<'_> {
     /// A consume's id checked and its slot: the remembered answer a retry of
     /// the same id gets (created empty on first sight), with the id's hash and now.
-    fn consume_slot(&self, req: &CheckRequest) -> Result<(IdHash, i64, AnswerCell), CheckError> {
-        let Some(id_hash) = consume_id(req) else {
+    /// `hashed` is [`consume_id`]'s result, if the caller has it already.
+    fn consume_slot(&self, req: &CheckRequest, hashed: Option<IdHash>) -> Result<(IdHash, i64, AnswerCell), CheckError> {
+        let Some(id_hash) = hashed.or_else(|| consume_id(req)) else {
             return Err(match &req.id {
                 Some(_) => invalid("id", "must be 1-128 bytes"),
                 None => invalid("id", "is required when consume is true"),
@@ -418,7 +419,8 @@ impl LimitsPorts<'_> {
     pub async fn check(&self, req: &CheckRequest) -> Result<Arc<CheckAnswer>, CheckError> {
         // The one cache miss a new consume's remembered answer costs is taken
         // while the request is validated, not after (issue 24).
-        if let Some(id_hash) = consume_id(req) {
+        let hashed = consume_id(req);
+        if let Some(id_hash) = hashed {
             self.consumes.prefetch(id_hash);
         }
         let meter =
@@ -446,7 +448,7 @@ impl LimitsPorts<'_> {
             crate::telemetry::decision(verdict.reason.as_str(), false, meter.id.into(), &meter.name);
             return Ok(Arc::new(answer(&req.customer, meter, quantity, &states, verdict)));
         }
-        let (id_hash, now, cell) = self.consume_slot(req)?;
+        let (id_hash, now, cell) = self.consume_slot(req, hashed)?;
         // Exactly one caller per id decides; a retry (or a racing duplicate) gets
         // the same answer and records nothing.
         let answer = cell

@@ -82,7 +82,7 @@ impl LimitsPorts<'_> {
         let Some(value) = value else {
             return Err(invalid("value", format!("is required when consume is true on unique_count meter {:?}", meter.name)));
         };
-        let (id_hash, now, cell) = self.consume_slot(req)?;
+        let (id_hash, now, cell) = self.consume_slot(req, None)?;
         let answer = cell
             .get_or_try_init(|| async {
                 match self.consumes.denial(id_hash, now) {
