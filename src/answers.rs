@@ -99,47 +99,36 @@ struct Denial {
     reason: Reason,
 }
 
-/// What the line of one shard needs to know of an entry.
-trait Aged {
-    fn at_ms(&self) -> i64;
-}
-
-impl Aged for Denial {
-    fn at_ms(&self) -> i64 {
-        self.at_ms
-    }
-}
-
 /// One shard: the entries, and their ids in the order they came.
-struct Shard<V> {
-    map: HashMap<IdHash, V, KeyHash>,
+struct DenialShard {
+    map: HashMap<IdHash, Denial, KeyHash>,
     line: VecDeque<IdHash>,
 }
 
-/// A map of ids whose shards forget their oldest entries as new ones come:
+/// The denied consumes by id, in shards that forget their oldest entries as new ones come:
 /// past its share of the cap a shard drops its oldest on each insert, and
 /// entries past their age are dropped by the insert or the tick's sweep that
 /// finds them first. Keeping to the cap thus costs each insert about one
 /// removal, never a pass over the whole map.
-struct AgedMap<V> {
-    shards: Box<[Mutex<Shard<V>>]>,
+struct Denials {
+    shards: Box<[Mutex<DenialShard>]>,
     /// Each shard's share of the cap.
     cap: usize,
     /// Dropped before their age because a shard was at its cap.
     evicted: AtomicU64,
 }
 
-impl<V: Aged> AgedMap<V> {
-    fn new(shards: usize, cap: usize) -> AgedMap<V> {
+impl Denials {
+    fn new(shards: usize, cap: usize) -> Denials {
         let shards = shards.max(1);
-        AgedMap {
-            shards: (0..shards).map(|_| Mutex::new(Shard { map: HashMap::with_hasher(KeyHash), line: VecDeque::new() })).collect(),
+        Denials {
+            shards: (0..shards).map(|_| Mutex::new(DenialShard { map: HashMap::with_hasher(KeyHash), line: VecDeque::new() })).collect(),
             cap: cap / shards,
             evicted: AtomicU64::new(0),
         }
     }
 
-    fn shard(&self, id: IdHash) -> std::sync::MutexGuard<'_, Shard<V>> {
+    fn shard(&self, id: IdHash) -> std::sync::MutexGuard<'_, DenialShard> {
         // The id is already a hash: its high bits pick the shard.
         let i = ((id >> 64) as u64 % self.shards.len() as u64) as usize;
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
@@ -147,14 +136,14 @@ impl<V: Aged> AgedMap<V> {
 
     /// Drops from the front of `s`'s line what is older than `cut` or over the
     /// cap (`room` more to come), handing each dropped entry to `gone`.
-    fn trim(&self, s: &mut Shard<V>, cut: i64, room: usize, mut gone: impl FnMut(V)) {
+    fn trim(&self, s: &mut DenialShard, cut: i64, room: usize, mut gone: impl FnMut(Denial)) {
         while let Some(&id) = s.line.front() {
             let over = s.map.len() + room > self.cap;
             let Some(v) = s.map.get(&id) else {
                 s.line.pop_front();
                 continue;
             };
-            let old = v.at_ms() < cut;
+            let old = v.at_ms < cut;
             if !over && !old {
                 break;
             }
@@ -169,7 +158,7 @@ impl<V: Aged> AgedMap<V> {
     }
 
     /// The entry of `id` (made by `make` on first sight) through `read`.
-    fn get_or_insert<T>(&self, id: IdHash, cut: i64, make: impl FnOnce() -> V, read: impl FnOnce(&V) -> T) -> T {
+    fn get_or_insert<T>(&self, id: IdHash, cut: i64, make: impl FnOnce() -> Denial, read: impl FnOnce(&Denial) -> T) -> T {
         let mut s = self.shard(id);
         if let Some(v) = s.map.get(&id) {
             return read(v);
@@ -186,7 +175,7 @@ impl<V: Aged> AgedMap<V> {
         got
     }
 
-    fn read<T>(&self, id: IdHash, read: impl FnOnce(&V) -> T) -> Option<T> {
+    fn read<T>(&self, id: IdHash, read: impl FnOnce(&Denial) -> T) -> Option<T> {
         self.shard(id).map.get(&id).map(read)
     }
 
@@ -433,7 +422,7 @@ pub struct Swept {
 /// The remembered answers of consumes.
 pub struct ConsumeAnswers {
     recent: Slots,
-    denied: AgedMap<Denial>,
+    denied: Denials,
     limits: AnswerLimits,
     last_warned_ms: AtomicI64,
 }
@@ -442,7 +431,7 @@ impl ConsumeAnswers {
     pub fn new(limits: AnswerLimits) -> ConsumeAnswers {
         ConsumeAnswers {
             recent: Slots::new(limits.shards, limits.max_recent),
-            denied: AgedMap::new(limits.shards, limits.max_denied),
+            denied: Denials::new(limits.shards, limits.max_denied),
             limits,
             last_warned_ms: AtomicI64::new(i64::MIN),
         }

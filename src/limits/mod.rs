@@ -429,7 +429,7 @@ impl LimitsPorts<'_> {
             return Err(invalid("customer", "must be 1-256 bytes without control characters"));
         }
         if meter.aggregation == Aggregation::UniqueCount {
-            return Box::pin(self.check_unique(req, meter)).await;
+            return Box::pin(self.check_unique(req, meter, hashed)).await;
         }
         if req.value.is_some() {
             return Err(invalid("value", format!("is only for unique_count meters; {:?} is {}", meter.name, meter.aggregation)));

@@ -13,6 +13,7 @@
 use super::{answer, decide, invalid, CheckError, CheckRequest, LimitState, LimitStates, LimitsPorts, Reason, Verdict};
 use crate::counters::unique::hash_value;
 use crate::counters::{Counters, CustomerId, Usage};
+use crate::dedupe::IdHash;
 use crate::engine::now_ms;
 use crate::model::{CheckAnswer, Entitlements, Limit, Meter};
 use crate::usage::Origin;
@@ -48,8 +49,14 @@ fn verdict(states: &[LimitState], quantity: i64, counted: bool) -> Verdict {
 }
 
 impl LimitsPorts<'_> {
-    /// Answers `/v1/check` on a `unique_count` meter.
-    pub(super) async fn check_unique(&self, req: &CheckRequest, meter: &Meter) -> Result<Arc<CheckAnswer>, CheckError> {
+    /// Answers `/v1/check` on a `unique_count` meter. `hashed` is the consume's
+    /// id as `check` hashed it for its prefetch (hashed once, not twice).
+    pub(super) async fn check_unique(
+        &self,
+        req: &CheckRequest,
+        meter: &Meter,
+        hashed: Option<IdHash>,
+    ) -> Result<Arc<CheckAnswer>, CheckError> {
         let value = match &req.value {
             Some(v) if v.is_empty() || v.len() > 256 => return Err(invalid("value", "must be 1-256 bytes (a property value)")),
             other => other.clone(),
@@ -82,7 +89,7 @@ impl LimitsPorts<'_> {
         let Some(value) = value else {
             return Err(invalid("value", format!("is required when consume is true on unique_count meter {:?}", meter.name)));
         };
-        let (id_hash, now, cell) = self.consume_slot(req, None)?;
+        let (id_hash, now, cell) = self.consume_slot(req, hashed)?;
         let answer = cell
             .get_or_try_init(|| async {
                 match self.consumes.denial(id_hash, now) {
