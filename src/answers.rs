@@ -105,11 +105,11 @@ struct DenialShard {
     line: VecDeque<IdHash>,
 }
 
-/// The denied consumes by id, in shards that forget their oldest entries as new ones come:
-/// past its share of the cap a shard drops its oldest on each insert, and
-/// entries past their age are dropped by the insert or the tick's sweep that
-/// finds them first. Keeping to the cap thus costs each insert about one
-/// removal, never a pass over the whole map.
+/// The denied consumes by id, in shards that forget their oldest entries as
+/// new ones come: past its share of the cap a shard drops its oldest on each
+/// insert, and entries past their age are dropped by the insert or the
+/// tick's sweep that finds them first. Keeping to the cap thus costs each
+/// insert about one removal, never a pass over the whole map.
 struct Denials {
     shards: Box<[Mutex<DenialShard>]>,
     /// Each shard's share of the cap.

@@ -261,6 +261,8 @@ async fn invalid_check_requests() {
         (json!({"customer": "u", "meter": "interview_minutes", "quantity": -2}), "quantity"),
         (json!({"customer": "u", "meter": "interview_minutes", "quantity": 1.001}), "quantity"),
         (json!({"customer": "u", "meter": "interviews", "consume": true}), "id"),
+        (json!({"customer": "u", "meter": "interviews", "consume": true, "id": ""}), "id"),
+        (json!({"customer": "u", "meter": "interviews", "consume": true, "id": "x".repeat(129)}), "id"),
         (json!({"customer": "u", "meter": "interviews", "bogus_field": 1}), "bogus_field"),
         (json!({"customer": "u", "meter": "interviews", "consume": "yes"}), "consume"),
         (json!({"customer": 5, "meter": "interviews"}), "customer"),

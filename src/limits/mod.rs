@@ -401,9 +401,10 @@ fn consume_id(req: &CheckRequest) -> Option<IdHash> {
 impl LimitsPorts<'_> {
     /// A consume's id checked and its slot: the remembered answer a retry of
     /// the same id gets (created empty on first sight), with the id's hash and now.
-    /// `hashed` is [`consume_id`]'s result, if the caller has it already.
+    /// `hashed` is [`consume_id`]'s result, taken by `check` for its prefetch
+    /// (`None`: the id is missing or invalid).
     fn consume_slot(&self, req: &CheckRequest, hashed: Option<IdHash>) -> Result<(IdHash, i64, AnswerCell), CheckError> {
-        let Some(id_hash) = hashed.or_else(|| consume_id(req)) else {
+        let Some(id_hash) = hashed else {
             return Err(match &req.id {
                 Some(_) => invalid("id", "must be 1-128 bytes"),
                 None => invalid("id", "is required when consume is true"),
