@@ -6,6 +6,8 @@
 //! the running meterd re-read its config (as `SIGHUP` does) and prints the outcome.
 //! `--config FILE` (or `METERD_CONFIG`) names the config for every subcommand.
 
+mod allocator;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meterd::config::{self, ValidConfig};
@@ -72,6 +74,7 @@ enum WalAction {
 }
 
 fn main() -> ExitCode {
+    allocator::configure();
     let cli = Cli::parse();
     // Every subcommand needs a valid config; an invalid one is printed once, here.
     let config = match config::load_valid(cli.config.as_deref()) {
