@@ -306,9 +306,17 @@ fn check_decision(c: &mut Criterion) {
     g.bench_function("answer_json_warm_key", |b| {
         b.iter(|| {
             let answer = rt.block_on(engine.limits_ports().check(&ask)).expect("check");
-            serde_json::to_vec(&*answer).map(|v| v.len()).unwrap_or(0)
+            answer.to_json().map(|v| v.len()).unwrap_or(0)
         })
     });
+    // The answer's JSON alone, both ways: serde's derived `Serialize` (the
+    // answer's definition of its shape) and the hand-written fast path the
+    // handler uses (`CheckAnswer::to_json`, equal byte for byte).
+    let answer = rt.block_on(engine.limits_ports().check(&ask)).expect("check");
+    g.bench_function("answer_serialize_serde", |b| {
+        b.iter(|| serde_json::to_vec(std::hint::black_box(&*answer)).map(|v| v.len()).unwrap_or(0))
+    });
+    g.bench_function("answer_serialize_written", |b| b.iter(|| std::hint::black_box(&*answer).to_json().map(|v| v.len()).unwrap_or(0)));
     // The body of a consume as the load tests send it (`POST /v1/check`).
     let body = br#"{"customer":"c4242","meter":"interview_minutes","quantity":1,"consume":true,"id":"r1733450000000000000-1-123456"}"#;
     g.bench_function("parse_consume_request", |b| {
@@ -376,7 +384,7 @@ fn consume_none(c: &mut Criterion) {
             };
             let answer = rt.block_on(engine.limits_ports().check(&ask)).expect("consume");
             assert!(answer.allowed);
-            serde_json::to_vec(&*answer).map(|v| v.len()).unwrap_or(0)
+            answer.to_json().map(|v| v.len()).unwrap_or(0)
         })
     });
     g.finish();

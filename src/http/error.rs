@@ -135,8 +135,14 @@ const JSON_BODY_START: usize = 512;
 /// empty it took three allocations and two copies per answer (issue 24).
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     let mut body = Vec::with_capacity(JSON_BODY_START);
-    match serde_json::to_writer(&mut body, value) {
-        Ok(()) => Response::builder()
+    json_written(status, serde_json::to_writer(&mut body, value).map(|()| body))
+}
+
+/// A JSON response with `status` from a body already written (a check's
+/// answer, `CheckAnswer::to_json`), or a `500` naming why it could not be.
+pub fn json_written(status: StatusCode, body: Result<Vec<u8>, serde_json::Error>) -> Response<Full<Bytes>> {
+    match body {
+        Ok(body) => Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))
             .body(Full::new(Bytes::from(body)))

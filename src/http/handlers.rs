@@ -1,7 +1,7 @@
 //! One function per route: read the request, call the engine, shape the answer.
 
 use super::body::{declared_length, read_declared, read_limited};
-use super::error::{json, ApiError};
+use super::error::{json, json_written, ApiError};
 use super::finish::{finish, Finish};
 use super::HttpState;
 use super::RequestBody;
@@ -117,7 +117,7 @@ async fn decide(state: Arc<HttpState>, body: RequestBody, declared: Option<u64>)
     // Boxed on its own: with the handler's state around it, one box would
     // be past the allocator's per-thread cache (see the test below).
     let answer = Box::pin(state.engine.limits_ports().check(&request)).await.map_err(check_error)?;
-    Ok(json(StatusCode::OK, &*answer))
+    Ok(json_written(StatusCode::OK, answer.to_json()))
 }
 
 fn check_error(e: CheckError) -> ApiError {

@@ -2,6 +2,7 @@
 //! nothing else in the crate, so every layer above can share it.
 
 pub mod answer;
+mod answer_json;
 // Prepaid credits and grants (issue 18).
 pub mod grant;
 pub mod meter;

@@ -151,13 +151,52 @@ impl fmt::Display for Decimal {
     }
 }
 
+impl Decimal {
+    /// The amount as an integer, when it is whole.
+    pub fn whole(self) -> Option<i64> {
+        let scale = scale(self.precision);
+        (self.raw % scale == 0).then(|| self.raw / scale)
+    }
+
+    /// The amount as a JSON number appended to `out`, as its `Serialize`
+    /// writes it (an answer's hand-written JSON, `answer_json.rs`), with no
+    /// text built on the way: an integer when whole, else the digits of
+    /// [`fmt::Display`].
+    pub fn write_json(self, out: &mut Vec<u8>) {
+        let scale = scale(self.precision).unsigned_abs();
+        let abs = self.raw.unsigned_abs();
+        let mut frac = abs % scale;
+        if frac != 0 && self.precision > MAX_PRECISION {
+            // Never configured (validation caps it): as `Display` writes it.
+            out.extend_from_slice(self.to_string().as_bytes());
+            return;
+        }
+        if self.raw < 0 {
+            out.push(b'-');
+        }
+        out.extend_from_slice(itoa::Buffer::new().format(abs / scale).as_bytes());
+        if frac == 0 {
+            return;
+        }
+        // `precision` digits, zero-padded on the left, trailing zeros cut.
+        let width = usize::from(self.precision.min(MAX_PRECISION));
+        let mut digits = [b'0'; MAX_PRECISION as usize];
+        for d in digits[..width].iter_mut().rev() {
+            *d = b'0' + (frac % 10) as u8;
+            frac /= 10;
+        }
+        let end = digits[..width].iter().rposition(|&d| d != b'0').map_or(0, |p| p + 1);
+        out.push(b'.');
+        out.extend_from_slice(&digits[..end]);
+    }
+}
+
 impl serde::Serialize for Decimal {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         // A whole amount is written as the integer it is, with no text to build
         // and check (most amounts in an answer: limits, usage of whole units).
-        let scale = scale(self.precision);
-        if self.raw % scale == 0 {
-            return serializer.serialize_i64(self.raw / scale);
+        if let Some(n) = self.whole() {
+            return serializer.serialize_i64(n);
         }
         let raw = serde_json::value::RawValue::from_string(self.to_string()).map_err(serde::ser::Error::custom)?;
         raw.serialize(serializer)
@@ -219,6 +258,15 @@ mod tests {
             let raw = if whole { raw / scale(precision) * scale(precision) } else { raw };
             let d = Decimal { raw, precision };
             prop_assert_eq!(serde_json::to_string(&d).unwrap_or_default(), d.to_string());
+        }
+
+        #[test]
+        fn written_json_is_serdes(raw in any::<i64>(), precision in 0_u8..=12, whole in any::<bool>()) {
+            let raw = if whole { raw / scale(precision) * scale(precision) } else { raw };
+            let d = Decimal { raw, precision };
+            let mut out = b"x".to_vec();
+            d.write_json(&mut out);
+            prop_assert_eq!(String::from_utf8_lossy(&out[1..]), serde_json::to_string(&d).unwrap_or_default());
         }
 
         /// Sums of parsed decimals are exact: no float error creeps in.

@@ -249,6 +249,22 @@ impl Rfc3339 {
     }
 }
 
+impl Rfc3339 {
+    /// The time as a JSON string, appended to `out` (an answer's hand-written
+    /// JSON, `answer_json.rs`): as its `Serialize` writes it.
+    pub fn write_json(self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        match self.text(&mut [0; 24]) {
+            Some(text) => {
+                out.push(b'"');
+                out.extend_from_slice(text.as_bytes());
+                out.push(b'"');
+                Ok(())
+            }
+            None => serde_json::to_writer(out, &chrono_rfc3339(self.0)),
+        }
+    }
+}
+
 impl fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.text(&mut [0; 24]) {
