@@ -247,9 +247,7 @@ impl Rfc3339 {
         buf[end] = b'Z';
         std::str::from_utf8(&buf[..=end]).ok()
     }
-}
 
-impl Rfc3339 {
     /// The time as a JSON string, appended to `out` (an answer's hand-written
     /// JSON, `answer_json.rs`): as its `Serialize` writes it.
     pub fn write_json(self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
