@@ -130,9 +130,11 @@ impl ApiError {
 /// The capacity a JSON response body starts with.
 const JSON_BODY_START: usize = 512;
 
-/// A JSON response with `status`.
-/// Written into a buffer sized for a check's answer (~400 bytes): grown from
-/// empty it took three allocations and two copies per answer (issue 24).
+/// A JSON response with `status`, through serde (a check's answer has its
+/// own writer: `CheckAnswer::to_json`, then [`json_written`]).
+/// Written into a buffer with room for most answers (a usage summary, an
+/// error): grown from empty it took three allocations and two copies per
+/// answer (issue 24).
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     let mut body = Vec::with_capacity(JSON_BODY_START);
     json_written(status, serde_json::to_writer(&mut body, value).map(|()| body))
